@@ -1,0 +1,154 @@
+"""A pattern: per MoE layer, the sorted ids of the routed experts a task keeps."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InvalidArgument, PatternError
+from .families.base import MoESpec, RoutingSpec
+
+PATTERN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Kept experts per MoE layer. Build with `Pattern.build` (validated) or `Pattern.full`.
+
+    Attributes:
+        layers: MoE decoder-layer index -> ascending kept expert ids.
+    """
+
+    layers: Mapping[int, tuple[int, ...]]
+
+    @classmethod
+    def build(cls, spec: MoESpec, layers: Mapping[int, Iterable[int]]) -> Pattern:
+        """A validated pattern for a model of `spec`; raises `PatternError` naming the layer at fault."""
+        kept: dict[int, tuple[int, ...]] = {}
+        for layer, experts in layers.items():
+            ids = [int(e) for e in experts]
+            if len(set(ids)) != len(ids):
+                raise PatternError("expert ids repeat", field=f"layer {layer}")
+            kept[int(layer)] = tuple(sorted(ids))
+        pattern = cls(dict(sorted(kept.items())))
+        pattern.validate(spec)
+        return pattern
+
+    @classmethod
+    def full(cls, spec: MoESpec) -> Pattern:
+        """Every routed expert of every MoE layer."""
+        return cls({layer: tuple(range(spec.num_experts)) for layer in spec.moe_layers})
+
+    def validate(self, spec: MoESpec) -> None:
+        """Check the pattern against a model: layers, id range, top-k, group routing."""
+        moe_layers = set(spec.moe_layers)
+        for layer in self.layers:
+            if layer not in moe_layers:
+                raise PatternError(
+                    f"not an MoE layer of this model (MoE layers: {sorted(moe_layers)})", field=f"layer {layer}"
+                )
+        for layer in spec.moe_layers:
+            experts = self.layers.get(layer)
+            if experts is None:
+                raise PatternError("missing: a pattern names the kept experts of every MoE layer", field=f"layer {layer}")
+            _validate_layer(spec.routing, layer, experts)
+
+    def kept(self, layer: int) -> tuple[int, ...]:
+        return self.layers[layer]
+
+    @property
+    def size(self) -> int:
+        """Kept experts over all layers."""
+        return sum(len(experts) for experts in self.layers.values())
+
+    def is_full(self, spec: MoESpec) -> bool:
+        return all(len(self.layers.get(layer, ())) == spec.num_experts for layer in spec.moe_layers)
+
+    def excluded(self, layer: int, num_experts: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Bool [E]: True for the experts of `layer` outside the pattern."""
+        mask = torch.ones(num_experts, dtype=torch.bool, device=device)
+        mask[list(self.layers[layer])] = False
+        return mask
+
+    def union(self, other: Pattern) -> Pattern:
+        layers = {layer: tuple(sorted(set(self.layers[layer]) | set(other.layers.get(layer, ())))) for layer in self.layers}
+        return Pattern(layers)
+
+    # --- JSON ------------------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": PATTERN_FORMAT, "layers": {str(layer): list(e) for layer, e in self.layers.items()}}
+
+    @classmethod
+    def from_json(cls, spec: MoESpec, data: Any) -> Pattern:
+        """Parse and validate `{"format": 1, "layers": {"<layer>": [ids...]}}`."""
+        if not isinstance(data, dict):
+            raise InvalidArgument("a pattern is a JSON object", field="pattern")
+        if data.get("format") != PATTERN_FORMAT:
+            raise InvalidArgument(f"unsupported pattern format {data.get('format')!r}", field="format")
+        raw = data.get("layers")
+        if not isinstance(raw, dict):
+            raise InvalidArgument("'layers' must map layer indices to lists of expert ids", field="layers")
+        layers: dict[int, list[int]] = {}
+        for key, ids in raw.items():
+            if not str(key).isdigit():
+                raise InvalidArgument(f"layer key {key!r} is not a layer index", field="layers")
+            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise PatternError("expert ids must be a list of integers", field=f"layer {key}")
+            layers[int(key)] = ids
+        return cls.build(spec, layers)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, spec: MoESpec, path: str | Path) -> Pattern:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"{path} is not JSON: {exc}", field="pattern") from exc
+        return cls.from_json(spec, data)
+
+
+def _validate_layer(routing: RoutingSpec, layer: int, experts: tuple[int, ...]) -> None:
+    where = f"layer {layer}"
+    if not experts:
+        raise PatternError("keeps no experts", field=where)
+    bad = [e for e in experts if not 0 <= e < routing.num_experts]
+    if bad:
+        raise PatternError(f"expert ids {bad} out of range 0..{routing.num_experts - 1}", field=where)
+    if len(experts) < routing.top_k:
+        raise PatternError(
+            f"keeps {len(experts)} experts, fewer than the {routing.top_k} each token is routed to", field=where
+        )
+    if routing.group_rule is None:
+        return
+    counts = [0] * routing.n_group
+    for expert in experts:
+        counts[expert // routing.group_size] += 1
+    # A group is scored by its best (max) or best two (top2_sum) experts: it must hold 0 or enough of them.
+    least = 2 if routing.group_rule == "top2_sum" else 1
+    thin = [g for g, n in enumerate(counts) if 0 < n < least]
+    if thin:
+        raise PatternError(
+            f"groups {thin} keep fewer than {least} experts; group-limited routing scores a group by its best "
+            f"{least}, so keep none or at least {least} per group",
+            field=where,
+        )
+    usable = sorted(n for n in counts if n > 0)
+    if len(usable) < routing.topk_group:
+        raise PatternError(
+            f"keeps experts in {len(usable)} groups; routing picks {routing.topk_group} groups per token",
+            field=where,
+        )
+    if sum(usable[: routing.topk_group]) < routing.top_k:
+        raise PatternError(
+            f"the {routing.topk_group} thinnest groups hold {sum(usable[: routing.topk_group])} kept experts, "
+            f"fewer than top-k {routing.top_k}; a token routed there would have no valid choice",
+            field=where,
+        )

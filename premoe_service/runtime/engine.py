@@ -1,0 +1,152 @@
+"""The engine: a transformers MoE model whose routed experts live in slots and whose routers follow a pattern."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import PatternError
+from ..families import FamilyAdapter, MoESpec, adapter_for
+from ..pattern import Pattern
+from .masked_router import MaskedRouter, RouterObserver
+from .slots import ExpertTensors, LayerSlots, expert_params, install_slots, write_slot
+
+
+class ExpertSource(Protocol):
+    """Anything that hands out one routed expert's tensors (runtime layout, any device)."""
+
+    def read(self, layer: int, expert: int) -> ExpertTensors: ...
+
+
+class ModelExpertSource:
+    """The experts of a fully loaded transformers model, taken before its experts are cut into slots."""
+
+    def __init__(self, tensors: Mapping[int, Mapping[str, Tensor]]) -> None:
+        self._tensors = tensors  # layer -> param name -> [E, ...]
+
+    @classmethod
+    def capture(cls, model: nn.Module, adapter: FamilyAdapter | None = None) -> ModelExpertSource:
+        adapter = adapter or adapter_for(model.config)
+        layers = adapter.spec(model.config).moe_layers
+        return cls({layer: {n: p.detach() for n, p in expert_params(adapter.experts(model, layer)).items()} for layer in layers})
+
+    def read(self, layer: int, expert: int) -> ExpertTensors:
+        return {name: stack[expert] for name, stack in self._tensors[layer].items()}
+
+
+@dataclass
+class ApplyReport:
+    """What applying a pattern did: experts written into slots and experts evicted, as (layer, expert)."""
+
+    loaded: list[tuple[int, int]] = field(default_factory=list)
+    evicted: list[tuple[int, int]] = field(default_factory=list)
+
+
+class PatternedModel:
+    """A transformers `*ForCausalLM` model with slot experts and masked routers in every MoE layer.
+
+    The model keeps its class and its code (attention, caches, `generate`); per MoE layer the experts
+    module holds `capacity[layer]` slots and the router is a `MaskedRouter`. Applying a pattern writes the
+    missing experts into slots (evicting unused ones) and updates the routers; no module is rebuilt.
+
+    Args:
+        model: The transformers model. Its fused expert parameters are replaced by slots.
+        capacity: Slots per MoE layer (one number for all layers, or per layer).
+        device: Where slots live; defaults to where the model's experts are (meta becomes cpu).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        capacity: int | Mapping[int, int],
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.model = model
+        self.adapter = adapter_for(model.config)
+        self.spec: MoESpec = self.adapter.spec(model.config)
+        self.slots: dict[int, LayerSlots] = {}
+        self.routers: dict[int, MaskedRouter] = {}
+        self.pattern: Pattern | None = None
+        self._tick = 0
+        for layer in self.spec.moe_layers:
+            cap = capacity if isinstance(capacity, int) else capacity[layer]
+            if not self.spec.top_k <= cap <= self.spec.num_experts:
+                raise PatternError(
+                    f"capacity {cap} must lie in top-k {self.spec.top_k}..{self.spec.num_experts}", field=f"layer {layer}"
+                )
+            block = self.adapter.moe_block(model, layer)
+            experts = getattr(block, self.adapter.experts_attr)
+            slot_device = device if device is not None else _param_device(experts)
+            install_slots(experts, cap, slot_device)
+            router = MaskedRouter(getattr(block, self.adapter.router_attr), self.spec.routing, layer)
+            setattr(block, self.adapter.router_attr, router)
+            self.routers[layer] = router
+            self.slots[layer] = LayerSlots(cap)
+
+    @classmethod
+    def from_model(
+        cls, model: nn.Module, pattern: Pattern | None = None, capacity: int | Mapping[int, int] | None = None
+    ) -> tuple[PatternedModel, ModelExpertSource]:
+        """Turn a fully loaded model into a patterned one; returns it with the source of all its experts.
+
+        Capacity defaults to the pattern's size per layer (all experts when no pattern is given).
+        """
+        adapter = adapter_for(model.config)
+        spec = adapter.spec(model.config)
+        pattern = pattern or Pattern.full(spec)
+        pattern.validate(spec)
+        source = ModelExpertSource.capture(model, adapter)
+        engine = cls(model, capacity if capacity is not None else {l: len(e) for l, e in pattern.layers.items()})
+        engine.apply(pattern, source)
+        return engine, source
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.routers.values())).slot_of.device
+
+    def experts_module(self, layer: int) -> nn.Module:
+        return self.adapter.experts(self.model, layer)
+
+    def apply(self, pattern: Pattern, source: ExpertSource) -> ApplyReport:
+        """Make `pattern` the active one: write its missing experts into slots, then point the routers at it."""
+        pattern.validate(self.spec)
+        report = ApplyReport()
+        plans = {layer: self.slots[layer].plan(pattern.kept(layer), layer) for layer in self.spec.moe_layers}
+        for layer, plan in plans.items():
+            slots, experts = self.slots[layer], self.experts_module(layer)
+            for expert, slot in plan:
+                evicted = slots.evict_slot(slot)
+                if evicted is not None:
+                    report.evicted.append((layer, evicted))
+                write_slot(experts, slot, source.read(layer, expert))
+                slots.place(expert, slot)
+                report.loaded.append((layer, expert))
+        self._activate(pattern)
+        return report
+
+    def _activate(self, pattern: Pattern) -> None:
+        self._tick += 1
+        num_experts = self.spec.num_experts
+        for layer, router in self.routers.items():
+            kept = pattern.kept(layer)
+            self.slots[layer].touch(kept, self._tick)
+            excluded = None if len(kept) == num_experts else pattern.excluded(layer, num_experts)
+            router.set_routing(excluded, self.slots[layer].slot_table(num_experts))
+        self.pattern = pattern
+
+    def set_observer(self, observer: RouterObserver | None) -> None:
+        """Call `observer(layer, hidden, routing)` on every router call (profiling, coverage)."""
+        for router in self.routers.values():
+            router.observer = observer
+
+    def resident(self) -> dict[int, set[int]]:
+        return {layer: slots.resident() for layer, slots in self.slots.items()}
+
+
+def _param_device(module: nn.Module) -> torch.device:
+    device = next(module.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device

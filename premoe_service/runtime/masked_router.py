@@ -1,0 +1,54 @@
+"""The masked router: the family's routing over the full router weights, restricted to a pattern."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..families.base import RoutingSpec
+from ..families.routing import Routing, route
+
+RouterObserver = Callable[[int, Tensor, Routing], None]
+
+
+class MaskedRouter(nn.Module):
+    """Stands in for a transformers router module and returns slot ids instead of expert ids.
+
+    It adopts the wrapped router's parameters and buffers under their own names, so the model's state
+    dict keeps transformers' keys. The router weights are small and always resident: routing is computed
+    over all experts, the excluded ones are taken out before any top-k, and the chosen expert ids are
+    mapped to the slots that hold them.
+    """
+
+    def __init__(self, router: nn.Module, spec: RoutingSpec, layer: int) -> None:
+        super().__init__()
+        for name, param in router.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buffer in router.named_buffers(recurse=False):
+            self.register_buffer(name, buffer)
+        self.spec = spec
+        self.layer = layer
+        self.top_k = spec.top_k
+        self.num_experts = spec.num_experts
+        self.wrapped_class = type(router).__name__
+        self.excluded: Tensor | None = None  # [E] bool, None = nothing excluded
+        self.register_buffer("slot_of", torch.full((spec.num_experts,), -1, dtype=torch.long), persistent=False)
+        self.observer: RouterObserver | None = None
+
+    def set_routing(self, excluded: Tensor | None, slot_of: Tensor) -> None:
+        """Route among the non-excluded experts; `slot_of[e]` is the slot holding expert e (-1: none)."""
+        device = self.slot_of.device
+        self.excluded = None if excluded is None else excluded.to(device)
+        self.slot_of.copy_(slot_of.to(device))
+
+    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
+        routing = route(self.spec, self, hidden, self.excluded)
+        if self.observer is not None:
+            self.observer(self.layer, hidden, routing)
+        return routing.logits, routing.weights, self.slot_of[routing.experts]
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, wraps={self.wrapped_class}, kind={self.spec.kind}, top_k={self.top_k}"

@@ -1,0 +1,113 @@
+"""Slots: fused expert parameters sized for C resident experts, and the bookkeeping of who sits where."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ResourceExhausted
+
+ExpertTensors = dict[str, Tensor]  # experts-module parameter name -> one expert's slice
+
+
+def expert_params(experts: nn.Module) -> dict[str, nn.Parameter]:
+    """The fused per-expert parameters of an experts module (leading dim = experts or slots)."""
+    return dict(experts.named_parameters(recurse=False))
+
+
+def install_slots(experts: nn.Module, capacity: int, device: torch.device | str | None = None) -> None:
+    """Resize a transformers experts module to `capacity` slots, in place, keeping its class and forward.
+
+    The module's own forward indexes its fused parameters by the ids the router hands it, and bounds
+    them by `num_experts`; with slot ids from a masked router it computes over the slots. New slots are
+    zero until an expert is written into them.
+    """
+    for name, param in expert_params(experts).items():
+        target = device if device is not None else param.device
+        slots = torch.zeros((capacity, *param.shape[1:]), dtype=param.dtype, device=target)
+        setattr(experts, name, nn.Parameter(slots, requires_grad=False))
+    experts.num_experts = capacity
+
+
+@torch.no_grad()
+def write_slot(experts: nn.Module, slot: int, tensors: Mapping[str, Tensor]) -> None:
+    """Copy one expert's tensors into slot `slot` of the experts module."""
+    params = expert_params(experts)
+    if set(tensors) != set(params):
+        raise ValueError(f"expert tensors {sorted(tensors)} do not match the slot parameters {sorted(params)}")
+    for name, tensor in tensors.items():
+        params[name][slot].copy_(tensor, non_blocking=True)
+
+
+@dataclass
+class LayerSlots:
+    """Which expert sits in which slot of one MoE layer, with recency and pins for eviction.
+
+    Attributes:
+        capacity: Slots in this layer.
+        expert_in_slot: Slot -> expert id, None when free.
+        slot_of: Expert id -> slot, for resident experts.
+        last_used: Expert id -> tick of its last use (for least-recently-used eviction).
+        pins: Expert id -> number of leases holding it; pinned experts are never evicted.
+    """
+
+    capacity: int
+    expert_in_slot: list[int | None] = field(default_factory=list)
+    slot_of: dict[int, int] = field(default_factory=dict)
+    last_used: dict[int, int] = field(default_factory=dict)
+    pins: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.expert_in_slot:
+            self.expert_in_slot = [None] * self.capacity
+
+    def resident(self) -> set[int]:
+        return set(self.slot_of)
+
+    def plan(self, wanted: Iterable[int], layer: int) -> list[tuple[int, int]]:
+        """Slots for the wanted experts not yet resident: free slots first, then the least recently used
+        unpinned experts outside `wanted`. Returns (expert, slot) pairs; raises when they cannot fit."""
+        wanted = set(wanted)
+        missing = sorted(wanted - self.slot_of.keys())
+        if not missing:
+            return []
+        free = [slot for slot, expert in enumerate(self.expert_in_slot) if expert is None]
+        victims = sorted(
+            (e for e in self.slot_of if e not in wanted and not self.pins.get(e)),
+            key=lambda e: (self.last_used.get(e, -1), e),
+        )
+        if len(missing) > len(free) + len(victims):
+            raise ResourceExhausted(
+                f"needs {len(missing)} more slots but only {len(free) + len(victims)} of {self.capacity} are "
+                "free or evictable (the rest hold wanted or pinned experts)",
+                field=f"layer {layer}",
+            )
+        slots = free + [self.slot_of[e] for e in victims]
+        return list(zip(missing, slots[: len(missing)], strict=True))
+
+    def evict_slot(self, slot: int) -> int | None:
+        """Free a slot; returns the expert that was there."""
+        expert = self.expert_in_slot[slot]
+        if expert is not None:
+            del self.slot_of[expert]
+            self.last_used.pop(expert, None)
+            self.expert_in_slot[slot] = None
+        return expert
+
+    def place(self, expert: int, slot: int) -> None:
+        self.expert_in_slot[slot] = expert
+        self.slot_of[expert] = slot
+
+    def touch(self, experts: Iterable[int], tick: int) -> None:
+        for expert in experts:
+            self.last_used[expert] = tick
+
+    def slot_table(self, num_experts: int) -> Tensor:
+        """Long [E]: the slot of each expert, -1 where not resident."""
+        table = torch.full((num_experts,), -1, dtype=torch.long)
+        for expert, slot in self.slot_of.items():
+            table[expert] = slot
+        return table
