@@ -1,0 +1,153 @@
+"""The profile file: one safetensors file per task with its expert scores, demo embeddings and provenance."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ..errors import DataCorruption, FailedPrecondition, InvalidArgument
+from ..fsutil import atomic_write_bytes
+from ..names import check_task_name
+
+PROFILE_FORMAT = 1
+CRITERIA = ("frequency", "tcess", "easyep", "reap")
+_SCORE_PREFIX = "scores."
+_EMBEDDINGS = "demo_embeddings"
+
+
+@dataclass
+class Profile:
+    """What the profiler learned about one task.
+
+    Attributes:
+        name: Task name (`^[a-z0-9][a-z0-9_.-]{0,63}$`).
+        description: Free text shown to operators.
+        fingerprint: The store fingerprint of the model the scores belong to.
+        moe_layers: Decoder-layer indices of the score rows.
+        scores: Criterion -> score matrix. [L, E] fp32
+        demo_embeddings: One normalised vector per demo, or None when no embedder was given. [n, d] fp32
+        embedder: Name of the embedding model that made `demo_embeddings`.
+        demo_hash: SHA-256 of the demos as given.
+        token_count: Demo tokens the scores were computed over.
+        selection: How the task's pattern is derived from the scores (criterion, policy, value).
+        created: ISO-8601 creation time (UTC).
+        demos: The demo texts themselves, so a registry can re-embed with another embedder.
+    """
+
+    name: str
+    fingerprint: str
+    moe_layers: tuple[int, ...]
+    scores: dict[str, torch.Tensor]
+    description: str = ""
+    demo_embeddings: torch.Tensor | None = None
+    embedder: str = ""
+    demo_hash: str = ""
+    token_count: int = 0
+    selection: dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    demos: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_task_name(self.name)
+        for criterion, matrix in self.scores.items():
+            if matrix.ndim != 2 or matrix.shape[0] != len(self.moe_layers):
+                raise InvalidArgument(
+                    f"score matrix of shape {tuple(matrix.shape)} does not match {len(self.moe_layers)} MoE layers",
+                    field=f"scores.{criterion}",
+                )
+
+    def to_bytes(self) -> bytes:
+        tensors = {f"{_SCORE_PREFIX}{c}": m.detach().float().contiguous().cpu() for c, m in self.scores.items()}
+        if self.demo_embeddings is not None:
+            tensors[_EMBEDDINGS] = self.demo_embeddings.detach().float().contiguous().cpu()
+        metadata = {
+            "format_version": str(PROFILE_FORMAT),
+            "name": self.name,
+            "description": self.description,
+            "fingerprint": self.fingerprint,
+            "moe_layers": json.dumps(list(self.moe_layers)),
+            "embedder": self.embedder,
+            "demo_hash": self.demo_hash,
+            "token_count": str(self.token_count),
+            "selection": json.dumps(self.selection),
+            "created": self.created,
+            "demos": json.dumps(self.demos),
+        }
+        return st_save(tensors, metadata=metadata)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, source: str = "profile", fingerprint: str | None = None) -> Profile:
+        """Parse a profile file; refuses damaged files, other format versions and (if given) other models."""
+        try:
+            tensors = st_load(data)
+            metadata = _read_metadata(data)
+        except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
+            raise DataCorruption(f"{source} is not a readable profile file: {exc}", field=source) from exc
+        version = metadata.get("format_version")
+        if version != str(PROFILE_FORMAT):
+            raise FailedPrecondition(
+                f"{source} has profile format {version!r}; this build reads format {PROFILE_FORMAT}", field=source
+            )
+        if fingerprint is not None and metadata.get("fingerprint") != fingerprint:
+            raise FailedPrecondition(
+                f"{source} was made for model fingerprint {metadata.get('fingerprint')!r}, not {fingerprint!r}; "
+                "profile the task again on this model",
+                field=source,
+            )
+        try:
+            return cls(
+                name=metadata["name"],
+                description=metadata.get("description", ""),
+                fingerprint=metadata["fingerprint"],
+                moe_layers=tuple(json.loads(metadata["moe_layers"])),
+                scores={k[len(_SCORE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_SCORE_PREFIX)},
+                demo_embeddings=tensors.get(_EMBEDDINGS),
+                embedder=metadata.get("embedder", ""),
+                demo_hash=metadata.get("demo_hash", ""),
+                token_count=int(metadata.get("token_count", "0")),
+                selection=json.loads(metadata.get("selection", "{}")),
+                created=metadata.get("created", ""),
+                demos=json.loads(metadata.get("demos", "[]")),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise DataCorruption(f"{source} has incomplete metadata: {exc}", field=source) from exc
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically: a reader sees the old file or the new one."""
+        atomic_write_bytes(path, self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | Path, *, fingerprint: str | None = None) -> Profile:
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as exc:
+            from ..errors import NotFound
+
+            raise NotFound(f"no profile file at {path}", field=str(path)) from exc
+        return cls.from_bytes(data, source=str(path), fingerprint=fingerprint)
+
+    def score(self, criterion: str) -> torch.Tensor:
+        if criterion not in self.scores:
+            raise InvalidArgument(
+                f"profile {self.name!r} has no {criterion!r} scores (has {sorted(self.scores)})", field="criterion"
+            )
+        return self.scores[criterion]
+
+
+def _read_metadata(data: bytes) -> Mapping[str, str]:
+    # safetensors layout: 8-byte little-endian header length, then the JSON header with "__metadata__".
+    if len(data) < 8:
+        raise ValueError("file is shorter than a safetensors header")
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    return header.get("__metadata__", {}) or {}
