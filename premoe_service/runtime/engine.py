@@ -113,6 +113,15 @@ class PatternedModel:
 
     def apply(self, pattern: Pattern, source: ExpertSource) -> ApplyReport:
         """Make `pattern` the active one: write its missing experts into slots, then point the routers at it."""
+        report = self.load(pattern, source)
+        self.activate(pattern)
+        return report
+
+    def load(self, pattern: Pattern, source: ExpertSource) -> ApplyReport:
+        """Write the pattern's missing experts into slots, evicting least recently used unpinned ones.
+
+        Every layer is planned before anything is evicted, so a pattern that cannot fit changes nothing.
+        """
         pattern.validate(self.spec)
         report = ApplyReport()
         plans = {layer: self.slots[layer].plan(pattern.kept(layer), layer) for layer in self.spec.moe_layers}
@@ -125,17 +134,22 @@ class PatternedModel:
                 write_slot(experts, slot, source.read(layer, expert))
                 slots.place(expert, slot)
                 report.loaded.append((layer, expert))
-        self._activate(pattern)
+        self._tick += 1
+        for layer in self.spec.moe_layers:
+            self.slots[layer].touch(pattern.kept(layer), self._tick)
         return report
 
-    def _activate(self, pattern: Pattern) -> None:
-        self._tick += 1
+    def activate(self, pattern: Pattern) -> None:
+        """Point every router at `pattern`, whose experts must all be resident."""
         num_experts = self.spec.num_experts
         for layer, router in self.routers.items():
             kept = pattern.kept(layer)
-            self.slots[layer].touch(kept, self._tick)
+            slots = self.slots[layer]
+            missing = [e for e in kept if e not in slots.slot_of]
+            if missing:
+                raise PatternError(f"experts {missing} are not resident; load the pattern first", field=f"layer {layer}")
             excluded = None if len(kept) == num_experts else pattern.excluded(layer, num_experts)
-            router.set_routing(excluded, self.slots[layer].slot_table(num_experts))
+            router.set_routing(excluded, slots.slot_table(num_experts))
         self.pattern = pattern
 
     def set_observer(self, observer: RouterObserver | None) -> None:

@@ -1,0 +1,182 @@
+"""Calibration: route a labelled query set, measure accuracy and no-match quality, suggest a threshold."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InvalidArgument, NotFound
+from ..names import check_task_name
+from .router import SupportsRoute, check_prompt
+
+
+@dataclass(frozen=True)
+class RouteRecord:
+    """One labelled query: the task it belongs to, or None when it should match no task."""
+
+    query: str
+    task: str | None
+
+
+@dataclass
+class RouteEvaluation:
+    """How a router does on labelled queries.
+
+    Attributes:
+        records: Queries evaluated.
+        labelled: Queries with a task.
+        top1_accuracy: Share of labelled queries whose top-ranked task is their task (ignores the threshold).
+        match_accuracy: Share of labelled queries that matched, and matched their task.
+        no_match_precision: Of the queries that matched nothing, the share that should match nothing.
+        no_match_recall: Of the queries that should match nothing, the share that matched nothing.
+        suggested_threshold: The threshold that best separates right top-1 scores from the rest
+            (None when one side is empty).
+        balanced_accuracy: Balanced accuracy of the decision match / no match at the suggested threshold.
+        misses: (query, expected, decided) for every query decided wrongly at the current threshold.
+    """
+
+    records: int
+    labelled: int
+    top1_accuracy: float
+    match_accuracy: float
+    no_match_precision: float
+    no_match_recall: float
+    suggested_threshold: float | None
+    balanced_accuracy: float | None
+    misses: list[tuple[str, str | None, str | None]]
+
+
+def load_route_records(path: str | Path) -> list[RouteRecord]:
+    """Read a JSONL file of `{"query": str, "task": str | null}` lines (blank lines are skipped).
+
+    Raises:
+        NotFound: The file does not exist.
+        InvalidArgument: A line is not such an object; `field` names the file and line number.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise NotFound(f"no route records file at {path}", field=str(path)) from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"{path} is not UTF-8 text: {exc}", field=str(path)) from exc
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"line {number} is not JSON: {exc.msg}", field=where) from exc
+        records.append(_record(item, where, f"line {number}"))
+    return records
+
+
+def evaluate(router: SupportsRoute, records: Iterable[RouteRecord | Mapping[str, object]]) -> RouteEvaluation:
+    """Route every record's query and measure the decisions against the labels.
+
+    Args:
+        router: A `Router` or `Registry`; its current policy decides match / no match.
+        records: `RouteRecord`s or `{"query": ..., "task": ...}` mappings.
+    """
+    items = [
+        r if isinstance(r, RouteRecord) else _record(r, f"records[{i}]", f"records[{i}]")
+        for i, r in enumerate(records)
+    ]
+    if not items:
+        raise InvalidArgument("no records to evaluate", field="records")
+    top1 = matched_right = labelled = 0
+    no_match = no_match_right = should_not_match = 0
+    should_match_scores: list[float] = []  # top scores where the top task is right
+    should_not_scores: list[float] = []  # top scores of off-topic queries and of wrong top tasks
+    misses: list[tuple[str, str | None, str | None]] = []
+    for record in items:
+        decision = router.route(record.query)
+        top = decision.ranked[0][0] if decision.ranked else None
+        if record.task is not None:
+            labelled += 1
+            top1 += top == record.task
+            matched_right += decision.task == record.task
+        else:
+            should_not_match += 1
+        if not decision.matched:
+            no_match += 1
+            no_match_right += record.task is None
+        if decision.score is not None:
+            right_top = record.task is not None and top == record.task
+            (should_match_scores if right_top else should_not_scores).append(decision.score)
+        if decision.task != record.task:
+            misses.append((record.query, record.task, decision.task))
+    threshold, balanced = suggest_threshold(should_match_scores, should_not_scores)
+    return RouteEvaluation(
+        records=len(items),
+        labelled=labelled,
+        top1_accuracy=_share(top1, labelled),
+        match_accuracy=_share(matched_right, labelled),
+        no_match_precision=_share(no_match_right, no_match),
+        no_match_recall=_share(no_match_right, should_not_match),
+        suggested_threshold=threshold,
+        balanced_accuracy=balanced,
+        misses=misses,
+    )
+
+
+def suggest_threshold(
+    should_match: Sequence[float], should_not_match: Sequence[float]
+) -> tuple[float | None, float | None]:
+    """The threshold (score >= threshold matches) with the best balanced accuracy, and that accuracy.
+
+    Balanced accuracy weighs both kinds of error equally however unequal the two sets are. Among
+    equally good thresholds it takes the midpoint of the widest gap between neighbouring scores,
+    the choice most likely to hold on queries not in the set.
+
+    Returns:
+        (threshold, balanced accuracy), or (None, None) when either set is empty.
+    """
+    if not should_match or not should_not_match:
+        return None, None
+    labelled = sorted([(s, True) for s in should_match] + [(s, False) for s in should_not_match])
+    positives, negatives = len(should_match), len(should_not_match)
+    # Cutting before position i matches labelled[i:]: count what each cut gets right, left to right.
+    scores = [score for score, _ in labelled]
+    best = (-1.0, -1.0, scores[0] - 0.01)  # (balanced accuracy, gap, threshold)
+    rejected_neg = rejected_pos = 0
+    for i in range(len(labelled) + 1):
+        if i > 0:
+            rejected_neg += not labelled[i - 1][1]
+            rejected_pos += labelled[i - 1][1]
+            if i < len(labelled) and scores[i] == scores[i - 1]:
+                continue  # no threshold separates equal scores
+        balanced = ((positives - rejected_pos) / positives + rejected_neg / negatives) / 2
+        if i == 0:
+            gap, threshold = 0.0, scores[0] - 0.01
+        elif i == len(labelled):
+            gap, threshold = 0.0, scores[-1] + 0.01
+        else:
+            gap, threshold = scores[i] - scores[i - 1], (scores[i] + scores[i - 1]) / 2
+        if (balanced, gap) > best[:2]:
+            best = (balanced, gap, threshold)
+    return round(best[2], 4), best[0]
+
+
+def _record(item: object, field: str, label: str) -> RouteRecord:
+    if not isinstance(item, Mapping):
+        raise InvalidArgument(f"{label} must be an object with 'query' and 'task'", field=field)
+    try:
+        query = check_prompt(item.get("query"), field=field)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{label}: 'query': {exc.message}", field=field) from exc
+    task = item.get("task")
+    if task is not None:
+        try:
+            task = check_task_name(task, field=field)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{label}: 'task': {exc.message}", field=field) from exc
+    return RouteRecord(query=query, task=task)
+
+
+def _share(count: int, total: int) -> float:
+    return count / total if total else float("nan")

@@ -1,0 +1,170 @@
+"""Routing: a prompt's ranked tasks, the match decision against thresholds, and the fallback."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+
+from ..errors import InvalidArgument
+from ..names import check_task_name
+from .embedder import Embedder
+from .index import TaskIndex
+from .scoring import DEFAULT_TOP_M, task_scores
+
+Fallback = Literal["union", "general"]
+
+# Calibrated with bench/bench_route.py (6 tasks x 8 demos, 30 held-out on-topic queries, 12 off-topic
+# or nonsense queries, all-MiniLM-L6-v2, top-3 mean): correct on-topic tops scored 0.33-0.74, off-topic
+# tops 0.04-0.22; `evaluate()` put the balanced-accuracy optimum at 0.27 (midpoint of the gap). The
+# default sits a little above it because a wrong match (a pattern for another task) costs more than
+# the fallback (a wider pattern). Recalibrate with `premoe route --evaluate` for another embedder.
+DEFAULT_THRESHOLD = 0.30
+# Similarity window for the union fallback: tasks this close to the best score are unioned.
+DEFAULT_UNION_MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class RoutePolicy:
+    """How scores become a decision.
+
+    Attributes:
+        threshold: Minimum score of the top task for a match.
+        task_thresholds: Per-task thresholds that replace `threshold` for those tasks.
+        fallback: Below the threshold, "union" names the tasks within `union_margin` of the top
+            score (the caller unions their patterns); "general" names `general_task`.
+        union_margin: Score window of the union fallback.
+        union_max: At most this many tasks in a union: a union of everything is the full model.
+        general_task: The task (or pattern) name of the "general" fallback.
+        top_m: Demos averaged per task score (see `task_scores`).
+        neighbours: Nearest demos fetched per query; it bounds which tasks can be ranked at all.
+        ranked_limit: Tasks reported in `RouteDecision.ranked`.
+    """
+
+    threshold: float = DEFAULT_THRESHOLD
+    task_thresholds: Mapping[str, float] = field(default_factory=dict)
+    fallback: Fallback = "union"
+    union_margin: float = DEFAULT_UNION_MARGIN
+    union_max: int = 3
+    general_task: str | None = None
+    top_m: int = DEFAULT_TOP_M
+    neighbours: int = 64
+    ranked_limit: int = 10
+
+    def __post_init__(self) -> None:
+        for name, value in [("threshold", self.threshold), *self.task_thresholds.items()]:
+            if not -1.0 <= value <= 1.0:
+                raise InvalidArgument(f"a cosine threshold lies in [-1, 1], got {value}", field=f"threshold {name}")
+        for task in self.task_thresholds:
+            check_task_name(task, field="task_thresholds")
+        if self.fallback not in ("union", "general"):
+            raise InvalidArgument(f"fallback must be 'union' or 'general', got {self.fallback!r}", field="fallback")
+        if self.fallback == "general" and self.general_task is None:
+            raise InvalidArgument("fallback 'general' needs general_task: name the general task", field="general_task")
+        if self.general_task is not None:
+            check_task_name(self.general_task, field="general_task")
+        if self.union_margin < 0:
+            raise InvalidArgument(f"union margin must be >= 0, got {self.union_margin}", field="union_margin")
+        for name, count in [("union_max", self.union_max), ("top_m", self.top_m), ("neighbours", self.neighbours),
+                            ("ranked_limit", self.ranked_limit)]:
+            if count < 1:
+                raise InvalidArgument(f"{name} must be at least 1, got {count}", field=name)
+
+    def threshold_for(self, task: str) -> float:
+        return self.task_thresholds.get(task, self.threshold)
+
+
+@dataclass
+class RouteDecision:
+    """What retrieval decided for one prompt.
+
+    Attributes:
+        ranked: (task, score) best first.
+        task: The matched task, or None below the threshold.
+        matched: Whether the top task cleared its threshold.
+        fallback_tasks: Without a match, the tasks whose patterns serve the prompt (empty on a match).
+        reason: One line on why, for logs and replies.
+    """
+
+    ranked: list[tuple[str, float]]
+    task: str | None
+    matched: bool
+    fallback_tasks: list[str]
+    reason: str
+
+    @property
+    def score(self) -> float | None:
+        """The top task's score, or None when no task is registered."""
+        return self.ranked[0][1] if self.ranked else None
+
+
+class SupportsRoute(Protocol):
+    """Anything that routes a prompt: a `Router` or a `Registry`."""
+
+    def route(self, prompt: str) -> RouteDecision: ...
+
+
+def check_prompt(prompt: object, field: str = "prompt") -> str:
+    """Return `prompt` if it is a non-blank string, else raise `InvalidArgument` naming `field`."""
+    if not isinstance(prompt, str):
+        raise InvalidArgument(f"expected a string, got {type(prompt).__name__}", field=field)
+    if not prompt.strip():
+        raise InvalidArgument("the prompt is empty; give the text to route", field=field)
+    return prompt
+
+
+def decide(ranked: Sequence[tuple[str, float]], policy: RoutePolicy) -> RouteDecision:
+    """Turn ranked task scores into a decision under `policy`."""
+    ranked = list(ranked[: policy.ranked_limit])
+    if not ranked:
+        fallback = [policy.general_task] if policy.fallback == "general" and policy.general_task else []
+        return RouteDecision(ranked, None, False, fallback, "no tasks are registered")
+    top_task, top_score = ranked[0]
+    threshold = policy.threshold_for(top_task)
+    if top_score >= threshold:
+        return RouteDecision(ranked, top_task, True, [], f"{top_task} scored {top_score:.3f} >= {threshold:.3f}")
+    below = f"best task {top_task} scored {top_score:.3f} < {threshold:.3f}"
+    if policy.fallback == "general" and policy.general_task is not None:
+        return RouteDecision(ranked, None, False, [policy.general_task], f"{below}; general fallback")
+    union = [task for task, score in ranked if score >= top_score - policy.union_margin][: policy.union_max]
+    return RouteDecision(ranked, None, False, union, f"{below}; union of {len(union)} within {policy.union_margin}")
+
+
+class Router:
+    """Embeds prompts, searches the task index and decides: the stateless core of routing.
+
+    The router holds no lock: `Registry` serialises index changes against searches. Use a bare
+    router only where nothing changes the index concurrently.
+
+    Args:
+        embedder: Encodes prompts; must be the embedder that made the index's vectors.
+        index: Demo vectors of the registered tasks.
+        policy: Thresholds and fallback.
+    """
+
+    def __init__(self, embedder: Embedder, index: TaskIndex, policy: RoutePolicy | None = None) -> None:
+        if embedder.dim != index.dim:
+            raise InvalidArgument(
+                f"embedder {embedder.name} makes {embedder.dim}-d vectors, the index holds {index.dim}-d",
+                field="embedder",
+            )
+        self.embedder = embedder
+        self.index = index
+        self.policy = policy or RoutePolicy()
+
+    def route(self, prompt: str) -> RouteDecision:
+        """Route one prompt (embed, search, score, decide)."""
+        return self.route_many([prompt])[0]
+
+    def route_many(self, prompts: Sequence[str]) -> list[RouteDecision]:
+        """Route several prompts with one embedding batch and one search."""
+        for i, prompt in enumerate(prompts):
+            check_prompt(prompt, field="prompt" if len(prompts) == 1 else f"prompts[{i}]")
+        return self.decide_embedded(self.embedder.encode(list(prompts)))
+
+    def decide_embedded(self, queries: np.ndarray) -> list[RouteDecision]:
+        """Search, score and decide for embedded prompts. queries: [q, dim] normalised"""
+        hits = self.index.search(queries, self.policy.neighbours)
+        return [decide(task_scores(h, self.index.demo_count, self.policy.top_m), self.policy) for h in hits]

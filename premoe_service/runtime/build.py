@@ -1,0 +1,88 @@
+"""Engine assembly from a store: model skeleton on meta, dense part loaded, slots allocated for the budget."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ..errors import DataCorruption, FailedPrecondition
+from ..families import adapter_for
+from ..store.reader import Store
+from .engine import PatternedModel
+from .residency import Budget, Residency
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """`cuda` when available, else `cpu`, unless a device is given."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_engine(
+    store: Store, budget: Budget | None = None, device: str | torch.device | None = None, wait_timeout_s: float = 30.0
+) -> tuple[PatternedModel, Residency]:
+    """Build the serving engine from a store with no expert loaded yet.
+
+    Only the dense part and the slots for `budget` (default: every expert) occupy device memory; experts
+    arrive when a lease loads a pattern.
+    """
+    device = resolve_device(device)
+    manifest = store.manifest
+    config = AutoConfig.from_pretrained(store.dir, local_files_only=True)
+    adapter = adapter_for(config)
+    if adapter.name != manifest.family:
+        raise FailedPrecondition(
+            f"store manifest says {manifest.family!r} but its config is {adapter.name!r}", field="store"
+        )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=manifest.torch_dtype)
+    spec = adapter.spec(config)
+    capacity = (budget or Budget(fraction=1.0)).slots_per_layer(spec, manifest.expert_nbytes)
+    engine = PatternedModel(model, capacity, device=device)
+
+    dense = store.dense_state_dict(device)
+    missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
+    slot_params = {
+        f"{adapter.runtime_prefix(layer)}{adapter.experts_attr}.{name}"
+        for layer in spec.moe_layers
+        for name, _ in engine.experts_module(layer).named_parameters(recurse=False)
+    }
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        slot_params.add("lm_head.weight")
+    if unexpected or set(missing) - slot_params:
+        raise DataCorruption(
+            f"dense part does not fit the model: missing {sorted(set(missing) - slot_params)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}",
+            field="dense",
+        )
+    _materialise_buffers(model, device)
+    model.eval()
+    return engine, Residency(engine, store, wait_timeout_s=wait_timeout_s)
+
+
+def _materialise_buffers(model: nn.Module, device: torch.device) -> None:
+    """Recompute buffers that are derived from the config (rotary frequencies) and were left on meta."""
+    for name, module in model.named_modules():
+        meta = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+        if not meta:
+            continue
+        config = getattr(module, "config", None)
+        try:
+            fresh = type(module)(config)
+        except TypeError as exc:
+            raise FailedPrecondition(
+                f"cannot rebuild buffers {meta} of {name} ({type(module).__name__}) off the meta device", field=name
+            ) from exc
+        for buffer_name in meta:
+            module.register_buffer(
+                buffer_name, getattr(fresh, buffer_name).to(device), persistent=buffer_name not in module._non_persistent_buffers_set
+            )
+        for attr, value in vars(fresh).items():  # plain attributes computed with the buffers
+            if not attr.startswith("_") and isinstance(value, (int, float)):
+                setattr(module, attr, value)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise DataCorruption(f"tensors left without data after loading: {leftover[:5]}", field="dense")

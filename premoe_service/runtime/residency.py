@@ -1,0 +1,183 @@
+"""Residency: a device-memory budget of expert slots, delta loads per task switch, and leases that pin."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from ..errors import InvalidArgument, ResourceExhausted
+from ..families import MoESpec
+from ..pattern import Pattern
+from .engine import PatternedModel
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Device memory for routed experts: bytes, or a fraction of all routed-expert bytes."""
+
+    bytes: int | None = None
+    fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.bytes is None) == (self.fraction is None):
+            raise InvalidArgument("give a budget in bytes or as a fraction, not both or neither", field="budget")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise InvalidArgument(f"budget fraction {self.fraction} must lie in (0, 1]", field="budget")
+        if self.bytes is not None and self.bytes <= 0:
+            raise InvalidArgument(f"budget of {self.bytes} bytes must be positive", field="budget")
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """`0.5` or `50%` (fraction), `512MiB`, `2GiB`, `1000000` (bytes)."""
+        value = text.strip()
+        try:
+            if value.endswith("%"):
+                return cls(fraction=float(value[:-1]) / 100)
+            units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+            for unit, scale in units.items():
+                if value.endswith(unit):
+                    return cls(bytes=int(float(value[: -len(unit)]) * scale))
+            number = float(value)
+        except ValueError as exc:
+            raise InvalidArgument(f"cannot read budget {text!r} (e.g. 0.5, 50%, 512MiB)", field="budget") from exc
+        return cls(fraction=number) if number <= 1 else cls(bytes=int(number))
+
+    def slots_per_layer(self, spec: MoESpec, expert_nbytes: int) -> int:
+        """Slots per MoE layer that fit the budget (at least top-k, at most every expert)."""
+        total = spec.num_experts * len(spec.moe_layers)
+        slots = int(total * self.fraction) if self.fraction is not None else int(self.bytes or 0) // expert_nbytes
+        per_layer = slots // len(spec.moe_layers)
+        if per_layer < spec.top_k:
+            raise ResourceExhausted(
+                f"budget holds {per_layer} experts per layer, fewer than top-k {spec.top_k}", field="budget"
+            )
+        return min(per_layer, spec.num_experts)
+
+
+@dataclass
+class ResidencyStats:
+    """Counters across all leases: device hits, evictions, load time."""
+
+    device_hits: int = 0
+    evictions: int = 0
+    load_seconds: float = 0.0
+    waits: int = 0
+
+
+@dataclass
+class Lease:
+    """A request's hold on its pattern's slots, from routing to its last token.
+
+    Attributes:
+        pattern: The pattern whose experts are pinned.
+        loaded: Experts loaded per tier for this lease (`device` counts experts already resident).
+        load_seconds: Time spent loading.
+    """
+
+    pattern: Pattern
+    loaded: dict[str, int] = field(default_factory=dict)
+    loaded_bytes: dict[str, int] = field(default_factory=dict)
+    load_seconds: float = 0.0
+    evicted: int = 0
+
+
+class Residency:
+    """Decides which experts occupy the engine's slots.
+
+    A lease loads only the experts of its pattern that are not resident (delta), evicting least recently
+    used experts that no lease pins. When the pattern cannot fit next to pinned slots, the lease waits up
+    to `wait_timeout_s` for other leases to end, then fails with `ResourceExhausted`.
+
+    Args:
+        engine: The patterned model whose slots are managed.
+        store: The expert source with tier counters (a `Store`).
+        wait_timeout_s: Default bound on waiting for pinned slots to free up.
+    """
+
+    def __init__(self, engine: PatternedModel, store, wait_timeout_s: float = 30.0) -> None:  # noqa: ANN001
+        self.engine = engine
+        self.store = store
+        self.wait_timeout_s = wait_timeout_s
+        self.stats = ResidencyStats()
+        self._cond = threading.Condition()
+        self.model_lock = threading.RLock()  # held around forward passes: routers hold one pattern at a time
+
+    @contextmanager
+    def lease(self, pattern: Pattern, timeout_s: float | None = None) -> Iterator[Lease]:
+        """Pin `pattern`'s experts for the duration of the block, loading the missing ones first."""
+        lease = self._acquire(pattern, self.wait_timeout_s if timeout_s is None else timeout_s)
+        try:
+            yield lease
+        finally:
+            self._release(pattern)
+
+    def _acquire(self, pattern: Pattern, timeout_s: float) -> Lease:
+        pattern.validate(self.engine.spec)
+        self._check_capacity(pattern)
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                try:
+                    for layer in self.engine.spec.moe_layers:
+                        self.engine.slots[layer].plan(pattern.kept(layer), layer)
+                    break
+                except ResourceExhausted:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise ResourceExhausted(
+                            f"pattern of {pattern.size} experts does not fit next to the pinned slots of running "
+                            f"requests (waited {timeout_s:.1f}s)",
+                            field="budget",
+                        ) from None
+                    self.stats.waits += 1
+                    self._cond.wait(remaining)
+            before = (dict(self.store.stats.loads), dict(self.store.stats.bytes))
+            start = time.perf_counter()
+            with self.model_lock:
+                report = self.engine.load(pattern, self.store)
+            lease = Lease(pattern=pattern, load_seconds=time.perf_counter() - start, evicted=len(report.evicted))
+            for tier in ("cache", "disk"):
+                lease.loaded[tier] = self.store.stats.loads[tier] - before[0][tier]
+                lease.loaded_bytes[tier] = self.store.stats.bytes[tier] - before[1][tier]
+            lease.loaded["device"] = pattern.size - len(report.loaded)
+            self.store.stats.loads["device"] += lease.loaded["device"]
+            self.stats.device_hits += lease.loaded["device"]
+            self.stats.evictions += len(report.evicted)
+            self.stats.load_seconds += lease.load_seconds
+            for layer in self.engine.spec.moe_layers:
+                pins = self.engine.slots[layer].pins
+                for expert in pattern.kept(layer):
+                    pins[expert] = pins.get(expert, 0) + 1
+            return lease
+
+    def _release(self, pattern: Pattern) -> None:
+        with self._cond:
+            for layer in self.engine.spec.moe_layers:
+                pins = self.engine.slots[layer].pins
+                for expert in pattern.kept(layer):
+                    pins[expert] -= 1
+                    if not pins[expert]:
+                        del pins[expert]
+            self._cond.notify_all()
+
+    def _check_capacity(self, pattern: Pattern) -> None:
+        for layer in self.engine.spec.moe_layers:
+            capacity = self.engine.slots[layer].capacity
+            if len(pattern.kept(layer)) > capacity:
+                raise ResourceExhausted(
+                    f"pattern keeps {len(pattern.kept(layer))} experts but the budget gives {capacity} slots per layer",
+                    field=f"layer {layer}",
+                )
+
+    def activate(self, pattern: Pattern) -> None:
+        """Point the routers at a leased pattern; call under `model_lock` right before a forward pass."""
+        self.engine.activate(pattern)
+
+    def resident_experts(self) -> int:
+        return sum(len(slots.slot_of) for slots in self.engine.slots.values())
+
+    def capacity(self) -> int:
+        return sum(slots.capacity for slots in self.engine.slots.values())

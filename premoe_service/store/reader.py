@@ -1,0 +1,158 @@
+"""Reading a store: experts through the tiers cache <- disk, checksum-verified, decoded into tensors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import xxhash
+from safetensors.torch import load_file
+
+from ..errors import DataCorruption, InvalidArgument
+from ..runtime.slots import ExpertTensors
+from .cache import ByteCache, CacheHealth
+from .manifest import DENSE, Manifest
+
+log = logging.getLogger(__name__)
+Tier = Literal["device", "cache", "disk"]
+TIERS: tuple[Tier, ...] = ("device", "cache", "disk")
+
+# Tensors decoded from cache values are read-only views that are copied into slots right away.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+@dataclass
+class TierStats:
+    """Expert reads per tier: count, bytes, seconds; plus cache repairs after a bad value."""
+
+    loads: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIERS, 0.0))
+    repairs: int = 0
+
+    def record(self, tier: Tier, nbytes: int, seconds: float) -> None:
+        self.loads[tier] += 1
+        self.bytes[tier] += nbytes
+        self.seconds[tier] += seconds
+
+
+class Store:
+    """An opened shard store. `read(layer, expert)` makes it an `ExpertSource` for the engine.
+
+    Args:
+        store_dir: The folder `premoe shard` wrote.
+        cache: The cache tier (Redis or in-process); None reads from disk only.
+    """
+
+    def __init__(self, store_dir: str | Path, cache: ByteCache | None = None) -> None:
+        self.dir = Path(store_dir)
+        self.manifest = Manifest.load(self.dir)
+        self.cache = cache
+        self.stats = TierStats()
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._views = [(p.name, p.offset, p.nbytes, p.shape) for p in self.manifest.parts]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest.fingerprint
+
+    def cache_key(self, layer: int, expert: int) -> str:
+        return f"premoe:{self.manifest.fingerprint}:{layer}:{expert}"
+
+    def health(self) -> CacheHealth:
+        return self.cache.health() if self.cache is not None else "ok"
+
+    # --- tiers -----------------------------------------------------------------------------------
+
+    def read_blob(self, layer: int, expert: int) -> tuple[bytes | bytearray, Tier]:
+        """One expert's bytes and the tier they came from; the cache is filled (or repaired) from disk."""
+        self._check_address(layer, expert)
+        checksum = self.manifest.checksum(layer, expert)
+        start = time.perf_counter()
+        if self.cache is not None:
+            key = self.cache_key(layer, expert)
+            value = self.cache.get(key)
+            if value is not None:
+                if len(value) == self.manifest.expert_nbytes and xxhash.xxh3_64_hexdigest(value) == checksum:
+                    self.stats.record("cache", len(value), time.perf_counter() - start)
+                    return value, "cache"
+                log.warning("cache value of layer %d expert %d fails its checksum: repairing from disk", layer, expert)
+                self.stats.repairs += 1
+        data = self._read_disk(layer, expert, checksum)
+        if self.cache is not None:
+            self.cache.put(self.cache_key(layer, expert), bytes(data))
+        self.stats.record("disk", len(data), time.perf_counter() - start)
+        return data, "disk"
+
+    def _read_disk(self, layer: int, expert: int, checksum: str) -> bytearray:
+        nbytes = self.manifest.expert_nbytes
+        buffer = bytearray(nbytes)
+        read = os.preadv(self._fd(layer), [buffer], expert * nbytes)
+        if read != nbytes or xxhash.xxh3_64_hexdigest(buffer) != checksum:
+            raise DataCorruption(
+                f"expert {expert} of layer {layer} in {self.dir / self.manifest.layers[layer].file} fails its "
+                "checksum: the store is damaged, shard the checkpoint again",
+                field=f"layer {layer} expert {expert}",
+            )
+        return buffer
+
+    def _fd(self, layer: int) -> int:
+        fd = self._fds.get(layer)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(layer)
+                if fd is None:
+                    fd = os.open(self.dir / self.manifest.layers[layer].file, os.O_RDONLY)
+                    self._fds[layer] = fd
+        return fd
+
+    def _check_address(self, layer: int, expert: int) -> None:
+        if layer not in self.manifest.layers:
+            raise InvalidArgument(f"not an MoE layer of this store ({self.manifest.moe_layers})", field=f"layer {layer}")
+        if not 0 <= expert < self.manifest.num_experts:
+            raise InvalidArgument(f"expert {expert} out of range 0..{self.manifest.num_experts - 1}", field=f"layer {layer}")
+
+    # --- decoding --------------------------------------------------------------------------------
+
+    def decode(self, data: bytes | bytearray) -> ExpertTensors:
+        """Views of one expert's tensors over its bytes (no copy)."""
+        raw = torch.frombuffer(data, dtype=torch.uint8)
+        dtype = self.manifest.torch_dtype
+        return {name: raw[offset : offset + n].view(dtype).view(shape) for name, offset, n, shape in self._views}
+
+    def read(self, layer: int, expert: int) -> ExpertTensors:
+        data, _ = self.read_blob(layer, expert)
+        return self.decode(data)
+
+    def dense_state_dict(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The dense part, checked against the manifest's checksum of its tensor bytes."""
+        path = self.dir / DENSE
+        with path.open("rb") as handle:
+            header = int.from_bytes(handle.read(8), "little")
+            handle.seek(8 + header)
+            hasher = xxhash.xxh3_64()
+            while chunk := handle.read(1 << 24):
+                hasher.update(chunk)
+        if hasher.hexdigest() != self.manifest.dense_checksum:
+            raise DataCorruption(f"{path} fails its checksum: shard the checkpoint again", field="dense")
+        return load_file(str(path), device=str(device))
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: S110 - interpreter shutdown
+            pass
