@@ -169,10 +169,11 @@ def _record(item: object, field: str, label: str) -> RouteRecord:
         query = check_prompt(item.get("query"), field=field)
     except InvalidArgument as exc:
         raise InvalidArgument(f"{label}: 'query': {exc.message}", field=field) from exc
-    task = item.get("task")
-    if task is not None:
+    raw_task = item.get("task")
+    task = None
+    if raw_task is not None:
         try:
-            task = check_task_name(task, field=field)
+            task = check_task_name(raw_task, field=field)
         except InvalidArgument as exc:
             raise InvalidArgument(f"{label}: 'task': {exc.message}", field=field) from exc
     return RouteRecord(query=query, task=task)

@@ -50,7 +50,8 @@ class Embedder:
         path = default_model_path() if model is None else Path(model).expanduser()
         if not path.is_dir():
             raise NotFound(
-                f"no sentence-transformers model directory at {path}; give a local model path", field="embedder"
+                f"no sentence-transformers model directory at {path}; give a local model path",
+                field="embedder",
             )
         self.path = path
         self.name = name or (DEFAULT_EMBEDDER if model is None else path.resolve().name)
@@ -76,7 +77,9 @@ class Embedder:
             InvalidArgument: `texts` is a bare string or holds a non-string item (field "texts[i]").
         """
         if isinstance(texts, str | bytes):
-            raise InvalidArgument("expected a list of texts, got a single string; wrap it in a list", field="texts")
+            raise InvalidArgument(
+                "expected a list of texts, got a single string; wrap it in a list", field="texts"
+            )
         items = list(texts)
         for i, text in enumerate(items):
             if not isinstance(text, str):
@@ -109,7 +112,9 @@ def _load_offline(path: Path, device: str) -> Any:
     try:
         return SentenceTransformer(str(path), device=device, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise InvalidArgument(f"cannot load a sentence-transformers model from {path}: {exc}", field="embedder") from exc
+        raise InvalidArgument(
+            f"cannot load a sentence-transformers model from {path}: {exc}", field="embedder"
+        ) from exc
 
 
 def _embedding_dim(model: Any) -> int | None:

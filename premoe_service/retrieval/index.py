@@ -12,20 +12,22 @@ from ..errors import InvalidArgument
 IndexKind = Literal["auto", "flat", "hnsw"]
 
 # Vector count at which "auto" switches from exact search to HNSW. Measured on this machine (2 shared
-# CPU cores, d=384, one query at a time, k=64, clustered vectors; HNSW M=32, efConstruction=64,
-# efSearch=128), see bench/bench_route.py and the retrieval report:
-#   n=   2k  flat 0.10 ms  hnsw 0.37 ms  build  0.9 s  recall@1 1.00
-#   n=   5k  flat 0.20 ms  hnsw 0.28 ms  build  1.6 s  recall@1 1.00
-#   n=  10k  flat 0.38 ms  hnsw 0.29 ms  build  3.5 s  recall@1 1.00
-#   n=  20k  flat 0.80 ms  hnsw 0.33 ms  build  8.2 s  recall@1 1.00
-#   n=  50k  flat 2.0  ms  hnsw 0.38 ms  build 24   s  recall@1 0.99
-# Embedding one query costs ~10-20 ms, so exact search stays under ~5% of a route up to ~20k vectors,
-# while an HNSW rebuild (needed on every task removal) already costs seconds there. 20k vectors is
-# ~2,500 tasks of 8 demos: below it exact search is both faster to maintain and exact.
+# CPU cores, d=384, one query per search on one thread, k=64, clustered vectors of 8 per task; HNSW
+# M=32, efConstruction=64, efSearch=128; `python bench/bench_route.py --index-sweep` reproduces it):
+#   n=   2k  flat 0.07 ms  hnsw 0.20 ms  build  0.8 s  recall@1 1.000
+#   n=   5k  flat 0.14 ms  hnsw 0.22 ms  build  1.3 s  recall@1 1.000
+#   n=  10k  flat 0.26 ms  hnsw 0.57 ms  build  2.8 s  recall@1 1.000
+#   n=  20k  flat 0.99 ms  hnsw 0.45 ms  build  4.9 s  recall@1 1.000
+#   n=  40k  flat 2.00 ms  hnsw 1.02 ms  build 25   s  recall@1 0.995
+# Embedding one query costs 10-20 ms, so exact search stays at or under ~5% of a route up to ~20k
+# vectors, while HNSW is no faster below ~15k and its rebuild (on every task removal) costs seconds.
+# 20k vectors is ~2,500 tasks of 8 demos; above it exact search grows linearly and HNSW wins.
 HNSW_THRESHOLD = 20_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 64
 HNSW_EF_SEARCH = 128
+# Below this many queries per search, one thread beats OpenMP fan-out (see `_search`).
+_PARALLEL_QUERIES = 16
 
 
 class TaskIndex:
@@ -47,7 +49,9 @@ class TaskIndex:
         if kind not in ("auto", "flat", "hnsw"):
             raise InvalidArgument(f"index kind must be 'auto', 'flat' or 'hnsw', got {kind!r}", field="kind")
         if hnsw_threshold < 1:
-            raise InvalidArgument(f"HNSW threshold must be positive, got {hnsw_threshold}", field="hnsw_threshold")
+            raise InvalidArgument(
+                f"HNSW threshold must be positive, got {hnsw_threshold}", field="hnsw_threshold"
+            )
         self.dim = dim
         self.kind: IndexKind = kind
         self.hnsw_threshold = hnsw_threshold
@@ -94,7 +98,7 @@ class TaskIndex:
 
     def add_many(self, items: Iterable[tuple[str, np.ndarray]]) -> None:
         """Add (or replace) several tasks at once: one FAISS update instead of one per task."""
-        checked = [(task, self._check_vectors(task, vectors)) for task, vectors in items]
+        checked = [(task, self.check_vectors(task, vectors)) for task, vectors in items]
         if len({task for task, _ in checked}) != len(checked):
             raise InvalidArgument("the same task appears twice in one add", field="task")
         replaced = [task for task, _ in checked if task in self._vectors]
@@ -135,15 +139,33 @@ class TaskIndex:
         if self._uses_hnsw:
             # efSearch below k would cap the result list; keep it at least k.
             self._faiss.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
-        scores, rows = self._faiss.search(queries, k)  # [q, k], [q, k]
+        scores, rows = self._search(queries, k)  # [q, k], [q, k]
         results: list[list[tuple[str, float]]] = []
         for score_row, id_row in zip(scores, rows, strict=True):
             valid = id_row >= 0  # FAISS pads with -1 when it finds fewer than k
             task_ids = self._row_task[id_row[valid]]
             results.append(
-                [(self._task_names[int(t)], float(s)) for t, s in zip(task_ids, score_row[valid], strict=True)]
+                [
+                    (self._task_names[int(t)], float(s))
+                    for t, s in zip(task_ids, score_row[valid], strict=True)
+                ]
             )
         return results
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        if queries.shape[0] >= _PARALLEL_QUERIES:
+            return self._faiss.search(queries, k)
+        # FAISS splits even one query over its OpenMP threads; on a busy machine the thread wake-up
+        # cost 25-30 ms per search at 10k vectors against 0.3 ms on one thread. The setting is per
+        # calling thread in OpenMP, so this does not slow index builds or other threads.
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            return self._faiss.search(queries, k)
+        finally:
+            faiss.omp_set_num_threads(threads)
 
     def _wants_hnsw(self, total: int) -> bool:
         if self.kind != "auto":
@@ -175,6 +197,7 @@ class TaskIndex:
 
         total = sum(v.shape[0] for v in self._vectors.values())
         self._uses_hnsw = self._wants_hnsw(total)
+        index: Any
         if self._uses_hnsw:
             index = faiss.IndexHNSWFlat(self.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
@@ -188,7 +211,8 @@ class TaskIndex:
             self._row_task = np.zeros(0, dtype=np.int64)
         self._faiss = index
 
-    def _check_vectors(self, task: str, vectors: np.ndarray) -> np.ndarray:
+    def check_vectors(self, task: str, vectors: np.ndarray) -> np.ndarray:
+        """`vectors` as contiguous unit rows; InvalidArgument when they cannot be a task's demos. [n, dim]"""
         array = np.asarray(vectors, dtype=np.float32)
         if array.ndim != 2 or array.shape[1] != self.dim or array.shape[0] == 0:
             raise InvalidArgument(

@@ -56,19 +56,29 @@ class RoutePolicy:
     def __post_init__(self) -> None:
         for name, value in [("threshold", self.threshold), *self.task_thresholds.items()]:
             if not -1.0 <= value <= 1.0:
-                raise InvalidArgument(f"a cosine threshold lies in [-1, 1], got {value}", field=f"threshold {name}")
+                raise InvalidArgument(
+                    f"a cosine threshold lies in [-1, 1], got {value}", field=f"threshold {name}"
+                )
         for task in self.task_thresholds:
             check_task_name(task, field="task_thresholds")
         if self.fallback not in ("union", "general"):
-            raise InvalidArgument(f"fallback must be 'union' or 'general', got {self.fallback!r}", field="fallback")
+            raise InvalidArgument(
+                f"fallback must be 'union' or 'general', got {self.fallback!r}", field="fallback"
+            )
         if self.fallback == "general" and self.general_task is None:
-            raise InvalidArgument("fallback 'general' needs general_task: name the general task", field="general_task")
+            raise InvalidArgument(
+                "fallback 'general' needs general_task: name the general task", field="general_task"
+            )
         if self.general_task is not None:
             check_task_name(self.general_task, field="general_task")
         if self.union_margin < 0:
             raise InvalidArgument(f"union margin must be >= 0, got {self.union_margin}", field="union_margin")
-        for name, count in [("union_max", self.union_max), ("top_m", self.top_m), ("neighbours", self.neighbours),
-                            ("ranked_limit", self.ranked_limit)]:
+        for name, count in [
+            ("union_max", self.union_max),
+            ("top_m", self.top_m),
+            ("neighbours", self.neighbours),
+            ("ranked_limit", self.ranked_limit),
+        ]:
             if count < 1:
                 raise InvalidArgument(f"{name} must be at least 1, got {count}", field=name)
 
@@ -124,12 +134,16 @@ def decide(ranked: Sequence[tuple[str, float]], policy: RoutePolicy) -> RouteDec
     top_task, top_score = ranked[0]
     threshold = policy.threshold_for(top_task)
     if top_score >= threshold:
-        return RouteDecision(ranked, top_task, True, [], f"{top_task} scored {top_score:.3f} >= {threshold:.3f}")
+        return RouteDecision(
+            ranked, top_task, True, [], f"{top_task} scored {top_score:.3f} >= {threshold:.3f}"
+        )
     below = f"best task {top_task} scored {top_score:.3f} < {threshold:.3f}"
     if policy.fallback == "general" and policy.general_task is not None:
         return RouteDecision(ranked, None, False, [policy.general_task], f"{below}; general fallback")
     union = [task for task, score in ranked if score >= top_score - policy.union_margin][: policy.union_max]
-    return RouteDecision(ranked, None, False, union, f"{below}; union of {len(union)} within {policy.union_margin}")
+    return RouteDecision(
+        ranked, None, False, union, f"{below}; union of {len(union)} within {policy.union_margin}"
+    )
 
 
 class Router:

@@ -1,0 +1,262 @@
+"""The task registry: profiles in a store, their demo embeddings in a task index, and routing over both."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Hashable
+
+import numpy as np
+import torch
+
+from ..errors import DataCorruption, FailedPrecondition, InvalidArgument, NotFound, PreMoeError, Unavailable
+from ..names import check_task_name
+from ..profiler.profile import Profile
+from .embedder import Embedder
+from .index import HNSW_THRESHOLD, IndexKind, TaskIndex
+from .router import RouteDecision, RoutePolicy, Router, check_prompt
+from .stores import MemoryProfileStore, ProfileStore
+
+log = logging.getLogger(__name__)
+
+_UNSET = object()  # version token before the first load: never equal to a store's token
+
+
+class Registry:
+    """The registered tasks: profiles (the source of truth, in a store) and the index derived from them.
+
+    At start-up every profile in the store is read and the index is built from their demo
+    embeddings. A profile whose embeddings are missing or came from another embedder is embedded
+    from its demos with this registry's embedder. Before each `route`, `get` and `names` the
+    registry checks the store's version token (one cheap read) and, when it moved, reloads only the
+    tasks whose revision changed, so replicas on one Redis see each other's changes without restart.
+
+    All methods may be called from several threads: index changes and searches hold one lock;
+    prompts are embedded outside it.
+
+    Args:
+        store: Where profiles live; a `LocalProfileStore`, a `RedisProfileStore`, or None for memory.
+        embedder: Encodes demos and prompts.
+        policy: Thresholds and fallback of `route`.
+        fingerprint: When given, profiles of another model fingerprint are refused.
+        index_kind: "auto", "flat" or "hnsw" (see `TaskIndex`).
+        hnsw_threshold: Vector count where "auto" moves to HNSW.
+        strict: At start-up, fail on the first unreadable profile instead of skipping it with a
+            warning. Skipping is the default: one damaged file should not take every other task
+            offline; the skipped tasks and their errors are in `problems`.
+        refresh_interval: Seconds between version checks of the store (0: before every call).
+        retry_after: Seconds to wait before asking an unreachable store again.
+    """
+
+    def __init__(
+        self,
+        store: ProfileStore | None = None,
+        *,
+        embedder: Embedder,
+        policy: RoutePolicy | None = None,
+        fingerprint: str | None = None,
+        index_kind: IndexKind = "auto",
+        hnsw_threshold: int = HNSW_THRESHOLD,
+        strict: bool = False,
+        refresh_interval: float = 0.0,
+        retry_after: float = 1.0,
+    ) -> None:
+        if refresh_interval < 0 or retry_after < 0:
+            raise InvalidArgument("refresh_interval and retry_after must be >= 0", field="refresh_interval")
+        self.store: ProfileStore = store if store is not None else MemoryProfileStore()
+        self.embedder = embedder
+        self.fingerprint = fingerprint
+        self.refresh_interval = refresh_interval
+        self.retry_after = retry_after
+        self.problems: dict[str, PreMoeError] = {}
+        self.store_error: Unavailable | None = None
+        self._index = TaskIndex(embedder.dim, kind=index_kind, hnsw_threshold=hnsw_threshold)
+        self._router = Router(embedder, self._index, policy)
+        self._profiles: dict[str, Profile] = {}
+        self._revisions: dict[str, Hashable] = {}
+        self._token: object = _UNSET
+        self._next_check = 0.0
+        self._lock = threading.RLock()
+        with self._lock:
+            self._sync(strict=strict)
+
+    @property
+    def policy(self) -> RoutePolicy:
+        return self._router.policy
+
+    @policy.setter
+    def policy(self, policy: RoutePolicy) -> None:
+        with self._lock:
+            self._router.policy = policy
+
+    @property
+    def index(self) -> TaskIndex:
+        """The derived index (read-only use: change tasks through the registry)."""
+        return self._index
+
+    def register(self, profile: Profile, *, replace: bool = False) -> Profile:
+        """Store a task's profile and index its demos; returns the profile as kept (with embeddings).
+
+        Raises:
+            AlreadyExists: The task exists and `replace` is False.
+            FailedPrecondition: The profile is for another model fingerprint.
+            InvalidArgument: The profile has neither usable embeddings nor demos to embed.
+            Unavailable: The store cannot be written.
+        """
+        if not isinstance(profile, Profile):
+            raise InvalidArgument(f"expected a Profile, got {type(profile).__name__}", field="profile")
+        profile, vectors = self._prepare(profile)  # may embed: outside the lock
+        with self._lock:
+            revision = self.store.write(profile, replace=replace)
+            self._index.add(profile.name, vectors)
+            self._profiles[profile.name] = profile
+            self._revisions[profile.name] = revision
+            self.problems.pop(profile.name, None)
+        log.info("registered task %s (%d demos)", profile.name, vectors.shape[0])
+        return profile
+
+    def delete(self, name: str) -> None:
+        """Remove a task from the store and the index.
+
+        Raises:
+            NotFound: No task has this name in the store.
+            Unavailable: The store cannot be written.
+        """
+        check_task_name(name)
+        with self._lock:
+            self.store.delete(name)
+            self._forget(name)
+        log.info("deleted task %s", name)
+
+    def get(self, name: str) -> Profile:
+        """The profile of a registered task; NotFound when there is none."""
+        check_task_name(name)
+        self._refresh_quietly()
+        with self._lock:
+            if name not in self._profiles:
+                raise NotFound(f"no task named {name!r}", field="name")
+            return self._profiles[name]
+
+    def names(self) -> list[str]:
+        """Registered task names, sorted."""
+        self._refresh_quietly()
+        with self._lock:
+            return sorted(self._profiles)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._profiles)
+
+    def route(self, prompt: str) -> RouteDecision:
+        """The task (or fallback) for a prompt; see `RoutePolicy` for how it decides.
+
+        Raises:
+            InvalidArgument: The prompt is empty or blank (field "prompt").
+        """
+        check_prompt(prompt)
+        self._refresh_quietly()
+        query = self.embedder.encode([prompt])  # [1, dim]
+        with self._lock:
+            return self._router.decide_embedded(query)[0]
+
+    def refresh(self) -> bool:
+        """Bring the index up to date with the store; returns whether any task changed.
+
+        Raises:
+            Unavailable: The store cannot be reached.
+        """
+        with self._lock:
+            return self._sync(strict=False)
+
+    def _refresh_quietly(self) -> None:
+        # Requests never fail because the store is away: they are served from the tasks in memory.
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        with self._lock:
+            try:
+                self._sync(strict=False)
+            except Unavailable as exc:
+                if self.store_error is None:
+                    log.warning(
+                        "profile store unreachable, serving the %d tasks in memory: %s", len(self), exc
+                    )
+                self.store_error = exc
+                self._next_check = now + self.retry_after
+                return
+            if self.store_error is not None:
+                log.info("profile store reachable again")
+                self.store_error = None
+            self._next_check = now + self.refresh_interval
+
+    def _sync(self, *, strict: bool) -> bool:
+        token = self.store.version()
+        if token == self._token:
+            return False
+        revisions = self.store.revisions()
+        gone = [name for name in self._revisions if name not in revisions]
+        changed = [name for name, rev in revisions.items() if self._revisions.get(name) != rev]
+        loaded: list[tuple[Profile, np.ndarray, Hashable]] = []
+        for name in changed:
+            try:
+                profile, revision = self.store.read(name)
+                profile, vectors = self._prepare(profile)
+            except NotFound:
+                gone.append(name)  # deleted since it was listed
+                continue
+            except (DataCorruption, FailedPrecondition, InvalidArgument) as exc:
+                if strict:
+                    raise
+                log.warning("skipping task %s: %s", name, exc)
+                self._forget(name)
+                self.problems[name] = exc
+                self._revisions[name] = revisions[name]  # do not retry until it changes
+                continue
+            loaded.append((profile, vectors, revision))
+        for name in gone:
+            self._forget(name)
+        # One index update for everything that changed: a single HNSW rebuild at start-up.
+        self._index.add_many((profile.name, vectors) for profile, vectors, _ in loaded)
+        for profile, _, revision in loaded:
+            self._profiles[profile.name] = profile
+            self._revisions[profile.name] = revision
+            self.problems.pop(profile.name, None)
+        self._token = token
+        return bool(loaded or gone)
+
+    def _forget(self, name: str) -> None:
+        self._index.remove(name)
+        self._profiles.pop(name, None)
+        self._revisions.pop(name, None)
+        self.problems.pop(name, None)
+
+    def _prepare(self, profile: Profile) -> tuple[Profile, np.ndarray]:
+        """The profile with demo embeddings of this registry's embedder, and those vectors. [n, dim]"""
+        if self.fingerprint is not None and profile.fingerprint != self.fingerprint:
+            raise FailedPrecondition(
+                f"task {profile.name!r} was profiled on model {profile.fingerprint!r}, this registry serves "
+                f"{self.fingerprint!r}; profile the task again on this model",
+                field="fingerprint",
+            )
+        stored = profile.demo_embeddings
+        if (
+            stored is not None
+            and profile.embedder == self.embedder.name
+            and stored.ndim == 2
+            and stored.shape[0] > 0
+            and stored.shape[1] == self.embedder.dim
+        ):
+            return profile, self._index.check_vectors(profile.name, stored.detach().cpu().float().numpy())
+        if not profile.demos:
+            raise InvalidArgument(
+                f"task {profile.name!r} has no demos to embed with {self.embedder.name} "
+                f"(its embeddings are from {profile.embedder or 'no embedder'!r})",
+                field="demos",
+            )
+        vectors = self._index.check_vectors(profile.name, self.embedder.encode(profile.demos))  # [n, dim]
+        kept = dataclasses.replace(
+            profile, demo_embeddings=torch.from_numpy(vectors), embedder=self.embedder.name
+        )
+        return kept, vectors

@@ -1,0 +1,105 @@
+"""`premoe export`: a standard transformers checkpoint of the model pruned to one pattern."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoConfig
+
+from ..errors import AlreadyExists, PatternError
+from ..families import adapter_for
+from ..pattern import Pattern
+from .checkpoint_io import write_safetensors_streaming
+from .manifest import DENSE, MANIFEST
+from .reader import Store
+
+_ROUTER_ROWS = ("weight", "bias", "e_score_correction_bias")  # per-expert rows of a router
+
+
+def export_pruned(store: Store, pattern: Pattern, out: str | Path, *, progress: bool = True) -> Path:
+    """Write `out/model.safetensors` and `out/config.json` (plus tokenizer files) for the pruned model.
+
+    Expert tensors and router rows (weights, router bias, score-correction bias) are sliced to the kept
+    experts and the config's expert count is set, so `AutoModelForCausalLM.from_pretrained(out)` loads it
+    and vLLM or SGLang can serve it. Every layer must keep the same number of experts (a config has one
+    expert count), and with group-limited routing the same number in every group.
+    """
+    out = Path(out)
+    if (out / "model.safetensors").exists():
+        raise AlreadyExists(f"{out} already holds a checkpoint; choose another --out", field="out")
+    config = AutoConfig.from_pretrained(store.dir, local_files_only=True)
+    adapter = adapter_for(config)
+    spec = adapter.spec(config)
+    pattern.validate(spec)
+    kept_count = _uniform_count(pattern, spec.routing.n_group if spec.routing.group_rule else 1, spec.routing.group_size)
+
+    dense = store.dense_state_dict("cpu")
+    kept_index = {layer: torch.tensor(pattern.kept(layer)) for layer in spec.moe_layers}
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+    sources: list[tuple[str, object]] = []
+    for key, tensor in dense.items():
+        layer = _router_layer(adapter.runtime_prefix, adapter.router_attr, spec.moe_layers, key)
+        if layer is not None:
+            tensor = tensor.index_select(0, kept_index[layer])
+            dense[key] = tensor
+        specs.append((key, tensor.dtype, tuple(tensor.shape)))
+        sources.append(("dense", key))
+    for layer in spec.moe_layers:
+        for part in store.manifest.parts:
+            key = f"{adapter.runtime_prefix(layer)}{adapter.experts_attr}.{part.name}"
+            specs.append((key, store.manifest.torch_dtype, (kept_count, *part.shape)))
+            sources.append(("experts", (layer, part.name)))
+
+    bar = tqdm(total=len(specs), desc="export", unit="tensor", disable=not progress)
+
+    def tensors() -> Iterator[torch.Tensor]:
+        for kind, ref in sources:
+            bar.update()
+            if kind == "dense":
+                yield dense[ref]  # type: ignore[index]
+            else:
+                layer, name = ref  # type: ignore[misc]
+                yield torch.stack([store.read(layer, e)[name] for e in pattern.kept(layer)])
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors_streaming(out / "model.safetensors", specs, tensors(), metadata={"format": "pt"})
+    bar.close()
+    for path in store.dir.iterdir():
+        if path.is_file() and path.name not in (MANIFEST, DENSE, "config.json"):
+            shutil.copy2(path, out / path.name)
+    # Through the config object, so attribute maps (num_experts <-> num_local_experts) stay consistent.
+    setattr(config, adapter.expert_count_field, kept_count)
+    config.save_pretrained(out)
+    return out
+
+
+def _uniform_count(pattern: Pattern, n_group: int, group_size: int) -> int:
+    counts = {len(experts) for experts in pattern.layers.values()}
+    if len(counts) != 1:
+        raise PatternError(
+            f"layers keep different expert counts {sorted(counts)}; a transformers config holds one expert count, "
+            "so export needs a uniform pattern (select with top_k per layer)",
+            field="pattern",
+        )
+    count = counts.pop()
+    if n_group > 1:
+        for layer, experts in pattern.layers.items():
+            per_group = [sum(1 for e in experts if e // group_size == g) for g in range(n_group)]
+            if len(set(per_group)) != 1:
+                raise PatternError(
+                    f"keeps {per_group} experts per group; the exported config needs the same count in every group",
+                    field=f"layer {layer}",
+                )
+    return count
+
+
+def _router_layer(prefix, router_attr: str, moe_layers: tuple[int, ...], key: str) -> int | None:  # noqa: ANN001
+    for layer in moe_layers:
+        start = f"{prefix(layer)}{router_attr}."
+        if key.startswith(start) and key[len(start) :] in _ROUTER_ROWS:
+            return layer
+    return None
