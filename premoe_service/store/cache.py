@@ -17,6 +17,7 @@ class ByteCache(Protocol):
     """A cache of expert blobs by key. Failures never raise: a broken cache is a cache that misses."""
 
     name: str
+    trusted: bool  # values cannot change behind our back (in-process), so reads skip the checksum
 
     def get(self, key: str) -> bytes | None: ...
 
@@ -31,6 +32,7 @@ class MemoryCache:
     """The embedded default: an in-process LRU byte cache bounded by `max_bytes`."""
 
     name = "memory"
+    trusted = True  # it only holds bytes this process read and verified
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
         self.max_bytes = max_bytes
@@ -77,6 +79,7 @@ class RedisCache:
     once, behaves as an always-missing cache, and tries to reconnect every `retry_s` seconds."""
 
     name = "redis"
+    trusted = False  # shared and mutable: every value is checked against the manifest
 
     def __init__(self, url: str, *, timeout_s: float = 2.0, retry_s: float = 1.0) -> None:
         import redis
