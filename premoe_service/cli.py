@@ -86,19 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    p = verbs.add_parser("shard", help="split a transformers MoE checkpoint into a store",
-                         description="Read a safetensors checkpoint (single or sharded, per-expert or fused expert "
-                         "keys) tensor by tensor and write a store: manifest.json, dense.safetensors and one "
-                         "contiguous blob per expert. A rerun for the same checkpoint is a no-op.")
+    p = verbs.add_parser(
+        "shard",
+        help="split a transformers MoE checkpoint into a store",
+        description="Read a safetensors checkpoint (single or sharded, per-expert or fused expert "
+        "keys) tensor by tensor and write a store: manifest.json, dense.safetensors and one "
+        "contiguous blob per expert. A rerun for the same checkpoint is a no-op.",
+    )
     p.add_argument("model_dir", help="folder with config.json and *.safetensors")
     opt(p, "--out", help="store folder to write", required=_env("OUT") is None)
     opt(p, "--quiet", help="no progress bar", action="store_true")
     p.set_defaults(handler=cmd_shard)
 
-    p = verbs.add_parser("export", help="write a pruned transformers checkpoint for one pattern",
-                         description="Slice expert tensors and router rows to a pattern and write a checkpoint that "
-                         "AutoModelForCausalLM (and so vLLM or SGLang) loads. Pattern file: "
-                         '{"format": 1, "layers": {"<layer>": [expert ids]}}, the same count in every layer.')
+    p = verbs.add_parser(
+        "export",
+        help="write a pruned transformers checkpoint for one pattern",
+        description="Slice expert tensors and router rows to a pattern and write a checkpoint that "
+        "AutoModelForCausalLM (and so vLLM or SGLang) loads. Pattern file: "
+        '{"format": 1, "layers": {"<layer>": [expert ids]}}, the same count in every layer.',
+    )
     opt(p, "--store", help="store folder", required=_env("STORE") is None)
     p.add_argument("--pattern", required=True, help="pattern JSON file")
     p.add_argument("--out", required=True, help="folder for the pruned checkpoint")
@@ -107,10 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = verbs.add_parser("bench", help="benchmarks with a raw baseline measured in the same run")
     bench_verbs = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
-    p = bench_verbs.add_parser("load", help="expert-load throughput per tier vs raw reads of the same bytes",
-                               description="Reads every expert through each tier (disk, in-process cache, Redis, "
-                               "Redis into device slots) and the same bytes the raw way (os.pread, redis-py GET), "
-                               "interleaved, and prints GB/s and the ratio ours/raw.")
+    p = bench_verbs.add_parser(
+        "load",
+        help="expert-load throughput per tier vs raw reads of the same bytes",
+        description="Reads every expert through each tier (disk, in-process cache, Redis, "
+        "Redis into device slots) and the same bytes the raw way (os.pread, redis-py GET), "
+        "interleaved, and prints GB/s and the ratio ours/raw.",
+    )
     opt(p, "--store", help="store to read (default: build a throwaway Qwen3-MoE store)")
     opt(p, "--redis-url", help="Redis to use (default: start a throwaway redis-server if installed)")
     p.add_argument("--hidden", type=int, default=512, help="hidden size of the throwaway model")
@@ -125,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.handler(args))
     except PreMoeError as exc:
@@ -137,4 +148,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

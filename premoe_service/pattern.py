@@ -50,12 +50,15 @@ class Pattern:
         for layer in self.layers:
             if layer not in moe_layers:
                 raise PatternError(
-                    f"not an MoE layer of this model (MoE layers: {sorted(moe_layers)})", field=f"layer {layer}"
+                    f"not an MoE layer of this model (MoE layers: {sorted(moe_layers)})",
+                    field=f"layer {layer}",
                 )
         for layer in spec.moe_layers:
             experts = self.layers.get(layer)
             if experts is None:
-                raise PatternError("missing: a pattern names the kept experts of every MoE layer", field=f"layer {layer}")
+                raise PatternError(
+                    "missing: a pattern names the kept experts of every MoE layer", field=f"layer {layer}"
+                )
             _validate_layer(spec.routing, layer, experts)
 
     def kept(self, layer: int) -> tuple[int, ...]:
@@ -76,7 +79,9 @@ class Pattern:
         return mask
 
     def union(self, other: Pattern) -> Pattern:
-        layers = {layer: tuple(sorted(set(self.layers[layer]) | set(other.layers.get(layer, ())))) for layer in self.layers}
+        layers = {
+            layer: tuple(sorted(set(self.layers[layer]) | set(other.layers.get(layer, ())))) for layer in self.layers
+        }
         return Pattern(layers)
 
     # --- JSON ------------------------------------------------------------------------------------
@@ -124,7 +129,8 @@ def _validate_layer(routing: RoutingSpec, layer: int, experts: tuple[int, ...]) 
         raise PatternError(f"expert ids {bad} out of range 0..{routing.num_experts - 1}", field=where)
     if len(experts) < routing.top_k:
         raise PatternError(
-            f"keeps {len(experts)} experts, fewer than the {routing.top_k} each token is routed to", field=where
+            f"keeps {len(experts)} experts, fewer than the {routing.top_k} each token is routed to",
+            field=where,
         )
     if routing.group_rule is None:
         return

@@ -36,8 +36,19 @@ class RedisServer:
         if binary is None:
             raise RuntimeError("redis-server is not installed: `apt-get install redis-server` (.ci/run does this)")
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -80,3 +91,113 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+# --- retrieval: one embedding model per session and five tasks with distinct demos --------------------
+
+DEMO_TASKS: dict[str, list[str]] = {
+    "python-coding": [
+        "Write a Python function that reverses a linked list.",
+        "How do I read a CSV file into a pandas DataFrame?",
+        "Fix this TypeError: 'NoneType' object is not subscriptable in my Python script.",
+        "Explain list comprehensions in Python with an example.",
+        "Write a unit test with pytest for a function that parses dates.",
+        "How do I use asyncio to run several HTTP requests concurrently?",
+        "Refactor this Python class to use dataclasses.",
+        "What is the difference between a tuple and a list in Python?",
+    ],
+    "cooking": [
+        "Give me a recipe for a classic French onion soup.",
+        "How long should I roast a whole chicken at 200 degrees?",
+        "What can I use instead of eggs when baking a cake?",
+        "How do I make fresh pasta dough by hand?",
+        "Suggest a vegetarian curry recipe with chickpeas and spinach.",
+        "How do I get a crispy crust when searing a steak?",
+        "What spices go into a traditional garam masala?",
+        "How do I knead and proof bread dough properly?",
+    ],
+    "legal-contracts": [
+        "Draft a non-disclosure agreement between two companies.",
+        "What does an indemnification clause in a contract mean?",
+        "Review this lease agreement for unfair termination terms.",
+        "Explain the difference between a warranty and a representation in a contract.",
+        "How do I terminate a services agreement for material breach?",
+        "Write a limitation of liability clause for a software licence.",
+        "What makes a contract legally binding?",
+        "Summarise the governing law and jurisdiction clause of this agreement.",
+    ],
+    "astronomy": [
+        "How do black holes form from collapsing stars?",
+        "Why does Mars appear red in the night sky?",
+        "Explain how astronomers measure the distance to faraway galaxies.",
+        "What causes a total solar eclipse?",
+        "How many moons does Jupiter have and which are the largest?",
+        "What is a neutron star?",
+        "How does the James Webb Space Telescope observe infrared light?",
+        "What is the life cycle of a star like the Sun?",
+    ],
+    "football": [
+        "Explain the offside rule in football.",
+        "Who has won the most UEFA Champions League titles?",
+        "What formation suits a team that plays high pressing football?",
+        "How does the transfer window work in the Premier League?",
+        "Analyse the tactics of a 4-3-3 formation against a 3-5-2.",
+        "Which player has scored the most goals in World Cup history?",
+        "How is a penalty shootout decided?",
+        "What does a defensive midfielder do during a match?",
+    ],
+}
+
+HELD_OUT_QUERIES: list[tuple[str, str]] = [
+    ("How do I sort a dictionary by its values in Python?", "python-coding"),
+    ("Write a Python script that renames all files in a folder.", "python-coding"),
+    ("What is a good recipe for homemade lasagne?", "cooking"),
+    ("How do I caramelise onions without burning them?", "cooking"),
+    ("Draft a confidentiality clause for an employment contract.", "legal-contracts"),
+    ("Can a contract be void if one party was under duress?", "legal-contracts"),
+    ("Why do planets orbit the Sun in ellipses?", "astronomy"),
+    ("What is a supernova and what does it leave behind?", "astronomy"),
+    ("Why was the goal disallowed for a handball by the striker?", "football"),
+    ("Which club won the Premier League title last season?", "football"),
+]
+
+
+@pytest.fixture(scope="session")
+def embedder():  # type: ignore[no-untyped-def]
+    """The default embedding model (all-MiniLM-L6-v2), loaded once per session."""
+    from premoe_service.retrieval import Embedder
+
+    return Embedder()
+
+
+@pytest.fixture(scope="session")
+def demo_tasks() -> dict[str, list[str]]:
+    """Five tasks with eight distinct demos each."""
+    return {name: list(demos) for name, demos in DEMO_TASKS.items()}
+
+
+@pytest.fixture(scope="session")
+def held_out_queries() -> list[tuple[str, str]]:
+    """Two queries per demo task that are not among its demos, with the task they belong to."""
+    return list(HELD_OUT_QUERIES)
+
+
+@pytest.fixture(scope="session")
+def demo_profiles(embedder, demo_tasks):  # type: ignore[no-untyped-def]
+    """Profiles of the demo tasks with their demos already embedded (do not mutate them)."""
+    import torch
+
+    from premoe_service.profiler.profile import Profile
+
+    return {
+        name: Profile(
+            name=name,
+            fingerprint="test",
+            moe_layers=(0,),
+            scores={"tcess": torch.rand(1, 8)},
+            demos=demos,
+            demo_embeddings=torch.from_numpy(embedder.encode(demos)),
+            embedder=embedder.name,
+        )
+        for name, demos in demo_tasks.items()
+    }

@@ -37,8 +37,12 @@ def logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def greedy(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     out = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-        do_sample=False, pad_token_id=0,
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        pad_token_id=0,
     )
     return out[:, ids.shape[1] :]
 
@@ -112,7 +116,7 @@ def test_switching_pattern_in_place_equals_fresh_build(family: str) -> None:
     assert (logits(engine.model, ids, mask) - logits(fresh.model, ids, mask)).abs().max().item() <= ATOL
     # Same parameters rewritten in place, and only the experts that differ were loaded.
     assert all(engine.experts_module(layer).gate_up_proj is slots_before[layer] for layer in spec.moe_layers)
-    expected_loads = sum(len(set(second.kept(l)) - set(first.kept(l))) for l in spec.moe_layers)
+    expected_loads = sum(len(set(second.kept(layer)) - set(first.kept(layer))) for layer in spec.moe_layers)
     assert len(report.loaded) == expected_loads == len(report.evicted)
 
 
@@ -147,12 +151,12 @@ def test_group_constraints_are_checked() -> None:
     full = {layer: list(range(16)) for layer in spec.moe_layers}
     with pytest.raises(PatternError, match=r"layer 1.*groups \[0\]"):
         Pattern.build(spec, {**full, 1: [0, 4, 5, 8, 9, 12, 13]})  # group 0 keeps a single expert
-    with pytest.raises(PatternError, match="layer 2.*in 1 groups"):
+    with pytest.raises(PatternError, match=r"layer 2.*in 1 groups"):
         Pattern.build(spec, {**full, 2: [0, 1, 2, 3]})
     assert Pattern.build(spec, {**full, 1: [0, 1, 4, 5]}).kept(1) == (0, 1, 4, 5)
 
     top6 = tiny_config("deepseek_v3", num_experts_per_tok=6)
     spec6 = adapter_for(top6).spec(top6)
-    with pytest.raises(PatternError, match="layer 1.*thinnest"):
+    with pytest.raises(PatternError, match=r"layer 1.*thinnest"):
         # Three groups of two: a token whose two best groups are any two of them sees 4 experts, not 6.
         Pattern.build(spec6, {**full, 1: [0, 1, 4, 5, 8, 9]})

@@ -37,10 +37,9 @@ def checkpoint(tmp_path: Path, family: str, **save_kwargs) -> tuple[torch.nn.Mod
 
 @torch.no_grad()
 def run(engine, residency, pattern: Pattern) -> torch.Tensor:
-    with residency.lease(pattern):
-        with residency.model_lock:
-            residency.activate(pattern)
-            return engine.model(IDS).logits
+    with residency.lease(pattern), residency.model_lock:
+        residency.activate(pattern)
+        return engine.model(IDS).logits
 
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
@@ -181,9 +180,8 @@ def test_leases_pin_experts_against_eviction(tmp_path: Path) -> None:
     a = Pattern.build(engine.spec, {layer: [0, 1, 2, 3] for layer in layers})
     b = Pattern.build(engine.spec, {layer: [4, 5] for layer in layers})
     with residency.lease(a):
-        with pytest.raises(ResourceExhausted, match="pinned"):
-            with residency.lease(b):
-                pass
+        with pytest.raises(ResourceExhausted, match="pinned"), residency.lease(b):
+            pass
         assert all(engine.slots[layer].resident() == {0, 1, 2, 3} for layer in layers)
 
     # A waiting lease proceeds as soon as the pinning lease ends.
@@ -204,9 +202,8 @@ def test_leases_pin_experts_against_eviction(tmp_path: Path) -> None:
     assert done.is_set() and residency.stats.waits >= 1
 
     too_big = Pattern.full(engine.spec)
-    with pytest.raises(ResourceExhausted, match="slots per layer"):
-        with residency.lease(too_big):
-            pass
+    with pytest.raises(ResourceExhausted, match="slots per layer"), residency.lease(too_big):
+        pass
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
@@ -247,8 +244,12 @@ def test_memory_cache_stays_within_its_bound() -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("0.5", Budget(fraction=0.5)), ("25%", Budget(fraction=0.25)), ("512MiB", Budget(bytes=512 << 20)),
-     ("2000000", Budget(bytes=2_000_000))],
+    [
+        ("0.5", Budget(fraction=0.5)),
+        ("25%", Budget(fraction=0.25)),
+        ("512MiB", Budget(bytes=512 << 20)),
+        ("2000000", Budget(bytes=2_000_000)),
+    ],
 )
 def test_budget_parsing(text: str, expected: Budget) -> None:
     assert Budget.parse(text) == expected

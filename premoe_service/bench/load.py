@@ -85,10 +85,24 @@ def bench_store(store_dir: Path, redis_url: str | None, rounds: int = 7, device:
             fresh.read_blob(layer, e)
         fresh.close()
 
-    raw_disk(), ours_disk()
-    rows.append(Row("disk, first read", *_interleaved(ours_disk_first, raw_disk, rounds), nbytes,
-                    "os.pread of the same byte ranges (ours adds the xxh3 check)"))
-    rows.append(Row("disk, re-read", *_interleaved(ours_disk, raw_disk, rounds), nbytes, "os.pread of the same byte ranges"))
+    raw_disk()
+    ours_disk()
+    rows.append(
+        Row(
+            "disk, first read",
+            *_interleaved(ours_disk_first, raw_disk, rounds),
+            nbytes,
+            "os.pread of the same byte ranges (ours adds the xxh3 check)",
+        )
+    )
+    rows.append(
+        Row(
+            "disk, re-read",
+            *_interleaved(ours_disk, raw_disk, rounds),
+            nbytes,
+            "os.pread of the same byte ranges",
+        )
+    )
 
     memory_store = Store(store_dir, MemoryCache(nbytes * 2))
     for layer, e in addresses:
@@ -149,10 +163,15 @@ def bench_store(store_dir: Path, redis_url: str | None, rounds: int = 7, device:
             if target.type == "cuda":
                 torch.cuda.synchronize()
 
-        ours_slots(), ours_slots()
+        ours_slots()
+        ours_slots()
         rows.append(
-            Row(f"redis -> {target.type} slots", *_interleaved(ours_slots, raw_slots, rounds), len(half_keys) * size,
-                "GET + copy into one device buffer")
+            Row(
+                f"redis -> {target.type} slots",
+                *_interleaved(ours_slots, raw_slots, rounds),
+                len(half_keys) * size,
+                "GET + copy into one device buffer",
+            )
         )
     for fd in fds.values():
         os.close(fd)
@@ -164,9 +183,17 @@ def bench_model_dir(out: Path, hidden: int, experts: int, layers: int) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
-        "qwen3_moe", vocab_size=256, hidden_size=hidden, intermediate_size=hidden, moe_intermediate_size=hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-        num_experts=experts, num_experts_per_tok=2,
+        "qwen3_moe",
+        vocab_size=256,
+        hidden_size=hidden,
+        intermediate_size=hidden,
+        moe_intermediate_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        num_experts=experts,
+        num_experts_per_tok=2,
     )
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out)
@@ -186,7 +213,8 @@ def temporary_redis() -> Iterator[str | None]:
     with tempfile.TemporaryDirectory() as workdir:
         proc = subprocess.Popen(
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             deadline = time.monotonic() + 10
@@ -202,10 +230,20 @@ def temporary_redis() -> Iterator[str | None]:
             proc.wait()
 
 
-def main(store: str | None, redis_url: str | None, hidden: int, experts: int, layers: int, rounds: int,
-         device: str | None) -> list[Row]:
+def main(
+    store: str | None,
+    redis_url: str | None,
+    hidden: int,
+    experts: int,
+    layers: int,
+    rounds: int,
+    device: str | None,
+) -> list[Row]:
     """Run the benchmark and print the table (building a throwaway store when none is given)."""
-    with tempfile.TemporaryDirectory() as tmp, temporary_redis() if redis_url is None else _given(redis_url) as url:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        temporary_redis() if redis_url is None else _given(redis_url) as url,
+    ):
         store_dir = Path(store) if store else None
         if store_dir is None:
             ckpt = bench_model_dir(Path(tmp) / "ckpt", hidden, experts, layers)

@@ -170,7 +170,9 @@ def adapter_for(config: Any) -> FamilyAdapter:
     adapter = _BY_MODEL_TYPE.get(model_type)  # type: ignore[arg-type]
     if adapter is None:
         supported = ", ".join(sorted(_BY_MODEL_TYPE))
-        raise UnsupportedModel(f"model_type {model_type!r} is not a supported MoE family ({supported})", field="model_type")
+        raise UnsupportedModel(
+            f"model_type {model_type!r} is not a supported MoE family ({supported})", field="model_type"
+        )
     return adapter
 
 

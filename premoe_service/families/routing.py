@@ -34,7 +34,27 @@ class Routing:
     experts: Tensor
 
 
-def route(spec: RoutingSpec, router: nn.Module, hidden: Tensor, excluded: Tensor | None) -> Routing:
+@dataclass
+class RouterWeights:
+    """A router's tensors: weight [E, H], optional bias [E] (GPT-OSS) and score correction bias [E] (DeepSeek-V3)."""
+
+    weight: Tensor
+    bias: Tensor | None = None
+    correction: Tensor | None = None
+
+    @classmethod
+    def of(cls, router: nn.Module) -> RouterWeights:
+        def tensor(name: str) -> Tensor | None:
+            value = getattr(router, name, None)
+            return value if isinstance(value, Tensor) else None
+
+        weight = tensor("weight")
+        if weight is None:
+            raise TypeError(f"{type(router).__name__} has no router weight")
+        return cls(weight, tensor("bias"), tensor("e_score_correction_bias"))
+
+
+def route(spec: RoutingSpec, router: RouterWeights, hidden: Tensor, excluded: Tensor | None) -> Routing:
     """Run the family's routing for `hidden` [T, H] with `excluded` [E] (bool) experts never chosen."""
     if spec.kind == "softmax_topk":
         return _softmax_topk(spec, router, hidden, excluded)
@@ -62,7 +82,7 @@ def _mask(scores: Tensor, excluded: Tensor | None) -> Tensor:
     return scores if excluded is None else scores.masked_fill(excluded, NEG_INF)
 
 
-def _softmax_topk(spec: RoutingSpec, router: nn.Module, hidden: Tensor, excluded: Tensor | None) -> Routing:
+def _softmax_topk(spec: RoutingSpec, router: RouterWeights, hidden: Tensor, excluded: Tensor | None) -> Routing:
     logits = F.linear(hidden, router.weight)  # [T, E]
     probs = torch.softmax(_mask(logits, excluded).float(), dim=-1)  # [T, E]
     top_v, top_i = torch.topk(probs, spec.top_k, dim=-1)  # [T, k]
@@ -76,17 +96,15 @@ def _softmax_topk(spec: RoutingSpec, router: nn.Module, hidden: Tensor, excluded
 def _group_mask(spec: RoutingSpec, choice: Tensor) -> Tensor:
     """Bool [T, E]: experts in the `topk_group` best groups of each token, groups scored by `group_rule`."""
     grouped = choice.view(-1, spec.n_group, spec.group_size)  # [T, G, E/G]
-    if spec.group_rule == "max":
-        group_scores = grouped.max(dim=-1).values
-    else:
-        group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
+    # DeepSeek-V2 scores a group by its best expert, V3 by its best two.
+    group_scores = grouped.max(dim=-1).values if spec.group_rule == "max" else grouped.topk(2, dim=-1)[0].sum(dim=-1)
     group_idx = torch.topk(group_scores, k=spec.topk_group, dim=-1, sorted=False)[1]
     group_mask = torch.zeros_like(group_scores)
     group_mask.scatter_(1, group_idx, 1)
     return group_mask.unsqueeze(-1).expand(-1, spec.n_group, spec.group_size).reshape(-1, spec.num_experts).bool()
 
 
-def _deepseek_v2(spec: RoutingSpec, router: nn.Module, hidden: Tensor, excluded: Tensor | None) -> Routing:
+def _deepseek_v2(spec: RoutingSpec, router: RouterWeights, hidden: Tensor, excluded: Tensor | None) -> Routing:
     logits = F.linear(hidden.float(), router.weight.float())  # [T, E]
     scores = _mask(logits, excluded).softmax(dim=-1, dtype=torch.float32)  # excluded -> exactly 0
     if spec.group_rule is not None:
@@ -98,10 +116,11 @@ def _deepseek_v2(spec: RoutingSpec, router: nn.Module, hidden: Tensor, excluded:
     return Routing(logits, top_v * spec.scaling, top_i)
 
 
-def _deepseek_v3(spec: RoutingSpec, router: nn.Module, hidden: Tensor, excluded: Tensor | None) -> Routing:
+def _deepseek_v3(spec: RoutingSpec, router: RouterWeights, hidden: Tensor, excluded: Tensor | None) -> Routing:
     logits = F.linear(hidden.float(), router.weight.float())  # [T, E]
     scores = logits.sigmoid()
-    choice = _mask(scores + router.e_score_correction_bias, excluded)  # bias-corrected, excluded at -inf
+    correction = router.correction if router.correction is not None else torch.zeros_like(scores[0])
+    choice = _mask(scores + correction, excluded)  # bias-corrected, excluded at -inf
     choice = choice.masked_fill(~_group_mask(spec, choice), NEG_INF)
     top_i = torch.topk(choice, k=spec.top_k, dim=-1, sorted=False)[1]
     top_v = scores.gather(1, top_i)
@@ -110,7 +129,7 @@ def _deepseek_v3(spec: RoutingSpec, router: nn.Module, hidden: Tensor, excluded:
     return Routing(logits, top_v * spec.scaling, top_i)
 
 
-def _gpt_oss(spec: RoutingSpec, router: nn.Module, hidden: Tensor, excluded: Tensor | None) -> Routing:
+def _gpt_oss(spec: RoutingSpec, router: RouterWeights, hidden: Tensor, excluded: Tensor | None) -> Routing:
     logits = F.linear(hidden, router.weight, router.bias)  # [T, E]
     top_v, top_i = torch.topk(_mask(logits, excluded), spec.top_k, dim=-1)
     return Routing(logits, torch.softmax(top_v, dim=1, dtype=top_v.dtype), top_i)

@@ -95,7 +95,8 @@ class Profile:
         version = metadata.get("format_version")
         if version != str(PROFILE_FORMAT):
             raise FailedPrecondition(
-                f"{source} has profile format {version!r}; this build reads format {PROFILE_FORMAT}", field=source
+                f"{source} has profile format {version!r}; this build reads format {PROFILE_FORMAT}",
+                field=source,
             )
         if fingerprint is not None and metadata.get("fingerprint") != fingerprint:
             raise FailedPrecondition(
@@ -139,7 +140,8 @@ class Profile:
     def score(self, criterion: str) -> torch.Tensor:
         if criterion not in self.scores:
             raise InvalidArgument(
-                f"profile {self.name!r} has no {criterion!r} scores (has {sorted(self.scores)})", field="criterion"
+                f"profile {self.name!r} has no {criterion!r} scores (has {sorted(self.scores)})",
+                field="criterion",
             )
         return self.scores[criterion]
 

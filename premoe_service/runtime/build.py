@@ -21,7 +21,10 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def load_engine(
-    store: Store, budget: Budget | None = None, device: str | torch.device | None = None, wait_timeout_s: float = 30.0
+    store: Store,
+    budget: Budget | None = None,
+    device: str | torch.device | None = None,
+    wait_timeout_s: float = 30.0,
 ) -> tuple[PatternedModel, Residency]:
     """Build the serving engine from a store with no expert loaded yet.
 
@@ -74,11 +77,14 @@ def _materialise_buffers(model: nn.Module, device: torch.device) -> None:
             fresh = type(module)(config)
         except TypeError as exc:
             raise FailedPrecondition(
-                f"cannot rebuild buffers {meta} of {name} ({type(module).__name__}) off the meta device", field=name
+                f"cannot rebuild buffers {meta} of {name} ({type(module).__name__}) off the meta device",
+                field=name,
             ) from exc
         for buffer_name in meta:
             module.register_buffer(
-                buffer_name, getattr(fresh, buffer_name).to(device), persistent=buffer_name not in module._non_persistent_buffers_set
+                buffer_name,
+                getattr(fresh, buffer_name).to(device),
+                persistent=buffer_name not in module._non_persistent_buffers_set,
             )
         for attr, value in vars(fresh).items():  # plain attributes computed with the buffers
             if not attr.startswith("_") and isinstance(value, (int, float)):

@@ -32,7 +32,12 @@ class ModelExpertSource:
     def capture(cls, model: nn.Module, adapter: FamilyAdapter | None = None) -> ModelExpertSource:
         adapter = adapter or adapter_for(model.config)
         layers = adapter.spec(model.config).moe_layers
-        return cls({layer: {n: p.detach() for n, p in expert_params(adapter.experts(model, layer)).items()} for layer in layers})
+        return cls(
+            {
+                layer: {n: p.detach() for n, p in expert_params(adapter.experts(model, layer)).items()}
+                for layer in layers
+            }
+        )
 
     def read(self, layer: int, expert: int) -> ExpertTensors:
         return {name: stack[expert] for name, stack in self._tensors[layer].items()}
@@ -76,7 +81,8 @@ class PatternedModel:
             cap = capacity if isinstance(capacity, int) else capacity[layer]
             if not self.spec.top_k <= cap <= self.spec.num_experts:
                 raise PatternError(
-                    f"capacity {cap} must lie in top-k {self.spec.top_k}..{self.spec.num_experts}", field=f"layer {layer}"
+                    f"capacity {cap} must lie in top-k {self.spec.top_k}..{self.spec.num_experts}",
+                    field=f"layer {layer}",
                 )
             block = self.adapter.moe_block(model, layer)
             experts = getattr(block, self.adapter.experts_attr)
@@ -100,7 +106,9 @@ class PatternedModel:
         pattern = pattern or Pattern.full(spec)
         pattern.validate(spec)
         source = ModelExpertSource.capture(model, adapter)
-        engine = cls(model, capacity if capacity is not None else {l: len(e) for l, e in pattern.layers.items()})
+        engine = cls(
+            model, capacity if capacity is not None else {layer: len(kept) for layer, kept in pattern.layers.items()}
+        )
         engine.apply(pattern, source)
         return engine, source
 
@@ -147,7 +155,9 @@ class PatternedModel:
             slots = self.slots[layer]
             missing = [e for e in kept if e not in slots.slot_of]
             if missing:
-                raise PatternError(f"experts {missing} are not resident; load the pattern first", field=f"layer {layer}")
+                raise PatternError(
+                    f"experts {missing} are not resident; load the pattern first", field=f"layer {layer}"
+                )
             excluded = None if len(kept) == num_experts else pattern.excluded(layer, num_experts)
             router.set_routing(excluded, slots.slot_table(num_experts))
         self.pattern = pattern
@@ -162,5 +172,5 @@ class PatternedModel:
 
 
 def _param_device(module: nn.Module) -> torch.device:
-    device = next(module.parameters()).device
+    device: torch.device = next(module.parameters()).device
     return torch.device("cpu") if device.type == "meta" else device

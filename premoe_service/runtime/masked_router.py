@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..families.base import RoutingSpec
-from ..families.routing import Routing, route
+from ..families.routing import RouterWeights, Routing, route
 
 RouterObserver = Callable[[int, Tensor, Routing], None]
 
@@ -21,6 +21,8 @@ class MaskedRouter(nn.Module):
     over all experts, the excluded ones are taken out before any top-k, and the chosen expert ids are
     mapped to the slots that hold them.
     """
+
+    slot_of: Tensor
 
     def __init__(self, router: nn.Module, spec: RoutingSpec, layer: int) -> None:
         super().__init__()
@@ -45,7 +47,8 @@ class MaskedRouter(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
-        routing = route(self.spec, self, hidden, self.excluded)
+        # Read the weights at call time: loading a state dict with assign=True replaces the parameters.
+        routing = route(self.spec, RouterWeights.of(self), hidden, self.excluded)
         if self.observer is not None:
             self.observer(self.layer, hidden, routing)
         return routing.logits, routing.weights, self.slot_of[routing.experts]

@@ -97,7 +97,7 @@ class Residency:
         wait_timeout_s: Default bound on waiting for pinned slots to free up.
     """
 
-    def __init__(self, engine: PatternedModel, store, wait_timeout_s: float = 30.0) -> None:  # noqa: ANN001
+    def __init__(self, engine: PatternedModel, store, wait_timeout_s: float = 30.0) -> None:
         self.engine = engine
         self.store = store
         self.wait_timeout_s = wait_timeout_s

@@ -29,7 +29,7 @@ def install_slots(experts: nn.Module, capacity: int, device: torch.device | str 
         target = device if device is not None else param.device
         slots = torch.zeros((capacity, *param.shape[1:]), dtype=param.dtype, device=target)
         setattr(experts, name, nn.Parameter(slots, requires_grad=False))
-    experts.num_experts = capacity
+    setattr(experts, "num_experts", capacity)  # noqa: B010 - typed as Module attribute
 
 
 @torch.no_grad()

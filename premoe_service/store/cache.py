@@ -144,7 +144,7 @@ class RedisCache:
         return "ok" if self._down_since is None else "degraded"
 
     @property
-    def client(self):  # noqa: ANN201 - redis.Redis, kept lazy for import cost
+    def client(self):
         return self._client
 
 

@@ -61,7 +61,7 @@ class CheckpointReader:
         if not self.key_file:
             self.key_file = {key: SINGLE for key in self._handles[SINGLE].keys()}  # noqa: SIM118
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         return sorted(self.key_file)
 
     def tensor(self, key: str) -> torch.Tensor:
@@ -91,18 +91,25 @@ class CheckpointReader:
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a tensor in its dtype, without a copy when it is contiguous on the CPU."""
     flat = tensor.detach().contiguous().cpu().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def write_safetensors_streaming(
-    path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], tensors: Iterable[torch.Tensor], metadata: dict[str, str]
+    path: Path,
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    tensors: Iterable[torch.Tensor],
+    metadata: dict[str, str],
 ) -> None:
     """Write a safetensors file whose tensors arrive one by one, in `specs` order (atomically)."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for name, dtype, shape in specs:
         nbytes = dtype.itemsize * _numel(shape)
-        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": _ST_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format wants the data 8-byte aligned
@@ -115,7 +122,9 @@ def write_safetensors_streaming(
             handle.write(tensor_bytes(tensor))
 
 
-def _checked(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], tensors: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+def _checked(
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]], tensors: Iterable[torch.Tensor]
+) -> Iterator[torch.Tensor]:
     count = 0
     for tensor in tensors:
         count += 1

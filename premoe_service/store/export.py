@@ -35,34 +35,36 @@ def export_pruned(store: Store, pattern: Pattern, out: str | Path, *, progress: 
     adapter = adapter_for(config)
     spec = adapter.spec(config)
     pattern.validate(spec)
-    kept_count = _uniform_count(pattern, spec.routing.n_group if spec.routing.group_rule else 1, spec.routing.group_size)
+    kept_count = _uniform_count(
+        pattern, spec.routing.n_group if spec.routing.group_rule else 1, spec.routing.group_size
+    )
 
     dense = store.dense_state_dict("cpu")
     kept_index = {layer: torch.tensor(pattern.kept(layer)) for layer in spec.moe_layers}
     specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
-    sources: list[tuple[str, object]] = []
+    sources: list[str | tuple[int, str]] = []  # a dense key, or (layer, expert parameter)
     for key, tensor in dense.items():
         layer = _router_layer(adapter.runtime_prefix, adapter.router_attr, spec.moe_layers, key)
         if layer is not None:
             tensor = tensor.index_select(0, kept_index[layer])
             dense[key] = tensor
         specs.append((key, tensor.dtype, tuple(tensor.shape)))
-        sources.append(("dense", key))
+        sources.append(key)
     for layer in spec.moe_layers:
         for part in store.manifest.parts:
             key = f"{adapter.runtime_prefix(layer)}{adapter.experts_attr}.{part.name}"
             specs.append((key, store.manifest.torch_dtype, (kept_count, *part.shape)))
-            sources.append(("experts", (layer, part.name)))
+            sources.append((layer, part.name))
 
     bar = tqdm(total=len(specs), desc="export", unit="tensor", disable=not progress)
 
     def tensors() -> Iterator[torch.Tensor]:
-        for kind, ref in sources:
+        for source in sources:
             bar.update()
-            if kind == "dense":
-                yield dense[ref]  # type: ignore[index]
+            if isinstance(source, str):
+                yield dense[source]
             else:
-                layer, name = ref  # type: ignore[misc]
+                layer, name = source
                 yield torch.stack([store.read(layer, e)[name] for e in pattern.kept(layer)])
 
     out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +99,7 @@ def _uniform_count(pattern: Pattern, n_group: int, group_size: int) -> int:
     return count
 
 
-def _router_layer(prefix, router_attr: str, moe_layers: tuple[int, ...], key: str) -> int | None:  # noqa: ANN001
+def _router_layer(prefix, router_attr: str, moe_layers: tuple[int, ...], key: str) -> int | None:
     for layer in moe_layers:
         start = f"{prefix(layer)}{router_attr}."
         if key.startswith(start) and key[len(start) :] in _ROUTER_ROWS:

@@ -108,7 +108,8 @@ class Manifest:
             version = data.get("format_version")
             if version != STORE_FORMAT:
                 raise FailedPrecondition(
-                    f"{path} has store format {version!r}; this build reads format {STORE_FORMAT}", field="store"
+                    f"{path} has store format {version!r}; this build reads format {STORE_FORMAT}",
+                    field="store",
                 )
             parts = [PartLayout(p["name"], tuple(p["shape"]), p["offset"], p["nbytes"]) for p in data["parts"]]
             layers = {int(k): LayerFile(v["file"], list(v["checksums"])) for k, v in data["layers"].items()}

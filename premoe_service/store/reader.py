@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -123,9 +124,13 @@ class Store:
 
     def _check_address(self, layer: int, expert: int) -> None:
         if layer not in self.manifest.layers:
-            raise InvalidArgument(f"not an MoE layer of this store ({self.manifest.moe_layers})", field=f"layer {layer}")
+            raise InvalidArgument(
+                f"not an MoE layer of this store ({self.manifest.moe_layers})", field=f"layer {layer}"
+            )
         if not 0 <= expert < self.manifest.num_experts:
-            raise InvalidArgument(f"expert {expert} out of range 0..{self.manifest.num_experts - 1}", field=f"layer {layer}")
+            raise InvalidArgument(
+                f"expert {expert} out of range 0..{self.manifest.num_experts - 1}", field=f"layer {layer}"
+            )
 
     # --- decoding --------------------------------------------------------------------------------
 
@@ -159,7 +164,5 @@ class Store:
             self._fds.clear()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown may have torn down os already
             self.close()
-        except Exception:  # noqa: S110 - interpreter shutdown
-            pass

@@ -69,7 +69,12 @@ def shard(model_dir: str | Path, out: str | Path, *, progress: bool = True) -> S
         out.mkdir(parents=True, exist_ok=True)
         (out / EXPERTS_DIR).mkdir(exist_ok=True)
         checksums: dict[int, list[str]] = {}
-        bar = tqdm(total=len(spec.moe_layers) * spec.num_experts, desc="shard experts", unit="expert", disable=not progress)
+        bar = tqdm(
+            total=len(spec.moe_layers) * spec.num_experts,
+            desc="shard experts",
+            unit="expert",
+            disable=not progress,
+        )
         for layer in spec.moe_layers:
             checksums[layer] = _write_layer(out / _layer_file(layer), plan, reader, layer, spec.num_experts, parts, bar)
         bar.close()
@@ -118,7 +123,7 @@ def _plan(adapter: FamilyAdapter, reader: CheckpointReader, moe_layers: tuple[in
     per_expert: dict[tuple[int, int, str], list[tuple[int, int, str]]] = defaultdict(list)
     dense: list[str] = []
     dtype: torch.dtype | None = None
-    for key in reader.keys():
+    for key in reader.names():
         if key.endswith(("_blocks", "_scales")):
             raise UnsupportedModel(f"quantized expert tensor {key}: shard a dequantized checkpoint", field=key)
         parsed: ExpertKey | None = adapter.parse_expert_key(key)
@@ -128,7 +133,9 @@ def _plan(adapter: FamilyAdapter, reader: CheckpointReader, moe_layers: tuple[in
         if parsed.expert is None:
             fused[(parsed.layer, parsed.part.param)] = key
         else:
-            per_expert[(parsed.layer, parsed.expert, parsed.part.param)].append((parsed.part.index, parsed.part.dim, key))
+            per_expert[(parsed.layer, parsed.expert, parsed.part.param)].append(
+                (parsed.part.index, parsed.part.dim, key)
+            )
         if dtype is None and not key.endswith("_bias"):
             dtype = reader.dtype(key)
     if dtype is None:
@@ -146,7 +153,9 @@ def _part_layout(adapter: FamilyAdapter, skeleton: torch.nn.Module, layer: int, 
     return parts
 
 
-def _check_dense(adapter: FamilyAdapter, skeleton: torch.nn.Module, plan: _Plan, config: object) -> list[tuple[str, str]]:
+def _check_dense(
+    adapter: FamilyAdapter, skeleton: torch.nn.Module, plan: _Plan, config: object
+) -> list[tuple[str, str]]:
     """Pair dense checkpoint keys with runtime names, and check they cover the model exactly."""
     expert_params = {
         f"{adapter.runtime_prefix(layer)}{adapter.experts_attr}.{name}"
@@ -168,7 +177,9 @@ def _check_dense(adapter: FamilyAdapter, skeleton: torch.nn.Module, plan: _Plan,
     return pairs
 
 
-def _expert_tensors(plan: _Plan, reader: CheckpointReader, layer: int, expert: int, parts: list[PartLayout]) -> list[torch.Tensor]:
+def _expert_tensors(
+    plan: _Plan, reader: CheckpointReader, layer: int, expert: int, parts: list[PartLayout]
+) -> list[torch.Tensor]:
     tensors = []
     for part in parts:
         key = plan.fused.get((layer, part.name))
@@ -189,7 +200,13 @@ def _expert_tensors(plan: _Plan, reader: CheckpointReader, layer: int, expert: i
 
 
 def _write_layer(
-    path: Path, plan: _Plan, reader: CheckpointReader, layer: int, num_experts: int, parts: list[PartLayout], bar: tqdm
+    path: Path,
+    plan: _Plan,
+    reader: CheckpointReader,
+    layer: int,
+    num_experts: int,
+    parts: list[PartLayout],
+    bar: tqdm,
 ) -> list[str]:
     checksums = []
     with atomic_writer(path) as handle:
