@@ -150,3 +150,29 @@ def tiny_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, **o
             for param in experts.parameters(recurse=False):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
     return model.eval()
+
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+
+
+def tiny_tokenizer() -> Any:
+    """A character-level tokenizer whose ids fit the tiny models' 128-token vocabulary (printable ASCII)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {PAD: 0, BOS: 1, EOS: 2, UNK: 3}
+    for code in range(32, 127):
+        vocab[chr(code)] = len(vocab)
+    vocab["\n"] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK)
+
+
+def save_tiny_checkpoint(path: str | Any, name: str, seed: int = 0) -> Any:
+    """Write a tiny model of `name` with the character tokenizer to `path` (a transformers checkpoint)."""
+    model = tiny_model(name, seed=seed)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return model

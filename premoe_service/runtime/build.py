@@ -25,11 +25,14 @@ def load_engine(
     budget: Budget | None = None,
     device: str | torch.device | None = None,
     wait_timeout_s: float = 30.0,
+    *,
+    capacity: int | None = None,
 ) -> tuple[PatternedModel, Residency]:
     """Build the serving engine from a store with no expert loaded yet.
 
     Only the dense part and the slots for `budget` (default: every expert) occupy device memory; experts
-    arrive when a lease loads a pattern.
+    arrive when a lease loads a pattern. `capacity` sets slots per layer directly instead (0: no slots,
+    for layer-streamed profiling).
     """
     device = resolve_device(device)
     manifest = store.manifest
@@ -42,7 +45,8 @@ def load_engine(
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=manifest.torch_dtype)
     spec = adapter.spec(config)
-    capacity = (budget or Budget(fraction=1.0)).slots_per_layer(spec, manifest.expert_nbytes)
+    if capacity is None:
+        capacity = (budget or Budget(fraction=1.0)).slots_per_layer(spec, manifest.expert_nbytes)
     engine = PatternedModel(model, capacity, device=device)
 
     dense = store.dense_state_dict(device)

@@ -79,7 +79,8 @@ class PatternedModel:
         self._tick = 0
         for layer in self.spec.moe_layers:
             cap = capacity if isinstance(capacity, int) else capacity[layer]
-            if not self.spec.top_k <= cap <= self.spec.num_experts:
+            # Capacity 0 leaves a layer empty until `fill_layer` (layer-streamed profiling).
+            if cap != 0 and not self.spec.top_k <= cap <= self.spec.num_experts:
                 raise PatternError(
                     f"capacity {cap} must lie in top-k {self.spec.top_k}..{self.spec.num_experts}",
                     field=f"layer {layer}",
@@ -161,6 +162,31 @@ class PatternedModel:
             excluded = None if len(kept) == num_experts else pattern.excluded(layer, num_experts)
             router.set_routing(excluded, slots.slot_table(num_experts))
         self.pattern = pattern
+
+    def fill_layer(self, layer: int, source: ExpertSource) -> None:
+        """Give `layer` one slot per expert and load all of them; the layer then routes over every expert."""
+        num_experts = self.spec.num_experts
+        experts = self.experts_module(layer)
+        install_slots(experts, num_experts, self.device)
+        slots = LayerSlots(num_experts)
+        for expert in range(num_experts):
+            write_slot(experts, expert, source.read(layer, expert))
+            slots.place(expert, expert)
+        self.slots[layer] = slots
+        self.routers[layer].set_routing(None, slots.slot_table(num_experts))
+
+    def empty_layer(self, layer: int) -> None:
+        """Drop every expert of `layer` and free its slots."""
+        install_slots(self.experts_module(layer), 0, self.device)
+        self.slots[layer] = LayerSlots(0)
+        self.routers[layer].set_routing(None, torch.full((self.spec.num_experts,), -1, dtype=torch.long))
+
+    def expert_bytes_resident(self) -> int:
+        """Bytes of all slots (resident or free) over all layers."""
+        total = 0
+        for layer in self.spec.moe_layers:
+            total += sum(p.numel() * p.element_size() for p in self.experts_module(layer).parameters(recurse=False))
+        return total
 
     def set_observer(self, observer: RouterObserver | None) -> None:
         """Call `observer(layer, hidden, routing)` on every router call (profiling, coverage)."""

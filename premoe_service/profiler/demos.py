@@ -1,0 +1,87 @@
+"""Task demonstrations: JSONL parsing with errors that name the line, and the demo hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InvalidArgument, NotFound
+
+
+@dataclass(frozen=True)
+class Demo:
+    """One demonstration. Both the prompt and the answer count as the task's tokens."""
+
+    prompt: str
+    answer: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.answer
+
+    def to_json(self) -> dict[str, str]:
+        return {"prompt": self.prompt, "answer": self.answer} if self.answer else {"text": self.prompt}
+
+
+def parse_demo(record: object, where: str) -> Demo:
+    """A demo from `{"text": ...}` or `{"prompt": ..., "answer": ...}`; `where` names it in errors."""
+    if isinstance(record, str):
+        record = {"text": record}
+    if not isinstance(record, dict):
+        raise InvalidArgument('a demo is a JSON object: {"text": ...} or {"prompt": ..., "answer": ...}', field=where)
+    keys = set(record)
+    if keys == {"text"}:
+        prompt, answer = record["text"], ""
+    elif keys in ({"prompt", "answer"}, {"prompt"}):
+        prompt, answer = record["prompt"], record.get("answer", "")
+    else:
+        raise InvalidArgument(
+            f'unexpected keys {sorted(keys)}: use {{"text": ...}} or {{"prompt": ..., "answer": ...}}', field=where
+        )
+    if not isinstance(prompt, str) or not isinstance(answer, str):
+        raise InvalidArgument("demo fields must be strings", field=where)
+    if not (prompt + answer).strip():
+        raise InvalidArgument("demo is empty", field=where)
+    return Demo(prompt, answer)
+
+
+def load_demos(path: str | Path) -> list[Demo]:
+    """Read a JSONL demo file; blank lines are skipped, every other line must be a demo."""
+    path = Path(path)
+    if not path.exists():
+        raise NotFound(f"no demo file at {path}", field="demos")
+    demos = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path.name} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"not JSON ({exc.msg})", field=where) from exc
+        demos.append(parse_demo(record, where))
+    if not demos:
+        raise InvalidArgument(f"{path} holds no demos", field="demos")
+    return demos
+
+
+def check_demos(demos: Iterable[object]) -> list[Demo]:
+    """Demos given in a request (strings or records); errors name the index."""
+    parsed = [d if isinstance(d, Demo) else parse_demo(d, f"demos[{i}]") for i, d in enumerate(demos)]
+    if not parsed:
+        raise InvalidArgument("at least one demo is needed", field="demos")
+    for i, demo in enumerate(parsed):
+        if not demo.text.strip():
+            raise InvalidArgument("demo is empty", field=f"demos[{i}]")
+    return parsed
+
+
+def demo_hash(demos: Iterable[Demo]) -> str:
+    digest = hashlib.sha256()
+    for demo in demos:
+        digest.update(json.dumps(demo.to_json(), sort_keys=True).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()

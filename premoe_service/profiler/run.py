@@ -1,0 +1,176 @@
+"""Profiling a task: tokenise its demos, run them layer by layer over the store, and write the profile."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..runtime.engine import ExpertSource, PatternedModel
+from .demos import Demo, demo_hash
+from .profile import Profile
+from .selection import Selection
+from .stats import StatsCollector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProfileRun:
+    """Scores of one profiling pass, with what it cost."""
+
+    scores: dict[str, torch.Tensor]
+    token_count: int
+    truncated: list[int] = field(default_factory=list)
+    peak_slot_bytes: int = 0
+
+
+def tokenize_demos(tokenizer: Any, demos: Sequence[Demo], max_length: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Right-padded ids and mask [B, S]; demos over `max_length` tokens are cut, and their indices returned."""
+    encoded = [tokenizer(d.text, add_special_tokens=False)["input_ids"] for d in demos]
+    truncated = [i for i, ids in enumerate(encoded) if len(ids) > max_length]
+    for i in truncated:
+        log.warning("demo %d has %d tokens; only the first %d count", i, len(encoded[i]), max_length)
+    encoded = [ids[:max_length] for ids in encoded]
+    width = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, tokens in enumerate(encoded):
+        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, : len(tokens)] = 1
+    return ids, mask, truncated
+
+
+@torch.no_grad()
+def collect_scores(
+    engine: PatternedModel,
+    source: ExpertSource,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    streamed: bool,
+    tcess_threshold: float = 0.0,
+    progress: bool = False,
+) -> ProfileRun:
+    """All criteria in one forward pass over the demo batch.
+
+    With `streamed`, the engine starts with empty MoE layers: each layer's experts are loaded from
+    `source` just before the layer runs and dropped right after, so at most one layer of experts is
+    resident. Otherwise every MoE layer must already route over all of its experts.
+    """
+    device = engine.device
+    mask = attention_mask.to(device)
+    collector = StatsCollector(engine, mask.reshape(-1).bool(), tcess_threshold)
+    layers = engine.model.model.layers  # type: ignore[union-attr]
+    bar = tqdm(total=len(layers), desc="profile", unit="layer", disable=not progress)
+    peak = 0
+    handles = []
+
+    def before(layer: int) -> Any:
+        def hook(*_: Any) -> None:
+            nonlocal peak
+            if streamed and layer in engine.slots:
+                engine.fill_layer(layer, source)
+                peak = max(peak, engine.expert_bytes_resident())
+
+        return hook
+
+    def after(layer: int) -> Any:
+        def hook(*_: Any) -> None:
+            if streamed and layer in engine.slots:
+                engine.empty_layer(layer)
+            bar.update()
+
+        return hook
+
+    for index, decoder_layer in enumerate(layers):  # type: ignore[arg-type]
+        handles.append(decoder_layer.register_forward_pre_hook(before(index)))
+        handles.append(decoder_layer.register_forward_hook(after(index)))
+    try:
+        with collector.attach():
+            engine.model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        bar.close()
+    if not streamed:
+        peak = engine.expert_bytes_resident()
+    return ProfileRun(collector.scores(), collector.tokens, peak_slot_bytes=peak)
+
+
+def build_profile(
+    name: str,
+    run: ProfileRun,
+    demos: Sequence[Demo],
+    *,
+    fingerprint: str,
+    moe_layers: Sequence[int],
+    description: str = "",
+    selection: Selection | None = None,
+    embedder: Any = None,
+) -> Profile:
+    """A profile from a run; demos are embedded when an embedder (with `.name` and `.encode`) is given."""
+    embeddings = None
+    if embedder is not None:
+        embeddings = torch.from_numpy(embedder.encode([d.text for d in demos])).float()
+    return Profile(
+        name=name,
+        description=description,
+        fingerprint=fingerprint,
+        moe_layers=tuple(moe_layers),
+        scores=run.scores,
+        demo_embeddings=embeddings,
+        embedder=getattr(embedder, "name", "") if embedder is not None else "",
+        demo_hash=demo_hash(demos),
+        token_count=run.token_count,
+        selection=(selection or Selection()).to_json(),
+        demos=[d.text for d in demos],
+    )
+
+
+def profile_store(
+    store: Any,
+    name: str,
+    demos: Sequence[Demo],
+    *,
+    description: str = "",
+    selection: Selection | None = None,
+    embedder: Any = None,
+    tcess_threshold: float = 0.0,
+    device: str | None = None,
+    progress: bool = False,
+    engine: PatternedModel | None = None,
+) -> tuple[Profile, ProfileRun]:
+    """Profile a task over a store, layer-streamed: dense part resident, one layer of experts at a time.
+
+    `engine` may be a layer-streaming engine built earlier (`load_engine(store, capacity=0)`) to reuse.
+    """
+    from transformers import AutoTokenizer
+
+    from ..names import check_task_name
+    from ..runtime.build import load_engine
+
+    check_task_name(name)
+    if engine is None:
+        engine, _ = load_engine(store, device=device, capacity=0)
+    tokenizer = AutoTokenizer.from_pretrained(store.dir, local_files_only=True)
+    max_length = int(getattr(engine.model.config, "max_position_embeddings", 4096))
+    ids, mask, truncated = tokenize_demos(tokenizer, demos, max_length)
+    run = collect_scores(engine, store, ids, mask, streamed=True, tcess_threshold=tcess_threshold, progress=progress)
+    run.truncated = truncated
+    profile = build_profile(
+        name,
+        run,
+        demos,
+        fingerprint=store.fingerprint,
+        moe_layers=engine.spec.moe_layers,
+        description=description,
+        selection=selection,
+        embedder=embedder,
+    )
+    return profile, run

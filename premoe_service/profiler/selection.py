@@ -1,0 +1,178 @@
+"""Selection: turn a score matrix into a pattern under a policy (top-k per layer, coverage, global budget)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ..errors import InvalidArgument, PatternError
+from ..families import MoESpec, RoutingSpec
+from ..pattern import Pattern
+
+Policy = Literal["top_k", "coverage", "budget"]
+POLICIES: tuple[Policy, ...] = ("top_k", "coverage", "budget")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How a task's pattern is derived from its scores.
+
+    Attributes:
+        criterion: Which score matrix (`frequency`, `tcess`, `easyep`, `reap`).
+        policy: `top_k` (value = experts per layer), `coverage` (value = share of each layer's score mass,
+            in (0, 1]), or `budget` (value = experts across all layers; with `unit="bytes"`, bytes).
+        value: The policy's number.
+        unit: `experts` or `bytes` (budget only).
+    """
+
+    criterion: str = "tcess"
+    policy: Policy = "top_k"
+    value: float = 0.5
+    unit: Literal["experts", "bytes", "fraction"] = "fraction"
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise InvalidArgument(f"unknown selection policy {self.policy!r} (use {', '.join(POLICIES)})", field="policy")
+        if not (isinstance(self.value, int | float) and math.isfinite(self.value) and self.value > 0):
+            raise InvalidArgument(f"selection value {self.value!r} must be a positive number", field="value")
+        if self.policy == "coverage" and self.value > 1:
+            raise InvalidArgument("coverage is a share of the score mass in (0, 1]", field="value")
+        if self.unit == "fraction" and self.value > 1:
+            raise InvalidArgument("a fraction of the routed experts lies in (0, 1]", field="value")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"criterion": self.criterion, "policy": self.policy, "value": self.value, "unit": self.unit}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Selection:
+        return cls(**data) if data else cls()
+
+
+def min_experts(routing: RoutingSpec) -> int:
+    """The fewest experts a layer can keep and still route every token: top-k, and for group-limited
+    routing enough groups (`topk_group`) holding enough experts each."""
+    if routing.group_rule is None:
+        return routing.top_k
+    per_group = max(2 if routing.group_rule == "top2_sum" else 1, math.ceil(routing.top_k / routing.topk_group))
+    return max(routing.top_k, routing.topk_group * per_group)
+
+
+def select(scores: Tensor, spec: MoESpec, selection: Selection, expert_nbytes: int | None = None) -> Pattern:
+    """The pattern that `selection` picks from `scores` [L, E] (rows in `spec.moe_layers` order).
+
+    Every layer keeps at least `min_experts`; ties go to the lower expert id.
+    """
+    if scores.shape != (len(spec.moe_layers), spec.num_experts):
+        raise InvalidArgument(
+            f"scores of shape {tuple(scores.shape)} do not fit {len(spec.moe_layers)} layers x {spec.num_experts} experts",
+            field="scores",
+        )
+    scores = scores.double().clamp_min(0)
+    floor = min_experts(spec.routing)
+    counts = _counts(scores, spec, selection, floor, expert_nbytes)
+    layers = {
+        layer: _valid_set(scores[i], counts[i], spec.routing, layer) for i, layer in enumerate(spec.moe_layers)
+    }
+    return Pattern.build(spec, layers)
+
+
+def _order(row: Tensor) -> list[int]:
+    """Experts by descending score, ties by ascending id (deterministic)."""
+    return sorted(range(row.numel()), key=lambda e: (-float(row[e]), e))
+
+
+def _counts(scores: Tensor, spec: MoESpec, sel: Selection, floor: int, expert_nbytes: int | None) -> list[int]:
+    num_layers, num_experts = scores.shape
+    if sel.policy == "top_k":
+        per_layer = round(sel.value * num_experts) if sel.unit == "fraction" else int(sel.value)
+        return [min(num_experts, max(floor, per_layer))] * num_layers
+    if sel.policy == "coverage":
+        counts = []
+        for row in scores:
+            total = float(row.sum())
+            if total <= 0:
+                counts.append(floor)
+                continue
+            mass, n = 0.0, 0
+            for expert in _order(row):
+                mass += float(row[expert]) / total
+                n += 1
+                if mass >= sel.value - 1e-12:
+                    break
+            counts.append(min(num_experts, max(floor, n)))
+        return counts
+    # budget: a global count, layers compete on scores normalised within each layer
+    if sel.unit == "bytes":
+        if not expert_nbytes:
+            raise InvalidArgument("a byte budget needs the store's expert size", field="unit")
+        budget = int(sel.value) // expert_nbytes
+    elif sel.unit == "fraction":
+        budget = round(sel.value * num_layers * num_experts)
+    else:
+        budget = int(sel.value)
+    if budget < floor * num_layers:
+        raise InvalidArgument(
+            f"budget of {budget} experts is below the minimum {floor} per layer x {num_layers} layers", field="value"
+        )
+    budget = min(budget, num_layers * num_experts)
+    normalised = scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-30)
+    counts = [floor] * num_layers
+    candidates = []
+    for i, row in enumerate(normalised):
+        for rank, expert in enumerate(_order(row)):
+            if rank >= floor:
+                candidates.append((-float(row[expert]), i, rank))
+    candidates.sort()
+    for _, i, _ in candidates[: budget - floor * num_layers]:
+        counts[i] += 1
+    return counts
+
+
+def _valid_set(row: Tensor, count: int, routing: RoutingSpec, layer: int) -> list[int]:
+    """`count` experts by score that group-limited routing can use: with the top-two group rule a group
+    is entered with its best two experts at once, never one."""
+    order = _order(row)
+    if routing.group_rule is None:
+        return sorted(order[:count])
+    size = routing.group_size
+    least = 2 if routing.group_rule == "top2_sum" else 1
+    kept: set[int] = set()
+    per_group = [0] * routing.n_group
+    # Seed the best groups (by their best `least` scores) so that routing always finds `topk_group` groups.
+    group_strength = [
+        (-sum(sorted((float(row[e]) for e in range(g * size, (g + 1) * size)), reverse=True)[:least]), g)
+        for g in range(routing.n_group)
+    ]
+    seed_per_group = max(least, math.ceil(routing.top_k / routing.topk_group))
+    for _, g in sorted(group_strength)[: routing.topk_group]:
+        for e in [e for e in order if e // size == g][:seed_per_group]:
+            kept.add(e)
+            per_group[g] += 1
+    for expert in order:
+        if len(kept) >= count:
+            break
+        if expert in kept:
+            continue
+        g = expert // size
+        if per_group[g] == 0 and least == 2:
+            if count - len(kept) < 2:
+                continue
+            partner = next(e for e in order if e // size == g and e != expert)
+            kept.update((expert, partner))
+            per_group[g] += 2
+        else:
+            kept.add(expert)
+            per_group[g] += 1
+    if len(kept) != count:
+        raise PatternError(f"cannot keep exactly {count} experts under group-limited routing", field=f"layer {layer}")
+    return sorted(kept)
+
+
+def scores_matrix(scores: dict[str, torch.Tensor], criterion: str) -> Tensor:
+    if criterion not in scores:
+        raise InvalidArgument(f"no {criterion!r} scores (have {sorted(scores)})", field="criterion")
+    return scores[criterion]
