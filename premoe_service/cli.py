@@ -57,10 +57,59 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .profiler import Selection, load_demos, profile_store
+    from .store import Store
+
+    demos = load_demos(args.demos)
+    selection = Selection(criterion=args.criterion, policy=args.policy, value=float(args.value), unit=args.unit)
+    embedder = None
+    if not args.no_embed:
+        from .retrieval import Embedder
+
+        embedder = Embedder(args.embedder)
+    profile, run = profile_store(
+        Store(args.store),
+        args.task,
+        demos,
+        description=args.description or "",
+        selection=selection,
+        embedder=embedder,
+        tcess_threshold=float(args.tcess_threshold),
+        device=args.device,
+        progress=not args.quiet,
+    )
+    profile.save(args.out)
+    note = f", {len(run.truncated)} demos truncated to the context" if run.truncated else ""
+    print(
+        f"profile {args.out}: task {profile.name}, {len(demos)} demos, {run.token_count} tokens{note}; "
+        f"peak expert memory {run.peak_slot_bytes / 2**20:.2f} MiB (one layer)"
+    )
+    return 0
+
+
+def cmd_profile_show(args: argparse.Namespace) -> int:
+    from .profiler import Profile
+    from .profiler.report import heatmap, summary
+
+    profile = Profile.load(args.file)
+    print(summary(profile, top=args.top))
+    if args.png:
+        print(f"heatmap written to {heatmap(profile, args.png)}")
+    return 0
+
+
 def cmd_bench_load(args: argparse.Namespace) -> int:
     from .bench.load import main as bench_load
 
     bench_load(args.store, args.redis_url, args.hidden, args.experts, args.layers, args.rounds, args.device)
+    return 0
+
+
+def cmd_bench_profile(args: argparse.Namespace) -> int:
+    from .bench.profile import main as bench_profile
+
+    bench_profile(args.hidden, args.layers, args.experts, args.demos, args.tokens, args.rounds)
     return 0
 
 
@@ -111,6 +160,37 @@ def build_parser() -> argparse.ArgumentParser:
     opt(p, "--quiet", help="no progress bar", action="store_true")
     p.set_defaults(handler=cmd_export)
 
+    p = verbs.add_parser("profile", help="score every expert for a task from its demos (`profile show FILE` to view)",
+                         description="Run the demos through the model layer by layer over the store (dense part "
+                         "resident, one layer of experts at a time) and write a profile file with all four "
+                         "criteria (frequency, tcess, easyep, reap). Demos: JSONL, one {\"text\": ...} or "
+                         "{\"prompt\": ..., \"answer\": ...} per line; demos longer than the model's context are "
+                         "cut with a warning. View a profile with `premoe profile show FILE [--png heat.png]`.")
+    opt(p, "--store", help="store folder", required=_env("STORE") is None)
+    p.add_argument("--task", required=True, help="task name (^[a-z0-9][a-z0-9_.-]{0,63}$)")
+    p.add_argument("--demos", required=True, help="JSONL demo file")
+    p.add_argument("--out", required=True, help="profile file to write (.safetensors)")
+    p.add_argument("--description", help="free text shown to operators")
+    opt(p, "--criterion", help="criterion the task's pattern uses", default="tcess",
+        choices=["frequency", "tcess", "easyep", "reap"])
+    opt(p, "--policy", help="selection policy", default="top_k", choices=["top_k", "coverage", "budget"])
+    opt(p, "--value", help="policy value: per-layer count or fraction, coverage share, or budget", default="0.5")
+    opt(p, "--unit", help="unit of --value", default="fraction", choices=["fraction", "experts", "bytes"])
+    opt(p, "--tcess-threshold", help="PreMoe's r: probabilities below it do not count", default="0.0")
+    opt(p, "--embedder", help="local sentence-transformers model for the demo embeddings (default: all-MiniLM-L6-v2)")
+    p.add_argument("--no-embed", action="store_true", help="store no demo embeddings")
+    opt(p, "--device", help="cpu or cuda (default: cuda if available)")
+    opt(p, "--quiet", help="no progress bar", action="store_true")
+    p.set_defaults(handler=cmd_profile)
+
+    p = verbs.add_parser("profile-show", help="print a profile's summary (also as `premoe profile show FILE`)",
+                         description="Print provenance and, per criterion and layer, the experts with the most "
+                         "score mass; optionally write a PNG heatmap (layers x experts).")
+    p.add_argument("file", help="profile file")
+    p.add_argument("--png", help="write a heatmap PNG here")
+    p.add_argument("--top", type=int, default=5, help="experts listed per layer")
+    p.set_defaults(handler=cmd_profile_show)
+
     bench = verbs.add_parser("bench", help="benchmarks with a raw baseline measured in the same run")
     bench_verbs = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
     p = bench_verbs.add_parser(
@@ -128,11 +208,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median reported)")
     opt(p, "--device", help="device for the slot benchmark (default: cuda if available, else cpu)")
     p.set_defaults(handler=cmd_bench_load)
+
+    p = bench_verbs.add_parser("profile", help="layer-streamed profiling vs one plain transformers forward",
+                               description="Times a profile pass (all four criteria, one layer of experts resident "
+                               "at a time, loaded from the store) against one plain transformers forward of the "
+                               "full model over the same tokens, and compares the weights resident.")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size of the throwaway model")
+    p.add_argument("--layers", type=int, default=6, help="MoE layers")
+    p.add_argument("--experts", type=int, default=32, help="experts per layer")
+    p.add_argument("--demos", type=int, default=16, help="demos in the batch")
+    p.add_argument("--tokens", type=int, default=128, help="tokens per demo")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
+    p.set_defaults(handler=cmd_bench_profile)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["profile", "show"]:
+        argv = ["profile-show", *argv[2:]]
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
