@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: setup test check fmt demo bench clean
+.PHONY: setup test check fmt demo bench clean proto
 
 setup: $(STAMP)
 
@@ -30,3 +30,13 @@ fmt: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Regenerate the gRPC code from protos/ (committed; tests check it is current).
+proto: setup
+	rm -rf .proto-out && mkdir -p .proto-out
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=.proto-out --pyi_out=.proto-out \
+		--grpc_python_out=.proto-out protos/premoe/v1/premoe.proto
+	sed -e 's/^from premoe.v1 import premoe_pb2/from . import premoe_pb2/' \
+		.proto-out/premoe/v1/premoe_pb2_grpc.py > premoe_service/server/gen/premoe_pb2_grpc.py
+	cp .proto-out/premoe/v1/premoe_pb2.py .proto-out/premoe/v1/premoe_pb2.pyi premoe_service/server/gen/
+	rm -rf .proto-out

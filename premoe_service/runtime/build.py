@@ -27,12 +27,13 @@ def load_engine(
     wait_timeout_s: float = 30.0,
     *,
     capacity: int | None = None,
+    dense: dict[str, torch.Tensor] | None = None,
 ) -> tuple[PatternedModel, Residency]:
     """Build the serving engine from a store with no expert loaded yet.
 
     Only the dense part and the slots for `budget` (default: every expert) occupy device memory; experts
     arrive when a lease loads a pattern. `capacity` sets slots per layer directly instead (0: no slots,
-    for layer-streamed profiling).
+    for layer-streamed profiling). `dense` reuses already loaded dense tensors (shared, not copied).
     """
     device = resolve_device(device)
     manifest = store.manifest
@@ -49,7 +50,8 @@ def load_engine(
         capacity = (budget or Budget(fraction=1.0)).slots_per_layer(spec, manifest.expert_nbytes)
     engine = PatternedModel(model, capacity, device=device)
 
-    dense = store.dense_state_dict(device)
+    if dense is None:
+        dense = store.dense_state_dict(device)
     missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
     slot_params = {
         f"{adapter.runtime_prefix(layer)}{adapter.experts_attr}.{name}"

@@ -1,0 +1,114 @@
+"""A small typed Python client for the PreMoe gRPC API (the CLI's client verbs use it)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .server.gen import premoe_pb2 as pb
+from .server.gen import premoe_pb2_grpc as pb_grpc
+
+
+class PreMoeClient:
+    """Blocking client.
+
+    Args:
+        target: `host:port` of a PreMoe server.
+        admin_token: Sent as `authorization: Bearer <token>` on admin calls.
+        timeout: Default deadline in seconds of every call (None: none).
+    """
+
+    def __init__(self, target: str, *, admin_token: str | None = None, timeout: float | None = None) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.PreMoeStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.admin_token = admin_token
+        self.timeout = timeout
+
+    def __enter__(self) -> PreMoeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _admin(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.admin_token}")] if self.admin_token else []
+
+    @staticmethod
+    def request(
+        prompt: str,
+        *,
+        task: str | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> pb.GenerateRequest:
+        request = pb.GenerateRequest(
+            prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=list(stop)
+        )
+        if task is not None:
+            request.task = task
+        if seed is not None:
+            request.seed = seed
+        return request
+
+    def generate(self, prompt: str, *, timeout: float | None = None, **options: object) -> pb.GenerateResponse:
+        """One completion; options as in `request` (task, max_new_tokens, temperature, top_p, seed, stop)."""
+        return self.stub.Generate(self.request(prompt, **options), timeout=timeout or self.timeout)  # type: ignore[arg-type]
+
+    def stream(self, prompt: str, *, timeout: float | None = None, **options: object) -> Iterator[pb.GenerateChunk]:
+        """Text pieces as they are generated; the last chunk has the finish reason and stats."""
+        yield from self.stub.GenerateStream(self.request(prompt, **options), timeout=timeout or self.timeout)  # type: ignore[arg-type]
+
+    def route(self, prompt: str) -> pb.RouteResponse:
+        return self.stub.Route(pb.RouteRequest(prompt=prompt), timeout=self.timeout)
+
+    def register(
+        self,
+        name: str,
+        demos: Sequence[str],
+        *,
+        description: str = "",
+        criterion: str = "",
+        experts_per_layer: int | None = None,
+        fraction: float | None = None,
+        bytes: int | None = None,
+        replace: bool = False,
+        dry_run: bool = False,
+        timeout: float | None = None,
+    ) -> pb.TaskInfo:
+        """Profile and register a task from demo texts (at most one of the three selections)."""
+        request = pb.RegisterTaskRequest(
+            name=name, description=description, demos=list(demos), criterion=criterion, replace=replace, dry_run=dry_run
+        )
+        if experts_per_layer is not None:
+            request.experts_per_layer = experts_per_layer
+        if fraction is not None:
+            request.fraction = fraction
+        if bytes is not None:
+            request.bytes = bytes
+        return self.stub.RegisterTask(request, metadata=self._admin(), timeout=timeout or self.timeout)
+
+    def tasks(self) -> list[pb.TaskInfo]:
+        return list(self.stub.ListTasks(pb.ListTasksRequest(), timeout=self.timeout).tasks)
+
+    def get_task(self, name: str) -> pb.TaskInfo:
+        return self.stub.GetTask(pb.GetTaskRequest(name=name), timeout=self.timeout)
+
+    def delete_task(self, name: str) -> bool:
+        return self.stub.DeleteTask(pb.DeleteTaskRequest(name=name), metadata=self._admin(), timeout=self.timeout).deleted
+
+    def stats(self) -> pb.GetStatsResponse:
+        return self.stub.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
+
+    def health(self, service: str = "") -> str:
+        """`SERVING`, `NOT_SERVING`, ... as reported by grpc.health.v1."""
+        reply = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout or 5)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

@@ -1,0 +1,122 @@
+"""Server assembly: `create_server(config) -> (server, port)`, graceful shutdown, health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ..retrieval import Embedder
+from ..serving import PreMoeService, ServiceConfig
+from .gen import premoe_pb2 as pb
+from .gen import premoe_pb2_grpc as pb_grpc
+from .interceptor import ErrorInterceptor
+from .metrics import Metrics
+from .servicer import PreMoeServicer
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PreMoe"].full_name
+
+
+@dataclass
+class PreMoeServer:
+    """A started-or-not gRPC server with its service, health and metrics."""
+
+    grpc_server: grpc.aio.Server
+    service: PreMoeService
+    health: health.aio.HealthServicer
+    executor: ThreadPoolExecutor
+    metrics: Metrics
+    metrics_port: int | None = None
+    loop: Any = None  # the event loop it runs on, when started by `running_server`
+
+    async def start(self) -> None:
+        await self.grpc_server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float) -> None:
+        """Report NOT_SERVING, refuse new work, let in-flight requests finish within `grace` seconds."""
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await asyncio.sleep(min(0.2, grace))  # let health watchers and load balancers see it
+        await self.grpc_server.stop(grace)
+        self.service.stopping.set()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.metrics.stop()
+
+
+def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) -> tuple[PreMoeServer, int]:
+    """Build the service and bind its gRPC server (call `start()` inside an event loop). Port 0 picks one."""
+    service = PreMoeService(config, embedder=embedder)
+    metrics = Metrics()
+    executor = ThreadPoolExecutor(max_workers=max(4, 2 * config.max_inflight), thread_name_prefix="premoe")
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(config.admin_token, metrics)],
+        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+    )
+    pb_grpc.add_PreMoeServicer_to_server(PreMoeServicer(service, executor, metrics), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    handle = PreMoeServer(server, service, health_servicer, executor, metrics)
+    if config.metrics_port is not None:
+        handle.metrics_port = metrics.serve(config.metrics_port, config.host)
+    return handle, port
+
+
+async def serve_async(config: ServiceConfig, ready: threading.Event | None = None) -> None:
+    """Serve until SIGINT/SIGTERM, then shut down gracefully."""
+    handle, port = create_server(config)
+    await handle.start()
+    log.warning("premoe serving on %s:%d (metrics %s)", config.host, port, handle.metrics_port or "off")
+    print(f"premoe serving on {config.host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    print("premoe shutting down", flush=True)
+    await handle.stop(config.grace_s)
+
+
+def serve(config: ServiceConfig) -> None:
+    asyncio.run(serve_async(config))
+
+
+@contextmanager
+def running_server(config: ServiceConfig, *, embedder: Embedder | None = None) -> Iterator[tuple[PreMoeServer, int]]:
+    """Run a server on its own event loop thread for the duration of the block (tests, demos, benches)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="premoe-grpc", daemon=True)
+    thread.start()
+
+    async def create_and_start() -> tuple[PreMoeServer, int]:
+        handle, port = create_server(config, embedder=embedder)  # grpc.aio binds to the running loop
+        await handle.start()
+        return handle, port
+
+    handle, port = asyncio.run_coroutine_threadsafe(create_and_start(), loop).result(600)
+    handle.loop = loop
+    try:
+        yield handle, port
+    finally:
+        if not handle.service.stopping.is_set():
+            asyncio.run_coroutine_threadsafe(handle.stop(grace=config.grace_s), loop).result(120)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

@@ -1,0 +1,247 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("prompt", "task", "max_new_tokens", "temperature", "top_p", "seed", "stop")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    task: str
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompt: _Optional[str] = ..., task: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ExpertLoads(_message.Message):
+    __slots__ = ("device", "cache", "disk", "bytes")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    device: int
+    cache: int
+    disk: int
+    bytes: int
+    def __init__(self, device: _Optional[int] = ..., cache: _Optional[int] = ..., disk: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("route_ms", "load_ms", "prefill_ms", "decode_ms", "total_ms")
+    ROUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    route_ms: float
+    load_ms: float
+    prefill_ms: float
+    decode_ms: float
+    total_ms: float
+    def __init__(self, route_ms: _Optional[float] = ..., load_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+
+class GenerationStats(_message.Message):
+    __slots__ = ("task", "score", "decision", "pattern_experts", "total_experts", "loads", "coverage", "widened", "timings", "prompt_tokens", "generated_tokens")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    PATTERN_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    LOADS_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    WIDENED_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    score: float
+    decision: str
+    pattern_experts: int
+    total_experts: int
+    loads: ExpertLoads
+    coverage: float
+    widened: bool
+    timings: Timings
+    prompt_tokens: int
+    generated_tokens: int
+    def __init__(self, task: _Optional[str] = ..., score: _Optional[float] = ..., decision: _Optional[str] = ..., pattern_experts: _Optional[int] = ..., total_experts: _Optional[int] = ..., loads: _Optional[_Union[ExpertLoads, _Mapping]] = ..., coverage: _Optional[float] = ..., widened: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("text", "token_ids", "finish_reason", "stats")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    finish_reason: str
+    stats: GenerationStats
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ...) -> None: ...
+
+class GenerateChunk(_message.Message):
+    __slots__ = ("text", "token_ids", "finish_reason", "stats")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    finish_reason: str
+    stats: GenerationStats
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ...) -> None: ...
+
+class RouteRequest(_message.Message):
+    __slots__ = ("prompt",)
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    def __init__(self, prompt: _Optional[str] = ...) -> None: ...
+
+class TaskScore(_message.Message):
+    __slots__ = ("task", "score")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    score: float
+    def __init__(self, task: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class RouteResponse(_message.Message):
+    __slots__ = ("ranked", "decision", "task", "fallback_tasks", "pattern_experts", "reason")
+    RANKED_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_TASKS_FIELD_NUMBER: _ClassVar[int]
+    PATTERN_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ranked: _containers.RepeatedCompositeFieldContainer[TaskScore]
+    decision: str
+    task: str
+    fallback_tasks: _containers.RepeatedScalarFieldContainer[str]
+    pattern_experts: int
+    reason: str
+    def __init__(self, ranked: _Optional[_Iterable[_Union[TaskScore, _Mapping]]] = ..., decision: _Optional[str] = ..., task: _Optional[str] = ..., fallback_tasks: _Optional[_Iterable[str]] = ..., pattern_experts: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RegisterTaskRequest(_message.Message):
+    __slots__ = ("name", "description", "demos", "criterion", "experts_per_layer", "fraction", "bytes", "replace", "dry_run")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    DEMOS_FIELD_NUMBER: _ClassVar[int]
+    CRITERION_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    demos: _containers.RepeatedScalarFieldContainer[str]
+    criterion: str
+    experts_per_layer: int
+    fraction: float
+    bytes: int
+    replace: bool
+    dry_run: bool
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., demos: _Optional[_Iterable[str]] = ..., criterion: _Optional[str] = ..., experts_per_layer: _Optional[int] = ..., fraction: _Optional[float] = ..., bytes: _Optional[int] = ..., replace: _Optional[bool] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class LayerExperts(_message.Message):
+    __slots__ = ("layer", "experts")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    experts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TaskInfo(_message.Message):
+    __slots__ = ("name", "description", "demos", "criterion", "pattern_experts", "pattern_bytes", "demo_coverage", "layers", "created", "registered")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    DEMOS_FIELD_NUMBER: _ClassVar[int]
+    CRITERION_FIELD_NUMBER: _ClassVar[int]
+    PATTERN_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    PATTERN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEMO_COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    demos: int
+    criterion: str
+    pattern_experts: int
+    pattern_bytes: int
+    demo_coverage: float
+    layers: _containers.RepeatedCompositeFieldContainer[LayerExperts]
+    created: str
+    registered: bool
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., demos: _Optional[int] = ..., criterion: _Optional[str] = ..., pattern_experts: _Optional[int] = ..., pattern_bytes: _Optional[int] = ..., demo_coverage: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., created: _Optional[str] = ..., registered: _Optional[bool] = ...) -> None: ...
+
+class ListTasksRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTasksResponse(_message.Message):
+    __slots__ = ("tasks",)
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[TaskInfo]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[TaskInfo, _Mapping]]] = ...) -> None: ...
+
+class GetTaskRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteTaskRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteTaskResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TaskStats(_message.Message):
+    __slots__ = ("task", "requests", "mean_coverage")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    requests: int
+    mean_coverage: float
+    def __init__(self, task: _Optional[str] = ..., requests: _Optional[int] = ..., mean_coverage: _Optional[float] = ...) -> None: ...
+
+class GetStatsResponse(_message.Message):
+    __slots__ = ("resident_experts", "capacity_experts", "resident_bytes", "budget_bytes", "loads", "evictions", "tasks", "cache_health")
+    RESIDENT_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOADS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HEALTH_FIELD_NUMBER: _ClassVar[int]
+    resident_experts: int
+    capacity_experts: int
+    resident_bytes: int
+    budget_bytes: int
+    loads: ExpertLoads
+    evictions: int
+    tasks: _containers.RepeatedCompositeFieldContainer[TaskStats]
+    cache_health: str
+    def __init__(self, resident_experts: _Optional[int] = ..., capacity_experts: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., loads: _Optional[_Union[ExpertLoads, _Mapping]] = ..., evictions: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[TaskStats, _Mapping]]] = ..., cache_health: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,147 @@
+"""The one place where exceptions become gRPC status codes; also the admin token check and request metrics."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from ..errors import (
+    AlreadyExists,
+    DataCorruption,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PreMoeError,
+    ResourceExhausted,
+    Unavailable,
+)
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+STATUS: list[tuple[type[PreMoeError], grpc.StatusCode]] = [
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (DataCorruption, grpc.StatusCode.DATA_LOSS),
+]
+ADMIN_METHODS = frozenset({"RegisterTask", "DeleteTask"})
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message for an exception; unexpected ones are INTERNAL, never UNKNOWN."""
+    if isinstance(exc, PreMoeError):
+        for kind, code in STATUS:
+            if isinstance(exc, kind):
+                return code, str(exc)
+        return grpc.StatusCode.INTERNAL, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every PreMoe handler: admin token, status mapping, latency metrics.
+
+    Args:
+        admin_token: When set, admin RPCs need metadata `authorization: Bearer <token>`.
+        metrics: Request counters and latency histograms (optional).
+    """
+
+    def __init__(self, admin_token: str | None = None, metrics: Metrics | None = None) -> None:
+        self.admin_token = admin_token
+        self.metrics = metrics
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith("/premoe.v1.PreMoe/"):  # type: ignore[attr-defined]
+            return handler
+        method = details.method.rsplit("/", 1)[-1]  # type: ignore[attr-defined]
+        admin = method in ADMIN_METHODS
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, admin, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(method, admin, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    async def _authorise(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.admin_token:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        given = str(metadata.get("authorization", ""))
+        if not given:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin call: send metadata 'authorization: Bearer <token>'")
+        if not hmac.compare_digest(given.removeprefix("Bearer ").strip(), self.admin_token):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "admin token does not match")
+
+    def _unary(self, method: str, admin: bool, behaviour: Any) -> Any:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                if admin:
+                    await self._authorise(context)
+                return await behaviour(request, context)
+            except PreMoeError as exc:
+                code, message = status_of(exc)
+                await context.abort(code, message)
+            except Exception as exc:
+                if _is_abort(exc):
+                    code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+                    raise
+                log.exception("%s failed", method)
+                code, message = status_of(exc)
+                await context.abort(code, message)
+            finally:
+                if self.metrics is not None:
+                    self.metrics.request(method, code.name, time.perf_counter() - start)
+
+        return run
+
+    def _stream(self, method: str, admin: bool, behaviour: Any) -> Any:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                if admin:
+                    await self._authorise(context)
+                async for item in behaviour(request, context):
+                    yield item
+            except PreMoeError as exc:
+                code, message = status_of(exc)
+                await context.abort(code, message)
+            except Exception as exc:
+                if _is_abort(exc):
+                    raise
+                log.exception("%s failed", method)
+                code, message = status_of(exc)
+                await context.abort(code, message)
+            finally:
+                if self.metrics is not None:
+                    self.metrics.request(method, code.name, time.perf_counter() - start)
+
+        return run
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # context.abort raises an internal exception type that must propagate untouched.
+    return type(exc).__name__ == "AbortError" or isinstance(exc, grpc.RpcError)

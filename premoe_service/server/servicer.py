@@ -1,0 +1,169 @@
+"""The PreMoe servicer: each RPC decodes its request, calls one domain function off the event loop, encodes."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+
+from ..errors import DeadlineExceeded
+from ..serving import GenerationResult, PreMoeService
+from .gen import premoe_pb2 as pb
+from .gen import premoe_pb2_grpc as pb_grpc
+from .metrics import Metrics
+from .types import (
+    GenerateCall,
+    RegisterCall,
+    name_from_pb,
+    route_to_pb,
+    service_stats_to_pb,
+    stats_to_pb,
+    task_to_pb,
+)
+
+T = TypeVar("T")
+_DONE = object()
+
+
+class PreMoeServicer(pb_grpc.PreMoeServicer):
+    """Thin: no logic beyond decoding, one domain call, encoding. Errors are mapped by the interceptor."""
+
+    def __init__(self, service: PreMoeService, executor: ThreadPoolExecutor, metrics: Metrics | None = None) -> None:
+        self.service = service
+        self.executor = executor
+        self.metrics = metrics
+        self.total_experts = service.spec.num_experts * len(service.spec.moe_layers)
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        call = GenerateCall.from_pb(request)
+        deadline, cancelled = _deadline(context), _cancel_flag(context)
+
+        def work() -> GenerationResult:
+            *_, result = self.service.generate(
+                call.prompt, call.params, task=call.task, deadline=deadline, cancelled=cancelled.is_set
+            )
+            assert isinstance(result, GenerationResult)
+            return result
+
+        result = await self._run(work)
+        self._observe(result, None)
+        return pb.GenerateResponse(
+            text=result.text,
+            token_ids=result.token_ids,
+            finish_reason=result.finish_reason,
+            stats=stats_to_pb(result, self.total_experts),
+        )
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        call = GenerateCall.from_pb(request)
+        deadline, cancelled = _deadline(context), _cancel_flag(context)
+        start = time.perf_counter()
+        first: float | None = None
+        pieces = self.service.generate(call.prompt, call.params, task=call.task, deadline=deadline, cancelled=cancelled.is_set)
+        async for item in _iterate_in_thread(pieces, self.executor):
+            if isinstance(item, GenerationResult):
+                self._observe(item, first)
+                yield pb.GenerateChunk(
+                    token_ids=item.token_ids, finish_reason=item.finish_reason, stats=stats_to_pb(item, self.total_experts)
+                )
+            else:
+                if first is None:
+                    first = time.perf_counter() - start
+                yield pb.GenerateChunk(text=item)
+
+    def _observe(self, result: GenerationResult, ttft: float | None) -> None:
+        if self.metrics is None:
+            return
+        if ttft is not None:
+            self.metrics.ttft.observe(ttft)
+        self.metrics.generation(
+            result.plan.task, result.loads, result.timings["load_ms"] / 1e3, result.coverage,
+            self.service.residency.resident_experts() * self.service.store.manifest.expert_nbytes,
+        )
+
+    async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:
+        prompt = request.prompt
+        return route_to_pb(await self._run(lambda: self.service.plan(prompt)))
+
+    async def RegisterTask(self, request: pb.RegisterTaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskInfo:
+        call = RegisterCall.from_pb(request, self.service.config.selection)
+        view = await self._run(
+            lambda: self.service.register_task(
+                call.name, call.demos, description=call.description, selection=call.selection,
+                replace=call.replace, dry_run=call.dry_run,
+            )
+        )
+        return task_to_pb(view)
+
+    async def ListTasks(self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext) -> pb.ListTasksResponse:
+        return pb.ListTasksResponse(tasks=[task_to_pb(v) for v in await self._run(self.service.list_tasks)])
+
+    async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskInfo:
+        name = name_from_pb(request.name)
+        return task_to_pb(await self._run(lambda: self.service.get_task(name)))
+
+    async def DeleteTask(self, request: pb.DeleteTaskRequest, context: grpc.aio.ServicerContext) -> pb.DeleteTaskResponse:
+        name = name_from_pb(request.name)
+        await self._run(lambda: self.service.delete_task(name))
+        return pb.DeleteTaskResponse(deleted=True)
+
+    async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetStatsResponse:
+        return service_stats_to_pb(await self._run(self.service.stats))
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's deadline on the monotonic clock; an already passed one fails before any work."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    if remaining <= 0:
+        raise DeadlineExceeded("the deadline passed before the request started", field="deadline")
+    return time.monotonic() + remaining
+
+
+def _cancel_flag(context: grpc.aio.ServicerContext) -> threading.Event:
+    flag = threading.Event()
+    context.add_done_callback(lambda _ctx: flag.set())
+    return flag
+
+
+async def _iterate_in_thread(items: Iterator[Any], executor: ThreadPoolExecutor) -> AsyncIterator[Any]:
+    """Drive a blocking iterator on the executor and hand its items to the event loop as they come."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def pump() -> None:
+        try:
+            for item in items:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+        except BaseException as exc:  # re-raised on the loop, where the interceptor maps it
+            loop.call_soon_threadsafe(queue.put_nowait, _Failure(exc))
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+    future = loop.run_in_executor(executor, pump)
+    try:
+        while True:
+            item = await queue.get()
+            if item is _DONE:
+                break
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        await future
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc

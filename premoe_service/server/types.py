@@ -1,0 +1,142 @@
+"""The gRPC boundary: requests decoded into domain values (validated) and domain results encoded as messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import InvalidArgument
+from ..names import check_task_name
+from ..profiler import Demo, Selection
+from ..profiler.profile import CRITERIA
+from ..serving import GenerationResult, RoutePlan, SamplingParams, TaskView
+from .gen import premoe_pb2 as pb
+
+DEFAULT_NEW_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    prompt: str
+    task: str | None
+    params: SamplingParams
+
+    @classmethod
+    def from_pb(cls, request: pb.GenerateRequest) -> GenerateCall:
+        if not request.prompt.strip():
+            raise InvalidArgument("prompt is empty", field="prompt")
+        task = check_task_name(request.task, field="task") if request.HasField("task") else None
+        if request.max_new_tokens < 0:
+            raise InvalidArgument(f"must be positive, got {request.max_new_tokens}", field="max_new_tokens")
+        params = SamplingParams(
+            max_new_tokens=request.max_new_tokens or DEFAULT_NEW_TOKENS,
+            temperature=request.temperature,
+            top_p=request.top_p or 1.0,
+            seed=request.seed if request.HasField("seed") else None,
+            stop=tuple(request.stop),
+        )
+        return cls(request.prompt, task, params)
+
+
+@dataclass(frozen=True)
+class RegisterCall:
+    name: str
+    description: str
+    demos: list[Demo]
+    selection: Selection
+    replace: bool
+    dry_run: bool
+
+    @classmethod
+    def from_pb(cls, request: pb.RegisterTaskRequest, default: Selection) -> RegisterCall:
+        name = check_task_name(request.name, field="name")
+        if not request.demos:
+            raise InvalidArgument("at least one demo is needed", field="demos")
+        demos = []
+        for i, text in enumerate(request.demos):
+            if not text.strip():
+                raise InvalidArgument("demo is empty", field=f"demos[{i}]")
+            demos.append(Demo(text))
+        criterion = request.criterion or default.criterion
+        if criterion not in CRITERIA:
+            raise InvalidArgument(f"unknown criterion {criterion!r} (use {', '.join(CRITERIA)})", field="criterion")
+        which = request.WhichOneof("selection")
+        if which is None:
+            selection = Selection(criterion, default.policy, default.value, default.unit)
+        elif which == "experts_per_layer":
+            if request.experts_per_layer <= 0:
+                raise InvalidArgument("must be positive", field="experts_per_layer")
+            selection = Selection(criterion, "top_k", request.experts_per_layer, "experts")
+        elif which == "fraction":
+            if not 0 < request.fraction <= 1:
+                raise InvalidArgument(f"must lie in (0, 1], got {request.fraction}", field="fraction")
+            selection = Selection(criterion, "budget", float(request.fraction), "fraction")
+        else:
+            if request.bytes <= 0:
+                raise InvalidArgument("must be positive", field="bytes")
+            selection = Selection(criterion, "budget", int(request.bytes), "bytes")
+        return cls(name, request.description, demos, selection, request.replace, request.dry_run)
+
+
+def name_from_pb(name: str) -> str:
+    return check_task_name(name, field="name")
+
+
+def stats_to_pb(result: GenerationResult, total_experts: int) -> pb.GenerationStats:
+    plan = result.plan
+    return pb.GenerationStats(
+        task=plan.task,
+        score=plan.score,
+        decision=plan.decision,
+        pattern_experts=plan.pattern.size,
+        total_experts=total_experts,
+        loads=pb.ExpertLoads(
+            device=result.loads.get("device", 0),
+            cache=result.loads.get("cache", 0),
+            disk=result.loads.get("disk", 0),
+            bytes=result.loaded_bytes,
+        ),
+        coverage=result.coverage,
+        widened=result.widened,
+        timings=pb.Timings(**result.timings),
+        prompt_tokens=result.prompt_tokens,
+        generated_tokens=len(result.token_ids),
+    )
+
+
+def route_to_pb(plan: RoutePlan) -> pb.RouteResponse:
+    return pb.RouteResponse(
+        ranked=[pb.TaskScore(task=t, score=s) for t, s in plan.ranked],
+        decision=plan.decision,
+        task=plan.task,
+        fallback_tasks=plan.fallback_tasks,
+        pattern_experts=plan.pattern.size,
+        reason=plan.reason,
+    )
+
+
+def task_to_pb(view: TaskView) -> pb.TaskInfo:
+    return pb.TaskInfo(
+        name=view.name,
+        description=view.description,
+        demos=view.demos,
+        criterion=view.criterion,
+        pattern_experts=view.pattern.size,
+        pattern_bytes=view.pattern_bytes,
+        demo_coverage=view.demo_coverage,
+        layers=[pb.LayerExperts(layer=layer, experts=list(ids)) for layer, ids in sorted(view.layers.items())],
+        created=view.created,
+        registered=view.registered,
+    )
+
+
+def service_stats_to_pb(stats: dict) -> pb.GetStatsResponse:
+    return pb.GetStatsResponse(
+        resident_experts=stats["resident_experts"],
+        capacity_experts=stats["capacity_experts"],
+        resident_bytes=stats["resident_bytes"],
+        budget_bytes=stats["budget_bytes"],
+        loads=pb.ExpertLoads(**stats["loads"], bytes=stats["loaded_bytes"]),
+        evictions=stats["evictions"],
+        tasks=[pb.TaskStats(task=t, requests=r, mean_coverage=c) for t, (r, c) in sorted(stats["tasks"].items())],
+        cache_health=stats["cache_health"],
+    )

@@ -1,0 +1,8 @@
+"""Serving: the domain behind the gRPC API (routing, leases, generation, task registration, stats)."""
+
+from .config import ServiceConfig
+from .generation import SamplingParams
+from .service import GenerationResult, PreMoeService, RoutePlan
+from .tasks import TaskView
+
+__all__ = ["GenerationResult", "PreMoeService", "RoutePlan", "SamplingParams", "ServiceConfig", "TaskView"]

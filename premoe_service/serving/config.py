@@ -1,0 +1,72 @@
+"""Service configuration: one dataclass, filled from CLI options or their PREMOE_* environment twins."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InvalidArgument
+from ..profiler.selection import Selection
+from ..runtime.residency import Budget
+
+
+@dataclass
+class ServiceConfig:
+    """Everything `premoe serve` needs.
+
+    Attributes:
+        store: Store folder written by `premoe shard`.
+        profiles: Folder of profile files (the registry with the embedded backend; with Redis, profiles
+            found here are imported into Redis at start-up when missing there).
+        redis_url: Redis for the expert cache and the shared registry; None: in-process cache, local registry.
+        budget: Device memory for routed experts ("0.5", "50%", "512MiB").
+        device: "auto" (cuda when available), "cpu" or "cuda".
+        embedder: Local sentence-transformers model; None: all-MiniLM-L6-v2 from its PyPI package.
+        host, port: gRPC address; port 0 picks a free port.
+        metrics_port: Prometheus metrics port; None: no metrics server.
+        admin_token: Required (as `authorization: Bearer <token>` metadata) by RegisterTask/DeleteTask.
+        selection: Default criterion and selection policy of registered tasks.
+        route_threshold: Retrieval score a task needs to match; below it the fallback serves.
+        coverage_floor: Below this prefill coverage the pattern is widened with the experts the prompt
+            wanted (0 turns the guardrail off).
+        max_new_tokens_limit: Upper bound of a request's max_new_tokens.
+        max_prompt_tokens: Longest prompt accepted.
+        max_inflight: Requests generating at once; more wait, and beyond twice this are refused.
+        lease_timeout_s: How long a request waits for slots pinned by others before RESOURCE_EXHAUSTED.
+        grace_s: Seconds in-flight requests get to finish on shutdown.
+    """
+
+    store: Path
+    profiles: Path | None = None
+    redis_url: str | None = None
+    budget: str = "1.0"
+    device: str = "auto"
+    embedder: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int | None = None
+    admin_token: str | None = None
+    selection: Selection = field(default_factory=Selection)
+    route_threshold: float | None = None
+    coverage_floor: float = 0.0
+    max_new_tokens_limit: int = 1024
+    max_prompt_tokens: int = 4096
+    max_inflight: int = 8
+    lease_timeout_s: float = 30.0
+    grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        self.store = Path(self.store)
+        if self.profiles is not None:
+            self.profiles = Path(self.profiles)
+        if not 0 <= self.coverage_floor <= 1:
+            raise InvalidArgument(f"must lie in [0, 1], got {self.coverage_floor}", field="coverage_floor")
+        if self.max_inflight < 1 or self.max_new_tokens_limit < 1:
+            raise InvalidArgument("limits must be positive", field="max_inflight")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise InvalidArgument(f"unknown device {self.device!r} (auto, cpu, cuda)", field="device")
+        Budget.parse(self.budget)  # fail early on a bad budget
+
+    @property
+    def budget_value(self) -> Budget:
+        return Budget.parse(self.budget)

@@ -1,0 +1,294 @@
+"""The serving domain: route a prompt to a task, lease its experts, generate; task and stats queries."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InvalidArgument, ResourceExhausted, Unavailable
+from ..pattern import Pattern
+from ..profiler import Demo, Selection
+from ..retrieval import Embedder, LocalProfileStore, RedisProfileStore, Registry, RoutePolicy, check_prompt
+from ..runtime.build import load_engine
+from ..store import Store, open_cache
+from .config import ServiceConfig
+from .generation import Decoding, Generator, SamplingParams
+from .tasks import TaskBook, TaskView
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoutePlan:
+    """Which pattern serves a prompt and why."""
+
+    decision: str  # match | override | fallback
+    task: str
+    score: float
+    pattern: Pattern
+    ranked: list[tuple[str, float]] = field(default_factory=list)
+    fallback_tasks: list[str] = field(default_factory=list)
+    reason: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class GenerationResult:
+    """The outcome of a request (the last stream chunk carries it)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    plan: RoutePlan
+    loads: dict[str, int]
+    loaded_bytes: int
+    coverage: float
+    widened: bool
+    timings: dict[str, float]
+    prompt_tokens: int
+
+
+@dataclass
+class TaskCounters:
+    requests: int = 0
+    coverage_sum: float = 0.0
+
+
+class PreMoeService:
+    """Everything the gRPC servicer calls; no gRPC types in here.
+
+    Args:
+        config: The service configuration.
+        embedder: An already loaded embedder to share (tests load one per session).
+    """
+
+    def __init__(self, config: ServiceConfig, embedder: Embedder | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.cache = open_cache(config.redis_url)
+        self.store = Store(config.store, self.cache)
+        self.engine, self.residency = load_engine(
+            self.store, config.budget_value, config.device, wait_timeout_s=config.lease_timeout_s
+        )
+        self.spec = self.engine.spec
+        self.tokenizer = AutoTokenizer.from_pretrained(self.store.dir, local_files_only=True)
+        dense = {k: v for k, v in self.engine.model.state_dict().items() if ".experts." not in k}
+        profiler_engine, _ = load_engine(self.store, device=self.engine.device, capacity=0, dense=dense)
+        self.embedder = embedder or Embedder(config.embedder)
+        policy = RoutePolicy() if config.route_threshold is None else RoutePolicy(threshold=config.route_threshold)
+        self.registry = Registry(
+            self._profile_store(), embedder=self.embedder, policy=policy, fingerprint=self.store.fingerprint
+        )
+        self.tasks = TaskBook(self.registry, self.store, self.spec, config.selection, profiler_engine)
+        self.counters: dict[str, TaskCounters] = {}
+        self._counter_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(config.max_inflight)
+        self._waiting = 0
+        self.stopping = threading.Event()
+
+    def _profile_store(self) -> LocalProfileStore | RedisProfileStore | None:
+        config = self.config
+        if config.redis_url:
+            shared = RedisProfileStore(config.redis_url, namespace=f"premoe:{self.store.fingerprint}")
+            if config.profiles is not None and config.profiles.exists():
+                local = LocalProfileStore(config.profiles)
+                present = set(shared.revisions())
+                for name in local.revisions():
+                    if name not in present:
+                        shared.write(local.read(name)[0], replace=False)
+            return shared
+        return LocalProfileStore(config.profiles) if config.profiles is not None else None
+
+    # --- routing -----------------------------------------------------------------------------------
+
+    def plan(self, prompt: str, task: str | None = None) -> RoutePlan:
+        """The pattern for a prompt: the named task's, the matched task's, or the fallback."""
+        check_prompt(prompt)
+        start = time.perf_counter()
+        if task:
+            profile = self.registry.get(task)
+            return RoutePlan("override", task, 0.0, self.tasks.pattern(profile), seconds=time.perf_counter() - start)
+        decision = self.registry.route(prompt)
+        if decision.matched and decision.task is not None:
+            pattern = self.tasks.pattern(self.registry.get(decision.task))
+            return RoutePlan(
+                "match", decision.task, float(decision.score or 0.0), pattern, decision.ranked,
+                reason=decision.reason, seconds=time.perf_counter() - start,
+            )
+        capacity = min(slots.capacity for slots in self.engine.slots.values())
+        pattern = self.tasks.fallback_pattern(decision.fallback_tasks, capacity)
+        return RoutePlan(
+            "fallback", "", float(decision.score or 0.0), pattern, decision.ranked, decision.fallback_tasks,
+            decision.reason, time.perf_counter() - start,
+        )
+
+    # --- generation --------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        *,
+        task: str | None = None,
+        deadline: float | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Iterator[str | GenerationResult]:
+        """Yield text pieces, then one `GenerationResult`. Work starts only within the deadline."""
+        if self.stopping.is_set():
+            raise Unavailable("the server is shutting down", field="server")
+        params.check(self.config.max_new_tokens_limit)
+        started = time.perf_counter()
+        plan = self.plan(prompt, task)
+        generator = Generator(
+            self.residency, self.tokenizer, deadline=deadline, cancelled=cancelled, stopping=self.stopping.is_set
+        )
+        state = Decoding(prompt_ids=generator.encode(prompt))
+        if len(state.prompt_ids) > self.config.max_prompt_tokens:
+            raise InvalidArgument(
+                f"prompt has {len(state.prompt_ids)} tokens, the limit is {self.config.max_prompt_tokens}", field="prompt"
+            )
+        with self._admission():
+            pattern, widened = plan.pattern, False
+            lease_cm = self.residency.lease(pattern)
+            lease = lease_cm.__enter__()
+            try:
+                loads = dict(lease.loaded)
+                loaded_bytes = sum(lease.loaded_bytes.values())
+                load_s = lease.load_seconds
+                floor = self.config.coverage_floor
+                logits, cache = generator.prefill(state, pattern, keep_prompt_scores=floor > 0)
+                assert state.meter is not None
+                if floor > 0 and state.meter.coverage < floor:
+                    wider = self._widen(pattern, state.meter.prompt_scores, floor)
+                    if wider != pattern:
+                        wide_cm = self.residency.lease(wider)
+                        wide = wide_cm.__enter__()
+                        lease_cm.__exit__(None, None, None)
+                        lease_cm, pattern, widened = wide_cm, wider, True
+                        for tier, n in wide.loaded.items():
+                            loads[tier] = loads.get(tier, 0) + n
+                        loaded_bytes += sum(wide.loaded_bytes.values())
+                        load_s += wide.load_seconds
+                        logits, cache = generator.prefill(state, pattern)
+                for step in generator.decode(state, pattern, logits, cache, params):
+                    if step.text:
+                        yield step.text
+            finally:
+                lease_cm.__exit__(None, None, None)
+        coverage = state.meter.coverage if state.meter else 1.0
+        self._count(plan.task, coverage)
+        yield GenerationResult(
+            text=state.text,
+            token_ids=[t for t in state.generated],
+            finish_reason=state.finish_reason,
+            plan=RoutePlan(plan.decision, plan.task, plan.score, pattern, plan.ranked, plan.fallback_tasks, plan.reason, plan.seconds),
+            loads=loads,
+            loaded_bytes=loaded_bytes,
+            coverage=coverage,
+            widened=widened,
+            timings={
+                "route_ms": plan.seconds * 1e3,
+                "load_ms": load_s * 1e3,
+                "prefill_ms": state.prefill_s * 1e3,
+                "decode_ms": state.decode_s * 1e3,
+                "total_ms": (time.perf_counter() - started) * 1e3,
+            },
+            prompt_tokens=len(state.prompt_ids),
+        )
+
+    def _widen(self, pattern: Pattern, prompt_scores: dict[int, torch.Tensor], floor: float) -> Pattern:
+        """Add, per layer, the experts the prompt's tokens wanted most until the prompt's mean router mass
+        on the pattern reaches `floor` or the layer's slots are full."""
+        layers = {}
+        for layer in self.spec.moe_layers:
+            kept = list(pattern.kept(layer))
+            scores = prompt_scores.get(layer)
+            capacity = self.engine.slots[layer].capacity
+            if scores is not None:
+                share = float(scores[kept].sum())
+                for expert in sorted(range(len(scores)), key=lambda e: (-float(scores[e]), e)):
+                    if share >= floor or len(kept) >= capacity:
+                        break
+                    if expert not in kept:
+                        kept.append(expert)
+                        share += float(scores[expert])
+            layers[layer] = kept
+        try:
+            return Pattern.build(self.spec, layers)
+        except InvalidArgument:
+            return pattern  # a widening that group routing cannot use is skipped
+
+    class _Admission:
+        def __init__(self, service: PreMoeService) -> None:
+            self.service = service
+
+        def __enter__(self) -> None:
+            service = self.service
+            if service._waiting >= 2 * service.config.max_inflight:
+                raise ResourceExhausted("too many requests are waiting; retry later", field="queue")
+            service._waiting += 1
+            try:
+                if not service._slots.acquire(timeout=service.config.lease_timeout_s):
+                    raise ResourceExhausted("no generation slot freed up in time", field="queue")
+            finally:
+                service._waiting -= 1
+
+        def __exit__(self, *exc: object) -> None:
+            self.service._slots.release()
+
+    def _admission(self) -> PreMoeService._Admission:
+        return PreMoeService._Admission(self)
+
+    def _count(self, task: str, coverage: float) -> None:
+        with self._counter_lock:
+            counters = self.counters.setdefault(task or "(fallback)", TaskCounters())
+            counters.requests += 1
+            counters.coverage_sum += coverage
+
+    # --- tasks -------------------------------------------------------------------------------------
+
+    def register_task(
+        self, name: str, demos: list[Demo], *, description: str = "", selection: Selection | None = None,
+        replace: bool = False, dry_run: bool = False,
+    ) -> TaskView:
+        if self.stopping.is_set():
+            raise Unavailable("the server is shutting down", field="server")
+        return self.tasks.register(
+            name, demos, description=description, selection=selection, replace=replace, dry_run=dry_run
+        )
+
+    def list_tasks(self) -> list[TaskView]:
+        return [self.tasks.view(self.registry.get(name), with_layers=False) for name in self.registry.names()]
+
+    def get_task(self, name: str) -> TaskView:
+        return self.tasks.view(self.registry.get(name), with_layers=True)
+
+    def delete_task(self, name: str) -> None:
+        self.registry.delete(name)
+
+    # --- stats -------------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        loads = self.store.stats.loads
+        nbytes = self.store.manifest.expert_nbytes
+        with self._counter_lock:
+            tasks = {name: (c.requests, c.coverage_sum / max(c.requests, 1)) for name, c in self.counters.items()}
+        resident = self.residency.resident_experts()
+        capacity = self.residency.capacity()
+        return {
+            "resident_experts": resident,
+            "capacity_experts": capacity,
+            "resident_bytes": resident * nbytes,
+            "budget_bytes": capacity * nbytes,
+            "loads": {"device": loads["device"], "cache": loads["cache"], "disk": loads["disk"]},
+            "loaded_bytes": self.store.stats.bytes["cache"] + self.store.stats.bytes["disk"],
+            "evictions": self.residency.stats.evictions,
+            "tasks": tasks,
+            "cache_health": self.store.health(),
+        }

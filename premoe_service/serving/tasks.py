@@ -1,0 +1,169 @@
+"""Tasks of a running service: patterns derived from profiles, and registration through the profiler."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InvalidArgument
+from ..families import MoESpec
+from ..names import check_task_name
+from ..pattern import Pattern
+from ..profiler import Demo, Profile, Selection, profile_store, select
+from ..profiler.profile import CRITERIA
+from ..retrieval import Registry
+from ..runtime.engine import PatternedModel
+from ..store import Store
+
+
+@dataclass
+class TaskView:
+    """What the API shows of a task."""
+
+    name: str
+    description: str
+    demos: int
+    criterion: str
+    pattern: Pattern
+    pattern_bytes: int
+    demo_coverage: float
+    created: str
+    registered: bool = True
+    layers: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+
+def demo_coverage(profile: Profile, pattern: Pattern) -> float:
+    """Mean share of the router's mass on the pattern over the demo tokens, from the TCESS sums.
+
+    For softmax routers the per-token scores sum to one, so the mean over tokens of the kept share is
+    the kept share of the mean scores (exact with r = 0); for sigmoid routers it is the share of the
+    mean scores, an approximation.
+    """
+    scores = profile.scores.get("tcess")
+    if scores is None:
+        return float("nan")
+    shares = []
+    for row, layer in enumerate(profile.moe_layers):
+        total = float(scores[row].sum())
+        shares.append(float(scores[row][list(pattern.kept(layer))].sum()) / total if total > 0 else 1.0)
+    return sum(shares) / len(shares)
+
+
+class TaskBook:
+    """Registered tasks and their patterns; registration profiles demos on a layer-streaming engine
+    that shares the serving model's dense weights, so it never touches the serving slots.
+
+    Args:
+        registry: Profiles and the retrieval index.
+        store: The expert store.
+        spec: The model's MoE layout.
+        selection: The default criterion and policy.
+        profiler_engine: A capacity-0 engine for layer-streamed profiling.
+    """
+
+    def __init__(
+        self, registry: Registry, store: Store, spec: MoESpec, selection: Selection, profiler_engine: PatternedModel
+    ) -> None:
+        self.registry = registry
+        self.store = store
+        self.spec = spec
+        self.selection = selection
+        self.profiler_engine = profiler_engine
+        self._patterns: dict[tuple[str, str, str], Pattern] = {}
+        self._lock = threading.Lock()
+        self._profiling = threading.Lock()
+
+    def pattern(self, profile: Profile) -> Pattern:
+        """The task's pattern under its stored selection (computed once per profile version)."""
+        selection = Selection.from_json(profile.selection) if profile.selection else self.selection
+        key = (profile.name, profile.created, repr(selection))
+        with self._lock:
+            cached = self._patterns.get(key)
+        if cached is None:
+            cached = select(profile.score(selection.criterion), self.spec, selection, self.store.manifest.expert_nbytes)
+            with self._lock:
+                self._patterns[key] = cached
+        return cached
+
+    def view(self, profile: Profile, *, with_layers: bool, registered: bool = True) -> TaskView:
+        pattern = self.pattern(profile)
+        criterion = profile.selection.get("criterion", self.selection.criterion)
+        return TaskView(
+            name=profile.name,
+            description=profile.description,
+            demos=len(profile.demos),
+            criterion=criterion,
+            pattern=pattern,
+            pattern_bytes=pattern.size * self.store.manifest.expert_nbytes,
+            demo_coverage=demo_coverage(profile, pattern),
+            created=profile.created,
+            registered=registered,
+            layers=dict(pattern.layers) if with_layers else {},
+        )
+
+    def register(
+        self,
+        name: str,
+        demos: Sequence[Demo],
+        *,
+        description: str = "",
+        selection: Selection | None = None,
+        replace: bool = False,
+        dry_run: bool = False,
+    ) -> TaskView:
+        """Profile the demos, derive the pattern, and (unless dry run) register the task."""
+        check_task_name(name)
+        if not demos:
+            raise InvalidArgument("at least one demo is needed", field="demos")
+        selection = selection or self.selection
+        if selection.criterion not in CRITERIA:
+            raise InvalidArgument(f"unknown criterion {selection.criterion!r} (use {', '.join(CRITERIA)})", field="criterion")
+        if not replace and not dry_run and name in self.registry.names():
+            from ..errors import AlreadyExists
+
+            raise AlreadyExists(f"task {name!r} exists; set replace to overwrite it", field="name")
+        with self._profiling, torch.inference_mode():
+            profile, _ = profile_store(
+                self.store,
+                name,
+                demos,
+                description=description,
+                selection=selection,
+                embedder=self.registry.embedder,
+                engine=self.profiler_engine,
+            )
+        view = self.view(profile, with_layers=True, registered=not dry_run)  # selection errors surface here
+        if not dry_run:
+            self.registry.register(profile, replace=replace)
+        return view
+
+    def fallback_pattern(self, tasks: Sequence[str], capacity: int) -> Pattern:
+        """The union of the named tasks' patterns, trimmed per layer to the slot capacity by summed
+        normalised scores; the full pattern when no task is named and it fits."""
+        if not tasks:
+            if capacity >= self.spec.num_experts:
+                return Pattern.full(self.spec)
+            from ..errors import FailedPrecondition
+
+            raise FailedPrecondition(
+                "no task matches and none is registered to fall back on; register a task or raise the budget",
+                field="task",
+            )
+        profiles = [self.registry.get(t) for t in tasks]
+        union = self.pattern(profiles[0])
+        for profile in profiles[1:]:
+            union = union.union(self.pattern(profile))
+        if all(len(union.kept(layer)) <= capacity for layer in self.spec.moe_layers):
+            return union
+        layers = {}
+        for row, layer in enumerate(self.spec.moe_layers):
+            total = torch.zeros(self.spec.num_experts, dtype=torch.float64)
+            for profile in profiles:
+                scores = profile.score(Selection.from_json(profile.selection).criterion)[row].double()
+                total += scores / scores.sum().clamp_min(1e-30)
+            order = sorted(union.kept(layer), key=lambda e: (-float(total[e]), e))
+            layers[layer] = order[:capacity]
+        return Pattern.build(self.spec, layers)
