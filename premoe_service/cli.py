@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import PreMoeError
+from .errors import InvalidArgument, PreMoeError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -96,6 +96,135 @@ def cmd_profile_show(args: argparse.Namespace) -> int:
     print(summary(profile, top=args.top))
     if args.png:
         print(f"heatmap written to {heatmap(profile, args.png)}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .profiler import Selection
+    from .server import serve
+    from .serving import ServiceConfig
+
+    config = ServiceConfig(
+        store=args.store,
+        profiles=args.profiles,
+        redis_url=args.redis_url or None,
+        budget=str(args.budget),
+        device=args.device,
+        embedder=args.embedder,
+        host=args.host,
+        port=int(args.port),
+        metrics_port=int(args.metrics_port) if args.metrics_port not in (None, "") else None,
+        admin_token=args.admin_token or None,
+        selection=Selection(criterion=args.criterion, policy=args.policy, value=float(args.value), unit=args.unit),
+        route_threshold=float(args.route_threshold) if args.route_threshold not in (None, "") else None,
+        coverage_floor=float(args.coverage_floor),
+        max_new_tokens_limit=int(args.max_new_tokens_limit),
+        max_inflight=int(args.max_inflight),
+    )
+    serve(config)
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from .client import PreMoeClient
+
+    return PreMoeClient(args.server, admin_token=getattr(args, "admin_token", None) or None, timeout=float(args.timeout))
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    if args.evaluate:
+        return _route_evaluate(args)
+    if not args.prompt:
+        raise InvalidArgument("give a prompt, or --evaluate FILE", field="prompt")
+    with _client(args) as client:
+        reply = client.route(args.prompt)
+    print(f"decision {reply.decision}: {reply.task or ', '.join(reply.fallback_tasks) or '(general)'} "
+          f"({reply.pattern_experts} experts) - {reply.reason}")
+    for item in reply.ranked:
+        print(f"  {item.score:6.3f}  {item.task}")
+    return 0
+
+
+def _route_evaluate(args: argparse.Namespace) -> int:
+    from .retrieval import Embedder, LocalProfileStore, Registry, evaluate, load_route_records
+
+    if not args.profiles:
+        raise InvalidArgument("--evaluate needs --profiles (a folder of profile files)", field="profiles")
+    registry = Registry(LocalProfileStore(args.profiles), embedder=Embedder(args.embedder))
+    result = evaluate(registry, load_route_records(args.evaluate))
+    threshold = "n/a" if result.suggested_threshold is None else f"{result.suggested_threshold:.3f}"
+    print(f"queries {result.records} ({result.labelled} labelled), threshold {registry.policy.threshold:.3f}")
+    print(f"top-1 accuracy      {result.top1_accuracy:.3f}")
+    print(f"match accuracy      {result.match_accuracy:.3f}")
+    print(f"no-match precision  {result.no_match_precision:.3f}")
+    print(f"no-match recall     {result.no_match_recall:.3f}")
+    print(f"suggested threshold {threshold}")
+    for query, expected, decided in result.misses[:10]:
+        print(f"  miss: {query[:60]!r}: expected {expected}, got {decided}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    options: dict[str, Any] = {
+        "max_new_tokens": int(args.max_new_tokens), "temperature": float(args.temperature), "top_p": float(args.top_p),
+        "stop": args.stop or (), "task": args.task or None, "seed": int(args.seed) if args.seed is not None else None,
+    }
+    with _client(args) as client:
+        last = None
+        for chunk in client.stream(args.prompt, **options):
+            print(chunk.text, end="", flush=True)
+            last = chunk
+    if last is not None:
+        s = last.stats
+        print(f"\n[{last.finish_reason}] task {s.task or '(fallback)'} ({s.decision}, score {s.score:.3f}); "
+              f"{s.pattern_experts}/{s.total_experts} experts, loaded device {s.loads.device} cache {s.loads.cache} "
+              f"disk {s.loads.disk}; coverage {s.coverage:.3f}{' (widened)' if s.widened else ''}; "
+              f"{s.timings.total_ms:.0f} ms", file=sys.stderr)
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from .profiler import load_demos
+
+    demos = [d.text for d in load_demos(args.demos)]
+    selection: dict[str, Any] = {}
+    if args.experts_per_layer is not None:
+        selection["experts_per_layer"] = int(args.experts_per_layer)
+    if args.fraction is not None:
+        selection["fraction"] = float(args.fraction)
+    if args.bytes is not None:
+        selection["bytes"] = int(args.bytes)
+    if len(selection) > 1:
+        raise InvalidArgument("give at most one of --experts-per-layer, --fraction, --bytes", field="selection")
+    with _client(args) as client:
+        info = client.register(
+            args.name, demos, description=args.description or "", criterion=args.criterion or "",
+            replace=args.replace, dry_run=args.dry_run, **selection,
+        )
+    state = "profiled (dry run)" if args.dry_run else "registered"
+    print(f"task {info.name} {state}: {info.pattern_experts} experts ({info.pattern_bytes / 2**20:.2f} MiB), "
+          f"criterion {info.criterion}, demo coverage {info.demo_coverage:.3f}")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.delete:
+            client.delete_task(args.delete)
+            print(f"task {args.delete} deleted")
+            return 0
+        if args.name:
+            info = client.get_task(args.name)
+            print(f"{info.name}: {info.description}\n  {info.demos} demos, criterion {info.criterion}, "
+                  f"{info.pattern_experts} experts, demo coverage {info.demo_coverage:.3f}, created {info.created}")
+            for layer in info.layers:
+                print(f"  layer {layer.layer:>3}: {list(layer.experts)}")
+            return 0
+        tasks = client.tasks()
+    print(f"{'task':<24} {'experts':>8} {'MiB':>8} {'coverage':>9}  description")
+    for info in tasks:
+        print(f"{info.name:<24} {info.pattern_experts:>8} {info.pattern_bytes / 2**20:>8.2f} "
+              f"{info.demo_coverage:>9.3f}  {info.description}")
     return 0
 
 
@@ -191,6 +320,81 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="experts listed per layer")
     p.set_defaults(handler=cmd_profile_show)
 
+    p = verbs.add_parser("serve", help="serve the gRPC API",
+                         description="Load the store's dense part, allocate expert slots for the budget, rebuild the "
+                         "task registry from the profiles, and serve premoe.v1.PreMoe (with grpc.health.v1 and "
+                         "reflection) until SIGINT/SIGTERM, then drain in-flight requests.")
+    opt(p, "--store", help="store folder", required=_env("STORE") is None)
+    opt(p, "--profiles", help="folder of task profiles (the registry without Redis; seeds Redis with it)")
+    opt(p, "--redis-url", help="Redis for the expert cache and the shared registry (default: embedded cache)")
+    opt(p, "--budget", help="device memory for routed experts: 0.5, 50%%, 512MiB", default="1.0")
+    opt(p, "--device", help="auto, cpu or cuda", default="auto")
+    opt(p, "--embedder", help="local sentence-transformers model (default: all-MiniLM-L6-v2)")
+    opt(p, "--host", help="address to bind", default="127.0.0.1")
+    opt(p, "--port", help="gRPC port (0: any free port)", default="50051")
+    opt(p, "--metrics-port", help="Prometheus metrics port (default: off)")
+    opt(p, "--admin-token", help="token required by RegisterTask and DeleteTask")
+    opt(p, "--criterion", help="default criterion of registered tasks", default="tcess",
+        choices=["frequency", "tcess", "easyep", "reap"])
+    opt(p, "--policy", help="default selection policy", default="top_k", choices=["top_k", "coverage", "budget"])
+    opt(p, "--value", help="default selection value", default="0.5")
+    opt(p, "--unit", help="unit of --value", default="fraction", choices=["fraction", "experts", "bytes"])
+    opt(p, "--route-threshold", help="retrieval score needed for a task match (default: calibrated)")
+    opt(p, "--coverage-floor", help="widen a pattern whose prefill coverage is below this (0: off)", default="0.0")
+    opt(p, "--max-new-tokens-limit", help="largest max_new_tokens accepted", default="1024")
+    opt(p, "--max-inflight", help="requests generating at once", default="8")
+    p.set_defaults(handler=cmd_serve)
+
+    def client_options(p: argparse.ArgumentParser) -> None:
+        opt(p, "--server", help="server address host:port", default="127.0.0.1:50051")
+        opt(p, "--timeout", help="deadline in seconds", default="300")
+
+    p = verbs.add_parser("route", help="ask the server which task and pattern a prompt gets; or calibrate offline",
+                         description="Without --evaluate: the server's routing decision for PROMPT. With --evaluate "
+                         "FILE.jsonl ({\"query\": ..., \"task\": name or null} per line) and --profiles DIR: top-1 "
+                         "accuracy, no-match precision/recall and a suggested threshold, computed locally.")
+    p.add_argument("prompt", nargs="?", help="the prompt")
+    p.add_argument("--evaluate", help="JSONL of labelled queries (offline calibration)")
+    opt(p, "--profiles", help="profiles folder for --evaluate")
+    opt(p, "--embedder", help="local sentence-transformers model for --evaluate")
+    client_options(p)
+    p.set_defaults(handler=cmd_route)
+
+    p = verbs.add_parser("generate", help="generate from a prompt, streaming to the terminal",
+                         description="Streams the completion to stdout; the stats line goes to stderr.")
+    p.add_argument("prompt", help="the prompt")
+    p.add_argument("--task", help="use this task's pattern, skipping retrieval")
+    p.add_argument("--max-new-tokens", default="64", help="tokens to generate")
+    p.add_argument("--temperature", default="0", help="0 for greedy")
+    p.add_argument("--top-p", default="1.0", help="nucleus sampling mass")
+    p.add_argument("--seed", help="sampling seed")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    client_options(p)
+    p.set_defaults(handler=cmd_generate)
+
+    p = verbs.add_parser("register", help="profile and register a task on the server from a demo file",
+                         description="Sends the demos (JSONL) to RegisterTask; the server profiles them without "
+                         "blocking other requests and registers the task.")
+    p.add_argument("name", help="task name")
+    p.add_argument("--demos", required=True, help="JSONL demo file")
+    p.add_argument("--description", help="free text")
+    p.add_argument("--criterion", help="frequency, tcess, easyep or reap (default: the server's)")
+    p.add_argument("--experts-per-layer", help="keep this many experts per layer")
+    p.add_argument("--fraction", help="keep this fraction of all routed experts")
+    p.add_argument("--bytes", help="byte budget of the task's experts")
+    p.add_argument("--replace", action="store_true", help="replace a task of the same name")
+    p.add_argument("--dry-run", action="store_true", help="profile and report only")
+    opt(p, "--admin-token", help="admin token of the server")
+    client_options(p)
+    p.set_defaults(handler=cmd_register)
+
+    p = verbs.add_parser("tasks", help="list tasks, show one (with its per-layer experts) or delete one")
+    p.add_argument("name", nargs="?", help="show this task")
+    p.add_argument("--delete", help="delete this task")
+    opt(p, "--admin-token", help="admin token of the server (for --delete)")
+    client_options(p)
+    p.set_defaults(handler=cmd_tasks)
+
     bench = verbs.add_parser("bench", help="benchmarks with a raw baseline measured in the same run")
     bench_verbs = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
     p = bench_verbs.add_parser(
@@ -223,6 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def grpc_error() -> type[BaseException]:
+    """grpc.RpcError, imported only when a client verb may have raised it."""
+    if "grpc" in sys.modules:
+        return sys.modules["grpc"].RpcError  # type: ignore[no-any-return]
+    return type("NoGrpcError", (Exception,), {})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -237,6 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PreMoeError as exc:
         print(f"premoe {args.verb}: error: {exc}", file=sys.stderr)
         return 2
+    except grpc_error() as exc:
+        print(f"premoe {args.verb}: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
     except KeyboardInterrupt:
         return 130
 
