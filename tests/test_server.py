@@ -1,0 +1,192 @@
+"""End to end over real gRPC on a loopback port: exact generation, streaming, task registration, errors, health."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from premoe_service.client import PreMoeClient
+from premoe_service.families.tiny import save_tiny_checkpoint
+from premoe_service.server import running_server
+from premoe_service.serving import ServiceConfig
+from premoe_service.store import shard
+
+from .conftest import free_port
+from .references import pruned_checkpoint_model
+
+PROMPT = "def add(a, b):"
+CODE_DEMOS = [
+    "def add(a, b):\n    return a + b\n",
+    "for i in range(10):\n    print(i)\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n",
+    "import os\nprint(os.getcwd())\n",
+]
+TOKEN = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    root = tmp_path_factory.mktemp("server")
+    model = save_tiny_checkpoint(root / "ckpt", "qwen3_moe")
+    shard(root / "ckpt", root / "store", progress=False)
+    return model, root / "store"
+
+
+@pytest.fixture(scope="module")
+def server(model_store, redis_server, embedder, tmp_path_factory):
+    _, store = model_store
+    config = ServiceConfig(
+        store=store,
+        profiles=tmp_path_factory.mktemp("profiles"),
+        redis_url=redis_server.url,
+        port=0,
+        device="cpu",
+        admin_token=TOKEN,
+        metrics_port=free_port(),
+        max_new_tokens_limit=256,
+    )
+    with running_server(config, embedder=embedder) as (handle, port):
+        yield handle, port
+
+
+@pytest.fixture
+def client(server) -> PreMoeClient:
+    _, port = server
+    with PreMoeClient(f"127.0.0.1:{port}", admin_token=TOKEN, timeout=120) as c:
+        yield c
+
+
+def hf_greedy(model, store: Path, prompt: str, new_tokens: int) -> list[int]:
+    ids = torch.tensor([AutoTokenizer.from_pretrained(store)(prompt)["input_ids"]])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, ids.shape[1] :].tolist()
+
+
+def test_full_pattern_generates_the_tokens_of_transformers(client, model_store) -> None:
+    model, store = model_store
+    reply = client.generate(PROMPT, max_new_tokens=16)
+    assert list(reply.token_ids) == hf_greedy(model, store, PROMPT, 16)
+    assert reply.finish_reason == "length" and reply.stats.generated_tokens == 16
+    assert reply.stats.pattern_experts == reply.stats.total_experts == 24
+
+
+def test_task_pattern_generates_the_tokens_of_the_pruned_checkpoint(client, model_store) -> None:
+    model, store = model_store
+    info = client.register("code", CODE_DEMOS, description="python code", experts_per_layer=4, replace=True)
+    assert info.pattern_experts == 12 and len(info.layers) == 3 and 0 < info.demo_coverage <= 1
+    kept = {layer.layer: list(layer.experts) for layer in client.get_task("code").layers}
+    pruned = pruned_checkpoint_model(model, kept)
+    reply = client.generate(PROMPT, task="code", max_new_tokens=16)
+    assert reply.stats.task == "code" and reply.stats.decision == "override" and reply.stats.pattern_experts == 12
+    assert list(reply.token_ids) == hf_greedy(pruned, store, PROMPT, 16)
+    assert 0 < reply.stats.coverage < 1
+
+    routed = client.route("def multiply(a, b):\n    return a * b")
+    assert routed.decision == "match" and routed.task == "code" and routed.pattern_experts == 12
+
+
+def test_stream_yields_the_tokens_of_generate(client) -> None:
+    reply = client.generate(PROMPT, max_new_tokens=12, task=None)
+    chunks = list(client.stream(PROMPT, max_new_tokens=12))
+    assert "".join(c.text for c in chunks) == reply.text
+    assert list(chunks[-1].token_ids) == list(reply.token_ids)
+    assert chunks[-1].finish_reason == "length" and chunks[-1].stats.generated_tokens == 12
+
+
+def test_sampling_is_reproducible_with_a_seed(client) -> None:
+    first = client.generate(PROMPT, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    again = client.generate(PROMPT, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    assert list(first.token_ids) == list(again.token_ids)
+
+
+@pytest.mark.parametrize(
+    ("call", "code", "field"),
+    [
+        (lambda c: c.generate("   ", max_new_tokens=4), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        (lambda c: c.generate(PROMPT, max_new_tokens=-3), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+        (lambda c: c.generate(PROMPT, max_new_tokens=100000), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+        (lambda c: c.generate(PROMPT, temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (lambda c: c.generate(PROMPT, task="no-such-task"), grpc.StatusCode.NOT_FOUND, "no-such-task"),
+        (lambda c: c.generate(PROMPT, task="Bad Name!"), grpc.StatusCode.INVALID_ARGUMENT, "task"),
+        (lambda c: c.register("Bad Name!", CODE_DEMOS), grpc.StatusCode.INVALID_ARGUMENT, "name"),
+        (lambda c: c.register("empty", []), grpc.StatusCode.INVALID_ARGUMENT, "demos"),
+        (lambda c: c.register("blank", ["ok", " "]), grpc.StatusCode.INVALID_ARGUMENT, "demos[1]"),
+        (lambda c: c.register("x", CODE_DEMOS, criterion="magic"), grpc.StatusCode.INVALID_ARGUMENT, "criterion"),
+        (lambda c: c.register("x", CODE_DEMOS, fraction=1.5), grpc.StatusCode.INVALID_ARGUMENT, "fraction"),
+        (lambda c: c.get_task("missing"), grpc.StatusCode.NOT_FOUND, "missing"),
+        (lambda c: c.delete_task("missing"), grpc.StatusCode.NOT_FOUND, "missing"),
+        (lambda c: c.route(""), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    ],
+    ids=[
+        "empty-prompt", "negative-tokens", "huge-tokens", "negative-temperature", "unknown-task", "invalid-task-name",
+        "invalid-register-name", "no-demos", "blank-demo", "unknown-criterion", "bad-fraction", "get-unknown",
+        "delete-unknown", "route-empty",
+    ],
+)
+def test_bad_input_gets_the_right_code_and_names_the_field(client, call, code, field) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        call(client)
+    assert info.value.code() == code
+    assert field in info.value.details()
+    assert client.health() == "SERVING"
+    assert len(client.generate(PROMPT, max_new_tokens=2).token_ids) == 2  # still serving
+
+
+def test_duplicate_registration_is_refused(client) -> None:
+    client.register("dup", CODE_DEMOS[:2], experts_per_layer=3, replace=True)
+    with pytest.raises(grpc.RpcError) as info:
+        client.register("dup", CODE_DEMOS[:2], experts_per_layer=3)
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS and "dup" in info.value.details()
+    dry = client.register("dup", CODE_DEMOS, experts_per_layer=5, dry_run=True)
+    assert not dry.registered and dry.pattern_experts == 15
+    assert client.get_task("dup").pattern_experts == 9  # the dry run changed nothing
+    assert client.delete_task("dup")
+    assert "dup" not in [t.name for t in client.tasks()]
+
+
+def test_admin_calls_need_the_token(server) -> None:
+    _, port = server
+    for token, code in ((None, grpc.StatusCode.UNAUTHENTICATED), ("wrong", grpc.StatusCode.PERMISSION_DENIED)):
+        with PreMoeClient(f"127.0.0.1:{port}", admin_token=token, timeout=30) as anonymous:
+            with pytest.raises(grpc.RpcError) as info:
+                anonymous.register("sneaky", CODE_DEMOS)
+            assert info.value.code() == code
+            assert anonymous.tasks() is not None  # reads stay open
+
+
+def test_deadline_is_honoured(client) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        client.generate(PROMPT, max_new_tokens=200, timeout=0.05)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert client.health() == "SERVING"
+
+
+def test_stats_and_metrics(client, server) -> None:
+    handle, _ = server
+    client.generate(PROMPT, max_new_tokens=3)
+    stats = client.stats()
+    assert stats.capacity_experts == 24 and stats.resident_experts <= 24
+    assert stats.loads.disk + stats.loads.cache + stats.loads.device > 0 and stats.cache_health == "ok"
+    body = urllib.request.urlopen(f"http://127.0.0.1:{handle.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'premoe_request_seconds_count{code="OK",method="Generate"}' in body
+    assert "premoe_expert_loads_total" in body and "premoe_resident_expert_bytes" in body
+
+
+def test_health_reports_not_serving_while_shutting_down(model_store, embedder, tmp_path: Path) -> None:
+    _, store = model_store
+    config = ServiceConfig(store=store, profiles=tmp_path, port=0, device="cpu", grace_s=2.0)
+    with running_server(config, embedder=embedder) as (handle, port):
+        with PreMoeClient(f"127.0.0.1:{port}", timeout=10) as c:
+            assert c.health() == "SERVING" and c.health("premoe.v1.PreMoe") == "SERVING"
+            stopping = asyncio.run_coroutine_threadsafe(handle.stop(grace=2.0), handle.loop)
+            time.sleep(0.05)
+            assert c.health() == "NOT_SERVING"
+            stopping.result(30)
