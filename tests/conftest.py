@@ -163,7 +163,7 @@ HELD_OUT_QUERIES: list[tuple[str, str]] = [
 
 
 @pytest.fixture(scope="session")
-def embedder():  # type: ignore[no-untyped-def]
+def embedder():
     """The default embedding model (all-MiniLM-L6-v2), loaded once per session."""
     from premoe_service.retrieval import Embedder
 
@@ -183,7 +183,7 @@ def held_out_queries() -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="session")
-def demo_profiles(embedder, demo_tasks):  # type: ignore[no-untyped-def]
+def demo_profiles(embedder, demo_tasks):
     """Profiles of the demo tasks with their demos already embedded (do not mutate them)."""
     import torch
 

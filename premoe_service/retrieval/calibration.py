@@ -83,8 +83,7 @@ def evaluate(router: SupportsRoute, records: Iterable[RouteRecord | Mapping[str,
         records: `RouteRecord`s or `{"query": ..., "task": ...}` mappings.
     """
     items = [
-        r if isinstance(r, RouteRecord) else _record(r, f"records[{i}]", f"records[{i}]")
-        for i, r in enumerate(records)
+        r if isinstance(r, RouteRecord) else _record(r, f"records[{i}]", f"records[{i}]") for i, r in enumerate(records)
     ]
     if not items:
         raise InvalidArgument("no records to evaluate", field="records")

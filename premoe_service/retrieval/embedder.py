@@ -54,7 +54,8 @@ class Embedder:
                 field="embedder",
             )
         self.path = path
-        self.name = name or (DEFAULT_EMBEDDER if model is None else path.resolve().name)
+        is_default = model is None or path.resolve() == default_model_path().resolve()
+        self.name = name or (DEFAULT_EMBEDDER if is_default else path.resolve().name)
         self.device = device
         self.batch_size = batch_size
         self._model = _load_offline(path, device)
@@ -77,9 +78,7 @@ class Embedder:
             InvalidArgument: `texts` is a bare string or holds a non-string item (field "texts[i]").
         """
         if isinstance(texts, str | bytes):
-            raise InvalidArgument(
-                "expected a list of texts, got a single string; wrap it in a list", field="texts"
-            )
+            raise InvalidArgument("expected a list of texts, got a single string; wrap it in a list", field="texts")
         items = list(texts)
         for i, text in enumerate(items):
             if not isinstance(text, str):

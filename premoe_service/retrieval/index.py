@@ -49,9 +49,7 @@ class TaskIndex:
         if kind not in ("auto", "flat", "hnsw"):
             raise InvalidArgument(f"index kind must be 'auto', 'flat' or 'hnsw', got {kind!r}", field="kind")
         if hnsw_threshold < 1:
-            raise InvalidArgument(
-                f"HNSW threshold must be positive, got {hnsw_threshold}", field="hnsw_threshold"
-            )
+            raise InvalidArgument(f"HNSW threshold must be positive, got {hnsw_threshold}", field="hnsw_threshold")
         self.dim = dim
         self.kind: IndexKind = kind
         self.hnsw_threshold = hnsw_threshold
@@ -120,13 +118,18 @@ class TaskIndex:
 
     def remove(self, task: str) -> bool:
         """Remove a task's vectors; returns False when the task was not indexed."""
-        if task not in self._vectors:
-            return False
-        self._drop([task])
+        return self.remove_many([task]) == 1
+
+    def remove_many(self, tasks: Iterable[str]) -> int:
+        """Remove several tasks with at most one HNSW rebuild; returns how many were indexed."""
+        present = [task for task in dict.fromkeys(tasks) if task in self._vectors]
+        if not present:
+            return 0
+        self._drop(present)
         if self._uses_hnsw:
             # HNSW cannot delete nodes: rebuild the graph from the stored vectors.
             self._rebuild()
-        return True
+        return len(present)
 
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """The `k` nearest demos of each query as (task, similarity), best first. queries: [q, dim]"""
@@ -145,10 +148,7 @@ class TaskIndex:
             valid = id_row >= 0  # FAISS pads with -1 when it finds fewer than k
             task_ids = self._row_task[id_row[valid]]
             results.append(
-                [
-                    (self._task_names[int(t)], float(s))
-                    for t, s in zip(task_ids, score_row[valid], strict=True)
-                ]
+                [(self._task_names[int(t)], float(s)) for t, s in zip(task_ids, score_row[valid], strict=True)]
             )
         return results
 
@@ -228,7 +228,5 @@ class TaskIndex:
     def _check_queries(self, queries: np.ndarray) -> np.ndarray:
         array = np.ascontiguousarray(queries, dtype=np.float32)
         if array.ndim != 2 or array.shape[1] != self.dim:
-            raise InvalidArgument(
-                f"queries must have shape [q, {self.dim}], got {tuple(array.shape)}", field="queries"
-            )
+            raise InvalidArgument(f"queries must have shape [q, {self.dim}], got {tuple(array.shape)}", field="queries")
         return array

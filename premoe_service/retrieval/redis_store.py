@@ -37,9 +37,7 @@ class RedisProfileStore:
         import redis
 
         if not namespace or any(c.isspace() for c in namespace):
-            raise InvalidArgument(
-                f"namespace must be non-empty without spaces, got {namespace!r}", field="namespace"
-            )
+            raise InvalidArgument(f"namespace must be non-empty without spaces, got {namespace!r}", field="namespace")
         try:
             self._client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         except ValueError as exc:
@@ -83,9 +81,7 @@ class RedisProfileStore:
 
         def write(pipe: Any) -> None:
             if not replace and pipe.hexists(self._profiles, profile.name):
-                raise AlreadyExists(
-                    f"task {profile.name!r} exists; pass replace to overwrite it", field="name"
-                )
+                raise AlreadyExists(f"task {profile.name!r} exists; pass replace to overwrite it", field="name")
             pipe.multi()
             pipe.hset(self._profiles, profile.name, data)
             pipe.hset(self._digests, profile.name, digest)

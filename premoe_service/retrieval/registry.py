@@ -48,6 +48,10 @@ class Registry:
             offline; the skipped tasks and their errors are in `problems`.
         refresh_interval: Seconds between version checks of the store (0: before every call).
         retry_after: Seconds to wait before asking an unreachable store again.
+
+    Raises:
+        Unavailable: The store cannot be reached at start-up (there is nothing to serve from yet).
+        DataCorruption: With `strict`, a profile cannot be read (the error names it).
     """
 
     def __init__(
@@ -175,21 +179,21 @@ class Registry:
         now = time.monotonic()
         if now < self._next_check:
             return
-        with self._lock:
-            try:
-                self._sync(strict=False)
-            except Unavailable as exc:
-                if self.store_error is None:
-                    log.warning(
-                        "profile store unreachable, serving the %d tasks in memory: %s", len(self), exc
-                    )
-                self.store_error = exc
-                self._next_check = now + self.retry_after
-                return
-            if self.store_error is not None:
-                log.info("profile store reachable again")
-                self.store_error = None
-            self._next_check = now + self.refresh_interval
+        try:
+            # The common case, nothing changed, costs one version read and never waits for the lock.
+            if self.store.version() != self._token:
+                with self._lock:
+                    self._sync(strict=False)
+        except Unavailable as exc:
+            if self.store_error is None:
+                log.warning("profile store unreachable, serving the %d tasks in memory: %s", len(self), exc)
+            self.store_error = exc
+            self._next_check = now + self.retry_after
+            return
+        if self.store_error is not None:
+            log.info("profile store reachable again")
+            self.store_error = None
+        self._next_check = now + self.refresh_interval
 
     def _sync(self, *, strict: bool) -> bool:
         token = self.store.version()
@@ -210,13 +214,17 @@ class Registry:
                 if strict:
                     raise
                 log.warning("skipping task %s: %s", name, exc)
-                self._forget(name)
+                gone.append(name)
                 self.problems[name] = exc
-                self._revisions[name] = revisions[name]  # do not retry until it changes
                 continue
             loaded.append((profile, vectors, revision))
+        self._index.remove_many(gone)  # one HNSW rebuild for all of them
         for name in gone:
+            problem = self.problems.get(name)
             self._forget(name)
+            if problem is not None and name in revisions:
+                self.problems[name] = problem  # skipped, not deleted: keep it reported
+                self._revisions[name] = revisions[name]  # and do not retry until it changes
         # One index update for everything that changed: a single HNSW rebuild at start-up.
         self._index.add_many((profile.name, vectors) for profile, vectors, _ in loaded)
         for profile, _, revision in loaded:
@@ -256,7 +264,5 @@ class Registry:
                 field="demos",
             )
         vectors = self._index.check_vectors(profile.name, self.embedder.encode(profile.demos))  # [n, dim]
-        kept = dataclasses.replace(
-            profile, demo_embeddings=torch.from_numpy(vectors), embedder=self.embedder.name
-        )
+        kept = dataclasses.replace(profile, demo_embeddings=torch.from_numpy(vectors), embedder=self.embedder.name)
         return kept, vectors

@@ -71,9 +71,7 @@ class MemoryProfileStore:
     def write(self, profile: Profile, *, replace: bool) -> Hashable:
         with self._lock:
             if profile.name in self._profiles and not replace:
-                raise AlreadyExists(
-                    f"task {profile.name!r} exists; pass replace to overwrite it", field="name"
-                )
+                raise AlreadyExists(f"task {profile.name!r} exists; pass replace to overwrite it", field="name")
             self._version += 1
             self._profiles[profile.name] = (profile, self._version)
             return self._version
@@ -136,9 +134,7 @@ class LocalProfileStore:
             raise NotFound(f"no task named {name!r} (no file {path})", field="name") from exc
         profile = Profile.load(path)
         if profile.name != name:
-            raise DataCorruption(
-                f"{path} holds the profile of task {profile.name!r}, not {name!r}", field=str(path)
-            )
+            raise DataCorruption(f"{path} holds the profile of task {profile.name!r}, not {name!r}", field=str(path))
         return profile, (stat.st_mtime_ns, stat.st_size)
 
     def write(self, profile: Profile, *, replace: bool) -> Hashable:
@@ -146,9 +142,7 @@ class LocalProfileStore:
         # Check-then-rename is race-free within one registry (its lock serialises writes); a
         # directory is owned by one registry (see the class docstring).
         if not replace and path.exists():
-            raise AlreadyExists(
-                f"task {profile.name!r} exists ({path}); pass replace to overwrite it", field="name"
-            )
+            raise AlreadyExists(f"task {profile.name!r} exists ({path}); pass replace to overwrite it", field="name")
         profile.save(path)
         stat = path.stat()
         return (stat.st_mtime_ns, stat.st_size)

@@ -1,0 +1,254 @@
+"""Retrieval on the real MiniLM model and real FAISS: embedding, the index, scoring, decisions, calibration."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from premoe_service.errors import InvalidArgument, NotFound
+from premoe_service.profiler.profile import Profile
+from premoe_service.retrieval import (
+    DEFAULT_THRESHOLD,
+    Embedder,
+    RoutePolicy,
+    Router,
+    TaskIndex,
+    evaluate,
+    load_route_records,
+    suggest_threshold,
+    task_scores,
+)
+
+NONSENSE = "zxqv blorf 7781 qqq"
+
+
+def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def router(embedder: Embedder, demo_profiles: dict[str, Profile]) -> Router:
+    index = TaskIndex(embedder.dim)
+    index.add_many((name, p.demo_embeddings.numpy()) for name, p in demo_profiles.items())
+    return Router(embedder, index)
+
+
+# --- embedder ---------------------------------------------------------------------------------------
+
+
+def test_embedder_gives_unit_vectors_offline(embedder: Embedder) -> None:
+    vectors = embedder.encode(["How do I bake bread?", "Proofing and kneading dough", "Black holes and stars"])
+    assert embedder.name == "all-MiniLM-L6-v2" and embedder.dim == 384
+    assert vectors.shape == (3, 384) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    similarity = vectors @ vectors.T
+    assert similarity[0, 1] > similarity[0, 2]  # baking is nearer to dough than to black holes
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert embedder.encode([]).shape == (0, 384)
+
+
+def test_embedder_batches_agree(embedder: Embedder) -> None:
+    texts = [f"sentence number {i} about topic {i % 3}" for i in range(7)]
+    np.testing.assert_allclose(embedder.encode(texts, batch_size=2), embedder.encode(texts), atol=1e-5)
+
+
+def test_embedder_rejects_bad_input(embedder: Embedder) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        embedder.encode(["fine", 3])  # type: ignore[list-item]
+    assert info.value.field == "texts[1]"
+    with pytest.raises(InvalidArgument) as info:
+        embedder.encode("a bare string")
+    assert info.value.field == "texts"
+
+
+def test_embedder_needs_a_local_model(tmp_path: Path) -> None:
+    with pytest.raises(NotFound) as info:
+        Embedder(tmp_path / "no-such-model")
+    assert info.value.field == "embedder"
+
+
+# --- index ------------------------------------------------------------------------------------------
+
+
+def test_exact_search_equals_numpy() -> None:
+    rng = np.random.default_rng(1)
+    tasks = {f"t{i}": unit_rows(rng, 4, 16) for i in range(5)}
+    index = TaskIndex(16, kind="flat")
+    index.add_many(tasks.items())
+    queries = unit_rows(rng, 3, 16)
+    all_vectors = np.concatenate(list(tasks.values()))
+    owners = [name for name, v in tasks.items() for _ in range(len(v))]
+    for query, hits in zip(queries, index.search(queries, 6), strict=True):
+        expected = np.argsort(-(all_vectors @ query))[:6]
+        assert [t for t, _ in hits] == [owners[i] for i in expected]
+        np.testing.assert_allclose([s for _, s in hits], (all_vectors @ query)[expected], atol=1e-5)
+
+
+def test_removing_a_task_keeps_the_others_untouched() -> None:
+    rng = np.random.default_rng(2)
+    index = TaskIndex(8, kind="flat")
+    a, b, c = unit_rows(rng, 3, 8), unit_rows(rng, 2, 8), unit_rows(rng, 4, 8)
+    index.add_many([("a", a), ("b", b), ("c", c)])
+    assert index.remove("b") and not index.remove("b")
+    hits = index.search(b, 9)
+    assert all(task != "b" for row in hits for task, _ in row) and len(hits[0]) == 7
+    np.testing.assert_allclose(index.vectors("c"), c, atol=1e-6)  # stored, not recomputed
+    # The row -> task map stays aligned after the removal: a's own vectors find a first.
+    assert [row[0][0] for row in index.search(a, 1)] == ["a", "a", "a"]
+
+
+def test_hnsw_agrees_with_exact_search() -> None:
+    rng = np.random.default_rng(3)
+    tasks = [(f"t{i}", unit_rows(rng, 5, 64)) for i in range(600)]  # 3,000 vectors
+    exact, hnsw = TaskIndex(64, kind="flat"), TaskIndex(64, kind="hnsw")
+    exact.add_many(tasks)
+    hnsw.add_many(tasks)
+    assert hnsw.uses_hnsw and not exact.uses_hnsw
+    # Queries near stored demos, as real prompts are near their task's demos.
+    picks = np.concatenate([v for _, v in tasks])[rng.integers(0, 3000, 200)]
+    queries = picks + 0.3 * unit_rows(rng, 200, 64)
+    truth = [row[0][0] for row in exact.search(queries, 1)]
+    recall = np.mean([row[0][0] == t for row, t in zip(hnsw.search(queries, 1), truth, strict=True)])
+    assert recall >= 0.95, f"HNSW recall@1 {recall:.3f}"
+
+    # Removal rebuilds the graph from the stored vectors.
+    assert hnsw.remove("t0") and exact.remove("t0")
+    assert hnsw.remove_many(name for name, _ in tasks[:100]) == exact.remove_many(n for n, _ in tasks[:100]) == 99
+    assert hnsw.ntotal == exact.ntotal == 2500
+    truth = [row[0][0] for row in exact.search(queries, 1)]
+    answers = [row[0][0] for row in hnsw.search(queries, 1)]
+    assert not {f"t{i}" for i in range(100)} & set(answers)
+    assert np.mean([a == t for a, t in zip(answers, truth, strict=True)]) >= 0.95
+
+
+def test_auto_index_moves_to_hnsw_and_back() -> None:
+    rng = np.random.default_rng(4)
+    index = TaskIndex(8, kind="auto", hnsw_threshold=40)
+    for i in range(9):
+        index.add(f"t{i}", unit_rows(rng, 5, 8))
+    assert index.uses_hnsw and index.ntotal == 45
+    for i in range(6):
+        index.remove(f"t{i}")
+    assert index.ntotal == 15 and not index.uses_hnsw  # below half the threshold: exact again
+
+
+def test_index_rejects_bad_vectors() -> None:
+    index = TaskIndex(8)
+    with pytest.raises(InvalidArgument) as info:
+        index.add("t", np.ones((2, 7), dtype=np.float32))
+    assert info.value.field == "demo_embeddings"
+    with pytest.raises(InvalidArgument):
+        index.add("t", np.full((1, 8), np.nan, dtype=np.float32))
+    assert index.search(np.ones((1, 8), dtype=np.float32), 5) == [[]]
+
+
+# --- scoring and decisions --------------------------------------------------------------------------
+
+
+def test_task_score_is_the_mean_of_its_top_m_demos() -> None:
+    neighbours = [("a", 0.9), ("b", 0.8), ("a", 0.7), ("a", 0.6), ("a", 0.5), ("c", 0.4), ("b", 0.3)]
+    counts = {"a": 8, "b": 8, "c": 1}
+    ranked = task_scores(neighbours, counts.__getitem__, top_m=3)
+    # a: mean(0.9, 0.7, 0.6); b: mean(0.8, 0.3, 0.3 padded with the lowest neighbour); c has one demo.
+    assert [t for t, _ in ranked] == ["a", "b", "c"]
+    np.testing.assert_allclose([s for _, s in ranked], [(0.9 + 0.7 + 0.6) / 3, (0.8 + 0.3 + 0.3) / 3, 0.4])
+
+
+def test_held_out_queries_find_their_task(router: Router, held_out_queries: list[tuple[str, str]]) -> None:
+    decisions = router.route_many([q for q, _ in held_out_queries])
+    for (query, task), decision in zip(held_out_queries, decisions, strict=True):
+        assert decision.ranked[0][0] == task, (query, decision.ranked[:3])
+        assert decision.matched and decision.task == task, (query, decision.reason)
+        assert decision.fallback_tasks == []
+
+
+def test_nonsense_falls_back_to_a_union_or_the_general_task(router: Router) -> None:
+    decision = router.route(NONSENSE)
+    assert decision.score is not None and decision.score < DEFAULT_THRESHOLD
+    assert not decision.matched and decision.task is None
+    top = decision.ranked[0][1]
+    expected = [t for t, s in decision.ranked if s >= top - router.policy.union_margin][: router.policy.union_max]
+    assert decision.fallback_tasks == expected and decision.fallback_tasks[0] == decision.ranked[0][0]
+    assert "union" in decision.reason
+
+    general = Router(router.embedder, router.index, RoutePolicy(fallback="general", general_task="general"))
+    decision = general.route(NONSENSE)
+    assert not decision.matched and decision.fallback_tasks == ["general"]
+
+
+def test_a_per_task_threshold_overrides_the_global_one(router: Router) -> None:
+    query = "Give me a recipe for banana bread."
+    assert router.route(query).task == "cooking"
+    strict = Router(router.embedder, router.index, RoutePolicy(task_thresholds={"cooking": 0.99}))
+    decision = strict.route(query)
+    assert decision.ranked[0][0] == "cooking" and not decision.matched
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n\t"])
+def test_blank_prompts_are_refused(router: Router, prompt: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        router.route(prompt)
+    assert info.value.field == "prompt"
+
+
+def test_contradictory_policies_are_refused() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        RoutePolicy(fallback="general")
+    assert info.value.field == "general_task"
+    with pytest.raises(InvalidArgument):
+        RoutePolicy(threshold=1.5)
+    with pytest.raises(InvalidArgument):
+        RoutePolicy(top_m=0)
+
+
+# --- calibration ------------------------------------------------------------------------------------
+
+
+def test_evaluate_reports_accuracy_and_a_threshold(router: Router, held_out_queries: list[tuple[str, str]]) -> None:
+    records = [{"query": q, "task": t} for q, t in held_out_queries]
+    records += [{"query": NONSENSE, "task": None}, {"query": "qwpoeiru 00231 zzkx", "task": None}]
+    result = evaluate(router, records)
+    assert result.records == 12 and result.labelled == 10
+    assert result.top1_accuracy == 1.0 and result.match_accuracy == 1.0
+    assert result.no_match_recall == 1.0 and result.no_match_precision == 1.0
+    scores = [d.score or 0.0 for d in router.route_many([str(r["query"]) for r in records])]
+    assert result.suggested_threshold is not None
+    assert max(scores[-2:]) < result.suggested_threshold < min(scores[:-2])
+    assert result.balanced_accuracy == 1.0
+
+
+def test_suggested_threshold_splits_the_widest_gap() -> None:
+    assert suggest_threshold([0.5, 0.6, 0.7], [0.1, 0.2]) == (0.35, 1.0)
+    threshold, balanced = suggest_threshold([0.3, 0.6], [0.1, 0.4])
+    assert balanced == 0.75 and threshold is not None
+    assert suggest_threshold([0.5], []) == (None, None)
+
+
+def test_route_records_are_read_and_bad_lines_named(tmp_path: Path) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_text(
+        json.dumps({"query": "sort a list", "task": "python-coding"})
+        + "\n\n"
+        + json.dumps({"query": "hi", "task": None})
+    )
+    records = load_route_records(good)
+    assert [(r.query, r.task) for r in records] == [("sort a list", "python-coding"), ("hi", None)]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "a", "task": null}\n{"query": "b", "task": null}\n{"query": "", "task": null}\n')
+    with pytest.raises(InvalidArgument, match="line 3") as info:
+        load_route_records(bad)
+    assert info.value.field == f"{bad}:3"
+    bad.write_text('{"query": "a", "task": "Not A Name"}\n')
+    with pytest.raises(InvalidArgument, match="line 1"):
+        load_route_records(bad)
+    bad.write_text("not json\n")
+    with pytest.raises(InvalidArgument, match="line 1"):
+        load_route_records(bad)
+    with pytest.raises(NotFound):
+        load_route_records(tmp_path / "missing.jsonl")
