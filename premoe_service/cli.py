@@ -228,6 +228,13 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.health(args.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
 def cmd_bench_load(args: argparse.Namespace) -> int:
     from .bench.load import main as bench_load
 
@@ -394,6 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt(p, "--admin-token", help="admin token of the server (for --delete)")
     client_options(p)
     p.set_defaults(handler=cmd_tasks)
+
+    p = verbs.add_parser("health", help="ask a server's grpc.health.v1 status (exit 0 when SERVING)")
+    p.add_argument("--service", default="", help="service name ('' for the server as a whole)")
+    client_options(p)
+    p.set_defaults(handler=cmd_health)
 
     bench = verbs.add_parser("bench", help="benchmarks with a raw baseline measured in the same run")
     bench_verbs = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)

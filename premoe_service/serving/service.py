@@ -95,7 +95,7 @@ class PreMoeService:
     def _profile_store(self) -> LocalProfileStore | RedisProfileStore | None:
         config = self.config
         if config.redis_url:
-            shared = RedisProfileStore(config.redis_url, namespace=f"premoe:{self.store.fingerprint}")
+            shared = RedisProfileStore(config.redis_url, namespace=f"premoe-registry:{self.store.fingerprint}")
             if config.profiles is not None and config.profiles.exists():
                 local = LocalProfileStore(config.profiles)
                 present = set(shared.revisions())

@@ -81,10 +81,13 @@ class RedisCache:
     name = "redis"
     trusted = False  # shared and mutable: every value is checked against the manifest
 
-    def __init__(self, url: str, *, timeout_s: float = 2.0, retry_s: float = 1.0) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 2.0, retry_s: float = 1.0, ttl_s: int = 7 * 86400) -> None:
         import redis
 
         self.url = url
+        # A TTL marks the blobs as evictable under `maxmemory-policy volatile-lru`, which spares the
+        # registry's profiles (no TTL) in the same Redis.
+        self.ttl_s = ttl_s
         self.retry_s = retry_s
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
         self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
@@ -126,7 +129,7 @@ class RedisCache:
         if not self._available():
             return
         try:
-            self._client.set(key, value)
+            self._client.set(key, value, ex=self.ttl_s)
         except self._errors as exc:
             self._failed(exc)
             return

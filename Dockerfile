@@ -1,0 +1,33 @@
+# PreMoe Service image: the `premoe` CLI with the gRPC server as its default command.
+FROM python:3.11-slim
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1
+
+# torch first and alone, from the CPU wheel index, so no dependency pulls the CUDA build.
+# For a CUDA image: --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install --index-url ${TORCH_INDEX} torch==2.13.0
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY protos ./protos
+COPY premoe_service ./premoe_service
+RUN pip install . "torch==2.13.0"
+
+# The store and the profiles are mounted; see docker-compose.yml.
+ENV PREMOE_STORE=/data/store \
+    PREMOE_PROFILES=/data/profiles \
+    PREMOE_HOST=0.0.0.0 \
+    PREMOE_PORT=50051 \
+    PREMOE_METRICS_PORT=9100
+EXPOSE 50051 9100
+
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["premoe", "health", "--server", "127.0.0.1:50051"]
+
+ENTRYPOINT ["premoe"]
+CMD ["serve"]
