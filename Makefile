@@ -40,3 +40,7 @@ proto: setup
 		.proto-out/premoe/v1/premoe_pb2_grpc.py > premoe_service/server/gen/premoe_pb2_grpc.py
 	cp .proto-out/premoe/v1/premoe_pb2.py .proto-out/premoe/v1/premoe_pb2.pyi premoe_service/server/gen/
 	rm -rf .proto-out
+
+# The whole system on the reference model (or a tiny model when it is absent), embedded cache.
+demo: setup
+	$(BIN)/python -m premoe_service.demo
