@@ -128,7 +128,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Any:
     from .client import PreMoeClient
 
-    return PreMoeClient(args.server, admin_token=getattr(args, "admin_token", None) or None, timeout=float(args.timeout))
+    return PreMoeClient(
+        args.server, admin_token=getattr(args, "admin_token", None) or None, timeout=float(args.timeout)
+    )
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -138,8 +140,10 @@ def cmd_route(args: argparse.Namespace) -> int:
         raise InvalidArgument("give a prompt, or --evaluate FILE", field="prompt")
     with _client(args) as client:
         reply = client.route(args.prompt)
-    print(f"decision {reply.decision}: {reply.task or ', '.join(reply.fallback_tasks) or '(general)'} "
-          f"({reply.pattern_experts} experts) - {reply.reason}")
+    print(
+        f"decision {reply.decision}: {reply.task or ', '.join(reply.fallback_tasks) or '(general)'} "
+        f"({reply.pattern_experts} experts) - {reply.reason}"
+    )
     for item in reply.ranked:
         print(f"  {item.score:6.3f}  {item.task}")
     return 0
@@ -166,8 +170,12 @@ def _route_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
-        "max_new_tokens": int(args.max_new_tokens), "temperature": float(args.temperature), "top_p": float(args.top_p),
-        "stop": args.stop or (), "task": args.task or None, "seed": int(args.seed) if args.seed is not None else None,
+        "max_new_tokens": int(args.max_new_tokens),
+        "temperature": float(args.temperature),
+        "top_p": float(args.top_p),
+        "stop": args.stop or (),
+        "task": args.task or None,
+        "seed": int(args.seed) if args.seed is not None else None,
     }
     with _client(args) as client:
         last = None
@@ -176,10 +184,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             last = chunk
     if last is not None:
         s = last.stats
-        print(f"\n[{last.finish_reason}] task {s.task or '(fallback)'} ({s.decision}, score {s.score:.3f}); "
-              f"{s.pattern_experts}/{s.total_experts} experts, loaded device {s.loads.device} cache {s.loads.cache} "
-              f"disk {s.loads.disk}; coverage {s.coverage:.3f}{' (widened)' if s.widened else ''}; "
-              f"{s.timings.total_ms:.0f} ms", file=sys.stderr)
+        print(
+            f"\n[{last.finish_reason}] task {s.task or '(fallback)'} ({s.decision}, score {s.score:.3f}); "
+            f"{s.pattern_experts}/{s.total_experts} experts, loaded device {s.loads.device} cache {s.loads.cache} "
+            f"disk {s.loads.disk}; coverage {s.coverage:.3f}{' (widened)' if s.widened else ''}; "
+            f"{s.timings.total_ms:.0f} ms",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -198,12 +209,19 @@ def cmd_register(args: argparse.Namespace) -> int:
         raise InvalidArgument("give at most one of --experts-per-layer, --fraction, --bytes", field="selection")
     with _client(args) as client:
         info = client.register(
-            args.name, demos, description=args.description or "", criterion=args.criterion or "",
-            replace=args.replace, dry_run=args.dry_run, **selection,
+            args.name,
+            demos,
+            description=args.description or "",
+            criterion=args.criterion or "",
+            replace=args.replace,
+            dry_run=args.dry_run,
+            **selection,
         )
     state = "profiled (dry run)" if args.dry_run else "registered"
-    print(f"task {info.name} {state}: {info.pattern_experts} experts ({info.pattern_bytes / 2**20:.2f} MiB), "
-          f"criterion {info.criterion}, demo coverage {info.demo_coverage:.3f}")
+    print(
+        f"task {info.name} {state}: {info.pattern_experts} experts ({info.pattern_bytes / 2**20:.2f} MiB), "
+        f"criterion {info.criterion}, demo coverage {info.demo_coverage:.3f}"
+    )
     return 0
 
 
@@ -215,16 +233,20 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             return 0
         if args.name:
             info = client.get_task(args.name)
-            print(f"{info.name}: {info.description}\n  {info.demos} demos, criterion {info.criterion}, "
-                  f"{info.pattern_experts} experts, demo coverage {info.demo_coverage:.3f}, created {info.created}")
+            print(
+                f"{info.name}: {info.description}\n  {info.demos} demos, criterion {info.criterion}, "
+                f"{info.pattern_experts} experts, demo coverage {info.demo_coverage:.3f}, created {info.created}"
+            )
             for layer in info.layers:
                 print(f"  layer {layer.layer:>3}: {list(layer.experts)}")
             return 0
         tasks = client.tasks()
     print(f"{'task':<24} {'experts':>8} {'MiB':>8} {'coverage':>9}  description")
     for info in tasks:
-        print(f"{info.name:<24} {info.pattern_experts:>8} {info.pattern_bytes / 2**20:>8.2f} "
-              f"{info.demo_coverage:>9.3f}  {info.description}")
+        print(
+            f"{info.name:<24} {info.pattern_experts:>8} {info.pattern_bytes / 2**20:>8.2f} "
+            f"{info.demo_coverage:>9.3f}  {info.description}"
+        )
     return 0
 
 
@@ -296,19 +318,27 @@ def build_parser() -> argparse.ArgumentParser:
     opt(p, "--quiet", help="no progress bar", action="store_true")
     p.set_defaults(handler=cmd_export)
 
-    p = verbs.add_parser("profile", help="score every expert for a task from its demos (`profile show FILE` to view)",
-                         description="Run the demos through the model layer by layer over the store (dense part "
-                         "resident, one layer of experts at a time) and write a profile file with all four "
-                         "criteria (frequency, tcess, easyep, reap). Demos: JSONL, one {\"text\": ...} or "
-                         "{\"prompt\": ..., \"answer\": ...} per line; demos longer than the model's context are "
-                         "cut with a warning. View a profile with `premoe profile show FILE [--png heat.png]`.")
+    p = verbs.add_parser(
+        "profile",
+        help="score every expert for a task from its demos (`profile show FILE` to view)",
+        description="Run the demos through the model layer by layer over the store (dense part "
+        "resident, one layer of experts at a time) and write a profile file with all four "
+        'criteria (frequency, tcess, easyep, reap). Demos: JSONL, one {"text": ...} or '
+        '{"prompt": ..., "answer": ...} per line; demos longer than the model\'s context are '
+        "cut with a warning. View a profile with `premoe profile show FILE [--png heat.png]`.",
+    )
     opt(p, "--store", help="store folder", required=_env("STORE") is None)
     p.add_argument("--task", required=True, help="task name (^[a-z0-9][a-z0-9_.-]{0,63}$)")
     p.add_argument("--demos", required=True, help="JSONL demo file")
     p.add_argument("--out", required=True, help="profile file to write (.safetensors)")
     p.add_argument("--description", help="free text shown to operators")
-    opt(p, "--criterion", help="criterion the task's pattern uses", default="tcess",
-        choices=["frequency", "tcess", "easyep", "reap"])
+    opt(
+        p,
+        "--criterion",
+        help="criterion the task's pattern uses",
+        default="tcess",
+        choices=["frequency", "tcess", "easyep", "reap"],
+    )
     opt(p, "--policy", help="selection policy", default="top_k", choices=["top_k", "coverage", "budget"])
     opt(p, "--value", help="policy value: per-layer count or fraction, coverage share, or budget", default="0.5")
     opt(p, "--unit", help="unit of --value", default="fraction", choices=["fraction", "experts", "bytes"])
@@ -319,18 +349,24 @@ def build_parser() -> argparse.ArgumentParser:
     opt(p, "--quiet", help="no progress bar", action="store_true")
     p.set_defaults(handler=cmd_profile)
 
-    p = verbs.add_parser("profile-show", help="print a profile's summary (also as `premoe profile show FILE`)",
-                         description="Print provenance and, per criterion and layer, the experts with the most "
-                         "score mass; optionally write a PNG heatmap (layers x experts).")
+    p = verbs.add_parser(
+        "profile-show",
+        help="print a profile's summary (also as `premoe profile show FILE`)",
+        description="Print provenance and, per criterion and layer, the experts with the most "
+        "score mass; optionally write a PNG heatmap (layers x experts).",
+    )
     p.add_argument("file", help="profile file")
     p.add_argument("--png", help="write a heatmap PNG here")
     p.add_argument("--top", type=int, default=5, help="experts listed per layer")
     p.set_defaults(handler=cmd_profile_show)
 
-    p = verbs.add_parser("serve", help="serve the gRPC API",
-                         description="Load the store's dense part, allocate expert slots for the budget, rebuild the "
-                         "task registry from the profiles, and serve premoe.v1.PreMoe (with grpc.health.v1 and "
-                         "reflection) until SIGINT/SIGTERM, then drain in-flight requests.")
+    p = verbs.add_parser(
+        "serve",
+        help="serve the gRPC API",
+        description="Load the store's dense part, allocate expert slots for the budget, rebuild the "
+        "task registry from the profiles, and serve premoe.v1.PreMoe (with grpc.health.v1 and "
+        "reflection) until SIGINT/SIGTERM, then drain in-flight requests.",
+    )
     opt(p, "--store", help="store folder", required=_env("STORE") is None)
     opt(p, "--profiles", help="folder of task profiles (the registry without Redis; seeds Redis with it)")
     opt(p, "--redis-url", help="Redis for the expert cache and the shared registry (default: embedded cache)")
@@ -341,8 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     opt(p, "--port", help="gRPC port (0: any free port)", default="50051")
     opt(p, "--metrics-port", help="Prometheus metrics port (default: off)")
     opt(p, "--admin-token", help="token required by RegisterTask and DeleteTask")
-    opt(p, "--criterion", help="default criterion of registered tasks", default="tcess",
-        choices=["frequency", "tcess", "easyep", "reap"])
+    opt(
+        p,
+        "--criterion",
+        help="default criterion of registered tasks",
+        default="tcess",
+        choices=["frequency", "tcess", "easyep", "reap"],
+    )
     opt(p, "--policy", help="default selection policy", default="top_k", choices=["top_k", "coverage", "budget"])
     opt(p, "--value", help="default selection value", default="0.5")
     opt(p, "--unit", help="unit of --value", default="fraction", choices=["fraction", "experts", "bytes"])
@@ -356,10 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
         opt(p, "--server", help="server address host:port", default="127.0.0.1:50051")
         opt(p, "--timeout", help="deadline in seconds", default="300")
 
-    p = verbs.add_parser("route", help="ask the server which task and pattern a prompt gets; or calibrate offline",
-                         description="Without --evaluate: the server's routing decision for PROMPT. With --evaluate "
-                         "FILE.jsonl ({\"query\": ..., \"task\": name or null} per line) and --profiles DIR: top-1 "
-                         "accuracy, no-match precision/recall and a suggested threshold, computed locally.")
+    p = verbs.add_parser(
+        "route",
+        help="ask the server which task and pattern a prompt gets; or calibrate offline",
+        description="Without --evaluate: the server's routing decision for PROMPT. With --evaluate "
+        'FILE.jsonl ({"query": ..., "task": name or null} per line) and --profiles DIR: top-1 '
+        "accuracy, no-match precision/recall and a suggested threshold, computed locally.",
+    )
     p.add_argument("prompt", nargs="?", help="the prompt")
     p.add_argument("--evaluate", help="JSONL of labelled queries (offline calibration)")
     opt(p, "--profiles", help="profiles folder for --evaluate")
@@ -367,8 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     client_options(p)
     p.set_defaults(handler=cmd_route)
 
-    p = verbs.add_parser("generate", help="generate from a prompt, streaming to the terminal",
-                         description="Streams the completion to stdout; the stats line goes to stderr.")
+    p = verbs.add_parser(
+        "generate",
+        help="generate from a prompt, streaming to the terminal",
+        description="Streams the completion to stdout; the stats line goes to stderr.",
+    )
     p.add_argument("prompt", help="the prompt")
     p.add_argument("--task", help="use this task's pattern, skipping retrieval")
     p.add_argument("--max-new-tokens", default="64", help="tokens to generate")
@@ -379,9 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
     client_options(p)
     p.set_defaults(handler=cmd_generate)
 
-    p = verbs.add_parser("register", help="profile and register a task on the server from a demo file",
-                         description="Sends the demos (JSONL) to RegisterTask; the server profiles them without "
-                         "blocking other requests and registers the task.")
+    p = verbs.add_parser(
+        "register",
+        help="profile and register a task on the server from a demo file",
+        description="Sends the demos (JSONL) to RegisterTask; the server profiles them without "
+        "blocking other requests and registers the task.",
+    )
     p.add_argument("name", help="task name")
     p.add_argument("--demos", required=True, help="JSONL demo file")
     p.add_argument("--description", help="free text")
@@ -425,10 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     opt(p, "--device", help="device for the slot benchmark (default: cuda if available, else cpu)")
     p.set_defaults(handler=cmd_bench_load)
 
-    p = bench_verbs.add_parser("profile", help="layer-streamed profiling vs one plain transformers forward",
-                               description="Times a profile pass (all four criteria, one layer of experts resident "
-                               "at a time, loaded from the store) against one plain transformers forward of the "
-                               "full model over the same tokens, and compares the weights resident.")
+    p = bench_verbs.add_parser(
+        "profile",
+        help="layer-streamed profiling vs one plain transformers forward",
+        description="Times a profile pass (all four criteria, one layer of experts resident "
+        "at a time, loaded from the store) against one plain transformers forward of the "
+        "full model over the same tokens, and compares the weights resident.",
+    )
     p.add_argument("--hidden", type=int, default=256, help="hidden size of the throwaway model")
     p.add_argument("--layers", type=int, default=6, help="MoE layers")
     p.add_argument("--experts", type=int, default=32, help="experts per layer")
@@ -439,10 +492,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rpc_message(exc: BaseException) -> str:
+    code: Any = getattr(exc, "code", None)
+    details: Any = getattr(exc, "details", None)
+    name = getattr(code(), "name", "error") if callable(code) else "error"
+    return f"{name}: {details() if callable(details) else exc}"
+
+
 def grpc_error() -> type[BaseException]:
     """grpc.RpcError, imported only when a client verb may have raised it."""
     if "grpc" in sys.modules:
-        return sys.modules["grpc"].RpcError  # type: ignore[no-any-return]
+        return sys.modules["grpc"].RpcError  # type: ignore[no-any-return, unused-ignore]
     return type("NoGrpcError", (Exception,), {})
 
 
@@ -461,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"premoe {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except grpc_error() as exc:
-        print(f"premoe {args.verb}: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        print(f"premoe {args.verb}: {_rpc_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

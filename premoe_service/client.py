@@ -103,7 +103,9 @@ class PreMoeClient:
         return self.stub.GetTask(pb.GetTaskRequest(name=name), timeout=self.timeout)
 
     def delete_task(self, name: str) -> bool:
-        return self.stub.DeleteTask(pb.DeleteTaskRequest(name=name), metadata=self._admin(), timeout=self.timeout).deleted
+        return self.stub.DeleteTask(
+            pb.DeleteTaskRequest(name=name), metadata=self._admin(), timeout=self.timeout
+        ).deleted
 
     def stats(self) -> pb.GetStatsResponse:
         return self.stub.GetStats(pb.GetStatsRequest(), timeout=self.timeout)

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,9 +92,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== serve on 127.0.0.1:{port} (embedded cache, budget {args.budget})")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen(
-        [sys.executable, "-m", "premoe_service.cli", "serve", "--store", str(work / "store"), "--profiles",
-         str(profiles), "--port", str(port), "--budget", args.budget, "--device", "auto"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "premoe_service.cli",
+            "serve",
+            "--store",
+            str(work / "store"),
+            "--profiles",
+            str(profiles),
+            "--port",
+            str(port),
+            "--budget",
+            args.budget,
+            "--device",
+            "auto",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         from .client import PreMoeClient
@@ -118,16 +136,27 @@ def main(argv: list[str] | None = None) -> int:
         for prompt, stop in prompts:
             reply = client.generate(prompt, max_new_tokens=args.max_new_tokens, stop=stop)
             s = reply.stats
-            rows.append((prompt, s.task or f"({s.decision})", f"{s.score:.2f}", f"{s.pattern_experts}/{s.total_experts}",
-                         f"{s.loads.device}/{s.loads.cache}/{s.loads.disk}", f"{s.coverage:.2f}",
-                         f"{s.timings.total_ms:.0f}", reply.text))
+            rows.append(
+                (
+                    prompt,
+                    s.task or f"({s.decision})",
+                    f"{s.score:.2f}",
+                    f"{s.pattern_experts}/{s.total_experts}",
+                    f"{s.loads.device}/{s.loads.cache}/{s.loads.disk}",
+                    f"{s.coverage:.2f}",
+                    f"{s.timings.total_ms:.0f}",
+                    reply.text,
+                )
+            )
         stats = client.stats()
         client.close()
         print_table(rows)
-        print(f"resident experts {stats.resident_experts}/{stats.capacity_experts} slots "
-              f"({stats.resident_bytes / 2**20:.2f} of {stats.budget_bytes / 2**20:.2f} MiB budget); loads "
-              f"device {stats.loads.device}, cache {stats.loads.cache}, disk {stats.loads.disk}; "
-              f"evictions {stats.evictions}")
+        print(
+            f"resident experts {stats.resident_experts}/{stats.capacity_experts} slots "
+            f"({stats.resident_bytes / 2**20:.2f} of {stats.budget_bytes / 2**20:.2f} MiB budget); loads "
+            f"device {stats.loads.device}, cache {stats.loads.cache}, disk {stats.loads.disk}; "
+            f"evictions {stats.evictions}"
+        )
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -140,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_table(rows: list[tuple[str, ...]]) -> None:
+def print_table(rows: Sequence[tuple[str, ...]]) -> None:
     head = ("prompt", "task", "score", "experts", "dev/cache/disk", "cov", "ms", "output")
     clean = [tuple(c.replace("\n", "\\n")[:40] for c in row) for row in [head, *rows]]
     widths = [max(len(row[i]) for row in clean) for i in range(len(head))]

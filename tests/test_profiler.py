@@ -122,7 +122,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch.nn
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
 def test_criteria_equal_a_direct_computation_on_transformers(family: str, stores) -> None:
-    model, store = stores[family]
+    model, _ = stores[family]
     ids, mask, _ = tokenize_demos(tiny_tokenizer(), DEMOS, 256)
     expected = direct_scores(model, ids, mask, threshold=0.02)
     engine, source = PatternedModel.from_model(_copy(model))
@@ -163,7 +163,9 @@ def spec_of(family: str, **overrides):
 
 def test_top_k_policy_keeps_the_best_per_layer_and_the_minimum() -> None:
     spec = spec_of("qwen3_moe")  # 3 layers x 8 experts, top-2
-    scores = torch.tensor([[8, 7, 6, 5, 4, 3, 2, 1], [1, 2, 3, 4, 5, 6, 7, 8], [0, 0, 5, 5, 0, 0, 9, 0]], dtype=torch.float)
+    scores = torch.tensor(
+        [[8, 7, 6, 5, 4, 3, 2, 1], [1, 2, 3, 4, 5, 6, 7, 8], [0, 0, 5, 5, 0, 0, 9, 0]], dtype=torch.float
+    )
     pattern = select(scores, spec, Selection(policy="top_k", value=3, unit="experts"))
     assert pattern.layers == {0: (0, 1, 2), 1: (5, 6, 7), 2: (2, 3, 6)}
     tiny = select(scores, spec, Selection(policy="top_k", value=1, unit="experts"))
@@ -229,11 +231,11 @@ def write(path: Path, text: str) -> Path:
 def test_bad_demo_files_name_the_line(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="no demos"):
         load_demos(write(tmp_path / "empty.jsonl", "\n\n"))
-    with pytest.raises(InvalidArgument, match="line 2.*not JSON"):
+    with pytest.raises(InvalidArgument, match=r"line 2.*not JSON"):
         load_demos(write(tmp_path / "bad.jsonl", '{"text": "ok"}\n{"text": oops}\n'))
-    with pytest.raises(InvalidArgument, match="line 3.*empty"):
+    with pytest.raises(InvalidArgument, match=r"line 3.*empty"):
         load_demos(write(tmp_path / "blank.jsonl", '{"text": "a"}\n{"prompt": "b", "answer": "c"}\n{"text": "  "}\n'))
-    with pytest.raises(InvalidArgument, match="line 1.*unexpected keys"):
+    with pytest.raises(InvalidArgument, match=r"line 1.*unexpected keys"):
         load_demos(write(tmp_path / "keys.jsonl", '{"question": "a"}\n'))
     demos = load_demos(write(tmp_path / "good.jsonl", '{"text": "a b"}\n\n{"prompt": "1+1=", "answer": "2"}\n'))
     assert [d.text for d in demos] == ["a b", "1+1=2"]
@@ -256,7 +258,7 @@ def test_profile_files_refuse_other_models_versions_and_damage(tmp_path: Path, s
         Profile.load(tmp_path / "prose.safetensors", fingerprint="another-model")
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes((tmp_path / "prose.safetensors").read_bytes()[:-40])
-    with pytest.raises(DataCorruption, match="damaged.safetensors"):
+    with pytest.raises(DataCorruption, match=r"damaged.safetensors"):
         Profile.load(damaged)
     raw = (tmp_path / "prose.safetensors").read_bytes().replace(b'"format_version":"1"', b'"format_version":"9"')
     (tmp_path / "future.safetensors").write_bytes(raw)

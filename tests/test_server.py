@@ -126,9 +126,20 @@ def test_sampling_is_reproducible_with_a_seed(client) -> None:
         (lambda c: c.route(""), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
     ],
     ids=[
-        "empty-prompt", "negative-tokens", "huge-tokens", "negative-temperature", "unknown-task", "invalid-task-name",
-        "invalid-register-name", "no-demos", "blank-demo", "unknown-criterion", "bad-fraction", "get-unknown",
-        "delete-unknown", "route-empty",
+        "empty-prompt",
+        "negative-tokens",
+        "huge-tokens",
+        "negative-temperature",
+        "unknown-task",
+        "invalid-task-name",
+        "invalid-register-name",
+        "no-demos",
+        "blank-demo",
+        "unknown-criterion",
+        "bad-fraction",
+        "get-unknown",
+        "delete-unknown",
+        "route-empty",
     ],
 )
 def test_bad_input_gets_the_right_code_and_names_the_field(client, call, code, field) -> None:
@@ -183,10 +194,12 @@ def test_stats_and_metrics(client, server) -> None:
 def test_health_reports_not_serving_while_shutting_down(model_store, embedder, tmp_path: Path) -> None:
     _, store = model_store
     config = ServiceConfig(store=store, profiles=tmp_path, port=0, device="cpu", grace_s=2.0)
-    with running_server(config, embedder=embedder) as (handle, port):
-        with PreMoeClient(f"127.0.0.1:{port}", timeout=10) as c:
-            assert c.health() == "SERVING" and c.health("premoe.v1.PreMoe") == "SERVING"
-            stopping = asyncio.run_coroutine_threadsafe(handle.stop(grace=2.0), handle.loop)
-            time.sleep(0.05)
-            assert c.health() == "NOT_SERVING"
-            stopping.result(30)
+    with (
+        running_server(config, embedder=embedder) as (handle, port),
+        PreMoeClient(f"127.0.0.1:{port}", timeout=10) as c,
+    ):
+        assert c.health() == "SERVING" and c.health("premoe.v1.PreMoe") == "SERVING"
+        stopping = asyncio.run_coroutine_threadsafe(handle.stop(grace=2.0), handle.loop)
+        time.sleep(0.05)
+        assert c.health() == "NOT_SERVING"
+        stopping.result(30)

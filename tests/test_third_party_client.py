@@ -30,10 +30,13 @@ def test_node_client_calls_route_and_generate(node_client: Path, embedder, tmp_p
     save_tiny_checkpoint(tmp_path / "ckpt", "olmoe")
     shard(tmp_path / "ckpt", tmp_path / "store", progress=False)
     config = ServiceConfig(store=tmp_path / "store", profiles=tmp_path / "profiles", port=0, device="cpu")
-    with running_server(config, embedder=embedder) as (handle, port):
+    with running_server(config, embedder=embedder) as (_, port):
         done = subprocess.run(
             ["node", "client.js", f"127.0.0.1:{port}", "hello world", "6"],
-            cwd=node_client, capture_output=True, text=True, timeout=120,
+            cwd=node_client,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)

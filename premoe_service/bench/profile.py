@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..profiler import Demo, collect_scores, tokenize_demos
+from ..profiler import collect_scores
 from ..runtime.build import load_engine
 from ..store import Store, shard
 
@@ -19,13 +19,24 @@ def _param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def main(hidden: int = 256, layers: int = 6, experts: int = 32, demos: int = 16, tokens: int = 128, rounds: int = 3) -> dict:
+def main(
+    hidden: int = 256, layers: int = 6, experts: int = 32, demos: int = 16, tokens: int = 128, rounds: int = 3
+) -> dict:
     """Build a throwaway Qwen3-MoE store, then time both passes (interleaved, median) and compare memory."""
     torch.manual_seed(0)
     config = AutoConfig.for_model(
-        "qwen3_moe", vocab_size=512, hidden_size=hidden, intermediate_size=hidden, moe_intermediate_size=hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-        num_experts=experts, num_experts_per_tok=2, norm_topk_prob=True,
+        "qwen3_moe",
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=hidden,
+        moe_intermediate_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        num_experts=experts,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
         model = AutoModelForCausalLM.from_config(config).eval()
@@ -69,11 +80,14 @@ def main(hidden: int = 256, layers: int = 6, experts: int = 32, demos: int = 16,
         }
     ratio = result["profile_s"] / result["plain_forward_s"]
     print(
-        f"model: qwen3_moe, {layers} MoE layers x {experts} experts, hidden {hidden}; demos: {demos} x {tokens} tokens; "
+        f"model: qwen3_moe, {layers} MoE layers x {experts} experts, hidden {hidden}; "
+        f"demos: {demos} x {tokens} tokens; "
         f"median of {rounds} interleaved rounds"
     )
     print(f"{'pass':<44} {'seconds':>8} {'weights resident MiB':>21}")
-    print(f"{'plain transformers forward (full model)':<44} {result['plain_forward_s']:>8.3f} {full_bytes / 2**20:>21.1f}")
+    print(
+        f"{'plain transformers forward (full model)':<44} {result['plain_forward_s']:>8.3f} {full_bytes / 2**20:>21.1f}"
+    )
     print(
         f"{'premoe profile, layer-streamed, 4 criteria':<44} {result['profile_s']:>8.3f} {streamed_peak / 2**20:>21.1f}"
     )

@@ -36,7 +36,9 @@ def heatmap(profile: Profile, out: str | Path, criteria: list[str] | None = None
     import matplotlib.pyplot as plt
 
     names = criteria or sorted(profile.scores)
-    fig, axes = plt.subplots(len(names), 1, figsize=(10, 1.2 + 0.35 * len(profile.moe_layers) * len(names)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(names), 1, figsize=(10, 1.2 + 0.35 * len(profile.moe_layers) * len(names)), squeeze=False
+    )
     for ax, name in zip(axes[:, 0], names, strict=True):
         matrix = profile.scores[name].float()
         matrix = matrix / matrix.amax(dim=1, keepdim=True).clamp_min(1e-30)

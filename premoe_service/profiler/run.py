@@ -29,7 +29,9 @@ class ProfileRun:
     peak_slot_bytes: int = 0
 
 
-def tokenize_demos(tokenizer: Any, demos: Sequence[Demo], max_length: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def tokenize_demos(
+    tokenizer: Any, demos: Sequence[Demo], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Right-padded ids and mask [B, S]; demos over `max_length` tokens are cut, and their indices returned."""
     encoded = [tokenizer(d.text, add_special_tokens=False)["input_ids"] for d in demos]
     truncated = [i for i, ids in enumerate(encoded) if len(ids) > max_length]
@@ -66,7 +68,7 @@ def collect_scores(
     device = engine.device
     mask = attention_mask.to(device)
     collector = StatsCollector(engine, mask.reshape(-1).bool(), tcess_threshold)
-    layers = engine.model.model.layers  # type: ignore[union-attr]
+    layers = engine.decoder_layers
     bar = tqdm(total=len(layers), desc="profile", unit="layer", disable=not progress)
     peak = 0
     handles = []
@@ -88,7 +90,7 @@ def collect_scores(
 
         return hook
 
-    for index, decoder_layer in enumerate(layers):  # type: ignore[arg-type]
+    for index, decoder_layer in enumerate(layers):
         handles.append(decoder_layer.register_forward_pre_hook(before(index)))
         handles.append(decoder_layer.register_forward_hook(after(index)))
     try:
@@ -159,7 +161,7 @@ def profile_store(
     if engine is None:
         engine, _ = load_engine(store, device=device, capacity=0)
     tokenizer = AutoTokenizer.from_pretrained(store.dir, local_files_only=True)
-    max_length = int(getattr(engine.model.config, "max_position_embeddings", 4096))
+    max_length = int(getattr(engine.config, "max_position_embeddings", 4096))
     ids, mask, truncated = tokenize_demos(tokenizer, demos, max_length)
     run = collect_scores(engine, store, ids, mask, streamed=True, tcess_threshold=tcess_threshold, progress=progress)
     run.truncated = truncated

@@ -36,7 +36,9 @@ class Selection:
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
-            raise InvalidArgument(f"unknown selection policy {self.policy!r} (use {', '.join(POLICIES)})", field="policy")
+            raise InvalidArgument(
+                f"unknown selection policy {self.policy!r} (use {', '.join(POLICIES)})", field="policy"
+            )
         if not (isinstance(self.value, int | float) and math.isfinite(self.value) and self.value > 0):
             raise InvalidArgument(f"selection value {self.value!r} must be a positive number", field="value")
         if self.policy == "coverage" and self.value > 1:
@@ -68,15 +70,14 @@ def select(scores: Tensor, spec: MoESpec, selection: Selection, expert_nbytes: i
     """
     if scores.shape != (len(spec.moe_layers), spec.num_experts):
         raise InvalidArgument(
-            f"scores of shape {tuple(scores.shape)} do not fit {len(spec.moe_layers)} layers x {spec.num_experts} experts",
+            f"scores of shape {tuple(scores.shape)} do not fit "
+            f"{len(spec.moe_layers)} layers x {spec.num_experts} experts",
             field="scores",
         )
     scores = scores.double().clamp_min(0)
     floor = min_experts(spec.routing)
     counts = _counts(scores, spec, selection, floor, expert_nbytes)
-    layers = {
-        layer: _valid_set(scores[i], counts[i], spec.routing, layer) for i, layer in enumerate(spec.moe_layers)
-    }
+    layers = {layer: _valid_set(scores[i], counts[i], spec.routing, layer) for i, layer in enumerate(spec.moe_layers)}
     return Pattern.build(spec, layers)
 
 

@@ -56,12 +56,13 @@ class StatsCollector:
     def attach(self) -> Iterator[None]:
         """Install the hooks for the duration of the block."""
         handles = []
-        layers = self.engine.model.model.layers  # type: ignore[union-attr]
+        layers = self.engine.decoder_layers
         for layer in self.engine.spec.moe_layers:
-            norm: nn.Module = layers[layer].post_attention_layernorm  # type: ignore[index]
+            norm = layers[layer].get_submodule("post_attention_layernorm")
             handles.append(norm.register_forward_pre_hook(self._residual_hook(layer)))
             experts = self.engine.experts_module(layer)
-            experts.forward = self._experts_forward(layer, experts)  # type: ignore[method-assign]
+            # An instance attribute shadows the class's forward for this pass only.
+            experts.forward = self._experts_forward(layer, experts)
         self.engine.set_observer(self._on_route)
         try:
             yield
@@ -115,7 +116,9 @@ class StatsCollector:
         )
         previous = self.totals.get(layer)
         if previous is not None:
-            totals = LayerTotals(*(getattr(previous, f) + getattr(totals, f) for f in ("chosen", "tcess", "easyep", "reap")))
+            totals = LayerTotals(
+                *(getattr(previous, f) + getattr(totals, f) for f in ("chosen", "tcess", "easyep", "reap"))
+            )
         self.totals[layer] = totals
 
     def scores(self) -> dict[str, Tensor]:
@@ -143,18 +146,20 @@ def expert_outputs(experts: nn.Module, hidden: Tensor, slots: Tensor) -> Tensor:
     out = torch.empty_like(source)
     transposed = bool(getattr(experts, "is_transposed", False))
     bias = bool(getattr(experts, "has_bias", False))
-    gate_up, down = experts.gate_up_proj, experts.down_proj
+    gate_up, down = experts.get_parameter("gate_up_proj"), experts.get_parameter("down_proj")
+    gate_up_bias = experts.get_parameter("gate_up_proj_bias") if bias else None
+    down_bias = experts.get_parameter("down_proj_bias") if bias else None
+    apply_gate: Any = experts._apply_gate
     for slot in torch.unique(flat).tolist():
         rows = (flat == slot).nonzero().squeeze(-1)
         x = source[rows]
         if transposed:
             h = x @ gate_up[slot]
-            h = h + experts.gate_up_proj_bias[slot] if bias else h
-            h = experts._apply_gate(h)
-            y = h @ down[slot]
-            y = y + experts.down_proj_bias[slot] if bias else y
+            h = h + gate_up_bias[slot] if gate_up_bias is not None else h
+            y = apply_gate(h) @ down[slot]
+            y = y + down_bias[slot] if down_bias is not None else y
         else:
-            h = experts._apply_gate(F.linear(x, gate_up[slot], experts.gate_up_proj_bias[slot] if bias else None))
-            y = F.linear(h, down[slot], experts.down_proj_bias[slot] if bias else None)
+            h = apply_gate(F.linear(x, gate_up[slot], gate_up_bias[slot] if gate_up_bias is not None else None))
+            y = F.linear(h, down[slot], down_bias[slot] if down_bias is not None else None)
         out[rows] = y
     return out.view(tokens, k, -1)

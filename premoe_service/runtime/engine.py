@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -112,6 +112,16 @@ class PatternedModel:
         )
         engine.apply(pattern, source)
         return engine, source
+
+    @property
+    def config(self) -> Any:
+        """The transformers config of the model."""
+        return self.model.config
+
+    @property
+    def decoder_layers(self) -> list[nn.Module]:
+        """The decoder layers of the `*ForCausalLM` model, in order."""
+        return list(self.model.model.layers)  # type: ignore[union-attr,arg-type]
 
     @property
     def device(self) -> torch.device:

@@ -61,13 +61,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self.metrics = metrics
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or not details.method.startswith("/premoe.v1.PreMoe/"):  # type: ignore[attr-defined]
+        if handler is None or not details.method.startswith("/premoe.v1.PreMoe/"):
             return handler
-        method = details.method.rsplit("/", 1)[-1]  # type: ignore[attr-defined]
+        method = details.method.rsplit("/", 1)[-1]
         admin = method in ADMIN_METHODS
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
@@ -89,7 +90,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         metadata = dict(context.invocation_metadata() or ())
         given = str(metadata.get("authorization", ""))
         if not given:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin call: send metadata 'authorization: Bearer <token>'")
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "admin call: send metadata 'authorization: Bearer <token>'"
+            )
         if not hmac.compare_digest(given.removeprefix("Bearer ").strip(), self.admin_token):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "admin token does not match")
 
@@ -106,7 +109,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(code, message)
             except Exception as exc:
                 if _is_abort(exc):
-                    code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+                    code = context.code() or grpc.StatusCode.UNKNOWN
                     raise
                 log.exception("%s failed", method)
                 code, message = status_of(exc)

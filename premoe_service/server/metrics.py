@@ -22,11 +22,15 @@ class Metrics:
         )
         self.loads = Counter("premoe_expert_loads_total", "Experts loaded, by tier", ["tier"], registry=self.registry)
         self.load_seconds = Histogram(
-            "premoe_expert_load_seconds", "Time to load a request's missing experts", registry=self.registry,
+            "premoe_expert_load_seconds",
+            "Time to load a request's missing experts",
+            registry=self.registry,
             buckets=LATENCY_BUCKETS,
         )
         self.resident = Gauge("premoe_resident_expert_bytes", "Bytes of resident experts", registry=self.registry)
-        self.coverage = Gauge("premoe_task_coverage", "Coverage of the last request per task", ["task"], registry=self.registry)
+        self.coverage = Gauge(
+            "premoe_task_coverage", "Coverage of the last request per task", ["task"], registry=self.registry
+        )
         self.server: Any = None
 
     def request(self, method: str, code: str, seconds: float) -> None:

@@ -69,12 +69,16 @@ class PreMoeServicer(pb_grpc.PreMoeServicer):
         deadline, cancelled = _deadline(context), _cancel_flag(context)
         start = time.perf_counter()
         first: float | None = None
-        pieces = self.service.generate(call.prompt, call.params, task=call.task, deadline=deadline, cancelled=cancelled.is_set)
+        pieces = self.service.generate(
+            call.prompt, call.params, task=call.task, deadline=deadline, cancelled=cancelled.is_set
+        )
         async for item in _iterate_in_thread(pieces, self.executor):
             if isinstance(item, GenerationResult):
                 self._observe(item, first)
                 yield pb.GenerateChunk(
-                    token_ids=item.token_ids, finish_reason=item.finish_reason, stats=stats_to_pb(item, self.total_experts)
+                    token_ids=item.token_ids,
+                    finish_reason=item.finish_reason,
+                    stats=stats_to_pb(item, self.total_experts),
                 )
             else:
                 if first is None:
@@ -87,7 +91,10 @@ class PreMoeServicer(pb_grpc.PreMoeServicer):
         if ttft is not None:
             self.metrics.ttft.observe(ttft)
         self.metrics.generation(
-            result.plan.task, result.loads, result.timings["load_ms"] / 1e3, result.coverage,
+            result.plan.task,
+            result.loads,
+            result.timings["load_ms"] / 1e3,
+            result.coverage,
             self.service.residency.resident_experts() * self.service.store.manifest.expert_nbytes,
         )
 
@@ -99,8 +106,12 @@ class PreMoeServicer(pb_grpc.PreMoeServicer):
         call = RegisterCall.from_pb(request, self.service.config.selection)
         view = await self._run(
             lambda: self.service.register_task(
-                call.name, call.demos, description=call.description, selection=call.selection,
-                replace=call.replace, dry_run=call.dry_run,
+                call.name,
+                call.demos,
+                description=call.description,
+                selection=call.selection,
+                replace=call.replace,
+                dry_run=call.dry_run,
             )
         )
         return task_to_pb(view)
@@ -112,7 +123,9 @@ class PreMoeServicer(pb_grpc.PreMoeServicer):
         name = name_from_pb(request.name)
         return task_to_pb(await self._run(lambda: self.service.get_task(name)))
 
-    async def DeleteTask(self, request: pb.DeleteTaskRequest, context: grpc.aio.ServicerContext) -> pb.DeleteTaskResponse:
+    async def DeleteTask(
+        self, request: pb.DeleteTaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteTaskResponse:
         name = name_from_pb(request.name)
         await self._run(lambda: self.service.delete_task(name))
         return pb.DeleteTaskResponse(deleted=True)

@@ -117,7 +117,7 @@ class Generator:
         self.deadline = deadline
         self.cancelled = cancelled or (lambda: False)
         self.stopping = stopping or (lambda: False)
-        config = self.engine.model.config
+        config = self.engine.config
         generation = getattr(self.engine.model, "generation_config", None)
         eos = getattr(generation, "eos_token_id", None) or getattr(config, "eos_token_id", None)
         self.eos: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -141,7 +141,7 @@ class Generator:
         meter = CoverageMeter(pattern, self.engine.spec.routing, keep_prompt_scores=keep_prompt_scores)
         start = time.perf_counter()
         ids = torch.tensor([state.prompt_ids], device=self.engine.device)
-        cache = DynamicCache(config=self.engine.model.config)
+        cache = DynamicCache(config=self.engine.config)
         with self.residency.model_lock:
             self.residency.activate(pattern)
             self.engine.set_observer(meter)
@@ -154,7 +154,9 @@ class Generator:
         return out.logits[0, -1], out.past_key_values
 
     @torch.no_grad()
-    def decode(self, state: Decoding, pattern: Pattern, logits: Tensor, cache: Any, params: SamplingParams) -> Iterator[Step]:
+    def decode(
+        self, state: Decoding, pattern: Pattern, logits: Tensor, cache: Any, params: SamplingParams
+    ) -> Iterator[Step]:
         """Yield tokens until max_new_tokens, an EOS token or a stop string."""
         generator = torch.Generator(device="cpu")
         if params.seed is not None:

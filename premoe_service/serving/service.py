@@ -118,14 +118,25 @@ class PreMoeService:
         if decision.matched and decision.task is not None:
             pattern = self.tasks.pattern(self.registry.get(decision.task))
             return RoutePlan(
-                "match", decision.task, float(decision.score or 0.0), pattern, decision.ranked,
-                reason=decision.reason, seconds=time.perf_counter() - start,
+                "match",
+                decision.task,
+                float(decision.score or 0.0),
+                pattern,
+                decision.ranked,
+                reason=decision.reason,
+                seconds=time.perf_counter() - start,
             )
         capacity = min(slots.capacity for slots in self.engine.slots.values())
         pattern = self.tasks.fallback_pattern(decision.fallback_tasks, capacity)
         return RoutePlan(
-            "fallback", "", float(decision.score or 0.0), pattern, decision.ranked, decision.fallback_tasks,
-            decision.reason, time.perf_counter() - start,
+            "fallback",
+            "",
+            float(decision.score or 0.0),
+            pattern,
+            decision.ranked,
+            decision.fallback_tasks,
+            decision.reason,
+            time.perf_counter() - start,
         )
 
     # --- generation --------------------------------------------------------------------------------
@@ -151,7 +162,8 @@ class PreMoeService:
         state = Decoding(prompt_ids=generator.encode(prompt))
         if len(state.prompt_ids) > self.config.max_prompt_tokens:
             raise InvalidArgument(
-                f"prompt has {len(state.prompt_ids)} tokens, the limit is {self.config.max_prompt_tokens}", field="prompt"
+                f"prompt has {len(state.prompt_ids)} tokens, the limit is {self.config.max_prompt_tokens}",
+                field="prompt",
             )
         with self._admission():
             pattern, widened = plan.pattern, False
@@ -187,7 +199,16 @@ class PreMoeService:
             text=state.text,
             token_ids=[t for t in state.generated],
             finish_reason=state.finish_reason,
-            plan=RoutePlan(plan.decision, plan.task, plan.score, pattern, plan.ranked, plan.fallback_tasks, plan.reason, plan.seconds),
+            plan=RoutePlan(
+                plan.decision,
+                plan.task,
+                plan.score,
+                pattern,
+                plan.ranked,
+                plan.fallback_tasks,
+                plan.reason,
+                plan.seconds,
+            ),
             loads=loads,
             loaded_bytes=loaded_bytes,
             coverage=coverage,
@@ -254,8 +275,14 @@ class PreMoeService:
     # --- tasks -------------------------------------------------------------------------------------
 
     def register_task(
-        self, name: str, demos: list[Demo], *, description: str = "", selection: Selection | None = None,
-        replace: bool = False, dry_run: bool = False,
+        self,
+        name: str,
+        demos: list[Demo],
+        *,
+        description: str = "",
+        selection: Selection | None = None,
+        replace: bool = False,
+        dry_run: bool = False,
     ) -> TaskView:
         if self.stopping.is_set():
             raise Unavailable("the server is shutting down", field="server")

@@ -120,7 +120,9 @@ class TaskBook:
             raise InvalidArgument("at least one demo is needed", field="demos")
         selection = selection or self.selection
         if selection.criterion not in CRITERIA:
-            raise InvalidArgument(f"unknown criterion {selection.criterion!r} (use {', '.join(CRITERIA)})", field="criterion")
+            raise InvalidArgument(
+                f"unknown criterion {selection.criterion!r} (use {', '.join(CRITERIA)})", field="criterion"
+            )
         if not replace and not dry_run and name in self.registry.names():
             from ..errors import AlreadyExists
 
