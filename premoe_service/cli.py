@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .errors import InvalidArgument, PreMoeError
@@ -250,6 +251,46 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_grid, load_task_data, markdown, write_reports
+    from .profiler import Profile
+    from .store import Store
+
+    store = Store(args.store)
+    profiles_dir = Path(args.profiles)
+    names = args.tasks.split(",") if args.tasks else sorted(p.stem for p in profiles_dir.glob("*.safetensors"))
+    profiles = {n: Profile.load(profiles_dir / f"{n}.safetensors", fingerprint=store.fingerprint) for n in names}
+    data = load_task_data(Path(args.data), names, int(args.limit) if args.limit else None)
+    router = None
+    if not args.no_retrieval:
+        from .retrieval import Embedder, MemoryProfileStore, Registry
+
+        registry = Registry(MemoryProfileStore(), embedder=Embedder(args.embedder))
+        for profile in profiles.values():
+            registry.register(profile)
+
+        def router(prompt: str) -> str | None:
+            ranked = registry.route(prompt).ranked
+            return ranked[0][0] if ranked else None
+
+    result = evaluate_grid(
+        store,
+        profiles,
+        data,
+        criteria=args.criteria.split(","),
+        budgets=[float(b) for b in args.budgets.split(",")],
+        cross_criterion=args.cross_criterion,
+        cross_budget=float(args.cross_budget),
+        device=args.device,
+        progress=not args.quiet,
+        router=router,
+    )
+    for path in write_reports(result, Path(args.out)):
+        print(f"wrote {path}")
+    print(markdown(result))
+    return 0
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     with _client(args) as client:
         status = client.health(args.service)
@@ -451,6 +492,31 @@ def build_parser() -> argparse.ArgumentParser:
     opt(p, "--admin-token", help="admin token of the server (for --delete)")
     client_options(p)
     p.set_defaults(handler=cmd_tasks)
+
+    p = verbs.add_parser(
+        "eval",
+        help="quality kept per task, criterion and budget (JSON, Markdown, PNG)",
+        description="For each task and criterion (and a random floor) and each budget (share of "
+        "routed experts, spread over layers by the global budget policy): the task metric with "
+        "the pattern, the full model's, and the retention. Also task A's pattern on task B's "
+        "data, and retrieval top-1 accuracy of the held-out prompts. Exact-match tasks: greedy "
+        "answer == expected; text tasks: per-token NLL (retention = full / pruned perplexity).",
+    )
+    opt(p, "--store", help="store folder", required=_env("STORE") is None)
+    opt(p, "--profiles", help="folder of task profiles", default="profiles")
+    p.add_argument("--data", default="reference/tasks", help="folder with <task>/eval.jsonl")
+    p.add_argument("--tasks", help="comma-separated tasks (default: every profile)")
+    p.add_argument("--criteria", default="frequency,tcess,easyep,reap,random", help="comma-separated")
+    p.add_argument("--budgets", default="0.75,0.5,0.25,0.125", help="comma-separated shares of routed experts")
+    p.add_argument("--cross-criterion", default="tcess", help="criterion of the cross-task matrix")
+    p.add_argument("--cross-budget", default="0.5", help="budget of the cross-task matrix")
+    p.add_argument("--limit", help="items per task (default: all)")
+    p.add_argument("--out", default="var/eval", help="folder for eval.json, eval.md, retention.png")
+    p.add_argument("--no-retrieval", action="store_true", help="skip the retrieval accuracy")
+    opt(p, "--embedder", help="local sentence-transformers model (default: all-MiniLM-L6-v2)")
+    opt(p, "--device", help="cpu or cuda (default: cuda if available)")
+    opt(p, "--quiet", help="no progress bar", action="store_true")
+    p.set_defaults(handler=cmd_eval)
 
     p = verbs.add_parser("health", help="ask a server's grpc.health.v1 status (exit 0 when SERVING)")
     p.add_argument("--service", default="", help="service name ('' for the server as a whole)")

@@ -1,0 +1,86 @@
+"""Evaluation reports: a Markdown table, the JSON, and a PNG of retention against budget per criterion."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .run import EvalResult
+
+
+def _fmt(value: float, metric: str) -> str:
+    return f"{value:.3f}" if metric == "accuracy" else f"{math.exp(value):.2f}"
+
+
+def markdown(result: EvalResult) -> str:
+    """Per task: the full model's metric, then retention per criterion (rows) and budget (columns)."""
+    lines = []
+    budgets = sorted({b for t in result.retention.values() for c in t.values() for b in c}, key=float, reverse=True)
+    criteria = sorted({c for t in result.retention.values() for c in t})
+    header = "| task | metric | full | criterion | " + " | ".join(f"{float(b):.1%}" for b in budgets) + " |"
+    lines += [header, "|" + "---|" * (4 + len(budgets))]
+    for task, by_criterion in result.retention.items():
+        metric = result.metric[task]
+        shown = "accuracy" if metric == "accuracy" else "perplexity"
+        for i, criterion in enumerate(criteria):
+            cells = [f"{by_criterion[criterion].get(b, float('nan')):.3f}" for b in budgets]
+            first = f"| {task} | {shown} | {_fmt(result.full[task], metric)} |" if i == 0 else "| | | |"
+            lines.append(f"{first} {criterion} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "Retention: pruned / full accuracy, or full / pruned perplexity; budgets are shares of routed experts."
+    )
+    if result.cross:
+        tasks = list(result.cross)
+        lines += [
+            "",
+            f"Cross-task retention at {result.cross_budget:.0%} ({result.cross_criterion}): "
+            "rows are the pattern's task, columns the data's task.",
+            "",
+            "| pattern \\ data | " + " | ".join(tasks) + " |",
+            "|" + "---|" * (1 + len(tasks)),
+        ]
+        for source in tasks:
+            row = [f"{result.cross[source].get(t, float('nan')):.3f}" for t in tasks]
+            lines.append(f"| {source} | " + " | ".join(row) + " |")
+    if result.retrieval_top1 is not None:
+        lines += ["", f"Retrieval top-1 accuracy on held-out prompts: {result.retrieval_top1:.3f}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(result: EvalResult, out: Path) -> list[Path]:
+    """`out/eval.json`, `out/eval.md`, `out/retention.png`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    (out / "eval.md").write_text(markdown(result))
+    return [out / "eval.json", out / "eval.md", plot(result, out / "retention.png")]
+
+
+def plot(result: EvalResult, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(result.retention)
+    columns = min(4, len(tasks))
+    rows = math.ceil(len(tasks) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
+    for ax, task in zip(axes.flat, tasks, strict=False):
+        for criterion, by_budget in sorted(result.retention[task].items()):
+            budgets = sorted(by_budget, key=float)
+            style = "--" if criterion == "random" else "-"
+            ax.plot([float(b) for b in budgets], [by_budget[b] for b in budgets], style, marker="o", label=criterion)
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("share of routed experts kept")
+        ax.set_ylabel("retention")
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
