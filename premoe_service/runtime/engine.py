@@ -77,6 +77,9 @@ class PatternedModel:
         self.routers: dict[int, MaskedRouter] = {}
         self.pattern: Pattern | None = None
         self._tick = 0
+        self._active_versions: tuple[int, ...] = ()
+        self._tables: dict[int, tuple[int, torch.Tensor]] = {}
+        self._mask_cache: dict[int, tuple[Pattern, dict[int, torch.Tensor | None]]] = {}
         for layer in self.spec.moe_layers:
             cap = capacity if isinstance(capacity, int) else capacity[layer]
             # Capacity 0 leaves a layer empty until `fill_layer` (layer-streamed profiling).
@@ -159,19 +162,48 @@ class PatternedModel:
         return report
 
     def activate(self, pattern: Pattern) -> None:
-        """Point every router at `pattern`, whose experts must all be resident."""
+        """Point every router at `pattern`, whose experts must all be resident.
+
+        Called before every forward pass of a request (decode steps included), so the router state is
+        cached: nothing is recomputed while the same pattern stays active and no expert moved.
+        """
+        versions = tuple(self.slots[layer].version for layer in self.spec.moe_layers)
+        if self.pattern is pattern and self._active_versions == versions:
+            return
         num_experts = self.spec.num_experts
+        masks = self._masks(pattern)
         for layer, router in self.routers.items():
-            kept = pattern.kept(layer)
             slots = self.slots[layer]
-            missing = [e for e in kept if e not in slots.slot_of]
+            missing = [e for e in pattern.kept(layer) if e not in slots.slot_of]
             if missing:
                 raise PatternError(
                     f"experts {missing} are not resident; load the pattern first", field=f"layer {layer}"
                 )
-            excluded = None if len(kept) == num_experts else pattern.excluded(layer, num_experts)
-            router.set_routing(excluded, slots.slot_table(num_experts))
+            cached = self._tables.get(layer)
+            if cached is None or cached[0] != slots.version:
+                cached = (slots.version, slots.slot_table(num_experts).to(self.device))
+                self._tables[layer] = cached
+            router.set_routing(masks[layer], cached[1])
         self.pattern = pattern
+        self._active_versions = versions
+
+    def _masks(self, pattern: Pattern) -> dict[int, torch.Tensor | None]:
+        """Excluded-expert masks of a pattern on the device, kept for the last few patterns used."""
+        key = id(pattern)
+        entry = self._mask_cache.get(key)
+        if entry is None or entry[0] is not pattern:
+            num_experts = self.spec.num_experts
+            masks = {
+                layer: None
+                if len(pattern.kept(layer)) == num_experts
+                else pattern.excluded(layer, num_experts, self.device)
+                for layer in self.spec.moe_layers
+            }
+            entry = (pattern, masks)
+            self._mask_cache[key] = entry
+            while len(self._mask_cache) > 16:
+                self._mask_cache.pop(next(iter(self._mask_cache)))
+        return entry[1]
 
     def fill_layer(self, layer: int, source: ExpertSource) -> None:
         """Give `layer` one slot per expert and load all of them; the layer then routes over every expert."""
@@ -182,14 +214,19 @@ class PatternedModel:
         for expert in range(num_experts):
             write_slot(experts, expert, source.read(layer, expert))
             slots.place(expert, expert)
-        self.slots[layer] = slots
+        self._replace_slots(layer, slots)
         self.routers[layer].set_routing(None, slots.slot_table(num_experts))
 
     def empty_layer(self, layer: int) -> None:
         """Drop every expert of `layer` and free its slots."""
         install_slots(self.experts_module(layer), 0, self.device)
-        self.slots[layer] = LayerSlots(0)
+        self._replace_slots(layer, LayerSlots(0))
         self.routers[layer].set_routing(None, torch.full((self.spec.num_experts,), -1, dtype=torch.long))
+
+    def _replace_slots(self, layer: int, slots: LayerSlots) -> None:
+        self.slots[layer] = slots
+        self._tables.pop(layer, None)  # a fresh LayerSlots restarts its version count
+        self._active_versions = ()
 
     def expert_bytes_resident(self) -> int:
         """Bytes of all slots (resident or free) over all layers."""

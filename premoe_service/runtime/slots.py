@@ -59,6 +59,7 @@ class LayerSlots:
     slot_of: dict[int, int] = field(default_factory=dict)
     last_used: dict[int, int] = field(default_factory=dict)
     pins: dict[int, int] = field(default_factory=dict)
+    version: int = 0  # bumped whenever an expert moves in or out, so derived tables can be cached
 
     def __post_init__(self) -> None:
         if not self.expert_in_slot:
@@ -92,12 +93,14 @@ class LayerSlots:
         """Free a slot; returns the expert that was there."""
         expert = self.expert_in_slot[slot]
         if expert is not None:
+            self.version += 1
             del self.slot_of[expert]
             self.last_used.pop(expert, None)
             self.expert_in_slot[slot] = None
         return expert
 
     def place(self, expert: int, slot: int) -> None:
+        self.version += 1
         self.expert_in_slot[slot] = expert
         self.slot_of[expert] = slot
 
