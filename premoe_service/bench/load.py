@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -180,11 +181,17 @@ def bench_store(store_dir: Path, redis_url: str | None, rounds: int = 7, device:
 
 def bench_model_dir(out: Path, hidden: int, experts: int, layers: int) -> Path:
     """A Qwen3-MoE checkpoint with experts big enough for throughput figures (random weights)."""
+    bench_model(hidden, layers, experts).save_pretrained(out)
+    return out
+
+
+def bench_model(hidden: int, layers: int, experts: int, vocab: int = 512) -> Any:
+    """A random Qwen3-MoE whose experts are `hidden` x `hidden` SwiGLU blocks (top-2, normalised)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
         "qwen3_moe",
-        vocab_size=256,
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=hidden,
         moe_intermediate_size=hidden,
@@ -194,10 +201,9 @@ def bench_model_dir(out: Path, hidden: int, experts: int, layers: int) -> Path:
         head_dim=hidden // 4,
         num_experts=experts,
         num_experts_per_tok=2,
+        norm_topk_prob=True,
     )
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(out)
-    return out
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 @contextmanager

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..profiler import collect_scores
 from ..runtime.build import load_engine
 from ..store import Store, shard
+from .load import bench_model
 
 
 def _param_bytes(module: torch.nn.Module) -> int:
@@ -24,22 +24,8 @@ def main(
 ) -> dict:
     """Build a throwaway Qwen3-MoE store, then time both passes (interleaved, median) and compare memory."""
     torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        "qwen3_moe",
-        vocab_size=512,
-        hidden_size=hidden,
-        intermediate_size=hidden,
-        moe_intermediate_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden // 4,
-        num_experts=experts,
-        num_experts_per_tok=2,
-        norm_topk_prob=True,
-    )
     with tempfile.TemporaryDirectory() as tmp:
-        model = AutoModelForCausalLM.from_config(config).eval()
+        model = bench_model(hidden, layers, experts)
         model.save_pretrained(Path(tmp) / "ckpt")
         shard(Path(tmp) / "ckpt", Path(tmp) / "store", progress=False)
         store = Store(Path(tmp) / "store")

@@ -104,16 +104,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 if admin:
                     await self._authorise(context)
                 return await behaviour(request, context)
-            except PreMoeError as exc:
-                code, message = status_of(exc)
-                await context.abort(code, message)
             except Exception as exc:
-                if _is_abort(exc):
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                    raise
-                log.exception("%s failed", method)
-                code, message = status_of(exc)
-                await context.abort(code, message)
+                code = await _abort(method, context, exc)
             finally:
                 if self.metrics is not None:
                     self.metrics.request(method, code.name, time.perf_counter() - start)
@@ -129,15 +121,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await self._authorise(context)
                 async for item in behaviour(request, context):
                     yield item
-            except PreMoeError as exc:
-                code, message = status_of(exc)
-                await context.abort(code, message)
             except Exception as exc:
-                if _is_abort(exc):
-                    raise
-                log.exception("%s failed", method)
-                code, message = status_of(exc)
-                await context.abort(code, message)
+                code = await _abort(method, context, exc)
             finally:
                 if self.metrics is not None:
                     self.metrics.request(method, code.name, time.perf_counter() - start)
@@ -145,6 +130,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return run
 
 
-def _is_abort(exc: BaseException) -> bool:
-    # context.abort raises an internal exception type that must propagate untouched.
-    return type(exc).__name__ == "AbortError" or isinstance(exc, grpc.RpcError)
+async def _abort(method: str, context: grpc.aio.ServicerContext, exc: Exception) -> grpc.StatusCode:
+    """End the call with the status of `exc` (always raises); an abort already under way passes through."""
+    if type(exc).__name__ == "AbortError" or isinstance(exc, grpc.RpcError):  # context.abort's own exception
+        raise exc
+    if not isinstance(exc, PreMoeError):
+        log.error("%s failed", method, exc_info=exc)
+    code, message = status_of(exc)
+    await context.abort(code, message)
+    return code  # not reached: abort raises

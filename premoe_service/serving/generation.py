@@ -134,6 +134,16 @@ class Generator:
         if self.stopping():
             raise Unavailable("the server is shutting down", field="server")
 
+    def _forward(self, ids: Tensor, cache: Any, pattern: Pattern, meter: CoverageMeter | None) -> Any:
+        """One forward pass with `pattern` active, holding the model lock (routers serve one pattern at a time)."""
+        with self.residency.model_lock:
+            self.residency.activate(pattern)
+            self.engine.set_observer(meter)
+            try:
+                return self.engine.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            finally:
+                self.engine.set_observer(None)
+
     @torch.no_grad()
     def prefill(self, state: Decoding, pattern: Pattern, *, keep_prompt_scores: bool = False) -> tuple[Tensor, Any]:
         """Run the prompt with `pattern` active; returns the last logits and the KV cache."""
@@ -141,14 +151,7 @@ class Generator:
         meter = CoverageMeter(pattern, self.engine.spec.routing, keep_prompt_scores=keep_prompt_scores)
         start = time.perf_counter()
         ids = torch.tensor([state.prompt_ids], device=self.engine.device)
-        cache = DynamicCache(config=self.engine.config)
-        with self.residency.model_lock:
-            self.residency.activate(pattern)
-            self.engine.set_observer(meter)
-            try:
-                out = self.engine.model(input_ids=ids, past_key_values=cache, use_cache=True)
-            finally:
-                self.engine.set_observer(None)
+        out = self._forward(ids, DynamicCache(config=self.engine.config), pattern, meter)
         state.prefill_s += time.perf_counter() - start
         state.meter = meter
         return out.logits[0, -1], out.past_key_values
@@ -188,14 +191,7 @@ class Generator:
             if self.cancelled():
                 state.finish_reason = "cancelled"
                 break
-            ids = torch.tensor([[token]], device=self.engine.device)
-            with self.residency.model_lock:
-                self.residency.activate(pattern)
-                self.engine.set_observer(meter)
-                try:
-                    out = self.engine.model(input_ids=ids, past_key_values=cache, use_cache=True)
-                finally:
-                    self.engine.set_observer(None)
+            out = self._forward(torch.tensor([[token]], device=self.engine.device), cache, pattern, meter)
             logits, cache = out.logits[0, -1], out.past_key_values
         if state.finish_reason == "eos":
             state.text = self.tokenizer.decode(state.generated, skip_special_tokens=True)
