@@ -149,6 +149,12 @@ def test_corrupted_expert_on_disk_is_a_clear_error(tmp_path: Path) -> None:
     assert info.value.field == "layer 1 expert 5"
     store.read(1, 4)  # neighbours are fine
 
+    # Through the engine (reads straight into slot memory): the same error, and the expert never counts as resident.
+    engine, residency = load_engine(Store(tmp_path / "store", MemoryCache()))
+    with pytest.raises(DataCorruption, match="expert 5 of layer 1"), residency.lease(Pattern.full(engine.spec)):
+        pass
+    assert 5 not in engine.slots[1].resident()
+
 
 def test_switch_moves_exactly_the_bytes_of_differing_experts(tmp_path: Path) -> None:
     _, ckpt = checkpoint(tmp_path, "qwen2_moe")

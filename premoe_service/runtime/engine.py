@@ -13,7 +13,7 @@ from ..errors import PatternError
 from ..families import FamilyAdapter, MoESpec, adapter_for
 from ..pattern import Pattern
 from .masked_router import MaskedRouter, RouterObserver
-from .slots import ExpertTensors, LayerSlots, expert_params, install_slots, write_slot
+from .slots import ExpertTensors, LayerSlots, bytes_view, expert_params, install_slots, write_slot
 
 
 class ExpertSource(Protocol):
@@ -153,13 +153,24 @@ class PatternedModel:
                 evicted = slots.evict_slot(slot)
                 if evicted is not None:
                     report.evicted.append((layer, evicted))
-                write_slot(experts, slot, source.read(layer, expert))
+                self._write(experts, slot, layer, expert, source)
                 slots.place(expert, slot)
                 report.loaded.append((layer, expert))
         self._tick += 1
         for layer in self.spec.moe_layers:
             self.slots[layer].touch(pattern.kept(layer), self._tick)
         return report
+
+    def _write(self, experts: nn.Module, slot: int, layer: int, expert: int, source: ExpertSource) -> None:
+        """Fill a slot: straight into slot memory when the source can read into buffers and slots are on the
+        CPU (no intermediate copy), else through the source's tensors."""
+        read_into = getattr(source, "read_into", None)
+        if read_into is not None and self.device.type == "cpu":
+            params = expert_params(experts)
+            names: list[str] = getattr(source, "part_names")  # noqa: B009 - optional capability
+            read_into(layer, expert, [memoryview(bytes_view(params[name][slot])) for name in names])  # type: ignore[arg-type]
+        else:
+            write_slot(experts, slot, source.read(layer, expert))
 
     def activate(self, pattern: Pattern) -> None:
         """Point every router at `pattern`, whose experts must all be resident.

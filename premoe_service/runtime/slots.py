@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -39,7 +40,18 @@ def write_slot(experts: nn.Module, slot: int, tensors: Mapping[str, Tensor]) -> 
     if set(tensors) != set(params):
         raise ValueError(f"expert tensors {sorted(tensors)} do not match the slot parameters {sorted(params)}")
     for name, tensor in tensors.items():
-        params[name][slot].copy_(tensor, non_blocking=True)
+        target = params[name][slot]
+        if target.device.type == "cpu" and tensor.device.type == "cpu" and target.dtype == tensor.dtype:
+            # A plain single-threaded memcpy: torch's copy_ fans out over OpenMP threads, which stalls
+            # badly when the cores are busy (a serving process always is) and buys nothing for memory-bound work.
+            np.copyto(bytes_view(target), bytes_view(tensor))
+        else:
+            target.copy_(tensor, non_blocking=True)
+
+
+def bytes_view(tensor: Tensor) -> np.ndarray:
+    """The bytes of a contiguous CPU tensor as a writable uint8 array (no copy)."""
+    return tensor.reshape(-1).view(torch.uint8).numpy()
 
 
 @dataclass

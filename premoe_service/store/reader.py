@@ -8,6 +8,7 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -96,12 +97,50 @@ class Store:
         self.stats.record("disk", len(data), time.perf_counter() - start)
         return data, "disk"
 
-    def _read_disk(self, layer: int, expert: int, checksum: str) -> bytes:
+    def read_into(self, layer: int, expert: int, buffers: Sequence[memoryview]) -> Tier:
+        """Read one expert straight into `buffers` (its parts in `part_names` order, e.g. slot memory).
+
+        From disk this is one scatter read (`preadv`) into the buffers, with no intermediate copy; from
+        the cache, one copy of the value. Checks as `read_blob`; on an error the buffers hold garbage.
+        """
+        self._check_address(layer, expert)
+        checksum = self.manifest.checksum(layer, expert)
         nbytes = self.manifest.expert_nbytes
-        data = os.pread(self._fd(layer), nbytes, expert * nbytes)
-        if (layer, expert) in self._verified and len(data) == nbytes:
-            return data
-        if len(data) != nbytes or xxhash.xxh3_64_hexdigest(data) != checksum:
+        if sum(b.nbytes for b in buffers) != nbytes:
+            raise InvalidArgument(
+                f"buffers hold {sum(b.nbytes for b in buffers)} bytes, an expert {nbytes}", field="buffers"
+            )
+        start = time.perf_counter()
+        if self.cache is not None:
+            value = self.cache.get(self.cache_key(layer, expert))
+            if value is not None:
+                if len(value) == nbytes and (self.cache.trusted or xxhash.xxh3_64_hexdigest(value) == checksum):
+                    source, offset = memoryview(value), 0
+                    for buffer in buffers:
+                        buffer[:] = source[offset : offset + buffer.nbytes]
+                        offset += buffer.nbytes
+                    self.stats.record("cache", nbytes, time.perf_counter() - start)
+                    return "cache"
+                log.warning("cache value of layer %d expert %d fails its checksum: repairing from disk", layer, expert)
+                self.stats.repairs += 1
+        read = os.preadv(self._fd(layer), buffers, expert * nbytes)
+        if read != nbytes or (layer, expert) not in self._verified:
+            hasher = xxhash.xxh3_64()
+            for buffer in buffers:
+                hasher.update(buffer)
+            self._verify(layer, expert, read == nbytes and hasher.hexdigest() == checksum)
+        if self.cache is not None:
+            self.cache.put(self.cache_key(layer, expert), b"".join(buffers))
+        self.stats.record("disk", nbytes, time.perf_counter() - start)
+        return "disk"
+
+    @property
+    def part_names(self) -> list[str]:
+        """Expert parameter names in blob order."""
+        return [name for name, *_ in self._views]
+
+    def _verify(self, layer: int, expert: int, ok: bool) -> None:
+        if not ok:
             raise DataCorruption(
                 f"expert {expert} of layer {layer} in {self.dir / self.manifest.layers[layer].file} fails its "
                 "checksum: the store is damaged, shard the checkpoint again",
@@ -110,6 +149,13 @@ class Store:
         # Store files are immutable (rewrites replace them), and an open descriptor keeps reading the
         # file it opened, so one verified read per expert and process is enough.
         self._verified.add((layer, expert))
+
+    def _read_disk(self, layer: int, expert: int, checksum: str) -> bytes:
+        nbytes = self.manifest.expert_nbytes
+        data = os.pread(self._fd(layer), nbytes, expert * nbytes)
+        if (layer, expert) in self._verified and len(data) == nbytes:
+            return data
+        self._verify(layer, expert, len(data) == nbytes and xxhash.xxh3_64_hexdigest(data) == checksum)
         return data
 
     def _fd(self, layer: int) -> int:
