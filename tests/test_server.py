@@ -10,13 +10,16 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from premoe_service.client import PreMoeClient
+from premoe_service.families import adapter_for
 from premoe_service.families.tiny import save_tiny_checkpoint
+from premoe_service.pattern import Pattern
 from premoe_service.server import running_server
 from premoe_service.serving import ServiceConfig
-from premoe_service.store import shard
+from premoe_service.store import Store, shard
+from premoe_service.store.export import export_pruned
 
 from .conftest import free_port
 from .references import pruned_checkpoint_model
@@ -78,7 +81,7 @@ def test_full_pattern_generates_the_tokens_of_transformers(client, model_store) 
     assert reply.stats.pattern_experts == reply.stats.total_experts == 24
 
 
-def test_task_pattern_generates_the_tokens_of_the_pruned_checkpoint(client, model_store) -> None:
+def test_task_pattern_generates_the_tokens_of_the_pruned_checkpoint(client, model_store, tmp_path: Path) -> None:
     model, store = model_store
     info = client.register("code", CODE_DEMOS, description="python code", experts_per_layer=4, replace=True)
     assert info.pattern_experts == 12 and len(info.layers) == 3 and 0 < info.demo_coverage <= 1
@@ -88,6 +91,11 @@ def test_task_pattern_generates_the_tokens_of_the_pruned_checkpoint(client, mode
     assert reply.stats.task == "code" and reply.stats.decision == "override" and reply.stats.pattern_experts == 12
     assert list(reply.token_ids) == hf_greedy(pruned, store, PROMPT, 16)
     assert 0 < reply.stats.coverage < 1
+    # The same through `premoe export`: the checkpoint a distributed engine would load.
+    spec = adapter_for(model.config).spec(model.config)
+    export_pruned(Store(store), Pattern.build(spec, kept), tmp_path / "exported", progress=False)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", local_files_only=True)
+    assert list(reply.token_ids) == hf_greedy(exported, store, PROMPT, 16)
 
     routed = client.route("def multiply(a, b):\n    return a * b")
     assert routed.decision == "match" and routed.task == "code" and routed.pattern_experts == 12
