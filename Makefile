@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: setup test check fmt demo bench clean proto
+.PHONY: setup test check fmt demo bench clean proto profiles eval
 
 setup: $(STAMP)
 
@@ -44,3 +44,21 @@ proto: setup
 # The whole system on the reference model (or a tiny model when it is absent), embedded cache.
 demo: setup
 	$(BIN)/python -m premoe_service.demo
+
+# The reference model's store, its shipped task profiles, and the evaluation behind the README's table.
+REF_MODEL := models/reference-moe
+REF_STORE := var/reference-store
+TASK_NAMES = $(notdir $(wildcard reference/tasks/*))
+
+$(REF_STORE)/manifest.json: $(REF_MODEL)/model.safetensors | setup
+	$(BIN)/premoe shard $(REF_MODEL) --out $(REF_STORE) --quiet
+
+profiles: $(REF_STORE)/manifest.json
+	for t in $(TASK_NAMES); do \
+		$(BIN)/premoe profile --store $(REF_STORE) --task $$t --demos reference/tasks/$$t/demos.jsonl \
+			--description "$$t (reference task)" --out profiles/$$t.safetensors --quiet || exit 1; \
+		cp reference/tasks/$$t/demos.jsonl profiles/$$t.demos.jsonl; \
+	done
+
+eval: $(REF_STORE)/manifest.json
+	$(BIN)/premoe eval --store $(REF_STORE) --profiles profiles --data reference/tasks --out var/eval $(EVAL_ARGS)
