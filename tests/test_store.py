@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -91,6 +92,10 @@ def test_shard_rerun_is_a_noop_and_another_checkpoint_is_refused(tmp_path: Path)
     again = shard(ckpt, tmp_path / "store", progress=False)
     assert first.created and not again.created
     assert (tmp_path / "store" / "manifest.json").stat().st_mtime_ns == mtime
+    # The fingerprint names the model, not where it was read from: a copy elsewhere gets the same one.
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(ckpt, copy)
+    assert shard(copy, tmp_path / "store-copy", progress=False).manifest.fingerprint == first.manifest.fingerprint
     other = tmp_path / "other"
     tiny_model("olmoe", seed=4).save_pretrained(other)
     with pytest.raises(AlreadyExists, match="another checkpoint"):

@@ -80,7 +80,7 @@ def shard(model_dir: str | Path, out: str | Path, *, progress: bool = True) -> S
         bar.close()
         dense_checksum = _write_dense(out / DENSE, reader, dense_names)
 
-    fingerprint = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    fingerprint = hashlib.sha256(json.dumps(_identity(config.to_dict()), sort_keys=True, default=str).encode())
     fingerprint.update(dense_checksum.encode())
     for layer in spec.moe_layers:
         fingerprint.update("".join(checksums[layer]).encode())
@@ -101,6 +101,11 @@ def shard(model_dir: str | Path, out: str | Path, *, progress: bool = True) -> S
             shutil.copy2(path, out / path.name)
     manifest.save(out)  # written last: its presence marks a complete store
     return ShardResult(manifest, created=True)
+
+
+def _identity(config: dict) -> dict:
+    """The config fields that define the model: not where it was loaded from, nor the library version."""
+    return {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
 
 
 def _layer_file(layer: int) -> str:
