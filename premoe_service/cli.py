@@ -377,10 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         "--criterion",
         help="criterion the task's pattern uses",
-        default="tcess",
+        default="easyep",
         choices=["frequency", "tcess", "easyep", "reap"],
     )
-    opt(p, "--policy", help="selection policy", default="top_k", choices=["top_k", "coverage", "budget"])
+    opt(p, "--policy", help="selection policy", default="budget", choices=["top_k", "coverage", "budget"])
     opt(p, "--value", help="policy value: per-layer count or fraction, coverage share, or budget", default="0.5")
     opt(p, "--unit", help="unit of --value", default="fraction", choices=["fraction", "experts", "bytes"])
     opt(p, "--tcess-threshold", help="PreMoe's r: probabilities below it do not count", default="0.0")
@@ -422,10 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         "--criterion",
         help="default criterion of registered tasks",
-        default="tcess",
+        default="easyep",
         choices=["frequency", "tcess", "easyep", "reap"],
     )
-    opt(p, "--policy", help="default selection policy", default="top_k", choices=["top_k", "coverage", "budget"])
+    opt(p, "--policy", help="default selection policy", default="budget", choices=["top_k", "coverage", "budget"])
     opt(p, "--value", help="default selection value", default="0.5")
     opt(p, "--unit", help="unit of --value", default="fraction", choices=["fraction", "experts", "bytes"])
     opt(p, "--route-threshold", help="retrieval score needed for a task match (default: calibrated)")
@@ -508,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", help="comma-separated tasks (default: every profile)")
     p.add_argument("--criteria", default="frequency,tcess,easyep,reap,random", help="comma-separated")
     p.add_argument("--budgets", default="0.75,0.5,0.25,0.125", help="comma-separated shares of routed experts")
-    p.add_argument("--cross-criterion", default="tcess", help="criterion of the cross-task matrix")
+    p.add_argument("--cross-criterion", default="easyep", help="criterion of the cross-task matrix")
     p.add_argument("--cross-budget", default="0.5", help="budget of the cross-task matrix")
     p.add_argument("--limit", help="items per task (default: all)")
     p.add_argument("--out", default="var/eval", help="folder for eval.json, eval.md, retention.png")

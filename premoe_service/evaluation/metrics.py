@@ -83,7 +83,7 @@ def exact_match(model: Any, tokenizer: Any, items: Sequence[EvalItem], batch_siz
 
 @torch.no_grad()
 def mean_nll(
-    model: Any, tokenizer: Any, items: Sequence[EvalItem], batch_size: int = 32, max_length: int = 512
+    model: Any, tokenizer: Any, items: Sequence[EvalItem], batch_size: int = 32, max_length: int = 256
 ) -> float:
     """Mean negative log-likelihood (nats) per predicted token over all texts (padding never counts)."""
     device = next(model.parameters()).device

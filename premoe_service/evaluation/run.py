@@ -98,7 +98,7 @@ def evaluate_grid(
     *,
     criteria: Sequence[str],
     budgets: Sequence[float],
-    cross_criterion: str = "tcess",
+    cross_criterion: str = "easyep",
     cross_budget: float = 0.5,
     seed: int = 0,
     device: str | None = None,

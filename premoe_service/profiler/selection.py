@@ -29,8 +29,10 @@ class Selection:
         unit: `experts` or `bytes` (budget only).
     """
 
-    criterion: str = "tcess"
-    policy: Policy = "top_k"
+    # The defaults are what `premoe eval` on the reference model measured best (README, "Evaluation"):
+    # EASY-EP scores spread over layers by a global budget of half the routed experts.
+    criterion: str = "easyep"
+    policy: Policy = "budget"
     value: float = 0.5
     unit: Literal["experts", "bytes", "fraction"] = "fraction"
 
