@@ -103,6 +103,7 @@ def test_shard_rerun_is_a_noop_and_another_checkpoint_is_refused(tmp_path: Path)
 
 
 def test_corrupted_redis_value_is_detected_and_repaired(tmp_path: Path, redis_server) -> None:
+    redis_server.flush()  # same model, same fingerprint as in other tests: start from an empty cache
     _, ckpt = checkpoint(tmp_path, "mixtral")
     shard(ckpt, tmp_path / "store", progress=False)
     store = Store(tmp_path / "store", RedisCache(redis_server.url))
