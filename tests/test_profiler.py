@@ -198,6 +198,9 @@ def test_budget_policy_is_exact_and_gives_layers_different_counts() -> None:
     assert by_bytes == pattern
     with pytest.raises(InvalidArgument, match="minimum"):
         select(scores, spec, Selection(policy="budget", value=5, unit="experts"))
+    # A cap per layer (a server's slots) moves the surplus to other layers and keeps the total.
+    capped = select(scores, spec, Selection(policy="budget", value=12, unit="experts"), max_per_layer=5)
+    assert capped.size == 12 and max(len(k) for k in capped.layers.values()) <= 5
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2_grouped"])

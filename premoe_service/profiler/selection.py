@@ -65,10 +65,17 @@ def min_experts(routing: RoutingSpec) -> int:
     return max(routing.top_k, routing.topk_group * per_group)
 
 
-def select(scores: Tensor, spec: MoESpec, selection: Selection, expert_nbytes: int | None = None) -> Pattern:
+def select(
+    scores: Tensor,
+    spec: MoESpec,
+    selection: Selection,
+    expert_nbytes: int | None = None,
+    max_per_layer: int | None = None,
+) -> Pattern:
     """The pattern that `selection` picks from `scores` [L, E] (rows in `spec.moe_layers` order).
 
-    Every layer keeps at least `min_experts`; ties go to the lower expert id.
+    Every layer keeps at least `min_experts`; ties go to the lower expert id. `max_per_layer` caps each
+    layer (a server's slots per layer); a budget's experts that a full layer cannot take go to the others.
     """
     if scores.shape != (len(spec.moe_layers), spec.num_experts):
         raise InvalidArgument(
@@ -78,7 +85,10 @@ def select(scores: Tensor, spec: MoESpec, selection: Selection, expert_nbytes: i
         )
     scores = scores.double().clamp_min(0)
     floor = min_experts(spec.routing)
-    counts = _counts(scores, spec, selection, floor, expert_nbytes)
+    cap = spec.num_experts if max_per_layer is None else min(spec.num_experts, max_per_layer)
+    if cap < floor:
+        raise InvalidArgument(f"at most {cap} experts per layer, below the minimum {floor}", field="max_per_layer")
+    counts = [min(c, cap) for c in _counts(scores, spec, selection, floor, expert_nbytes, cap)]
     layers = {layer: _valid_set(scores[i], counts[i], spec.routing, layer) for i, layer in enumerate(spec.moe_layers)}
     return Pattern.build(spec, layers)
 
@@ -88,7 +98,9 @@ def _order(row: Tensor) -> list[int]:
     return sorted(range(row.numel()), key=lambda e: (-float(row[e]), e))
 
 
-def _counts(scores: Tensor, spec: MoESpec, sel: Selection, floor: int, expert_nbytes: int | None) -> list[int]:
+def _counts(
+    scores: Tensor, spec: MoESpec, sel: Selection, floor: int, expert_nbytes: int | None, cap: int
+) -> list[int]:
     num_layers, num_experts = scores.shape
     if sel.policy == "top_k":
         per_layer = round(sel.value * num_experts) if sel.unit == "fraction" else int(sel.value)
@@ -121,7 +133,7 @@ def _counts(scores: Tensor, spec: MoESpec, sel: Selection, floor: int, expert_nb
         raise InvalidArgument(
             f"budget of {budget} experts is below the minimum {floor} per layer x {num_layers} layers", field="value"
         )
-    budget = min(budget, num_layers * num_experts)
+    budget = min(budget, num_layers * cap)
     normalised = scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-30)
     counts = [floor] * num_layers
     candidates = []
@@ -130,8 +142,13 @@ def _counts(scores: Tensor, spec: MoESpec, sel: Selection, floor: int, expert_nb
             if rank >= floor:
                 candidates.append((-float(row[expert]), i, rank))
     candidates.sort()
-    for _, i, _ in candidates[: budget - floor * num_layers]:
-        counts[i] += 1
+    extra = budget - floor * num_layers
+    for _, i, _ in candidates:
+        if extra == 0:
+            break
+        if counts[i] < cap:
+            counts[i] += 1
+            extra -= 1
     return counts
 
 

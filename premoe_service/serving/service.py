@@ -86,6 +86,7 @@ class PreMoeService:
             self._profile_store(), embedder=self.embedder, policy=policy, fingerprint=self.store.fingerprint
         )
         self.tasks = TaskBook(self.registry, self.store, self.spec, config.selection, profiler_engine)
+        self.tasks.max_per_layer = min(slots.capacity for slots in self.engine.slots.values())
         self.counters: dict[str, TaskCounters] = {}
         self._counter_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(config.max_inflight)

@@ -72,6 +72,7 @@ class TaskBook:
         self.spec = spec
         self.selection = selection
         self.profiler_engine = profiler_engine
+        self.max_per_layer: int | None = None  # the serving slots per layer: patterns must fit them
         self._patterns: dict[tuple[str, str, str], Pattern] = {}
         self._lock = threading.Lock()
         self._profiling = threading.Lock()
@@ -83,7 +84,13 @@ class TaskBook:
         with self._lock:
             cached = self._patterns.get(key)
         if cached is None:
-            cached = select(profile.score(selection.criterion), self.spec, selection, self.store.manifest.expert_nbytes)
+            cached = select(
+                profile.score(selection.criterion),
+                self.spec,
+                selection,
+                self.store.manifest.expert_nbytes,
+                max_per_layer=self.max_per_layer,
+            )
             with self._lock:
                 self._patterns[key] = cached
         return cached
