@@ -61,3 +61,28 @@ def test_dockerfile_installs_cpu_torch_first_and_runs_the_cli() -> None:
         assert (ROOT / path).exists(), f"Dockerfile copies {path}, which does not exist"
     env_names = set(re.findall(r"\b(PREMOE_[A-Z_]+)=", text))
     assert env_names <= serve_env_names()
+
+
+def test_generated_grpc_code_is_current(tmp_path: Path) -> None:
+    """The committed code under premoe_service/server/gen/ is what `make proto` makes from the proto file."""
+    from grpc_tools import protoc
+
+    args = [
+        "protoc",
+        f"-I{ROOT / 'protos'}",
+        f"--python_out={tmp_path}",
+        f"--pyi_out={tmp_path}",
+        f"--grpc_python_out={tmp_path}",
+        str(ROOT / "protos/premoe/v1/premoe.proto"),
+    ]
+    assert protoc.main(args) == 0
+    made = tmp_path / "premoe" / "v1"
+    gen = ROOT / "premoe_service" / "server" / "gen"
+    grpc_code = (
+        (made / "premoe_pb2_grpc.py")
+        .read_text()
+        .replace("from premoe.v1 import premoe_pb2", "from . import premoe_pb2")
+    )
+    assert grpc_code == (gen / "premoe_pb2_grpc.py").read_text(), "run `make proto`"
+    for name in ("premoe_pb2.py", "premoe_pb2.pyi"):
+        assert (made / name).read_text() == (gen / name).read_text(), f"{name} is stale: run `make proto`"
