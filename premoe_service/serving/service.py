@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -246,26 +247,24 @@ class PreMoeService:
         except InvalidArgument:
             return pattern  # a widening that group routing cannot use is skipped
 
-    class _Admission:
-        def __init__(self, service: PreMoeService) -> None:
-            self.service = service
-
-        def __enter__(self) -> None:
-            service = self.service
-            if service._waiting >= 2 * service.config.max_inflight:
+    @contextmanager
+    def _admission(self) -> Iterator[None]:
+        """At most `max_inflight` requests generate; up to twice that many wait, beyond that they are refused."""
+        with self._counter_lock:
+            if self._waiting >= 2 * self.config.max_inflight:
                 raise ResourceExhausted("too many requests are waiting; retry later", field="queue")
-            service._waiting += 1
-            try:
-                if not service._slots.acquire(timeout=service.config.lease_timeout_s):
-                    raise ResourceExhausted("no generation slot freed up in time", field="queue")
-            finally:
-                service._waiting -= 1
-
-        def __exit__(self, *exc: object) -> None:
-            self.service._slots.release()
-
-    def _admission(self) -> PreMoeService._Admission:
-        return PreMoeService._Admission(self)
+            self._waiting += 1
+        try:
+            admitted = self._slots.acquire(timeout=self.config.lease_timeout_s)
+        finally:
+            with self._counter_lock:
+                self._waiting -= 1
+        if not admitted:
+            raise ResourceExhausted("no generation slot freed up in time", field="queue")
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     def _count(self, task: str, coverage: float) -> None:
         with self._counter_lock:
