@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from ..errors import InvalidArgument, NotFound
@@ -86,8 +87,6 @@ def random_pattern(engine: PatternedModel, budget: float, seed: int) -> Pattern:
     spec = engine.spec
     count = max(spec.top_k, round(budget * spec.num_experts))
     scores = [[rng.random() for _ in range(spec.num_experts)] for _ in spec.moe_layers]
-    import torch
-
     return select(torch.tensor(scores), spec, Selection("tcess", "top_k", count, "experts"))
 
 

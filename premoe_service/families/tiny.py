@@ -77,22 +77,6 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "routed_scaling_factor": 1.5,
         **_MLA,
     },
-    "deepseek_v2_grouped": {
-        "model_type": "deepseek_v2",
-        "num_hidden_layers": 3,
-        "num_key_value_heads": 4,
-        "intermediate_size": 48,
-        "moe_intermediate_size": 16,
-        "n_routed_experts": 8,
-        "num_experts_per_tok": 2,
-        "n_shared_experts": 1,
-        "first_k_dense_replace": 1,
-        "topk_method": "group_limited_greedy",
-        "n_group": 4,
-        "topk_group": 2,
-        "routed_scaling_factor": 1.0,
-        **_MLA,
-    },
     "deepseek_v3": {
         "model_type": "deepseek_v3",
         "num_hidden_layers": 3,
@@ -120,6 +104,14 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "layer_types": ["sliding_attention", "full_attention"],
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
     },
+}
+# DeepSeek-V2 with group-limited greedy routing: 4 groups of 2 experts, 2 groups per token.
+TINY_CONFIGS["deepseek_v2_grouped"] = {
+    **TINY_CONFIGS["deepseek_v2"],
+    "topk_method": "group_limited_greedy",
+    "n_group": 4,
+    "topk_group": 2,
+    "routed_scaling_factor": 1.0,
 }
 
 

@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
 from ..errors import InvalidArgument, PatternError
@@ -190,9 +189,3 @@ def _valid_set(row: Tensor, count: int, routing: RoutingSpec, layer: int) -> lis
     if len(kept) != count:
         raise PatternError(f"cannot keep exactly {count} experts under group-limited routing", field=f"layer {layer}")
     return sorted(kept)
-
-
-def scores_matrix(scores: dict[str, torch.Tensor], criterion: str) -> Tensor:
-    if criterion not in scores:
-        raise InvalidArgument(f"no {criterion!r} scores (have {sorted(scores)})", field="criterion")
-    return scores[criterion]

@@ -53,11 +53,7 @@ def load_engine(
     if dense is None:
         dense = store.dense_state_dict(device)
     missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
-    slot_params = {
-        f"{adapter.runtime_prefix(layer)}{adapter.experts_attr}.{name}"
-        for layer in spec.moe_layers
-        for name, _ in engine.experts_module(layer).named_parameters(recurse=False)
-    }
+    slot_params = engine.slot_param_names()
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
         slot_params.add("lm_head.weight")

@@ -234,6 +234,19 @@ class PatternedModel:
         self._replace_slots(layer, LayerSlots(0))
         self.routers[layer].set_routing(None, torch.full((self.spec.num_experts,), -1, dtype=torch.long))
 
+    def slot_param_names(self) -> set[str]:
+        """State-dict names of the slot (routed expert) parameters; everything else is dense."""
+        return {
+            f"{self.adapter.runtime_prefix(layer)}{self.adapter.experts_attr}.{name}"
+            for layer in self.spec.moe_layers
+            for name in expert_params(self.experts_module(layer))
+        }
+
+    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+        """The dense tensors (shared, not copied), e.g. to build a second engine on the same weights."""
+        slots = self.slot_param_names()
+        return {k: v for k, v in self.model.state_dict().items() if k not in slots}
+
     def _replace_slots(self, layer: int, slots: LayerSlots) -> None:
         self.slots[layer] = slots
         self._tables.pop(layer, None)  # a fresh LayerSlots restarts its version count

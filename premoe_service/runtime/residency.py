@@ -7,11 +7,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidArgument, ResourceExhausted
 from ..families import MoESpec
 from ..pattern import Pattern
 from .engine import PatternedModel
+
+if TYPE_CHECKING:
+    from ..store.reader import Store  # the store imports the runtime's slot types
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,7 @@ class Residency:
         wait_timeout_s: Default bound on waiting for pinned slots to free up.
     """
 
-    def __init__(self, engine: PatternedModel, store, wait_timeout_s: float = 30.0) -> None:
+    def __init__(self, engine: PatternedModel, store: Store, wait_timeout_s: float = 30.0) -> None:
         self.engine = engine
         self.store = store
         self.wait_timeout_s = wait_timeout_s

@@ -79,8 +79,9 @@ class PreMoeService:
         )
         self.spec = self.engine.spec
         self.tokenizer = AutoTokenizer.from_pretrained(self.store.dir, local_files_only=True)
-        dense = {k: v for k, v in self.engine.model.state_dict().items() if ".experts." not in k}
-        profiler_engine, _ = load_engine(self.store, device=self.engine.device, capacity=0, dense=dense)
+        profiler_engine, _ = load_engine(
+            self.store, device=self.engine.device, capacity=0, dense=self.engine.dense_state_dict()
+        )
         self.embedder = embedder or Embedder(config.embedder)
         policy = RoutePolicy() if config.route_threshold is None else RoutePolicy(threshold=config.route_threshold)
         self.registry = Registry(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -116,21 +116,10 @@ def write_safetensors_streaming(
     with atomic_writer(path) as handle:
         handle.write(struct.pack("<Q", len(raw)))
         handle.write(raw)
-        for (name, dtype, shape), tensor in zip(specs, _checked(specs, tensors), strict=True):
+        for (name, dtype, shape), tensor in zip(specs, tensors, strict=True):
             if tensor.dtype != dtype or tuple(tensor.shape) != shape:
                 raise ValueError(f"tensor {name} is {tensor.dtype}{tuple(tensor.shape)}, declared {dtype}{shape}")
             handle.write(tensor_bytes(tensor))
-
-
-def _checked(
-    specs: list[tuple[str, torch.dtype, tuple[int, ...]]], tensors: Iterable[torch.Tensor]
-) -> Iterator[torch.Tensor]:
-    count = 0
-    for tensor in tensors:
-        count += 1
-        yield tensor
-    if count != len(specs):
-        raise ValueError(f"{count} tensors for {len(specs)} declared")
 
 
 def _numel(shape: tuple[int, ...]) -> int:
