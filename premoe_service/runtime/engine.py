@@ -79,6 +79,7 @@ class PatternedModel:
         self._tick = 0
         self._active_versions: tuple[int, ...] = ()
         self._tables: dict[int, tuple[int, torch.Tensor]] = {}
+        self._published: dict[int, int] = {}  # layer -> slot version last written by `publish_slots`
         self._mask_cache: dict[int, tuple[Pattern, dict[int, torch.Tensor | None]]] = {}
         for layer in self.spec.moe_layers:
             cap = capacity if isinstance(capacity, int) else capacity[layer]
@@ -156,10 +157,15 @@ class PatternedModel:
                 self._write(experts, slot, layer, expert, source)
                 slots.place(expert, slot)
                 report.loaded.append((layer, expert))
-        self._tick += 1
+        tick = self.next_tick()
         for layer in self.spec.moe_layers:
-            self.slots[layer].touch(pattern.kept(layer), self._tick)
+            self.slots[layer].touch(pattern.kept(layer), tick)
         return report
+
+    def next_tick(self) -> int:
+        """A fresh recency stamp for least-recently-used eviction."""
+        self._tick += 1
+        return self._tick
 
     def _write(self, experts: nn.Module, slot: int, layer: int, expert: int, source: ExpertSource) -> None:
         """Fill a slot: straight into slot memory when the source can read into buffers and slots are on the
@@ -195,8 +201,20 @@ class PatternedModel:
                 cached = (slots.version, slots.slot_table(num_experts).to(self.device))
                 self._tables[layer] = cached
             router.set_routing(masks[layer], cached[1])
+        self._published.clear()
         self.pattern = pattern
         self._active_versions = versions
+
+    def publish_slots(self) -> None:
+        """Point every router's slot table at the experts resident now; the batched loop calls this at a
+        step boundary, after committing completed copies, and never during a forward pass."""
+        num_experts = self.spec.num_experts
+        for layer, router in self.routers.items():
+            slots = self.slots[layer]
+            if self._published.get(layer) != slots.version:
+                router.slot_of.copy_(slots.slot_table(num_experts).to(self.device))
+                self._published[layer] = slots.version
+        self._active_versions = ()  # `activate` re-points the routers when used again
 
     def _masks(self, pattern: Pattern) -> dict[int, torch.Tensor | None]:
         """Excluded-expert masks of a pattern on the device, kept for the last few patterns used."""
@@ -250,6 +268,7 @@ class PatternedModel:
     def _replace_slots(self, layer: int, slots: LayerSlots) -> None:
         self.slots[layer] = slots
         self._tables.pop(layer, None)  # a fresh LayerSlots restarts its version count
+        self._published.pop(layer, None)
         self._active_versions = ()
 
     def expert_bytes_resident(self) -> int:

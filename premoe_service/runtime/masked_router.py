@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from ..families.base import RoutingSpec
 from ..families.routing import RouterWeights, Routing, route
+
+if TYPE_CHECKING:
+    from .context import RoutingContext
 
 RouterObserver = Callable[[int, Tensor, Routing], None]
 
@@ -38,6 +42,7 @@ class MaskedRouter(nn.Module):
         self.excluded: Tensor | None = None  # [E] bool, None = nothing excluded
         self.register_buffer("slot_of", torch.full((spec.num_experts,), -1, dtype=torch.long), persistent=False)
         self.observer: RouterObserver | None = None
+        self.context: RoutingContext | None = None  # set around a batched forward pass (`runtime.context.routing`)
 
     def set_routing(self, excluded: Tensor | None, slot_of: Tensor) -> None:
         """Route among the non-excluded experts; `slot_of[e]` is the slot holding expert e (-1: none)."""
@@ -48,6 +53,11 @@ class MaskedRouter(nn.Module):
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
         # Read the weights at call time: loading a state dict with assign=True replaces the parameters.
+        context = self.context
+        if context is not None:  # per-token patterns of a batch of requests
+            routing = route(self.spec, RouterWeights.of(self), hidden, context.excluded(self.layer))
+            context.observe(self.layer, routing)
+            return routing.logits, routing.weights, self.slot_of[routing.experts]
         routing = route(self.spec, RouterWeights.of(self), hidden, self.excluded)
         if self.observer is not None:
             self.observer(self.layer, hidden, routing)

@@ -147,25 +147,90 @@ class Residency:
                 lease.loaded[tier] = self.store.stats.loads[tier] - before[0][tier]
                 lease.loaded_bytes[tier] = self.store.stats.bytes[tier] - before[1][tier]
             lease.loaded["device"] = pattern.size - len(report.loaded)
-            self.store.stats.loads["device"] += lease.loaded["device"]
+            self.store.stats.record("device", 0, 0.0, count=lease.loaded["device"])
             self.stats.device_hits += lease.loaded["device"]
             self.stats.evictions += len(report.evicted)
             self.stats.load_seconds += lease.load_seconds
-            for layer in self.engine.spec.moe_layers:
-                pins = self.engine.slots[layer].pins
-                for expert in pattern.kept(layer):
-                    pins[expert] = pins.get(expert, 0) + 1
+            self._pin(pattern)
             return lease
 
     def _release(self, pattern: Pattern) -> None:
+        self.unpin(pattern)
+
+    # --- asynchronous loads (the engine loop): reserve slots, copy beside the loop, commit at a step boundary
+
+    def reserve(self, pattern: Pattern) -> list[tuple[int, int, int]] | None:
+        """Pin `pattern` and reserve slots for its experts that are neither resident nor already loading.
+
+        Returns the `(layer, expert, slot)` copies to make, or None (and changes nothing) when they do not
+        fit next to the pinned experts now. Evicted experts leave the routing tables at once; they were
+        unpinned, so no running request can route to them. Each copy ends with `commit` or `abort`.
+        """
+        pattern.validate(self.engine.spec)
+        self._check_capacity(pattern)
         with self._cond:
+            try:
+                plans = {
+                    layer: self.engine.slots[layer].plan(pattern.kept(layer), layer)
+                    for layer in self.engine.spec.moe_layers
+                }
+            except ResourceExhausted:
+                self.stats.waits += 1
+                return None
+            copies = []
+            for layer, plan in plans.items():
+                for expert, slot in plan:
+                    if self.engine.slots[layer].reserve(expert, slot) is not None:
+                        self.stats.evictions += 1
+                    copies.append((layer, expert, slot))
+            self._pin(pattern)
+            return copies
+
+    def commit(self, layer: int, expert: int) -> None:
+        """An expert's copy completed: make it routable (call at a step boundary, never during a forward)."""
+        with self._cond:
+            self.engine.slots[layer].commit(expert)
+
+    def abort(self, layer: int, expert: int) -> None:
+        """An expert's copy failed: free its slot."""
+        with self._cond:
+            self.engine.slots[layer].abort(expert)
+
+    def store_hits(self, count: int) -> None:
+        """Count experts a request found already resident (the device tier)."""
+        self.store.stats.record("device", 0, 0.0, count=count)
+        with self._cond:
+            self.stats.device_hits += count
+
+    def is_resident(self, pattern: Pattern) -> bool:
+        """Whether every expert of `pattern` is routable now."""
+        with self._cond:
+            return all(
+                expert in self.engine.slots[layer].slot_of
+                for layer in self.engine.spec.moe_layers
+                for expert in pattern.kept(layer)
+            )
+
+    def unpin(self, pattern: Pattern) -> None:
+        """Drop one pin of each expert of `pattern` and mark them recently used."""
+        with self._cond:
+            tick = self.engine.next_tick()
             for layer in self.engine.spec.moe_layers:
-                pins = self.engine.slots[layer].pins
+                slots = self.engine.slots[layer]
                 for expert in pattern.kept(layer):
-                    pins[expert] -= 1
-                    if not pins[expert]:
-                        del pins[expert]
+                    slots.pins[expert] -= 1
+                    if not slots.pins[expert]:
+                        del slots.pins[expert]
+                slots.touch(pattern.kept(layer), tick)
             self._cond.notify_all()
+
+    def _pin(self, pattern: Pattern) -> None:
+        tick = self.engine.next_tick()
+        for layer in self.engine.spec.moe_layers:
+            slots = self.engine.slots[layer]
+            for expert in pattern.kept(layer):
+                slots.pins[expert] = slots.pins.get(expert, 0) + 1
+            slots.touch(pattern.kept(layer), tick)
 
     def _check_capacity(self, pattern: Pattern) -> None:
         for layer in self.engine.spec.moe_layers:

@@ -64,6 +64,8 @@ class LayerSlots:
         slot_of: Expert id -> slot, for resident experts.
         last_used: Expert id -> tick of its last use (for least-recently-used eviction).
         pins: Expert id -> number of leases holding it; pinned experts are never evicted.
+        loading: Expert id -> slot reserved for it while its bytes are being copied; such an expert is not
+            routable (absent from `slot_of`) until `commit`.
     """
 
     capacity: int
@@ -71,6 +73,7 @@ class LayerSlots:
     slot_of: dict[int, int] = field(default_factory=dict)
     last_used: dict[int, int] = field(default_factory=dict)
     pins: dict[int, int] = field(default_factory=dict)
+    loading: dict[int, int] = field(default_factory=dict)
     version: int = 0  # bumped whenever an expert moves in or out, so derived tables can be cached
 
     def __post_init__(self) -> None:
@@ -84,7 +87,7 @@ class LayerSlots:
         """Slots for the wanted experts not yet resident: free slots first, then the least recently used
         unpinned experts outside `wanted`. Returns (expert, slot) pairs; raises when they cannot fit."""
         wanted = set(wanted)
-        missing = sorted(wanted - self.slot_of.keys())
+        missing = sorted(wanted - self.slot_of.keys() - self.loading.keys())
         if not missing:
             return []
         free = [slot for slot, expert in enumerate(self.expert_in_slot) if expert is None]
@@ -110,6 +113,23 @@ class LayerSlots:
             self.last_used.pop(expert, None)
             self.expert_in_slot[slot] = None
         return expert
+
+    def reserve(self, expert: int, slot: int) -> int | None:
+        """Give `slot` to `expert`, whose bytes are about to be copied in; returns the expert evicted from it.
+        The expert becomes routable only at `commit`."""
+        evicted = self.evict_slot(slot)
+        self.expert_in_slot[slot] = expert
+        self.loading[expert] = slot
+        return evicted
+
+    def commit(self, expert: int) -> None:
+        """The copy into the reserved slot completed: the expert is resident and routable."""
+        self.place(expert, self.loading.pop(expert))
+
+    def abort(self, expert: int) -> None:
+        """The copy failed: free the reserved slot."""
+        slot = self.loading.pop(expert)
+        self.expert_in_slot[slot] = None
 
     def place(self, expert: int, slot: int) -> None:
         self.version += 1

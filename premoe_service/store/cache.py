@@ -21,6 +21,8 @@ class ByteCache(Protocol):
 
     def get(self, key: str) -> bytes | None: ...
 
+    def get_many(self, keys: list[str]) -> list[bytes | None]: ...
+
     def put(self, key: str, value: bytes) -> None: ...
 
     def delete(self, key: str) -> None: ...
@@ -46,6 +48,9 @@ class MemoryCache:
             if value is not None:
                 self._items.move_to_end(key)
             return value
+
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return [self.get(key) for key in keys]
 
     def put(self, key: str, value: bytes) -> None:
         if len(value) > self.max_bytes:
@@ -124,6 +129,21 @@ class RedisCache:
             return None
         self._succeeded()
         return value  # type: ignore[return-value]
+
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """Several values in one round trip (one pipeline of GETs); all misses while Redis is down."""
+        if not keys or not self._available():
+            return [None] * len(keys)
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.get(key)
+            values = pipe.execute()
+        except self._errors as exc:
+            self._failed(exc)
+            return [None] * len(keys)
+        self._succeeded()
+        return list(values)
 
     def put(self, key: str, value: bytes) -> None:
         if not self._available():

@@ -38,11 +38,18 @@ class TierStats:
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIERS, 0.0))
     repairs: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def record(self, tier: Tier, nbytes: int, seconds: float) -> None:
-        self.loads[tier] += 1
-        self.bytes[tier] += nbytes
-        self.seconds[tier] += seconds
+    def record(self, tier: Tier, nbytes: int, seconds: float, count: int = 1) -> None:
+        """Count reads (the loader thread, the engine loop and profiling threads all record here)."""
+        with self._lock:
+            self.loads[tier] += count
+            self.bytes[tier] += nbytes
+            self.seconds[tier] += seconds
+
+    def count_repair(self) -> None:
+        with self._lock:
+            self.repairs += 1
 
 
 class Store:
@@ -90,7 +97,7 @@ class Store:
                     self.stats.record("cache", len(value), time.perf_counter() - start)
                     return value, "cache"
                 log.warning("cache value of layer %d expert %d fails its checksum: repairing from disk", layer, expert)
-                self.stats.repairs += 1
+                self.stats.count_repair()
         data = self._read_disk(layer, expert, checksum)
         if self.cache is not None:
             self.cache.put(self.cache_key(layer, expert), data)
@@ -103,36 +110,50 @@ class Store:
         From disk this is one scatter read (`preadv`) into the buffers, with no intermediate copy; from
         the cache, one copy of the value. Checks as `read_blob`; on an error the buffers hold garbage.
         """
-        self._check_address(layer, expert)
-        checksum = self.manifest.checksum(layer, expert)
+        return self.read_many_into([(layer, expert, buffers)])[0]
+
+    def read_many_into(self, items: Sequence[tuple[int, int, Sequence[memoryview]]]) -> list[Tier]:
+        """`read_into` for several experts (a pattern's missing ones): one cache round trip for all of them
+        (a Redis pipeline), then disk for the misses. Returns each expert's tier."""
         nbytes = self.manifest.expert_nbytes
-        if sum(b.nbytes for b in buffers) != nbytes:
-            raise InvalidArgument(
-                f"buffers hold {sum(b.nbytes for b in buffers)} bytes, an expert {nbytes}", field="buffers"
-            )
+        for layer, expert, buffers in items:
+            self._check_address(layer, expert)
+            if sum(b.nbytes for b in buffers) != nbytes:
+                raise InvalidArgument(
+                    f"buffers hold {sum(b.nbytes for b in buffers)} bytes, an expert {nbytes}", field="buffers"
+                )
         start = time.perf_counter()
-        if self.cache is not None:
-            value = self.cache.get(self.cache_key(layer, expert))
-            if value is not None:
+        values: list[bytes | None] = [None] * len(items)
+        if self.cache is not None and items:
+            values = self.cache.get_many([self.cache_key(layer, expert) for layer, expert, _ in items])
+        fetched_s = (time.perf_counter() - start) / max(len(items), 1)
+        tiers: list[Tier] = []
+        for (layer, expert, buffers), value in zip(items, values, strict=True):
+            checksum = self.manifest.checksum(layer, expert)
+            if value is not None and self.cache is not None:
+                began = time.perf_counter()
                 if len(value) == nbytes and (self.cache.trusted or xxhash.xxh3_64_hexdigest(value) == checksum):
                     source, offset = memoryview(value), 0
                     for buffer in buffers:
                         buffer[:] = source[offset : offset + buffer.nbytes]
                         offset += buffer.nbytes
-                    self.stats.record("cache", nbytes, time.perf_counter() - start)
-                    return "cache"
+                    self.stats.record("cache", nbytes, fetched_s + time.perf_counter() - began)
+                    tiers.append("cache")
+                    continue
                 log.warning("cache value of layer %d expert %d fails its checksum: repairing from disk", layer, expert)
-                self.stats.repairs += 1
-        read = os.preadv(self._fd(layer), buffers, expert * nbytes)
-        if read != nbytes or (layer, expert) not in self._verified:
-            hasher = xxhash.xxh3_64()
-            for buffer in buffers:
-                hasher.update(buffer)
-            self._verify(layer, expert, read == nbytes and hasher.hexdigest() == checksum)
-        if self.cache is not None:
-            self.cache.put(self.cache_key(layer, expert), b"".join(buffers))
-        self.stats.record("disk", nbytes, time.perf_counter() - start)
-        return "disk"
+                self.stats.count_repair()
+            began = time.perf_counter()
+            read = os.preadv(self._fd(layer), buffers, expert * nbytes)
+            if read != nbytes or (layer, expert) not in self._verified:
+                hasher = xxhash.xxh3_64()
+                for buffer in buffers:
+                    hasher.update(buffer)
+                self._verify(layer, expert, read == nbytes and hasher.hexdigest() == checksum)
+            if self.cache is not None:
+                self.cache.put(self.cache_key(layer, expert), b"".join(buffers))
+            self.stats.record("disk", nbytes, fetched_s + time.perf_counter() - began)
+            tiers.append("disk")
+        return tiers
 
     @property
     def part_names(self) -> list[str]:

@@ -1,0 +1,21 @@
+"""The engine loop: continuous batching of requests of any task, with expert loads beside the loop."""
+
+from .kv import KVBatch
+from .loader import Loader, LoadJob
+from .loop import EngineLoop
+from .params import SamplingParams
+from .request import Outcome, Request, Status
+from .stats import BatchLimits, LoopStats
+
+__all__ = [
+    "BatchLimits",
+    "EngineLoop",
+    "KVBatch",
+    "LoadJob",
+    "Loader",
+    "LoopStats",
+    "Outcome",
+    "Request",
+    "SamplingParams",
+    "Status",
+]

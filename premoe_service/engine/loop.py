@@ -1,0 +1,419 @@
+"""The engine loop: one thread owns the model and serves every running request, of any task, per forward pass."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from ..errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from ..runtime import PatternedModel
+from ..runtime.context import PatternMasks, RoutingContext, routing
+from ..runtime.residency import Residency
+from .kv import KVBatch
+from .loader import Loader, LoadJob
+from .request import Outcome, Request, Status
+from .stats import BatchLimits, LoopStats
+
+log = logging.getLogger(__name__)
+
+
+class EngineLoop:
+    """Continuous batching across tasks.
+
+    Each step: take new requests; commit expert copies that completed (they become routable now, at a
+    step boundary); retire cancelled and expired requests; reserve slots for waiting requests whose
+    missing experts fit next to the pinned ones (the loader copies them beside the loop; a request that
+    does not fit waits without blocking those behind it); prefill the requests whose experts are all
+    resident in one batched forward and merge them into the batch; run one decode forward for all rows;
+    sample each row with its own options; stream; retire finished rows. Every forward pass carries a
+    routing context, so each row routes by its own pattern.
+
+    Use `start()` for the background thread, or call `step()` directly (tests drive it step by step).
+    """
+
+    def __init__(
+        self,
+        engine: PatternedModel,
+        residency: Residency,
+        source: Any,
+        *,
+        eos: set[int],
+        pad_id: int = 0,
+        limits: BatchLimits | None = None,
+        loader_gate: threading.Event | None = None,
+        stopping: Callable[[], bool] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.residency = residency
+        self.limits = limits or BatchLimits()
+        self.eos = eos
+        self.pad_id = pad_id
+        self.stopping = stopping or (lambda: False)
+        self.stats = LoopStats()
+        self._wake = threading.Event()
+        self.loader = Loader(engine, source, gate=loader_gate, wake=self._wake.set)
+        self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._masks = PatternMasks(engine)
+        self.waiting: list[Request] = []  # FIFO: waiting for slots, loading, or ready for a row
+        self.running: list[Request] = []  # batch rows, in KV row order
+        self.kv: KVBatch | None = None
+        self._decode_context: RoutingContext | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.moe_layers = len(engine.spec.moe_layers)
+
+    # --- outside --------------------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request (any thread); its events come through `request.events()`."""
+        if self.stats.queued >= self.limits.max_queue:
+            raise ResourceExhausted(f"{self.stats.queued} requests are queued; retry later", field="queue")
+        self.stats.queued += 1
+        self._inbox.put(request)
+        self._wake.set()
+        return request
+
+    def start(self) -> EngineLoop:
+        self._thread = threading.Thread(target=self._run, name="premoe-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.loader.close()
+        for request in [*self.waiting, *self.running, *self._drain()]:
+            request.fail(Unavailable("the server is shutting down", field="server"))
+
+    def run_until_idle(self, timeout_s: float = 60.0) -> None:
+        """Step on the calling thread until no request is queued or running (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout_s
+        while self.waiting or self.running or not self._inbox.empty():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"requests still pending after {timeout_s}s: {self.stats}")
+            self._wake.clear()
+            if not self.step():
+                self._wake.wait(0.01)
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.clear()
+            try:
+                busy = self.step()
+            except Exception as exc:  # a step that fails fails its requests, never the loop
+                log.exception("engine step failed")
+                self._fail(list(self.running), exc)
+                busy = False
+            if not busy:
+                self._wake.wait(0.02 if self.waiting else 0.5)
+
+    # --- one step -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Run one scheduling step; returns whether a forward pass ran."""
+        start = time.perf_counter()
+        self.waiting.extend(self._drain())
+        self._commit_loads()
+        self._retire_gone()
+        self._reserve()
+        ran = self._prefill()
+        if self.running:
+            self._decode()
+            ran = True
+        stats = self.stats
+        stats.rows, stats.queued = len(self.running), len(self.waiting) + self._inbox.qsize()
+        stats.waiting_slots = sum(r.status is Status.WAITING_SLOTS for r in self.waiting)
+        stats.loading = sum(r.status is Status.LOADING for r in self.waiting)
+        stats.ready = sum(r.status is Status.READY for r in self.waiting)
+        stats.loader_backlog, stats.bytes_in_flight = self.loader.backlog, self.loader.bytes_in_flight
+        if ran:
+            stats.record_step(time.perf_counter() - start)
+        return ran
+
+    def _drain(self) -> list[Request]:
+        out = []
+        while True:
+            try:
+                out.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _commit_loads(self) -> None:
+        by_id = {r.id: r for r in self.waiting}
+        committed = False
+        for job in self.loader.completed():
+            owner = by_id.get(job.request_id)
+            if owner is not None:
+                owner.load_s += job.seconds
+                owner.loaded_bytes += job.nbytes
+                for tier, count in job.tiers.items():
+                    owner.loads[tier] += count
+            if job.error is None:
+                for layer, expert, _slot in job.copies:
+                    self.residency.commit(layer, expert)
+                committed = True
+                continue
+            failed = {(layer, expert) for layer, expert, _ in job.copies}
+            for layer, expert, _slot in job.copies:
+                self.residency.abort(layer, expert)
+            victims = [r for r in self.waiting if r.pinned is not None and _uses(r, failed)]
+            self._remove_waiting(victims)
+            self._fail(victims, job.error)
+        if committed:
+            self.engine.publish_slots()
+        for request in self.waiting:
+            if request.status is Status.LOADING and self.residency.is_resident(request.pattern):
+                request.status = Status.READY
+                request.times["ready"] = time.perf_counter()
+
+    def _retire_gone(self) -> None:
+        now = time.monotonic()
+        for group in (self.waiting, self.running):
+            for request in list(group):
+                error: Exception | None = None
+                if self.stopping():
+                    error = Unavailable("the server is shutting down", field="server")
+                elif request.deadline is not None and now > request.deadline:
+                    error = DeadlineExceeded("the deadline passed before the request finished", field="deadline")
+                elif request.status is Status.WAITING_SLOTS and now > request.wait_until:
+                    error = ResourceExhausted(
+                        f"pattern of {request.pattern.size} experts does not fit next to the pinned slots of "
+                        f"running requests (waited {request.wait_timeout_s:.1f}s)",
+                        field="budget",
+                    )
+                if error is not None:
+                    self._drop(request)
+                    request.fail(error)
+                elif request.gone():
+                    self._drop(request)
+                    self._finish(request, "cancelled", drop=False)
+
+    def _reserve(self) -> None:
+        for request in self.waiting:
+            if request.status is not Status.WAITING_SLOTS:
+                continue
+            try:
+                copies = self.residency.reserve(request.pattern)
+            except Exception as exc:
+                self._remove_waiting([request])
+                request.fail(exc)
+                continue
+            if copies is None:
+                continue  # does not fit next to pinned experts now; those behind it may
+            request.pinned = request.pattern
+            hits = request.pattern.size - len(copies)
+            request.loads["device"] += hits
+            self.residency.store_hits(hits)
+            request.times.setdefault("reserved", time.perf_counter())
+            request.status = Status.LOADING
+            if copies:
+                self.loader.submit(LoadJob(request.id, copies))
+            elif self.residency.is_resident(request.pattern):
+                request.status = Status.READY
+                request.times["ready"] = time.perf_counter()
+
+    # --- forward passes -------------------------------------------------------------------------------
+
+    def _prefill(self) -> bool:
+        """Prefill the ready requests that fit the row and token limits, in arrival order, in one forward."""
+        room = self.limits.max_rows - len(self.running)
+        chosen: list[Request] = []
+        for request in self.waiting:
+            if request.status is not Status.READY or len(chosen) >= room:
+                continue
+            longest = max([len(request.prompt_ids), *(len(r.prompt_ids) for r in chosen)])
+            if chosen and longest * (len(chosen) + 1) > self.limits.max_prefill_tokens:
+                break
+            chosen.append(request)
+        if not chosen:
+            return False
+        self._remove_waiting(chosen)
+        start = time.perf_counter()
+        device = self.engine.device
+        ids, mask, positions = KVBatch.prefill_inputs([r.prompt_ids for r in chosen], self.pad_id, device)
+        lengths = [len(r.prompt_ids) for r in chosen]
+        keep_scores = any(r.coverage_floor > 0 and not r.widened for r in chosen)
+        context = RoutingContext.build(
+            self.engine, [r.pattern for r in chosen], ids.shape[1], lengths, keep_scores=keep_scores, masks=self._masks
+        )
+        cache = DynamicCache()
+        try:
+            with routing(self.engine, context):
+                out = self.engine.model(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1
+                )
+        except Exception as exc:
+            self._fail(chosen, exc)
+            return True
+        seconds = time.perf_counter() - start
+        self.stats.prefill_steps += 1
+        coverage = context.coverage.tolist()
+        logits = out.logits[:, -1]
+        kv = KVBatch.after_prefill(cache, mask)
+        keep: list[int] = []
+        for row, request in enumerate(chosen):
+            request.times["prefill_s"] = request.times.get("prefill_s", 0.0) + seconds
+            request.coverage_sum += coverage[row]
+            request.coverage_count += lengths[row] * self.moe_layers
+            if keep_scores and self._widen(request, context, row, lengths[row]):
+                continue  # back to the queue with a wider pattern; this prefill is discarded
+            request.status = Status.RUNNING
+            request.times["first_token"] = time.perf_counter()
+            if not self._emit(request, self._choose(request, logits[row])):
+                keep.append(row)
+        if len(keep) < len(chosen):
+            if not keep:
+                return True
+            kv.select(keep)
+        joined = [chosen[row] for row in keep]
+        if self.kv is None:
+            self.kv = kv
+        else:
+            self.kv.merge(kv)
+        self.running.extend(joined)
+        self._decode_context = None
+        return True
+
+    def _decode(self) -> None:
+        assert self.kv is not None
+        rows = self.running
+        mask, positions = self.kv.decode_inputs()
+        ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.engine.device)
+        if self._decode_context is None:
+            self._decode_context = RoutingContext.build(self.engine, [r.pattern for r in rows], 1, masks=self._masks)
+        context = self._decode_context
+        context.coverage.zero_()
+        try:
+            with routing(self.engine, context):
+                out = self.engine.model(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.kv.cache, logits_to_keep=1
+                )
+        except Exception as exc:
+            self._fail(list(rows), exc)
+            return
+        self.kv.advance(mask)
+        self.stats.decode_steps += 1
+        logits = out.logits[:, -1]
+        greedy = logits.argmax(-1).tolist()
+        coverage = context.coverage.tolist()
+        finished = []
+        for row, request in enumerate(rows):
+            request.coverage_sum += coverage[row]
+            request.coverage_count += self.moe_layers
+            token = greedy[row] if request.params.temperature == 0 else self._choose(request, logits[row])
+            if self._emit(request, token):
+                finished.append(request)
+        if finished:
+            self._remove_running(finished)
+
+    # --- per request ----------------------------------------------------------------------------------
+
+    def _choose(self, request: Request, logits: torch.Tensor) -> int:
+        from .text import choose
+
+        return choose(logits, request.params, request.generator)
+
+    def _emit(self, request: Request, token: int) -> bool:
+        """Give the request its next token; returns True when that finished it (it is then answered)."""
+        request.generated.append(token)
+        self.stats.tokens += 1
+        reason = ""
+        if token in self.eos:
+            reason = "eos"
+        else:
+            request.send(request.text.push(token))
+            if request.text.stopped:
+                reason = "stop"
+        if not reason and len(request.generated) >= request.params.max_new_tokens:
+            reason = "length"
+        if reason:
+            self._finish(request, reason, drop=False)
+        return bool(reason)
+
+    def _widen(self, request: Request, context: RoutingContext, row: int, length: int) -> bool:
+        if request.widen is None or request.coverage_sum / request.coverage_count >= request.coverage_floor:
+            return False
+        scores = {layer: sums[row] / length for layer, sums in context.prompt_scores.items()}
+        wider = request.widen(request.pattern, scores)
+        if wider == request.pattern:
+            return False
+        self._unpin(request)
+        request.pattern, request.widened, request.status = wider, True, Status.WAITING_SLOTS
+        request.coverage_sum, request.coverage_count = 0.0, 0
+        self.waiting.insert(0, request)
+        return True
+
+    def _finish(self, request: Request, reason: str, *, drop: bool = True) -> None:
+        if drop:
+            self._drop(request)
+        self._unpin(request)
+        request.finish_reason = reason
+        request.send(request.text.finish())
+        now = time.perf_counter()
+        times = request.times
+        request.finish(
+            Outcome(
+                token_ids=list(request.generated),
+                text=request.text.text,
+                finish_reason=reason,
+                pattern=request.pattern,
+                widened=request.widened,
+                coverage=request.coverage_sum / request.coverage_count if request.coverage_count else 1.0,
+                loads=dict(request.loads),
+                loaded_bytes=request.loaded_bytes,
+                timings={
+                    "queue_ms": (times.get("ready", now) - times["submitted"]) * 1e3,
+                    "load_ms": request.load_s * 1e3,
+                    "prefill_ms": times.get("prefill_s", 0.0) * 1e3,
+                    "decode_ms": (now - times.get("first_token", now)) * 1e3,
+                },
+                prompt_tokens=len(request.prompt_ids),
+            )
+        )
+
+    def _unpin(self, request: Request) -> None:
+        if request.pinned is not None:
+            self.residency.unpin(request.pinned)
+            request.pinned = None
+
+    def _drop(self, request: Request) -> None:
+        """Take a request out of the queue or the batch and give back its pins."""
+        if request in self.running:
+            self._remove_running([request])
+        elif request in self.waiting:
+            self._remove_waiting([request])
+        self._unpin(request)
+
+    def _remove_waiting(self, requests: Sequence[Request]) -> None:
+        gone = {id(r) for r in requests}
+        self.waiting = [r for r in self.waiting if id(r) not in gone]
+
+    def _remove_running(self, requests: Sequence[Request]) -> None:
+        gone = {id(r) for r in requests}
+        keep = [row for row, r in enumerate(self.running) if id(r) not in gone]
+        self.running = [self.running[row] for row in keep]
+        if self.kv is not None:
+            if keep:
+                self.kv.select(keep)
+            else:
+                self.kv = None
+        self._decode_context = None
+
+    def _fail(self, requests: Sequence[Request], error: BaseException) -> None:
+        for request in requests:
+            self._drop(request)
+            request.fail(error)
+
+
+def _uses(request: Request, experts: set[tuple[int, int]]) -> bool:
+    return any((layer, e) in experts for layer, kept in request.pattern.layers.items() for e in kept)

@@ -1,0 +1,135 @@
+"""One request's state in the engine loop, and what the loop hands back to whoever submitted it."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..pattern import Pattern
+from .params import SamplingParams
+from .text import TextStream
+
+_ids = itertools.count(1)
+
+
+class Status(enum.Enum):
+    WAITING_SLOTS = "waiting for slots"  # its missing experts do not fit next to pinned ones yet
+    LOADING = "loading experts"  # slots reserved, copies in flight
+    READY = "waiting for a row"  # every expert resident, not yet prefilled
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Outcome:
+    """What a finished request reports (the last event of its stream)."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # eos | length | stop | cancelled
+    pattern: Pattern
+    widened: bool
+    coverage: float
+    loads: dict[str, int]
+    loaded_bytes: int
+    timings: dict[str, float]
+    prompt_tokens: int
+
+
+@dataclass
+class Request:
+    """A generation request as the engine loop sees it.
+
+    Args:
+        prompt_ids: Tokenized prompt.
+        pattern: The experts it may route to (leased from admission to its last token).
+        params: Its decoding options (own seed, temperature, top-p, stop strings).
+        tokenizer: For its incremental text.
+        deadline: `time.monotonic()` after which it fails with DEADLINE_EXCEEDED.
+        cancelled: Returns True once the caller has gone; polled at every step.
+        stream: Send text pieces as they come (else only the outcome).
+        coverage_floor: Below this prefill coverage the pattern is widened once (`widen` decides how).
+        widen: Given the pattern and the prompt's mean router scores per layer, a wider pattern.
+        wait_timeout_s: How long it may wait for slots pinned by others.
+    """
+
+    prompt_ids: list[int]
+    pattern: Pattern
+    params: SamplingParams
+    tokenizer: Any
+    deadline: float | None = None
+    cancelled: Callable[[], bool] = lambda: False
+    stream: bool = True
+    coverage_floor: float = 0.0
+    widen: Callable[[Pattern, dict[int, Tensor]], Pattern] | None = None
+    wait_timeout_s: float = 30.0
+    id: int = field(default_factory=lambda: next(_ids))
+    status: Status = Status.WAITING_SLOTS
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    widened: bool = False
+    pinned: Pattern | None = None  # the pattern whose pins it holds
+    coverage_sum: float = 0.0
+    coverage_count: int = 0
+    loads: dict[str, int] = field(default_factory=lambda: {"device": 0, "cache": 0, "disk": 0})
+    loaded_bytes: int = 0
+    load_s: float = 0.0
+    pending: int = 0  # copies of its own still in flight
+    times: dict[str, float] = field(default_factory=dict)
+    _events: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
+    _abandoned: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator(device="cpu")
+        if self.params.seed is not None:
+            self.generator.manual_seed(self.params.seed)
+        self.text = TextStream(self.tokenizer, self.params.stop)
+        self.times["submitted"] = time.perf_counter()
+        self.wait_until = time.monotonic() + self.wait_timeout_s
+
+    # --- loop side --------------------------------------------------------------------------------
+
+    def gone(self) -> bool:
+        return self._abandoned.is_set() or self.cancelled()
+
+    def send(self, piece: str) -> None:
+        if piece and self.stream:
+            self._events.put(piece)
+
+    def finish(self, outcome: Outcome) -> None:
+        self.status = Status.FINISHED
+        self._events.put(outcome)
+
+    def fail(self, error: BaseException) -> None:
+        self.status = Status.FINISHED
+        self._events.put(_Failed(error))
+
+    # --- caller side ------------------------------------------------------------------------------
+
+    def events(self) -> Iterator[str | Outcome]:
+        """Text pieces (when streaming), then the outcome; raises what the request failed with. Closing the
+        iterator early abandons the request (the loop frees its row and slots at the next step)."""
+        try:
+            while True:
+                item = self._events.get()
+                if isinstance(item, _Failed):
+                    raise item.error
+                yield item
+                if isinstance(item, Outcome):
+                    return
+        finally:
+            self._abandoned.set()
+
+
+@dataclass
+class _Failed:
+    error: BaseException

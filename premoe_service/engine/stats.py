@@ -1,0 +1,52 @@
+"""Batch limits and the engine loop's live figures (read by metrics and stats)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """How much the loop takes on at once.
+
+    Attributes:
+        max_rows: Requests decoding together in one forward pass.
+        max_prefill_tokens: Padded prompt tokens in one prefill forward (rows x longest prompt); a single
+            request longer than this still runs alone.
+        max_queue: Requests waiting (for slots, loads or a row) before new ones get RESOURCE_EXHAUSTED.
+    """
+
+    max_rows: int = 32
+    max_prefill_tokens: int = 4096
+    max_queue: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_rows", "max_prefill_tokens", "max_queue"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"must be at least 1, got {getattr(self, name)}", field=name)
+
+
+@dataclass
+class LoopStats:
+    """Figures of the running loop; written by the loop thread only, read by anyone."""
+
+    rows: int = 0  # requests in the batch
+    queued: int = 0  # requests submitted and not yet in the batch
+    waiting_slots: int = 0
+    loading: int = 0
+    ready: int = 0  # experts resident, waiting for a row
+    loader_backlog: int = 0
+    bytes_in_flight: int = 0
+    steps: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    tokens: int = 0
+    last_step_s: float = 0.0
+    step_seconds: float = 0.0
+
+    def record_step(self, seconds: float) -> None:
+        self.steps += 1
+        self.last_step_s = seconds
+        self.step_seconds += seconds

@@ -1,0 +1,94 @@
+"""Per-request token choice and incremental text: sampling as when alone, constant detokenizing work per token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .params import SamplingParams
+
+
+def choose(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token from one row's logits `[V]`: argmax when greedy, else one draw from the request's own
+    generator (temperature, then top-p), exactly the draw the request makes when it runs alone."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
+    if params.top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, 0) - sorted_probs < params.top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        probs /= probs.sum()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TextStream:
+    """The text of a request's generated tokens, built one token at a time, with stop strings.
+
+    Uses the tokenizer's `DecodeStream` (constant work per token; characters split over tokens come out
+    whole) when the tokenizer is a fast one, else decodes the whole sequence per token. `push` returns the
+    text that is safe to send: a tail that could still grow into a stop string is held back.
+    """
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.longest_stop = max((len(s) for s in stops), default=0)
+        self.text = ""
+        self.emitted = 0  # characters of `text` already sent
+        self.stopped = False
+        self.ids: list[int] = []
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend = backend
+        self._stream: Any = None
+        if backend is not None:
+            from tokenizers.decoders import DecodeStream
+
+            self._stream = DecodeStream(skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        """Add a token; returns the newly sendable text (may be empty)."""
+        self.ids.append(token)
+        if self._stream is not None:
+            piece = self._stream.step(self._backend, token) or ""
+            self.text += piece
+        else:
+            full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            piece = full[len(self.text) :] if full.startswith(self.text) else full
+            self.text = full
+        if self.stops and piece:
+            start = max(0, len(self.text) - len(piece) - self.longest_stop + 1)
+            window = self.text[start:]
+            found = [window.find(s) for s in self.stops if s in window]
+            if found:
+                self.text = self.text[: start + min(found)]
+                self.stopped = True
+                return self._flush()
+        return self._flush(hold=self._held())
+
+    def finish(self) -> str:
+        """The request ended: settle the text on the full decode of its tokens, and return the unsent rest."""
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.stopped or self.stops:
+            cut = [full.find(s) for s in self.stops if s in full]
+            full = full[: min(cut)] if cut else full
+        self.text = full
+        return self._flush()
+
+    def _held(self) -> int:
+        """Characters at the end of the text that could be the start of a stop string."""
+        hold = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(stop[:n]):
+                    hold = max(hold, n)
+                    break
+        return hold
+
+    def _flush(self, hold: int = 0) -> str:
+        end = max(self.emitted, len(self.text) - hold)
+        out = self.text[self.emitted : end]
+        self.emitted = end
+        return out

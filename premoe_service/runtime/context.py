@@ -1,0 +1,155 @@
+"""The routing context of one forward pass: which pattern each token row follows, and what routing saw per row."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..families import Routing, RoutingSpec, full_scores
+from ..pattern import Pattern
+from .engine import PatternedModel
+
+
+@dataclass
+class RoutingContext:
+    """Per-forward routing state: rows of a batch follow their own patterns.
+
+    A forward pass over `[B, S]` tokens has `T = B * S` token rows in the router (row-major, so token `t`
+    belongs to batch row `t // S`). Each batch row names a pattern; per MoE layer the context gathers the
+    excluded-expert table of the distinct patterns into a `[T, E]` mask, which the masked router applies
+    before any top-k or group scoring. Observations (coverage, the prompt's router scores) come back per
+    batch row; pad tokens (`token_weight == 0`) are routed like any token but never counted.
+
+    Attributes:
+        tables: MoE layer -> `[P, E]` bool, excluded experts of each distinct pattern (None: none excluded).
+        token_pattern: `[T]` index into the tables' rows.
+        token_row: `[T]` batch row of each token.
+        token_weight: `[T]` 1.0 for real tokens, 0.0 for padding.
+        rows: Batch rows B.
+        coverage: `[B]` float64, sum over real tokens and MoE layers of the share of the full router's
+            probability mass that falls on the row's pattern.
+        prompt_scores: MoE layer -> `[B, E]` sums of the normalised router scores over real tokens (when
+            `keep_scores`).
+    """
+
+    spec: RoutingSpec
+    tables: dict[int, Tensor | None]
+    token_pattern: Tensor
+    token_row: Tensor
+    token_weight: Tensor
+    rows: int
+    keep_scores: bool = False
+    coverage: Tensor = field(init=False)
+    prompt_scores: dict[int, Tensor] = field(default_factory=dict)
+    _masks: dict[int, Tensor | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.coverage = torch.zeros(self.rows, dtype=torch.float64, device=self.token_row.device)
+
+    @classmethod
+    def build(
+        cls,
+        engine: PatternedModel,
+        patterns: Sequence[Pattern],
+        seq_len: int,
+        lengths: Sequence[int] | None = None,
+        *,
+        keep_scores: bool = False,
+        masks: PatternMasks | None = None,
+    ) -> RoutingContext:
+        """The context of a `[len(patterns), seq_len]` batch whose row `b` is left-padded to `seq_len` from
+        `lengths[b]` real tokens (default: no padding)."""
+        device = engine.device
+        masks = masks or PatternMasks(engine)
+        distinct: dict[int, int] = {}
+        row_pattern = [distinct.setdefault(id(p), len(distinct)) for p in patterns]
+        unique = {index: p for p, index in ((p, distinct[id(p)]) for p in patterns)}
+        tables: dict[int, Tensor | None] = {}
+        for layer in engine.spec.moe_layers:
+            per_pattern = [masks.get(unique[i], layer) for i in range(len(unique))]
+            if all(m is None for m in per_pattern):
+                tables[layer] = None
+            else:
+                none = torch.zeros(engine.spec.num_experts, dtype=torch.bool, device=device)
+                tables[layer] = torch.stack([none if m is None else m for m in per_pattern])
+        rows = len(patterns)
+        pattern_of_row = torch.tensor(row_pattern, dtype=torch.long, device=device)
+        token_row = torch.arange(rows, device=device).repeat_interleave(seq_len)
+        weight = torch.ones(rows, seq_len, dtype=torch.float32, device=device)
+        if lengths is not None:
+            for row, length in enumerate(lengths):
+                weight[row, : seq_len - length] = 0.0
+        return cls(
+            engine.spec.routing,
+            tables,
+            pattern_of_row[token_row],
+            token_row,
+            weight.reshape(-1),
+            rows,
+            keep_scores=keep_scores,
+        )
+
+    def excluded(self, layer: int) -> Tensor | None:
+        """`[T, E]` bool mask of the experts each token may not use in `layer` (None: it may use any)."""
+        if layer not in self._masks:
+            table = self.tables.get(layer)
+            self._masks[layer] = None if table is None else table.index_select(0, self.token_pattern)
+        return self._masks[layer]
+
+    def observe(self, layer: int, routing: Routing) -> None:
+        """Record, per batch row, the router mass on the row's pattern (and the router scores if kept)."""
+        scores = full_scores(self.spec, routing.logits)  # [T, E] fp32
+        total = scores.sum(-1).clamp_min(1e-30)
+        excluded = self.excluded(layer)
+        if excluded is None:
+            share = torch.ones_like(total)
+        else:
+            share = scores.masked_fill(excluded, 0.0).sum(-1) / total
+        self.coverage.index_add_(0, self.token_row, (share * self.token_weight).double())
+        if self.keep_scores:
+            normalised = scores / total.unsqueeze(-1) * self.token_weight.unsqueeze(-1)
+            sums = torch.zeros(self.rows, scores.shape[-1], dtype=scores.dtype, device=scores.device)
+            self.prompt_scores[layer] = sums.index_add_(0, self.token_row, normalised)
+
+
+class PatternMasks:
+    """Excluded-expert masks `[E]` per (pattern, layer) on the engine's device, cached for patterns in use."""
+
+    def __init__(self, engine: PatternedModel, keep: int = 256) -> None:
+        self.engine = engine
+        self.keep = keep
+        self._cache: dict[int, tuple[Pattern, dict[int, Tensor | None]]] = {}
+
+    def get(self, pattern: Pattern, layer: int) -> Tensor | None:
+        entry = self._cache.get(id(pattern))
+        if entry is None or entry[0] is not pattern:
+            num_experts = self.engine.spec.num_experts
+            entry = (
+                pattern,
+                {
+                    lay: None
+                    if len(pattern.kept(lay)) == num_experts
+                    else pattern.excluded(lay, num_experts, self.engine.device)
+                    for lay in self.engine.spec.moe_layers
+                },
+            )
+            self._cache[id(pattern)] = entry
+            while len(self._cache) > self.keep:
+                self._cache.pop(next(iter(self._cache)))
+        return entry[1][layer]
+
+
+@contextmanager
+def routing(engine: PatternedModel, context: RoutingContext) -> Iterator[RoutingContext]:
+    """Install `context` in every masked router for the forward passes inside the block."""
+    for router in engine.routers.values():
+        router.context = context
+    try:
+        yield context
+    finally:
+        for router in engine.routers.values():
+            router.context = None
