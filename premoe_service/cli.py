@@ -120,10 +120,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         route_threshold=float(args.route_threshold) if args.route_threshold not in (None, "") else None,
         coverage_floor=float(args.coverage_floor),
         max_new_tokens_limit=int(args.max_new_tokens_limit),
-        max_inflight=int(args.max_inflight),
+        max_batch_rows=_positive(args.max_batch_rows, "--max-batch-rows"),
+        max_batch_tokens=_positive(args.max_batch_tokens, "--max-batch-tokens"),
+        max_queue=_positive(args.max_queue, "--max-queue"),
+        lease_timeout_s=float(args.lease_timeout),
     )
     serve(config)
     return 0
+
+
+def _positive(value: Any, flag: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise InvalidArgument(f"must be a positive integer, got {value!r}", field=flag)
+    return number
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -431,7 +444,15 @@ def build_parser() -> argparse.ArgumentParser:
     opt(p, "--route-threshold", help="retrieval score needed for a task match (default: calibrated)")
     opt(p, "--coverage-floor", help="widen a pattern whose prefill coverage is below this (0: off)", default="0.0")
     opt(p, "--max-new-tokens-limit", help="largest max_new_tokens accepted", default="1024")
-    opt(p, "--max-inflight", help="requests generating at once", default="8")
+    opt(p, "--max-batch-rows", help="requests decoding together in one forward pass", default="32")
+    opt(
+        p,
+        "--max-batch-tokens",
+        help="padded prompt tokens prefilled in one forward pass (rows x longest prompt)",
+        default="4096",
+    )
+    opt(p, "--max-queue", help="requests waiting for experts or a row before new ones are refused", default="256")
+    opt(p, "--lease-timeout", help="seconds a request waits for slots pinned by others", default="30")
     p.set_defaults(handler=cmd_serve)
 
     def client_options(p: argparse.ArgumentParser) -> None:

@@ -197,6 +197,10 @@ def test_stats_and_metrics(client, server) -> None:
     body = urllib.request.urlopen(f"http://127.0.0.1:{handle.metrics_port}/metrics", timeout=10).read().decode()
     assert 'premoe_request_seconds_count{code="OK",method="Generate"}' in body
     assert "premoe_expert_loads_total" in body and "premoe_resident_expert_bytes" in body
+    figures = {line.split(" ")[0]: float(line.split(" ")[1]) for line in body.splitlines() if line and line[0] != "#"}
+    assert figures["premoe_generated_tokens_total"] >= 3 and figures["premoe_engine_steps_total"] >= 3
+    assert figures["premoe_batch_rows"] == 0 and figures["premoe_queue_loading"] == 0
+    assert "premoe_loader_bytes_in_flight" in figures and "premoe_engine_step_seconds_last" in figures
 
 
 def test_health_reports_not_serving_while_shutting_down(model_store, embedder, tmp_path: Path) -> None:

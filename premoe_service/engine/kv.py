@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,7 @@ class KVBatch:
     def merge(self, other: KVBatch) -> None:
         """Append `other`'s rows after ours."""
         width = max(self.width, other.width)
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+        for mine, theirs in zip(_layers(self.cache), _layers(other.cache), strict=True):
             keys = [_pad_left(mine.keys, width), _pad_left(theirs.keys, width)]
             values = [_pad_left(mine.values, width), _pad_left(theirs.values, width)]
             mine.keys, mine.values = torch.cat(keys, dim=0), torch.cat(values, dim=0)
@@ -76,11 +77,22 @@ class KVBatch:
         mask = self.mask.index_select(0, index)
         used = mask.sum(0).nonzero()
         start = int(used[0]) if used.numel() else mask.shape[1]
-        for layer in self.cache.layers:
+        for layer in _layers(self.cache):
             layer.keys = layer.keys.index_select(0, index)[..., start:, :]
             layer.values = layer.values.index_select(0, index)[..., start:, :]
         self.mask = mask[:, start:]
         self.next_pos = self.next_pos.index_select(0, index)
+
+
+def _layers(cache: DynamicCache) -> list[Any]:
+    """The cache's layers; only full-attention KV layers (keys and values `[B, h, L, d]`) join and leave."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = list(cache.layers)
+    for layer in layers:
+        if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
+            raise TypeError(f"cannot batch a {type(layer).__name__} cache layer")
+    return layers
 
 
 def _pad_left(tensor: Tensor, width: int) -> Tensor:

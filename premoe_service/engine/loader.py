@@ -138,7 +138,8 @@ class Loader:
             items = []
             for layer, expert, slot in job.copies:
                 params = expert_params(self.engine.experts_module(layer))
-                items.append((layer, expert, [memoryview(bytes_view(params[name][slot])) for name in names]))
+                views = [memoryview(bytes_view(params[name][slot])) for name in names]  # type: ignore[arg-type]
+                items.append((layer, expert, views))
             for tier in read_many(items):
                 job.tiers[tier] += 1
             job.nbytes = len(job.copies) * _expert_nbytes(self.engine)
@@ -176,7 +177,7 @@ def _part_views(staging: torch.Tensor, engine: PatternedModel, layer: int, names
     array = staging.numpy()
     for name in names:
         size = params[name][0].numel() * params[name].element_size()
-        views.append(memoryview(array[offset : offset + size]))
+        views.append(memoryview(array[offset : offset + size]))  # type: ignore[arg-type]
         offset += size
     return views
 

@@ -105,10 +105,8 @@ class RoutingContext:
         scores = full_scores(self.spec, routing.logits)  # [T, E] fp32
         total = scores.sum(-1).clamp_min(1e-30)
         excluded = self.excluded(layer)
-        if excluded is None:
-            share = torch.ones_like(total)
-        else:
-            share = scores.masked_fill(excluded, 0.0).sum(-1) / total
+        kept = scores if excluded is None else scores.masked_fill(excluded, 0.0)
+        share = kept.sum(-1) / total
         self.coverage.index_add_(0, self.token_row, (share * self.token_weight).double())
         if self.keep_scores:
             normalised = scores / total.unsqueeze(-1) * self.token_weight.unsqueeze(-1)

@@ -51,7 +51,7 @@ class PreMoeServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await asyncio.sleep(min(0.2, grace))  # let health watchers and load balancers see it
         await self.grpc_server.stop(grace)
-        self.service.stopping.set()
+        self.service.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.stop()
 
@@ -60,7 +60,9 @@ def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) ->
     """Build the service and bind its gRPC server (call `start()` inside an event loop). Port 0 picks one."""
     service = PreMoeService(config, embedder=embedder)
     metrics = Metrics()
-    executor = ThreadPoolExecutor(max_workers=max(4, 2 * config.max_inflight), thread_name_prefix="premoe")
+    metrics.watch_engine(service.loop.stats)
+    # One thread per in-flight RPC (each waits on its request's events); the engine loop does the work.
+    executor = ThreadPoolExecutor(max_workers=config.max_batch_rows + config.max_queue + 8, thread_name_prefix="premoe")
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(config.admin_token, metrics)],
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],

@@ -33,6 +33,27 @@ class Metrics:
         )
         self.server: Any = None
 
+    def watch_engine(self, stats: Any) -> None:
+        """Gauges read from the engine loop's live figures (`engine.LoopStats`) at every scrape."""
+        gauges = {
+            "premoe_batch_rows": ("Requests in the running batch", lambda: stats.rows),
+            "premoe_queue_waiting_slots": ("Requests waiting for slots pinned by others", lambda: stats.waiting_slots),
+            "premoe_queue_loading": ("Requests waiting for their experts to load", lambda: stats.loading),
+            "premoe_queue_ready": ("Requests with resident experts waiting for a batch row", lambda: stats.ready),
+            "premoe_engine_step_seconds_last": ("Duration of the last engine step", lambda: stats.last_step_s),
+            "premoe_loader_backlog_jobs": ("Expert load jobs queued or in flight", lambda: stats.loader_backlog),
+            "premoe_loader_bytes_in_flight": ("Expert bytes queued or being copied", lambda: stats.bytes_in_flight),
+        }
+        for name, (doc, read) in gauges.items():
+            Gauge(name, doc, registry=self.registry).set_function(read)
+        counters = {
+            "premoe_engine_steps": ("Engine steps that ran a forward pass", lambda: stats.steps),
+            "premoe_engine_step_seconds": ("Time spent in engine steps", lambda: stats.step_seconds),
+            "premoe_generated_tokens": ("Tokens generated", lambda: stats.tokens),
+        }
+        for name, (doc, read) in counters.items():
+            _CallbackCounter(name, doc, read, self.registry)
+
     def request(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method=method, code=code).observe(seconds)
 
@@ -53,3 +74,21 @@ class Metrics:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+
+
+class _CallbackCounter:
+    """A counter whose value is read from a callback at scrape time (the loop owns the count)."""
+
+    def __init__(self, name: str, documentation: str, read: Any, registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.read = name, documentation, read
+        registry.register(self)
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        yield CounterMetricFamily(self.name, self.documentation, value=float(self.read()))
+
+    def describe(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        yield CounterMetricFamily(self.name, self.documentation)

@@ -48,7 +48,7 @@ class PreMoeServicer(pb_grpc.PreMoeServicer):
 
         def work() -> GenerationResult:
             *_, result = self.service.generate(
-                call.prompt, call.params, task=call.task, deadline=deadline, cancelled=cancelled.is_set
+                call.prompt, call.params, task=call.task, deadline=deadline, cancelled=cancelled.is_set, stream=False
             )
             assert isinstance(result, GenerationResult)
             return result

@@ -1,7 +1,7 @@
 """Serving: the domain behind the gRPC API (routing, leases, generation, task registration, stats)."""
 
+from ..engine import SamplingParams
 from .config import ServiceConfig
-from .generation import SamplingParams
 from .service import GenerationResult, PreMoeService, RoutePlan
 from .tasks import TaskView
 

@@ -31,7 +31,9 @@ class ServiceConfig:
             wanted (0 turns the guardrail off).
         max_new_tokens_limit: Upper bound of a request's max_new_tokens.
         max_prompt_tokens: Longest prompt accepted.
-        max_inflight: Requests generating at once; more wait, and beyond twice this are refused.
+        max_batch_rows: Requests decoding together in one forward pass of the engine loop.
+        max_batch_tokens: Padded prompt tokens prefilled in one forward pass.
+        max_queue: Requests waiting (for slots, expert loads or a row) before new ones are refused.
         lease_timeout_s: How long a request waits for slots pinned by others before RESOURCE_EXHAUSTED.
         grace_s: Seconds in-flight requests get to finish on shutdown.
     """
@@ -51,7 +53,9 @@ class ServiceConfig:
     coverage_floor: float = 0.0
     max_new_tokens_limit: int = 1024
     max_prompt_tokens: int = 4096
-    max_inflight: int = 8
+    max_batch_rows: int = 32
+    max_batch_tokens: int = 4096
+    max_queue: int = 256
     lease_timeout_s: float = 30.0
     grace_s: float = 10.0
 
@@ -61,8 +65,9 @@ class ServiceConfig:
             self.profiles = Path(self.profiles)
         if not 0 <= self.coverage_floor <= 1:
             raise InvalidArgument(f"must lie in [0, 1], got {self.coverage_floor}", field="coverage_floor")
-        if self.max_inflight < 1 or self.max_new_tokens_limit < 1:
-            raise InvalidArgument("limits must be positive", field="max_inflight")
+        for name in ("max_batch_rows", "max_batch_tokens", "max_queue", "max_new_tokens_limit"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"must be positive, got {getattr(self, name)}", field=name)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InvalidArgument(f"unknown device {self.device!r} (auto, cpu, cuda)", field="device")
         Budget.parse(self.budget)  # fail early on a bad budget

@@ -6,19 +6,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
-from ..errors import InvalidArgument, ResourceExhausted, Unavailable
+from ..engine import BatchLimits, EngineLoop, Request, SamplingParams
+from ..errors import InvalidArgument, Unavailable
 from ..pattern import Pattern
 from ..profiler import Demo, Selection
 from ..retrieval import Embedder, LocalProfileStore, RedisProfileStore, Registry, RoutePolicy, check_prompt
 from ..runtime.build import load_engine
 from ..store import Store, open_cache
 from .config import ServiceConfig
-from .generation import Decoding, Generator, SamplingParams
 from .tasks import TaskBook, TaskView
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,21 @@ class PreMoeService:
         self.tasks.max_per_layer = min(slots.capacity for slots in self.engine.slots.values())
         self.counters: dict[str, TaskCounters] = {}
         self._counter_lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(config.max_inflight)
-        self._waiting = 0
         self.stopping = threading.Event()
+        self.loop = EngineLoop(
+            self.engine,
+            self.residency,
+            self.store,
+            eos=_eos_ids(self.engine.model),
+            pad_id=self.tokenizer.pad_token_id or 0,
+            limits=BatchLimits(config.max_batch_rows, config.max_batch_tokens, config.max_queue),
+            stopping=self.stopping.is_set,
+        ).start()
+
+    def close(self) -> None:
+        """Stop the engine loop (requests still queued or running fail with UNAVAILABLE)."""
+        self.stopping.set()
+        self.loop.close()
 
     def _profile_store(self) -> LocalProfileStore | RedisProfileStore | None:
         config = self.config
@@ -152,79 +164,60 @@ class PreMoeService:
         task: str | None = None,
         deadline: float | None = None,
         cancelled: Callable[[], bool] | None = None,
+        stream: bool = True,
     ) -> Iterator[str | GenerationResult]:
-        """Yield text pieces, then one `GenerationResult`. Work starts only within the deadline."""
+        """Yield text pieces (when `stream`), then one `GenerationResult`.
+
+        The request joins the engine loop's batch once its experts are resident; closing the iterator
+        early cancels it (its row and slots are freed at the next step).
+        """
         if self.stopping.is_set():
             raise Unavailable("the server is shutting down", field="server")
         params.check(self.config.max_new_tokens_limit)
         started = time.perf_counter()
         plan = self.plan(prompt, task)
-        generator = Generator(
-            self.residency, self.tokenizer, deadline=deadline, cancelled=cancelled, stopping=self.stopping.is_set
-        )
-        state = Decoding(prompt_ids=generator.encode(prompt))
-        if len(state.prompt_ids) > self.config.max_prompt_tokens:
+        ids: list[int] = self.tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise InvalidArgument("prompt encodes to no tokens", field="prompt")
+        if len(ids) > self.config.max_prompt_tokens:
             raise InvalidArgument(
-                f"prompt has {len(state.prompt_ids)} tokens, the limit is {self.config.max_prompt_tokens}",
-                field="prompt",
+                f"prompt has {len(ids)} tokens, the limit is {self.config.max_prompt_tokens}", field="prompt"
             )
-        with self._admission():
-            pattern, widened = plan.pattern, False
-            lease_cm = self.residency.lease(pattern)
-            lease = lease_cm.__enter__()
-            try:
-                loads = dict(lease.loaded)
-                loaded_bytes = sum(lease.loaded_bytes.values())
-                load_s = lease.load_seconds
-                floor = self.config.coverage_floor
-                logits, cache = generator.prefill(state, pattern, keep_prompt_scores=floor > 0)
-                assert state.meter is not None
-                if floor > 0 and state.meter.coverage < floor:
-                    wider = self._widen(pattern, state.meter.prompt_scores, floor)
-                    if wider != pattern:
-                        wide_cm = self.residency.lease(wider)
-                        wide = wide_cm.__enter__()
-                        lease_cm.__exit__(None, None, None)
-                        lease_cm, pattern, widened = wide_cm, wider, True
-                        for tier, n in wide.loaded.items():
-                            loads[tier] = loads.get(tier, 0) + n
-                        loaded_bytes += sum(wide.loaded_bytes.values())
-                        load_s += wide.load_seconds
-                        logits, cache = generator.prefill(state, pattern)
-                for step in generator.decode(state, pattern, logits, cache, params):
-                    if step.text:
-                        yield step.text
-            finally:
-                lease_cm.__exit__(None, None, None)
-        coverage = state.meter.coverage if state.meter else 1.0
-        self._count(plan.task, coverage)
-        yield GenerationResult(
-            text=state.text,
-            token_ids=[t for t in state.generated],
-            finish_reason=state.finish_reason,
-            plan=RoutePlan(
-                plan.decision,
-                plan.task,
-                plan.score,
-                pattern,
-                plan.ranked,
-                plan.fallback_tasks,
-                plan.reason,
-                plan.seconds,
-            ),
-            loads=loads,
-            loaded_bytes=loaded_bytes,
-            coverage=coverage,
-            widened=widened,
-            timings={
-                "route_ms": plan.seconds * 1e3,
-                "load_ms": load_s * 1e3,
-                "prefill_ms": state.prefill_s * 1e3,
-                "decode_ms": state.decode_s * 1e3,
-                "total_ms": (time.perf_counter() - started) * 1e3,
-            },
-            prompt_tokens=len(state.prompt_ids),
+        floor = self.config.coverage_floor
+        request = Request(
+            ids,
+            plan.pattern,
+            params,
+            self.tokenizer,
+            deadline=deadline,
+            cancelled=cancelled or (lambda: False),
+            stream=stream,
+            coverage_floor=floor,
+            widen=lambda pattern, scores: self._widen(pattern, scores, floor),
+            wait_timeout_s=self.config.lease_timeout_s,
         )
+        self.loop.submit(request)
+        for item in request.events():
+            if isinstance(item, str):
+                yield item
+                continue
+            self._count(plan.task, item.coverage)
+            yield GenerationResult(
+                text=item.text,
+                token_ids=item.token_ids,
+                finish_reason=item.finish_reason,
+                plan=replace(plan, pattern=item.pattern),
+                loads=item.loads,
+                loaded_bytes=item.loaded_bytes,
+                coverage=item.coverage,
+                widened=item.widened,
+                timings={
+                    "route_ms": plan.seconds * 1e3,
+                    **item.timings,
+                    "total_ms": (time.perf_counter() - started) * 1e3,
+                },
+                prompt_tokens=item.prompt_tokens,
+            )
 
     def _widen(self, pattern: Pattern, prompt_scores: dict[int, torch.Tensor], floor: float) -> Pattern:
         """Add, per layer, the experts the prompt's tokens wanted most until the prompt's mean router mass
@@ -247,25 +240,6 @@ class PreMoeService:
             return Pattern.build(self.spec, layers)
         except InvalidArgument:
             return pattern  # a widening that group routing cannot use is skipped
-
-    @contextmanager
-    def _admission(self) -> Iterator[None]:
-        """At most `max_inflight` requests generate; up to twice that many wait, beyond that they are refused."""
-        with self._counter_lock:
-            if self._waiting >= 2 * self.config.max_inflight:
-                raise ResourceExhausted("too many requests are waiting; retry later", field="queue")
-            self._waiting += 1
-        try:
-            admitted = self._slots.acquire(timeout=self.config.lease_timeout_s)
-        finally:
-            with self._counter_lock:
-                self._waiting -= 1
-        if not admitted:
-            raise ResourceExhausted("no generation slot freed up in time", field="queue")
-        try:
-            yield
-        finally:
-            self._slots.release()
 
     def _count(self, task: str, coverage: float) -> None:
         with self._counter_lock:
@@ -320,3 +294,12 @@ class PreMoeService:
             "tasks": tasks,
             "cache_health": self.store.health(),
         }
+
+
+def _eos_ids(model: Any) -> set[int]:
+    """The model's end-of-sequence ids (generation config first, then model config)."""
+    generation = getattr(model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

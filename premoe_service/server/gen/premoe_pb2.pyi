@@ -37,18 +37,20 @@ class ExpertLoads(_message.Message):
     def __init__(self, device: _Optional[int] = ..., cache: _Optional[int] = ..., disk: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("route_ms", "load_ms", "prefill_ms", "decode_ms", "total_ms")
+    __slots__ = ("route_ms", "load_ms", "prefill_ms", "decode_ms", "total_ms", "queue_ms")
     ROUTE_MS_FIELD_NUMBER: _ClassVar[int]
     LOAD_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     route_ms: float
     load_ms: float
     prefill_ms: float
     decode_ms: float
     total_ms: float
-    def __init__(self, route_ms: _Optional[float] = ..., load_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    queue_ms: float
+    def __init__(self, route_ms: _Optional[float] = ..., load_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
     __slots__ = ("task", "score", "decision", "pattern_experts", "total_experts", "loads", "coverage", "widened", "timings", "prompt_tokens", "generated_tokens")
