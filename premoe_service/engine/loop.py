@@ -73,9 +73,9 @@ class EngineLoop:
 
     def submit(self, request: Request) -> Request:
         """Queue a request (any thread); its events come through `request.events()`."""
-        if self.stats.queued >= self.limits.max_queue:
-            raise ResourceExhausted(f"{self.stats.queued} requests are queued; retry later", field="queue")
-        self.stats.queued += 1
+        queued = len(self.waiting) + self._inbox.qsize()
+        if queued >= self.limits.max_queue:
+            raise ResourceExhausted(f"{queued} requests are queued (the limit); retry later", field="queue")
         self._inbox.put(request)
         self._wake.set()
         return request
