@@ -181,26 +181,50 @@ def test_admin_calls_need_the_token(server) -> None:
             assert anonymous.tasks() is not None  # reads stay open
 
 
-def test_deadline_is_honoured(client) -> None:
+def scrape(handle) -> dict[str, float]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{handle.metrics_port}/metrics", timeout=10).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line[:1] != "#"}
+
+
+def wait_idle(handle, timeout_s: float = 30.0) -> None:
+    loop = handle.service.loop
+    deadline = time.monotonic() + timeout_s
+    while (loop.running or loop.waiting) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not loop.running and not loop.waiting
+
+
+def test_deadline_is_honoured(client, server) -> None:
+    handle, _ = server
+    tokens = handle.service.loop.stats.tokens
     with pytest.raises(grpc.RpcError) as info:
-        client.generate(PROMPT, max_new_tokens=200, timeout=0.05)
+        client.generate(PROMPT, max_new_tokens=250, timeout=0.05)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_idle(handle)  # the server stopped the work too, and let go of its slots
+    assert handle.service.loop.stats.tokens - tokens < 250
+    assert sum(len(slots.pins) for slots in handle.service.engine.slots.values()) == 0
     assert client.health() == "SERVING"
 
 
 def test_stats_and_metrics(client, server) -> None:
     handle, _ = server
-    client.generate(PROMPT, max_new_tokens=3)
+    client.register("metered", CODE_DEMOS[:2], experts_per_layer=3, replace=True)
+    client.generate(PROMPT, max_new_tokens=3, task="metered")
+    client.generate(PROMPT, max_new_tokens=3)  # all experts: evicts the task's
     stats = client.stats()
-    assert stats.capacity_experts == 24 and stats.resident_experts <= 24
+    assert stats.capacity_experts == 24 and stats.resident_experts == 24
     assert stats.loads.disk + stats.loads.cache + stats.loads.device > 0 and stats.cache_health == "ok"
-    body = urllib.request.urlopen(f"http://127.0.0.1:{handle.metrics_port}/metrics", timeout=10).read().decode()
-    assert 'premoe_request_seconds_count{code="OK",method="Generate"}' in body
-    assert "premoe_expert_loads_total" in body and "premoe_resident_expert_bytes" in body
-    figures = {line.split(" ")[0]: float(line.split(" ")[1]) for line in body.splitlines() if line and line[0] != "#"}
-    assert figures["premoe_generated_tokens_total"] >= 3 and figures["premoe_engine_steps_total"] >= 3
+    figures = scrape(handle)
+    assert figures['premoe_request_seconds_count{code="OK",method="Generate"}'] >= 2
+    assert figures['premoe_task_coverage{task="metered"}'] > 0
+    assert figures["premoe_generated_tokens_total"] >= 6 and figures["premoe_engine_steps_total"] >= 3
+    assert figures["premoe_queue_seconds_count"] >= 2 and figures["premoe_inflight_requests"] == 0
+    assert figures["premoe_expert_evictions_total"] == handle.service.residency.stats.evictions
     assert figures["premoe_batch_rows"] == 0 and figures["premoe_queue_loading"] == 0
-    assert "premoe_loader_bytes_in_flight" in figures and "premoe_engine_step_seconds_last" in figures
+    assert figures["premoe_loader_bytes_in_flight"] == 0 and figures["premoe_engine_step_seconds_last"] > 0
+    assert figures["premoe_resident_expert_bytes"] > 0
+    assert client.delete_task("metered")
+    assert 'premoe_task_coverage{task="metered"}' not in scrape(handle)  # a deleted task's series goes
 
 
 def test_health_reports_not_serving_while_shutting_down(model_store, embedder, tmp_path: Path) -> None:

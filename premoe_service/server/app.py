@@ -60,7 +60,7 @@ def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) ->
     """Build the service and bind its gRPC server (call `start()` inside an event loop). Port 0 picks one."""
     service = PreMoeService(config, embedder=embedder)
     metrics = Metrics()
-    metrics.watch_engine(service.loop.stats)
+    metrics.watch_engine(service.loop.stats, service.residency.stats)
     # One thread per in-flight RPC (each waits on its request's events); the engine loop does the work.
     executor = ThreadPoolExecutor(max_workers=config.max_batch_rows + config.max_queue + 8, thread_name_prefix="premoe")
     server = grpc.aio.server(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -27,15 +28,23 @@ class Metrics:
             registry=self.registry,
             buckets=LATENCY_BUCKETS,
         )
+        self.queue_seconds = Histogram(
+            "premoe_queue_seconds",
+            "Time from arrival until a request's experts were resident (slots and loads)",
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
         self.resident = Gauge("premoe_resident_expert_bytes", "Bytes of resident experts", registry=self.registry)
         self.coverage = Gauge(
             "premoe_task_coverage", "Coverage of the last request per task", ["task"], registry=self.registry
         )
         self.server: Any = None
 
-    def watch_engine(self, stats: Any) -> None:
-        """Gauges read from the engine loop's live figures (`engine.LoopStats`) at every scrape."""
+    def watch_engine(self, stats: Any, residency_stats: Any) -> None:
+        """Gauges and counters read at every scrape from the engine loop's live figures (`engine.LoopStats`)
+        and the residency's counters."""
         gauges = {
+            "premoe_inflight_requests": ("Requests queued or decoding", lambda: stats.rows + stats.queued),
             "premoe_batch_rows": ("Requests in the running batch", lambda: stats.rows),
             "premoe_queue_waiting_slots": ("Requests waiting for slots pinned by others", lambda: stats.waiting_slots),
             "premoe_queue_loading": ("Requests waiting for their experts to load", lambda: stats.loading),
@@ -50,6 +59,7 @@ class Metrics:
             "premoe_engine_steps": ("Engine steps that ran a forward pass", lambda: stats.steps),
             "premoe_engine_step_seconds": ("Time spent in engine steps", lambda: stats.step_seconds),
             "premoe_generated_tokens": ("Tokens generated", lambda: stats.tokens),
+            "premoe_expert_evictions": ("Experts evicted from their slots", lambda: residency_stats.evictions),
         }
         for name, (doc, read) in counters.items():
             _CallbackCounter(name, doc, read, self.registry)
@@ -57,13 +67,21 @@ class Metrics:
     def request(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method=method, code=code).observe(seconds)
 
-    def generation(self, task: str, loads: dict[str, int], load_s: float, coverage: float, resident_bytes: int) -> None:
+    def generation(
+        self, task: str, loads: dict[str, int], timings_ms: dict[str, float], coverage: float, resident_bytes: int
+    ) -> None:
         for tier, count in loads.items():
             if count:
                 self.loads.labels(tier=tier).inc(count)
-        self.load_seconds.observe(load_s)
+        self.load_seconds.observe(timings_ms.get("load_ms", 0.0) / 1e3)
+        self.queue_seconds.observe(timings_ms.get("queue_ms", 0.0) / 1e3)
         self.coverage.labels(task=task or "(fallback)").set(coverage)
         self.resident.set(resident_bytes)
+
+    def forget_task(self, task: str) -> None:
+        """Drop a deleted task's series."""
+        with contextlib.suppress(KeyError):  # a task that never served has no series
+            self.coverage.remove(task)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Start the HTTP exporter; returns the bound port."""

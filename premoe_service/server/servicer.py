@@ -93,7 +93,7 @@ class PreMoeServicer(pb_grpc.PreMoeServicer):
         self.metrics.generation(
             result.plan.task,
             result.loads,
-            result.timings["load_ms"] / 1e3,
+            result.timings,
             result.coverage,
             self.service.residency.resident_experts() * self.service.store.manifest.expert_nbytes,
         )
@@ -128,6 +128,8 @@ class PreMoeServicer(pb_grpc.PreMoeServicer):
     ) -> pb.DeleteTaskResponse:
         name = name_from_pb(request.name)
         await self._run(lambda: self.service.delete_task(name))
+        if self.metrics is not None:
+            self.metrics.forget_task(name)
         return pb.DeleteTaskResponse(deleted=True)
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetStatsResponse:
