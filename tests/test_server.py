@@ -210,15 +210,15 @@ def test_stats_and_metrics(client, server) -> None:
     handle, _ = server
     client.register("metered", CODE_DEMOS[:2], experts_per_layer=3, replace=True)
     client.generate(PROMPT, max_new_tokens=3, task="metered")
-    client.generate(PROMPT, max_new_tokens=3)  # all experts: evicts the task's
     stats = client.stats()
-    assert stats.capacity_experts == 24 and stats.resident_experts == 24
+    resident = sum(len(slots.slot_of) for slots in handle.service.engine.slots.values())
+    assert stats.capacity_experts == 24 and stats.resident_experts == resident >= 9
     assert stats.loads.disk + stats.loads.cache + stats.loads.device > 0 and stats.cache_health == "ok"
     figures = scrape(handle)
-    assert figures['premoe_request_seconds_count{code="OK",method="Generate"}'] >= 2
+    assert figures['premoe_request_seconds_count{code="OK",method="Generate"}'] >= 1
     assert figures['premoe_task_coverage{task="metered"}'] > 0
-    assert figures["premoe_generated_tokens_total"] >= 6 and figures["premoe_engine_steps_total"] >= 3
-    assert figures["premoe_queue_seconds_count"] >= 2 and figures["premoe_inflight_requests"] == 0
+    assert figures["premoe_generated_tokens_total"] >= 3 and figures["premoe_engine_steps_total"] >= 3
+    assert figures["premoe_queue_seconds_count"] >= 1 and figures["premoe_inflight_requests"] == 0
     assert figures["premoe_expert_evictions_total"] == handle.service.residency.stats.evictions
     assert figures["premoe_batch_rows"] == 0 and figures["premoe_queue_loading"] == 0
     assert figures["premoe_loader_bytes_in_flight"] == 0 and figures["premoe_engine_step_seconds_last"] > 0
