@@ -222,7 +222,12 @@ class Store:
                 hasher.update(chunk)
         if hasher.hexdigest() != self.manifest.dense_checksum:
             raise DataCorruption(f"{path} fails its checksum: shard the checkpoint again", field="dense")
-        return load_file(str(path), device=str(device))
+        tensors = load_file(str(path), device=str(device))
+        if torch.device(device).type == "cpu":
+            # Tensors read from a safetensors file sit at the file's offsets (16-byte aligned); BLAS rounds
+            # differently on unaligned operands, so give each its own allocation, as transformers' are.
+            tensors = {name: tensor.clone() for name, tensor in tensors.items()}
+        return tensors
 
     def close(self) -> None:
         with self._lock:
