@@ -1,0 +1,310 @@
+"""`premoe bench serve`: the gRPC server under N concurrent clients against transformers in the same run.
+
+One fixed list of greedy requests (prompts of several tasks, each naming its task) goes through the real server
+with N = 1, 4, 16 ... concurrent gRPC clients (a closed loop: each client sends its next request when the last
+one is done), and through transformers with every expert, in-process: `generate` on each prompt alone, on
+left-padded batches of N prompts, and continuous batching with N requests in flight. Every baseline generates
+exactly the real tokens of the server's lone reply to each request (up to and including EOS). Rounds are
+interleaved and medians reported. Every reply is checked equal to the same request sent alone. A stall check
+follows (see `serve_stall`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..errors import InvalidArgument
+from .serve_clients import build_requests, parse_range, run_clients, summarize
+
+OURS_KEYS = ("tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
+TARGETS = {"padded_at_max_clients": 0.7, "alone_at_1_client": 0.9, "stall_p99_ratio": 1.5}
+
+
+@dataclass
+class ServeBenchOptions:
+    store: str | None = None  # None: var/reference-store, built from `model` when missing
+    model: str = "models/reference-moe"
+    profiles: str = "profiles"
+    data: str = "reference/tasks"
+    tasks: str | None = None  # comma-separated; None: every profile with data
+    per_task: int = 2
+    text_chars: int = 60
+    clients: str = "1,4,16"
+    rounds: int = 5
+    max_new_tokens: str = "3-32"
+    seed: int = 0
+    device: str = "auto"
+    budget: str = "1.0"
+    embedder: str | None = None
+    out: str | None = "var/bench-serve.json"
+    baselines: bool = True
+    continuous: bool = True
+    stall: bool = True
+    throttle_mbps: float = 20.0
+    stall_budget: str = "auto"
+    stall_tokens: int = 200
+    stall_newcomers: int = 6
+    stall_newcomer_tokens: int = 8
+    stall_rounds: int = 3
+    serve_opts: list[str] = field(default_factory=list)  # extra ServiceConfig fields, NAME=VALUE
+    quiet: bool = False
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _store(options: ServeBenchOptions) -> Path:
+    store = Path(options.store or "var/reference-store")
+    if not (store / "manifest.json").exists():
+        if options.store is not None and not Path(options.model).exists():
+            raise InvalidArgument(f"no store at {store}", field="store")
+        from ..store import shard
+
+        shard(options.model, store, progress=not options.quiet)
+    return store
+
+
+def _config_factory(options: ServeBenchOptions, store: Path, max_clients: int, token_limit: int) -> Any:
+    """`make(budget, redis_url) -> ServiceConfig`, with only fields this ServiceConfig has set beyond the basics."""
+    from ..serving import ServiceConfig
+
+    fields = {f.name: f for f in dataclasses.fields(ServiceConfig)}
+    extra: dict[str, Any] = {}
+    if "max_inflight" in fields:
+        extra["max_inflight"] = max(max_clients, 8)
+    for item in options.serve_opts:
+        name, sep, text = item.partition("=")
+        if not sep or name not in fields:
+            raise InvalidArgument(f"expected NAME=VALUE with a ServiceConfig field, got {item!r}", field="serve_opt")
+        default = fields[name].default
+        kind = type(default) if default is not None and default is not dataclasses.MISSING else str
+        extra[name] = text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
+
+    def make(budget: str, redis_url: str | None) -> Any:
+        return ServiceConfig(
+            store=store,
+            profiles=Path(options.profiles),
+            redis_url=redis_url,
+            budget=budget,
+            device=options.device,
+            embedder=options.embedder,
+            port=0,
+            max_new_tokens_limit=max(1024, token_limit),
+            **extra,
+        )
+
+    return make
+
+
+def _median(values: list[Any]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(statistics.median(kept)) if kept else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def run(options: ServeBenchOptions) -> dict[str, Any]:
+    """Run the benchmark; returns the report (also written to `options.out` as JSON and printed as a table)."""
+    from ..retrieval import Embedder
+    from ..runtime.build import resolve_device
+    from ..server import running_server
+    from .serve_baselines import HFBaselines
+
+    counts = sorted({int(n) for n in str(options.clients).split(",") if n.strip()})
+    if not counts or counts[0] < 1:
+        raise InvalidArgument("give client counts >= 1, e.g. 1,4,16", field="clients")
+    device = resolve_device(None if options.device == "auto" else options.device)
+    store = _store(options)
+    profiles = Path(options.profiles)
+    names = options.tasks.split(",") if options.tasks else sorted(p.stem for p in profiles.glob("*.safetensors"))
+    names = [n for n in names if (Path(options.data) / n / "eval.jsonl").exists()]
+    if not names:
+        raise InvalidArgument(f"no task has both a profile in {profiles} and data in {options.data}", field="tasks")
+    requests = build_requests(
+        Path(options.data),
+        names,
+        options.per_task,
+        parse_range(options.max_new_tokens),
+        options.text_chars,
+        options.seed,
+    )
+    make_config = _config_factory(
+        options, store, counts[-1], max(options.stall_tokens, max(r.max_new_tokens for r in requests))
+    )
+    embedder = Embedder(options.embedder)
+    steps = options.rounds * len(counts) * (1 + 2 * options.baselines) + options.rounds * options.baselines + 2
+    bar = tqdm(total=steps, disable=options.quiet, desc="bench serve", unit="run")
+
+    def tick(desc: str) -> None:
+        bar.set_description(desc)
+        bar.update(1)
+
+    ours: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
+    base: dict[str, dict[int, list[dict[str, Any]]]] = {k: {n: [] for n in counts} for k in ("padded", "continuous")}
+    base_alone: list[dict[str, Any]] = []
+    with running_server(make_config(options.budget, None), embedder=embedder) as (_, port):
+        target = f"127.0.0.1:{port}"
+        tick("lone replies")
+        lone = summarize(single := run_clients(target, requests, 1), None)
+        alone = {r.req.index: r.token_ids for r in single.replies if r.error is None}
+        lengths = [len(alone.get(r.index, [])) or r.max_new_tokens for r in requests]
+        hf = HFBaselines(Path(options.model), requests, lengths, device) if options.baselines else None
+        if hf is not None:
+            tick("baseline warm-up")
+            hf.padded(counts[-1])
+            if options.continuous:
+                hf.continuous(counts[-1])
+        for r in range(options.rounds):  # interleaved: every configuration once per round
+            for n in counts:
+                tick(f"round {r + 1}/{options.rounds}: ours, {n} clients")
+                ours[n].append(summarize(run_clients(target, requests, n), alone))
+                if hf is None:
+                    continue
+                tick(f"round {r + 1}/{options.rounds}: generate, batches of {n}")
+                base["padded"][n].append(hf.padded(n))
+                tick(f"round {r + 1}/{options.rounds}: continuous batching, {n} in flight")
+                base["continuous"][n].append(hf.continuous(n) if options.continuous else {"error": "skipped"})
+            if hf is not None:
+                tick(f"round {r + 1}/{options.rounds}: generate alone")
+                base_alone.append(hf.alone())
+    bar.close()
+    stall = None
+    if options.stall:
+        stall_bar = tqdm(total=4 + 2 * options.stall_rounds, disable=options.quiet, desc="stall check", unit="step")
+
+        def stall_tick(desc: str) -> None:
+            stall_bar.set_description(desc)
+            stall_bar.update(1)
+
+        stall = _stall(options, make_config, embedder, requests, stall_tick)
+        stall_bar.close()
+    report = _report(options, device, requests, lengths, lone, ours, base, base_alone, stall)
+    print(table(report))
+    if options.out:
+        Path(options.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(options.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {options.out}")
+    return report
+
+
+def _stall(options: ServeBenchOptions, make_config: Any, embedder: Any, requests: Any, tick: Any) -> dict[str, Any]:
+    from .serve_stall import stall_check
+
+    try:
+        return stall_check(
+            make_config,
+            embedder,
+            requests,
+            throttle_mbps=options.throttle_mbps,
+            budget=options.stall_budget,
+            stream_tokens=options.stall_tokens,
+            newcomers=options.stall_newcomers,
+            newcomer_tokens=options.stall_newcomer_tokens,
+            rounds=options.stall_rounds,
+            progress=tick,
+        )
+    except Exception as exc:  # reported, not fatal: the throughput figures stand on their own
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _report(
+    options: ServeBenchOptions,
+    device: torch.device,
+    requests: Any,
+    lengths: list[int],
+    lone: dict[str, Any],
+    ours: dict[int, list[dict[str, Any]]],
+    base: dict[str, dict[int, list[dict[str, Any]]]],
+    base_alone: list[dict[str, Any]],
+    stall: dict[str, Any] | None,
+) -> dict[str, Any]:
+    def med(rows: list[dict[str, Any]], key: str = "tokens_per_s") -> float | None:
+        return _median([row.get(key) for row in rows])
+
+    def errors_of(rows: list[dict[str, Any]]) -> list[str]:
+        return sorted({row["error"] for row in rows if "error" in row})
+
+    alone_tps = med(base_alone)
+    results: dict[str, Any] = {}
+    for n, rows in ours.items():
+        entry: dict[str, Any] = {"ours": {k: med(rows, k) for k in OURS_KEYS}}
+        entry["ours"].update(
+            errors=sum(r["errors"] for r in rows),
+            error_messages=[m for r in rows for m in r["error_messages"]][:5],
+            mismatches=sum(r["mismatches"] for r in rows),
+            tokens=rows[0]["tokens"] if rows else 0,
+            rounds=rows,
+        )
+        hf: dict[str, Any] = {"alone": {"tokens_per_s": alone_tps}}
+        for kind in ("padded", "continuous"):
+            hf[kind] = {"tokens_per_s": med(base[kind][n]), "errors": errors_of(base[kind][n]), "rounds": base[kind][n]}
+        entry["transformers"] = hf
+        tps = entry["ours"]["tokens_per_s"]
+        entry["ratios"] = {kind: _ratio(tps, hf[kind]["tokens_per_s"]) for kind in ("alone", "padded", "continuous")}
+        results[str(n)] = entry
+    top, one = str(max(ours)), str(min(ours))
+    targets = {
+        f"ours/padded at {top} clients >= {TARGETS['padded_at_max_clients']}": _check(
+            results[top]["ratios"]["padded"], TARGETS["padded_at_max_clients"], above=True
+        ),
+        f"ours/alone at {one} client >= {TARGETS['alone_at_1_client']}": _check(
+            results[one]["ratios"]["alone"], TARGETS["alone_at_1_client"], above=True
+        ),
+    }
+    if stall is not None:
+        targets[f"stall p99 cold/warm <= {TARGETS['stall_p99_ratio']}"] = _check(
+            stall.get("p99_ratio"), TARGETS["stall_p99_ratio"], above=False
+        )
+    return {
+        "machine": machine(device),
+        "config": {k: v for k, v in dataclasses.asdict(options).items()},
+        "requests": [
+            {"task": r.task, "prompt": r.prompt, "max_new_tokens": r.max_new_tokens, "real_tokens": n}
+            for r, n in zip(requests, lengths, strict=True)
+        ],
+        "real_tokens": sum(lengths),
+        "lone_pass": {k: v for k, v in lone.items() if k != "mismatched_requests"},
+        "results": results,
+        "stall": stall,
+        "targets": targets,
+        "errors": sum(e["ours"]["errors"] for e in results.values()) + lone["errors"] + (stall or {}).get("errors", 0),
+        "mismatches": sum(e["ours"]["mismatches"] for e in results.values()),
+    }
+
+
+def _check(value: float | None, bound: float, *, above: bool) -> dict[str, Any]:
+    ok = None if value is None else (value >= bound if above else value <= bound)
+    return {"value": value, "bound": bound, "met": ok}
+
+
+def table(report: dict[str, Any]) -> str:
+    from .serve_report import render
+
+    return render(report)

@@ -1,0 +1,123 @@
+"""`premoe bench serve` end to end on a tiny model: the report's fields, no errors, every reply equal to alone.
+
+Timings are not checked (they depend on the machine); the figures come from the README's run on the reference model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from premoe_service.bench.serve_stall import pick_newcomers
+from premoe_service.cli import main
+from premoe_service.families.tiny import save_tiny_checkpoint
+from premoe_service.profiler import Demo, Selection, profile_store
+from premoe_service.store import Store, shard
+
+TASKS = {
+    "code": (
+        ["def add(a, b):\n    return a + b\n", "for i in range(3):\n    print(i)\n", "import os\nprint(os.sep)\n"],
+        [{"text": "def mul(a, b):\n    return a * b\n"}, {"text": "while True:\n    break\n"}],
+    ),
+    "sums": (
+        ["add: 12+30=42", "add: 7+8=15", "add: 51+22=73"],
+        [{"prompt": "add: 3+4=", "answer": "7"}, {"prompt": "add: 20+5=", "answer": "25"}],
+    ),
+    "prose": (
+        ["The cat sat on the mat.", "A quiet river ran by the town.", "Rain fell all night long."],
+        [{"text": "The old house stood on a hill."}, {"text": "Birds sang in the morning."}],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bench-serve")
+    save_tiny_checkpoint(root / "ckpt", "qwen3_moe")
+    shard(root / "ckpt", root / "store", progress=False)
+    store = Store(root / "store")
+    (root / "profiles").mkdir()
+    for name, (demos, items) in TASKS.items():
+        selection = Selection(policy="top_k", value=3, unit="experts")
+        profile, _ = profile_store(store, name, [Demo(prompt=d) for d in demos], selection=selection)
+        profile.save(root / "profiles" / f"{name}.safetensors")
+        (root / "data" / name).mkdir(parents=True)
+        (root / "data" / name / "eval.jsonl").write_text("\n".join(json.dumps(i) for i in items) + "\n")
+    return {"root": root, "store": root / "store", "ckpt": root / "ckpt"}
+
+
+def test_bench_serve_reports_every_figure_with_no_errors(tiny_setup: dict[str, Path]) -> None:
+    root = tiny_setup["root"]
+    out = root / "report.json"
+    code = main(
+        [
+            "bench",
+            "serve",
+            "--store",
+            str(tiny_setup["store"]),
+            "--model",
+            str(tiny_setup["ckpt"]),
+            "--profiles",
+            str(root / "profiles"),
+            "--data",
+            str(root / "data"),
+            "--clients",
+            "1,2",
+            "--rounds",
+            "1",
+            "--max-new-tokens",
+            "2-6",
+            "--stall-tokens",
+            "16",
+            "--stall-newcomers",
+            "2",
+            "--stall-newcomer-tokens",
+            "3",
+            "--stall-rounds",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    report = json.loads(out.read_text())
+    assert code == 0
+    assert {"platform", "cpu_count", "torch", "device"} <= set(report["machine"])
+    assert len(report["requests"]) == 6 and {r["task"] for r in report["requests"]} == set(TASKS)
+    assert report["errors"] == 0 and report["mismatches"] == 0
+    assert report["lone_pass"]["errors"] == 0
+    assert set(report["results"]) == {"1", "2"}
+    for entry in report["results"].values():
+        ours = entry["ours"]
+        assert ours["errors"] == 0 and ours["mismatches"] == 0
+        assert ours["tokens"] == report["real_tokens"] > 0
+        for key in ("tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"):
+            assert key in ours
+        hf = entry["transformers"]
+        assert hf["alone"]["tokens_per_s"] > 0 and hf["padded"]["tokens_per_s"] > 0
+        assert "tokens_per_s" in hf["continuous"]  # None with its error listed when transformers' CB fails
+        assert {"alone", "padded", "continuous"} == set(entry["ratios"])
+    stall = report["stall"]
+    assert "error" not in stall, stall.get("error")
+    assert stall["errors"] == 0 and stall["stream_replies_equal"] and stall["patterns_equal_in_both_cases"]
+    for case in ("cold", "warm"):
+        assert {"itl_p50_ms", "itl_p99_ms", "newcomer_loaded_bytes"} <= set(stall[case])
+    assert stall["warm"]["newcomer_loaded_experts"] == 0
+    assert "p99_ratio" in stall and len(report["targets"]) == 3
+
+
+def test_newcomers_fit_beside_the_stream_but_not_beside_each_other() -> None:
+    stream = {0: {0, 1, 2}, 1: {0, 1, 2}}
+    patterns = {
+        "s": stream,
+        "a": {0: {0, 1, 3}, 1: {0, 1, 4}},
+        "b": {0: {0, 2, 5}, 1: {1, 2, 6}},
+        "c": {0: {0}, 1: {1}},
+    }
+    tasks, slots, forced = pick_newcomers(patterns, "s", None)
+    assert tasks == ["a", "b"] and slots == 4 and forced == 2  # S+A+B needs 5 per layer: one reload per layer
+    assert pick_newcomers(patterns, "s", 3) == (["c"], 3, 0)  # only c fits beside s in 3 slots
