@@ -325,6 +325,42 @@ def cmd_bench_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from .bench.serve import ServeBenchOptions, run
+
+    report = run(
+        ServeBenchOptions(
+            store=args.store or None,
+            model=args.model,
+            profiles=args.profiles,
+            data=args.data,
+            tasks=args.tasks or None,
+            per_task=int(args.per_task),
+            text_chars=int(args.text_chars),
+            clients=args.clients,
+            rounds=int(args.rounds),
+            max_new_tokens=args.max_new_tokens,
+            seed=int(args.seed),
+            device=args.device,
+            budget=str(args.budget),
+            embedder=args.embedder or None,
+            out=args.out or None,
+            baselines=not args.no_baselines,
+            continuous=not args.no_continuous,
+            stall=not args.no_stall,
+            throttle_mbps=float(args.throttle_mbps),
+            stall_budget=str(args.stall_budget),
+            stall_tokens=int(args.stall_tokens),
+            stall_newcomers=int(args.stall_newcomers),
+            stall_newcomer_tokens=int(args.stall_newcomer_tokens),
+            stall_rounds=int(args.stall_rounds),
+            serve_opts=list(args.serve_opt or ()),
+            quiet=args.quiet,
+        )
+    )
+    return 0 if report["errors"] == 0 and report["mismatches"] == 0 else 1
+
+
 def _store_spec(store: Any) -> Any:
     from transformers import AutoConfig
 
@@ -576,6 +612,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=128, help="tokens per demo")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
     p.set_defaults(handler=cmd_bench_profile)
+
+    p = bench_verbs.add_parser(
+        "serve",
+        help="the gRPC server under 1, 4, 16 concurrent clients vs transformers, and the expert-load stall check",
+        description="One fixed list of greedy requests (per task, prompts from <data>/<task>/eval.jsonl; text "
+        "tasks: a prefix) goes through the real server with N concurrent gRPC clients and through transformers "
+        "with all experts in-process (generate alone, on left-padded batches of N, continuous batching with N in "
+        "flight), each baseline generating the real tokens of the server's lone reply (EOS included). Medians of "
+        "interleaved rounds: tokens/s, requests/s, TTFT and inter-token latency, errors, replies different from "
+        "alone. Then the stall check: a long stream's inter-token latency while newcomers load experts from a "
+        "Redis behind a throttled proxy, against the same newcomers with experts resident. Exit 1 on any error "
+        "or reply different from alone.",
+    )
+    opt(p, "--store", help="store folder (default: var/reference-store, built from --model when missing)")
+    opt(
+        p,
+        "--model",
+        help="the store's transformers checkpoint (baselines)",
+        default="models/reference-moe",
+        env="BENCH_MODEL",
+    )
+    opt(p, "--profiles", help="folder of task profiles", default="profiles")
+    p.add_argument("--data", default="reference/tasks", help="folder with <task>/eval.jsonl")
+    p.add_argument("--tasks", help="comma-separated tasks (default: every profile with data)")
+    p.add_argument("--per-task", default="2", help="prompts per task")
+    p.add_argument("--text-chars", default="60", help="prefix length of text-task prompts")
+    opt(p, "--clients", help="comma-separated concurrent client counts", default="1,4,16", env="BENCH_CLIENTS")
+    opt(p, "--rounds", help="interleaved rounds (median reported)", default="5", env="BENCH_ROUNDS")
+    opt(p, "--max-new-tokens", help="range of max_new_tokens, LO-HI", default="3-32", env="BENCH_MAX_NEW_TOKENS")
+    p.add_argument("--seed", default="0", help="seed of the max_new_tokens draw")
+    opt(p, "--device", help="auto, cpu or cuda (server and baselines)", default="auto")
+    opt(p, "--budget", help="the server's expert budget", default="1.0")
+    opt(p, "--embedder", help="local sentence-transformers model (default: all-MiniLM-L6-v2)")
+    opt(p, "--out", help="JSON report", default="var/bench-serve.json", env="BENCH_OUT")
+    p.add_argument("--serve-opt", action="append", help="extra ServiceConfig field NAME=VALUE (repeatable)")
+    p.add_argument("--no-baselines", action="store_true", help="skip the transformers baselines")
+    p.add_argument("--no-continuous", action="store_true", help="skip transformers continuous batching")
+    p.add_argument("--no-stall", action="store_true", help="skip the stall check")
+    opt(
+        p,
+        "--throttle-mbps",
+        help="stall check: proxy bandwidth to Redis, MB/s",
+        default="20",
+        env="BENCH_THROTTLE_MBPS",
+    )
+    p.add_argument(
+        "--stall-budget",
+        default="auto",
+        help="stall check: budget of the server that loads (auto: the stream's experts fit beside each "
+        "newcomer's, not beside both newcomers', so that every newcomer loads)",
+    )
+    p.add_argument("--stall-tokens", default="200", help="stall check: tokens of the long stream")
+    p.add_argument("--stall-newcomers", default="6", help="stall check: newcomer requests")
+    p.add_argument("--stall-newcomer-tokens", default="8", help="stall check: max_new_tokens of each newcomer")
+    p.add_argument("--stall-rounds", default="3", help="stall check: rounds (median reported)")
+    opt(p, "--quiet", help="no progress bars", action="store_true")
+    p.set_defaults(handler=cmd_bench_serve)
     return parser
 
 
