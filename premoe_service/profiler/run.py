@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..runtime.engine import ExpertSource, PatternedModel
+from ..experts import ExpertSource
+from ..runtime.engine import PatternedModel
 from .demos import Demo, demo_hash
 from .profile import Profile
 from .selection import Selection

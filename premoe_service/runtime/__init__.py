@@ -1,11 +1,13 @@
 """Runtime: slot experts, masked routers and the patterned model (residency and leases build on these)."""
 
-from .engine import ApplyReport, ExpertSource, ModelExpertSource, PatternedModel
+from ..experts import ExpertReader, ExpertSource, ExpertTensors
+from .engine import ApplyReport, ModelExpertSource, PatternedModel
 from .masked_router import MaskedRouter
-from .slots import ExpertTensors, LayerSlots
+from .slots import LayerSlots
 
 __all__ = [
     "ApplyReport",
+    "ExpertReader",
     "ExpertSource",
     "ExpertTensors",
     "LayerSlots",

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import PatternError
+from ..experts import ExpertReader, ExpertSource, ExpertTensors
 from ..families import FamilyAdapter, MoESpec, adapter_for
 from ..pattern import Pattern
 from .masked_router import MaskedRouter, RouterObserver
-from .slots import ExpertTensors, LayerSlots, bytes_view, expert_params, install_slots, write_slot
-
-
-class ExpertSource(Protocol):
-    """Anything that hands out one routed expert's tensors (runtime layout, any device)."""
-
-    def read(self, layer: int, expert: int) -> ExpertTensors: ...
+from .slots import LayerSlots, expert_params, install_slots, slot_buffers, write_slot
 
 
 class ModelExpertSource:
@@ -170,11 +165,8 @@ class PatternedModel:
     def _write(self, experts: nn.Module, slot: int, layer: int, expert: int, source: ExpertSource) -> None:
         """Fill a slot: straight into slot memory when the source can read into buffers and slots are on the
         CPU (no intermediate copy), else through the source's tensors."""
-        read_into = getattr(source, "read_into", None)
-        if read_into is not None and self.device.type == "cpu":
-            params = expert_params(experts)
-            names: list[str] = getattr(source, "part_names")  # noqa: B009 - optional capability
-            read_into(layer, expert, [memoryview(bytes_view(params[name][slot])) for name in names])  # type: ignore[arg-type]
+        if isinstance(source, ExpertReader) and self.device.type == "cpu":
+            source.read_into(layer, expert, slot_buffers(experts, slot, source.part_names))
         else:
             write_slot(experts, slot, source.read(layer, expert))
 

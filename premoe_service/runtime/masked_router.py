@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from ..families.base import RoutingSpec
-from ..families.routing import RouterWeights, Routing, route
-
-if TYPE_CHECKING:
-    from .context import RoutingContext
+from ..families import Routing, RoutingSpec
+from ..families.routing import RouterWeights, route
 
 RouterObserver = Callable[[int, Tensor, Routing], None]
+
+
+class RowRouting(Protocol):
+    """What a masked router reads from the routing context of a batched forward pass (`runtime.context`)."""
+
+    def excluded(self, layer: int) -> Tensor | None:
+        """`[T, E]` bool: the experts each token row may not use in `layer` (None: any)."""
+        ...
+
+    def observe(self, layer: int, routing: Routing) -> None:
+        """Record what routing chose for the rows (coverage, prompt scores)."""
+        ...
 
 
 class MaskedRouter(nn.Module):
@@ -42,7 +51,7 @@ class MaskedRouter(nn.Module):
         self.excluded: Tensor | None = None  # [E] bool, None = nothing excluded
         self.register_buffer("slot_of", torch.full((spec.num_experts,), -1, dtype=torch.long), persistent=False)
         self.observer: RouterObserver | None = None
-        self.context: RoutingContext | None = None  # set around a batched forward pass (`runtime.context.routing`)
+        self.context: RowRouting | None = None  # set around a batched forward pass (`runtime.context.routing`)
 
     def set_routing(self, excluded: Tensor | None, slot_of: Tensor) -> None:
         """Route among the non-excluded experts; `slot_of[e]` is the slot holding expert e (-1: none)."""

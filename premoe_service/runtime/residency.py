@@ -7,15 +7,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from ..errors import InvalidArgument, ResourceExhausted
 from ..families import MoESpec
 from ..pattern import Pattern
+from ..store.reader import Store
 from .engine import PatternedModel
-
-if TYPE_CHECKING:
-    from ..store.reader import Store  # the store imports the runtime's slot types
 
 
 @dataclass(frozen=True)
@@ -147,7 +144,7 @@ class Residency:
                 lease.loaded[tier] = self.store.stats.loads[tier] - before[0][tier]
                 lease.loaded_bytes[tier] = self.store.stats.bytes[tier] - before[1][tier]
             lease.loaded["device"] = pattern.size - len(report.loaded)
-            self.store.stats.record("device", 0, 0.0, count=lease.loaded["device"])
+            self.store.stats.record("device", 0, count=lease.loaded["device"])
             self.stats.device_hits += lease.loaded["device"]
             self.stats.evictions += len(report.evicted)
             self.stats.load_seconds += lease.load_seconds
@@ -198,7 +195,7 @@ class Residency:
 
     def store_hits(self, count: int) -> None:
         """Count experts a request found already resident (the device tier)."""
-        self.store.stats.record("device", 0, 0.0, count=count)
+        self.store.stats.record("device", 0, count=count)
         with self._cond:
             self.stats.device_hits += count
 

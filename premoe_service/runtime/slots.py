@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import ResourceExhausted
-
-ExpertTensors = dict[str, Tensor]  # experts-module parameter name -> one expert's slice
+from ..errors import FailedPrecondition, ResourceExhausted
+from ..experts import bytes_view
 
 
 def expert_params(experts: nn.Module) -> dict[str, nn.Parameter]:
@@ -38,7 +37,12 @@ def write_slot(experts: nn.Module, slot: int, tensors: Mapping[str, Tensor]) -> 
     """Copy one expert's tensors into slot `slot` of the experts module."""
     params = expert_params(experts)
     if set(tensors) != set(params):
-        raise ValueError(f"expert tensors {sorted(tensors)} do not match the slot parameters {sorted(params)}")
+        odd = sorted(set(tensors) ^ set(params))
+        raise FailedPrecondition(
+            f"expert tensors {sorted(tensors)} do not match the slot parameters {sorted(params)}: the expert source "
+            "holds another model's experts",
+            field=odd[0],
+        )
     for name, tensor in tensors.items():
         target = params[name][slot]
         if target.device.type == "cpu" and tensor.device.type == "cpu" and target.dtype == tensor.dtype:
@@ -49,9 +53,10 @@ def write_slot(experts: nn.Module, slot: int, tensors: Mapping[str, Tensor]) -> 
             target.copy_(tensor, non_blocking=True)
 
 
-def bytes_view(tensor: Tensor) -> np.ndarray:
-    """The bytes of a contiguous CPU tensor as a writable uint8 array (no copy)."""
-    return tensor.reshape(-1).view(torch.uint8).numpy()
+def slot_buffers(experts: nn.Module, slot: int, names: Sequence[str]) -> list[memoryview]:
+    """The memory of slot `slot`, one writable buffer per expert part in `names` order (CPU slots only)."""
+    params = expert_params(experts)
+    return [memoryview(bytes_view(params[name][slot])) for name in names]  # type: ignore[arg-type]
 
 
 @dataclass

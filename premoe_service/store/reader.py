@@ -6,25 +6,22 @@ import contextlib
 import logging
 import os
 import threading
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TypeGuard
 
 import torch
 import xxhash
 from safetensors.torch import load_file
 
 from ..errors import DataCorruption, InvalidArgument
-from ..runtime.slots import ExpertTensors
+from ..experts import TIERS, ExpertBuffers, ExpertTensors, Tier
 from .cache import ByteCache, CacheHealth
 from .manifest import DENSE, Manifest
 
 log = logging.getLogger(__name__)
-Tier = Literal["device", "cache", "disk"]
-TIERS: tuple[Tier, ...] = ("device", "cache", "disk")
 
 # Tensors decoded from cache values are read-only views that are copied into slots right away.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -32,20 +29,18 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 @dataclass
 class TierStats:
-    """Expert reads per tier: count, bytes, seconds; plus cache repairs after a bad value."""
+    """Expert reads per tier: count and bytes; plus cache repairs after a bad value."""
 
     loads: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIERS, 0.0))
     repairs: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def record(self, tier: Tier, nbytes: int, seconds: float, count: int = 1) -> None:
+    def record(self, tier: Tier, nbytes: int, count: int = 1) -> None:
         """Count reads (the loader thread, the engine loop and profiling threads all record here)."""
         with self._lock:
             self.loads[tier] += count
             self.bytes[tier] += nbytes
-            self.seconds[tier] += seconds
 
     def count_repair(self) -> None:
         with self._lock:
@@ -53,7 +48,7 @@ class TierStats:
 
 
 class Store:
-    """An opened shard store. `read(layer, expert)` makes it an `ExpertSource` for the engine.
+    """An opened shard store: an `ExpertReader` (see `premoe_service.experts`) for the engine and the loader.
 
     Args:
         store_dir: The folder `premoe shard` wrote.
@@ -85,23 +80,15 @@ class Store:
     def read_blob(self, layer: int, expert: int) -> tuple[bytes, Tier]:
         """One expert's bytes and the tier they came from; the cache is filled (or repaired) from disk."""
         self._check_address(layer, expert)
-        checksum = self.manifest.checksum(layer, expert)
-        start = time.perf_counter()
         if self.cache is not None:
-            key = self.cache_key(layer, expert)
-            value = self.cache.get(key)
-            if value is not None:
-                if len(value) == self.manifest.expert_nbytes and (
-                    self.cache.trusted or xxhash.xxh3_64_hexdigest(value) == checksum
-                ):
-                    self.stats.record("cache", len(value), time.perf_counter() - start)
-                    return value, "cache"
-                log.warning("cache value of layer %d expert %d fails its checksum: repairing from disk", layer, expert)
-                self.stats.count_repair()
-        data = self._read_disk(layer, expert, checksum)
+            value = self.cache.get(self.cache_key(layer, expert))
+            if self._cached(value, layer, expert):
+                self.stats.record("cache", len(value))
+                return value, "cache"
+        data = self._read_disk(layer, expert)
         if self.cache is not None:
             self.cache.put(self.cache_key(layer, expert), data)
-        self.stats.record("disk", len(data), time.perf_counter() - start)
+        self.stats.record("disk", len(data))
         return data, "disk"
 
     def read_into(self, layer: int, expert: int, buffers: Sequence[memoryview]) -> Tier:
@@ -112,7 +99,7 @@ class Store:
         """
         return self.read_many_into([(layer, expert, buffers)])[0]
 
-    def read_many_into(self, items: Sequence[tuple[int, int, Sequence[memoryview]]]) -> list[Tier]:
+    def read_many_into(self, items: Sequence[ExpertBuffers]) -> list[Tier]:
         """`read_into` for several experts (a pattern's missing ones): one cache round trip for all of them
         (a Redis pipeline), then disk for the misses. Returns each expert's tier."""
         nbytes = self.manifest.expert_nbytes
@@ -122,38 +109,45 @@ class Store:
                 raise InvalidArgument(
                     f"buffers hold {sum(b.nbytes for b in buffers)} bytes, an expert {nbytes}", field="buffers"
                 )
-        start = time.perf_counter()
         values: list[bytes | None] = [None] * len(items)
         if self.cache is not None and items:
             values = self.cache.get_many([self.cache_key(layer, expert) for layer, expert, _ in items])
-        fetched_s = (time.perf_counter() - start) / max(len(items), 1)
         tiers: list[Tier] = []
         for (layer, expert, buffers), value in zip(items, values, strict=True):
-            checksum = self.manifest.checksum(layer, expert)
-            if value is not None and self.cache is not None:
-                began = time.perf_counter()
-                if len(value) == nbytes and (self.cache.trusted or xxhash.xxh3_64_hexdigest(value) == checksum):
-                    source, offset = memoryview(value), 0
-                    for buffer in buffers:
-                        buffer[:] = source[offset : offset + buffer.nbytes]
-                        offset += buffer.nbytes
-                    self.stats.record("cache", nbytes, fetched_s + time.perf_counter() - began)
-                    tiers.append("cache")
-                    continue
-                log.warning("cache value of layer %d expert %d fails its checksum: repairing from disk", layer, expert)
-                self.stats.count_repair()
-            began = time.perf_counter()
+            if self._cached(value, layer, expert):
+                source, offset = memoryview(value), 0
+                for buffer in buffers:
+                    buffer[:] = source[offset : offset + buffer.nbytes]
+                    offset += buffer.nbytes
+                self.stats.record("cache", nbytes)
+                tiers.append("cache")
+                continue
             read = os.preadv(self._fd(layer), buffers, expert * nbytes)
             if read != nbytes or (layer, expert) not in self._verified:
                 hasher = xxhash.xxh3_64()
                 for buffer in buffers:
                     hasher.update(buffer)
-                self._verify(layer, expert, read == nbytes and hasher.hexdigest() == checksum)
+                self._verify(
+                    layer, expert, read == nbytes and hasher.hexdigest() == self.manifest.checksum(layer, expert)
+                )
             if self.cache is not None:
                 self.cache.put(self.cache_key(layer, expert), b"".join(buffers))
-            self.stats.record("disk", nbytes, fetched_s + time.perf_counter() - began)
+            self.stats.record("disk", nbytes)
             tiers.append("disk")
         return tiers
+
+    def _cached(self, value: bytes | None, layer: int, expert: int) -> TypeGuard[bytes]:
+        """Whether a cache value is the expert's bytes; a bad value is logged and counted, and the caller
+        reads the disk and puts the right bytes back (the repair)."""
+        if value is None or self.cache is None:
+            return False
+        if len(value) == self.manifest.expert_nbytes and (
+            self.cache.trusted or xxhash.xxh3_64_hexdigest(value) == self.manifest.checksum(layer, expert)
+        ):
+            return True
+        log.warning("cache value of layer %d expert %d fails its checksum: repairing from disk", layer, expert)
+        self.stats.count_repair()
+        return False
 
     @property
     def part_names(self) -> list[str]:
@@ -171,11 +165,12 @@ class Store:
         # file it opened, so one verified read per expert and process is enough.
         self._verified.add((layer, expert))
 
-    def _read_disk(self, layer: int, expert: int, checksum: str) -> bytes:
+    def _read_disk(self, layer: int, expert: int) -> bytes:
         nbytes = self.manifest.expert_nbytes
         data = os.pread(self._fd(layer), nbytes, expert * nbytes)
         if (layer, expert) in self._verified and len(data) == nbytes:
             return data
+        checksum = self.manifest.checksum(layer, expert)
         self._verify(layer, expert, len(data) == nbytes and xxhash.xxh3_64_hexdigest(data) == checksum)
         return data
 
