@@ -257,7 +257,7 @@ class EngineLoop:
             return True
         seconds = time.perf_counter() - start
         self.stats.prefill_steps += 1
-        coverage = context.coverage.tolist()
+        coverage = context.collect().tolist()
         logits = out.logits[:, -1]
         kv = KVBatch.after_prefill(cache, mask)
         keep: list[int] = []
@@ -292,7 +292,6 @@ class EngineLoop:
         if self._decode_context is None:
             self._decode_context = RoutingContext.build(self.engine, [r.pattern for r in rows], 1, masks=self._masks)
         context = self._decode_context
-        context.coverage.zero_()
         try:
             with routing(self.engine, context):
                 out = self.engine.model(
@@ -305,7 +304,7 @@ class EngineLoop:
         self.stats.decode_steps += 1
         logits = out.logits[:, -1]
         greedy = logits.argmax(-1).tolist()
-        coverage = context.coverage.tolist()
+        coverage = context.collect().tolist()
         finished = []
         for row, request in enumerate(rows):
             request.coverage_sum += coverage[row]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import itertools
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +62,7 @@ class Request:
         coverage_floor: Below this prefill coverage the pattern is widened once (`widen` decides how).
         widen: Given the pattern and the prompt's mean router scores per layer, a wider pattern.
         wait_timeout_s: How long it may wait for slots pinned by others.
+        loop: Deliver events to this asyncio loop (read them with `aevents()`); None: `events()`.
     """
 
     prompt_ids: list[int]
@@ -72,6 +75,7 @@ class Request:
     coverage_floor: float = 0.0
     widen: Callable[[Pattern, dict[int, Tensor]], Pattern] | None = None
     wait_timeout_s: float = 30.0
+    loop: asyncio.AbstractEventLoop | None = None
     id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING_SLOTS
     generated: list[int] = field(default_factory=list)
@@ -95,6 +99,7 @@ class Request:
         self.text = TextStream(self.tokenizer, self.params.stop)
         self.times["submitted"] = time.perf_counter()
         self.wait_until = time.monotonic() + self.wait_timeout_s
+        self._aqueue: asyncio.Queue[Any] | None = asyncio.Queue() if self.loop is not None else None
 
     # --- loop side --------------------------------------------------------------------------------
 
@@ -103,15 +108,22 @@ class Request:
 
     def send(self, piece: str) -> None:
         if piece and self.stream:
-            self._events.put(piece)
+            self._put(piece)
 
     def finish(self, outcome: Outcome) -> None:
         self.status = Status.FINISHED
-        self._events.put(outcome)
+        self._put(outcome)
 
     def fail(self, error: BaseException) -> None:
         self.status = Status.FINISHED
-        self._events.put(_Failed(error))
+        self._put(_Failed(error))
+
+    def _put(self, item: Any) -> None:
+        if self.loop is None or self._aqueue is None:
+            self._events.put(item)
+            return
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is listening any more
+            self.loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
 
     # --- caller side ------------------------------------------------------------------------------
 
@@ -121,6 +133,20 @@ class Request:
         try:
             while True:
                 item = self._events.get()
+                if isinstance(item, _Failed):
+                    raise item.error
+                yield item
+                if isinstance(item, Outcome):
+                    return
+        finally:
+            self._abandoned.set()
+
+    async def aevents(self) -> AsyncIterator[str | Outcome]:
+        """`events()` for a request submitted with `loop`: awaited on that loop, no thread in between."""
+        assert self._aqueue is not None, "submit the request with loop= to read its events asynchronously"
+        try:
+            while True:
+                item = await self._aqueue.get()
                 if isinstance(item, _Failed):
                     raise item.error
                 yield item

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 
-from ..errors import DeadlineExceeded
+from ..errors import DeadlineExceeded, Unavailable
 from ..serving import GenerationResult, PreMoeService
 from .gen import premoe_pb2 as pb
 from .gen import premoe_pb2_grpc as pb_grpc
@@ -27,7 +27,6 @@ from .types import (
 )
 
 T = TypeVar("T")
-_DONE = object()
 
 
 class PreMoeServicer(pb_grpc.PreMoeServicer):
@@ -43,17 +42,11 @@ class PreMoeServicer(pb_grpc.PreMoeServicer):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        call = GenerateCall.from_pb(request)
-        deadline, cancelled = _deadline(context), _cancel_flag(context)
-
-        def work() -> GenerationResult:
-            *_, result = self.service.generate(
-                call.prompt, call.params, task=call.task, deadline=deadline, cancelled=cancelled.is_set, stream=False
-            )
-            assert isinstance(result, GenerationResult)
-            return result
-
-        result = await self._run(work)
+        result: GenerationResult | None = None
+        async for item in self._generate(request, context, stream=False):
+            result = item if isinstance(item, GenerationResult) else result
+        if result is None:  # the engine always ends a request with an outcome or an error
+            raise Unavailable("the request ended without a reply", field="server")
         self._observe(result, None)
         return pb.GenerateResponse(
             text=result.text,
@@ -65,14 +58,9 @@ class PreMoeServicer(pb_grpc.PreMoeServicer):
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
-        call = GenerateCall.from_pb(request)
-        deadline, cancelled = _deadline(context), _cancel_flag(context)
         start = time.perf_counter()
         first: float | None = None
-        pieces = self.service.generate(
-            call.prompt, call.params, task=call.task, deadline=deadline, cancelled=cancelled.is_set
-        )
-        async for item in _iterate_in_thread(pieces, self.executor):
+        async for item in self._generate(request, context, stream=True):
             if isinstance(item, GenerationResult):
                 self._observe(item, first)
                 yield pb.GenerateChunk(
@@ -84,6 +72,28 @@ class PreMoeServicer(pb_grpc.PreMoeServicer):
                 if first is None:
                     first = time.perf_counter() - start
                 yield pb.GenerateChunk(text=item)
+
+    async def _generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, *, stream: bool
+    ) -> AsyncIterator[str | GenerationResult]:
+        """Route and tokenize on the executor, then read the engine's events on this event loop (no thread
+        waits per request); a client that goes away cancels the request at the next engine step."""
+        call = GenerateCall.from_pb(request)
+        deadline, cancelled = _deadline(context), _cancel_flag(context)
+        loop = asyncio.get_running_loop()
+        submission = await self._run(
+            lambda: self.service.submit(
+                call.prompt,
+                call.params,
+                task=call.task,
+                deadline=deadline,
+                cancelled=cancelled.is_set,
+                stream=stream,
+                loop=loop,
+            )
+        )
+        async for item in submission.request.aevents():
+            yield item if isinstance(item, str) else submission.result(item)
 
     def _observe(self, result: GenerationResult, ttft: float | None) -> None:
         if self.metrics is None:
@@ -150,35 +160,3 @@ def _cancel_flag(context: grpc.aio.ServicerContext) -> threading.Event:
     flag = threading.Event()
     context.add_done_callback(lambda _ctx: flag.set())
     return flag
-
-
-async def _iterate_in_thread(items: Iterator[Any], executor: ThreadPoolExecutor) -> AsyncIterator[Any]:
-    """Drive a blocking iterator on the executor and hand its items to the event loop as they come."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-
-    def pump() -> None:
-        try:
-            for item in items:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-        except BaseException as exc:  # re-raised on the loop, where the interceptor maps it
-            loop.call_soon_threadsafe(queue.put_nowait, _Failure(exc))
-        finally:
-            loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-
-    future = loop.run_in_executor(executor, pump)
-    try:
-        while True:
-            item = await queue.get()
-            if item is _DONE:
-                break
-            if isinstance(item, _Failure):
-                raise item.exc
-            yield item
-    finally:
-        await future
-
-
-class _Failure:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..engine import BatchLimits, EngineLoop, Request, SamplingParams
+from ..engine import BatchLimits, EngineLoop, Outcome, Request, SamplingParams
 from ..errors import InvalidArgument, Unavailable
 from ..pattern import Pattern
 from ..profiler import Demo, Selection
@@ -52,6 +53,37 @@ class GenerationResult:
     widened: bool
     timings: dict[str, float]
     prompt_tokens: int
+
+
+@dataclass
+class Submission:
+    """A request queued in the engine loop, with what is needed to report its outcome."""
+
+    service: PreMoeService
+    request: Request
+    plan: RoutePlan
+    started: float
+
+    def result(self, outcome: Outcome) -> GenerationResult:
+        """The reply for the request's outcome (counted once in the per-task stats)."""
+        plan = self.plan
+        self.service._count(plan.task, outcome.coverage)
+        return GenerationResult(
+            text=outcome.text,
+            token_ids=outcome.token_ids,
+            finish_reason=outcome.finish_reason,
+            plan=replace(plan, pattern=outcome.pattern),
+            loads=outcome.loads,
+            loaded_bytes=outcome.loaded_bytes,
+            coverage=outcome.coverage,
+            widened=outcome.widened,
+            timings={
+                "route_ms": plan.seconds * 1e3,
+                **outcome.timings,
+                "total_ms": (time.perf_counter() - self.started) * 1e3,
+            },
+            prompt_tokens=outcome.prompt_tokens,
+        )
 
 
 @dataclass
@@ -171,6 +203,23 @@ class PreMoeService:
         The request joins the engine loop's batch once its experts are resident; closing the iterator
         early cancels it (its row and slots are freed at the next step).
         """
+        submission = self.submit(prompt, params, task=task, deadline=deadline, cancelled=cancelled, stream=stream)
+        for item in submission.request.events():
+            yield item if isinstance(item, str) else submission.result(item)
+
+    def submit(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        *,
+        task: str | None = None,
+        deadline: float | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        stream: bool = True,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Submission:
+        """Route and tokenize a prompt and queue it in the engine loop. Its events come through
+        `submission.request.events()`, or `aevents()` on `loop` when one is given."""
         if self.stopping.is_set():
             raise Unavailable("the server is shutting down", field="server")
         params.check(self.config.max_new_tokens_limit)
@@ -195,33 +244,15 @@ class PreMoeService:
             coverage_floor=floor,
             widen=lambda pattern, scores: self._widen(pattern, scores, floor),
             wait_timeout_s=self.config.lease_timeout_s,
+            loop=loop,
         )
         self.loop.submit(request)
-        for item in request.events():
-            if isinstance(item, str):
-                yield item
-                continue
-            self._count(plan.task, item.coverage)
-            yield GenerationResult(
-                text=item.text,
-                token_ids=item.token_ids,
-                finish_reason=item.finish_reason,
-                plan=replace(plan, pattern=item.pattern),
-                loads=item.loads,
-                loaded_bytes=item.loaded_bytes,
-                coverage=item.coverage,
-                widened=item.widened,
-                timings={
-                    "route_ms": plan.seconds * 1e3,
-                    **item.timings,
-                    "total_ms": (time.perf_counter() - started) * 1e3,
-                },
-                prompt_tokens=item.prompt_tokens,
-            )
+        return Submission(self, request, plan, started)
 
     def _widen(self, pattern: Pattern, prompt_scores: dict[int, torch.Tensor], floor: float) -> Pattern:
         """Add, per layer, the experts the prompt's tokens wanted most until the prompt's mean router mass
         on the pattern reaches `floor` or the layer's slots are full."""
+        routing = self.spec.routing
         layers = {}
         for layer in self.spec.moe_layers:
             kept = list(pattern.kept(layer))
@@ -229,17 +260,17 @@ class PreMoeService:
             capacity = self.engine.slots[layer].capacity
             if scores is not None:
                 share = float(scores[kept].sum())
-                for expert in sorted(range(len(scores)), key=lambda e: (-float(scores[e]), e)):
+                order = sorted(range(len(scores)), key=lambda e: (-float(scores[e]), e))
+                for expert in order:
                     if share >= floor or len(kept) >= capacity:
                         break
-                    if expert not in kept:
-                        kept.append(expert)
-                        share += float(scores[expert])
+                    # Group-limited routing may need the expert's group entered with a partner, or not at all.
+                    added = [] if expert in kept else routing.joining(kept, expert, order)
+                    if added and len(kept) + len(added) <= capacity:
+                        kept += added
+                        share += float(scores[added].sum())
             layers[layer] = kept
-        try:
-            return Pattern.build(self.spec, layers)
-        except InvalidArgument:
-            return pattern  # a widening that group routing cannot use is skipped
+        return Pattern.build(self.spec, layers)
 
     def _count(self, task: str, coverage: float) -> None:
         with self._counter_lock:
