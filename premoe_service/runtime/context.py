@@ -30,8 +30,6 @@ class RoutingContext:
         token_row: `[T]` batch row of each token.
         token_weight: `[T]` 1.0 for real tokens, 0.0 for padding.
         rows: Batch rows B.
-        coverage: `[B]` float64, sum over real tokens and MoE layers of the share of the full router's
-            probability mass that falls on the row's pattern.
         prompt_scores: MoE layer -> `[B, E]` sums of the normalised router scores over real tokens (when
             `keep_scores`).
     """
@@ -43,12 +41,11 @@ class RoutingContext:
     token_weight: Tensor
     rows: int
     keep_scores: bool = False
-    coverage: Tensor = field(init=False)
     prompt_scores: dict[int, Tensor] = field(default_factory=dict)
     _masks: dict[int, Tensor | None] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.coverage = torch.zeros(self.rows, dtype=torch.float64, device=self.token_row.device)
+    _logits: list[Tensor] = field(default_factory=list)
+    _observed: list[int] = field(default_factory=list)
+    _stacked: tuple[tuple[int, ...], Tensor] | None = None
 
     @classmethod
     def build(
@@ -101,17 +98,36 @@ class RoutingContext:
         return self._masks[layer]
 
     def observe(self, layer: int, routing: Routing) -> None:
-        """Record, per batch row, the router mass on the row's pattern (and the router scores if kept)."""
-        scores = full_scores(self.spec, routing.logits)  # [T, E] fp32
-        total = scores.sum(-1).clamp_min(1e-30)
-        excluded = self.excluded(layer)
-        kept = scores if excluded is None else scores.masked_fill(excluded, 0.0)
-        share = kept.sum(-1) / total
-        self.coverage.index_add_(0, self.token_row, (share * self.token_weight).double())
+        """Keep the router logits for `collect` (and the prompt's router scores when asked)."""
+        self._logits.append(routing.logits)
+        self._observed.append(layer)
         if self.keep_scores:
-            normalised = scores / total.unsqueeze(-1) * self.token_weight.unsqueeze(-1)
+            scores = full_scores(self.spec, routing.logits)  # [T, E] fp32
+            normalised = scores / scores.sum(-1, keepdim=True).clamp_min(1e-30) * self.token_weight.unsqueeze(-1)
             sums = torch.zeros(self.rows, scores.shape[-1], dtype=scores.dtype, device=scores.device)
             self.prompt_scores[layer] = sums.index_add_(0, self.token_row, normalised)
+
+    def collect(self) -> Tensor:
+        """`[B]` float64: per batch row, the sum over its real tokens and the MoE layers of the share of the
+        full router's probability mass on the row's pattern, for the forward pass just run. All layers are
+        reduced at once (a handful of tensor operations per step, not per layer)."""
+        coverage = torch.zeros(self.rows, dtype=torch.float64, device=self.token_row.device)
+        if not self._logits:
+            return coverage
+        layers, logits = self._observed, torch.stack(self._logits)  # [L, T, E]
+        self._logits, self._observed = [], []
+        if all(self.excluded(layer) is None for layer in layers):
+            share = self.token_weight * len(layers)  # every expert allowed: all the mass is on the pattern
+        else:
+            key = tuple(layers)
+            if self._stacked is None or self._stacked[0] != key:
+                none = torch.zeros(logits.shape[1:], dtype=torch.bool, device=logits.device)
+                masks = [self.excluded(layer) for layer in layers]
+                self._stacked = (key, torch.stack([none if m is None else m for m in masks]))
+            scores = full_scores(self.spec, logits)  # [L, T, E] fp32
+            kept = scores.masked_fill(self._stacked[1], 0.0).sum(-1)
+            share = (kept / scores.sum(-1).clamp_min(1e-30)).sum(0) * self.token_weight  # [T]
+        return coverage.index_add_(0, self.token_row, share.double())
 
 
 class PatternMasks:
