@@ -226,7 +226,7 @@ class Driver:
                 self.left[request.id] = self.steps
         return True
 
-    def until(self, done: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    def until(self, done: Callable[[], bool], timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
         while not done():
             assert time.monotonic() < deadline, f"loop did not get there in {timeout_s}s: {self.loop.stats}"
