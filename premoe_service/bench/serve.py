@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import InvalidArgument
-from .serve_clients import build_requests, parse_range, run_clients, summarize
+from .serve_clients import build_requests, parse_range, run_clients, run_clients_apart, summarize
 
 OURS_KEYS = ("tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
 TARGETS = {"padded_at_max_clients": 0.7, "alone_at_1_client": 0.9, "stall_p99_ratio": 1.5}
@@ -58,6 +58,7 @@ class ServeBenchOptions:
     stall_rounds: int = 3
     serve_opts: list[str] = field(default_factory=list)  # extra ServiceConfig fields, NAME=VALUE
     quiet: bool = False
+    clients_apart: bool = True  # clients in their own process (as real clients are), else threads of this one
 
 
 def machine(device: torch.device) -> dict[str, Any]:
@@ -172,7 +173,8 @@ def run(options: ServeBenchOptions) -> dict[str, Any]:
     with running_server(make_config(options.budget, None), embedder=embedder) as (_, port):
         target = f"127.0.0.1:{port}"
         tick("lone replies")
-        lone = summarize(single := run_clients(target, requests, 1), None)
+        send = run_clients_apart if options.clients_apart else run_clients
+        lone = summarize(single := send(target, requests, 1), None)
         alone = {r.req.index: r.token_ids for r in single.replies if r.error is None}
         lengths = [len(alone.get(r.index, [])) or r.max_new_tokens for r in requests]
         hf = HFBaselines(Path(options.model), requests, lengths, device) if options.baselines else None
@@ -184,7 +186,7 @@ def run(options: ServeBenchOptions) -> dict[str, Any]:
         for r in range(options.rounds):  # interleaved: every configuration once per round
             for n in counts:
                 tick(f"round {r + 1}/{options.rounds}: ours, {n} clients")
-                ours[n].append(summarize(run_clients(target, requests, n), alone))
+                ours[n].append(summarize(send(target, requests, n), alone))
                 if hf is None:
                     continue
                 tick(f"round {r + 1}/{options.rounds}: generate, batches of {n}")

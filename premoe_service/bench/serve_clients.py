@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +163,39 @@ def run_clients(target: str, requests: Sequence[Req], clients: int, timeout: flo
     return ClientRun(clients, wall, [r for r in replies if r is not None])
 
 
+def run_clients_apart(target: str, requests: Sequence[Req], clients: int, timeout: float = 600.0) -> ClientRun:
+    """`run_clients` in a separate Python process, as real clients are: they then do not share the server's
+    interpreter lock. Requests go in and replies come back as JSON."""
+    payload = {"target": target, "clients": clients, "timeout": timeout, "requests": [asdict(r) for r in requests]}
+    done = subprocess.run(
+        [sys.executable, "-m", "premoe_service.bench.serve_clients"],
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+        timeout=timeout + 120,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"client process failed: {done.stderr.strip()[-2000:]}")
+    data = json.loads(done.stdout)
+    by_index = {r.index: r for r in requests}
+    replies = []
+    for item in data["replies"]:
+        reply = Reply(by_index[item.pop("index")])
+        for name, value in item.items():
+            setattr(reply, name, value)
+        replies.append(reply)
+    return ClientRun(data["clients"], data["wall_s"], replies)
+
+
+def _main() -> None:
+    """Client process of `run_clients_apart`: JSON request list on stdin, JSON replies on stdout."""
+    payload = json.load(sys.stdin)
+    requests = [Req(**r) for r in payload["requests"]]
+    run = run_clients(payload["target"], requests, int(payload["clients"]), float(payload["timeout"]))
+    replies = [{"index": r.req.index, **{k: v for k, v in asdict(r).items() if k != "req"}} for r in run.replies]
+    json.dump({"clients": run.clients, "wall_s": run.wall_s, "replies": replies}, sys.stdout)
+
+
 def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 99)) -> list[float | None]:
     if not values:
         return [None for _ in qs]
@@ -194,3 +230,7 @@ def summarize(run: ClientRun, alone: dict[int, list[int]] | None) -> dict[str, A
         "mismatched_requests": mismatched,
         "loaded_experts": sum(r.loaded_experts for r in ok),
     }
+
+
+if __name__ == "__main__":
+    _main()
