@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .errors import InvalidArgument, PatternError
-from .families.base import MoESpec, RoutingSpec
+from .families import MoESpec, RoutingSpec
 
 PATTERN_FORMAT = 1
 
@@ -69,9 +69,6 @@ class Pattern:
         """Kept experts over all layers."""
         return sum(len(experts) for experts in self.layers.values())
 
-    def is_full(self, spec: MoESpec) -> bool:
-        return all(len(self.layers.get(layer, ())) == spec.num_experts for layer in spec.moe_layers)
-
     def excluded(self, layer: int, num_experts: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Bool [E]: True for the experts of `layer` outside the pattern."""
         mask = torch.ones(num_experts, dtype=torch.bool, device=device)
@@ -108,9 +105,6 @@ class Pattern:
             layers[int(key)] = ids
         return cls.build(spec, layers)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
-
     @classmethod
     def load(cls, spec: MoESpec, path: str | Path) -> Pattern:
         try:
@@ -127,34 +121,6 @@ def _validate_layer(routing: RoutingSpec, layer: int, experts: tuple[int, ...]) 
     bad = [e for e in experts if not 0 <= e < routing.num_experts]
     if bad:
         raise PatternError(f"expert ids {bad} out of range 0..{routing.num_experts - 1}", field=where)
-    if len(experts) < routing.top_k:
-        raise PatternError(
-            f"keeps {len(experts)} experts, fewer than the {routing.top_k} each token is routed to",
-            field=where,
-        )
-    if routing.group_rule is None:
-        return
-    counts = [0] * routing.n_group
-    for expert in experts:
-        counts[expert // routing.group_size] += 1
-    # A group is scored by its best (max) or best two (top2_sum) experts: it must hold 0 or enough of them.
-    least = 2 if routing.group_rule == "top2_sum" else 1
-    thin = [g for g, n in enumerate(counts) if 0 < n < least]
-    if thin:
-        raise PatternError(
-            f"groups {thin} keep fewer than {least} experts; group-limited routing scores a group by its best "
-            f"{least}, so keep none or at least {least} per group",
-            field=where,
-        )
-    usable = sorted(n for n in counts if n > 0)
-    if len(usable) < routing.topk_group:
-        raise PatternError(
-            f"keeps experts in {len(usable)} groups; routing picks {routing.topk_group} groups per token",
-            field=where,
-        )
-    if sum(usable[: routing.topk_group]) < routing.top_k:
-        raise PatternError(
-            f"the {routing.topk_group} thinnest groups hold {sum(usable[: routing.topk_group])} kept experts, "
-            f"fewer than top-k {routing.top_k}; a token routed there would have no valid choice",
-            field=where,
-        )
+    problem = routing.unroutable(experts)
+    if problem is not None:
+        raise PatternError(problem, field=where)

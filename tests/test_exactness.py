@@ -90,9 +90,9 @@ def test_pattern_equals_pruned_checkpoint_and_masked_transformers(family: str) -
 def test_uneven_pattern_equals_masked_transformers(family: str) -> None:
     reference = tiny_model(family)
     spec = adapter_for(reference.config).spec(reference.config)
-    groups = spec.routing.n_group if spec.routing.group_rule else 1
-    # Different counts per layer (multiples of the group count, at least top-k and two per group).
-    low = max(spec.top_k, 2 * groups if spec.routing.group_rule == "top2_sum" else groups)
+    groups = spec.routing.groups
+    # Different counts per layer (multiples of the group count, at least top-k and what scores a group).
+    low = max(spec.top_k, spec.routing.group_entry * groups)
     counts = [low + (i % 2) * groups for i in range(len(spec.moe_layers))]
     kept = random_pattern(reference, counts, seed=11)
     engine, _ = PatternedModel.from_model(tiny_model(family), Pattern.build(spec, kept))

@@ -20,7 +20,6 @@ from premoe_service.profiler import (
     Selection,
     collect_scores,
     load_demos,
-    min_experts,
     profile_store,
     select,
     tokenize_demos,
@@ -206,7 +205,7 @@ def test_budget_policy_is_exact_and_gives_layers_different_counts() -> None:
 @pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2_grouped"])
 def test_selection_respects_group_routing(family: str) -> None:
     spec = spec_of(family)
-    floor = min_experts(spec.routing)
+    floor = spec.routing.min_experts
     generator = torch.Generator().manual_seed(1)
     for trial in range(20):
         scores = torch.rand(len(spec.moe_layers), spec.num_experts, generator=generator) ** 4

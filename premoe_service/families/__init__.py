@@ -1,8 +1,8 @@
 """Family adapters: where each transformers MoE family keeps its experts and how it routes."""
 
 from .adapters import ADAPTERS, adapter_for, adapter_named
-from .base import ExpertKey, ExpertPart, FamilyAdapter, MoESpec, RoutingSpec
-from .routing import Routing, full_scores, route
+from .base import ExpertKey, ExpertPart, FamilyAdapter, MoESpec
+from .routing import Routing, RoutingSpec, full_scores, route
 
 __all__ = [
     "ADAPTERS",

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UnsupportedModel
-from .base import ExpertPart, FamilyAdapter, RoutingSpec
+from .base import ExpertPart, FamilyAdapter
+from .routing import RoutingSpec
 
 # Per-expert checkpoint parts (what `save_pretrained` writes) -> slices of the fused runtime parameters.
 # gate_up_proj is [2I, H] per expert with the gate rows first, as transformers' conversion concatenates.

@@ -4,44 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-RoutingKind = Literal["softmax_topk", "deepseek_v2", "deepseek_v3", "gpt_oss"]
-GroupRule = Literal["max", "top2_sum"]
-
-
-@dataclass(frozen=True)
-class RoutingSpec:
-    """The routing function of one model, read off its config.
-
-    Attributes:
-        kind: Which routing function runs (see `families.routing`).
-        num_experts: Routed experts per MoE layer (E).
-        top_k: Experts chosen per token.
-        norm_topk: Renormalise the chosen weights to sum to one.
-        cast_back: Cast the chosen weights back to the logits' dtype (Qwen, OLMoE) or keep fp32 (Mixtral).
-        n_group: Expert groups for group-limited selection (1 when there is none).
-        topk_group: Groups a token may choose experts from.
-        group_rule: How a group is scored: its best expert (`max`) or its best two summed (`top2_sum`).
-        scaling: `routed_scaling_factor` applied to the chosen weights.
-    """
-
-    kind: RoutingKind
-    num_experts: int
-    top_k: int
-    norm_topk: bool = False
-    cast_back: bool = True
-    n_group: int = 1
-    topk_group: int = 1
-    group_rule: GroupRule | None = None
-    scaling: float = 1.0
-
-    @property
-    def group_size(self) -> int:
-        return self.num_experts // self.n_group
+from .routing import RoutingSpec
 
 
 @dataclass(frozen=True)
@@ -91,12 +59,13 @@ class FamilyAdapter:
         name: Short family name used in manifests and logs.
         model_types: The `config.model_type` values this adapter handles.
         router_attr: Attribute of the MoE block that holds the router.
-        experts_attr: Attribute of the MoE block that holds the fused experts module.
         expert_count_field: Config field with the routed-expert count (set by export).
         per_expert_parts: Per-expert checkpoint part name -> where it goes in the fused parameters.
-        checkpoint_block: The MoE block's name in checkpoint keys when it differs from `mlp`.
         routing_spec: Reads the routing function off a config.
         moe_layers: Reads the MoE decoder-layer indices off a config.
+        experts_attr: Attribute of the MoE block that holds the fused experts module.
+        block_attr: Attribute of a decoder layer that holds its MoE block in the transformers model.
+        checkpoint_block: The MoE block's name in checkpoint keys when it differs from `block_attr`.
     """
 
     name: str
@@ -107,8 +76,13 @@ class FamilyAdapter:
     routing_spec: Callable[[Any], RoutingSpec]
     moe_layers: Callable[[Any], tuple[int, ...]]
     experts_attr: str = "experts"
-    checkpoint_block: str = "mlp"
-    extra: dict[str, Any] = field(default_factory=dict)
+    block_attr: str = "mlp"
+    checkpoint_block: str | None = None
+
+    @property
+    def checkpoint_name(self) -> str:
+        """The MoE block's name in checkpoint keys."""
+        return self.checkpoint_block or self.block_attr
 
     def spec(self, config: Any) -> MoESpec:
         """The MoE layout of a model with this config."""
@@ -121,7 +95,7 @@ class FamilyAdapter:
 
     def moe_block(self, model: nn.Module, layer: int) -> nn.Module:
         """The MoE block of decoder layer `layer` of a `*ForCausalLM` model."""
-        return model.model.layers[layer].mlp  # type: ignore[union-attr,index]
+        return getattr(model.model.layers[layer], self.block_attr)  # type: ignore[union-attr,index]
 
     def router(self, model: nn.Module, layer: int) -> nn.Module:
         return getattr(self.moe_block(model, layer), self.router_attr)
@@ -133,11 +107,11 @@ class FamilyAdapter:
 
     def runtime_prefix(self, layer: int) -> str:
         """State-dict prefix of layer `layer`'s MoE block in the runtime model."""
-        return f"model.layers.{layer}.mlp."
+        return f"model.layers.{layer}.{self.block_attr}."
 
     def checkpoint_prefix(self, layer: int) -> str:
         """Key prefix of layer `layer`'s MoE block in checkpoints on disk."""
-        return f"model.layers.{layer}.{self.checkpoint_block}."
+        return f"model.layers.{layer}.{self.checkpoint_name}."
 
     def parse_expert_key(self, key: str) -> ExpertKey | None:
         """Map a checkpoint key to the routed expert tensor it holds, or None for a dense key.
@@ -146,7 +120,7 @@ class FamilyAdapter:
         ``w1/w2/w3``) and fused keys (``...experts.gate_up_proj`` holding all experts of a layer).
         """
         match = _EXPERT_KEY.fullmatch(key)
-        if match is None or match["block"] not in (self.checkpoint_block, "mlp"):
+        if match is None or match["block"] not in (self.checkpoint_name, self.block_attr):
             return None
         layer = int(match["layer"])
         rest = match["rest"]
@@ -161,10 +135,11 @@ class FamilyAdapter:
         return None
 
     def runtime_dense_key(self, key: str) -> str:
-        """The runtime state-dict name of a dense checkpoint key (MoE block renamed to `mlp`)."""
-        if self.checkpoint_block == "mlp":
+        """The runtime state-dict name of a dense checkpoint key (MoE block renamed to `block_attr`)."""
+        if self.checkpoint_name == self.block_attr:
             return key
-        return re.sub(rf"^(model\.layers\.\d+\.){re.escape(self.checkpoint_block)}\.", r"\1mlp.", key)
+        pattern = rf"^(model\.layers\.\d+\.){re.escape(self.checkpoint_name)}\."
+        return re.sub(pattern, rf"\g<1>{self.block_attr}.", key)
 
 
 @dataclass(frozen=True)

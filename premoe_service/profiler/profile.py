@@ -17,9 +17,9 @@ from safetensors.torch import save as st_save
 from ..errors import DataCorruption, FailedPrecondition, InvalidArgument
 from ..fsutil import atomic_write_bytes
 from ..names import check_task_name
+from .criteria import CRITERIA
 
 PROFILE_FORMAT = 1
-CRITERIA = ("frequency", "tcess", "easyep", "reap")
 _SCORE_PREFIX = "scores."
 _EMBEDDINGS = "demo_embeddings"
 
@@ -33,7 +33,7 @@ class Profile:
         description: Free text shown to operators.
         fingerprint: The store fingerprint of the model the scores belong to.
         moe_layers: Decoder-layer indices of the score rows.
-        scores: Criterion -> score matrix. [L, E] fp32
+        scores: Criterion (a name in `CRITERIA`) -> score matrix. [L, E] fp32
         demo_embeddings: One normalised vector per demo, or None when no embedder was given. [n, d] fp32
         embedder: Name of the embedding model that made `demo_embeddings`.
         demo_hash: SHA-256 of the demos as given.
@@ -138,6 +138,9 @@ class Profile:
         return cls.from_bytes(data, source=str(path), fingerprint=fingerprint)
 
     def score(self, criterion: str) -> torch.Tensor:
+        """The score matrix of one criterion. [L, E]"""
+        if criterion not in CRITERIA:
+            raise InvalidArgument(f"unknown criterion {criterion!r} (use {', '.join(CRITERIA)})", field="criterion")
         if criterion not in self.scores:
             raise InvalidArgument(
                 f"profile {self.name!r} has no {criterion!r} scores (has {sorted(self.scores)})",

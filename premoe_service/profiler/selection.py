@@ -11,6 +11,7 @@ from torch import Tensor
 from ..errors import InvalidArgument, PatternError
 from ..families import MoESpec, RoutingSpec
 from ..pattern import Pattern
+from .criteria import CRITERIA, DEFAULT_CRITERION
 
 Policy = Literal["top_k", "coverage", "budget"]
 POLICIES: tuple[Policy, ...] = ("top_k", "coverage", "budget")
@@ -21,7 +22,7 @@ class Selection:
     """How a task's pattern is derived from its scores.
 
     Attributes:
-        criterion: Which score matrix (`frequency`, `tcess`, `easyep`, `reap`).
+        criterion: Which score matrix (a name in `CRITERIA`).
         policy: `top_k` (value = experts per layer), `coverage` (value = share of each layer's score mass,
             in (0, 1]), or `budget` (value = experts across all layers; with `unit="bytes"`, bytes).
         value: The policy's number.
@@ -30,12 +31,16 @@ class Selection:
 
     # The defaults are what `premoe eval` on the reference model measured best (README, "Evaluation"):
     # EASY-EP scores spread over layers by a global budget of half the routed experts.
-    criterion: str = "easyep"
+    criterion: str = DEFAULT_CRITERION
     policy: Policy = "budget"
     value: float = 0.5
     unit: Literal["experts", "bytes", "fraction"] = "fraction"
 
     def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise InvalidArgument(
+                f"unknown criterion {self.criterion!r} (use {', '.join(CRITERIA)})", field="criterion"
+            )
         if self.policy not in POLICIES:
             raise InvalidArgument(
                 f"unknown selection policy {self.policy!r} (use {', '.join(POLICIES)})", field="policy"
@@ -55,15 +60,6 @@ class Selection:
         return cls(**data) if data else cls()
 
 
-def min_experts(routing: RoutingSpec) -> int:
-    """The fewest experts a layer can keep and still route every token: top-k, and for group-limited
-    routing enough groups (`topk_group`) holding enough experts each."""
-    if routing.group_rule is None:
-        return routing.top_k
-    per_group = max(2 if routing.group_rule == "top2_sum" else 1, math.ceil(routing.top_k / routing.topk_group))
-    return max(routing.top_k, routing.topk_group * per_group)
-
-
 def select(
     scores: Tensor,
     spec: MoESpec,
@@ -73,7 +69,7 @@ def select(
 ) -> Pattern:
     """The pattern that `selection` picks from `scores` [L, E] (rows in `spec.moe_layers` order).
 
-    Every layer keeps at least `min_experts`; ties go to the lower expert id. `max_per_layer` caps each
+    Every layer keeps at least the routing's `min_experts`; ties go to the lower expert id. `max_per_layer` caps each
     layer (a server's slots per layer); a budget's experts that a full layer cannot take go to the others.
     """
     if scores.shape != (len(spec.moe_layers), spec.num_experts):
@@ -83,12 +79,14 @@ def select(
             field="scores",
         )
     scores = scores.double().clamp_min(0)
-    floor = min_experts(spec.routing)
+    floor = spec.routing.min_experts
     cap = spec.num_experts if max_per_layer is None else min(spec.num_experts, max_per_layer)
     if cap < floor:
         raise InvalidArgument(f"at most {cap} experts per layer, below the minimum {floor}", field="max_per_layer")
     counts = [min(c, cap) for c in _counts(scores, spec, selection, floor, expert_nbytes, cap)]
-    layers = {layer: _valid_set(scores[i], counts[i], spec.routing, layer) for i, layer in enumerate(spec.moe_layers)}
+    layers = {
+        layer: best_routable(scores[i], counts[i], spec.routing, layer) for i, layer in enumerate(spec.moe_layers)
+    }
     return Pattern.build(spec, layers)
 
 
@@ -151,20 +149,21 @@ def _counts(
     return counts
 
 
-def _valid_set(row: Tensor, count: int, routing: RoutingSpec, layer: int) -> list[int]:
-    """`count` experts by score that group-limited routing can use: with the top-two group rule a group
-    is entered with its best two experts at once, never one."""
+def best_routable(row: Tensor, count: int, routing: RoutingSpec, layer: int) -> list[int]:
+    """The `count` experts of one layer with the best scores in `row` [E] that routing can use: under
+    group-limited routing the best groups are seeded first, and a group that is scored by its best two is
+    entered with two experts at once, never one. Ties go to the lower expert id."""
     order = _order(row)
     if routing.group_rule is None:
         return sorted(order[:count])
     size = routing.group_size
-    least = 2 if routing.group_rule == "top2_sum" else 1
+    least = routing.group_entry
     kept: set[int] = set()
-    per_group = [0] * routing.n_group
+    per_group = [0] * routing.groups
     # Seed the best groups (by their best `least` scores) so that routing always finds `topk_group` groups.
     group_strength = [
         (-sum(sorted((float(row[e]) for e in range(g * size, (g + 1) * size)), reverse=True)[:least]), g)
-        for g in range(routing.n_group)
+        for g in range(routing.groups)
     ]
     seed_per_group = max(least, math.ceil(routing.top_k / routing.topk_group))
     for _, g in sorted(group_strength)[: routing.topk_group]:

@@ -1,9 +1,10 @@
-"""Routing statistics over demo tokens, gathered in one forward pass, and the four criteria computed from them.
+"""Routing statistics over demo tokens, gathered in one forward pass, and the criteria's running sums over them.
 
 Per MoE layer and demo token t the pass records the full router scores p_t (the family's own scoring),
 the chosen experts K_t with weights g_t,e, the norms ||E_e(x_t)|| of the chosen experts' outputs, and the
 residual stream x_t entering the MoE sub-block (for EASY-EP's token contribution
-s_t = max(0, 1 - cos(x_t, x_t + sum_{e in K_t} g_t,e E_e(x_t)))). Padding never counts.
+s_t = max(0, 1 - cos(x_t, x_t + sum_{e in K_t} g_t,e E_e(x_t)))). Padding never counts. What each criterion
+adds up and how its score reads are declared in `criteria`.
 """
 
 from __future__ import annotations
@@ -19,16 +20,7 @@ from torch import Tensor, nn
 
 from ..families import Routing, full_scores
 from ..runtime.engine import PatternedModel
-
-
-@dataclass
-class LayerTotals:
-    """Running sums of one MoE layer over demo tokens. All [E] fp32."""
-
-    chosen: Tensor  # tokens with e in K_t
-    tcess: Tensor  # sum_t p_t,e * 1[p_t,e >= r]
-    easyep: Tensor  # sum_t s_t * g_t,e * ||E_e(x_t)||, e in K_t
-    reap: Tensor  # sum_t g_t,e * ||E_e(x_t)||, e in K_t
+from .criteria import REGISTRY, LayerTokens
 
 
 @dataclass
@@ -44,7 +36,7 @@ class StatsCollector:
     engine: PatternedModel
     token_mask: Tensor
     tcess_threshold: float = 0.0
-    totals: dict[int, LayerTotals] = field(default_factory=dict)
+    totals: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # layer -> criterion -> running sum [E]
     _routing: dict[int, Routing] = field(default_factory=dict)
     _residual: dict[int, Tensor] = field(default_factory=dict)
 
@@ -97,41 +89,30 @@ class StatsCollector:
         routing = self._routing.pop(layer)
         residual = self._residual.pop(layer).float()
         mask = self.token_mask.to(outputs.device)
-        num_experts = self.engine.spec.num_experts
-        probs = full_scores(self.engine.spec.routing, routing.logits)[mask]  # [N, E]
-        chosen = routing.experts[mask]  # [N, k]
-        weights = routing.weights[mask].float()  # [N, k]
-        norms = outputs[mask].float().norm(dim=-1)  # [N, k]
         after = residual[mask] + routed[mask].float()
-        contribution = (1 - F.cosine_similarity(residual[mask], after, dim=-1)).clamp_min(0)  # [N]
-
-        def scatter(values: Tensor) -> Tensor:
-            return torch.zeros(num_experts, device=values.device).index_add_(0, chosen.reshape(-1), values.reshape(-1))
-
-        totals = LayerTotals(
-            chosen=scatter(torch.ones_like(weights)),
-            tcess=(probs * (probs >= self.tcess_threshold)).sum(dim=0),
-            easyep=scatter(contribution.unsqueeze(-1) * weights * norms),
-            reap=scatter(weights * norms),
+        tokens = LayerTokens(
+            probs=full_scores(self.engine.spec.routing, routing.logits)[mask],  # [N, E]
+            chosen=routing.experts[mask],  # [N, k]
+            weights=routing.weights[mask].float(),  # [N, k]
+            norms=outputs[mask].float().norm(dim=-1),  # [N, k]
+            contribution=(1 - F.cosine_similarity(residual[mask], after, dim=-1)).clamp_min(0),  # [N]
+            tcess_threshold=self.tcess_threshold,
         )
+        sums = {criterion.name: criterion.add(tokens) for criterion in REGISTRY}
         previous = self.totals.get(layer)
         if previous is not None:
-            totals = LayerTotals(
-                *(getattr(previous, f) + getattr(totals, f) for f in ("chosen", "tcess", "easyep", "reap"))
-            )
-        self.totals[layer] = totals
+            sums = {name: previous[name] + value for name, value in sums.items()}
+        self.totals[layer] = sums
 
     def scores(self) -> dict[str, Tensor]:
         """Criterion -> [L, E] fp32 on the CPU, rows in MoE-layer order."""
         tokens = max(self.tokens, 1)
-        rows: dict[str, list[Tensor]] = {"frequency": [], "tcess": [], "easyep": [], "reap": []}
-        for layer in self.engine.spec.moe_layers:
-            t = self.totals[layer]
-            rows["frequency"].append(t.chosen / tokens)
-            rows["tcess"].append(t.tcess / tokens)
-            rows["easyep"].append(t.easyep)
-            rows["reap"].append(torch.where(t.chosen > 0, t.reap / t.chosen.clamp_min(1), torch.zeros_like(t.reap)))
-        return {name: torch.stack(r).cpu() for name, r in rows.items()}
+        return {
+            criterion.name: torch.stack(
+                [criterion.score(self.totals[layer], tokens) for layer in self.engine.spec.moe_layers]
+            ).cpu()
+            for criterion in REGISTRY
+        }
 
 
 def expert_outputs(experts: nn.Module, hidden: Tensor, slots: Tensor) -> Tensor:

@@ -12,8 +12,7 @@ from ..errors import InvalidArgument
 from ..families import MoESpec
 from ..names import check_task_name
 from ..pattern import Pattern
-from ..profiler import Demo, Profile, Selection, profile_store, select
-from ..profiler.profile import CRITERIA
+from ..profiler import Demo, Profile, Selection, best_routable, profile_store, select
 from ..retrieval import Registry
 from ..runtime.engine import PatternedModel
 from ..store import Store
@@ -125,11 +124,7 @@ class TaskBook:
         check_task_name(name)
         if not demos:
             raise InvalidArgument("at least one demo is needed", field="demos")
-        selection = selection or self.selection
-        if selection.criterion not in CRITERIA:
-            raise InvalidArgument(
-                f"unknown criterion {selection.criterion!r} (use {', '.join(CRITERIA)})", field="criterion"
-            )
+        selection = selection or self.selection  # a Selection's criterion is checked when it is made
         if not replace and not dry_run and name in self.registry.names():
             from ..errors import AlreadyExists
 
@@ -169,10 +164,16 @@ class TaskBook:
             return union
         layers = {}
         for row, layer in enumerate(self.spec.moe_layers):
+            kept = list(union.kept(layer))
+            if len(kept) <= capacity:
+                layers[layer] = kept
+                continue
             total = torch.zeros(self.spec.num_experts, dtype=torch.float64)
             for profile in profiles:
                 scores = profile.score(Selection.from_json(profile.selection).criterion)[row].double()
                 total += scores / scores.sum().clamp_min(1e-30)
-            order = sorted(union.kept(layer), key=lambda e: (-float(total[e]), e))
-            layers[layer] = order[:capacity]
+            outside = torch.ones(self.spec.num_experts, dtype=torch.bool)
+            outside[kept] = False
+            # Experts outside the union rank last; group-limited routing may still need one to stay routable.
+            layers[layer] = best_routable(total.masked_fill(outside, -1.0), capacity, self.spec.routing, layer)
         return Pattern.build(self.spec, layers)

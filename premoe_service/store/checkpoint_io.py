@@ -118,7 +118,10 @@ def write_safetensors_streaming(
         handle.write(raw)
         for (name, dtype, shape), tensor in zip(specs, tensors, strict=True):
             if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-                raise ValueError(f"tensor {name} is {tensor.dtype}{tuple(tensor.shape)}, declared {dtype}{shape}")
+                # The source changed under us or disagrees with its own header: nothing is written.
+                raise DataCorruption(
+                    f"tensor is {tensor.dtype}{tuple(tensor.shape)} but was declared {dtype}{shape}", field=name
+                )
             handle.write(tensor_bytes(tensor))
 
 

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from ..errors import AlreadyExists, PatternError
-from ..families import adapter_for
+from ..families import RoutingSpec, adapter_for
 from ..pattern import Pattern
 from .checkpoint_io import write_safetensors_streaming
 from .manifest import DENSE, MANIFEST
@@ -35,9 +35,7 @@ def export_pruned(store: Store, pattern: Pattern, out: str | Path, *, progress: 
     adapter = adapter_for(config)
     spec = adapter.spec(config)
     pattern.validate(spec)
-    kept_count = _uniform_count(
-        pattern, spec.routing.n_group if spec.routing.group_rule else 1, spec.routing.group_size
-    )
+    kept_count = _uniform_count(pattern, spec.routing)
 
     dense = store.dense_state_dict("cpu")
     kept_index = {layer: torch.tensor(pattern.kept(layer)) for layer in spec.moe_layers}
@@ -79,7 +77,7 @@ def export_pruned(store: Store, pattern: Pattern, out: str | Path, *, progress: 
     return out
 
 
-def _uniform_count(pattern: Pattern, n_group: int, group_size: int) -> int:
+def _uniform_count(pattern: Pattern, routing: RoutingSpec) -> int:
     counts = {len(experts) for experts in pattern.layers.values()}
     if len(counts) != 1:
         raise PatternError(
@@ -88,9 +86,9 @@ def _uniform_count(pattern: Pattern, n_group: int, group_size: int) -> int:
             field="pattern",
         )
     count = counts.pop()
-    if n_group > 1:
+    if routing.groups > 1:
         for layer, experts in pattern.layers.items():
-            per_group = [sum(1 for e in experts if e // group_size == g) for g in range(n_group)]
+            per_group = routing.group_counts(experts)
             if len(set(per_group)) != 1:
                 raise PatternError(
                     f"keeps {per_group} experts per group; the exported config needs the same count in every group",
