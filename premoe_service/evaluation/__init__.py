@@ -2,9 +2,11 @@
 
 from .metrics import EvalItem, exact_match, greedy_answers, mean_nll
 from .report import markdown, write_reports
-from .run import EvalResult, evaluate_grid, load_eval_items, load_task_data, retention
+from .run import EVAL_CRITERIA, RANDOM, EvalResult, evaluate_grid, load_eval_items, load_task_data, retention
 
 __all__ = [
+    "EVAL_CRITERIA",
+    "RANDOM",
     "EvalItem",
     "EvalResult",
     "evaluate_grid",

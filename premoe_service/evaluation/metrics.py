@@ -1,4 +1,8 @@
-"""Task metrics on any causal LM: exact-match accuracy of greedy answers, and mean per-token NLL of texts."""
+"""Task metrics on any causal LM: exact-match accuracy of greedy answers, and mean per-token NLL of texts.
+
+The one implementation: `premoe eval` calls it, and so does the reference model's training script
+(`reference/metrics.py` adapts its JSONL records to these functions).
+"""
 
 from __future__ import annotations
 
@@ -24,15 +28,28 @@ class EvalItem:
         return bool(self.prompt)
 
 
-def _left_padded(tokenizer: Any, texts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    encoded = [tokenizer(t)["input_ids"] for t in texts]
+def pad_id(tokenizer: Any) -> int:
+    """The id that fills padded positions: the tokenizer's pad token, else its EOS, else 0. Padded positions
+    are masked out of attention and never a target, so the choice never changes a metric; it only has to be
+    a token the model can embed."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _padded(
+    tokenizer: Any, encoded: Sequence[list[int]], device: torch.device, *, left: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask [B, S] of token lists padded to the longest (left for generation, right for
+    likelihood)."""
     width = max(len(e) for e in encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    ids = torch.full((len(encoded), width), pad_id(tokenizer), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, tokens in enumerate(encoded):
-        ids[row, width - len(tokens) :] = torch.tensor(tokens)
-        mask[row, width - len(tokens) :] = 1
+        span = slice(width - len(tokens), width) if left else slice(0, len(tokens))
+        ids[row, span] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, span] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -45,7 +62,8 @@ def greedy_answers(
     eos = tokenizer.eos_token_id
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        ids, mask = _left_padded(tokenizer, prompts[start : start + batch_size], device)
+        encoded = [tokenizer(p)["input_ids"] for p in prompts[start : start + batch_size]]
+        ids, mask = _padded(tokenizer, encoded, device, left=True)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         generated = torch.empty((ids.shape[0], 0), dtype=torch.long, device=device)
         past, step_ids, step_pos = None, ids, positions
@@ -83,20 +101,15 @@ def exact_match(model: Any, tokenizer: Any, items: Sequence[EvalItem], batch_siz
 
 @torch.no_grad()
 def mean_nll(
-    model: Any, tokenizer: Any, items: Sequence[EvalItem], batch_size: int = 32, max_length: int = 256
+    model: Any, tokenizer: Any, items: Sequence[EvalItem], batch_size: int = 32, max_length: int | None = 256
 ) -> float:
-    """Mean negative log-likelihood (nats) per predicted token over all texts (padding never counts)."""
+    """Mean negative log-likelihood (nats) per predicted token over all texts, pooled (padding never counts;
+    a leading BOS is context, never a target). Texts are cut to `max_length` tokens (None: never)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(items), batch_size):
         encoded = [tokenizer(i.text)["input_ids"][:max_length] for i in items[start : start + batch_size]]
-        width = max(len(e) for e in encoded)
-        ids = torch.zeros((len(encoded), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, tokens in enumerate(encoded):
-            ids[row, : len(tokens)] = torch.tensor(tokens)
-            mask[row, : len(tokens)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = _padded(tokenizer, encoded, device, left=False)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # [B, S-1, V]
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         loss = F.cross_entropy(

@@ -14,13 +14,14 @@ from tqdm import tqdm
 
 from ..errors import InvalidArgument, NotFound
 from ..pattern import Pattern
-from ..profiler import Profile, Selection, select
+from ..profiler import CRITERIA, DEFAULT_CRITERION, Profile, Selection, select
 from ..runtime.build import load_engine
 from ..runtime.engine import PatternedModel
 from ..store import Store
 from .metrics import EvalItem, exact_match, mean_nll, perplexity
 
-RANDOM = "random"
+RANDOM = "random"  # the random floor, measured beside the criteria
+EVAL_CRITERIA: tuple[str, ...] = (*CRITERIA, RANDOM)  # what `criteria` of `evaluate_grid` may name
 
 
 @dataclass
@@ -97,7 +98,7 @@ def evaluate_grid(
     *,
     criteria: Sequence[str],
     budgets: Sequence[float],
-    cross_criterion: str = "easyep",
+    cross_criterion: str = DEFAULT_CRITERION,
     cross_budget: float = 0.5,
     seed: int = 0,
     device: str | None = None,
@@ -107,6 +108,13 @@ def evaluate_grid(
 ) -> EvalResult:
     """Every task under every criterion and budget (fraction of routed experts, spread by the global
     budget policy), the random floor, the full model, and task A's pattern on task B's data."""
+    unknown = [c for c in criteria if c not in EVAL_CRITERIA]
+    if unknown:
+        raise InvalidArgument(f"unknown criteria {unknown} (use {', '.join(EVAL_CRITERIA)})", field="criteria")
+    if cross_criterion not in CRITERIA:
+        raise InvalidArgument(
+            f"unknown criterion {cross_criterion!r} (use {', '.join(CRITERIA)})", field="cross_criterion"
+        )
     engine, _ = load_engine(store, device=device)
     spec = engine.spec
     result = EvalResult(cross_budget=cross_budget, cross_criterion=cross_criterion)
