@@ -20,13 +20,13 @@ test: setup
 	$(BIN)/python -m pytest -q -ra tests
 
 check: setup
-	$(BIN)/ruff check premoe_service tests bench
-	$(BIN)/ruff format --check premoe_service tests bench
+	$(BIN)/ruff check premoe_service tests
+	$(BIN)/ruff format --check premoe_service tests
 	$(BIN)/mypy
 
 fmt: setup
-	$(BIN)/ruff format premoe_service tests bench
-	$(BIN)/ruff check --fix premoe_service tests bench
+	$(BIN)/ruff format premoe_service tests
+	$(BIN)/ruff check --fix premoe_service tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -13,7 +13,7 @@ IndexKind = Literal["auto", "flat", "hnsw"]
 
 # Vector count at which "auto" switches from exact search to HNSW. Measured on this machine (2 shared
 # CPU cores, d=384, one query per search on one thread, k=64, clustered vectors of 8 per task; HNSW
-# M=32, efConstruction=64, efSearch=128; `python bench/bench_route.py --index-sweep` reproduces it):
+# M=32, efConstruction=64, efSearch=128; `python -m premoe_service.bench.route --index-sweep` reproduces it):
 #   n=   2k  flat 0.07 ms  hnsw 0.20 ms  build  0.8 s  recall@1 1.000
 #   n=   5k  flat 0.14 ms  hnsw 0.22 ms  build  1.3 s  recall@1 1.000
 #   n=  10k  flat 0.26 ms  hnsw 0.57 ms  build  2.8 s  recall@1 1.000

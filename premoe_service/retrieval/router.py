@@ -16,8 +16,8 @@ from .scoring import DEFAULT_TOP_M, task_scores
 
 Fallback = Literal["union", "general"]
 
-# Calibrated with bench/bench_route.py (6 tasks x 8 demos, 30 held-out on-topic queries, 12 off-topic or
-# nonsense ones, all-MiniLM-L6-v2, top-3 mean): right top-1 tasks scored 0.17-0.44, off-topic tops
+# Calibrated with `python -m premoe_service.bench.route` (6 tasks x 8 demos, 30 held-out on-topic queries,
+# 12 off-topic or nonsense ones, all-MiniLM-L6-v2, top-3 mean): right top-1 tasks scored 0.17-0.44, off-topic tops
 # 0.07-0.22 (the worst: "Write a haiku about the sea at night." -> gardening, 0.216). `evaluate()` puts the
 # balanced-accuracy optimum (0.94: 29/30 on-topic matched, 11/12 off-topic rejected) at 0.183. MiniLM
 # similarities are low in absolute terms; recalibrate with `premoe route --evaluate` for another embedder.
