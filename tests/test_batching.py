@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from premoe_service.engine import EngineLoop, KVBatch, Request, SamplingParams, Status
+from premoe_service.engine import BatchLimits, EngineLoop, KVBatch, Request, SamplingParams, Status
 from premoe_service.engine.request import Outcome
 from premoe_service.families import MoESpec
 from premoe_service.families.tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
@@ -103,7 +103,9 @@ def build(root: Path, family: str, dtype: torch.dtype, budget: Budget | None = N
 
 
 def make_loop(setup: Setup, gate: threading.Event | None = None) -> EngineLoop:
-    return EngineLoop(setup.engine, setup.residency, setup.store, eos=set(), pad_id=0, loader_gate=gate)
+    """A loop that prefills ready requests at once, so the scenario's join steps are exact."""
+    limits = BatchLimits(max_join_wait_steps=0)
+    return EngineLoop(setup.engine, setup.residency, setup.store, eos=set(), pad_id=0, loader_gate=gate, limits=limits)
 
 
 @dataclass(frozen=True)

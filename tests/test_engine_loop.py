@@ -132,3 +132,21 @@ def test_each_request_accounts_for_the_loads_it_caused(store_dir: Path) -> None:
     loop.run_until_idle()
     warm = outcome(second)
     assert warm.loads == {"device": layers, "cache": 0, "disk": layers}  # expert 0 resident, 2 read once
+
+
+def test_a_few_ready_requests_wait_a_bounded_number_of_steps_to_join_together(store_dir: Path) -> None:
+    loop = make_loop(store_dir, max_join_wait_steps=3)
+    running = [loop.submit(request(loop, [0, 1], 30)) for _ in range(4)]
+    step_until(loop, lambda: all(r.status is Status.RUNNING for r in running))
+    late = loop.submit(request(loop, [0, 1], 4))  # 1 ready < 0.3 x 4 running: it waits for company
+    step_until(loop, lambda: late.status is Status.READY)
+    waited = 0
+    while late.status is Status.READY:
+        assert loop.step()
+        waited += 1
+    assert waited == 3  # held in the step it became ready and the two after it; the third prefills it
+    loop.run_until_idle()
+    alone = make_loop(store_dir)
+    again = alone.submit(request(alone, [0, 1], 4))
+    alone.run_until_idle()
+    assert outcome(late).token_ids == outcome(again).token_ids

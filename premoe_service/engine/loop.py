@@ -173,8 +173,7 @@ class EngineLoop:
             self.engine.publish_slots()
         for request in self.waiting:
             if request.status is Status.LOADING and self.residency.is_resident(request.pattern):
-                request.status = Status.READY
-                request.times["ready"] = time.perf_counter()
+                self._ready(request)
 
     def _retire_gone(self) -> None:
         now = time.monotonic()
@@ -219,8 +218,12 @@ class EngineLoop:
             if copies:
                 self.loader.submit(LoadJob(request.id, copies))
             elif self.residency.is_resident(request.pattern):
-                request.status = Status.READY
-                request.times["ready"] = time.perf_counter()
+                self._ready(request)
+
+    def _ready(self, request: Request) -> None:
+        request.status = Status.READY
+        request.times["ready"] = time.perf_counter()
+        request.times["ready_step"] = self.stats.steps
 
     # --- forward passes -------------------------------------------------------------------------------
 
@@ -235,7 +238,7 @@ class EngineLoop:
             if chosen and longest * (len(chosen) + 1) > self.limits.max_prefill_tokens:
                 break
             chosen.append(request)
-        if not chosen:
+        if not chosen or self._hold_joiners(chosen):
             return False
         self._remove_waiting(chosen)
         start = time.perf_counter()
@@ -283,6 +286,15 @@ class EngineLoop:
         self.running.extend(joined)
         self._decode_context = None
         return True
+
+    def _hold_joiners(self, chosen: list[Request]) -> bool:
+        """Whether to let ready requests wait a few decode steps so that more join in one prefill (each
+        prefill is a forward pass the running rows wait for): only while rows are decoding, fewer than
+        `join_ratio` x running are ready, and none has waited `max_join_wait_steps` steps yet."""
+        if not self.running or len(chosen) >= self.limits.join_ratio * len(self.running):
+            return False
+        oldest = min(r.times.get("ready_step", self.stats.steps) for r in chosen)
+        return self.stats.steps - oldest < self.limits.max_join_wait_steps
 
     def _decode(self) -> None:
         assert self.kv is not None

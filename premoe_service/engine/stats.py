@@ -16,16 +16,23 @@ class BatchLimits:
         max_prefill_tokens: Padded prompt tokens in one prefill forward (rows x longest prompt); a single
             request longer than this still runs alone.
         max_queue: Requests waiting (for slots, loads or a row) before new ones get RESOURCE_EXHAUSTED.
+        join_ratio: While rows decode, ready requests wait to be prefilled together until they number this
+            share of the running rows (TGI's waiting-served ratio) ...
+        max_join_wait_steps: ... or until the oldest has waited this many decode steps (0: join at once).
     """
 
     max_rows: int = 32
     max_prefill_tokens: int = 4096
     max_queue: int = 256
+    join_ratio: float = 0.3
+    max_join_wait_steps: int = 2
 
     def __post_init__(self) -> None:
         for name in ("max_rows", "max_prefill_tokens", "max_queue"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"must be at least 1, got {getattr(self, name)}", field=name)
+        if self.max_join_wait_steps < 0 or not 0 <= self.join_ratio <= 1:
+            raise InvalidArgument("join_ratio lies in [0, 1], max_join_wait_steps >= 0", field="max_join_wait_steps")
 
 
 @dataclass

@@ -23,8 +23,12 @@ class ServiceConfig:
         device: "auto" (cuda when available), "cpu" or "cuda".
         embedder: Local sentence-transformers model; None: all-MiniLM-L6-v2 from its PyPI package.
         host, port: gRPC address; port 0 picks a free port.
+        http_port: Port of the OpenAI-compatible HTTP API on `host` (0 picks a free port); None: no HTTP API.
         metrics_port: Prometheus metrics port; None: no metrics server.
         admin_token: Required (as `authorization: Bearer <token>` metadata) by RegisterTask/DeleteTask.
+        api_key: Required (as `authorization: Bearer <key>`, gRPC metadata or HTTP header) by every inference
+            call at both doors (generate, route, tasks, stats, `/v1/...`); None: inference is open. Health checks
+            never need it; the admin token is accepted in its place.
         selection: Default criterion and selection policy of registered tasks.
         route_threshold: Retrieval score a task needs to match; below it the fallback serves.
         coverage_floor: Below this prefill coverage the pattern is widened with the experts the prompt
@@ -34,6 +38,7 @@ class ServiceConfig:
         max_batch_rows: Requests decoding together in one forward pass of the engine loop.
         max_batch_tokens: Padded prompt tokens prefilled in one forward pass.
         max_queue: Requests waiting (for slots, expert loads or a row) before new ones are refused.
+        join_wait_steps: Decode steps a ready request may wait so that several join in one prefill (0: none).
         lease_timeout_s: How long a request waits for slots pinned by others before RESOURCE_EXHAUSTED.
         grace_s: Seconds in-flight requests get to finish on shutdown.
     """
@@ -47,7 +52,9 @@ class ServiceConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = None
+    http_port: int | None = None
     admin_token: str | None = None
+    api_key: str | None = None
     selection: Selection = field(default_factory=Selection)
     route_threshold: float | None = None
     coverage_floor: float = 0.0
@@ -56,6 +63,7 @@ class ServiceConfig:
     max_batch_rows: int = 32
     max_batch_tokens: int = 4096
     max_queue: int = 256
+    join_wait_steps: int = 2
     lease_timeout_s: float = 30.0
     grace_s: float = 10.0
 

@@ -130,7 +130,12 @@ class PreMoeService:
             self.store,
             eos=_eos_ids(self.engine.model),
             pad_id=self.tokenizer.pad_token_id or 0,
-            limits=BatchLimits(config.max_batch_rows, config.max_batch_tokens, config.max_queue),
+            limits=BatchLimits(
+                config.max_batch_rows,
+                config.max_batch_tokens,
+                config.max_queue,
+                max_join_wait_steps=config.join_wait_steps,
+            ),
             stopping=self.stopping.is_set,
         ).start()
 
