@@ -42,6 +42,14 @@ class AlreadyExists(PreMoeError):
     """A named thing that exists already and may not be replaced silently."""
 
 
+class Unauthenticated(PreMoeError):
+    """A call that needs credentials (API key or admin token) came without them, or with a wrong API key."""
+
+
+class PermissionDenied(PreMoeError):
+    """A call whose credentials do not allow it (an admin call without the admin token)."""
+
+
 class FailedPrecondition(PreMoeError):
     """The system is not in a state to do this (e.g. a profile for another model fingerprint)."""
 

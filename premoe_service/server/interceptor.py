@@ -1,8 +1,7 @@
-"""The one place where exceptions become gRPC status codes; also the admin token check and request metrics."""
+"""The one place where exceptions become gRPC status codes; also the credential checks and request metrics."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,10 +16,13 @@ from ..errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     PreMoeError,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
+from .auth import Access
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,8 @@ STATUS: list[tuple[type[PreMoeError], grpc.StatusCode]] = [
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (DataCorruption, grpc.StatusCode.DATA_LOSS),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 ]
 ADMIN_METHODS = frozenset({"RegisterTask", "DeleteTask"})
 
@@ -49,15 +53,18 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every PreMoe handler: admin token, status mapping, latency metrics.
+    """Wraps every PreMoe handler: credentials, status mapping, latency metrics.
 
     Args:
         admin_token: When set, admin RPCs need metadata `authorization: Bearer <token>`.
         metrics: Request counters and latency histograms (optional).
+        api_key: When set, every other PreMoe RPC needs `authorization: Bearer <key>` (health stays open).
     """
 
-    def __init__(self, admin_token: str | None = None, metrics: Metrics | None = None) -> None:
-        self.admin_token = admin_token
+    def __init__(
+        self, admin_token: str | None = None, metrics: Metrics | None = None, *, api_key: str | None = None
+    ) -> None:
+        self.access = Access(admin_token, api_key)
         self.metrics = metrics
 
     async def intercept_service(
@@ -84,25 +91,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler
 
-    async def _authorise(self, context: grpc.aio.ServicerContext) -> None:
-        if not self.admin_token:
-            return
+    def _authorise(self, context: grpc.aio.ServicerContext, admin: bool) -> None:
         metadata = dict(context.invocation_metadata() or ())
-        given = str(metadata.get("authorization", ""))
-        if not given:
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "admin call: send metadata 'authorization: Bearer <token>'"
-            )
-        if not hmac.compare_digest(given.removeprefix("Bearer ").strip(), self.admin_token):
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "admin token does not match")
+        self.access.check(str(metadata.get("authorization", "")), admin=admin)
 
     def _unary(self, method: str, admin: bool, behaviour: Any) -> Any:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                if admin:
-                    await self._authorise(context)
+                self._authorise(context, admin)
                 return await behaviour(request, context)
             except Exception as exc:
                 code = await _abort(method, context, exc)
@@ -117,8 +115,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                if admin:
-                    await self._authorise(context)
+                self._authorise(context, admin)
                 async for item in behaviour(request, context):
                     yield item
             except Exception as exc:
