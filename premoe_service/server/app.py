@@ -1,4 +1,5 @@
-"""Server assembly: `create_server(config) -> (server, port)`, graceful shutdown, health and reflection."""
+"""Server assembly: `create_server(config) -> (server, port)` with the gRPC door and, when configured, the HTTP door
+on the same service; graceful shutdown, health and reflection."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -18,8 +19,11 @@ from grpc_reflection.v1alpha import reflection
 
 from ..retrieval import Embedder
 from ..serving import PreMoeService, ServiceConfig
+from .auth import Access
 from .gen import premoe_pb2 as pb
 from .gen import premoe_pb2_grpc as pb_grpc
+from .http import HttpDoor, OpenAIApi
+from .http_types import MAX_BODY_BYTES
 from .interceptor import ErrorInterceptor
 from .metrics import Metrics
 from .servicer import PreMoeServicer
@@ -30,7 +34,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PreMoe"].full_name
 
 @dataclass
 class PreMoeServer:
-    """A started-or-not gRPC server with its service, health and metrics."""
+    """A started-or-not gRPC server (and HTTP door) with its service, health and metrics."""
 
     grpc_server: grpc.aio.Server
     service: PreMoeService
@@ -39,33 +43,51 @@ class PreMoeServer:
     metrics: Metrics
     metrics_port: int | None = None
     loop: Any = None  # the event loop it runs on, when started by `running_server`
+    http: HttpDoor | None = None
+    serving: threading.Event = field(default_factory=threading.Event)  # what the HTTP health endpoint reports
+
+    @property
+    def http_port(self) -> int | None:
+        """The bound port of the OpenAI-compatible HTTP API; None without one."""
+        return self.http.port if self.http is not None else None
 
     async def start(self) -> None:
         await self.grpc_server.start()
+        if self.http is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.http.start)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.serving.set()
 
     async def stop(self, grace: float) -> None:
         """Report NOT_SERVING, refuse new work, let in-flight requests finish within `grace` seconds."""
+        self.serving.clear()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await asyncio.sleep(min(0.2, grace))  # let health watchers and load balancers see it
+        http_stopped = asyncio.get_running_loop().run_in_executor(None, self.http.stop) if self.http else None
         await self.grpc_server.stop(grace)
+        if http_stopped is not None:
+            await http_stopped
         self.service.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.stop()
 
 
 def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) -> tuple[PreMoeServer, int]:
-    """Build the service and bind its gRPC server (call `start()` inside an event loop). Port 0 picks one."""
+    """Build the service and bind its gRPC server and, with `config.http_port`, its HTTP door (call `start()` inside
+    an event loop). Port 0 picks one; the HTTP door's is `handle.http_port`."""
     service = PreMoeService(config, embedder=embedder)
     metrics = Metrics()
     metrics.watch_engine(service.loop.stats, service.residency.stats)
     # One thread per in-flight RPC (each waits on its request's events); the engine loop does the work.
     executor = ThreadPoolExecutor(max_workers=config.max_batch_rows + config.max_queue + 8, thread_name_prefix="premoe")
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(config.admin_token, metrics)],
-        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+        interceptors=[ErrorInterceptor(config.admin_token, metrics, api_key=config.api_key)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_BODY_BYTES),
+            ("grpc.max_send_message_length", MAX_BODY_BYTES),
+        ],
     )
     pb_grpc.add_PreMoeServicer_to_server(PreMoeServicer(service, executor, metrics), server)
     health_servicer = health.aio.HealthServicer()
@@ -75,6 +97,13 @@ def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) ->
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     handle = PreMoeServer(server, service, health_servicer, executor, metrics)
+    if config.http_port is not None:
+        api = OpenAIApi(service, executor, Access(config.admin_token, config.api_key), handle.serving, metrics)
+        try:
+            handle.http = HttpDoor(api.app(), config.host, config.http_port, config.grace_s)
+        except OSError:
+            service.close()
+            raise
     if config.metrics_port is not None:
         handle.metrics_port = metrics.serve(config.metrics_port, config.host)
     return handle, port
@@ -86,6 +115,8 @@ async def serve_async(config: ServiceConfig, ready: threading.Event | None = Non
     await handle.start()
     log.warning("premoe serving on %s:%d (metrics %s)", config.host, port, handle.metrics_port or "off")
     print(f"premoe serving on {config.host}:{port}", flush=True)
+    if handle.http_port is not None:
+        print(f"premoe HTTP (OpenAI-compatible) on http://{config.host}:{handle.http_port}/v1", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,297 @@
+"""The OpenAI-compatible HTTP door: a Starlette app over the gRPC server's own PreMoeService, served by uvicorn on a
+thread and event loop of its own; each endpoint decodes, calls one domain function off the loop, encodes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import socket
+import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..errors import InvalidArgument, PreMoeError
+from ..serving import GenerationResult, PreMoeService
+from .auth import Access
+from .http_io import BodyTooLarge, chain, read_json, relay, sse, watch_disconnect
+from .http_types import AUTO, PARAM_NAMES, GenerationCall, chunk_body, completion_body, error_body, model_body
+from .interceptor import status_of
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+# HTTP statuses of the gRPC codes that the one mapping in `interceptor.STATUS` gives our errors.
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
+
+
+class OpenAIApi:
+    """The endpoints. Errors become OpenAI's error JSON with the status of the gRPC door's code.
+
+    Args:
+        service: The service the gRPC servicer uses.
+        executor: Threads that wait on the service (the gRPC servicer's).
+        access: The credentials inference calls need.
+        serving: Set while the server serves (health reports 503 otherwise).
+        metrics: Request latency (method label `HTTP <path>`), time to first token, loads, coverage.
+    """
+
+    def __init__(
+        self,
+        service: PreMoeService,
+        executor: ThreadPoolExecutor,
+        access: Access,
+        serving: threading.Event,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.service = service
+        self.executor = executor
+        self.access = access
+        self.serving = serving
+        self.metrics = metrics
+        self.total_experts = service.spec.num_experts * len(service.spec.moe_layers)
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/v1/completions", self._endpoint("/v1/completions", self.completions), methods=["POST"]),
+            Route("/v1/chat/completions", self._endpoint("/v1/chat/completions", self.chat), methods=["POST"]),
+            Route("/v1/models", self._endpoint("/v1/models", self.models), methods=["GET"]),
+            Route("/v1/models/{model}", self._endpoint("/v1/models/{model}", self.model), methods=["GET"]),
+            Route("/health", self._endpoint("/health", self.health, open_=True), methods=["GET"]),
+        ]
+        return Starlette(routes=routes, exception_handlers={HTTPException: _routing_error})
+
+    # --- endpoints ---------------------------------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, GenerationCall.from_completion(await read_json(request)))
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, GenerationCall.from_chat(await read_json(request), self._template))
+
+    async def models(self, request: Request) -> Response:
+        views = await self._run(self.service.list_tasks)
+        return JSONResponse({"object": "list", "data": [model_body(None), *(model_body(v) for v in views)]})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        if name == AUTO:
+            return JSONResponse(model_body(None))
+        return JSONResponse(model_body(await self._run(lambda: self.service.get_task(name))))
+
+    async def health(self, request: Request) -> Response:
+        serving = self.serving.is_set() and not self.service.stopping.is_set()
+        status = "SERVING" if serving else "NOT_SERVING"
+        return JSONResponse({"status": status}, status_code=200 if serving else 503)
+
+    # --- generation --------------------------------------------------------------------------------------
+
+    async def _generate(self, request: Request, call: GenerationCall) -> Response:
+        """Wait for the first item before answering, so that errors up to the first token get their own status."""
+        gone = threading.Event()
+        watcher = asyncio.create_task(watch_disconnect(request, gone))
+        start = time.perf_counter()
+        pieces = self.service.generate(
+            call.prompt, call.params, task=call.task, cancelled=gone.is_set, stream=call.stream
+        )
+        items = relay(pieces, self.executor, gone)
+        try:
+            first = await anext(items)
+        except BaseException:
+            watcher.cancel()
+            await items.aclose()
+            raise
+        if call.stream:
+            events = self._events(call, first, items, watcher, start, time.perf_counter() - start)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        watcher.cancel()
+        await items.aclose()
+        if not isinstance(first, GenerationResult):  # a request that does not stream yields its result only
+            raise RuntimeError(f"expected the result, got {type(first).__name__}")
+        self._observe(first, None)
+        return JSONResponse(completion_body(call, first, self.total_experts))
+
+    async def _events(
+        self,
+        call: GenerationCall,
+        first: str | GenerationResult,
+        items: AsyncGenerator[str | GenerationResult, None],
+        watcher: asyncio.Task[None],
+        start: float,
+        ttft: float,
+    ) -> AsyncIterator[str]:
+        code = grpc.StatusCode.CANCELLED
+        try:
+            if call.chat:
+                yield sse(chunk_body(call))  # the role delta
+            if call.echo:
+                yield sse(chunk_body(call, call.prompt))
+            async for item in chain(first, items):
+                if isinstance(item, GenerationResult):
+                    self._observe(item, ttft)
+                    yield sse(chunk_body(call, None, item, self.total_experts))
+                else:
+                    yield sse(chunk_body(call, item))
+            yield "data: [DONE]\n\n"
+            code = grpc.StatusCode.OK
+        except Exception as exc:  # the 200 is out: the error goes in the stream, as OpenAI's servers send it
+            body, _status, code = _error(exc)
+            yield sse(body)
+        finally:  # also when the client went away and the response task was cancelled
+            watcher.cancel()
+            await items.aclose()
+            self._record(call.chat, code, start)
+
+    def _template(self, messages: list[dict[str, str]]) -> str:
+        tokenizer = self.service.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidArgument(
+                "this model's tokenizer has no chat template: use /v1/completions with a prompt you format yourself",
+                field="messages",
+            )
+        try:
+            return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        except Exception as exc:  # the template's own checks (raise_exception) and Jinja errors
+            raise InvalidArgument(f"the chat template refused these messages: {exc}", field="messages") from None
+
+    # --- plumbing ----------------------------------------------------------------------------------------
+
+    def _endpoint(self, name: str, handler: Endpoint, *, open_: bool = False) -> Endpoint:
+        async def run(request: Request) -> Response:
+            start = time.perf_counter()
+            try:
+                if not open_:
+                    self.access.check(request.headers.get("authorization"), admin=False)
+                response = await handler(request)
+            except Exception as exc:
+                body, status, code = _error(exc)
+                headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+                response, streaming = JSONResponse(body, status_code=status, headers=headers), False
+            else:
+                code, streaming = grpc.StatusCode.OK, isinstance(response, StreamingResponse)
+            if self.metrics is not None and not streaming:  # a stream records itself when it ends
+                self.metrics.request(f"HTTP {name}", code.name, time.perf_counter() - start)
+            return response
+
+        return run
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+
+    def _observe(self, result: GenerationResult, ttft: float | None) -> None:
+        if self.metrics is None:
+            return
+        if ttft is not None:
+            self.metrics.ttft.observe(ttft)
+        resident = self.service.residency.resident_experts() * self.service.store.manifest.expert_nbytes
+        self.metrics.generation(result.plan.task, result.loads, result.timings, result.coverage, resident)
+
+    def _record(self, chat: bool, code: grpc.StatusCode, start: float) -> None:
+        if self.metrics is not None:
+            path = "/v1/chat/completions" if chat else "/v1/completions"
+            self.metrics.request(f"HTTP {path}", code.name, time.perf_counter() - start)
+
+
+class HttpDoor:
+    """The HTTP API's uvicorn server on its own thread. Binds at once, so `port` is known before `start()`.
+
+    Args:
+        app: The ASGI app.
+        host: Address to bind (the gRPC door's).
+        port: Port to bind; 0 picks a free one.
+        grace_s: Seconds open requests get on `stop()`.
+    """
+
+    def __init__(self, app: Starlette, host: str, port: int, grace_s: float) -> None:
+        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.socket.bind((host, port))
+        except OSError as exc:
+            self.socket.close()
+            raise OSError(f"cannot bind the HTTP port {host}:{port}: {exc}") from exc
+        self.port = int(self.socket.getsockname()[1])
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            loop="asyncio",
+            http="h11",
+            ws="none",
+            timeout_graceful_shutdown=max(1, math.ceil(grace_s)),
+        )
+        self.server = uvicorn.Server(config)
+        self.grace_s = grace_s
+        self.thread: threading.Thread | None = None
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Serve on a new thread; returns once uvicorn accepts connections."""
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, name="premoe-http", daemon=True
+        )
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise OSError(f"the HTTP server on port {self.port} did not start; see the log")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        """Refuse new connections, give open requests the grace period, then end them (blocking)."""
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(self.grace_s + 10)
+        self.socket.close()
+
+
+def _error(exc: BaseException) -> tuple[dict[str, Any], int, grpc.StatusCode]:
+    """OpenAI's error body, the HTTP status and the gRPC code of an exception; `param` names the request field."""
+    code, _message = status_of(exc)
+    status = 413 if isinstance(exc, BodyTooLarge) else HTTP_STATUS.get(code, 500)
+    if status == 500 or not isinstance(exc, PreMoeError):
+        log.error("HTTP request failed", exc_info=exc)
+        return error_body("internal error; see the server log", "server_error", None, "internal"), 500, code
+    param = PARAM_NAMES.get(exc.field, exc.field) if exc.field else None
+    message = f"{param}: {exc.message}" if param and not exc.message.startswith(param) else exc.message
+    return error_body(message, ERROR_TYPES[status], param, code.name.lower()), status, code
+
+
+async def _routing_error(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    message = f"no endpoint {request.method} {request.url.path}" if status in (404, 405) else str(exc)
+    return JSONResponse(error_body(message, ERROR_TYPES.get(status, "server_error"), None, None), status_code=status)
