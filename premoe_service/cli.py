@@ -114,8 +114,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         embedder=args.embedder,
         host=args.host,
         port=int(args.port),
-        metrics_port=int(args.metrics_port) if args.metrics_port not in (None, "") else None,
+        metrics_port=_port(args.metrics_port, "--metrics-port"),
+        http_port=_port(args.http_port, "--http-port"),
         admin_token=args.admin_token or None,
+        api_key=args.api_key or None,
         selection=Selection(criterion=args.criterion, policy=args.policy, value=float(args.value), unit=args.unit),
         route_threshold=float(args.route_threshold) if args.route_threshold not in (None, "") else None,
         coverage_floor=float(args.coverage_floor),
@@ -127,6 +129,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     serve(config)
     return 0
+
+
+def _port(value: Any, flag: str) -> int | None:
+    """An optional port option: None when unset, else 0..65535 (0: any free port)."""
+    if value in (None, ""):
+        return None
+    if not str(value).isdigit() or int(value) > 65535:
+        raise InvalidArgument(f"must be a port number 0..65535, got {value!r}", field=flag)
+    return int(value)
 
 
 def _positive(value: Any, flag: str) -> int:
@@ -452,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser(
         "serve",
-        help="serve the gRPC API",
+        help="serve the gRPC API (and the OpenAI-compatible HTTP API with --http-port)",
         description="Load the store's dense part, allocate expert slots for the budget, rebuild the "
         "task registry from the profiles, and serve premoe.v1.PreMoe (with grpc.health.v1 and "
         "reflection) until SIGINT/SIGTERM, then drain in-flight requests.",
@@ -466,7 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt(p, "--host", help="address to bind", default="127.0.0.1")
     opt(p, "--port", help="gRPC port (0: any free port)", default="50051")
     opt(p, "--metrics-port", help="Prometheus metrics port (default: off)")
+    opt(p, "--http-port", help="OpenAI-compatible HTTP API port on --host (0: any free port; default: off)")
     opt(p, "--admin-token", help="token required by RegisterTask and DeleteTask")
+    opt(p, "--api-key", help="key required (Authorization: Bearer KEY) by inference calls over gRPC and HTTP")
     opt(
         p,
         "--criterion",
