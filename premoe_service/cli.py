@@ -367,6 +367,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
             stall_rounds=int(args.stall_rounds),
             serve_opts=list(args.serve_opt or ()),
             quiet=args.quiet,
+            clients_apart=not args.clients_in_process,
         )
     )
     return 0 if report["errors"] == 0 and report["mismatches"] == 0 else 1
@@ -663,6 +664,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baselines", action="store_true", help="skip the transformers baselines")
     p.add_argument("--no-continuous", action="store_true", help="skip transformers continuous batching")
     p.add_argument("--no-stall", action="store_true", help="skip the stall check")
+    p.add_argument(
+        "--clients-in-process",
+        action="store_true",
+        help="run the clients as threads of the benchmark process (default: a process of their own)",
+    )
     opt(
         p,
         "--throttle-mbps",
