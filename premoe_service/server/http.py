@@ -23,8 +23,9 @@ from starlette.routing import Route
 
 from ..errors import InvalidArgument, PreMoeError
 from ..serving import GenerationResult, PreMoeService
+from ..serving.service import Submission
 from .auth import Access
-from .http_io import BodyTooLarge, chain, read_json, relay, sse, watch_disconnect
+from .http_io import BodyTooLarge, chain, read_json, sse, watch_disconnect
 from .http_types import AUTO, PARAM_NAMES, GenerationCall, chunk_body, completion_body, error_body, model_body
 from .interceptor import status_of
 from .metrics import Metrics
@@ -125,10 +126,17 @@ class OpenAIApi:
         gone = threading.Event()
         watcher = asyncio.create_task(watch_disconnect(request, gone))
         start = time.perf_counter()
-        pieces = self.service.generate(
-            call.prompt, call.params, task=call.task, cancelled=gone.is_set, stream=call.stream
-        )
-        items = relay(pieces, self.executor, gone)
+        loop = asyncio.get_running_loop()
+        try:  # route and tokenize on the executor; the engine's events then arrive on this event loop
+            submission = await self._run(
+                lambda: self.service.submit(
+                    call.prompt, call.params, task=call.task, cancelled=gone.is_set, stream=call.stream, loop=loop
+                )
+            )
+        except BaseException:
+            watcher.cancel()
+            raise
+        items = _replies(submission)
         try:
             first = await anext(items)
         except BaseException:
@@ -289,6 +297,12 @@ def _error(exc: BaseException) -> tuple[dict[str, Any], int, grpc.StatusCode]:
     param = PARAM_NAMES.get(exc.field, exc.field) if exc.field else None
     message = f"{param}: {exc.message}" if param and not exc.message.startswith(param) else exc.message
     return error_body(message, ERROR_TYPES[status], param, code.name.lower()), status, code
+
+
+async def _replies(submission: Submission) -> AsyncGenerator[str | GenerationResult, None]:
+    """A submitted request's text pieces, then its result."""
+    async for item in submission.request.aevents():
+        yield item if isinstance(item, str) else submission.result(item)
 
 
 async def _routing_error(request: Request, exc: Exception) -> Response:

@@ -1,14 +1,11 @@
-"""Plumbing between the ASGI app and the blocking service: bounded body reads, disconnect watching, a blocking
-iterator relayed onto the event loop, server-sent event framing."""
+"""Plumbing between the ASGI app and the service: bounded body reads, disconnect watching, server-sent event
+framing."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -44,35 +41,6 @@ async def watch_disconnect(request: Request, gone: threading.Event) -> None:
     gone.set()
 
 
-async def relay(items: Iterator[T], executor: ThreadPoolExecutor, gone: threading.Event) -> AsyncGenerator[T, None]:
-    """Drive a blocking iterator on the executor and hand its items over as they come; a consumer that stops early
-    sets `gone`, so the request behind the iterator is cancelled rather than run to its end."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-
-    def put(item: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed while shutting down
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-    def pump() -> None:
-        try:
-            for item in items:
-                put(item)
-        except BaseException as exc:  # re-raised on the loop, where it is mapped to a status
-            put(_Failure(exc))
-        finally:
-            put(_DONE)
-
-    loop.run_in_executor(executor, pump)
-    try:
-        while (item := await queue.get()) is not _DONE:
-            if isinstance(item, _Failure):
-                raise item.exc
-            yield item
-    finally:
-        gone.set()
-
-
 async def chain(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
     yield first
     async for item in rest:
@@ -81,11 +49,3 @@ async def chain(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
 
 def sse(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body)}\n\n"
-
-
-class _Failure:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
-_DONE = object()
