@@ -15,6 +15,7 @@ from premoe_service.families import adapter_for
 from premoe_service.families.tiny import TINY_CONFIGS, save_tiny_checkpoint, tiny_config, tiny_tokenizer
 from premoe_service.pattern import Pattern
 from premoe_service.profiler import (
+    CRITERIA,
     Demo,
     Profile,
     Selection,
@@ -127,6 +128,7 @@ def test_criteria_equal_a_direct_computation_on_transformers(family: str, stores
     engine, source = PatternedModel.from_model(_copy(model))
     run = collect_scores(engine, source, ids, mask, streamed=False, tcess_threshold=0.02)
     assert run.token_count == int(mask.sum())
+    assert set(run.scores) == set(expected) == set(CRITERIA)  # every declared criterion, each checked here
     for criterion, matrix in expected.items():
         np.testing.assert_allclose(run.scores[criterion].numpy(), matrix, atol=1e-5, rtol=1e-5, err_msg=criterion)
         assert matrix.sum() > 0
@@ -213,6 +215,13 @@ def test_selection_respects_group_routing(family: str) -> None:
             pattern = select(scores, spec, Selection(policy="top_k", value=count, unit="experts"))
             pattern.validate(spec)  # raises on a group violation
             assert all(len(kept) == count for kept in pattern.layers.values()), (trial, count)
+
+
+def test_a_selection_names_a_declared_criterion() -> None:
+    assert Selection().criterion in CRITERIA
+    with pytest.raises(InvalidArgument, match="unknown criterion") as info:
+        Selection("magic")
+    assert info.value.field == "criterion"
 
 
 def test_selection_is_deterministic() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from premoe_service.client import PreMoeClient
@@ -110,9 +111,14 @@ def test_stream_yields_the_tokens_of_generate(client) -> None:
 
 
 def test_sampling_is_reproducible_with_a_seed(client) -> None:
-    first = client.generate(PROMPT, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
-    again = client.generate(PROMPT, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
-    assert list(first.token_ids) == list(again.token_ids)
+    greedy = list(client.generate(PROMPT, max_new_tokens=10).token_ids)
+    sampled = []
+    for seed in (1, 2, 7):
+        first = client.generate(PROMPT, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=seed)
+        again = client.generate(PROMPT, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=seed)
+        assert list(first.token_ids) == list(again.token_ids)
+        sampled.append(list(first.token_ids))
+    assert any(tokens != greedy for tokens in sampled)  # it really samples
 
 
 @pytest.mark.parametrize(
@@ -171,14 +177,22 @@ def test_duplicate_registration_is_refused(client) -> None:
     assert "dup" not in [t.name for t in client.tasks()]
 
 
-def test_admin_calls_need_the_token(server) -> None:
+def test_admin_calls_need_the_token(server, client) -> None:
     _, port = server
+    client.register("readable", CODE_DEMOS[:2], experts_per_layer=3, replace=True)
     for token, code in ((None, grpc.StatusCode.UNAUTHENTICATED), ("wrong", grpc.StatusCode.PERMISSION_DENIED)):
         with PreMoeClient(f"127.0.0.1:{port}", admin_token=token, timeout=30) as anonymous:
             with pytest.raises(grpc.RpcError) as info:
                 anonymous.register("sneaky", CODE_DEMOS)
             assert info.value.code() == code
-            assert anonymous.tasks() is not None  # reads stay open
+            with pytest.raises(grpc.RpcError) as info:
+                anonymous.delete_task("readable")
+            assert info.value.code() == code
+            # Reads stay open: the tasks an admin sees, and a task's pattern.
+            names = [t.name for t in anonymous.tasks()]
+            assert names == [t.name for t in client.tasks()] and "readable" in names and "sneaky" not in names
+            assert anonymous.get_task("readable").pattern_experts == 9
+    assert client.delete_task("readable")
 
 
 def scrape(handle) -> dict[str, float]:
@@ -235,7 +249,10 @@ def test_health_reports_not_serving_while_shutting_down(model_store, embedder, t
         PreMoeClient(f"127.0.0.1:{port}", timeout=10) as c,
     ):
         assert c.health() == "SERVING" and c.health("premoe.v1.PreMoe") == "SERVING"
+        # A watcher (a load balancer) hears every change: no sleep that races the shutdown.
+        watch = c.health_stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         stopping = asyncio.run_coroutine_threadsafe(handle.stop(grace=2.0), handle.loop)
-        time.sleep(0.05)
-        assert c.health() == "NOT_SERVING"
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()
         stopping.result(30)

@@ -1,16 +1,20 @@
-"""The serving domain without gRPC: coverage guardrail, fallback patterns, shared residency between requests."""
+"""The serving domain without gRPC: coverage guardrail, fallback patterns, shared residency between requests,
+the registry seeded into Redis from local profiles."""
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from premoe_service.families.tiny import save_tiny_checkpoint
-from premoe_service.profiler import Demo, Selection
+from premoe_service.profiler import Demo, Profile, Selection
+from premoe_service.retrieval import RedisProfileStore
 from premoe_service.serving import GenerationResult, PreMoeService, SamplingParams, ServiceConfig
-from premoe_service.store import shard
+from premoe_service.store import Store, shard
 
 CODE = [Demo("def add(a, b):\n    return a + b\n"), Demo("for i in range(3):\n    print(i)\n")]
 MATH = [Demo("12+30=42"), Demo("7+8=15"), Demo("100+23=123")]
@@ -20,6 +24,15 @@ MATH = [Demo("12+30=42"), Demo("7+8=15"), Demo("100+23=123")]
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("serving")
     save_tiny_checkpoint(root / "ckpt", "qwen3_moe")
+    shard(root / "ckpt", root / "store", progress=False)
+    return root / "store"
+
+
+@pytest.fixture(scope="module")
+def grouped_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DeepSeek-V3: 16 experts in 4 groups scored by their best two, 2 groups and 4 experts per token."""
+    root = tmp_path_factory.mktemp("serving-grouped")
+    save_tiny_checkpoint(root / "ckpt", "deepseek_v3")
     shard(root / "ckpt", root / "store", progress=False)
     return root / "store"
 
@@ -62,13 +75,86 @@ def test_requests_share_resident_experts(store: Path, embedder) -> None:
     assert first.loads["device"] == 0 and first.loads["cache"] + first.loads["disk"] == 12
 
     results: list[GenerationResult] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(run(service, "def g(y):", task="code"))) for _ in range(3)
-    ]
+    errors: list[BaseException] = []
+
+    def request() -> None:
+        try:
+            results.append(run(service, "def g(y):", task="code"))
+        except BaseException as exc:  # a thread's exception is otherwise lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=request) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert not errors, errors
     assert len(results) == 3
     assert all(r.loads == {"device": 12, "cache": 0, "disk": 0} for r in results)  # nothing loaded again
     assert service.stats()["tasks"]["code"][0] == 4
+
+
+def test_widening_under_group_routing_keeps_every_group_routable(grouped_store: Path, embedder) -> None:
+    # 7 slots per layer: a widening that entered a group with one expert, or left a group with one, would be a
+    # pattern DeepSeek-V3's routing cannot run (a group is scored by its best two experts).
+    service = PreMoeService(
+        ServiceConfig(store=grouped_store, device="cpu", budget=str(7 / 16), coverage_floor=0.99), embedder=embedder
+    )
+    service.register_task("code", CODE, selection=Selection("tcess", "top_k", 4, "experts"))
+    result = run(service, "def add(a, b):", task="code")
+    assert result.widened
+    layers = result.plan.pattern.layers
+    assert result.plan.pattern.size > 4 * len(layers)  # it did widen
+    for experts in layers.values():
+        per_group = np.bincount(np.asarray(experts) // 4, minlength=4)  # groups of 4 consecutive experts
+        assert len(experts) <= 7 and all(n == 0 or n >= 2 for n in per_group), per_group
+        assert (per_group > 0).sum() >= 2  # routing picks two groups per token
+    service.close()
+
+
+def test_the_fallback_is_trimmed_to_the_slots_by_summed_normalised_scores(store: Path, embedder) -> None:
+    service = PreMoeService(ServiceConfig(store=store, device="cpu", budget="0.5"), embedder=embedder)  # 4 slots
+    profiles = []
+    for name, demos in (("code", CODE), ("math", MATH)):
+        service.register_task(name, demos, selection=Selection("tcess", "top_k", 4, "experts"))
+        profiles.append(service.registry.get(name))
+    union = service.tasks.pattern(profiles[0]).union(service.tasks.pattern(profiles[1]))
+    assert any(len(kept) > 4 for kept in union.layers.values())  # there is something to trim
+
+    pattern = service.tasks.fallback_pattern(["code", "math"], capacity=4)
+    for row, (layer, kept) in enumerate(union.layers.items()):
+        total = sum(p.scores["tcess"][row].double().numpy() / float(p.scores["tcess"][row].sum()) for p in profiles)
+        best = sorted(kept, key=lambda e: (-total[e], e))[:4]
+        assert pattern.kept(layer) == tuple(sorted(best))
+    with service.residency.lease(pattern):  # it fits the slots
+        pass
+    service.close()
+
+
+def test_local_profiles_seed_the_shared_registry_in_redis(store: Path, embedder, redis_server, tmp_path: Path) -> None:
+    redis_server.flush()
+    manifest = Store(store).manifest
+    fingerprint = manifest.fingerprint
+    shared = RedisProfileStore(redis_server.url, namespace=f"premoe-registry:{fingerprint}")
+
+    def profile(name: str, description: str) -> Profile:
+        layers = tuple(manifest.moe_layers)
+        scores = {"tcess": torch.rand(len(layers), manifest.num_experts, generator=torch.Generator().manual_seed(1))}
+        return Profile(name, fingerprint, layers, scores, description=description, demos=[d.text for d in CODE])
+
+    profile("code", "local").save(tmp_path / "code.safetensors")
+    profile("math", "local").save(tmp_path / "math.safetensors")
+    shared.write(profile("math", "already shared"), replace=False)
+
+    config = ServiceConfig(store=store, device="cpu", profiles=tmp_path, redis_url=redis_server.url)
+    service = PreMoeService(config, embedder=embedder)
+    assert sorted(shared.revisions()) == ["code", "math"]
+    assert shared.read("code")[0].description == "local"  # seeded from the local file
+    assert shared.read("math")[0].description == "already shared"  # what Redis holds is never overwritten
+    assert sorted(service.registry.names()) == ["code", "math"]
+    # A replica with no local profiles serves the same tasks from Redis.
+    replica = PreMoeService(ServiceConfig(store=store, device="cpu", redis_url=redis_server.url), embedder=embedder)
+    assert replica.registry.get("code").description == "local"
+    service.close()
+    replica.close()

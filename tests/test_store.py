@@ -6,6 +6,7 @@ import json
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from premoe_service.pattern import Pattern
 from premoe_service.runtime.build import load_engine
 from premoe_service.runtime.residency import Budget
 from premoe_service.store import MemoryCache, RedisCache, Store, shard
+from premoe_service.store.checkpoint_io import write_safetensors_streaming
 from premoe_service.store.export import export_pruned
 
 from .references import pruned_checkpoint_model, random_pattern
@@ -34,6 +36,16 @@ def checkpoint(tmp_path: Path, family: str, **save_kwargs) -> tuple[torch.nn.Mod
     path = tmp_path / f"{family}-ckpt"
     model.save_pretrained(path, **save_kwargs)
     return model, path
+
+
+def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    """Poll `condition` until it holds or `timeout_s` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 @torch.no_grad()
@@ -118,6 +130,13 @@ def test_corrupted_redis_value_is_detected_and_repaired(tmp_path: Path, redis_se
     assert client.get(key) == bytes(good)
     assert store.read_blob(1, 3)[1] == "cache"
 
+    # The same on the path that reads straight into slot memory (one cache round trip for many experts).
+    client.set(key, b"\x00" * len(good))
+    buffers = [memoryview(bytearray(len(good)))]
+    assert store.read_many_into([(1, 3, buffers)]) == ["disk"]
+    assert bytes(buffers[0]) == bytes(good) and store.stats.repairs == 2 and client.get(key) == bytes(good)
+    assert store.read_many_into([(1, 3, buffers)]) == ["cache"]
+
 
 def test_redis_outage_mid_run_falls_back_to_disk(tmp_path: Path, own_redis) -> None:
     _, ckpt = checkpoint(tmp_path, "qwen3_moe")
@@ -137,7 +156,11 @@ def test_redis_outage_mid_run_falls_back_to_disk(tmp_path: Path, own_redis) -> N
     assert store.stats.loads["disk"] == 2 * first.size
 
     own_redis.start()
-    time.sleep(0.2)
+    layer = engine.spec.moe_layers[0]
+    # A read tries Redis again once the cache's retry window (0.1 s) has passed; the first that gets through
+    # finds it back (no fixed sleep that races the window).
+    assert eventually(lambda: store.read_blob(layer, 0) is not None and store.health() == "ok")
+    assert store.read_blob(layer, 0)[1] == "cache"  # the value that read put back into Redis
     run(engine, residency, first)
     assert store.health() == "ok"
 
@@ -201,17 +224,23 @@ def test_leases_pin_experts_against_eviction(tmp_path: Path) -> None:
     holder = residency.lease(a)
     holder.__enter__()
 
-    def waiter() -> None:
-        with residency.lease(b, timeout_s=10):
-            done.set()
+    errors: list[BaseException] = []
 
+    def waiter() -> None:
+        try:
+            with residency.lease(b, timeout_s=10):
+                done.set()
+        except BaseException as exc:  # a thread's exception is otherwise lost
+            errors.append(exc)
+
+    waits = residency.stats.waits
     thread = threading.Thread(target=waiter)
     thread.start()
-    time.sleep(0.3)
+    assert eventually(lambda: residency.stats.waits > waits)  # the waiter found the slots pinned and waits
     assert not done.is_set()
     holder.__exit__(None, None, None)
     thread.join(10)
-    assert done.is_set() and residency.stats.waits >= 1
+    assert not errors and done.is_set(), errors
 
     too_big = Pattern.full(engine.spec)
     with pytest.raises(ResourceExhausted, match="slots per layer"), residency.lease(too_big):
@@ -244,6 +273,15 @@ def test_export_refuses_uneven_patterns(tmp_path: Path) -> None:
     with pytest.raises(PatternError, match="different expert counts"):
         export_pruned(store, uneven, tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_streamed_tensor_unlike_its_declaration_is_data_corruption_and_writes_nothing(tmp_path: Path) -> None:
+    specs = [("a", torch.float32, (2, 3)), ("b", torch.float32, (4,))]
+    tensors = [torch.zeros(2, 3), torch.zeros(5)]  # b is not what the header says
+    with pytest.raises(DataCorruption, match="declared") as info:
+        write_safetensors_streaming(tmp_path / "out.safetensors", specs, iter(tensors), metadata={})
+    assert info.value.field == "b"
+    assert list(tmp_path.iterdir()) == []  # no file, no temp file left behind
 
 
 def test_memory_cache_stays_within_its_bound() -> None:
