@@ -20,21 +20,21 @@ CODE = [Demo("def add(a, b):\n    return a + b\n"), Demo("for i in range(3):\n  
 MATH = [Demo("12+30=42"), Demo("7+8=15"), Demo("100+23=123")]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("serving")
-    save_tiny_checkpoint(root / "ckpt", "qwen3_moe")
+def tiny_store(root: Path, family: str) -> Path:
+    save_tiny_checkpoint(root / "ckpt", family)
     shard(root / "ckpt", root / "store", progress=False)
     return root / "store"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_store(tmp_path_factory.mktemp("serving"), "qwen3_moe")
 
 
 @pytest.fixture(scope="module")
 def grouped_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """DeepSeek-V3: 16 experts in 4 groups scored by their best two, 2 groups and 4 experts per token."""
-    root = tmp_path_factory.mktemp("serving-grouped")
-    save_tiny_checkpoint(root / "ckpt", "deepseek_v3")
-    shard(root / "ckpt", root / "store", progress=False)
-    return root / "store"
+    return tiny_store(tmp_path_factory.mktemp("serving-grouped"), "deepseek_v3")
 
 
 def run(service: PreMoeService, prompt: str, **kwargs) -> GenerationResult:
