@@ -52,9 +52,15 @@ class PreMoeServer:
         return self.http.port if self.http is not None else None
 
     async def start(self) -> None:
+        """Start both doors; health reports NOT_SERVING until the `preload` tasks' experts are resident."""
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc_server.start()
+        loop = asyncio.get_running_loop()
         if self.http is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.http.start)
+            await loop.run_in_executor(None, self.http.start)
+        if self.service.config.preload:
+            await loop.run_in_executor(self.executor, self.service.preload, self.service.config.preload)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.serving.set()
@@ -80,8 +86,9 @@ def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) ->
     service = PreMoeService(config, embedder=embedder)
     metrics = Metrics()
     metrics.watch_engine(service.loop.stats, service.residency.stats)
-    # One thread per in-flight RPC (each waits on its request's events); the engine loop does the work.
-    executor = ThreadPoolExecutor(max_workers=config.max_batch_rows + config.max_queue + 8, thread_name_prefix="premoe")
+    # Routing, tokenizing and task administration run here; generation runs in the engine loop, and the doors
+    # read its events on their event loops, so no thread waits per request.
+    executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="premoe")
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(config.admin_token, metrics, api_key=config.api_key)],
         options=[

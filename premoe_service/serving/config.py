@@ -38,6 +38,7 @@ class ServiceConfig:
         max_batch_rows: Requests decoding together in one forward pass of the engine loop.
         max_batch_tokens: Padded prompt tokens prefilled in one forward pass.
         max_queue: Requests waiting (for slots, expert loads or a row) before new ones are refused.
+        preload: Tasks whose experts are loaded at start-up (health says SERVING only after).
         join_wait_steps: Decode steps a ready request may wait so that several join in one prefill (0: none).
         lease_timeout_s: How long a request waits for slots pinned by others before RESOURCE_EXHAUSTED.
         grace_s: Seconds in-flight requests get to finish on shutdown.
@@ -64,6 +65,7 @@ class ServiceConfig:
     max_batch_tokens: int = 4096
     max_queue: int = 256
     join_wait_steps: int = 2
+    preload: tuple[str, ...] = ()
     lease_timeout_s: float = 30.0
     grace_s: float = 10.0
 

@@ -6,14 +6,14 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from ..engine import BatchLimits, EngineLoop, Outcome, Request, SamplingParams
-from ..errors import InvalidArgument, Unavailable
+from ..errors import InvalidArgument, NotFound, Unavailable
 from ..pattern import Pattern
 from ..profiler import Demo, Selection
 from ..retrieval import Embedder, LocalProfileStore, RedisProfileStore, Registry, RoutePolicy, check_prompt
@@ -253,6 +253,18 @@ class PreMoeService:
         )
         self.loop.submit(request)
         return Submission(self, request, plan, started)
+
+    def preload(self, tasks: Sequence[str]) -> None:
+        """Load the tasks' experts now (one one-token request each, through the engine loop), so that their
+        first requests find them resident. Unknown tasks fail with NOT_FOUND naming `preload`."""
+        for name in tasks:
+            if name not in self.registry.names():
+                raise NotFound(f"no task {name!r} to preload", field="preload")
+            pattern = self.tasks.pattern(self.registry.get(name))
+            ids = self.tokenizer(name)["input_ids"] or [self.tokenizer.pad_token_id or 0]
+            request = Request(ids, pattern, SamplingParams(max_new_tokens=1), self.tokenizer, stream=False)
+            *_, outcome = self.loop.submit(request).events()
+            log.info("preloaded task %s: %s", name, outcome.loads if isinstance(outcome, Outcome) else outcome)
 
     def _widen(self, pattern: Pattern, prompt_scores: dict[int, torch.Tensor], floor: float) -> Pattern:
         """Add, per layer, the experts the prompt's tokens wanted most until the prompt's mean router mass
