@@ -212,10 +212,10 @@ def test_deadline_is_honoured(client, server) -> None:
     handle, _ = server
     tokens = handle.service.loop.stats.tokens
     with pytest.raises(grpc.RpcError) as info:
-        client.generate(PROMPT, max_new_tokens=250, timeout=0.05)
+        client.generate(PROMPT, max_new_tokens=240, timeout=0.05)  # within the tiny model's 256 positions
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_idle(handle)  # the server stopped the work too, and let go of its slots
-    assert handle.service.loop.stats.tokens - tokens < 250
+    assert handle.service.loop.stats.tokens - tokens < 240
     assert sum(len(slots.pins) for slots in handle.service.engine.slots.values()) == 0
     assert client.health() == "SERVING"
 
