@@ -1,78 +1,227 @@
-"""The `premoe` command line: every verb explains itself, and the offline verbs work end to end."""
+"""The `premoe` command line: every verb explains itself, every option has its PREMOE_* twin (today's names kept),
+a bad option is one line naming the flag with exit status 2, and the verbs work end to end, offline and against a
+real server; the client verbs import no torch."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
+import click
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
-from premoe_service.cli import build_parser, main
+from premoe_service.cli import cli, main
+from premoe_service.cli.serve import service_config
 from premoe_service.families.tiny import save_tiny_checkpoint
-from premoe_service.profiler import Profile
+from premoe_service.pattern import Pattern
+from premoe_service.profiler import Demo, Profile, Selection, profile_store
+from premoe_service.server import running_server
+from premoe_service.serving import ServiceConfig
+from premoe_service.store import Store
 
-VERBS = [
-    "shard",
-    "export",
-    "profile",
-    "profile-show",
-    "serve",
-    "route",
-    "generate",
-    "register",
-    "tasks",
-    "eval",
-    "health",
-    "bench",
-]
+from .test_evaluation import store_spec
+
+KEY, TOKEN = "inference-key", "admin-token"
+CODE_DEMOS = ["def add(a, b):\n    return a + b\n", "for i in range(3):\n    print(i)\n", "import os\nos.getcwd()\n"]
+# Options that are actions, not settings: an environment twin would repeat the action on every call.
+ACTIONS = {("tasks", "--delete"), ("route", "--evaluate")}
+# The twins the command line had before click, per verb (PREMOE_ left off): scripts and compose files use them.
+TODAY_TWINS = {
+    "shard": "OUT QUIET",
+    "export": "STORE QUIET",
+    "profile": "STORE CRITERION POLICY VALUE UNIT TCESS_THRESHOLD EMBEDDER DEVICE QUIET",
+    "serve": "STORE PROFILES REDIS_URL BUDGET DEVICE EMBEDDER HOST PORT METRICS_PORT HTTP_PORT ADMIN_TOKEN API_KEY "
+    "CRITERION POLICY VALUE UNIT ROUTE_THRESHOLD COVERAGE_FLOOR MAX_NEW_TOKENS_LIMIT MAX_BATCH_ROWS MAX_BATCH_TOKENS "
+    "MAX_QUEUE LEASE_TIMEOUT",
+    "route": "PROFILES EMBEDDER SERVER TIMEOUT",
+    "generate": "SERVER TIMEOUT",
+    "register": "ADMIN_TOKEN SERVER TIMEOUT",
+    "tasks": "ADMIN_TOKEN SERVER TIMEOUT",
+    "eval": "STORE PROFILES EMBEDDER DEVICE QUIET",
+    "health": "SERVER TIMEOUT",
+    "bench load": "STORE REDIS_URL DEVICE",
+    "bench serve": "STORE BENCH_MODEL PROFILES BENCH_CLIENTS BENCH_ROUNDS BENCH_MAX_NEW_TOKENS DEVICE BUDGET EMBEDDER "
+    "BENCH_OUT BENCH_THROTTLE_MBPS QUIET",
+}
 
 
-@pytest.mark.parametrize("verb", VERBS)
+def commands(group: click.Group = cli, path: tuple[str, ...] = ()) -> dict[str, click.Command]:
+    """Every verb by its path ("serve", "bench load", "profile show")."""
+    found: dict[str, click.Command] = {}
+    for name, command in group.commands.items():
+        found[" ".join((*path, name))] = command
+        if isinstance(command, click.Group):
+            found.update(commands(command, (*path, name)))
+    return found
+
+
+def parse(verb: str, args: list[str]) -> dict[str, Any]:
+    """The values `premoe VERB ARGS` would run with; nothing runs."""
+    parent = click.Context(cli, info_name="premoe")
+    for name in verb.split()[:-1]:
+        parent = click.Context(commands()[name], info_name=name, parent=parent)
+    return commands()[verb].make_context(verb.split()[-1], args, parent=parent).params
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --- declarations ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("verb", sorted(commands()))
 def test_every_verb_has_help(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        main([verb, "--help"])
-    assert info.value.code == 0
-    out = capsys.readouterr().out
-    assert f"premoe {verb}" in out and "usage" in out
+    code, out, _ = run(capsys, *verb.split(), "--help")
+    assert code == 0
+    assert f"Usage: premoe {verb}" in out
+    for param in commands()[verb].params:
+        if isinstance(param, click.Option) and param.envvar:
+            assert param.envvar in out, f"{verb} --help does not show {param.envvar}"
 
 
 def test_every_option_has_an_environment_twin() -> None:
-    parser = build_parser()
-    serve = parser._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
-    for action in serve._actions:
-        if action.option_strings and action.dest != "help":
-            assert "[env PREMOE_" in (action.help or ""), action.option_strings
+    for verb, command in commands().items():
+        for param in command.params:
+            if isinstance(param, click.Option) and (verb, param.opts[-1]) not in ACTIONS:
+                assert isinstance(param.envvar, str) and param.envvar.startswith("PREMOE_"), (verb, param.opts)
+                assert param.show_envvar, (verb, param.opts)
 
 
-def test_shard_profile_show_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
-    save_tiny_checkpoint(tmp_path / "ckpt", "qwen3_moe")
+def test_todays_environment_names_are_kept() -> None:
+    for verb, names in TODAY_TWINS.items():
+        twins = {p.envvar for p in commands()[verb].params if isinstance(p, click.Option)}
+        missing = {f"PREMOE_{name}" for name in names.split()} - twins
+        assert not missing, f"premoe {verb} lost {missing}"
+
+
+def test_every_service_config_field_has_a_serve_flag() -> None:
+    flags = {p.name for p in commands()["serve"].params}
+    fields = {f.name for f in dataclasses.fields(ServiceConfig)} - {"selection"}
+    assert fields <= flags, f"no serve flag for {fields - flags}"
+    assert {"criterion", "policy", "value", "unit"} <= flags  # the default Selection
+
+
+def test_serve_reads_every_knob_from_its_twin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env = {
+        "STORE": str(tmp_path),
+        "BUDGET": "25%",
+        "PORT": "0",
+        "HTTP_PORT": "8123",
+        "METRICS_PORT": "9123",
+        "API_KEY": "k",
+        "CRITERION": "tcess",
+        "POLICY": "top_k",
+        "VALUE": "4",
+        "UNIT": "experts",
+        "COVERAGE_FLOOR": "0.25",
+        "MAX_PROMPT_TOKENS": "77",
+        "MAX_QUEUE": "9",
+        "JOIN_WAIT_STEPS": "0",
+        "PRELOAD": "code,math",
+        "LEASE_TIMEOUT": "12.5",
+        "GRACE": "3",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(f"PREMOE_{name}", value)
+    config = service_config(parse("serve", ["--grace", "5"]))  # a flag beats its twin
+    assert config.store == tmp_path and config.budget == "25%" and config.port == 0
+    assert (config.http_port, config.metrics_port, config.api_key) == (8123, 9123, "k")
+    assert config.selection == Selection("tcess", "top_k", 4.0, "experts")
+    assert (config.coverage_floor, config.max_prompt_tokens, config.max_queue, config.join_wait_steps) == (
+        0.25,
+        77,
+        9,
+        0,
+    )
+    assert config.preload == ("code", "math")
+    assert (config.lease_timeout_s, config.grace_s) == (12.5, 5.0)
+
+
+def test_serve_defaults_are_the_config_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith("PREMOE_"):
+            monkeypatch.delenv(name)
+    assert service_config(parse("serve", ["--store", str(tmp_path)])) == ServiceConfig(store=tmp_path)
+
+
+def test_client_verbs_read_the_server_and_credentials_from_twins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREMOE_SERVER", "db:7000")
+    monkeypatch.setenv("PREMOE_TIMEOUT", "2.5")
+    monkeypatch.setenv("PREMOE_API_KEY", "k")
+    monkeypatch.setenv("PREMOE_ADMIN_TOKEN", "t")
+    params = parse("tasks", [])
+    assert (params["server"], params["timeout"], params["api_key"], params["admin_token"]) == ("db:7000", 2.5, "k", "t")
+    monkeypatch.setenv("PREMOE_BENCH_ROUNDS", "9")
+    assert parse("bench serve", [])["rounds"] == 9
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "flag"),
+    [
+        (["--budget", "lots"], {}, "--budget"),
+        (["--budget", "0"], {}, "--budget"),
+        (["--port", "70000"], {}, "--port"),
+        ([], {"PREMOE_HTTP_PORT": "eighty"}, "--http-port"),
+        (["--criterion", "magic"], {}, "--criterion"),
+        (["--max-queue", "0"], {}, "--max-queue"),
+        (["--coverage-floor", "2"], {}, "--coverage-floor"),
+        (["--bogus"], {}, "--bogus"),
+    ],
+)
+def test_a_bad_option_is_one_line_naming_the_flag(
+    args: list[str], env: dict[str, str], flag: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = run(capsys, "serve", "--store", str(tmp_path), *args)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("premoe serve: error: ")
+    assert flag in err and "Traceback" not in err
+
+
+def test_a_domain_error_names_the_flag_it_came_from(tmp_path: Path, capsys) -> None:
+    code, _, err = run(capsys, "serve", "--store", str(tmp_path), "--device", "tpu")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "'--device'" in err and "tpu" in err
+    code, _, err = run(capsys, "serve", "--store", str(tmp_path))  # a folder that is no store
+    assert code == 2 and "'--store'" in err and "manifest.json" in err
+
+
+# --- offline verbs ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    save_tiny_checkpoint(root / "ckpt", "qwen3_moe")
+    assert main(["shard", str(root / "ckpt"), "--out", str(root / "store"), "--quiet"]) == 0
+    return root / "store"
+
+
+def test_profile_show_and_export(tiny_store: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     demos = tmp_path / "demos.jsonl"
     demos.write_text('{"text": "def f(x):\\n    return x"}\n{"prompt": "1+2=", "answer": "3"}\n')
-    assert main(["shard", str(tmp_path / "ckpt"), "--out", str(tmp_path / "store"), "--quiet"]) == 0
-    monkeypatch.setenv("PREMOE_STORE", str(tmp_path / "store"))  # the environment twin of --store
-    assert (
-        main(
-            [
-                "profile",
-                "--task",
-                "code",
-                "--demos",
-                str(demos),
-                "--out",
-                str(tmp_path / "code.safetensors"),
-                "--no-embed",
-                "--quiet",
-            ]
-        )
-        == 0
+    monkeypatch.setenv("PREMOE_STORE", str(tiny_store))  # the environment twin of --store
+    out = tmp_path / "code.safetensors"
+    code, _, _ = run(
+        capsys, "profile", "--task", "code", "--demos", str(demos), "--out", str(out), "--no-embed", "--quiet"
     )
-    profile = Profile.load(tmp_path / "code.safetensors")
+    assert code == 0
+    profile = Profile.load(out)
     assert profile.name == "code" and set(profile.scores) == {"frequency", "tcess", "easyep", "reap"}
 
-    assert main(["profile", "show", str(tmp_path / "code.safetensors"), "--png", str(tmp_path / "heat.png")]) == 0
-    out = capsys.readouterr().out
-    assert "task code" in out and "layer   0" in out
+    code, text, _ = run(capsys, "profile", "show", str(out), "--png", str(tmp_path / "heat.png"))
+    assert code == 0 and "task code" in text and "layer   0" in text
     assert (tmp_path / "heat.png").read_bytes()[:4] == b"\x89PNG"
 
     pattern = tmp_path / "pattern.json"
@@ -81,42 +230,141 @@ def test_shard_profile_show_and_export(tmp_path: Path, capsys: pytest.CaptureFix
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").config.num_experts == 4
 
 
-def test_errors_are_one_line_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_profile_without_its_required_options_is_a_usage_error(tiny_store: Path, capsys) -> None:
+    code, _, err = run(capsys, "profile", "--store", str(tiny_store), "--demos", __file__, "--out", "x")
+    assert code == 2 and "Missing option '--task'" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def code_profile(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    profile, _ = profile_store(Store(tiny_store), "code", [Demo(prompt=d) for d in CODE_DEMOS])
+    path = tmp_path_factory.mktemp("profiles") / "code.safetensors"
+    profile.save(path)
+    return path
+
+
+def test_pattern_keeps_the_best_experts_of_every_layer(tiny_store: Path, code_profile: Path, tmp_path: Path, capsys):
+    out = tmp_path / "top.json"
+    code, text, _ = run(
+        capsys, "pattern", str(code_profile), "--store", str(tiny_store), "--out", str(out), "--policy", "top_k"
+    )
+    assert code == 0 and f"pattern {out}" in text
+    spec = store_spec(Store(tiny_store))
+    pattern = Pattern.from_json(spec, json.loads(out.read_text()))
+    scores = Profile.load(code_profile).score("easyep")  # the profile's criterion: the default Selection's
+    per_layer = spec.num_experts // 2  # budget 0.5 of the routed experts, the same count in every layer
+    for row, layer in enumerate(spec.moe_layers):
+        best = torch.sort(scores[row].double().clamp_min(0), descending=True, stable=True).indices[:per_layer]
+        assert pattern.kept(layer) == tuple(sorted(best.tolist()))
+    # a checkpoint has one expert count, and top_k gives it one
+    assert main(["export", "--store", str(tiny_store), "--pattern", str(out), "--out", str(tmp_path / "p")]) == 0
+
+
+def test_pattern_budget_in_bytes_and_as_a_share(tiny_store: Path, code_profile: Path, tmp_path: Path, capsys) -> None:
+    store = Store(tiny_store)
+    spec = store_spec(store)
+    total = spec.num_experts * len(spec.moe_layers)
+    for budget, experts in [("25%", total // 4), (str(9 * store.manifest.expert_nbytes), 9)]:
+        out = tmp_path / "p.json"
+        args = ["pattern", str(code_profile), "--store", str(tiny_store), "--out", str(out), "--budget", budget]
+        code, _, _ = run(capsys, *args, "--criterion", "tcess")
+        assert code == 0
+        assert Pattern.from_json(spec, json.loads(out.read_text())).size == experts
+
+
+def test_pattern_rejects_contradictory_options(tiny_store: Path, code_profile: Path, tmp_path: Path, capsys) -> None:
+    base = ["pattern", str(code_profile), "--store", str(tiny_store), "--out", str(tmp_path / "p.json")]
+    code, _, err = run(capsys, *base, "--coverage", "0.9")  # coverage goes with --policy coverage
+    assert code == 2 and "--coverage" in err
+    code, _, err = run(capsys, *base, "--budget", "half")
+    assert code == 2 and "'--budget'" in err
+    assert not (tmp_path / "p.json").exists()
+    code, _, _ = run(capsys, *base, "--policy", "coverage", "--coverage", "0.9")
+    assert code == 0
+
+
+def test_errors_are_one_line_naming_the_field(tmp_path: Path, tiny_store: Path, capsys) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\nnot json\n')
-    save_tiny_checkpoint(tmp_path / "ckpt", "olmoe")
-    main(["shard", str(tmp_path / "ckpt"), "--out", str(tmp_path / "store"), "--quiet"])
-    code = main(
-        [
-            "profile",
-            "--store",
-            str(tmp_path / "store"),
-            "--task",
-            "x",
-            "--demos",
-            str(bad),
-            "--out",
-            str(tmp_path / "x.safetensors"),
-            "--no-embed",
-            "--quiet",
-        ]
-    )
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "bad.jsonl line 2" in err and "Traceback" not in err
+    args = ["--task", "x", "--demos", str(bad), "--out", str(tmp_path / "x.safetensors"), "--no-embed", "--quiet"]
+    code, _, err = run(capsys, "profile", "--store", str(tiny_store), *args)
+    assert code == 2 and "bad.jsonl line 2" in err and "Traceback" not in err
     assert not (tmp_path / "x.safetensors").exists()
-    assert main(["shard", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s2")]) == 2
-    assert "model_dir" in capsys.readouterr().err
+    code, _, err = run(capsys, "shard", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s2"))
+    assert code == 2 and "MODEL_DIR" in err
 
 
-def test_route_evaluate_reports_accuracy_and_threshold(
-    tmp_path: Path, demo_profiles, held_out_queries, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_route_evaluate_reports_accuracy_and_threshold(tmp_path: Path, demo_profiles, held_out_queries, capsys):
     for profile in demo_profiles.values():
         profile.save(tmp_path / f"{profile.name}.safetensors")
     queries = tmp_path / "queries.jsonl"
     records = [{"query": q, "task": t} for q, t in held_out_queries] + [{"query": "zxqv blorf 7781 qqq", "task": None}]
     queries.write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert main(["route", "--evaluate", str(queries), "--profiles", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "top-1 accuracy      1.000" in out and "suggested threshold" in out
+    code, out, _ = run(capsys, "route", "--evaluate", str(queries), "--profiles", str(tmp_path))
+    assert code == 0 and "top-1 accuracy      1.000" in out and "suggested threshold" in out
+
+
+# --- client verbs against a real server ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tiny_store: Path, code_profile: Path, embedder) -> Any:
+    config = ServiceConfig(
+        store=tiny_store, profiles=code_profile.parent, port=0, device="cpu", api_key=KEY, admin_token=TOKEN
+    )
+    with running_server(config, embedder=embedder) as (_, port):
+        yield f"127.0.0.1:{port}"
+
+
+def test_client_verbs_send_the_api_key(server: str, capsys) -> None:
+    code, out, _ = run(capsys, "tasks", "--server", server, "--api-key", KEY)
+    assert code == 0 and out.splitlines()[1].startswith("code ")
+    code, out, err = run(capsys, "tasks", "--server", server)  # no key: the server refuses, in one line
+    assert code == 1 and out == "" and err.startswith("premoe tasks: UNAUTHENTICATED:") and len(err.splitlines()) == 1
+    code, out, _ = run(capsys, "health", "--server", server)  # health needs no key
+    assert (code, out) == (0, "SERVING\n")
+
+
+def test_generate_then_stats_count_the_request(server: str, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("PREMOE_SERVER", server)
+    monkeypatch.setenv("PREMOE_API_KEY", KEY)
+    code, _, before = run(capsys, "stats", "--json")
+    requests_before = {t["task"]: int(t["requests"]) for t in json.loads(before.strip() or "{}").get("tasks", [])}
+    code, out, err = run(capsys, "generate", "def mul(a, b):", "--task", "code", "--max-new-tokens", "3")
+    assert code == 0 and "task code (" in err
+    code, out, _ = run(capsys, "stats", "--json")
+    stats = json.loads(out)
+    assert code == 0
+    assert {t["task"]: int(t["requests"]) for t in stats["tasks"]}["code"] == requests_before.get("code", 0) + 1
+    assert 0 < stats["resident_experts"] <= stats["capacity_experts"]
+    assert stats["cache_health"] == "ok" and set(stats["loads"]) >= {"device", "cache", "disk"}
+    code, text, _ = run(capsys, "stats")
+    assert code == 0
+    assert f"{stats['resident_experts']}/{stats['capacity_experts']} experts resident" in text
+    assert any(line.split()[:1] == ["code"] for line in text.splitlines())
+
+
+def test_register_needs_the_admin_token(server: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("PREMOE_SERVER", server)
+    monkeypatch.setenv("PREMOE_API_KEY", KEY)
+    demos = tmp_path / "d.jsonl"
+    demos.write_text("".join(json.dumps({"text": t}) + "\n" for t in CODE_DEMOS))
+    code, _, err = run(capsys, "register", "py", "--demos", str(demos), "--dry-run")
+    assert code == 1 and "PERMISSION_DENIED" in err
+    code, out, _ = run(capsys, "register", "py", "--demos", str(demos), "--dry-run", "--admin-token", TOKEN)
+    assert code == 0 and out.startswith("task py profiled (dry run)")
+
+
+def test_client_verbs_import_no_torch(server: str) -> None:
+    script = (
+        "import sys\n"
+        "from premoe_service.cli import main\n"
+        f"codes = [main(['tasks', '--server', {server!r}, '--api-key', {KEY!r}]),"
+        f" main(['stats', '--server', {server!r}, '--api-key', {KEY!r}]),"
+        f" main(['health', '--server', {server!r}])]\n"
+        "import premoe_service.client\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'no torch', codes)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "no torch [0, 0, 0]"

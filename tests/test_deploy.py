@@ -5,21 +5,18 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import click
 import yaml
 
-from premoe_service.cli import build_parser
+from premoe_service.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def serve_env_names() -> set[str]:
     """The PREMOE_* variables `premoe serve` reads (every option's environment twin)."""
-    parser = build_parser()
-    serve = parser._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
-    names = set()
-    for action in serve._actions:
-        names.update(re.findall(r"\[env (PREMOE_[A-Z_]+)\]", action.help or ""))
-    return names
+    serve = cli.commands["serve"]
+    return {p.envvar for p in serve.params if isinstance(p, click.Option) and isinstance(p.envvar, str)}
 
 
 def test_compose_wires_redis_and_the_server() -> None:

@@ -1,0 +1,159 @@
+"""`premoe bench load|profile|serve|route`: benchmarks printing ratios against a raw baseline measured in the same run.
+
+Options that only a benchmark has carry BENCH in their twin's name (PREMOE_BENCH_ROUNDS); the store, device, budget
+and the like keep the twins every verb shares.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .params import BUDGET, POSITIVE, BudgetType, VerbGroup, option
+from .shared import device_option, embedder_option, quiet_option
+
+
+def bench_option(*decls: str, **kwargs: Any) -> Any:
+    """An option only benchmarks have: its twin is PREMOE_BENCH_<FLAG>."""
+    flag = next(d for d in decls if d.startswith("--"))
+    return option(*decls, env="BENCH_" + flag[2:].replace("-", "_").upper(), **kwargs)
+
+
+@click.group("bench", cls=VerbGroup, short_help="benchmarks with a raw baseline measured in the same run")
+def bench() -> None:
+    """Benchmarks: each prints our figure, the raw baseline's, measured interleaved in the same run, and the ratio."""
+
+
+@bench.command("load", short_help="expert-load throughput per tier vs raw reads of the same bytes")
+@option("--store", type=click.Path(exists=True, file_okay=False), help="store to read (default: a throwaway one)")
+@option("--redis-url", help="Redis to use (default: start a throwaway Redis-protocol server)")
+@bench_option("--hidden", type=POSITIVE, default=512, help="hidden size of the throwaway model")
+@bench_option("--experts", type=POSITIVE, default=8, help="experts per layer of the throwaway model")
+@bench_option("--layers", type=POSITIVE, default=4, help="MoE layers of the throwaway model")
+@bench_option("--rounds", type=POSITIVE, default=7, help="interleaved rounds (median reported)")
+@device_option
+def bench_load(
+    store: str | None, redis_url: str | None, hidden: int, experts: int, layers: int, rounds: int, device: str
+) -> int:
+    """Read every expert through each tier (disk, in-process cache, Redis, Redis into device slots) and the same
+    bytes the raw way (os.pread, redis-py GET), interleaved, and print GB/s and the ratio ours/raw."""
+    from ..bench.load import main
+
+    main(store, redis_url, hidden, experts, layers, rounds, device)
+    return 0
+
+
+@bench.command("profile", short_help="layer-streamed profiling vs one plain transformers forward")
+@bench_option("--hidden", type=POSITIVE, default=256, help="hidden size of the throwaway model")
+@bench_option("--layers", type=POSITIVE, default=6, help="MoE layers")
+@bench_option("--experts", type=POSITIVE, default=32, help="experts per layer")
+@bench_option("--demos", type=POSITIVE, default=16, help="demos in the batch")
+@bench_option("--tokens", type=POSITIVE, default=128, help="tokens per demo")
+@bench_option("--rounds", type=POSITIVE, default=3, help="interleaved rounds (median reported)")
+def bench_profile(hidden: int, layers: int, experts: int, demos: int, tokens: int, rounds: int) -> int:
+    """Time a profile pass (all criteria, one layer of experts resident at a time, loaded from the store) against
+    one plain transformers forward of the full model over the same tokens, and compare the weights resident."""
+    from ..bench.profile import main
+
+    main(hidden, layers, experts, demos, tokens, rounds)
+    return 0
+
+
+@bench.command("route", short_help="routing accuracy and latency vs a raw embedding search, per registry size")
+@bench_option("--quick", is_flag=True, help="1, 100 and 1,000 tasks and fewer repeats (~1 min)")
+@bench_option("--repeats", type=POSITIVE, help="passes over the labelled queries per size")
+@bench_option("--index-sweep", is_flag=True, help="also exact against HNSW search")
+def bench_route(quick: bool, repeats: int | None, index_sweep: bool) -> int:
+    """Print the accuracy on the labelled queries, then route latency against the raw baseline per registry size."""
+    from ..bench.route import main
+
+    main(quick, repeats, index_sweep)
+    return 0
+
+
+@bench.command(
+    "serve",
+    short_help="the gRPC server under 1, 4, 16 concurrent clients vs transformers, and the expert-load stall check",
+)
+@option("--store", help="store folder (default: var/reference-store, built from --model when missing)")
+@bench_option("--model", default="models/reference-moe", help="the store's transformers checkpoint (baselines)")
+@option("--profiles", default="profiles", help="folder of task profiles")
+@option("--data", default="reference/tasks", help="folder with <task>/eval.jsonl")
+@option("--tasks", help="comma-separated tasks (default: every profile with data)")
+@bench_option("--per-task", type=POSITIVE, default=2, help="prompts per task")
+@bench_option("--text-chars", type=POSITIVE, default=60, help="prefix length of text-task prompts")
+@bench_option("--clients", default="1,4,16", help="comma-separated concurrent client counts")
+@bench_option("--rounds", type=POSITIVE, default=5, help="interleaved rounds (median reported)")
+@bench_option("--max-new-tokens", default="3-32", help="range of max_new_tokens, LO-HI")
+@bench_option("--seed", type=int, default=0, help="seed of the max_new_tokens draw")
+@device_option
+@option("--budget", type=BUDGET, default="1.0", help="the server's expert budget")
+@embedder_option()
+@bench_option("--out", type=click.Path(dir_okay=False), default="var/bench-serve.json", help="JSON report")
+@bench_option("--serve-opt", multiple=True, help="extra ServiceConfig field NAME=VALUE (repeatable)")
+@bench_option("--no-baselines", is_flag=True, help="skip the transformers baselines")
+@bench_option("--no-continuous", is_flag=True, help="skip transformers continuous batching")
+@bench_option("--no-stall", is_flag=True, help="skip the stall check")
+@bench_option(
+    "--clients-in-process",
+    is_flag=True,
+    help="run the clients as threads of the benchmark process (default: a process of their own)",
+)
+@bench_option(
+    "--throttle-mbps", type=click.FloatRange(0, min_open=True), default=20.0, help="stall check: MB/s to Redis"
+)
+@bench_option(
+    "--stall-budget",
+    type=BudgetType(allow_auto=True),
+    default="auto",
+    help="stall check: budget of the server that loads (auto: the stream's experts fit beside each newcomer's, "
+    "not beside both newcomers', so that every newcomer loads)",
+)
+@bench_option("--stall-tokens", type=POSITIVE, default=200, help="stall check: tokens of the long stream")
+@bench_option("--stall-newcomers", type=POSITIVE, default=6, help="stall check: newcomer requests")
+@bench_option("--stall-newcomer-tokens", type=POSITIVE, default=8, help="stall check: max_new_tokens of a newcomer")
+@bench_option("--stall-rounds", type=POSITIVE, default=3, help="stall check: rounds (median reported)")
+@quiet_option
+def bench_serve(**opts: Any) -> int:
+    """One fixed list of greedy requests (per task, prompts from <data>/<task>/eval.jsonl; text tasks: a prefix) goes
+    through the real server with N concurrent gRPC clients and through transformers with all experts in-process
+    (generate alone, on left-padded batches of N, continuous batching with N in flight), each baseline generating the
+    real tokens of the server's lone reply (EOS included). Medians of interleaved rounds: tokens/s, requests/s, TTFT
+    and inter-token latency, errors, replies different from alone. Then the stall check: a long stream's inter-token
+    latency while newcomers load experts from a Redis behind a throttled proxy, against the same newcomers with
+    experts resident. Exit 1 on any error or reply different from alone."""
+    from ..bench.serve import ServeBenchOptions, run
+
+    report = run(
+        ServeBenchOptions(
+            store=opts["store"],
+            model=opts["model"],
+            profiles=opts["profiles"],
+            data=opts["data"],
+            tasks=opts["tasks"],
+            per_task=opts["per_task"],
+            text_chars=opts["text_chars"],
+            clients=opts["clients"],
+            rounds=opts["rounds"],
+            max_new_tokens=opts["max_new_tokens"],
+            seed=opts["seed"],
+            device=opts["device"],
+            budget=opts["budget"],
+            embedder=opts["embedder"],
+            out=opts["out"],
+            baselines=not opts["no_baselines"],
+            continuous=not opts["no_continuous"],
+            stall=not opts["no_stall"],
+            throttle_mbps=opts["throttle_mbps"],
+            stall_budget=opts["stall_budget"],
+            stall_tokens=opts["stall_tokens"],
+            stall_newcomers=opts["stall_newcomers"],
+            stall_newcomer_tokens=opts["stall_newcomer_tokens"],
+            stall_rounds=opts["stall_rounds"],
+            serve_opts=list(opts["serve_opt"]),
+            quiet=opts["quiet"],
+            clients_apart=not opts["clients_in_process"],
+        )
+    )
+    return 0 if report["errors"] == 0 and report["mismatches"] == 0 else 1

@@ -1,0 +1,168 @@
+"""Verbs that score experts offline: `profile` (and `profile show`) and `pattern`, a pattern file from a profile."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .params import (
+    BUDGET,
+    CRITERION,
+    OPEN_SHARE,
+    POLICY,
+    POSITIVE,
+    UNIT,
+    VerbGroup,
+    option,
+    selection_default,
+    verb,
+)
+from .shared import device_option, embedder_option, quiet_option, store_option, store_spec
+
+
+@click.group(
+    "profile",
+    cls=VerbGroup,
+    invoke_without_command=True,
+    subcommand_metavar="[show FILE]",
+    short_help="score every expert for a task from its demos (`profile show FILE` to view)",
+)
+@store_option(required=False, help="store folder (written by `premoe shard`)  [required]")
+@option("--task", help="task name (^[a-z0-9][a-z0-9_.-]{0,63}$)  [required]")
+@option("--demos", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSONL demo file  [required]")
+@option("--out", env="PROFILE_OUT", type=click.Path(path_type=Path), help="profile file to write  [required]")
+@option("--description", default="", show_default=False, help="free text shown to operators")
+@option("--criterion", type=CRITERION, default=selection_default("criterion"), help="criterion the task's pattern uses")
+@option("--policy", type=POLICY, default=selection_default("policy"), help="selection policy")
+@option(
+    "--value",
+    type=float,
+    default=selection_default("value"),
+    help="policy value: per-layer count or fraction, coverage share, or budget",
+)
+@option("--unit", type=UNIT, default=selection_default("unit"), help="unit of --value")
+@option(
+    "--tcess-threshold",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="PreMoe's r: probabilities below it do not count",
+)
+@embedder_option("for the demo embeddings")
+@option("--no-embed", is_flag=True, help="store no demo embeddings")
+@device_option
+@quiet_option
+@click.pass_context
+def profile(ctx: click.Context, **opts: Any) -> int:
+    """Run the demos through the model layer by layer over the store (dense part resident, one layer of experts at a
+    time) and write a profile file with every criterion's scores. Demos: JSONL, one {"text": ...} or {"prompt": ...,
+    "answer": ...} per line; demos longer than the model's context are cut with a warning. View a profile with
+    `premoe profile show FILE [--png heat.png]`."""
+    if ctx.invoked_subcommand is not None:
+        return 0
+    for name in ("store", "task", "demos", "out"):
+        if opts[name] is None:
+            param = next(p for p in ctx.command.params if p.name == name)
+            raise click.MissingParameter(ctx=ctx, param=param)
+    from ..profiler import Selection, load_demos, profile_store
+    from ..store import Store
+
+    demos = load_demos(opts["demos"])
+    selection = Selection(criterion=opts["criterion"], policy=opts["policy"], value=opts["value"], unit=opts["unit"])
+    embedder = None
+    if not opts["no_embed"]:
+        from ..retrieval import Embedder
+
+        embedder = Embedder(opts["embedder"])
+    result, run = profile_store(
+        Store(opts["store"]),
+        opts["task"],
+        demos,
+        description=opts["description"],
+        selection=selection,
+        embedder=embedder,
+        tcess_threshold=opts["tcess_threshold"],
+        device=opts["device"],
+        progress=not opts["quiet"],
+    )
+    result.save(opts["out"])
+    note = f", {len(run.truncated)} demos truncated to the context" if run.truncated else ""
+    click.echo(
+        f"profile {opts['out']}: task {result.name}, {len(demos)} demos, {run.token_count} tokens{note}; "
+        f"peak expert memory {run.peak_slot_bytes / 2**20:.2f} MiB (one layer)"
+    )
+    return 0
+
+
+@profile.command("show")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@option("--png", type=click.Path(dir_okay=False, path_type=Path), help="write a heatmap PNG here")
+@option("--top", type=POSITIVE, default=5, help="experts listed per layer")
+def profile_show(file: Path, png: Path | None, top: int) -> int:
+    """Print a profile's provenance and, per criterion and layer, the experts with the most score mass; optionally
+    write a PNG heatmap (layers x experts)."""
+    from ..profiler import Profile
+    from ..profiler.report import heatmap, summary
+
+    loaded = Profile.load(file)
+    click.echo(summary(loaded, top=top))
+    if png:
+        click.echo(f"heatmap written to {heatmap(loaded, png)}")
+    return 0
+
+
+@verb("pattern", short_help="write a pattern file (for `premoe export --pattern`) from a profile and a budget")
+@click.argument("profile_file", metavar="PROFILE", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@store_option()
+@option(
+    "--out", env="PATTERN_OUT", required=True, type=click.Path(dir_okay=False, path_type=Path), help="JSON to write"
+)
+@option("--criterion", type=CRITERION, help="which scores (default: the criterion the profile was written with)")
+@option("--policy", type=POLICY, default=selection_default("policy"), help="how the budget is spread over layers")
+@option("--budget", type=BUDGET, default="0.5", help="the pattern's experts: 0.5, 50%, 8GiB")
+@option("--coverage", type=OPEN_SHARE, help="with --policy coverage: share of each layer's score mass to keep")
+def pattern(
+    profile_file: Path, store: Path, out: Path, criterion: str | None, policy: str, budget: str, coverage: float | None
+) -> int:
+    """Select a pattern from a profile's scores and write it as {"format": 1, "layers": {"<layer>": [ids]}}.
+
+    The budget is a share of the routed experts (0.5, 50%; the same share of their bytes) or bytes (8GiB). Policy
+    `budget` spreads it over layers by score (layers compete); `top_k` keeps the same count in every layer (what
+    `premoe export` needs: a checkpoint has one expert count); `coverage` keeps each layer's best experts up to
+    --coverage of its score mass, at most the budget's share of each layer (the slots a server with that budget has).
+    """
+    from ..fsutil import atomic_write_bytes
+    from ..profiler import Profile, Selection, select
+    from ..runtime.residency import Budget
+    from ..serving.tasks import demo_coverage
+    from ..store import Store
+
+    if (coverage is None) == (policy == "coverage"):
+        raise click.UsageError("--coverage goes with --policy coverage, and only with it")
+    opened = Store(store)
+    loaded = Profile.load(profile_file, fingerprint=opened.fingerprint)
+    spec = store_spec(opened)
+    nbytes = opened.manifest.expert_nbytes
+    criterion = criterion or Selection.from_json(loaded.selection).criterion
+    parsed = Budget.parse(budget)
+    cap = None
+    if policy == "budget":
+        if parsed.fraction is not None:
+            selection = Selection(criterion, "budget", parsed.fraction, "fraction")
+        else:
+            selection = Selection(criterion, "budget", float(parsed.bytes or 0), "bytes")
+    elif policy == "top_k":
+        selection = Selection(criterion, "top_k", parsed.slots_per_layer(spec, nbytes), "experts")
+    else:
+        selection = Selection(criterion, "coverage", float(coverage or 0), "fraction")
+        cap = parsed.slots_per_layer(spec, nbytes)
+    chosen = select(loaded.score(criterion), spec, selection, nbytes, max_per_layer=cap)
+    atomic_write_bytes(out, (json.dumps(chosen.to_json(), indent=1) + "\n").encode())
+    counts = [len(chosen.kept(layer)) for layer in spec.moe_layers]
+    click.echo(
+        f"pattern {out}: {chosen.size} experts ({chosen.size * nbytes / 2**20:.2f} MiB), {min(counts)}-{max(counts)} "
+        f"per layer; {criterion} scores, policy {policy}; demo coverage {demo_coverage(loaded, chosen):.3f}"
+    )
+    return 0

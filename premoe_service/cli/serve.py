@@ -1,0 +1,137 @@
+"""`premoe serve`: one flag and one PREMOE_* twin per `ServiceConfig` field, defaults read from the dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .params import (
+    BUDGET,
+    CRITERION,
+    POLICY,
+    PORT,
+    POSITIVE,
+    SHARE,
+    UNIT,
+    CommaList,
+    Lazy,
+    option,
+    selection_default,
+    verb,
+)
+from .shared import embedder_option, store_option
+
+SELECTION = ("criterion", "policy", "value", "unit")  # the flags that make the default `Selection`
+
+
+def _field_default(name: str) -> Any:
+    def load(config: type) -> Any:
+        field = next(f for f in dataclasses.fields(config) if f.name == name)
+        return field.default
+
+    return load
+
+
+def default(name: str) -> Lazy:
+    """The default of a `ServiceConfig` field, so that the flag and the dataclass never disagree."""
+    return Lazy("premoe_service.serving.config", "ServiceConfig", load=_field_default(name))
+
+
+@verb("serve", short_help="serve the gRPC API (and the OpenAI-compatible HTTP API with --http-port)")
+@store_option()
+@option(
+    "--profiles",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="folder of task profiles (the registry without Redis; seeds Redis with it)",
+)
+@option("--redis-url", help="Redis for the expert cache and the shared registry (default: embedded cache)")
+@option("--budget", type=BUDGET, default=default("budget"), help="device memory for routed experts: 0.5, 50%, 512MiB")
+@option("--device", default=default("device"), help="auto (cuda when available), cpu, cuda or cuda:N")
+@embedder_option()
+@option("--host", default=default("host"), help="address to bind (both doors)")
+@option("--port", type=PORT, default=default("port"), help="gRPC port (0: any free port)")
+@option("--http-port", type=PORT, help="OpenAI-compatible HTTP API port on --host (0: any free port; default: off)")
+@option("--metrics-port", type=PORT, help="Prometheus metrics port (default: off)")
+@option("--admin-token", help="token required by RegisterTask and DeleteTask (authorization: Bearer)")
+@option("--api-key", help="key required (authorization: Bearer) by inference calls over gRPC and HTTP")
+@option("--criterion", type=CRITERION, default=selection_default("criterion"), help="default criterion of new tasks")
+@option("--policy", type=POLICY, default=selection_default("policy"), help="default selection policy of new tasks")
+@option("--value", type=float, default=selection_default("value"), help="default selection value of new tasks")
+@option("--unit", type=UNIT, default=selection_default("unit"), help="unit of --value")
+@option("--route-threshold", type=float, help="retrieval score needed for a task match (default: calibrated)")
+@option(
+    "--coverage-floor",
+    type=SHARE,
+    default=default("coverage_floor"),
+    help="widen a pattern whose prefill coverage is below this (0: off)",
+)
+@option("--max-new-tokens-limit", type=POSITIVE, default=default("max_new_tokens_limit"), help="largest max_new_tokens")
+@option("--max-prompt-tokens", type=POSITIVE, default=default("max_prompt_tokens"), help="longest prompt, in tokens")
+@option(
+    "--max-prompt-bytes",
+    type=POSITIVE,
+    default=default("max_prompt_bytes"),
+    help="longest prompt, in UTF-8 bytes (checked before tokenizing)",
+)
+@option("--max-batch-rows", type=POSITIVE, default=default("max_batch_rows"), help="requests decoding together")
+@option(
+    "--max-batch-tokens",
+    type=POSITIVE,
+    default=default("max_batch_tokens"),
+    help="padded prompt tokens prefilled in one forward pass (rows x longest prompt)",
+)
+@option(
+    "--max-queue",
+    type=POSITIVE,
+    default=default("max_queue"),
+    help="requests waiting for experts or a row before new ones are refused",
+)
+@option(
+    "--join-wait-steps",
+    type=click.IntRange(min=0),
+    default=default("join_wait_steps"),
+    help="decode steps a ready request may wait so that several join one prefill (0: none)",
+)
+@option(
+    "--preload",
+    type=CommaList(),
+    default=(),
+    help="tasks whose experts are loaded at start-up; health says SERVING after",
+)
+@option(
+    "--lease-timeout",
+    "lease_timeout_s",
+    type=click.FloatRange(0, min_open=True),
+    default=default("lease_timeout_s"),
+    help="seconds a request waits for slots pinned by others",
+)
+@option(
+    "--grace",
+    "grace_s",
+    type=click.FloatRange(0),
+    default=default("grace_s"),
+    help="seconds in-flight requests get to finish on shutdown",
+)
+def serve(**params: Any) -> int:
+    """Load the store's dense part, allocate expert slots for the budget, rebuild the task registry from the
+    profiles, and serve premoe.v1.PreMoe (with grpc.health.v1 and reflection) until SIGINT/SIGTERM, then drain
+    in-flight requests. Every flag has its PREMOE_* twin, so a container is configured by its environment."""
+    from ..server import serve as run_server
+
+    run_server(service_config(params))
+    return 0
+
+
+def service_config(params: dict[str, Any]) -> Any:
+    """The `ServiceConfig` of parsed `serve` options (their names are the dataclass's fields)."""
+    from ..profiler import Selection
+    from ..serving import ServiceConfig
+
+    fields = dict(params)
+    selection = Selection(*(fields.pop(name) for name in SELECTION))
+    if not fields["preload"]:
+        del fields["preload"]  # the field's own default
+    return ServiceConfig(selection=selection, **fields)

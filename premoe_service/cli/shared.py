@@ -1,0 +1,66 @@
+"""Options that several verbs share (store, device, embedder, progress, a server to talk to), declared once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .params import F, option
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+def store_option(required: bool = True, **kwargs: Any) -> Callable[[F], F]:
+    """`--store` (PREMOE_STORE): a folder written by `premoe shard`."""
+    return option(
+        "--store",
+        required=required,
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        help=kwargs.pop("help", "store folder (written by `premoe shard`)"),
+        **kwargs,
+    )
+
+
+def embedder_option(purpose: str = "") -> Callable[[F], F]:
+    return option(
+        "--embedder",
+        help=" ".join(f"local sentence-transformers model {purpose} (default: all-MiniLM-L6-v2)".split()),
+    )
+
+
+device_option = option("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+quiet_option = option("--quiet", is_flag=True, help="no progress bar")
+
+
+def client_options(*, admin: bool = False, timeout: float = 300.0) -> Callable[[F], F]:
+    """The server address, the call deadline and the credentials of a client verb."""
+
+    def decorate(f: F) -> F:
+        f = option("--server", default=DEFAULT_SERVER, help="server address host:port")(f)
+        f = option("--timeout", type=click.FloatRange(0, min_open=True), default=timeout, help="deadline in seconds")(f)
+        f = option("--api-key", help="the server's inference API key (sent as authorization: Bearer)")(f)
+        if admin:
+            f = option("--admin-token", help="the server's admin token (sent as authorization: Bearer)")(f)
+        return f
+
+    return decorate
+
+
+def connect(server: str, timeout: float, api_key: str | None = None, admin_token: str | None = None) -> Any:
+    """A client of the server; only grpc and the generated code are imported, never torch."""
+    from ..client import PreMoeClient
+
+    return PreMoeClient(server, api_key=api_key, admin_token=admin_token, timeout=timeout)
+
+
+def store_spec(store: Any) -> Any:
+    """The MoE shape and routing of a store's model (from its config.json)."""
+    from transformers import AutoConfig
+
+    from ..families import adapter_for
+
+    config = AutoConfig.from_pretrained(store.dir, local_files_only=True)
+    return adapter_for(config).spec(config)
