@@ -18,16 +18,18 @@ COPY protos ./protos
 COPY premoe_service ./premoe_service
 RUN pip install . "torch==2.13.0"
 
-# The store and the profiles are mounted; see docker-compose.yml.
+# The store and the profiles are mounted; see docker-compose.yml. Ports: gRPC, OpenAI-compatible HTTP, metrics.
 ENV PREMOE_STORE=/data/store \
     PREMOE_PROFILES=/data/profiles \
     PREMOE_HOST=0.0.0.0 \
     PREMOE_PORT=50051 \
+    PREMOE_HTTP_PORT=8000 \
     PREMOE_METRICS_PORT=9100
-EXPOSE 50051 9100
+EXPOSE 50051 8000 9100
 
+# `premoe health` imports grpc and the generated code only (no torch): a check costs a fraction of a second.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["premoe", "health", "--server", "127.0.0.1:50051"]
+    CMD premoe health --server "127.0.0.1:${PREMOE_PORT}" --timeout 3
 
 ENTRYPOINT ["premoe"]
 CMD ["serve"]
