@@ -1,7 +1,8 @@
-"""`make demo`: shard a model, start `premoe serve`, register a task, send prompts of several tasks, print a table.
+"""`make demo`: shard a model, start `premoe serve`, register a task, send prompts of several tasks, print a table
+(explained column by column), the server's stats, and one completion over the OpenAI-compatible HTTP API.
 
 Uses the reference model under models/reference-moe with its shipped profiles when they are there, and a
-tiny random Qwen3-MoE with a few demo files otherwise. Everything runs through the real CLI and gRPC.
+tiny random Qwen3-MoE with a few demo files otherwise. Everything runs through the real CLI, gRPC and HTTP.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -88,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"== shard {model_dir.relative_to(ROOT) if model_dir.is_relative_to(ROOT) else model_dir}")
     run("shard", str(model_dir), "--out", str(work / "store"), "--quiet")
-    port = free_port()
-    print(f"== serve on 127.0.0.1:{port} (embedded cache, budget {args.budget})")
+    port, http_port = free_port(), free_port()
+    print(f"== serve on 127.0.0.1:{port}, HTTP on {http_port} (embedded cache, budget {args.budget})")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen(
         [
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             args.budget,
             "--device",
             "auto",
+            "--http-port",
+            str(http_port),
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -148,15 +152,13 @@ def main(argv: list[str] | None = None) -> int:
                     reply.text,
                 )
             )
-        stats = client.stats()
         client.close()
+        print("== one request per prompt over gRPC")
         print_table(rows)
-        print(
-            f"resident experts {stats.resident_experts}/{stats.capacity_experts} slots "
-            f"({stats.resident_bytes / 2**20:.2f} of {stats.budget_bytes / 2**20:.2f} MiB budget); loads "
-            f"device {stats.loads.device}, cache {stats.loads.cache}, disk {stats.loads.disk}; "
-            f"evictions {stats.evictions}"
-        )
+        print("== premoe stats")
+        run("stats", "--server", f"127.0.0.1:{port}")
+        print(f"== the same service over HTTP: POST http://127.0.0.1:{http_port}/v1/completions")
+        http_completion(http_port, prompts[0][0], args.max_new_tokens)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -169,14 +171,48 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# The table's columns, each explained in one line under it.
+COLUMNS = (
+    ("prompt", "the prompt sent (newlines shown as \\n, cut at 40 characters)"),
+    ("task", "the task whose pattern served it; (fallback) when retrieval found no task close enough"),
+    ("score", "retrieval's similarity of the prompt to that task's demos (the match needs the route threshold)"),
+    ("experts", "routed experts in the pattern / all routed experts of the model"),
+    ("dev/cache/disk", "the pattern's experts found resident on the device / loaded from the cache / from disk"),
+    ("cov", "coverage: the share of the full router's probability mass on the pattern's experts, mean over the prompt"),
+    ("ms", "wall time of the request on the server, from its arrival to its last token"),
+    ("output", "the generated text (greedy)"),
+)
+
+
 def print_table(rows: Sequence[tuple[str, ...]]) -> None:
-    head = ("prompt", "task", "score", "experts", "dev/cache/disk", "cov", "ms", "output")
+    head = tuple(name for name, _ in COLUMNS)
     clean = [tuple(c.replace("\n", "\\n")[:40] for c in row) for row in [head, *rows]]
     widths = [max(len(row[i]) for row in clean) for i in range(len(head))]
     for n, row in enumerate(clean):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
         if n == 0:
             print("  ".join("-" * width for width in widths))
+    print()
+    for name, meaning in COLUMNS:
+        print(f"  {name:<15} {meaning}")
+
+
+def http_completion(port: int, prompt: str, max_tokens: int) -> None:
+    """One completion through the OpenAI-compatible door, with urllib (any OpenAI client works the same way)."""
+    body = {"model": "auto", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=600) as response:
+        reply = json.load(response)
+    stats = reply.get("premoe", {})
+    print(f"request  {json.dumps(body)}")
+    print(f"text     {reply['choices'][0]['text']!r} (finish: {reply['choices'][0]['finish_reason']})")
+    print(f"usage    {reply['usage']}")
+    task, decision, score = stats.get("task") or "(fallback)", stats.get("decision"), stats.get("score", 0.0)
+    print(f"routing  model {reply['model']!r} -> task {task} ({decision}, score {score:.2f})")
 
 
 if __name__ == "__main__":
