@@ -14,13 +14,12 @@ from .params import (
     OPEN_SHARE,
     POLICY,
     POSITIVE,
-    UNIT,
     VerbGroup,
     option,
     selection_default,
     verb,
 )
-from .shared import device_option, embedder_option, quiet_option, store_option, store_spec
+from .shared import device_option, embedder_option, quiet_option, selection_options, store_option, store_spec
 
 
 @click.group(
@@ -35,15 +34,7 @@ from .shared import device_option, embedder_option, quiet_option, store_option, 
 @option("--demos", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSONL demo file  [required]")
 @option("--out", env="PROFILE_OUT", type=click.Path(path_type=Path), help="profile file to write  [required]")
 @option("--description", default="", show_default=False, help="free text shown to operators")
-@option("--criterion", type=CRITERION, default=selection_default("criterion"), help="criterion the task's pattern uses")
-@option("--policy", type=POLICY, default=selection_default("policy"), help="selection policy")
-@option(
-    "--value",
-    type=float,
-    default=selection_default("value"),
-    help="policy value: per-layer count or fraction, coverage share, or budget",
-)
-@option("--unit", type=UNIT, default=selection_default("unit"), help="unit of --value")
+@selection_options("the task's pattern")
 @option(
     "--tcess-threshold",
     type=click.FloatRange(0, 1),

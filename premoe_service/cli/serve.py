@@ -10,19 +10,15 @@ import click
 
 from .params import (
     BUDGET,
-    CRITERION,
-    POLICY,
     PORT,
     POSITIVE,
     SHARE,
-    UNIT,
     CommaList,
     Lazy,
     option,
-    selection_default,
     verb,
 )
-from .shared import embedder_option, store_option
+from .shared import embedder_option, selection_options, store_option
 
 SELECTION = ("criterion", "policy", "value", "unit")  # the flags that make the default `Selection`
 
@@ -57,10 +53,7 @@ def default(name: str) -> Lazy:
 @option("--metrics-port", type=PORT, help="Prometheus metrics port (default: off)")
 @option("--admin-token", help="token required by RegisterTask and DeleteTask (authorization: Bearer)")
 @option("--api-key", help="key required (authorization: Bearer) by inference calls over gRPC and HTTP")
-@option("--criterion", type=CRITERION, default=selection_default("criterion"), help="default criterion of new tasks")
-@option("--policy", type=POLICY, default=selection_default("policy"), help="default selection policy of new tasks")
-@option("--value", type=float, default=selection_default("value"), help="default selection value of new tasks")
-@option("--unit", type=UNIT, default=selection_default("unit"), help="unit of --value")
+@selection_options("new tasks' patterns (the default)")
 @option("--route-threshold", type=float, help="retrieval score needed for a task match (default: calibrated)")
 @option(
     "--coverage-floor",

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .params import F, option
+from .params import CRITERION, POLICY, UNIT, F, option, selection_default
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 
@@ -29,6 +29,29 @@ def embedder_option(purpose: str = "") -> Callable[[F], F]:
         "--embedder",
         help=" ".join(f"local sentence-transformers model {purpose} (default: all-MiniLM-L6-v2)".split()),
     )
+
+
+def selection_options(whose: str) -> Callable[[F], F]:
+    """--criterion, --policy, --value, --unit: the `Selection` of `whose`, its choices and defaults read from the
+    profiler (`premoe serve` and `premoe profile` share them)."""
+    declared = (
+        option("--criterion", type=CRITERION, default=selection_default("criterion"), help=f"criterion of {whose}"),
+        option("--policy", type=POLICY, default=selection_default("policy"), help=f"selection policy of {whose}"),
+        option(
+            "--value",
+            type=float,
+            default=selection_default("value"),
+            help="policy value: per-layer count or fraction, coverage share, or budget",
+        ),
+        option("--unit", type=UNIT, default=selection_default("unit"), help="unit of --value"),
+    )
+
+    def decorate(f: F) -> F:
+        for declare in reversed(declared):  # the order of --help
+            f = declare(f)
+        return f
+
+    return decorate
 
 
 device_option = option("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
