@@ -283,9 +283,9 @@ def test_a_client_that_disconnects_cancels_its_request(server, code_task) -> Non
     handle, _ = server
     loop = handle.service.loop
     client = openai_client(handle)
-    request = {"model": code_task, "prompt": "import os", "max_tokens": 1000, "temperature": 0}
+    request = {"model": code_task, "prompt": "import os", "max_tokens": 240, "temperature": 0}
     alone = client.completions.create(**request)
-    assert alone.choices[0].finish_reason == "length"  # it would run for 1000 tokens if not cancelled
+    assert alone.choices[0].finish_reason == "length"  # it would run for 240 tokens if not cancelled
     stream = client.completions.create(**request, stream=True)
     next(iter(stream))  # the request is running
     tokens_before = loop.stats.tokens
@@ -294,7 +294,7 @@ def test_a_client_that_disconnects_cancels_its_request(server, code_task) -> Non
     while (loop.running or loop.waiting) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not loop.running and not loop.waiting
-    assert loop.stats.tokens - tokens_before < 500  # stopped well before its 1000 tokens
+    assert loop.stats.tokens - tokens_before < 120  # stopped well before its 240 tokens
     assert sum(len(slots.pins) for slots in handle.service.engine.slots.values()) == 0
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..experts import ExpertReader
 from ..runtime import PatternedModel
 from ..runtime.slots import bytes_view, expert_params, write_slot
 
@@ -127,13 +128,12 @@ class Loader:
             self.wake()
 
     def _copy(self, job: LoadJob) -> None:
-        read_many = getattr(self.source, "read_many_into", None)
-        names: list[str] | None = getattr(self.source, "part_names", None)
-        if read_many is None or names is None:  # a plain expert source (tests, in-memory models)
+        if not isinstance(self.source, ExpertReader):  # a plain expert source (tests, in-memory models)
             for layer, expert, slot in job.copies:
                 write_slot(self.engine.experts_module(layer), slot, self.source.read(layer, expert))
                 job.tiers["cache"] += 1
             return
+        read_many, names = self.source.read_many_into, self.source.part_names
         if not self.cuda:
             items = []
             for layer, expert, slot in job.copies:

@@ -25,6 +25,6 @@ class SamplingParams:
             raise InvalidArgument(f"must lie in [0, 10], got {self.temperature}", field="temperature")
         if not 0 < self.top_p <= 1:
             raise InvalidArgument(f"must lie in (0, 1], got {self.top_p}", field="top_p")
-        if any(not s for s in self.stop) or len(self.stop) > 16:
-            raise InvalidArgument("stop strings must be non-empty, at most 16", field="stop")
+        if any(not s or len(s) > 256 for s in self.stop) or len(self.stop) > 16:
+            raise InvalidArgument("stop strings must be 1 to 256 characters, at most 16 of them", field="stop")
         return self

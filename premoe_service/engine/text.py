@@ -15,7 +15,9 @@ def choose(logits: Tensor, params: SamplingParams, generator: torch.Generator) -
     generator (temperature, then top-p), exactly the draw the request makes when it runs alone."""
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
+    scaled = logits.double().cpu()
+    # Shift before dividing, so a tiny temperature sharpens towards the argmax instead of overflowing to nan.
+    probs = torch.softmax((scaled - scaled.max()) / params.temperature, dim=-1)
     if params.top_p < 1:
         sorted_probs, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_probs, 0) - sorted_probs < params.top_p  # always keeps the top token

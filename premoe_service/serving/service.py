@@ -161,6 +161,7 @@ class PreMoeService:
 
     def plan(self, prompt: str, task: str | None = None) -> RoutePlan:
         """The pattern for a prompt: the named task's, the matched task's, or the fallback."""
+        self._check_prompt_size(prompt)
         check_prompt(prompt)
         start = time.perf_counter()
         if task:
@@ -231,12 +232,7 @@ class PreMoeService:
         started = time.perf_counter()
         plan = self.plan(prompt, task)
         ids: list[int] = self.tokenizer(prompt)["input_ids"]
-        if not ids:
-            raise InvalidArgument("prompt encodes to no tokens", field="prompt")
-        if len(ids) > self.config.max_prompt_tokens:
-            raise InvalidArgument(
-                f"prompt has {len(ids)} tokens, the limit is {self.config.max_prompt_tokens}", field="prompt"
-            )
+        self._check_prompt_tokens(len(ids), params.max_new_tokens)
         floor = self.config.coverage_floor
         request = Request(
             ids,
@@ -253,6 +249,30 @@ class PreMoeService:
         )
         self.loop.submit(request)
         return Submission(self, request, plan, started)
+
+    def _check_prompt_size(self, prompt: str) -> None:
+        """Refuse an oversized prompt before any tokenizing or embedding (bytes without encoding when possible)."""
+        limit = self.config.max_prompt_bytes
+        if isinstance(prompt, str) and len(prompt) * 4 > limit:  # a character is at most 4 UTF-8 bytes
+            size = len(prompt) if len(prompt) > limit else len(prompt.encode("utf-8", "surrogatepass"))
+            if size > limit:
+                raise InvalidArgument(f"prompt is over {limit} bytes (the server's limit)", field="prompt")
+
+    def _check_prompt_tokens(self, count: int, new_tokens: int) -> None:
+        """The prompt fits the token limit, and with its new tokens the model's context."""
+        if count == 0:
+            raise InvalidArgument("prompt encodes to no tokens", field="prompt")
+        limit = self.config.max_prompt_tokens
+        context = getattr(self.engine.config, "max_position_embeddings", None)
+        if context is not None:
+            limit = min(limit, int(context) - 1)
+        if count > limit:
+            raise InvalidArgument(f"prompt has {count} tokens, the limit is {limit}", field="prompt")
+        if context is not None and count + new_tokens > context:
+            raise InvalidArgument(
+                f"{count} prompt tokens + {new_tokens} new tokens exceed the model's context of {context}",
+                field="max_new_tokens",
+            )
 
     def preload(self, tasks: Sequence[str]) -> None:
         """Load the tasks' experts now (one one-token request each, through the engine loop), so that their
