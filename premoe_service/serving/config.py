@@ -34,7 +34,8 @@ class ServiceConfig:
         coverage_floor: Below this prefill coverage the pattern is widened with the experts the prompt
             wanted (0 turns the guardrail off).
         max_new_tokens_limit: Upper bound of a request's max_new_tokens.
-        max_prompt_tokens: Longest prompt accepted.
+        max_prompt_tokens: Longest prompt accepted, in tokens (and never beyond the model's context).
+        max_prompt_bytes: Longest prompt accepted, in UTF-8 bytes; checked before any tokenizing or embedding.
         max_batch_rows: Requests decoding together in one forward pass of the engine loop.
         max_batch_tokens: Padded prompt tokens prefilled in one forward pass.
         max_queue: Requests waiting (for slots, expert loads or a row) before new ones are refused.
@@ -61,6 +62,7 @@ class ServiceConfig:
     coverage_floor: float = 0.0
     max_new_tokens_limit: int = 1024
     max_prompt_tokens: int = 4096
+    max_prompt_bytes: int = 256 * 1024
     max_batch_rows: int = 32
     max_batch_tokens: int = 4096
     max_queue: int = 256
@@ -75,7 +77,14 @@ class ServiceConfig:
             self.profiles = Path(self.profiles)
         if not 0 <= self.coverage_floor <= 1:
             raise InvalidArgument(f"must lie in [0, 1], got {self.coverage_floor}", field="coverage_floor")
-        for name in ("max_batch_rows", "max_batch_tokens", "max_queue", "max_new_tokens_limit"):
+        for name in (
+            "max_batch_rows",
+            "max_batch_tokens",
+            "max_queue",
+            "max_new_tokens_limit",
+            "max_prompt_tokens",
+            "max_prompt_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"must be positive, got {getattr(self, name)}", field=name)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
