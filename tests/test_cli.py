@@ -130,7 +130,13 @@ def test_serve_reads_every_knob_from_its_twin(monkeypatch: pytest.MonkeyPatch, t
         "PRELOAD": "code,math",
         "LEASE_TIMEOUT": "12.5",
         "GRACE": "3",
+        "MAX_DEMOS": "7",
+        "ALLOW_INSECURE_ADMIN": "1",
+        "TLS_CERT": str(tmp_path / "cert.pem"),
+        "TLS_KEY": str(tmp_path / "key.pem"),
     }
+    (tmp_path / "cert.pem").write_text("certificate")  # the config checks that the files exist; the server reads them
+    (tmp_path / "key.pem").write_text("key")
     for name, value in env.items():
         monkeypatch.setenv(f"PREMOE_{name}", value)
     config = service_config(parse("serve", ["--grace", "5"]))  # a flag beats its twin
@@ -145,6 +151,12 @@ def test_serve_reads_every_knob_from_its_twin(monkeypatch: pytest.MonkeyPatch, t
     )
     assert config.preload == ("code", "math")
     assert (config.lease_timeout_s, config.grace_s) == (12.5, 5.0)
+    assert config.max_demos == 7 and config.allow_insecure_admin is True
+    assert (config.tls_cert, config.tls_key, config.tls_client_ca) == (
+        tmp_path / "cert.pem",
+        tmp_path / "key.pem",
+        None,
+    )
 
 
 def test_serve_defaults_are_the_config_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -175,6 +187,7 @@ def test_client_verbs_read_the_server_and_credentials_from_twins(monkeypatch: py
         (["--criterion", "magic"], {}, "--criterion"),
         (["--max-queue", "0"], {}, "--max-queue"),
         (["--coverage-floor", "2"], {}, "--coverage-floor"),
+        (["--tls-cert", "/no/such/cert.pem"], {}, "--tls-cert"),
         (["--bogus"], {}, "--bogus"),
     ],
 )

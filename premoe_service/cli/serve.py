@@ -20,7 +20,8 @@ from .params import (
 )
 from .shared import embedder_option, selection_options, store_option
 
-SELECTION = ("criterion", "policy", "value", "unit")  # the flags that make the default `Selection`
+SELECTION = ("criterion", "policy", "value", "unit")
+PEM = click.Path(exists=True, dir_okay=False, path_type=Path)  # the flags that make the default `Selection`
 
 
 def _field_default(name: str) -> Any:
@@ -52,7 +53,15 @@ def default(name: str) -> Lazy:
 @option("--http-port", type=PORT, help="OpenAI-compatible HTTP API port on --host (0: any free port; default: off)")
 @option("--metrics-port", type=PORT, help="Prometheus metrics port (default: off)")
 @option("--admin-token", help="token required by RegisterTask and DeleteTask (authorization: Bearer)")
+@option(
+    "--allow-insecure-admin",
+    is_flag=True,
+    help="bind a non-loopback --host without --admin-token (anyone reaching the port may register and delete tasks)",
+)
 @option("--api-key", help="key required (authorization: Bearer) by inference calls over gRPC and HTTP")
+@option("--tls-cert", type=PEM, help="PEM certificate (chain): both doors serve TLS (gRPC and HTTPS); needs --tls-key")
+@option("--tls-key", type=PEM, help="PEM private key of --tls-cert")
+@option("--tls-client-ca", type=PEM, help="PEM CA bundle: clients must present a certificate it signed (mutual TLS)")
 @selection_options("new tasks' patterns (the default)")
 @option("--route-threshold", type=float, help="retrieval score needed for a task match (default: calibrated)")
 @option(
@@ -68,6 +77,20 @@ def default(name: str) -> Lazy:
     type=POSITIVE,
     default=default("max_prompt_bytes"),
     help="longest prompt, in UTF-8 bytes (checked before tokenizing)",
+)
+@option(
+    "--max-description-bytes",
+    type=POSITIVE,
+    default=default("max_description_bytes"),
+    help="longest task description RegisterTask accepts, in UTF-8 bytes",
+)
+@option("--max-demos", type=POSITIVE, default=default("max_demos"), help="most demos one RegisterTask may carry")
+@option("--max-demo-bytes", type=POSITIVE, default=default("max_demo_bytes"), help="longest demo, in UTF-8 bytes")
+@option(
+    "--max-demos-total-bytes",
+    type=POSITIVE,
+    default=default("max_demos_total_bytes"),
+    help="all demos of one RegisterTask together, in UTF-8 bytes",
 )
 @option("--max-batch-rows", type=POSITIVE, default=default("max_batch_rows"), help="requests decoding together")
 @option(
