@@ -36,6 +36,10 @@ class ServiceConfig:
         max_new_tokens_limit: Upper bound of a request's max_new_tokens.
         max_prompt_tokens: Longest prompt accepted, in tokens (and never beyond the model's context).
         max_prompt_bytes: Longest prompt accepted, in UTF-8 bytes; checked before any tokenizing or embedding.
+        max_description_bytes: Longest task description RegisterTask accepts, in UTF-8 bytes.
+        max_demos: Most demos one RegisterTask may carry.
+        max_demo_bytes: Longest single demo, in UTF-8 bytes.
+        max_demos_total_bytes: All demos of one RegisterTask together, in UTF-8 bytes (checked before profiling).
         max_batch_rows: Requests decoding together in one forward pass of the engine loop.
         max_batch_tokens: Padded prompt tokens prefilled in one forward pass.
         max_queue: Requests waiting (for slots, expert loads or a row) before new ones are refused.
@@ -43,6 +47,10 @@ class ServiceConfig:
         join_wait_steps: Decode steps a ready request may wait so that several join in one prefill (0: none).
         lease_timeout_s: How long a request waits for slots pinned by others before RESOURCE_EXHAUSTED.
         grace_s: Seconds in-flight requests get to finish on shutdown.
+        tls_cert, tls_key: PEM certificate (chain) and private key: both doors serve TLS (gRPC and HTTPS).
+        tls_client_ca: PEM CA bundle; with it, clients must present a certificate it signed (mutual TLS).
+        allow_insecure_admin: Bind a host other than loopback without an admin token (anyone who reaches the
+            port may then register and delete tasks); without it such a bind is refused.
     """
 
     store: Path
@@ -63,6 +71,10 @@ class ServiceConfig:
     max_new_tokens_limit: int = 1024
     max_prompt_tokens: int = 4096
     max_prompt_bytes: int = 256 * 1024
+    max_description_bytes: int = 4096
+    max_demos: int = 256
+    max_demo_bytes: int = 64 * 1024
+    max_demos_total_bytes: int = 4 << 20
     max_batch_rows: int = 32
     max_batch_tokens: int = 4096
     max_queue: int = 256
@@ -70,6 +82,10 @@ class ServiceConfig:
     preload: tuple[str, ...] = ()
     lease_timeout_s: float = 30.0
     grace_s: float = 10.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    allow_insecure_admin: bool = False
 
     def __post_init__(self) -> None:
         self.store = Path(self.store)
@@ -84,12 +100,36 @@ class ServiceConfig:
             "max_new_tokens_limit",
             "max_prompt_tokens",
             "max_prompt_bytes",
+            "max_description_bytes",
+            "max_demos",
+            "max_demo_bytes",
+            "max_demos_total_bytes",
         ):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"must be positive, got {getattr(self, name)}", field=name)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InvalidArgument(f"unknown device {self.device!r} (auto, cpu, cuda)", field="device")
         Budget.parse(self.budget)  # fail early on a bad budget
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        """Certificate and key come together, the client CA only with them, and each file exists."""
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, Path(value))
+                if not Path(value).is_file():
+                    raise InvalidArgument(f"no such file: {value}", field=name)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "tls_key" if self.tls_key is None else "tls_cert"
+            raise InvalidArgument("TLS needs both a certificate and its private key", field=missing)
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidArgument("mutual TLS needs the server's own tls_cert and tls_key too", field="tls_client_ca")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the doors serve TLS."""
+        return self.tls_cert is not None
 
     @property
     def budget_value(self) -> Budget:
