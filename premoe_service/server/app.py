@@ -82,7 +82,13 @@ class PreMoeServer:
 
 def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) -> tuple[PreMoeServer, int]:
     """Build the service and bind its gRPC server and, with `config.http_port`, its HTTP door (call `start()` inside
-    an event loop). Port 0 picks one; the HTTP door's is `handle.http_port`."""
+    an event loop). Port 0 picks one; the HTTP door's is `handle.http_port`.
+
+    Raises:
+        InvalidArgument: A secret no client could send; before the model is loaded.
+        OSError: A port that cannot be bound.
+    """
+    access = Access(config.admin_token, config.api_key)
     service = PreMoeService(config, embedder=embedder)
     metrics = Metrics()
     metrics.watch_engine(service.loop.stats, service.residency.stats)
@@ -90,7 +96,7 @@ def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) ->
     # read its events on their event loops, so no thread waits per request.
     executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="premoe")
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(config.admin_token, metrics, api_key=config.api_key)],
+        interceptors=[ErrorInterceptor(access, metrics)],
         options=[
             ("grpc.max_receive_message_length", MAX_BODY_BYTES),
             ("grpc.max_send_message_length", MAX_BODY_BYTES),
@@ -100,12 +106,18 @@ def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) ->
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    port, bind_error = 0, ""
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc raises where it cannot bind
+        bind_error = f": {exc}"
     if port == 0:
-        raise OSError(f"cannot bind {config.host}:{config.port}")
+        service.close()
+        raise OSError(f"cannot bind {address}{bind_error}")
     handle = PreMoeServer(server, service, health_servicer, executor, metrics)
     if config.http_port is not None:
-        api = OpenAIApi(service, executor, Access(config.admin_token, config.api_key), handle.serving, metrics)
+        api = OpenAIApi(service, executor, access, handle.serving, metrics)
         try:
             handle.http = HttpDoor(api.app(), config.host, config.http_port, config.grace_s)
         except OSError:

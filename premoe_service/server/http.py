@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import InvalidArgument, PreMoeError
+from ..names import check_task_name
 from ..serving import GenerationResult, PreMoeService
 from ..serving.service import Submission
 from .auth import Access
@@ -112,6 +113,7 @@ class OpenAIApi:
         name = request.path_params["model"]
         if name == AUTO:
             return JSONResponse(model_body(None))
+        check_task_name(name, field="model")
         return JSONResponse(model_body(await self._run(lambda: self.service.get_task(name))))
 
     async def health(self, request: Request) -> Response:
@@ -202,8 +204,9 @@ class OpenAIApi:
         async def run(request: Request) -> Response:
             start = time.perf_counter()
             try:
-                if not open_:
-                    self.access.check(request.headers.get("authorization"), admin=False)
+                if not open_:  # the header's raw bytes (Starlette decodes headers as Latin-1)
+                    header = request.headers.get("authorization")
+                    self.access.check(header.encode("latin-1") if header is not None else None, admin=False)
                 response = await handler(request)
             except Exception as exc:
                 body, status, code = _error(exc)

@@ -4,6 +4,7 @@ in OpenAI's shapes, with our routing stats under `premoe`."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -35,6 +36,8 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 # Service error fields under the names an HTTP caller used.
 PARAM_NAMES = {"max_new_tokens": "max_tokens", "task": "model", "name": "model"}
+# JSON's \ud800 escapes decode to lone surrogates, which no tokenizer takes: text with one is refused.
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except ValueError as exc:
         raise InvalidArgument(f"the body is not valid JSON ({exc})", field="body") from None
+    except RecursionError:
+        raise InvalidArgument("the body's JSON is nested too deeply", field="body") from None
     if not isinstance(body, dict):
         raise InvalidArgument(f"expected a JSON object, got {type(body).__name__}", field="body")
     return body
@@ -119,7 +124,7 @@ def _prompt(body: dict[str, Any]) -> str:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise InvalidArgument(f"expected a string (token ids are not accepted), got {prompt!r:.40}", field="prompt")
-    return prompt
+    return _text(prompt, "prompt")
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
@@ -141,7 +146,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise InvalidArgument(f"expected a string, got {content!r:.40}", field=f"messages[{i}].content")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _text(content, f"messages[{i}].content")})
     return out
 
 
@@ -193,7 +198,17 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise InvalidArgument(f"expected a string or a list of strings, got {stop!r:.40}", field="stop")
-    return tuple(stops)
+    return tuple(_text(s, "stop") for s in stops)
+
+
+def _text(value: str, name: str) -> str:
+    """`value` unless it holds a lone surrogate (valid JSON, but not text: the gRPC door refuses it as bad UTF-8)."""
+    found = SURROGATE.search(value)
+    if found is not None:
+        raise InvalidArgument(
+            f"holds the lone surrogate \\u{ord(found.group()):04x} at {found.start()}, which is not text", field=name
+        )
+    return value
 
 
 # --- encoding ----------------------------------------------------------------------------------------------

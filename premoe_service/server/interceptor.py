@@ -23,7 +23,9 @@ from ..errors import (
     Unavailable,
 )
 from .auth import Access
+from .gen import premoe_pb2 as pb
 from .metrics import Metrics
+from .wire import Undecodable, tolerant
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,10 @@ STATUS: list[tuple[type[PreMoeError], grpc.StatusCode]] = [
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 ]
 ADMIN_METHODS = frozenset({"RegisterTask", "DeleteTask"})
+# Status details travel in a trailer, and clients refuse trailers over 8 KiB by default (as INTERNAL): a message
+# that quotes a long input is cut well below that.
+MAX_DETAILS = 400  # characters: at most 1.6 KiB of UTF-8, 4.8 KiB once percent-encoded
+METHODS = pb.DESCRIPTOR.services_by_name["PreMoe"].methods_by_name
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -56,15 +62,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every PreMoe handler: credentials, status mapping, latency metrics.
 
     Args:
-        admin_token: When set, admin RPCs need metadata `authorization: Bearer <token>`.
+        access: The credentials PreMoe RPCs need (health stays open); None: none.
         metrics: Request counters and latency histograms (optional).
-        api_key: When set, every other PreMoe RPC needs `authorization: Bearer <key>` (health stays open).
     """
 
-    def __init__(
-        self, admin_token: str | None = None, metrics: Metrics | None = None, *, api_key: str | None = None
-    ) -> None:
-        self.access = Access(admin_token, api_key)
+    def __init__(self, access: Access | None = None, metrics: Metrics | None = None) -> None:
+        self.access = access or Access()
         self.metrics = metrics
 
     async def intercept_service(
@@ -77,30 +80,36 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = details.method.rsplit("/", 1)[-1]
         admin = method in ADMIN_METHODS
+        deserialize = handler.request_deserializer
+        if deserialize is not None and method in METHODS:
+            deserialize = tolerant(deserialize, METHODS[method].input_type)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(method, admin, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(method, admin, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
-    def _authorise(self, context: grpc.aio.ServicerContext, admin: bool) -> None:
+    def _admit(self, request: Any, context: grpc.aio.ServicerContext, admin: bool) -> None:
+        """Check the credentials, then that the request decoded (no hints about requests to strangers)."""
         metadata = dict(context.invocation_metadata() or ())
-        self.access.check(str(metadata.get("authorization", "")), admin=admin)
+        self.access.check(metadata.get("authorization"), admin=admin)
+        if isinstance(request, Undecodable):
+            raise request.error
 
     def _unary(self, method: str, admin: bool, behaviour: Any) -> Any:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                self._authorise(context, admin)
+                self._admit(request, context, admin)
                 return await behaviour(request, context)
             except Exception as exc:
                 code = await _abort(method, context, exc)
@@ -115,7 +124,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                self._authorise(context, admin)
+                self._admit(request, context, admin)
                 async for item in behaviour(request, context):
                     yield item
             except Exception as exc:
@@ -134,5 +143,7 @@ async def _abort(method: str, context: grpc.aio.ServicerContext, exc: Exception)
     if not isinstance(exc, PreMoeError):
         log.error("%s failed", method, exc_info=exc)
     code, message = status_of(exc)
+    if len(message) > MAX_DETAILS:
+        message = message[: MAX_DETAILS - 3] + "..."
     await context.abort(code, message)
     return code  # not reached: abort raises

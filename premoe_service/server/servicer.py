@@ -113,17 +113,18 @@ class PreMoeServicer(pb_grpc.PreMoeServicer):
         return route_to_pb(await self._run(lambda: self.service.plan(prompt)))
 
     async def RegisterTask(self, request: pb.RegisterTaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskInfo:
-        call = RegisterCall.from_pb(request, self.service.config.selection)
-        view = await self._run(
-            lambda: self.service.register_task(
-                call.name,
-                call.demos,
-                description=call.description,
-                selection=call.selection,
-                replace=call.replace,
-                dry_run=call.dry_run,
+        call = RegisterCall.from_pb(request, self.service.config)
+        with call.request_fields():
+            view = await self._run(
+                lambda: self.service.register_task(
+                    call.name,
+                    call.demos,
+                    description=call.description,
+                    selection=call.selection,
+                    replace=call.replace,
+                    dry_run=call.dry_run,
+                )
             )
-        )
         return task_to_pb(view)
 
     async def ListTasks(self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext) -> pb.ListTasksResponse:

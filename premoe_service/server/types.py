@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, PreMoeError
 from ..names import check_task_name
 from ..profiler import Demo, Selection
 from ..profiler.profile import CRITERIA
-from ..serving import GenerationResult, RoutePlan, SamplingParams, TaskView
+from ..serving import GenerationResult, RoutePlan, SamplingParams, ServiceConfig, TaskView
 from .gen import premoe_pb2 as pb
 
 DEFAULT_NEW_TOKENS = 64
@@ -22,7 +24,7 @@ class GenerateCall:
 
     @classmethod
     def from_pb(cls, request: pb.GenerateRequest) -> GenerateCall:
-        if not request.prompt.strip():
+        if not request.prompt or request.prompt.isspace():  # no copy of a long prompt (its size is checked later)
             raise InvalidArgument("prompt is empty", field="prompt")
         task = check_task_name(request.task, field="task") if request.HasField("task") else None
         if request.max_new_tokens < 0:
@@ -45,20 +47,46 @@ class RegisterCall:
     selection: Selection
     replace: bool
     dry_run: bool
+    selection_field: str | None = None  # the oneof member the caller set, if any
+
+    @contextmanager
+    def request_fields(self) -> Iterator[None]:
+        """Name the request's fields in the domain's errors: the selection's `value` is the oneof member set."""
+        try:
+            yield
+        except PreMoeError as exc:
+            if exc.field == "value" and self.selection_field is not None:
+                exc.field = self.selection_field
+            raise
 
     @classmethod
-    def from_pb(cls, request: pb.RegisterTaskRequest, default: Selection) -> RegisterCall:
+    def from_pb(cls, request: pb.RegisterTaskRequest, config: ServiceConfig) -> RegisterCall:
+        """Validate every field, sizes first, before any profiling; `config` gives the limits and defaults."""
         name = check_task_name(request.name, field="name")
+        check_size(request.description, config.max_description_bytes, "description", "max_description_bytes")
         if not request.demos:
             raise InvalidArgument("at least one demo is needed", field="demos")
-        demos = []
+        if len(request.demos) > config.max_demos:
+            raise InvalidArgument(
+                f"{len(request.demos)} demos, over the limit of {config.max_demos} (the server's max_demos)",
+                field="demos",
+            )
+        total = 0
         for i, text in enumerate(request.demos):
-            if not text.strip():
+            total += check_size(text, config.max_demo_bytes, f"demos[{i}]", "max_demo_bytes")
+            if not text or text.isspace():
                 raise InvalidArgument("demo is empty", field=f"demos[{i}]")
-            demos.append(Demo(text))
+        if total > config.max_demos_total_bytes:
+            raise InvalidArgument(
+                f"{total} bytes together, over the limit of {config.max_demos_total_bytes}"
+                " (the server's max_demos_total_bytes)",
+                field="demos",
+            )
+        demos = [Demo(text) for text in request.demos]
+        default = config.selection
         criterion = request.criterion or default.criterion
         if criterion not in CRITERIA:
-            raise InvalidArgument(f"unknown criterion {criterion!r} (use {', '.join(CRITERIA)})", field="criterion")
+            raise InvalidArgument(f"unknown criterion {criterion!r:.80} (use {', '.join(CRITERIA)})", field="criterion")
         which = request.WhichOneof("selection")
         if which is None:
             selection = Selection(criterion, default.policy, default.value, default.unit)
@@ -74,11 +102,21 @@ class RegisterCall:
             if request.bytes <= 0:
                 raise InvalidArgument("must be positive", field="bytes")
             selection = Selection(criterion, "budget", int(request.bytes), "bytes")
-        return cls(name, request.description, demos, selection, request.replace, request.dry_run)
+        return cls(name, request.description, demos, selection, request.replace, request.dry_run, which)
 
 
 def name_from_pb(name: str) -> str:
     return check_task_name(name, field="name")
+
+
+def check_size(text: str, limit: int, field: str, setting: str) -> int:
+    """The UTF-8 size of `text`, or `InvalidArgument` naming `field` when it is over `limit` bytes (the server's
+    `setting`); a text with more characters than that is refused without encoding it."""
+    size = len(text) if len(text) > limit or text.isascii() else len(text.encode("utf-8"))
+    if size > limit:
+        more = "" if size == len(text) else " in UTF-8"
+        raise InvalidArgument(f"over the limit of {limit} bytes{more} (the server's {setting})", field=field)
+    return size
 
 
 def stats_to_pb(result: GenerationResult, total_experts: int) -> pb.GenerationStats:
