@@ -7,14 +7,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from premoe_service.engine import BatchLimits, EngineLoop, Outcome, Request, SamplingParams, Status
 from premoe_service.errors import DeadlineExceeded, ResourceExhausted
-from premoe_service.families.tiny import save_tiny_checkpoint, tiny_tokenizer
+from premoe_service.families.tiny import save_tiny_checkpoint, tiny_model, tiny_tokenizer
 from premoe_service.pattern import Pattern
 from premoe_service.runtime.build import load_engine
 from premoe_service.runtime.residency import Budget
 from premoe_service.store import Store, open_cache, shard
+
+from .references import masked_transformers
 
 PROMPT = [5, 17, 33, 9, 60, 61, 12]
 
@@ -150,3 +153,35 @@ def test_a_few_ready_requests_wait_a_bounded_number_of_steps_to_join_together(st
     again = alone.submit(request(alone, [0, 1], 4))
     alone.run_until_idle()
     assert outcome(late).token_ids == outcome(again).token_ids
+
+
+def test_log_probabilities_of_generated_and_prompt_tokens_are_transformers(store_dir: Path) -> None:
+    loop = make_loop(store_dir)
+    experts = [0, 1]
+    scored = Request(PROMPT, pattern(loop, experts), SamplingParams(max_new_tokens=5, logprobs=3), tiny_tokenizer())
+    prompt_only = Request(
+        PROMPT,
+        pattern(loop, experts),
+        SamplingParams(max_new_tokens=0, logprobs=2, prompt_logprobs=True),
+        tiny_tokenizer(),
+    )
+    loop.submit(scored)
+    loop.submit(prompt_only)
+    loop.run_until_idle()
+    generated, prompt = outcome(scored), outcome(prompt_only)
+    reference = tiny_model("qwen3_moe")
+    layers = {layer: experts for layer in loop.engine.spec.moe_layers}
+    with torch.no_grad(), masked_transformers(reference, layers):
+        ids = torch.tensor([PROMPT + generated.token_ids])
+        expected = torch.log_softmax(reference(input_ids=ids).logits[0].double(), dim=-1)
+    assert generated.logprobs is not None and len(generated.logprobs) == 5
+    for step, item in enumerate(generated.logprobs):
+        row = expected[len(PROMPT) - 1 + step]
+        assert item.token == generated.token_ids[step]
+        assert abs(item.logprob - float(row[item.token])) < 1e-4
+        assert [token for token, _ in item.top] == row.topk(3).indices.tolist()
+    assert prompt.token_ids == [] and prompt.finish_reason == "length" and prompt.logprobs == []
+    assert prompt.prompt_logprobs is not None and len(prompt.prompt_logprobs) == len(PROMPT) - 1
+    for position, item in enumerate(prompt.prompt_logprobs):
+        assert item.token == PROMPT[position + 1]
+        assert abs(item.logprob - float(expected[position, item.token])) < 1e-4 and len(item.top) == 2

@@ -4,7 +4,7 @@ from .kv import KVBatch
 from .loader import Loader, LoadJob
 from .loop import EngineLoop
 from .params import SamplingParams
-from .request import Outcome, Request, Status
+from .request import Outcome, Request, Status, TokenLogprob
 from .stats import BatchLimits, LoopStats
 
 __all__ = [
@@ -18,4 +18,5 @@ __all__ = [
     "Request",
     "SamplingParams",
     "Status",
+    "TokenLogprob",
 ]

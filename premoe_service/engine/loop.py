@@ -18,7 +18,7 @@ from ..runtime.context import PatternMasks, RoutingContext, routing
 from ..runtime.residency import Residency
 from .kv import KVBatch
 from .loader import Loader, LoadJob
-from .request import Outcome, Request, Status
+from .request import Outcome, Request, Status, TokenLogprob
 from .stats import BatchLimits, LoopStats
 
 log = logging.getLogger(__name__)
@@ -234,10 +234,15 @@ class EngineLoop:
         for request in self.waiting:
             if request.status is not Status.READY or len(chosen) >= room:
                 continue
+            scoring = request.params.prompt_logprobs  # needs every position's logits: prefilled on its own
+            if chosen and scoring:
+                continue
             longest = max([len(request.prompt_ids), *(len(r.prompt_ids) for r in chosen)])
             if chosen and longest * (len(chosen) + 1) > self.limits.max_prefill_tokens:
                 break
             chosen.append(request)
+            if scoring:
+                break
         if not chosen or self._hold_joiners(chosen):
             return False
         self._remove_waiting(chosen)
@@ -253,11 +258,17 @@ class EngineLoop:
         try:
             with routing(self.engine, context):
                 out = self.engine.model(
-                    input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    cache=cache,
+                    logits_to_keep=0 if chosen[0].params.prompt_logprobs else 1,
                 )
         except Exception as exc:
             self._fail(chosen, exc)
             return True
+        if chosen[0].params.prompt_logprobs:
+            chosen[0].prompt_scores = _scores(out.logits[0, :-1], ids[0, 1:], chosen[0].params.logprobs or 0)
         seconds = time.perf_counter() - start
         self.stats.prefill_steps += 1
         coverage = context.collect().tolist()
@@ -272,7 +283,10 @@ class EngineLoop:
                 continue  # back to the queue with a wider pattern; this prefill is discarded
             request.status = Status.RUNNING
             request.times["first_token"] = time.perf_counter()
-            if not self._emit(request, self._choose(request, logits[row])):
+            if request.params.max_new_tokens == 0:  # scoring only
+                self._finish(request, "length", drop=False)
+                continue
+            if not self._emit(request, self._choose(request, logits[row]), logits[row]):
                 keep.append(row)
         if len(keep) < len(chosen):
             if not keep:
@@ -322,7 +336,7 @@ class EngineLoop:
             request.coverage_sum += coverage[row]
             request.coverage_count += self.moe_layers
             token = greedy[row] if request.params.temperature == 0 else self._choose(request, logits[row])
-            if self._emit(request, token):
+            if self._emit(request, token, logits[row]):
                 finished.append(request)
         if finished:
             self._remove_running(finished)
@@ -334,9 +348,12 @@ class EngineLoop:
 
         return choose(logits, request.params, request.generator)
 
-    def _emit(self, request: Request, token: int) -> bool:
+    def _emit(self, request: Request, token: int, logits: torch.Tensor) -> bool:
         """Give the request its next token; returns True when that finished it (it is then answered)."""
         request.generated.append(token)
+        if request.params.logprobs is not None:
+            top = request.params.logprobs
+            request.token_logprobs.extend(_scores(logits.unsqueeze(0), torch.tensor([token]), top))
         self.stats.tokens += 1
         reason = ""
         if token in self.eos:
@@ -389,6 +406,8 @@ class EngineLoop:
                     "decode_ms": (now - times.get("first_token", now)) * 1e3,
                 },
                 prompt_tokens=len(request.prompt_ids),
+                logprobs=list(request.token_logprobs) if request.params.logprobs is not None else None,
+                prompt_logprobs=list(request.prompt_scores) if request.params.prompt_logprobs else None,
             )
         )
 
@@ -424,6 +443,20 @@ class EngineLoop:
         for request in requests:
             self._drop(request)
             request.fail(error)
+
+
+def _scores(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Log-probabilities of `tokens` [N] under `logits` [N, V] (the model's distribution), with the `top` most
+    likely alternatives at each position."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, tokens.to(logprobs.device).view(-1, 1)).squeeze(1).tolist()
+    best = torch.topk(logprobs, top, dim=-1) if top else None
+    values = best.values.tolist() if best is not None else [[] for _ in chosen]
+    ids = best.indices.tolist() if best is not None else [[] for _ in chosen]
+    return [
+        TokenLogprob(int(token), float(lp), tuple(zip(i, v, strict=True)))
+        for token, lp, i, v in zip(tokens.tolist(), chosen, ids, values, strict=True)
+    ]
 
 
 def _uses(request: Request, experts: set[tuple[int, int]]) -> bool:

@@ -16,11 +16,16 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely alternatives
+    prompt_logprobs: bool = False  # also score the prompt's tokens (with `logprobs` alternatives each)
 
     def check(self, limit: int) -> SamplingParams:
         """Validate against the server's token limit; errors name the field."""
-        if not 1 <= self.max_new_tokens <= limit:
-            raise InvalidArgument(f"must lie in 1..{limit}, got {self.max_new_tokens}", field="max_new_tokens")
+        low = 0 if self.prompt_logprobs else 1  # scoring a prompt needs no new token
+        if not low <= self.max_new_tokens <= limit:
+            raise InvalidArgument(f"must lie in {low}..{limit}, got {self.max_new_tokens}", field="max_new_tokens")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise InvalidArgument(f"must lie in 0..20, got {self.logprobs}", field="logprobs")
         if not (0 <= self.temperature <= 10) or self.temperature != self.temperature:
             raise InvalidArgument(f"must lie in [0, 10], got {self.temperature}", field="temperature")
         if not 0 < self.top_p <= 1:

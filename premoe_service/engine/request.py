@@ -45,6 +45,17 @@ class Outcome:
     loaded_bytes: int
     timings: dict[str, float]
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # per generated token, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token after the first, when asked for
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the request's own distribution, and the most likely alternatives."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -87,7 +98,8 @@ class Request:
     loads: dict[str, int] = field(default_factory=lambda: {"device": 0, "cache": 0, "disk": 0})
     loaded_bytes: int = 0
     load_s: float = 0.0
-    pending: int = 0  # copies of its own still in flight
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_scores: list[TokenLogprob] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=dict)
     _events: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
     _abandoned: threading.Event = field(default_factory=threading.Event)

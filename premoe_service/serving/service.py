@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..engine import BatchLimits, EngineLoop, Outcome, Request, SamplingParams
+from ..engine import BatchLimits, EngineLoop, Outcome, Request, SamplingParams, TokenLogprob
 from ..errors import InvalidArgument, NotFound, Unavailable
 from ..pattern import Pattern
 from ..profiler import Demo, Selection
@@ -53,6 +53,8 @@ class GenerationResult:
     widened: bool
     timings: dict[str, float]
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # per generated token, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token after the first, when asked for
 
 
 @dataclass
@@ -83,6 +85,8 @@ class Submission:
                 "total_ms": (time.perf_counter() - self.started) * 1e3,
             },
             prompt_tokens=outcome.prompt_tokens,
+            logprobs=outcome.logprobs,
+            prompt_logprobs=outcome.prompt_logprobs,
         )
 
 
