@@ -26,6 +26,7 @@ from .http import HttpDoor, OpenAIApi
 from .http_types import MAX_BODY_BYTES
 from .interceptor import ErrorInterceptor
 from .metrics import Metrics
+from .security import check_exposure, check_tls_files, grpc_credentials, uvicorn_tls
 from .servicer import PreMoeServicer
 
 log = logging.getLogger(__name__)
@@ -85,10 +86,13 @@ def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) ->
     an event loop). Port 0 picks one; the HTTP door's is `handle.http_port`.
 
     Raises:
-        InvalidArgument: A secret no client could send; before the model is loaded.
+        InvalidArgument: A secret no client could send, a non-loopback host without an admin token (unless
+            `allow_insecure_admin`), or TLS files that do not load; all before the model is loaded.
         OSError: A port that cannot be bound.
     """
     access = Access(config.admin_token, config.api_key)
+    check_exposure(config)
+    check_tls_files(config)
     service = PreMoeService(config, embedder=embedder)
     metrics = Metrics()
     metrics.watch_engine(service.loop.stats, service.residency.stats)
@@ -106,10 +110,12 @@ def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) ->
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{config.host}:{config.port}"
+    address, credentials = f"{config.host}:{config.port}", grpc_credentials(config)
     port, bind_error = 0, ""
     try:
-        port = server.add_insecure_port(address)
+        port = (
+            server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+        )
     except RuntimeError as exc:  # grpc raises where it cannot bind
         bind_error = f": {exc}"
     if port == 0:
@@ -119,7 +125,7 @@ def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) ->
     if config.http_port is not None:
         api = OpenAIApi(service, executor, access, handle.serving, metrics)
         try:
-            handle.http = HttpDoor(api.app(), config.host, config.http_port, config.grace_s)
+            handle.http = HttpDoor(api.app(), config.host, config.http_port, config.grace_s, tls=uvicorn_tls(config))
         except OSError:
             service.close()
             raise
@@ -133,9 +139,10 @@ async def serve_async(config: ServiceConfig, ready: threading.Event | None = Non
     handle, port = create_server(config)
     await handle.start()
     log.warning("premoe serving on %s:%d (metrics %s)", config.host, port, handle.metrics_port or "off")
-    print(f"premoe serving on {config.host}:{port}", flush=True)
+    print(f"premoe serving on {config.host}:{port}" + (" (TLS)" if config.tls else ""), flush=True)
     if handle.http_port is not None:
-        print(f"premoe HTTP (OpenAI-compatible) on http://{config.host}:{handle.http_port}/v1", flush=True)
+        scheme = "https" if config.tls else "http"
+        print(f"premoe HTTP (OpenAI-compatible) on {scheme}://{config.host}:{handle.http_port}/v1", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

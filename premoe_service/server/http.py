@@ -245,9 +245,10 @@ class HttpDoor:
         host: Address to bind (the gRPC door's).
         port: Port to bind; 0 picks a free one.
         grace_s: Seconds open requests get on `stop()`.
+        tls: uvicorn's `ssl_*` options (HTTPS, and client certificates with `ssl_cert_reqs`); None: plain HTTP.
     """
 
-    def __init__(self, app: Starlette, host: str, port: int, grace_s: float) -> None:
+    def __init__(self, app: Starlette, host: str, port: int, grace_s: float, tls: dict[str, Any] | None = None) -> None:
         self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -265,6 +266,7 @@ class HttpDoor:
             http="h11",
             ws="none",
             timeout_graceful_shutdown=max(1, math.ceil(grace_s)),
+            **(tls or {}),
         )
         self.server = uvicorn.Server(config)
         self.grace_s = grace_s
