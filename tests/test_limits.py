@@ -92,7 +92,7 @@ def test_a_vanishing_temperature_samples_the_argmax(service, temperature: float)
 
 def test_route_over_grpc_refuses_an_oversized_prompt(store: Path, embedder, tmp_path: Path) -> None:
     config = ServiceConfig(store=store, profiles=tmp_path, port=0, device="cpu")
-    with running_server(config, embedder=embedder) as (handle, port), PreMoeClient(f"127.0.0.1:{port}") as client:
+    with running_server(config, embedder=embedder) as (_handle, port), PreMoeClient(f"127.0.0.1:{port}") as client:
         for call in (client.route, lambda p: client.generate(p, max_new_tokens=1)):
             with pytest.raises(grpc.RpcError) as info:
                 call("y" * (10 << 20))
