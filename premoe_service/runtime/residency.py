@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import InvalidArgument, ResourceExhausted
 from ..families import MoESpec
@@ -104,6 +105,7 @@ class Residency:
         self.wait_timeout_s = wait_timeout_s
         self.stats = ResidencyStats()
         self._cond = threading.Condition()
+        self._prepared: dict[int, list[Any]] = {}  # id(pattern) -> `_entry`
         self.model_lock = threading.RLock()  # held around forward passes: routers hold one pattern at a time
 
     @contextmanager
@@ -116,8 +118,7 @@ class Residency:
             self._release(pattern)
 
     def _acquire(self, pattern: Pattern, timeout_s: float) -> Lease:
-        pattern.validate(self.engine.spec)
-        self._check_capacity(pattern)
+        self._prepare(pattern)
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while True:
@@ -163,23 +164,20 @@ class Residency:
         fit next to the pinned experts now. Evicted experts leave the routing tables at once; they were
         unpinned, so no running request can route to them. Each copy ends with `commit` or `abort`.
         """
-        pattern.validate(self.engine.spec)
-        self._check_capacity(pattern)
+        kept = self._prepare(pattern)
         with self._cond:
             try:
                 plans = {
-                    layer: self.engine.slots[layer].plan(pattern.kept(layer), layer)
-                    for layer in self.engine.spec.moe_layers
+                    layer: self.engine.slots[layer].plan(kept[layer], layer) for layer in self.engine.spec.moe_layers
                 }
             except ResourceExhausted:
                 self.stats.waits += 1
                 return None
             copies = []
             for layer, plan in plans.items():
-                for expert, slot in plan:
-                    if self.engine.slots[layer].reserve(expert, slot) is not None:
-                        self.stats.evictions += 1
-                    copies.append((layer, expert, slot))
+                if plan:
+                    self.stats.evictions += self.engine.slots[layer].reserve_all(plan)
+                    copies += [(layer, expert, slot) for expert, slot in plan]
             self._pin(pattern)
             return copies
 
@@ -201,33 +199,66 @@ class Residency:
 
     def is_resident(self, pattern: Pattern) -> bool:
         """Whether every expert of `pattern` is routable now."""
+        kept = self._kept_sets(pattern)
         with self._cond:
-            return all(
-                expert in self.engine.slots[layer].slot_of
-                for layer in self.engine.spec.moe_layers
-                for expert in pattern.kept(layer)
-            )
+            return all(kept[layer] <= self.engine.slots[layer].slot_of.keys() for layer in self.engine.spec.moe_layers)
 
     def unpin(self, pattern: Pattern) -> None:
         """Drop one pin of each expert of `pattern` and mark them recently used."""
+        kept = self._kept_sets(pattern)
         with self._cond:
             tick = self.engine.next_tick()
             for layer in self.engine.spec.moe_layers:
-                slots = self.engine.slots[layer]
-                for expert in pattern.kept(layer):
-                    slots.pins[expert] -= 1
-                    if not slots.pins[expert]:
-                        del slots.pins[expert]
-                slots.touch(pattern.kept(layer), tick)
+                slots, experts = self.engine.slots[layer], kept[layer]
+                pins = slots.pins
+                if len(pins) == len(experts) and sum(pins.values()) == len(experts) and pins.keys() == experts:
+                    pins.clear()  # the only lease on this layer (the common case): no per-expert loop
+                else:
+                    for expert in experts:
+                        count = pins[expert] - 1
+                        if count:
+                            pins[expert] = count
+                        else:
+                            del pins[expert]
+                slots.touch(experts, tick)
             self._cond.notify_all()
 
     def _pin(self, pattern: Pattern) -> None:
-        tick = self.engine.next_tick()
+        # No recency stamp here: pinned experts are never evicted, and `unpin` stamps them when the pin goes.
         for layer in self.engine.spec.moe_layers:
-            slots = self.engine.slots[layer]
-            for expert in pattern.kept(layer):
-                slots.pins[expert] = slots.pins.get(expert, 0) + 1
-            slots.touch(pattern.kept(layer), tick)
+            pins, experts = self.engine.slots[layer].pins, pattern.kept(layer)
+            if pins:
+                get = pins.get
+                pins.update({expert: get(expert, 0) + 1 for expert in experts})
+            else:
+                pins.update(dict.fromkeys(experts, 1))
+
+    def _prepare(self, pattern: Pattern) -> dict[int, frozenset[int]]:
+        """`_kept_sets`, with the pattern checked against the model the first time it is seen and against the
+        slots per layer every time."""
+        with self._cond:
+            entry = self._entry(pattern)
+            if not entry[2]:
+                pattern.validate(self.engine.spec)
+                entry[2] = True
+            self._check_capacity(pattern)
+            return entry[1]
+
+    def _kept_sets(self, pattern: Pattern) -> dict[int, frozenset[int]]:
+        """The pattern's kept experts as a set per MoE layer, made once per pattern object (every request of a
+        task shares one), so that planning, pins and residency checks are set operations."""
+        with self._cond:
+            return self._entry(pattern)[1]
+
+    def _entry(self, pattern: Pattern) -> list[Any]:
+        entry = self._prepared.get(id(pattern))
+        if entry is None or entry[0] is not pattern:
+            sets = {layer: frozenset(pattern.kept(layer)) for layer in self.engine.spec.moe_layers}
+            if len(self._prepared) >= 1024:
+                self._prepared.pop(next(iter(self._prepared)))
+            entry = [pattern, sets, False]  # the pattern (held, so its id is not reused), its sets, validated
+            self._prepared[id(pattern)] = entry
+        return entry
 
     def _check_capacity(self, pattern: Pattern) -> None:
         for layer in self.engine.spec.moe_layers:
