@@ -177,11 +177,12 @@ def test_log_probabilities_of_generated_and_prompt_tokens_are_transformers(store
     assert generated.logprobs is not None and len(generated.logprobs) == 5
     for step, item in enumerate(generated.logprobs):
         row = expected[len(PROMPT) - 1 + step]
-        assert item.token == generated.token_ids[step]
+        assert item.token == generated.token_ids[step] and item.logprob is not None
         assert abs(item.logprob - float(row[item.token])) < 1e-4
         assert [token for token, _ in item.top] == row.topk(3).indices.tolist()
     assert prompt.token_ids == [] and prompt.finish_reason == "length" and prompt.logprobs == []
-    assert prompt.prompt_logprobs is not None and len(prompt.prompt_logprobs) == len(PROMPT) - 1
-    for position, item in enumerate(prompt.prompt_logprobs):
-        assert item.token == PROMPT[position + 1]
+    assert prompt.prompt_logprobs is not None and len(prompt.prompt_logprobs) == len(PROMPT)
+    assert prompt.prompt_logprobs[0].token == PROMPT[0] and prompt.prompt_logprobs[0].logprob is None
+    for position, item in enumerate(prompt.prompt_logprobs[1:]):
+        assert item.token == PROMPT[position + 1] and item.logprob is not None
         assert abs(item.logprob - float(expected[position, item.token])) < 1e-4 and len(item.top) == 2

@@ -16,15 +16,17 @@ from pathlib import Path
 import grpc
 import openai
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from premoe_service.client import PreMoeClient
-from premoe_service.families.tiny import save_tiny_checkpoint
+from premoe_service.families.tiny import save_tiny_checkpoint, tiny_model
 from premoe_service.server import running_server
 from premoe_service.serving import ServiceConfig
 from premoe_service.store import shard
 
 from .conftest import free_port
+from .references import masked_transformers
 
 PROMPT = "def add(a, b):"
 CODE_DEMOS = [
@@ -169,7 +171,9 @@ def test_model_names_a_task_or_auto_for_retrieval(server, code_task) -> None:
 
 BAD_COMPLETIONS = [
     ({"n": 2}, 400, "n"),
-    ({"logprobs": 1}, 400, "logprobs"),
+    ({"logprobs": 21}, 400, "logprobs"),
+    ({"logprobs": -1}, 400, "logprobs"),
+    ({"logprobs": 1, "stream": True}, 400, "logprobs"),
     ({"max_tokens": 0}, 400, "max_tokens"),
     ({"max_tokens": 100000}, 400, "max_tokens"),
     ({"temperature": -1.0}, 400, "temperature"),
@@ -306,3 +310,30 @@ def test_health_is_503_while_shutting_down(stores, embedder, tmp_path: Path) -> 
         time.sleep(0.05)
         assert raw(handle, "GET", "/health") == (503, {"status": "NOT_SERVING"})
         stopping.result(30)
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_transformers_does(server, code_task) -> None:
+    """What evaluation harnesses send (lm-eval's local-completions): echo, logprobs, one new token."""
+    handle, port = server
+    reply = openai_client(handle).completions.create(
+        model=code_task, prompt=PROMPT, max_tokens=1, temperature=0, echo=True, logprobs=3
+    )
+    logprobs = reply.choices[0].logprobs
+    token_ids = reply.model_extra["premoe"]["token_ids"]
+    assert logprobs is not None and len(logprobs.tokens) == len(PROMPT) + 1  # one token per character, + 1
+    assert "".join(logprobs.tokens) == reply.choices[0].text and logprobs.text_offset[:3] == [0, 1, 2]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    with PreMoeClient(f"127.0.0.1:{port}", timeout=60) as client:
+        kept = {entry.layer: list(entry.experts) for entry in client.get_task(code_task).layers}
+    reference = tiny_model("qwen3_moe")
+    tokenizer = AutoTokenizer.from_pretrained(handle.service.store.dir)
+    ids = tokenizer(PROMPT)["input_ids"] + token_ids
+    with torch.no_grad(), masked_transformers(reference, kept):
+        expected = torch.log_softmax(reference(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
+    for position in range(1, len(ids)):
+        assert abs(logprobs.token_logprobs[position] - float(expected[position - 1, ids[position]])) < 1e-4
+        best = expected[position - 1].topk(3)
+        wanted = {tokenizer.decode([i]): v for i, v in zip(best.indices.tolist(), best.values.tolist(), strict=True)}
+        top = logprobs.top_logprobs[position]  # text -> log-probability, as OpenAI spells it
+        assert list(top) == list(wanted) and all(abs(top[k] - wanted[k]) < 1e-4 for k in top)
+    assert max(logprobs.top_logprobs[-1].values()) == logprobs.token_logprobs[-1]  # greedy took the best

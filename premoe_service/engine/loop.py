@@ -268,7 +268,9 @@ class EngineLoop:
             self._fail(chosen, exc)
             return True
         if chosen[0].params.prompt_logprobs:
-            chosen[0].prompt_scores = _scores(out.logits[0, :-1], ids[0, 1:], chosen[0].params.logprobs or 0)
+            first = TokenLogprob(chosen[0].prompt_ids[0], None)
+            scores = _scores(out.logits[0, :-1], ids[0, 1:], chosen[0].params.logprobs or 0)
+            chosen[0].prompt_scores = [first, *scores]
         seconds = time.perf_counter() - start
         self.stats.prefill_steps += 1
         coverage = context.collect().tolist()

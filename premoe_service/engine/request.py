@@ -46,7 +46,7 @@ class Outcome:
     timings: dict[str, float]
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None  # per generated token, when asked for
-    prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token after the first, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token (the first has none), when asked for
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class TokenLogprob:
     """A token's log-probability under the request's own distribution, and the most likely alternatives."""
 
     token: int
-    logprob: float
+    logprob: float | None  # None for a prompt's first token (nothing precedes it)
     top: tuple[tuple[int, float], ...] = ()
 
 

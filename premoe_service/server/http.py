@@ -153,7 +153,7 @@ class OpenAIApi:
         if not isinstance(first, GenerationResult):  # a request that does not stream yields its result only
             raise RuntimeError(f"expected the result, got {type(first).__name__}")
         self._observe(first, None)
-        return JSONResponse(completion_body(call, first, self.total_experts))
+        return JSONResponse(completion_body(call, first, self.total_experts, self._spell))
 
     async def _events(
         self,
@@ -185,6 +185,10 @@ class OpenAIApi:
             watcher.cancel()
             await items.aclose()
             self._record(call.chat, code, start)
+
+    def _spell(self, token: int) -> str:
+        """One token's text, as the `logprobs` object lists it."""
+        return str(self.service.tokenizer.decode([token]))
 
     def _template(self, messages: list[dict[str, str]]) -> str:
         tokenizer = self.service.tokenizer

@@ -8,7 +8,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -19,13 +19,13 @@ from ..serving import GenerationResult, SamplingParams, TaskView
 AUTO = "auto"  # the model name that lets retrieval pick the task
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 MAX_BODY_BYTES = 64 << 20  # the gRPC door's receive limit
+MAX_LOGPROBS = 20  # alternatives per token
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 ROLES = ("system", "developer", "user", "assistant")
 # OpenAI fields the engine cannot honour, with the values that ask for nothing (those are accepted).
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "n": (None, 1),
     "best_of": (None, 1),
-    "logprobs": (None, False),
     "top_logprobs": (None, 0),
     "suffix": (None, ""),
     "presence_penalty": (None, 0),
@@ -59,19 +59,25 @@ class GenerationCall:
 
     @classmethod
     def from_completion(cls, body: dict[str, Any]) -> GenerationCall:
+        """Legacy completions: `logprobs: k` returns each token's log-probability and its k best alternatives;
+        with `echo` the prompt's tokens are scored too (and `max_tokens` may be 0), as evaluation harnesses ask."""
         _refuse_unsupported(body)
-        return cls(
-            _prompt(body),
-            _model(body),
-            _params(body, "max_tokens"),
-            stream=_boolean(body, "stream"),
-            echo=_boolean(body, "echo"),
-        )
+        echo, stream = _boolean(body, "echo"), _boolean(body, "stream")
+        logprobs = _integer(body, "logprobs")
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise InvalidArgument(f"must lie in 0..{MAX_LOGPROBS}, got {logprobs}", field="logprobs")
+        if logprobs is not None and stream:
+            raise InvalidArgument("logprobs with stream is not supported yet; ask without stream", field="logprobs")
+        scoring = logprobs is not None and echo
+        params = replace(_params(body, "max_tokens"), logprobs=logprobs, prompt_logprobs=scoring)
+        return cls(_prompt(body), _model(body), params, stream=stream, echo=echo)
 
     @classmethod
     def from_chat(cls, body: dict[str, Any], template: Callable[[list[dict[str, str]]], str]) -> GenerationCall:
         """`template` renders the messages into the prompt (the tokenizer's chat template)."""
         _refuse_unsupported(body)
+        if body.get("logprobs") not in (None, False):
+            raise InvalidArgument("logprobs is supported on /v1/completions only, not yet on chat", field="logprobs")
         model = _model(body)
         length_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         params = _params(body, length_field)
@@ -214,15 +220,39 @@ def _text(value: str, name: str) -> str:
 # --- encoding ----------------------------------------------------------------------------------------------
 
 
-def completion_body(call: GenerationCall, result: GenerationResult, total_experts: int) -> dict[str, Any]:
-    """The whole reply of a non-streamed request."""
+def completion_body(
+    call: GenerationCall, result: GenerationResult, total_experts: int, decode: Callable[[int], str] | None = None
+) -> dict[str, Any]:
+    """The whole reply of a non-streamed request; `decode` spells one token (for `logprobs`)."""
     text = (call.prompt + result.text) if call.echo else result.text
     if call.chat:
         choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
     else:
         choice = {"index": 0, "text": text}
-    choice |= {"logprobs": None, "finish_reason": finish_reason(result)}
+    logprobs = _logprobs(result, decode, call.echo) if decode is not None and result.logprobs is not None else None
+    choice |= {"logprobs": logprobs, "finish_reason": finish_reason(result)}
     return _envelope(call, [choice]) | _extras(result, total_experts)
+
+
+def _logprobs(result: GenerationResult, decode: Callable[[int], str], echo: bool) -> dict[str, Any]:
+    """OpenAI's legacy completions `logprobs` object: per token its text, log-probability, best alternatives
+    (text -> log-probability) and character offset; with `echo` the prompt's tokens come first (the very first
+    has no log-probability)."""
+    items = [*((result.prompt_logprobs or []) if echo else []), *(result.logprobs or [])]
+    tokens, offsets, position = [], [], 0
+    for item in items:
+        piece = decode(item.token)
+        tokens.append(piece)
+        offsets.append(position)
+        position += len(piece)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [item.logprob for item in items],
+        "top_logprobs": [
+            None if item.logprob is None else {decode(token): lp for token, lp in item.top} for item in items
+        ],
+        "text_offset": offsets,
+    }
 
 
 def chunk_body(

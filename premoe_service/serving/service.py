@@ -54,7 +54,7 @@ class GenerationResult:
     timings: dict[str, float]
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None  # per generated token, when asked for
-    prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token after the first, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token (the first has none), when asked for
 
 
 @dataclass
