@@ -232,6 +232,7 @@ def test_stats_and_metrics(client, server) -> None:
     assert figures['premoe_request_seconds_count{code="OK",method="Generate"}'] >= 1
     assert figures['premoe_task_coverage{task="metered"}'] > 0
     assert figures["premoe_generated_tokens_total"] >= 3 and figures["premoe_engine_steps_total"] >= 2
+    assert stats.generated_tokens >= 3 and stats.in_flight == 0 and stats.queued == 0
     assert figures["premoe_queue_seconds_count"] >= 1 and figures["premoe_inflight_requests"] == 0
     assert figures["premoe_expert_evictions_total"] == handle.service.residency.stats.evictions
     assert figures["premoe_batch_rows"] == 0 and figures["premoe_queue_loading"] == 0

@@ -177,4 +177,7 @@ def service_stats_to_pb(stats: dict) -> pb.GetStatsResponse:
         evictions=stats["evictions"],
         tasks=[pb.TaskStats(task=t, requests=r, mean_coverage=c) for t, (r, c) in sorted(stats["tasks"].items())],
         cache_health=stats["cache_health"],
+        in_flight=stats["in_flight"],
+        queued=stats["queued"],
+        generated_tokens=stats["generated_tokens"],
     )

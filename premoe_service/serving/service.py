@@ -365,6 +365,9 @@ class PreMoeService:
             "evictions": self.residency.stats.evictions,
             "tasks": tasks,
             "cache_health": self.store.health(),
+            "in_flight": self.loop.stats.rows,
+            "queued": self.loop.stats.queued,
+            "generated_tokens": self.loop.stats.tokens,
         }
 
 

@@ -229,7 +229,7 @@ class TaskStats(_message.Message):
     def __init__(self, task: _Optional[str] = ..., requests: _Optional[int] = ..., mean_coverage: _Optional[float] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("resident_experts", "capacity_experts", "resident_bytes", "budget_bytes", "loads", "evictions", "tasks", "cache_health")
+    __slots__ = ("resident_experts", "capacity_experts", "resident_bytes", "budget_bytes", "loads", "evictions", "tasks", "cache_health", "in_flight", "queued", "generated_tokens")
     RESIDENT_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +238,9 @@ class GetStatsResponse(_message.Message):
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     CACHE_HEALTH_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     resident_experts: int
     capacity_experts: int
     resident_bytes: int
@@ -246,4 +249,7 @@ class GetStatsResponse(_message.Message):
     evictions: int
     tasks: _containers.RepeatedCompositeFieldContainer[TaskStats]
     cache_health: str
-    def __init__(self, resident_experts: _Optional[int] = ..., capacity_experts: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., loads: _Optional[_Union[ExpertLoads, _Mapping]] = ..., evictions: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[TaskStats, _Mapping]]] = ..., cache_health: _Optional[str] = ...) -> None: ...
+    in_flight: int
+    queued: int
+    generated_tokens: int
+    def __init__(self, resident_experts: _Optional[int] = ..., capacity_experts: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., loads: _Optional[_Union[ExpertLoads, _Mapping]] = ..., evictions: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[TaskStats, _Mapping]]] = ..., cache_health: _Optional[str] = ..., in_flight: _Optional[int] = ..., queued: _Optional[int] = ..., generated_tokens: _Optional[int] = ...) -> None: ...
