@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..errors import AlreadyExists, DataCorruption, InvalidArgument, UnsupportedModel
 from ..families import ExpertKey, FamilyAdapter, adapter_for
-from ..fsutil import atomic_writer
+from ..fsutil import atomic_writer, disk_error, ensure_folder, remove_stale_temps
 from .checkpoint_io import INDEX, CheckpointReader, tensor_bytes, write_safetensors_streaming
 from .manifest import DENSE, LayerFile, Manifest, PartLayout, dtype_name
 
@@ -49,6 +49,8 @@ def shard(model_dir: str | Path, out: str | Path, *, progress: bool = True) -> S
     model_dir, out = Path(model_dir), Path(out)
     if not (model_dir / "config.json").exists():
         raise InvalidArgument(f"{model_dir} has no config.json: not a transformers checkpoint", field="model_dir")
+    for folder in (out, out / EXPERTS_DIR):
+        remove_stale_temps(folder)  # of a run that was killed mid-write
     digest = checkpoint_digest(model_dir)
     if (out / "manifest.json").exists():
         existing = Manifest.load(out)
@@ -66,8 +68,7 @@ def shard(model_dir: str | Path, out: str | Path, *, progress: bool = True) -> S
         parts = _part_layout(adapter, skeleton, spec.moe_layers[0], plan.dtype)
         dense_names = _check_dense(adapter, skeleton, plan, config)
 
-        out.mkdir(parents=True, exist_ok=True)
-        (out / EXPERTS_DIR).mkdir(exist_ok=True)
+        ensure_folder(out / EXPERTS_DIR)
         checksums: dict[int, list[str]] = {}
         bar = tqdm(
             total=len(spec.moe_layers) * spec.num_experts,
@@ -98,7 +99,10 @@ def shard(model_dir: str | Path, out: str | Path, *, progress: bool = True) -> S
     )
     for path in model_dir.iterdir():  # config, generation config, tokenizer
         if path.is_file() and not path.name.endswith(".safetensors") and path.name != INDEX:
-            shutil.copy2(path, out / path.name)
+            try:
+                shutil.copy2(path, out / path.name)
+            except OSError as exc:
+                raise disk_error(exc, out / path.name) from exc
     manifest.save(out)  # written last: its presence marks a complete store
     return ShardResult(manifest, created=True)
 
