@@ -105,7 +105,7 @@ class Profile:
                 field=source,
             )
         try:
-            return cls(
+            profile = cls(
                 name=metadata["name"],
                 description=metadata.get("description", ""),
                 fingerprint=metadata["fingerprint"],
@@ -119,8 +119,10 @@ class Profile:
                 created=metadata.get("created", ""),
                 demos=json.loads(metadata.get("demos", "[]")),
             )
-        except (KeyError, ValueError, TypeError) as exc:
-            raise DataCorruption(f"{source} has incomplete metadata: {exc}", field=source) from exc
+        except (KeyError, ValueError, TypeError, AttributeError, InvalidArgument) as exc:
+            raise DataCorruption(f"{source} has incomplete or invalid metadata: {exc}", field=source) from exc
+        _check_parts(profile, source)
+        return profile
 
     def save(self, path: str | Path) -> None:
         """Write atomically: a reader sees the old file or the new one."""
@@ -135,6 +137,8 @@ class Profile:
             from ..errors import NotFound
 
             raise NotFound(f"no profile file at {path}", field=str(path)) from exc
+        except OSError as exc:  # a folder in its place, an I/O error: unreadable, as a damaged file is
+            raise DataCorruption(f"cannot read {path}: {exc.strerror or exc}", field=str(path)) from exc
         return cls.from_bytes(data, source=str(path), fingerprint=fingerprint)
 
     def score(self, criterion: str) -> torch.Tensor:
@@ -149,10 +153,31 @@ class Profile:
         return self.scores[criterion]
 
 
+def _check_parts(profile: Profile, source: str) -> None:
+    """Types a damaged (or hand-edited) file could get wrong, refused here rather than deep in a request."""
+    problems = []
+    if not all(isinstance(layer, int) for layer in profile.moe_layers):
+        problems.append("moe_layers are not integers")
+    if not isinstance(profile.demos, list) or not all(isinstance(d, str) for d in profile.demos):
+        problems.append("demos are not a list of strings")
+    if not isinstance(profile.selection, dict):
+        problems.append("selection is not an object")
+    if not all(m.is_floating_point() for m in profile.scores.values()):
+        problems.append("scores are not floating point")
+    embeddings = profile.demo_embeddings
+    if embeddings is not None and (embeddings.ndim != 2 or not embeddings.is_floating_point()):
+        problems.append("demo_embeddings are not a float matrix")
+    if problems:
+        raise DataCorruption(f"{source} is not a valid profile: {'; '.join(problems)}", field=source)
+
+
 def _read_metadata(data: bytes) -> Mapping[str, str]:
     # safetensors layout: 8-byte little-endian header length, then the JSON header with "__metadata__".
     if len(data) < 8:
         raise ValueError("file is shorter than a safetensors header")
     length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + length])
-    return header.get("__metadata__", {}) or {}
+    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict):
+        raise ValueError("the safetensors header has no metadata object")
+    return metadata

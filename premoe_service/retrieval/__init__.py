@@ -7,7 +7,7 @@ from .redis_store import RedisProfileStore
 from .registry import Registry
 from .router import DEFAULT_THRESHOLD, RouteDecision, RoutePolicy, Router, SupportsRoute, check_prompt, decide
 from .scoring import DEFAULT_TOP_M, task_scores
-from .stores import LocalProfileStore, MemoryProfileStore, ProfileStore
+from .stores import LocalProfileStore, MemoryProfileStore, ProfileStore, open_profile_store
 
 __all__ = [
     "DEFAULT_EMBEDDER",
@@ -32,6 +32,7 @@ __all__ = [
     "default_model_path",
     "evaluate",
     "load_route_records",
+    "open_profile_store",
     "suggest_threshold",
     "task_scores",
 ]

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Hashable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ class Registry:
         index_kind: "auto", "flat" or "hnsw" (see `TaskIndex`).
         hnsw_threshold: Vector count where "auto" moves to HNSW.
         strict: At start-up, fail on the first unreadable profile instead of skipping it with a
-            warning. Skipping is the default: one damaged file should not take every other task
+            logged error. Skipping is the default: one damaged file should not take every other task
             offline; the skipped tasks and their errors are in `problems`.
         refresh_interval: Seconds between version checks of the store (0: before every call).
         retry_after: Seconds to wait before asking an unreachable store again.
@@ -65,7 +66,7 @@ class Registry:
         hnsw_threshold: int = HNSW_THRESHOLD,
         strict: bool = False,
         refresh_interval: float = 0.0,
-        retry_after: float = 1.0,
+        retry_after: float = 5.0,
     ) -> None:
         if refresh_interval < 0 or retry_after < 0:
             raise InvalidArgument("refresh_interval and retry_after must be >= 0", field="refresh_interval")
@@ -83,6 +84,7 @@ class Registry:
         self._token: object = _UNSET
         self._next_check = 0.0
         self._lock = threading.RLock()
+        self._probe = threading.Lock()
         with self._lock:
             self._sync(strict=strict)
 
@@ -174,10 +176,15 @@ class Registry:
         with self._lock:
             return self._sync(strict=False)
 
+    def health(self) -> Literal["ok", "degraded"]:
+        """`degraded` while the store cannot be reached (the tasks in memory keep serving), else `ok`."""
+        return "ok" if self.store_error is None else "degraded"
+
     def _refresh_quietly(self) -> None:
-        # Requests never fail because the store is away: they are served from the tasks in memory.
-        now = time.monotonic()
-        if now < self._next_check:
+        # Requests never fail because the store is away: they are served from the tasks in memory. One thread
+        # at a time asks the store (the others serve from memory meanwhile), and after a failure nobody asks
+        # again for `retry_after` seconds: a frozen store costs one timeout per interval, not one per request.
+        if time.monotonic() < self._next_check or not self._probe.acquire(blocking=False):
             return
         try:
             # The common case, nothing changed, costs one version read and never waits for the lock.
@@ -188,12 +195,14 @@ class Registry:
             if self.store_error is None:
                 log.warning("profile store unreachable, serving the %d tasks in memory: %s", len(self), exc)
             self.store_error = exc
-            self._next_check = now + self.retry_after
+            self._next_check = time.monotonic() + self.retry_after
             return
+        finally:
+            self._probe.release()
         if self.store_error is not None:
-            log.info("profile store reachable again")
+            log.warning("profile store reachable again")
             self.store_error = None
-        self._next_check = now + self.refresh_interval
+        self._next_check = time.monotonic() + self.refresh_interval
 
     def _sync(self, *, strict: bool) -> bool:
         token = self.store.version()
@@ -213,7 +222,7 @@ class Registry:
             except (DataCorruption, FailedPrecondition, InvalidArgument) as exc:
                 if strict:
                     raise
-                log.warning("skipping task %s: %s", name, exc)
+                log.error("skipping task %s: %s", name, exc)
                 gone.append(name)
                 self.problems[name] = exc
                 continue

@@ -1,21 +1,28 @@
-"""Profile stores the registry keeps its profiles in: the interface, in memory, and a local directory."""
+"""Profile stores the registry keeps its profiles in: the interface, in memory, and a local directory (the
+record, with tombstones for deletions); which one a deployment opens."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
 from ..errors import AlreadyExists, DataCorruption, NotFound
+from ..fsutil import atomic_write_bytes, atomic_writer, disk_error, ensure_folder, remove_stale_temps
 from ..names import TASK_NAME, check_task_name
 from ..profiler.profile import Profile
 
 log = logging.getLogger(__name__)
 
 PROFILE_SUFFIX = ".safetensors"
+TOMBSTONE_SUFFIX = ".deleted"
 
 
 class ProfileStore(Protocol):
@@ -84,72 +91,202 @@ class MemoryProfileStore:
 
 
 class LocalProfileStore:
-    """One `<name>.safetensors` profile file per task in a directory: the embedded default.
+    """One `<name>.safetensors` profile file per task in a directory: the registry's record.
 
-    Files are written to a temp file and renamed into place, so a crash leaves the old profile or
-    the new one. Revisions are (mtime, size) of each file and the version is the directory's mtime,
-    which changes on every rename into it and every deletion. One registry should own a directory;
-    replicas that share a registry use `RedisProfileStore`.
+    Files are written to a locked temp file and renamed into place, so a crash leaves the old profile or the
+    new one; temp files of writers that were killed are removed when the store opens. A deletion leaves a
+    tombstone, `<name>.deleted`, before the profile file goes: a tombstone wins over a profile file of the same
+    name, so nothing re-imports a deleted task (into a Redis that lost its data, or from a copy of the file),
+    and a registration of the name removes it once its profile is in place.
+
+    Revisions are (mtime, size) of each file and the version is the directory's mtime, which changes on every
+    rename into it and every deletion. Several registries may share a directory (e.g. replicas on one Redis
+    with one profiles volume); without Redis, concurrent registrations of one name are last-writer-wins.
 
     Args:
         directory: The profile directory; created when missing.
+
+    Raises:
+        Unavailable: The directory cannot be created (its parent is a file, a read-only disk).
     """
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        ensure_folder(self.directory)
+        remove_stale_temps(self.directory)
         self._warned: set[str] = set()
 
     def path(self, name: str) -> Path:
         return self.directory / f"{check_task_name(name)}{PROFILE_SUFFIX}"
 
+    def tombstone(self, name: str) -> Path:
+        return self.directory / f"{check_task_name(name)}{TOMBSTONE_SUFFIX}"
+
     def version(self) -> Hashable:
-        return os.stat(self.directory).st_mtime_ns
+        try:
+            return os.stat(self.directory).st_mtime_ns
+        except OSError as exc:
+            raise disk_error(exc, self.directory, "read the profile folder") from exc
 
     def revisions(self) -> dict[str, Hashable]:
-        found: dict[str, Hashable] = {}
-        with os.scandir(self.directory) as entries:
-            for entry in entries:
-                # Temp files of unfinished writes start with "." and are never profiles.
-                if entry.name.startswith(".") or not entry.name.endswith(PROFILE_SUFFIX):
-                    continue
-                name = entry.name[: -len(PROFILE_SUFFIX)]
-                if not TASK_NAME.fullmatch(name):
-                    if entry.name not in self._warned:
-                        self._warned.add(entry.name)
-                        log.warning("ignoring %s: %r is not a valid task name", entry.path, name)
-                    continue
-                try:
-                    stat = entry.stat()
-                except FileNotFoundError:
-                    continue  # deleted while we listed
-                found[name] = (stat.st_mtime_ns, stat.st_size)
+        profiles, tombstones = self._scan()
+        return {name: revision for name, revision in profiles.items() if name not in tombstones}
+
+    def tombstones(self) -> dict[str, str]:
+        """The tasks deleted here (and not registered again since), each with the SHA-256 of the profile file
+        it deleted ("" when unknown)."""
+        found = {}
+        for name in sorted(self._scan()[1]):
+            try:
+                record = json.loads(self.tombstone(name).read_bytes())
+                found[name] = str(record.get("sha256", "")) if isinstance(record, dict) else ""
+            except FileNotFoundError:
+                continue  # registered again since we listed
+            except (OSError, ValueError):
+                found[name] = ""  # a damaged tombstone still marks the task deleted
         return found
+
+    def exists(self, name: str) -> bool:
+        """Whether the task has a profile file and no tombstone."""
+        return self.path(name).exists() and not self.tombstone(name).exists()
+
+    def read_bytes(self, name: str) -> bytes:
+        """The bytes of a task's profile file; NotFound when absent or deleted, DataCorruption when unreadable."""
+        path = self.path(name)
+        if self.tombstone(name).exists():
+            raise NotFound(f"task {name!r} was deleted ({self.tombstone(name)})", field="name")
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as exc:
+            raise NotFound(f"no task named {name!r} (no file {path})", field="name") from exc
+        except OSError as exc:
+            raise DataCorruption(f"cannot read {path}: {exc.strerror or exc}", field=str(path)) from exc
 
     def read(self, name: str) -> tuple[Profile, Hashable]:
         path = self.path(name)
         try:
-            stat = path.stat()
+            stat = path.stat()  # before the bytes: a file replaced in between is read again at the next change
         except FileNotFoundError as exc:
             raise NotFound(f"no task named {name!r} (no file {path})", field="name") from exc
-        profile = Profile.load(path)
+        except OSError as exc:
+            raise DataCorruption(f"cannot read {path}: {exc.strerror or exc}", field=str(path)) from exc
+        data = self.read_bytes(name)
+        profile = Profile.from_bytes(data, source=str(path))
         if profile.name != name:
             raise DataCorruption(f"{path} holds the profile of task {profile.name!r}, not {name!r}", field=str(path))
         return profile, (stat.st_mtime_ns, stat.st_size)
 
+    @contextmanager
+    def writing(self, name: str, data: bytes, *, replace: bool) -> Iterator[None]:
+        """Write a profile file in two steps: its bytes go to a temp file (flushed and synced) before the body
+        runs, and it replaces the task's file only when the body ends without error. A caller that must also
+        write elsewhere (Redis) does so in the body: nothing is left on disk if that fails.
+
+        Raises:
+            AlreadyExists: The task exists and `replace` is False.
+            ResourceExhausted: The disk is full; nothing was written.
+            Unavailable: The folder cannot be written; nothing was written.
+        """
+        path = self.path(name)
+        if not replace and self.exists(name):
+            raise AlreadyExists(f"task {name!r} exists ({path}); pass replace to overwrite it", field="name")
+        with atomic_writer(path) as handle:
+            handle.write(data)
+            handle.flush()  # a full disk shows here, before the body, not at the rename
+            os.fsync(handle.fileno())
+            yield
+        self.unbury(name)
+
     def write(self, profile: Profile, *, replace: bool) -> Hashable:
-        path = self.path(profile.name)
-        # Check-then-rename is race-free within one registry (its lock serialises writes); a
-        # directory is owned by one registry (see the class docstring).
-        if not replace and path.exists():
-            raise AlreadyExists(f"task {profile.name!r} exists ({path}); pass replace to overwrite it", field="name")
-        profile.save(path)
-        stat = path.stat()
+        with self.writing(profile.name, profile.to_bytes(), replace=replace):
+            pass
+        stat = self.path(profile.name).stat()
         return (stat.st_mtime_ns, stat.st_size)
 
-    def delete(self, name: str) -> None:
-        path = self.path(name)
+    def bury(self, name: str, digest: str = "") -> bool:
+        """Record the task's deletion (atomically); returns whether there was no tombstone before.
+
+        Args:
+            name: The task.
+            digest: SHA-256 of the profile file deleted, so that a copy of exactly that profile (in a Redis
+                snapshot from before the deletion) can be told from a later registration of the name.
+
+        Raises:
+            ResourceExhausted, Unavailable: The tombstone cannot be written.
+        """
+        tombstone = self.tombstone(name)
+        if tombstone.exists():
+            return False
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        record = {"task": name, "deleted": now, "sha256": digest}
+        atomic_write_bytes(tombstone, (json.dumps(record) + "\n").encode())
+        return True
+
+    def unbury(self, name: str) -> None:
+        """Remove the task's tombstone, if any (a registration of the name is complete)."""
         try:
-            path.unlink()
-        except FileNotFoundError as exc:
-            raise NotFound(f"no task named {name!r} (no file {path})", field="name") from exc
+            self.tombstone(name).unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("cannot remove the tombstone %s: %s (the task counts as deleted)", self.tombstone(name), exc)
+
+    def remove_profile(self, name: str) -> None:
+        """Remove the task's profile file after its tombstone is written (a failure only leaves a buried file)."""
+        try:
+            self.path(name).unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("cannot remove %s: %s (its tombstone keeps the task deleted)", self.path(name), exc)
+
+    def delete(self, name: str) -> None:
+        if not self.exists(name):
+            raise NotFound(f"no task named {name!r} (no file {self.path(name)})", field="name")
+        self.bury(name, hashlib.sha256(self.read_bytes(name)).hexdigest())
+        self.remove_profile(name)
+
+    def _scan(self) -> tuple[dict[str, Hashable], set[str]]:
+        profiles: dict[str, Hashable] = {}
+        tombstones: set[str] = set()
+        try:
+            with os.scandir(self.directory) as entries:
+                for entry in entries:
+                    # Temp files of unfinished writes start with "." and are never profiles.
+                    if entry.name.startswith("."):
+                        continue
+                    if entry.name.endswith(TOMBSTONE_SUFFIX):
+                        name = entry.name[: -len(TOMBSTONE_SUFFIX)]
+                        if TASK_NAME.fullmatch(name):
+                            tombstones.add(name)
+                        continue
+                    if not entry.name.endswith(PROFILE_SUFFIX):
+                        continue
+                    name = entry.name[: -len(PROFILE_SUFFIX)]
+                    if not TASK_NAME.fullmatch(name):
+                        if entry.name not in self._warned:
+                            self._warned.add(entry.name)
+                            log.warning("ignoring %s: %r is not a valid task name", entry.path, name)
+                        continue
+                    try:
+                        stat = entry.stat()
+                    except FileNotFoundError:
+                        continue  # deleted while we listed
+                    profiles[name] = (stat.st_mtime_ns, stat.st_size)
+        except OSError as exc:
+            raise disk_error(exc, self.directory, "list the profile folder") from exc
+        return profiles, tombstones
+
+
+def open_profile_store(profiles: str | Path | None, redis_url: str | None, fingerprint: str) -> ProfileStore | None:
+    """The registry's store for a deployment: Redis (shared by replicas) over the profile folder when both are
+    given, so a Redis that lost its data is re-seeded from the files; the folder alone; Redis alone (then Redis
+    is the only record: give it AOF persistence); or None for a registry in memory.
+
+    Args:
+        profiles: The profile folder (the record), or None.
+        redis_url: Redis URL, or None.
+        fingerprint: The model's store fingerprint; it namespaces the registry in Redis.
+    """
+    local = LocalProfileStore(profiles) if profiles is not None else None
+    if redis_url:
+        from .redis_store import RedisProfileStore
+
+        return RedisProfileStore(redis_url, namespace=f"premoe-registry:{fingerprint}", record=local)
+    return local
