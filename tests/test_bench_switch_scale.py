@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from premoe_service.bench import oracle
+from premoe_service.bench.scale import ScaleOptions
+from premoe_service.bench.scale import run as run_scale
 from premoe_service.bench.streams import locality_stream, switches
 from premoe_service.bench.switch import SwitchOptions
 from premoe_service.bench.switch import run as run_switch
@@ -41,6 +43,33 @@ def switch_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     report = run_switch(options)
     assert json.loads(Path(options.out or "").read_text()) == json.loads(json.dumps(report))
     assert Path(options.plot or "").read_bytes()[:8] == PNG
+    return report
+
+
+@pytest.fixture(scope="module")
+def scale_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("bench-scale")
+    options = ScaleOptions(
+        tasks=30,
+        requests=80,
+        budgets="0.2,0.5",
+        moe_layers=4,
+        experts=64,
+        registry_tasks=25,
+        demos_per_task=3,
+        route_prompts=4,
+        route_rounds=1,
+        profiles=str(ROOT / "profiles"),
+        data=str(ROOT / "reference" / "tasks"),
+        workdir=str(root / "profiles"),
+        out=str(root / "scale.json"),
+        plot=str(root / "scale.png"),
+        quiet=True,
+    )
+    report = run_scale(options)
+    assert json.loads(Path(options.out or "").read_text()) == json.loads(json.dumps(report))
+    assert Path(options.plot or "").read_bytes()[:8] == PNG
+    assert not (root / "profiles").exists()  # the registry's profile files are removed afterwards
     return report
 
 
@@ -84,6 +113,23 @@ def test_bench_switch_reports_bytes_tiers_and_latency_per_budget(switch_report: 
     assert targets["budget"] == 0.5
     assert all(isinstance(c["met"], bool) for c in targets.values() if isinstance(c, dict))
     assert isinstance(report["refinement"]["kept"], bool)
+
+
+def test_bench_scale_reports_planning_bytes_and_the_registry(scale_report: dict[str, Any]) -> None:
+    report = scale_report
+    assert {"machine", "shape", "stream", "resemblance", "results", "registry", "targets"} <= report.keys()
+    assert report["shape"]["moe_layers"] == 4 and report["shape"]["experts"] == 64
+    for result in report["results"]:
+        check_policies(result, report["shape"]["expert_bytes"])
+        assert result["selection_ms_per_task"] > 0
+    synthetic = report["resemblance"]["synthetic"]
+    assert 0 < synthetic["top_quarter_mass"] <= 1 and 0 < synthetic["pattern_overlap_mean"] <= 1
+    registry = report["registry"]
+    assert registry["tasks"] == 25 and registry["vectors"] == 25 * 3
+    assert registry["startup_s"] > 0 and registry["route_ms"] > 0 and registry["embed_ms"] > 0
+    assert registry["decide_ms"] > 0 and registry["registry_mib"] >= 0
+    assert registry["prompts"] == 4
+    assert all(isinstance(c["met"], bool) for c in report["targets"].values() if isinstance(c, dict))
 
 
 # --- the reference policies themselves -----------------------------------------------------------------------------
