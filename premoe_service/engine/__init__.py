@@ -4,8 +4,9 @@ from .kv import KVBatch
 from .loader import Loader, LoadJob
 from .loop import EngineLoop
 from .params import SamplingParams
-from .request import Outcome, Request, Status, TokenLogprob
+from .request import Outcome, Request, Status
 from .stats import BatchLimits, LoopStats
+from .text import TokenLogprob
 
 __all__ = [
     "BatchLimits",

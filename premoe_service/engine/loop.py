@@ -16,10 +16,13 @@ from ..errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from ..runtime import PatternedModel
 from ..runtime.context import PatternMasks, RoutingContext, routing
 from ..runtime.residency import Residency
+from .admission import Admission
 from .kv import KVBatch
-from .loader import Loader, LoadJob
-from .request import Outcome, Request, Status, TokenLogprob
+from .loader import Loader
+from .request import Request, Status
+from .schedule import pick_joiners
 from .stats import BatchLimits, LoopStats
+from .text import TokenLogprob, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class EngineLoop:
         self.stats = LoopStats()
         self._wake = threading.Event()
         self.loader = Loader(engine, source, gate=loader_gate, wake=self._wake.set)
+        self.admission = Admission(engine, residency, self.loader)
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._masks = PatternMasks(engine)
         self.waiting: list[Request] = []  # FIFO: waiting for slots, loading, or ready for a row
@@ -123,9 +127,9 @@ class EngineLoop:
         """Run one scheduling step; returns whether a forward pass ran."""
         start = time.perf_counter()
         self.waiting.extend(self._drain())
-        self._commit_loads()
+        self._fail_all(self.admission.commit(self.waiting, self.stats.steps))
         self._retire_gone()
-        self._reserve()
+        self._fail_all(self.admission.reserve(self.waiting, self.stats.steps))
         ran = self._prefill()
         if self.running:
             self._decode()
@@ -147,33 +151,6 @@ class EngineLoop:
                 out.append(self._inbox.get_nowait())
             except queue.Empty:
                 return out
-
-    def _commit_loads(self) -> None:
-        by_id = {r.id: r for r in self.waiting}
-        committed = False
-        for job in self.loader.completed():
-            owner = by_id.get(job.request_id)
-            if owner is not None:
-                owner.load_s += job.seconds
-                owner.loaded_bytes += job.nbytes
-                for tier, count in job.tiers.items():
-                    owner.loads[tier] += count
-            if job.error is None:
-                for layer, expert, _slot in job.copies:
-                    self.residency.commit(layer, expert)
-                committed = True
-                continue
-            failed = {(layer, expert) for layer, expert, _ in job.copies}
-            for layer, expert, _slot in job.copies:
-                self.residency.abort(layer, expert)
-            victims = [r for r in self.waiting if r.pinned is not None and _uses(r, failed)]
-            self._remove_waiting(victims)
-            self._fail(victims, job.error)
-        if committed:
-            self.engine.publish_slots()
-        for request in self.waiting:
-            if request.status is Status.LOADING and self.residency.is_resident(request.pattern):
-                self._ready(request)
 
     def _retire_gone(self) -> None:
         now = time.monotonic()
@@ -197,84 +174,37 @@ class EngineLoop:
                     self._drop(request)
                     self._finish(request, "cancelled", drop=False)
 
-    def _reserve(self) -> None:
-        for request in self.waiting:
-            if request.status is not Status.WAITING_SLOTS:
-                continue
-            try:
-                copies = self.residency.reserve(request.pattern)
-            except Exception as exc:
-                self._remove_waiting([request])
-                request.fail(exc)
-                continue
-            if copies is None:
-                continue  # does not fit next to pinned experts now; those behind it may
-            request.pinned = request.pattern
-            hits = request.pattern.size - len(copies)
-            request.loads["device"] += hits
-            self.residency.store_hits(hits)
-            request.times.setdefault("reserved", time.perf_counter())
-            request.status = Status.LOADING
-            if copies:
-                self.loader.submit(LoadJob(request.id, copies))
-            elif self.residency.is_resident(request.pattern):
-                self._ready(request)
-
-    def _ready(self, request: Request) -> None:
-        request.status = Status.READY
-        request.times["ready"] = time.perf_counter()
-        request.times["ready_step"] = self.stats.steps
-
     # --- forward passes -------------------------------------------------------------------------------
 
     def _prefill(self) -> bool:
-        """Prefill the ready requests that fit the row and token limits, in arrival order, in one forward."""
-        room = self.limits.max_rows - len(self.running)
-        chosen: list[Request] = []
-        for request in self.waiting:
-            if request.status is not Status.READY or len(chosen) >= room:
-                continue
-            scoring = request.params.prompt_logprobs  # needs every position's logits: prefilled on its own
-            if chosen and scoring:
-                continue
-            longest = max([len(request.prompt_ids), *(len(r.prompt_ids) for r in chosen)])
-            if chosen and longest * (len(chosen) + 1) > self.limits.max_prefill_tokens:
-                break
-            chosen.append(request)
-            if scoring:
-                break
-        if not chosen or self._hold_joiners(chosen):
+        """Prefill the requests `pick_joiners` chooses in one forward pass and merge them into the batch."""
+        chosen = pick_joiners(self.waiting, len(self.running), self.limits, self.stats.steps)
+        if not chosen:
             return False
         self._remove_waiting(chosen)
         start = time.perf_counter()
-        device = self.engine.device
-        ids, mask, positions = KVBatch.prefill_inputs([r.prompt_ids for r in chosen], self.pad_id, device)
+        ids, mask, positions = KVBatch.prefill_inputs([r.prompt_ids for r in chosen], self.pad_id, self.engine.device)
         lengths = [len(r.prompt_ids) for r in chosen]
         keep_scores = any(r.coverage_floor > 0 and not r.widened for r in chosen)
+        patterns = [r.pattern for r in chosen]
         context = RoutingContext.build(
-            self.engine, [r.pattern for r in chosen], ids.shape[1], lengths, keep_scores=keep_scores, masks=self._masks
+            self.engine, patterns, ids.shape[1], lengths, keep_scores=keep_scores, masks=self._masks
         )
+        scoring = chosen[0].params.prompt_logprobs  # then it is alone, and every position's logits are kept
         cache = DynamicCache()
-        try:
-            with routing(self.engine, context):
-                out = self.engine.model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    cache=cache,
-                    logits_to_keep=0 if chosen[0].params.prompt_logprobs else 1,
-                )
-        except Exception as exc:
-            self._fail(chosen, exc)
+        logits = self._forward(chosen, context, ids, mask, positions, cache, 0 if scoring else 1)
+        if logits is None:
             return True
-        if chosen[0].params.prompt_logprobs:
+        if scoring:
             first = TokenLogprob(chosen[0].prompt_ids[0], None)
-            scores = _scores(out.logits[0, :-1], ids[0, 1:], chosen[0].params.logprobs or 0)
-            chosen[0].prompt_scores = [first, *scores]
+            chosen[0].prompt_scores = [
+                first,
+                *token_logprobs(logits[0, :-1], ids[0, 1:], chosen[0].params.logprobs or 0),
+            ]
         seconds = time.perf_counter() - start
         self.stats.prefill_steps += 1
         coverage = context.collect().tolist()
-        logits = out.logits[:, -1]
+        last = logits[:, -1]
         kv = KVBatch.after_prefill(cache, mask)
         keep: list[int] = []
         for row, request in enumerate(chosen):
@@ -287,30 +217,19 @@ class EngineLoop:
             request.times["first_token"] = time.perf_counter()
             if request.params.max_new_tokens == 0:  # scoring only
                 self._finish(request, "length", drop=False)
-                continue
-            if not self._emit(request, self._choose(request, logits[row]), logits[row]):
+            elif not self._emit(request, request.choose(last[row]), last[row]):
                 keep.append(row)
+        if not keep:
+            return True
         if len(keep) < len(chosen):
-            if not keep:
-                return True
             kv.select(keep)
-        joined = [chosen[row] for row in keep]
         if self.kv is None:
             self.kv = kv
         else:
             self.kv.merge(kv)
-        self.running.extend(joined)
+        self.running.extend(chosen[row] for row in keep)
         self._decode_context = None
         return True
-
-    def _hold_joiners(self, chosen: list[Request]) -> bool:
-        """Whether to let ready requests wait a few decode steps so that more join in one prefill (each
-        prefill is a forward pass the running rows wait for): only while rows are decoding, fewer than
-        `join_ratio` x running are ready, and none has waited `max_join_wait_steps` steps yet."""
-        if not self.running or len(chosen) >= self.limits.join_ratio * len(self.running):
-            return False
-        oldest = min(r.times.get("ready_step", self.stats.steps) for r in chosen)
-        return self.stats.steps - oldest < self.limits.max_join_wait_steps
 
     def _decode(self) -> None:
         assert self.kv is not None
@@ -320,52 +239,58 @@ class EngineLoop:
         if self._decode_context is None:
             self._decode_context = RoutingContext.build(self.engine, [r.pattern for r in rows], 1, masks=self._masks)
         context = self._decode_context
-        try:
-            with routing(self.engine, context):
-                out = self.engine.model(
-                    input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.kv.cache, logits_to_keep=1
-                )
-        except Exception as exc:
-            self._fail(list(rows), exc)
+        logits = self._forward(list(rows), context, ids, mask, positions, self.kv.cache, 1)
+        if logits is None:
             return
         self.kv.advance(mask)
         self.stats.decode_steps += 1
-        logits = out.logits[:, -1]
-        greedy = logits.argmax(-1).tolist()
+        last = logits[:, -1]
+        greedy = last.argmax(-1).tolist()
         coverage = context.collect().tolist()
         finished = []
         for row, request in enumerate(rows):
             request.coverage_sum += coverage[row]
             request.coverage_count += self.moe_layers
-            token = greedy[row] if request.params.temperature == 0 else self._choose(request, logits[row])
-            if self._emit(request, token, logits[row]):
+            token = greedy[row] if request.params.temperature == 0 else request.choose(last[row])
+            if self._emit(request, token, last[row]):
                 finished.append(request)
         if finished:
             self._remove_running(finished)
 
+    def _forward(
+        self,
+        requests: list[Request],
+        context: RoutingContext,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        logits_to_keep: int,
+    ) -> torch.Tensor | None:
+        """One forward pass of the model under `context`; its logits, or None when it failed (its requests
+        then fail with the error; the loop goes on)."""
+        try:
+            with routing(self.engine, context):
+                out = self.engine.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    cache=cache,
+                    logits_to_keep=logits_to_keep,
+                )
+        except Exception as exc:
+            log.exception("a forward pass failed")
+            self._fail(requests, exc)
+            return None
+        logits: torch.Tensor = out.logits
+        return logits
+
     # --- per request ----------------------------------------------------------------------------------
-
-    def _choose(self, request: Request, logits: torch.Tensor) -> int:
-        from .text import choose
-
-        return choose(logits, request.params, request.generator)
 
     def _emit(self, request: Request, token: int, logits: torch.Tensor) -> bool:
         """Give the request its next token; returns True when that finished it (it is then answered)."""
-        request.generated.append(token)
-        if request.params.logprobs is not None:
-            top = request.params.logprobs
-            request.token_logprobs.extend(_scores(logits.unsqueeze(0), torch.tensor([token]), top))
         self.stats.tokens += 1
-        reason = ""
-        if token in self.eos:
-            reason = "eos"
-        else:
-            request.send(request.text.push(token))
-            if request.text.stopped:
-                reason = "stop"
-        if not reason and len(request.generated) >= request.params.max_new_tokens:
-            reason = "length"
+        reason = request.take(token, logits, self.eos)
         if reason:
             self._finish(request, reason, drop=False)
         return bool(reason)
@@ -389,29 +314,7 @@ class EngineLoop:
         self._unpin(request)
         request.finish_reason = reason
         request.send(request.text.finish())
-        now = time.perf_counter()
-        times = request.times
-        request.finish(
-            Outcome(
-                token_ids=list(request.generated),
-                text=request.text.text,
-                finish_reason=reason,
-                pattern=request.pattern,
-                widened=request.widened,
-                coverage=request.coverage_sum / request.coverage_count if request.coverage_count else 1.0,
-                loads=dict(request.loads),
-                loaded_bytes=request.loaded_bytes,
-                timings={
-                    "queue_ms": (times.get("ready", now) - times["submitted"]) * 1e3,
-                    "load_ms": request.load_s * 1e3,
-                    "prefill_ms": times.get("prefill_s", 0.0) * 1e3,
-                    "decode_ms": (now - times.get("first_token", now)) * 1e3,
-                },
-                prompt_tokens=len(request.prompt_ids),
-                logprobs=list(request.token_logprobs) if request.params.logprobs is not None else None,
-                prompt_logprobs=list(request.prompt_scores) if request.params.prompt_logprobs else None,
-            )
-        )
+        request.finish(request.outcome(reason))
 
     def _unpin(self, request: Request) -> None:
         if request.pinned is not None:
@@ -441,25 +344,11 @@ class EngineLoop:
                 self.kv = None
         self._decode_context = None
 
+    def _fail_all(self, failures: list[tuple[list[Request], BaseException]]) -> None:
+        for requests, error in failures:
+            self._fail(requests, error)
+
     def _fail(self, requests: Sequence[Request], error: BaseException) -> None:
         for request in requests:
             self._drop(request)
             request.fail(error)
-
-
-def _scores(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
-    """Log-probabilities of `tokens` [N] under `logits` [N, V] (the model's distribution), with the `top` most
-    likely alternatives at each position."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logprobs.gather(1, tokens.to(logprobs.device).view(-1, 1)).squeeze(1).tolist()
-    best = torch.topk(logprobs, top, dim=-1) if top else None
-    values = best.values.tolist() if best is not None else [[] for _ in chosen]
-    ids = best.indices.tolist() if best is not None else [[] for _ in chosen]
-    return [
-        TokenLogprob(int(token), float(lp), tuple(zip(i, v, strict=True)))
-        for token, lp, i, v in zip(tokens.tolist(), chosen, ids, values, strict=True)
-    ]
-
-
-def _uses(request: Request, experts: set[tuple[int, int]]) -> bool:
-    return any((layer, e) in experts for layer, kept in request.pattern.layers.items() for e in kept)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..pattern import Pattern
 from .params import SamplingParams
-from .text import TextStream
+from .text import TextStream, TokenLogprob, choose, token_logprobs
 
 _ids = itertools.count(1)
 
@@ -47,15 +47,6 @@ class Outcome:
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None  # per generated token, when asked for
     prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token (the first has none), when asked for
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A token's log-probability under the request's own distribution, and the most likely alternatives."""
-
-    token: int
-    logprob: float | None  # None for a prompt's first token (nothing precedes it)
-    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -136,6 +127,47 @@ class Request:
             return
         with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is listening any more
             self.loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
+
+    def choose(self, logits: Tensor) -> int:
+        """Its next token from its row's logits `[V]`, with its own options and generator."""
+        return choose(logits, self.params, self.generator)
+
+    def take(self, token: int, logits: Tensor, eos: set[int]) -> str:
+        """Append its next token (its log-probability too when asked for) and stream the text it completes;
+        returns why that token finished the request (eos, stop, length), or ""."""
+        self.generated.append(token)
+        if self.params.logprobs is not None:
+            self.token_logprobs += token_logprobs(logits.unsqueeze(0), torch.tensor([token]), self.params.logprobs)
+        if token in eos:
+            return "eos"
+        self.send(self.text.push(token))
+        if self.text.stopped:
+            return "stop"
+        return "length" if len(self.generated) >= self.params.max_new_tokens else ""
+
+    def outcome(self, reason: str) -> Outcome:
+        """What it reports once finished for `reason`."""
+        now = time.perf_counter()
+        times = self.times
+        return Outcome(
+            token_ids=list(self.generated),
+            text=self.text.text,
+            finish_reason=reason,
+            pattern=self.pattern,
+            widened=self.widened,
+            coverage=self.coverage_sum / self.coverage_count if self.coverage_count else 1.0,
+            loads=dict(self.loads),
+            loaded_bytes=self.loaded_bytes,
+            timings={
+                "queue_ms": (times.get("ready", now) - times["submitted"]) * 1e3,
+                "load_ms": self.load_s * 1e3,
+                "prefill_ms": times.get("prefill_s", 0.0) * 1e3,
+                "decode_ms": (now - times.get("first_token", now)) * 1e3,
+            },
+            prompt_tokens=len(self.prompt_ids),
+            logprobs=list(self.token_logprobs) if self.params.logprobs is not None else None,
+            prompt_logprobs=list(self.prompt_scores) if self.params.prompt_logprobs else None,
+        )
 
     # --- caller side ------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +25,29 @@ def choose(logits: Tensor, params: SamplingParams, generator: torch.Generator) -
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         probs /= probs.sum()
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, top: int) -> list[TokenLogprob]:
+    """Log-probabilities of `tokens` [N] under `logits` [N, V] (the model's distribution), with the `top` most
+    likely alternatives at each position."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, tokens.to(logprobs.device).view(-1, 1)).squeeze(1).tolist()
+    best = torch.topk(logprobs, top, dim=-1) if top else None
+    values = best.values.tolist() if best is not None else [[] for _ in chosen]
+    ids = best.indices.tolist() if best is not None else [[] for _ in chosen]
+    return [
+        TokenLogprob(int(token), float(lp), tuple(zip(i, v, strict=True)))
+        for token, lp, i, v in zip(tokens.tolist(), chosen, ids, values, strict=True)
+    ]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model, and the most likely alternatives (token, log-probability)."""
+
+    token: int
+    logprob: float | None  # None for a prompt's first token (nothing precedes it)
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class TextStream:
