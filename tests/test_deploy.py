@@ -92,7 +92,8 @@ def test_the_set_up_creates_the_store_before_the_server_reads_it() -> None:
     assert reads[premoe["environment"]["PREMOE_STORE"]] == (volume, "ro")
     assert premoe["depends_on"]["shard"]["condition"] == "service_completed_successfully"
     assert premoe["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert (ROOT / reads[premoe["environment"]["PREMOE_PROFILES"]][0]).is_dir()
+    profiles = re.fullmatch(r"\$\{PROFILES_DIR:-(.+)\}", reads[premoe["environment"]["PREMOE_PROFILES"]][0])
+    assert profiles and (ROOT / profiles[1]).is_dir()  # the shipped profiles are the default record
     model_dir = re.fullmatch(r"\$\{MODEL_DIR:-(.+)\}", writes[shard["command"][1]][0])
     assert model_dir and (ROOT / model_dir[1] / "config.json").exists()  # the default checkpoint ships
 
@@ -215,3 +216,10 @@ def test_the_readme_lists_every_deployment_knob_with_its_twin_and_default() -> N
         default = "(required)" if param.required else "-" if unset else f"`{value}`"
         assert listed.pop(flag) == (param.envvar, default), flag
     assert not listed, f"README lists knobs `premoe serve` does not have: {listed}"
+
+
+def test_the_profiles_folder_is_writable_for_registrations() -> None:
+    """Registrations and deletions are written to the profiles folder (the registry's record): not read-only."""
+    premoe = compose()["services"]["premoe"]
+    source, mode = mounts(premoe)[premoe["environment"]["PREMOE_PROFILES"]]
+    assert mode == "rw" and source.startswith("${PROFILES_DIR:-")

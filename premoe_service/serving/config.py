@@ -16,8 +16,8 @@ class ServiceConfig:
 
     Attributes:
         store: Store folder written by `premoe shard`.
-        profiles: Folder of profile files (the registry with the embedded backend; with Redis, profiles
-            found here are imported into Redis at start-up when missing there).
+        profiles: Folder of profile files: the registry's record. With Redis, registrations and deletions
+            (tombstones) are written here too, and Redis is re-seeded from it whenever it comes back without them.
         redis_url: Redis for the expert cache and the shared registry; None: in-process cache, local registry.
         budget: Device memory for routed experts ("0.5", "50%", "512MiB").
         device: "auto" (cuda when available), "cpu" or "cuda".

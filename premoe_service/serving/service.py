@@ -16,7 +16,7 @@ from ..engine import BatchLimits, EngineLoop, Outcome, Request, SamplingParams, 
 from ..errors import InvalidArgument, NotFound, Unavailable
 from ..pattern import Pattern
 from ..profiler import Demo, Selection
-from ..retrieval import Embedder, LocalProfileStore, RedisProfileStore, Registry, RoutePolicy, check_prompt
+from ..retrieval import Embedder, ProfileStore, Registry, RoutePolicy, check_prompt, open_profile_store
 from ..runtime.build import load_engine
 from ..store import Store, open_cache
 from .config import ServiceConfig
@@ -148,18 +148,9 @@ class PreMoeService:
         self.stopping.set()
         self.loop.close()
 
-    def _profile_store(self) -> LocalProfileStore | RedisProfileStore | None:
-        config = self.config
-        if config.redis_url:
-            shared = RedisProfileStore(config.redis_url, namespace=f"premoe-registry:{self.store.fingerprint}")
-            if config.profiles is not None and config.profiles.exists():
-                local = LocalProfileStore(config.profiles)
-                present = set(shared.revisions())
-                for name in local.revisions():
-                    if name not in present:
-                        shared.write(local.read(name)[0], replace=False)
-            return shared
-        return LocalProfileStore(config.profiles) if config.profiles is not None else None
+    def _profile_store(self) -> ProfileStore | None:
+        """The profiles folder is the record; with Redis, the shared registry is kept in step with it."""
+        return open_profile_store(self.config.profiles, self.config.redis_url, self.store.fingerprint)
 
     # --- routing -----------------------------------------------------------------------------------
 
@@ -364,7 +355,7 @@ class PreMoeService:
             "loaded_bytes": self.store.stats.bytes["cache"] + self.store.stats.bytes["disk"],
             "evictions": self.residency.stats.evictions,
             "tasks": tasks,
-            "cache_health": self.store.health(),
+            "cache_health": "degraded" if "degraded" in (self.store.health(), self.registry.health()) else "ok",
             "in_flight": self.loop.stats.rows,
             "queued": self.loop.stats.queued,
             "generated_tokens": self.loop.stats.tokens,
