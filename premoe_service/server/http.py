@@ -24,7 +24,7 @@ from starlette.routing import Route
 from ..errors import InvalidArgument, PreMoeError
 from ..names import check_task_name
 from ..serving import GenerationResult, PreMoeService
-from ..serving.service import Submission
+from ..serving.results import Submission
 from .auth import Access
 from .http_io import BodyTooLarge, chain, read_json, sse, watch_disconnect
 from .http_types import AUTO, PARAM_NAMES, GenerationCall, chunk_body, completion_body, error_body, model_body

@@ -1,8 +1,17 @@
-"""Serving: the domain behind the gRPC API (routing, leases, generation, task registration, stats)."""
+"""Serving: the domain behind both doors (routing, submitting to the engine loop, task registration, stats)."""
 
 from ..engine import SamplingParams
 from .config import ServiceConfig
-from .service import GenerationResult, PreMoeService, RoutePlan
+from .results import GenerationResult, RoutePlan, Submission
+from .service import PreMoeService
 from .tasks import TaskView
 
-__all__ = ["GenerationResult", "PreMoeService", "RoutePlan", "SamplingParams", "ServiceConfig", "TaskView"]
+__all__ = [
+    "GenerationResult",
+    "PreMoeService",
+    "RoutePlan",
+    "SamplingParams",
+    "ServiceConfig",
+    "Submission",
+    "TaskView",
+]

@@ -7,12 +7,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from ..engine import BatchLimits, EngineLoop, Outcome, Request, SamplingParams, TokenLogprob
+from ..engine import BatchLimits, EngineLoop, Outcome, Request, SamplingParams
 from ..errors import InvalidArgument, NotFound, Unavailable
 from ..pattern import Pattern
 from ..profiler import Demo, Selection
@@ -20,80 +19,10 @@ from ..retrieval import Embedder, ProfileStore, Registry, RoutePolicy, check_pro
 from ..runtime.build import load_engine
 from ..store import Store, open_cache
 from .config import ServiceConfig
+from .results import GenerationResult, RoutePlan, Submission, TaskCounters
 from .tasks import TaskBook, TaskView
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RoutePlan:
-    """Which pattern serves a prompt and why."""
-
-    decision: str  # match | override | fallback
-    task: str
-    score: float
-    pattern: Pattern
-    ranked: list[tuple[str, float]] = field(default_factory=list)
-    fallback_tasks: list[str] = field(default_factory=list)
-    reason: str = ""
-    seconds: float = 0.0
-
-
-@dataclass
-class GenerationResult:
-    """The outcome of a request (the last stream chunk carries it)."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    plan: RoutePlan
-    loads: dict[str, int]
-    loaded_bytes: int
-    coverage: float
-    widened: bool
-    timings: dict[str, float]
-    prompt_tokens: int
-    logprobs: list[TokenLogprob] | None = None  # per generated token, when asked for
-    prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token (the first has none), when asked for
-
-
-@dataclass
-class Submission:
-    """A request queued in the engine loop, with what is needed to report its outcome."""
-
-    service: PreMoeService
-    request: Request
-    plan: RoutePlan
-    started: float
-
-    def result(self, outcome: Outcome) -> GenerationResult:
-        """The reply for the request's outcome (counted once in the per-task stats)."""
-        plan = self.plan
-        self.service._count(plan.task, outcome.coverage)
-        return GenerationResult(
-            text=outcome.text,
-            token_ids=outcome.token_ids,
-            finish_reason=outcome.finish_reason,
-            plan=replace(plan, pattern=outcome.pattern),
-            loads=outcome.loads,
-            loaded_bytes=outcome.loaded_bytes,
-            coverage=outcome.coverage,
-            widened=outcome.widened,
-            timings={
-                "route_ms": plan.seconds * 1e3,
-                **outcome.timings,
-                "total_ms": (time.perf_counter() - self.started) * 1e3,
-            },
-            prompt_tokens=outcome.prompt_tokens,
-            logprobs=outcome.logprobs,
-            prompt_logprobs=outcome.prompt_logprobs,
-        )
-
-
-@dataclass
-class TaskCounters:
-    requests: int = 0
-    coverage_sum: float = 0.0
 
 
 class PreMoeService:
@@ -243,7 +172,7 @@ class PreMoeService:
             loop=loop,
         )
         self.loop.submit(request)
-        return Submission(self, request, plan, started)
+        return Submission(request, plan, started, self._count)
 
     def _check_prompt_size(self, prompt: str) -> None:
         """Refuse an oversized prompt before any tokenizing or embedding (bytes without encoding when possible)."""
