@@ -315,6 +315,8 @@ def test_route_evaluate_reports_accuracy_and_threshold(tmp_path: Path, demo_prof
     queries.write_text("".join(json.dumps(r) + "\n" for r in records))
     code, out, _ = run(capsys, "route", "--evaluate", str(queries), "--profiles", str(tmp_path))
     assert code == 0 and "top-1 accuracy      1.000" in out and "suggested threshold" in out
+    assert "on-task rejected    0.000" in out and "off-topic rejected  1.000" in out
+    assert "per task" in out and "confusion" in out and f"{'(none)':<16}" in out
 
 
 # --- client verbs against a real server ------------------------------------------------------------------------------

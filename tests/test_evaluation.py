@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from premoe_service.cli import main as cli
-from premoe_service.evaluation import EvalItem, evaluate_grid, load_task_data, retention
+from premoe_service.evaluation import EvalItem, evaluate_grid, load_task_data, markdown, retention
 from premoe_service.families.tiny import save_tiny_checkpoint, tiny_tokenizer
 from premoe_service.profiler import Demo, Selection, profile_store, select
 from premoe_service.store import Store, shard
@@ -68,8 +68,24 @@ def test_eval_slice_matches_direct_computation(setup) -> None:
     data = load_task_data(root / "tasks", ["echo", "text"], None)
     budgets = [0.5, 0.25]
     # Answers were cut at 4 tokens, so decoding gets exactly the answer length (margin 0).
-    result = evaluate_grid(store, profiles, data, criteria=["tcess"], budgets=budgets, progress=False, answer_margin=0)
+    result = evaluate_grid(
+        store,
+        profiles,
+        data,
+        criteria=["tcess"],
+        budgets=budgets,
+        progress=False,
+        answer_margin=0,
+        router=lambda prompt: "echo",
+    )
 
+    # The retrieval figure says what it covers: these tasks' eval prompts (a router that always says "echo").
+    counts = {name: min(len(task.items), 50) for name, task in data.items()}
+    assert result.retrieval_tasks == ["echo", "text"] and result.retrieval_prompts == sum(counts.values())
+    assert result.retrieval_top1 == counts["echo"] / sum(counts.values())
+    label = markdown(result).splitlines()[-1]
+    assert label.startswith("Retrieval top-1 accuracy over the eval prompts of the 2 evaluated tasks (echo, text;")
+    assert f"{sum(counts.values())} prompts" in label and label.endswith(f"{result.retrieval_top1:.3f}")
     assert result.full["echo"] == 1.0
     assert math.isclose(result.full["text"], hf_nll(model, tokenizer, TEXTS), rel_tol=1e-5)
     for budget in budgets:

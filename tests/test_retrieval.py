@@ -222,6 +222,60 @@ def test_evaluate_reports_accuracy_and_a_threshold(router: Router, held_out_quer
     assert result.balanced_accuracy == 1.0
 
 
+def test_evaluate_per_task_confusion_and_thresholds_match_a_direct_computation(
+    embedder: Embedder, demo_profiles: dict[str, Profile], held_out_queries: list[tuple[str, str]]
+) -> None:
+    labelled: list[tuple[str, str | None]] = list(held_out_queries)
+    # Mislabelled and ambiguous queries so that top-1 misses, rejections and off-diagonal cells all occur.
+    labelled += [
+        ("How long should I roast a chicken?", "astronomy"),
+        ("The striker scored a penalty in extra time.", "legal-contracts"),
+        ("Sort a list of recipes by cooking time in Python", "cooking"),
+        ("Which planet has the most moons?", "football"),
+        (NONSENSE, None),
+        ("qwpoeiru 00231 zzkx", None),
+        ("Bonjour, comment allez-vous ?", None),
+        ("SELECT name FROM users;", None),
+    ]
+    index = TaskIndex(embedder.dim)
+    index.add_many((name, p.demo_embeddings.numpy()) for name, p in demo_profiles.items())
+    scores = [d.score or 0.0 for d in Router(embedder, index).route_many([q for q, _ in labelled])]
+    router = Router(embedder, index, RoutePolicy(threshold=float(np.median(scores))))
+    result = evaluate(router, [{"query": q, "task": t} for q, t in labelled])
+
+    decisions = router.route_many([q for q, _ in labelled])
+    tops = [d.ranked[0][0] for d in decisions]
+    labels = [t for _, t in labelled]
+    tasks = sorted({t for t in labels if t is not None} | set(tops))
+    assert list(result.per_task) == tasks
+    for task in tasks:
+        mine = [i for i, t in enumerate(labels) if t == task]
+        item = result.per_task[task]
+        assert item.queries == len(mine)
+        assert item.top1_accuracy == pytest.approx(sum(tops[i] == task for i in mine) / len(mine))
+        assert item.match_accuracy == pytest.approx(sum(decisions[i].task == task for i in mine) / len(mine))
+        assert item.ranked_first == tops.count(task)
+        first = [i for i, top in enumerate(tops) if top == task]
+        right = [decisions[i].score or 0.0 for i in first if labels[i] == task]
+        wrong = [decisions[i].score or 0.0 for i in first if labels[i] != task]
+        assert result.suggested_thresholds[task] == suggest_threshold(right, wrong)[0]
+    cells: dict[tuple[str | None, str | None], int] = {}
+    for label, decision in zip(labels, decisions, strict=True):
+        cells[label, decision.task] = cells.get((label, decision.task), 0) + 1
+    flat = {(row, col): n for row, cols in result.confusion.items() for col, n in cols.items()}
+    assert flat == cells
+    rejected = [i for i, d in enumerate(decisions) if not d.matched]
+    off_topic = [i for i, t in enumerate(labels) if t is None]
+    on_task = [i for i, t in enumerate(labels) if t is not None]
+    assert result.no_match_precision == pytest.approx(sum(labels[i] is None for i in rejected) / len(rejected))
+    assert result.no_match_recall == pytest.approx(sum(not decisions[i].matched for i in off_topic) / len(off_topic))
+    assert result.on_task_rejected == pytest.approx(sum(not decisions[i].matched for i in on_task) / len(on_task))
+    # The set is not trivial: the figures above would not all hold by accident.
+    assert any(row != col for row, col in cells) and 0 < len(rejected) < len(labelled)
+    assert any(result.suggested_thresholds[t] is not None for t in tasks)
+    assert any(result.per_task[t].top1_accuracy < 1 for t in tasks)
+
+
 def test_suggested_threshold_splits_the_widest_gap() -> None:
     assert suggest_threshold([0.5, 0.6, 0.7], [0.1, 0.2]) == (0.35, 1.0)
     threshold, balanced = suggest_threshold([0.3, 0.6], [0.1, 0.4])

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .params import CRITERION, OPEN_SHARE, POSITIVE, option, verb
 from .shared import client_options, connect, embedder_option
+
+if TYPE_CHECKING:
+    from ..retrieval import RouteEvaluation
 
 
 @verb("route", short_help="ask the server which task and pattern a prompt gets; or calibrate offline")
@@ -36,8 +40,8 @@ def route(
     api_key: str | None,
 ) -> int:
     """Without --evaluate: the server's routing decision for PROMPT. With --evaluate FILE.jsonl ({"query": ...,
-    "task": name or null} per line) and --profiles DIR: top-1 accuracy, no-match precision/recall and a suggested
-    threshold, computed locally."""
+    "task": name or null} per line) and --profiles DIR: top-1 accuracy overall and per task, the confusion matrix,
+    no-match precision/recall, on-task rejection, and a suggested threshold overall and per task, computed locally."""
     if evaluate is not None:
         return _route_evaluate(evaluate, profiles, embedder)
     if not prompt:
@@ -67,9 +71,41 @@ def _route_evaluate(queries: Path, profiles: Path | None, embedder: str | None) 
     click.echo(f"no-match precision  {result.no_match_precision:.3f}")
     click.echo(f"no-match recall     {result.no_match_recall:.3f}")
     click.echo(f"suggested threshold {threshold}")
+    click.echo(f"on-task rejected    {result.on_task_rejected:.3f}")
+    click.echo(f"off-topic rejected  {result.no_match_recall:.3f}")
+    _echo_per_task(result, registry.policy.threshold_for)
+    _echo_confusion(result.confusion)
     for query, expected, decided in result.misses[:10]:
         click.echo(f"  miss: {query[:60]!r}: expected {expected}, got {decided}")
     return 0
+
+
+def _echo_per_task(result: RouteEvaluation, threshold_for: Callable[[str], float]) -> None:
+    """Per task: its queries, top-1, matched right, queries ranked first for it, its threshold, the suggested one."""
+    click.echo("per task (top-1 ignores the threshold; 'first': queries of any label ranked first for the task)")
+    click.echo(f"  {'task':<16} {'n':>4} {'top-1':>6} {'match':>6} {'first':>6} {'thresh':>7} {'suggest':>8}")
+    for task, item in result.per_task.items():
+        value = result.suggested_thresholds.get(task)
+        suggested = "n/a" if value is None else f"{value:.3f}"
+        click.echo(
+            f"  {task:<16} {item.queries:>4} {item.top1_accuracy:>6.3f} {item.match_accuracy:>6.3f} "
+            f"{item.ranked_first:>6} {threshold_for(task):>7.3f} {suggested:>8}"
+        )
+
+
+def _echo_confusion(confusion: dict[str | None, dict[str | None, int]]) -> None:
+    """Rows: the label (off-topic as '(none)'); columns: the decision at the current threshold ('(none)': no match)."""
+    labels = sorted({t for t in confusion if t is not None} | {t for row in confusion.values() for t in row if t})
+    cols: list[str | None] = [*labels, None]
+    rows = cols if None in confusion else cols[:-1]
+    name: dict[str | None, str] = {t: t for t in labels}
+    name[None] = "(none)"
+    width = max(6, *(len(name[c][:11]) for c in cols))
+    click.echo("confusion (rows: label, columns: decision at the current threshold)")
+    click.echo(f"  {'':<16}" + "".join(f" {name[c][:11]:>{width}}" for c in cols))
+    for row in rows:
+        counts = confusion.get(row, {})
+        click.echo(f"  {name[row]:<16}" + "".join(f" {counts.get(c, 0) or '.':>{width}}" for c in cols))
 
 
 @verb("generate", short_help="generate from a prompt, streaming to the terminal")

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from .run import EvalResult
+from .run import RETRIEVAL_ITEMS, EvalResult
 
 
 def _fmt(value: float, metric: str) -> str:
@@ -45,8 +45,18 @@ def markdown(result: EvalResult) -> str:
             row = [f"{result.cross[source].get(t, float('nan')):.3f}" for t in tasks]
             lines.append(f"| {source} | " + " | ".join(row) + " |")
     if result.retrieval_top1 is not None:
-        lines += ["", f"Retrieval top-1 accuracy on held-out prompts: {result.retrieval_top1:.3f}"]
+        lines += ["", retrieval_label(result)]
     return "\n".join(lines) + "\n"
+
+
+def retrieval_label(result: EvalResult) -> str:
+    """The retrieval figure with what it covers: which tasks' eval prompts, how many, routed among which profiles."""
+    tasks = result.retrieval_tasks
+    return (
+        f"Retrieval top-1 accuracy over the eval prompts of the {len(tasks)} evaluated tasks "
+        f"({', '.join(tasks)}; first {RETRIEVAL_ITEMS} each, {result.retrieval_prompts} prompts; "
+        f"routed among these tasks' profiles only): {result.retrieval_top1:.3f}"
+    )
 
 
 def write_reports(result: EvalResult, out: Path) -> list[Path]:

@@ -57,6 +57,9 @@ def load_eval_items(path: Path, limit: int | None = None) -> list[EvalItem]:
     return items[:limit] if limit else items
 
 
+RETRIEVAL_ITEMS = 50  # eval prompts per task that the retrieval figure routes
+
+
 @dataclass
 class EvalResult:
     """Metrics: `full[task]`, `grid[task][criterion][budget]`, `cross[pattern_task][data_task]`, retrieval."""
@@ -69,6 +72,8 @@ class EvalResult:
     cross_budget: float = 0.5
     cross_criterion: str = ""
     retrieval_top1: float | None = None
+    retrieval_tasks: list[str] = field(default_factory=list)  # the tasks whose eval prompts retrieval_top1 covers
+    retrieval_prompts: int = 0  # how many prompts it counts (the first RETRIEVAL_ITEMS of each task)
     items: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -165,10 +170,12 @@ def evaluate_grid(
     if router is not None:
         hits = total = 0
         for name, task in data.items():
-            for item in task.items[:50]:
+            for item in task.items[:RETRIEVAL_ITEMS]:
                 total += 1
                 hits += router(item.prompt or item.text[:200]) == name
         result.retrieval_top1 = hits / total if total else None
+        result.retrieval_tasks = sorted(data)
+        result.retrieval_prompts = total
     return result
 
 

@@ -1,6 +1,6 @@
 """Retrieval: embed a prompt, find the task whose demos it resembles, or fall back; the task registry."""
 
-from .calibration import RouteEvaluation, RouteRecord, evaluate, load_route_records, suggest_threshold
+from .calibration import RouteEvaluation, RouteRecord, TaskEvaluation, evaluate, load_route_records, suggest_threshold
 from .embedder import DEFAULT_EMBEDDER, Embedder, default_model_path
 from .index import HNSW_THRESHOLD, TaskIndex
 from .redis_store import RedisProfileStore
@@ -26,6 +26,7 @@ __all__ = [
     "RouteRecord",
     "Router",
     "SupportsRoute",
+    "TaskEvaluation",
     "TaskIndex",
     "check_prompt",
     "decide",

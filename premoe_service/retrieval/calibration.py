@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidArgument, NotFound
@@ -35,6 +35,15 @@ class RouteEvaluation:
             (None when one side is empty).
         balanced_accuracy: Balanced accuracy of the decision match / no match at the suggested threshold.
         misses: (query, expected, decided) for every query decided wrongly at the current threshold.
+        on_task_rejected: Share of labelled queries that matched no task at the current threshold.
+        per_task: For each task (every label and every top-ranked task, sorted), its labelled queries'
+            top-1 accuracy and the share of them that matched their task: `TaskEvaluation`s.
+        confusion: confusion[expected][decided] counts queries by label (None: off-topic) and by the
+            decision at the current threshold (None: no match); rows and columns hold only what occurred.
+        suggested_thresholds: Per top-ranked task, the threshold that best separates the queries ranked
+            first for it rightly from those ranked first for it wrongly (off-topic or another task's);
+            None when one side is empty. The decision applies the top task's threshold, so these are
+            what `RoutePolicy.task_thresholds` takes.
     """
 
     records: int
@@ -46,6 +55,27 @@ class RouteEvaluation:
     suggested_threshold: float | None
     balanced_accuracy: float | None
     misses: list[tuple[str, str | None, str | None]]
+    on_task_rejected: float = float("nan")
+    per_task: dict[str, TaskEvaluation] = field(default_factory=dict)
+    confusion: dict[str | None, dict[str | None, int]] = field(default_factory=dict)
+    suggested_thresholds: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskEvaluation:
+    """One task's figures in a `RouteEvaluation`.
+
+    Attributes:
+        queries: Labelled queries of this task.
+        top1_accuracy: Share of them whose top-ranked task is this task (NaN when there are none).
+        match_accuracy: Share of them that matched this task at the current threshold.
+        ranked_first: Queries of any label (off-topic included) whose top-ranked task is this task.
+    """
+
+    queries: int
+    top1_accuracy: float
+    match_accuracy: float
+    ranked_first: int
 
 
 def load_route_records(path: str | Path) -> list[RouteRecord]:
@@ -92,6 +122,10 @@ def evaluate(router: SupportsRoute, records: Iterable[RouteRecord | Mapping[str,
     should_match_scores: list[float] = []  # top scores where the top task is right
     should_not_scores: list[float] = []  # top scores of off-topic queries and of wrong top tasks
     misses: list[tuple[str, str | None, str | None]] = []
+    rejected_on_task = 0
+    confusion: dict[str | None, dict[str | None, int]] = {}
+    task_counts: dict[str, list[int]] = {}  # task -> [queries, top-1 right, matched right, ranked first]
+    by_top: dict[str, tuple[list[float], list[float]]] = {}  # top task -> (right top scores, wrong top scores)
     for record in items:
         decision = router.route(record.query)
         top = decision.ranked[0][0] if decision.ranked else None
@@ -99,17 +133,35 @@ def evaluate(router: SupportsRoute, records: Iterable[RouteRecord | Mapping[str,
             labelled += 1
             top1 += top == record.task
             matched_right += decision.task == record.task
+            rejected_on_task += not decision.matched
+            counts = task_counts.setdefault(record.task, [0, 0, 0, 0])
+            counts[0] += 1
+            counts[1] += top == record.task
+            counts[2] += decision.task == record.task
         else:
             should_not_match += 1
         if not decision.matched:
             no_match += 1
             no_match_right += record.task is None
+        if top is not None:
+            task_counts.setdefault(top, [0, 0, 0, 0])[3] += 1
         if decision.score is not None:
             right_top = record.task is not None and top == record.task
             (should_match_scores if right_top else should_not_scores).append(decision.score)
+            if top is not None:
+                by_top.setdefault(top, ([], []))[0 if right_top else 1].append(decision.score)
+        row = confusion.setdefault(record.task, {})
+        row[decision.task] = row.get(decision.task, 0) + 1
         if decision.task != record.task:
             misses.append((record.query, record.task, decision.task))
     threshold, balanced = suggest_threshold(should_match_scores, should_not_scores)
+    per_task = {
+        task: TaskEvaluation(
+            queries=n, top1_accuracy=_share(right, n), match_accuracy=_share(matched, n), ranked_first=first
+        )
+        for task, (n, right, matched, first) in sorted(task_counts.items())
+    }
+    suggested = {task: suggest_threshold(*by_top.get(task, ([], [])))[0] for task in per_task}
     return RouteEvaluation(
         records=len(items),
         labelled=labelled,
@@ -120,6 +172,10 @@ def evaluate(router: SupportsRoute, records: Iterable[RouteRecord | Mapping[str,
         suggested_threshold=threshold,
         balanced_accuracy=balanced,
         misses=misses,
+        on_task_rejected=_share(rejected_on_task, labelled),
+        per_task=per_task,
+        confusion=confusion,
+        suggested_thresholds=suggested,
     )
 
 
