@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..errors import InvalidArgument, ResourceExhausted
 from ..families import MoESpec
 from ..pattern import Pattern
 from ..store.reader import Store
 from .engine import PatternedModel
+
+_KEPT_SETS = 64  # patterns whose kept sets `Residency` keeps
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,8 @@ class Residency:
         self.wait_timeout_s = wait_timeout_s
         self.stats = ResidencyStats()
         self._cond = threading.Condition()
-        self._prepared: dict[int, list[Any]] = {}  # id(pattern) -> `_entry`
+        self._valid: dict[int, weakref.ref[Pattern]] = {}  # patterns checked against the model, while they live
+        self._sets: dict[int, tuple[Pattern, dict[int, frozenset[int]]]] = {}  # see `_kept_sets`
         self.model_lock = threading.RLock()  # held around forward passes: routers hold one pattern at a time
 
     @contextmanager
@@ -234,31 +237,35 @@ class Residency:
                 pins.update(dict.fromkeys(experts, 1))
 
     def _prepare(self, pattern: Pattern) -> dict[int, frozenset[int]]:
-        """`_kept_sets`, with the pattern checked against the model the first time it is seen and against the
-        slots per layer every time."""
+        """`_kept_sets`, with the pattern checked against the model the first time it is seen (while it lives,
+        it is not checked again) and against the slots per layer every time."""
         with self._cond:
-            entry = self._entry(pattern)
-            if not entry[2]:
+            key = id(pattern)
+            known = self._valid.get(key)
+            if known is None or known() is not pattern:
                 pattern.validate(self.engine.spec)
-                entry[2] = True
+
+                def forget(ref: weakref.ref[Pattern], key: int = key) -> None:  # the pattern is gone
+                    if self._valid.get(key) is ref:
+                        self._valid.pop(key, None)
+
+                self._valid[key] = weakref.ref(pattern, forget)
             self._check_capacity(pattern)
-            return entry[1]
+            return self._kept_sets(pattern)
 
     def _kept_sets(self, pattern: Pattern) -> dict[int, frozenset[int]]:
-        """The pattern's kept experts as a set per MoE layer, made once per pattern object (every request of a
-        task shares one), so that planning, pins and residency checks are set operations."""
+        """The pattern's kept experts as a set per MoE layer, so that planning, pins and residency checks are
+        set operations; kept for the patterns used last (every request of a task shares its pattern object).
+        At DeepSeek-V3's shape one pattern's sets take about 0.5 MB, hence the bound."""
         with self._cond:
-            return self._entry(pattern)[1]
-
-    def _entry(self, pattern: Pattern) -> list[Any]:
-        entry = self._prepared.get(id(pattern))
-        if entry is None or entry[0] is not pattern:
-            sets = {layer: frozenset(pattern.kept(layer)) for layer in self.engine.spec.moe_layers}
-            if len(self._prepared) >= 1024:
-                self._prepared.pop(next(iter(self._prepared)))
-            entry = [pattern, sets, False]  # the pattern (held, so its id is not reused), its sets, validated
-            self._prepared[id(pattern)] = entry
-        return entry
+            key = id(pattern)
+            entry = self._sets.pop(key, None)
+            if entry is None or entry[0] is not pattern:
+                entry = (pattern, {layer: frozenset(pattern.kept(layer)) for layer in self.engine.spec.moe_layers})
+                while len(self._sets) >= _KEPT_SETS:
+                    self._sets.pop(next(iter(self._sets)))
+            self._sets[key] = entry  # most recently used last
+            return entry[1]
 
     def _check_capacity(self, pattern: Pattern) -> None:
         for layer in self.engine.spec.moe_layers:
