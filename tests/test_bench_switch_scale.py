@@ -60,6 +60,7 @@ def scale_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         route_prompts=4,
         route_rounds=1,
         profiles=str(ROOT / "profiles"),
+        model=str(ROOT / "models" / "reference-moe"),
         data=str(ROOT / "reference" / "tasks"),
         workdir=str(root / "profiles"),
         out=str(root / "scale.json"),
@@ -122,8 +123,9 @@ def test_bench_scale_reports_planning_bytes_and_the_registry(scale_report: dict[
     for result in report["results"]:
         check_policies(result, report["shape"]["expert_bytes"])
         assert result["selection_ms_per_task"] > 0
-    synthetic = report["resemblance"]["synthetic"]
-    assert 0 < synthetic["top_quarter_mass"] <= 1 and 0 < synthetic["pattern_overlap_mean"] <= 1
+    for kind in ("synthetic", "measured_reference"):
+        stats = report["resemblance"][kind]
+        assert 0 < stats["top_quarter_mass"] <= 1 and 0 < stats["pattern_overlap_mean"] <= 1, kind
     registry = report["registry"]
     assert registry["tasks"] == 25 and registry["vectors"] == 25 * 3
     assert registry["startup_s"] > 0 and registry["route_ms"] > 0 and registry["embed_ms"] > 0
@@ -187,3 +189,39 @@ def test_locality_stream_is_seeded_with_bursts() -> None:
     assert len(stream) == 500 and set(stream) <= set(tasks)
     assert switches(stream) < 500 / 2  # bursts of mean length 4 leave about one switch in four requests
     assert switches(locality_stream(tasks, 500, mean_burst=1.0, seed=3)) > 400
+
+
+def test_residency_checks_every_new_pattern_and_counts_pins_per_lease() -> None:
+    from typing import cast
+
+    from premoe_service.bench.scale_tasks import Shape, deepseek_engine
+    from premoe_service.errors import PatternError, ResourceExhausted
+    from premoe_service.runtime.residency import Residency
+    from premoe_service.store.reader import Store, TierStats
+
+    class Books:
+        stats = TierStats()
+
+    engine = deepseek_engine(Shape(decoder_layers=3, dense_layers=1, experts=16, groups=4, topk_group=2, top_k=2), 8)
+    residency = Residency(engine, cast(Store, Books()))
+    layers = engine.spec.moe_layers
+    thin = Pattern({layer: (0,) for layer in layers})  # fewer than top-k: refused, every time it is offered
+    for _ in range(2):
+        with pytest.raises(PatternError):
+            residency.reserve(thin)
+    wide = Pattern({layer: tuple(range(12)) for layer in layers})  # valid, but more than the 8 slots per layer
+    with pytest.raises(ResourceExhausted, match="slots per layer"):
+        residency.reserve(wide)
+    a = Pattern({layer: (0, 1, 4, 5) for layer in layers})
+    b = Pattern({layer: (0, 1, 8, 9) for layer in layers})
+    for pattern in (a, a, b):
+        for layer, expert, _ in residency.reserve(pattern) or []:
+            residency.commit(layer, expert)
+    pins = engine.slots[layers[0]].pins
+    assert pins == {0: 3, 1: 3, 4: 2, 5: 2, 8: 1, 9: 1}
+    assert residency.is_resident(a) and residency.is_resident(b)
+    residency.unpin(a)
+    residency.unpin(b)
+    assert pins == {0: 1, 1: 1, 4: 1, 5: 1}
+    residency.unpin(a)
+    assert all(not engine.slots[layer].pins for layer in layers)

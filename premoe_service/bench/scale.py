@@ -60,6 +60,7 @@ class ScaleOptions:
     route_rounds: int = 5
     threads: int = 2
     profiles: str = "profiles"  # measured profiles to compare the synthetic ones with, and demo vectors to scatter
+    model: str = "models/reference-moe"  # the model those profiles were measured on (its config)
     data: str = "reference/tasks"  # eval texts the route prompts are cut from
     workdir: str = "var/bench-scale-profiles"  # the registry's profile files, removed afterwards
     moe_layers: int = 58
@@ -171,20 +172,17 @@ def _resemblance(shape: Shape, tasks: SyntheticTasks, options: ScaleOptions) -> 
     synthetic = resemblance(sample, [pattern_of(s, spec, half, Selection()) for s in sample])
     measured: dict[str, Any] | None = None
     paths = sorted(Path(options.profiles).glob("*.safetensors"))
-    if paths:
+    if paths and (Path(options.model) / "config.json").exists():
+        from transformers import AutoConfig
+
         from ..families import adapter_for
 
-        profiles = [Profile.load(p) for p in paths]
-        store_config = Path("var/reference-store")
-        if (store_config / "config.json").exists():
-            from transformers import AutoConfig
-
-            config = AutoConfig.from_pretrained(store_config, local_files_only=True)
-            ref_spec = adapter_for(config).spec(config)
-            scores = [p.score(Selection().criterion) for p in profiles]
-            ref_half = max(ref_spec.routing.min_experts, ref_spec.num_experts // 2)
-            measured = resemblance(scores, [pattern_of(s, ref_spec, ref_half, Selection()) for s in scores])
-            measured["tasks"] = len(profiles)
+        config = AutoConfig.from_pretrained(options.model, local_files_only=True)
+        ref_spec = adapter_for(config).spec(config)
+        scores = [Profile.load(p).score(Selection().criterion) for p in paths]
+        ref_half = max(ref_spec.routing.min_experts, ref_spec.num_experts // 2)
+        measured = resemblance(scores, [pattern_of(s, ref_spec, ref_half, Selection()) for s in scores])
+        measured["tasks"] = len(scores)
     return {"synthetic": synthetic | {"tasks": len(sample)}, "measured_reference": measured}
 
 
