@@ -1,4 +1,5 @@
-"""`premoe bench load|profile|serve|route`: benchmarks printing ratios against a raw baseline measured in the same run.
+"""`premoe bench load|profile|serve|route|switch|scale`: benchmarks printing ratios against a raw baseline measured in
+the same run.
 
 Options that only a benchmark has carry BENCH in their twin's name (PREMOE_BENCH_ROUNDS); the store, device, budget
 and the like keep the twins every verb shares.
@@ -157,3 +158,36 @@ def bench_serve(**opts: Any) -> int:
         )
     )
     return 0 if report["errors"] == 0 and report["mismatches"] == 0 else 1
+
+
+@bench.command("switch", short_help="task switches: bytes moved by delta residency vs full reloads and Belady")
+@bench_option("--budgets", default="0.5,0.625,0.75", help="residency capacities, shares of all routed expert bytes")
+@bench_option("--requests", type=POSITIVE, default=4000, help="requests in the stream (Zipf over tasks, bursts)")
+@bench_option("--out", type=click.Path(dir_okay=False), default="var/bench-switch.json", help="JSON report")
+@quiet_option
+def bench_switch(budgets: str, requests: int, out: str, quiet: bool) -> int:
+    """Replay a task-local request stream on the reference model through the real residency and store code; print
+    bytes moved, loads per tier, hit rates, evictions and switch latency against a full reload at every task
+    change (PreMoe's way) and Belady's oracle, per budget; write the JSON report and a PNG beside it."""
+    from ..bench.switch import SwitchOptions, run, table
+
+    plot = out.rsplit(".", 1)[0] + ".png"
+    print(table(run(SwitchOptions(budgets=budgets, requests=requests, out=out, plot=plot, quiet=quiet))))
+    return 0
+
+
+@bench.command("scale", short_help="residency, selection and registry at DeepSeek-V3's shape (58 x 256 experts)")
+@bench_option("--tasks", type=POSITIVE, default=1000, help="synthetic task profiles in the request stream")
+@bench_option("--registry-tasks", type=int, default=10000, help="profiles for the registry start-up and route test")
+@bench_option("--budgets", default="0.1,0.2,0.3,0.4,0.5,0.6", help="residency capacities, shares of expert bytes")
+@bench_option("--out", type=click.Path(dir_okay=False), default="var/bench-scale.json", help="JSON report")
+@quiet_option
+def bench_scale(tasks: int, registry_tasks: int, budgets: str, out: str, quiet: bool) -> int:
+    """Planning time, bytes moved and hit rates per request as the budget varies, route latency and registry
+    start-up at thousands of tasks, on DeepSeek-V3-shaped metadata (real expert byte sizes in the accounting)."""
+    from ..bench.scale import ScaleOptions, run, table
+
+    plot = out.rsplit(".", 1)[0] + ".png"
+    options = ScaleOptions(tasks=tasks, registry_tasks=registry_tasks, budgets=budgets, out=out, plot=plot, quiet=quiet)
+    print(table(run(options)))
+    return 0
