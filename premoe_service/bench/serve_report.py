@@ -14,7 +14,8 @@ def render(report: dict[str, Any]) -> str:
     gpu = f" ({m['gpu']})" if "gpu" in m else ""
     lines = [
         f"machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs, python {m['python']}, "
-        f"torch {m['torch']} ({m['torch_threads']} threads), transformers {m['transformers']}, "
+        f"torch {m['torch']} ({m['torch_threads']} threads; the engine {m.get('engine_threads', '?')}), "
+        f"transformers {m['transformers']}, "
         f"device {m['device']}{gpu}",
         f"requests: {len(report['requests'])} ({c['per_task']} per task, {len({r['task'] for r in report['requests']})}"
         f" tasks), max_new_tokens {c['max_new_tokens']}, greedy; {report['real_tokens']} real tokens "

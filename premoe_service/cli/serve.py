@@ -112,6 +112,11 @@ def default(name: str) -> Lazy:
     help="decode steps a ready request may wait so that several join one prefill (0: none)",
 )
 @option(
+    "--engine-threads",
+    type=POSITIVE,
+    help="CPU threads of the engine's tensor operations (default: all cores but one, leaving one to the doors)",
+)
+@option(
     "--preload",
     type=CommaList(),
     default=(),

@@ -52,6 +52,7 @@ class EngineLoop:
         limits: BatchLimits | None = None,
         loader_gate: threading.Event | None = None,
         stopping: Callable[[], bool] | None = None,
+        threads: int | None = None,
     ) -> None:
         self.engine = engine
         self.residency = residency
@@ -59,6 +60,7 @@ class EngineLoop:
         self.eos = eos
         self.pad_id = pad_id
         self.stopping = stopping or (lambda: False)
+        self.threads = threads  # torch intra-op threads for its forward passes; None: leave torch's setting
         self.stats = LoopStats()
         self._wake = threading.Event()
         self.loader = Loader(engine, source, gate=loader_gate, wake=self._wake.set)
@@ -126,6 +128,8 @@ class EngineLoop:
     def step(self) -> bool:
         """Run one scheduling step; returns whether a forward pass ran."""
         start = time.perf_counter()
+        if self.threads is not None and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)  # re-applied: others in the process may change it
         self.waiting.extend(self._drain())
         self._fail_all(self.admission.commit(self.waiting, self.stats.steps))
         self._retire_gone()

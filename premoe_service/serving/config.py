@@ -44,6 +44,8 @@ class ServiceConfig:
         max_batch_tokens: Padded prompt tokens prefilled in one forward pass.
         max_queue: Requests waiting (for slots, expert loads or a row) before new ones are refused.
         preload: Tasks whose experts are loaded at start-up (health says SERVING only after).
+        engine_threads: CPU threads of the engine's tensor operations; None: all cores but one (at least one), which
+            leaves a core to the doors' event loops and the loader, so that streaming does not stall decoding.
         join_wait_steps: Decode steps a ready request may wait so that several join in one prefill (0: none).
         lease_timeout_s: How long a request waits for slots pinned by others before RESOURCE_EXHAUSTED.
         grace_s: Seconds in-flight requests get to finish on shutdown.
@@ -79,6 +81,7 @@ class ServiceConfig:
     max_batch_tokens: int = 4096
     max_queue: int = 256
     join_wait_steps: int = 2
+    engine_threads: int | None = None
     preload: tuple[str, ...] = ()
     lease_timeout_s: float = 30.0
     grace_s: float = 10.0
@@ -109,6 +112,8 @@ class ServiceConfig:
                 raise InvalidArgument(f"must be positive, got {getattr(self, name)}", field=name)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InvalidArgument(f"unknown device {self.device!r} (auto, cpu, cuda)", field="device")
+        if self.engine_threads is not None and self.engine_threads < 1:
+            raise InvalidArgument(f"must be positive, got {self.engine_threads}", field="engine_threads")
         Budget.parse(self.budget)  # fail early on a bad budget
         self._check_tls()
 

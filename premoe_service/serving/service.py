@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -70,6 +71,7 @@ class PreMoeService:
                 max_join_wait_steps=config.join_wait_steps,
             ),
             stopping=self.stopping.is_set,
+            threads=config.engine_threads or max(1, (os.cpu_count() or 1) - 1),
         ).start()
 
     def close(self) -> None:
