@@ -109,10 +109,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                self._admit(request, context, admin)
-                return await behaviour(request, context)
-            except Exception as exc:
-                code = await _abort(method, context, exc)
+                failure = None
+                try:
+                    self._admit(request, context, admin)
+                    return await behaviour(request, context)
+                except Exception as exc:
+                    failure = _detached(method, exc)
+                code = await _abort(method, context, failure)
             finally:
                 if self.metrics is not None:
                     self.metrics.request(method, code.name, time.perf_counter() - start)
@@ -124,11 +127,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                self._admit(request, context, admin)
-                async for item in behaviour(request, context):
-                    yield item
-            except Exception as exc:
-                code = await _abort(method, context, exc)
+                failure = None
+                try:
+                    self._admit(request, context, admin)
+                    async for item in behaviour(request, context):
+                        yield item
+                except Exception as exc:
+                    failure = _detached(method, exc)
+                if failure is not None:
+                    code = await _abort(method, context, failure)
             finally:
                 if self.metrics is not None:
                     self.metrics.request(method, code.name, time.perf_counter() - start)
@@ -136,12 +143,20 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return run
 
 
+def _detached(method: str, exc: Exception) -> Exception:
+    """`exc` without its traceback and context, once an unexpected one is logged with them: the traceback's
+    frames hold the request (a prompt of megabytes), and the abort raised next would chain to it and keep it."""
+    if not isinstance(exc, PreMoeError) and type(exc).__name__ != "AbortError" and not isinstance(exc, grpc.RpcError):
+        log.error("%s failed", method, exc_info=exc)
+    exc.__traceback__ = None
+    exc.__context__ = exc.__cause__ = None
+    return exc
+
+
 async def _abort(method: str, context: grpc.aio.ServicerContext, exc: Exception) -> grpc.StatusCode:
     """End the call with the status of `exc` (always raises); an abort already under way passes through."""
     if type(exc).__name__ == "AbortError" or isinstance(exc, grpc.RpcError):  # context.abort's own exception
         raise exc
-    if not isinstance(exc, PreMoeError):
-        log.error("%s failed", method, exc_info=exc)
     code, message = status_of(exc)
     if len(message) > MAX_DETAILS:
         message = message[: MAX_DETAILS - 3] + "..."
