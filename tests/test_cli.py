@@ -277,7 +277,7 @@ def test_pattern_budget_in_bytes_and_as_a_share(tiny_store: Path, code_profile: 
     store = Store(tiny_store)
     spec = store_spec(store)
     total = spec.num_experts * len(spec.moe_layers)
-    for budget, experts in [("25%", total // 4), (str(9 * store.manifest.expert_nbytes), 9)]:
+    for budget, experts in [("25%", total // 4), (f"{9 * store.manifest.expert_nbytes}B", 9)]:
         out = tmp_path / "p.json"
         args = ["pattern", str(code_profile), "--store", str(tiny_store), "--out", str(out), "--budget", budget]
         code, _, _ = run(capsys, *args, "--criterion", "tcess")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from premoe_service.errors import AlreadyExists, DataCorruption, PatternError, ResourceExhausted
+from premoe_service.errors import AlreadyExists, DataCorruption, InvalidArgument, PatternError, ResourceExhausted
 from premoe_service.families import adapter_for
 from premoe_service.families.tiny import TINY_CONFIGS, tiny_model
 from premoe_service.pattern import Pattern
@@ -298,8 +298,17 @@ def test_memory_cache_stays_within_its_bound() -> None:
         ("0.5", Budget(fraction=0.5)),
         ("25%", Budget(fraction=0.25)),
         ("512MiB", Budget(bytes=512 << 20)),
-        ("2000000", Budget(bytes=2_000_000)),
+        ("2000000B", Budget(bytes=2_000_000)),
+        ("2e9B", Budget(bytes=2_000_000_000)),
+        ("1", Budget(fraction=1.0)),
     ],
 )
 def test_budget_parsing(text: str, expected: Budget) -> None:
     assert Budget.parse(text) == expected
+
+
+@pytest.mark.parametrize("text", ["2000000", "8", "half", "-1GiB"])
+def test_a_budget_without_a_unit_or_meaning_is_refused(text: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        Budget.parse(text)
+    assert info.value.field == "budget"

@@ -81,7 +81,8 @@ def selection_default(field: str) -> Lazy:
 
 class BudgetType(click.ParamType):
     """A budget read by `Budget.parse`, the one parser: a share of the routed experts' bytes (0.5, 50%) or bytes
-    (512MiB, 8GiB). The value stays text, as `ServiceConfig.budget` takes it; `auto` passes where allowed."""
+    with a unit (512MiB, 8GiB, 2e9B; a bare number above 1 is refused). The value stays text, as
+    `ServiceConfig.budget` takes it; `auto` passes where allowed."""
 
     name = "budget"
 

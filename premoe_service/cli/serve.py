@@ -45,7 +45,12 @@ def default(name: str) -> Lazy:
     help="folder of task profiles (the registry without Redis; seeds Redis with it)",
 )
 @option("--redis-url", help="Redis for the expert cache and the shared registry (default: embedded cache)")
-@option("--budget", type=BUDGET, default=default("budget"), help="device memory for routed experts: 0.5, 50%, 512MiB")
+@option(
+    "--budget",
+    type=BUDGET,
+    default=default("budget"),
+    help="device memory for routed experts: a share (0.5, 50%) or bytes with a unit (512MiB, 8GiB, 2e9B)",
+)
 @option("--device", default=default("device"), help="auto (cuda when available), cpu, cuda or cuda:N")
 @embedder_option()
 @option("--host", default=default("host"), help="address to bind (both doors)")

@@ -35,19 +35,26 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str) -> Budget:
-        """`0.5` or `50%` (fraction), `512MiB`, `2GiB`, `1000000` (bytes)."""
+        """A share of all routed-expert bytes (`0.5`, `50%`) or bytes with a unit (`512MiB`, `8GiB`, `2e9B`).
+
+        A bare number above 1 is refused: it would silently be read as bytes where a share was meant."""
         value = text.strip()
         try:
             if value.endswith("%"):
                 return cls(fraction=float(value[:-1]) / 100)
-            units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+            units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
             for unit, scale in units.items():
                 if value.endswith(unit):
                     return cls(bytes=int(float(value[: -len(unit)]) * scale))
             number = float(value)
         except ValueError as exc:
             raise InvalidArgument(f"cannot read budget {text!r} (e.g. 0.5, 50%, 512MiB)", field="budget") from exc
-        return cls(fraction=number) if number <= 1 else cls(bytes=int(number))
+        if number > 1:
+            raise InvalidArgument(
+                f"budget {text!r} has no unit: give a share (0.5, 50%) or bytes with a unit (8GiB, 2e9B)",
+                field="budget",
+            )
+        return cls(fraction=number)
 
     def slots_per_layer(self, spec: MoESpec, expert_nbytes: int) -> int:
         """Slots per MoE layer that fit the budget (at least top-k, at most every expert)."""

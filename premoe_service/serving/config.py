@@ -19,7 +19,8 @@ class ServiceConfig:
         profiles: Folder of profile files: the registry's record. With Redis, registrations and deletions
             (tombstones) are written here too, and Redis is re-seeded from it whenever it comes back without them.
         redis_url: Redis for the expert cache and the shared registry; None: in-process cache, local registry.
-        budget: Device memory for routed experts ("0.5", "50%", "512MiB").
+        budget: Device memory for routed experts: a share of all routed-expert bytes ("0.5", "50%") or bytes
+            with a unit ("512MiB", "8GiB", "2e9B").
         device: "auto" (cuda when available), "cpu" or "cuda".
         embedder: Local sentence-transformers model; None: all-MiniLM-L6-v2 from its PyPI package.
         host, port: gRPC address; port 0 picks a free port.
