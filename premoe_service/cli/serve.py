@@ -147,7 +147,12 @@ def serve(**params: Any) -> int:
     in-flight requests. Every flag has its PREMOE_* twin, so a container is configured by its environment."""
     from ..server import serve as run_server
 
-    run_server(service_config(params))
+    cut = run_server(service_config(params))
+    if cut:
+        click.echo(
+            f"premoe serve: shutdown cut off {cut} unfinished request(s); a longer --grace lets them finish", err=True
+        )
+        return 3
     return 0
 
 

@@ -91,7 +91,12 @@ class EngineLoop:
         self._thread.start()
         return self
 
+    def in_flight(self) -> list[Request]:
+        """A snapshot of the requests queued or decoding (any thread)."""
+        return [*self.running, *self.waiting]
+
     def close(self) -> None:
+        """Stop the loop; requests still queued or decoding fail with UNAVAILABLE."""
         self._closed = True
         self._wake.set()
         if self._thread is not None:

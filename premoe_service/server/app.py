@@ -66,12 +66,14 @@ class PreMoeServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.serving.set()
 
-    async def stop(self, grace: float) -> None:
-        """Report NOT_SERVING, refuse new work, let in-flight requests finish within `grace` seconds."""
+    async def stop(self, grace: float) -> int:
+        """Report NOT_SERVING, refuse new work, let in-flight requests finish within `grace` seconds; returns how
+        many requests were still unfinished after it (cut off)."""
         self.serving.clear()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await asyncio.sleep(min(0.2, grace))  # let health watchers and load balancers see it
+        in_flight = self.service.loop.in_flight()
         http_stopped = asyncio.get_running_loop().run_in_executor(None, self.http.stop) if self.http else None
         await self.grpc_server.stop(grace)
         if http_stopped is not None:
@@ -79,6 +81,7 @@ class PreMoeServer:
         self.service.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.stop()
+        return sum(r.finish_reason not in ("eos", "length", "stop") for r in in_flight)
 
 
 def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) -> tuple[PreMoeServer, int]:
@@ -134,8 +137,8 @@ def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) ->
     return handle, port
 
 
-async def serve_async(config: ServiceConfig, ready: threading.Event | None = None) -> None:
-    """Serve until SIGINT/SIGTERM, then shut down gracefully."""
+async def serve_async(config: ServiceConfig, ready: threading.Event | None = None) -> int:
+    """Serve until SIGINT/SIGTERM, then shut down gracefully; returns the requests the grace period cut off."""
     handle, port = create_server(config)
     await handle.start()
     log.warning("premoe serving on %s:%d (metrics %s)", config.host, port, handle.metrics_port or "off")
@@ -151,11 +154,12 @@ async def serve_async(config: ServiceConfig, ready: threading.Event | None = Non
         ready.set()
     await stop.wait()
     print("premoe shutting down", flush=True)
-    await handle.stop(config.grace_s)
+    return await handle.stop(config.grace_s)
 
 
-def serve(config: ServiceConfig) -> None:
-    asyncio.run(serve_async(config))
+def serve(config: ServiceConfig) -> int:
+    """Serve until SIGINT/SIGTERM; returns the number of requests cut off at shutdown (0: a clean drain)."""
+    return asyncio.run(serve_async(config))
 
 
 @contextmanager
