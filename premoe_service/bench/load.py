@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +18,7 @@ from ..pattern import Pattern
 from ..runtime.build import load_engine, resolve_device
 from ..runtime.residency import Budget
 from ..store import MemoryCache, RedisCache, Store, shard
+from .fixtures import bench_model_dir, temporary_redis
 
 
 @dataclass
@@ -244,63 +241,6 @@ def _slots_from_disk(store_dir: Path, fds: dict[int, int], rounds: int, device: 
         "os.preadv of the same ranges, one buffer per expert",
         len(addresses),
     )
-
-
-def bench_model_dir(out: Path, hidden: int, experts: int, layers: int) -> Path:
-    """A Qwen3-MoE checkpoint with experts big enough for throughput figures (random weights)."""
-    bench_model(hidden, layers, experts).save_pretrained(out)
-    return out
-
-
-def bench_model(hidden: int, layers: int, experts: int, vocab: int = 512) -> Any:
-    """A random Qwen3-MoE whose experts are `hidden` x `hidden` SwiGLU blocks (top-2, normalised)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(
-        "qwen3_moe",
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=hidden,
-        moe_intermediate_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden // 4,
-        num_experts=experts,
-        num_experts_per_tok=2,
-        norm_topk_prob=True,
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
-@contextmanager
-def temporary_redis() -> Iterator[str | None]:
-    """A throwaway redis-server on a free loopback port, or None when the binary is missing."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        yield None
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory() as workdir:
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    time.sleep(0.05)
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            proc.kill()
-            proc.wait()
 
 
 def main(

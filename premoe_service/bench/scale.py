@@ -33,7 +33,7 @@ from .eviction import SharedUseTracker
 from .options import parse_options
 from .replay import replay, summarise
 from .scale_tasks import EXPERT_NBYTES_FP8, Shape, SyntheticTasks, deepseek_engine, pattern_of, resemblance
-from .serve import machine
+from .serve_report import machine
 from .streams import locality_stream, switches
 from .switch import oracle_summary, parse_budgets
 

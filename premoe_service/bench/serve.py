@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import platform
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +22,7 @@ from tqdm import tqdm
 
 from ..errors import InvalidArgument
 from .serve_clients import build_requests, parse_range, run_clients, run_clients_apart, summarize
-
-OURS_KEYS = ("tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
-TARGETS = {"padded_at_max_clients": 0.7, "alone_at_1_client": 0.9, "stall_p99_ratio": 1.5}
+from .serve_report import assemble, table
 
 
 @dataclass
@@ -61,25 +56,6 @@ class ServeBenchOptions:
     clients_apart: bool = True  # clients in their own process (as real clients are), else threads of this one
 
 
-def machine(device: torch.device) -> dict[str, Any]:
-    import transformers
-
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "engine_threads": max(1, (os.cpu_count() or 1) - 1),
-        "transformers": transformers.__version__,
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def _store(options: ServeBenchOptions) -> Path:
     store = Path(options.store or "var/reference-store")
     if not (store / "manifest.json").exists():
@@ -97,8 +73,6 @@ def _config_factory(options: ServeBenchOptions, store: Path, max_clients: int, t
 
     fields = {f.name: f for f in dataclasses.fields(ServiceConfig)}
     extra: dict[str, Any] = {}
-    if "max_inflight" in fields:
-        extra["max_inflight"] = max(max_clients, 8)
     for item in options.serve_opts:
         name, sep, text = item.partition("=")
         if not sep or name not in fields:
@@ -121,15 +95,6 @@ def _config_factory(options: ServeBenchOptions, store: Path, max_clients: int, t
         )
 
     return make
-
-
-def _median(values: list[Any]) -> float | None:
-    kept = [v for v in values if v is not None]
-    return float(statistics.median(kept)) if kept else None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a and b else None
 
 
 def run(options: ServeBenchOptions) -> dict[str, Any]:
@@ -214,7 +179,8 @@ def run(options: ServeBenchOptions) -> dict[str, Any]:
 
         stall = _stall(options, make_config, embedder, requests, stall_tick)
         stall_bar.close()
-    report = _report(options, device, requests, lengths, lone, ours, base, base_alone, stall)
+    config = dataclasses.asdict(options)
+    report = assemble(config, device, requests, lengths, lone, ours, base, base_alone, stall)
     print(table(report))
     if options.out:
         Path(options.out).parent.mkdir(parents=True, exist_ok=True)
@@ -241,79 +207,3 @@ def _stall(options: ServeBenchOptions, make_config: Any, embedder: Any, requests
         )
     except Exception as exc:  # reported, not fatal: the throughput figures stand on their own
         return {"error": f"{type(exc).__name__}: {exc}"}
-
-
-def _report(
-    options: ServeBenchOptions,
-    device: torch.device,
-    requests: Any,
-    lengths: list[int],
-    lone: dict[str, Any],
-    ours: dict[int, list[dict[str, Any]]],
-    base: dict[str, dict[int, list[dict[str, Any]]]],
-    base_alone: list[dict[str, Any]],
-    stall: dict[str, Any] | None,
-) -> dict[str, Any]:
-    def med(rows: list[dict[str, Any]], key: str = "tokens_per_s") -> float | None:
-        return _median([row.get(key) for row in rows])
-
-    def errors_of(rows: list[dict[str, Any]]) -> list[str]:
-        return sorted({row["error"] for row in rows if "error" in row})
-
-    alone_tps = med(base_alone)
-    results: dict[str, Any] = {}
-    for n, rows in ours.items():
-        entry: dict[str, Any] = {"ours": {k: med(rows, k) for k in OURS_KEYS}}
-        entry["ours"].update(
-            errors=sum(r["errors"] for r in rows),
-            error_messages=[m for r in rows for m in r["error_messages"]][:5],
-            mismatches=sum(r["mismatches"] for r in rows),
-            tokens=rows[0]["tokens"] if rows else 0,
-            rounds=rows,
-        )
-        hf: dict[str, Any] = {"alone": {"tokens_per_s": alone_tps}}
-        for kind in ("padded", "continuous"):
-            hf[kind] = {"tokens_per_s": med(base[kind][n]), "errors": errors_of(base[kind][n]), "rounds": base[kind][n]}
-        entry["transformers"] = hf
-        tps = entry["ours"]["tokens_per_s"]
-        entry["ratios"] = {kind: _ratio(tps, hf[kind]["tokens_per_s"]) for kind in ("alone", "padded", "continuous")}
-        results[str(n)] = entry
-    top, one = str(max(ours)), str(min(ours))
-    targets = {
-        f"ours/padded at {top} clients >= {TARGETS['padded_at_max_clients']}": _check(
-            results[top]["ratios"]["padded"], TARGETS["padded_at_max_clients"], above=True
-        ),
-        f"ours/alone at {one} client >= {TARGETS['alone_at_1_client']}": _check(
-            results[one]["ratios"]["alone"], TARGETS["alone_at_1_client"], above=True
-        ),
-    }
-    if stall is not None:
-        targets[f"stall p99 cold/warm <= {TARGETS['stall_p99_ratio']}"] = _check(
-            stall.get("p99_ratio"), TARGETS["stall_p99_ratio"], above=False
-        )
-    return {
-        "machine": machine(device),
-        "config": {k: v for k, v in dataclasses.asdict(options).items()},
-        "requests": [
-            {"task": r.task, "prompt": r.prompt, "max_new_tokens": r.max_new_tokens, "real_tokens": n}
-            for r, n in zip(requests, lengths, strict=True)
-        ],
-        "real_tokens": sum(lengths),
-        "lone_pass": {k: v for k, v in lone.items() if k != "mismatched_requests"},
-        "results": results,
-        "stall": stall,
-        "targets": targets,
-        "errors": sum(e["ours"]["errors"] for e in results.values()) + lone["errors"] + (stall or {}).get("errors", 0),
-        "mismatches": sum(e["ours"]["mismatches"] for e in results.values()),
-    }
-
-
-def _check(value: float | None, bound: float, *, above: bool) -> dict[str, Any]:
-    ok = None if value is None else (value >= bound if above else value <= bound)
-    return {"value": value, "bound": bound, "met": ok}
-
-
-def table(report: dict[str, Any]) -> str:
-    from .serve_report import render
-
-    return render(report)

@@ -1,8 +1,118 @@
-"""`premoe bench serve`: the report as a readable table."""
+"""`premoe bench serve`: the report, assembled from the runs (medians, ratios, targets) and as a readable table."""
 
 from __future__ import annotations
 
+import os
+import platform
+import statistics
 from typing import Any
+
+import torch
+
+OURS_KEYS = ("tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
+TARGETS = {"padded_at_max_clients": 0.7, "alone_at_1_client": 0.9, "stall_p99_ratio": 1.5}
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "engine_threads": max(1, (os.cpu_count() or 1) - 1),
+        "transformers": transformers.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _median(values: list[Any]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(statistics.median(kept)) if kept else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def assemble(
+    config: dict[str, Any],
+    device: torch.device,
+    requests: Any,
+    lengths: list[int],
+    lone: dict[str, Any],
+    ours: dict[int, list[dict[str, Any]]],
+    base: dict[str, dict[int, list[dict[str, Any]]]],
+    base_alone: list[dict[str, Any]],
+    stall: dict[str, Any] | None,
+) -> dict[str, Any]:
+    def med(rows: list[dict[str, Any]], key: str = "tokens_per_s") -> float | None:
+        return _median([row.get(key) for row in rows])
+
+    def errors_of(rows: list[dict[str, Any]]) -> list[str]:
+        return sorted({row["error"] for row in rows if "error" in row})
+
+    alone_tps = med(base_alone)
+    results: dict[str, Any] = {}
+    for n, rows in ours.items():
+        entry: dict[str, Any] = {"ours": {k: med(rows, k) for k in OURS_KEYS}}
+        entry["ours"].update(
+            errors=sum(r["errors"] for r in rows),
+            error_messages=[m for r in rows for m in r["error_messages"]][:5],
+            mismatches=sum(r["mismatches"] for r in rows),
+            tokens=rows[0]["tokens"] if rows else 0,
+            rounds=rows,
+        )
+        hf: dict[str, Any] = {"alone": {"tokens_per_s": alone_tps}}
+        for kind in ("padded", "continuous"):
+            hf[kind] = {"tokens_per_s": med(base[kind][n]), "errors": errors_of(base[kind][n]), "rounds": base[kind][n]}
+        entry["transformers"] = hf
+        tps = entry["ours"]["tokens_per_s"]
+        entry["ratios"] = {kind: _ratio(tps, hf[kind]["tokens_per_s"]) for kind in ("alone", "padded", "continuous")}
+        results[str(n)] = entry
+    top, one = str(max(ours)), str(min(ours))
+    targets = {
+        f"ours/padded at {top} clients >= {TARGETS['padded_at_max_clients']}": _check(
+            results[top]["ratios"]["padded"], TARGETS["padded_at_max_clients"], above=True
+        ),
+        f"ours/alone at {one} client >= {TARGETS['alone_at_1_client']}": _check(
+            results[one]["ratios"]["alone"], TARGETS["alone_at_1_client"], above=True
+        ),
+    }
+    if stall is not None:
+        targets[f"stall p99 cold/warm <= {TARGETS['stall_p99_ratio']}"] = _check(
+            stall.get("p99_ratio"), TARGETS["stall_p99_ratio"], above=False
+        )
+    return {
+        "machine": machine(device),
+        "config": config,
+        "requests": [
+            {"task": r.task, "prompt": r.prompt, "max_new_tokens": r.max_new_tokens, "real_tokens": n}
+            for r, n in zip(requests, lengths, strict=True)
+        ],
+        "real_tokens": sum(lengths),
+        "lone_pass": {k: v for k, v in lone.items() if k != "mismatched_requests"},
+        "results": results,
+        "stall": stall,
+        "targets": targets,
+        "errors": sum(e["ours"]["errors"] for e in results.values()) + lone["errors"] + (stall or {}).get("errors", 0),
+        "mismatches": sum(e["ours"]["mismatches"] for e in results.values()),
+    }
+
+
+def _check(value: float | None, bound: float, *, above: bool) -> dict[str, Any]:
+    ok = None if value is None else (value >= bound if above else value <= bound)
+    return {"value": value, "bound": bound, "met": ok}
+
+
+def table(report: dict[str, Any]) -> str:
+    return render(report)
 
 
 def _f(value: Any, spec: str = ".0f", none: str = "-") -> str:

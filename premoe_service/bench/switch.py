@@ -34,7 +34,7 @@ from . import oracle
 from .eviction import SharedUseTracker
 from .options import parse_options
 from .replay import replay, store_reader, summarise
-from .serve import machine
+from .serve_report import machine
 from .streams import locality_stream, switches
 
 POLICIES = ("full reload", "delta (LRU)", "delta + shared-use", "oracle (Belady)")

@@ -22,7 +22,8 @@ from ..serving import PreMoeService, ServiceConfig
 from .auth import Access
 from .gen import premoe_pb2 as pb
 from .gen import premoe_pb2_grpc as pb_grpc
-from .http import HttpDoor, OpenAIApi
+from .http import OpenAIApi
+from .http_door import HttpDoor
 from .http_types import MAX_BODY_BYTES
 from .interceptor import ErrorInterceptor
 from .metrics import Metrics

@@ -1,0 +1,67 @@
+"""The HTTP API's uvicorn server, on a thread and event loop of its own."""
+
+from __future__ import annotations
+
+import math
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+
+
+class HttpDoor:
+    """The HTTP API's uvicorn server on its own thread. Binds at once, so `port` is known before `start()`.
+
+    Args:
+        app: The ASGI app.
+        host: Address to bind (the gRPC door's).
+        port: Port to bind; 0 picks a free one.
+        grace_s: Seconds open requests get on `stop()`.
+        tls: uvicorn's `ssl_*` options (HTTPS, and client certificates with `ssl_cert_reqs`); None: plain HTTP.
+    """
+
+    def __init__(self, app: Starlette, host: str, port: int, grace_s: float, tls: dict[str, Any] | None = None) -> None:
+        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.socket.bind((host, port))
+        except OSError as exc:
+            self.socket.close()
+            raise OSError(f"cannot bind the HTTP port {host}:{port}: {exc}") from exc
+        self.port = int(self.socket.getsockname()[1])
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            loop="asyncio",
+            http="h11",
+            ws="none",
+            timeout_graceful_shutdown=max(1, math.ceil(grace_s)),
+            **(tls or {}),
+        )
+        self.server = uvicorn.Server(config)
+        self.grace_s = grace_s
+        self.thread: threading.Thread | None = None
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Serve on a new thread; returns once uvicorn accepts connections."""
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, name="premoe-http", daemon=True
+        )
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise OSError(f"the HTTP server on port {self.port} did not start; see the log")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        """Refuse new connections, give open requests the grace period, then end them (blocking)."""
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(self.grace_s + 10)
+        self.socket.close()
