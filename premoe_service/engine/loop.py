@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from ..errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from ..errors import ResourceExhausted, Unavailable
 from ..runtime import PatternedModel
-from ..runtime.context import PatternMasks, RoutingContext, routing
+from ..runtime.context import PatternMasks, RoutingContext
 from ..runtime.residency import Residency
 from .admission import Admission
+from .batch import RunningBatch, forward
 from .kv import KVBatch
 from .loader import Loader
 from .request import Request, Status
@@ -68,9 +69,7 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._masks = PatternMasks(engine)
         self.waiting: list[Request] = []  # FIFO: waiting for slots, loading, or ready for a row
-        self.running: list[Request] = []  # batch rows, in KV row order
-        self.kv: KVBatch | None = None
-        self._decode_context: RoutingContext | None = None
+        self.batch = RunningBatch(engine, self._masks)
         self._thread: threading.Thread | None = None
         self._closed = False
         self.moe_layers = len(engine.spec.moe_layers)
@@ -90,6 +89,16 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="premoe-engine", daemon=True)
         self._thread.start()
         return self
+
+    @property
+    def running(self) -> list[Request]:
+        """The requests decoding, in batch row order."""
+        return self.batch.requests
+
+    @property
+    def kv(self) -> KVBatch | None:
+        """The batch's KV rows (None while no request decodes)."""
+        return self.batch.kv
 
     def in_flight(self) -> list[Request]:
         """A snapshot of the requests queued or decoding (any thread)."""
@@ -143,14 +152,9 @@ class EngineLoop:
         if self.running:
             self._decode()
             ran = True
-        stats = self.stats
-        stats.rows, stats.queued = len(self.running), len(self.waiting) + self._inbox.qsize()
-        stats.waiting_slots = sum(r.status is Status.WAITING_SLOTS for r in self.waiting)
-        stats.loading = sum(r.status is Status.LOADING for r in self.waiting)
-        stats.ready = sum(r.status is Status.READY for r in self.waiting)
-        stats.loader_backlog, stats.bytes_in_flight = self.loader.backlog, self.loader.bytes_in_flight
+        self.stats.observe(self.waiting, len(self.running), self._inbox.qsize(), self.loader)
         if ran:
-            stats.record_step(time.perf_counter() - start)
+            self.stats.record_step(time.perf_counter() - start)
         return ran
 
     def _drain(self) -> list[Request]:
@@ -162,26 +166,15 @@ class EngineLoop:
                 return out
 
     def _retire_gone(self) -> None:
-        now = time.monotonic()
-        for group in (self.waiting, self.running):
-            for request in list(group):
-                error: Exception | None = None
-                if self.stopping():
-                    error = Unavailable("the server is shutting down", field="server")
-                elif request.deadline is not None and now > request.deadline:
-                    error = DeadlineExceeded("the deadline passed before the request finished", field="deadline")
-                elif request.status is Status.WAITING_SLOTS and now > request.wait_until:
-                    error = ResourceExhausted(
-                        f"pattern of {request.pattern.size} experts does not fit next to the pinned slots of "
-                        f"running requests (waited {request.wait_timeout_s:.1f}s)",
-                        field="budget",
-                    )
-                if error is not None:
-                    self._drop(request)
-                    request.fail(error)
-                elif request.gone():
-                    self._drop(request)
-                    self._finish(request, "cancelled", drop=False)
+        now, stopping = time.monotonic(), self.stopping()
+        for request in [*self.waiting, *self.running]:
+            error = request.expiry(now, stopping)
+            if error is not None:
+                self._drop(request)
+                request.fail(error)
+            elif request.gone():
+                self._drop(request)
+                self._finish(request, "cancelled", drop=False)
 
     # --- forward passes -------------------------------------------------------------------------------
 
@@ -232,26 +225,17 @@ class EngineLoop:
             return True
         if len(keep) < len(chosen):
             kv.select(keep)
-        if self.kv is None:
-            self.kv = kv
-        else:
-            self.kv.merge(kv)
-        self.running.extend(chosen[row] for row in keep)
-        self._decode_context = None
+        self.batch.add([chosen[row] for row in keep], kv)
         return True
 
     def _decode(self) -> None:
-        assert self.kv is not None
-        rows = self.running
-        mask, positions = self.kv.decode_inputs()
-        ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.engine.device)
-        if self._decode_context is None:
-            self._decode_context = RoutingContext.build(self.engine, [r.pattern for r in rows], 1, masks=self._masks)
-        context = self._decode_context
-        logits = self._forward(list(rows), context, ids, mask, positions, self.kv.cache, 1)
+        rows, kv = self.running, self.batch.kv
+        assert kv is not None
+        ids, mask, positions, context = self.batch.decode_inputs()
+        logits = self._forward(list(rows), context, ids, mask, positions, kv.cache, 1)
         if logits is None:
             return
-        self.kv.advance(mask)
+        kv.advance(mask)
         self.stats.decode_steps += 1
         last = logits[:, -1]
         greedy = last.argmax(-1).tolist()
@@ -266,33 +250,14 @@ class EngineLoop:
         if finished:
             self._remove_running(finished)
 
-    def _forward(
-        self,
-        requests: list[Request],
-        context: RoutingContext,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        cache: DynamicCache,
-        logits_to_keep: int,
-    ) -> torch.Tensor | None:
-        """One forward pass of the model under `context`; its logits, or None when it failed (its requests
-        then fail with the error; the loop goes on)."""
+    def _forward(self, requests: list[Request], context: RoutingContext, *inputs: Any) -> torch.Tensor | None:
+        """`forward(engine, context, *inputs)`; on an error its requests fail and the loop goes on (None)."""
         try:
-            with routing(self.engine, context):
-                out = self.engine.model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    cache=cache,
-                    logits_to_keep=logits_to_keep,
-                )
+            return forward(self.engine, context, *inputs)
         except Exception as exc:
             log.exception("a forward pass failed")
             self._fail(requests, exc)
             return None
-        logits: torch.Tensor = out.logits
-        return logits
 
     # --- per request ----------------------------------------------------------------------------------
 
@@ -305,15 +270,14 @@ class EngineLoop:
         return bool(reason)
 
     def _widen(self, request: Request, context: RoutingContext, row: int, length: int) -> bool:
-        if request.widen is None or request.coverage_sum / request.coverage_count >= request.coverage_floor:
+        """Widen a request whose prefill coverage fell short; it goes back to the head of the queue."""
+        pinned = request.pinned
+        if not request.widen_after_prefill(
+            {layer: sums[row] / length for layer, sums in context.prompt_scores.items()}
+        ):
             return False
-        scores = {layer: sums[row] / length for layer, sums in context.prompt_scores.items()}
-        wider = request.widen(request.pattern, scores)
-        if wider == request.pattern:
-            return False
+        request.pinned = pinned
         self._unpin(request)
-        request.pattern, request.widened, request.status = wider, True, Status.WAITING_SLOTS
-        request.coverage_sum, request.coverage_count = 0.0, 0
         self.waiting.insert(0, request)
         return True
 
@@ -343,15 +307,7 @@ class EngineLoop:
         self.waiting = [r for r in self.waiting if id(r) not in gone]
 
     def _remove_running(self, requests: Sequence[Request]) -> None:
-        gone = {id(r) for r in requests}
-        keep = [row for row, r in enumerate(self.running) if id(r) not in gone]
-        self.running = [self.running[row] for row in keep]
-        if self.kv is not None:
-            if keep:
-                self.kv.select(keep)
-            else:
-                self.kv = None
-        self._decode_context = None
+        self.batch.remove(requests)
 
     def _fail_all(self, failures: list[tuple[list[Request], BaseException]]) -> None:
         for requests, error in failures:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from ..pattern import Pattern
 from .params import SamplingParams
 from .text import TextStream, TokenLogprob, choose, token_logprobs
@@ -127,6 +128,32 @@ class Request:
             return
         with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is listening any more
             self.loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
+
+    def expiry(self, now: float, stopping: bool) -> Exception | None:
+        """Why it must end now without an answer (shutdown, deadline, slots never freed up), or None."""
+        if stopping:
+            return Unavailable("the server is shutting down", field="server")
+        if self.deadline is not None and now > self.deadline:
+            return DeadlineExceeded("the deadline passed before the request finished", field="deadline")
+        if self.status is Status.WAITING_SLOTS and now > self.wait_until:
+            return ResourceExhausted(
+                f"pattern of {self.pattern.size} experts does not fit next to the pinned slots of running "
+                f"requests (waited {self.wait_timeout_s:.1f}s)",
+                field="budget",
+            )
+        return None
+
+    def widen_after_prefill(self, prompt_scores: dict[int, Tensor]) -> bool:
+        """When its prefill coverage is below its floor, take the wider pattern `widen` gives for the prompt's
+        mean router scores per layer, and wait for slots again (the prefill is discarded). Returns whether it did."""
+        if self.widen is None or self.coverage_sum / self.coverage_count >= self.coverage_floor:
+            return False
+        wider = self.widen(self.pattern, prompt_scores)
+        if wider == self.pattern:
+            return False
+        self.pattern, self.widened, self.status = wider, True, Status.WAITING_SLOTS
+        self.coverage_sum, self.coverage_count = 0.0, 0
+        return True
 
     def choose(self, logits: Tensor) -> int:
         """Its next token from its row's logits `[V]`, with its own options and generator."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import InvalidArgument
 
@@ -52,6 +54,16 @@ class LoopStats:
     tokens: int = 0
     last_step_s: float = 0.0
     step_seconds: float = 0.0
+
+    def observe(self, waiting: Sequence[Any], rows: int, inbox: int, loader: Any) -> None:
+        """The queue and loader figures after a step (`waiting`: the loop's queue of requests)."""
+        from .request import Status
+
+        self.rows, self.queued = rows, len(waiting) + inbox
+        self.waiting_slots = sum(r.status is Status.WAITING_SLOTS for r in waiting)
+        self.loading = sum(r.status is Status.LOADING for r in waiting)
+        self.ready = sum(r.status is Status.READY for r in waiting)
+        self.loader_backlog, self.bytes_in_flight = loader.backlog, loader.bytes_in_flight
 
     def record_step(self, seconds: float) -> None:
         self.steps += 1
