@@ -9,27 +9,17 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..errors import AlreadyExists, DataCorruption, InvalidArgument, NotFound, Unavailable
 from ..names import check_task_name
 from ..profiler.profile import Profile
-from .reseed import Seeder, version_count
+from .reseed import Seeder, StoreCounters, log_reseed, version_count
 from .stores import LocalProfileStore
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass
-class StoreCounters:
-    """Round trips to Redis (attempted and failed), and re-seedings from the record."""
-
-    attempts: int = 0
-    failures: int = 0
-    reseeds: int = 0
 
 
 class RedisProfileStore:
@@ -297,25 +287,7 @@ class RedisProfileStore:
             self._epoch = bytes(epoch) if epoch is not None else None
             self._high = version_count(self._call(lambda: self._client.get(self._version)))
             self.counters.reseeds += 1
-        if lost and self.record is None:
-            log.error(
-                "registry %s in Redis at %s lost data (restarted without persistence or from an older snapshot, or "
-                "flushed) and there is no profile folder to re-seed it from: give Redis AOF persistence or the "
-                "server a profile folder",
-                self.namespace,
-                self.url,
-            )
-        elif lost and self.record is not None:
-            log.warning(
-                "registry %s in Redis at %s lost data (restarted without persistence or from an older snapshot, or "
-                "flushed): re-seeded %d task(s) from %s",
-                self.namespace,
-                self.url,
-                imported,
-                self.record.directory,
-            )
-        elif imported and self.record is not None:
-            log.info("imported %d task(s) from %s into the registry in Redis", imported, self.record.directory)
+        log_reseed(self.namespace, self.url, self.record, lost=lost, imported=imported)
 
     # --- calls ---------------------------------------------------------------------------------------
 

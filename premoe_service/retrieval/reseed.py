@@ -7,6 +7,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -99,3 +100,35 @@ def version_count(version: Any) -> int:
         return int(version) if version is not None else 0
     except (TypeError, ValueError):
         return 0
+
+
+@dataclass
+class StoreCounters:
+    """Round trips to Redis (attempted and failed), and re-seedings from the record."""
+
+    attempts: int = 0
+    failures: int = 0
+    reseeds: int = 0
+
+
+def log_reseed(namespace: str, url: str, record: LocalProfileStore | None, *, lost: bool, imported: int) -> None:
+    """Say what a re-seeding found: lost data (an error when there is no record to re-seed from), or imports."""
+    if lost and record is None:
+        log.error(
+            "registry %s in Redis at %s lost data (restarted without persistence or from an older snapshot, or "
+            "flushed) and there is no profile folder to re-seed it from: give Redis AOF persistence or the "
+            "server a profile folder",
+            namespace,
+            url,
+        )
+    elif lost and record is not None:
+        log.warning(
+            "registry %s in Redis at %s lost data (restarted without persistence or from an older snapshot, or "
+            "flushed): re-seeded %d task(s) from %s",
+            namespace,
+            url,
+            imported,
+            record.directory,
+        )
+    elif imported and record is not None:
+        log.info("imported %d task(s) from %s into the registry in Redis", imported, record.directory)
