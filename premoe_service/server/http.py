@@ -24,7 +24,8 @@ from ..serving import GenerationResult, PreMoeService
 from ..serving.results import Submission
 from .auth import Access
 from .http_io import BodyTooLarge, chain, read_json, sse, watch_disconnect
-from .http_types import AUTO, PARAM_NAMES, GenerationCall, chunk_body, completion_body, error_body, model_body
+from .http_replies import chunk_body, completion_body, error_body, model_body
+from .http_types import AUTO, PARAM_NAMES, GenerationCall
 from .interceptor import status_of
 from .metrics import Metrics
 

@@ -1,5 +1,5 @@
-"""The HTTP boundary: OpenAI JSON bodies decoded into generation calls (validated, fields named) and results encoded
-in OpenAI's shapes, with our routing stats under `premoe`."""
+"""The HTTP boundary, requests: OpenAI JSON bodies decoded into generation calls (validated, fields named).
+Replies are encoded in `http_replies`."""
 
 from __future__ import annotations
 
@@ -9,18 +9,16 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from typing import Any
 
 from ..errors import InvalidArgument
 from ..names import check_task_name
-from ..serving import GenerationResult, SamplingParams, TaskView
+from ..serving import SamplingParams
 
 AUTO = "auto"  # the model name that lets retrieval pick the task
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 MAX_BODY_BYTES = 64 << 20  # the gRPC door's receive limit
 MAX_LOGPROBS = 20  # alternatives per token
-FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 ROLES = ("system", "developer", "user", "assistant")
 # OpenAI fields the engine cannot honour, with the values that ask for nothing (those are accepted).
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -215,118 +213,3 @@ def _text(value: str, name: str) -> str:
             f"holds the lone surrogate \\u{ord(found.group()):04x} at {found.start()}, which is not text", field=name
         )
     return value
-
-
-# --- encoding ----------------------------------------------------------------------------------------------
-
-
-def completion_body(
-    call: GenerationCall, result: GenerationResult, total_experts: int, decode: Callable[[int], str] | None = None
-) -> dict[str, Any]:
-    """The whole reply of a non-streamed request; `decode` spells one token (for `logprobs`)."""
-    text = (call.prompt + result.text) if call.echo else result.text
-    if call.chat:
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
-    else:
-        choice = {"index": 0, "text": text}
-    logprobs = _logprobs(result, decode, call.echo) if decode is not None and result.logprobs is not None else None
-    choice |= {"logprobs": logprobs, "finish_reason": finish_reason(result)}
-    return _envelope(call, [choice]) | _extras(result, total_experts)
-
-
-def _logprobs(result: GenerationResult, decode: Callable[[int], str], echo: bool) -> dict[str, Any]:
-    """OpenAI's legacy completions `logprobs` object: per token its text, log-probability, best alternatives
-    (text -> log-probability) and character offset; with `echo` the prompt's tokens come first (the very first
-    has no log-probability)."""
-    items = [*((result.prompt_logprobs or []) if echo else []), *(result.logprobs or [])]
-    tokens, offsets, position = [], [], 0
-    for item in items:
-        piece = decode(item.token)
-        tokens.append(piece)
-        offsets.append(position)
-        position += len(piece)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [item.logprob for item in items],
-        "top_logprobs": [
-            None if item.logprob is None else {decode(token): lp for token, lp in item.top} for item in items
-        ],
-        "text_offset": offsets,
-    }
-
-
-def chunk_body(
-    call: GenerationCall, text: str | None = None, result: GenerationResult | None = None, total_experts: int = 0
-) -> dict[str, Any]:
-    """One server-sent event of a streamed request: a text piece, or the last one with the finish reason, usage
-    and routing stats (`text=None` with no result: the chat stream's opening role delta)."""
-    reason = finish_reason(result) if result is not None else None
-    if call.chat:
-        delta = {"content": text} if text is not None else {} if result is not None else {"role": "assistant"}
-        choice: dict[str, Any] = {"index": 0, "delta": delta}
-    else:
-        choice = {"index": 0, "text": text or ""}
-    choice |= {"logprobs": None, "finish_reason": reason}
-    extras = _extras(result, total_experts) if result is not None else {}
-    return _envelope(call, [choice], chunk=True) | extras
-
-
-def finish_reason(result: GenerationResult) -> str:
-    return FINISH_REASONS.get(result.finish_reason, result.finish_reason)
-
-
-def _envelope(call: GenerationCall, choices: list[dict[str, Any]], chunk: bool = False) -> dict[str, Any]:
-    kind = ("chat.completion.chunk" if chunk else "chat.completion") if call.chat else "text_completion"
-    prefix = "chatcmpl-" if call.chat else "cmpl-"
-    return {"id": prefix + call.id, "object": kind, "created": call.created, "model": call.model, "choices": choices}
-
-
-def _extras(result: GenerationResult, total_experts: int) -> dict[str, Any]:
-    completion = len(result.token_ids)
-    plan = result.plan
-    return {
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": result.prompt_tokens + completion,
-        },
-        "premoe": {
-            "task": plan.task,
-            "decision": plan.decision,
-            "score": plan.score,
-            "pattern_experts": plan.pattern.size,
-            "total_experts": total_experts,
-            "coverage": result.coverage,
-            "widened": result.widened,
-            "loads": {**result.loads, "bytes": result.loaded_bytes},
-            "timings": result.timings,
-            "token_ids": result.token_ids,
-        },
-    }
-
-
-def model_body(view: TaskView | None) -> dict[str, Any]:
-    """A task as an OpenAI model (`None`: the `auto` model, retrieval's choice per prompt)."""
-    if view is None:
-        return {"id": AUTO, "object": "model", "created": 0, "owned_by": "premoe", "premoe": {"retrieval": True}}
-    try:
-        created = int(datetime.fromisoformat(view.created).timestamp())
-    except ValueError:
-        created = 0
-    return {
-        "id": view.name,
-        "object": "model",
-        "created": created,
-        "owned_by": "premoe",
-        "premoe": {
-            "description": view.description,
-            "criterion": view.criterion,
-            "pattern_experts": view.pattern.size,
-            "pattern_bytes": view.pattern_bytes,
-            "demo_coverage": view.demo_coverage,
-        },
-    }
-
-
-def error_body(message: str, kind: str, param: str | None, code: str | None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
