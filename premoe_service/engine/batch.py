@@ -10,7 +10,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from ..runtime import PatternedModel
-from ..runtime.context import PatternMasks, RoutingContext, routing
+from ..runtime.context import RoutingContext, routing
 from .kv import KVBatch
 from .request import Request
 
@@ -19,9 +19,8 @@ class RunningBatch:
     """Rows join after a prefill (their KV rows merged) and leave at token boundaries (their rows dropped); the
     decode step's routing context is rebuilt only when the rows change."""
 
-    def __init__(self, engine: PatternedModel, masks: PatternMasks) -> None:
+    def __init__(self, engine: PatternedModel) -> None:
         self.engine = engine
-        self.masks = masks
         self.requests: list[Request] = []  # in KV row order
         self.kv: KVBatch | None = None
         self._context: RoutingContext | None = None
@@ -54,7 +53,7 @@ class RunningBatch:
         ids = torch.tensor([[r.generated[-1]] for r in self.requests], device=self.engine.device)
         if self._context is None:
             patterns = [r.pattern for r in self.requests]
-            self._context = RoutingContext.build(self.engine, patterns, 1, masks=self.masks)
+            self._context = RoutingContext.build(self.engine, patterns, 1)
         return ids, mask, positions, self._context
 
 

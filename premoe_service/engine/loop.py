@@ -14,7 +14,7 @@ from transformers import DynamicCache
 
 from ..errors import ResourceExhausted, Unavailable
 from ..runtime import PatternedModel
-from ..runtime.context import PatternMasks, RoutingContext
+from ..runtime.context import RoutingContext
 from ..runtime.residency import Residency
 from .admission import Admission
 from .batch import RunningBatch, forward
@@ -67,9 +67,8 @@ class EngineLoop:
         self.loader = Loader(engine, source, gate=loader_gate, wake=self._wake.set)
         self.admission = Admission(engine, residency, self.loader)
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
-        self._masks = PatternMasks(engine)
         self.waiting: list[Request] = []  # FIFO: waiting for slots, loading, or ready for a row
-        self.batch = RunningBatch(engine, self._masks)
+        self.batch = RunningBatch(engine)
         self._thread: threading.Thread | None = None
         self._closed = False
         self.moe_layers = len(engine.spec.moe_layers)
@@ -189,9 +188,7 @@ class EngineLoop:
         lengths = [len(r.prompt_ids) for r in chosen]
         keep_scores = any(r.coverage_floor > 0 and not r.widened for r in chosen)
         patterns = [r.pattern for r in chosen]
-        context = RoutingContext.build(
-            self.engine, patterns, ids.shape[1], lengths, keep_scores=keep_scores, masks=self._masks
-        )
+        context = RoutingContext.build(self.engine, patterns, ids.shape[1], lengths, keep_scores=keep_scores)
         scoring = chosen[0].params.prompt_logprobs  # then it is alone, and every position's logits are kept
         cache = DynamicCache()
         logits = self._forward(chosen, context, ids, mask, positions, cache, 0 if scoring else 1)

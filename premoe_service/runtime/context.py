@@ -56,18 +56,21 @@ class RoutingContext:
         lengths: Sequence[int] | None = None,
         *,
         keep_scores: bool = False,
-        masks: PatternMasks | None = None,
     ) -> RoutingContext:
         """The context of a `[len(patterns), seq_len]` batch whose row `b` is left-padded to `seq_len` from
         `lengths[b]` real tokens (default: no padding)."""
         device = engine.device
-        masks = masks or PatternMasks(engine)
-        distinct: dict[int, int] = {}
-        row_pattern = [distinct.setdefault(id(p), len(distinct)) for p in patterns]
-        unique = {index: p for p, index in ((p, distinct[id(p)]) for p in patterns)}
+        index: dict[int, int] = {}
+        unique: list[Pattern] = []
+        for pattern in patterns:
+            if id(pattern) not in index:
+                index[id(pattern)] = len(unique)
+                unique.append(pattern)
+        row_pattern = [index[id(p)] for p in patterns]
+        masks = [engine.excluded_masks(p) for p in unique]
         tables: dict[int, Tensor | None] = {}
         for layer in engine.spec.moe_layers:
-            per_pattern = [masks.get(unique[i], layer) for i in range(len(unique))]
+            per_pattern = [m[layer] for m in masks]
             if all(m is None for m in per_pattern):
                 tables[layer] = None
             else:
@@ -128,33 +131,6 @@ class RoutingContext:
             kept = scores.masked_fill(self._stacked[1], 0.0).sum(-1)
             share = (kept / scores.sum(-1).clamp_min(1e-30)).sum(0) * self.token_weight  # [T]
         return coverage.index_add_(0, self.token_row, share.double())
-
-
-class PatternMasks:
-    """Excluded-expert masks `[E]` per (pattern, layer) on the engine's device, cached for patterns in use."""
-
-    def __init__(self, engine: PatternedModel, keep: int = 256) -> None:
-        self.engine = engine
-        self.keep = keep
-        self._cache: dict[int, tuple[Pattern, dict[int, Tensor | None]]] = {}
-
-    def get(self, pattern: Pattern, layer: int) -> Tensor | None:
-        entry = self._cache.get(id(pattern))
-        if entry is None or entry[0] is not pattern:
-            num_experts = self.engine.spec.num_experts
-            entry = (
-                pattern,
-                {
-                    lay: None
-                    if len(pattern.kept(lay)) == num_experts
-                    else pattern.excluded(lay, num_experts, self.engine.device)
-                    for lay in self.engine.spec.moe_layers
-                },
-            )
-            self._cache[id(pattern)] = entry
-            while len(self._cache) > self.keep:
-                self._cache.pop(next(iter(self._cache)))
-        return entry[1][layer]
 
 
 @contextmanager

@@ -180,7 +180,7 @@ class PatternedModel:
         if self.pattern is pattern and self._active_versions == versions:
             return
         num_experts = self.spec.num_experts
-        masks = self._masks(pattern)
+        masks = self.excluded_masks(pattern)
         for layer, router in self.routers.items():
             slots = self.slots[layer]
             missing = [e for e in pattern.kept(layer) if e not in slots.slot_of]
@@ -208,8 +208,9 @@ class PatternedModel:
                 self._published[layer] = slots.version
         self._active_versions = ()  # `activate` re-points the routers when used again
 
-    def _masks(self, pattern: Pattern) -> dict[int, torch.Tensor | None]:
-        """Excluded-expert masks of a pattern on the device, kept for the last few patterns used."""
+    def excluded_masks(self, pattern: Pattern) -> dict[int, torch.Tensor | None]:
+        """Per MoE layer, the `[E]` bool mask of the experts `pattern` excludes, on the device (None: it keeps
+        them all); kept for the patterns used last (the running batch's and the activated one)."""
         key = id(pattern)
         entry = self._mask_cache.get(key)
         if entry is None or entry[0] is not pattern:
@@ -222,7 +223,7 @@ class PatternedModel:
             }
             entry = (pattern, masks)
             self._mask_cache[key] = entry
-            while len(self._mask_cache) > 16:
+            while len(self._mask_cache) > 256:
                 self._mask_cache.pop(next(iter(self._mask_cache)))
         return entry[1]
 
