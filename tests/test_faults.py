@@ -26,7 +26,7 @@ from premoe_service.families.tiny import save_tiny_checkpoint
 from premoe_service.fsutil import is_temp_name
 from premoe_service.profiler.profile import Profile
 from premoe_service.retrieval import Embedder, LocalProfileStore, RedisProfileStore, Registry, open_profile_store
-from premoe_service.serving import GenerationResult, PreMoeService, SamplingParams, ServiceConfig
+from premoe_service.serving import GenerationResult, SamplingParams, ServiceConfig, ServingCore
 from premoe_service.store import RedisCache, Store, shard
 
 FINGERPRINT = "test"  # the fingerprint of the conftest's demo profiles
@@ -56,7 +56,7 @@ def temp_files(*folders: Path) -> list[str]:
     return [p.name for folder in folders if folder.is_dir() for p in folder.iterdir() if is_temp_name(p.name)]
 
 
-def generate(service: PreMoeService, prompt: str = "def add(a, b):") -> GenerationResult:
+def generate(service: ServingCore, prompt: str = "def add(a, b):") -> GenerationResult:
     *_, result = service.generate(prompt, SamplingParams(max_new_tokens=3))
     assert isinstance(result, GenerationResult)
     return result
@@ -220,10 +220,10 @@ def test_wrongtype_and_oom_replies_are_cache_misses_and_degrade_health(
     for key in keys:
         client.lpush(key, "not an expert")  # WRONGTYPE for GET
 
-    service = PreMoeService(ServiceConfig(store=store_dir, device="cpu", redis_url=own_redis.url), embedder=embedder)
+    service = ServingCore(ServiceConfig(store=store_dir, device="cpu", redis_url=own_redis.url), embedder=embedder)
     reference = generate(service)
     assert reference.loads["disk"] == reference.plan.pattern.size and reference.loads["cache"] == 0
-    assert service.stats()["cache_health"] == "degraded"
+    assert service.stats().cache_health == "degraded"
     assert isinstance(service.cache, RedisCache) and service.cache.counters.failures >= 1
     assert [client.type(key) for key in keys] == [b"string"] * len(keys)  # repaired by the puts from disk
     service.close()
@@ -232,12 +232,10 @@ def test_wrongtype_and_oom_replies_are_cache_misses_and_degrade_health(
     client.config_set("maxmemory-policy", "noeviction")
     client.config_set("maxmemory", 1)  # every write is refused with OOM; reads still work
     try:
-        service = PreMoeService(
-            ServiceConfig(store=store_dir, device="cpu", redis_url=own_redis.url), embedder=embedder
-        )
+        service = ServingCore(ServiceConfig(store=store_dir, device="cpu", redis_url=own_redis.url), embedder=embedder)
         result = generate(service)
         assert result.token_ids == reference.token_ids and result.loads["disk"] == result.plan.pattern.size
-        assert service.stats()["cache_health"] == "degraded"
+        assert service.stats().cache_health == "degraded"
         assert client.keys("premoe:*") == []  # no expert was written
         # Only what needs Redis fails: a registration in the shared registry, named.
         with pytest.raises(Unavailable) as info:
@@ -311,7 +309,7 @@ def test_a_shard_damaged_after_its_first_read_is_detected_and_never_cached(
     assert not client.exists(key)  # never copied into Redis
     assert experts.read_blob(1, 2)[1] == "disk"  # its neighbours are fine
 
-    service = PreMoeService(ServiceConfig(store=copy, device="cpu"), embedder=embedder)
+    service = ServingCore(ServiceConfig(store=copy, device="cpu"), embedder=embedder)
     with pytest.raises(DataCorruption, match="expert 3 of layer 1"):  # the request fails, DATA_LOSS at the doors
         generate(service)
     service.close()

@@ -13,7 +13,7 @@ from premoe_service.client import PreMoeClient
 from premoe_service.errors import InvalidArgument
 from premoe_service.families.tiny import save_tiny_checkpoint
 from premoe_service.server import running_server
-from premoe_service.serving import GenerationResult, PreMoeService, SamplingParams, ServiceConfig
+from premoe_service.serving import GenerationResult, SamplingParams, ServiceConfig, ServingCore
 from premoe_service.store import shard
 
 
@@ -44,13 +44,13 @@ def service(store: Path, embedder, tmp_path_factory):
     config = ServiceConfig(
         store=store, profiles=tmp_path_factory.mktemp("profiles"), device="cpu", max_prompt_bytes=1000
     )
-    service = PreMoeService(config, embedder=embedder)
+    service = ServingCore(config, embedder=embedder)
     service.tokenizer = CountingTokenizer(service.tokenizer)
     yield service
     service.close()
 
 
-def generate(service: PreMoeService, prompt: str, **options: Any) -> GenerationResult:
+def generate(service: ServingCore, prompt: str, **options: Any) -> GenerationResult:
     *_, result = service.generate(prompt, SamplingParams(**options))
     assert isinstance(result, GenerationResult)
     return result
@@ -59,7 +59,7 @@ def generate(service: PreMoeService, prompt: str, **options: Any) -> GenerationR
 @pytest.mark.parametrize("prompt", ["x" * 1001, "é" * 501, "🙂" * 251])
 def test_an_oversized_prompt_is_refused_before_it_is_tokenized_or_embedded(service, prompt: str) -> None:
     before = service.tokenizer.calls
-    for call in (lambda: service.plan(prompt), lambda: generate(service, prompt, max_new_tokens=2)):
+    for call in (lambda: service.route(prompt), lambda: generate(service, prompt, max_new_tokens=2)):
         with pytest.raises(InvalidArgument, match="1000 bytes") as info:
             call()
         assert info.value.field == "prompt"

@@ -224,6 +224,7 @@ def test_stats_and_metrics(client, server) -> None:
     handle, _ = server
     client.register("metered", CODE_DEMOS[:2], experts_per_layer=3, replace=True)
     client.generate(PROMPT, max_new_tokens=3, task="metered")
+    wait_idle(handle)  # a finished row leaves the batch at the end of its step, just after its reply went out
     stats = client.stats()
     resident = sum(len(slots.slot_of) for slots in handle.service.engine.slots.values())
     assert stats.capacity_experts == 24 and stats.resident_experts == resident >= 9

@@ -13,7 +13,7 @@ import torch
 from premoe_service.families.tiny import save_tiny_checkpoint
 from premoe_service.profiler import Demo, Profile, Selection
 from premoe_service.retrieval import RedisProfileStore
-from premoe_service.serving import GenerationResult, PreMoeService, SamplingParams, ServiceConfig
+from premoe_service.serving import GenerationResult, SamplingParams, ServiceConfig, ServingCore
 from premoe_service.store import Store, shard
 
 CODE = [Demo("def add(a, b):\n    return a + b\n"), Demo("for i in range(3):\n    print(i)\n")]
@@ -37,31 +37,31 @@ def grouped_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_store(tmp_path_factory.mktemp("serving-grouped"), "deepseek_v3")
 
 
-def run(service: PreMoeService, prompt: str, **kwargs) -> GenerationResult:
+def run(service: ServingCore, prompt: str, **kwargs) -> GenerationResult:
     *pieces, result = service.generate(prompt, SamplingParams(max_new_tokens=4), **kwargs)
     assert isinstance(result, GenerationResult) and all(isinstance(p, str) for p in pieces)
     return result
 
 
 def test_low_coverage_widens_the_pattern_with_the_prompts_experts(store: Path, embedder) -> None:
-    service = PreMoeService(ServiceConfig(store=store, device="cpu", coverage_floor=0.95), embedder=embedder)
+    service = ServingCore(ServiceConfig(store=store, device="cpu", coverage_floor=0.95), embedder=embedder)
     service.register_task("code", CODE, selection=Selection("tcess", "top_k", 2, "experts"))
     result = run(service, "def add(a, b):", task="code")
     assert result.widened
     assert result.plan.pattern.size > 6  # more than 2 experts in each of the 3 layers
     assert result.coverage > 0.5
 
-    relaxed = PreMoeService(ServiceConfig(store=store, device="cpu", coverage_floor=0.0), embedder=embedder)
+    relaxed = ServingCore(ServiceConfig(store=store, device="cpu", coverage_floor=0.0), embedder=embedder)
     relaxed.register_task("code", CODE, selection=Selection("tcess", "top_k", 2, "experts"))
     kept = run(relaxed, "def add(a, b):", task="code")
     assert not kept.widened and kept.plan.pattern.size == 6 and kept.coverage < result.coverage
 
 
 def test_no_match_falls_back_to_the_union_of_the_nearest_tasks(store: Path, embedder) -> None:
-    service = PreMoeService(ServiceConfig(store=store, device="cpu", route_threshold=0.99), embedder=embedder)
+    service = ServingCore(ServiceConfig(store=store, device="cpu", route_threshold=0.99), embedder=embedder)
     code = service.register_task("code", CODE, selection=Selection("tcess", "top_k", 3, "experts"))
     math = service.register_task("math", MATH, selection=Selection("tcess", "top_k", 3, "experts"))
-    plan = service.plan("def sub(a, b): return a - b")
+    plan = service.route("def sub(a, b): return a - b")
     assert plan.decision == "fallback" and plan.fallback_tasks
     union = code.pattern.union(math.pattern) if len(plan.fallback_tasks) == 2 else None
     expected = union or (code.pattern if plan.fallback_tasks == ["code"] else math.pattern)
@@ -69,7 +69,7 @@ def test_no_match_falls_back_to_the_union_of_the_nearest_tasks(store: Path, embe
 
 
 def test_requests_share_resident_experts(store: Path, embedder) -> None:
-    service = PreMoeService(ServiceConfig(store=store, device="cpu", budget="0.5"), embedder=embedder)
+    service = ServingCore(ServiceConfig(store=store, device="cpu", budget="0.5"), embedder=embedder)
     service.register_task("code", CODE, selection=Selection("tcess", "top_k", 4, "experts"))
     first = run(service, "def f(x):", task="code")
     assert first.loads["device"] == 0 and first.loads["cache"] + first.loads["disk"] == 12
@@ -92,13 +92,13 @@ def test_requests_share_resident_experts(store: Path, embedder) -> None:
     assert not errors, errors
     assert len(results) == 3
     assert all(r.loads == {"device": 12, "cache": 0, "disk": 0} for r in results)  # nothing loaded again
-    assert service.stats()["tasks"]["code"][0] == 4
+    assert service.stats().tasks["code"][0] == 4
 
 
 def test_widening_under_group_routing_keeps_every_group_routable(grouped_store: Path, embedder) -> None:
     # 7 slots per layer: a widening that entered a group with one expert, or left a group with one, would be a
     # pattern DeepSeek-V3's routing cannot run (a group is scored by its best two experts).
-    service = PreMoeService(
+    service = ServingCore(
         ServiceConfig(store=grouped_store, device="cpu", budget=str(7 / 16), coverage_floor=0.99), embedder=embedder
     )
     service.register_task("code", CODE, selection=Selection("tcess", "top_k", 4, "experts"))
@@ -114,7 +114,7 @@ def test_widening_under_group_routing_keeps_every_group_routable(grouped_store: 
 
 
 def test_the_fallback_is_trimmed_to_the_slots_by_summed_normalised_scores(store: Path, embedder) -> None:
-    service = PreMoeService(ServiceConfig(store=store, device="cpu", budget="0.5"), embedder=embedder)  # 4 slots
+    service = ServingCore(ServiceConfig(store=store, device="cpu", budget="0.5"), embedder=embedder)  # 4 slots
     profiles = []
     for name, demos in (("code", CODE), ("math", MATH)):
         service.register_task(name, demos, selection=Selection("tcess", "top_k", 4, "experts"))
@@ -148,13 +148,13 @@ def test_local_profiles_seed_the_shared_registry_in_redis(store: Path, embedder,
     shared.write(profile("math", "already shared"), replace=False)
 
     config = ServiceConfig(store=store, device="cpu", profiles=tmp_path, redis_url=redis_server.url)
-    service = PreMoeService(config, embedder=embedder)
+    service = ServingCore(config, embedder=embedder)
     assert sorted(shared.revisions()) == ["code", "math"]
     assert shared.read("code")[0].description == "local"  # seeded from the local file
     assert shared.read("math")[0].description == "already shared"  # what Redis holds is never overwritten
     assert sorted(service.registry.names()) == ["code", "math"]
     # A replica with no local profiles serves the same tasks from Redis.
-    replica = PreMoeService(ServiceConfig(store=store, device="cpu", redis_url=redis_server.url), embedder=embedder)
+    replica = ServingCore(ServiceConfig(store=store, device="cpu", redis_url=redis_server.url), embedder=embedder)
     assert replica.registry.get("code").description == "local"
     service.close()
     replica.close()

@@ -142,7 +142,7 @@ class PatternedModel:
         """
         pattern.validate(self.spec)
         report = ApplyReport()
-        plans = {layer: self.slots[layer].plan(pattern.kept(layer), layer) for layer in self.spec.moe_layers}
+        plans = {layer: self.slots[layer].assign(pattern.kept(layer), layer) for layer in self.spec.moe_layers}
         for layer, plan in plans.items():
             slots, experts = self.slots[layer], self.experts_module(layer)
             for expert, slot in plan:

@@ -134,7 +134,7 @@ class Residency:
             while True:
                 try:
                     for layer in self.engine.spec.moe_layers:
-                        self.engine.slots[layer].plan(pattern.kept(layer), layer)
+                        self.engine.slots[layer].assign(pattern.kept(layer), layer)
                     break
                 except ResourceExhausted:
                     remaining = deadline - time.monotonic()
@@ -178,7 +178,7 @@ class Residency:
         with self._cond:
             try:
                 plans = {
-                    layer: self.engine.slots[layer].plan(kept[layer], layer) for layer in self.engine.spec.moe_layers
+                    layer: self.engine.slots[layer].assign(kept[layer], layer) for layer in self.engine.spec.moe_layers
                 }
             except ResourceExhausted:
                 self.stats.waits += 1

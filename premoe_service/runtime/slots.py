@@ -89,7 +89,7 @@ class LayerSlots:
     def resident(self) -> set[int]:
         return set(self.slot_of)
 
-    def plan(self, wanted: Iterable[int], layer: int) -> list[tuple[int, int]]:
+    def assign(self, wanted: Iterable[int], layer: int) -> list[tuple[int, int]]:
         """Slots for the wanted experts not yet resident: free slots first, then the slots of `victims`
         (least recently used unpinned experts outside `wanted`). Returns (expert, slot) pairs in expert
         order; raises when they cannot fit."""
@@ -128,7 +128,7 @@ class LayerSlots:
         return order[:count]
 
     def reserve_all(self, plan: Iterable[tuple[int, int]]) -> int:
-        """`reserve` for each (expert, slot) of a plan; returns how many experts were evicted."""
+        """`reserve` for each (expert, slot) pair of an assignment; returns how many experts were evicted."""
         expert_in_slot, slot_of, last_used, loading = self.expert_in_slot, self.slot_of, self.last_used, self.loading
         evicted = 0
         for expert, slot in plan:  # `reserve` inlined: a switch at DeepSeek-V3 scale reserves thousands

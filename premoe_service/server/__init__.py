@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .app import PreMoeServer, create_server, running_server, serve
+    from .app import ServerApp, create_server, running_server, serve
 
-__all__ = ["PreMoeServer", "create_server", "running_server", "serve"]
+__all__ = ["ServerApp", "create_server", "running_server", "serve"]
 
 
 def __getattr__(name: str) -> Any:

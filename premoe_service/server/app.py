@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..retrieval import Embedder
-from ..serving import PreMoeService, ServiceConfig
+from ..serving import ServiceConfig, ServingCore
 from .auth import Access
 from .gen import premoe_pb2 as pb
 from .gen import premoe_pb2_grpc as pb_grpc
@@ -28,18 +28,18 @@ from .http_types import MAX_BODY_BYTES
 from .interceptor import ErrorInterceptor
 from .metrics import Metrics
 from .security import check_exposure, check_tls_files, grpc_credentials, uvicorn_tls
-from .servicer import PreMoeServicer
+from .servicer import GrpcDoor
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PreMoe"].full_name
 
 
 @dataclass
-class PreMoeServer:
+class ServerApp:
     """A started-or-not gRPC server (and HTTP door) with its service, health and metrics."""
 
     grpc_server: grpc.aio.Server
-    service: PreMoeService
+    service: ServingCore
     health: health.aio.HealthServicer
     executor: ThreadPoolExecutor
     metrics: Metrics
@@ -74,7 +74,7 @@ class PreMoeServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await asyncio.sleep(min(0.2, grace))  # let health watchers and load balancers see it
-        in_flight = self.service.loop.in_flight()
+        in_flight = self.service.in_flight()
         http_stopped = asyncio.get_running_loop().run_in_executor(None, self.http.stop) if self.http else None
         await self.grpc_server.stop(grace)
         if http_stopped is not None:
@@ -85,7 +85,7 @@ class PreMoeServer:
         return sum(r.finish_reason not in ("eos", "length", "stop") for r in in_flight)
 
 
-def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) -> tuple[PreMoeServer, int]:
+def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) -> tuple[ServerApp, int]:
     """Build the service and bind its gRPC server and, with `config.http_port`, its HTTP door (call `start()` inside
     an event loop). Port 0 picks one; the HTTP door's is `handle.http_port`.
 
@@ -97,7 +97,7 @@ def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) ->
     access = Access(config.admin_token, config.api_key)
     check_exposure(config)
     check_tls_files(config)
-    service = PreMoeService(config, embedder=embedder)
+    service = ServingCore(config, embedder=embedder)
     metrics = Metrics()
     metrics.watch_engine(service.loop.stats, service.residency.stats)
     # Routing, tokenizing and task administration run here; generation runs in the engine loop, and the doors
@@ -110,7 +110,7 @@ def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) ->
             ("grpc.max_send_message_length", MAX_BODY_BYTES),
         ],
     )
-    pb_grpc.add_PreMoeServicer_to_server(PreMoeServicer(service, executor, metrics), server)
+    pb_grpc.add_PreMoeServicer_to_server(GrpcDoor(service, executor, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -125,7 +125,7 @@ def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) ->
     if port == 0:
         service.close()
         raise OSError(f"cannot bind {address}{bind_error}")
-    handle = PreMoeServer(server, service, health_servicer, executor, metrics)
+    handle = ServerApp(server, service, health_servicer, executor, metrics)
     if config.http_port is not None:
         api = OpenAIApi(service, executor, access, handle.serving, metrics)
         try:
@@ -164,13 +164,13 @@ def serve(config: ServiceConfig) -> int:
 
 
 @contextmanager
-def running_server(config: ServiceConfig, *, embedder: Embedder | None = None) -> Iterator[tuple[PreMoeServer, int]]:
+def running_server(config: ServiceConfig, *, embedder: Embedder | None = None) -> Iterator[tuple[ServerApp, int]]:
     """Run a server on its own event loop thread for the duration of the block (tests, demos, benches)."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="premoe-grpc", daemon=True)
     thread.start()
 
-    async def create_and_start() -> tuple[PreMoeServer, int]:
+    async def create_and_start() -> tuple[ServerApp, int]:
         handle, port = create_server(config, embedder=embedder)  # grpc.aio binds to the running loop
         await handle.start()
         return handle, port

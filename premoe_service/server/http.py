@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP door: a Starlette app over the gRPC server's own PreMoeService (served by
+"""The OpenAI-compatible HTTP door: a Starlette app over the gRPC server's own ServingCore (served by
 `http_door.HttpDoor`); each endpoint decodes, calls one domain function off the loop, encodes."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from ..errors import InvalidArgument, PreMoeError
 from ..names import check_task_name
-from ..serving import GenerationResult, PreMoeService
+from ..serving import GenerationResult, ServingCore
 from ..serving.results import Submission
 from .auth import Access
 from .http_io import BodyTooLarge, chain, read_json, sse, watch_disconnect
@@ -72,7 +72,7 @@ class OpenAIApi:
 
     def __init__(
         self,
-        service: PreMoeService,
+        service: ServingCore,
         executor: ThreadPoolExecutor,
         access: Access,
         serving: threading.Event,
@@ -230,7 +230,7 @@ class OpenAIApi:
             return
         if ttft is not None:
             self.metrics.ttft.observe(ttft)
-        resident = self.service.residency.resident_experts() * self.service.store.manifest.expert_nbytes
+        resident = self.service.resident_bytes()
         self.metrics.generation(result.plan.task, result.loads, result.timings, result.coverage, resident)
 
     def _record(self, chat: bool, code: grpc.StatusCode, start: float) -> None:

@@ -12,7 +12,7 @@ from typing import TypeVar
 import grpc
 
 from ..errors import DeadlineExceeded, Unavailable
-from ..serving import GenerationResult, PreMoeService
+from ..serving import GenerationResult, ServingCore
 from .gen import premoe_pb2 as pb
 from .gen import premoe_pb2_grpc as pb_grpc
 from .metrics import Metrics
@@ -29,10 +29,10 @@ from .types import (
 T = TypeVar("T")
 
 
-class PreMoeServicer(pb_grpc.PreMoeServicer):
+class GrpcDoor(pb_grpc.PreMoeServicer):
     """Thin: no logic beyond decoding, one domain call, encoding. Errors are mapped by the interceptor."""
 
-    def __init__(self, service: PreMoeService, executor: ThreadPoolExecutor, metrics: Metrics | None = None) -> None:
+    def __init__(self, service: ServingCore, executor: ThreadPoolExecutor, metrics: Metrics | None = None) -> None:
         self.service = service
         self.executor = executor
         self.metrics = metrics
@@ -105,12 +105,12 @@ class PreMoeServicer(pb_grpc.PreMoeServicer):
             result.loads,
             result.timings,
             result.coverage,
-            self.service.residency.resident_experts() * self.service.store.manifest.expert_nbytes,
+            self.service.resident_bytes(),
         )
 
     async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:
         prompt = request.prompt
-        return route_to_pb(await self._run(lambda: self.service.plan(prompt)))
+        return route_to_pb(await self._run(lambda: self.service.route(prompt)))
 
     async def RegisterTask(self, request: pb.RegisterTaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskInfo:
         call = RegisterCall.from_pb(request, self.service.config)

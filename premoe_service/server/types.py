@@ -10,7 +10,7 @@ from ..errors import InvalidArgument, PreMoeError
 from ..names import check_task_name
 from ..profiler import Demo, Selection
 from ..profiler.profile import CRITERIA
-from ..serving import GenerationResult, RoutePlan, SamplingParams, ServiceConfig, TaskView
+from ..serving import GenerationResult, RoutePlan, SamplingParams, ServiceConfig, ServiceStats, TaskView
 from .gen import premoe_pb2 as pb
 
 DEFAULT_NEW_TOKENS = 64
@@ -167,17 +167,17 @@ def task_to_pb(view: TaskView) -> pb.TaskInfo:
     )
 
 
-def service_stats_to_pb(stats: dict) -> pb.GetStatsResponse:
+def service_stats_to_pb(stats: ServiceStats) -> pb.GetStatsResponse:
     return pb.GetStatsResponse(
-        resident_experts=stats["resident_experts"],
-        capacity_experts=stats["capacity_experts"],
-        resident_bytes=stats["resident_bytes"],
-        budget_bytes=stats["budget_bytes"],
-        loads=pb.ExpertLoads(**stats["loads"], bytes=stats["loaded_bytes"]),
-        evictions=stats["evictions"],
-        tasks=[pb.TaskStats(task=t, requests=r, mean_coverage=c) for t, (r, c) in sorted(stats["tasks"].items())],
-        cache_health=stats["cache_health"],
-        in_flight=stats["in_flight"],
-        queued=stats["queued"],
-        generated_tokens=stats["generated_tokens"],
+        resident_experts=stats.resident_experts,
+        capacity_experts=stats.capacity_experts,
+        resident_bytes=stats.resident_bytes,
+        budget_bytes=stats.budget_bytes,
+        loads=pb.ExpertLoads(**stats.loads, bytes=stats.loaded_bytes),
+        evictions=stats.evictions,
+        tasks=[pb.TaskStats(task=t, requests=r, mean_coverage=c) for t, (r, c) in sorted(stats.tasks.items())],
+        cache_health=stats.cache_health,
+        in_flight=stats.in_flight,
+        queued=stats.queued,
+        generated_tokens=stats.generated_tokens,
     )

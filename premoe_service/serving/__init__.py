@@ -2,16 +2,17 @@
 
 from ..engine import SamplingParams
 from .config import ServiceConfig
-from .results import GenerationResult, RoutePlan, Submission
-from .service import PreMoeService
+from .results import GenerationResult, RoutePlan, ServiceStats, Submission
+from .service import ServingCore
 from .tasks import TaskView
 
 __all__ = [
     "GenerationResult",
-    "PreMoeService",
     "RoutePlan",
     "SamplingParams",
     "ServiceConfig",
+    "ServiceStats",
+    "ServingCore",
     "Submission",
     "TaskView",
 ]

@@ -13,20 +13,22 @@ from typing import Any
 import torch
 
 from ..engine import BatchLimits, EngineLoop, Outcome, Request, SamplingParams
-from ..errors import InvalidArgument, NotFound, Unavailable
+from ..errors import NotFound, Unavailable
 from ..pattern import Pattern
 from ..profiler import Demo, Selection
 from ..retrieval import Embedder, ProfileStore, Registry, RoutePolicy, check_prompt, open_profile_store
 from ..runtime.build import load_engine
 from ..store import Store, open_cache
 from .config import ServiceConfig
-from .results import GenerationResult, RoutePlan, Submission, TaskCounters
+from .limits import check_prompt_bytes, check_prompt_tokens
+from .results import GenerationResult, RoutePlan, ServiceStats, Submission, TaskCounters
 from .tasks import TaskBook, TaskView
+from .widen import widen_pattern
 
 log = logging.getLogger(__name__)
 
 
-class PreMoeService:
+class ServingCore:
     """Everything the gRPC servicer calls; no gRPC types in here.
 
     Args:
@@ -74,6 +76,10 @@ class PreMoeService:
             threads=config.engine_threads or max(1, (os.cpu_count() or 1) - 1),
         ).start()
 
+    def in_flight(self) -> list[Request]:
+        """The requests queued or running in the engine loop now."""
+        return self.loop.in_flight()
+
     def close(self) -> None:
         """Stop the engine loop (requests still queued or running fail with UNAVAILABLE)."""
         self.stopping.set()
@@ -85,9 +91,9 @@ class PreMoeService:
 
     # --- routing -----------------------------------------------------------------------------------
 
-    def plan(self, prompt: str, task: str | None = None) -> RoutePlan:
+    def route(self, prompt: str, task: str | None = None) -> RoutePlan:
         """The pattern for a prompt: the named task's, the matched task's, or the fallback."""
-        self._check_prompt_size(prompt)
+        check_prompt_bytes(prompt, self.config.max_prompt_bytes)
         check_prompt(prompt)
         start = time.perf_counter()
         if task:
@@ -156,9 +162,12 @@ class PreMoeService:
             raise Unavailable("the server is shutting down", field="server")
         params.check(self.config.max_new_tokens_limit)
         started = time.perf_counter()
-        plan = self.plan(prompt, task)
+        plan = self.route(prompt, task)
         ids: list[int] = self.tokenizer(prompt)["input_ids"]
-        self._check_prompt_tokens(len(ids), params.max_new_tokens)
+        context = getattr(self.engine.config, "max_position_embeddings", None)
+        check_prompt_tokens(
+            len(ids), params.max_new_tokens, self.config.max_prompt_tokens, None if context is None else int(context)
+        )
         floor = self.config.coverage_floor
         request = Request(
             ids,
@@ -176,30 +185,6 @@ class PreMoeService:
         self.loop.submit(request)
         return Submission(request, plan, started, self._count)
 
-    def _check_prompt_size(self, prompt: str) -> None:
-        """Refuse an oversized prompt before any tokenizing or embedding (bytes without encoding when possible)."""
-        limit = self.config.max_prompt_bytes
-        if isinstance(prompt, str) and len(prompt) * 4 > limit:  # a character is at most 4 UTF-8 bytes
-            size = len(prompt) if len(prompt) > limit else len(prompt.encode("utf-8", "surrogatepass"))
-            if size > limit:
-                raise InvalidArgument(f"prompt is over {limit} bytes (the server's limit)", field="prompt")
-
-    def _check_prompt_tokens(self, count: int, new_tokens: int) -> None:
-        """The prompt fits the token limit, and with its new tokens the model's context."""
-        if count == 0:
-            raise InvalidArgument("prompt encodes to no tokens", field="prompt")
-        limit = self.config.max_prompt_tokens
-        context = getattr(self.engine.config, "max_position_embeddings", None)
-        if context is not None:
-            limit = min(limit, int(context) - 1)
-        if count > limit:
-            raise InvalidArgument(f"prompt has {count} tokens, the limit is {limit}", field="prompt")
-        if context is not None and count + new_tokens > context:
-            raise InvalidArgument(
-                f"{count} prompt tokens + {new_tokens} new tokens exceed the model's context of {context}",
-                field="max_new_tokens",
-            )
-
     def preload(self, tasks: Sequence[str]) -> None:
         """Load the tasks' experts now (one one-token request each, through the engine loop), so that their
         first requests find them resident. Unknown tasks fail with NOT_FOUND naming `preload`."""
@@ -213,27 +198,8 @@ class PreMoeService:
             log.info("preloaded task %s: %s", name, outcome.loads if isinstance(outcome, Outcome) else outcome)
 
     def _widen(self, pattern: Pattern, prompt_scores: dict[int, torch.Tensor], floor: float) -> Pattern:
-        """Add, per layer, the experts the prompt's tokens wanted most until the prompt's mean router mass
-        on the pattern reaches `floor` or the layer's slots are full."""
-        routing = self.spec.routing
-        layers = {}
-        for layer in self.spec.moe_layers:
-            kept = list(pattern.kept(layer))
-            scores = prompt_scores.get(layer)
-            capacity = self.engine.slots[layer].capacity
-            if scores is not None:
-                share = float(scores[kept].sum())
-                order = sorted(range(len(scores)), key=lambda e: (-float(scores[e]), e))
-                for expert in order:
-                    if share >= floor or len(kept) >= capacity:
-                        break
-                    # Group-limited routing may need the expert's group entered with a partner, or not at all.
-                    added = [] if expert in kept else routing.joining(kept, expert, order)
-                    if added and len(kept) + len(added) <= capacity:
-                        kept += added
-                        share += float(scores[added].sum())
-            layers[layer] = kept
-        return Pattern.build(self.spec, layers)
+        capacity = {layer: slots.capacity for layer, slots in self.engine.slots.items()}
+        return widen_pattern(self.spec, capacity, pattern, prompt_scores, floor)
 
     def _count(self, task: str, coverage: float) -> None:
         with self._counter_lock:
@@ -270,27 +236,31 @@ class PreMoeService:
 
     # --- stats -------------------------------------------------------------------------------------
 
-    def stats(self) -> dict:
+    def resident_bytes(self) -> int:
+        """Bytes of routed experts resident on the device now."""
+        return self.residency.resident_experts() * self.store.manifest.expert_nbytes
+
+    def stats(self) -> ServiceStats:
         loads = self.store.stats.loads
         nbytes = self.store.manifest.expert_nbytes
         with self._counter_lock:
             tasks = {name: (c.requests, c.coverage_sum / max(c.requests, 1)) for name, c in self.counters.items()}
         resident = self.residency.resident_experts()
         capacity = self.residency.capacity()
-        return {
-            "resident_experts": resident,
-            "capacity_experts": capacity,
-            "resident_bytes": resident * nbytes,
-            "budget_bytes": capacity * nbytes,
-            "loads": {"device": loads["device"], "cache": loads["cache"], "disk": loads["disk"]},
-            "loaded_bytes": self.store.stats.bytes["cache"] + self.store.stats.bytes["disk"],
-            "evictions": self.residency.stats.evictions,
-            "tasks": tasks,
-            "cache_health": "degraded" if "degraded" in (self.store.health(), self.registry.health()) else "ok",
-            "in_flight": self.loop.stats.rows,
-            "queued": self.loop.stats.queued,
-            "generated_tokens": self.loop.stats.tokens,
-        }
+        return ServiceStats(
+            resident_experts=resident,
+            capacity_experts=capacity,
+            resident_bytes=resident * nbytes,
+            budget_bytes=capacity * nbytes,
+            loads={tier: loads[tier] for tier in ("device", "cache", "disk")},
+            loaded_bytes=self.store.stats.bytes["cache"] + self.store.stats.bytes["disk"],
+            evictions=self.residency.stats.evictions,
+            tasks=tasks,
+            cache_health="degraded" if "degraded" in (self.store.health(), self.registry.health()) else "ok",
+            in_flight=self.loop.stats.rows,
+            queued=self.loop.stats.queued,
+            generated_tokens=self.loop.stats.tokens,
+        )
 
 
 def _eos_ids(model: Any) -> set[int]:
