@@ -65,6 +65,7 @@ class Manifest:
         layers: Layer index -> its expert file and per-expert checksums (xxh3-64 hex).
         dense_checksum: xxh3-64 of the dense file's tensor bytes.
         source: Where the checkpoint came from and in which layout its experts were (`per_expert`/`fused`).
+        quantized: Quantized copies of the experts by precision, as `premoe_service.store.precisions` writes them.
     """
 
     family: str
@@ -77,6 +78,7 @@ class Manifest:
     layers: dict[int, LayerFile]
     dense_checksum: str = ""
     source: dict[str, Any] = field(default_factory=dict)
+    quantized: dict[str, Any] = field(default_factory=dict)  # precision -> its copy (store/precisions.py)
     format_version: int = STORE_FORMAT
 
     @property
@@ -124,6 +126,7 @@ class Manifest:
                 layers=layers,
                 dense_checksum=data.get("dense_checksum", ""),
                 source=data.get("source", {}),
+                quantized=dict(data.get("quantized", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DataCorruption(f"{path} is damaged: {exc}", field="manifest") from exc

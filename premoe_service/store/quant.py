@@ -1,0 +1,128 @@
+"""Group-wise integer quantization of routed experts in compressed-tensors' packed layout, and its inverse.
+
+A weight `W [out, in]` (the matmul's output rows, input columns) is cut into groups of `group_size` input
+columns. Each group gets a float16 scale and an integer zero point chosen by a small clipping search (the
+range that minimises the group's squared error), so `W ~ (q - zero) * scale` with `q` in the signed range
+of `bits`. The integers are stored exactly as compressed-tensors' `pack-quantized` format stores them (the
+layout vLLM reads): `weight_packed` int32 `[out, ceil(in * bits / 32)]` packed along the input dim,
+`weight_scale` `[out, in / group]`, `weight_zero_point` int32 packed along the output dim. The packing
+functions are compressed-tensors' own; dequantization is ours and is the one function that both the
+runtime's expert forward and the tests' "dequantized checkpoint" call, so the two see identical weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import InvalidArgument
+
+BITS: dict[str, int] = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
+PRECISIONS: tuple[str, ...] = ("full", *BITS)  # "full": the store's own dtype
+DEFAULT_GROUP_SIZE = 32
+SCALE_DTYPE = torch.float16
+_CLIP_SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)  # shares of each group's range tried
+TRANSPOSED_FAMILIES = frozenset({"gpt_oss"})  # experts stored [in, out]: quantized as their transpose
+
+
+def check_precision(name: str, field: str = "precision") -> str:
+    if name not in PRECISIONS:
+        raise InvalidArgument(f"unknown precision {name!r} (use {', '.join(PRECISIONS)})", field=field)
+    return name
+
+
+def parse_precisions(text: str, field: str = "precisions") -> tuple[str, ...]:
+    """`"int8,int4"` -> ("int8", "int4"); only quantized precisions (the full one is always there)."""
+    names = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    for name in names:
+        if name not in BITS:
+            raise InvalidArgument(f"unknown precision {name!r} (use {', '.join(BITS)})", field=field)
+    return names
+
+
+def _pack(q: Tensor, bits: int, packed_dim: int) -> Tensor:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    return pack_to_int32(q.to(torch.int8), bits, packed_dim=packed_dim)  # type: ignore[arg-type]
+
+
+def _unpack(packed: Tensor, bits: int, shape: tuple[int, int], packed_dim: int) -> Tensor:
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    return unpack_from_int32(packed, bits, torch.Size(shape), packed_dim=packed_dim)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """One weight in packed form. Shapes: packed [out, ceil(in*b/32)], scale [out, in/g], zero [ceil(out*b/32), in/g]."""
+
+    packed: Tensor
+    scale: Tensor
+    zero: Tensor
+
+
+def packed_shapes(out: int, inp: int, bits: int, group_size: int) -> dict[str, tuple[int, int]]:
+    """Shapes of the three tensors of one quantized `[out, in]` weight."""
+    groups = inp // group_size
+    return {
+        "weight_packed": (out, math.ceil(inp * bits / 32)),
+        "weight_scale": (out, groups),
+        "weight_zero_point": (math.ceil(out * bits / 32), groups),
+    }
+
+
+def check_group(inp: int, group_size: int, where: str) -> None:
+    if group_size <= 0 or inp % group_size:
+        raise InvalidArgument(
+            f"group size {group_size} does not divide the input dim {inp} of {where} (choose a divisor)",
+            field="group_size",
+        )
+
+
+@torch.no_grad()
+def quantize(weight: Tensor, bits: int, group_size: int) -> QuantizedWeight:
+    """Asymmetric group-wise quantization of `weight [out, in]` with a per-group clipping search."""
+    out, inp = weight.shape
+    check_group(inp, group_size, "a weight")
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    w = weight.double().reshape(out, inp // group_size, group_size)  # [O, G, g]
+    lo_full, hi_full = w.amin(-1).clamp_max(0), w.amax(-1).clamp_min(0)  # the range always holds 0
+    best_err = torch.full(lo_full.shape, math.inf, dtype=torch.float64)
+    best_scale = torch.zeros_like(lo_full)
+    best_zero = torch.zeros_like(lo_full)
+    for shrink in _CLIP_SHRINKS:
+        lo, hi = lo_full * shrink, hi_full * shrink
+        scale = ((hi - lo) / (qmax - qmin)).clamp_min(1e-8).to(SCALE_DTYPE).double()  # as stored
+        zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+        q = (torch.round(w / scale[..., None]) + zero[..., None]).clamp(qmin, qmax)
+        err = (((q - zero[..., None]) * scale[..., None] - w) ** 2).sum(-1)  # [O, G]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    q = (torch.round(w / best_scale[..., None]) + best_zero[..., None]).clamp(qmin, qmax).reshape(out, inp)
+    return QuantizedWeight(
+        packed=_pack(q, bits, packed_dim=1),
+        scale=best_scale.to(SCALE_DTYPE),
+        zero=_pack(best_zero, bits, packed_dim=0),
+    )
+
+
+def dequantize(qw: QuantizedWeight, bits: int, group_size: int, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """`[out, in]` weights in `dtype` from a quantized weight: `(q - zero) * scale` per group (any device)."""
+    out, inp = shape
+    groups = inp // group_size
+    q = _unpack(qw.packed, bits, (out, inp), packed_dim=1).view(out, groups, group_size)  # int8 [O, G, g]
+    zero = _unpack(qw.zero, bits, (out, groups), packed_dim=0)  # int8 [O, G]
+    values = (q.float() - zero.float()[..., None]) * qw.scale.float()[..., None]
+    return values.reshape(out, inp).to(dtype)
+
+
+def relative_error(weight: Tensor, bits: int, group_size: int) -> float:
+    """||W - deq(q(W))|| / ||W||: how much of a weight a precision loses."""
+    qw = quantize(weight, bits, group_size)
+    back = dequantize(qw, bits, group_size, tuple(weight.shape), torch.float64)  # type: ignore[arg-type]
+    return float((back - weight.double()).norm() / weight.double().norm().clamp_min(1e-30))
