@@ -1,10 +1,10 @@
-"""A pattern: per MoE layer, the sorted ids of the routed experts a task keeps."""
+"""A pattern: per MoE layer, the sorted ids of the routed experts a task keeps, and at which precision."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,8 @@ from .errors import InvalidArgument, PatternError
 from .families import MoESpec, RoutingSpec
 
 PATTERN_FORMAT = 1
+FULL = "full"  # the store's own precision
+PRECISION_ORDER: tuple[str, ...] = ("int2", "int3", "int4", "int8", FULL)  # lowest to highest
 
 
 @dataclass(frozen=True)
@@ -22,12 +24,20 @@ class Pattern:
 
     Attributes:
         layers: MoE decoder-layer index -> ascending kept expert ids.
+        precisions: Layer -> expert -> precision (`int8`, `int4`, `int3`, `int2`) of kept experts held below
+            full precision; a kept expert not named here is at full precision.
     """
 
     layers: Mapping[int, tuple[int, ...]]
+    precisions: Mapping[int, Mapping[int, str]] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, spec: MoESpec, layers: Mapping[int, Iterable[int]]) -> Pattern:
+    def build(
+        cls,
+        spec: MoESpec,
+        layers: Mapping[int, Iterable[int]],
+        precisions: Mapping[int, Mapping[int, str]] | None = None,
+    ) -> Pattern:
         """A validated pattern for a model of `spec`; raises `PatternError` naming the layer at fault."""
         kept: dict[int, tuple[int, ...]] = {}
         for layer, experts in layers.items():
@@ -35,7 +45,11 @@ class Pattern:
             if len(set(ids)) != len(ids):
                 raise PatternError("expert ids repeat", field=f"layer {layer}")
             kept[int(layer)] = tuple(sorted(ids))
-        pattern = cls(dict(sorted(kept.items())))
+        lowered = {
+            int(layer): {int(e): p for e, p in sorted(by_expert.items()) if p != FULL}
+            for layer, by_expert in sorted((precisions or {}).items())
+        }
+        pattern = cls(dict(sorted(kept.items())), {layer: m for layer, m in lowered.items() if m})
         pattern.validate(spec)
         return pattern
 
@@ -60,6 +74,25 @@ class Pattern:
                     "missing: a pattern names the kept experts of every MoE layer", field=f"layer {layer}"
                 )
             _validate_layer(spec.routing, layer, experts)
+        for layer, by_expert in self.precisions.items():
+            kept = set(self.layers.get(layer, ()))
+            for expert, precision in by_expert.items():
+                if precision not in PRECISION_ORDER:
+                    raise PatternError(
+                        f"expert {expert} has unknown precision {precision!r} (use {', '.join(PRECISION_ORDER)})",
+                        field=f"layer {layer}",
+                    )
+                if expert not in kept:
+                    raise PatternError(f"expert {expert} has a precision but is not kept", field=f"layer {layer}")
+
+    def precision(self, layer: int, expert: int) -> str:
+        """The precision a kept expert is held at (`full` unless the pattern lowers it)."""
+        return self.precisions.get(layer, {}).get(expert, FULL)
+
+    @property
+    def mixed(self) -> bool:
+        """Whether any kept expert is held below full precision."""
+        return any(self.precisions.values())
 
     def kept(self, layer: int) -> tuple[int, ...]:
         return self.layers[layer]
@@ -79,16 +112,35 @@ class Pattern:
         layers = {
             layer: tuple(sorted(set(self.layers[layer]) | set(other.layers.get(layer, ())))) for layer in self.layers
         }
-        return Pattern(layers)
+        if not (self.mixed or other.mixed):
+            return Pattern(layers)
+        rank = PRECISION_ORDER.index  # an expert both keep is held at the higher of the two precisions
+        precisions = {
+            layer: {
+                e: max((p.precision(layer, e) for p in (self, other) if e in p.layers.get(layer, ())), key=rank)
+                for e in kept
+            }
+            for layer, kept in layers.items()
+        }
+        return Pattern(layers, {k: {e: p for e, p in v.items() if p != FULL} for k, v in precisions.items()})
 
     # --- JSON ------------------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": PATTERN_FORMAT, "layers": {str(layer): list(e) for layer, e in self.layers.items()}}
+        data: dict[str, Any] = {
+            "format": PATTERN_FORMAT,
+            "layers": {str(layer): list(e) for layer, e in self.layers.items()},
+        }
+        if self.mixed:
+            data["precisions"] = {
+                str(layer): {str(e): p for e, p in by_expert.items()} for layer, by_expert in self.precisions.items()
+            }
+        return data
 
     @classmethod
     def from_json(cls, spec: MoESpec, data: Any) -> Pattern:
-        """Parse and validate `{"format": 1, "layers": {"<layer>": [ids...]}}`."""
+        """Parse and validate `{"format": 1, "layers": {"<layer>": [ids...]}}`, with optional
+        `"precisions": {"<layer>": {"<id>": "int4"}}` (kept experts it does not name are at full precision)."""
         if not isinstance(data, dict):
             raise InvalidArgument("a pattern is a JSON object", field="pattern")
         if data.get("format") != PATTERN_FORMAT:
@@ -103,7 +155,18 @@ class Pattern:
             if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
                 raise PatternError("expert ids must be a list of integers", field=f"layer {key}")
             layers[int(key)] = ids
-        return cls.build(spec, layers)
+        raw_precisions = data.get("precisions", {})
+        if not isinstance(raw_precisions, dict) or not all(
+            str(k).isdigit()
+            and isinstance(v, dict)
+            and all(str(e).isdigit() and isinstance(p, str) for e, p in v.items())
+            for k, v in raw_precisions.items()
+        ):
+            raise InvalidArgument(
+                "'precisions' must map layer indices to {expert id: precision name}", field="precisions"
+            )
+        precisions = {int(k): {int(e): p for e, p in v.items()} for k, v in raw_precisions.items()}
+        return cls.build(spec, layers, precisions)
 
     @classmethod
     def load(cls, spec: MoESpec, path: str | Path) -> Pattern:

@@ -9,11 +9,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import PatternError
+from ..errors import FailedPrecondition, PatternError
 from ..experts import ExpertReader, ExpertSource, ExpertTensors
 from ..families import FamilyAdapter, MoESpec, adapter_for
 from ..pattern import Pattern
 from .masked_router import MaskedRouter, RouterObserver
+from .quantized import QuantizedSlots
 from .slots import LayerSlots, expert_params, install_slots, slot_buffers, write_slot
 
 
@@ -76,6 +77,7 @@ class PatternedModel:
         self._tables: dict[int, tuple[int, torch.Tensor]] = {}
         self._published: dict[int, int] = {}  # layer -> slot version last written by `publish_slots`
         self._mask_cache: dict[int, tuple[Pattern, dict[int, torch.Tensor | None]]] = {}
+        self.quantized: QuantizedSlots | None = None  # slots of lower precisions (`runtime.quantized`)
         for layer in self.spec.moe_layers:
             cap = capacity if isinstance(capacity, int) else capacity[layer]
             # Capacity 0 leaves a layer empty until `fill_layer` (layer-streamed profiling).
@@ -141,8 +143,13 @@ class PatternedModel:
         Every layer is planned before anything is evicted, so a pattern that cannot fit changes nothing.
         """
         pattern.validate(self.spec)
+        if pattern.mixed and self.quantized is None:
+            raise FailedPrecondition(
+                "the pattern holds experts below full precision but the engine has no quantized slots",
+                field="precision",
+            )
         report = ApplyReport()
-        plans = {layer: self.slots[layer].assign(pattern.kept(layer), layer) for layer in self.spec.moe_layers}
+        plans = {layer: self.slots[layer].assign(full_kept(pattern, layer), layer) for layer in self.spec.moe_layers}
         for layer, plan in plans.items():
             slots, experts = self.slots[layer], self.experts_module(layer)
             for expert, slot in plan:
@@ -154,7 +161,9 @@ class PatternedModel:
                 report.loaded.append((layer, expert))
         tick = self.next_tick()
         for layer in self.spec.moe_layers:
-            self.slots[layer].touch(pattern.kept(layer), tick)
+            self.slots[layer].touch(full_kept(pattern, layer), tick)
+        if self.quantized is not None and pattern.mixed:
+            self.quantized.load(pattern, report.loaded, tick)
         return report
 
     def next_tick(self) -> int:
@@ -177,13 +186,15 @@ class PatternedModel:
         cached: nothing is recomputed while the same pattern stays active and no expert moved.
         """
         versions = tuple(self.slots[layer].version for layer in self.spec.moe_layers)
+        if self.quantized is not None:
+            versions += self.quantized.versions()
         if self.pattern is pattern and self._active_versions == versions:
             return
         num_experts = self.spec.num_experts
         masks = self.excluded_masks(pattern)
         for layer, router in self.routers.items():
             slots = self.slots[layer]
-            missing = [e for e in pattern.kept(layer) if e not in slots.slot_of]
+            missing = [e for e in full_kept(pattern, layer) if e not in slots.slot_of]
             if missing:
                 raise PatternError(
                     f"experts {missing} are not resident; load the pattern first", field=f"layer {layer}"
@@ -192,7 +203,10 @@ class PatternedModel:
             if cached is None or cached[0] != slots.version:
                 cached = (slots.version, slots.slot_table(num_experts).to(self.device))
                 self._tables[layer] = cached
-            router.set_routing(masks[layer], cached[1])
+            table = cached[1]
+            if pattern.mixed and self.quantized is not None:
+                table = self.quantized.table(layer, pattern, table)
+            router.set_routing(masks[layer], table)
         self._published.clear()
         self.pattern = pattern
         self._active_versions = versions
@@ -265,8 +279,8 @@ class PatternedModel:
         self._active_versions = ()
 
     def expert_bytes_resident(self) -> int:
-        """Bytes of all slots (resident or free) over all layers."""
-        total = 0
+        """Bytes of all slots (resident or free) over all layers, quantized slots included."""
+        total = 0 if self.quantized is None else self.quantized.nbytes
         for layer in self.spec.moe_layers:
             total += sum(p.numel() * p.element_size() for p in self.experts_module(layer).parameters(recurse=False))
         return total
@@ -278,6 +292,12 @@ class PatternedModel:
 
     def resident(self) -> dict[int, set[int]]:
         return {layer: slots.resident() for layer, slots in self.slots.items()}
+
+
+def full_kept(pattern: Pattern, layer: int) -> tuple[int, ...]:
+    """The experts `pattern` keeps at full precision in `layer`."""
+    lowered = pattern.precisions.get(layer)
+    return pattern.kept(layer) if not lowered else tuple(e for e in pattern.kept(layer) if e not in lowered)
 
 
 def _param_device(module: nn.Module) -> torch.device:
