@@ -1,0 +1,187 @@
+"""The ingress deployment behind Serve's gRPC proxy: premoe.v1.PreMoe's methods, each checking credentials,
+retrieving the task of a Generate prompt with the single server's registry (a request naming its task skips it),
+and forwarding to the engine deployment with the task as Serve's multiplexed model id. Serve's proxy runs none of
+our interceptor, so the status of every failure is set here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from ray.serve.handle import DeploymentHandle
+
+from ..errors import InvalidArgument, PreMoeError
+from ..retrieval import Embedder, Registry, RoutePolicy, check_prompt, open_profile_store
+from ..server.auth import Access
+from ..server.gen import premoe_pb2 as pb
+from ..server.interceptor import ADMIN_METHODS
+from ..server.types import GenerateCall, service_stats_to_pb
+from ..store.manifest import Manifest
+from . import stats
+from .calls import REPLICA_HEADER, Routed, decode, status_of_call
+from .proxy import SERVICE
+from .settings import config_from_args, settings_from_args
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class CallFailed(Exception):
+    """A failure whose gRPC status is already set on the call's context (raised to end a stream with it)."""
+
+
+class PreMoeIngress:
+    """premoe.v1.PreMoe on Serve's gRPC proxy (the proxy calls the method named like the RPC).
+
+    Args:
+        engine: Handle of the engine deployment.
+        service: `ServiceConfig` values; the ingress uses the registry, credential and prompt settings.
+        deployment: `RaySettings` values.
+    """
+
+    def __init__(self, engine: DeploymentHandle, service: dict[str, Any], deployment: dict[str, Any]) -> None:
+        self.config = config_from_args(service)
+        self.settings = settings_from_args(deployment)
+        self.engine = engine
+        self.access = Access(self.config.admin_token, self.config.api_key)
+        fingerprint = Manifest.load(self.config.store).fingerprint
+        threshold = self.config.route_threshold
+        self.registry = Registry(
+            open_profile_store(self.config.profiles, self.config.redis_url, fingerprint),
+            embedder=Embedder(self.config.embedder),
+            policy=RoutePolicy() if threshold is None else RoutePolicy(threshold=threshold),
+            fingerprint=fingerprint,
+        )
+        import redis
+        from ray import serve
+
+        self.redis = redis.Redis.from_url(self.config.redis_url or "", socket_timeout=1.0)
+        self.app = serve.get_replica_context().app_name
+
+    # --- Generate -------------------------------------------------------------------------------------------
+
+    async def Generate(self, request: bytes, grpc_context: Any) -> pb.GenerateResponse:
+        try:
+            handle, routed = await self._prepare(request, grpc_context)
+            envelope = await handle.generate.remote(request, routed.to_json())
+            return pb.GenerateResponse.FromString(self._open(envelope, grpc_context))
+        except Exception as exc:
+            self._set_status(grpc_context, exc)
+            return pb.GenerateResponse()
+
+    async def GenerateStream(self, request: bytes, grpc_context: Any) -> AsyncIterator[pb.GenerateChunk]:
+        try:
+            handle, routed = await self._prepare(request, grpc_context)
+            stream: Any = handle.options(stream=True).generate_stream.remote(request, routed.to_json())
+            async for envelope in stream:
+                yield pb.GenerateChunk.FromString(self._open(envelope, grpc_context))
+        except CallFailed:
+            raise
+        except Exception as exc:
+            self._set_status(grpc_context, exc)
+            raise CallFailed(str(exc)) from None
+
+    async def _prepare(self, raw: bytes, grpc_context: Any) -> tuple[DeploymentHandle, Routed]:
+        """Credentials, the request's own checks, the task: the engine handle to send it to, and the decision."""
+        self._admit(grpc_context, "Generate")
+        call = GenerateCall.from_pb(decode(raw, pb.GenerateRequest))
+        if call.task is not None:
+            routed = Routed("override", call.task)
+        else:
+            routed = await self._run(lambda: self._route(call.prompt))
+        handle = self.engine
+        if self.settings.affinity and routed.task:
+            handle = handle.options(multiplexed_model_id=routed.task)
+        return handle, routed
+
+    def _route(self, prompt: str) -> Routed:
+        """Retrieval as the single server does it (`ServingCore.plan`): the size check before any embedding."""
+        limit = self.config.max_prompt_bytes
+        if len(prompt) > limit or len(prompt.encode("utf-8", "surrogatepass")) > limit:
+            raise InvalidArgument(f"prompt is over {limit} bytes (the server's limit)", field="prompt")
+        check_prompt(prompt)
+        start = time.perf_counter()
+        decision = self.registry.route(prompt)
+        seconds = time.perf_counter() - start
+        if decision.matched and decision.task is not None:
+            ranked = [(t, float(s)) for t, s in decision.ranked]
+            return Routed("match", decision.task, float(decision.score or 0.0), ranked, decision.reason, seconds)
+        return Routed("fallback", route_s=seconds)  # the engine replica routes again and builds the fallback
+
+    # --- the other calls: any engine replica answers them --------------------------------------------------
+
+    async def Route(self, request: bytes, grpc_context: Any) -> pb.RouteResponse:
+        return await self._forward("Route", request, pb.RouteResponse, grpc_context)
+
+    async def RegisterTask(self, request: bytes, grpc_context: Any) -> pb.TaskInfo:
+        return await self._forward("RegisterTask", request, pb.TaskInfo, grpc_context)
+
+    async def ListTasks(self, request: bytes, grpc_context: Any) -> pb.ListTasksResponse:
+        return await self._forward("ListTasks", request, pb.ListTasksResponse, grpc_context)
+
+    async def GetTask(self, request: bytes, grpc_context: Any) -> pb.TaskInfo:
+        return await self._forward("GetTask", request, pb.TaskInfo, grpc_context)
+
+    async def DeleteTask(self, request: bytes, grpc_context: Any) -> pb.DeleteTaskResponse:
+        return await self._forward("DeleteTask", request, pb.DeleteTaskResponse, grpc_context)
+
+    async def GetStats(self, request: bytes, grpc_context: Any) -> pb.GetStatsResponse:
+        """The whole deployment's stats: every live engine replica's last published figures, summed."""
+        try:
+            self._admit(grpc_context, "GetStats")
+            decode(request, pb.GetStatsRequest)
+            records = await self._run(lambda: stats.gather(self.redis, self.app))
+            return service_stats_to_pb(stats.merge(records))
+        except Exception as exc:
+            self._set_status(grpc_context, exc)
+            return pb.GetStatsResponse()
+
+    async def _forward(self, method: str, request: bytes, answer: type[T], grpc_context: Any) -> T:
+        try:
+            self._admit(grpc_context, method)
+            decode(request, getattr(pb, SERVICE.methods_by_name[method].input_type.name))  # the bytes' own errors here
+            envelope = await self.engine.call.remote(method, request)
+            return answer.FromString(self._open(envelope, grpc_context))  # type: ignore[attr-defined]
+        except Exception as exc:
+            self._set_status(grpc_context, exc)
+            return answer()
+
+    # --- helpers --------------------------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(None, fn)
+
+    def _admit(self, grpc_context: Any, method: str) -> None:
+        metadata = dict(grpc_context.invocation_metadata() or ())
+        self.access.check(metadata.get("authorization"), admin=method in ADMIN_METHODS)
+
+    def _open(self, envelope: dict[str, Any], grpc_context: Any) -> bytes:
+        """The reply's bytes; a failure envelope sets its status on the call and raises `CallFailed`."""
+        replica = str(envelope.get("replica", ""))
+        if replica:
+            grpc_context.set_trailing_metadata([(REPLICA_HEADER, replica)])
+        error = envelope.get("error")
+        if error is not None:
+            grpc_context.set_code(_code(error["code"]))
+            grpc_context.set_details(error["message"])
+            raise CallFailed(error["message"])
+        return bytes(envelope["reply"])
+
+    @staticmethod
+    def _set_status(grpc_context: Any, exc: BaseException) -> None:
+        if isinstance(exc, CallFailed):
+            return  # set from the engine replica's envelope
+        if not isinstance(exc, PreMoeError):
+            log.error("call failed", exc_info=exc)
+        code, message = status_of_call(exc)
+        grpc_context.set_code(code)
+        grpc_context.set_details(message)
+
+
+def _code(name: str) -> Any:
+    import grpc
+
+    return grpc.StatusCode[name]

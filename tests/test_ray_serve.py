@@ -1,0 +1,186 @@
+"""PreMoe on Ray Serve, on CPU with the tiny model: a local Ray instance, two engine replicas sharing one Redis and one
+profile folder, Serve's gRPC proxy in front. A task registered once is served by both replicas, replies equal the
+single-process server's, each task's requests stick to one replica, a deleted task stops everywhere, and errors
+carry the single server's status codes."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+
+import grpc
+import pytest
+
+from premoe_service.client import PreMoeClient
+from premoe_service.families.tiny import save_tiny_checkpoint
+from premoe_service.server import running_server
+from premoe_service.server.gen import premoe_pb2 as pb
+from premoe_service.serving import ServiceConfig
+from premoe_service.store import shard
+
+from .conftest import free_port
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (make setup installs it)")
+
+TOKEN = "s3cret"
+TASKS = {
+    "code": [
+        "def add(a, b):\n    return a + b\n",
+        "for i in range(10):\n    print(i)\n",
+        "class Point:\n    def __init__(self, x, y):\n        self.x = x\n",
+        "import os\nprint(os.getcwd())\n",
+    ],
+    "prose": [
+        "The committee met on Tuesday to discuss the budget for next year.",
+        "She walked along the river and watched the boats drift by.",
+        "Rain fell softly over the quiet village all afternoon.",
+        "The museum opens its new gallery of modern art in the spring.",
+    ],
+}
+PROMPTS = {"code": "def multiply(a, b):", "prose": "The weather in the village was"}
+REQUESTS_PER_TASK = 6
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory, redis_server) -> ServiceConfig:
+    root = tmp_path_factory.mktemp("ray")
+    save_tiny_checkpoint(root / "ckpt", "qwen3_moe")
+    shard(root / "ckpt", root / "store", progress=False)
+    redis_server.flush()
+    return ServiceConfig(
+        store=root / "store",
+        profiles=root / "profiles",
+        redis_url=redis_server.url,
+        budget="0.5",  # one task's pattern (4 of 8 experts per layer) per replica
+        device="cpu",
+        admin_token=TOKEN,
+        engine_threads=1,
+        max_new_tokens_limit=64,
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_port(config: ServiceConfig):
+    from ray import serve
+
+    from premoe_service.ray_serve.app import start
+    from premoe_service.ray_serve.settings import RaySettings
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    port = free_port()
+    try:
+        settings = RaySettings(replicas=2, replica_cpus=0.5, ingress_cpus=0.25, tasks_per_replica=1)
+        start(config, settings, grpc_port=port, http_port=free_port())
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_client(ray_port: int):
+    with PreMoeClient(f"127.0.0.1:{ray_port}", admin_token=TOKEN, timeout=120) as client:
+        yield client
+
+
+def replica_of(call) -> str:
+    """The engine replica that answered (trailing metadata set by the ingress)."""
+    return dict(call.trailing_metadata())["premoe-replica"]
+
+
+def generate(client: PreMoeClient, prompt: str, **options) -> tuple[pb.GenerateResponse, str]:
+    reply, call = client.stub.Generate.with_call(client.request(prompt, **options), timeout=120)
+    return reply, replica_of(call)
+
+
+def test_a_task_registered_once_is_served_by_both_replicas_as_the_single_server_serves_it(
+    ray_client: PreMoeClient, config: ServiceConfig, embedder
+) -> None:
+    for name, demos in TASKS.items():
+        info = ray_client.register(name, demos, description=name, experts_per_layer=4)
+        assert info.name == name and info.pattern_experts == 12
+
+    # Each task's first request alone, then a moment: Serve learns which replica holds it (pushed every 0.1 s).
+    served: dict[str, list[str]] = {name: [] for name in TASKS}
+    ray_replies: dict[tuple[str, bool], pb.GenerateResponse] = {}
+    for name in TASKS:
+        reply, replica = generate(ray_client, PROMPTS[name], task=name, max_new_tokens=8)
+        served[name].append(replica)
+        ray_replies[name, True] = reply
+        time.sleep(1.0)
+    for _ in range(REQUESTS_PER_TASK - 1):
+        for name in TASKS:
+            reply, replica = generate(ray_client, PROMPTS[name], max_new_tokens=8)  # retrieval in the ingress
+            served[name].append(replica)
+            ray_replies[name, False] = reply
+
+    # Task affinity: most of a task's requests land on one replica; the two tasks were spread over both.
+    for name, replicas in served.items():
+        _, count = Counter(replicas).most_common(1)[0]
+        assert count / len(replicas) >= 0.8, (name, replicas)
+    assert len({Counter(r).most_common(1)[0][0] for r in served.values()}) == 2, served
+
+    # The same requests on the single-process server (its own registry view of the same Redis and folder).
+    single = dataclasses.replace(config, port=0)
+    with running_server(single, embedder=embedder) as (_, port), PreMoeClient(f"127.0.0.1:{port}") as client:
+        for (name, named), ray_reply in ray_replies.items():
+            alone = client.generate(PROMPTS[name], task=name if named else None, max_new_tokens=8)
+            assert list(ray_reply.token_ids) == list(alone.token_ids) and len(alone.token_ids) == 8
+            assert ray_reply.text == alone.text and ray_reply.finish_reason == alone.finish_reason
+            assert (ray_reply.stats.task, ray_reply.stats.decision) == (alone.stats.task, alone.stats.decision)
+            assert ray_reply.stats.decision == ("override" if named else "match")
+            assert ray_reply.stats.pattern_experts == alone.stats.pattern_experts == 12
+            assert ray_reply.stats.score == pytest.approx(alone.stats.score, abs=1e-5)
+
+    # The stream carries the same tokens; the deployment's stats sum both replicas' published figures.
+    chunks = list(ray_client.stream(PROMPTS["code"], task="code", max_new_tokens=8))
+    assert "".join(c.text for c in chunks) == ray_replies["code", True].text
+    assert list(chunks[-1].token_ids) == list(ray_replies["code", True].token_ids)
+    stats = ray_client.stats()
+    assert stats.capacity_experts == 2 * 12  # two replicas, 12 slots each
+    assert {t.task: t.requests for t in stats.tasks} == {"code": REQUESTS_PER_TASK + 1, "prose": REQUESTS_PER_TASK}
+
+
+def test_a_deleted_task_stops_on_every_replica(ray_client: PreMoeClient) -> None:
+    ray_client.register("gone", TASKS["prose"], experts_per_layer=4, replace=True)
+    assert ray_client.delete_task("gone")
+    answered: set[str] = set()
+    for _ in range(40):  # GetTask goes to either replica (Serve's default routing)
+        with pytest.raises(grpc.RpcError) as failed:
+            ray_client.stub.GetTask.with_call(pb.GetTaskRequest(name="gone"), timeout=60)
+        assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+        answered.add(dict(failed.value.trailing_metadata())["premoe-replica"])
+        if len(answered) == 2:
+            break
+    assert len(answered) == 2
+    with pytest.raises(grpc.RpcError) as failed:
+        ray_client.generate(PROMPTS["prose"], task="gone", max_new_tokens=4)
+    assert failed.value.code() == grpc.StatusCode.NOT_FOUND and "gone" in (failed.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    ("call", "code", "field"),
+    [
+        (lambda c: c.generate("   ", max_new_tokens=4), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        (lambda c: c.generate("x", max_new_tokens=100000), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+        (lambda c: c.generate("x", task="Bad Name!"), grpc.StatusCode.INVALID_ARGUMENT, "task"),
+        (lambda c: list(c.stream("x", task="missing")), grpc.StatusCode.NOT_FOUND, "missing"),
+        (lambda c: c.register("x", []), grpc.StatusCode.INVALID_ARGUMENT, "demos"),
+        (lambda c: c.get_task("missing"), grpc.StatusCode.NOT_FOUND, "missing"),
+    ],
+    ids=["empty-prompt", "huge-tokens", "bad-task-name", "stream-unknown-task", "no-demos", "unknown-task"],
+)
+def test_errors_carry_the_single_servers_status_codes(ray_client: PreMoeClient, call, code, field) -> None:
+    with pytest.raises(grpc.RpcError) as failed:
+        call(ray_client)
+    assert failed.value.code() == code
+    assert field in (failed.value.details() or "")
+
+
+def test_admin_calls_need_the_token_without_our_interceptor(ray_port: int) -> None:
+    with PreMoeClient(f"127.0.0.1:{ray_port}", timeout=60) as anonymous:
+        with pytest.raises(grpc.RpcError) as failed:
+            anonymous.register("sneaky", TASKS["code"], experts_per_layer=4)
+        assert failed.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+        assert "sneaky" not in {t.name for t in anonymous.tasks()}
