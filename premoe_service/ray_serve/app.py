@@ -14,12 +14,9 @@ from ray import serve
 from ..serving import ServiceConfig
 from .ingress import PreMoeIngress
 from .replica import EngineReplica
-from .settings import RaySettings, config_from_args, config_to_args, settings_from_args
+from .settings import APP_NAME, SERVICER, RaySettings, config_from_args, config_to_args, settings_from_args
 
 log = logging.getLogger(__name__)
-
-SERVICER = "premoe_service.ray_serve.proxy.add_to_proxy"
-APP_NAME = "premoe"
 
 
 def build(args: dict[str, Any]) -> Any:

@@ -12,6 +12,10 @@ from ..errors import InvalidArgument
 from ..profiler.selection import Selection
 from ..serving.config import ServiceConfig
 
+SERVICER = "premoe_service.ray_serve.proxy.add_to_proxy"  # Serve's gRPC proxy registers premoe.v1.PreMoe with it
+APP_NAME = "premoe"
+BUILDER = "premoe_service.ray_serve.app:build"
+
 # Fields of `ServiceConfig` a Ray deployment has no use for: Serve's proxies own the ports, and they speak no TLS.
 DOOR_FIELDS = ("host", "port", "http_port", "metrics_port", "tls_cert", "tls_key", "tls_client_ca")
 
@@ -108,3 +112,30 @@ def settings_from_args(args: dict[str, Any]) -> RaySettings:
         if name not in known:
             raise InvalidArgument(f"unknown deployment setting {name!r}", field=name)
     return RaySettings(**args)
+
+
+def serve_config(config: ServiceConfig, settings: RaySettings, grpc_port: int = 9000, http_port: int = 8000) -> dict:
+    """A Serve config (what `serve deploy` takes) running `premoe_service.ray_serve.app:build` with these values."""
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": http_port},
+        "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [SERVICER]},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": f"/{APP_NAME}",
+                "import_path": BUILDER,
+                "args": {"service": config_to_args(config), "deployment": dataclasses.asdict(settings)},
+            }
+        ],
+    }
+
+
+def serve_config_yaml(
+    config: ServiceConfig, settings: RaySettings, grpc_port: int = 9000, http_port: int = 8000
+) -> str:
+    """`serve_config` as YAML (Ray brings PyYAML)."""
+    import yaml
+
+    header = "# premoe on Ray Serve: `serve deploy` this file on a cluster (see README, 'Scale-out on Ray Serve').\n"
+    return header + yaml.safe_dump(serve_config(config, settings, grpc_port, http_port), sort_keys=False)
