@@ -13,12 +13,20 @@ from .shared import device_option, embedder_option, quiet_option, store_option, 
 @verb("shard", short_help="split a transformers MoE checkpoint into a store")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="store folder to write")
+@option(
+    "--precisions",
+    type=CommaList(click.Choice(["int8", "int4", "int3", "int2"])),
+    default="",
+    help="also write the experts quantized at these precisions (group-wise, compressed-tensors' packed layout)",
+)
+@option("--group-size", type=POSITIVE, default=64, help="weights per scale and zero point of quantized experts")
 @quiet_option
-def shard(model_dir: Path, out: Path, quiet: bool) -> int:
+def shard(model_dir: Path, out: Path, precisions: tuple[str, ...], group_size: int, quiet: bool) -> int:
     """Read a safetensors checkpoint in MODEL_DIR (single or sharded, per-expert or fused expert keys) tensor by tensor
     and write a store: manifest.json, dense.safetensors and one contiguous blob per expert. A rerun for the same
-    checkpoint is a no-op."""
+    checkpoint is a no-op, except that it adds the --precisions the store lacks."""
     from ..store import shard as shard_checkpoint
+    from ..store.precisions import add_precisions, quantized_copies
 
     result = shard_checkpoint(model_dir, out, progress=not quiet)
     m = result.manifest
@@ -28,6 +36,13 @@ def shard(model_dir: Path, out: Path, quiet: bool) -> int:
         f"{m.expert_nbytes / 2**20:.2f} MiB per expert, {m.total_expert_bytes / 2**20:.1f} MiB of experts, "
         f"fingerprint {m.fingerprint}"
     )
+    if precisions:
+        m = add_precisions(out, precisions, group_size, progress=not quiet)
+        for name, copy in quantized_copies(m).items():
+            click.echo(
+                f"  {name}: {copy.expert_nbytes / 2**20:.3f} MiB per expert (groups of {copy.group_size}, scales and "
+                f"zero points included), {copy.expert_nbytes / m.expert_nbytes:.1%} of the store's expert bytes"
+            )
     return 0
 
 
@@ -53,6 +68,13 @@ def export(store: Path, pattern: Path, out: Path, quiet: bool) -> int:
     loaded = Pattern.load(store_spec(opened), pattern)
     written = export_pruned(opened, loaded, out, progress=not quiet)
     click.echo(f"pruned checkpoint with {loaded.size} routed experts written to {written}")
+    lowered = sum(len(v) for v in loaded.precisions.values())
+    if lowered:
+        click.echo(
+            f"  {lowered} experts the pattern holds below full precision are written dequantized, in the store's "
+            f"{opened.manifest.dtype}: a checkpoint holds each layer's experts as one fused tensor under one scheme, "
+            "so a mixed layer becomes the weights our engine computes with (same logits), not smaller files"
+        )
     return 0
 
 
@@ -77,7 +99,12 @@ def export(store: Path, pattern: Path, out: Path, quiet: bool) -> int:
     default=Lazy("premoe_service.evaluation.run", "EVAL_CRITERIA"),
     help="criteria, and `random` for the random floor",
 )
-@option("--budgets", type=CommaList(BUDGET), default="0.75,0.5,0.25,0.125", help="budgets, as for `serve --budget`")
+@option(
+    "--budgets",
+    type=CommaList(BUDGET),
+    default="0.75,0.5,0.25,0.125",
+    help="budgets: shares of the experts' bytes at 16 bits per parameter (0.5, 50%) or such bytes (8GiB)",
+)
 @option(
     "--cross-criterion",
     type=CRITERION,
@@ -94,6 +121,19 @@ def export(store: Path, pattern: Path, out: Path, quiet: bool) -> int:
     help="folder for eval.json, eval.md, retention.png",
 )
 @option("--no-retrieval", is_flag=True, help="skip the retrieval accuracy")
+@option(
+    "--precisions",
+    type=CommaList(click.Choice(["int8", "int4", "int3", "int2"])),
+    default="",
+    help="compare drop-only, uniform and mixed precision with these quantized copies of the store instead of the "
+    "criteria (precision.json, precision.md, precision.png)",
+)
+@option(
+    "--objectives",
+    type=CommaList(LazyChoice(Lazy("premoe_service.profiler.precision", "OBJECTIVES"))),
+    default=Lazy("premoe_service.profiler.precision", "OBJECTIVES"),
+    help="mixed-precision objectives to compare (with --precisions)",
+)
 @embedder_option()
 @device_option
 @quiet_option
@@ -109,6 +149,8 @@ def evaluate(
     limit: int | None,
     out: Path,
     no_retrieval: bool,
+    precisions: tuple[str, ...],
+    objectives: tuple[str, ...],
     embedder: str | None,
     device: str,
     quiet: bool,
@@ -118,16 +160,20 @@ def evaluate(
     prompts. Exact-match tasks: greedy answer == expected; text tasks: per-token NLL (retention = full / pruned
     perplexity).
 
-    A budget is read as for `premoe serve --budget`: a share of the routed experts' bytes (0.5, 50%) or bytes (8GiB).
-    All experts have the same size, so a share of their bytes is the same share of the routed experts; the pattern
-    spreads it over layers by score (the `budget` selection policy)."""
+    A budget is a share of the routed experts' bytes counted at 16 bits per parameter (bf16, what MoE checkpoints
+    ship in), whatever the store's dtype (0.5, 50%), or such bytes (8GiB). Dropping experts, each counts 16 bits per
+    parameter, so the share is the share of routed experts kept; the pattern spreads it over layers by score (the
+    `budget` selection policy). For a bf16 store this is `serve --budget`'s share; for an fp32 store eval's 50% is
+    `serve --budget 25%`. With --precisions, quantized experts count their packed bytes, scales included."""
     from ..evaluation import evaluate_grid, load_task_data, markdown, write_reports
     from ..profiler import Profile
+    from ..profiler.precision import bf16_nbytes
     from ..runtime.residency import Budget
     from ..store import Store
 
     opened = Store(store)
-    total = opened.manifest.total_expert_bytes
+    manifest = opened.manifest
+    total = bf16_nbytes(manifest) * manifest.num_experts * len(manifest.moe_layers)
 
     def share(text: str) -> float:
         parsed = Budget.parse(text)
@@ -136,6 +182,24 @@ def evaluate(
     names = list(tasks) if tasks else sorted(p.stem for p in profiles.glob("*.safetensors"))
     loaded = {n: Profile.load(profiles / f"{n}.safetensors", fingerprint=opened.fingerprint) for n in names}
     task_data = load_task_data(data, names, limit)
+    if precisions:
+        from ..evaluation.precision_eval import evaluate_precisions, write_precision_reports
+        from ..evaluation.precision_eval import markdown as precision_markdown
+
+        compared = evaluate_precisions(
+            opened,
+            loaded,
+            task_data,
+            budgets=[share(b) for b in budgets],
+            precisions=precisions,
+            objectives=objectives,
+            device=device,
+            progress=not quiet,
+        )
+        for path in write_precision_reports(compared, out):
+            click.echo(f"wrote {path}")
+        click.echo(precision_markdown(compared))
+        return 0
     router = None
     if not no_retrieval:
         from ..retrieval import Embedder, MemoryProfileStore, Registry

@@ -14,6 +14,9 @@ from .params import (
     OPEN_SHARE,
     POLICY,
     POSITIVE,
+    CommaList,
+    Lazy,
+    LazyChoice,
     VerbGroup,
     option,
     selection_default,
@@ -114,8 +117,28 @@ def profile_show(file: Path, png: Path | None, top: int) -> int:
 @option("--policy", type=POLICY, default=selection_default("policy"), help="how the budget is spread over layers")
 @option("--budget", type=BUDGET, default="0.5", help="the pattern's experts: 0.5, 50%, 8GiB")
 @option("--coverage", type=OPEN_SHARE, help="with --policy coverage: share of each layer's score mass to keep")
+@option(
+    "--precisions",
+    type=CommaList(click.Choice(["int8", "int4", "int3", "int2"])),
+    default="",
+    help="choose each expert's precision (drop, these, full) under the budget's bytes (the store must hold them)",
+)
+@option(
+    "--objective",
+    type=LazyChoice(Lazy("premoe_service.profiler.precision", "OBJECTIVES")),
+    default="error",
+    help="with --precisions: what a precision is worth (error: EASY-EP x measured error; mc: frequency x weight)",
+)
 def pattern(
-    profile_file: Path, store: Path, out: Path, criterion: str | None, policy: str, budget: str, coverage: float | None
+    profile_file: Path,
+    store: Path,
+    out: Path,
+    criterion: str | None,
+    policy: str,
+    budget: str,
+    coverage: float | None,
+    precisions: tuple[str, ...],
+    objective: str,
 ) -> int:
     """Select a pattern from a profile's scores and write it as {"format": 1, "layers": {"<layer>": [ids]}}.
 
@@ -134,6 +157,8 @@ def pattern(
         raise click.UsageError("--coverage goes with --policy coverage, and only with it")
     opened = Store(store)
     loaded = Profile.load(profile_file, fingerprint=opened.fingerprint)
+    if precisions:
+        return _precision_pattern(opened, loaded, out, Budget.parse(budget), precisions, objective)
     spec = store_spec(opened)
     nbytes = opened.manifest.expert_nbytes
     criterion = criterion or Selection.from_json(loaded.selection).criterion
@@ -155,5 +180,28 @@ def pattern(
     click.echo(
         f"pattern {out}: {chosen.size} experts ({chosen.size * nbytes / 2**20:.2f} MiB), {min(counts)}-{max(counts)} "
         f"per layer; {criterion} scores, policy {policy}; demo coverage {demo_coverage(loaded, chosen):.3f}"
+    )
+    return 0
+
+
+def _precision_pattern(
+    opened: Any, loaded: Any, out: Path, budget: Any, precisions: tuple[str, ...], objective: str
+) -> int:
+    """`premoe pattern --precisions`: a mixed-precision plan under the budget's bytes (full experts at the store's
+    own bytes, quantized ones at their packed bytes), written with each kept expert's precision."""
+    from ..fsutil import atomic_write_bytes
+    from ..pattern import FULL
+    from ..profiler.precision import OBJECTIVE_CRITERION, select_precisions, store_options
+
+    manifest = opened.manifest
+    nbytes = budget.bytes if budget.bytes is not None else int((budget.fraction or 0) * manifest.total_expert_bytes)
+    options = store_options(opened, precisions=(FULL, *precisions))
+    spec = store_spec(opened)
+    plan = select_precisions(loaded.score(OBJECTIVE_CRITERION[objective]), spec, options, nbytes, objective)  # type: ignore[arg-type]
+    atomic_write_bytes(out, (json.dumps(plan.pattern.to_json(), indent=1) + "\n").encode())
+    held = ", ".join(f"{n} at {p}" for p, n in plan.counts.items() if n)
+    click.echo(
+        f"pattern {out}: {plan.pattern.size} experts ({held}), {plan.nbytes / 2**20:.2f} MiB "
+        f"({plan.nbytes / manifest.total_expert_bytes:.1%} of the store's expert bytes); objective {objective}"
     )
     return 0

@@ -145,13 +145,17 @@ def evaluate_grid(
         for criterion in criteria:
             result.grid[name][criterion], result.retention[name][criterion] = {}, {}
             for budget in budgets:
+                key = f"{budget:g}"
+                if budget * spec.num_experts < spec.routing.min_experts:  # below routing's floor: no pattern
+                    result.grid[name][criterion][key] = result.retention[name][criterion][key] = float("nan")
+                    bar.update()
+                    continue
                 if criterion == RANDOM:
                     pattern = random_pattern(engine, budget, seed)
                 else:
                     scores = profiles[name].score(criterion)
                     pattern = select(scores, spec, Selection(criterion, "budget", budget, "fraction"))
                 value = measure(task, pattern)
-                key = f"{budget:g}"
                 result.grid[name][criterion][key] = value
                 result.retention[name][criterion][key] = retention(result.metric[name], result.full[name], value)
                 bar.update()

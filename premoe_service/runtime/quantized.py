@@ -85,13 +85,6 @@ class QuantizedBank:
         return dequantize(qw, copy.bits, copy.group_size, (shape[0], shape[1]), self.dtype)
 
 
-def dequantized_expert(copy: QuantizedCopy, expert: QuantizedTensors, shapes: Mapping[str, tuple[int, ...]], dtype):
-    """One expert's runtime tensors with its quantized weights dequantized (what a bank slot computes with)."""
-    bank = QuantizedBank(copy, 1, 0, shapes, dtype, torch.device("cpu"))
-    bank.write(0, expert)
-    return {part: bank.weight(part, 0).clone() for part in shapes}
-
-
 class QuantizedSlots:
     """Quantized slots of every MoE layer of a patterned model, one bank per precision.
 

@@ -12,9 +12,10 @@ from transformers import AutoConfig
 
 from ..errors import AlreadyExists, PatternError
 from ..families import RoutingSpec, adapter_for
-from ..pattern import Pattern
+from ..pattern import FULL, Pattern
 from .checkpoint_io import write_safetensors_streaming
 from .manifest import DENSE, MANIFEST
+from .precisions import PrecisionReader
 from .reader import Store
 
 _ROUTER_ROWS = ("weight", "bias", "e_score_correction_bias")  # per-expert rows of a router
@@ -55,6 +56,7 @@ def export_pruned(store: Store, pattern: Pattern, out: str | Path, *, progress: 
             sources.append((layer, part.name))
 
     bar = tqdm(total=len(specs), desc="export", unit="tensor", disable=not progress)
+    readers: dict[str, PrecisionReader] = {}
 
     def tensors() -> Iterator[torch.Tensor]:
         for source in sources:
@@ -63,7 +65,7 @@ def export_pruned(store: Store, pattern: Pattern, out: str | Path, *, progress: 
                 yield dense[source]
             else:
                 layer, name = source
-                yield torch.stack([store.read(layer, e)[name] for e in pattern.kept(layer)])
+                yield torch.stack([_expert(store, pattern, readers, layer, e)[name] for e in pattern.kept(layer)])
 
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors_streaming(out / "model.safetensors", specs, tensors(), metadata={"format": "pt"})
@@ -75,6 +77,17 @@ def export_pruned(store: Store, pattern: Pattern, out: str | Path, *, progress: 
     setattr(config, adapter.expert_count_field, kept_count)
     config.save_pretrained(out)
     return out
+
+
+def _expert(store: Store, pattern: Pattern, readers: dict[str, PrecisionReader], layer: int, expert: int):
+    """An expert's tensors as the pattern holds it: full, or dequantized from its precision's copy (a checkpoint
+    holds each layer's experts as one fused tensor under one scheme, so a mixed layer is written dequantized)."""
+    precision = pattern.precision(layer, expert)
+    if precision == FULL:
+        return store.read(layer, expert)
+    if precision not in readers:
+        readers[precision] = PrecisionReader(store, precision)
+    return readers[precision].read_dequantized(layer, expert)
 
 
 def _uniform_count(pattern: Pattern, routing: RoutingSpec) -> int:

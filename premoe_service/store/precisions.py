@@ -25,7 +25,16 @@ from ..experts import Tier
 from ..fsutil import atomic_writer
 from .checkpoint_io import tensor_bytes
 from .manifest import DTYPES, Manifest
-from .quant import BITS, SCALE_DTYPE, TRANSPOSED_FAMILIES, QuantizedWeight, check_group, packed_shapes, quantize
+from .quant import (
+    BITS,
+    SCALE_DTYPE,
+    TRANSPOSED_FAMILIES,
+    QuantizedWeight,
+    check_group,
+    dequantize,
+    packed_shapes,
+    quantize,
+)
 from .reader import Store
 
 log = logging.getLogger(__name__)
@@ -59,6 +68,7 @@ class QuantizedCopy:
     layout: tuple[QuantPart, ...]
     files: dict[int, str]
     checksums: dict[int, list[str]]
+    errors: dict[int, list[float]]  # per expert: ||W - deq(q(W))|| / ||W|| over its quantized weights
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,7 +78,10 @@ class QuantizedCopy:
             "transposed": self.transposed,
             "expert_nbytes": self.expert_nbytes,
             "layout": [asdict(p) for p in self.layout],
-            "layers": {str(k): {"file": self.files[k], "checksums": self.checksums[k]} for k in self.files},
+            "layers": {
+                str(k): {"file": self.files[k], "checksums": self.checksums[k], "errors": self.errors[k]}
+                for k in self.files
+            },
         }
 
     @classmethod
@@ -85,9 +98,12 @@ class QuantizedCopy:
                 layout=layout,
                 files={int(k): str(v["file"]) for k, v in layers.items()},
                 checksums={int(k): list(v["checksums"]) for k, v in layers.items()},
+                errors={int(k): [float(x) for x in v["errors"]] for k, v in layers.items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise DataCorruption(f"quantized copy {precision} is damaged: {exc}", field=f"manifest.{precision}") from exc
+            raise DataCorruption(
+                f"quantized copy {precision} is damaged: {exc}", field=f"manifest.{precision}"
+            ) from exc
         if sum(p.nbytes for p in layout) != copy.expert_nbytes:
             raise DataCorruption("quantized part sizes do not add up", field=f"manifest.{precision}")
         return copy
@@ -116,10 +132,12 @@ def quantized_copies(manifest: Manifest) -> dict[str, QuantizedCopy]:
     return {name: QuantizedCopy.from_json(name, data) for name, data in manifest.quantized.items()}
 
 
-def encode_expert(tensors: dict[str, torch.Tensor], copy: QuantizedCopy) -> bytes:
-    """One expert's full-precision tensors -> its quantized blob (in `copy.layout` order)."""
+def encode_expert(tensors: dict[str, torch.Tensor], copy: QuantizedCopy) -> tuple[bytes, float]:
+    """One expert's full-precision tensors -> its quantized blob (in `copy.layout` order) and its relative
+    weight error (what the precision loses: the selection's error weight)."""
     chunks: list[bytes] = []
     done: dict[str, QuantizedWeight] = {}
+    lost = total = 0.0
     for part in copy.layout:
         tensor = tensors[part.part]
         if part.tensor == "raw":
@@ -128,12 +146,15 @@ def encode_expert(tensors: dict[str, torch.Tensor], copy: QuantizedCopy) -> byte
         if part.part not in done:
             weight = tensor.t() if copy.transposed else tensor
             done[part.part] = quantize(weight, copy.bits, copy.group_size)
+            back = dequantize(done[part.part], copy.bits, copy.group_size, tuple(weight.shape), torch.float64)
+            lost += float(((back - weight.double()) ** 2).sum())
+            total += float((weight.double() ** 2).sum())
         qw = done[part.part]
         value = {"weight_packed": qw.packed, "weight_scale": qw.scale, "weight_zero_point": qw.zero}[part.tensor]
         if tuple(value.shape) != part.shape:
             raise DataCorruption(f"{part.part}.{part.tensor} has shape {tuple(value.shape)}", field=part.part)
         chunks.append(bytes(tensor_bytes(value)))
-    return b"".join(chunks)
+    return b"".join(chunks), math.sqrt(lost / total) if total > 0 else 0.0
 
 
 def add_precisions(
@@ -157,18 +178,27 @@ def add_precisions(
         bits = BITS[name]
         layout = quant_layout(manifest, bits, group_size)
         copy = QuantizedCopy(
-            name, bits, group_size, manifest.family in TRANSPOSED_FAMILIES, sum(p.nbytes for p in layout), layout, {}, {}
+            name,
+            bits,
+            group_size,
+            manifest.family in TRANSPOSED_FAMILIES,
+            sum(p.nbytes for p in layout),
+            layout,
+            {},
+            {},
+            {},
         )
         for layer in manifest.moe_layers:
             file = f"{Path(manifest.layers[layer].file).with_suffix('')}.{name}.bin"
-            sums = []
+            sums, errors = [], []
             with atomic_writer(store.dir / file) as handle:
                 for expert in range(manifest.num_experts):
-                    blob = encode_expert(store.read(layer, expert), copy)
+                    blob, error = encode_expert(store.read(layer, expert), copy)
                     sums.append(xxhash.xxh3_64_hexdigest(blob))
+                    errors.append(round(error, 6))
                     handle.write(blob)
                     bar.update()
-            copy.files[layer], copy.checksums[layer] = file, sums
+            copy.files[layer], copy.checksums[layer], copy.errors[layer] = file, sums, errors
         manifest.quantized[name] = copy.to_json()
         manifest.save(store.dir)  # after each precision: a finished copy is never lost to a later failure
     bar.close()
@@ -206,7 +236,9 @@ class PrecisionReader:
                 if len(value) == nbytes and (cache.trusted or xxhash.xxh3_64_hexdigest(value) == checksum):
                     store.stats.record("cache", nbytes)
                     return value, "cache"
-                log.warning("cache value of layer %d expert %d (%s) fails its checksum", layer, expert, self.copy.precision)
+                log.warning(
+                    "cache value of layer %d expert %d (%s) fails its checksum", layer, expert, self.copy.precision
+                )
                 store.stats.count_repair()
         data = os.pread(self._fd(layer), nbytes, expert * nbytes)
         if len(data) != nbytes or xxhash.xxh3_64_hexdigest(data) != checksum:
@@ -225,11 +257,28 @@ class PrecisionReader:
         out: dict[str, dict[str, torch.Tensor]] = {}
         dtypes = {**DTYPES, "int32": torch.int32}
         for p in self.copy.layout:
-            out.setdefault(p.part, {})[p.tensor] = raw[p.offset : p.offset + p.nbytes].view(dtypes[p.dtype]).view(p.shape)
+            out.setdefault(p.part, {})[p.tensor] = (
+                raw[p.offset : p.offset + p.nbytes].view(dtypes[p.dtype]).view(p.shape)
+            )
         return out
 
     def read(self, layer: int, expert: int) -> dict[str, dict[str, torch.Tensor]]:
         return self.decode(self.read_blob(layer, expert)[0])
+
+    def read_dequantized(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """One expert's parameters in the store's dtype and runtime layout, quantized weights dequantized: the
+        weights the runtime computes with (`premoe export` writes these for experts held below full precision)."""
+        copy, dtype = self.copy, self.store.manifest.torch_dtype
+        out = {}
+        for part, kinds in self.read(layer, expert).items():
+            if "raw" in kinds:
+                out[part] = kinds["raw"].clone()
+                continue
+            rows, groups = kinds["weight_scale"].shape
+            qw = QuantizedWeight(kinds["weight_packed"], kinds["weight_scale"], kinds["weight_zero_point"])
+            weight = dequantize(qw, copy.bits, copy.group_size, (rows, groups * copy.group_size), dtype)
+            out[part] = weight.t().contiguous() if copy.transposed else weight
+        return out
 
     def _fd(self, layer: int) -> int:
         with self._lock:
