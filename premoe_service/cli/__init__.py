@@ -13,7 +13,7 @@ from .bench import bench
 from .model import evaluate, export, shard
 from .params import VerbGroup, one_line, option
 from .profiling import pattern, profile
-from .ray import serve_ray
+from .ray import bench_ray, serve_ray
 from .remote import generate, health, register, route, stats, tasks
 from .serve import serve
 
@@ -38,6 +38,7 @@ def cli(verbose: bool) -> None:
 for verb in (shard, profile, serve, route, generate, register, tasks, stats, pattern, export, evaluate, bench, health):
     cli.add_command(verb)
 cli.add_command(serve_ray)  # Ray is imported only when it runs
+bench.add_command(bench_ray)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,8 @@ from typing import Any
 import click
 
 from ..errors import InvalidArgument
-from .params import PORT, option, verb
+from .bench import bench_option
+from .params import PORT, POSITIVE, Verb, option, verb
 from .serve import serve, service_config
 
 # `premoe serve` flags of the doors it runs itself; on Ray, Serve's proxies are the doors (no TLS, no metrics port).
@@ -118,3 +119,27 @@ def serve_ray(**params: Any) -> int:
 
 # The engine's options are `premoe serve`'s declarations: one flag, one twin, one default for both verbs.
 serve_ray.params[:0] = [p for p in serve.params if p.name not in DOOR_PARAMS]
+
+
+@click.command("ray", cls=Verb, short_help="two replicas on Ray Serve: routing by task vs Serve's default routing")
+@option("--store", type=click.Path(file_okay=False), help="store (default: var/reference-store, sharded when missing)")
+@option("--profiles", default="profiles", type=click.Path(file_okay=False), help="the eight task profiles")
+@bench_option("--requests", type=POSITIVE, default=400, help="measured requests, after the warm-up")
+@bench_option("--warmup", type=click.IntRange(min=0), default=32, help="warm-up requests of the same stream")
+@bench_option("--clients", type=POSITIVE, default=4, help="concurrent clients")
+@bench_option("--tasks-held", type=POSITIVE, default=4, help="tasks whose patterns one replica's budget holds")
+@bench_option("--out", default="var/bench-ray.json", help="JSON report")
+def bench_ray(
+    store: str | None, profiles: str, requests: int, warmup: int, clients: int, tasks_held: int, out: str
+) -> int:
+    """Deploy two engine replicas on a local Ray instance with a budget each that holds about half of the eight
+    tasks, and send one stream with task locality twice from a cold start: with the task as Serve's multiplexed
+    model id, and with Serve's default routing. Prints bytes of experts moved, hit rate, tokens/s, latency, and how
+    much of the saving comes from routing and how much from experts shared between patterns."""
+    from ..bench.ray_affinity import RayBenchOptions, main
+
+    return main(
+        RayBenchOptions(
+            store, profiles=profiles, requests=requests, warmup=warmup, clients=clients, tasks_held=tasks_held, out=out
+        )
+    )
