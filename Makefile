@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]" "$(TORCH)"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,ray]" "$(TORCH)"
 	touch $(STAMP)
 
 test: setup
