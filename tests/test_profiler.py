@@ -271,7 +271,7 @@ def test_profile_files_refuse_other_models_versions_and_damage(tmp_path: Path, s
     damaged.write_bytes((tmp_path / "prose.safetensors").read_bytes()[:-40])
     with pytest.raises(DataCorruption, match=r"damaged.safetensors"):
         Profile.load(damaged)
-    raw = (tmp_path / "prose.safetensors").read_bytes().replace(b'"format_version":"1"', b'"format_version":"9"')
+    raw = (tmp_path / "prose.safetensors").read_bytes().replace(b'"format_version":"2"', b'"format_version":"9"')
     (tmp_path / "future.safetensors").write_bytes(raw)
     with pytest.raises(FailedPrecondition, match="format"):
         Profile.load(tmp_path / "future.safetensors")

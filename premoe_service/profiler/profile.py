@@ -19,9 +19,14 @@ from ..fsutil import atomic_write_bytes
 from ..names import check_task_name
 from .criteria import CRITERIA
 
-PROFILE_FORMAT = 1
+# Format 2 adds the router signal (`router_scores`, `router_inputs`, `router_layer`). Format 1 files are read
+# (migrated) as profiles without it: a registry with a router signal computes it from the demos.
+PROFILE_FORMAT = 2
+READABLE_FORMATS = ("1", "2")
 _SCORE_PREFIX = "scores."
 _EMBEDDINGS = "demo_embeddings"
+_ROUTER_SCORES = "router.scores"
+_ROUTER_INPUTS = "router.inputs"
 
 
 @dataclass
@@ -41,6 +46,10 @@ class Profile:
         selection: How the task's pattern is derived from the scores (criterion, policy, value).
         created: ISO-8601 creation time (UTC).
         demos: The demo texts themselves, so a registry can re-embed with another embedder.
+        router_scores: Each demo's router distribution at the first MoE layer (see
+            `retrieval.router_signal`), or None. [n, E] fp32
+        router_inputs: Each demo's mean router input at that layer, or None. [n, H] fp32
+        router_layer: The decoder layer the router signal was read at, or None.
     """
 
     name: str
@@ -55,6 +64,14 @@ class Profile:
     selection: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     demos: list[str] = field(default_factory=list)
+    router_scores: torch.Tensor | None = None
+    router_inputs: torch.Tensor | None = None
+    router_layer: int | None = None
+
+    @property
+    def router_signature(self) -> torch.Tensor | None:
+        """The task's router signature: its demos' router distributions averaged. [E] fp32"""
+        return None if self.router_scores is None else self.router_scores.float().mean(dim=0)
 
     def __post_init__(self) -> None:
         check_task_name(self.name)
@@ -69,6 +86,9 @@ class Profile:
         tensors = {f"{_SCORE_PREFIX}{c}": m.detach().float().contiguous().cpu() for c, m in self.scores.items()}
         if self.demo_embeddings is not None:
             tensors[_EMBEDDINGS] = self.demo_embeddings.detach().float().contiguous().cpu()
+        for key, value in ((_ROUTER_SCORES, self.router_scores), (_ROUTER_INPUTS, self.router_inputs)):
+            if value is not None:
+                tensors[key] = value.detach().float().contiguous().cpu()
         metadata = {
             "format_version": str(PROFILE_FORMAT),
             "name": self.name,
@@ -81,6 +101,7 @@ class Profile:
             "selection": json.dumps(self.selection),
             "created": self.created,
             "demos": json.dumps(self.demos),
+            "router_layer": json.dumps(self.router_layer),
         }
         return st_save(tensors, metadata=metadata)
 
@@ -93,9 +114,10 @@ class Profile:
         except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
             raise DataCorruption(f"{source} is not a readable profile file: {exc}", field=source) from exc
         version = metadata.get("format_version")
-        if version != str(PROFILE_FORMAT):
+        if version not in READABLE_FORMATS:
             raise FailedPrecondition(
-                f"{source} has profile format {version!r}; this build reads format {PROFILE_FORMAT}",
+                f"{source} has profile format {version!r}; this build reads formats {', '.join(READABLE_FORMATS)}: "
+                "profile the task again with `premoe profile` (or `make profiles` for the shipped ones)",
                 field=source,
             )
         if fingerprint is not None and metadata.get("fingerprint") != fingerprint:
@@ -118,6 +140,9 @@ class Profile:
                 selection=json.loads(metadata.get("selection", "{}")),
                 created=metadata.get("created", ""),
                 demos=json.loads(metadata.get("demos", "[]")),
+                router_scores=tensors.get(_ROUTER_SCORES),
+                router_inputs=tensors.get(_ROUTER_INPUTS),
+                router_layer=json.loads(metadata.get("router_layer", "null")),
             )
         except (KeyError, ValueError, TypeError, AttributeError, InvalidArgument) as exc:
             raise DataCorruption(f"{source} has incomplete or invalid metadata: {exc}", field=source) from exc
@@ -167,8 +192,22 @@ def _check_parts(profile: Profile, source: str) -> None:
     embeddings = profile.demo_embeddings
     if embeddings is not None and (embeddings.ndim != 2 or not embeddings.is_floating_point()):
         problems.append("demo_embeddings are not a float matrix")
+    problems += _router_problems(profile)
     if problems:
         raise DataCorruption(f"{source} is not a valid profile: {'; '.join(problems)}", field=source)
+
+
+def _router_problems(profile: Profile) -> list[str]:
+    scores, inputs, layer = profile.router_scores, profile.router_inputs, profile.router_layer
+    if scores is None and inputs is None:
+        return []
+    if scores is None or inputs is None or not isinstance(layer, int):
+        return ["router signal is incomplete (router.scores, router.inputs and router_layer go together)"]
+    if scores.ndim != 2 or inputs.ndim != 2 or scores.shape[0] != inputs.shape[0] or scores.shape[0] == 0:
+        return ["router.scores and router.inputs are not matrices with one row per demo"]
+    if not scores.is_floating_point() or not inputs.is_floating_point():
+        return ["router signal is not floating point"]
+    return []
 
 
 def _read_metadata(data: bytes) -> Mapping[str, str]:

@@ -116,11 +116,21 @@ def build_profile(
     description: str = "",
     selection: Selection | None = None,
     embedder: Any = None,
+    signal: Any = None,
 ) -> Profile:
-    """A profile from a run; demos are embedded when an embedder (with `.name` and `.encode`) is given."""
+    """A profile from a run; demos are embedded when an embedder (with `.name` and `.encode`) is given, and get
+    their router signal when a `retrieval.RouterSignal` is given."""
     embeddings = None
     if embedder is not None:
         embeddings = torch.from_numpy(embedder.encode([d.text for d in demos])).float()
+    router: dict[str, Any] = {}
+    if signal is not None:
+        features = signal.features([d.text for d in demos])
+        router = {
+            "router_scores": torch.from_numpy(features.scores),
+            "router_inputs": torch.from_numpy(features.inputs),
+            "router_layer": signal.layer,
+        }
     return Profile(
         name=name,
         description=description,
@@ -133,6 +143,7 @@ def build_profile(
         token_count=run.token_count,
         selection=(selection or Selection()).to_json(),
         demos=[d.text for d in demos],
+        **router,
     )
 
 
@@ -151,11 +162,13 @@ def profile_store(
 ) -> tuple[Profile, ProfileRun]:
     """Profile a task over a store, layer-streamed: dense part resident, one layer of experts at a time.
 
-    `engine` may be a layer-streaming engine built earlier (`load_engine(store, capacity=0)`) to reuse.
+    `engine` may be a layer-streaming engine built earlier (`load_engine(store, capacity=0)`) to reuse. The
+    router signal is read on its own copy of the first layers, sharing the engine's dense tensors.
     """
     from transformers import AutoTokenizer
 
     from ..names import check_task_name
+    from ..retrieval.router_signal import RouterSignal
     from ..runtime.build import load_engine
 
     check_task_name(name)
@@ -175,5 +188,6 @@ def profile_store(
         description=description,
         selection=selection,
         embedder=embedder,
+        signal=RouterSignal.from_store(store, device=engine.device, dense=engine.dense_state_dict()),
     )
     return profile, run

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -16,8 +16,10 @@ from ..errors import DataCorruption, FailedPrecondition, InvalidArgument, NotFou
 from ..names import check_task_name
 from ..profiler.profile import Profile
 from .embedder import Embedder
+from .evidence import RouterEvidence
 from .index import HNSW_THRESHOLD, IndexKind, TaskIndex
 from .router import RouteDecision, RoutePolicy, Router, check_prompt
+from .router_signal import RouterSignal
 from .stores import MemoryProfileStore, ProfileStore
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,10 @@ class Registry:
             offline; the skipped tasks and their errors are in `problems`.
         refresh_interval: Seconds between version checks of the store (0: before every call).
         retry_after: Seconds to wait before asking an unreachable store again.
+        signal: The model's router signal: with it a prompt is routed on both signals (`decision`), and a
+            profile without a router signal (format 1) gets one computed from its demos.
+        background: Off-topic prompts (needs `signal`): a none-class a prompt must not resemble more than its
+            best task (see `RoutePolicy.min_lead`).
 
     Raises:
         Unavailable: The store cannot be reached at start-up (there is nothing to serve from yet).
@@ -67,6 +73,8 @@ class Registry:
         strict: bool = False,
         refresh_interval: float = 0.0,
         retry_after: float = 5.0,
+        signal: RouterSignal | None = None,
+        background: Sequence[str] = (),
     ) -> None:
         if refresh_interval < 0 or retry_after < 0:
             raise InvalidArgument("refresh_interval and retry_after must be >= 0", field="refresh_interval")
@@ -79,6 +87,12 @@ class Registry:
         self.store_error: Unavailable | None = None
         self._index = TaskIndex(embedder.dim, kind=index_kind, hnsw_threshold=hnsw_threshold)
         self._router = Router(embedder, self._index, policy)
+        if background and signal is None:
+            raise InvalidArgument("an off-topic background needs the router signal (give a store)", field="background")
+        self.evidence = None if signal is None else RouterEvidence(signal)
+        if self.evidence is not None and background:
+            texts = [check_prompt(text, field=f"background[{i}]") for i, text in enumerate(background)]
+            self.evidence.set_background(embedder.encode(texts), self.evidence.signal.features(texts))
         self._profiles: dict[str, Profile] = {}
         self._revisions: dict[str, Hashable] = {}
         self._token: object = _UNSET
@@ -117,6 +131,8 @@ class Registry:
         with self._lock:
             revision = self.store.write(profile, replace=replace)
             self._index.add(profile.name, vectors)
+            if self.evidence is not None:
+                self.evidence.add(profile)
             self._profiles[profile.name] = profile
             self._revisions[profile.name] = revision
             self.problems.pop(profile.name, None)
@@ -164,8 +180,9 @@ class Registry:
         check_prompt(prompt)
         self._refresh_quietly()
         query = self.embedder.encode([prompt])  # [1, dim]
+        features = None if self.evidence is None else self.evidence.signal.features([prompt])
         with self._lock:
-            return self._router.decide_embedded(query)[0]
+            return self._router.decide_embedded(query, features, self.evidence)[0]
 
     def refresh(self) -> bool:
         """Bring the index up to date with the store; returns whether any task changed.
@@ -237,6 +254,8 @@ class Registry:
         # One index update for everything that changed: a single HNSW rebuild at start-up.
         self._index.add_many((profile.name, vectors) for profile, vectors, _ in loaded)
         for profile, _, revision in loaded:
+            if self.evidence is not None:
+                self.evidence.add(profile)
             self._profiles[profile.name] = profile
             self._revisions[profile.name] = revision
             self.problems.pop(profile.name, None)
@@ -245,6 +264,8 @@ class Registry:
 
     def _forget(self, name: str) -> None:
         self._index.remove(name)
+        if self.evidence is not None:
+            self.evidence.remove([name])
         self._profiles.pop(name, None)
         self._revisions.pop(name, None)
         self.problems.pop(name, None)
@@ -257,6 +278,8 @@ class Registry:
                 f"{self.fingerprint!r}; profile the task again on this model",
                 field="fingerprint",
             )
+        if self.evidence is not None:
+            profile = self.evidence.prepare(profile)
         stored = profile.demo_embeddings
         if (
             stored is not None

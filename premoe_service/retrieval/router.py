@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
@@ -13,6 +13,10 @@ from ..names import check_task_name
 from .embedder import Embedder
 from .index import TaskIndex
 from .scoring import DEFAULT_TOP_M, task_scores
+
+if TYPE_CHECKING:
+    from .evidence import RouterEvidence
+    from .router_signal import RouterFeatures
 
 Fallback = Literal["union", "general"]
 
@@ -24,6 +28,11 @@ Fallback = Literal["union", "general"]
 DEFAULT_THRESHOLD = 0.18
 # Similarity window for the union fallback: tasks this close to the best score are unioned.
 DEFAULT_UNION_MARGIN = 0.05
+# Weights of the router signals in the combined score and the none-class lead a match needs; measured on the
+# demos (leave-one-out) and the shipped background set: `python -m premoe_service.bench.route_signal`.
+DEFAULT_INPUT_WEIGHT = 2.0
+DEFAULT_DISTRIBUTION_WEIGHT = 0.0
+DEFAULT_MIN_LEAD = -1.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,11 @@ class RoutePolicy:
         top_m: Demos averaged per task score (see `task_scores`).
         neighbours: Nearest demos fetched per query; it bounds which tasks can be ranked at all.
         ranked_limit: Tasks reported in `RouteDecision.ranked`.
+        embedding_weight: Weight of the embedding similarity in the combined score (with a router signal).
+        input_weight: Weight of the router-input score in the combined score.
+        distribution_weight: Weight of the router-distribution score in the combined score.
+        min_lead: With a background set, the combined score by which the top task must lead the none-class.
+        task_leads: Per-task leads that replace `min_lead` for those tasks.
     """
 
     threshold: float = DEFAULT_THRESHOLD
@@ -52,6 +66,11 @@ class RoutePolicy:
     top_m: int = DEFAULT_TOP_M
     neighbours: int = 64
     ranked_limit: int = 10
+    embedding_weight: float = 1.0
+    input_weight: float = DEFAULT_INPUT_WEIGHT
+    distribution_weight: float = DEFAULT_DISTRIBUTION_WEIGHT
+    min_lead: float = DEFAULT_MIN_LEAD
+    task_leads: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, value in [("threshold", self.threshold), *self.task_thresholds.items()]:
@@ -59,6 +78,15 @@ class RoutePolicy:
                 raise InvalidArgument(f"a cosine threshold lies in [-1, 1], got {value}", field=f"threshold {name}")
         for task in self.task_thresholds:
             check_task_name(task, field="task_thresholds")
+        weights = [("embedding_weight", self.embedding_weight), ("input_weight", self.input_weight)]
+        for name, value in [*weights, ("distribution_weight", self.distribution_weight)]:
+            if not 0.0 <= value <= 100.0:
+                raise InvalidArgument(f"a signal weight lies in [0, 100], got {value}", field=name)
+        for name, value in [("min_lead", self.min_lead), *self.task_leads.items()]:
+            if not -100.0 <= value <= 100.0:
+                raise InvalidArgument(f"a lead lies in [-100, 100], got {value}", field=f"lead {name}")
+        for task in self.task_leads:
+            check_task_name(task, field="task_leads")
         if self.fallback not in ("union", "general"):
             raise InvalidArgument(f"fallback must be 'union' or 'general', got {self.fallback!r}", field="fallback")
         if self.fallback == "general" and self.general_task is None:
@@ -79,17 +107,22 @@ class RoutePolicy:
     def threshold_for(self, task: str) -> float:
         return self.task_thresholds.get(task, self.threshold)
 
+    def lead_for(self, task: str) -> float:
+        return self.task_leads.get(task, self.min_lead)
+
 
 @dataclass
 class RouteDecision:
     """What retrieval decided for one prompt.
 
     Attributes:
-        ranked: (task, score) best first.
+        ranked: (task, score) best first: the embedding similarity, or with a router signal the combined score.
         task: The matched task, or None below the threshold.
         matched: Whether the top task cleared its threshold.
         fallback_tasks: Without a match, the tasks whose patterns serve the prompt (empty on a match).
         reason: One line on why, for logs and replies.
+        similarity: The top task's embedding similarity (what the thresholds apply to), None without tasks.
+        lead: With a background set, the top task's combined score minus the none-class's; else None.
     """
 
     ranked: list[tuple[str, float]]
@@ -97,6 +130,8 @@ class RouteDecision:
     matched: bool
     fallback_tasks: list[str]
     reason: str
+    similarity: float | None = None
+    lead: float | None = None
 
     @property
     def score(self) -> float | None:
@@ -128,12 +163,14 @@ def decide(ranked: Sequence[tuple[str, float]], policy: RoutePolicy) -> RouteDec
     top_task, top_score = ranked[0]
     threshold = policy.threshold_for(top_task)
     if top_score >= threshold:
-        return RouteDecision(ranked, top_task, True, [], f"{top_task} scored {top_score:.3f} >= {threshold:.3f}")
+        reason = f"{top_task} scored {top_score:.3f} >= {threshold:.3f}"
+        return RouteDecision(ranked, top_task, True, [], reason, similarity=top_score)
     below = f"best task {top_task} scored {top_score:.3f} < {threshold:.3f}"
     if policy.fallback == "general" and policy.general_task is not None:
-        return RouteDecision(ranked, None, False, [policy.general_task], f"{below}; general fallback")
+        return RouteDecision(ranked, None, False, [policy.general_task], f"{below}; general fallback", top_score)
     union = [task for task, score in ranked if score >= top_score - policy.union_margin][: policy.union_max]
-    return RouteDecision(ranked, None, False, union, f"{below}; union of {len(union)} within {policy.union_margin}")
+    reason = f"{below}; union of {len(union)} within {policy.union_margin}"
+    return RouteDecision(ranked, None, False, union, reason, similarity=top_score)
 
 
 class Router:
@@ -168,7 +205,23 @@ class Router:
             check_prompt(prompt, field="prompt" if len(prompts) == 1 else f"prompts[{i}]")
         return self.decide_embedded(self.embedder.encode(list(prompts)))
 
-    def decide_embedded(self, queries: np.ndarray) -> list[RouteDecision]:
-        """Search, score and decide for embedded prompts. queries: [q, dim] normalised"""
+    def decide_embedded(
+        self, queries: np.ndarray, features: RouterFeatures | None = None, evidence: RouterEvidence | None = None
+    ) -> list[RouteDecision]:
+        """Search, score and decide for embedded prompts. queries: [q, dim] normalised
+
+        With `features` (the prompts' router signals, one row each) and `evidence`, the decision combines both
+        signals (`decision.decide_combined`); without, it is the embedding's alone.
+        """
+        from .decision import decide_combined
+
         hits = self.index.search(queries, self.policy.neighbours)
-        return [decide(task_scores(h, self.index.demo_count, self.policy.top_m), self.policy) for h in hits]
+        ranked = [task_scores(h, self.index.demo_count, self.policy.top_m) for h in hits]
+        if features is None or evidence is None:
+            return [decide(r, self.policy) for r in ranked]
+        decisions = []
+        for i, shortlist in enumerate(ranked):
+            row = type(features)(features.scores[i : i + 1], features.inputs[i : i + 1])
+            found = evidence.score(queries[i], row, [task for task, _ in shortlist])
+            decisions.append(decide_combined(shortlist, found, self.policy))
+        return decisions
