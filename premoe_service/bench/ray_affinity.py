@@ -177,7 +177,11 @@ def run(options: RayBenchOptions) -> dict[str, Any]:
     budget, patterns, slots = plan_budget(store_dir, profiles, options.tasks_held)
     nbytes = Store(store_dir).manifest.expert_nbytes
     stream = locality_stream(
-        sorted(patterns), options.warmup + options.requests, zipf=options.zipf, mean_burst=options.mean_burst, seed=0
+        sorted(patterns),
+        options.warmup + options.requests,
+        zipf=options.zipf,
+        mean_burst=options.mean_burst,
+        seed=options.seed,
     )
     with tempfile.TemporaryDirectory() as folder, redis_server() as redis_port:
         for path in Path(options.profiles).glob("*.safetensors"):

@@ -68,6 +68,8 @@ class EngineReplica:
         self.hold: Callable[[str], Any] = serve.multiplexed(max_num_models_per_replica=self.tasks_per_replica)(
             load_task
         )
+        if config.preload:
+            self.core.preload(config.preload)  # every replica; Serve learns of them at their first request
         self._publish()
         log.warning("engine replica %s: %d tasks per replica", self.replica, self.tasks_per_replica)
 
