@@ -184,3 +184,11 @@ def test_admin_calls_need_the_token_without_our_interceptor(ray_port: int) -> No
             anonymous.register("sneaky", TASKS["code"], experts_per_layer=4)
         assert failed.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
         assert "sneaky" not in {t.name for t in anonymous.tasks()}
+
+
+def test_undecodable_request_bytes_are_invalid_argument_naming_the_field(ray_client: PreMoeClient) -> None:
+    raw = ray_client.channel.unary_unary("/premoe.v1.PreMoe/Generate")  # bytes in, bytes out
+    with pytest.raises(grpc.RpcError) as failed:
+        raw(b"\x0a\x02\xff\xfe", timeout=60)  # field 1 (prompt): two bytes that are not UTF-8
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prompt" in (failed.value.details() or "")
