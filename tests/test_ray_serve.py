@@ -142,18 +142,27 @@ def test_a_task_registered_once_is_served_by_both_replicas_as_the_single_server_
     assert {t.task: t.requests for t in stats.tasks} == {"code": REQUESTS_PER_TASK + 1, "prose": REQUESTS_PER_TASK}
 
 
-def test_a_deleted_task_stops_on_every_replica(ray_client: PreMoeClient) -> None:
-    ray_client.register("gone", TASKS["prose"], experts_per_layer=4, replace=True)
-    assert ray_client.delete_task("gone")
+def not_found_on_both_replicas(client: PreMoeClient, name: str) -> None:
     answered: set[str] = set()
     for _ in range(40):  # GetTask goes to either replica (Serve's default routing)
         with pytest.raises(grpc.RpcError) as failed:
-            ray_client.stub.GetTask.with_call(pb.GetTaskRequest(name="gone"), timeout=60)
+            client.stub.GetTask.with_call(pb.GetTaskRequest(name=name), timeout=60)
         assert failed.value.code() == grpc.StatusCode.NOT_FOUND
         answered.add(dict(failed.value.trailing_metadata())["premoe-replica"])
         if len(answered) == 2:
-            break
-    assert len(answered) == 2
+            return
+    raise AssertionError(f"only replicas {answered} answered")
+
+
+def test_a_deleted_task_stops_on_every_replica_and_stays_deleted_after_reseeding(
+    ray_client: PreMoeClient, redis_server
+) -> None:
+    ray_client.register("gone", TASKS["prose"], experts_per_layer=4, replace=True)
+    assert ray_client.delete_task("gone")
+    not_found_on_both_replicas(ray_client, "gone")
+    redis_server.flush()  # Redis loses everything: the next registry access re-seeds it from the shared folder
+    assert {t.name for t in ray_client.tasks()} == set(TASKS)
+    not_found_on_both_replicas(ray_client, "gone")
     with pytest.raises(grpc.RpcError) as failed:
         ray_client.generate(PROMPTS["prose"], task="gone", max_new_tokens=4)
     assert failed.value.code() == grpc.StatusCode.NOT_FOUND and "gone" in (failed.value.details() or "")
