@@ -1,0 +1,164 @@
+"""The router signal against transformers itself, the combined decision's per-task rules, and profiles without it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from premoe_service.errors import FailedPrecondition, InvalidArgument
+from premoe_service.families import adapter_for
+from premoe_service.families.tiny import save_tiny_checkpoint, tiny_tokenizer
+from premoe_service.profiler.profile import Profile
+from premoe_service.retrieval import LocalProfileStore, MemoryProfileStore, Registry, RoutePolicy
+from premoe_service.retrieval.calibrate import calibrate, demo_lines
+from premoe_service.retrieval.decision import decide_combined
+from premoe_service.retrieval.evidence import PromptEvidence
+from premoe_service.retrieval.router_signal import RouterSignal
+from premoe_service.store import Store, shard
+
+TEXTS = ["def add(a, b):\n    return a + b", "The cat sat on the mat.", "x"]
+BACKGROUND = ['{"id": 7, "ok": true}', "<p>hello</p>", "SELECT 1;", "1 2 3 4 5 6 7", "@@@ ###"]
+
+
+def tiny_store(tmp_path: Path, family: str) -> tuple[torch.nn.Module, Store]:
+    model = save_tiny_checkpoint(tmp_path / f"{family}-ckpt", family)
+    shard(tmp_path / f"{family}-ckpt", tmp_path / f"{family}-store", progress=False)
+    return model, Store(tmp_path / f"{family}-store")
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "gpt_oss"])
+def test_router_signal_equals_the_first_moe_routers_output_in_transformers(family: str, tmp_path: Path) -> None:
+    model, store = tiny_store(tmp_path, family)
+    signal = RouterSignal.from_store(store)  # the store's dense part only: no routed expert anywhere
+    adapter = adapter_for(model.config)
+    layer = adapter.spec(model.config).moe_layers[0]
+    assert signal.layer == layer
+    seen: dict[str, torch.Tensor] = {}
+    router = adapter.router(model, layer)
+    handle = router.register_forward_hook(lambda _m, args, out: seen.update(inputs=args[0], logits=out[0]))
+    tokenizer = tiny_tokenizer()
+    try:
+        for text in TEXTS:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([tokenizer(text)["input_ids"]]))
+            inputs = seen["inputs"].reshape(-1, seen["inputs"].shape[-1]).float()  # [T, H]
+            logits = seen["logits"].float()  # [T, E]
+            probs = logits.sigmoid() if family == "deepseek_v3" else logits.softmax(dim=-1)
+            expected = probs.mean(dim=0) / probs.mean(dim=0).sum()
+            got = signal.features([text])
+            np.testing.assert_allclose(got.scores[0], expected.numpy(), atol=1e-5)
+            np.testing.assert_allclose(got.inputs[0], inputs.mean(dim=0).numpy(), atol=1e-5)
+    finally:
+        handle.remove()
+
+
+def evidence(inputs: dict[str, float], none: float | None) -> PromptEvidence:
+    return PromptEvidence(inputs, {task: 0.0 for task in inputs}, none, none, 0.0)
+
+
+def test_per_task_thresholds_and_leads_decide_the_match() -> None:
+    ranked = [("code", 0.40), ("maths", 0.30), ("prose", 0.20)]
+    found = evidence({"code": 0.9, "maths": 0.5, "prose": 0.4}, none=0.25)
+    policy = RoutePolicy(threshold=0.18, input_weight=1.0)
+    decision = decide_combined(ranked, found, policy)
+    assert decision.task == "code" and decision.lead is not None and decision.similarity == pytest.approx(0.40)
+    # The task's own lead replaces the global one, for that task only.
+    strict = dataclasses.replace(policy, task_leads={"code": decision.lead + 0.01})
+    refused = decide_combined(ranked, found, strict)
+    assert not refused.matched and "off-topic background" in refused.reason
+    assert decide_combined(ranked, found, dataclasses.replace(policy, task_leads={"maths": 99.0})).task == "code"
+    # The similarity threshold applies per task too, with the global one for every other task.
+    assert not decide_combined(ranked, found, dataclasses.replace(policy, task_thresholds={"code": 0.41})).matched
+    assert decide_combined(ranked, found, dataclasses.replace(policy, task_thresholds={"maths": 0.9})).matched
+    # A prompt more like the background than any task gets no match, and the fallback unions close tasks.
+    offtopic = evidence({"code": 0.1, "maths": 0.1, "prose": 0.1}, none=0.9)
+    unmatched = decide_combined(ranked, offtopic, dataclasses.replace(policy, min_lead=0.0, union_margin=0.15))
+    assert not unmatched.matched and unmatched.fallback_tasks == ["code", "maths"]
+    with pytest.raises(InvalidArgument, match="lead"):
+        RoutePolicy(task_leads={"code": float("inf")})
+
+
+@pytest.fixture(scope="module")
+def qwen_signal(tmp_path_factory) -> RouterSignal:
+    return RouterSignal.from_store(tiny_store(tmp_path_factory.mktemp("signal"), "qwen3_moe")[1])
+
+
+def task_profile(name: str, demos: list[str], embedder, signal: RouterSignal | None) -> Profile:  # noqa: ANN001
+    router = {}
+    if signal is not None:
+        found = signal.features(demos)
+        router = {
+            "router_scores": torch.from_numpy(found.scores),
+            "router_inputs": torch.from_numpy(found.inputs),
+            "router_layer": signal.layer,
+        }
+    return Profile(
+        name=name,
+        fingerprint="test",
+        moe_layers=(0,),
+        scores={"tcess": torch.rand(1, 8)},
+        demos=demos,
+        demo_embeddings=torch.from_numpy(embedder.encode(demos)),
+        embedder=embedder.name,
+        **router,  # type: ignore[arg-type]
+    )
+
+
+def test_a_profile_without_a_signal_gets_one_from_its_demos_or_is_refused(
+    tmp_path: Path, embedder, demo_tasks, qwen_signal: RouterSignal
+) -> None:
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    old = task_profile("cooking", demo_tasks["cooking"], embedder, None)
+    # A format-1 file (written before the router signal existed) is read as a profile without one.
+    (folder / "cooking.safetensors").write_bytes(
+        old.to_bytes().replace(b'"format_version":"2"', b'"format_version":"1"')
+    )
+    assert Profile.load(folder / "cooking.safetensors").router_scores is None
+    registry = Registry(LocalProfileStore(folder), embedder=embedder, signal=qwen_signal)
+    kept = registry.get("cooking")
+    expected = qwen_signal.features(demo_tasks["cooking"])
+    assert kept.router_layer == qwen_signal.layer
+    np.testing.assert_allclose(kept.router_inputs.numpy(), expected.inputs, atol=1e-6)  # type: ignore[union-attr]
+    # Without demos there is nothing to compute it from: refused, saying how to rebuild.
+    bare = dataclasses.replace(old, name="empty", demos=[])
+    with pytest.raises(InvalidArgument, match="profile the task again"):
+        registry.register(bare)
+    # A format this build does not know is refused with the same advice.
+    (tmp_path / "future.safetensors").write_bytes(
+        old.to_bytes().replace(b'"format_version":"2"', b'"format_version":"9"')
+    )
+    with pytest.raises(FailedPrecondition, match="premoe profile"):
+        Profile.load(tmp_path / "future.safetensors")
+
+
+def test_registry_routes_on_both_signals_and_calibrates_per_task_leads(
+    embedder, demo_tasks, held_out_queries, qwen_signal: RouterSignal
+) -> None:
+    registry = Registry(MemoryProfileStore(), embedder=embedder, signal=qwen_signal, background=BACKGROUND)
+    for name, demos in demo_tasks.items():
+        registry.register(task_profile(name, demos, embedder, qwen_signal))
+    decision = registry.route(held_out_queries[0][0])
+    assert decision.lead is not None and decision.similarity is not None
+    result = calibrate(registry)
+    assert set(result.task_leads) <= set(demo_tasks)
+    assert all(lead <= registry.policy.min_lead for lead in result.task_leads.values())  # only ever relaxes
+    # Calibrated leads are what the decision then applies.
+    registry.policy = dataclasses.replace(registry.policy, task_leads=result.task_leads)
+    again = registry.route(held_out_queries[0][0])
+    top = again.ranked[0][0]
+    assert again.matched == (again.similarity >= 0.18 and again.lead >= result.task_leads.get(top, -1.0))  # type: ignore[operator]
+    with pytest.raises(InvalidArgument, match="background"):
+        Registry(MemoryProfileStore(), embedder=embedder, background=BACKGROUND)
+
+
+def test_demo_lines_cut_long_demos_only() -> None:
+    assert demo_lines("add: 1+2=3") == []
+    code = "def double_plus_one(value):\n    doubled = value * 2\n    return doubled + 1\n\nprint(double_plus_one(3))"
+    lines = demo_lines(code)
+    assert "doubled = value * 2" in lines and code not in lines
+    assert all(len(line.replace(" ", "")) >= 12 for line in lines)
