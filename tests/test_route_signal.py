@@ -87,7 +87,7 @@ def qwen_signal(tmp_path_factory) -> RouterSignal:
     return RouterSignal.from_store(tiny_store(tmp_path_factory.mktemp("signal"), "qwen3_moe")[1])
 
 
-def task_profile(name: str, demos: list[str], embedder, signal: RouterSignal | None) -> Profile:  # noqa: ANN001
+def task_profile(name: str, demos: list[str], embedder, signal: RouterSignal | None) -> Profile:
     router = {}
     if signal is not None:
         found = signal.features(demos)
