@@ -146,7 +146,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 def _detached(method: str, exc: Exception) -> Exception:
     """`exc` without its traceback and context, once an unexpected one is logged with them: the traceback's
     frames hold the request (a prompt of megabytes), and the abort raised next would chain to it and keep it."""
-    if not isinstance(exc, PreMoeError) and type(exc).__name__ != "AbortError" and not isinstance(exc, grpc.RpcError):
+    if not isinstance(exc, PreMoeError | grpc.aio.AbortError | grpc.RpcError):
         log.error("%s failed", method, exc_info=exc)
     exc.__traceback__ = None
     exc.__context__ = exc.__cause__ = None
@@ -155,7 +155,7 @@ def _detached(method: str, exc: Exception) -> Exception:
 
 async def _abort(method: str, context: grpc.aio.ServicerContext, exc: Exception) -> grpc.StatusCode:
     """End the call with the status of `exc` (always raises); an abort already under way passes through."""
-    if type(exc).__name__ == "AbortError" or isinstance(exc, grpc.RpcError):  # context.abort's own exception
+    if isinstance(exc, grpc.aio.AbortError | grpc.RpcError):  # context.abort's own exception
         raise exc
     code, message = status_of(exc)
     if len(message) > MAX_DETAILS:
