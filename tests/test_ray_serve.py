@@ -174,11 +174,20 @@ def test_a_deleted_task_stops_on_every_replica_and_stays_deleted_after_reseeding
         (lambda c: c.generate("   ", max_new_tokens=4), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
         (lambda c: c.generate("x", max_new_tokens=100000), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
         (lambda c: c.generate("x", task="Bad Name!"), grpc.StatusCode.INVALID_ARGUMENT, "task"),
+        (lambda c: c.generate("x" * 300_000, max_new_tokens=4), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
         (lambda c: list(c.stream("x", task="missing")), grpc.StatusCode.NOT_FOUND, "missing"),
         (lambda c: c.register("x", []), grpc.StatusCode.INVALID_ARGUMENT, "demos"),
         (lambda c: c.get_task("missing"), grpc.StatusCode.NOT_FOUND, "missing"),
     ],
-    ids=["empty-prompt", "huge-tokens", "bad-task-name", "stream-unknown-task", "no-demos", "unknown-task"],
+    ids=[
+        "empty-prompt",
+        "huge-tokens",
+        "bad-task-name",
+        "huge-prompt",
+        "stream-unknown-task",
+        "no-demos",
+        "unknown-task",
+    ],
 )
 def test_errors_carry_the_single_servers_status_codes(ray_client: PreMoeClient, call, code, field) -> None:
     with pytest.raises(grpc.RpcError) as failed:

@@ -4,6 +4,7 @@ Serve's proxies own the ports. Ray is imported only when the verb runs, so `prem
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +129,10 @@ serve_ray.params[:0] = [p for p in serve.params if p.name not in DOOR_PARAMS]
 @bench_option("--warmup", type=click.IntRange(min=0), default=32, help="warm-up requests of the same stream")
 @bench_option("--clients", type=POSITIVE, default=4, help="concurrent clients")
 @bench_option("--tasks-held", type=POSITIVE, default=4, help="tasks whose patterns one replica's budget holds")
+@bench_option("--seed", type=int, default=0, help="seed of the request stream")
 @bench_option("--out", default="var/bench-ray.json", help="JSON report")
 def bench_ray(
-    store: str | None, profiles: str, requests: int, warmup: int, clients: int, tasks_held: int, out: str
+    store: str | None, profiles: str, requests: int, warmup: int, clients: int, tasks_held: int, seed: int, out: str
 ) -> int:
     """Deploy two engine replicas on a local Ray instance with a budget each that holds about half of the eight
     tasks, and send one stream with task locality twice from a cold start: with the task as Serve's multiplexed
@@ -138,8 +140,5 @@ def bench_ray(
     much of the saving comes from routing and how much from experts shared between patterns."""
     from ..bench.ray_affinity import RayBenchOptions, main
 
-    return main(
-        RayBenchOptions(
-            store, profiles=profiles, requests=requests, warmup=warmup, clients=clients, tasks_held=tasks_held, out=out
-        )
-    )
+    options = RayBenchOptions(store, profiles=profiles, requests=requests, warmup=warmup, clients=clients)
+    return main(dataclasses.replace(options, tasks_held=tasks_held, seed=seed, out=out))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 import time
 from typing import Any
 
@@ -87,6 +88,7 @@ def run(
     """`premoe serve-ray`: connect to a Ray cluster (`address`, e.g. "auto" after `ray start --head`) or start a
     local one, deploy, and serve until interrupted; a local instance is shut down on the way out."""
     local = address is None
+    signal.signal(signal.SIGTERM, _interrupt)  # a container's stop: the same clean exit as Ctrl-C
     ray.init(address=address, num_cpus=num_cpus if local else None, include_dashboard=False)
     try:
         start(config, settings, grpc_port=grpc_port, http_port=http_port, host=host)
@@ -100,3 +102,7 @@ def run(
             serve.shutdown()
             ray.shutdown()
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

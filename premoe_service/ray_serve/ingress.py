@@ -13,12 +13,13 @@ from typing import Any, TypeVar
 
 from ray.serve.handle import DeploymentHandle
 
-from ..errors import InvalidArgument, PreMoeError
+from ..errors import PreMoeError
 from ..retrieval import Embedder, Registry, RoutePolicy, check_prompt, open_profile_store
 from ..server.auth import Access
 from ..server.gen import premoe_pb2 as pb
 from ..server.interceptor import ADMIN_METHODS
 from ..server.types import GenerateCall, service_stats_to_pb
+from ..serving.limits import check_prompt_bytes
 from ..store.manifest import Manifest
 from . import stats
 from .calls import REPLICA_HEADER, Routed, decode, status_of_call
@@ -98,10 +99,8 @@ class PreMoeIngress:
         return handle, routed
 
     def _route(self, prompt: str) -> Routed:
-        """Retrieval as the single server does it (`ServingCore.plan`): the size check before any embedding."""
-        limit = self.config.max_prompt_bytes
-        if len(prompt) > limit or len(prompt.encode("utf-8", "surrogatepass")) > limit:
-            raise InvalidArgument(f"prompt is over {limit} bytes (the server's limit)", field="prompt")
+        """Retrieval as the single server does it (`ServingCore.route`): the size check before any embedding."""
+        check_prompt_bytes(prompt, self.config.max_prompt_bytes)
         check_prompt(prompt)
         start = time.perf_counter()
         decision = self.registry.route(prompt)
