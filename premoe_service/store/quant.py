@@ -57,7 +57,7 @@ def _unpack(packed: Tensor, bits: int, shape: tuple[int, int], packed_dim: int) 
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """One weight in packed form. Shapes: packed [out, ceil(in*b/32)], scale [out, in/g], zero [ceil(out*b/32), in/g]."""
+    """One weight in packed form: packed [out, ceil(in*b/32)], scale [out, in/g], zero [ceil(out*b/32), in/g]."""
 
     packed: Tensor
     scale: Tensor
