@@ -21,6 +21,10 @@ class PreMoeClient:
             the admin calls (health checks never need it).
         admin_token: Sent as `authorization: Bearer <token>` on admin calls (RegisterTask, DeleteTask).
         timeout: Default deadline in seconds of every call (None: none).
+        tls: Connect over TLS (implied by the three below); without `tls_ca` the system's roots are trusted.
+        tls_ca: PEM bundle of the CA(s) that signed the server's certificate (a self-signed deployment's CA).
+        tls_cert: PEM certificate (chain) of this client, for a server that asks for one (mutual TLS).
+        tls_key: PEM private key of `tls_cert`.
     """
 
     def __init__(
@@ -30,8 +34,20 @@ class PreMoeClient:
         api_key: str | None = None,
         admin_token: str | None = None,
         timeout: float | None = None,
+        tls: bool = False,
+        tls_ca: bytes | None = None,
+        tls_cert: bytes | None = None,
+        tls_key: bytes | None = None,
     ) -> None:
-        self.channel = grpc.insecure_channel(target)
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("a client certificate needs its key, and a key its certificate (tls_cert, tls_key)")
+        if tls or tls_ca is not None or tls_cert is not None:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=tls_ca, private_key=tls_key, certificate_chain=tls_cert
+            )
+            self.channel = grpc.secure_channel(target, credentials)
+        else:
+            self.channel = grpc.insecure_channel(target)
         self.stub = pb_grpc.PreMoeStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.api_key = api_key

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from premoe_service.cli import main
 from premoe_service.errors import InvalidArgument
 from premoe_service.families.tiny import save_tiny_checkpoint
 from premoe_service.server import create_server, running_server
@@ -236,6 +237,42 @@ def test_mutual_tls_refuses_a_client_without_a_certificate_of_the_ca(mtls_server
     assert refused(secure(port, pki.ca.cert, certificate)) == grpc.StatusCode.UNAVAILABLE
     with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
         https(handle.http_port, pki.ca.cert, certificate)
+
+
+# --- the client verbs -------------------------------------------------------------------------------------------
+
+
+def premoe(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_client_verbs_reach_a_tls_server_with_its_ca(tls_server, pki: Pki, capsys) -> None:
+    _, port = tls_server
+    server = ["--server", f"localhost:{port}", "--timeout", "20"]
+    assert premoe(capsys, "health", *server, "--tls-ca", str(pki.ca.cert))[:2] == (0, "SERVING\n")
+    code, out, _ = premoe(
+        capsys, "generate", "def f(x):", "--max-new-tokens", "2", *server, "--tls-ca", str(pki.ca.cert)
+    )
+    assert code == 0 and out.strip()
+    for refused_with in (
+        [],
+        ["--tls"],
+        ["--tls-ca", str(pki.stranger_ca.cert)],
+    ):  # plain text, system roots, a stranger
+        code, _, err = premoe(capsys, "health", *server, "--timeout", "5", *refused_with)
+        assert code == 1 and "UNAVAILABLE" in err and "Traceback" not in err
+
+
+def test_client_verbs_present_a_client_certificate_for_mutual_tls(mtls_server, pki: Pki, capsys) -> None:
+    _, port = mtls_server
+    server = ["--server", f"localhost:{port}", "--timeout", "10", "--tls-ca", str(pki.ca.cert)]
+    mine = ["--tls-client-cert", str(pki.client.cert), "--tls-client-key", str(pki.client.key)]
+    assert premoe(capsys, "health", *server, *mine)[:2] == (0, "SERVING\n")
+    assert premoe(capsys, "health", *server)[0] == 1  # no certificate
+    code, _, err = premoe(capsys, "health", *server, "--tls-client-cert", str(pki.client.cert))
+    assert code == 2 and "--tls-client-key" in err and "Traceback" not in err
 
 
 # --- what the server refuses to start with ------------------------------------------------------------------

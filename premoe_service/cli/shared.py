@@ -58,10 +58,36 @@ device_option = option("--device", default="auto", help="auto (cuda when availab
 quiet_option = option("--quiet", is_flag=True, help="no progress bar")
 
 
+PEM_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+TLS_KEY = "premoe.tls"  # where the TLS options of a client verb wait in click's context for `connect`
+
+
+def _keep_tls(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value is not None and value is not False:
+        ctx.meta.setdefault(TLS_KEY, {})[param.name] = value
+    return value
+
+
+def _tls_options(f: F) -> F:
+    """--tls, --tls-ca, --tls-client-cert, --tls-client-key: kept in the context for `connect`, not passed to the
+    verb (every client verb takes them)."""
+    hidden: dict[str, Any] = {"expose_value": False, "callback": _keep_tls}
+    declared = (
+        option("--tls", is_flag=True, help="connect over TLS with the system's CAs (--tls-ca implies it)", **hidden),
+        option("--tls-ca", type=PEM_FILE, help="PEM CA bundle that signed the server's certificate (TLS)", **hidden),
+        option("--tls-client-cert", type=PEM_FILE, help="PEM certificate of this client, for mutual TLS", **hidden),
+        option("--tls-client-key", type=PEM_FILE, help="PEM private key of --tls-client-cert", **hidden),
+    )
+    for declare in reversed(declared):
+        f = declare(f)
+    return f
+
+
 def client_options(*, admin: bool = False, timeout: float = 300.0) -> Callable[[F], F]:
-    """The server address, the call deadline and the credentials of a client verb."""
+    """The server address, the call deadline, the credentials and TLS of a client verb."""
 
     def decorate(f: F) -> F:
+        f = _tls_options(f)
         f = option("--server", default=DEFAULT_SERVER, help="server address host:port")(f)
         f = option("--timeout", type=click.FloatRange(0, min_open=True), default=timeout, help="deadline in seconds")(f)
         f = option("--api-key", help="the server's inference API key (sent as authorization: Bearer)")(f)
@@ -76,7 +102,17 @@ def connect(server: str, timeout: float, api_key: str | None = None, admin_token
     """A client of the server; only grpc and the generated code are imported, never torch."""
     from ..client import PreMoeClient
 
-    return PreMoeClient(server, api_key=api_key, admin_token=admin_token, timeout=timeout)
+    ctx = click.get_current_context(silent=True)
+    tls: dict[str, Any] = ctx.meta.get(TLS_KEY, {}) if ctx is not None else {}
+    if ("tls_client_cert" in tls) != ("tls_client_key" in tls):
+        raise click.BadParameter("mutual TLS needs both --tls-client-cert and --tls-client-key", param_hint="--tls")
+    pem = {name: Path(tls[flag]).read_bytes() for flag, name in _TLS_FILES.items() if flag in tls}
+    return PreMoeClient(
+        server, api_key=api_key, admin_token=admin_token, timeout=timeout, tls=bool(tls.get("tls")), **pem
+    )
+
+
+_TLS_FILES = {"tls_ca": "tls_ca", "tls_client_cert": "tls_cert", "tls_client_key": "tls_key"}
 
 
 def store_spec(store: Any) -> Any:
