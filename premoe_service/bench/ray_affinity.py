@@ -164,7 +164,7 @@ def run(options: RayBenchOptions) -> dict[str, Any]:
     from ray import serve
 
     from ..serving import ServiceConfig
-    from .fixtures import _free_port
+    from .fixtures import free_port
     from .serve_report import machine
 
     if options.requests < 1 or options.warmup < 0 or options.clients < 1:
@@ -197,8 +197,8 @@ def run(options: RayBenchOptions) -> dict[str, Any]:
         )
         ctx = {
             "config": config,
-            "port": _free_port(),
-            "http_port": _free_port(),
+            "port": free_port(),
+            "http_port": free_port(),
             "stream": stream,
             "prompts": {t: prompts_of(t, 50) for t in patterns},
             "pattern_bytes": {t: p.size * nbytes for t, p in patterns.items()},

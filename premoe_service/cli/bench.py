@@ -1,5 +1,5 @@
-"""`premoe bench load|profile|serve|route|switch|scale`: benchmarks printing ratios against a raw baseline measured in
-the same run.
+"""`premoe bench load|profile|serve|route|switch|scale|soak`: benchmarks printing ratios against a raw baseline
+measured in the same run (the soak counts outcomes instead).
 
 Options that only a benchmark has carry BENCH in their twin's name (PREMOE_BENCH_ROUNDS); the store, device, budget
 and the like keep the twins every verb shares.
@@ -7,11 +7,12 @@ and the like keep the twins every verb shares.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
 
-from .params import BUDGET, POSITIVE, BudgetType, VerbGroup, option
+from .params import BUDGET, POSITIVE, BudgetType, CommaList, VerbGroup, option
 from .shared import device_option, embedder_option, quiet_option
 
 
@@ -33,15 +34,30 @@ def bench() -> None:
 @bench_option("--experts", type=POSITIVE, default=8, help="experts per layer of the throwaway model")
 @bench_option("--layers", type=POSITIVE, default=4, help="MoE layers of the throwaway model")
 @bench_option("--rounds", type=POSITIVE, default=7, help="interleaved rounds (median reported)")
+@bench_option(
+    "--precisions",
+    type=CommaList(click.Choice(["int8", "int4", "int3", "int2"])),
+    default="",
+    help="also quantized experts at these precisions (added to the store when it lacks them)",
+)
+@bench_option("--group-size", type=POSITIVE, default=64, help="group size of quantized copies the benchmark adds")
 @device_option
 def bench_load(
-    store: str | None, redis_url: str | None, hidden: int, experts: int, layers: int, rounds: int, device: str
+    store: str | None,
+    redis_url: str | None,
+    hidden: int,
+    experts: int,
+    layers: int,
+    rounds: int,
+    precisions: tuple[str, ...],
+    group_size: int,
+    device: str,
 ) -> int:
     """Read every expert through each tier (disk, in-process cache, Redis, Redis into device slots) and the same
     bytes the raw way (os.pread, redis-py GET), interleaved, and print GB/s and the ratio ours/raw."""
     from ..bench.load import main
 
-    main(store, redis_url, hidden, experts, layers, rounds, device)
+    main(store, redis_url, hidden, experts, layers, rounds, device, precisions, group_size)
     return 0
 
 
@@ -191,3 +207,32 @@ def bench_scale(tasks: int, registry_tasks: int, budgets: str, out: str, quiet: 
     options = ScaleOptions(tasks=tasks, registry_tasks=registry_tasks, budgets=budgets, out=out, plot=plot, quiet=quiet)
     print(table(run(options)))
     return 0
+
+
+@bench.command("soak", short_help="a server under many clients for minutes: good, bad, cancelled, slow; Redis restarts")
+@option("--store", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="store folder")
+@option(
+    "--profiles",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="task profiles the server starts with (a copy is used: registrations do not touch them)",
+)
+@bench_option("--seconds", type=POSITIVE, default=600, help="how long the clients run")
+@bench_option("--clients", type=POSITIVE, default=16, help="concurrent clients")
+@bench_option("--max-new-tokens", type=POSITIVE, default=16, help="new tokens of each good request")
+@bench_option(
+    "--queries",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="reference/heldout/queries.jsonl",
+    help="JSONL of {query, task}: the good requests' prompts (built-in ones when absent)",
+)
+@bench_option("--out", type=click.Path(dir_okay=False, path_type=Path), help="also write the report as JSON")
+def bench_soak(
+    store: Path, profiles: Path | None, seconds: int, clients: int, max_new_tokens: int, queries: Path, out: Path | None
+) -> int:
+    """Start `premoe serve` in its own process with a Redis of its own, run CLIENTS clients for SECONDS with a mix of
+    good, malformed, cancelled, slow and deadline-bound requests and task registrations, kill Redis and restart it
+    empty halfway, and print the count of each outcome, the unintended errors (exit 1 when there are any), and the
+    server's resident memory after warm-up and at the end."""
+    from ..bench.soak import main
+
+    return main(store, profiles, seconds, clients, max_new_tokens, queries, out)

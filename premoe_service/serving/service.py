@@ -16,7 +16,15 @@ from ..engine import BatchLimits, EngineLoop, Outcome, Request, SamplingParams
 from ..errors import NotFound, Unavailable
 from ..pattern import Pattern
 from ..profiler import Demo, Selection
-from ..retrieval import Embedder, ProfileStore, Registry, RoutePolicy, check_prompt, open_profile_store
+from ..retrieval import (
+    Embedder,
+    ProfileStore,
+    Registry,
+    RouteDecision,
+    RoutePolicy,
+    check_prompt,
+    open_profile_store,
+)
 from ..runtime.build import load_engine
 from ..store import Store, open_cache
 from .config import ServiceConfig
@@ -99,7 +107,15 @@ class ServingCore:
         if task:
             profile = self.registry.get(task)
             return RoutePlan("override", task, 0.0, self.tasks.pattern(profile), seconds=time.perf_counter() - start)
-        decision = self.registry.route(prompt)
+        for _ in range(3):
+            decision = self.registry.route(prompt)
+            try:
+                return self._plan(decision, start)
+            except NotFound:  # a task deleted between the search and the read of its profile: search again
+                log.info("a task matched for a prompt was deleted meanwhile; routing again")
+        raise Unavailable("the registered tasks kept changing while routing; retry", field="task")
+
+    def _plan(self, decision: RouteDecision, start: float) -> RoutePlan:
         if decision.matched and decision.task is not None:
             pattern = self.tasks.pattern(self.registry.get(decision.task))
             return RoutePlan(
