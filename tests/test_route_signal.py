@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from premoe_service.cli import main
 from premoe_service.errors import FailedPrecondition, InvalidArgument
 from premoe_service.families import adapter_for
 from premoe_service.families.tiny import save_tiny_checkpoint, tiny_tokenizer
 from premoe_service.profiler.profile import Profile
 from premoe_service.retrieval import LocalProfileStore, MemoryProfileStore, Registry, RoutePolicy
-from premoe_service.retrieval.calibrate import calibrate, demo_lines
+from premoe_service.retrieval.calibrate import calibrate, demo_lines, load_task_leads
 from premoe_service.retrieval.decision import decide_combined
 from premoe_service.retrieval.evidence import PromptEvidence
 from premoe_service.retrieval.router_signal import RouterSignal
@@ -83,8 +85,13 @@ def test_per_task_thresholds_and_leads_decide_the_match() -> None:
 
 
 @pytest.fixture(scope="module")
-def qwen_signal(tmp_path_factory) -> RouterSignal:
-    return RouterSignal.from_store(tiny_store(tmp_path_factory.mktemp("signal"), "qwen3_moe")[1])
+def qwen_store(tmp_path_factory) -> Path:
+    return tiny_store(tmp_path_factory.mktemp("signal"), "qwen3_moe")[1].dir
+
+
+@pytest.fixture(scope="module")
+def qwen_signal(qwen_store: Path) -> RouterSignal:
+    return RouterSignal.from_store(Store(qwen_store))
 
 
 def task_profile(name: str, demos: list[str], embedder, signal: RouterSignal | None) -> Profile:
@@ -162,3 +169,24 @@ def test_demo_lines_cut_long_demos_only() -> None:
     lines = demo_lines(code)
     assert "doubled = value * 2" in lines and code not in lines
     assert all(len(line.replace(" ", "")) >= 12 for line in lines)
+
+
+def test_route_evaluate_reports_both_signals_and_writes_the_calibration(
+    tmp_path: Path, qwen_store: Path, demo_profiles, held_out_queries, capsys
+) -> None:
+    for profile in demo_profiles.values():  # format-2 profiles without a router signal: computed from the demos
+        profile.save(tmp_path / f"{profile.name}.safetensors")
+    queries, background = tmp_path / "queries.jsonl", tmp_path / "background.jsonl"
+    records = [{"query": q, "task": t} for q, t in held_out_queries] + [{"query": "SELECT 2;", "task": None}]
+    queries.write_text("".join(json.dumps(r) + "\n" for r in records))
+    background.write_text("".join(json.dumps({"query": q, "task": None}) + "\n" for q in BACKGROUND))
+    out_file = tmp_path / "calibration.json"
+    args = ["route", "--evaluate", str(queries), "--profiles", str(tmp_path), "--store", str(qwen_store)]
+    code = main([*args, "--background", str(background), "--calibrate-out", str(out_file)])
+    out, _ = capsys.readouterr()
+    assert code == 0 and "embedding alone: top-1" in out and "embedding + router signal" in out
+    assert "lead" in out.split("per task")[1].splitlines()[1] and "confusion" in out
+    assert load_task_leads(out_file).keys() <= set(demo_profiles)
+    code = main(["route", "--evaluate", str(queries), "--profiles", str(tmp_path), "--background", str(background)])
+    _, err = capsys.readouterr()
+    assert code == 2 and "--store" in err and "Traceback" not in err

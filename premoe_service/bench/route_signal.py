@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..retrieval import (
@@ -20,13 +21,12 @@ from ..retrieval import (
     MemoryProfileStore,
     Registry,
     RoutePolicy,
+    RouteRecord,
     evaluate,
     load_route_records,
 )
 from ..retrieval.calibrate import calibrate
 from ..retrieval.router_signal import RouterSignal
-
-WEIGHT_GRID = (0.5, 1.0, 1.5, 2.0, 3.0)
 
 
 def variants(base: RoutePolicy) -> dict[str, RoutePolicy]:
@@ -41,7 +41,7 @@ def variants(base: RoutePolicy) -> dict[str, RoutePolicy]:
     }
 
 
-def report(name: str, registry: Registry, records: list) -> None:  # type: ignore[type-arg]
+def report(name: str, registry: Registry, records: list[RouteRecord]) -> None:
     result = evaluate(registry, records)
     per = " ".join(f"{t}={e.top1_accuracy:.2f}" for t, e in result.per_task.items() if e.queries)
     worst = min(e.top1_accuracy for e in result.per_task.values() if e.queries)
@@ -56,7 +56,7 @@ def latency(registry: Registry, prompts: list[str], repeats: int) -> None:
     embedder, index = registry.embedder, registry.index
     signal = registry.evidence.signal if registry.evidence is not None else None
 
-    def best(fn) -> float:  # type: ignore[no-untyped-def]
+    def best(fn: Callable[[str], object]) -> float:
         runs = []
         for _ in range(repeats):
             start = time.perf_counter()

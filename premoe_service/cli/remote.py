@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from .params import CRITERION, OPEN_SHARE, POSITIVE, option, verb
+from .route_eval import route_evaluate, route_evaluate_options
 from .shared import client_options, connect, embedder_option
-
-if TYPE_CHECKING:
-    from ..retrieval import RouteEvaluation
 
 
 @verb("route", short_help="ask the server which task and pattern a prompt gets; or calibrate offline")
@@ -29,21 +26,27 @@ if TYPE_CHECKING:
     "--profiles", type=click.Path(exists=True, file_okay=False, path_type=Path), help="profiles folder for --evaluate"
 )
 @embedder_option("for --evaluate")
+@route_evaluate_options
 @client_options()
 def route(
     prompt: str | None,
     evaluate: Path | None,
     profiles: Path | None,
     embedder: str | None,
+    store: Path | None,
+    background: Path | None,
+    calibrate_out: Path | None,
     server: str,
     timeout: float,
     api_key: str | None,
 ) -> int:
     """Without --evaluate: the server's routing decision for PROMPT. With --evaluate FILE.jsonl ({"query": ...,
     "task": name or null} per line) and --profiles DIR: top-1 accuracy overall and per task, the confusion matrix,
-    no-match precision/recall, on-task rejection, and a suggested threshold overall and per task, computed locally."""
+    no-match precision/recall, on-task rejection, and a suggested threshold overall and per task, computed locally.
+    With --store, routing uses the model's router signal too, and with --background an off-topic none-class: the
+    embedding alone is reported beside, and per-task leads are calibrated (--calibrate-out writes them)."""
     if evaluate is not None:
-        return _route_evaluate(evaluate, profiles, embedder)
+        return route_evaluate(evaluate, profiles, embedder, store, background, calibrate_out)
     if not prompt:
         raise click.UsageError("give a PROMPT, or --evaluate FILE")
     with connect(server, timeout, api_key) as client:
@@ -55,57 +58,6 @@ def route(
     for item in reply.ranked:
         click.echo(f"  {item.score:6.3f}  {item.task}")
     return 0
-
-
-def _route_evaluate(queries: Path, profiles: Path | None, embedder: str | None) -> int:
-    from ..retrieval import Embedder, LocalProfileStore, Registry, evaluate, load_route_records
-
-    if profiles is None:
-        raise click.UsageError("--evaluate needs --profiles (a folder of profile files)")
-    registry = Registry(LocalProfileStore(profiles), embedder=Embedder(embedder))
-    result = evaluate(registry, load_route_records(queries))
-    threshold = "n/a" if result.suggested_threshold is None else f"{result.suggested_threshold:.3f}"
-    click.echo(f"queries {result.records} ({result.labelled} labelled), threshold {registry.policy.threshold:.3f}")
-    click.echo(f"top-1 accuracy      {result.top1_accuracy:.3f}")
-    click.echo(f"match accuracy      {result.match_accuracy:.3f}")
-    click.echo(f"no-match precision  {result.no_match_precision:.3f}")
-    click.echo(f"no-match recall     {result.no_match_recall:.3f}")
-    click.echo(f"suggested threshold {threshold}")
-    click.echo(f"on-task rejected    {result.on_task_rejected:.3f}")
-    click.echo(f"off-topic rejected  {result.no_match_recall:.3f}")
-    _echo_per_task(result, registry.policy.threshold_for)
-    _echo_confusion(result.confusion)
-    for query, expected, decided in result.misses[:10]:
-        click.echo(f"  miss: {query[:60]!r}: expected {expected}, got {decided}")
-    return 0
-
-
-def _echo_per_task(result: RouteEvaluation, threshold_for: Callable[[str], float]) -> None:
-    """Per task: its queries, top-1, matched right, queries ranked first for it, its threshold, the suggested one."""
-    click.echo("per task (top-1 ignores the threshold; 'first': queries of any label ranked first for the task)")
-    click.echo(f"  {'task':<16} {'n':>4} {'top-1':>6} {'match':>6} {'first':>6} {'thresh':>7} {'suggest':>8}")
-    for task, item in result.per_task.items():
-        value = result.suggested_thresholds.get(task)
-        suggested = "n/a" if value is None else f"{value:.3f}"
-        click.echo(
-            f"  {task:<16} {item.queries:>4} {item.top1_accuracy:>6.3f} {item.match_accuracy:>6.3f} "
-            f"{item.ranked_first:>6} {threshold_for(task):>7.3f} {suggested:>8}"
-        )
-
-
-def _echo_confusion(confusion: dict[str | None, dict[str | None, int]]) -> None:
-    """Rows: the label (off-topic as '(none)'); columns: the decision at the current threshold ('(none)': no match)."""
-    labels = sorted({t for t in confusion if t is not None} | {t for row in confusion.values() for t in row if t})
-    cols: list[str | None] = [*labels, None]
-    rows = cols if None in confusion else cols[:-1]
-    name: dict[str | None, str] = {t: t for t in labels}
-    name[None] = "(none)"
-    width = max(6, *(len(name[c][:11]) for c in cols))
-    click.echo("confusion (rows: label, columns: decision at the current threshold)")
-    click.echo(f"  {'':<16}" + "".join(f" {name[c][:11]:>{width}}" for c in cols))
-    for row in rows:
-        counts = confusion.get(row, {})
-        click.echo(f"  {name[row]:<16}" + "".join(f" {counts.get(c, 0) or '.':>{width}}" for c in cols))
 
 
 @verb("generate", short_help="generate from a prompt, streaming to the terminal")

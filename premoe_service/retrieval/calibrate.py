@@ -134,10 +134,12 @@ def calibrate(registry: Registry, *, labelled: Sequence[RouteRecord] = (), loss:
             for k, (i, _) in enumerate(lines):
                 features = RouterFeatures(found.scores[k : k + 1], found.inputs[k : k + 1])
                 positives.append((name, scorer.decide(vectors[k], features, (name, i), None)))
-    embeddings, features = background
+    bg_vectors, bg_features = background
     negatives = [
-        scorer.decide(embeddings[b], RouterFeatures(features.scores[b : b + 1], features.inputs[b : b + 1]), None, b)
-        for b in range(embeddings.shape[0])
+        scorer.decide(
+            bg_vectors[b], RouterFeatures(bg_features.scores[b : b + 1], bg_features.inputs[b : b + 1]), None, b
+        )
+        for b in range(bg_vectors.shape[0])
     ]
     for record in labelled:
         decision = registry.route(record.query)

@@ -145,11 +145,13 @@ def evaluate(router: SupportsRoute, records: Iterable[RouteRecord | Mapping[str,
             no_match_right += record.task is None
         if top is not None:
             task_counts.setdefault(top, [0, 0, 0, 0])[3] += 1
-        if decision.score is not None:
+        # Thresholds apply to the embedding similarity (the combined score of a router-signal decision is not one).
+        similarity = decision.similarity if decision.similarity is not None else decision.score
+        if similarity is not None:
             right_top = record.task is not None and top == record.task
-            (should_match_scores if right_top else should_not_scores).append(decision.score)
+            (should_match_scores if right_top else should_not_scores).append(similarity)
             if top is not None:
-                by_top.setdefault(top, ([], []))[0 if right_top else 1].append(decision.score)
+                by_top.setdefault(top, ([], []))[0 if right_top else 1].append(similarity)
         row = confusion.setdefault(record.task, {})
         row[decision.task] = row.get(decision.task, 0) + 1
         if decision.task != record.task:

@@ -49,7 +49,9 @@ def combined_scores(
         ):
             column.append(float(value or 0.0))
     weights = (policy.embedding_weight, policy.input_weight, policy.distribution_weight)
-    total = sum(w * _z(np.asarray(c, dtype=np.float64)) for w, c in zip(weights, columns, strict=True))
+    total = np.zeros(len(columns[0]))
+    for weight, column in zip(weights, columns, strict=True):
+        total += weight * _z(np.asarray(column, dtype=np.float64))
     scores = [(task, float(total[i])) for i, task in enumerate(tasks)]
     scores.sort(key=lambda item: (-item[1], item[0]))
     return scores, float(total[-1]) if with_none else None

@@ -99,7 +99,7 @@ class RouterSignal:
         self.device = torch.device(device)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=next(iter(dense.values())).dtype)
-        base = model.model  # type: ignore[union-attr]
+        base = model.model
         base.layers = nn.ModuleList(list(base.layers)[: self.layer + 1])  # the pass never goes further
         wanted = {k: v.to(self.device) for k, v in dense.items() if _needed(k, self.layer)}
         model.load_state_dict(wanted, strict=False, assign=True)

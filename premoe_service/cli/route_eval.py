@@ -1,0 +1,143 @@
+"""`premoe route --evaluate`: routing measured offline on labelled prompts, per task, on one or both signals."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from .params import option
+from .shared import store_option
+
+if TYPE_CHECKING:
+    from ..retrieval import Registry, RouteEvaluation
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def route_evaluate_options(fn: F) -> F:
+    """--store, --background and --calibrate-out of `premoe route --evaluate`."""
+    declared = (
+        store_option(required=False, help="store of the model: route on its router signal too (for --evaluate)"),
+        option(
+            "--background",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="JSONL of off-topic prompts: a none-class (with --store; e.g. reference/offtopic/background.jsonl)",
+        ),
+        # An output, so no environment twin.
+        click.option(
+            "--calibrate-out",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="write the per-task leads calibrated from the demos and the background here (JSON)",
+        ),
+    )
+    for decorator in reversed(declared):
+        fn = decorator(fn)
+    return fn
+
+
+def route_evaluate(
+    queries: Path,
+    profiles: Path | None,
+    embedder: str | None,
+    store: Path | None,
+    background: Path | None,
+    calibrate_out: Path | None,
+) -> int:
+    """Print the figures of `premoe route --evaluate`; see the `route` verb's help."""
+    import dataclasses
+
+    from ..retrieval import Embedder, LocalProfileStore, Registry, evaluate, load_route_records
+
+    if profiles is None:
+        raise click.UsageError("--evaluate needs --profiles (a folder of profile files)")
+    if (background is not None or calibrate_out is not None) and store is None:
+        raise click.UsageError("--background and --calibrate-out need --store (the router signal)")
+    if calibrate_out is not None and background is None:
+        raise click.UsageError("--calibrate-out needs --background (the negatives calibration measures against)")
+    records = load_route_records(queries)
+    model = Embedder(embedder)
+    plain = Registry(LocalProfileStore(profiles), embedder=model)
+    if store is None:
+        _echo_result(plain, evaluate(plain, records))
+        return 0
+    from ..retrieval.calibrate import calibrate
+    from ..retrieval.router_signal import RouterSignal
+    from ..store import Store
+
+    prompts = [r.query for r in load_route_records(background)] if background is not None else []
+    signal = RouterSignal.from_store(Store(store))
+    registry = Registry(LocalProfileStore(profiles), embedder=model, signal=signal, background=prompts)
+    alone = evaluate(plain, records)
+    click.echo(
+        f"embedding alone: top-1 {alone.top1_accuracy:.3f}, off-topic rejected {alone.no_match_recall:.3f}, "
+        f"on-task rejected {alone.on_task_rejected:.3f} (threshold {plain.policy.threshold:.3f})"
+    )
+    leads: dict[str, float] = {}
+    if prompts:
+        calibration = calibrate(registry)
+        leads = calibration.task_leads
+        click.echo(
+            f"calibrated leads (demos, their lines and {len(prompts)} background prompts; positives lost "
+            f"{calibration.positives_lost:.3f}, background rejected {calibration.background_rejected:.3f})"
+        )
+        if calibrate_out is not None:
+            calibration.save(calibrate_out)
+            click.echo(f"wrote {calibrate_out} (serve it with --route-calibration)")
+        registry.policy = dataclasses.replace(registry.policy, task_leads=leads)
+    click.echo("embedding + router signal" + (", none-class and calibrated leads:" if prompts else ":"))
+    _echo_result(registry, evaluate(registry, records), leads)
+    return 0
+
+
+def _echo_result(registry: Registry, result: RouteEvaluation, leads: dict[str, float] | None = None) -> None:
+    threshold = "n/a" if result.suggested_threshold is None else f"{result.suggested_threshold:.3f}"
+    click.echo(f"queries {result.records} ({result.labelled} labelled), threshold {registry.policy.threshold:.3f}")
+    click.echo(f"top-1 accuracy      {result.top1_accuracy:.3f}")
+    click.echo(f"match accuracy      {result.match_accuracy:.3f}")
+    click.echo(f"no-match precision  {result.no_match_precision:.3f}")
+    click.echo(f"no-match recall     {result.no_match_recall:.3f}")
+    click.echo(f"suggested threshold {threshold}")
+    click.echo(f"on-task rejected    {result.on_task_rejected:.3f}")
+    click.echo(f"off-topic rejected  {result.no_match_recall:.3f}")
+    _echo_per_task(result, registry.policy.threshold_for, leads)
+    _echo_confusion(result.confusion)
+    for query, expected, decided in result.misses[:10]:
+        click.echo(f"  miss: {query[:60]!r}: expected {expected}, got {decided}")
+
+
+def _echo_per_task(
+    result: RouteEvaluation, threshold_for: Callable[[str], float], leads: dict[str, float] | None
+) -> None:
+    """Per task: its queries, top-1, matched right, queries ranked first for it, its threshold, the suggested one,
+    and with a none-class its calibrated lead."""
+    click.echo("per task (top-1 ignores the threshold; 'first': queries of any label ranked first for the task)")
+    lead_head = f" {'lead':>7}" if leads is not None else ""
+    click.echo(
+        f"  {'task':<16} {'n':>4} {'top-1':>6} {'match':>6} {'first':>6} {'thresh':>7} {'suggest':>8}{lead_head}"
+    )
+    for task, item in result.per_task.items():
+        value = result.suggested_thresholds.get(task)
+        suggested = "n/a" if value is None else f"{value:.3f}"
+        lead = "" if leads is None else f" {leads[task]:>7.2f}" if task in leads else f" {'n/a':>7}"
+        click.echo(
+            f"  {task:<16} {item.queries:>4} {item.top1_accuracy:>6.3f} {item.match_accuracy:>6.3f} "
+            f"{item.ranked_first:>6} {threshold_for(task):>7.3f} {suggested:>8}{lead}"
+        )
+
+
+def _echo_confusion(confusion: dict[str | None, dict[str | None, int]]) -> None:
+    """Rows: the label (off-topic as '(none)'); columns: the decision at the current threshold ('(none)': no match)."""
+    labels = sorted({t for t in confusion if t is not None} | {t for row in confusion.values() for t in row if t})
+    cols: list[str | None] = [*labels, None]
+    rows = cols if None in confusion else cols[:-1]
+    name: dict[str | None, str] = {t: t for t in labels}
+    name[None] = "(none)"
+    width = max(6, *(len(name[c][:11]) for c in cols))
+    click.echo("confusion (rows: label, columns: decision at the current threshold)")
+    click.echo(f"  {'':<16}" + "".join(f" {name[c][:11]:>{width}}" for c in cols))
+    for row in rows:
+        counts = confusion.get(row, {})
+        click.echo(f"  {name[row]:<16}" + "".join(f" {counts.get(c, 0) or '.':>{width}}" for c in cols))
