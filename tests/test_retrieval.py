@@ -22,6 +22,7 @@ from premoe_service.retrieval import (
     suggest_threshold,
     task_scores,
 )
+from premoe_service.retrieval.index import faiss_gpus
 
 NONSENSE = "zxqv blorf 7781 qqq"
 
@@ -145,6 +146,19 @@ def test_index_rejects_bad_vectors() -> None:
     with pytest.raises(InvalidArgument):
         index.add("t", np.full((1, 8), np.nan, dtype=np.float32))
     assert index.search(np.ones((1, 8), dtype=np.float32), 5) == [[]]
+
+
+def test_index_device_follows_the_faiss_build() -> None:
+    """faiss-cpu (this project's default install) searches on the CPU under "auto"; asking for a GPU index from a
+    build without GPU support is refused naming the field, as is an unknown device. (With faiss-gpu and a GPU,
+    "auto" builds the exact index on the GPU: that path needs the device machine.)"""
+    gpus = faiss_gpus()
+    assert TaskIndex(8).device == ("gpu" if gpus else "cpu")
+    assert TaskIndex(8, device="cpu").device == "cpu"
+    for device in (["gpu"] if gpus == 0 else []) + ["tpu"]:
+        with pytest.raises(InvalidArgument) as info:
+            TaskIndex(8, device=device)  # type: ignore[arg-type]
+        assert info.value.field == "device"
 
 
 # --- scoring and decisions --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import InvalidArgument
 
 IndexKind = Literal["auto", "flat", "hnsw"]
+IndexDevice = Literal["auto", "cpu", "gpu"]
 
 # Vector count at which "auto" switches from exact search to HNSW. Measured on this machine (2 shared
 # CPU cores, d=384, one query per search on one thread, k=64, clustered vectors of 8 per task; HNSW
@@ -41,15 +42,36 @@ class TaskIndex:
         kind: "flat" (exact), "hnsw", or "auto" (exact below `hnsw_threshold` vectors, else HNSW).
         hnsw_threshold: Vector count at which "auto" moves to HNSW; it moves back to exact search
             below half of it, so a registry near the boundary does not rebuild the graph on every change.
+        device: "cpu", "gpu" (the first GPU; needs a faiss build with GPU support, such as the faiss-gpu wheels),
+            or "auto": the GPU when this faiss has one, else the CPU. GPU FAISS has no HNSW: on the GPU the index is
+            exact (flat) at every size, and removing a task re-uploads the remaining vectors.
     """
 
-    def __init__(self, dim: int, *, kind: IndexKind = "auto", hnsw_threshold: int = HNSW_THRESHOLD) -> None:
+    def __init__(
+        self,
+        dim: int,
+        *,
+        kind: IndexKind = "auto",
+        hnsw_threshold: int = HNSW_THRESHOLD,
+        device: IndexDevice = "auto",
+    ) -> None:
         if dim < 1:
             raise InvalidArgument(f"vector size must be positive, got {dim}", field="dim")
         if kind not in ("auto", "flat", "hnsw"):
             raise InvalidArgument(f"index kind must be 'auto', 'flat' or 'hnsw', got {kind!r}", field="kind")
         if hnsw_threshold < 1:
             raise InvalidArgument(f"HNSW threshold must be positive, got {hnsw_threshold}", field="hnsw_threshold")
+        if device not in ("auto", "cpu", "gpu"):
+            raise InvalidArgument(f"index device must be 'auto', 'cpu' or 'gpu', got {device!r}", field="device")
+        gpus = faiss_gpus()
+        if device == "gpu" and gpus == 0:
+            raise InvalidArgument(
+                "a GPU index needs a faiss build with GPU support and a visible GPU (install faiss-gpu in place of "
+                "faiss-cpu; see the README)",
+                field="device",
+            )
+        self.on_gpu = device != "cpu" and gpus > 0
+        self._gpu_resources: Any = None
         self.dim = dim
         self.kind: IndexKind = kind
         self.hnsw_threshold = hnsw_threshold
@@ -66,6 +88,11 @@ class TaskIndex:
     def ntotal(self) -> int:
         """Number of demo vectors in the index."""
         return int(self._row_task.shape[0])
+
+    @property
+    def device(self) -> str:
+        """Where searches run: "gpu" or "cpu"."""
+        return "gpu" if self.on_gpu else "cpu"
 
     @property
     def uses_hnsw(self) -> bool:
@@ -126,8 +153,8 @@ class TaskIndex:
         if not present:
             return 0
         self._drop(present)
-        if self._uses_hnsw:
-            # HNSW cannot delete nodes: rebuild the graph from the stored vectors.
+        if self._uses_hnsw or self.on_gpu:
+            # HNSW cannot delete nodes, nor can a GPU index: rebuild from the stored vectors.
             self._rebuild()
         return len(present)
 
@@ -168,6 +195,8 @@ class TaskIndex:
             faiss.omp_set_num_threads(threads)
 
     def _wants_hnsw(self, total: int) -> bool:
+        if self.on_gpu:
+            return False  # GPU FAISS has no HNSW; exact search on a GPU stays fast far past the CPU's threshold
         if self.kind != "auto":
             return self.kind == "hnsw"
         # Hysteresis: once on HNSW, stay there until the index shrinks below half the threshold.
@@ -177,7 +206,7 @@ class TaskIndex:
     def _drop(self, tasks: list[str]) -> None:
         ids = np.array([self._task_ids[t] for t in tasks], dtype=np.int64)
         keep = ~np.isin(self._row_task, ids)
-        if not self._uses_hnsw:
+        if not self._uses_hnsw and not self.on_gpu:
             import faiss
 
             # IndexFlat compacts in row order, so the row -> task map is compacted with the same mask.
@@ -209,6 +238,10 @@ class TaskIndex:
             self._row_task = np.concatenate([np.full(v.shape[0], i, dtype=np.int64) for i, v in parts])
         else:
             self._row_task = np.zeros(0, dtype=np.int64)
+        if self.on_gpu:
+            if self._gpu_resources is None:
+                self._gpu_resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, index)
         self._faiss = index
 
     def check_vectors(self, task: str, vectors: np.ndarray) -> np.ndarray:
@@ -230,3 +263,11 @@ class TaskIndex:
         if array.ndim != 2 or array.shape[1] != self.dim:
             raise InvalidArgument(f"queries must have shape [q, {self.dim}], got {tuple(array.shape)}", field="queries")
         return array
+
+
+def faiss_gpus() -> int:
+    """GPUs this faiss build can use (0 for faiss-cpu, or without a visible GPU)."""
+    import faiss
+
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
