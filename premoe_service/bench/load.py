@@ -39,7 +39,7 @@ class Row:
         gbps = lambda s: self.nbytes / s / 1e9  # noqa: E731
         per_read = lambda s: s / self.reads * 1e6  # noqa: E731
         return (
-            f"{self.tier:<22} {gbps(self.ours_s):>9.2f} {gbps(self.raw_s):>9.2f} {per_read(self.ours_s):>9.1f} "
+            f"{self.tier:<32} {gbps(self.ours_s):>9.2f} {gbps(self.raw_s):>9.2f} {per_read(self.ours_s):>9.1f} "
             f"{per_read(self.raw_s):>9.1f} {self.ratio:>7.2f}   {self.baseline}"
         )
 
@@ -251,8 +251,11 @@ def main(
     layers: int,
     rounds: int,
     device: str | None,
+    precisions: tuple[str, ...] = (),
+    group_size: int = 64,
 ) -> list[Row]:
-    """Run the benchmark and print the table (building a throwaway store when none is given)."""
+    """Run the benchmark and print the table (building a throwaway store when none is given); with `precisions`,
+    also each quantized copy (added to the store when it lacks them)."""
     with (
         tempfile.TemporaryDirectory() as tmp,
         temporary_redis() if redis_url is None else _given(redis_url) as url,
@@ -263,12 +266,18 @@ def main(
             store_dir = Path(tmp) / "store"
             shard(ckpt, store_dir, progress=False)
         rows = bench_store(store_dir, url, rounds=rounds, device=device)
+        if precisions:
+            from ..store.precisions import add_precisions
+            from .load_quant import bench_quantized
+
+            add_precisions(store_dir, precisions, group_size, progress=False)
+            rows += bench_quantized(store_dir, url, rounds, device)
         manifest = Store(store_dir).manifest
         print(
             f"store: {manifest.family}, {len(manifest.moe_layers)} MoE layers x {manifest.num_experts} experts, "
             f"{manifest.expert_nbytes / 2**20:.2f} MiB per expert; median of {rounds} interleaved rounds"
         )
-    print(f"{'tier':<22} {'ours GB/s':>9} {'raw GB/s':>9} {'ours us':>9} {'raw us':>9} {'ratio':>7}   raw baseline")
+    print(f"{'tier':<32} {'ours GB/s':>9} {'raw GB/s':>9} {'ours us':>9} {'raw us':>9} {'ratio':>7}   raw baseline")
     for row in rows:
         print(row.line())
     return rows

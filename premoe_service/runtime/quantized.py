@@ -13,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..errors import FailedPrecondition, PatternError
+from ..experts import bytes_view
 from ..pattern import FULL, Pattern
 from ..store.manifest import DTYPES
 from ..store.precisions import QuantizedCopy
@@ -67,7 +69,12 @@ class QuantizedBank:
     @torch.no_grad()
     def write(self, slot: int, expert: QuantizedTensors) -> None:
         for (part, kind), tensor in self.tensors.items():
-            tensor[slot].copy_(expert[part][kind])
+            source, target = expert[part][kind], tensor[slot]
+            if target.device.type == "cpu" and source.device.type == "cpu":
+                # A plain memcpy, as `write_slot` does: torch's copy_ fans out over busy OpenMP threads.
+                np.copyto(bytes_view(target), bytes_view(source))
+            else:
+                target.copy_(source, non_blocking=True)
 
     def weight(self, part: str, slot: int) -> Tensor:
         """One slot's parameter in the runtime layout and dtype (dequantized when it is a quantized weight)."""
@@ -171,7 +178,8 @@ def _by_precision(pattern: Pattern, layer: int) -> dict[str, list[int]]:
 def _wrap_forward(experts: nn.Module, banks: Mapping[str, QuantizedBank]) -> None:
     """Give the experts module a forward that also computes with its quantized slots (see the module doc)."""
     original: Callable[..., Tensor] = getattr(experts, "_premoe_forward", None) or experts.forward
-    experts._premoe_forward = original  # a second wrap (new banks) wraps transformers' forward, not the first wrap
+    # A second wrap (new banks) wraps transformers' forward, not the first wrap.
+    setattr(experts, "_premoe_forward", original)  # noqa: B010 - typed as Module attribute
     ordered = sorted(banks.values(), key=lambda b: b.offset)
 
     def weight(name: str, slot: int) -> Tensor:
@@ -197,13 +205,13 @@ def _wrap_forward(experts: nn.Module, banks: Mapping[str, QuantizedBank]) -> Non
         try:
             for name in names:  # transformers' forward reads these attributes; a plain tensor serves it
                 experts._parameters[name] = torch.stack([weight(name, s) for s in slots])  # type: ignore[assignment]
-            experts.num_experts = len(slots)
+            setattr(experts, "num_experts", len(slots))  # noqa: B010
             return original(hidden_states, renumber[top_k_index], top_k_weights)
         finally:
             experts._parameters.update(saved)
-            experts.num_experts = saved_count
+            setattr(experts, "num_experts", saved_count)  # noqa: B010
 
-    experts.forward = forward  # type: ignore[method-assign]
+    setattr(experts, "forward", forward)  # noqa: B010 - this module's forward only
 
 
 def attach_precisions(engine: Any, store: Any, capacity: Mapping[str, Any]) -> QuantizedSlots:

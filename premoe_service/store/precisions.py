@@ -146,7 +146,9 @@ def encode_expert(tensors: dict[str, torch.Tensor], copy: QuantizedCopy) -> tupl
         if part.part not in done:
             weight = tensor.t() if copy.transposed else tensor
             done[part.part] = quantize(weight, copy.bits, copy.group_size)
-            back = dequantize(done[part.part], copy.bits, copy.group_size, tuple(weight.shape), torch.float64)
+            back = dequantize(
+                done[part.part], copy.bits, copy.group_size, (weight.shape[0], weight.shape[1]), torch.float64
+            )
             lost += float(((back - weight.double()) ** 2).sum())
             total += float((weight.double() ** 2).sum())
         qw = done[part.part]

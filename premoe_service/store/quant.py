@@ -46,13 +46,13 @@ def parse_precisions(text: str, field: str = "precisions") -> tuple[str, ...]:
 def _pack(q: Tensor, bits: int, packed_dim: int) -> Tensor:
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    return pack_to_int32(q.to(torch.int8), bits, packed_dim=packed_dim)  # type: ignore[arg-type]
+    return pack_to_int32(q.to(torch.int8), bits, packed_dim=packed_dim)
 
 
 def _unpack(packed: Tensor, bits: int, shape: tuple[int, int], packed_dim: int) -> Tensor:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-    return unpack_from_int32(packed, bits, torch.Size(shape), packed_dim=packed_dim)  # type: ignore[arg-type]
+    return unpack_from_int32(packed, bits, torch.Size(shape), packed_dim=packed_dim)
 
 
 @dataclass(frozen=True)
