@@ -49,7 +49,9 @@ def default(name: str) -> Lazy:
     "--budget",
     type=BUDGET,
     default=default("budget"),
-    help="device memory for routed experts: a share (0.5, 50%) or bytes with a unit (512MiB, 8GiB, 2e9B)",
+    help="device memory for routed experts: a share of the store's expert bytes in its own dtype (0.5, 50%) or bytes "
+    "with a unit (512MiB, 8GiB, 2e9B); `premoe eval` counts 16 bits per parameter, so on an fp32 store its 50% is 25% "
+    "here",
 )
 @option("--device", default=default("device"), help="auto (cuda when available), cpu, cuda or cuda:N")
 @embedder_option()
