@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: setup test check fmt demo bench clean proto profiles eval
+.PHONY: setup test check fmt demo bench clean proto profiles eval eval-precision
 
 setup: $(STAMP)
 
@@ -62,3 +62,10 @@ profiles: $(REF_STORE)/manifest.json
 
 eval: $(REF_STORE)/manifest.json
 	$(BIN)/premoe eval --store $(REF_STORE) --profiles profiles --data reference/tasks --out var/eval $(EVAL_ARGS)
+
+# Drop-only, uniform quantization and mixed precision at the same bytes (README, "Mixed precision").
+PRECISIONS := int8,int4,int3,int2
+eval-precision: $(REF_STORE)/manifest.json
+	$(BIN)/premoe shard $(REF_MODEL) --out $(REF_STORE) --precisions $(PRECISIONS) --quiet
+	$(BIN)/premoe eval --store $(REF_STORE) --profiles profiles --data reference/tasks --out var/eval \
+		--precisions $(PRECISIONS) --budgets 0.5,0.25,0.125,0.0625 $(EVAL_ARGS)
