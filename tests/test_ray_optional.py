@@ -77,3 +77,34 @@ def test_a_bad_deployment_setting_is_refused_naming_it() -> None:
     with pytest.raises(InvalidArgument) as refused:
         settings_from_args({"replica_count": 2})
     assert refused.value.field == "replica_count"
+
+
+def test_tasks_that_fit_counts_shared_experts_once() -> None:
+    from itertools import permutations
+    from random import Random
+
+    from premoe_service.ray_serve.holding import tasks_per_replica, tasks_that_fit
+
+    slots = {0: 4, 1: 4}
+    same = [{0: frozenset({0, 1, 2}), 1: frozenset({5, 6})}] * 5
+    assert tasks_that_fit(same, slots) == 5  # one pattern five times: all fit
+    disjoint = [{0: frozenset({2 * i, 2 * i + 1}), 1: frozenset({i})} for i in range(5)]
+    assert tasks_that_fit(disjoint, slots) == 2  # two halves of layer 0, whatever the order
+
+    rng = Random(3)
+    mixed = [{layer: frozenset(rng.sample(range(8), 2)) for layer in slots} for _ in range(5)]
+
+    def fit(order: tuple[int, ...]) -> int:  # the exact count for one order, written out again
+        held: dict[int, set[int]] = {0: set(), 1: set()}
+        for count, i in enumerate(order):
+            if any(len(held[layer] | mixed[i][layer]) > slots[layer] for layer in slots):
+                return count
+            for layer in slots:
+                held[layer] |= mixed[i][layer]
+        return len(order)
+
+    orders = list(permutations(range(5)))
+    exact = sum(fit(order) for order in orders) / len(orders)
+    assert tasks_that_fit(mixed, slots, orders=4000) == pytest.approx(exact, abs=0.06)
+    assert tasks_per_replica(mixed, slots, experts=8) == int(tasks_that_fit(mixed, slots))
+    assert tasks_per_replica(mixed, {0: 8, 1: 8}, experts=8) == -1  # every expert has a slot: no limit

@@ -67,7 +67,7 @@ def ray_port(config: ServiceConfig):
     from premoe_service.ray_serve.app import start
     from premoe_service.ray_serve.settings import RaySettings
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = free_port()
     try:
         settings = RaySettings(replicas=2, replica_cpus=0.5, ingress_cpus=0.25, tasks_per_replica=1)

@@ -203,7 +203,7 @@ def run(options: RayBenchOptions) -> dict[str, Any]:
             "prompts": {t: prompts_of(t, 50) for t in patterns},
             "pattern_bytes": {t: p.size * nbytes for t, p in patterns.items()},
         }
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
         try:
             modes = {"default": one_mode(False, ctx, options), "affinity": one_mode(True, ctx, options)}
         finally:

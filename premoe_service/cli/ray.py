@@ -54,7 +54,7 @@ CPUS = click.FloatRange(0)
     "--tasks-per-replica",
     type=click.IntRange(min=-1),
     default=0,
-    help="tasks one replica's budget holds (Serve's multiplexing LRU; 0: estimated from the budget, -1: no limit)",
+    help="tasks one replica's budget holds (Serve's multiplexing LRU; 0: the registered tasks that fit, -1: no limit)",
 )
 @option(
     "--affinity/--no-affinity",

@@ -89,7 +89,8 @@ def run(
     local one, deploy, and serve until interrupted; a local instance is shut down on the way out."""
     local = address is None
     signal.signal(signal.SIGTERM, _interrupt)  # a container's stop: the same clean exit as Ctrl-C
-    ray.init(address=address, num_cpus=num_cpus if local else None, include_dashboard=False)
+    # "local": a new instance even where a cluster runs on this machine (ray.init would join it)
+    ray.init(address=address or "local", num_cpus=num_cpus if local else None, include_dashboard=False)
     try:
         start(config, settings, grpc_port=grpc_port, http_port=http_port, host=host)
         print(f"premoe on Ray Serve: gRPC premoe.v1.PreMoe on port {grpc_port} (Serve's proxy)", flush=True)

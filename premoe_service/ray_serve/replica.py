@@ -20,6 +20,7 @@ from ..server.types import GenerateCall, stats_to_pb
 from ..serving import GenerationResult, ServingCore
 from . import stats
 from .calls import DOOR_CALLS, Routed, decode, failure, reply
+from .holding import tasks_per_replica
 from .proxy import SERVICE
 from .settings import config_from_args, settings_from_args
 
@@ -77,14 +78,14 @@ class EngineReplica:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
     def _estimated_tasks(self) -> int:
-        """How many registered tasks' patterns the budget holds side by side (their mean size; -1 when every
-        expert fits). Patterns overlap, so this errs low: Serve then forgets a task whose experts may remain."""
-        capacity = self.core.residency.capacity()
-        if capacity >= self.total_experts:
-            return -1
-        sizes = [self.core.tasks.pattern(self.core.registry.get(name)).size for name in self.core.registry.names()]
-        mean = sum(sizes) / len(sizes) if sizes else self.total_experts / 2
-        return max(1, int(capacity // max(mean, 1)))
+        """How many registered tasks' patterns this replica's slots hold side by side (see `holding`)."""
+        core = self.core
+        slots = {layer: core.engine.slots[layer].capacity for layer in core.spec.moe_layers}
+        patterns = []
+        for name in core.registry.names():
+            pattern = core.tasks.pattern(core.registry.get(name))
+            patterns.append({layer: frozenset(pattern.kept(layer)) for layer in core.spec.moe_layers})
+        return tasks_per_replica(patterns, slots, core.spec.num_experts)
 
     async def _load_task(self, task: str) -> TaskHold:
         """Make the task's pattern resident (its missing experts loaded through the engine loop, as `--preload`)."""

@@ -29,8 +29,8 @@ class RaySettings:
         replica_cpus: CPUs Ray reserves for each engine replica (fractions allowed).
         replica_gpus: GPUs Ray reserves for each engine replica; None: 1 when the cluster has GPUs, else 0.
         ingress_cpus: CPUs Ray reserves for the ingress replica (retrieval: the embedding model).
-        tasks_per_replica: Tasks a replica's budget holds (Serve's multiplexing LRU size); 0: estimated from the
-            budget and the registered tasks' pattern sizes, -1: no limit.
+        tasks_per_replica: Tasks a replica's budget holds (Serve's multiplexing LRU size); 0: how many registered
+            tasks' patterns fit the slots together at start-up (`holding`), -1: no limit.
         affinity: Send each request with its task as Serve's multiplexed model id (the point of this deployment);
             False routes with Serve's default policy (benchmarks compare the two).
         stats_ttl_s: Seconds a replica's published stats live in Redis without a refresh.
