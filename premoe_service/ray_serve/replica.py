@@ -72,7 +72,7 @@ class EngineReplica:
         if config.preload:
             self.core.preload(config.preload)  # every replica; Serve learns of them at their first request
         self._publish()
-        log.warning("engine replica %s: %d tasks per replica", self.replica, self.tasks_per_replica)
+        log.info("engine replica %s: %d tasks per replica", self.replica, self.tasks_per_replica)
 
     async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
