@@ -1,0 +1,29 @@
+"""`premoe bench soak` in brief: a real `premoe serve` process, a few clients with every kind of request, and its
+Redis killed and restarted empty halfway; every outcome is the documented one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from premoe_service.bench.soak import INTENDED, run
+from premoe_service.families.tiny import save_tiny_checkpoint
+from premoe_service.store import shard
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("soak")
+    save_tiny_checkpoint(root / "ckpt", "qwen3_moe")
+    shard(root / "ckpt", root / "store", progress=False)
+    return root / "store"
+
+
+def test_a_short_soak_has_no_unintended_outcome(store: Path) -> None:
+    report = run(store, None, seconds=16, clients=3, max_new_tokens=4, queries=None)
+    assert report["unintended"] == 0, report["unintended_examples"]
+    assert report["redis_restarts"] == 1 and report["health_after"] == "SERVING"
+    kinds = {name.split()[0] for name in report["outcomes"]}
+    assert kinds >= set(INTENDED) - {"register", "deadline", "slow"}  # the rarer kinds may not come up in 16 s
+    assert report["outcomes"].get("bad INVALID_ARGUMENT", 0) > 0 and report["rss_end_mib"] > 0
