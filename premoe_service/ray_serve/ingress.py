@@ -1,26 +1,26 @@
 """The ingress deployment behind Serve's gRPC proxy: premoe.v1.PreMoe's methods, each checking credentials,
-retrieving the task of a Generate prompt with the single server's registry (a request naming its task skips it),
-and forwarding to the engine deployment with the task as Serve's multiplexed model id. Serve's proxy runs none of
-our interceptor, so the status of every failure is set here."""
+retrieving the task of a Generate prompt (a request naming its task skips it), and forwarding to the engine
+deployment with the task as Serve's multiplexed model id. Retrieval runs `ServingCore.route` on whichever engine
+replica Serve picks: the single server's code exactly (embeddings, and the model's router signal, which needs the
+model's first layers), with no second copy of the embedding model and index here. Serve's proxy runs none of our
+interceptor, so the status of every failure is set here."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from ray.serve.handle import DeploymentHandle
 
 from ..errors import PreMoeError
-from ..retrieval import Embedder, Registry, RoutePolicy, check_prompt, open_profile_store
+from ..retrieval import check_prompt
 from ..server.auth import Access
 from ..server.gen import premoe_pb2 as pb
 from ..server.interceptor import ADMIN_METHODS
 from ..server.types import GenerateCall, service_stats_to_pb
 from ..serving.limits import check_prompt_bytes
-from ..store.manifest import Manifest
 from . import stats
 from .calls import REPLICA_HEADER, Routed, decode, status_of_call
 from .proxy import SERVICE
@@ -39,7 +39,7 @@ class PreMoeIngress:
 
     Args:
         engine: Handle of the engine deployment.
-        service: `ServiceConfig` values; the ingress uses the registry, credential and prompt settings.
+        service: `ServiceConfig` values; the ingress uses the credential, prompt and Redis settings.
         deployment: `RaySettings` values.
     """
 
@@ -48,14 +48,6 @@ class PreMoeIngress:
         self.settings = settings_from_args(deployment)
         self.engine = engine
         self.access = Access(self.config.admin_token, self.config.api_key)
-        fingerprint = Manifest.load(self.config.store).fingerprint
-        threshold = self.config.route_threshold
-        self.registry = Registry(
-            open_profile_store(self.config.profiles, self.config.redis_url, fingerprint),
-            embedder=Embedder(self.config.embedder),
-            policy=RoutePolicy() if threshold is None else RoutePolicy(threshold=threshold),
-            fingerprint=fingerprint,
-        )
         import redis
         from ray import serve
 
@@ -92,23 +84,13 @@ class PreMoeIngress:
         if call.task is not None:
             routed = Routed("override", call.task)
         else:
-            routed = await self._run(lambda: self._route(call.prompt))
+            check_prompt_bytes(call.prompt, self.config.max_prompt_bytes)  # before shipping it anywhere
+            check_prompt(call.prompt)
+            routed = Routed.from_json(self._open(await self.engine.route.remote(call.prompt), grpc_context, "routed"))
         handle = self.engine
         if self.settings.affinity and routed.task:
             handle = handle.options(multiplexed_model_id=routed.task)
         return handle, routed
-
-    def _route(self, prompt: str) -> Routed:
-        """Retrieval as the single server does it (`ServingCore.route`): the size check before any embedding."""
-        check_prompt_bytes(prompt, self.config.max_prompt_bytes)
-        check_prompt(prompt)
-        start = time.perf_counter()
-        decision = self.registry.route(prompt)
-        seconds = time.perf_counter() - start
-        if decision.matched and decision.task is not None:
-            ranked = [(t, float(s)) for t, s in decision.ranked]
-            return Routed("match", decision.task, float(decision.score or 0.0), ranked, decision.reason, seconds)
-        return Routed("fallback", route_s=seconds)  # the engine replica routes again and builds the fallback
 
     # --- the other calls: any engine replica answers them --------------------------------------------------
 
@@ -157,8 +139,9 @@ class PreMoeIngress:
         metadata = dict(grpc_context.invocation_metadata() or ())
         self.access.check(metadata.get("authorization"), admin=method in ADMIN_METHODS)
 
-    def _open(self, envelope: dict[str, Any], grpc_context: Any) -> bytes:
-        """The reply's bytes; a failure envelope sets its status on the call and raises `CallFailed`."""
+    def _open(self, envelope: dict[str, Any], grpc_context: Any, key: str = "reply") -> Any:
+        """The envelope's `key` (a reply's bytes); a failure envelope sets its status on the call and raises
+        `CallFailed`."""
         replica = str(envelope.get("replica", ""))
         if replica:
             grpc_context.set_trailing_metadata([(REPLICA_HEADER, replica)])
@@ -167,7 +150,7 @@ class PreMoeIngress:
             grpc_context.set_code(_code(error["code"]))
             grpc_context.set_details(error["message"])
             raise CallFailed(error["message"])
-        return bytes(envelope["reply"])
+        return envelope[key]
 
     @staticmethod
     def _set_status(grpc_context: Any, exc: BaseException) -> None:

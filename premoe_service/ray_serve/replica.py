@@ -160,6 +160,15 @@ class EngineReplica:
         async for item in submission.request.aevents():
             yield item if isinstance(item, str) else submission.result(item)
 
+    async def route(self, prompt: str) -> dict[str, Any]:
+        """The ingress's retrieval: `ServingCore.route`, the single server's code, as a `Routed`."""
+        try:
+            plan = await self._run(lambda: self.core.route(prompt))
+            routed = Routed(plan.decision, plan.task, plan.score, list(plan.ranked), plan.reason, plan.seconds)
+            return {"routed": routed.to_json(), "replica": self.replica}
+        except Exception as exc:
+            return failure(exc, self.replica)
+
     # --- the other calls -------------------------------------------------------------------------------------
 
     async def call(self, method: str, request: bytes) -> dict[str, Any]:
