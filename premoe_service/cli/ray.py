@@ -49,7 +49,7 @@ CPUS = click.FloatRange(0)
 )
 @option("--replica-cpus", type=CPUS, default=1.0, help="CPUs Ray reserves per engine replica (fractions allowed)")
 @option("--replica-gpus", type=CPUS, help="GPUs Ray reserves per engine replica (default: 1 when the cluster has GPUs)")
-@option("--ingress-cpus", type=CPUS, default=0.5, help="CPUs Ray reserves for the ingress (retrieval)")
+@option("--ingress-cpus", type=CPUS, default=0.5, help="CPUs Ray reserves for the ingress (checks and forwarding)")
 @option(
     "--tasks-per-replica",
     type=click.IntRange(min=-1),

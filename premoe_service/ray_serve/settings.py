@@ -28,7 +28,7 @@ class RaySettings:
         replicas: Engine replicas (one per device); 0: one per GPU in the cluster, or 1 without GPUs.
         replica_cpus: CPUs Ray reserves for each engine replica (fractions allowed).
         replica_gpus: GPUs Ray reserves for each engine replica; None: 1 when the cluster has GPUs, else 0.
-        ingress_cpus: CPUs Ray reserves for the ingress replica (retrieval: the embedding model).
+        ingress_cpus: CPUs Ray reserves for the ingress replica (credentials, request checks, forwarding).
         tasks_per_replica: Tasks a replica's budget holds (Serve's multiplexing LRU size); 0: how many registered
             tasks' patterns fit the slots together at start-up (`holding`), -1: no limit.
         affinity: Send each request with its task as Serve's multiplexed model id (the point of this deployment);
