@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--background", required=True, type=Path)
     parser.add_argument("--queries", required=True, type=Path)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data", type=Path, help="folder of <task>/eval.jsonl: also report top-1 on the first 50 each")
     args = parser.parse_args()
     from ..store import Store
 
@@ -99,6 +100,10 @@ def main() -> None:
         registry.policy = policy
         report(f"{name}, lead {policy.min_lead}", registry, records)
     registry.policy = base
+    if args.data is not None:
+        own = own_records(args.data, registry.names())
+        report("own eval prompts, embedding alone", plain, own)
+        report("own eval prompts, embedding + router input", registry, own)
     calibration = calibrate(registry)
     print(
         f"calibrated per-task leads (demos + lines vs background): {calibration.task_leads}; calibration positives "
@@ -113,6 +118,14 @@ def main() -> None:
     for name in registry.names():
         memory.register(registry.get(name))
     latency(memory, [r.query for r in records], args.repeats)
+
+
+def own_records(folder: Path, names: list[str], per_task: int = 50) -> list[RouteRecord]:
+    """The first eval prompts of each task, as `premoe eval`'s retrieval figure routes them."""
+    from ..evaluation.run import load_task_data
+
+    data = load_task_data(folder, names, per_task)
+    return [RouteRecord(i.prompt or i.text[:200], name) for name, task in data.items() for i in task.items]
 
 
 def calibrate_for(registry: Registry, policy: RoutePolicy) -> dict[str, float]:

@@ -72,6 +72,22 @@ def default(name: str) -> Lazy:
 @selection_options("new tasks' patterns (the default)")
 @option("--route-threshold", type=float, help="retrieval score needed for a task match (default: calibrated)")
 @option(
+    "--route-signal/--no-route-signal",
+    env="ROUTE_SIGNAL",
+    default=default("route_signal"),
+    help="route on the model's router signal as well as on the demo embeddings",
+)
+@option(
+    "--route-background",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSONL of off-topic prompts: a none-class for no-match (reference/offtopic/background.jsonl)",
+)
+@option(
+    "--route-calibration",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="per-task leads over the none-class (written by `premoe route --evaluate --calibrate-out`)",
+)
+@option(
     "--coverage-floor",
     type=SHARE,
     default=default("coverage_floor"),

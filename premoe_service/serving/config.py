@@ -32,6 +32,10 @@ class ServiceConfig:
             never need it; the admin token is accepted in its place.
         selection: Default criterion and selection policy of registered tasks.
         route_threshold: Retrieval score a task needs to match; below it the fallback serves.
+        route_signal: Route on the model's router signal (the first MoE layer's router input and distribution,
+            on a private copy of the layers before it) as well as on the demo embeddings.
+        route_background: JSONL of off-topic prompts (`{"query": ...}` per line): a none-class for no-match.
+        route_calibration: JSON of per-task leads over the none-class (`premoe route --evaluate --calibrate-out`).
         coverage_floor: Below this prefill coverage the pattern is widened with the experts the prompt
             wanted (0 turns the guardrail off).
         max_new_tokens_limit: Upper bound of a request's max_new_tokens.
@@ -70,6 +74,9 @@ class ServiceConfig:
     api_key: str | None = None
     selection: Selection = field(default_factory=Selection)
     route_threshold: float | None = None
+    route_signal: bool = True
+    route_background: Path | None = None
+    route_calibration: Path | None = None
     coverage_floor: float = 0.0
     max_new_tokens_limit: int = 1024
     max_prompt_tokens: int = 4096
@@ -116,7 +123,20 @@ class ServiceConfig:
         if self.engine_threads is not None and self.engine_threads < 1:
             raise InvalidArgument(f"must be positive, got {self.engine_threads}", field="engine_threads")
         Budget.parse(self.budget)  # fail early on a bad budget
+        self._check_routing()
         self._check_tls()
+
+    def _check_routing(self) -> None:
+        """The background and the calibration are files, and both need the router signal."""
+        for name in ("route_background", "route_calibration"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            setattr(self, name, Path(value))
+            if not Path(value).is_file():
+                raise InvalidArgument(f"no such file: {value}", field=name)
+            if not self.route_signal:
+                raise InvalidArgument("needs the router signal (route_signal)", field=name)
 
     def _check_tls(self) -> None:
         """Certificate and key come together, the client CA only with them, and each file exists."""
