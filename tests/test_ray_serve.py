@@ -61,21 +61,27 @@ def config(tmp_path_factory: pytest.TempPathFactory, redis_server) -> ServiceCon
 
 
 @pytest.fixture(scope="module")
-def ray_port(config: ServiceConfig):
+def ray_ports(config: ServiceConfig):
+    """Serve's gRPC and HTTP proxy ports, on a local Ray instance with two engine replicas."""
     from ray import serve
 
     from premoe_service.ray_serve.app import start
     from premoe_service.ray_serve.settings import RaySettings
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    port = free_port()
+    ports = free_port(), free_port()
     try:
         settings = RaySettings(replicas=2, replica_cpus=0.5, ingress_cpus=0.25, tasks_per_replica=1)
-        start(config, settings, grpc_port=port, http_port=free_port())
-        yield port
+        start(config, settings, grpc_port=ports[0], http_port=ports[1])
+        yield ports
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_port(ray_ports: tuple[int, int]) -> int:
+    return ray_ports[0]
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +158,39 @@ def not_found_on_both_replicas(client: PreMoeClient, name: str) -> None:
         if len(answered) == 2:
             return
     raise AssertionError(f"only replicas {answered} answered")
+
+
+def test_the_openai_http_door_answers_as_the_single_server(
+    ray_client: PreMoeClient, ray_ports: tuple[int, int], config: ServiceConfig, embedder
+) -> None:
+    openai = pytest.importorskip("openai")
+    for name, demos in TASKS.items():
+        ray_client.register(name, demos, description=name, experts_per_layer=4, replace=True)
+    on_ray = openai.OpenAI(base_url=f"http://127.0.0.1:{ray_ports[1]}/v1", api_key="unused", max_retries=0)
+    asks = [("code", PROMPTS["code"]), ("auto", PROMPTS["prose"])]
+    replies = [on_ray.completions.create(model=m, prompt=p, max_tokens=8, temperature=0) for m, p in asks]
+    chunks = on_ray.completions.create(model="code", prompt=PROMPTS["code"], max_tokens=8, temperature=0, stream=True)
+    streamed = "".join(c.choices[0].text for c in chunks)
+    with pytest.raises(openai.NotFoundError):
+        on_ray.completions.create(model="missing", prompt="x", max_tokens=4)
+    held_by = Counter(  # HTTP requests of a task go to the replica holding it too
+        on_ray.completions.with_raw_response.create(model="code", prompt=PROMPTS["code"], max_tokens=2).headers[
+            "premoe-replica"
+        ]
+        for _ in range(8)
+    )
+    assert held_by.most_common(1)[0][1] >= 7, held_by
+    assert {"auto", *TASKS} <= {m.id for m in on_ray.models.list().data}
+
+    single = dataclasses.replace(config, port=0, http_port=0)
+    with running_server(single, embedder=embedder) as (handle, _):
+        alone = openai.OpenAI(base_url=f"http://127.0.0.1:{handle.http_port}/v1", api_key="unused", max_retries=0)
+        for (model, prompt), reply in zip(asks, replies, strict=True):
+            expected = alone.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+            assert reply.choices[0].text == expected.choices[0].text and reply.usage == expected.usage
+            ours, theirs = reply.model_extra["premoe"], expected.model_extra["premoe"]
+            assert (ours["task"], ours["decision"]) == (theirs["task"], theirs["decision"])
+    assert streamed == replies[0].choices[0].text
 
 
 def test_a_deleted_task_stops_on_every_replica_and_stays_deleted_after_reseeding(

@@ -66,7 +66,7 @@ CPUS = click.FloatRange(0)
     "--serve-http-port",
     type=PORT,
     default=8000,
-    help="port of Serve's HTTP proxy (Serve's own routes; the OpenAI API is not served on Ray yet)",
+    help="port of Serve's HTTP proxy: the OpenAI-compatible API at /v1, routed by task like gRPC",
 )
 @option(
     "--print-config",

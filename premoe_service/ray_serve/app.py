@@ -67,12 +67,12 @@ def start(
     host: str = "127.0.0.1",
     app_name: str = APP_NAME,
 ) -> None:
-    """Start Serve's proxies (gRPC with premoe.v1.PreMoe; HTTP only for Serve's own routes) on the Ray instance
+    """Start Serve's proxies (gRPC with premoe.v1.PreMoe, HTTP with the OpenAI-compatible API) on the Ray instance
     this process is connected to, and deploy the application; returns once its replicas are up."""
     grpc_options = {"port": grpc_port, "grpc_servicer_functions": [SERVICER]}
     http_options: dict[str, Any] = {"host": host, "port": http_port if http_port is not None else 8000}
     serve.start(grpc_options=grpc_options, http_options=http_options)
-    serve.run(build(build_args(config, settings)), name=app_name, route_prefix=f"/{app_name}", blocking=False)
+    serve.run(build(build_args(config, settings)), name=app_name, route_prefix="/", blocking=False)
 
 
 def run(
@@ -93,7 +93,8 @@ def run(
     ray.init(address=address or "local", num_cpus=num_cpus if local else None, include_dashboard=False)
     try:
         start(config, settings, grpc_port=grpc_port, http_port=http_port, host=host)
-        print(f"premoe on Ray Serve: gRPC premoe.v1.PreMoe on port {grpc_port} (Serve's proxy)", flush=True)
+        http = f"http://{host}:{http_port if http_port is not None else 8000}/v1"
+        print(f"premoe on Ray Serve: gRPC premoe.v1.PreMoe on port {grpc_port}, HTTP (OpenAI) on {http}", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

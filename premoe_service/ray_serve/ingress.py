@@ -23,6 +23,7 @@ from ..server.types import GenerateCall, service_stats_to_pb
 from ..serving.limits import check_prompt_bytes
 from . import stats
 from .calls import REPLICA_HEADER, Routed, decode, status_of_call
+from .http import model_of
 from .proxy import SERVICE
 from .settings import config_from_args, settings_from_args
 
@@ -91,6 +92,35 @@ class PreMoeIngress:
         if self.settings.affinity and routed.task:
             handle = handle.options(multiplexed_model_id=routed.task)
         return handle, routed
+
+    # --- HTTP: the OpenAI-compatible door ------------------------------------------------------------------
+
+    async def __call__(self, request: Any) -> Any:
+        """Serve's HTTP proxy calls this: forward to a replica holding the body's `model` (for `auto` with a string
+        prompt, the task retrieval picks), which answers with the single server's HTTP app, streamed back."""
+        from starlette.responses import StreamingResponse
+
+        body = await request.body()
+        task, prompt = model_of(body)
+        if task is None and prompt is not None and self.settings.affinity:
+            envelope = await self.engine.route.remote(prompt)
+            routed = envelope.get("routed")
+            task = routed["task"] if routed and routed["decision"] == "match" else None
+        handle = self.engine.options(stream=True)
+        if task and self.settings.affinity:
+            handle = handle.options(multiplexed_model_id=task)
+        query = request.url.query.encode("latin-1")
+        stream: Any = handle.http.remote(request.method, request.url.path, query, list(request.headers.raw), body)
+        start = await stream.__anext__()
+
+        async def pieces() -> AsyncIterator[bytes]:
+            async for item in stream:
+                yield item["body"]
+
+        response = StreamingResponse(pieces(), status_code=start["status"])
+        replica = [(REPLICA_HEADER.encode(), str(start.get("replica", "")).encode())]
+        response.raw_headers = [(bytes(k), bytes(v)) for k, v in start["headers"]] + replica
+        return response
 
     # --- the other calls: any engine replica answers them --------------------------------------------------
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from ray import serve
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, PreMoeError
 from ..server.gen import premoe_pb2 as pb
 from ..server.servicer import GrpcDoor
 from ..server.types import GenerateCall, stats_to_pb
@@ -21,6 +21,7 @@ from ..serving import GenerationResult, ServingCore
 from . import stats
 from .calls import DOOR_CALLS, Routed, decode, failure, reply
 from .holding import tasks_per_replica
+from .http import HttpTunnel
 from .proxy import SERVICE
 from .settings import config_from_args, settings_from_args
 
@@ -53,6 +54,7 @@ class EngineReplica:
         self.core = ServingCore(config)
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="premoe-replica")
         self.door = GrpcDoor(self.core, self.executor)
+        self.tunnel = HttpTunnel(self.core, self.executor)
         self.total_experts = self.core.spec.num_experts * len(self.core.spec.moe_layers)
         context = serve.get_replica_context()
         self.replica, self.app = context.replica_id.unique_id, context.app_name
@@ -168,6 +170,23 @@ class EngineReplica:
             return {"routed": routed.to_json(), "replica": self.replica}
         except Exception as exc:
             return failure(exc, self.replica)
+
+    async def http(
+        self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> AsyncIterator[dict[str, Any]]:
+        """An HTTP request forwarded by the ingress, answered by the single server's HTTP app (see `http`)."""
+        try:
+            model_id = serve.get_multiplexed_model_id()
+            if model_id:
+                try:
+                    await self._run(lambda: self.core.registry.get(model_id))
+                    await self.hold(model_id)
+                except PreMoeError:
+                    pass  # the app answers for an unknown task itself (404, OpenAI's error body)
+            async for item in self.tunnel.run(method, path, query, headers, body):
+                yield {**item, "replica": self.replica} if "status" in item else item
+        finally:
+            await self._run(self._publish)
 
     # --- the other calls -------------------------------------------------------------------------------------
 

@@ -123,7 +123,7 @@ def serve_config(config: ServiceConfig, settings: RaySettings, grpc_port: int = 
         "applications": [
             {
                 "name": APP_NAME,
-                "route_prefix": f"/{APP_NAME}",
+                "route_prefix": "/",  # the OpenAI-compatible HTTP API at /v1, as on the single server
                 "import_path": BUILDER,
                 "args": {"service": config_to_args(config), "deployment": dataclasses.asdict(settings)},
             }
