@@ -1,9 +1,10 @@
-"""The ingress deployment behind Serve's gRPC proxy: premoe.v1.PreMoe's methods, each checking credentials,
+"""The ingress deployment behind Serve's proxies: premoe.v1.PreMoe's methods (gRPC), each checking credentials,
 retrieving the task of a Generate prompt (a request naming its task skips it), and forwarding to the engine
 deployment with the task as Serve's multiplexed model id. Retrieval runs `ServingCore.route` on whichever engine
 replica Serve picks: the single server's code exactly (embeddings, and the model's router signal, which needs the
 model's first layers), with no second copy of the embedding model and index here. Serve's proxy runs none of our
-interceptor, so the status of every failure is set here."""
+interceptor, so the status of every failure is set here. HTTP requests (the OpenAI-compatible API) are forwarded
+whole to a replica chosen the same way (see `http`)."""
 
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ class PreMoeIngress:
 
         body = await request.body()
         task, prompt = model_of(body)
-        if task is None and prompt is not None and self.settings.affinity:
+        if task is None and prompt is not None and self.settings.affinity and self._may_route(request, prompt):
             envelope = await self.engine.route.remote(prompt)
             routed = envelope.get("routed")
             task = routed["task"] if routed and routed["decision"] == "match" else None
@@ -121,6 +122,17 @@ class PreMoeIngress:
         replica = [(REPLICA_HEADER.encode(), str(start.get("replica", "")).encode())]
         response.raw_headers = [(bytes(k), bytes(v)) for k, v in start["headers"]] + replica
         return response
+
+    def _may_route(self, request: Any, prompt: str) -> bool:
+        """Whether an `auto` HTTP request earns retrieval before it is forwarded: credentials that pass and a prompt
+        within the limits (otherwise the replica's HTTP app answers it with the single server's error)."""
+        header = request.headers.get("authorization")
+        try:
+            self.access.check(header.encode("latin-1") if header is not None else None, admin=False)
+            check_prompt_bytes(prompt, self.config.max_prompt_bytes)
+        except PreMoeError:
+            return False
+        return True
 
     # --- the other calls: any engine replica answers them --------------------------------------------------
 
