@@ -249,3 +249,25 @@ def test_undecodable_request_bytes_are_invalid_argument_naming_the_field(ray_cli
         raw(b"\x0a\x02\xff\xfe", timeout=60)  # field 1 (prompt): two bytes that are not UTF-8
     assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "prompt" in (failed.value.details() or "")
+
+
+def test_an_engine_replica_that_dies_is_replaced_and_the_replacement_serves_the_shared_tasks(
+    ray_client: PreMoeClient,
+) -> None:
+    """Last in the module: it kills a replica. Meanwhile clients get answers or UNAVAILABLE, never another code."""
+    reply, victim = generate(ray_client, PROMPTS["code"], task="code", max_new_tokens=4)
+    ray.kill(ray.get_actor(f"SERVE_REPLICA::premoe#PreMoeEngine#{victim}", namespace="serve"), no_restart=True)
+    seen: set[str] = set()
+    deadline = time.monotonic() + 180  # a bound on waiting for Serve to start the replacement, not a measurement
+    while time.monotonic() < deadline:
+        try:
+            again, replica = generate(ray_client, PROMPTS["code"], task="code", max_new_tokens=4)
+            assert list(again.token_ids) == list(reply.token_ids) and replica != victim
+            _, call = ray_client.stub.GetTask.with_call(pb.GetTaskRequest(name="code"), timeout=60)
+            seen.add(replica_of(call))
+        except grpc.RpcError as failed:
+            assert failed.code() == grpc.StatusCode.UNAVAILABLE, failed.details()
+        if len(seen) == 2:  # the survivor and the replacement both answer for the task registered before
+            break
+        time.sleep(0.2)
+    assert len(seen) == 2 and victim not in seen, seen
