@@ -26,8 +26,7 @@ def route_evaluate_options(fn: F) -> F:
             type=click.Path(exists=True, dir_okay=False, path_type=Path),
             help="JSONL of off-topic prompts: a none-class (with --store; e.g. reference/offtopic/background.jsonl)",
         ),
-        # An output, so no environment twin.
-        click.option(
+        option(
             "--calibrate-out",
             type=click.Path(dir_okay=False, path_type=Path),
             help="write the per-task leads calibrated from the demos and the background here (JSON)",

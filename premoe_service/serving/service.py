@@ -19,9 +19,7 @@ from ..profiler import Demo, Selection
 from ..retrieval import (
     Embedder,
     ProfileStore,
-    Registry,
     RouteDecision,
-    RoutePolicy,
     check_prompt,
     open_profile_store,
 )
@@ -30,6 +28,7 @@ from ..store import Store, open_cache
 from .config import ServiceConfig
 from .limits import check_prompt_bytes, check_prompt_tokens
 from .results import GenerationResult, RoutePlan, ServiceStats, Submission, TaskCounters
+from .routing import build_registry
 from .tasks import TaskBook, TaskView
 from .widen import widen_pattern
 
@@ -59,10 +58,7 @@ class ServingCore:
             self.store, device=self.engine.device, capacity=0, dense=self.engine.dense_state_dict()
         )
         self.embedder = embedder or Embedder(config.embedder)
-        policy = RoutePolicy() if config.route_threshold is None else RoutePolicy(threshold=config.route_threshold)
-        self.registry = Registry(
-            self._profile_store(), embedder=self.embedder, policy=policy, fingerprint=self.store.fingerprint
-        )
+        self.registry = build_registry(config, self.store, self.engine, self.embedder, self._profile_store())
         self.tasks = TaskBook(self.registry, self.store, self.spec, config.selection, profiler_engine)
         self.tasks.max_per_layer = min(slots.capacity for slots in self.engine.slots.values())
         self.counters: dict[str, TaskCounters] = {}
