@@ -39,7 +39,7 @@ class Row:
         gbps = lambda s: self.nbytes / s / 1e9  # noqa: E731
         per_read = lambda s: s / self.reads * 1e6  # noqa: E731
         return (
-            f"{self.tier:<32} {gbps(self.ours_s):>9.2f} {gbps(self.raw_s):>9.2f} {per_read(self.ours_s):>9.1f} "
+            f"{self.tier:<40} {gbps(self.ours_s):>9.2f} {gbps(self.raw_s):>9.2f} {per_read(self.ours_s):>9.1f} "
             f"{per_read(self.raw_s):>9.1f} {self.ratio:>7.2f}   {self.baseline}"
         )
 
@@ -277,7 +277,7 @@ def main(
             f"store: {manifest.family}, {len(manifest.moe_layers)} MoE layers x {manifest.num_experts} experts, "
             f"{manifest.expert_nbytes / 2**20:.2f} MiB per expert; median of {rounds} interleaved rounds"
         )
-    print(f"{'tier':<32} {'ours GB/s':>9} {'raw GB/s':>9} {'ours us':>9} {'raw us':>9} {'ratio':>7}   raw baseline")
+    print(f"{'tier':<40} {'ours GB/s':>9} {'raw GB/s':>9} {'ours us':>9} {'raw us':>9} {'ratio':>7}   raw baseline")
     for row in rows:
         print(row.line())
     return rows
