@@ -52,23 +52,27 @@ def report(name: str, registry: Registry, records: list[RouteRecord]) -> None:
 
 
 def latency(registry: Registry, prompts: list[str], repeats: int) -> None:
-    """Per prompt, one at a time: raw embed + search, the router pass, and the whole route."""
+    """Per prompt, one at a time and interleaved (so that load from elsewhere hits each alike): raw embed +
+    search, the router pass, and the whole route; the best of `repeats` passes over the prompts."""
     embedder, index = registry.embedder, registry.index
     signal = registry.evidence.signal if registry.evidence is not None else None
-
-    def best(fn: Callable[[str], object]) -> float:
-        runs = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for prompt in prompts:
-                fn(prompt)
-            runs.append((time.perf_counter() - start) / len(prompts))
-        return min(runs) * 1e3
-
-    raw = best(lambda p: index.search(embedder.encode([p]), registry.policy.neighbours))
-    route = best(registry.route)
+    steps: dict[str, Callable[[str], object]] = {
+        "raw": lambda p: index.search(embedder.encode([p]), registry.policy.neighbours),
+        "route": registry.route,
+    }
+    if signal is not None:
+        steps["router"] = lambda p: signal.features([p])
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(repeats):
+        spent = dict.fromkeys(steps, 0.0)
+        for prompt in prompts:
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step(prompt)
+                spent[name] += time.perf_counter() - start
+        best = {name: min(best[name], spent[name] / len(prompts) * 1e3) for name in steps}
+    raw, route, router = best["raw"], best["route"], best.get("router", 0.0)
     tokens = statistics.mean(len(signal.tokenizer(p)["input_ids"]) for p in prompts) if signal else 0.0
-    router = best(lambda p: signal.features([p])) if signal else 0.0
     print(
         f"latency per prompt ({len(prompts)} prompts, mean {tokens:.1f} tokens, best of {repeats}): raw embed+search "
         f"{raw:.2f} ms; router pass {router:.2f} ms ({router / max(tokens, 1) * 1e3:.1f} us per prompt token); route "

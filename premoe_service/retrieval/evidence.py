@@ -54,6 +54,7 @@ class RouterEvidence:
         self.top_m = top_m
         self._inputs: dict[str, np.ndarray] = {}  # task -> unit rows [n, H]
         self._scores: dict[str, np.ndarray] = {}  # task -> its demos' distributions [n, E]
+        self._signatures: dict[str, np.ndarray] = {}  # task -> its router signature, a unit vector [E]
         self._background: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # embeddings, inputs, scores
         self._lock = threading.Lock()
 
@@ -94,12 +95,14 @@ class RouterEvidence:
         with self._lock:
             self._inputs[profile.name] = inputs
             self._scores[profile.name] = profile.router_scores.float().numpy()
+            self._signatures[profile.name] = _signature(self._scores[profile.name])
 
     def remove(self, names: Iterable[str]) -> None:
         with self._lock:
             for name in names:
                 self._inputs.pop(name, None)
                 self._scores.pop(name, None)
+                self._signatures.pop(name, None)
 
     def set_background(self, embeddings: np.ndarray, features: RouterFeatures) -> None:
         """The off-topic background: its prompts' embeddings [b, d] (normalised) and router signals."""
@@ -138,14 +141,14 @@ class RouterEvidence:
         distribution: dict[str, float] = {}
         with self._lock:
             for task in tasks:
-                demo_inputs, demo_scores = self._inputs.get(task), self._scores.get(task)
-                if demo_inputs is None or demo_scores is None:
+                demo_inputs, signature = self._inputs.get(task), self._signatures.get(task)
+                if demo_inputs is None or signature is None:
                     continue
                 if leave_out is not None and leave_out[0] == task and demo_inputs.shape[0] > 1:
                     demo_inputs = np.delete(demo_inputs, leave_out[1], axis=0)
-                    demo_scores = np.delete(demo_scores, leave_out[1], axis=0)
+                    signature = _signature(np.delete(self._scores[task], leave_out[1], axis=0))
                 inputs[task] = _top_mean(demo_inputs @ prompt_inputs, self.top_m)
-                distribution[task] = float(_signature(demo_scores) @ prompt_scores)
+                distribution[task] = float(signature @ prompt_scores)
             background = self._background
         if background is None:
             return PromptEvidence(inputs, distribution)
@@ -182,4 +185,4 @@ def _unit(rows: np.ndarray) -> np.ndarray:
 
 def _top_mean(similarities: np.ndarray, m: int) -> float:
     m = min(m, similarities.shape[0])
-    return float(np.sort(similarities)[-m:].mean())
+    return float(np.partition(similarities, -m)[-m:].sum() / m)
