@@ -177,3 +177,22 @@ def test_eval_compares_drop_uniform_and_mixed_at_the_same_bytes(quant_store: Pat
     table = (tmp_path / "out" / "precision.md").read_text()
     assert "| text | perplexity | drop |" in table and "worst task" in table
     assert (tmp_path / "out" / "precision.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mixed_patterns_are_refused_where_they_cannot_run(quant_store: Path) -> None:
+    from premoe_service.errors import FailedPrecondition
+
+    store = Store(quant_store / "store")
+    pattern = Pattern.build(SPEC, {layer: [0, 1, 2] for layer in SPEC.moe_layers}, {SPEC.moe_layers[0]: {1: "int4"}})
+    engine, residency = load_engine(store, capacity=4)
+    with pytest.raises(FailedPrecondition) as caught:  # no quantized slots
+        engine.apply(pattern, store)
+    assert caught.value.field == "precision"
+    with pytest.raises(InvalidArgument) as caught:
+        attach_precisions(engine, store, {"int4": 99})
+    assert caught.value.field == "capacity.int4"
+    # The serving leases hold full-precision slots only, even when the engine has quantized ones.
+    attach_precisions(engine, store, {"int4": 2})
+    with pytest.raises(FailedPrecondition, match="serving engine") as caught, residency.lease(pattern):
+        pass
+    assert caught.value.field == "precision"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import FailedPrecondition, PatternError
+from ..errors import FailedPrecondition, InvalidArgument, PatternError
 from ..experts import bytes_view
 from ..pattern import FULL, Pattern
 from ..store.manifest import DTYPES
@@ -113,6 +113,11 @@ class QuantizedSlots:
             banks = {}
             for precision, source in self.sources.items():
                 count = capacity[precision] if isinstance(capacity[precision], int) else capacity[precision][layer]
+                if not (isinstance(count, int) and 0 <= count <= engine.spec.num_experts):
+                    raise InvalidArgument(
+                        f"{count!r} {precision} slots: give 0..{engine.spec.num_experts} per layer",
+                        field=f"capacity.{precision}",
+                    )
                 banks[precision] = QuantizedBank(source.copy, count, offset, shapes, dtype, engine.device)
                 offset += count
             self.banks[layer] = banks

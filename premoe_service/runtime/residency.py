@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from ..errors import InvalidArgument, ResourceExhausted
+from ..errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from ..families import MoESpec
 from ..pattern import Pattern
 from ..store.reader import Store
@@ -251,6 +251,11 @@ class Residency:
             known = self._valid.get(key)
             if known is None or known() is not pattern:
                 pattern.validate(self.engine.spec)
+                if pattern.mixed:  # leases hold full-precision slots only (README, "Known limits")
+                    raise FailedPrecondition(
+                        "the serving engine holds experts at full precision only; this pattern lowers some",
+                        field="precision",
+                    )
 
                 def forget(ref: weakref.ref[Pattern], key: int = key) -> None:  # the pattern is gone
                     if self._valid.get(key) is ref:
