@@ -15,7 +15,7 @@ import dataclasses
 from collections import Counter
 from pathlib import Path
 
-from ..evaluation.metrics import exact_match, mean_nll
+from ..evaluation.metrics import EvalItem, exact_match, mean_nll
 from ..evaluation.run import TaskData, load_task_data, retention
 from ..pattern import Pattern
 from ..profiler import Selection
@@ -56,7 +56,7 @@ def main() -> None:
     names = registry.names()
     data = load_task_data(args.data, names, args.limit)
 
-    def measure(task: TaskData, items: list, pattern: Pattern) -> float:  # type: ignore[type-arg]
+    def measure(task: TaskData, items: list[EvalItem], pattern: Pattern) -> float:
         engine.apply(pattern, store)
         return exact_match(engine.model, tokenizer, items) if task.exact else mean_nll(engine.model, tokenizer, items)
 
@@ -67,7 +67,7 @@ def main() -> None:
         metric = "accuracy" if task.exact else "nll"
         full = measure(task, task.items, Pattern.full(engine.spec))
         own = measure(task, task.items, book.pattern(registry.get(name)))
-        groups: dict[tuple[str, ...], list] = {}  # type: ignore[type-arg]
+        groups: dict[tuple[str, ...], list[EvalItem]] = {}
         for item in task.items:
             decision = registry.route(item.prompt or item.text[:200])
             groups.setdefault(tuple(decision.fallback_tasks), []).append(item)
