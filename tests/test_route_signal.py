@@ -15,7 +15,7 @@ from premoe_service.errors import FailedPrecondition, InvalidArgument
 from premoe_service.families import adapter_for
 from premoe_service.families.tiny import save_tiny_checkpoint, tiny_tokenizer
 from premoe_service.profiler.profile import Profile
-from premoe_service.retrieval import LocalProfileStore, MemoryProfileStore, Registry, RoutePolicy
+from premoe_service.retrieval import LocalProfileStore, MemoryProfileStore, Registry, RoutePolicy, RouteRecord
 from premoe_service.retrieval.calibrate import calibrate, demo_lines, load_task_leads
 from premoe_service.retrieval.decision import decide_combined
 from premoe_service.retrieval.evidence import PromptEvidence
@@ -153,6 +153,9 @@ def test_registry_routes_on_both_signals_and_calibrates_per_task_leads(
     assert decision.lead is not None and decision.similarity is not None
     result = calibrate(registry)
     assert set(result.task_leads) <= set(demo_tasks)
+    query, task = held_out_queries[0]
+    with_labelled = calibrate(registry, labelled=[RouteRecord(query, task)])  # a user's own labelled prompt counts
+    assert with_labelled.positives[task] == result.positives[task] + 1
     assert all(lead <= registry.policy.min_lead for lead in result.task_leads.values())  # only ever relaxes
     # Calibrated leads are what the decision then applies.
     registry.policy = dataclasses.replace(registry.policy, task_leads=result.task_leads)
@@ -182,8 +185,12 @@ def test_route_evaluate_reports_both_signals_and_writes_the_calibration(
     background.write_text("".join(json.dumps({"query": q, "task": None}) + "\n" for q in BACKGROUND))
     out_file = tmp_path / "calibration.json"
     args = ["route", "--evaluate", str(queries), "--profiles", str(tmp_path), "--store", str(qwen_store)]
-    code = main([*args, "--background", str(background), "--calibrate-out", str(out_file)])
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(json.dumps({"query": held_out_queries[1][0], "task": held_out_queries[1][1]}) + "\n")
+    more = ["--calibration-queries", str(mine), "--calibrate-out", str(out_file)]
+    code = main([*args, "--background", str(background), *more])
     out, _ = capsys.readouterr()
+    assert "1 labelled" in out
     assert code == 0 and "embedding alone: top-1" in out and "embedding + router signal" in out
     assert "lead" in out.split("per task")[1].splitlines()[1] and "confusion" in out
     assert load_task_leads(out_file).keys() <= set(demo_profiles)

@@ -35,6 +35,7 @@ def route(
     embedder: str | None,
     store: Path | None,
     background: Path | None,
+    calibration_queries: Path | None,
     calibrate_out: Path | None,
     server: str,
     timeout: float,
@@ -44,9 +45,10 @@ def route(
     "task": name or null} per line) and --profiles DIR: top-1 accuracy overall and per task, the confusion matrix,
     no-match precision/recall, on-task rejection, and a suggested threshold overall and per task, computed locally.
     With --store, routing uses the model's router signal too, and with --background an off-topic none-class: the
-    embedding alone is reported beside, and per-task leads are calibrated (--calibrate-out writes them)."""
+    embedding alone is reported beside, and per-task leads are calibrated from the demos, the background and
+    --calibration-queries (--calibrate-out writes them)."""
     if evaluate is not None:
-        return route_evaluate(evaluate, profiles, embedder, store, background, calibrate_out)
+        return route_evaluate(evaluate, profiles, embedder, store, background, calibration_queries, calibrate_out)
     if not prompt:
         raise click.UsageError("give a PROMPT, or --evaluate FILE")
     with connect(server, timeout, api_key) as client:

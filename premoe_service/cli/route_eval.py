@@ -18,13 +18,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def route_evaluate_options(fn: F) -> F:
-    """--store, --background and --calibrate-out of `premoe route --evaluate`."""
+    """--store, --background, --calibration-queries and --calibrate-out of `premoe route --evaluate`."""
     declared = (
         store_option(required=False, help="store of the model: route on its router signal too (for --evaluate)"),
         option(
             "--background",
             type=click.Path(exists=True, dir_okay=False, path_type=Path),
             help="JSONL of off-topic prompts: a none-class (with --store; e.g. reference/offtopic/background.jsonl)",
+        ),
+        option(
+            "--calibration-queries",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="JSONL of labelled prompts of your own that calibration uses too (not the --evaluate file)",
         ),
         option(
             "--calibrate-out",
@@ -43,6 +48,7 @@ def route_evaluate(
     embedder: str | None,
     store: Path | None,
     background: Path | None,
+    calibration_queries: Path | None,
     calibrate_out: Path | None,
 ) -> int:
     """Print the figures of `premoe route --evaluate`; see the `route` verb's help."""
@@ -54,8 +60,8 @@ def route_evaluate(
         raise click.UsageError("--evaluate needs --profiles (a folder of profile files)")
     if (background is not None or calibrate_out is not None) and store is None:
         raise click.UsageError("--background and --calibrate-out need --store (the router signal)")
-    if calibrate_out is not None and background is None:
-        raise click.UsageError("--calibrate-out needs --background (the negatives calibration measures against)")
+    if (calibrate_out is not None or calibration_queries is not None) and background is None:
+        raise click.UsageError("--calibrate-out and --calibration-queries need --background (calibration's negatives)")
     records = load_route_records(queries)
     model = Embedder(embedder)
     plain = Registry(LocalProfileStore(profiles), embedder=model)
@@ -76,10 +82,12 @@ def route_evaluate(
     )
     leads: dict[str, float] = {}
     if prompts:
-        calibration = calibrate(registry)
+        labelled = load_route_records(calibration_queries) if calibration_queries is not None else []
+        calibration = calibrate(registry, labelled=labelled)
         leads = calibration.task_leads
         click.echo(
-            f"calibrated leads (demos, their lines and {len(prompts)} background prompts; positives lost "
+            f"calibrated leads (demos, their lines, {len(labelled)} labelled and {len(prompts)} background prompts; "
+            "positives lost "
             f"{calibration.positives_lost:.3f}, background rejected {calibration.background_rejected:.3f})"
         )
         if calibrate_out is not None:
