@@ -196,3 +196,54 @@ def test_mixed_patterns_are_refused_where_they_cannot_run(quant_store: Path) -> 
     with pytest.raises(FailedPrecondition, match="serving engine") as caught, residency.lease(pattern):
         pass
     assert caught.value.field == "precision"
+
+
+def test_precision_errors_measured_on_demos_match_a_direct_computation(quant_store: Path) -> None:
+    from premoe_service.profiler import Demo
+    from premoe_service.profiler.demo_error import demo_errors
+    from premoe_service.profiler.run import tokenize_demos
+
+    store = Store(quant_store / "store")
+    demos = [Demo("the quick brown fox jumps over"), Demo("print(sum(range(10)))")]
+    options = store_options(store)
+    measured = demo_errors(store, demos, options)
+    assert measured["full"].error is None
+
+    # Independently: transformers' model on the checkpoint, the tokens each expert gets, SwiGLU by hand.
+    model = AutoModelForCausalLM.from_pretrained(quant_store / "ckpt", dtype=torch.float32).eval()
+    adapter = adapter_for(model.config)
+    layer = SPEC.moe_layers[0]
+    seen: dict[str, torch.Tensor] = {}
+    hook = adapter.experts(model, layer).register_forward_pre_hook(
+        lambda _m, args: seen.update(hidden=args[0].detach(), index=args[1].detach())
+    )
+    from premoe_service.families.tiny import tiny_tokenizer
+
+    ids, mask, _ = tokenize_demos(tiny_tokenizer(), demos, 512)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    hook.remove()
+
+    def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        gate, up = (x @ gate_up.T).chunk(2, dim=-1)
+        return (torch.nn.functional.silu(gate) * up) @ down.T
+
+    valid = mask.reshape(-1).bool()
+    reached = 0
+    for expert in range(8):
+        rows = (seen["index"] == expert).any(-1) & valid
+        weight_error = float(options["int2"].error[0, expert])  # type: ignore[index]
+        if not rows.any():
+            assert float(measured["int2"].error[0, expert]) == weight_error  # type: ignore[index]
+            continue
+        reached += 1
+        x = seen["hidden"][rows]
+        full = store.read(layer, expert)
+        exact = swiglu(x, full["gate_up_proj"], full["down_proj"])
+        for precision in ("int8", "int4", "int2"):
+            lowered = PrecisionReader(store, precision).read_dequantized(layer, expert)
+            expected = float((swiglu(x, lowered["gate_up_proj"], lowered["down_proj"]) - exact).norm() / exact.norm())
+            got = float(measured[precision].error[0, expert])  # type: ignore[index]
+            assert math.isclose(got, expected, rel_tol=1e-4), (expert, precision, got, expected)
+        assert float(measured["int8"].error[0, expert]) < float(measured["int2"].error[0, expert])  # type: ignore[index]
+    assert reached >= 2

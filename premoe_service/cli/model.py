@@ -185,7 +185,12 @@ def evaluate(
     if precisions:
         from ..evaluation.precision_eval import evaluate_precisions, write_precision_reports
         from ..evaluation.precision_eval import markdown as precision_markdown
+        from ..profiler.demos import load_demos
 
+        # The demos `make profiles` keeps beside each profile: mixed plans weigh precisions by their error on them.
+        demos = {
+            n: load_demos(profiles / f"{n}.demos.jsonl") for n in names if (profiles / f"{n}.demos.jsonl").exists()
+        }
         compared = evaluate_precisions(
             opened,
             loaded,
@@ -193,6 +198,7 @@ def evaluate(
             budgets=[share(b) for b in budgets],
             precisions=precisions,
             objectives=objectives,
+            demos=demos,
             device=device,
             progress=not quiet,
         )

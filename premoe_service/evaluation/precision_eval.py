@@ -23,6 +23,8 @@ from tqdm import tqdm
 from ..errors import InvalidArgument
 from ..pattern import FULL, Pattern
 from ..profiler import Profile, Selection, select
+from ..profiler.demo_error import demo_errors
+from ..profiler.demos import Demo
 from ..profiler.precision import OBJECTIVE_CRITERION, OBJECTIVES, bf16_nbytes, select_precisions, store_options
 from ..runtime.build import load_engine
 from ..runtime.quantized import attach_precisions
@@ -45,6 +47,7 @@ class PrecisionEvalResult:
     precisions: list[str] = field(default_factory=list)
     group_size: int = 0
     items: dict[str, int] = field(default_factory=dict)
+    demo_measured: list[str] = field(default_factory=list)  # tasks whose precision errors were measured on demos
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -58,11 +61,14 @@ def evaluate_precisions(
     budgets: Sequence[float],
     precisions: Sequence[str],
     objectives: Sequence[str] = OBJECTIVES,
+    demos: dict[str, list[Demo]] | None = None,
     device: str | None = None,
     progress: bool = True,
     answer_margin: int = 2,
 ) -> PrecisionEvalResult:
-    """Every task under drop-only, uniform and mixed-precision plans at each budget (share of bf16 bytes)."""
+    """Every task under drop-only, uniform and mixed-precision plans at each budget (share of bf16 bytes). With a
+    task's `demos`, the mixed plans weigh each precision by its error measured on them (`profiler.demo_error`),
+    else by the relative weight error the store recorded."""
     unknown = [o for o in objectives if o not in OBJECTIVES]
     if unknown:
         raise InvalidArgument(f"unknown objectives {unknown} (use {', '.join(OBJECTIVES)})", field="objectives")
@@ -97,6 +103,10 @@ def evaluate_precisions(
         result.items[name] = len(task.items)
         result.full[name] = measure(task, Pattern.full(spec))
         bar.update()
+        task_options = options
+        if demos and demos.get(name):
+            task_options = demo_errors(store, demos[name], options)
+            result.demo_measured.append(name)
         kept: dict[str, dict[str, float]] = {m: {} for m in methods}
         shares: dict[str, dict[str, float]] = {m: {} for m in methods}
         for budget in budgets:
@@ -117,7 +127,7 @@ def evaluate_precisions(
                 plans[UNIFORM] = (Pattern.build(spec, layers, lowered), options[uniform].nbytes * experts / total)
             for objective in objectives:
                 scores = profiles[name].score(OBJECTIVE_CRITERION[objective])
-                plan = select_precisions(scores, spec, options, int(budget * total), objective)  # type: ignore[arg-type]
+                plan = select_precisions(scores, spec, task_options, int(budget * total), objective)  # type: ignore[arg-type]
                 plans[f"mixed-{objective}"] = (plan.pattern, plan.nbytes / total)
             for method, chosen in plans.items():
                 if chosen is None:
