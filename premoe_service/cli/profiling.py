@@ -129,6 +129,12 @@ def profile_show(file: Path, png: Path | None, top: int) -> int:
     default="error",
     help="with --precisions: what a precision is worth (error: EASY-EP x measured error; mc: frequency x weight)",
 )
+@option(
+    "--precision-demos",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="with --precisions: the task's demos (JSONL); each precision's error is measured on them (default: the "
+    "relative weight error the store recorded)",
+)
 def pattern(
     profile_file: Path,
     store: Path,
@@ -139,6 +145,7 @@ def pattern(
     coverage: float | None,
     precisions: tuple[str, ...],
     objective: str,
+    precision_demos: Path | None,
 ) -> int:
     """Select a pattern from a profile's scores and write it as {"format": 1, "layers": {"<layer>": [ids]}}.
 
@@ -158,7 +165,7 @@ def pattern(
     opened = Store(store)
     loaded = Profile.load(profile_file, fingerprint=opened.fingerprint)
     if precisions:
-        return _precision_pattern(opened, loaded, out, Budget.parse(budget), precisions, objective)
+        return _precision_pattern(opened, loaded, out, Budget.parse(budget), precisions, objective, precision_demos)
     spec = store_spec(opened)
     nbytes = opened.manifest.expert_nbytes
     criterion = criterion or Selection.from_json(loaded.selection).criterion
@@ -185,7 +192,7 @@ def pattern(
 
 
 def _precision_pattern(
-    opened: Any, loaded: Any, out: Path, budget: Any, precisions: tuple[str, ...], objective: str
+    opened: Any, loaded: Any, out: Path, budget: Any, precisions: tuple[str, ...], objective: str, demos: Path | None
 ) -> int:
     """`premoe pattern --precisions`: a mixed-precision plan under the budget's bytes (full experts at the store's
     own bytes, quantized ones at their packed bytes), written with each kept expert's precision."""
@@ -196,6 +203,11 @@ def _precision_pattern(
     manifest = opened.manifest
     nbytes = budget.bytes if budget.bytes is not None else int((budget.fraction or 0) * manifest.total_expert_bytes)
     options = store_options(opened, precisions=(FULL, *precisions))
+    if demos is not None:
+        from ..profiler.demo_error import demo_errors
+        from ..profiler.demos import load_demos
+
+        options = demo_errors(opened, load_demos(demos), options)
     spec = store_spec(opened)
     plan = select_precisions(loaded.score(OBJECTIVE_CRITERION[objective]), spec, options, nbytes, objective)  # type: ignore[arg-type]
     atomic_write_bytes(out, (json.dumps(plan.pattern.to_json(), indent=1) + "\n").encode())
