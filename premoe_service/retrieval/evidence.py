@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -57,6 +58,12 @@ class RouterEvidence:
         self._signatures: dict[str, np.ndarray] = {}  # task -> its router signature, a unit vector [E]
         self._background: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # embeddings, inputs, scores
         self._lock = threading.Lock()
+        # The router pass of a prompt runs here while the caller embeds it: the two overlap.
+        self._passes = ThreadPoolExecutor(max_workers=2, thread_name_prefix="router-signal")
+
+    def begin(self, prompt: str) -> Future[RouterFeatures]:
+        """Start the router pass of `prompt` beside the caller; `.result()` is its `RouterFeatures`."""
+        return self._passes.submit(self.signal.features, [prompt])
 
     def prepare(self, profile: Profile) -> Profile:
         """The profile with a router signal from this model's first MoE layer: its own, or computed from its demos.

@@ -179,8 +179,9 @@ class Registry:
         """
         check_prompt(prompt)
         self._refresh_quietly()
+        pending = None if self.evidence is None else self.evidence.begin(prompt)  # overlaps the embedding
         query = self.embedder.encode([prompt])  # [1, dim]
-        features = None if self.evidence is None else self.evidence.signal.features([prompt])
+        features = None if pending is None else pending.result()
         with self._lock:
             return self._router.decide_embedded(query, features, self.evidence)[0]
 
