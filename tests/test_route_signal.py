@@ -197,3 +197,29 @@ def test_route_evaluate_reports_both_signals_and_writes_the_calibration(
     code = main(["route", "--evaluate", str(queries), "--profiles", str(tmp_path), "--background", str(background)])
     _, err = capsys.readouterr()
     assert code == 2 and "--store" in err and "Traceback" not in err
+
+
+def test_the_server_registry_takes_the_signal_background_and_leads_from_its_config(
+    tmp_path: Path, qwen_store: Path, embedder
+) -> None:
+    from premoe_service.runtime.build import load_engine
+    from premoe_service.serving import ServiceConfig
+    from premoe_service.serving.routing import build_registry
+
+    background, leads = tmp_path / "background.jsonl", tmp_path / "leads.json"
+    background.write_text("".join(json.dumps({"query": q, "task": None}) + "\n" for q in BACKGROUND))
+    leads.write_text(json.dumps({"format": 1, "task_leads": {"cooking": -2.5}}))
+    store = Store(qwen_store)
+    engine, _ = load_engine(store, device="cpu")
+    config = ServiceConfig(store=qwen_store, route_background=background, route_calibration=leads)
+    registry = build_registry(config, store, engine, embedder, None)
+    assert registry.evidence is not None and registry.evidence.background_size == len(BACKGROUND)
+    assert registry.policy.lead_for("cooking") == -2.5 and registry.policy.lead_for("other") == -1.0
+    plain = build_registry(ServiceConfig(store=qwen_store, route_signal=False), store, engine, embedder, None)
+    assert plain.evidence is None
+    with pytest.raises(InvalidArgument, match="router signal") as info:
+        ServiceConfig(store=qwen_store, route_signal=False, route_background=background)
+    assert info.value.field == "route_background"
+    leads.write_text("{}")
+    with pytest.raises(InvalidArgument, match="not a calibration file"):
+        build_registry(config, store, engine, embedder, None)
