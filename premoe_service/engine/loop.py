@@ -113,10 +113,14 @@ class EngineLoop:
         for request in [*self.waiting, *self.running, *self._drain()]:
             request.fail(Unavailable("the server is shutting down", field="server"))
 
+    def idle(self) -> bool:
+        """No request submitted, queued or decoding."""
+        return not (self.waiting or self.running or not self._inbox.empty())
+
     def run_until_idle(self, timeout_s: float = 60.0) -> None:
         """Step on the calling thread until no request is queued or running (tests, benchmarks)."""
         deadline = time.monotonic() + timeout_s
-        while self.waiting or self.running or not self._inbox.empty():
+        while not self.idle():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"requests still pending after {timeout_s}s: {self.stats}")
             self._wake.clear()

@@ -108,6 +108,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
+            if self.metrics is not None:
+                self.metrics.in_progress.inc()
             try:
                 failure = None
                 try:
@@ -119,6 +121,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 if self.metrics is not None:
                     self.metrics.request(method, code.name, time.perf_counter() - start)
+                    self.metrics.in_progress.dec()
 
         return run
 
@@ -126,6 +129,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
+            if self.metrics is not None:
+                self.metrics.in_progress.inc()
             try:
                 failure = None
                 try:
@@ -139,6 +144,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 if self.metrics is not None:
                     self.metrics.request(method, code.name, time.perf_counter() - start)
+                    self.metrics.in_progress.dec()
 
         return run
 

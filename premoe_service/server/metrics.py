@@ -35,6 +35,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
         )
         self.resident = Gauge("premoe_resident_expert_bytes", "Bytes of resident experts", registry=self.registry)
+        self.in_progress = Gauge(
+            "premoe_calls_in_progress", "gRPC calls the door is handling now", registry=self.registry
+        )
         self.coverage = Gauge(
             "premoe_task_coverage", "Coverage of the last request per task", ["task"], registry=self.registry
         )
