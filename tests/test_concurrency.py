@@ -87,7 +87,7 @@ def test_a_cancelled_stream_frees_its_row_and_slots(reference_server) -> None:
         assert alone.finish_reason == "length"  # it would run for 500 tokens if not cancelled
         stream = client.stub.GenerateStream(client.request("def main():", task="python", max_new_tokens=500))
         next(stream)  # the request is running
-        tokens_before = loop.stats.tokens
+        (request,) = loop.running
         stream.cancel()
         with pytest.raises(grpc.RpcError) as info:
             list(stream)
@@ -96,9 +96,9 @@ def test_a_cancelled_stream_frees_its_row_and_slots(reference_server) -> None:
         while (loop.running or loop.waiting) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not loop.running and not loop.waiting
-        # Stopped before its 500 tokens: how many came after the cancel depends on how soon the door's event loop
-        # runs (a loaded machine delays it), so the bound is the request's own length, not a token count.
-        assert loop.stats.tokens - tokens_before < 499
+        # The server stopped it (how many tokens came after the cancel depends on how soon the door's event loop
+        # runs, which a loaded machine delays, so the check is the request's fate, not a token count).
+        assert request.finish_reason == "cancelled" and len(request.generated) < 500
         pins = sum(len(slots.pins) for slots in handle.service.engine.slots.values())
         assert pins == 0
         assert len(client.generate("add: 1+2=", task="addition", max_new_tokens=4).token_ids) >= 1
