@@ -30,6 +30,7 @@ from ..runtime.build import load_engine
 from ..runtime.quantized import attach_precisions
 from ..store import Store
 from .metrics import exact_match, mean_nll
+from .report import retention_grid
 from .run import TaskData, retention
 
 DROP, UNIFORM = "drop", "uniform"
@@ -193,30 +194,15 @@ def write_precision_reports(result: PrecisionEvalResult, out: Path) -> list[Path
 
 
 def plot(result: PrecisionEvalResult, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(result.retention)
-    columns = min(4, len(tasks))
-    rows = math.ceil(len(tasks) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
-    for ax, task in zip(axes.flat, tasks, strict=False):
-        for method, by_budget in result.retention[task].items():
-            points = sorted((float(b), v) for b, v in by_budget.items() if not math.isnan(v))
-            style = "-" if method.startswith("mixed") else "--"
-            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=method)
-        ax.set_xscale("log", base=2)
-        ax.set_title(task, fontsize=10)
-        ax.set_xlabel("share of the experts' bf16 bytes")
-        ax.set_ylabel("retention")
-        ax.set_ylim(0, 1.05)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(tasks) :]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    curves = {
+        task: [
+            (
+                method,
+                sorted((float(b), v) for b, v in by_budget.items() if not math.isnan(v)),
+                "-" if method.startswith("mixed") else "--",
+            )
+            for method, by_budget in result.retention[task].items()
+        ]
+        for task in result.retention
+    }
+    return retention_grid(curves, "share of the experts' bf16 bytes", path, log2_x=True)

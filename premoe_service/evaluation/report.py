@@ -68,22 +68,37 @@ def write_reports(result: EvalResult, out: Path) -> list[Path]:
 
 
 def plot(result: EvalResult, path: Path) -> Path:
+    curves = {
+        task: [
+            (criterion, sorted((float(b), v) for b, v in by_budget.items()), "--" if criterion == "random" else "-")
+            for criterion, by_budget in sorted(result.retention[task].items())
+        ]
+        for task in result.retention
+    }
+    return retention_grid(curves, "share of routed experts kept", path)
+
+
+Curve = tuple[str, list[tuple[float, float]], str]  # label, (budget, retention) points, line style
+
+
+def retention_grid(curves: dict[str, list[Curve]], xlabel: str, path: Path, *, log2_x: bool = False) -> Path:
+    """One panel of retention against budget per task, up to four panels a row; written as a PNG to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(result.retention)
+    tasks = list(curves)
     columns = min(4, len(tasks))
     rows = math.ceil(len(tasks) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
     for ax, task in zip(axes.flat, tasks, strict=False):
-        for criterion, by_budget in sorted(result.retention[task].items()):
-            budgets = sorted(by_budget, key=float)
-            style = "--" if criterion == "random" else "-"
-            ax.plot([float(b) for b in budgets], [by_budget[b] for b in budgets], style, marker="o", label=criterion)
+        for label, points, style in curves[task]:
+            ax.plot([x for x, _ in points], [y for _, y in points], style, marker="o", label=label)
+        if log2_x:
+            ax.set_xscale("log", base=2)
         ax.set_title(task, fontsize=10)
-        ax.set_xlabel("share of routed experts kept")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("retention")
         ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3)
