@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .params import BUDGET, POSITIVE, BudgetType, CommaList, VerbGroup, option
+from .params import BUDGET, POSITIVE, PRECISIONS, BudgetType, VerbGroup, option
 from .shared import device_option, embedder_option, quiet_option
 
 
@@ -36,7 +36,7 @@ def bench() -> None:
 @bench_option("--rounds", type=POSITIVE, default=7, help="interleaved rounds (median reported)")
 @bench_option(
     "--precisions",
-    type=CommaList(click.Choice(["int8", "int4", "int3", "int2"])),
+    type=PRECISIONS,
     default="",
     help="also quantized experts at these precisions (added to the store when it lacks them)",
 )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .params import BUDGET, CRITERION, POSITIVE, CommaList, Lazy, LazyChoice, option, verb
+from .params import BUDGET, CRITERION, POSITIVE, PRECISIONS, CommaList, Lazy, LazyChoice, option, verb
 from .shared import device_option, embedder_option, quiet_option, store_option, store_spec
 
 
@@ -15,7 +15,7 @@ from .shared import device_option, embedder_option, quiet_option, store_option, 
 @option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="store folder to write")
 @option(
     "--precisions",
-    type=CommaList(click.Choice(["int8", "int4", "int3", "int2"])),
+    type=PRECISIONS,
     default="",
     help="also write the experts quantized at these precisions (group-wise, compressed-tensors' packed layout)",
 )
@@ -123,7 +123,7 @@ def export(store: Path, pattern: Path, out: Path, quiet: bool) -> int:
 @option("--no-retrieval", is_flag=True, help="skip the retrieval accuracy")
 @option(
     "--precisions",
-    type=CommaList(click.Choice(["int8", "int4", "int3", "int2"])),
+    type=PRECISIONS,
     default="",
     help="compare drop-only, uniform and mixed precision with these quantized copies of the store instead of the "
     "criteria (precision.json, precision.md, precision.png)",

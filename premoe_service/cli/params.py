@@ -123,6 +123,9 @@ class CommaList(click.ParamType):
         return "A,B,..."
 
 
+# Quantized expert precisions, read from the store's table of bit widths (`store.quant.BITS`) when a verb runs.
+PRECISIONS = CommaList(LazyChoice(Lazy("premoe_service.store.quant", "BITS", load=lambda bits: tuple(bits))))
+
 PORT = click.IntRange(0, 65535)
 PORT.name = "port"  # the metavar help shows
 POSITIVE = click.IntRange(min=1)

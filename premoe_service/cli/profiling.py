@@ -14,7 +14,7 @@ from .params import (
     OPEN_SHARE,
     POLICY,
     POSITIVE,
-    CommaList,
+    PRECISIONS,
     Lazy,
     LazyChoice,
     VerbGroup,
@@ -119,7 +119,7 @@ def profile_show(file: Path, png: Path | None, top: int) -> int:
 @option("--coverage", type=OPEN_SHARE, help="with --policy coverage: share of each layer's score mass to keep")
 @option(
     "--precisions",
-    type=CommaList(click.Choice(["int8", "int4", "int3", "int2"])),
+    type=PRECISIONS,
     default="",
     help="choose each expert's precision (drop, these, full) under the budget's bytes (the store must hold them)",
 )
