@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,7 @@ def test_every_option_has_an_environment_twin() -> None:
         for param in command.params:
             if isinstance(param, click.Option) and (verb, param.opts[-1]) not in ACTIONS:
                 assert isinstance(param.envvar, str) and param.envvar.startswith("PREMOE_"), (verb, param.opts)
+                assert re.fullmatch(r"PREMOE_[A-Z0-9_]+", param.envvar), (verb, param.envvar)  # a name a shell takes
                 assert param.show_envvar, (verb, param.opts)
 
 

@@ -22,7 +22,7 @@ def option(*decls: str, help: str, env: str | None = None, **kwargs: Any) -> Cal
     The twin is `PREMOE_<FLAG>` (the long flag upper-cased, without the verb: `--budget` is PREMOE_BUDGET for every
     verb); `env` names it where one flag means different things in different verbs (PREMOE_BENCH_ROUNDS).
     """
-    flag = next(d for d in decls if d.startswith("--"))
+    flag = next(d for d in decls if d.startswith("--")).split("/")[0]  # "--on/--off": the twin is named for --on
     twin = ENV_PREFIX + (env or flag[2:].replace("-", "_").upper())
     return click.option(*decls, help=help, envvar=twin, show_envvar=True, **kwargs)
 
