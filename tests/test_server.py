@@ -239,6 +239,11 @@ def test_stats_and_metrics(client, server) -> None:
     assert stats.loads.disk + stats.loads.cache + stats.loads.device > 0 and stats.cache_health == "ok"
     figures = scrape(handle)
     assert figures['premoe_request_seconds_count{code="OK",method="Generate"}'] >= 1
+    with pytest.raises(grpc.RpcError):
+        client.generate("   ", max_new_tokens=3)  # a failure is counted under its own code, not as OK
+    generate_ok = scrape(handle)['premoe_request_seconds_count{code="OK",method="Generate"}']
+    assert generate_ok == figures['premoe_request_seconds_count{code="OK",method="Generate"}']
+    assert scrape(handle)['premoe_request_seconds_count{code="INVALID_ARGUMENT",method="Generate"}'] >= 1
     assert figures['premoe_task_coverage{task="metered"}'] > 0
     assert figures["premoe_generated_tokens_total"] >= 3 and figures["premoe_engine_steps_total"] >= 2
     assert stats.generated_tokens >= 3 and stats.in_flight == 0 and stats.queued == 0

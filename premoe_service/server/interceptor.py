@@ -117,7 +117,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     return await behaviour(request, context)
                 except Exception as exc:
                     failure = _detached(method, exc)
-                code = await _abort(method, context, failure)
+                # context.abort raises an exception whose traceback holds this frame, and gRPC keeps it in a
+                # reference cycle that only the cyclic collector frees: the request (a prompt of megabytes) must
+                # not be among this frame's locals by then.
+                request = None
+                code = _code(failure, context)
+                await _abort(context, failure)
             finally:
                 if self.metrics is not None:
                     self.metrics.request(method, code.name, time.perf_counter() - start)
@@ -140,7 +145,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as exc:
                     failure = _detached(method, exc)
                 if failure is not None:
-                    code = await _abort(method, context, failure)
+                    request = None  # as in `_unary`: the abort's traceback would keep the request alive
+                    code = _code(failure, context)
+                    await _abort(context, failure)
             finally:
                 if self.metrics is not None:
                     self.metrics.request(method, code.name, time.perf_counter() - start)
@@ -159,7 +166,7 @@ def _detached(method: str, exc: Exception) -> Exception:
     return exc
 
 
-async def _abort(method: str, context: grpc.aio.ServicerContext, exc: Exception) -> grpc.StatusCode:
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     """End the call with the status of `exc` (always raises); an abort already under way passes through."""
     if isinstance(exc, grpc.aio.AbortError | grpc.RpcError):  # context.abort's own exception
         raise exc
@@ -167,4 +174,11 @@ async def _abort(method: str, context: grpc.aio.ServicerContext, exc: Exception)
     if len(message) > MAX_DETAILS:
         message = message[: MAX_DETAILS - 3] + "..."
     await context.abort(code, message)
-    return code  # not reached: abort raises
+
+
+def _code(exc: Exception, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status a failure ends the call with (for an abort already under way, the code it set)."""
+    if isinstance(exc, grpc.aio.AbortError | grpc.RpcError):
+        code = context.code()
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+    return status_of(exc)[0]
