@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from premoe_service.errors import InvalidArgument
 from premoe_service.families.tiny import save_tiny_checkpoint
 from premoe_service.profiler import Demo, Profile, Selection
 from premoe_service.retrieval import RedisProfileStore
+from premoe_service.runtime.eviction import SharedUseSlots
+from premoe_service.runtime.slots import LayerSlots
 from premoe_service.serving import GenerationResult, SamplingParams, ServiceConfig, ServingCore
 from premoe_service.store import Store, shard
 
@@ -114,6 +117,34 @@ def test_requests_share_resident_experts(store: Path, embedder) -> None:
     assert len(results) == 3
     assert all(r.loads == {"device": 12, "cache": 0, "disk": 0} for r in results)  # nothing loaded again
     assert service.stats().tasks["code"][0] == 4
+
+
+def test_shared_use_eviction_counts_each_request_and_keeps_the_tokens(store: Path, embedder) -> None:
+    """`eviction="shared-use"`: the slots evict by the decayed use counts the engine loop keeps for every request
+    it takes in; which experts stay resident changes, the tokens of a request do not."""
+    services = {
+        policy: ServingCore(ServiceConfig(store=store, device="cpu", budget="0.5", eviction=policy), embedder=embedder)
+        for policy in ("lru", "shared-use")
+    }
+    tokens = {}
+    for policy, service in services.items():
+        service.register_task("code", CODE, selection=Selection("tcess", "top_k", 3, "experts"))
+        service.register_task("math", MATH, selection=Selection("tcess", "top_k", 3, "experts"))
+        tokens[policy] = [run(service, p, task=t).token_ids for t, p in [("code", "def f(x):"), ("math", "1+2=")] * 2]
+    assert tokens["lru"] == tokens["shared-use"]
+    shared = services["shared-use"]
+    math = shared.tasks.pattern(shared.registry.get("math"))
+    for layer, slots in shared.engine.slots.items():
+        assert isinstance(slots, SharedUseSlots)
+        use = slots.use
+        kept = list(math.kept(layer))
+        assert (use[kept] > 0).all() and use.sum() > 0  # every request counted its experts
+    assert all(type(s) is LayerSlots for s in services["lru"].engine.slots.values())
+    with pytest.raises(InvalidArgument) as info:
+        ServiceConfig(store=store, eviction="fifo")  # type: ignore[arg-type]
+    assert info.value.field == "eviction"
+    for service in services.values():
+        service.close()
 
 
 def test_widening_under_group_routing_keeps_every_group_routable(grouped_store: Path, embedder) -> None:

@@ -84,7 +84,7 @@ def replay(
     reader: Reader | None = None,
     full_reload: bool = False,
     publish: bool = True,
-    before: Callable[[str, Pattern], None] | None = None,
+    before: Callable[[Pattern], None] | None = None,
 ) -> list[RequestRecord]:
     """Serve `stream` one request at a time through `residency`.
 
@@ -95,7 +95,7 @@ def replay(
         reader: Reads copies into slots; None only books them (slots that hold no real bytes).
         full_reload: Empty the unpinned slots at every task change first (PreMoe's way).
         publish: Publish the routers' slot tables after committing, as the engine loop does.
-        before: Called with each request's task and pattern before it is planned (eviction refinements learn here).
+        before: Called with each request's pattern before it is planned (eviction refinements learn here).
     """
     engine, records = residency.engine, []
     previous: str | None = None
@@ -108,7 +108,7 @@ def replay(
         seen.add(task)
         evicted = evict_unpinned(residency) if full_reload and switch else 0
         if before is not None:
-            before(task, pattern)
+            before(pattern)
         evictions = residency.stats.evictions
         start = time.perf_counter()
         copies = residency.reserve(pattern)

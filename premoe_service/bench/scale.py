@@ -26,10 +26,10 @@ import torch
 from ..pattern import Pattern
 from ..profiler import Selection
 from ..profiler.profile import Profile
+from ..runtime.eviction import SharedUseTracker
 from ..runtime.residency import Budget, Residency
 from ..store.reader import Store, TierStats
 from . import oracle, scale_registry
-from .eviction import SharedUseTracker
 from .options import parse_options
 from .replay import replay, summarise
 from .scale_tasks import EXPERT_NBYTES_FP8, Shape, SyntheticTasks, deepseek_engine, pattern_of, resemblance

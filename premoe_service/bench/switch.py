@@ -28,10 +28,10 @@ from ..pattern import Pattern
 from ..profiler import Selection, select
 from ..profiler.profile import Profile
 from ..runtime.build import load_engine
+from ..runtime.eviction import SharedUseTracker
 from ..runtime.residency import Budget
 from ..store import Store, open_cache
 from . import oracle
-from .eviction import SharedUseTracker
 from .options import parse_options
 from .replay import replay, store_reader, summarise
 from .serve_report import machine

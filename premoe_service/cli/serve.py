@@ -15,6 +15,7 @@ from .params import (
     SHARE,
     CommaList,
     Lazy,
+    LazyChoice,
     option,
     verb,
 )
@@ -133,6 +134,13 @@ def default(name: str) -> Lazy:
     type=click.IntRange(min=0),
     default=default("join_wait_steps"),
     help="decode steps a ready request may wait so that several join one prefill (0: none)",
+)
+@option(
+    "--eviction",
+    type=LazyChoice(Lazy("premoe_service.serving.config", "EVICTIONS")),
+    default=default("eviction"),
+    help="which unpinned expert leaves a full layer first: least recently used, or the lowest use count decayed "
+    "over recent requests (keeps experts many tasks share)",
 )
 @option(
     "--engine-threads",

@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from ..errors import ResourceExhausted, Unavailable
+from ..pattern import Pattern
 from ..runtime import PatternedModel
 from ..runtime.context import RoutingContext
 from ..runtime.residency import Residency
@@ -54,6 +55,7 @@ class EngineLoop:
         loader_gate: threading.Event | None = None,
         stopping: Callable[[], bool] | None = None,
         threads: int | None = None,
+        observe: Callable[[Pattern], None] | None = None,
     ) -> None:
         self.engine = engine
         self.residency = residency
@@ -62,6 +64,7 @@ class EngineLoop:
         self.pad_id = pad_id
         self.stopping = stopping or (lambda: False)
         self.threads = threads  # torch intra-op threads for its forward passes; None: leave torch's setting
+        self.observe = observe  # sees each new request's pattern before it is planned (shared-use eviction)
         self.stats = LoopStats()
         self._wake = threading.Event()
         self.loader = Loader(engine, source, gate=loader_gate, wake=self._wake.set)
@@ -147,7 +150,11 @@ class EngineLoop:
         start = time.perf_counter()
         if self.threads is not None and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)  # re-applied: others in the process may change it
-        self.waiting.extend(self._drain())
+        arrived = self._drain()
+        if self.observe is not None:
+            for request in arrived:
+                self.observe(request.pattern)
+        self.waiting.extend(arrived)
         self._fail_all(self.admission.commit(self.waiting, self.stats.steps))
         self._retire_gone()
         self._fail_all(self.admission.reserve(self.waiting, self.stats.steps))

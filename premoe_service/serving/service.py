@@ -24,6 +24,7 @@ from ..retrieval import (
     open_profile_store,
 )
 from ..runtime.build import load_engine
+from ..runtime.eviction import SharedUseTracker
 from ..store import Store, open_cache
 from .config import ServiceConfig
 from .limits import check_prompt_bytes, check_prompt_tokens
@@ -78,7 +79,16 @@ class ServingCore:
             ),
             stopping=self.stopping.is_set,
             threads=config.engine_threads or max(1, (os.cpu_count() or 1) - 1),
+            observe=self._eviction_policy(config),
         ).start()
+
+    def _eviction_policy(self, config: ServiceConfig) -> Callable[[Pattern], None] | None:
+        """For shared-use eviction, the tracker that counts each request's experts (the slots read its counts)."""
+        if config.eviction != "shared-use":
+            return None
+        tracker = SharedUseTracker(self.spec.moe_layers, self.spec.num_experts)
+        tracker.install(self.residency)
+        return tracker.observe
 
     def in_flight(self) -> list[Request]:
         """The requests queued or running in the engine loop now."""

@@ -1,4 +1,4 @@
-"""An eviction refinement to measure against plain LRU: keep the experts that recently requested tasks share.
+"""Shared-use eviction (`premoe serve --eviction shared-use`): keep the experts that recently requested tasks share.
 
 Each MoE layer keeps a decayed use count per expert: every request adds one to each expert of its pattern, and
 all counts decay with a half-life of some requests. An expert that many popular tasks keep collects counts from
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..pattern import Pattern
-from ..runtime.residency import Residency
-from ..runtime.slots import LayerSlots
+from .residency import Residency
+from .slots import LayerSlots
 
 
 @dataclass
@@ -53,10 +53,10 @@ class SharedUseTracker:
         for layer, old in engine.slots.items():
             if old.slot_of or old.loading:
                 raise RuntimeError("install the refinement before any expert is loaded")
-            engine.slots[layer] = SharedUseSlots(old.capacity, use=self.use[layer])
+            engine._replace_slots(layer, SharedUseSlots(old.capacity, use=self.use[layer]))
 
-    def observe(self, task: str, pattern: Pattern) -> None:
-        """Count one use of each expert of the request's pattern (before it is planned)."""
+    def observe(self, pattern: Pattern) -> None:
+        """Count one use of each expert of a request's pattern (before it is planned; on the thread that plans)."""
         for layer, use in self.use.items():
             use *= self.decay
             use[list(pattern.kept(layer))] += 1.0
