@@ -180,6 +180,18 @@ HELD_OUT_QUERIES: list[tuple[str, str]] = [
 
 
 @pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store of the tiny Qwen3-MoE checkpoint, shared by the tests that serve it without changing it."""
+    from premoe_service.families.tiny import save_tiny_checkpoint
+    from premoe_service.store import shard
+
+    root = tmp_path_factory.mktemp("tiny-qwen3")
+    save_tiny_checkpoint(root / "ckpt", "qwen3_moe")
+    shard(root / "ckpt", root / "store", progress=False)
+    return root / "store"
+
+
+@pytest.fixture(scope="session")
 def embedder():
     """The default embedding model (all-MiniLM-L6-v2), loaded once per session."""
     from premoe_service.retrieval import Embedder

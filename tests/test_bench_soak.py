@@ -8,16 +8,11 @@ from pathlib import Path
 import pytest
 
 from premoe_service.bench.soak import INTENDED, run
-from premoe_service.families.tiny import save_tiny_checkpoint
-from premoe_service.store import shard
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("soak")
-    save_tiny_checkpoint(root / "ckpt", "qwen3_moe")
-    shard(root / "ckpt", root / "store", progress=False)
-    return root / "store"
+def store(tiny_store: Path) -> Path:
+    return tiny_store
 
 
 def test_a_short_soak_has_no_unintended_outcome(store: Path) -> None:

@@ -19,8 +19,6 @@ import pytest
 
 from premoe_service.bench.soak_parts import rss_mib, wait_serving
 from premoe_service.client import PreMoeClient
-from premoe_service.families.tiny import save_tiny_checkpoint
-from premoe_service.store import shard
 
 from .conftest import free_port
 
@@ -28,11 +26,8 @@ PROMPT_BYTES = 8 << 20
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("memory")
-    save_tiny_checkpoint(root / "ckpt", "qwen3_moe")
-    shard(root / "ckpt", root / "store", progress=False)
-    return root / "store"
+def store(tiny_store: Path) -> Path:
+    return tiny_store
 
 
 def test_oversized_prompts_are_refused_and_their_memory_returns(store: Path, tmp_path: Path) -> None:

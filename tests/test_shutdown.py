@@ -13,18 +13,13 @@ import grpc
 import pytest
 
 from premoe_service.client import PreMoeClient
-from premoe_service.families.tiny import save_tiny_checkpoint
-from premoe_service.store import shard
 
 from .conftest import free_port
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("shutdown")
-    save_tiny_checkpoint(root / "ckpt", "qwen3_moe")
-    shard(root / "ckpt", root / "store", progress=False)
-    return root / "store"
+def store(tiny_store: Path) -> Path:
+    return tiny_store
 
 
 def start(store: Path, tmp_path: Path, grace: str) -> tuple[subprocess.Popen[str], str]:

@@ -23,13 +23,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from premoe_service.cli import main
 from premoe_service.errors import InvalidArgument
-from premoe_service.families.tiny import save_tiny_checkpoint
 from premoe_service.server import create_server, running_server
 from premoe_service.server.gen import premoe_pb2 as pb
 from premoe_service.server.gen import premoe_pb2_grpc as pb_grpc
 from premoe_service.server.security import is_loopback
 from premoe_service.serving import ServiceConfig
-from premoe_service.store import shard
 
 TOKEN = "tls-admin"
 
@@ -130,11 +128,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tls")
-    save_tiny_checkpoint(root / "ckpt", "qwen3_moe")
-    shard(root / "ckpt", root / "store", progress=False)
-    return root / "store"
+def store(tiny_store: Path) -> Path:
+    return tiny_store
 
 
 def config(store: Path, tmp_path: Path, **fields: object) -> ServiceConfig:
