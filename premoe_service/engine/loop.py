@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -12,19 +11,20 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from ..errors import ResourceExhausted, Unavailable
+from ..errors import Unavailable
 from ..pattern import Pattern
 from ..runtime import PatternedModel
 from ..runtime.context import RoutingContext
 from ..runtime.residency import Residency
 from .admission import Admission
 from .batch import RunningBatch, forward
+from .inbox import Inbox
 from .kv import KVBatch
 from .loader import Loader
 from .request import Request, Status
 from .schedule import pick_joiners
 from .stats import BatchLimits, LoopStats
-from .text import TokenLogprob, token_logprobs
+from .text import prompt_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,10 @@ class EngineLoop:
         self.pad_id = pad_id
         self.stopping = stopping or (lambda: False)
         self.threads = threads  # torch intra-op threads for its forward passes; None: leave torch's setting
-        self.observe = observe  # sees each new request's pattern before it is planned (shared-use eviction)
         self.stats = LoopStats()
-        self._wake = threading.Event()
-        self.loader = Loader(engine, source, gate=loader_gate, wake=self._wake.set)
+        self._inbox = Inbox(observe)
+        self.loader = Loader(engine, source, gate=loader_gate, wake=self._inbox.wake.set)
         self.admission = Admission(engine, residency, self.loader)
-        self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self.waiting: list[Request] = []  # FIFO: waiting for slots, loading, or ready for a row
         self.batch = RunningBatch(engine)
         self._thread: threading.Thread | None = None
@@ -80,11 +78,7 @@ class EngineLoop:
 
     def submit(self, request: Request) -> Request:
         """Queue a request (any thread); its events come through `request.events()`."""
-        queued = len(self.waiting) + self._inbox.qsize()
-        if queued >= self.limits.max_queue:
-            raise ResourceExhausted(f"{queued} requests are queued (the limit); retry later", field="queue")
-        self._inbox.put(request)
-        self._wake.set()
+        self._inbox.put(request, waiting=len(self.waiting), limit=self.limits.max_queue)
         return request
 
     def start(self) -> EngineLoop:
@@ -109,16 +103,16 @@ class EngineLoop:
     def close(self) -> None:
         """Stop the loop; requests still queued or decoding fail with UNAVAILABLE."""
         self._closed = True
-        self._wake.set()
+        self._inbox.wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         self.loader.close()
-        for request in [*self.waiting, *self.running, *self._drain()]:
+        for request in [*self.waiting, *self.running, *self._inbox.take_all()]:
             request.fail(Unavailable("the server is shutting down", field="server"))
 
     def idle(self) -> bool:
         """No request submitted, queued or decoding."""
-        return not (self.waiting or self.running or not self._inbox.empty())
+        return not (self.waiting or self.running or len(self._inbox))
 
     def run_until_idle(self, timeout_s: float = 60.0) -> None:
         """Step on the calling thread until no request is queued or running (tests, benchmarks)."""
@@ -126,13 +120,13 @@ class EngineLoop:
         while not self.idle():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"requests still pending after {timeout_s}s: {self.stats}")
-            self._wake.clear()
+            self._inbox.wake.clear()
             if not self.step():
-                self._wake.wait(0.01)
+                self._inbox.wake.wait(0.01)
 
     def _run(self) -> None:
         while not self._closed:
-            self._wake.clear()
+            self._inbox.wake.clear()
             try:
                 busy = self.step()
             except Exception as exc:  # a step that fails fails its requests, never the loop
@@ -140,7 +134,7 @@ class EngineLoop:
                 self._fail(list(self.running), exc)
                 busy = False
             if not busy:
-                self._wake.wait(0.02 if self.waiting else 0.5)
+                self._inbox.wake.wait(0.02 if self.waiting else 0.5)
 
     # --- one step -------------------------------------------------------------------------------------
 
@@ -150,11 +144,7 @@ class EngineLoop:
         start = time.perf_counter()
         if self.threads is not None and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)  # re-applied: others in the process may change it
-        arrived = self._drain()
-        if self.observe is not None:
-            for request in arrived:
-                self.observe(request.pattern)
-        self.waiting.extend(arrived)
+        self.waiting.extend(self._inbox.take_all())
         self._fail_all(self.admission.commit(self.waiting, self.stats.steps))
         self._retire_gone()
         self._fail_all(self.admission.reserve(self.waiting, self.stats.steps))
@@ -162,18 +152,10 @@ class EngineLoop:
         if self.running:
             self._decode()
             ran = True
-        self.stats.observe(self.waiting, len(self.running), self._inbox.qsize(), self.loader)
+        self.stats.observe(self.waiting, len(self.running), len(self._inbox), self.loader)
         if ran:
             self.stats.record_step(time.perf_counter() - start)
         return ran
-
-    def _drain(self) -> list[Request]:
-        out = []
-        while True:
-            try:
-                out.append(self._inbox.get_nowait())
-            except queue.Empty:
-                return out
 
     def _retire_gone(self) -> None:
         now, stopping = time.monotonic(), self.stopping()
@@ -206,11 +188,7 @@ class EngineLoop:
         if logits is None:
             return True
         if scoring:
-            first = TokenLogprob(chosen[0].prompt_ids[0], None)
-            chosen[0].prompt_scores = [
-                first,
-                *token_logprobs(logits[0, :-1], ids[0, 1:], chosen[0].params.logprobs or 0),
-            ]
+            chosen[0].prompt_scores = prompt_logprobs(logits[0], ids[0], chosen[0].params.logprobs or 0)
         seconds = time.perf_counter() - start
         self.stats.prefill_steps += 1
         coverage = context.collect().tolist()
@@ -256,7 +234,7 @@ class EngineLoop:
             if self._emit(request, token, last[row]):
                 finished.append(request)
         if finished:
-            self._remove_running(finished)
+            self.batch.remove(finished)
 
     def _forward(self, requests: list[Request], context: RoutingContext, *inputs: Any) -> torch.Tensor | None:
         """`forward(engine, context, *inputs)`; on an error its requests fail and the loop goes on (None)."""
@@ -305,7 +283,7 @@ class EngineLoop:
     def _drop(self, request: Request) -> None:
         """Take a request out of the queue or the batch and give back its pins."""
         if request in self.running:
-            self._remove_running([request])
+            self.batch.remove([request])
         elif request in self.waiting:
             self._remove_waiting([request])
         self._unpin(request)
@@ -313,9 +291,6 @@ class EngineLoop:
     def _remove_waiting(self, requests: Sequence[Request]) -> None:
         gone = {id(r) for r in requests}
         self.waiting = [r for r in self.waiting if id(r) not in gone]
-
-    def _remove_running(self, requests: Sequence[Request]) -> None:
-        self.batch.remove(requests)
 
     def _fail_all(self, failures: list[tuple[list[Request], BaseException]]) -> None:
         for requests, error in failures:

@@ -27,6 +27,12 @@ def choose(logits: Tensor, params: SamplingParams, generator: torch.Generator) -
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def prompt_logprobs(logits: Tensor, ids: Tensor, top: int) -> list[TokenLogprob]:
+    """Each prompt token's log-probability under the logits of the position before it (the first has none), from a
+    prefill that kept every position's logits [N, V] of the prompt `ids` [N]."""
+    return [TokenLogprob(int(ids[0]), None), *token_logprobs(logits[:-1], ids[1:], top)]
+
+
 def token_logprobs(logits: Tensor, tokens: Tensor, top: int) -> list[TokenLogprob]:
     """Log-probabilities of `tokens` [N] under `logits` [N, V] (the model's distribution), with the `top` most
     likely alternatives at each position."""

@@ -8,18 +8,17 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Hashable
-from typing import Any, TypeVar
+from collections.abc import Hashable
+from typing import Any
 
 from ..errors import AlreadyExists, DataCorruption, InvalidArgument, NotFound, Unavailable
 from ..names import check_task_name
 from ..profiler.profile import Profile
+from .redis_calls import RedisCalls
 from .reseed import Seeder, StoreCounters, log_reseed, version_count
 from .stores import LocalProfileStore
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 class RedisProfileStore:
@@ -77,6 +76,8 @@ class RedisProfileStore:
         self.record = record
         self.retry_s = retry_s
         self.counters = StoreCounters()
+        calls = RedisCalls(self._client, url, self.counters)
+        self._call, self._transaction = calls.call, calls.transaction
         self._profiles = f"{namespace}:registry:profiles"
         self._digests = f"{namespace}:registry:sha256"
         self._deleted = f"{namespace}:registry:deleted"
@@ -288,27 +289,3 @@ class RedisProfileStore:
             self._high = version_count(self._call(lambda: self._client.get(self._version)))
             self.counters.reseeds += 1
         log_reseed(self.namespace, self.url, self.record, lost=lost, imported=imported)
-
-    # --- calls ---------------------------------------------------------------------------------------
-
-    def _transaction(self, body: Callable[[Any], None]) -> list[Any]:
-        def run() -> list[Any]:
-            pipe = self._client.pipeline(transaction=True)
-            body(pipe)
-            return list(pipe.execute())
-
-        return self._call(run)
-
-    def _call(self, fn: Callable[[], T]) -> T:
-        import redis
-
-        self.counters.attempts += 1
-        try:
-            return fn()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            self.counters.failures += 1
-            raise Unavailable(f"Redis at {self.url} is unreachable: {exc}", field="redis_url") from exc
-        except redis.RedisError as exc:  # e.g. OOM under maxmemory, WRONGTYPE on a registry key
-            self.counters.failures += 1
-            message = f"Redis at {self.url} refused the registry call ({type(exc).__name__}: {exc})"
-            raise Unavailable(message, field="redis_url") from exc

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -10,11 +9,11 @@ from collections.abc import Hashable, Sequence
 from typing import Literal
 
 import numpy as np
-import torch
 
 from ..errors import DataCorruption, FailedPrecondition, InvalidArgument, NotFound, PreMoeError, Unavailable
 from ..names import check_task_name
 from ..profiler.profile import Profile
+from .demo_vectors import demo_vectors
 from .embedder import Embedder
 from .evidence import RouterEvidence
 from .index import HNSW_THRESHOLD, IndexKind, TaskIndex
@@ -281,21 +280,5 @@ class Registry:
             )
         if self.evidence is not None:
             profile = self.evidence.prepare(profile)
-        stored = profile.demo_embeddings
-        if (
-            stored is not None
-            and profile.embedder == self.embedder.name
-            and stored.ndim == 2
-            and stored.shape[0] > 0
-            and stored.shape[1] == self.embedder.dim
-        ):
-            return profile, self._index.check_vectors(profile.name, stored.detach().cpu().float().numpy())
-        if not profile.demos:
-            raise InvalidArgument(
-                f"task {profile.name!r} has no demos to embed with {self.embedder.name} "
-                f"(its embeddings are from {profile.embedder or 'no embedder'!r})",
-                field="demos",
-            )
-        vectors = self._index.check_vectors(profile.name, self.embedder.encode(profile.demos))  # [n, dim]
-        kept = dataclasses.replace(profile, demo_embeddings=torch.from_numpy(vectors), embedder=self.embedder.name)
-        return kept, vectors
+        profile, vectors = demo_vectors(profile, self.embedder)
+        return profile, self._index.check_vectors(profile.name, vectors)

@@ -1,8 +1,9 @@
 """Runtime: slot experts, masked routers and the patterned model (residency and leases build on these)."""
 
 from ..experts import ExpertReader, ExpertSource, ExpertTensors
-from .engine import ApplyReport, ModelExpertSource, PatternedModel
+from .engine import ApplyReport, PatternedModel
 from .masked_router import MaskedRouter
+from .model_source import ModelExpertSource
 from .slots import LayerSlots
 
 __all__ = [

@@ -7,36 +7,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..errors import FailedPrecondition, PatternError
-from ..experts import ExpertReader, ExpertSource, ExpertTensors
-from ..families import FamilyAdapter, MoESpec, adapter_for
+from ..experts import ExpertReader, ExpertSource
+from ..families import MoESpec, adapter_for
 from ..pattern import Pattern
 from .masked_router import MaskedRouter, RouterObserver
+from .model_source import ModelExpertSource
 from .quantized import QuantizedSlots
 from .slots import LayerSlots, expert_params, install_slots, slot_buffers, write_slot
-
-
-class ModelExpertSource:
-    """The experts of a fully loaded transformers model, taken before its experts are cut into slots."""
-
-    def __init__(self, tensors: Mapping[int, Mapping[str, Tensor]]) -> None:
-        self._tensors = tensors  # layer -> param name -> [E, ...]
-
-    @classmethod
-    def capture(cls, model: nn.Module, adapter: FamilyAdapter | None = None) -> ModelExpertSource:
-        adapter = adapter or adapter_for(model.config)
-        layers = adapter.spec(model.config).moe_layers
-        return cls(
-            {
-                layer: {n: p.detach() for n, p in expert_params(adapter.experts(model, layer)).items()}
-                for layer in layers
-            }
-        )
-
-    def read(self, layer: int, expert: int) -> ExpertTensors:
-        return {name: stack[expert] for name, stack in self._tensors[layer].items()}
 
 
 @dataclass
