@@ -18,6 +18,7 @@ from ..pattern import Pattern
 from ..runtime.build import load_engine, resolve_device
 from ..runtime.residency import Budget
 from ..store import MemoryCache, RedisCache, Store, shard
+from ..store.quant import DEFAULT_GROUP_SIZE
 from .fixtures import bench_model_dir, temporary_redis
 
 
@@ -252,7 +253,7 @@ def main(
     rounds: int,
     device: str | None,
     precisions: tuple[str, ...] = (),
-    group_size: int = 64,
+    group_size: int = DEFAULT_GROUP_SIZE,
 ) -> list[Row]:
     """Run the benchmark and print the table (building a throwaway store when none is given); with `precisions`,
     also each quantized copy (added to the store when it lacks them)."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .params import BUDGET, POSITIVE, PRECISIONS, BudgetType, VerbGroup, option
+from .params import BUDGET, GROUP_SIZE, POSITIVE, PRECISIONS, BudgetType, VerbGroup, option
 from .shared import device_option, embedder_option, quiet_option
 
 
@@ -40,7 +40,9 @@ def bench() -> None:
     default="",
     help="also quantized experts at these precisions (added to the store when it lacks them)",
 )
-@bench_option("--group-size", type=POSITIVE, default=64, help="group size of quantized copies the benchmark adds")
+@bench_option(
+    "--group-size", type=POSITIVE, default=GROUP_SIZE, help="group size of quantized copies the benchmark adds"
+)
 @device_option
 def bench_load(
     store: str | None,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .params import BUDGET, CRITERION, POSITIVE, PRECISIONS, CommaList, Lazy, LazyChoice, option, verb
+from .params import BUDGET, CRITERION, GROUP_SIZE, POSITIVE, PRECISIONS, CommaList, Lazy, LazyChoice, option, verb
 from .shared import device_option, embedder_option, quiet_option, store_option, store_spec
 
 
@@ -19,7 +19,7 @@ from .shared import device_option, embedder_option, quiet_option, store_option, 
     default="",
     help="also write the experts quantized at these precisions (group-wise, compressed-tensors' packed layout)",
 )
-@option("--group-size", type=POSITIVE, default=64, help="weights per scale and zero point of quantized experts")
+@option("--group-size", type=POSITIVE, default=GROUP_SIZE, help="weights per scale and zero point of quantized experts")
 @quiet_option
 def shard(model_dir: Path, out: Path, precisions: tuple[str, ...], group_size: int, quiet: bool) -> int:
     """Read a safetensors checkpoint in MODEL_DIR (single or sharded, per-expert or fused expert keys) tensor by tensor

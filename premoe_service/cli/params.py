@@ -125,6 +125,7 @@ class CommaList(click.ParamType):
 
 # Quantized expert precisions, read from the store's table of bit widths (`store.quant.BITS`) when a verb runs.
 PRECISIONS = CommaList(LazyChoice(Lazy("premoe_service.store.quant", "BITS", load=lambda bits: tuple(bits))))
+GROUP_SIZE = Lazy("premoe_service.store.quant", "DEFAULT_GROUP_SIZE")  # weights per scale of quantized experts
 
 PORT = click.IntRange(0, 65535)
 PORT.name = "port"  # the metavar help shows
