@@ -166,7 +166,7 @@ class EngineLoop:
                 request.fail(error)
             elif request.gone():
                 self._drop(request)
-                self._finish(request, "cancelled", drop=False)
+                self._finish(request, "cancelled")
 
     # --- forward passes -------------------------------------------------------------------------------
 
@@ -197,14 +197,13 @@ class EngineLoop:
         keep: list[int] = []
         for row, request in enumerate(chosen):
             request.times["prefill_s"] = request.times.get("prefill_s", 0.0) + seconds
-            request.coverage_sum += coverage[row]
-            request.coverage_count += lengths[row] * self.moe_layers
+            request.count_coverage(coverage[row], lengths[row] * self.moe_layers)
             if keep_scores and self._widen(request, context, row, lengths[row]):
                 continue  # back to the queue with a wider pattern; this prefill is discarded
             request.status = Status.RUNNING
             request.times["first_token"] = time.perf_counter()
             if request.params.max_new_tokens == 0:  # scoring only
-                self._finish(request, "length", drop=False)
+                self._finish(request, "length")
             elif not self._emit(request, request.choose(last[row]), last[row]):
                 keep.append(row)
         if not keep:
@@ -228,8 +227,7 @@ class EngineLoop:
         coverage = context.collect().tolist()
         finished = []
         for row, request in enumerate(rows):
-            request.coverage_sum += coverage[row]
-            request.coverage_count += self.moe_layers
+            request.count_coverage(coverage[row], self.moe_layers)
             token = greedy[row] if request.params.temperature == 0 else request.choose(last[row])
             if self._emit(request, token, last[row]):
                 finished.append(request)
@@ -252,7 +250,7 @@ class EngineLoop:
         self.stats.tokens += 1
         reason = request.take(token, logits, self.eos)
         if reason:
-            self._finish(request, reason, drop=False)
+            self._finish(request, reason)
         return bool(reason)
 
     def _widen(self, request: Request, context: RoutingContext, row: int, length: int) -> bool:
@@ -267,9 +265,8 @@ class EngineLoop:
         self.waiting.insert(0, request)
         return True
 
-    def _finish(self, request: Request, reason: str, *, drop: bool = True) -> None:
-        if drop:
-            self._drop(request)
+    def _finish(self, request: Request, reason: str) -> None:
+        """Answer a request with `reason` and give back its pins (the caller takes it out of the queue or batch)."""
         self._unpin(request)
         request.finish_reason = reason
         request.send(request.text.finish())

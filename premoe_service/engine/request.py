@@ -143,6 +143,12 @@ class Request:
             )
         return None
 
+    def count_coverage(self, share_sum: float, routings: int) -> None:
+        """Add a forward pass's coverage: the summed router share on the pattern over its `routings` (tokens x MoE
+        layers)."""
+        self.coverage_sum += share_sum
+        self.coverage_count += routings
+
     def widen_after_prefill(self, prompt_scores: dict[int, Tensor]) -> bool:
         """When its prefill coverage is below its floor, take the wider pattern `widen` gives for the prompt's
         mean router scores per layer, and wait for slots again (the prefill is discarded). Returns whether it did."""
