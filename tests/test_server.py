@@ -46,6 +46,7 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Modu
 @pytest.fixture(scope="module")
 def server(model_store, redis_server, embedder, tmp_path_factory):
     _, store = model_store
+    redis_server.flush()  # the session's Redis may hold another module's tasks for a store of the same model
     config = ServiceConfig(
         store=store,
         profiles=tmp_path_factory.mktemp("profiles"),
