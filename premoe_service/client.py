@@ -113,13 +113,21 @@ class PreMoeClient:
         experts_per_layer: int | None = None,
         fraction: float | None = None,
         bytes: int | None = None,
+        precisions: Sequence[str] = (),
         replace: bool = False,
         dry_run: bool = False,
         timeout: float | None = None,
     ) -> pb.TaskInfo:
-        """Profile and register a task from demo texts (at most one of the three selections)."""
+        """Profile and register a task from demo texts (at most one of the three selections); with `precisions`
+        its plan may hold experts at those lower precisions under the `bytes` or `fraction` budget."""
         request = pb.RegisterTaskRequest(
-            name=name, description=description, demos=list(demos), criterion=criterion, replace=replace, dry_run=dry_run
+            name=name,
+            description=description,
+            demos=list(demos),
+            criterion=criterion,
+            replace=replace,
+            dry_run=dry_run,
+            precisions=list(precisions),
         )
         if experts_per_layer is not None:
             request.experts_per_layer = experts_per_layer

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from .params import CRITERION, OPEN_SHARE, POSITIVE, option, verb
+from .params import CRITERION, OPEN_SHARE, POSITIVE, CommaList, option, verb
 from .route_eval import route_evaluate, route_evaluate_options
 from .shared import client_options, connect, embedder_option
 
@@ -118,6 +118,15 @@ def generate(
 @option("--experts-per-layer", type=POSITIVE, help="keep this many experts per layer")
 @option("--fraction", type=OPEN_SHARE, help="keep this fraction of all routed experts")
 @option("--bytes", "bytes_", type=POSITIVE, help="byte budget of the task's experts")
+# Names checked by the server (the store decides which it holds), so this verb loads no torch.
+@option(
+    "--precisions",
+    type=CommaList(),
+    default=(),
+    show_default=False,
+    help="let the plan hold experts at these lower precisions the store holds (e.g. int4,int2) under the "
+    "--bytes or --fraction budget (the store's expert bytes)",
+)
 @option("--replace", is_flag=True, help="replace a task of the same name")
 @option("--dry-run", is_flag=True, help="profile and report only")
 @client_options(admin=True)
@@ -129,6 +138,7 @@ def register(
     experts_per_layer: int | None,
     fraction: float | None,
     bytes_: int | None,
+    precisions: tuple[str, ...],
     replace: bool,
     dry_run: bool,
     server: str,
@@ -153,11 +163,14 @@ def register(
             criterion=criterion or "",
             replace=replace,
             dry_run=dry_run,
+            precisions=precisions,
             **selection,
         )
     state = "profiled (dry run)" if dry_run else "registered"
+    lowered = sum(len(layer.precisions) for layer in info.layers)
+    below = f", {lowered} below full precision" if lowered else ""
     click.echo(
-        f"task {info.name} {state}: {info.pattern_experts} experts ({info.pattern_bytes / 2**20:.2f} MiB), "
+        f"task {info.name} {state}: {info.pattern_experts} experts{below} ({info.pattern_bytes / 2**20:.2f} MiB), "
         f"criterion {info.criterion}, demo coverage {info.demo_coverage:.3f}"
     )
     return 0
@@ -184,7 +197,7 @@ def tasks(
                 f"{info.pattern_experts} experts, demo coverage {info.demo_coverage:.3f}, created {info.created}"
             )
             for layer in info.layers:
-                click.echo(f"  layer {layer.layer:>3}: {list(layer.experts)}")
+                click.echo(f"  layer {layer.layer:>3}: {_held(layer)}")
             return 0
         listed = client.tasks()
     click.echo(f"{'task':<24} {'experts':>8} {'MiB':>8} {'coverage':>9}  description")
@@ -194,6 +207,12 @@ def tasks(
             f"{info.demo_coverage:>9.3f}  {info.description}"
         )
     return 0
+
+
+def _held(layer: Any) -> str:
+    """`[0, 3, 5]`, or with precisions `[0, 3:int4, 5:int2]` (experts without one are at full precision)."""
+    lowered = dict(layer.precisions)
+    return "[" + ", ".join(f"{e}:{lowered[e]}" if e in lowered else str(e) for e in layer.experts) + "]"
 
 
 @verb("stats", short_help="the server's residency, expert loads by tier, tasks and coverage")

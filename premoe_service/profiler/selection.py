@@ -27,6 +27,8 @@ class Selection:
             in (0, 1]), or `budget` (value = experts across all layers; with `unit="bytes"`, bytes).
         value: The policy's number.
         unit: `experts` or `bytes` (budget only).
+        precisions: Lower precisions (quantized copies the store holds) the plan may hold experts at; empty
+            for a drop-only pattern. Needs a budget in bytes or as a fraction (of the store's expert bytes).
     """
 
     # The defaults are what `premoe eval` on the reference model measured best (README, "Evaluation"):
@@ -35,6 +37,7 @@ class Selection:
     policy: Policy = "budget"
     value: float = 0.5
     unit: Literal["experts", "bytes", "fraction"] = "fraction"
+    precisions: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
@@ -51,9 +54,32 @@ class Selection:
             raise InvalidArgument("coverage is a share of the score mass in (0, 1]", field="value")
         if self.unit == "fraction" and self.value > 1:
             raise InvalidArgument("a fraction of the routed experts lies in (0, 1]", field="value")
+        self._check_precisions()
+
+    def _check_precisions(self) -> None:
+        from ..store.quant import BITS  # the store's lower precisions
+
+        if isinstance(self.precisions, str) or not all(isinstance(p, str) for p in self.precisions):
+            raise InvalidArgument("a list of precision names, e.g. ['int4', 'int2']", field="precisions")
+        object.__setattr__(self, "precisions", tuple(dict.fromkeys(self.precisions)))  # JSON gives a list
+        for name in self.precisions:
+            if name not in BITS:
+                raise InvalidArgument(
+                    f"unknown precision {name!r:.40} (use {', '.join(BITS)}; full precision is always an option)",
+                    field="precisions",
+                )
+        if self.precisions and (self.policy != "budget" or self.unit == "experts"):
+            raise InvalidArgument(
+                "a mixed-precision plan is chosen under a byte budget: give it in bytes or as a fraction of the "
+                "store's expert bytes, not as experts per layer, coverage or an expert count",
+                field="precisions",
+            )
 
     def to_json(self) -> dict[str, Any]:
-        return {"criterion": self.criterion, "policy": self.policy, "value": self.value, "unit": self.unit}
+        data = {"criterion": self.criterion, "policy": self.policy, "value": self.value, "unit": self.unit}
+        if self.precisions:  # absent otherwise: profiles written before precisions read the same
+            data["precisions"] = list(self.precisions)
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Selection:

@@ -115,9 +115,19 @@ def model_body(view: TaskView | None) -> dict[str, Any]:
             "criterion": view.criterion,
             "pattern_experts": view.pattern.size,
             "pattern_bytes": view.pattern_bytes,
+            # Kept experts per precision below full ({} for a drop-only pattern); GetTask has them per expert.
+            "lowered_experts": _lowered_counts(view),
             "demo_coverage": view.demo_coverage,
         },
     }
+
+
+def _lowered_counts(view: TaskView) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for by_expert in view.pattern.precisions.values():
+        for precision in by_expert.values():
+            counts[precision] = counts.get(precision, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def error_body(message: str, kind: str, param: str | None, code: str | None) -> dict[str, Any]:

@@ -51,11 +51,12 @@ class RegisterCall:
 
     @contextmanager
     def request_fields(self) -> Iterator[None]:
-        """Name the request's fields in the domain's errors: the selection's `value` is the oneof member set."""
+        """Name the request's fields in the domain's errors: the selection's `value` (or a plan's `budget`) is
+        the oneof member set."""
         try:
             yield
         except PreMoeError as exc:
-            if exc.field == "value" and self.selection_field is not None:
+            if exc.field in ("value", "budget") and self.selection_field is not None:
                 exc.field = self.selection_field
             raise
 
@@ -88,20 +89,21 @@ class RegisterCall:
         if criterion not in CRITERIA:
             raise InvalidArgument(f"unknown criterion {criterion!r:.80} (use {', '.join(CRITERIA)})", field="criterion")
         which = request.WhichOneof("selection")
+        precisions = tuple(request.precisions)  # names checked by Selection, which names the field
         if which is None:
-            selection = Selection(criterion, default.policy, default.value, default.unit)
+            selection = Selection(criterion, default.policy, default.value, default.unit, precisions)
         elif which == "experts_per_layer":
             if request.experts_per_layer <= 0:
                 raise InvalidArgument("must be positive", field="experts_per_layer")
-            selection = Selection(criterion, "top_k", request.experts_per_layer, "experts")
+            selection = Selection(criterion, "top_k", request.experts_per_layer, "experts", precisions)
         elif which == "fraction":
             if not 0 < request.fraction <= 1:
                 raise InvalidArgument(f"must lie in (0, 1], got {request.fraction}", field="fraction")
-            selection = Selection(criterion, "budget", float(request.fraction), "fraction")
+            selection = Selection(criterion, "budget", float(request.fraction), "fraction", precisions)
         else:
             if request.bytes <= 0:
                 raise InvalidArgument("must be positive", field="bytes")
-            selection = Selection(criterion, "budget", int(request.bytes), "bytes")
+            selection = Selection(criterion, "budget", int(request.bytes), "bytes", precisions)
         return cls(name, request.description, demos, selection, request.replace, request.dry_run, which)
 
 
@@ -161,7 +163,10 @@ def task_to_pb(view: TaskView) -> pb.TaskInfo:
         pattern_experts=view.pattern.size,
         pattern_bytes=view.pattern_bytes,
         demo_coverage=view.demo_coverage,
-        layers=[pb.LayerExperts(layer=layer, experts=list(ids)) for layer, ids in sorted(view.layers.items())],
+        layers=[
+            pb.LayerExperts(layer=layer, experts=list(ids), precisions=view.precisions.get(layer, {}))
+            for layer, ids in sorted(view.layers.items())
+        ],
         created=view.created,
         registered=view.registered,
     )

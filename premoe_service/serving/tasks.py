@@ -32,6 +32,8 @@ class TaskView:
     created: str
     registered: bool = True
     layers: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # Layer -> expert -> precision of the kept experts held below full precision (with `layers` only).
+    precisions: dict[int, dict[int, str]] = field(default_factory=dict)
 
 
 def demo_coverage(profile: Profile, pattern: Pattern) -> float:
@@ -72,30 +74,47 @@ class TaskBook:
         self.selection = selection
         self.profiler_engine = profiler_engine
         self.max_per_layer: int | None = None  # the serving slots per layer: patterns must fit them
-        self._patterns: dict[tuple[str, str, str], Pattern] = {}
+        self._patterns: dict[tuple[str, str, str], tuple[Pattern, int]] = {}  # with the pattern's bytes
         self._lock = threading.Lock()
         self._profiling = threading.Lock()
 
     def pattern(self, profile: Profile) -> Pattern:
         """The task's pattern under its stored selection (computed once per profile version)."""
+        return self.plan(profile)[0]
+
+    def plan(self, profile: Profile) -> tuple[Pattern, int]:
+        """The task's pattern and its bytes (quantized experts at their packed bytes)."""
         selection = Selection.from_json(profile.selection) if profile.selection else self.selection
         key = (profile.name, profile.created, repr(selection))
         with self._lock:
             cached = self._patterns.get(key)
         if cached is None:
-            cached = select(
-                profile.score(selection.criterion),
-                self.spec,
-                selection,
-                self.store.manifest.expert_nbytes,
-                max_per_layer=self.max_per_layer,
-            )
+            scores = profile.score(selection.criterion)
+            if selection.precisions:
+                cached = self._precision_plan(scores, selection)
+            else:
+                pattern = select(
+                    scores, self.spec, selection, self.store.manifest.expert_nbytes, max_per_layer=self.max_per_layer
+                )
+                cached = (pattern, pattern.size * self.store.manifest.expert_nbytes)
             with self._lock:
                 self._patterns[key] = cached
         return cached
 
+    def _precision_plan(self, scores: torch.Tensor, selection: Selection) -> tuple[Pattern, int]:
+        """Each expert dropped, lowered or full under the selection's bytes (full experts at the store's own
+        bytes, as `premoe pattern --precisions` counts them), weighed by the copies' recorded weight errors."""
+        from ..pattern import FULL
+        from ..profiler.precision import select_precisions, store_options
+
+        manifest = self.store.manifest
+        budget = int(selection.value if selection.unit == "bytes" else selection.value * manifest.total_expert_bytes)
+        options = store_options(self.store, precisions=(FULL, *selection.precisions))
+        plan = select_precisions(scores, self.spec, options, budget)
+        return plan.pattern, plan.nbytes
+
     def view(self, profile: Profile, *, with_layers: bool, registered: bool = True) -> TaskView:
-        pattern = self.pattern(profile)
+        pattern, nbytes = self.plan(profile)
         criterion = profile.selection.get("criterion", self.selection.criterion)
         return TaskView(
             name=profile.name,
@@ -103,11 +122,12 @@ class TaskBook:
             demos=len(profile.demos),
             criterion=criterion,
             pattern=pattern,
-            pattern_bytes=pattern.size * self.store.manifest.expert_nbytes,
+            pattern_bytes=nbytes,
             demo_coverage=demo_coverage(profile, pattern),
             created=profile.created,
             registered=registered,
             layers=dict(pattern.layers) if with_layers else {},
+            precisions={k: dict(v) for k, v in pattern.precisions.items()} if with_layers else {},
         )
 
     def register(
@@ -129,6 +149,10 @@ class TaskBook:
             from ..errors import AlreadyExists
 
             raise AlreadyExists(f"task {name!r} exists; set replace to overwrite it", field="name")
+        if selection.precisions:  # before profiling: a plan needs the store's copies at those precisions
+            from ..profiler.precision import store_options
+
+            store_options(self.store, precisions=selection.precisions)
         with self._profiling, torch.inference_mode():
             profile, _ = profile_store(
                 self.store,
@@ -160,6 +184,7 @@ class TaskBook:
         union = self.pattern(profiles[0])
         for profile in profiles[1:]:
             union = union.union(self.pattern(profile))
+        union = Pattern(union.layers)  # at full precision: the serving engine holds no lowered experts yet
         if all(len(union.kept(layer)) <= capacity for layer in self.spec.moe_layers):
             return union
         layers = {}

@@ -133,7 +133,7 @@ class RouteResponse(_message.Message):
     def __init__(self, ranked: _Optional[_Iterable[_Union[TaskScore, _Mapping]]] = ..., decision: _Optional[str] = ..., task: _Optional[str] = ..., fallback_tasks: _Optional[_Iterable[str]] = ..., pattern_experts: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RegisterTaskRequest(_message.Message):
-    __slots__ = ("name", "description", "demos", "criterion", "experts_per_layer", "fraction", "bytes", "replace", "dry_run")
+    __slots__ = ("name", "description", "demos", "criterion", "experts_per_layer", "fraction", "bytes", "replace", "dry_run", "precisions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     DEMOS_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class RegisterTaskRequest(_message.Message):
     BYTES_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    PRECISIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     demos: _containers.RepeatedScalarFieldContainer[str]
@@ -152,15 +153,25 @@ class RegisterTaskRequest(_message.Message):
     bytes: int
     replace: bool
     dry_run: bool
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., demos: _Optional[_Iterable[str]] = ..., criterion: _Optional[str] = ..., experts_per_layer: _Optional[int] = ..., fraction: _Optional[float] = ..., bytes: _Optional[int] = ..., replace: _Optional[bool] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+    precisions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., demos: _Optional[_Iterable[str]] = ..., criterion: _Optional[str] = ..., experts_per_layer: _Optional[int] = ..., fraction: _Optional[float] = ..., bytes: _Optional[int] = ..., replace: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., precisions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LayerExperts(_message.Message):
-    __slots__ = ("layer", "experts")
+    __slots__ = ("layer", "experts", "precisions")
+    class PrecisionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: str
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
     LAYER_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    PRECISIONS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     experts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ...) -> None: ...
+    precisions: _containers.ScalarMap[int, str]
+    def __init__(self, layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ..., precisions: _Optional[_Mapping[int, str]] = ...) -> None: ...
 
 class TaskInfo(_message.Message):
     __slots__ = ("name", "description", "demos", "criterion", "pattern_experts", "pattern_bytes", "demo_coverage", "layers", "created", "registered")
