@@ -15,7 +15,7 @@ from .families import MoESpec, RoutingSpec
 
 PATTERN_FORMAT = 1
 FULL = "full"  # the store's own precision
-PRECISION_ORDER: tuple[str, ...] = ("int2", "int3", "int4", "int8", FULL)  # lowest to highest
+PRECISION_ORDER: tuple[str, ...] = ("int2", "int3", "int4", "int8", "bf16", FULL)  # lowest to highest
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,8 @@ class Pattern:
 
     Attributes:
         layers: MoE decoder-layer index -> ascending kept expert ids.
-        precisions: Layer -> expert -> precision (`int8`, `int4`, `int3`, `int2`) of kept experts held below
-            full precision; a kept expert not named here is at full precision.
+        precisions: Layer -> expert -> precision (`bf16`, `int8`, `int4`, `int3`, `int2`) of kept experts held
+            below full precision; a kept expert not named here is at full precision.
     """
 
     layers: Mapping[int, tuple[int, ...]]

@@ -1,5 +1,6 @@
 """Mixed-precision patterns compute what transformers computes on the checkpoint whose kept experts hold the
-dequantized weights and whose dropped experts are excluded, for every family; resident bytes are the packed ones."""
+dequantized weights (bf16 ones: the weights rounded to bfloat16) and whose dropped experts are excluded, for every
+family; resident bytes are the packed ones."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from .references import masked_transformers, random_pattern
 from .test_exactness import ATOL, greedy, logits, padded_batch
 
 FAMILIES = sorted(TINY_CONFIGS)
-PRECISIONS = ("int8", "int4", "int2")
+PRECISIONS = ("bf16", "int8", "int4", "int2")
 GROUP = 8  # divides the tiny models' hidden (32) and expert (16) sizes
 
 
@@ -48,16 +49,18 @@ def reference_dequantized(reader: PrecisionReader, layer: int, expert: int) -> d
 
 
 def mixed_plan(model, seed: int) -> tuple[dict[int, list[int]], dict[int, dict[int, str]]]:
-    """Half the experts kept per layer; each kept expert at full precision or one of PRECISIONS, every
-    precision used in every layer."""
+    """Half the experts kept per layer; each kept expert at full precision or one of PRECISIONS, in turn across
+    layers, so that every precision is used (a layer may keep fewer experts than there are precisions)."""
     spec = adapter_for(model.config).spec(model.config)
     kept = random_pattern(model, spec.num_experts // 2, seed=seed)
     rng = random.Random(seed)
     choices = ("full", *PRECISIONS)
     precisions = {}
+    turn = 0
     for layer, experts in kept.items():
         order = rng.sample(experts, len(experts))
-        precisions[layer] = {e: choices[i % len(choices)] for i, e in enumerate(order)}
+        precisions[layer] = {e: choices[(turn + i) % len(choices)] for i, e in enumerate(order)}
+        turn += len(order)
     return kept, precisions
 
 
@@ -73,6 +76,7 @@ def test_mixed_pattern_equals_transformers_on_the_dequantized_checkpoint(family:
     spec = adapter.spec(reference.config)
     kept, precisions = mixed_plan(reference, seed=5)
     pattern = Pattern.build(spec, kept, precisions)
+    assert {p for by_expert in precisions.values() for p in by_expert.values()} == {"full", *PRECISIONS}
 
     # Capacity exactly what the pattern needs: the resident bytes are then the plan's bytes.
     full_count = {layer: sum(p == "full" for p in precisions[layer].values()) for layer in spec.moe_layers}
@@ -83,12 +87,17 @@ def test_mixed_pattern_equals_transformers_on_the_dequantized_checkpoint(family:
     attach_precisions(engine, store, capacity)
     engine.apply(pattern, store)
 
-    # The reference: transformers' own model, kept quantized experts overwritten with their dequantized weights.
+    # The reference: transformers' own model, kept quantized experts overwritten with their dequantized weights,
+    # bf16 experts with their own weights rounded to bfloat16 (the store's copy is not read for them).
     with torch.no_grad():
         for layer in spec.moe_layers:
             experts = adapter.experts(reference, layer)
             for expert, precision in precisions[layer].items():
-                if precision != "full":
+                if precision == "bf16":
+                    for name in {part.name for part in store.manifest.parts}:
+                        weight = getattr(experts, name)
+                        weight[expert] = weight[expert].to(torch.bfloat16).float()
+                elif precision != "full":
                     reader = PrecisionReader(store, precision)
                     for name, tensor in reference_dequantized(reader, layer, expert).items():
                         getattr(experts, name)[expert] = tensor
@@ -114,6 +123,8 @@ def test_mixed_pattern_equals_transformers_on_the_dequantized_checkpoint(family:
         for layer in spec.moe_layers
     )
     assert engine.expert_bytes_resident() == full_slots * store.manifest.expert_nbytes + packed
+    # bf16 of an fp32 store: half its bytes, nothing beside the weights.
+    assert PrecisionReader(store, "bf16").copy.expert_nbytes * 2 == store.manifest.expert_nbytes
     # int2 with groups of 8: 2 bits + a float16 scale and a 2-bit zero point per 8 weights = 4.25 of 32 bits.
     # Biases (GPT-OSS) stay as they are.
     copy = PrecisionReader(store, "int2").copy

@@ -17,7 +17,8 @@ from .shared import device_option, embedder_option, quiet_option, store_option, 
     "--precisions",
     type=PRECISIONS,
     default="",
-    help="also write the experts quantized at these precisions (group-wise, compressed-tensors' packed layout)",
+    help="also write the experts at these lower precisions (bf16: each tensor cast; intN: group-wise, "
+    "compressed-tensors' packed layout)",
 )
 @option("--group-size", type=POSITIVE, default=GROUP_SIZE, help="weights per scale and zero point of quantized experts")
 @quiet_option
@@ -39,9 +40,10 @@ def shard(model_dir: Path, out: Path, precisions: tuple[str, ...], group_size: i
     if precisions:
         m = add_precisions(out, precisions, group_size, progress=not quiet)
         for name, copy in quantized_copies(m).items():
+            how = f"groups of {copy.group_size}, scales and zero points included" if copy.group_size else "no scales"
             click.echo(
-                f"  {name}: {copy.expert_nbytes / 2**20:.3f} MiB per expert (groups of {copy.group_size}, scales and "
-                f"zero points included), {copy.expert_nbytes / m.expert_nbytes:.1%} of the store's expert bytes"
+                f"  {name}: {copy.expert_nbytes / 2**20:.3f} MiB per expert ({how}), "
+                f"{copy.expert_nbytes / m.expert_nbytes:.1%} of the store's expert bytes"
             )
     return 0
 

@@ -146,7 +146,7 @@ def _group_size(store: Store, precisions: Sequence[str]) -> int:
     from ..store.precisions import quantized_copies
 
     copies = quantized_copies(store.manifest)
-    sizes = {copies[p].group_size for p in precisions}
+    sizes = {copies[p].group_size for p in precisions if copies[p].group_size}  # a float copy has no groups
     return sizes.pop() if len(sizes) == 1 else 0
 
 

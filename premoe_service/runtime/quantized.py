@@ -79,8 +79,8 @@ class QuantizedBank:
     def weight(self, part: str, slot: int) -> Tensor:
         """One slot's parameter in the runtime layout and dtype (dequantized when it is a quantized weight)."""
         raw = self.tensors.get((part, "raw"))
-        if raw is not None:
-            return raw[slot]
+        if raw is not None:  # a bias, or a float copy's tensor (bf16): computed in the model's dtype
+            return raw[slot].to(self.dtype)
         copy, shape = self.copy, self.shapes[part]
         qw = QuantizedWeight(
             self.tensors[(part, "weight_packed")][slot],

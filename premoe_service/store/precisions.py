@@ -1,20 +1,17 @@
-"""Quantized copies of a store's routed experts: written beside the full ones, read through cache and disk tiers.
+"""Lower-precision copies of a store's routed experts: written beside the full ones, read through cache and disk tiers.
 
-`premoe shard --precisions int4,int2` adds, for each precision asked for, one file per MoE layer in which
-every expert's quantized tensors are contiguous (one read, one cache value), with an xxh3 checksum per
-expert in the manifest's `quantized` section. Cache keys name the precision
-(`premoe:<fingerprint>:<layer>:<expert>:int4`), so the copies never collide with the full experts.
+`premoe shard --precisions bf16,int4,int2` adds, for each precision asked for, one file per MoE layer in which
+every expert's tensors at that precision are contiguous (one read, one cache value), with an xxh3 checksum per
+expert in the manifest's `quantized` section (what a copy holds: `store/copies.py`). Cache keys name the
+precision (`premoe:<fingerprint>:<layer>:<expert>:int4`), so the copies never collide with the full experts.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import xxhash
@@ -23,140 +20,14 @@ from tqdm import tqdm
 from ..errors import AlreadyExists, DataCorruption, InvalidArgument
 from ..experts import Tier
 from ..fsutil import atomic_writer
-from .checkpoint_io import tensor_bytes
+from .copies import QuantizedCopy, encode_expert, quant_layout, quantized_copies
 from .manifest import DTYPES, Manifest
-from .quant import (
-    BITS,
-    SCALE_DTYPE,
-    TRANSPOSED_FAMILIES,
-    QuantizedWeight,
-    check_group,
-    dequantize,
-    packed_shapes,
-    quantize,
-)
+from .quant import BITS, FLOAT_PRECISIONS, TRANSPOSED_FAMILIES, QuantizedWeight, dequantize
 from .reader import Store
 
+__all__ = ["PrecisionReader", "QuantizedCopy", "add_precisions", "quantized_copies"]
+
 log = logging.getLogger(__name__)
-
-QUANT_FORMAT = "compressed-tensors pack-quantized, asymmetric, group"
-_DTYPE_NAMES = {torch.int32: "int32", SCALE_DTYPE: "float16"}
-
-
-@dataclass(frozen=True)
-class QuantPart:
-    """One tensor of a quantized expert blob: `part` is the expert parameter, `tensor` what of it this is
-    (`weight_packed`, `weight_scale`, `weight_zero_point`, or `raw` for tensors kept as they are, biases)."""
-
-    part: str
-    tensor: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class QuantizedCopy:
-    """One precision's copy of every routed expert: scheme, blob layout, files and checksums."""
-
-    precision: str
-    bits: int
-    group_size: int
-    transposed: bool  # experts are stored [in, out] (GPT-OSS): each weight is quantized as its transpose
-    expert_nbytes: int
-    layout: tuple[QuantPart, ...]
-    files: dict[int, str]
-    checksums: dict[int, list[str]]
-    errors: dict[int, list[float]]  # per expert: ||W - deq(q(W))|| / ||W|| over its quantized weights
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "format": QUANT_FORMAT,
-            "transposed": self.transposed,
-            "expert_nbytes": self.expert_nbytes,
-            "layout": [asdict(p) for p in self.layout],
-            "layers": {
-                str(k): {"file": self.files[k], "checksums": self.checksums[k], "errors": self.errors[k]}
-                for k in self.files
-            },
-        }
-
-    @classmethod
-    def from_json(cls, precision: str, data: dict[str, Any]) -> QuantizedCopy:
-        try:
-            layout = tuple(QuantPart(**{**p, "shape": tuple(p["shape"])}) for p in data["layout"])
-            layers = data["layers"]
-            copy = cls(
-                precision=precision,
-                bits=int(data["bits"]),
-                group_size=int(data["group_size"]),
-                transposed=bool(data["transposed"]),
-                expert_nbytes=int(data["expert_nbytes"]),
-                layout=layout,
-                files={int(k): str(v["file"]) for k, v in layers.items()},
-                checksums={int(k): list(v["checksums"]) for k, v in layers.items()},
-                errors={int(k): [float(x) for x in v["errors"]] for k, v in layers.items()},
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DataCorruption(
-                f"quantized copy {precision} is damaged: {exc}", field=f"manifest.{precision}"
-            ) from exc
-        if sum(p.nbytes for p in layout) != copy.expert_nbytes:
-            raise DataCorruption("quantized part sizes do not add up", field=f"manifest.{precision}")
-        return copy
-
-
-def quant_layout(manifest: Manifest, bits: int, group_size: int) -> tuple[QuantPart, ...]:
-    """Where each tensor of one quantized expert lies in its blob."""
-    transposed = manifest.family in TRANSPOSED_FAMILIES
-    parts, offset = [], 0
-    for part in manifest.parts:
-        if len(part.shape) != 2 or part.name.endswith("_bias"):
-            parts.append(QuantPart(part.name, "raw", manifest.dtype, part.shape, offset, part.nbytes))
-            offset += part.nbytes
-            continue
-        out, inp = (part.shape[1], part.shape[0]) if transposed else part.shape
-        check_group(inp, group_size, part.name)
-        for tensor, shape in packed_shapes(out, inp, bits, group_size).items():
-            dtype = SCALE_DTYPE if tensor == "weight_scale" else torch.int32
-            nbytes = math.prod(shape) * dtype.itemsize
-            parts.append(QuantPart(part.name, tensor, _DTYPE_NAMES[dtype], shape, offset, nbytes))
-            offset += nbytes
-    return tuple(parts)
-
-
-def quantized_copies(manifest: Manifest) -> dict[str, QuantizedCopy]:
-    return {name: QuantizedCopy.from_json(name, data) for name, data in manifest.quantized.items()}
-
-
-def encode_expert(tensors: dict[str, torch.Tensor], copy: QuantizedCopy) -> tuple[bytes, float]:
-    """One expert's full-precision tensors -> its quantized blob (in `copy.layout` order) and its relative
-    weight error (what the precision loses: the selection's error weight)."""
-    chunks: list[bytes] = []
-    done: dict[str, QuantizedWeight] = {}
-    lost = total = 0.0
-    for part in copy.layout:
-        tensor = tensors[part.part]
-        if part.tensor == "raw":
-            chunks.append(bytes(tensor_bytes(tensor)))
-            continue
-        if part.part not in done:
-            weight = tensor.t() if copy.transposed else tensor
-            done[part.part] = quantize(weight, copy.bits, copy.group_size)
-            back = dequantize(
-                done[part.part], copy.bits, copy.group_size, (weight.shape[0], weight.shape[1]), torch.float64
-            )
-            lost += float(((back - weight.double()) ** 2).sum())
-            total += float((weight.double() ** 2).sum())
-        qw = done[part.part]
-        value = {"weight_packed": qw.packed, "weight_scale": qw.scale, "weight_zero_point": qw.zero}[part.tensor]
-        if tuple(value.shape) != part.shape:
-            raise DataCorruption(f"{part.part}.{part.tensor} has shape {tuple(value.shape)}", field=part.part)
-        chunks.append(bytes(tensor_bytes(value)))
-    return b"".join(chunks), math.sqrt(lost / total) if total > 0 else 0.0
 
 
 def add_precisions(
@@ -169,7 +40,11 @@ def add_precisions(
     for name in precisions:
         if name not in BITS:
             raise InvalidArgument(f"unknown precision {name!r} (use {', '.join(BITS)})", field="precisions")
-        if name in existing and existing[name].group_size != group_size:
+        if FLOAT_PRECISIONS.get(name) == manifest.dtype:
+            raise InvalidArgument(
+                f"the store's experts are {manifest.dtype} already: a {name} copy would repeat them", field="precisions"
+            )
+        if name in existing and name not in FLOAT_PRECISIONS and existing[name].group_size != group_size:
             raise AlreadyExists(
                 f"the store holds {name} with group size {existing[name].group_size}, not {group_size}",
                 field="group_size",
@@ -177,13 +52,13 @@ def add_precisions(
     todo = [name for name in precisions if name not in existing]
     bar = tqdm(total=len(todo) * manifest.num_experts * len(manifest.moe_layers), desc="quantize", disable=not progress)
     for name in todo:
-        bits = BITS[name]
-        layout = quant_layout(manifest, bits, group_size)
+        floating = name in FLOAT_PRECISIONS  # no groups: every tensor cast, in the runtime layout
+        layout = quant_layout(manifest, name, group_size)
         copy = QuantizedCopy(
             name,
-            bits,
-            group_size,
-            manifest.family in TRANSPOSED_FAMILIES,
+            BITS[name],
+            0 if floating else group_size,
+            manifest.family in TRANSPOSED_FAMILIES and not floating,
             sum(p.nbytes for p in layout),
             layout,
             {},
@@ -254,7 +129,7 @@ class PrecisionReader:
         return data, "disk"
 
     def decode(self, data: bytes | bytearray) -> dict[str, dict[str, torch.Tensor]]:
-        """Views of one quantized expert's tensors over its bytes: part -> {tensor kind -> tensor}."""
+        """Views of one expert's tensors at this precision over its bytes: part -> {tensor kind -> tensor}."""
         raw = torch.frombuffer(data, dtype=torch.uint8)
         out: dict[str, dict[str, torch.Tensor]] = {}
         dtypes = {**DTYPES, "int32": torch.int32}
@@ -273,8 +148,8 @@ class PrecisionReader:
         copy, dtype = self.copy, self.store.manifest.torch_dtype
         out = {}
         for part, kinds in self.read(layer, expert).items():
-            if "raw" in kinds:
-                out[part] = kinds["raw"].clone()
+            if "raw" in kinds:  # biases in the store's dtype, or a float copy's tensors (cast back)
+                out[part] = kinds["raw"].to(dtype, copy=True)
                 continue
             rows, groups = kinds["weight_scale"].shape
             qw = QuantizedWeight(kinds["weight_packed"], kinds["weight_scale"], kinds["weight_zero_point"])

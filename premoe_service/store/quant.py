@@ -20,7 +20,10 @@ from torch import Tensor
 
 from ..errors import InvalidArgument
 
-BITS: dict[str, int] = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
+# The lower precisions a store can hold, with their bits per weight: a float copy (each tensor cast, no scales;
+# `FLOAT_PRECISIONS` names its dtype) or group-wise integers (this module).
+BITS: dict[str, int] = {"bf16": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2}
+FLOAT_PRECISIONS: dict[str, str] = {"bf16": "bfloat16"}
 PRECISIONS: tuple[str, ...] = ("full", *BITS)  # "full": the store's own dtype
 DEFAULT_GROUP_SIZE = 64  # measured: at int2/int3 it loses less per stored bit than 32 (README, byte accounting)
 SCALE_DTYPE = torch.float16
@@ -35,7 +38,7 @@ def check_precision(name: str, field: str = "precision") -> str:
 
 
 def parse_precisions(text: str, field: str = "precisions") -> tuple[str, ...]:
-    """`"int8,int4"` -> ("int8", "int4"); only quantized precisions (the full one is always there)."""
+    """`"int8,int4"` -> ("int8", "int4"); only lower precisions (the full one is always there)."""
     names = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
     for name in names:
         if name not in BITS:
