@@ -82,6 +82,25 @@ def test_a_drop_only_task_shows_no_lowered_experts(served, capsys) -> None:
     assert len(rows) == 3 and all(":" not in row for row in rows)
 
 
+def test_generating_with_a_mixed_task_is_refused_naming_the_precision(served) -> None:
+    """The engine loop serves full-precision patterns only (README, "Known limits"): a clear refusal, not
+    the task's experts quietly served at full precision; the fallback pattern holds them at full precision."""
+    client = served[0]
+    client.register("mixed", DEMOS, fraction=0.3, precisions=["int2"], replace=True)
+    with pytest.raises(grpc.RpcError) as info:
+        client.generate("def add(a, b):", task="mixed", max_new_tokens=2)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "precision" in info.value.details()
+    client.register("drop-only", DEMOS, fraction=0.5, replace=True)
+    assert len(client.generate("def add(a, b):", task="drop-only", max_new_tokens=2).token_ids) == 2
+    book = served[1].service.tasks
+    fallback = book.fallback_pattern(["mixed", "drop-only"], capacity=8)
+    assert (
+        not fallback.mixed
+        and fallback.layers
+        == book.pattern(book.registry.get("mixed")).union(book.pattern(book.registry.get("drop-only"))).layers
+    )
+
+
 @pytest.mark.parametrize(
     ("options", "field", "words"),
     [

@@ -179,8 +179,8 @@ def markdown(result: PrecisionEvalResult) -> str:
     lines += [
         "",
         "Retention: pruned / full accuracy, or full / pruned perplexity. Budgets are shares of the routed experts' "
-        f"bytes at 16 bits per parameter; quantized experts count their packed bytes with scales and zero points "
-        f"(groups of {result.group_size}).",
+        "bytes at 16 bits per parameter; quantized experts count their packed bytes with scales and zero points"
+        + (f" (groups of {result.group_size})." if result.group_size else " (bf16 copies: their cast tensors)."),
     ]
     return "\n".join(lines) + "\n"
 
