@@ -178,7 +178,7 @@ def test_victims_are_least_recently_used_with_ties_to_the_lower_id() -> None:
     slots.touch((2,), tick=1)  # 5 was never used: first in line, then 2, then 1 and 3 (tied, lower id first)
     assert slots.victims({5, 1, 3, 2}, 4) == [5, 2, 1, 3]
     assert slots.assign({5, 7, 8}, layer=0) == [(7, slots.slot_of[2]), (8, slots.slot_of[1])]
-    slots.pins[1] = 1
+    slots.pin([1])
     assert slots.assign({5, 7, 8}, layer=0) == [(7, slots.slot_of[2]), (8, slots.slot_of[3])]
 
 
@@ -217,11 +217,10 @@ def test_residency_checks_every_new_pattern_and_counts_pins_per_lease() -> None:
     for pattern in (a, a, b):
         for layer, expert, _ in residency.reserve(pattern) or []:
             residency.commit(layer, expert)
-    pins = engine.slots[layers[0]].pins
-    assert pins == {0: 3, 1: 3, 4: 2, 5: 2, 8: 1, 9: 1}
+    assert engine.slots[layers[0]].pins == {0: 3, 1: 3, 4: 2, 5: 2, 8: 1, 9: 1}
     assert residency.is_resident(a) and residency.is_resident(b)
     residency.unpin(a)
     residency.unpin(b)
-    assert pins == {0: 1, 1: 1, 4: 1, 5: 1}
+    assert engine.slots[layers[0]].pins == {0: 1, 1: 1, 4: 1, 5: 1}
     residency.unpin(a)
     assert all(not engine.slots[layer].pins for layer in layers)

@@ -86,7 +86,10 @@ def test_a_cancelled_stream_frees_its_row_and_slots(reference_server) -> None:
         alone = client.generate("def main():", task="python", max_new_tokens=500)
         assert alone.finish_reason == "length"  # it would run for 500 tokens if not cancelled
         stream = client.stub.GenerateStream(client.request("def main():", task="python", max_new_tokens=500))
-        next(stream)  # the request is running
+        next(stream)  # the request is running (its first token is sent just before it joins the batch)
+        deadline = time.monotonic() + 30
+        while not loop.running and time.monotonic() < deadline:
+            time.sleep(0.005)
         (request,) = loop.running
         stream.cancel()
         with pytest.raises(grpc.RpcError) as info:

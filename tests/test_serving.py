@@ -14,8 +14,6 @@ from premoe_service.errors import InvalidArgument
 from premoe_service.families.tiny import save_tiny_checkpoint
 from premoe_service.profiler import Demo, Profile, Selection
 from premoe_service.retrieval import RedisProfileStore
-from premoe_service.runtime.eviction import SharedUseSlots
-from premoe_service.runtime.slots import LayerSlots
 from premoe_service.serving import GenerationResult, SamplingParams, ServiceConfig, ServingCore
 from premoe_service.store import Store, shard
 
@@ -134,12 +132,12 @@ def test_shared_use_eviction_counts_each_request_and_keeps_the_tokens(store: Pat
     assert tokens["lru"] == tokens["shared-use"]
     shared = services["shared-use"]
     math = shared.tasks.pattern(shared.registry.get("math"))
-    for layer, slots in shared.engine.slots.items():
-        assert isinstance(slots, SharedUseSlots)
-        use = slots.use
+    counts = shared.engine.book.use
+    assert counts is not None  # the counts order the victims
+    for row, layer in enumerate(shared.spec.moe_layers):
         kept = list(math.kept(layer))
-        assert (use[kept] > 0).all() and use.sum() > 0  # every request counted its experts
-    assert all(type(s) is LayerSlots for s in services["lru"].engine.slots.values())
+        assert (counts[row, kept] > 0).all() and counts[row].sum() > 0  # every request counted its experts
+    assert services["lru"].engine.book.use is None
     with pytest.raises(InvalidArgument) as info:
         ServiceConfig(store=store, eviction="fifo")  # type: ignore[arg-type]
     assert info.value.field == "eviction"

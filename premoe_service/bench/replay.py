@@ -13,8 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..pattern import Pattern
 from ..runtime.residency import Residency
+from ..runtime.slot_book import RESIDENT
 from ..runtime.slots import slot_buffers
 from ..store.reader import Store
 
@@ -67,13 +70,10 @@ def store_reader(residency: Residency, store: Store) -> Reader:
 
 def evict_unpinned(residency: Residency) -> int:
     """Empty every slot no lease pins (a full reload starts from nothing); returns the experts evicted."""
-    evicted = 0
-    for slots in residency.engine.slots.values():
-        for slot, expert in enumerate(slots.expert_in_slot):
-            if expert is not None and expert not in slots.loading and not slots.pins.get(expert):
-                slots.evict_slot(slot)
-                evicted += 1
-    return evicted
+    book = residency.engine.book
+    rows, experts = np.nonzero((book.state == RESIDENT) & (book.pins == 0))
+    book.evict(rows, experts)
+    return int(rows.size)
 
 
 def replay(
@@ -117,8 +117,7 @@ def replay(
             raise RuntimeError(f"the pattern of task {task!r} does not fit the slots")
         tiers = reader(copies) if reader is not None and copies else []
         read = time.perf_counter()
-        for layer, expert, _ in copies:
-            residency.commit(layer, expert)
+        residency.commit_all(copies)
         if publish and copies:
             engine.publish_slots()
         resident = time.perf_counter()

@@ -66,13 +66,11 @@ class Admission:
                 for tier, count in job.tiers.items():
                     owner.loads[tier] += count
             if job.error is None:
-                for layer, expert, _slot in job.copies:
-                    self.residency.commit(layer, expert)
+                self.residency.commit_all(job.copies)
                 committed = True
                 continue
             failed = {(layer, expert) for layer, expert, _ in job.copies}
-            for layer, expert, _slot in job.copies:
-                self.residency.abort(layer, expert)
+            self.residency.abort_all(job.copies)
             victims = [r for r in waiting if r.pinned is not None and _uses(r, failed)]
             failures.append((victims, job.error))
         if committed:

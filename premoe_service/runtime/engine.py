@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -15,7 +16,9 @@ from ..families import MoESpec, adapter_for
 from ..pattern import Pattern
 from .masked_router import MaskedRouter, RouterObserver
 from .model_source import ModelExpertSource
+from .pattern_masks import PatternMasks
 from .quantized import QuantizedSlots
+from .slot_book import RESIDENT, SlotBook
 from .slots import LayerSlots, expert_params, install_slots, slot_buffers, write_slot
 
 
@@ -49,17 +52,19 @@ class PatternedModel:
         self.model = model
         self.adapter = adapter_for(model.config)
         self.spec: MoESpec = self.adapter.spec(model.config)
-        self.slots: dict[int, LayerSlots] = {}
+        self.slots: dict[int, LayerSlots] = {}  # row views of `book`
+        self.rows = {layer: row for row, layer in enumerate(self.spec.moe_layers)}
+        caps = [capacity if isinstance(capacity, int) else capacity[layer] for layer in self.spec.moe_layers]
+        self.book = SlotBook(caps, self.spec.num_experts, names=self.spec.moe_layers)
         self.routers: dict[int, MaskedRouter] = {}
         self.pattern: Pattern | None = None
         self._tick = 0
         self._active_versions: tuple[int, ...] = ()
         self._tables: dict[int, tuple[int, torch.Tensor]] = {}
         self._published: dict[int, int] = {}  # layer -> slot version last written by `publish_slots`
-        self._mask_cache: dict[int, tuple[Pattern, dict[int, torch.Tensor | None]]] = {}
+        self.masks = PatternMasks(self.spec, lambda: self.device)
         self.quantized: QuantizedSlots | None = None  # slots of lower precisions (`runtime.quantized`)
-        for layer in self.spec.moe_layers:
-            cap = capacity if isinstance(capacity, int) else capacity[layer]
+        for layer, cap in zip(self.spec.moe_layers, caps, strict=True):
             # Capacity 0 leaves a layer empty until `fill_layer` (layer-streamed profiling).
             if cap != 0 and not self.spec.top_k <= cap <= self.spec.num_experts:
                 raise PatternError(
@@ -73,7 +78,7 @@ class PatternedModel:
             router = MaskedRouter(getattr(block, self.adapter.router_attr), self.spec.routing, layer)
             setattr(block, self.adapter.router_attr, router)
             self.routers[layer] = router
-            self.slots[layer] = LayerSlots(cap)
+            self.slots[layer] = LayerSlots(book=self.book, row=self.rows[layer])
 
     @classmethod
     def from_model(
@@ -129,19 +134,23 @@ class PatternedModel:
                 field="precision",
             )
         report = ApplyReport()
-        plans = {layer: self.slots[layer].assign(full_kept(pattern, layer), layer) for layer in self.spec.moe_layers}
-        for layer, plan in plans.items():
-            slots, experts = self.slots[layer], self.experts_module(layer)
-            for expert, slot in plan:
-                evicted = slots.evict_slot(slot)
-                if evicted is not None:
-                    report.evicted.append((layer, evicted))
-                self._write(experts, slot, layer, expert, source)
-                slots.place(expert, slot)
-                report.loaded.append((layer, expert))
+        wanted = self.full_mask(pattern)
+        book, layers = self.book, self.spec.moe_layers
+        plan = book.plan(wanted)
+        book.reserve(plan)
+        victims = zip(plan.victim_rows.tolist(), plan.victim_experts.tolist(), strict=True)
+        report.evicted = [(layers[r], e) for r, e in victims]
+        written = 0
+        try:
+            for row, expert, slot in zip(plan.rows.tolist(), plan.experts.tolist(), plan.slots.tolist(), strict=True):
+                self._write(self.experts_module(layers[row]), slot, layers[row], expert, source)
+                written += 1
+        finally:  # what was written is resident; a failed copy and those after it free their slots
+            book.commit(plan.rows[:written], plan.experts[:written])
+            book.abort(plan.rows[written:], plan.experts[written:])
+        report.loaded = [(layers[r], e) for r, e in zip(plan.rows.tolist(), plan.experts.tolist(), strict=True)]
         tick = self.next_tick()
-        for layer in self.spec.moe_layers:
-            self.slots[layer].touch(full_kept(pattern, layer), tick)
+        book.last_used[wanted] = tick
         if self.quantized is not None and pattern.mixed:
             self.quantized.load(pattern, report.loaded, tick)
         return report
@@ -165,23 +174,25 @@ class PatternedModel:
         Called before every forward pass of a request (decode steps included), so the router state is
         cached: nothing is recomputed while the same pattern stays active and no expert moved.
         """
-        versions = tuple(self.slots[layer].version for layer in self.spec.moe_layers)
+        versions = tuple(self.book.version.tolist())
         if self.quantized is not None:
             versions += self.quantized.versions()
         if self.pattern is pattern and self._active_versions == versions:
             return
-        num_experts = self.spec.num_experts
         masks = self.excluded_masks(pattern)
+        wanted = self.full_mask(pattern)
+        if not self.book.all_resident(wanted):
+            row = int(np.argmax((wanted & (self.book.state != RESIDENT)).any(axis=1)))
+            missing = np.flatnonzero(wanted[row] & (self.book.state[row] != RESIDENT)).tolist()
+            raise PatternError(
+                f"experts {missing} are not resident; load the pattern first",
+                field=f"layer {self.spec.moe_layers[row]}",
+            )
         for layer, router in self.routers.items():
-            slots = self.slots[layer]
-            missing = [e for e in full_kept(pattern, layer) if e not in slots.slot_of]
-            if missing:
-                raise PatternError(
-                    f"experts {missing} are not resident; load the pattern first", field=f"layer {layer}"
-                )
+            version = int(self.book.version[self.rows[layer]])
             cached = self._tables.get(layer)
-            if cached is None or cached[0] != slots.version:
-                cached = (slots.version, slots.slot_table(num_experts).to(self.device))
+            if cached is None or cached[0] != version:
+                cached = (version, self._slot_table(layer))
                 self._tables[layer] = cached
             table = cached[1]
             if pattern.mixed and self.quantized is not None:
@@ -194,49 +205,33 @@ class PatternedModel:
     def publish_slots(self) -> None:
         """Point every router's slot table at the experts resident now; the batched loop calls this at a
         step boundary, after committing completed copies, and never during a forward pass."""
-        num_experts = self.spec.num_experts
         for layer, router in self.routers.items():
-            slots = self.slots[layer]
-            if self._published.get(layer) != slots.version:
-                router.slot_of.copy_(slots.slot_table(num_experts).to(self.device))
-                self._published[layer] = slots.version
+            version = int(self.book.version[self.rows[layer]])
+            if self._published.get(layer) != version:
+                router.slot_of.copy_(self._slot_table(layer))
+                self._published[layer] = version
         self._active_versions = ()  # `activate` re-points the routers when used again
 
     def excluded_masks(self, pattern: Pattern) -> dict[int, torch.Tensor | None]:
         """Per MoE layer, the `[E]` bool mask of the experts `pattern` excludes, on the device (None: it keeps
         them all); kept for the patterns used last (the running batch's and the activated one)."""
-        key = id(pattern)
-        entry = self._mask_cache.get(key)
-        if entry is None or entry[0] is not pattern:
-            num_experts = self.spec.num_experts
-            masks = {
-                layer: None
-                if len(pattern.kept(layer)) == num_experts
-                else pattern.excluded(layer, num_experts, self.device)
-                for layer in self.spec.moe_layers
-            }
-            entry = (pattern, masks)
-            self._mask_cache[key] = entry
-            while len(self._mask_cache) > 256:
-                self._mask_cache.pop(next(iter(self._mask_cache)))
-        return entry[1]
+        return self.masks.excluded(pattern)
 
     def fill_layer(self, layer: int, source: ExpertSource) -> None:
         """Give `layer` one slot per expert and load all of them; the layer then routes over every expert."""
         num_experts = self.spec.num_experts
         experts = self.experts_module(layer)
         install_slots(experts, num_experts, self.device)
-        slots = LayerSlots(num_experts)
+        self._resize(layer, num_experts)
         for expert in range(num_experts):
             write_slot(experts, expert, source.read(layer, expert))
-            slots.place(expert, expert)
-        self._replace_slots(layer, slots)
-        self.routers[layer].set_routing(None, slots.slot_table(num_experts))
+            self.slots[layer].place(expert, expert)
+        self.routers[layer].set_routing(None, self._slot_table(layer))
 
     def empty_layer(self, layer: int) -> None:
         """Drop every expert of `layer` and free its slots."""
         install_slots(self.experts_module(layer), 0, self.device)
-        self._replace_slots(layer, LayerSlots(0))
+        self._resize(layer, 0)
         self.routers[layer].set_routing(None, torch.full((self.spec.num_experts,), -1, dtype=torch.long))
 
     def slot_param_names(self) -> set[str]:
@@ -252,11 +247,19 @@ class PatternedModel:
         slots = self.slot_param_names()
         return {k: v for k, v in self.model.state_dict().items() if k not in slots}
 
-    def _replace_slots(self, layer: int, slots: LayerSlots) -> None:
-        self.slots[layer] = slots
-        self._tables.pop(layer, None)  # a fresh LayerSlots restarts its version count
+    def _resize(self, layer: int, capacity: int) -> None:
+        self.book.resize(self.rows[layer], capacity)
+        self._tables.pop(layer, None)
         self._published.pop(layer, None)
         self._active_versions = ()
+
+    def _slot_table(self, layer: int) -> torch.Tensor:
+        """Long [E] on the device: the slot of each expert of `layer`, -1 where not routable."""
+        return torch.from_numpy(self.book.table(self.rows[layer])).to(self.device)
+
+    def full_mask(self, pattern: Pattern) -> np.ndarray:
+        """Bool [L, E]: the experts `pattern` keeps at full precision, one row per MoE layer (cached)."""
+        return self.masks.full(pattern)
 
     def expert_bytes_resident(self) -> int:
         """Bytes of all slots (resident or free) over all layers, quantized slots included."""
@@ -272,12 +275,6 @@ class PatternedModel:
 
     def resident(self) -> dict[int, set[int]]:
         return {layer: slots.resident() for layer, slots in self.slots.items()}
-
-
-def full_kept(pattern: Pattern, layer: int) -> tuple[int, ...]:
-    """The experts `pattern` keeps at full precision in `layer`."""
-    lowered = pattern.precisions.get(layer)
-    return pattern.kept(layer) if not lowered else tuple(e for e in pattern.kept(layer) if e not in lowered)
 
 
 def _param_device(module: nn.Module) -> torch.device:

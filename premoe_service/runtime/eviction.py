@@ -8,30 +8,10 @@ first and falls back to least recently used (ties to the lower expert id), so wi
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Collection
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from ..pattern import Pattern
 from .residency import Residency
-from .slots import LayerSlots
-
-
-@dataclass
-class SharedUseSlots(LayerSlots):
-    """`LayerSlots` whose victims are the experts with the least decayed use (see the module docstring).
-
-    Attributes:
-        use: The layer's decayed use count per expert, shared with the `SharedUseTracker` that updates it. [E]
-    """
-
-    use: np.ndarray = field(default_factory=lambda: np.zeros(0))
-
-    def victims(self, evictable: Collection[int], count: int) -> list[int]:
-        use, last_used = self.use, self.last_used
-        return heapq.nsmallest(count, evictable, key=lambda e: (float(use[e]), last_used.get(e, -1), e))
 
 
 class SharedUseTracker:
@@ -45,18 +25,25 @@ class SharedUseTracker:
 
     def __init__(self, layers: tuple[int, ...], num_experts: int, half_life: float = 64.0) -> None:
         self.decay = 0.5 ** (1.0 / half_life)
-        self.use = {layer: np.zeros(num_experts, dtype=np.float64) for layer in layers}
+        self.counts = np.zeros((len(layers), num_experts), dtype=np.float64)  # [L, E], MoE layers in order
+        self.use = {layer: self.counts[row] for row, layer in enumerate(layers)}  # row views
+        self._residency: Residency | None = None
 
     def install(self, residency: Residency) -> None:
-        """Give every layer of the residency's engine `SharedUseSlots` (call before anything is loaded)."""
-        engine = residency.engine
-        for layer, old in engine.slots.items():
-            if old.slot_of or old.loading:
-                raise RuntimeError("install the refinement before any expert is loaded")
-            engine._replace_slots(layer, SharedUseSlots(old.capacity, use=self.use[layer]))
+        """Make the counts the primary eviction key of the residency's slots (before anything is loaded)."""
+        book = residency.engine.book
+        if book.state.any():
+            raise RuntimeError("install the refinement before any expert is loaded")
+        if book.state.shape != self.counts.shape:
+            raise RuntimeError(f"the engine has {book.state.shape} experts, the counts {self.counts.shape}")
+        book.use = self.counts
+        self._residency = residency
 
     def observe(self, pattern: Pattern) -> None:
         """Count one use of each expert of a request's pattern (before it is planned; on the thread that plans)."""
-        for layer, use in self.use.items():
-            use *= self.decay
-            use[list(pattern.kept(layer))] += 1.0
+        self.counts *= self.decay
+        if self._residency is not None:
+            self.counts += self._residency.engine.full_mask(pattern)
+        else:
+            for layer, use in self.use.items():
+                use[list(pattern.kept(layer))] += 1.0

@@ -5,17 +5,18 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from ..errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from ..families import MoESpec
 from ..pattern import Pattern
 from ..store.reader import Store
 from .engine import PatternedModel
-
-_KEPT_SETS = 64  # patterns whose kept sets `Residency` keeps
+from .slot_book import RESIDENT
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,10 @@ class Residency:
         self.stats = ResidencyStats()
         self._cond = threading.Condition()
         self._valid: dict[int, weakref.ref[Pattern]] = {}  # patterns checked against the model, while they live
-        self._sets: dict[int, tuple[Pattern, dict[int, frozenset[int]]]] = {}  # see `_kept_sets`
+        layers = engine.spec.moe_layers
+        self._layers = np.array(layers, dtype=np.int64)  # book row -> layer id
+        self._row_of = np.full(max(layers, default=0) + 1, -1, dtype=np.int64)  # layer id -> book row
+        self._row_of[self._layers] = np.arange(len(layers))
         self.model_lock = threading.RLock()  # held around forward passes: routers hold one pattern at a time
 
     @contextmanager
@@ -128,13 +132,12 @@ class Residency:
             self._release(pattern)
 
     def _acquire(self, pattern: Pattern, timeout_s: float) -> Lease:
-        self._prepare(pattern)
+        wanted = self._prepare(pattern)
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while True:
                 try:
-                    for layer in self.engine.spec.moe_layers:
-                        self.engine.slots[layer].assign(pattern.kept(layer), layer)
+                    self.engine.book.plan(wanted)  # fits next to the pinned experts?
                     break
                 except ResourceExhausted:
                     remaining = deadline - time.monotonic()
@@ -159,7 +162,7 @@ class Residency:
             self.stats.device_hits += lease.loaded["device"]
             self.stats.evictions += len(report.evicted)
             self.stats.load_seconds += lease.load_seconds
-            self._pin(pattern)
+            self.engine.book.pin(wanted)
             return lease
 
     def _release(self, pattern: Pattern) -> None:
@@ -174,32 +177,38 @@ class Residency:
         fit next to the pinned experts now. Evicted experts leave the routing tables at once; they were
         unpinned, so no running request can route to them. Each copy ends with `commit` or `abort`.
         """
-        kept = self._prepare(pattern)
+        wanted = self._prepare(pattern)
+        book = self.engine.book
         with self._cond:
             try:
-                plans = {
-                    layer: self.engine.slots[layer].assign(kept[layer], layer) for layer in self.engine.spec.moe_layers
-                }
+                plan = book.plan(wanted)
             except ResourceExhausted:
                 self.stats.waits += 1
                 return None
-            copies = []
-            for layer, plan in plans.items():
-                if plan:
-                    self.stats.evictions += self.engine.slots[layer].reserve_all(plan)
-                    copies += [(layer, expert, slot) for expert, slot in plan]
-            self._pin(pattern)
-            return copies
+            self.stats.evictions += book.reserve(plan)
+            book.pin(wanted)
+            layers = self._layers[plan.rows].tolist()
+            return list(zip(layers, plan.experts.tolist(), plan.slots.tolist(), strict=True))
 
     def commit(self, layer: int, expert: int) -> None:
         """An expert's copy completed: make it routable (call at a step boundary, never during a forward)."""
+        self.commit_all([(layer, expert, -1)])
+
+    def commit_all(self, copies: Sequence[tuple[int, int, int]]) -> None:
+        """`commit` for each `(layer, expert, slot)` copy of a completed job."""
+        rows, experts = self._rows_of(copies)
         with self._cond:
-            self.engine.slots[layer].commit(expert)
+            self.engine.book.commit(rows, experts)
 
     def abort(self, layer: int, expert: int) -> None:
         """An expert's copy failed: free its slot."""
+        self.abort_all([(layer, expert, -1)])
+
+    def abort_all(self, copies: Sequence[tuple[int, int, int]]) -> None:
+        """`abort` for each `(layer, expert, slot)` copy of a failed job."""
+        rows, experts = self._rows_of(copies)
         with self._cond:
-            self.engine.slots[layer].abort(expert)
+            self.engine.book.abort(rows, experts)
 
     def store_hits(self, count: int) -> None:
         """Count experts a request found already resident (the device tier)."""
@@ -209,43 +218,20 @@ class Residency:
 
     def is_resident(self, pattern: Pattern) -> bool:
         """Whether every expert of `pattern` is routable now."""
-        kept = self._kept_sets(pattern)
+        wanted = self.engine.full_mask(pattern)
         with self._cond:
-            return all(kept[layer] <= self.engine.slots[layer].slot_of.keys() for layer in self.engine.spec.moe_layers)
+            return self.engine.book.all_resident(wanted)
 
     def unpin(self, pattern: Pattern) -> None:
         """Drop one pin of each expert of `pattern` and mark them recently used."""
-        kept = self._kept_sets(pattern)
+        wanted = self.engine.full_mask(pattern)
         with self._cond:
-            tick = self.engine.next_tick()
-            for layer in self.engine.spec.moe_layers:
-                slots, experts = self.engine.slots[layer], kept[layer]
-                pins = slots.pins
-                if len(pins) == len(experts) and sum(pins.values()) == len(experts) and pins.keys() == experts:
-                    pins.clear()  # the only lease on this layer (the common case): no per-expert loop
-                else:
-                    for expert in experts:
-                        count = pins[expert] - 1
-                        if count:
-                            pins[expert] = count
-                        else:
-                            del pins[expert]
-                slots.touch(experts, tick)
+            self.engine.book.unpin(wanted, self.engine.next_tick())
             self._cond.notify_all()
 
-    def _pin(self, pattern: Pattern) -> None:
-        # No recency stamp here: pinned experts are never evicted, and `unpin` stamps them when the pin goes.
-        for layer in self.engine.spec.moe_layers:
-            pins, experts = self.engine.slots[layer].pins, pattern.kept(layer)
-            if pins:
-                get = pins.get
-                pins.update({expert: get(expert, 0) + 1 for expert in experts})
-            else:
-                pins.update(dict.fromkeys(experts, 1))
-
-    def _prepare(self, pattern: Pattern) -> dict[int, frozenset[int]]:
-        """`_kept_sets`, with the pattern checked against the model the first time it is seen (while it lives,
-        it is not checked again) and against the slots per layer every time."""
+    def _prepare(self, pattern: Pattern) -> np.ndarray:
+        """The pattern's experts as a bool `[L, E]` mask, with the pattern checked against the model the first
+        time it is seen (while it lives, it is not checked again) and against the slots per layer every time."""
         with self._cond:
             key = id(pattern)
             known = self._valid.get(key)
@@ -262,38 +248,30 @@ class Residency:
                         self._valid.pop(key, None)
 
                 self._valid[key] = weakref.ref(pattern, forget)
-            self._check_capacity(pattern)
-            return self._kept_sets(pattern)
+            wanted = self.engine.full_mask(pattern)
+            self._check_capacity(wanted)
+            return wanted
 
-    def _kept_sets(self, pattern: Pattern) -> dict[int, frozenset[int]]:
-        """The pattern's kept experts as a set per MoE layer, so that planning, pins and residency checks are
-        set operations; kept for the patterns used last (every request of a task shares its pattern object).
-        At DeepSeek-V3's shape one pattern's sets take about 0.5 MB, hence the bound."""
-        with self._cond:
-            key = id(pattern)
-            entry = self._sets.pop(key, None)
-            if entry is None or entry[0] is not pattern:
-                entry = (pattern, {layer: frozenset(pattern.kept(layer)) for layer in self.engine.spec.moe_layers})
-                while len(self._sets) >= _KEPT_SETS:
-                    self._sets.pop(next(iter(self._sets)))
-            self._sets[key] = entry  # most recently used last
-            return entry[1]
+    def _rows_of(self, copies: Sequence[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        rows = self._row_of[np.fromiter((c[0] for c in copies), np.int64, len(copies))]
+        return rows, np.fromiter((c[1] for c in copies), np.int64, len(copies))
 
-    def _check_capacity(self, pattern: Pattern) -> None:
-        for layer in self.engine.spec.moe_layers:
-            capacity = self.engine.slots[layer].capacity
-            if len(pattern.kept(layer)) > capacity:
-                raise ResourceExhausted(
-                    f"pattern keeps {len(pattern.kept(layer))} experts but the budget gives {capacity} slots per layer",
-                    field=f"layer {layer}",
-                )
+    def _check_capacity(self, wanted: np.ndarray) -> None:
+        over = wanted.sum(axis=1) > self.engine.book.capacity
+        if over.any():
+            row = int(np.argmax(over))
+            capacity = int(self.engine.book.capacity[row])
+            raise ResourceExhausted(
+                f"pattern keeps {int(wanted[row].sum())} experts but the budget gives {capacity} slots per layer",
+                field=f"layer {int(self._layers[row])}",
+            )
 
     def activate(self, pattern: Pattern) -> None:
         """Point the routers at a leased pattern; call under `model_lock` right before a forward pass."""
         self.engine.activate(pattern)
 
     def resident_experts(self) -> int:
-        return sum(len(slots.slot_of) for slots in self.engine.slots.values())
+        return int(np.count_nonzero(self.engine.book.state == RESIDENT))
 
     def capacity(self) -> int:
-        return sum(slots.capacity for slots in self.engine.slots.values())
+        return int(self.engine.book.capacity.sum())

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import FailedPrecondition, ResourceExhausted
+from ..errors import FailedPrecondition
 from ..experts import bytes_view
+from .slot_book import _NONE, LOADING, RESIDENT, SlotBook, SlotPlan
 
 
 def expert_params(experts: nn.Module) -> dict[str, nn.Parameter]:
@@ -59,128 +59,126 @@ def slot_buffers(experts: nn.Module, slot: int, names: Sequence[str]) -> list[me
     return [memoryview(bytes_view(params[name][slot])) for name in names]  # type: ignore[arg-type]
 
 
-@dataclass
 class LayerSlots:
-    """Which expert sits in which slot of one MoE layer, with recency and pins for eviction.
+    """Which expert sits in which slot of one MoE layer, with recency and pins for eviction: one row of a
+    `SlotBook` (the engine's book of all layers, or a book of its own).
 
-    Attributes:
-        capacity: Slots in this layer.
-        expert_in_slot: Slot -> expert id, None when free.
-        slot_of: Expert id -> slot, for resident experts.
-        last_used: Expert id -> tick of its last use (for least-recently-used eviction).
-        pins: Expert id -> number of leases holding it (always >= 1: an expert without pins has no entry);
-            pinned experts are never evicted.
-        loading: Expert id -> slot reserved for it while its bytes are being copied; such an expert is not
-            routable (absent from `slot_of`) until `commit`.
+    Planning for many layers at once goes through the book (`Residency`); these per-layer methods serve
+    single layers (quantized banks, layer-streamed profiling) and read like the decisions they make.
+
+    Args:
+        capacity: Slots in this layer (a layer of its own; ignored with `book`).
+        num_experts: Experts of the layer; a layer of its own without it widens as expert ids arrive.
+        book: The book this layer is a row of.
+        row: Its row.
     """
 
-    capacity: int
-    expert_in_slot: list[int | None] = field(default_factory=list)
-    slot_of: dict[int, int] = field(default_factory=dict)
-    last_used: dict[int, int] = field(default_factory=dict)
-    pins: dict[int, int] = field(default_factory=dict)
-    loading: dict[int, int] = field(default_factory=dict)
-    version: int = 0  # bumped whenever an expert moves in or out, so derived tables can be cached
+    def __init__(
+        self, capacity: int = 0, num_experts: int | None = None, *, book: SlotBook | None = None, row: int = 0
+    ) -> None:
+        self.book = book if book is not None else SlotBook([capacity], num_experts or capacity)
+        self.row = row
+        self._grows = book is None and num_experts is None
 
-    def __post_init__(self) -> None:
-        if not self.expert_in_slot:
-            self.expert_in_slot = [None] * self.capacity
+    @property
+    def capacity(self) -> int:
+        return int(self.book.capacity[self.row])
+
+    @property
+    def version(self) -> int:
+        return int(self.book.version[self.row])
+
+    @property
+    def slot_of(self) -> dict[int, int]:
+        """Expert id -> slot, for routable (resident) experts."""
+        experts = np.flatnonzero(self.book.state[self.row] == RESIDENT)
+        return dict(zip(experts.tolist(), self.book.slot[self.row, experts].tolist(), strict=True))
+
+    @property
+    def loading(self) -> dict[int, int]:
+        """Expert id -> slot reserved for it while its bytes are being copied (not routable until `commit`)."""
+        experts = np.flatnonzero(self.book.state[self.row] == LOADING)
+        return dict(zip(experts.tolist(), self.book.slot[self.row, experts].tolist(), strict=True))
+
+    @property
+    def pins(self) -> dict[int, int]:
+        """Expert id -> leases holding it, for pinned experts only."""
+        pins = self.book.pins[self.row]
+        experts = np.flatnonzero(pins)
+        return dict(zip(experts.tolist(), pins[experts].tolist(), strict=True))
+
+    @property
+    def expert_in_slot(self) -> list[int | None]:
+        """Slot -> expert, None when free."""
+        row = self.book.expert_in_slot[self.row, : self.capacity].tolist()
+        return [None if expert < 0 else expert for expert in row]
 
     def resident(self) -> set[int]:
-        return set(self.slot_of)
+        return set(np.flatnonzero(self.book.state[self.row] == RESIDENT).tolist())
 
     def assign(self, wanted: Iterable[int], layer: int) -> list[tuple[int, int]]:
-        """Slots for the wanted experts not yet resident: free slots first, then the slots of `victims`
-        (least recently used unpinned experts outside `wanted`). Returns (expert, slot) pairs in expert
-        order; raises when they cannot fit."""
-        # Runs for every MoE layer of every request (58 per request on DeepSeek-V3), so the common paths are
-        # set operations in C: nothing missing, or victims from resident - wanted - pinned.
-        wanted = wanted if isinstance(wanted, set | frozenset) else set(wanted)
-        missing = wanted - self.slot_of.keys()
-        if self.loading:
-            missing -= self.loading.keys()
-        if not missing:
-            return []
-        full = len(self.slot_of) + len(self.loading) >= self.capacity  # every slot holds or awaits an expert
-        free = [] if full else [slot for slot, expert in enumerate(self.expert_in_slot) if expert is None]
-        short = len(missing) - len(free)
-        if short > 0:
-            evictable = self.slot_of.keys() - wanted - self.pins.keys()
-            if short > len(evictable):
-                raise ResourceExhausted(
-                    f"needs {len(missing)} more slots but only {len(free) + len(evictable)} of {self.capacity} are "
-                    "free or evictable (the rest hold wanted or pinned experts)",
-                    field=f"layer {layer}",
-                )
-            slot_of = self.slot_of
-            free += [slot_of[e] for e in self.victims(evictable, short)]
-        return list(zip(sorted(missing), free[: len(missing)], strict=True))
+        """Slots for the wanted experts not yet resident nor loading: free slots first, then the slots of
+        victims (least recently used unpinned experts outside `wanted`). Returns (expert, slot) pairs in
+        expert order; raises naming `layer` when they cannot fit. Changes nothing."""
+        mask = self._mask(wanted)
+        self.book.names[self.row] = layer
+        plan = self.book.plan(mask[None], np.array([self.row]))
+        return list(zip(plan.experts.tolist(), plan.slots.tolist(), strict=True))
 
     def victims(self, evictable: Collection[int], count: int) -> list[int]:
         """The `count` experts to evict among `evictable` ones (resident, unpinned, not wanted), in eviction
         order: least recently used first, ties to the lower expert id."""
-        last_used = self.last_used
-        order = sorted(evictable)  # ids ascending, then a stable sort by recency: ties stay in id order
-        try:
-            order.sort(key=last_used.__getitem__)  # `place` gives every resident expert a stamp
-        except KeyError:
-            order = sorted(sorted(evictable), key=lambda e: last_used.get(e, -1))
-        return order[:count]
+        mask = self._mask(evictable)[None]
+        return self.book.victims(np.array([self.row]), mask, np.array([count]))[1].tolist()
 
-    def reserve_all(self, plan: Iterable[tuple[int, int]]) -> int:
-        """`reserve` for each (expert, slot) pair of an assignment; returns how many experts were evicted."""
-        expert_in_slot, slot_of, last_used, loading = self.expert_in_slot, self.slot_of, self.last_used, self.loading
-        evicted = 0
-        for expert, slot in plan:  # `reserve` inlined: a switch at DeepSeek-V3 scale reserves thousands
-            old = expert_in_slot[slot]
-            if old is not None:
-                del slot_of[old]
-                last_used.pop(old, None)
-                evicted += 1
-            expert_in_slot[slot] = expert
-            loading[expert] = slot
-        self.version += evicted
-        return evicted
+    def pin(self, experts: Iterable[int]) -> None:
+        self.book.pins[self.row] += self._mask(experts)
 
     def evict_slot(self, slot: int) -> int | None:
         """Free a slot; returns the expert that was there."""
-        expert = self.expert_in_slot[slot]
-        if expert is not None:
-            self.version += 1
-            del self.slot_of[expert]
-            self.last_used.pop(expert, None)
-            self.expert_in_slot[slot] = None
+        expert = int(self.book.expert_in_slot[self.row, slot])
+        if expert < 0:
+            return None
+        self.book.evict(np.array([self.row]), np.array([expert]))
         return expert
 
     def reserve(self, expert: int, slot: int) -> int | None:
         """Give `slot` to `expert`, whose bytes are about to be copied in; returns the expert evicted from it.
         The expert becomes routable only at `commit`."""
         evicted = self.evict_slot(slot)
-        self.expert_in_slot[slot] = expert
-        self.loading[expert] = slot
+        self._fit(expert)
+        one = np.array([self.row]), np.array([expert]), np.array([slot])
+        self.book.reserve(SlotPlan(*one, victim_rows=_NONE, victim_experts=_NONE))
         return evicted
 
     def commit(self, expert: int) -> None:
         """The copy into the reserved slot completed: the expert is resident and routable."""
-        self.place(expert, self.loading.pop(expert))
+        self.book.commit(np.array([self.row]), np.array([expert]))
 
     def abort(self, expert: int) -> None:
         """The copy failed: free the reserved slot."""
-        slot = self.loading.pop(expert)
-        self.expert_in_slot[slot] = None
+        self.book.abort(np.array([self.row]), np.array([expert]))
 
     def place(self, expert: int, slot: int) -> None:
-        self.version += 1
-        self.expert_in_slot[slot] = expert
-        self.slot_of[expert] = slot
-        self.last_used.setdefault(expert, -1)  # never used yet: first in line for eviction
+        """Put `expert` into `slot` (free or just evicted), resident at once."""
+        self.reserve(expert, slot)
+        self.commit(expert)
 
     def touch(self, experts: Iterable[int], tick: int) -> None:
-        self.last_used.update(dict.fromkeys(experts, tick))
+        self.book.last_used[self.row, list(experts)] = tick
 
     def slot_table(self, num_experts: int) -> Tensor:
         """Long [E]: the slot of each expert, -1 where not resident."""
-        table = torch.full((num_experts,), -1, dtype=torch.long)
-        for expert, slot in self.slot_of.items():
-            table[expert] = slot
-        return table
+        return torch.from_numpy(self.book.table(self.row)[:num_experts].copy())
+
+    def _fit(self, expert: int) -> None:
+        if expert >= self.book.num_experts and self._grows:
+            self.book.grow_experts(max(expert + 1, 2 * self.book.num_experts))
+
+    def _mask(self, experts: Iterable[int]) -> np.ndarray:
+        ids = np.fromiter(experts, dtype=np.int64)
+        if ids.size:
+            self._fit(int(ids.max()))
+        mask = np.zeros(self.book.num_experts, dtype=bool)
+        mask[ids] = True
+        return mask
