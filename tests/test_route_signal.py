@@ -84,6 +84,23 @@ def test_per_task_thresholds_and_leads_decide_the_match() -> None:
         RoutePolicy(task_leads={"code": float("inf")})
 
 
+def test_with_a_none_class_the_similarity_floor_is_the_background_floor() -> None:
+    ranked = [("code", 0.14), ("maths", 0.05)]
+    policy = RoutePolicy(threshold=0.18, background_floor=0.10, input_weight=1.0)
+    found = evidence({"code": 0.9, "maths": 0.2}, none=0.1)
+    # The none-class decides no-match; the floor under it is the lower background floor, not the global threshold.
+    assert decide_combined(ranked, found, policy).task == "code"
+    refused = decide_combined(ranked, found, dataclasses.replace(policy, background_floor=0.15))
+    assert not refused.matched and "0.140 similar < 0.150" in refused.reason
+    # Without a background the global threshold stays the floor; a task's own threshold overrides both.
+    assert not decide_combined(ranked, evidence({"code": 0.9, "maths": 0.2}, none=None), policy).matched
+    assert not decide_combined(ranked, found, dataclasses.replace(policy, task_thresholds={"code": 0.2})).matched
+    assert policy.threshold_for("code") == 0.18 and policy.threshold_for("code", background=True) == 0.10
+    with pytest.raises(InvalidArgument, match="cosine threshold") as info:
+        RoutePolicy(background_floor=1.5)
+    assert info.value.field is not None and "background_floor" in info.value.field
+
+
 @pytest.fixture(scope="module")
 def qwen_store(tmp_path_factory) -> Path:
     return tiny_store(tmp_path_factory.mktemp("signal"), "qwen3_moe")[1].dir
@@ -161,7 +178,13 @@ def test_registry_routes_on_both_signals_and_calibrates_per_task_leads(
     registry.policy = dataclasses.replace(registry.policy, task_leads=result.task_leads)
     again = registry.route(held_out_queries[0][0])
     top = again.ranked[0][0]
-    assert again.matched == (again.similarity >= 0.18 and again.lead >= result.task_leads.get(top, -1.0))  # type: ignore[operator]
+    floor = registry.policy.threshold_for(top, background=True)
+    assert floor == registry.policy.background_floor == 0.10
+    assert again.matched == (again.similarity >= floor and again.lead >= result.task_leads.get(top, -1.0))  # type: ignore[operator]
+    # Calibration's figures count what the floor refuses as well as what the lead does.
+    registry.policy = dataclasses.replace(registry.policy, background_floor=0.999)
+    floored = calibrate(registry)
+    assert floored.positives_lost == 1.0 and floored.background_rejected == 1.0
     with pytest.raises(InvalidArgument, match="background"):
         Registry(MemoryProfileStore(), embedder=embedder, background=BACKGROUND)
 
@@ -215,6 +238,9 @@ def test_the_server_registry_takes_the_signal_background_and_leads_from_its_conf
     registry = build_registry(config, store, engine, embedder, None)
     assert registry.evidence is not None and registry.evidence.background_size == len(BACKGROUND)
     assert registry.policy.lead_for("cooking") == -2.5 and registry.policy.lead_for("other") == -1.0
+    assert registry.policy.threshold_for("cooking", background=True) == 0.10  # the none-class's own floor
+    explicit = build_registry(ServiceConfig(store=qwen_store, route_threshold=0.3), store, engine, embedder, None)
+    assert explicit.policy.threshold_for("cooking", background=True) == explicit.policy.threshold == 0.3
     plain = build_registry(ServiceConfig(store=qwen_store, route_signal=False), store, engine, embedder, None)
     assert plain.evidence is None
     with pytest.raises(InvalidArgument, match="router signal") as info:
@@ -223,3 +249,22 @@ def test_the_server_registry_takes_the_signal_background_and_leads_from_its_conf
     leads.write_text("{}")
     with pytest.raises(InvalidArgument, match="not a calibration file"):
         build_registry(config, store, engine, embedder, None)
+
+
+def test_the_benchmarked_classifier_learns_the_none_class_from_background_items() -> None:
+    from premoe_service.bench.route_classifier import Item, fit, margin_at_loss
+
+    rng = np.random.default_rng(0)
+
+    def item(label: str | None) -> Item:
+        high, low = 0.6 + 0.1 * rng.random(), 0.2 + 0.1 * rng.random()
+        sims = {t: high if t == label else low for t in ("a", "b", "c")}
+        none = high if label is None else low
+        ranked = sorted(sims.items(), key=lambda kv: -kv[1])
+        return Item(str(label), label, ranked, PromptEvidence(dict(sims), dict(sims), none, none, none))
+
+    train = [item(label) for label in ["a", "b", "c", None] * 10]
+    model = fit(train, "raw+z", l2=1e-3)
+    assert [model.decide(item(label))[1] for label in ("a", "b", "c", None)] == ["a", "b", "c", None]
+    assert model.lead(item("a"))[1] > 0 > model.lead(item(None))[1]
+    assert margin_at_loss([3.0, 1.0, 2.0, 4.0], 0.0) == 1.0 and margin_at_loss([3.0, 1.0, 2.0, 4.0], 0.5) == 3.0

@@ -101,7 +101,9 @@ def route_evaluate(
 
 def _echo_result(registry: Registry, result: RouteEvaluation, leads: dict[str, float] | None = None) -> None:
     threshold = "n/a" if result.suggested_threshold is None else f"{result.suggested_threshold:.3f}"
-    click.echo(f"queries {result.records} ({result.labelled} labelled), threshold {registry.policy.threshold:.3f}")
+    policy, background = registry.policy, registry.evidence is not None and registry.evidence.has_background
+    floor = f"similarity floor {policy.background_floor:.3f} (with the none-class)" if background else ""
+    click.echo(f"queries {result.records} ({result.labelled} labelled), {floor or f'threshold {policy.threshold:.3f}'}")
     click.echo(f"top-1 accuracy      {result.top1_accuracy:.3f}")
     click.echo(f"match accuracy      {result.match_accuracy:.3f}")
     click.echo(f"no-match precision  {result.no_match_precision:.3f}")
@@ -109,7 +111,7 @@ def _echo_result(registry: Registry, result: RouteEvaluation, leads: dict[str, f
     click.echo(f"suggested threshold {threshold}")
     click.echo(f"on-task rejected    {result.on_task_rejected:.3f}")
     click.echo(f"off-topic rejected  {result.no_match_recall:.3f}")
-    _echo_per_task(result, registry.policy.threshold_for, leads)
+    _echo_per_task(result, lambda task: policy.threshold_for(task, background=background), leads)
     _echo_confusion(result.confusion)
     for query, expected, decided in result.misses[:10]:
         click.echo(f"  miss: {query[:60]!r}: expected {expected}, got {decided}")

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import FailedPrecondition, InvalidArgument
 from .calibration import RouteRecord
 from .decision import decide_combined
-from .evidence import RouterEvidence
+from .evidence import PromptEvidence, RouterEvidence
 from .registry import Registry
 from .router import RouteDecision, RoutePolicy
 from .router_signal import RouterFeatures
@@ -89,6 +89,12 @@ class _LeaveOneOut:
     def decide(
         self, query: np.ndarray, features: RouterFeatures, leave_out: tuple[str, int] | None, background: int | None
     ) -> RouteDecision:
+        return decide_combined(*self.signals(query, features, leave_out, background), self.policy)
+
+    def signals(
+        self, query: np.ndarray, features: RouterFeatures, leave_out: tuple[str, int] | None, background: int | None
+    ) -> tuple[list[tuple[str, float]], PromptEvidence]:
+        """The embedding shortlist and the router evidence of one prompt, with the items left out."""
         similarities = self.vectors @ query  # [n]
         order = np.argsort(-similarities)
         neighbours = [(self.owners[j][0], float(similarities[j])) for j in order if self.owners[j] != leave_out]
@@ -98,7 +104,7 @@ class _LeaveOneOut:
         ranked = task_scores(neighbours, counts.__getitem__, self.policy.top_m)
         tasks = [task for task, _ in ranked]
         found = self.evidence.score(query, features, tasks, leave_out=leave_out, leave_out_background=background)
-        return decide_combined(ranked, found, self.policy)
+        return ranked, found
 
 
 def calibrate(registry: Registry, *, labelled: Sequence[RouteRecord] = (), loss: float = 0.05) -> Calibration:
@@ -147,11 +153,11 @@ def calibrate(registry: Registry, *, labelled: Sequence[RouteRecord] = (), loss:
             negatives.append(decision)
         else:
             positives.append((record.task, decision))
-    return _choose_leads(positives, negatives, loss, registry.policy.min_lead)
+    return _choose_leads(positives, negatives, loss, registry.policy)
 
 
 def _choose_leads(
-    positives: list[tuple[str, RouteDecision]], negatives: list[RouteDecision], loss: float, ceiling: float
+    positives: list[tuple[str, RouteDecision]], negatives: list[RouteDecision], loss: float, policy: RoutePolicy
 ) -> Calibration:
     result = Calibration()
     by_task: dict[str, list[RouteDecision]] = {}
@@ -163,12 +169,16 @@ def _choose_leads(
         result.top1[task] = sum(1 for d in decisions if d.ranked and d.ranked[0][0] == task) / len(decisions)
         if right:
             quantile = float(np.quantile(np.asarray(right), loss, method="lower"))
-            result.task_leads[task] = round(min(ceiling, quantile), 4)
+            result.task_leads[task] = round(min(policy.min_lead, quantile), 4)
 
     def refused(decision: RouteDecision) -> bool:
-        top = decision.ranked[0][0] if decision.ranked else None
-        lead = result.task_leads.get(top or "")
-        return decision.lead is not None and lead is not None and decision.lead < lead
+        if not decision.ranked:
+            return True
+        top = decision.ranked[0][0]
+        if decision.similarity is not None and decision.similarity < policy.threshold_for(top, background=True):
+            return True  # below the similarity floor, whatever the lead
+        lead = result.task_leads.get(top, policy.min_lead)
+        return decision.lead is not None and decision.lead < lead
 
     result.positives_lost = sum(refused(d) for _, d in positives) / max(1, len(positives))
     result.background_rejected = sum(refused(d) for d in negatives) / max(1, len(negatives))

@@ -10,7 +10,10 @@ is in, so its default weight is 0.
 The match rule has two parts. The embedding similarity of the top task must reach the task's threshold (the
 global threshold is the floor; `RoutePolicy.task_thresholds` overrides it per task). With a background set the
 top task must also lead the none-class by the task's margin (`RoutePolicy.min_lead`, per task in
-`task_leads`): a prompt that looks more like the off-topic background than like any task gets no match.
+`task_leads`): a prompt that looks more like the off-topic background than like any task gets no match. The
+none-class then does the rejecting, and the floor is the lower `RoutePolicy.background_floor`: measured on the
+demos and the background, the global threshold (made for the embedding alone) refused demo lines that the
+none-class accepts and almost no background prompt that it does not.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def decide_combined(
     top_similarity = similarity[top_task]
     lead = None if none_score is None else top_score - none_score
     shown = scores[: policy.ranked_limit]
-    threshold = policy.threshold_for(top_task)
+    threshold = policy.threshold_for(top_task, background=none_score is not None)
     if top_similarity < threshold:
         why = f"best task {top_task} is {top_similarity:.3f} similar < {threshold:.3f}"
     elif lead is not None and lead < policy.lead_for(top_task):

@@ -23,7 +23,8 @@ def build_registry(
     """
     fields: dict[str, Any] = {}
     if config.route_threshold is not None:
-        fields["threshold"] = config.route_threshold
+        # An explicit threshold is the floor with a none-class as well (which otherwise has its own, lower one).
+        fields["threshold"] = fields["background_floor"] = config.route_threshold
     if config.route_calibration is not None:
         fields["task_leads"] = load_task_leads(config.route_calibration)
     signal = None
