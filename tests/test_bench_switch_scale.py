@@ -215,8 +215,8 @@ def test_residency_checks_every_new_pattern_and_counts_pins_per_lease() -> None:
     a = Pattern({layer: (0, 1, 4, 5) for layer in layers})
     b = Pattern({layer: (0, 1, 8, 9) for layer in layers})
     for pattern in (a, a, b):
-        for layer, expert, _ in residency.reserve(pattern) or []:
-            residency.commit(layer, expert)
+        for layer, expert, slot in residency.reserve(pattern) or []:
+            residency.commit(layer, expert, slot)
     assert engine.slots[layers[0]].pins == {0: 3, 1: 3, 4: 2, 5: 2, 8: 1, 9: 1}
     assert residency.is_resident(a) and residency.is_resident(b)
     residency.unpin(a)

@@ -143,6 +143,12 @@ def default(name: str) -> Lazy:
     "over recent requests (keeps experts many tasks share)",
 )
 @option(
+    "--precision-slots",
+    metavar="PRECISION=N,...",
+    help="slots per MoE layer for experts below full precision (e.g. int4=4,int8=2), on top of --budget; tasks "
+    "registered with precisions need them, and the store must hold those copies (premoe shard --precisions)",
+)
+@option(
     "--engine-threads",
     type=POSITIVE,
     help="CPU threads of the engine's tensor operations (default: all cores but one, leaving one to the doors)",

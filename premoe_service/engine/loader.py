@@ -128,24 +128,36 @@ class Loader:
             self.wake()
 
     def _copy(self, job: LoadJob) -> None:
-        if not isinstance(self.source, ExpertReader):  # a plain expert source (tests, in-memory models)
+        copies, lowered = job.copies, 0
+        quantized = self.engine.quantized
+        if quantized is not None:  # experts held below full precision go into their banks' slots
+            rows, capacity = self.engine.rows, self.engine.book.capacity
+            copies = [c for c in job.copies if c[2] < capacity[rows[c[0]]]]
             for layer, expert, slot in job.copies:
+                if slot >= capacity[rows[layer]]:
+                    tier, nbytes = quantized.read_into(layer, expert, slot)
+                    job.tiers[tier] += 1
+                    lowered += nbytes
+        job.nbytes = lowered + len(copies) * _expert_nbytes(self.engine)
+        if not copies:
+            return
+        if not isinstance(self.source, ExpertReader):  # a plain expert source (tests, in-memory models)
+            for layer, expert, slot in copies:
                 write_slot(self.engine.experts_module(layer), slot, self.source.read(layer, expert))
                 job.tiers["cache"] += 1
             return
         read_many, names = self.source.read_many_into, self.source.part_names
         if not self.cuda:
             items = []
-            for layer, expert, slot in job.copies:
+            for layer, expert, slot in copies:
                 params = expert_params(self.engine.experts_module(layer))
                 views = [memoryview(bytes_view(params[name][slot])) for name in names]  # type: ignore[arg-type]
                 items.append((layer, expert, views))
             for tier in read_many(items):
                 job.tiers[tier] += 1
-            job.nbytes = len(job.copies) * _expert_nbytes(self.engine)
             return
         assert self._stream is not None
-        for layer, expert, slot in job.copies:
+        for layer, expert, slot in copies:
             staging = self._staging_buffer()
             tier = read_many([(layer, expert, _part_views(staging, self.engine, layer, names))])[0]
             job.tiers[tier] += 1
@@ -160,7 +172,6 @@ class Loader:
                 event.record(self._stream)
             self._staging[self._next_staging - 1] = (staging, event)
             job.event = event
-        job.nbytes = len(job.copies) * _expert_nbytes(self.engine)
 
     def _staging_buffer(self) -> torch.Tensor:
         """The next pinned buffer of the ring, once the copy that last used it has finished."""

@@ -26,6 +26,9 @@ class RoutingContext:
 
     Attributes:
         tables: MoE layer -> `[P, E]` bool, excluded experts of each distinct pattern (None: none excluded).
+        slot_tables: MoE layer -> `[P, E]` long, the slot id of each expert for each distinct pattern, when some
+            pattern holds experts below full precision (their ids point into the quantized slots); empty
+            otherwise, and the router's own table serves every row.
         token_pattern: `[T]` index into the tables' rows.
         token_row: `[T]` batch row of each token.
         token_weight: `[T]` 1.0 for real tokens, 0.0 for padding.
@@ -41,8 +44,10 @@ class RoutingContext:
     token_weight: Tensor
     rows: int
     keep_scores: bool = False
+    slot_tables: dict[int, Tensor] = field(default_factory=dict)
     prompt_scores: dict[int, Tensor] = field(default_factory=dict)
     _masks: dict[int, Tensor | None] = field(default_factory=dict)
+    _slots: dict[int, Tensor] = field(default_factory=dict)
     _logits: list[Tensor] = field(default_factory=list)
     _observed: list[int] = field(default_factory=list)
     _stacked: tuple[tuple[int, ...], Tensor] | None = None
@@ -76,6 +81,14 @@ class RoutingContext:
             else:
                 none = torch.zeros(engine.spec.num_experts, dtype=torch.bool, device=device)
                 tables[layer] = torch.stack([none if m is None else m for m in per_pattern])
+        slot_tables: dict[int, Tensor] = {}
+        quantized = engine.quantized
+        if quantized is not None and any(p.mixed for p in unique):
+            # Built from the tables published now: the rows' own experts are pinned, so their slots stay put
+            # while the context lives (other entries are excluded for the row anyway).
+            for layer, router in engine.routers.items():
+                full = router.slot_of
+                slot_tables[layer] = torch.stack([quantized.table(layer, p, full) if p.mixed else full for p in unique])
         rows = len(patterns)
         pattern_of_row = torch.tensor(row_pattern, dtype=torch.long, device=device)
         token_row = torch.arange(rows, device=device).repeat_interleave(seq_len)
@@ -91,6 +104,7 @@ class RoutingContext:
             weight.reshape(-1),
             rows,
             keep_scores=keep_scores,
+            slot_tables=slot_tables,
         )
 
     def excluded(self, layer: int) -> Tensor | None:
@@ -99,6 +113,15 @@ class RoutingContext:
             table = self.tables.get(layer)
             self._masks[layer] = None if table is None else table.index_select(0, self.token_pattern)
         return self._masks[layer]
+
+    def slots(self, layer: int) -> Tensor | None:
+        """`[T, E]` long: each token's slot id per expert in `layer` (None: the router's own table serves all)."""
+        table = self.slot_tables.get(layer)
+        if table is None:
+            return None
+        if layer not in self._slots:
+            self._slots[layer] = table.index_select(0, self.token_pattern)
+        return self._slots[layer]
 
     def observe(self, layer: int, routing: Routing) -> None:
         """Keep the router logits for `collect` (and the prompt's router scores when asked)."""

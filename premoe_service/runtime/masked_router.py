@@ -21,6 +21,10 @@ class RowRouting(Protocol):
         """`[T, E]` bool: the experts each token row may not use in `layer` (None: any)."""
         ...
 
+    def slots(self, layer: int) -> Tensor | None:
+        """`[T, E]` long: each token row's slot id per expert (None: the router's own table serves all rows)."""
+        ...
+
     def observe(self, layer: int, routing: Routing) -> None:
         """Record what routing chose for the rows (coverage, prompt scores)."""
         ...
@@ -66,7 +70,9 @@ class MaskedRouter(nn.Module):
         if context is not None:  # per-token patterns of a batch of requests
             routing = route(self.spec, RouterWeights.of(self), hidden, context.excluded(self.layer))
             context.observe(self.layer, routing)
-            return routing.logits, routing.weights, self.slot_of[routing.experts]
+            rows = context.slots(self.layer)  # rows whose patterns hold experts at other precisions
+            slots = self.slot_of[routing.experts] if rows is None else rows.gather(1, routing.experts)
+            return routing.logits, routing.weights, slots
         routing = route(self.spec, RouterWeights.of(self), hidden, self.excluded)
         if self.observer is not None:
             self.observer(self.layer, hidden, routing)

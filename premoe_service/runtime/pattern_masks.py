@@ -1,6 +1,6 @@
 """Per-pattern masks the engine reads on every request, cached by the pattern's identity (every request of a
-task shares its pattern object): the excluded experts per layer for the routers, and the kept full-precision
-experts of all layers as one `[L, E]` array for the slot book."""
+task shares its pattern object): the excluded experts per layer for the routers, and the kept experts of all
+layers as `[L, E]` arrays for the slot books, one for full precision and one per lower precision."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..families import MoESpec
-from ..pattern import Pattern
+from ..pattern import FULL, Pattern
 from .slot_book import wanted_mask
 
 T = TypeVar("T")
@@ -42,6 +42,7 @@ class PatternMasks:
         self.spec, self.device = spec, device
         self.excluded = _ByPattern(self._excluded)
         self.full = _ByPattern(self._full)
+        self.lowered = _ByPattern(self._lowered)
 
     def _excluded(self, pattern: Pattern) -> dict[int, torch.Tensor | None]:
         num_experts, device = self.spec.num_experts, self.device()
@@ -53,6 +54,18 @@ class PatternMasks:
     def _full(self, pattern: Pattern) -> np.ndarray:
         kept = [full_kept(pattern, layer) for layer in self.spec.moe_layers]
         return wanted_mask(len(kept), self.spec.num_experts, kept)
+
+    def _lowered(self, pattern: Pattern) -> dict[str, np.ndarray]:
+        """Precision -> bool `[L, E]`: the experts `pattern` holds at that precision below full."""
+        rows = {layer: row for row, layer in enumerate(self.spec.moe_layers)}
+        masks: dict[str, np.ndarray] = {}
+        for layer, lowered in pattern.precisions.items():
+            for expert, precision in lowered.items():
+                if precision != FULL:
+                    if precision not in masks:
+                        masks[precision] = np.zeros((len(rows), self.spec.num_experts), dtype=bool)
+                    masks[precision][rows[layer], expert] = True
+        return masks
 
 
 def full_kept(pattern: Pattern, layer: int) -> tuple[int, ...]:

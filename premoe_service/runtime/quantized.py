@@ -10,6 +10,7 @@ ids renumbered. Resident memory is the packed tensors; the dequantized weights l
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -23,6 +24,7 @@ from ..pattern import FULL, Pattern
 from ..store.manifest import DTYPES
 from ..store.precisions import QuantizedCopy
 from ..store.quant import QuantizedWeight, dequantize
+from .slot_book import SlotBook
 from .slots import LayerSlots, expert_params
 
 QuantizedTensors = dict[str, dict[str, Tensor]]  # part -> tensor kind -> one expert's tensor
@@ -47,10 +49,11 @@ class QuantizedBank:
         shapes: Mapping[str, tuple[int, ...]],
         dtype: torch.dtype,
         device: torch.device,
+        slots: LayerSlots | None = None,
     ) -> None:
         self.copy, self.offset, self.dtype = copy, offset, dtype
         self.shapes = dict(shapes)  # part -> one expert's runtime shape
-        self.slots = LayerSlots(capacity)
+        self.slots = slots if slots is not None else LayerSlots(capacity)  # a row of the precision's slot book
         kinds = {**DTYPES, "int32": torch.int32}
         self.tensors = {
             (p.part, p.tensor): torch.zeros((capacity, *p.shape), dtype=kinds[p.dtype], device=device)
@@ -104,8 +107,15 @@ class QuantizedSlots:
     def __init__(self, engine: Any, sources: Mapping[str, QuantizedSource], capacity: Mapping[str, Any]) -> None:
         self.engine, self.sources = engine, dict(sources)
         self.banks: dict[int, dict[str, QuantizedBank]] = {}
-        dtype = next(iter(expert_params(engine.experts_module(engine.spec.moe_layers[0])).values())).dtype
-        for layer in engine.spec.moe_layers:
+        layers = engine.spec.moe_layers
+        counts = {p: [c if isinstance(c, int) else c[layer] for layer in layers] for p, c in capacity.items()}
+        self.books = {  # one slot book per precision over all MoE layers (`runtime.slot_book`)
+            p: SlotBook([max(c, 0) if isinstance(c, int) else 0 for c in counts[p]], engine.spec.num_experts, layers)
+            for p in self.sources
+        }
+        self._offsets: dict[str, np.ndarray] = {p: np.zeros(len(layers), dtype=np.int64) for p in self.sources}
+        dtype = next(iter(expert_params(engine.experts_module(layers[0])).values())).dtype
+        for row, layer in enumerate(layers):
             experts = engine.experts_module(layer)
             params = expert_params(experts)
             shapes = {name: tuple(p.shape[1:]) for name, p in params.items()}
@@ -118,7 +128,9 @@ class QuantizedSlots:
                         f"{count!r} {precision} slots: give 0..{engine.spec.num_experts} per layer",
                         field=f"capacity.{precision}",
                     )
-                banks[precision] = QuantizedBank(source.copy, count, offset, shapes, dtype, engine.device)
+                slots = LayerSlots(book=self.books[precision], row=row)
+                banks[precision] = QuantizedBank(source.copy, count, offset, shapes, dtype, engine.device, slots)
+                self._offsets[precision][row] = offset
                 offset += count
             self.banks[layer] = banks
             _wrap_forward(experts, banks)
@@ -158,6 +170,41 @@ class QuantizedSlots:
     def nbytes(self) -> int:
         return sum(bank.nbytes for banks in self.banks.values() for bank in banks.values())
 
+    @property
+    def precisions(self) -> list[str]:
+        return list(self.sources)
+
+    def book(self, precision: str) -> SlotBook:
+        """The slot book of one precision's banks over all MoE layers (rows in layer order)."""
+        self._bank(self.engine.spec.moe_layers[0], precision)  # refuses a precision without slots
+        return self.books[precision]
+
+    def offsets(self, precision: str) -> np.ndarray:
+        """`[L]`: where each layer's bank of `precision` starts in the layer's slot id space."""
+        return self._offsets[precision]
+
+    def bank_of(self, layer: int, slot: int) -> QuantizedBank | None:
+        """The bank holding slot id `slot` of `layer` (None: a full-precision slot)."""
+        for bank in self.banks[layer].values():
+            if bank.offset <= slot < bank.offset + bank.capacity:
+                return bank
+        return None
+
+    def read_into(self, layer: int, expert: int, slot: int) -> tuple[str, int]:
+        """Copy one expert from its precision's store copy into quantized slot id `slot` (the loader thread);
+        returns the tier it came from and its bytes."""
+        bank = self.bank_of(layer, slot)
+        if bank is None:
+            raise FailedPrecondition(f"slot {slot} of layer {layer} is not a quantized slot", field="slot")
+        source = self.sources[bank.copy.precision]
+        read_blob = getattr(source, "read_blob", None)
+        if read_blob is None:  # a plain source (tests): tensors, no tier
+            bank.write(slot - bank.offset, source.read(layer, expert))
+            return "cache", bank.copy.expert_nbytes
+        data, tier = read_blob(layer, expert)
+        bank.write(slot - bank.offset, source.decode(data))  # type: ignore[attr-defined]
+        return tier, len(data)
+
     def versions(self) -> tuple[int, ...]:
         """Every bank's slot version: a change means some quantized expert moved."""
         return tuple(bank.slots.version for banks in self.banks.values() for bank in banks.values())
@@ -185,6 +232,7 @@ def _wrap_forward(experts: nn.Module, banks: Mapping[str, QuantizedBank]) -> Non
     original: Callable[..., Tensor] = getattr(experts, "_premoe_forward", None) or experts.forward
     # A second wrap (new banks) wraps transformers' forward, not the first wrap.
     setattr(experts, "_premoe_forward", original)  # noqa: B010 - typed as Module attribute
+    call: Callable[..., Tensor] = original.__func__  # type: ignore[attr-defined]  # the class forward, for a view
     ordered = sorted(banks.values(), key=lambda b: b.offset)
 
     def weight(name: str, slot: int) -> Tensor:
@@ -205,16 +253,12 @@ def _wrap_forward(experts: nn.Module, banks: Mapping[str, QuantizedBank]) -> Non
         renumber = torch.zeros(int(hit.max()) + 1, dtype=top_k_index.dtype, device=top_k_index.device)
         renumber[hit] = torch.arange(hit.numel(), dtype=top_k_index.dtype, device=top_k_index.device)
         slots = hit.tolist()
-        saved = {name: experts._parameters[name] for name in names}
-        saved_count = experts.num_experts
-        try:
-            for name in names:  # transformers' forward reads these attributes; a plain tensor serves it
-                experts._parameters[name] = torch.stack([weight(name, s) for s in slots])  # type: ignore[assignment]
-            setattr(experts, "num_experts", len(slots))  # noqa: B010
-            return original(hidden_states, renumber[top_k_index], top_k_weights)
-        finally:
-            experts._parameters.update(saved)
-            setattr(experts, "num_experts", saved_count)  # noqa: B010
+        # Transformers' forward runs on a shallow copy whose parameters are the hit slots' weights: the module
+        # itself never changes, since the loader thread writes other slots of it meanwhile.
+        view = copy.copy(experts)
+        view._parameters = {name: torch.stack([weight(name, s) for s in slots]) for name in names}  # type: ignore[misc]
+        setattr(view, "num_experts", len(slots))  # noqa: B010
+        return call(view, hidden_states, renumber[top_k_index], top_k_weights)
 
     setattr(experts, "forward", forward)  # noqa: B010 - this module's forward only
 

@@ -11,62 +11,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from ..families import MoESpec
+from ..errors import FailedPrecondition, ResourceExhausted
 from ..pattern import Pattern
 from ..store.reader import Store
+from .budget import Budget
 from .engine import PatternedModel
-from .slot_book import RESIDENT
+from .slot_book import RESIDENT, SlotBook, SlotPlan
 
-
-@dataclass(frozen=True)
-class Budget:
-    """Device memory for routed experts: bytes, or a fraction of all routed-expert bytes."""
-
-    bytes: int | None = None
-    fraction: float | None = None
-
-    def __post_init__(self) -> None:
-        if (self.bytes is None) == (self.fraction is None):
-            raise InvalidArgument("give a budget in bytes or as a fraction, not both or neither", field="budget")
-        if self.fraction is not None and not 0 < self.fraction <= 1:
-            raise InvalidArgument(f"budget fraction {self.fraction} must lie in (0, 1]", field="budget")
-        if self.bytes is not None and self.bytes <= 0:
-            raise InvalidArgument(f"budget of {self.bytes} bytes must be positive", field="budget")
-
-    @classmethod
-    def parse(cls, text: str) -> Budget:
-        """A share of all routed-expert bytes (`0.5`, `50%`) or bytes with a unit (`512MiB`, `8GiB`, `2e9B`).
-
-        A bare number above 1 is refused: it would silently be read as bytes where a share was meant."""
-        value = text.strip()
-        try:
-            if value.endswith("%"):
-                return cls(fraction=float(value[:-1]) / 100)
-            units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-            for unit, scale in units.items():
-                if value.endswith(unit):
-                    return cls(bytes=int(float(value[: -len(unit)]) * scale))
-            number = float(value)
-        except ValueError as exc:
-            raise InvalidArgument(f"cannot read budget {text!r} (e.g. 0.5, 50%, 512MiB)", field="budget") from exc
-        if number > 1:
-            raise InvalidArgument(
-                f"budget {text!r} has no unit: give a share (0.5, 50%) or bytes with a unit (8GiB, 2e9B)",
-                field="budget",
-            )
-        return cls(fraction=number)
-
-    def slots_per_layer(self, spec: MoESpec, expert_nbytes: int) -> int:
-        """Slots per MoE layer that fit the budget (at least top-k, at most every expert)."""
-        total = spec.num_experts * len(spec.moe_layers)
-        slots = int(total * self.fraction) if self.fraction is not None else int(self.bytes or 0) // expert_nbytes
-        per_layer = slots // len(spec.moe_layers)
-        if per_layer < spec.top_k:
-            raise ResourceExhausted(
-                f"budget holds {per_layer} experts per layer, fewer than top-k {spec.top_k}", field="budget"
-            )
-        return min(per_layer, spec.num_experts)
+Book = tuple[SlotBook, np.ndarray, np.ndarray | None]  # see `Residency._books`
 
 
 @dataclass
@@ -132,12 +84,12 @@ class Residency:
             self._release(pattern)
 
     def _acquire(self, pattern: Pattern, timeout_s: float) -> Lease:
-        wanted = self._prepare(pattern)
+        books = self._prepare(pattern)
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while True:
                 try:
-                    self.engine.book.plan(wanted)  # fits next to the pinned experts?
+                    self._plans(books)  # fits next to the pinned experts?
                     break
                 except ResourceExhausted:
                     remaining = deadline - time.monotonic()
@@ -162,7 +114,8 @@ class Residency:
             self.stats.device_hits += lease.loaded["device"]
             self.stats.evictions += len(report.evicted)
             self.stats.load_seconds += lease.load_seconds
-            self.engine.book.pin(wanted)
+            for book, wanted, _ in books:
+                book.pin(wanted)
             return lease
 
     def _release(self, pattern: Pattern) -> None:
@@ -174,41 +127,46 @@ class Residency:
         """Pin `pattern` and reserve slots for its experts that are neither resident nor already loading.
 
         Returns the `(layer, expert, slot)` copies to make, or None (and changes nothing) when they do not
-        fit next to the pinned experts now. Evicted experts leave the routing tables at once; they were
-        unpinned, so no running request can route to them. Each copy ends with `commit` or `abort`.
+        fit next to the pinned experts now. Slot ids are a layer's one space: full-precision slots first, then
+        each precision's quantized slots (`runtime.quantized`). Evicted experts leave the routing tables at
+        once; they were unpinned, so no running request can route to them. Each copy ends with `commit` or
+        `abort`.
         """
-        wanted = self._prepare(pattern)
-        book = self.engine.book
+        books = self._prepare(pattern)
         with self._cond:
             try:
-                plan = book.plan(wanted)
+                plans = self._plans(books)
             except ResourceExhausted:
                 self.stats.waits += 1
                 return None
-            self.stats.evictions += book.reserve(plan)
-            book.pin(wanted)
-            layers = self._layers[plan.rows].tolist()
-            return list(zip(layers, plan.experts.tolist(), plan.slots.tolist(), strict=True))
+            copies: list[tuple[int, int, int]] = []
+            for (book, wanted, offsets), plan in zip(books, plans, strict=True):
+                self.stats.evictions += book.reserve(plan)
+                book.pin(wanted)
+                slots = plan.slots if offsets is None else plan.slots + offsets[plan.rows]
+                layers = self._layers[plan.rows].tolist()
+                copies += zip(layers, plan.experts.tolist(), slots.tolist(), strict=True)
+            return copies
 
-    def commit(self, layer: int, expert: int) -> None:
+    def commit(self, layer: int, expert: int, slot: int) -> None:
         """An expert's copy completed: make it routable (call at a step boundary, never during a forward)."""
-        self.commit_all([(layer, expert, -1)])
+        self.commit_all([(layer, expert, slot)])
 
     def commit_all(self, copies: Sequence[tuple[int, int, int]]) -> None:
         """`commit` for each `(layer, expert, slot)` copy of a completed job."""
-        rows, experts = self._rows_of(copies)
         with self._cond:
-            self.engine.book.commit(rows, experts)
+            for book, rows, experts in self._by_book(copies):
+                book.commit(rows, experts)
 
-    def abort(self, layer: int, expert: int) -> None:
+    def abort(self, layer: int, expert: int, slot: int) -> None:
         """An expert's copy failed: free its slot."""
-        self.abort_all([(layer, expert, -1)])
+        self.abort_all([(layer, expert, slot)])
 
     def abort_all(self, copies: Sequence[tuple[int, int, int]]) -> None:
         """`abort` for each `(layer, expert, slot)` copy of a failed job."""
-        rows, experts = self._rows_of(copies)
         with self._cond:
-            self.engine.book.abort(rows, experts)
+            for book, rows, experts in self._by_book(copies):
+                book.abort(rows, experts)
 
     def store_hits(self, count: int) -> None:
         """Count experts a request found already resident (the device tier)."""
@@ -217,52 +175,83 @@ class Residency:
             self.stats.device_hits += count
 
     def is_resident(self, pattern: Pattern) -> bool:
-        """Whether every expert of `pattern` is routable now."""
-        wanted = self.engine.full_mask(pattern)
+        """Whether every expert of `pattern` is routable now (at the precision the pattern holds it)."""
+        books = self._books(pattern)
         with self._cond:
-            return self.engine.book.all_resident(wanted)
+            return all(book.all_resident(wanted) for book, wanted, _ in books)
 
     def unpin(self, pattern: Pattern) -> None:
         """Drop one pin of each expert of `pattern` and mark them recently used."""
-        wanted = self.engine.full_mask(pattern)
+        books = self._books(pattern)
         with self._cond:
-            self.engine.book.unpin(wanted, self.engine.next_tick())
+            tick = self.engine.next_tick()
+            for book, wanted, _ in books:
+                book.unpin(wanted, tick)
             self._cond.notify_all()
 
-    def _prepare(self, pattern: Pattern) -> np.ndarray:
-        """The pattern's experts as a bool `[L, E]` mask, with the pattern checked against the model the first
-        time it is seen (while it lives, it is not checked again) and against the slots per layer every time."""
+    def _prepare(self, pattern: Pattern) -> list[Book]:
+        """`_books`, with the pattern checked against the model the first time it is seen (while it lives, it
+        is not checked again) and against the slots per layer every time."""
         with self._cond:
             key = id(pattern)
             known = self._valid.get(key)
             if known is None or known() is not pattern:
                 pattern.validate(self.engine.spec)
-                if pattern.mixed:  # leases hold full-precision slots only (README, "Known limits")
-                    raise FailedPrecondition(
-                        "the serving engine holds experts at full precision only; this pattern lowers some",
-                        field="precision",
-                    )
 
                 def forget(ref: weakref.ref[Pattern], key: int = key) -> None:  # the pattern is gone
                     if self._valid.get(key) is ref:
                         self._valid.pop(key, None)
 
+                books = self._books(pattern)  # refuses precisions the engine has no slots for
                 self._valid[key] = weakref.ref(pattern, forget)
-            wanted = self.engine.full_mask(pattern)
-            self._check_capacity(wanted)
-            return wanted
+            else:
+                books = self._books(pattern)
+            for book, wanted, offsets in books:
+                self._check_capacity(book, wanted, offsets is not None)
+            return books
 
-    def _rows_of(self, copies: Sequence[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
-        rows = self._row_of[np.fromiter((c[0] for c in copies), np.int64, len(copies))]
-        return rows, np.fromiter((c[1] for c in copies), np.int64, len(copies))
+    def _books(self, pattern: Pattern) -> list[Book]:
+        """(slot book, wanted `[L, E]`, slot id offsets `[L]` or None) for the pattern's full-precision experts
+        and for each precision it holds some experts at."""
+        books: list[Book] = [(self.engine.book, self.engine.full_mask(pattern), None)]
+        if pattern.mixed:
+            quantized = self.engine.quantized
+            if quantized is None:
+                raise FailedPrecondition(
+                    "the pattern holds experts below full precision but the server has no slots for them: start "
+                    "it with --precision-slots (e.g. int4=4)",
+                    field="precision",
+                )
+            for precision, wanted in self.engine.masks.lowered(pattern).items():
+                books.append((quantized.book(precision), wanted, quantized.offsets(precision)))
+        return books
 
-    def _check_capacity(self, wanted: np.ndarray) -> None:
-        over = wanted.sum(axis=1) > self.engine.book.capacity
+    @staticmethod
+    def _plans(books: list[Book]) -> list[SlotPlan]:
+        return [book.plan(wanted) for book, wanted, _ in books]  # each raises before anything changes
+
+    def _by_book(self, copies: Sequence[tuple[int, int, int]]) -> Iterator[tuple[SlotBook, np.ndarray, np.ndarray]]:
+        """The copies' (rows, experts) grouped by the slot book their slot ids fall in."""
+        count = len(copies)
+        rows = self._row_of[np.fromiter((c[0] for c in copies), np.int64, count)]
+        experts = np.fromiter((c[1] for c in copies), np.int64, count)
+        slots = np.fromiter((c[2] for c in copies), np.int64, count)
+        full = slots < self.engine.book.capacity[rows]
+        yield self.engine.book, rows[full], experts[full]
+        quantized = self.engine.quantized
+        if quantized is not None and not full.all():
+            for precision in quantized.precisions:
+                offsets, book = quantized.offsets(precision)[rows], quantized.book(precision)
+                inside = (slots >= offsets) & (slots < offsets + book.capacity[rows])
+                yield book, rows[inside], experts[inside]
+
+    def _check_capacity(self, book: SlotBook, wanted: np.ndarray, lowered: bool) -> None:
+        over = wanted.sum(axis=1) > book.capacity
         if over.any():
             row = int(np.argmax(over))
-            capacity = int(self.engine.book.capacity[row])
+            capacity, kind = int(book.capacity[row]), "quantized " if lowered else ""
             raise ResourceExhausted(
-                f"pattern keeps {int(wanted[row].sum())} experts but the budget gives {capacity} slots per layer",
+                f"pattern keeps {int(wanted[row].sum())} experts but the budget gives {capacity} {kind}slots per layer",
                 field=f"layer {int(self._layers[row])}",
             )
 
@@ -275,3 +264,6 @@ class Residency:
 
     def capacity(self) -> int:
         return int(self.engine.book.capacity.sum())
+
+
+__all__ = ["Budget", "Lease", "Residency", "ResidencyStats"]

@@ -56,6 +56,9 @@ class ServiceConfig:
         engine_threads: CPU threads of the engine's tensor operations; None: all cores but one (at least one), which
             leaves a core to the doors' event loops and the loader, so that streaming does not stall decoding.
         join_wait_steps: Decode steps a ready request may wait so that several join in one prefill (0: none).
+        precision_slots: Slots per MoE layer for experts held below full precision, per precision ("int4=4,int8=2";
+            the store must hold those copies: `premoe shard --precisions`); tasks registered with precisions need
+            them. Their bytes come on top of `budget`: an int4 slot holds about an eighth of a full fp32 one.
         eviction: Which unpinned expert leaves a full layer first: "lru" (least recently used) or "shared-use" (the
             lowest use count decayed over recent requests, so experts many tasks share outlive one task's; fewer
             bytes moved at 62.5% and 75% budgets in `premoe bench switch`, the same at 50%).
@@ -97,6 +100,7 @@ class ServiceConfig:
     max_queue: int = 256
     join_wait_steps: int = 2
     eviction: Eviction = "lru"
+    precision_slots: str | None = None
     engine_threads: int | None = None
     preload: tuple[str, ...] = ()
     lease_timeout_s: float = 30.0
@@ -133,6 +137,7 @@ class ServiceConfig:
         if self.engine_threads is not None and self.engine_threads < 1:
             raise InvalidArgument(f"must be positive, got {self.engine_threads}", field="engine_threads")
         Budget.parse(self.budget)  # fail early on a bad budget
+        self.precision_slot_counts  # noqa: B018 - and on bad precision slots
         self._check_routing()
         self._check_tls()
 
@@ -166,6 +171,22 @@ class ServiceConfig:
     def tls(self) -> bool:
         """Whether the doors serve TLS."""
         return self.tls_cert is not None
+
+    @property
+    def precision_slot_counts(self) -> dict[str, int]:
+        """`precision_slots` read: precision -> slots per MoE layer."""
+        counts: dict[str, int] = {}
+        for item in (self.precision_slots or "").split(","):
+            if not item.strip():
+                continue
+            name, _, count = item.partition("=")
+            if not count.strip().isdigit() or not name.strip() or name.strip() in counts:
+                raise InvalidArgument(
+                    f"cannot read {item.strip()!r}: give PRECISION=SLOTS once per precision, e.g. int4=4,int8=2",
+                    field="precision_slots",
+                )
+            counts[name.strip()] = int(count)
+        return counts
 
     @property
     def budget_value(self) -> Budget:

@@ -25,6 +25,7 @@ from ..retrieval import (
 )
 from ..runtime.build import load_engine
 from ..runtime.eviction import SharedUseTracker
+from ..runtime.quantized import attach_precisions
 from ..store import Store, open_cache
 from .config import ServiceConfig
 from .limits import check_prompt_bytes, check_prompt_tokens
@@ -53,6 +54,8 @@ class ServingCore:
         self.engine, self.residency = load_engine(
             self.store, config.budget_value, config.device, wait_timeout_s=config.lease_timeout_s
         )
+        if config.precision_slots:
+            attach_precisions(self.engine, self.store, config.precision_slot_counts)
         self.spec = self.engine.spec
         self.tokenizer = AutoTokenizer.from_pretrained(self.store.dir, local_files_only=True)
         profiler_engine, _ = load_engine(
