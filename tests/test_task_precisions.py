@@ -83,8 +83,8 @@ def test_a_drop_only_task_shows_no_lowered_experts(served, capsys) -> None:
 
 
 def test_generating_with_a_mixed_task_is_refused_naming_the_precision(served) -> None:
-    """The engine loop serves full-precision patterns only (README, "Known limits"): a clear refusal, not
-    the task's experts quietly served at full precision; the fallback pattern holds them at full precision."""
+    """A server without slots for a task's precisions (no `--precision-slots`) refuses it clearly instead of
+    serving its experts quietly at full precision; the fallback pattern holds its experts at full precision."""
     client = served[0]
     client.register("mixed", DEMOS, fraction=0.3, precisions=["int2"], replace=True)
     with pytest.raises(grpc.RpcError) as info:
