@@ -135,3 +135,20 @@ def _cli_out(capsys: pytest.CaptureFixture[str], args: list[str]) -> str:
 def _http_json(port: int, path: str) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as reply:
         return json.loads(reply.read())
+
+
+def test_a_server_with_precision_slots_serves_the_plan_and_refuses_one_its_slots_cannot_hold(served, embedder) -> None:
+    root = served[3]
+    config = ServiceConfig(
+        store=root / "store", profiles=root / "profiles-slots", port=0, device="cpu", precision_slots="int4=8,int2=1"
+    )
+    with running_server(config, embedder=embedder) as (_, port), PreMoeClient(f"127.0.0.1:{port}") as client:
+        four = client.register("four", DEMOS, fraction=0.3, precisions=["int4"])
+        assert any(layer.precisions for layer in four.layers)
+        reply = client.generate("def add(a, b):", task="four", max_new_tokens=3)
+        assert len(reply.token_ids) == 3 and reply.stats.pattern_experts == four.pattern_experts
+        two = client.register("two", DEMOS, fraction=0.3, precisions=["int2"])
+        assert max(len(layer.precisions) for layer in two.layers) > 1  # more int2 experts than the layer's slot
+        with pytest.raises(grpc.RpcError) as info:
+            client.generate("def add(a, b):", task="two", max_new_tokens=2)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "layer" in info.value.details()
