@@ -191,11 +191,15 @@ def test_mixed_patterns_are_refused_where_they_cannot_run(quant_store: Path) -> 
     with pytest.raises(InvalidArgument) as caught:
         attach_precisions(engine, store, {"int4": 99})
     assert caught.value.field == "capacity.int4"
-    # The serving leases hold full-precision slots only, even when the engine has quantized ones.
-    attach_precisions(engine, store, {"int4": 2})
-    with pytest.raises(FailedPrecondition, match="serving engine") as caught, residency.lease(pattern):
+    # A serving lease of a mixed pattern needs quantized slots too: refused without, held (and pinned) with them.
+    with pytest.raises(FailedPrecondition, match="precision-slots") as caught, residency.lease(pattern):
         pass
     assert caught.value.field == "precision"
+    quantized = attach_precisions(engine, store, {"int4": 2})
+    with residency.lease(pattern):
+        assert residency.is_resident(pattern)
+        assert quantized.books["int4"].pins.sum() == 1 and engine.book.pins.sum() == pattern.size - 1
+    assert quantized.books["int4"].pins.sum() == 0 and engine.book.pins.sum() == 0
 
 
 def test_precision_errors_measured_on_demos_match_a_direct_computation(quant_store: Path) -> None:
