@@ -137,18 +137,20 @@ def _http_json(port: int, path: str) -> dict:
         return json.loads(reply.read())
 
 
-def test_a_server_with_precision_slots_serves_the_plan_and_refuses_one_its_slots_cannot_hold(served, embedder) -> None:
+def test_a_server_with_precision_slots_chooses_plans_its_slots_hold_and_serves_them(served, embedder) -> None:
     root = served[3]
     config = ServiceConfig(
-        store=root / "store", profiles=root / "profiles-slots", port=0, device="cpu", precision_slots="int4=8,int2=1"
+        store=root / "store", profiles=root / "profiles-slots", port=0, device="cpu", precision_slots="int4=4"
     )
-    with running_server(config, embedder=embedder) as (_, port), PreMoeClient(f"127.0.0.1:{port}") as client:
+    with running_server(config, embedder=embedder) as (handle, port), PreMoeClient(f"127.0.0.1:{port}") as client:
         four = client.register("four", DEMOS, fraction=0.3, precisions=["int4"])
         assert any(layer.precisions for layer in four.layers)
+        assert all(len(layer.precisions) <= 4 for layer in four.layers)  # four int4 slots per layer
+        full_slots = handle.service.tasks.max_per_layer
+        assert all(len(layer.experts) - len(layer.precisions) <= full_slots for layer in four.layers)
         reply = client.generate("def add(a, b):", task="four", max_new_tokens=3)
         assert len(reply.token_ids) == 3 and reply.stats.pattern_experts == four.pattern_experts
-        two = client.register("two", DEMOS, fraction=0.3, precisions=["int2"])
-        assert max(len(layer.precisions) for layer in two.layers) > 1  # more int2 experts than the layer's slot
         with pytest.raises(grpc.RpcError) as info:
-            client.generate("def add(a, b):", task="two", max_new_tokens=2)
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "layer" in info.value.details()
+            client.register("two", DEMOS, fraction=0.3, precisions=["int2"])  # no int2 slots here
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "precisions" in info.value.details()
+        assert "two" not in [t.name for t in client.tasks()]

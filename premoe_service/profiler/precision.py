@@ -69,8 +69,14 @@ def select_precisions(
     options: Mapping[str, PrecisionOption],
     budget_bytes: int,
     objective: Objective = "error",
+    slots: Mapping[str, int] | None = None,
 ) -> PrecisionPlan:
-    """The plan of highest summed value whose bytes fit `budget_bytes` (see the module doc)."""
+    """The plan of highest summed value whose bytes fit `budget_bytes` (see the module doc).
+
+    Args:
+        slots: Most experts per layer at a precision (a server's slots: `full` and each `--precision-slots`);
+            a step that would exceed them is not taken, and the expert stays where it was.
+    """
     if objective not in OBJECTIVES:
         raise InvalidArgument(f"unknown objective {objective!r} (use {', '.join(OBJECTIVES)})", field="objective")
     if not options:
@@ -92,24 +98,53 @@ def select_precisions(
 
     hulls = [[_hull(ordered, values, i, e) for e in range(num_experts)] for i in range(num_layers)]
     level = [[0] * num_experts for _ in range(num_layers)]  # steps taken on each expert's hull
+    room = [dict(slots or {}) for _ in range(num_layers)]  # slots left per precision (absent: no limit)
+
+    def fits(i: int, e: int, k: int) -> bool:
+        """Whether step `k` of expert `e` in layer `i` finds a slot at the precision it reaches."""
+        return room[i].get(hulls[i][e][k][2], 1) > 0
+
+    def take(i: int, e: int, k: int) -> int:
+        """Take expert `e`'s hull steps up to step `k` (its slot moves to the precision reached); their bytes."""
+        before = hulls[i][e][level[i][e] - 1][2] if level[i][e] else None
+        if before in room[i]:
+            room[i][before] += 1
+        reached = hulls[i][e][k][2]
+        if reached in room[i]:
+            room[i][reached] -= 1
+        cost = sum(hulls[i][e][j][0] for j in range(level[i][e], k + 1))
+        level[i][e] = k + 1
+        return cost
+
     spent = 0
-    for i in range(num_layers):  # the routing floor: each layer's best experts, at their first hull step
+    for i in range(num_layers):  # the routing floor: each layer's best experts, each at its first hull step with room
         for e in sorted(range(num_experts), key=lambda x: (-float(scores[i, x]), x))[:floor]:
-            level[i][e] = 1
-            spent += hulls[i][e][0][0]
+            for k in range(len(hulls[i][e])):
+                if fits(i, e, k):
+                    spent += take(i, e, k)
+                    break
+            else:
+                raise InvalidArgument(
+                    f"layer {spec.moe_layers[i]} has too few slots for {floor} experts at any precision offered",
+                    field="slots",
+                )
     steps = sorted(
         (-gain / cost if cost > 0 else float("-inf"), i, e, k)
         for i in range(num_layers)
         for e in range(num_experts)
         for k, (cost, gain, _) in enumerate(hulls[i][e])
     )
-    for _, i, e, k in steps:
-        if level[i][e] != k:  # an earlier step of this expert did not fit (or is the floor's)
-            continue
-        cost = hulls[i][e][k][0]
-        if spent + cost <= budget_bytes:
-            spent += cost
-            level[i][e] = k + 1
+    blocked = [[False] * num_experts for _ in range(num_layers)]  # a step found no slot: a later one may jump it
+    for sweep in range(1 if not slots else 4):  # with slot limits, later sweeps use the slots that moves freed
+        for _, i, e, k in steps:
+            if level[i][e] > k or (level[i][e] < k and not blocked[i][e] and sweep == 0):
+                continue  # taken already, or (first sweep) out of budget
+            cost = sum(hulls[i][e][j][0] for j in range(level[i][e], k + 1))
+            if not fits(i, e, k):
+                blocked[i][e] = True
+            elif spent + cost <= budget_bytes:
+                spent += take(i, e, k)
+                blocked[i][e] = False
     layers: dict[int, list[int]] = {}
     precisions: dict[int, dict[int, str]] = {}
     cheapest = ordered[0].precision

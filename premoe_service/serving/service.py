@@ -65,6 +65,7 @@ class ServingCore:
         self.registry = build_registry(config, self.store, self.engine, self.embedder, self._profile_store())
         self.tasks = TaskBook(self.registry, self.store, self.spec, config.selection, profiler_engine)
         self.tasks.max_per_layer = min(slots.capacity for slots in self.engine.slots.values())
+        self.tasks.precision_slots = config.precision_slot_counts
         self.counters: dict[str, TaskCounters] = {}
         self._counter_lock = threading.Lock()
         self.stopping = threading.Event()

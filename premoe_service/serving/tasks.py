@@ -74,6 +74,7 @@ class TaskBook:
         self.selection = selection
         self.profiler_engine = profiler_engine
         self.max_per_layer: int | None = None  # the serving slots per layer: patterns must fit them
+        self.precision_slots: dict[str, int] = {}  # slots per layer of each lower precision (`--precision-slots`)
         self._patterns: dict[tuple[str, str, str], tuple[Pattern, int]] = {}  # with the pattern's bytes
         self._lock = threading.Lock()
         self._profiling = threading.Lock()
@@ -110,7 +111,10 @@ class TaskBook:
         manifest = self.store.manifest
         budget = int(selection.value if selection.unit == "bytes" else selection.value * manifest.total_expert_bytes)
         options = store_options(self.store, precisions=(FULL, *selection.precisions))
-        plan = select_precisions(scores, self.spec, options, budget)
+        slots = dict(self.precision_slots)
+        if self.max_per_layer is not None:
+            slots[FULL] = self.max_per_layer
+        plan = select_precisions(scores, self.spec, options, budget, slots=slots)
         return plan.pattern, plan.nbytes
 
     def view(self, profile: Profile, *, with_layers: bool, registered: bool = True) -> TaskView:
@@ -153,6 +157,13 @@ class TaskBook:
             from ..profiler.precision import store_options
 
             store_options(self.store, precisions=selection.precisions)
+            unserved = [p for p in selection.precisions if self.precision_slots and p not in self.precision_slots]
+            if unserved:
+                raise InvalidArgument(
+                    f"this server has no slots for {unserved} experts (it has {sorted(self.precision_slots)}: "
+                    "--precision-slots)",
+                    field="precisions",
+                )
         with self._profiling, torch.inference_mode():
             profile, _ = profile_store(
                 self.store,
