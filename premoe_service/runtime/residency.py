@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -264,6 +264,21 @@ class Residency:
 
     def capacity(self) -> int:
         return int(self.engine.book.capacity.sum())
+
+    def resident_bytes(self, expert_nbytes: int) -> int:
+        """Bytes of the experts resident now: full ones at `expert_nbytes`, lowered ones at their packed size."""
+        return self._bytes(expert_nbytes, lambda book: int(np.count_nonzero(book.state == RESIDENT)))
+
+    def capacity_bytes(self, expert_nbytes: int) -> int:
+        """Bytes of all slots, full and quantized."""
+        return self._bytes(expert_nbytes, lambda book: int(book.capacity.sum()))
+
+    def _bytes(self, expert_nbytes: int, count: Callable[[SlotBook], int]) -> int:
+        total = count(self.engine.book) * expert_nbytes
+        quantized = self.engine.quantized
+        if quantized is not None:
+            total += sum(count(quantized.books[p]) * quantized.sources[p].copy.expert_nbytes for p in quantized.books)
+        return total
 
 
 __all__ = ["Budget", "Lease", "Residency", "ResidencyStats"]

@@ -263,8 +263,8 @@ class ServingCore:
     # --- stats -------------------------------------------------------------------------------------
 
     def resident_bytes(self) -> int:
-        """Bytes of routed experts resident on the device now."""
-        return self.residency.resident_experts() * self.store.manifest.expert_nbytes
+        """Bytes of routed experts resident on the device now (lowered ones at their packed size)."""
+        return self.residency.resident_bytes(self.store.manifest.expert_nbytes)
 
     def stats(self) -> ServiceStats:
         loads = self.store.stats.loads
@@ -276,8 +276,8 @@ class ServingCore:
         return ServiceStats(
             resident_experts=resident,
             capacity_experts=capacity,
-            resident_bytes=resident * nbytes,
-            budget_bytes=capacity * nbytes,
+            resident_bytes=self.residency.resident_bytes(nbytes),
+            budget_bytes=self.residency.capacity_bytes(nbytes),
             loads={tier: loads[tier] for tier in ("device", "cache", "disk")},
             loaded_bytes=self.store.stats.bytes["cache"] + self.store.stats.bytes["disk"],
             evictions=self.residency.stats.evictions,
