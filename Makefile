@@ -55,7 +55,9 @@ $(REF_STORE)/manifest.json: $(REF_MODEL)/model.safetensors | setup
 
 profiles: $(REF_STORE)/manifest.json
 	for t in $(TASK_NAMES); do \
+		examples=reference/tasks/$$t/examples.jsonl; \
 		$(BIN)/premoe profile --store $(REF_STORE) --task $$t --demos reference/tasks/$$t/demos.jsonl \
+			$$( [ -f $$examples ] && echo --examples $$examples ) \
 			--description "$$t (reference task)" --out profiles/$$t.safetensors --quiet || exit 1; \
 		cp reference/tasks/$$t/demos.jsonl profiles/$$t.demos.jsonl; \
 	done

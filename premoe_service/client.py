@@ -117,6 +117,7 @@ class PreMoeClient:
         replace: bool = False,
         dry_run: bool = False,
         timeout: float | None = None,
+        examples: Sequence[str] = (),
     ) -> pb.TaskInfo:
         """Profile and register a task from demo texts (at most one of the three selections); with `precisions`
         its plan may hold experts at those lower precisions under the `bytes` or `fraction` budget."""
@@ -128,6 +129,7 @@ class PreMoeClient:
             replace=replace,
             dry_run=dry_run,
             precisions=list(precisions),
+            examples=list(examples),
         )
         if experts_per_layer is not None:
             request.experts_per_layer = experts_per_layer

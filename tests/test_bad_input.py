@@ -204,6 +204,15 @@ REGISTER: dict[str, tuple[Message | bytes, grpc.StatusCode, str]] = {
     "demo over max_demo_bytes in UTF-8": (R(name="fresh", demos=["ok", "ü" * 129]), INVALID, "demos[1]"),
     "demos over max_demos_total_bytes": (R(name="fresh", demos=["d" * 250] * 3), INVALID, "demos"),
     "demo of 10 MB": (R(name="fresh", demos=["d" * (10 << 20)]), INVALID, "demos[0]"),
+    "empty example": (R(name="fresh", demos=DEMOS, examples=[""]), INVALID, "examples[0]"),
+    "blank example": (R(name="fresh", demos=DEMOS, examples=["ok", " \n"]), INVALID, "examples[1]"),
+    "more examples than max_demos": (R(name="fresh", demos=DEMOS, examples=["e"] * 5), INVALID, "examples"),
+    "example over max_demo_bytes": (R(name="fresh", demos=DEMOS, examples=["e" * 257]), INVALID, "examples[0]"),
+    "demos and examples over max_demos_total_bytes": (
+        R(name="fresh", demos=["d" * 250] * 2, examples=["e" * 250]),
+        INVALID,
+        "examples",
+    ),
     "description over max_description_bytes": (
         R(name="fresh", demos=DEMOS, description="x" * 65),
         INVALID,

@@ -305,6 +305,14 @@ def test_errors_are_one_line_naming_the_field(tmp_path: Path, tiny_store: Path, 
     code, _, err = run(capsys, "profile", "--store", str(tiny_store), *args)
     assert code == 2 and "bad.jsonl line 2" in err and "Traceback" not in err
     assert not (tmp_path / "x.safetensors").exists()
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "def f(x):\\n    return x"}\n')
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text('{"text": "print(1)"}\n{"answer": "no text"}\n')
+    args[3] = str(good)
+    code, _, err = run(capsys, "profile", "--store", str(tiny_store), *args, "--examples", str(examples))
+    assert code == 2 and "examples.jsonl line 2" in err and "Traceback" not in err
+    assert not (tmp_path / "x.safetensors").exists()
     code, _, err = run(capsys, "shard", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s2"))
     assert code == 2 and "MODEL_DIR" in err
 

@@ -178,6 +178,24 @@ def test_duplicate_registration_is_refused(client) -> None:
     assert "dup" not in [t.name for t in client.tasks()]
 
 
+def test_route_examples_are_indexed_for_retrieval_but_score_no_expert(client, server) -> None:
+    example = "Could you tell me how long the walk to the old lighthouse takes?"
+    plain = client.register("plain-code", CODE_DEMOS, experts_per_layer=3, replace=True)
+    withex = client.register("code-ex", CODE_DEMOS, experts_per_layer=3, replace=True, examples=[example])
+    try:
+        # The pattern comes from the demos alone: the same experts as without the example.
+        assert [list(x.experts) for x in withex.layers] == [list(x.experts) for x in plain.layers]
+        # Retrieval indexes the example: the prompt finds its own vector.
+        routed = client.route(example)
+        assert routed.ranked[0].task == "code-ex" and routed.ranked[0].score > 0.99
+        profile = server[0].service.registry.get("code-ex")
+        assert profile.examples == [example] and profile.demo_embeddings.shape[0] == len(CODE_DEMOS) + 1
+        assert profile.router_inputs.shape[0] == len(CODE_DEMOS) + 1
+    finally:
+        client.delete_task("plain-code")
+        client.delete_task("code-ex")
+
+
 def test_admin_calls_need_the_token(server, client) -> None:
     _, port = server
     client.register("readable", CODE_DEMOS[:2], experts_per_layer=3, replace=True)

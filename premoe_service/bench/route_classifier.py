@@ -60,10 +60,10 @@ def training_items(registry: Registry, categories: Sequence[str]) -> list[Item]:
         vectors, scores, inputs = (
             t.numpy() for t in (profile.demo_embeddings, profile.router_scores, profile.router_inputs)
         )
-        for i in range(len(profile.demos)):
+        for i in range(len(profile.route_texts)):
             found = scorer.signals(vectors[i], RouterFeatures(scores[i : i + 1], inputs[i : i + 1]), (name, i), None)
             items.append(Item(f"{name}:{i}", name, *found))
-        lines = [(i, line) for i, demo in enumerate(profile.demos) for line in demo_lines(demo)]
+        lines = [(i, line) for i, demo in enumerate(profile.route_texts) for line in demo_lines(demo)]
         if len(lines) > MAX_LINES_PER_TASK:
             lines = [lines[k] for k in sorted(rng.choice(len(lines), MAX_LINES_PER_TASK, replace=False))]
         if lines:

@@ -35,6 +35,12 @@ from .shared import device_option, embedder_option, quiet_option, selection_opti
 @store_option(required=False, help="store folder (written by `premoe shard`)  [required]")
 @option("--task", help="task name (^[a-z0-9][a-z0-9_.-]{0,63}$)  [required]")
 @option("--demos", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSONL demo file  [required]")
+@option(
+    "--examples",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help='JSONL of prompts written the way users send them ({"text": ...} per line): retrieval indexes them beside '
+    "the demos, but they score no expert",
+)
 @option("--out", env="PROFILE_OUT", type=click.Path(path_type=Path), help="profile file to write  [required]")
 @option("--description", default="", show_default=False, help="free text shown to operators")
 @selection_options("the task's pattern")
@@ -61,9 +67,11 @@ def profile(ctx: click.Context, **opts: Any) -> int:
             param = next(p for p in ctx.command.params if p.name == name)
             raise click.MissingParameter(ctx=ctx, param=param)
     from ..profiler import Selection, load_demos, profile_store
+    from ..profiler.demos import load_examples
     from ..store import Store
 
     demos = load_demos(opts["demos"])
+    examples = load_examples(opts["examples"]) if opts["examples"] is not None else []
     selection = Selection(criterion=opts["criterion"], policy=opts["policy"], value=opts["value"], unit=opts["unit"])
     embedder = None
     if not opts["no_embed"]:
@@ -80,9 +88,11 @@ def profile(ctx: click.Context, **opts: Any) -> int:
         tcess_threshold=opts["tcess_threshold"],
         device=opts["device"],
         progress=not opts["quiet"],
+        examples=examples,
     )
     result.save(opts["out"])
     note = f", {len(run.truncated)} demos truncated to the context" if run.truncated else ""
+    note += f", {len(examples)} route examples" if examples else ""
     click.echo(
         f"profile {opts['out']}: task {result.name}, {len(demos)} demos, {run.token_count} tokens{note}; "
         f"peak expert memory {run.peak_slot_bytes / 2**20:.2f} MiB (one layer)"

@@ -113,6 +113,11 @@ def generate(
 @verb("register", short_help="profile and register a task on the server from a demo file")
 @click.argument("name")
 @option("--demos", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSONL demo file")
+@option(
+    "--examples",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help='JSONL of prompts the way users send them ({"text": ...} per line), indexed for retrieval only',
+)
 @option("--description", default="", show_default=False, help="free text")
 @option("--criterion", type=CRITERION, help="criterion of the task's pattern (default: the server's)")
 @option("--experts-per-layer", type=POSITIVE, help="keep this many experts per layer")
@@ -133,6 +138,7 @@ def generate(
 def register(
     name: str,
     demos: Path,
+    examples: Path | None,
     description: str,
     criterion: str | None,
     experts_per_layer: int | None,
@@ -148,7 +154,7 @@ def register(
 ) -> int:
     """Send the demos (JSONL) to RegisterTask; the server profiles them without blocking other requests and
     registers task NAME. Without a selection option the server's default selection applies."""
-    from ..profiler.demos import load_demos
+    from ..profiler.demos import load_demos, load_examples
 
     given = {"experts_per_layer": experts_per_layer, "fraction": fraction, "bytes": bytes_}
     selection = {key: value for key, value in given.items() if value is not None}
@@ -164,6 +170,7 @@ def register(
             replace=replace,
             dry_run=dry_run,
             precisions=precisions,
+            examples=load_examples(examples) if examples is not None else (),
             **selection,
         )
     state = "profiled (dry run)" if dry_run else "registered"

@@ -68,6 +68,39 @@ def load_demos(path: str | Path) -> list[Demo]:
     return demos
 
 
+def load_examples(path: str | Path) -> list[str]:
+    """Read a JSONL file of route examples: one {"text": ...} (or {"prompt": ...}, {"query": ...}) per line."""
+    path = Path(path)
+    if not path.exists():
+        raise NotFound(f"no examples file at {path}", field="examples")
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path.name} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"not JSON ({exc.msg})", field=where) from exc
+        text = next(
+            (record.get(k) for k in ("text", "prompt", "query") if isinstance(record, dict) and k in record), None
+        )
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidArgument('needs a non-empty "text" (or "prompt", "query") string', field=where)
+        examples.append(text)
+    return examples
+
+
+def check_examples(examples: Iterable[object]) -> list[str]:
+    """Route examples given in a request; errors name the index."""
+    checked = []
+    for i, example in enumerate(examples):
+        if not isinstance(example, str) or not example.strip():
+            raise InvalidArgument("an example is a non-empty string", field=f"examples[{i}]")
+        checked.append(example)
+    return checked
+
+
 def check_demos(demos: Iterable[object]) -> list[Demo]:
     """Demos given in a request (strings or records); errors name the index."""
     parsed = [d if isinstance(d, Demo) else parse_demo(d, f"demos[{i}]") for i, d in enumerate(demos)]

@@ -39,13 +39,16 @@ class Profile:
         fingerprint: The store fingerprint of the model the scores belong to.
         moe_layers: Decoder-layer indices of the score rows.
         scores: Criterion (a name in `CRITERIA`) -> score matrix. [L, E] fp32
-        demo_embeddings: One normalised vector per demo, or None when no embedder was given. [n, d] fp32
+        demo_embeddings: One normalised vector per demo, then per example (`route_texts`), or None when no
+            embedder was given. [n, d] fp32
         embedder: Name of the embedding model that made `demo_embeddings`.
         demo_hash: SHA-256 of the demos as given.
         token_count: Demo tokens the scores were computed over.
         selection: How the task's pattern is derived from the scores (criterion, policy, value).
         created: ISO-8601 creation time (UTC).
         demos: The demo texts themselves, so a registry can re-embed with another embedder.
+        examples: Prompts written the way users send them for this task, for retrieval only: they are embedded
+            and get a router signal beside the demos, but score no expert (`premoe profile --examples`).
         router_scores: Each demo's router distribution at the first MoE layer (see
             `retrieval.router_signal`), or None. [n, E] fp32
         router_inputs: Each demo's mean router input at that layer, or None. [n, H] fp32
@@ -64,9 +67,15 @@ class Profile:
     selection: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     demos: list[str] = field(default_factory=list)
+    examples: list[str] = field(default_factory=list)
     router_scores: torch.Tensor | None = None
     router_inputs: torch.Tensor | None = None
     router_layer: int | None = None
+
+    @property
+    def route_texts(self) -> list[str]:
+        """What retrieval indexes, one row each in the embeddings and the router signal: demos, then examples."""
+        return [*self.demos, *self.examples]
 
     @property
     def router_signature(self) -> torch.Tensor | None:
@@ -101,6 +110,7 @@ class Profile:
             "selection": json.dumps(self.selection),
             "created": self.created,
             "demos": json.dumps(self.demos),
+            "examples": json.dumps(self.examples),
             "router_layer": json.dumps(self.router_layer),
         }
         return st_save(tensors, metadata=metadata)
@@ -140,6 +150,7 @@ class Profile:
                 selection=json.loads(metadata.get("selection", "{}")),
                 created=metadata.get("created", ""),
                 demos=json.loads(metadata.get("demos", "[]")),
+                examples=json.loads(metadata.get("examples", "[]")),
                 router_scores=tensors.get(_ROUTER_SCORES),
                 router_inputs=tensors.get(_ROUTER_INPUTS),
                 router_layer=json.loads(metadata.get("router_layer", "null")),
@@ -185,6 +196,8 @@ def _check_parts(profile: Profile, source: str) -> None:
         problems.append("moe_layers are not integers")
     if not isinstance(profile.demos, list) or not all(isinstance(d, str) for d in profile.demos):
         problems.append("demos are not a list of strings")
+    if not isinstance(profile.examples, list) or not all(isinstance(d, str) for d in profile.examples):
+        problems.append("examples are not a list of strings")
     if not isinstance(profile.selection, dict):
         problems.append("selection is not an object")
     if not all(m.is_floating_point() for m in profile.scores.values()):

@@ -117,15 +117,17 @@ def build_profile(
     selection: Selection | None = None,
     embedder: Any = None,
     signal: Any = None,
+    examples: Sequence[str] = (),
 ) -> Profile:
-    """A profile from a run; demos are embedded when an embedder (with `.name` and `.encode`) is given, and get
-    their router signal when a `retrieval.RouterSignal` is given."""
+    """A profile from a run; demos (then the retrieval-only `examples`) are embedded when an embedder (with `.name`
+    and `.encode`) is given, and get their router signal when a `retrieval.RouterSignal` is given."""
+    texts = [d.text for d in demos] + list(examples)
     embeddings = None
     if embedder is not None:
-        embeddings = torch.from_numpy(embedder.encode([d.text for d in demos])).float()
+        embeddings = torch.from_numpy(embedder.encode(texts)).float()
     router: dict[str, Any] = {}
     if signal is not None:
-        features = signal.features([d.text for d in demos])
+        features = signal.features(texts)
         router = {
             "router_scores": torch.from_numpy(features.scores),
             "router_inputs": torch.from_numpy(features.inputs),
@@ -143,6 +145,7 @@ def build_profile(
         token_count=run.token_count,
         selection=(selection or Selection()).to_json(),
         demos=[d.text for d in demos],
+        examples=list(examples),
         **router,
     )
 
@@ -159,6 +162,7 @@ def profile_store(
     device: str | None = None,
     progress: bool = False,
     engine: PatternedModel | None = None,
+    examples: Sequence[str] = (),
 ) -> tuple[Profile, ProfileRun]:
     """Profile a task over a store, layer-streamed: dense part resident, one layer of experts at a time.
 
@@ -189,5 +193,6 @@ def profile_store(
         selection=selection,
         embedder=embedder,
         signal=RouterSignal.from_store(store, device=engine.device, dense=engine.dense_state_dict()),
+        examples=examples,
     )
     return profile, run

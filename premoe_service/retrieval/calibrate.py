@@ -83,8 +83,8 @@ class _LeaveOneOut:
         self.policy: RoutePolicy = registry.policy
         profiles = [registry.get(name) for name in registry.names()]
         self.vectors = np.concatenate([p.demo_embeddings.numpy() for p in profiles if p.demo_embeddings is not None])
-        self.owners = [(p.name, i) for p in profiles for i in range(len(p.demos))]
-        self.counts = {p.name: len(p.demos) for p in profiles}
+        self.owners = [(p.name, i) for p in profiles for i in range(len(p.route_texts))]
+        self.counts = {p.name: len(p.route_texts) for p in profiles}
 
     def decide(
         self, query: np.ndarray, features: RouterFeatures, leave_out: tuple[str, int] | None, background: int | None
@@ -128,10 +128,10 @@ def calibrate(registry: Registry, *, labelled: Sequence[RouteRecord] = (), loss:
         embeddings, scores, inputs = profile.demo_embeddings, profile.router_scores, profile.router_inputs
         if embeddings is None or scores is None or inputs is None:
             raise FailedPrecondition(f"task {name!r} has no embeddings or router signal", field=name)
-        for i in range(len(profile.demos)):
+        for i in range(len(profile.route_texts)):
             features = RouterFeatures(scores.numpy()[i : i + 1], inputs.numpy()[i : i + 1])
             positives.append((name, scorer.decide(embeddings.numpy()[i], features, (name, i), None)))
-        lines = [(i, line) for i, demo in enumerate(profile.demos) for line in demo_lines(demo)]
+        lines = [(i, line) for i, demo in enumerate(profile.route_texts) for line in demo_lines(demo)]
         if len(lines) > MAX_LINES_PER_TASK:
             lines = [lines[k] for k in sorted(rng.choice(len(lines), MAX_LINES_PER_TASK, replace=False))]
         if lines:

@@ -24,12 +24,12 @@ def demo_vectors(profile: Profile, embedder: Embedder) -> tuple[Profile, np.ndar
         and stored.shape[1] == embedder.dim
     ):
         return profile, stored.detach().cpu().float().numpy()
-    if not profile.demos:
+    if not profile.route_texts:
         raise InvalidArgument(
             f"task {profile.name!r} has no demos to embed with {embedder.name} "
             f"(its embeddings are from {profile.embedder or 'no embedder'!r})",
             field="demos",
         )
-    vectors = embedder.encode(profile.demos)  # [n, dim]
+    vectors = embedder.encode(profile.route_texts)  # [n, dim]: demos, then examples
     embedded = dataclasses.replace(profile, demo_embeddings=torch.from_numpy(vectors), embedder=embedder.name)
     return embedded, vectors

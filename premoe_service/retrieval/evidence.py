@@ -80,13 +80,13 @@ class RouterEvidence:
             and inputs.shape[1] == self.signal.hidden
         ):
             return profile
-        if not profile.demos:
+        if not profile.route_texts:
             raise InvalidArgument(
                 f"task {profile.name!r} has no router signal for layer {self.signal.layer} and no demos to compute "
                 "it from: profile the task again with `premoe profile`",
                 field="router_scores",
             )
-        features = self.signal.features(profile.demos)
+        features = self.signal.features(profile.route_texts)
         return dataclasses.replace(
             profile,
             router_scores=torch.from_numpy(features.scores),

@@ -123,6 +123,7 @@ class GrpcDoor(pb_grpc.PreMoeServicer):
                     selection=call.selection,
                     replace=call.replace,
                     dry_run=call.dry_run,
+                    examples=call.examples,
                 )
             )
         return task_to_pb(view)

@@ -48,6 +48,7 @@ class RegisterCall:
     replace: bool
     dry_run: bool
     selection_field: str | None = None  # the oneof member the caller set, if any
+    examples: tuple[str, ...] = ()  # retrieval-only prompts
 
     @contextmanager
     def request_fields(self) -> Iterator[None]:
@@ -72,17 +73,23 @@ class RegisterCall:
                 f"{len(request.demos)} demos, over the limit of {config.max_demos} (the server's max_demos)",
                 field="demos",
             )
-        total = 0
-        for i, text in enumerate(request.demos):
-            total += check_size(text, config.max_demo_bytes, f"demos[{i}]", "max_demo_bytes")
-            if not text or text.isspace():
-                raise InvalidArgument("demo is empty", field=f"demos[{i}]")
-        if total > config.max_demos_total_bytes:
+        if len(request.examples) > config.max_demos:
             raise InvalidArgument(
-                f"{total} bytes together, over the limit of {config.max_demos_total_bytes}"
-                " (the server's max_demos_total_bytes)",
-                field="demos",
+                f"{len(request.examples)} examples, over the limit of {config.max_demos} (the server's max_demos)",
+                field="examples",
             )
+        total = 0
+        for kind, texts in (("demos", request.demos), ("examples", request.examples)):
+            for i, text in enumerate(texts):
+                total += check_size(text, config.max_demo_bytes, f"{kind}[{i}]", "max_demo_bytes")
+                if not text or text.isspace():
+                    raise InvalidArgument(f"{kind[:-1]} is empty", field=f"{kind}[{i}]")
+            if total > config.max_demos_total_bytes:
+                raise InvalidArgument(
+                    f"{total} bytes together, over the limit of {config.max_demos_total_bytes}"
+                    " (the server's max_demos_total_bytes, demos and examples together)",
+                    field=kind,
+                )
         demos = [Demo(text) for text in request.demos]
         default = config.selection
         criterion = request.criterion or default.criterion
@@ -104,7 +111,16 @@ class RegisterCall:
             if request.bytes <= 0:
                 raise InvalidArgument("must be positive", field="bytes")
             selection = Selection(criterion, "budget", int(request.bytes), "bytes", precisions)
-        return cls(name, request.description, demos, selection, request.replace, request.dry_run, which)
+        return cls(
+            name,
+            request.description,
+            demos,
+            selection,
+            request.replace,
+            request.dry_run,
+            which,
+            tuple(request.examples),
+        )
 
 
 def name_from_pb(name: str) -> str:

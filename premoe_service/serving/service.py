@@ -15,7 +15,7 @@ import torch
 from ..engine import BatchLimits, EngineLoop, Outcome, Request, SamplingParams
 from ..errors import NotFound, Unavailable
 from ..pattern import Pattern
-from ..profiler import Demo, Selection
+from ..profiler import Demo
 from ..retrieval import (
     Embedder,
     ProfileStore,
@@ -235,21 +235,12 @@ class ServingCore:
 
     # --- tasks -------------------------------------------------------------------------------------
 
-    def register_task(
-        self,
-        name: str,
-        demos: list[Demo],
-        *,
-        description: str = "",
-        selection: Selection | None = None,
-        replace: bool = False,
-        dry_run: bool = False,
-    ) -> TaskView:
+    def register_task(self, name: str, demos: list[Demo], **options: Any) -> TaskView:
+        """Profile and register a task; `options` are `TaskBook.register`'s (description, selection, replace,
+        dry_run, examples)."""
         if self.stopping.is_set():
             raise Unavailable("the server is shutting down", field="server")
-        return self.tasks.register(
-            name, demos, description=description, selection=selection, replace=replace, dry_run=dry_run
-        )
+        return self.tasks.register(name, demos, **options)
 
     def list_tasks(self) -> list[TaskView]:
         return [self.tasks.view(self.registry.get(name), with_layers=False) for name in self.registry.names()]

@@ -13,6 +13,7 @@ from ..families import MoESpec
 from ..names import check_task_name
 from ..pattern import Pattern
 from ..profiler import Demo, Profile, Selection, best_routable, profile_store, select
+from ..profiler.demos import check_examples
 from ..retrieval import Registry
 from ..runtime.engine import PatternedModel
 from ..store import Store
@@ -143,8 +144,10 @@ class TaskBook:
         selection: Selection | None = None,
         replace: bool = False,
         dry_run: bool = False,
+        examples: Sequence[str] = (),
     ) -> TaskView:
-        """Profile the demos, derive the pattern, and (unless dry run) register the task."""
+        """Profile the demos, derive the pattern, and (unless dry run) register the task; `examples` are indexed
+        for retrieval beside the demos."""
         check_task_name(name)
         if not demos:
             raise InvalidArgument("at least one demo is needed", field="demos")
@@ -173,6 +176,7 @@ class TaskBook:
                 selection=selection,
                 embedder=self.registry.embedder,
                 engine=self.profiler_engine,
+                examples=check_examples(examples),
             )
         view = self.view(profile, with_layers=True, registered=not dry_run)  # selection errors surface here
         if not dry_run:

@@ -133,7 +133,7 @@ class RouteResponse(_message.Message):
     def __init__(self, ranked: _Optional[_Iterable[_Union[TaskScore, _Mapping]]] = ..., decision: _Optional[str] = ..., task: _Optional[str] = ..., fallback_tasks: _Optional[_Iterable[str]] = ..., pattern_experts: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RegisterTaskRequest(_message.Message):
-    __slots__ = ("name", "description", "demos", "criterion", "experts_per_layer", "fraction", "bytes", "replace", "dry_run", "precisions")
+    __slots__ = ("name", "description", "demos", "criterion", "experts_per_layer", "fraction", "bytes", "replace", "dry_run", "precisions", "examples")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     DEMOS_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,7 @@ class RegisterTaskRequest(_message.Message):
     REPLACE_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     PRECISIONS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     demos: _containers.RepeatedScalarFieldContainer[str]
@@ -154,7 +155,8 @@ class RegisterTaskRequest(_message.Message):
     replace: bool
     dry_run: bool
     precisions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., demos: _Optional[_Iterable[str]] = ..., criterion: _Optional[str] = ..., experts_per_layer: _Optional[int] = ..., fraction: _Optional[float] = ..., bytes: _Optional[int] = ..., replace: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., precisions: _Optional[_Iterable[str]] = ...) -> None: ...
+    examples: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., demos: _Optional[_Iterable[str]] = ..., criterion: _Optional[str] = ..., experts_per_layer: _Optional[int] = ..., fraction: _Optional[float] = ..., bytes: _Optional[int] = ..., replace: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., precisions: _Optional[_Iterable[str]] = ..., examples: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LayerExperts(_message.Message):
     __slots__ = ("layer", "experts", "precisions")
