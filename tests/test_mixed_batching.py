@@ -5,7 +5,6 @@ checkpoint: the dequantized one with the dropped experts excluded for the mixed 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,12 +28,7 @@ FAMILIES = sorted(TINY_CONFIGS)
 ATOL = 2e-5  # fp32 rows of a padded batch against one request alone in transformers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def dequantized_model(reference, store: Store, precisions: dict[int, dict[int, str]]):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..retrieval import Embedder, LocalProfileStore, Registry, RoutePolicy, load_route_records
-from ..retrieval.calibrate import MAX_LINES_PER_TASK, _LeaveOneOut, demo_lines
+from ..retrieval.calibrate import _LeaveOneOut, positive_items
 from ..retrieval.decision import decide_combined
 from ..retrieval.evidence import PromptEvidence
 from ..retrieval.router_signal import RouterFeatures, RouterSignal
@@ -51,27 +51,10 @@ def training_items(registry: Registry, categories: Sequence[str]) -> list[Item]:
     if evidence is None or background is None:
         raise SystemExit("the router signal and a background are needed")
     scorer = _LeaveOneOut(registry, evidence)
-    rng = np.random.default_rng(0)  # the same lines as calibration draws
-    items = []
-    for name in registry.names():
-        profile = registry.get(name)
-        assert profile.demo_embeddings is not None and profile.router_scores is not None
-        assert profile.router_inputs is not None
-        vectors, scores, inputs = (
-            t.numpy() for t in (profile.demo_embeddings, profile.router_scores, profile.router_inputs)
-        )
-        for i in range(len(profile.route_texts)):
-            found = scorer.signals(vectors[i], RouterFeatures(scores[i : i + 1], inputs[i : i + 1]), (name, i), None)
-            items.append(Item(f"{name}:{i}", name, *found))
-        lines = [(i, line) for i, demo in enumerate(profile.route_texts) for line in demo_lines(demo)]
-        if len(lines) > MAX_LINES_PER_TASK:
-            lines = [lines[k] for k in sorted(rng.choice(len(lines), MAX_LINES_PER_TASK, replace=False))]
-        if lines:
-            line_vectors = registry.embedder.encode([text for _, text in lines])
-            features = evidence.signal.features([text for _, text in lines])
-            for k, (i, _) in enumerate(lines):
-                row = RouterFeatures(features.scores[k : k + 1], features.inputs[k : k + 1])
-                items.append(Item(f"{name}:{i}", name, *scorer.signals(line_vectors[k], row, (name, i), None)))
+    items = [
+        Item(f"{name}:{i}", name, *scorer.signals(vector, features, (name, i), None))
+        for name, i, vector, features in positive_items(registry, evidence)  # the same items as calibration
+    ]
     bg_vectors, bg_features = background
     for b in range(bg_vectors.shape[0]):
         row = RouterFeatures(bg_features.scores[b : b + 1], bg_features.inputs[b : b + 1])

@@ -8,7 +8,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InvalidArgument, NotFound
+from ..errors import InvalidArgument
+from ..jsonl import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -50,19 +51,7 @@ def parse_demo(record: object, where: str) -> Demo:
 
 def load_demos(path: str | Path) -> list[Demo]:
     """Read a JSONL demo file; blank lines are skipped, every other line must be a demo."""
-    path = Path(path)
-    if not path.exists():
-        raise NotFound(f"no demo file at {path}", field="demos")
-    demos = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path.name} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidArgument(f"not JSON ({exc.msg})", field=where) from exc
-        demos.append(parse_demo(record, where))
+    demos = [parse_demo(record, where) for record, where in read_jsonl(path, "demos", _line_of)]
     if not demos:
         raise InvalidArgument(f"{path} holds no demos", field="demos")
     return demos
@@ -70,25 +59,18 @@ def load_demos(path: str | Path) -> list[Demo]:
 
 def load_examples(path: str | Path) -> list[str]:
     """Read a JSONL file of route examples: one {"text": ...} (or {"prompt": ...}, {"query": ...}) per line."""
-    path = Path(path)
-    if not path.exists():
-        raise NotFound(f"no examples file at {path}", field="examples")
     examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path.name} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidArgument(f"not JSON ({exc.msg})", field=where) from exc
-        text = next(
-            (record.get(k) for k in ("text", "prompt", "query") if isinstance(record, dict) and k in record), None
-        )
+    for record, where in read_jsonl(path, "examples", _line_of):
+        keys = [k for k in ("text", "prompt", "query") if isinstance(record, dict) and k in record]
+        text = record[keys[0]] if keys and isinstance(record, dict) else None
         if not isinstance(text, str) or not text.strip():
             raise InvalidArgument('needs a non-empty "text" (or "prompt", "query") string', field=where)
         examples.append(text)
     return examples
+
+
+def _line_of(path: Path, number: int) -> str:
+    return f"{path.name} line {number}"
 
 
 def check_examples(examples: Iterable[object]) -> list[str]:

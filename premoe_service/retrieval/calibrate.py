@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +107,29 @@ class _LeaveOneOut:
         return ranked, found
 
 
+def positive_items(
+    registry: Registry, evidence: RouterEvidence
+) -> Iterator[tuple[str, int, np.ndarray, RouterFeatures]]:
+    """Each task's training items: its route texts (demos, then examples) and a sample of their lines, as (task,
+    index of the route text it comes from, embedding, router features)."""
+    rng = np.random.default_rng(0)  # the lines drawn are the same on every call
+    for name in registry.names():
+        profile = registry.get(name)
+        embeddings, scores, inputs = profile.demo_embeddings, profile.router_scores, profile.router_inputs
+        if embeddings is None or scores is None or inputs is None:
+            raise FailedPrecondition(f"task {name!r} has no embeddings or router signal", field=name)
+        for i in range(len(profile.route_texts)):
+            yield name, i, embeddings.numpy()[i], RouterFeatures(scores.numpy()[i : i + 1], inputs.numpy()[i : i + 1])
+        lines = [(i, line) for i, demo in enumerate(profile.route_texts) for line in demo_lines(demo)]
+        if len(lines) > MAX_LINES_PER_TASK:
+            lines = [lines[k] for k in sorted(rng.choice(len(lines), MAX_LINES_PER_TASK, replace=False))]
+        if lines:
+            vectors = registry.embedder.encode([text for _, text in lines])
+            found = evidence.signal.features([text for _, text in lines])
+            for k, (i, _) in enumerate(lines):
+                yield name, i, vectors[k], RouterFeatures(found.scores[k : k + 1], found.inputs[k : k + 1])
+
+
 def calibrate(registry: Registry, *, labelled: Sequence[RouteRecord] = (), loss: float = 0.05) -> Calibration:
     """Per-task leads for `registry` (router signal and background required) at `loss` of each task's positives.
 
@@ -121,25 +144,10 @@ def calibrate(registry: Registry, *, labelled: Sequence[RouteRecord] = (), loss:
     if evidence is None or background is None:
         raise FailedPrecondition("calibration needs the router signal and an off-topic background", field="background")
     scorer = _LeaveOneOut(registry, evidence)
-    rng = np.random.default_rng(0)
-    positives: list[tuple[str, RouteDecision]] = []
-    for name in registry.names():
-        profile = registry.get(name)
-        embeddings, scores, inputs = profile.demo_embeddings, profile.router_scores, profile.router_inputs
-        if embeddings is None or scores is None or inputs is None:
-            raise FailedPrecondition(f"task {name!r} has no embeddings or router signal", field=name)
-        for i in range(len(profile.route_texts)):
-            features = RouterFeatures(scores.numpy()[i : i + 1], inputs.numpy()[i : i + 1])
-            positives.append((name, scorer.decide(embeddings.numpy()[i], features, (name, i), None)))
-        lines = [(i, line) for i, demo in enumerate(profile.route_texts) for line in demo_lines(demo)]
-        if len(lines) > MAX_LINES_PER_TASK:
-            lines = [lines[k] for k in sorted(rng.choice(len(lines), MAX_LINES_PER_TASK, replace=False))]
-        if lines:
-            vectors = registry.embedder.encode([text for _, text in lines])
-            found = evidence.signal.features([text for _, text in lines])
-            for k, (i, _) in enumerate(lines):
-                features = RouterFeatures(found.scores[k : k + 1], found.inputs[k : k + 1])
-                positives.append((name, scorer.decide(vectors[k], features, (name, i), None)))
+    positives = [
+        (name, scorer.decide(vector, features, (name, i), None))
+        for name, i, vector, features in positive_items(registry, evidence)
+    ]
     bg_vectors, bg_features = background
     negatives = [
         scorer.decide(

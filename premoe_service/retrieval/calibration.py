@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InvalidArgument, NotFound
+from ..errors import InvalidArgument
+from ..jsonl import read_jsonl
 from ..names import check_task_name
 from .router import SupportsRoute, check_prompt
 
@@ -85,24 +85,10 @@ def load_route_records(path: str | Path) -> list[RouteRecord]:
         NotFound: The file does not exist.
         InvalidArgument: A line is not such an object; `field` names the file and line number.
     """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise NotFound(f"no route records file at {path}", field=str(path)) from exc
-    except UnicodeDecodeError as exc:
-        raise InvalidArgument(f"{path} is not UTF-8 text: {exc}", field=str(path)) from exc
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidArgument(f"line {number} is not JSON: {exc.msg}", field=where) from exc
-        records.append(_record(item, where, f"line {number}"))
-    return records
+    return [
+        _record(item, where, f"line {where.rsplit(':', 1)[1]}")
+        for item, where in read_jsonl(path, "route records", lambda file, number: f"{file}:{number}")
+    ]
 
 
 def evaluate(router: SupportsRoute, records: Iterable[RouteRecord | Mapping[str, object]]) -> RouteEvaluation:
