@@ -49,7 +49,8 @@ def main() -> None:
         signal=RouterSignal.from_store(store, dense=engine.dense_state_dict()),
         background=background,
     )
-    registry.policy = dataclasses.replace(registry.policy, threshold=1.0)  # every prompt takes the fallback
+    # every prompt takes the fallback: no similarity reaches the floors (with and without the none-class)
+    registry.policy = dataclasses.replace(registry.policy, threshold=1.0, background_floor=1.0)
     capacity = Budget(fraction=args.budget).slots_per_layer(engine.spec, store.manifest.expert_nbytes)
     book = TaskBook(registry, store, engine.spec, Selection(), engine)
     book.max_per_layer = capacity
