@@ -378,6 +378,14 @@ def test_register_needs_the_admin_token(server: str, tmp_path: Path, capsys, mon
     assert code == 1 and "PERMISSION_DENIED" in err
     code, out, _ = run(capsys, "register", "py", "--demos", str(demos), "--dry-run", "--admin-token", TOKEN)
     assert code == 0 and out.startswith("task py profiled (dry run)")
+    examples = tmp_path / "e.jsonl"
+    examples.write_text('{"text": "print(sum(range(3)))"}\n')
+    with_examples = ["--examples", str(examples), "--dry-run", "--admin-token", TOKEN]
+    code, out, _ = run(capsys, "register", "py", "--demos", str(demos), *with_examples)
+    assert code == 0 and out.startswith("task py profiled (dry run)")
+    examples.write_text('{"text": "print(1)"}\n{"text": ""}\n')
+    code, _, err = run(capsys, "register", "py", "--demos", str(demos), *with_examples)
+    assert code == 2 and "e.jsonl line 2" in err and "Traceback" not in err
 
 
 def test_client_verbs_import_no_torch(server: str) -> None:
