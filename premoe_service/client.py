@@ -80,10 +80,12 @@ class PreMoeClient:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        expert_skip_threshold: float = 0.0,
     ) -> pb.GenerateRequest:
         request = pb.GenerateRequest(
             prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=list(stop)
         )
+        request.expert_skip_threshold = expert_skip_threshold
         if task is not None:
             request.task = task
         if seed is not None:

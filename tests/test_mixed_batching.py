@@ -1,6 +1,7 @@
 """Mixed-precision patterns through the engine loop: a row whose task holds experts at int8/int4/int2/bf16 decodes in
 one batch with rows of other tasks (drop-only, all experts), and every row's logits equal transformers' on its own
-checkpoint: the dequantized one with the dropped experts excluded for the mixed row, the pruned one for the others."""
+checkpoint: the dequantized one with the dropped experts excluded for the mixed row, the pruned one for the others.
+The mixed row also skips low-weight experts while decoding (`test_expert_skip`), through the quantized slots' ids."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from premoe_service.store.precisions import PrecisionReader, add_precisions
 
 from .references import masked_transformers, random_pattern
 from .test_batching import Observer, forced_logits
+from .test_expert_skip import THRESHOLD as SKIP
+from .test_expert_skip import reference_logits
 from .test_quant_exactness import GROUP, PRECISIONS, mixed_plan, reference_dequantized
 
 FAMILIES = sorted(TINY_CONFIGS)
@@ -74,8 +77,11 @@ def test_mixed_rows_batched_with_other_tasks_equal_their_checkpoints(family: str
     loop = EngineLoop(engine, residency, store, eos=set(), pad_id=0, limits=BatchLimits(max_join_wait_steps=0))
     observer = Observer(loop)
     prompts = {"mixed": [5, 9, 17, 3, 44], "drop-only": [7, 7, 21, 90, 11, 4, 60], "all": [12, 30, 8]}
+    skip = {"mixed": SKIP, "drop-only": 0.0, "all": 0.0}  # the mixed row also skips experts while decoding
     requests = {
-        name: Request(prompts[name], patterns[name], SamplingParams(max_new_tokens=6), tiny_tokenizer(), stream=False)
+        name: Request(
+            prompts[name], patterns[name], SamplingParams(6, skip_below=skip[name]), tiny_tokenizer(), stream=False
+        )
         for name in patterns
     }
     try:
@@ -97,13 +103,15 @@ def test_mixed_rows_batched_with_other_tasks_equal_their_checkpoints(family: str
             expected[name] = forced_logits(model, request.prompt_ids, request.generated)
         else:
             with masked_transformers(model, keep):
-                expected[name] = forced_logits(model, request.prompt_ids, request.generated)
+                expected[name] = reference_logits(model, request.prompt_ids, request.generated, skip[name], [])
         actual = torch.stack(observer.logits[request.id])
         assert actual.shape == expected[name].shape
         assert (actual - expected[name]).abs().max().item() <= ATOL, name
     # The precisions matter, or the comparison proves nothing: the same experts at full precision differ.
     with masked_transformers(reference, kept):
-        full_precision = forced_logits(reference, requests["mixed"].prompt_ids, requests["mixed"].generated)
+        mixed = requests["mixed"]
+        full_precision = reference_logits(reference, mixed.prompt_ids, mixed.generated, SKIP, [])
+    assert mixed.experts_skipped > 0
     assert (expected["mixed"] - full_precision).abs().max().item() > 1e-3
 
 

@@ -70,6 +70,13 @@ def route(
 @option("--top-p", type=OPEN_SHARE, default=1.0, help="nucleus sampling mass")
 @option("--seed", type=int, help="sampling seed")
 @option("--stop", multiple=True, help="stop string (repeatable; the twin holds space-separated strings)")
+@option(
+    "--expert-skip-threshold",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.0,
+    help="while decoding, skip a routed expert below this share of the token's routing weights (never the top one; "
+    "0: off)",
+)
 @client_options()
 def generate(
     prompt: str,
@@ -79,6 +86,7 @@ def generate(
     top_p: float,
     seed: int | None,
     stop: tuple[str, ...],
+    expert_skip_threshold: float,
     server: str,
     timeout: float,
     api_key: str | None,
@@ -91,6 +99,7 @@ def generate(
         "stop": stop,
         "task": task,
         "seed": seed,
+        "expert_skip_threshold": expert_skip_threshold,
     }
     last = None
     with connect(server, timeout, api_key) as client:
@@ -104,7 +113,8 @@ def generate(
             f"\n[{last.finish_reason}] task {s.task or '(fallback)'} ({s.decision}, score {s.score:.3f}); "
             f"{s.pattern_experts}/{s.total_experts} experts, loaded device {s.loads.device} cache {s.loads.cache} "
             f"disk {s.loads.disk}; coverage {s.coverage:.3f}{' (widened)' if s.widened else ''}; "
-            f"{s.timings.total_ms:.0f} ms",
+            f"{s.timings.total_ms:.0f} ms"
+            + (f"; {s.expert_calls_skipped}/{s.expert_calls} expert calls skipped" if s.expert_calls_skipped else ""),
             err=True,
         )
     return 0

@@ -52,8 +52,8 @@ class RunningBatch:
         mask, positions = self.kv.decode_inputs()
         ids = torch.tensor([[r.generated[-1]] for r in self.requests], device=self.engine.device)
         if self._context is None:
-            patterns = [r.pattern for r in self.requests]
-            self._context = RoutingContext.build(self.engine, patterns, 1)
+            patterns, skip = [r.pattern for r in self.requests], [r.params.skip_below for r in self.requests]
+            self._context = RoutingContext.build(self.engine, patterns, 1, skip_below=skip)
         return ids, mask, positions, self._context
 
 

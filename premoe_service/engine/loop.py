@@ -224,10 +224,10 @@ class EngineLoop:
         self.stats.decode_steps += 1
         last = logits[:, -1]
         greedy = last.argmax(-1).tolist()
-        coverage = context.collect().tolist()
+        coverage, skipped = context.collect().tolist(), context.take_skipped()
         finished = []
         for row, request in enumerate(rows):
-            request.count_coverage(coverage[row], self.moe_layers)
+            request.count_coverage(coverage[row], self.moe_layers, skipped[row])
             token = greedy[row] if request.params.temperature == 0 else request.choose(last[row])
             if self._emit(request, token, last[row]):
                 finished.append(request)

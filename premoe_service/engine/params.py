@@ -18,6 +18,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely alternatives
     prompt_logprobs: bool = False  # also score the prompt's tokens (with `logprobs` alternatives each)
+    skip_below: float = 0.0  # decode tokens skip routed experts below this share of their weights (0: off)
 
     def check(self, limit: int) -> SamplingParams:
         """Validate against the server's token limit; errors name the field."""
@@ -28,6 +29,8 @@ class SamplingParams:
             raise InvalidArgument(f"must lie in 0..20, got {self.logprobs}", field="logprobs")
         if not (0 <= self.temperature <= 10) or self.temperature != self.temperature:
             raise InvalidArgument(f"must lie in [0, 10], got {self.temperature}", field="temperature")
+        if not 0 <= self.skip_below < 1:
+            raise InvalidArgument(f"must lie in [0, 1), got {self.skip_below}", field="expert_skip_threshold")
         if not 0 < self.top_p <= 1:
             raise InvalidArgument(f"must lie in (0, 1], got {self.top_p}", field="top_p")
         if any(not s or len(s) > 256 for s in self.stop) or len(self.stop) > 16:

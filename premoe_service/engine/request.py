@@ -48,6 +48,8 @@ class Outcome:
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None  # per generated token, when asked for
     prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token (the first has none), when asked for
+    routings: int = 0  # tokens x MoE layers routed for it (prefill and decode)
+    experts_skipped: int = 0  # routed expert calls its `skip_below` took out
 
 
 @dataclass
@@ -87,6 +89,7 @@ class Request:
     pinned: Pattern | None = None  # the pattern whose pins it holds
     coverage_sum: float = 0.0
     coverage_count: int = 0
+    experts_skipped: int = 0
     loads: dict[str, int] = field(default_factory=lambda: {"device": 0, "cache": 0, "disk": 0})
     loaded_bytes: int = 0
     load_s: float = 0.0
@@ -143,11 +146,12 @@ class Request:
             )
         return None
 
-    def count_coverage(self, share_sum: float, routings: int) -> None:
+    def count_coverage(self, share_sum: float, routings: int, skipped: int = 0) -> None:
         """Add a forward pass's coverage: the summed router share on the pattern over its `routings` (tokens x MoE
-        layers)."""
+        layers), and the routed expert calls it skipped."""
         self.coverage_sum += share_sum
         self.coverage_count += routings
+        self.experts_skipped += skipped
 
     def widen_after_prefill(self, prompt_scores: dict[int, Tensor]) -> bool:
         """When its prefill coverage is below its floor, take the wider pattern `widen` gives for the prompt's
@@ -200,6 +204,8 @@ class Request:
             prompt_tokens=len(self.prompt_ids),
             logprobs=list(self.token_logprobs) if self.params.logprobs is not None else None,
             prompt_logprobs=list(self.prompt_scores) if self.params.prompt_logprobs else None,
+            routings=self.coverage_count,
+            experts_skipped=self.experts_skipped,
         )
 
     # --- caller side ------------------------------------------------------------------------------

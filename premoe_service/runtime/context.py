@@ -45,6 +45,8 @@ class RoutingContext:
     rows: int
     keep_scores: bool = False
     slot_tables: dict[int, Tensor] = field(default_factory=dict)
+    skip_below: Tensor | None = None  # [T] each token's expert skip threshold (`prune`); None: no row skips
+    skipped: Tensor | None = None  # [B] routed expert calls skipped per batch row since `take_skipped`
     prompt_scores: dict[int, Tensor] = field(default_factory=dict)
     _masks: dict[int, Tensor | None] = field(default_factory=dict)
     _slots: dict[int, Tensor] = field(default_factory=dict)
@@ -61,6 +63,7 @@ class RoutingContext:
         lengths: Sequence[int] | None = None,
         *,
         keep_scores: bool = False,
+        skip_below: Sequence[float] | None = None,
     ) -> RoutingContext:
         """The context of a `[len(patterns), seq_len]` batch whose row `b` is left-padded to `seq_len` from
         `lengths[b]` real tokens (default: no padding)."""
@@ -96,6 +99,9 @@ class RoutingContext:
         if lengths is not None:
             for row, length in enumerate(lengths):
                 weight[row, : seq_len - length] = 0.0
+        skip = None
+        if skip_below is not None and any(s > 0 for s in skip_below):
+            skip = torch.tensor(list(skip_below), dtype=torch.float32, device=device)[token_row]
         return cls(
             engine.spec.routing,
             tables,
@@ -105,6 +111,8 @@ class RoutingContext:
             rows,
             keep_scores=keep_scores,
             slot_tables=slot_tables,
+            skip_below=skip,
+            skipped=None if skip is None else torch.zeros(rows, dtype=torch.long, device=device),
         )
 
     def excluded(self, layer: int) -> Tensor | None:
@@ -122,6 +130,24 @@ class RoutingContext:
         if layer not in self._slots:
             self._slots[layer] = table.index_select(0, self.token_pattern)
         return self._slots[layer]
+
+    def prune(self, weights: Tensor, slots: Tensor, sentinel: int) -> tuple[Tensor, Tensor]:
+        """The Mixture Compressor's online dynamic pruning: each token skips the routed experts whose share of its
+        routing weights lies below its threshold, never its top one. Skipped pairs get weight 0 and the slot id
+        `sentinel`, which the experts module computes nothing for. [T, k] each"""
+        assert self.skip_below is not None and self.skipped is not None
+        share = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
+        drop = (share < self.skip_below.unsqueeze(-1)) & (weights < weights.amax(-1, keepdim=True))
+        self.skipped.index_add_(0, self.token_row, drop.sum(-1))
+        return weights.masked_fill(drop, 0.0), slots.masked_fill(drop, sentinel)
+
+    def take_skipped(self) -> list[int]:
+        """Skipped expert calls per batch row since the last call (zeros when no row skips)."""
+        if self.skipped is None:
+            return [0] * self.rows
+        counts = self.skipped.tolist()
+        self.skipped.zero_()
+        return counts
 
     def observe(self, layer: int, routing: Routing) -> None:
         """Keep the router logits for `collect` (and the prompt's router scores when asked)."""
@@ -158,11 +184,17 @@ class RoutingContext:
 
 @contextmanager
 def routing(engine: PatternedModel, context: RoutingContext) -> Iterator[RoutingContext]:
-    """Install `context` in every masked router for the forward passes inside the block."""
+    """Install `context` in every masked router for the forward passes inside the block. When rows skip experts,
+    the experts modules take skipped pairs as transformers' expert-parallel sentinels (their rows masked to zero)."""
+    skipping = [engine.experts_module(layer) for layer in engine.routers] if context.skip_below is not None else []
     for router in engine.routers.values():
         router.context = context
+    for experts in skipping:
+        setattr(experts, "_is_expert_parallel", True)  # noqa: B010 - a transformers attribute
     try:
         yield context
     finally:
         for router in engine.routers.values():
             router.context = None
+        for experts in skipping:
+            setattr(experts, "_is_expert_parallel", False)  # noqa: B010

@@ -76,6 +76,7 @@ class PatternedModel:
             slot_device = device if device is not None else _param_device(experts)
             install_slots(experts, cap, slot_device)
             router = MaskedRouter(getattr(block, self.adapter.router_attr), self.spec.routing, layer)
+            router.skip_id = cap  # one past the slots: transformers' experts forward computes nothing for it
             setattr(block, self.adapter.router_attr, router)
             self.routers[layer] = router
             self.slots[layer] = LayerSlots(book=self.book, row=self.rows[layer])
@@ -249,6 +250,7 @@ class PatternedModel:
 
     def _resize(self, layer: int, capacity: int) -> None:
         self.book.resize(self.rows[layer], capacity)
+        self.routers[layer].skip_id = capacity
         self._tables.pop(layer, None)
         self._published.pop(layer, None)
         self._active_versions = ()

@@ -29,6 +29,12 @@ class RowRouting(Protocol):
         """Record what routing chose for the rows (coverage, prompt scores)."""
         ...
 
+    skip_below: Tensor | None
+
+    def prune(self, weights: Tensor, slots: Tensor, sentinel: int) -> tuple[Tensor, Tensor]:
+        """Take out the routed experts the rows skip (`skip_below`): weight 0, slot id `sentinel`."""
+        ...
+
 
 class MaskedRouter(nn.Module):
     """Stands in for a transformers router module and returns slot ids instead of expert ids.
@@ -56,6 +62,7 @@ class MaskedRouter(nn.Module):
         self.register_buffer("slot_of", torch.full((spec.num_experts,), -1, dtype=torch.long), persistent=False)
         self.observer: RouterObserver | None = None
         self.context: RowRouting | None = None  # set around a batched forward pass (`runtime.context.routing`)
+        self.skip_id = spec.num_experts  # the slot id the experts module skips: its slot count (set by the engine)
 
     def set_routing(self, excluded: Tensor | None, slot_of: Tensor) -> None:
         """Route among the non-excluded experts; `slot_of[e]` is the slot holding expert e (-1: none)."""
@@ -72,6 +79,9 @@ class MaskedRouter(nn.Module):
             context.observe(self.layer, routing)
             rows = context.slots(self.layer)  # rows whose patterns hold experts at other precisions
             slots = self.slot_of[routing.experts] if rows is None else rows.gather(1, routing.experts)
+            if context.skip_below is not None:  # some rows skip their low-weight experts (decode only)
+                weights, slots = context.prune(routing.weights, slots, self.skip_id)
+                return routing.logits, weights, slots
             return routing.logits, routing.weights, slots
         routing = route(self.spec, RouterWeights.of(self), hidden, self.excluded)
         if self.observer is not None:

@@ -133,6 +133,7 @@ class QuantizedSlots:
                 self._offsets[precision][row] = offset
                 offset += count
             self.banks[layer] = banks
+            engine.routers[layer].skip_id = offset  # one past every bank: the wrapped forward skips it
             _wrap_forward(experts, banks)
 
     def load(self, pattern: Pattern, layer_reports: list[tuple[int, int]], tick: int) -> None:
@@ -247,10 +248,12 @@ def _wrap_forward(experts: nn.Module, banks: Mapping[str, QuantizedBank]) -> Non
     def forward(hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         names = list(expert_params(experts))
         full_capacity = experts._parameters[names[0]].shape[0]  # type: ignore[union-attr]
-        if top_k_index.numel() == 0 or int(top_k_index.max()) < full_capacity:
-            return original(hidden_states, top_k_index, top_k_weights)
-        hit = torch.unique(top_k_index)  # [n] slot ids, ascending
-        renumber = torch.zeros(int(hit.max()) + 1, dtype=top_k_index.dtype, device=top_k_index.device)
+        skip = ordered[-1].offset + ordered[-1].capacity if ordered else full_capacity  # a skipped pair's id
+        used = top_k_index[top_k_index < skip]
+        if used.numel() == 0 or int(used.max()) < full_capacity:  # full slots only: transformers' forward as is
+            return original(hidden_states, top_k_index.clamp(max=full_capacity), top_k_weights)
+        hit = torch.unique(used)  # [n] slot ids, ascending
+        renumber = torch.full((skip + 1,), hit.numel(), dtype=top_k_index.dtype, device=top_k_index.device)
         renumber[hit] = torch.arange(hit.numel(), dtype=top_k_index.dtype, device=top_k_index.device)
         slots = hit.tolist()
         # Transformers' forward runs on a shallow copy whose parameters are the hit slots' weights: the module

@@ -35,6 +35,7 @@ class GenerateCall:
             top_p=request.top_p or 1.0,
             seed=request.seed if request.HasField("seed") else None,
             stop=tuple(request.stop),
+            skip_below=request.expert_skip_threshold,
         )
         return cls(request.prompt, task, params)
 
@@ -156,6 +157,8 @@ def stats_to_pb(result: GenerationResult, total_experts: int) -> pb.GenerationSt
         timings=pb.Timings(**result.timings),
         prompt_tokens=result.prompt_tokens,
         generated_tokens=len(result.token_ids),
+        expert_calls=result.expert_calls,
+        expert_calls_skipped=result.expert_calls_skipped,
     )
 
 

@@ -40,6 +40,8 @@ class GenerationResult:
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None  # per generated token, when asked for
     prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token (the first has none), when asked for
+    expert_calls: int = 0  # routed expert calls (tokens x MoE layers x top-k)
+    expert_calls_skipped: int = 0  # of those, skipped by the request's expert skip threshold
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Submission:
     plan: RoutePlan
     started: float
     count: Callable[[str, float], None]  # records (task, coverage) in the service's per-task stats
+    top_k: int = 0  # routed experts per token, to count expert calls
 
     def result(self, outcome: Outcome) -> GenerationResult:
         """The reply for the request's outcome (counted once in the per-task stats)."""
@@ -72,6 +75,8 @@ class Submission:
             prompt_tokens=outcome.prompt_tokens,
             logprobs=outcome.logprobs,
             prompt_logprobs=outcome.prompt_logprobs,
+            expert_calls=outcome.routings * self.top_k,
+            expert_calls_skipped=outcome.experts_skipped,
         )
 
 

@@ -209,7 +209,7 @@ class ServingCore:
             loop=loop,
         )
         self.loop.submit(request)
-        return Submission(request, plan, started, self._count)
+        return Submission(request, plan, started, self._count, self.spec.top_k)
 
     def preload(self, tasks: Sequence[str]) -> None:
         """Load the tasks' experts now (one one-token request each, through the engine loop), so that their

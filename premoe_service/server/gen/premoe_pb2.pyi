@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "task", "max_new_tokens", "temperature", "top_p", "seed", "stop")
+    __slots__ = ("prompt", "task", "max_new_tokens", "temperature", "top_p", "seed", "stop", "expert_skip_threshold")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,7 @@ class GenerateRequest(_message.Message):
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_SKIP_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     task: str
     max_new_tokens: int
@@ -22,7 +23,8 @@ class GenerateRequest(_message.Message):
     top_p: float
     seed: int
     stop: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, prompt: _Optional[str] = ..., task: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+    expert_skip_threshold: float
+    def __init__(self, prompt: _Optional[str] = ..., task: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., expert_skip_threshold: _Optional[float] = ...) -> None: ...
 
 class ExpertLoads(_message.Message):
     __slots__ = ("device", "cache", "disk", "bytes")
@@ -53,7 +55,7 @@ class Timings(_message.Message):
     def __init__(self, route_ms: _Optional[float] = ..., load_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("task", "score", "decision", "pattern_experts", "total_experts", "loads", "coverage", "widened", "timings", "prompt_tokens", "generated_tokens")
+    __slots__ = ("task", "score", "decision", "pattern_experts", "total_experts", "loads", "coverage", "widened", "timings", "prompt_tokens", "generated_tokens", "expert_calls", "expert_calls_skipped")
     TASK_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +67,8 @@ class GenerationStats(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_CALLS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_CALLS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     task: str
     score: float
     decision: str
@@ -76,7 +80,9 @@ class GenerationStats(_message.Message):
     timings: Timings
     prompt_tokens: int
     generated_tokens: int
-    def __init__(self, task: _Optional[str] = ..., score: _Optional[float] = ..., decision: _Optional[str] = ..., pattern_experts: _Optional[int] = ..., total_experts: _Optional[int] = ..., loads: _Optional[_Union[ExpertLoads, _Mapping]] = ..., coverage: _Optional[float] = ..., widened: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ...) -> None: ...
+    expert_calls: int
+    expert_calls_skipped: int
+    def __init__(self, task: _Optional[str] = ..., score: _Optional[float] = ..., decision: _Optional[str] = ..., pattern_experts: _Optional[int] = ..., total_experts: _Optional[int] = ..., loads: _Optional[_Union[ExpertLoads, _Mapping]] = ..., coverage: _Optional[float] = ..., widened: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., expert_calls: _Optional[int] = ..., expert_calls_skipped: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "stats")
