@@ -31,6 +31,20 @@ THRESHOLD = 0.45  # top-2 tiny models: the second expert is skipped when it hold
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def run_together(loop: EngineLoop, requests: Sequence[Request]) -> Observer:
+    """Submit the requests at once and run the loop until they finish; returns the logits each row got."""
+    observer = Observer(loop)
+    try:
+        for request in requests:
+            observer.expect(request)
+            loop.submit(request)
+        loop.run_until_idle(timeout_s=120)
+    finally:
+        observer.close()
+        loop.loader.close()
+    return observer
+
+
 @contextmanager
 def skipping(model, threshold: float, counts: list[int]) -> Iterator[None]:
     """Transformers' routers, each output rewritten by the rule: weight 0 and the experts module's own skip id
@@ -83,7 +97,6 @@ def test_skipping_rows_equal_transformers_under_the_same_rule(family: str, tmp_p
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
     engine, residency = load_engine(store, device="cpu")
     loop = EngineLoop(engine, residency, store, eos=set(), pad_id=0, limits=BatchLimits(max_join_wait_steps=0))
-    observer = Observer(loop)
     sentinels: list[int] = []  # pairs the experts modules were handed as skipped: no compute for them
     hooks = [
         engine.experts_module(layer).register_forward_pre_hook(
@@ -97,13 +110,8 @@ def test_skipping_rows_equal_transformers_under_the_same_rule(family: str, tmp_p
         for t, p in prompts.items()
     }
     try:
-        for request in requests.values():
-            observer.expect(request)
-            loop.submit(request)
-        loop.run_until_idle(timeout_s=120)
+        observer = run_together(loop, list(requests.values()))
     finally:
-        observer.close()
-        loop.loader.close()
         for hook in hooks:
             hook.remove()
     assert max(observer.decode_rows) == 2  # both rows decoded together

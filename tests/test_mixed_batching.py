@@ -22,9 +22,9 @@ from premoe_service.store import MemoryCache, Store, shard
 from premoe_service.store.precisions import PrecisionReader, add_precisions
 
 from .references import masked_transformers, random_pattern
-from .test_batching import Observer, forced_logits
+from .test_batching import forced_logits
 from .test_expert_skip import THRESHOLD as SKIP
-from .test_expert_skip import reference_logits
+from .test_expert_skip import reference_logits, run_together
 from .test_quant_exactness import GROUP, PRECISIONS, mixed_plan, reference_dequantized
 
 FAMILIES = sorted(TINY_CONFIGS)
@@ -75,7 +75,6 @@ def test_mixed_rows_batched_with_other_tasks_equal_their_checkpoints(family: str
     engine, residency = load_engine(store, device="cpu")  # a full-precision slot for every expert
     attach_precisions(engine, store, dict.fromkeys(PRECISIONS, spec.num_experts // 2))
     loop = EngineLoop(engine, residency, store, eos=set(), pad_id=0, limits=BatchLimits(max_join_wait_steps=0))
-    observer = Observer(loop)
     prompts = {"mixed": [5, 9, 17, 3, 44], "drop-only": [7, 7, 21, 90, 11, 4, 60], "all": [12, 30, 8]}
     skip = {"mixed": SKIP, "drop-only": 0.0, "all": 0.0}  # the mixed row also skips experts while decoding
     requests = {
@@ -84,14 +83,7 @@ def test_mixed_rows_batched_with_other_tasks_equal_their_checkpoints(family: str
         )
         for name in patterns
     }
-    try:
-        for request in requests.values():
-            observer.expect(request)
-            loop.submit(request)
-        loop.run_until_idle(timeout_s=120)
-    finally:
-        observer.close()
-        loop.loader.close()
+    observer = run_together(loop, list(requests.values()))
     assert max(observer.decode_rows) == 3  # the three tasks decoded in one batch
 
     dequantized = dequantized_model(reference, store, precisions)
