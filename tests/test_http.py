@@ -202,6 +202,20 @@ def test_bad_input_gets_the_status_and_error_shape_of_openai(server, change, sta
     assert raw(handle, "GET", "/health") == (200, {"status": "SERVING"})  # still serving
 
 
+def test_expert_skipping_is_an_extension_of_the_body(server) -> None:
+    handle, port = server
+    with PreMoeClient(f"127.0.0.1:{port}", timeout=60) as grpc_client:
+        expected = grpc_client.generate(PROMPT, max_new_tokens=8, expert_skip_threshold=0.45)
+    options = {"model": "auto", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    reply = openai_client(handle).completions.create(**options, extra_body={"expert_skip_threshold": 0.45})
+    stats = reply.model_extra["premoe"]
+    assert stats["token_ids"] == list(expected.token_ids)
+    assert stats["expert_calls_skipped"] == expected.stats.expert_calls_skipped > 0
+    with pytest.raises(openai.APIStatusError) as info:
+        openai_client(handle).completions.create(**options, extra_body={"expert_skip_threshold": 1.5})
+    assert info.value.status_code == 400 and info.value.body["param"] == "expert_skip_threshold"
+
+
 def test_bad_bodies_and_paths_get_openai_errors(server) -> None:
     handle, _ = server
     status, body = raw(handle, "POST", "/v1/completions", b"{not json", {"Content-Type": "application/json"})

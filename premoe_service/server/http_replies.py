@@ -93,6 +93,8 @@ def _extras(result: GenerationResult, total_experts: int) -> dict[str, Any]:
             "loads": {**result.loads, "bytes": result.loaded_bytes},
             "timings": result.timings,
             "token_ids": result.token_ids,
+            "expert_calls": result.expert_calls,
+            "expert_calls_skipped": result.expert_calls_skipped,
         },
     }
 

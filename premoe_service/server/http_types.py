@@ -165,6 +165,7 @@ def _params(body: dict[str, Any], length_field: str) -> SamplingParams:
         top_p=_number(body, "top_p", 1.0),
         seed=seed,
         stop=_stop(body),
+        skip_below=_number(body, "expert_skip_threshold", 0.0),  # our extension: online expert skipping
     )
 
 
