@@ -112,14 +112,7 @@ def qwen_signal(qwen_store: Path) -> RouterSignal:
 
 
 def task_profile(name: str, demos: list[str], embedder, signal: RouterSignal | None) -> Profile:
-    router = {}
-    if signal is not None:
-        found = signal.features(demos)
-        router = {
-            "router_scores": torch.from_numpy(found.scores),
-            "router_inputs": torch.from_numpy(found.inputs),
-            "router_layer": signal.layer,
-        }
+    router = {} if signal is None else signal.profile_fields(demos)
     return Profile(
         name=name,
         fingerprint="test",

@@ -125,14 +125,7 @@ def build_profile(
     embeddings = None
     if embedder is not None:
         embeddings = torch.from_numpy(embedder.encode(texts)).float()
-    router: dict[str, Any] = {}
-    if signal is not None:
-        features = signal.features(texts)
-        router = {
-            "router_scores": torch.from_numpy(features.scores),
-            "router_inputs": torch.from_numpy(features.inputs),
-            "router_layer": signal.layer,
-        }
+    router: dict[str, Any] = {} if signal is None else signal.profile_fields(texts)
     return Profile(
         name=name,
         description=description,

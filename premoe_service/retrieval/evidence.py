@@ -8,7 +8,6 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
-import torch
 
 from ..errors import InvalidArgument
 from ..profiler.profile import Profile
@@ -86,13 +85,7 @@ class RouterEvidence:
                 "it from: profile the task again with `premoe profile`",
                 field="router_scores",
             )
-        features = self.signal.features(profile.route_texts)
-        return dataclasses.replace(
-            profile,
-            router_scores=torch.from_numpy(features.scores),
-            router_inputs=torch.from_numpy(features.inputs),
-            router_layer=self.signal.layer,
-        )
+        return dataclasses.replace(profile, **self.signal.profile_fields(profile.route_texts))
 
     def add(self, profile: Profile) -> None:
         """Index a prepared profile's router signal (replacing the task's previous one)."""

@@ -155,6 +155,15 @@ class RouterSignal:
             torch.stack(scores).cpu().numpy().astype(np.float32), torch.stack(inputs).cpu().numpy().astype(np.float32)
         )
 
+    def profile_fields(self, texts: Sequence[str]) -> dict[str, Any]:
+        """A profile's router signal of `texts` (its `router_scores`, `router_inputs`, `router_layer` fields)."""
+        found = self.features(texts)
+        return {
+            "router_scores": torch.from_numpy(found.scores),
+            "router_inputs": torch.from_numpy(found.inputs),
+            "router_layer": self.layer,
+        }
+
 
 def _needed(key: str, last: int) -> bool:
     """Whether a runtime dense key is part of the pass up to layer `last`'s router."""
