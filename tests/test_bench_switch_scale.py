@@ -171,15 +171,15 @@ def test_belady_is_the_optimum_and_lru_is_no_better(seed: int) -> None:
 
 
 def test_victims_are_least_recently_used_with_ties_to_the_lower_id() -> None:
-    slots = LayerSlots(4)
+    slots = LayerSlots(4, num_experts=9)
     for slot, expert in enumerate((5, 1, 3, 2)):
         slots.place(expert, slot)
     slots.touch((3, 1), tick=2)
     slots.touch((2,), tick=1)  # 5 was never used: first in line, then 2, then 1 and 3 (tied, lower id first)
     assert slots.victims({5, 1, 3, 2}, 4) == [5, 2, 1, 3]
-    assert slots.assign({5, 7, 8}, layer=0) == [(7, slots.slot_of[2]), (8, slots.slot_of[1])]
+    assert slots.assign({5, 7, 8}) == [(7, slots.slot_of[2]), (8, slots.slot_of[1])]
     slots.pin([1])
-    assert slots.assign({5, 7, 8}, layer=0) == [(7, slots.slot_of[2]), (8, slots.slot_of[3])]
+    assert slots.assign({5, 7, 8}) == [(7, slots.slot_of[2]), (8, slots.slot_of[3])]
 
 
 def test_locality_stream_is_seeded_with_bursts() -> None:

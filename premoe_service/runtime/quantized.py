@@ -49,11 +49,11 @@ class QuantizedBank:
         shapes: Mapping[str, tuple[int, ...]],
         dtype: torch.dtype,
         device: torch.device,
-        slots: LayerSlots | None = None,
+        slots: LayerSlots,
     ) -> None:
         self.copy, self.offset, self.dtype = copy, offset, dtype
         self.shapes = dict(shapes)  # part -> one expert's runtime shape
-        self.slots = slots if slots is not None else LayerSlots(capacity)  # a row of the precision's slot book
+        self.slots = slots  # a row of the precision's slot book
         kinds = {**DTYPES, "int32": torch.int32}
         self.tensors = {
             (p.part, p.tensor): torch.zeros((capacity, *p.shape), dtype=kinds[p.dtype], device=device)
@@ -142,7 +142,7 @@ class QuantizedSlots:
         for layer in self.engine.spec.moe_layers:
             for precision, wanted in _by_precision(pattern, layer).items():
                 bank = self._bank(layer, precision)
-                plans.append((layer, precision, bank, bank.slots.assign(wanted, layer)))
+                plans.append((layer, precision, bank, bank.slots.assign(wanted)))
         for layer, precision, bank, plan in plans:
             for expert, slot in plan:
                 bank.slots.evict_slot(slot)

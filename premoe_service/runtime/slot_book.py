@@ -35,8 +35,8 @@ class SlotPlan:
         return int(self.rows.size)
 
 
-_NONE = np.zeros(0, dtype=np.int64)
-EMPTY_PLAN = SlotPlan(_NONE, _NONE, _NONE, _NONE, _NONE)
+NO_INDEX = np.zeros(0, dtype=np.int64)
+EMPTY_PLAN = SlotPlan(NO_INDEX, NO_INDEX, NO_INDEX, NO_INDEX, NO_INDEX)
 
 
 class SlotBook:
@@ -84,18 +84,6 @@ class SlotBook:
         self.slot[row], self.state[row], self.pins[row], self.last_used[row] = -1, ABSENT, 0, -1
         self.version[row] += 1
 
-    def grow_experts(self, num_experts: int) -> None:
-        """Widen the expert axis (a standalone row that learns its experts' ids as they come)."""
-        extra = num_experts - self.num_experts
-        if extra > 0:
-            pad = ((0, 0), (0, extra))
-            self.slot = np.pad(self.slot, pad, constant_values=-1)
-            self.state = np.pad(self.state, pad)
-            self.pins = np.pad(self.pins, pad)
-            self.last_used = np.pad(self.last_used, pad, constant_values=-1)
-            if self.use is not None:
-                self.use = np.pad(self.use, pad)
-
     def plan(self, wanted: np.ndarray, rows: np.ndarray | None = None) -> SlotPlan:
         """Slots for the wanted experts that are neither resident nor loading: free slots first (ascending),
         then the slots of victims (unpinned, unwanted residents; lowest `use`, then least recently used, then
@@ -112,7 +100,7 @@ class SlotBook:
         if not need.any():
             return EMPTY_PLAN
         short = need - (self.capacity[index] - np.count_nonzero(state, axis=1))
-        victim_rows, victim_experts = _NONE, _NONE
+        victim_rows, victim_experts = NO_INDEX, NO_INDEX
         tight = np.flatnonzero(short > 0)
         if tight.size:
             rows_tight, state_tight, count = index[tight], state[tight], short[tight]

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..errors import FailedPrecondition
 from ..experts import bytes_view
-from .slot_book import _NONE, LOADING, RESIDENT, SlotBook, SlotPlan
+from .slot_book import LOADING, NO_INDEX, RESIDENT, SlotBook, SlotPlan
 
 
 def expert_params(experts: nn.Module) -> dict[str, nn.Parameter]:
@@ -68,17 +68,16 @@ class LayerSlots:
 
     Args:
         capacity: Slots in this layer (a layer of its own; ignored with `book`).
-        num_experts: Experts of the layer; a layer of its own without it widens as expert ids arrive.
+        num_experts: Experts of the layer (a layer of its own).
         book: The book this layer is a row of.
         row: Its row.
     """
 
     def __init__(
-        self, capacity: int = 0, num_experts: int | None = None, *, book: SlotBook | None = None, row: int = 0
+        self, capacity: int = 0, num_experts: int = 0, *, book: SlotBook | None = None, row: int = 0
     ) -> None:
-        self.book = book if book is not None else SlotBook([capacity], num_experts or capacity)
+        self.book = book if book is not None else SlotBook([capacity], num_experts)
         self.row = row
-        self._grows = book is None and num_experts is None
 
     @property
     def capacity(self) -> int:
@@ -116,13 +115,11 @@ class LayerSlots:
     def resident(self) -> set[int]:
         return set(np.flatnonzero(self.book.state[self.row] == RESIDENT).tolist())
 
-    def assign(self, wanted: Iterable[int], layer: int) -> list[tuple[int, int]]:
+    def assign(self, wanted: Iterable[int]) -> list[tuple[int, int]]:
         """Slots for the wanted experts not yet resident nor loading: free slots first, then the slots of
         victims (least recently used unpinned experts outside `wanted`). Returns (expert, slot) pairs in
-        expert order; raises naming `layer` when they cannot fit. Changes nothing."""
-        mask = self._mask(wanted)
-        self.book.names[self.row] = layer
-        plan = self.book.plan(mask[None], np.array([self.row]))
+        expert order; raises naming the layer (the book's name of the row) when they cannot fit. Changes nothing."""
+        plan = self.book.plan(self._mask(wanted)[None], np.array([self.row]))
         return list(zip(plan.experts.tolist(), plan.slots.tolist(), strict=True))
 
     def victims(self, evictable: Collection[int], count: int) -> list[int]:
@@ -146,9 +143,8 @@ class LayerSlots:
         """Give `slot` to `expert`, whose bytes are about to be copied in; returns the expert evicted from it.
         The expert becomes routable only at `commit`."""
         evicted = self.evict_slot(slot)
-        self._fit(expert)
         one = np.array([self.row]), np.array([expert]), np.array([slot])
-        self.book.reserve(SlotPlan(*one, victim_rows=_NONE, victim_experts=_NONE))
+        self.book.reserve(SlotPlan(*one, victim_rows=NO_INDEX, victim_experts=NO_INDEX))
         return evicted
 
     def commit(self, expert: int) -> None:
@@ -171,14 +167,8 @@ class LayerSlots:
         """Long [E]: the slot of each expert, -1 where not resident."""
         return torch.from_numpy(self.book.table(self.row)[:num_experts].copy())
 
-    def _fit(self, expert: int) -> None:
-        if expert >= self.book.num_experts and self._grows:
-            self.book.grow_experts(max(expert + 1, 2 * self.book.num_experts))
-
     def _mask(self, experts: Iterable[int]) -> np.ndarray:
         ids = np.fromiter(experts, dtype=np.int64)
-        if ids.size:
-            self._fit(int(ids.max()))
         mask = np.zeros(self.book.num_experts, dtype=bool)
         mask[ids] = True
         return mask
