@@ -248,9 +248,11 @@ def _wrap_forward(experts: nn.Module, banks: Mapping[str, QuantizedBank]) -> Non
     def forward(hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         names = list(expert_params(experts))
         full_capacity = experts._parameters[names[0]].shape[0]  # type: ignore[union-attr]
+        if top_k_index.numel() == 0 or int(top_k_index.max()) < full_capacity:  # full slots only, nothing skipped
+            return original(hidden_states, top_k_index, top_k_weights)
         skip = ordered[-1].offset + ordered[-1].capacity if ordered else full_capacity  # a skipped pair's id
         used = top_k_index[top_k_index < skip]
-        if used.numel() == 0 or int(used.max()) < full_capacity:  # full slots only: transformers' forward as is
+        if used.numel() == 0 or int(used.max()) < full_capacity:  # full slots and skipped pairs
             return original(hidden_states, top_k_index.clamp(max=full_capacity), top_k_weights)
         hit = torch.unique(used)  # [n] slot ids, ascending
         renumber = torch.full((skip + 1,), hit.numel(), dtype=top_k_index.dtype, device=top_k_index.device)
