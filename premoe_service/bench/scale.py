@@ -134,8 +134,7 @@ def _one_budget(
     summaries["delta (LRU)"] = summarise(records, options.expert_bytes)
     if not options.no_refinement:
         refined = Residency(deepseek_engine(shape, capacity), cast(Store, _Books()))
-        tracker = SharedUseTracker(spec.moe_layers, spec.num_experts, options.half_life)
-        tracker.install(refined)
+        tracker = SharedUseTracker(refined, options.half_life)
         summaries["delta + shared-use"] = summarise(
             replay(refined, stream, patterns, before=tracker.observe), options.expert_bytes
         )

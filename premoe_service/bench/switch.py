@@ -149,9 +149,8 @@ def _one_budget(
     summaries: dict[str, dict[str, Any]] = {}
     records = replay(residency, stream, patterns, reader=store_reader(residency, store))
     summaries["delta (LRU)"] = summarise(records, nbytes)
-    tracker = SharedUseTracker(spec.moe_layers, spec.num_experts, options.half_life)
     refined, refined_store = fresh()
-    tracker.install(refined)
+    tracker = SharedUseTracker(refined, options.half_life)
     refined_records = replay(
         refined, stream, patterns, reader=store_reader(refined, refined_store), before=tracker.observe
     )

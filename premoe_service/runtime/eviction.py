@@ -15,35 +15,24 @@ from .residency import Residency
 
 
 class SharedUseTracker:
-    """The decayed use counts of every layer, updated before each request is planned.
+    """The decayed use counts of every layer of a residency's slots, their primary eviction key, updated before
+    each request is planned. Made before anything is loaded.
 
     Args:
-        layers: MoE layers.
-        num_experts: Experts per layer.
+        residency: The residency whose slot book the counts order (every MoE layer, every expert).
         half_life: Requests after which a use counts half.
     """
 
-    def __init__(self, layers: tuple[int, ...], num_experts: int, half_life: float = 64.0) -> None:
-        self.decay = 0.5 ** (1.0 / half_life)
-        self.counts = np.zeros((len(layers), num_experts), dtype=np.float64)  # [L, E], MoE layers in order
-        self.use = {layer: self.counts[row] for row, layer in enumerate(layers)}  # row views
-        self._residency: Residency | None = None
-
-    def install(self, residency: Residency) -> None:
-        """Make the counts the primary eviction key of the residency's slots (before anything is loaded)."""
+    def __init__(self, residency: Residency, half_life: float = 64.0) -> None:
         book = residency.engine.book
         if book.state.any():
             raise RuntimeError("install the refinement before any expert is loaded")
-        if book.state.shape != self.counts.shape:
-            raise RuntimeError(f"the engine has {book.state.shape} experts, the counts {self.counts.shape}")
+        self.decay = 0.5 ** (1.0 / half_life)
+        self.engine = residency.engine
+        self.counts = np.zeros(book.state.shape, dtype=np.float64)  # [L, E], MoE layers in order
         book.use = self.counts
-        self._residency = residency
 
     def observe(self, pattern: Pattern) -> None:
         """Count one use of each expert of a request's pattern (before it is planned; on the thread that plans)."""
         self.counts *= self.decay
-        if self._residency is not None:
-            self.counts += self._residency.engine.full_mask(pattern)
-        else:
-            for layer, use in self.use.items():
-                use[list(pattern.kept(layer))] += 1.0
+        self.counts += self.engine.full_mask(pattern)

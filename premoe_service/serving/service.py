@@ -90,9 +90,7 @@ class ServingCore:
         """For shared-use eviction, the tracker that counts each request's experts (the slots read its counts)."""
         if config.eviction != "shared-use":
             return None
-        tracker = SharedUseTracker(self.spec.moe_layers, self.spec.num_experts)
-        tracker.install(self.residency)
-        return tracker.observe
+        return SharedUseTracker(self.residency).observe
 
     def in_flight(self) -> list[Request]:
         """The requests queued or running in the engine loop now."""
