@@ -151,6 +151,7 @@ class TaskBook:
         check_task_name(name)
         if not demos:
             raise InvalidArgument("at least one demo is needed", field="demos")
+        examples = check_examples(examples)
         selection = selection or self.selection  # a Selection's criterion is checked when it is made
         if not replace and not dry_run and name in self.registry.names():
             from ..errors import AlreadyExists
@@ -176,7 +177,7 @@ class TaskBook:
                 selection=selection,
                 embedder=self.registry.embedder,
                 engine=self.profiler_engine,
-                examples=check_examples(examples),
+                examples=examples,
             )
         view = self.view(profile, with_layers=True, registered=not dry_run)  # selection errors surface here
         if not dry_run:
