@@ -73,9 +73,7 @@ class LayerSlots:
         row: Its row.
     """
 
-    def __init__(
-        self, capacity: int = 0, num_experts: int = 0, *, book: SlotBook | None = None, row: int = 0
-    ) -> None:
+    def __init__(self, capacity: int = 0, num_experts: int = 0, *, book: SlotBook | None = None, row: int = 0) -> None:
         self.book = book if book is not None else SlotBook([capacity], num_experts)
         self.row = row
 
