@@ -13,10 +13,11 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url ${TORCH_INDEX} torch==2.13.0
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY protos ./protos
 COPY premoe_service ./premoe_service
-RUN pip install . "torch==2.13.0"
+# Every dependency at the version the test suite last passed with (requirements.lock, used as constraints).
+RUN pip install -c requirements.lock . "torch==2.13.0"
 
 # The store and the profiles are mounted; see docker-compose.yml. Ports: gRPC, OpenAI-compatible HTTP, metrics.
 ENV PREMOE_STORE=/data/store \

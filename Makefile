@@ -5,19 +5,48 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: setup test check fmt demo bench clean proto profiles eval eval-precision
+LOCK    := requirements.lock
+PIP     := pip install -q --disable-pip-version-check
+
+.PHONY: setup test check fmt demo bench clean proto profiles eval eval-precision lock test-latest
 
 setup: $(STAMP)
 
-# torch goes in first and alone: any other spec would pull the CUDA build.
-$(STAMP): pyproject.toml
+# torch goes in first and alone: any other spec would pull the CUDA build. Every other package is held to the
+# version in $(LOCK) (pip constraints), so a fresh clone installs the set the suite last passed with;
+# tests/test_lock.py checks the venv against it.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,ray]" "$(TORCH)"
+	$(BIN)/$(PIP) $(TORCH)
+	$(BIN)/$(PIP) -c $(LOCK) -e ".[dev,ray]" "$(TORCH)"
 	touch $(STAMP)
 
 test: setup
 	$(BIN)/python -m pytest -q -ra tests
+
+# Re-resolve the lock to the newest versions pyproject.toml's ranges allow (in a throwaway venv), then print what
+# moved. Run `make test` on the result before committing it.
+lock:
+	rm -rf .venv-lock && $(PY) -m venv .venv-lock
+	.venv-lock/bin/$(PIP) $(TORCH)
+	.venv-lock/bin/$(PIP) -e ".[dev,ray]" "$(TORCH)"
+	{ sed -n '/^#/p' $(LOCK); .venv-lock/bin/pip freeze --exclude-editable \
+		| sed -E 's/^(torch==[^+]+)\+.*/\1/' | grep -v -E '^(pip|setuptools|wheel)=='; } > $(LOCK).new
+	diff $(LOCK) $(LOCK).new || true
+	mv $(LOCK).new $(LOCK)
+	rm -rf .venv-lock
+
+# The suite against a fresh resolution without the lock (what a user who installs the package today gets), so an
+# upstream release is met on purpose. Prints the versions it resolved that differ from the lock.
+test-latest:
+	rm -rf .venv-latest && $(PY) -m venv .venv-latest
+	.venv-latest/bin/$(PIP) $(TORCH)
+	.venv-latest/bin/$(PIP) -e ".[dev,ray]" "$(TORCH)"
+	@echo "resolved without the lock (differences from $(LOCK)):"
+	@.venv-latest/bin/pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/' \
+		| grep -v -E '^(pip|setuptools|wheel)==' | diff $(LOCK) - | sed -n 's/^> /  /p'
+	@.venv-latest/bin/python -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)"
+	PREMOE_UNLOCKED=1 .venv-latest/bin/python -m pytest -q -ra tests
 
 check: setup
 	$(BIN)/ruff check premoe_service tests
@@ -29,7 +58,7 @@ fmt: setup
 	$(BIN)/ruff check --fix premoe_service tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-latest .venv-lock .pytest_cache .mypy_cache .ruff_cache
 
 # Regenerate the gRPC code from protos/ (committed; tests check it is current).
 proto: setup

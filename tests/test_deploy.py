@@ -141,13 +141,21 @@ def test_dockerignore_keeps_the_context_to_what_the_image_copies() -> None:
                 verdict = not negate
         return verdict
 
-    copied = [line.split()[1] for line in dockerfile_lines() if line.startswith("COPY ")]
+    copied = [path for line in dockerfile_lines() if line.startswith("COPY ") for path in line.split()[1:-1]]
     for path in copied:
         assert (ROOT / path).exists(), f"Dockerfile copies {path}, which does not exist"
         assert not ignored(path), f".dockerignore drops {path}, which the Dockerfile copies"
     for path in (".venv", "var", ".git", "models", "models/reference-moe/model.safetensors", ".mypy_cache"):
         assert ignored(path), f"{path} would be sent to the docker daemon"
     assert ignored("premoe_service/__pycache__/cli.cpython-311.pyc")
+
+
+def test_the_image_installs_the_locked_versions() -> None:
+    # The package goes in with requirements.lock as pip constraints, after torch alone (issue 23).
+    installs = [line for line in dockerfile_lines() if line.startswith("RUN pip install")]
+    assert "torch==2.13.0" in installs[0] and "-c" not in installs[0].split()
+    package = [line for line in installs if re.search(r"pip install .* \.( |$)", line)]
+    assert len(package) == 1 and "-c requirements.lock" in package[0], installs
 
 
 def _docker_skip_reason() -> str | None:

@@ -1,0 +1,73 @@
+"""The venv the suite runs in holds exactly the versions of requirements.lock (issue 23).
+
+`make setup` installs with the lock as pip constraints, so a fresh clone gets the set the suite last passed with. This
+test compares every installed distribution with the lock, both ways: a package at another version, a package the lock
+does not name, and a locked package that is missing all fail. Left out: the project itself (installed editable),
+pip, setuptools and wheel (the venv's own tooling), and torch's local label (`2.13.0+cpu` is the lock's `2.13.0`).
+`make test-latest` runs the suite on a fresh resolution without the lock on purpose; it sets PREMOE_UNLOCKED.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+LOCK = Path(__file__).resolve().parents[1] / "requirements.lock"
+TOOLING = {"pip", "setuptools", "wheel", "premoe-service"}
+
+
+def normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_lock(text: str) -> dict[str, str]:
+    """Package -> version from the lock's `name==version` lines (comments and blank lines skipped)."""
+    pins: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==(\S+)", line)
+        if not match:
+            raise ValueError(f"{LOCK.name}:{number}: expected 'name==version', got {line!r}")
+        pins[normalise(match[1])] = match[2]
+    return pins
+
+
+def installed() -> dict[str, str]:
+    found = {}
+    for dist in metadata.distributions():
+        name = normalise(dist.metadata["Name"])
+        if name not in TOOLING:
+            found[name] = dist.version.split("+", 1)[0]
+    return found
+
+
+def differences(pins: dict[str, str], present: dict[str, str]) -> list[str]:
+    out = [f"{n}: installed {present[n]}, locked {v}" for n, v in pins.items() if n in present and present[n] != v]
+    out += [f"{n}: locked {v}, not installed" for n, v in pins.items() if n not in present]
+    out += [f"{n}: installed {v}, not in the lock" for n, v in present.items() if n not in pins]
+    return sorted(out)
+
+
+@pytest.mark.skipif(bool(os.environ.get("PREMOE_UNLOCKED")), reason="make test-latest runs without the lock on purpose")
+def test_venv_equals_the_lock() -> None:
+    problems = differences(read_lock(LOCK.read_text()), installed())
+    assert problems == [], "the venv differs from requirements.lock (run `make clean test`):\n" + "\n".join(problems)
+
+
+def test_lock_comparison_sees_each_kind_of_difference() -> None:
+    pins = read_lock("# header\ntransformers==5.24.0\ntorch==2.13.0\nnumpy==2.0.0  # trailing\n")
+    assert pins == {"transformers": "5.24.0", "torch": "2.13.0", "numpy": "2.0.0"}
+    assert differences(pins, {"transformers": "5.24.0", "torch": "2.13.0", "numpy": "2.0.0"}) == []
+    assert differences(pins, {"transformers": "5.25.0", "torch": "2.13.0", "numpy": "2.0.0", "extra": "1"}) == [
+        "extra: installed 1, not in the lock",
+        "transformers: installed 5.25.0, locked 5.24.0",
+    ]
+    assert differences(pins, {"transformers": "5.24.0", "torch": "2.13.0"}) == ["numpy: locked 2.0.0, not installed"]
+    with pytest.raises(ValueError, match="requirements.lock:1"):
+        read_lock("transformers>=5\n")
