@@ -1,6 +1,6 @@
 """`bench switch` and `bench scale` at tiny settings: every figure reported, and the invariants that tie them together.
 
-Timings are not checked (they depend on the machine); the README's figures come from the default runs.
+Timings are not checked (they depend on the machine); the figures in docs/measurements.md come from the default runs.
 """
 
 from __future__ import annotations

@@ -206,9 +206,9 @@ def test_generated_grpc_code_is_current(tmp_path: Path) -> None:
         assert (made / name).read_text() == (gen / name).read_text(), f"{name} is stale: run `make proto`"
 
 
-def test_the_readme_lists_every_deployment_knob_with_its_twin_and_default() -> None:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Deployment knobs") :]
+def test_the_docs_list_every_deployment_knob_with_its_twin_and_default() -> None:
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    section = text[text.index("# Deployment knobs") :]
     section = section[: section.index("\n## ")] if "\n## " in section else section
     rows = re.findall(r"^\| `(--[a-z-]+)` \| `(PREMOE_[A-Z_]+)` \| ([^|]+) \|", section, re.MULTILINE)
     listed = {flag: (env, default.strip()) for flag, env, default in rows}
@@ -218,12 +218,12 @@ def test_the_readme_lists_every_deployment_knob_with_its_twin_and_default() -> N
         if not isinstance(param, click.Option):
             continue
         flag = param.opts[-1]
-        assert flag in listed, f"README, Deployment knobs: no row for {flag}"
+        assert flag in listed, f"docs/configuration.md, Deployment knobs: no row for {flag}"
         value = param.get_default(ctx, call=True)
         unset = value in (None, ()) or value is getattr(click.core, "UNSET", None)  # click >= 8.3 says UNSET
         default = "(required)" if param.required else "-" if unset else f"`{value}`"
         assert listed.pop(flag) == (param.envvar, default), flag
-    assert not listed, f"README lists knobs `premoe serve` does not have: {listed}"
+    assert not listed, f"docs/configuration.md lists knobs `premoe serve` does not have: {listed}"
 
 
 def test_the_profiles_folder_is_writable_for_registrations() -> None:

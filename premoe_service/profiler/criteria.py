@@ -88,5 +88,5 @@ REGISTRY: tuple[Criterion, ...] = (
     ),
 )
 CRITERIA: tuple[str, ...] = tuple(c.name for c in REGISTRY)
-# What `premoe eval` on the reference model measured best (README, "Evaluation").
+# What `premoe eval` on the reference model measured best (docs/evaluation.md).
 DEFAULT_CRITERION = "easyep"

@@ -31,7 +31,7 @@ class Selection:
             for a drop-only pattern. Needs a budget in bytes or as a fraction (of the store's expert bytes).
     """
 
-    # The defaults are what `premoe eval` on the reference model measured best (README, "Evaluation"):
+    # The defaults are what `premoe eval` on the reference model measured best (docs/evaluation.md):
     # EASY-EP scores spread over layers by a global budget of half the routed experts.
     criterion: str = DEFAULT_CRITERION
     policy: Policy = "budget"

@@ -137,5 +137,5 @@ def serve_config_yaml(
     """`serve_config` as YAML (Ray brings PyYAML)."""
     import yaml
 
-    header = "# premoe on Ray Serve: `serve deploy` this file on a cluster (see README, 'Scale-out on Ray Serve').\n"
+    header = "# premoe on Ray Serve: `serve deploy` this file on a cluster (see docs/ray.md).\n"
     return header + yaml.safe_dump(serve_config(config, settings, grpc_port, http_port), sort_keys=False)
