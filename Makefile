@@ -18,7 +18,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/$(PIP) $(TORCH)
-	$(BIN)/$(PIP) -c $(LOCK) -e ".[dev,ray]" "$(TORCH)"
+	$(BIN)/$(PIP) -c $(LOCK) -e ".[dev,ray,plots]" "$(TORCH)"
 	touch $(STAMP)
 
 test: setup
@@ -29,7 +29,7 @@ test: setup
 lock:
 	rm -rf .venv-lock && $(PY) -m venv .venv-lock
 	.venv-lock/bin/$(PIP) $(TORCH)
-	.venv-lock/bin/$(PIP) -e ".[dev,ray]" "$(TORCH)"
+	.venv-lock/bin/$(PIP) -e ".[dev,ray,plots]" "$(TORCH)"
 	{ sed -n '/^#/p' $(LOCK); .venv-lock/bin/pip freeze --exclude-editable \
 		| sed -E 's/^(torch==[^+]+)\+.*/\1/' | grep -v -E '^(pip|setuptools|wheel)=='; } > $(LOCK).new
 	diff $(LOCK) $(LOCK).new || true
@@ -41,7 +41,7 @@ lock:
 test-latest:
 	rm -rf .venv-latest && $(PY) -m venv .venv-latest
 	.venv-latest/bin/$(PIP) $(TORCH)
-	.venv-latest/bin/$(PIP) -e ".[dev,ray]" "$(TORCH)"
+	.venv-latest/bin/$(PIP) -e ".[dev,ray,plots]" "$(TORCH)"
 	@echo "resolved without the lock (differences from $(LOCK)):"
 	@.venv-latest/bin/pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/' \
 		| grep -v -E '^(pip|setuptools|wheel)==' | diff $(LOCK) - | sed -n 's/^> /  /p'

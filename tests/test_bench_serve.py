@@ -1,6 +1,7 @@
 """`premoe bench serve` end to end on a tiny model: the report's fields, no errors, every reply equal to alone.
 
-Timings are not checked (they depend on the machine); the figures in docs/measurements.md come from the run on the reference model.
+Timings are not checked (they depend on the machine); the figures in docs/measurements.md come from the run on the
+reference model.
 """
 
 from __future__ import annotations

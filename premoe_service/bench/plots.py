@@ -15,10 +15,9 @@ def bytes_vs_budget(
 ) -> None:
     """Write a PNG: bytes moved per policy against the budget (share of all routed experts' bytes), and on an
     optional right panel another per-policy series, e.g. (axis label, series)."""
-    import matplotlib
+    from ..plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = 2 if right is not None else 1
     figure, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)

@@ -83,10 +83,9 @@ Curve = tuple[str, list[tuple[float, float]], str]  # label, (budget, retention)
 
 def retention_grid(curves: dict[str, list[Curve]], xlabel: str, path: Path, *, log2_x: bool = False) -> Path:
     """One panel of retention against budget per task, up to four panels a row; written as a PNG to `path`."""
-    import matplotlib
+    from ..plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tasks = list(curves)
     columns = min(4, len(tasks))

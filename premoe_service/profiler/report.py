@@ -30,10 +30,9 @@ def summary(profile: Profile, top: int = 5) -> str:
 
 def heatmap(profile: Profile, out: str | Path, criteria: list[str] | None = None) -> Path:
     """Write a PNG with one panel per criterion; each row (layer) normalised to its own maximum."""
-    import matplotlib
+    from ..plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = criteria or sorted(profile.scores)
     fig, axes = plt.subplots(

@@ -25,7 +25,8 @@ from ..errors import InvalidArgument
 BITS: dict[str, int] = {"bf16": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2}
 FLOAT_PRECISIONS: dict[str, str] = {"bf16": "bfloat16"}
 PRECISIONS: tuple[str, ...] = ("full", *BITS)  # "full": the store's own dtype
-DEFAULT_GROUP_SIZE = 64  # measured: at int2/int3 it loses less per stored bit than 32 (docs/evaluation.md, byte accounting)
+# Measured: at int2/int3 it loses less per stored bit than 32 (docs/evaluation.md, byte accounting).
+DEFAULT_GROUP_SIZE = 64
 SCALE_DTYPE = torch.float16
 _CLIP_SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)  # shares of each group's range tried
 TRANSPOSED_FAMILIES = frozenset({"gpt_oss"})  # experts stored [in, out]: quantized as their transpose
