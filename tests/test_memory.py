@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from premoe_service.bench.soak_parts import rss_mib, wait_serving
 from premoe_service.client import PreMoeClient
+from premoe_service.loopback import rss_mib, wait_serving
 
 from .conftest import free_port
 

@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..loopback import temporary_redis
 from ..pattern import Pattern
 from ..runtime.build import load_engine, resolve_device
 from ..runtime.residency import Budget
 from ..store import MemoryCache, RedisCache, Store, shard
 from ..store.quant import DEFAULT_GROUP_SIZE
-from .fixtures import bench_model_dir, temporary_redis
+from .fixtures import bench_model_dir
 
 
 @dataclass

@@ -22,11 +22,11 @@ from typing import Any
 from ..client import PreMoeClient
 from ..errors import InvalidArgument
 from ..families import adapter_for
+from ..loopback import redis_server
 from ..pattern import Pattern
 from ..profiler.profile import Profile
 from ..ray_serve.calls import REPLICA_HEADER
 from ..store import Store
-from .fixtures import redis_server
 from .ray_report import decompose, summarise_mode, table
 from .streams import locality_stream
 from .switch import reference_store, task_pattern
@@ -163,8 +163,8 @@ def run(options: RayBenchOptions) -> dict[str, Any]:
     import torch
     from ray import serve
 
+    from ..loopback import free_port
     from ..serving import ServiceConfig
-    from .fixtures import free_port
     from .serve_report import machine
 
     if options.requests < 1 or options.warmup < 0 or options.clients < 1:

@@ -30,15 +30,13 @@ from ..runtime.eviction import SharedUseTracker
 from ..runtime.residency import Budget, Residency
 from ..store.reader import Store, TierStats
 from . import oracle, scale_registry
+from .common import target
 from .options import parse_options
 from .replay import replay, summarise
 from .scale_tasks import EXPERT_NBYTES_FP8, Shape, SyntheticTasks, deepseek_engine, pattern_of, resemblance
 from .serve_report import machine
 from .streams import locality_stream, switches
 from .switch import oracle_summary, parse_budgets
-
-TARGETS = {"full_over_delta_at_50": 3.0, "delta_over_oracle_at_50": 1.5, "planning_ms": 1.0}
-TARGETS |= {"route_overhead_ms": 2.0, "startup_s": 30.0}
 
 
 @dataclass
@@ -221,29 +219,27 @@ def _targets(report: dict[str, Any]) -> dict[str, Any]:
         return max(r["policies"]["delta (LRU)"][key] for r in results)
 
     targets: dict[str, Any] = {"budget": at["budget"]}
-    targets[f"full reload / delta at {at['budget']:.0%} >= 3"] = _check(full / ours if ours else float("inf"), 3.0)
-    targets[f"delta / oracle at {at['budget']:.0%} <= 1.5"] = _check(ours / best if best else 1.0, 1.5, above=False)
-    targets["planning ms per request, mean over all requests (worst budget) < 1"] = _check(
-        worst("planning_ms_mean"), 1.0, above=False
+    targets[f"full reload / delta at {at['budget']:.0%} >= 3"] = target(full / ours if ours else float("inf"), 3.0)
+    targets[f"delta / oracle at {at['budget']:.0%} <= 1.5"] = target(ours / best if best else 1.0, 1.5, above=False)
+    targets["planning ms per request, mean over all requests (worst budget) < 1"] = target(
+        worst("planning_ms_mean"), 1.0, above=False, strict=True
     )
-    targets["planning ms per request, mean without first sight of a task (worst budget) < 1"] = _check(
-        worst("planning_ms_steady_mean"), 1.0, above=False
+    targets["planning ms per request, mean without first sight of a task (worst budget) < 1"] = target(
+        worst("planning_ms_steady_mean"), 1.0, above=False, strict=True
     )
-    targets["planning ms per request, p99 without first sight of a task (worst budget) < 1"] = _check(
-        worst("planning_ms_steady_p99"), 1.0, above=False
+    targets["planning ms per request, p99 without first sight of a task (worst budget) < 1"] = target(
+        worst("planning_ms_steady_p99"), 1.0, above=False, strict=True
     )
     registry = report.get("registry")
     if registry is not None:
         tasks = registry["tasks"]
-        targets[f"route overhead beyond the embedding at {tasks} tasks, ms < 2"] = _check(
+        targets[f"route overhead beyond the embedding at {tasks} tasks, ms < 2"] = target(
             registry["overhead_ms"], 2.0, above=False
         )
-        targets[f"registry start-up with {tasks} profiles, s < 30"] = _check(registry["startup_s"], 30.0, above=False)
+        targets[f"registry start-up with {tasks} profiles, s < 30"] = target(
+            registry["startup_s"], 30.0, above=False, strict=True
+        )
     return targets
-
-
-def _check(value: float, bound: float, *, above: bool = True) -> dict[str, Any]:
-    return {"value": value, "bound": bound, "met": value >= bound if above else value < bound}
 
 
 def _write(report: dict[str, Any], options: ScaleOptions) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .common import ms, pct
 from .switch_report import machine_line
 
 
@@ -36,9 +37,9 @@ def render(report: dict[str, Any]) -> str:
             steady = f"{p['planning_ms_steady_mean']:.3f}/{p['planning_ms_steady_p99']:.3f}" if timed else "-"
             lines.append(
                 f"{head} {name:<19} {p['bytes_moved'] / 1e12:>9.2f} "
-                f"{p['bytes_moved'] / stream['requests'] / 1e9:>7.1f} {_pct(p.get('expert_hit_rate')):>7} "
-                f"{_pct(p.get('request_hit_rate')):>7} {plan:>26} {steady:>15} {_ms(p.get('unpin_ms_mean')):>8} "
-                f"{_ms(p.get('publish_ms_mean')):>10}"
+                f"{p['bytes_moved'] / stream['requests'] / 1e9:>7.1f} {pct(p.get('expert_hit_rate')):>7} "
+                f"{pct(p.get('request_hit_rate')):>7} {plan:>26} {steady:>15} {ms(p.get('unpin_ms_mean')):>8} "
+                f"{ms(p.get('publish_ms_mean')):>10}"
             )
         check = result["checks"]
         lines.append(
@@ -83,11 +84,3 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"  {name}: {check['value']:.3g} ({'met' if check['met'] else 'NOT met'})")
     lines.append(f"ran in {report['seconds']:.0f} s")
     return "\n".join(lines)
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"

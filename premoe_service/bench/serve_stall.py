@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from .fixtures import redis_server
+from ..loopback import redis_server
 from .serve_clients import Reply, Req, percentiles, stream_one
 from .serve_proxy import ThrottledProxy
 

@@ -26,8 +26,8 @@ from typing import Any
 import grpc
 
 from ..client import PreMoeClient
-from .fixtures import free_port
-from .soak_parts import RestartableRedis, prompts_by_task, rss_mib, wait_serving
+from ..loopback import free_port, rss_mib, wait_serving
+from .soak_parts import RestartableRedis, prompts_by_task
 
 OK = grpc.StatusCode.OK
 TOKEN = "soak-admin-token"

@@ -10,10 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
-
-from ..client import PreMoeClient
-from .fixtures import free_port, redis_server_binary, wait_for_redis
+from ..loopback import free_port, redis_server_binary, wait_for_redis
 
 FALLBACK_PROMPTS = {
     "code": ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)"],
@@ -81,28 +78,3 @@ def prompts_by_task(queries: Path | None) -> dict[str, list[str]]:
             if item.get("task"):
                 found.setdefault(item["task"], []).append(item["query"])
     return found or FALLBACK_PROMPTS
-
-
-def rss_mib(pid: int) -> float:
-    """Resident memory of a process, in MiB (Linux)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def wait_serving(server: subprocess.Popen[str], target: str, timeout_s: float = 300) -> None:
-    """Wait for the server to say SERVING; raise with its stderr when it exits first."""
-    deadline = time.monotonic() + timeout_s
-    with PreMoeClient(target, timeout=5) as client:
-        while True:
-            try:
-                if client.health() == "SERVING":
-                    return
-            except grpc.RpcError:
-                pass
-            if server.poll() is not None:
-                raise RuntimeError(f"the server exited with status {server.returncode}: {server.stderr}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not start in time")
-            time.sleep(0.3)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .common import ms, pct
+
 
 def machine_line(m: dict[str, Any]) -> str:
     gpu = f" ({m['gpu']})" if "gpu" in m else ""
@@ -46,8 +48,8 @@ def render(report: dict[str, Any]) -> str:
             latency = f"{p['switch_ms_p50']:.2f} / {p['switch_ms_p99']:.2f}" if "switch_ms_p50" in p else "-"
             lines.append(
                 f"{head} {name:<19} {p['bytes_moved'] / 2**20:>9.1f} {p['loads']:>6} {tiers.get('disk', 0):>5} "
-                f"{tiers.get('cache', 0):>6} {_pct(p.get('expert_hit_rate')):>7} {_pct(p.get('request_hit_rate')):>7} "
-                f"{p['evictions']:>6} {latency:>17} {_ms(p.get('planning_ms_mean')):>7}"
+                f"{tiers.get('cache', 0):>6} {pct(p.get('expert_hit_rate')):>7} {pct(p.get('request_hit_rate')):>7} "
+                f"{p['evictions']:>6} {latency:>17} {ms(p.get('planning_ms_mean')):>7}"
             )
         check = result["checks"]
         lines.append(
@@ -70,11 +72,3 @@ def render(report: dict[str, Any]) -> str:
         f"ran in {report['seconds']:.0f} s",
     ]
     return "\n".join(lines)
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
