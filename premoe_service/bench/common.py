@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -33,3 +34,15 @@ def pct(value: float | None) -> str:
 def ms(value: float | None) -> str:
     """Milliseconds as a table cell with three decimals, or `-` when unknown."""
     return "-" if value is None else f"{value:.3f}"
+
+
+def interleaved(ours: Callable[[], None], raw: Callable[[], None], rounds: int) -> tuple[float, float]:
+    """Median seconds of `ours` and of `raw` over `rounds` rounds, alternated so that both see the same machine."""
+    ours_s: list[float] = []
+    raw_s: list[float] = []
+    for _ in range(rounds):
+        for fn, times in ((ours, ours_s), (raw, raw_s)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(ours_s), statistics.median(raw_s)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +15,12 @@ import torch
 from ..loopback import temporary_redis
 from ..pattern import Pattern
 from ..runtime.build import load_engine, resolve_device
+from ..runtime.quantized import attach_precisions
 from ..runtime.residency import Budget
 from ..store import MemoryCache, RedisCache, Store, shard
+from ..store.precisions import PrecisionReader, quantized_copies
 from ..store.quant import DEFAULT_GROUP_SIZE
+from .common import interleaved
 from .fixtures import bench_model_dir
 
 
@@ -44,24 +45,6 @@ class Row:
             f"{self.tier:<40} {gbps(self.ours_s):>9.2f} {gbps(self.raw_s):>9.2f} {per_read(self.ours_s):>9.1f} "
             f"{per_read(self.raw_s):>9.1f} {self.ratio:>7.2f}   {self.baseline}"
         )
-
-
-def _best(fn: Callable[[], None], rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times) if rounds < 5 else statistics.median(times)
-
-
-def _interleaved(ours: Callable[[], None], raw: Callable[[], None], rounds: int) -> tuple[float, float]:
-    """Alternate the two so that both see the same machine state."""
-    ours_t, raw_t = [], []
-    for _ in range(rounds):
-        ours_t.append(_best(ours, 1))
-        raw_t.append(_best(raw, 1))
-    return statistics.median(ours_t), statistics.median(raw_t)
 
 
 def bench_store(store_dir: Path, redis_url: str | None, rounds: int = 7, device: str | None = None) -> list[Row]:
@@ -95,7 +78,7 @@ def bench_store(store_dir: Path, redis_url: str | None, rounds: int = 7, device:
     rows.append(
         Row(
             "disk, first read",
-            *_interleaved(ours_disk_first, raw_disk, rounds),
+            *interleaved(ours_disk_first, raw_disk, rounds),
             nbytes,
             "os.pread of the same byte ranges (ours adds the xxh3 check)",
             len(addresses),
@@ -104,7 +87,7 @@ def bench_store(store_dir: Path, redis_url: str | None, rounds: int = 7, device:
     rows.append(
         Row(
             "disk, re-read",
-            *_interleaved(ours_disk, raw_disk, rounds),
+            *interleaved(ours_disk, raw_disk, rounds),
             nbytes,
             "os.pread of the same byte ranges",
             len(addresses),
@@ -129,7 +112,7 @@ def bench_store(store_dir: Path, redis_url: str | None, rounds: int = 7, device:
     rows.append(
         Row(
             "memory cache",
-            *_interleaved(ours_memory, raw_memory, rounds),
+            *interleaved(ours_memory, raw_memory, rounds),
             nbytes,
             "dict lookup of the same bytes (nothing copied: per-read overhead)",
             len(addresses),
@@ -154,7 +137,7 @@ def bench_store(store_dir: Path, redis_url: str | None, rounds: int = 7, device:
         rows.append(
             Row(
                 "redis",
-                *_interleaved(ours_redis, raw_redis, rounds),
+                *interleaved(ours_redis, raw_redis, rounds),
                 nbytes,
                 "redis-py GET of the same keys",
                 len(addresses),
@@ -197,7 +180,7 @@ def bench_store(store_dir: Path, redis_url: str | None, rounds: int = 7, device:
         rows.append(
             Row(
                 f"redis -> {target.type} slots",
-                *_interleaved(ours_slots, raw_slots, rounds),
+                *interleaved(ours_slots, raw_slots, rounds),
                 len(half_keys) * size,
                 "GET + plain copy of each blob into one device buffer",
                 len(half_keys),
@@ -238,7 +221,7 @@ def _slots_from_disk(store_dir: Path, fds: dict[int, int], rounds: int, device: 
     ours()
     return Row(
         f"disk -> {target.type} slots",
-        *_interleaved(ours, raw, rounds),
+        *interleaved(ours, raw, rounds),
         len(addresses) * size,
         "os.preadv of the same ranges, one buffer per expert",
         len(addresses),
@@ -270,7 +253,6 @@ def main(
         rows = bench_store(store_dir, url, rounds=rounds, device=device)
         if precisions:
             from ..store.precisions import add_precisions
-            from .load_quant import bench_quantized
 
             add_precisions(store_dir, precisions, group_size, progress=False)
             rows += bench_quantized(store_dir, url, rounds, device)
@@ -288,3 +270,118 @@ def main(
 @contextmanager
 def _given(url: str) -> Iterator[str]:
     yield url
+
+
+# --- lower precisions: bytes moved per expert, each tier against raw reads of the same bytes ---
+
+
+def bench_quantized(store_dir: Path, redis_url: str | None, rounds: int, device: str | None) -> list[Row]:
+    """Per quantized copy of the store: disk (checksummed first read), Redis, and whole pattern switches from
+    Redis into quantized slots, each next to the raw read of the same byte ranges or keys."""
+    rows = []
+    manifest = Store(store_dir).manifest
+    addresses = [(layer, e) for layer in manifest.moe_layers for e in range(manifest.num_experts)]
+    for precision, copy in quantized_copies(manifest).items():
+        size = copy.expert_nbytes
+        nbytes = size * len(addresses)
+        fds = {layer: os.open(store_dir / copy.files[layer], os.O_RDONLY) for layer in manifest.moe_layers}
+
+        def raw_disk() -> None:
+            for layer, e in addresses:
+                os.pread(fds[layer], size, e * size)  # noqa: B023 - used within this iteration only
+
+        reader = PrecisionReader(Store(store_dir), precision)
+
+        def ours_disk() -> None:  # every disk read of a quantized copy is checksummed
+            for layer, e in addresses:
+                reader.read_blob(layer, e)  # noqa: B023
+
+        raw_disk()
+        label = f"{precision} ({size / manifest.expert_nbytes:.1%} of full)"
+        rows.append(
+            Row(
+                f"{label} disk",
+                *interleaved(ours_disk, raw_disk, rounds),
+                nbytes,
+                "os.pread of the same ranges (ours adds the xxh3 check)",
+                len(addresses),
+            )
+        )
+        reader.close()
+        if redis_url:
+            rows += _redis_rows(store_dir, redis_url, precision, label, rounds, device)
+        for fd in fds.values():
+            os.close(fd)
+    return rows
+
+
+def _redis_rows(store_dir: Path, url: str, precision: str, label: str, rounds: int, device: str | None) -> list[Row]:
+    store = Store(store_dir, RedisCache(url))
+    reader = PrecisionReader(store, precision)
+    manifest, size = store.manifest, reader.copy.expert_nbytes
+    addresses = [(layer, e) for layer in manifest.moe_layers for e in range(manifest.num_experts)]
+    for layer, e in addresses:
+        reader.read_blob(layer, e)  # fill
+    client = RedisCache(url).client
+    keys = [reader.cache_key(layer, e) for layer, e in addresses]
+
+    def raw_redis() -> None:
+        for key in keys:
+            client.get(key)
+
+    def ours_redis() -> None:
+        for layer, e in addresses:
+            reader.read_blob(layer, e)
+
+    rows = [Row(f"{label} redis", *interleaved(ours_redis, raw_redis, rounds), size * len(keys), "GET", len(keys))]
+
+    # Pattern switches into quantized slots (half the experts of every layer at this precision) vs GET + a plain
+    # copy of each blob into its own buffer.
+    target = resolve_device(device)
+    engine, _ = load_engine(store, capacity=engine_floor(store), device=target)
+    spec = engine.spec
+    half = spec.num_experts // 2
+    attach_precisions(engine, store, {precision: half})
+    flip = [
+        Pattern.build(
+            spec,
+            {layer: range(start, start + half) for layer in spec.moe_layers},
+            {layer: dict.fromkeys(range(start, start + half), precision) for layer in spec.moe_layers},
+        )
+        for start in (0, half)
+    ]
+    half_keys = [reader.cache_key(layer, e) for layer in spec.moe_layers for e in range(half)]
+    staging = np.zeros((len(half_keys), size), dtype=np.uint8)
+
+    def ours_slots() -> None:
+        engine.load(flip[0], store)
+        flip.reverse()
+        if target.type == "cuda":
+            torch.cuda.synchronize()
+
+    def raw_slots() -> None:
+        for row, key in enumerate(half_keys):
+            np.copyto(staging[row], np.frombuffer(client.get(key), dtype=np.uint8))
+
+    ours_slots()
+    ours_slots()
+    rows.append(
+        Row(
+            f"{label} redis -> {target.type} slots",
+            *interleaved(ours_slots, raw_slots, rounds),
+            size * len(half_keys),
+            "GET + copy into one buffer per expert",
+            len(half_keys),
+        )
+    )
+    return rows
+
+
+def engine_floor(store: Store) -> int:
+    """The fewest full-precision slots an engine may have: the routing's top-k (they stay empty here)."""
+    from transformers import AutoConfig
+
+    from ..families import adapter_for
+
+    config = AutoConfig.from_pretrained(store.dir, local_files_only=True)
+    return adapter_for(config).spec(config).top_k
