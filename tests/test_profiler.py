@@ -25,7 +25,7 @@ from premoe_service.profiler import (
     select,
     tokenize_demos,
 )
-from premoe_service.runtime.engine import PatternedModel
+from premoe_service.runtime.model import PatternedModel
 from premoe_service.store import Store, shard
 
 from .references import moe_blocks, router_of

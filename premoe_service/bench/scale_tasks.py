@@ -16,7 +16,7 @@ import torch
 from ..families import MoESpec
 from ..pattern import Pattern
 from ..profiler import Selection, select
-from ..runtime.engine import PatternedModel
+from ..runtime.model import PatternedModel
 
 # One routed expert of DeepSeek-V3 as released (FP8 e4m3): gate, up and down projections of 7168 x 2048 at one byte,
 # plus their float32 scales, one per 128 x 128 block (3 x 56 x 16 x 4 bytes). 58 x 256 of them make 654 GB.

@@ -16,7 +16,7 @@ from ..errors import InvalidArgument, NotFound
 from ..pattern import Pattern
 from ..profiler import CRITERIA, DEFAULT_CRITERION, Profile, Selection, select
 from ..runtime.build import load_engine
-from ..runtime.engine import PatternedModel
+from ..runtime.model import PatternedModel
 from ..store import Store
 from .metrics import EvalItem, exact_match, mean_nll, perplexity
 

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from ..experts import ExpertSource
-from ..runtime.engine import PatternedModel
+from ..runtime.model import PatternedModel
 from .demos import Demo, demo_hash
 from .profile import Profile
 from .selection import Selection

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..families import Routing, full_scores
-from ..runtime.engine import PatternedModel
+from ..runtime.model import PatternedModel
 from .criteria import REGISTRY, LayerTokens
 
 

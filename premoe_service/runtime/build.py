@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..errors import DataCorruption, FailedPrecondition
 from ..families import adapter_for
 from ..store.reader import Store
-from .engine import PatternedModel
+from .model import PatternedModel
 from .residency import Budget, Residency
 
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..families import Routing, RoutingSpec, full_scores
 from ..pattern import Pattern
-from .engine import PatternedModel
+from .model import PatternedModel
 
 
 @dataclass

@@ -15,7 +15,7 @@ from ..errors import FailedPrecondition, ResourceExhausted
 from ..pattern import Pattern
 from ..store.reader import Store
 from .budget import Budget
-from .engine import PatternedModel
+from .model import PatternedModel
 from .slot_book import RESIDENT, SlotBook, SlotPlan
 
 Book = tuple[SlotBook, np.ndarray, np.ndarray | None]  # see `Residency._books`

@@ -7,7 +7,7 @@ from typing import Any
 from ..retrieval import Embedder, ProfileStore, Registry, RoutePolicy, load_route_records
 from ..retrieval.calibrate import load_task_leads
 from ..retrieval.router_signal import RouterSignal
-from ..runtime.engine import PatternedModel
+from ..runtime.model import PatternedModel
 from ..store import Store
 from .config import ServiceConfig
 

@@ -15,7 +15,7 @@ from ..pattern import Pattern
 from ..profiler import Demo, Profile, Selection, best_routable, profile_store, select
 from ..profiler.demos import check_examples
 from ..retrieval import Registry
-from ..runtime.engine import PatternedModel
+from ..runtime.model import PatternedModel
 from ..store import Store
 
 

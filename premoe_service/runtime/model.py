@@ -1,4 +1,5 @@
-"""The engine: a transformers MoE model whose routed experts live in slots and whose routers follow a pattern."""
+"""The patterned model: a transformers MoE model whose routed experts live in slots and whose routers follow a
+pattern."""
 
 from __future__ import annotations
 
