@@ -2,8 +2,8 @@
 
 from ..engine import SamplingParams
 from .config import ServiceConfig
+from .core import ServingCore
 from .results import GenerationResult, RoutePlan, ServiceStats, Submission
-from .service import ServingCore
 from .tasks import TaskView
 
 __all__ = [
