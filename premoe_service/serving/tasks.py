@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from ..profiler.demos import check_examples
 from ..retrieval import Registry
 from ..runtime.engine import PatternedModel
 from ..store import Store
+
+if TYPE_CHECKING:
+    from .loading import TaskResidency
 
 
 @dataclass
@@ -35,6 +39,7 @@ class TaskView:
     layers: dict[int, tuple[int, ...]] = field(default_factory=dict)
     # Layer -> expert -> precision of the kept experts held below full precision (with `layers` only).
     precisions: dict[int, dict[int, str]] = field(default_factory=dict)
+    residency: TaskResidency | None = None  # what of the pattern is in device slots now (the serving core adds it)
 
 
 def demo_coverage(profile: Profile, pattern: Pattern) -> float:
