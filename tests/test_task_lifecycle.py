@@ -27,24 +27,29 @@ TASKS = ("a", "b", "c", "d")  # task i keeps experts 2i and 2i+1 of every layer:
 BUDGET = "0.5"  # 4 of the tiny model's 8 experts per layer: two tasks side by side
 
 
-def write_profiles(store: Path, folder: Path, embedder) -> None:
+def profile(store: Path, name: str, first: int, embedder, created: str = "2026-12-01T00:00:00+00:00") -> Profile:
+    """A task keeping experts `first` and `first + 1` of every layer."""
     spec = Store(store)
     layers = tuple(spec.manifest.moe_layers)
-    experts = spec.manifest.num_experts
+    scores = torch.full((len(layers), spec.manifest.num_experts), 0.01)
+    scores[:, first : first + 2] = 1.0
+    demos = [f"task {name} demo {i}" for i in range(2)]
+    return Profile(
+        name=name,
+        fingerprint=spec.fingerprint,
+        moe_layers=layers,
+        scores={"tcess": scores},
+        demo_embeddings=torch.from_numpy(embedder.encode(demos)),
+        embedder=embedder.name,
+        selection=Selection("tcess", "top_k", 2, "experts").to_json(),
+        demos=demos,
+        created=created,
+    )
+
+
+def write_profiles(store: Path, folder: Path, embedder) -> None:
     for index, name in enumerate(TASKS):
-        scores = torch.full((len(layers), experts), 0.01)
-        scores[:, 2 * index : 2 * index + 2] = 1.0
-        demos = [f"task {name} demo {i}" for i in range(2)]
-        Profile(
-            name=name,
-            fingerprint=spec.fingerprint,
-            moe_layers=layers,
-            scores={"tcess": scores},
-            demo_embeddings=torch.from_numpy(embedder.encode(demos)),
-            embedder=embedder.name,
-            selection=Selection("tcess", "top_k", 2, "experts").to_json(),
-            demos=demos,
-        ).save(folder / f"{name}.safetensors")
+        profile(store, name, 2 * index, embedder).save(folder / f"{name}.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +166,43 @@ def test_a_pin_that_cannot_fit_is_refused_naming_the_pinned_bytes(client: PreMoe
     assert client.load_task("c", pin=True).task.residency.pinned  # room again
 
 
+def test_deleting_a_pinned_task_drops_its_pin(server, client: PreMoeClient, tiny_store: Path, embedder) -> None:
+    handle, _ = server
+    handle.service.registry.register(profile(tiny_store, "e", 2, embedder))  # b's experts
+    try:
+        client.load_task("e", pin=True)
+        client.load_task("a", pin=True)
+        with pytest.raises(grpc.RpcError) as refused:
+            client.load_task("c", pin=True)
+        assert "a, e" in refused.value.details()
+    finally:
+        client.delete_task("e")
+    assert client.load_task("c", pin=True).task.residency.pinned  # e's slots are free again
+
+
+def test_a_replaced_task_stays_pinned_until_loaded_again(
+    server, client: PreMoeClient, tiny_store: Path, embedder
+) -> None:
+    handle, _ = server
+    registry = handle.service.registry
+    registry.register(profile(tiny_store, "f", 0, embedder))
+    try:
+        client.load_task("f", pin=True)
+        registry.register(
+            profile(tiny_store, "f", 4, embedder, "2026-12-02T00:00:00+00:00"), replace=True
+        )  # now c's experts
+        state = residency(client, "f")
+        assert state.pinned and state.resident_share == 0.0  # the pin holds the old pattern's experts
+        client.load_task("a", pin=True)  # the same experts as f's old pattern: they fit
+        moved = client.load_task("f", pin=True).task.residency  # the pin moves to the new pattern
+        assert moved.pinned and moved.resident_share == 1.0
+        client.unload_task("a")
+        # Had f's old pin stayed, a's experts would still be pinned and b would not fit beside f.
+        assert client.load_task("b", pin=True, timeout_s=0.5).task.residency.pinned
+    finally:
+        client.delete_task("f")
+
+
 @pytest.mark.parametrize(
     ("call", "code", "field"),
     [
@@ -275,3 +317,23 @@ def test_cli_load_and_unload(server, client: PreMoeClient, capsys: pytest.Captur
     assert "task a unloaded (was pinned): released 6 experts" in capsys.readouterr().out
     assert main(["load", "a", "--server", f"127.0.0.1:{port}", "--admin-token", "wrong"]) == 1
     assert "PERMISSION_DENIED" in capsys.readouterr().err
+
+
+# --- the pressure benchmark's measurement ---------------------------------------------------------------------------
+
+
+def test_the_pressure_bench_counts_tokens_latency_and_bytes_moved(server, client: PreMoeClient) -> None:
+    """`premoe bench pressure`'s figures of one budget, against this server (4 tasks, 2 fit at a time)."""
+    from premoe_service.bench.pressure import measure
+    from premoe_service.bench.serve_clients import Req
+
+    _, port = server
+    requests = [Req(i, TASKS[i % 4], "the quick brown fox", 3) for i in range(24)]
+    before = client.stats()
+    row = measure(f"127.0.0.1:{port}", requests, 4, list(TASKS))
+    after = client.stats()
+    assert row["requests"] == 24 and row["failures"] == 0
+    assert 0 < row["tokens"] <= 24 * 3 and row["tokens_per_s"] > 0
+    assert sorted(row["p99_ms"]) == list(TASKS) and row["worst_p99_ms"] == max(row["p99_ms"].values())
+    assert 0 < row["bytes_moved"] <= after.loads.bytes - before.loads.bytes  # the churn of 4 tasks in 2 tasks' slots
+    assert row["evictions"] > 0

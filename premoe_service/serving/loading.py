@@ -101,8 +101,8 @@ class TaskLifecycle:
 
         if not self.residency.wait_until(reserved, wait_s) or copies is None:
             raise ResourceExhausted(
-                f"task {name!r}: its {pattern.size} experts do not fit next to the slots that running requests pin "
-                f"(waited {wait_s:.1f}s); retry, or give a longer timeout_s",
+                f"task {name!r}: its {pattern.size} experts do not fit next to the experts pinned by running requests "
+                f"and other loads (waited {wait_s:.1f}s); retry, or give a longer timeout_s",
                 field="timeout_s",
             )
         hits = pattern.size - len(copies)
@@ -145,9 +145,10 @@ class TaskLifecycle:
         return UnloadResult(previous is not None, experts, nbytes)
 
     def residency_of(self, name: str, pattern: Pattern) -> TaskResidency:
-        """The task's pattern against the slots now, with its pin and load state."""
+        """The task's pattern against the slots now, with its pin and load state. A task replaced since it was pinned
+        is still pinned (the pin holds the pattern it had; loading it again moves the pin to the new one)."""
         state = self.residency.describe(pattern, self.expert_nbytes)
-        pinned = self.residency.task_pins.get(name) is pattern
+        pinned = name in self.residency.task_pins
         return TaskResidency(state, pinned, state.loading or self._loading[name] > 0)
 
     def _pattern_of(self, name: str) -> Pattern | None:

@@ -81,7 +81,7 @@ class TaskBook:
         self.profiler_engine = profiler_engine
         self.max_per_layer: int | None = None  # the serving slots per layer: patterns must fit them
         self.precision_slots: dict[str, int] = {}  # slots per layer of each lower precision (`--precision-slots`)
-        self._patterns: dict[tuple[str, str, str], tuple[Pattern, int]] = {}  # with the pattern's bytes
+        self._patterns: dict[tuple[str, str, str, str], tuple[Pattern, int]] = {}  # with the pattern's bytes
         self._lock = threading.Lock()
         self._profiling = threading.Lock()
 
@@ -92,7 +92,8 @@ class TaskBook:
     def plan(self, profile: Profile) -> tuple[Pattern, int]:
         """The task's pattern and its bytes (quantized experts at their packed bytes)."""
         selection = Selection.from_json(profile.selection) if profile.selection else self.selection
-        key = (profile.name, profile.created, repr(selection))
+        # `created` has whole seconds: a task replaced within the same second differs by its demos, if at all
+        key = (profile.name, profile.created, profile.demo_hash, repr(selection))
         with self._lock:
             cached = self._patterns.get(key)
         if cached is None:
