@@ -19,7 +19,8 @@ class PreMoeClient:
         target: `host:port` of a PreMoe server.
         api_key: The server's inference API key, sent as `authorization: Bearer <key>` on every PreMoe call but
             the admin calls (health checks never need it).
-        admin_token: Sent as `authorization: Bearer <token>` on admin calls (RegisterTask, DeleteTask).
+        admin_token: Sent as `authorization: Bearer <token>` on admin calls (RegisterTask, DeleteTask, LoadTask,
+            UnloadTask).
         timeout: Default deadline in seconds of every call (None: none).
         tls: Connect over TLS (implied by the three below); without `tls_ca` the system's roots are trusted.
         tls_ca: PEM bundle of the CA(s) that signed the server's certificate (a self-signed deployment's CA).
@@ -151,6 +152,18 @@ class PreMoeClient:
         return self.stub.DeleteTask(
             pb.DeleteTaskRequest(name=name), metadata=self._admin(), timeout=self.timeout
         ).deleted
+
+    def load_task(
+        self, name: str, *, pin: bool = False, timeout_s: float = 0.0, timeout: float | None = None
+    ) -> pb.LoadTaskResponse:
+        """Make task `name`'s experts resident (pinned with `pin`); `timeout_s` bounds the wait for slots that
+        running requests hold (0: the server's lease timeout)."""
+        request = pb.LoadTaskRequest(name=name, pin=pin, timeout_s=timeout_s)
+        return self.stub.LoadTask(request, metadata=self._admin(), timeout=timeout or self.timeout)
+
+    def unload_task(self, name: str) -> pb.UnloadTaskResponse:
+        """Unpin task `name` and release its experts' slots."""
+        return self.stub.UnloadTask(pb.UnloadTaskRequest(name=name), metadata=self._admin(), timeout=self.timeout)
 
     def stats(self) -> pb.GetStatsResponse:
         return self.stub.GetStats(pb.GetStatsRequest(), metadata=self._key(), timeout=self.timeout)

@@ -246,7 +246,25 @@ REGISTER: dict[str, tuple[Message | bytes, grpc.StatusCode, str]] = {
     ),
 }
 
-NAMED = {"GetTask": pb.GetTaskRequest, "DeleteTask": pb.DeleteTaskRequest}
+NAMED = {
+    "GetTask": pb.GetTaskRequest,
+    "DeleteTask": pb.DeleteTaskRequest,
+    "LoadTask": pb.LoadTaskRequest,
+    "UnloadTask": pb.UnloadTaskRequest,
+}
+L = pb.LoadTaskRequest
+LIFECYCLE: dict[str, tuple[str, Message, grpc.StatusCode, str]] = {
+    "negative timeout": ("LoadTask", L(name=KNOWN, timeout_s=-1.0), INVALID, "timeout_s"),
+    "timeout nan": ("LoadTask", L(name=KNOWN, timeout_s=math.nan), INVALID, "timeout_s"),
+    "timeout inf": ("LoadTask", L(name=KNOWN, timeout_s=math.inf), INVALID, "timeout_s"),
+    "no token": ("LoadTask", L(name=KNOWN, pin=True), grpc.StatusCode.UNAUTHENTICATED, "authorization"),
+    "the API key for the admin token": (
+        "LoadTask",
+        L(name=KNOWN, pin=True),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "authorization",
+    ),
+}
 NAME_CASES: dict[str, tuple[str | bytes, grpc.StatusCode, str]] = {
     "empty name": ("", INVALID, "name"),
     "name with capitals": ("Known", INVALID, "name"),
@@ -288,6 +306,11 @@ def table() -> Iterator[object]:
     for method, message in NAMED.items():
         for label, (name, code, named) in NAME_CASES.items():
             yield param(method, label, name if isinstance(name, bytes) else message(name=name), code, named)
+    for label, (method, request, code, named) in LIFECYCLE.items():
+        yield param(method, label, request, code, named)
+    yield param(
+        "UnloadTask", "no token", pb.UnloadTaskRequest(name=KNOWN), grpc.StatusCode.UNAUTHENTICATED, "authorization"
+    )
     for method, message in EMPTY.items():
         for label, (raw, code, named) in EMPTY_CASES.items():
             yield param(method, label, message() if raw is None else raw, code, named)
@@ -400,6 +423,8 @@ VALID = {
     "RegisterTask": R(name="fresh", demos=DEMOS, dry_run=True).SerializeToString(),
     "GetTask": pb.GetTaskRequest(name=KNOWN).SerializeToString(),
     "DeleteTask": b"",
+    "LoadTask": pb.LoadTaskRequest(name=KNOWN).SerializeToString(),
+    "UnloadTask": pb.UnloadTaskRequest(name=KNOWN).SerializeToString(),
 }
 STRING_FIELDS = [
     (method, field.number, field.name)

@@ -193,6 +193,27 @@ def test_the_openai_http_door_answers_as_the_single_server(
     assert streamed == replies[0].choices[0].text
 
 
+def test_load_task_goes_to_the_replica_serve_sends_the_task_to_and_names_it(ray_client: PreMoeClient) -> None:
+    """LoadTask with the task as multiplexed model id: the replica that holds it (or will) loads and pins it, the
+    reply names it, and the task's next request goes there and finds every expert resident."""
+    admin = ray_client._admin()
+    loaded, call = ray_client.stub.LoadTask.with_call(pb.LoadTaskRequest(name="code", pin=True), metadata=admin)
+    assert list(loaded.replicas) == [replica_of(call)]
+    assert loaded.task.residency.pinned and loaded.task.residency.resident_share == 1.0
+    time.sleep(1.0)  # Serve learns the replica's holds (pushed every 0.1 s)
+    reply, replica = generate(ray_client, PROMPTS["code"], task="code", max_new_tokens=2)
+    assert replica == loaded.replicas[0]
+    assert (reply.stats.loads.cache, reply.stats.loads.disk) == (0, 0)
+    unloaded, call = ray_client.stub.UnloadTask.with_call(pb.UnloadTaskRequest(name="code"), metadata=admin)
+    assert list(unloaded.replicas) == [replica_of(call)] == list(loaded.replicas) and unloaded.was_pinned
+    with pytest.raises(grpc.RpcError) as missing:
+        ray_client.load_task("missing")
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as no_token:
+        ray_client.stub.LoadTask(pb.LoadTaskRequest(name="code"))
+    assert no_token.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_a_deleted_task_stops_on_every_replica_and_stays_deleted_after_reseeding(
     ray_client: PreMoeClient, redis_server
 ) -> None:

@@ -14,7 +14,7 @@ from .model import evaluate, export, shard
 from .params import VerbGroup, one_line, option
 from .profiling import pattern, profile
 from .ray import bench_ray, serve_ray
-from .remote import generate, health, register, route, stats, tasks
+from .remote import generate, health, load, register, route, stats, tasks, unload
 from .serve import serve
 
 __all__ = ["cli", "main"]
@@ -35,7 +35,9 @@ def cli(verbose: bool) -> None:
     )
 
 
-for verb in (shard, profile, serve, route, generate, register, tasks, stats, pattern, export, evaluate, bench, health):
+for verb in (shard, profile, serve, route, generate, register, tasks, load, unload, stats, pattern, export, evaluate):
+    cli.add_command(verb)
+for verb in (bench, health):
     cli.add_command(verb)
 cli.add_command(serve_ray)  # Ray is imported only when it runs
 bench.add_command(bench_ray)

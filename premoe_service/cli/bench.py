@@ -211,6 +211,57 @@ def bench_scale(tasks: int, registry_tasks: int, budgets: str, out: str, quiet: 
     return 0
 
 
+@bench.command("pressure", short_help="random tasks from many clients as the expert budget shrinks")
+@option("--store", type=click.Path(file_okay=False), help="store folder (default: var/reference-store, built once)")
+@option("--profiles", type=click.Path(exists=True, file_okay=False), default="profiles", help="task profiles")
+@bench_option("--data", type=click.Path(exists=True, file_okay=False), default="reference/tasks", help="task prompts")
+@bench_option("--budgets", default="1.0,0.75,0.5,0.25", help="budgets to serve at, each in its own server process")
+@bench_option("--clients", type=POSITIVE, default=16, help="concurrent clients")
+@bench_option("--requests", type=POSITIVE, default=160, help="requests, each of a random task")
+@bench_option("--max-new-tokens", type=POSITIVE, default=24, help="new tokens of each request (greedy)")
+@bench_option("--seed", type=int, default=0, help="seed of the task draw")
+@bench_option("--serve-opts", default="", help='extra `premoe serve` flags, e.g. "--lease-timeout-s 60"')
+@bench_option("--out", type=click.Path(dir_okay=False), default="var/bench-pressure.json", help="JSON report")
+@device_option
+@quiet_option
+def bench_pressure(
+    store: str | None,
+    profiles: str,
+    data: str,
+    budgets: str,
+    clients: int,
+    requests: int,
+    max_new_tokens: int,
+    seed: int,
+    serve_opts: str,
+    out: str,
+    device: str,
+    quiet: bool,
+) -> int:
+    """CLIENTS clients send REQUESTS requests, each of a task drawn at random among the profiles with data, to a
+    `premoe serve` process started at each budget in turn; print tokens/s and its ratio to the first budget (the
+    baseline, 1.0: every task fits), failed requests, the worst task's p99 end-to-end latency and its ratio, the
+    p99 of each task, the expert bytes moved and the evictions."""
+    from ..bench.pressure import PressureOptions, run, table
+
+    options = PressureOptions(
+        store=store,
+        profiles=profiles,
+        data=data,
+        budgets=budgets,
+        clients=clients,
+        requests=requests,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        device=device,
+        serve_opts=serve_opts,
+        out=out,
+        quiet=quiet,
+    )
+    print(table(run(options)))
+    return 0
+
+
 @bench.command("soak", short_help="a server under many clients for minutes: good, bad, cancelled, slow; Redis restarts")
 @option("--store", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="store folder")
 @option(

@@ -1,4 +1,5 @@
-"""Client verbs: `route`, `generate`, `register`, `tasks`, `stats`, `health`; they import grpc, never torch."""
+"""Client verbs: `route`, `generate`, `register`, `tasks`, `load`, `unload`, `stats`, `health`; they import grpc,
+never torch."""
 
 from __future__ import annotations
 
@@ -211,19 +212,74 @@ def tasks(
             info = client.get_task(name)
             click.echo(
                 f"{info.name}: {info.description}\n  {info.demos} demos, criterion {info.criterion}, "
-                f"{info.pattern_experts} experts, demo coverage {info.demo_coverage:.3f}, created {info.created}"
+                f"{info.pattern_experts} experts, demo coverage {info.demo_coverage:.3f}, created {info.created}\n"
+                f"  {_residency(info)}"
             )
             for layer in info.layers:
                 click.echo(f"  layer {layer.layer:>3}: {_held(layer)}")
             return 0
         listed = client.tasks()
-    click.echo(f"{'task':<24} {'experts':>8} {'MiB':>8} {'coverage':>9}  description")
+    click.echo(f"{'task':<24} {'experts':>8} {'MiB':>8} {'coverage':>9} {'resident':>9} {'state':<8}  description")
     for info in listed:
+        r = info.residency
+        state = "pinned" if r.pinned else "loading" if r.loading else ""
         click.echo(
             f"{info.name:<24} {info.pattern_experts:>8} {info.pattern_bytes / 2**20:>8.2f} "
-            f"{info.demo_coverage:>9.3f}  {info.description}"
+            f"{info.demo_coverage:>9.3f} {r.resident_share:>9.0%} {state:<8}  {info.description}"
         )
     return 0
+
+
+@verb("load", short_help="make a task's experts resident on the server now, optionally pinned")
+@click.argument("name")
+@option("--pin", is_flag=True, help="keep them resident until `premoe unload`: other tasks never evict them")
+@option(
+    "--wait",
+    type=click.FloatRange(0),
+    default=0.0,
+    help="seconds to wait for slots that running requests hold (0: the server's lease timeout)",
+)
+@client_options(admin=True)
+def load(
+    name: str, pin: bool, wait: float, server: str, timeout: float, api_key: str | None, admin_token: str | None
+) -> int:
+    """LoadTask: copy task NAME's missing experts into device slots and return once they are routable, so its next
+    request loads nothing. A pinned task's experts stay until UnloadTask; a pin that cannot fit next to other
+    pinned tasks is refused (RESOURCE_EXHAUSTED, naming them and their bytes)."""
+    with connect(server, timeout, api_key, admin_token) as client:
+        reply = client.load_task(name, pin=pin, timeout_s=wait)
+    loads = reply.loads
+    click.echo(
+        f"task {name} loaded{' and pinned' if reply.task.residency.pinned else ''}: {_residency(reply.task)}; "
+        f"this call: device {loads.device}, cache {loads.cache}, disk {loads.disk} ({loads.bytes / 2**20:.2f} MiB) "
+        f"in {reply.load_ms:.0f} ms" + (f"; replicas {', '.join(reply.replicas)}" if reply.replicas else "")
+    )
+    return 0
+
+
+@verb("unload", short_help="unpin a task and release its experts' device slots")
+@click.argument("name")
+@client_options(admin=True)
+def unload(name: str, server: str, timeout: float, api_key: str | None, admin_token: str | None) -> int:
+    """UnloadTask: unpin task NAME and free the slots of its experts that no pinned task, running request or other
+    loaded task holds."""
+    with connect(server, timeout, api_key, admin_token) as client:
+        reply = client.unload_task(name)
+    click.echo(
+        f"task {name} unloaded{' (was pinned)' if reply.was_pinned else ''}: released {reply.released_experts} "
+        f"experts ({reply.released_bytes / 2**20:.2f} MiB); now {_residency(reply.task)}"
+        + (f"; replicas {', '.join(reply.replicas)}" if reply.replicas else "")
+    )
+    return 0
+
+
+def _residency(info: Any) -> str:
+    """`62% resident (10/16 experts, full 8, int8 2), pinned, loading`."""
+    r = info.residency
+    held = ", ".join(f"{p} {n}" for p, n in sorted(r.precisions.items()))
+    flags = "".join(f", {flag}" for flag in ("pinned", "loading") if getattr(r, flag))
+    held = f", {held}" if held else ""
+    return f"{r.resident_share:.0%} resident ({r.resident_experts}/{info.pattern_experts} experts{held}){flags}"
 
 
 def _held(layer: Any) -> str:

@@ -60,7 +60,11 @@ def default(name: str) -> Lazy:
 @option("--port", type=PORT, default=default("port"), help="gRPC port (0: any free port)")
 @option("--http-port", type=PORT, help="OpenAI-compatible HTTP API port on --host (0: any free port; default: off)")
 @option("--metrics-port", type=PORT, help="Prometheus metrics port (default: off)")
-@option("--admin-token", help="token required by RegisterTask and DeleteTask (authorization: Bearer)")
+@option(
+    "--admin-token",
+    help="token required by RegisterTask, DeleteTask, LoadTask, UnloadTask and the HTTP /v1/tasks paths "
+    "(authorization: Bearer)",
+)
 @option(
     "--allow-insecure-admin",
     is_flag=True,

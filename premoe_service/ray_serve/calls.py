@@ -21,6 +21,8 @@ M = TypeVar("M", bound=Message)
 
 # The premoe.v1 calls an engine replica answers with the single server's own door (`GrpcDoor`), unchanged.
 DOOR_CALLS = frozenset({"Route", "RegisterTask", "ListTasks", "GetTask", "DeleteTask", "GetStats"})
+# Task lifecycle calls: sent to the replica Serve's multiplexing picks for the task (`EngineReplica.lifecycle`).
+LIFECYCLE_CALLS = frozenset({"LoadTask", "UnloadTask"})
 REPLICA_HEADER = "premoe-replica"  # trailing metadata: which engine replica served the call
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -20,7 +21,7 @@ from ..retrieval import check_prompt
 from ..server.auth import Access
 from ..server.gen import premoe_pb2 as pb
 from ..server.interceptor import ADMIN_METHODS
-from ..server.types import GenerateCall, service_stats_to_pb
+from ..server.types import GenerateCall, name_from_pb, service_stats_to_pb
 from ..serving.limits import check_prompt_bytes
 from . import stats
 from .calls import REPLICA_HEADER, Routed, decode, status_of_call
@@ -30,6 +31,7 @@ from .settings import config_from_args, settings_from_args
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+LIFECYCLE_PATH = re.compile(r"/v1/tasks/([a-z0-9][a-z0-9_.-]{0,63})/(?:load|unload)")
 
 
 class CallFailed(Exception):
@@ -103,6 +105,9 @@ class PreMoeIngress:
 
         body = await request.body()
         task, prompt = model_of(body)
+        lifecycle = LIFECYCLE_PATH.fullmatch(request.url.path)
+        if lifecycle is not None:  # /v1/tasks/{name}/load|unload: to the replica multiplexing picks for the task
+            task, prompt = lifecycle.group(1), None
         if task is None and prompt is not None and self.settings.affinity and self._may_route(request, prompt):
             envelope = await self.engine.route.remote(prompt)
             routed = envelope.get("routed")
@@ -150,6 +155,26 @@ class PreMoeIngress:
 
     async def DeleteTask(self, request: bytes, grpc_context: Any) -> pb.DeleteTaskResponse:
         return await self._forward("DeleteTask", request, pb.DeleteTaskResponse, grpc_context)
+
+    async def LoadTask(self, request: bytes, grpc_context: Any) -> pb.LoadTaskResponse:
+        return await self._lifecycle("LoadTask", request, pb.LoadTaskResponse, grpc_context)
+
+    async def UnloadTask(self, request: bytes, grpc_context: Any) -> pb.UnloadTaskResponse:
+        return await self._lifecycle("UnloadTask", request, pb.UnloadTaskResponse, grpc_context)
+
+    async def _lifecycle(self, method: str, request: bytes, answer: type[T], grpc_context: Any) -> T:
+        """To the replica Serve's multiplexing picks for the task (one that holds it, else the one its requests will
+        go to); the reply's `replicas` names it."""
+        try:
+            self._admit(grpc_context, method)
+            message = decode(request, getattr(pb, SERVICE.methods_by_name[method].input_type.name))
+            name = name_from_pb(message.name)
+            handle = self.engine.options(multiplexed_model_id=name) if self.settings.affinity else self.engine
+            envelope = await handle.lifecycle.remote(method, request)
+            return answer.FromString(self._open(envelope, grpc_context))  # type: ignore[attr-defined]
+        except Exception as exc:
+            self._set_status(grpc_context, exc)
+            return answer()
 
     async def GetStats(self, request: bytes, grpc_context: Any) -> pb.GetStatsResponse:
         """The whole deployment's stats: every live engine replica's last published figures, summed."""

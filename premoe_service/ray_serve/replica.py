@@ -16,10 +16,10 @@ from ray import serve
 from ..errors import InvalidArgument, PreMoeError
 from ..server.gen import premoe_pb2 as pb
 from ..server.servicer import GrpcDoor
-from ..server.types import GenerateCall, stats_to_pb
+from ..server.types import GenerateCall, name_from_pb, stats_to_pb
 from ..serving import GenerationResult, ServingCore
 from . import stats
-from .calls import DOOR_CALLS, Routed, decode, failure, reply
+from .calls import DOOR_CALLS, LIFECYCLE_CALLS, Routed, decode, failure, reply
 from .holding import tasks_per_replica
 from .http import HttpTunnel
 from .proxy import SERVICE
@@ -198,6 +198,26 @@ class EngineReplica:
                 raise InvalidArgument(f"not a call engine replicas answer: {method!r}", field="method")
             message = decode(request, getattr(pb, SERVICE.methods_by_name[method].input_type.name))
             answer = await getattr(self.door, method)(message, None)
+            return reply(answer, self.replica)
+        except Exception as exc:
+            return failure(exc, self.replica)
+        finally:
+            await self._run(self._publish)
+
+    async def lifecycle(self, method: str, request: bytes) -> dict[str, Any]:
+        """LoadTask or UnloadTask on this replica, which Serve chose by the task as multiplexed model id: the one
+        holding it, or the one its requests will now go to. A load first takes Serve's hold of the task here, so
+        that Serve sends the task's requests to this replica; the reply names it."""
+        try:
+            if method not in LIFECYCLE_CALLS:
+                raise InvalidArgument(f"not a task lifecycle call: {method!r}", field="method")
+            message = decode(request, getattr(pb, SERVICE.methods_by_name[method].input_type.name))
+            name = name_from_pb(message.name)
+            if method == "LoadTask":
+                await self._run(lambda: self.core.registry.get(name))  # NOT_FOUND before Serve's hold
+                await self.hold(name)
+            answer = await getattr(self.door, method)(message, None)
+            answer.replicas.append(self.replica)
             return reply(answer, self.replica)
         except Exception as exc:
             return failure(exc, self.replica)

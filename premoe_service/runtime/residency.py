@@ -16,7 +16,7 @@ from ..pattern import Pattern
 from ..store.reader import Store
 from .budget import Budget
 from .model import PatternedModel
-from .slot_book import RESIDENT, SlotBook, SlotPlan
+from .slot_book import LOADING, RESIDENT, SlotBook, SlotPlan
 
 Book = tuple[SlotBook, np.ndarray, np.ndarray | None]  # see `Residency._books`
 
@@ -29,6 +29,25 @@ class ResidencyStats:
     evictions: int = 0
     load_seconds: float = 0.0
     waits: int = 0
+
+
+@dataclass(frozen=True)
+class PatternResidency:
+    """How much of a pattern is in device slots now, at the precisions the pattern holds its experts.
+
+    Attributes:
+        experts: Experts of the pattern resident (routable) now.
+        nbytes: Their bytes (lowered experts at their packed size).
+        share: `experts` over the pattern's size (1.0 for an empty pattern).
+        precisions: Resident experts per precision ("full" for the store's own dtype).
+        loading: Some of the pattern's experts are being copied into reserved slots.
+    """
+
+    experts: int
+    nbytes: int
+    share: float
+    precisions: dict[str, int]
+    loading: bool
 
 
 @dataclass
@@ -73,6 +92,7 @@ class Residency:
         self._row_of = np.full(max(layers, default=0) + 1, -1, dtype=np.int64)  # layer id -> book row
         self._row_of[self._layers] = np.arange(len(layers))
         self.model_lock = threading.RLock()  # held around forward passes: routers hold one pattern at a time
+        self.task_pins: dict[str, Pattern] = {}  # pinned tasks (`LoadTask`) -> the pattern each pin holds
 
     @contextmanager
     def lease(self, pattern: Pattern, timeout_s: float | None = None) -> Iterator[Lease]:
@@ -157,6 +177,7 @@ class Residency:
         with self._cond:
             for book, rows, experts in self._by_book(copies):
                 book.commit(rows, experts)
+            self._cond.notify_all()  # `wait_until` callers (task loads) look again
 
     def abort(self, layer: int, expert: int, slot: int) -> None:
         """An expert's copy failed: free its slot."""
@@ -167,6 +188,7 @@ class Residency:
         with self._cond:
             for book, rows, experts in self._by_book(copies):
                 book.abort(rows, experts)
+            self._cond.notify_all()
 
     def store_hits(self, count: int) -> None:
         """Count experts a request found already resident (the device tier)."""
@@ -188,6 +210,125 @@ class Residency:
             for book, wanted, _ in books:
                 book.unpin(wanted, tick)
             self._cond.notify_all()
+
+    def wait_until(self, ready: Callable[[], bool], timeout_s: float) -> bool:
+        """Wait (at most `timeout_s`) until `ready()` holds; it is checked again whenever copies commit or abort,
+        or pins drop. Returns its last value."""
+        with self._cond:
+            return self._cond.wait_for(ready, timeout_s)
+
+    # --- task pins (LoadTask / UnloadTask): a pinned task's experts are never evicted
+
+    def check_task_pin(self, name: str, pattern: Pattern, nbytes_of: Callable[[Pattern], int]) -> None:
+        """Refuse (`ResourceExhausted`) a pattern that cannot fit in some layer next to the experts of the other
+        pinned tasks, naming them and the bytes they pin. Request pins are not counted: they end by themselves.
+
+        Args:
+            name: The task being loaded (its own pin, if any, is replaced and so not in the way).
+            pattern: The task's pattern.
+            nbytes_of: A pattern's bytes (quantized experts at their packed size), for the message.
+        """
+        books = self._prepare(pattern)
+        with self._cond:
+            others = {task: p for task, p in self.task_pins.items() if task != name}
+            if not others:
+                return
+            pinned_books = {task: self._books(p) for task, p in others.items()}
+            for index, (book, wanted, offsets) in enumerate(books):
+                pinned = np.zeros_like(wanted)
+                for task_books in pinned_books.values():
+                    for other_book, other_wanted, _ in task_books:
+                        if other_book is book:
+                            pinned |= other_wanted
+                over = np.count_nonzero(wanted | pinned, axis=1) > book.capacity
+                if not over.any():
+                    continue
+                row = int(np.argmax(over))
+                in_the_way = sorted(
+                    task
+                    for task, task_books in pinned_books.items()
+                    if any(b is book and (w[row] & ~wanted[row]).any() for b, w, _ in task_books)
+                )
+                pinned_bytes = sum(nbytes_of(others[task]) for task in in_the_way)
+                kind = "quantized " if offsets is not None else ""
+                raise ResourceExhausted(
+                    f"the task's {int(wanted[row].sum())} experts do not fit in the {int(book.capacity[row])} "
+                    f"{kind}slots of layer {int(self._layers[row])} next to the "
+                    f"{int(np.count_nonzero(pinned[row] & ~wanted[row]))} experts pinned there by tasks "
+                    f"{', '.join(in_the_way)} ({pinned_bytes} bytes pinned by them in all); unload one of them "
+                    "(UnloadTask) or raise the budget",
+                    field=None if index == 0 else "precision",
+                )
+
+    def adopt_task_pin(self, name: str, pattern: Pattern) -> None:
+        """Make the pin a `reserve` of `pattern` took the task's pin (a pin the task held before is dropped)."""
+        with self._cond:
+            previous = self.task_pins.get(name)
+            self.task_pins[name] = pattern
+        if previous is not None:
+            self.unpin(previous)
+
+    def unpin_task(self, name: str) -> Pattern | None:
+        """Drop the task's pin; returns the pattern it held, or None when the task was not pinned."""
+        with self._cond:
+            previous = self.task_pins.pop(name, None)
+        if previous is not None:
+            self.unpin(previous)
+        return previous
+
+    def release(self, patterns: Sequence[Pattern], keep: Sequence[Pattern], expert_nbytes: int) -> tuple[int, int]:
+        """Take the experts of `patterns` out of their slots, except those pinned (by a task or a running request)
+        and those `keep` holds; returns (experts, bytes) released. The freed slots are free at once; no running
+        request routes to an unpinned expert, so the routing tables need no update before the next copy."""
+        if not patterns:
+            return 0, 0
+        books = [b for p in patterns for b in self._books(p)]
+        kept = [b for p in keep for b in self._books(p)]
+        released = nbytes = 0
+        with self._cond:
+            for book, wanted, offsets in books:
+                held = np.zeros_like(wanted)
+                for other_book, other_wanted, _ in kept:
+                    if other_book is book:
+                        held |= other_wanted
+                drop = wanted & ~held & (book.state == RESIDENT) & (book.pins == 0)
+                rows, experts = np.nonzero(drop)
+                if not rows.size:
+                    continue
+                book.evict(rows, experts)
+                self.stats.evictions += int(rows.size)
+                released += int(rows.size)
+                nbytes += int(rows.size) * self._expert_nbytes(book, offsets is not None, expert_nbytes)
+            self._cond.notify_all()
+        return released, nbytes
+
+    def describe(self, pattern: Pattern, expert_nbytes: int) -> PatternResidency:
+        """What of `pattern` is resident now (see `PatternResidency`)."""
+        books = self._books(pattern)
+        quantized = self.engine.quantized
+        names = {id(quantized.book(p)): p for p in quantized.precisions} if quantized is not None else {}
+        precisions: dict[str, int] = {}
+        experts = nbytes = 0
+        loading = False
+        with self._cond:
+            for book, wanted, offsets in books:
+                count = int(np.count_nonzero(wanted & (book.state == RESIDENT)))
+                loading = loading or bool((wanted & (book.state == LOADING)).any())
+                if count:
+                    precisions[names.get(id(book), "full")] = count
+                experts += count
+                nbytes += count * self._expert_nbytes(book, offsets is not None, expert_nbytes)
+        share = experts / pattern.size if pattern.size else 1.0
+        return PatternResidency(experts, nbytes, share, precisions, loading)
+
+    def _expert_nbytes(self, book: SlotBook, lowered: bool, expert_nbytes: int) -> int:
+        quantized = self.engine.quantized
+        if not lowered or quantized is None:
+            return expert_nbytes
+        for precision in quantized.precisions:
+            if quantized.book(precision) is book:
+                return int(quantized.sources[precision].copy.expert_nbytes)
+        return expert_nbytes
 
     def _prepare(self, pattern: Pattern) -> list[Book]:
         """`_books`, with the pattern checked against the model the first time it is seen (while it lives, it
@@ -281,4 +422,4 @@ class Residency:
         return total
 
 
-__all__ = ["Budget", "Lease", "Residency", "ResidencyStats"]
+__all__ = ["Budget", "Lease", "PatternResidency", "Residency", "ResidencyStats"]

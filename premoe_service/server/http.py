@@ -25,6 +25,7 @@ from ..serving.results import Submission
 from .auth import Access
 from .http_io import BodyTooLarge, chain, read_json, sse, watch_disconnect
 from .http_replies import chunk_body, completion_body, error_body, model_body
+from .http_tasks import task_routes
 from .http_types import AUTO, PARAM_NAMES, GenerationCall
 from .interceptor import status_of
 from .metrics import Metrics
@@ -92,6 +93,7 @@ class OpenAIApi:
             Route("/v1/models", self._endpoint("/v1/models", self.models), methods=["GET"]),
             Route("/v1/models/{model}", self._endpoint("/v1/models/{model}", self.model), methods=["GET"]),
             Route("/health", self._endpoint("/health", self.health, open_=True), methods=["GET"]),
+            *task_routes(self),  # the task lifecycle's admin paths
         ]
         return Starlette(routes=routes, exception_handlers={HTTPException: _routing_error})
 

@@ -41,7 +41,7 @@ STATUS: list[tuple[type[PreMoeError], grpc.StatusCode]] = [
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 ]
-ADMIN_METHODS = frozenset({"RegisterTask", "DeleteTask"})
+ADMIN_METHODS = frozenset({"RegisterTask", "DeleteTask", "LoadTask", "UnloadTask"})
 # Status details travel in a trailer, and clients refuse trailers over 8 KiB by default (as INTERNAL): a message
 # that quotes a long input is cut well below that.
 MAX_DETAILS = 400  # characters: at most 1.6 KiB of UTF-8, 4.8 KiB once percent-encoded

@@ -18,12 +18,15 @@ from .gen import premoe_pb2_grpc as pb_grpc
 from .metrics import Metrics
 from .types import (
     GenerateCall,
+    LoadCall,
     RegisterCall,
+    load_to_pb,
     name_from_pb,
     route_to_pb,
     service_stats_to_pb,
     stats_to_pb,
     task_to_pb,
+    unload_to_pb,
 )
 
 T = TypeVar("T")
@@ -143,6 +146,20 @@ class GrpcDoor(pb_grpc.PreMoeServicer):
         if self.metrics is not None:
             self.metrics.forget_task(name)
         return pb.DeleteTaskResponse(deleted=True)
+
+    async def LoadTask(self, request: pb.LoadTaskRequest, context: grpc.aio.ServicerContext) -> pb.LoadTaskResponse:
+        call = LoadCall.from_pb(request)
+        view, result = await self._run(
+            lambda: self.service.load_task(call.name, pin=call.pin, timeout_s=call.timeout_s)
+        )
+        return load_to_pb(view, result)
+
+    async def UnloadTask(
+        self, request: pb.UnloadTaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadTaskResponse:
+        name = name_from_pb(request.name)
+        view, result = await self._run(lambda: self.service.unload_task(name))
+        return unload_to_pb(view, result)
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetStatsResponse:
         return service_stats_to_pb(await self._run(self.service.stats))

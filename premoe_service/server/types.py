@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -11,6 +11,7 @@ from ..names import check_task_name
 from ..profiler import Demo, Selection
 from ..profiler.profile import CRITERIA
 from ..serving import GenerationResult, RoutePlan, SamplingParams, ServiceConfig, ServiceStats, TaskView
+from ..serving.loading import LoadResult, TaskResidency, UnloadResult
 from .gen import premoe_pb2 as pb
 
 DEFAULT_NEW_TOKENS = 64
@@ -124,6 +125,45 @@ class RegisterCall:
         )
 
 
+@dataclass(frozen=True)
+class LoadCall:
+    name: str
+    pin: bool
+    timeout_s: float | None
+
+    @classmethod
+    def from_pb(cls, request: pb.LoadTaskRequest) -> LoadCall:
+        name = check_task_name(request.name, field="name")
+        timeout = request.timeout_s
+        if not 0 <= timeout < float("inf"):
+            raise InvalidArgument(f"must be a finite number of seconds >= 0, got {timeout}", field="timeout_s")
+        return cls(name, request.pin, timeout or None)
+
+
+def load_to_pb(view: TaskView, result: LoadResult, replicas: Sequence[str] = ()) -> pb.LoadTaskResponse:
+    return pb.LoadTaskResponse(
+        task=task_to_pb(view),
+        loads=pb.ExpertLoads(
+            device=result.loads.get("device", 0),
+            cache=result.loads.get("cache", 0),
+            disk=result.loads.get("disk", 0),
+            bytes=result.loaded_bytes,
+        ),
+        load_ms=result.seconds * 1000.0,
+        replicas=list(replicas),
+    )
+
+
+def unload_to_pb(view: TaskView, result: UnloadResult, replicas: Sequence[str] = ()) -> pb.UnloadTaskResponse:
+    return pb.UnloadTaskResponse(
+        task=task_to_pb(view),
+        was_pinned=result.was_pinned,
+        released_experts=result.released_experts,
+        released_bytes=result.released_bytes,
+        replicas=list(replicas),
+    )
+
+
 def name_from_pb(name: str) -> str:
     return check_task_name(name, field="name")
 
@@ -188,6 +228,19 @@ def task_to_pb(view: TaskView) -> pb.TaskInfo:
         ],
         created=view.created,
         registered=view.registered,
+        residency=None if view.residency is None else residency_to_pb(view.residency),
+    )
+
+
+def residency_to_pb(residency: TaskResidency) -> pb.TaskResidency:
+    state = residency.state
+    return pb.TaskResidency(
+        resident_share=state.share,
+        resident_experts=state.experts,
+        resident_bytes=state.nbytes,
+        precisions=state.precisions,
+        pinned=residency.pinned,
+        loading=residency.loading,
     )
 
 

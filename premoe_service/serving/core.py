@@ -29,6 +29,7 @@ from ..runtime.quantized import attach_precisions
 from ..store import Store, open_cache
 from .config import ServiceConfig
 from .limits import check_prompt_bytes, check_prompt_tokens
+from .loading import LoadResult, TaskLifecycle, UnloadResult
 from .results import GenerationResult, RoutePlan, ServiceStats, Submission, TaskCounters
 from .routing import build_registry
 from .tasks import TaskBook, TaskView
@@ -85,6 +86,14 @@ class ServingCore:
             threads=config.engine_threads or max(1, (os.cpu_count() or 1) - 1),
             observe=self._eviction_policy(config),
         ).start()
+        self.lifecycle = TaskLifecycle(
+            self.registry,
+            self.tasks,
+            self.residency,
+            self.loop,
+            self.store.manifest.expert_nbytes,
+            config.lease_timeout_s,
+        )
 
     def _eviction_policy(self, config: ServiceConfig) -> Callable[[Pattern], None] | None:
         """For shared-use eviction, the tracker that counts each request's experts (the slots read its counts)."""
@@ -241,13 +250,36 @@ class ServingCore:
         return self.tasks.register(name, demos, **options)
 
     def list_tasks(self) -> list[TaskView]:
-        return [self.tasks.view(self.registry.get(name), with_layers=False) for name in self.registry.names()]
+        views = []
+        for name in self.registry.names():
+            try:
+                views.append(self._with_residency(self.tasks.view(self.registry.get(name), with_layers=False)))
+            except NotFound:  # deleted since the names were read
+                continue
+        return views
 
     def get_task(self, name: str) -> TaskView:
-        return self.tasks.view(self.registry.get(name), with_layers=True)
+        return self._with_residency(self.tasks.view(self.registry.get(name), with_layers=True))
 
     def delete_task(self, name: str) -> None:
         self.registry.delete(name)
+        self.lifecycle.forget(name)
+
+    def load_task(self, name: str, *, pin: bool = False, timeout_s: float | None = None) -> tuple[TaskView, LoadResult]:
+        """Make a task's experts resident now (pinned with `pin`): `TaskLifecycle.load`."""
+        if self.stopping.is_set():
+            raise Unavailable("the server is shutting down", field="server")
+        result = self.lifecycle.load(name, pin=pin, timeout_s=timeout_s)
+        return self.get_task(name), result
+
+    def unload_task(self, name: str) -> tuple[TaskView, UnloadResult]:
+        """Unpin a task and release its experts' slots: `TaskLifecycle.unload`."""
+        result = self.lifecycle.unload(name)
+        return self.get_task(name), result
+
+    def _with_residency(self, view: TaskView) -> TaskView:
+        view.residency = self.lifecycle.residency_of(view.name, view.pattern)
+        return view
 
     # --- stats -------------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from ..profiler.demos import check_examples
 from ..retrieval import Registry
 from ..runtime.model import PatternedModel
 from ..store import Store
+
+if TYPE_CHECKING:
+    from .loading import TaskResidency
 
 
 @dataclass
@@ -35,6 +39,7 @@ class TaskView:
     layers: dict[int, tuple[int, ...]] = field(default_factory=dict)
     # Layer -> expert -> precision of the kept experts held below full precision (with `layers` only).
     precisions: dict[int, dict[int, str]] = field(default_factory=dict)
+    residency: TaskResidency | None = None  # what of the pattern is in device slots now (the serving core adds it)
 
 
 def demo_coverage(profile: Profile, pattern: Pattern) -> float:
@@ -76,7 +81,7 @@ class TaskBook:
         self.profiler_engine = profiler_engine
         self.max_per_layer: int | None = None  # the serving slots per layer: patterns must fit them
         self.precision_slots: dict[str, int] = {}  # slots per layer of each lower precision (`--precision-slots`)
-        self._patterns: dict[tuple[str, str, str], tuple[Pattern, int]] = {}  # with the pattern's bytes
+        self._patterns: dict[tuple[str, str, str, str], tuple[Pattern, int]] = {}  # with the pattern's bytes
         self._lock = threading.Lock()
         self._profiling = threading.Lock()
 
@@ -87,7 +92,8 @@ class TaskBook:
     def plan(self, profile: Profile) -> tuple[Pattern, int]:
         """The task's pattern and its bytes (quantized experts at their packed bytes)."""
         selection = Selection.from_json(profile.selection) if profile.selection else self.selection
-        key = (profile.name, profile.created, repr(selection))
+        # `created` has whole seconds: a task replaced within the same second differs by its demos, if at all
+        key = (profile.name, profile.created, profile.demo_hash, repr(selection))
         with self._lock:
             cached = self._patterns.get(key)
         if cached is None:

@@ -182,7 +182,7 @@ class LayerExperts(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ..., precisions: _Optional[_Mapping[int, str]] = ...) -> None: ...
 
 class TaskInfo(_message.Message):
-    __slots__ = ("name", "description", "demos", "criterion", "pattern_experts", "pattern_bytes", "demo_coverage", "layers", "created", "registered")
+    __slots__ = ("name", "description", "demos", "criterion", "pattern_experts", "pattern_bytes", "demo_coverage", "layers", "created", "registered", "residency")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     DEMOS_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +193,7 @@ class TaskInfo(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    RESIDENCY_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     demos: int
@@ -203,7 +204,31 @@ class TaskInfo(_message.Message):
     layers: _containers.RepeatedCompositeFieldContainer[LayerExperts]
     created: str
     registered: bool
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., demos: _Optional[int] = ..., criterion: _Optional[str] = ..., pattern_experts: _Optional[int] = ..., pattern_bytes: _Optional[int] = ..., demo_coverage: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., created: _Optional[str] = ..., registered: _Optional[bool] = ...) -> None: ...
+    residency: TaskResidency
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., demos: _Optional[int] = ..., criterion: _Optional[str] = ..., pattern_experts: _Optional[int] = ..., pattern_bytes: _Optional[int] = ..., demo_coverage: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., created: _Optional[str] = ..., registered: _Optional[bool] = ..., residency: _Optional[_Union[TaskResidency, _Mapping]] = ...) -> None: ...
+
+class TaskResidency(_message.Message):
+    __slots__ = ("resident_share", "resident_experts", "resident_bytes", "precisions", "pinned", "loading")
+    class PrecisionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    RESIDENT_SHARE_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PRECISIONS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    LOADING_FIELD_NUMBER: _ClassVar[int]
+    resident_share: float
+    resident_experts: int
+    resident_bytes: int
+    precisions: _containers.ScalarMap[str, int]
+    pinned: bool
+    loading: bool
+    def __init__(self, resident_share: _Optional[float] = ..., resident_experts: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., precisions: _Optional[_Mapping[str, int]] = ..., pinned: _Optional[bool] = ..., loading: _Optional[bool] = ...) -> None: ...
 
 class ListTasksRequest(_message.Message):
     __slots__ = ()
@@ -232,6 +257,48 @@ class DeleteTaskResponse(_message.Message):
     DELETED_FIELD_NUMBER: _ClassVar[int]
     deleted: bool
     def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
+
+class LoadTaskRequest(_message.Message):
+    __slots__ = ("name", "pin", "timeout_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    pin: bool
+    timeout_s: float
+    def __init__(self, name: _Optional[str] = ..., pin: _Optional[bool] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class LoadTaskResponse(_message.Message):
+    __slots__ = ("task", "loads", "load_ms", "replicas")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    LOADS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    task: TaskInfo
+    loads: ExpertLoads
+    load_ms: float
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, task: _Optional[_Union[TaskInfo, _Mapping]] = ..., loads: _Optional[_Union[ExpertLoads, _Mapping]] = ..., load_ms: _Optional[float] = ..., replicas: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UnloadTaskRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UnloadTaskResponse(_message.Message):
+    __slots__ = ("task", "was_pinned", "released_experts", "released_bytes", "replicas")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    WAS_PINNED_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    task: TaskInfo
+    was_pinned: bool
+    released_experts: int
+    released_bytes: int
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, task: _Optional[_Union[TaskInfo, _Mapping]] = ..., was_pinned: _Optional[bool] = ..., released_experts: _Optional[int] = ..., released_bytes: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()

@@ -78,6 +78,16 @@ class PreMoeStub:
                 request_serializer=premoe_dot_v1_dot_premoe__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=premoe_dot_v1_dot_premoe__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.LoadTask = channel.unary_unary(
+                '/premoe.v1.PreMoe/LoadTask',
+                request_serializer=premoe_dot_v1_dot_premoe__pb2.LoadTaskRequest.SerializeToString,
+                response_deserializer=premoe_dot_v1_dot_premoe__pb2.LoadTaskResponse.FromString,
+                _registered_method=True)
+        self.UnloadTask = channel.unary_unary(
+                '/premoe.v1.PreMoe/UnloadTask',
+                request_serializer=premoe_dot_v1_dot_premoe__pb2.UnloadTaskRequest.SerializeToString,
+                response_deserializer=premoe_dot_v1_dot_premoe__pb2.UnloadTaskResponse.FromString,
+                _registered_method=True)
 
 
 class PreMoeServicer:
@@ -143,6 +153,21 @@ class PreMoeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadTask(self, request, context):
+        """Make a task's experts resident now, optionally pinned so that no other task evicts them (admin). Returns once
+        they are routable; RESOURCE_EXHAUSTED when they cannot fit next to the experts of pinned tasks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadTask(self, request, context):
+        """Unpin a task and release its experts' slots (those no pinned task or running request holds) (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PreMoeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +210,16 @@ def add_PreMoeServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=premoe_dot_v1_dot_premoe__pb2.GetStatsRequest.FromString,
                     response_serializer=premoe_dot_v1_dot_premoe__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'LoadTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadTask,
+                    request_deserializer=premoe_dot_v1_dot_premoe__pb2.LoadTaskRequest.FromString,
+                    response_serializer=premoe_dot_v1_dot_premoe__pb2.LoadTaskResponse.SerializeToString,
+            ),
+            'UnloadTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadTask,
+                    request_deserializer=premoe_dot_v1_dot_premoe__pb2.UnloadTaskRequest.FromString,
+                    response_serializer=premoe_dot_v1_dot_premoe__pb2.UnloadTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -407,6 +442,60 @@ class PreMoe:
             '/premoe.v1.PreMoe/GetStats',
             premoe_dot_v1_dot_premoe__pb2.GetStatsRequest.SerializeToString,
             premoe_dot_v1_dot_premoe__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/premoe.v1.PreMoe/LoadTask',
+            premoe_dot_v1_dot_premoe__pb2.LoadTaskRequest.SerializeToString,
+            premoe_dot_v1_dot_premoe__pb2.LoadTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/premoe.v1.PreMoe/UnloadTask',
+            premoe_dot_v1_dot_premoe__pb2.UnloadTaskRequest.SerializeToString,
+            premoe_dot_v1_dot_premoe__pb2.UnloadTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

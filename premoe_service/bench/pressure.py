@@ -1,0 +1,201 @@
+"""`premoe bench pressure`: many clients asking for random tasks while the expert budget shrinks; each budget is a
+`premoe serve` process of its own, the budget 1.0 run (every task fits) the baseline measured in the same run.
+
+Per budget: tokens/s and its ratio to budget 1.0, failed requests, per-task p99 of per-request end-to-end latency
+(and the worst task's ratio to budget 1.0), expert bytes moved (the server's loads from cache and disk) and
+evictions. Every request names its task, so retrieval plays no part: only residency is under test.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidArgument
+from ..loopback import free_port, wait_serving
+from .serve_clients import Req, percentiles, run_clients_apart
+
+
+@dataclass
+class PressureOptions:
+    store: str | None = None  # None: var/reference-store, built from `model` when missing
+    model: str = "models/reference-moe"
+    profiles: str = "profiles"
+    data: str = "reference/tasks"
+    budgets: str = "1.0,0.75,0.5,0.25"
+    clients: int = 16
+    requests: int = 160
+    max_new_tokens: int = 24
+    text_chars: int = 60
+    seed: int = 0
+    device: str = "cpu"
+    serve_opts: str = ""  # extra `premoe serve` flags, e.g. "--lease-timeout-s 60"
+    out: str | None = "var/bench-pressure.json"
+    quiet: bool = False
+
+
+def build_requests(data: Path, tasks: list[str], count: int, new_tokens: int, text_chars: int, seed: int) -> list[Req]:
+    """`count` requests, each of a task drawn at random (seeded) with the task's next eval prompt (text tasks:
+    their first `text_chars` characters), greedy, `new_tokens` new tokens each."""
+    from ..evaluation.run import load_eval_items
+
+    prompts = {}
+    for task in tasks:
+        items = load_eval_items(data / task / "eval.jsonl", 64)
+        prompts[task] = [item.prompt if item.exact else item.text[:text_chars] for item in items]
+    rng = random.Random(seed)
+    used = dict.fromkeys(tasks, 0)
+    requests = []
+    for index in range(count):
+        task = rng.choice(tasks)
+        prompt = prompts[task][used[task] % len(prompts[task])]
+        used[task] += 1
+        requests.append(Req(index, task, prompt, new_tokens))
+    return requests
+
+
+@contextmanager
+def serving(store: Path, profiles: Path, budget: str, device: str, extra: list[str]) -> Iterator[str]:
+    """`premoe serve` at `budget` in its own process, as a user starts it; yields its address once SERVING."""
+    port = free_port()
+    command = [sys.executable, "-m", "premoe_service.cli", "serve", "--store", str(store), "--profiles", str(profiles)]
+    command += ["--port", str(port), "--budget", budget, "--device", device, *extra]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        target = f"127.0.0.1:{port}"
+        wait_serving(server, target)
+        yield target
+    finally:
+        server.terminate()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def measure(target: str, requests: list[Req], clients: int, tasks: list[str]) -> dict[str, Any]:
+    """One budget's figures: warm the process with one request per task (not counted), then the closed loop."""
+    from ..client import PreMoeClient
+
+    with PreMoeClient(target, timeout=600) as client:
+        for task in tasks:
+            client.generate("warm up", task=task, max_new_tokens=1)
+        before = client.stats()
+        run = run_clients_apart(target, requests, clients)
+        after = client.stats()
+    ok = [r for r in run.replies if r.error is None]
+    latency: dict[str, list[float]] = {}
+    for reply in ok:
+        latency.setdefault(reply.req.task, []).append(reply.done - reply.sent)
+    p99 = {task: percentiles(values, (99,))[0] * 1e3 for task, values in sorted(latency.items())}  # type: ignore[operator]
+    tokens = sum(len(r.token_ids) for r in ok)
+    return {
+        "requests": len(run.replies),
+        "failures": len(run.replies) - len(ok),
+        "failure_messages": sorted({r.error for r in run.replies if r.error is not None})[:5],
+        "tokens": tokens,
+        "wall_s": run.wall_s,
+        "tokens_per_s": tokens / run.wall_s if run.wall_s > 0 else 0.0,
+        "p99_ms": p99,
+        "worst_p99_ms": max(p99.values(), default=0.0),
+        "worst_p99_task": max(p99, key=lambda t: p99[t]) if p99 else "",
+        "bytes_moved": int(after.loads.bytes - before.loads.bytes),
+        "experts_loaded": int(after.loads.cache + after.loads.disk - before.loads.cache - before.loads.disk),
+        "evictions": int(after.evictions - before.evictions),
+        "capacity_experts": int(after.capacity_experts),
+    }
+
+
+def run(options: PressureOptions) -> dict[str, Any]:
+    """Every budget in turn, each in a fresh server process; returns the report (written to `options.out`)."""
+    budgets = [b.strip() for b in options.budgets.split(",") if b.strip()]
+    if not budgets:
+        raise InvalidArgument("give at least one budget, e.g. 1.0,0.5", field="budgets")
+    if options.clients < 1 or options.requests < 1 or options.max_new_tokens < 1:
+        raise InvalidArgument("clients, requests and max_new_tokens must be positive", field="clients")
+    store = Path(options.store or "var/reference-store")
+    if not (store / "manifest.json").exists():
+        if options.store is not None:
+            raise InvalidArgument(f"no store at {store}", field="store")
+        from ..store import shard
+
+        shard(options.model, store, progress=not options.quiet)
+    data = Path(options.data)
+    tasks = sorted(
+        p.stem for p in Path(options.profiles).glob("*.safetensors") if (data / p.stem / "eval.jsonl").exists()
+    )
+    if not tasks:
+        raise InvalidArgument(f"no task has both a profile in {options.profiles} and data in {data}", field="profiles")
+    requests = build_requests(data, tasks, options.requests, options.max_new_tokens, options.text_chars, options.seed)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="premoe-pressure-") as scratch:
+        profiles = Path(scratch) / "profiles"  # a copy: the server may write beside its profiles
+        shutil.copytree(options.profiles, profiles)
+        for budget in budgets:
+            if not options.quiet:
+                print(f"budget {budget}: {len(requests)} requests, {options.clients} clients", file=sys.stderr)
+            with serving(store, profiles, budget, options.device, shlex.split(options.serve_opts)) as target:
+                rows.append({"budget": budget, **measure(target, requests, options.clients, tasks)})
+    base = rows[0]
+    for row in rows:
+        row["tokens_per_s_ratio"] = row["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None
+        row["worst_p99_ratio"] = row["worst_p99_ms"] / base["worst_p99_ms"] if base["worst_p99_ms"] else None
+    report = {
+        "tasks": tasks,
+        "clients": options.clients,
+        "requests": options.requests,
+        "max_new_tokens": options.max_new_tokens,
+        "device": options.device,
+        "serve_opts": options.serve_opts,
+        "baseline": f"budget {base['budget']}, measured in the same run",
+        "rows": rows,
+    }
+    if options.out:
+        Path(options.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(options.out).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def table(report: dict[str, Any]) -> str:
+    """The report as a text table, ratios against the first budget."""
+    lines = [
+        f"{report['clients']} clients, {report['requests']} requests of random tasks ({len(report['tasks'])}), greedy, "
+        f"{report['max_new_tokens']} new tokens; baseline: {report['baseline']}",
+        f"{'budget':>7} {'tok/s':>8} {'x base':>7} {'failed':>7} {'worst p99 ms':>13} {'x base':>7} "
+        f"{'worst task':<12} {'MiB moved':>10} {'evictions':>10}",
+    ]
+    for row in report["rows"]:
+        ratio = row["tokens_per_s_ratio"]
+        p99_ratio = row["worst_p99_ratio"]
+        lines.append(
+            f"{row['budget']:>7} {row['tokens_per_s']:>8.1f} {ratio or 0:>6.2f}x {row['failures']:>7} "
+            f"{row['worst_p99_ms']:>13.0f} {p99_ratio or 0:>6.2f}x {row['worst_p99_task']:<12} "
+            f"{row['bytes_moved'] / 2**20:>10.1f} {row['evictions']:>10}"
+        )
+    for row in report["rows"]:
+        per_task = ", ".join(f"{task} {ms:.0f}" for task, ms in row["p99_ms"].items())
+        lines.append(f"p99 ms per task at budget {row['budget']}: {per_task}")
+        if row["failure_messages"]:
+            lines.append(f"  failures: {'; '.join(row['failure_messages'])}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .options import parse_options
+
+    options = parse_options(PressureOptions, argv, "python -m premoe_service.bench.pressure", __doc__ or "")
+    print(table(run(options)))
+
+
+if __name__ == "__main__":
+    main()

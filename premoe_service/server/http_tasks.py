@@ -1,0 +1,182 @@
+"""The HTTP admin paths of the task lifecycle (`GET /v1/tasks`, `POST /v1/tasks/{name}/load|unload`), behind the
+admin token, over the same `ServingCore` calls as gRPC's ListTasks, LoadTask and UnloadTask."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..errors import InvalidArgument, PreMoeError
+from ..names import check_task_name
+from ..serving import TaskView
+from ..serving.loading import LoadResult, UnloadResult
+from .http_io import MAX_BODY_BYTES, BodyTooLarge
+from .http_replies import error_body
+from .interceptor import status_of
+
+if TYPE_CHECKING:
+    from .http import Endpoint, OpenAIApi
+
+log = logging.getLogger(__name__)
+LOAD_FIELDS = frozenset({"pin", "timeout_s"})
+
+
+def task_routes(api: OpenAIApi) -> list[Route]:
+    """The lifecycle routes of `api`'s app."""
+    paths = TaskPaths(api)
+    return [
+        Route("/v1/tasks", paths.endpoint("/v1/tasks", paths.list), methods=["GET"]),
+        Route("/v1/tasks/{name}/load", paths.endpoint("/v1/tasks/{name}/load", paths.load), methods=["POST"]),
+        Route("/v1/tasks/{name}/unload", paths.endpoint("/v1/tasks/{name}/unload", paths.unload), methods=["POST"]),
+    ]
+
+
+class TaskPaths:
+    """Each path decodes, calls one `ServingCore` function on the door's executor, encodes; errors are the
+    door's error JSON with the status of the gRPC code (a load that does not fit: 429)."""
+
+    def __init__(self, api: OpenAIApi) -> None:
+        self.api = api
+
+    async def list(self, request: Request) -> Response:
+        views = await self.api._run(self.api.service.list_tasks)
+        return JSONResponse({"object": "list", "data": [task_body(v) for v in views]})
+
+    async def load(self, request: Request) -> Response:
+        name = check_task_name(request.path_params["name"], field="name")
+        pin, timeout_s = load_options(await options_body(request))
+        service = self.api.service
+        view, result = await self.api._run(lambda: service.load_task(name, pin=pin, timeout_s=timeout_s))
+        return JSONResponse(load_body(view, result))
+
+    async def unload(self, request: Request) -> Response:
+        name = check_task_name(request.path_params["name"], field="name")
+        unknown = sorted(await options_body(request))
+        if unknown:
+            raise InvalidArgument("unload takes no options", field=unknown[0])
+        service = self.api.service
+        view, result = await self.api._run(lambda: service.unload_task(name))
+        return JSONResponse(unload_body(view, result))
+
+    def endpoint(self, name: str, handler: Endpoint) -> Endpoint:
+        """`handler` behind the admin token, with the door's error mapping and request metrics."""
+        api = self.api
+
+        async def run(request: Request) -> Response:
+            start = time.perf_counter()
+            try:
+                header = request.headers.get("authorization")
+                api.access.check(header.encode("latin-1") if header is not None else None, admin=True)
+                response = await handler(request)
+                code = grpc.StatusCode.OK
+            except Exception as exc:
+                body, status, code = error_reply(exc)
+                headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+                response = JSONResponse(body, status_code=status, headers=headers)
+            if api.metrics is not None:
+                api.metrics.request(f"HTTP {name}", code.name, time.perf_counter() - start)
+            return response
+
+        return run
+
+
+def error_reply(exc: BaseException) -> tuple[dict[str, Any], int, grpc.StatusCode]:
+    """The error JSON, HTTP status and gRPC code of an exception, as the door answers them; `param` is the field
+    of these paths (`name` is the path's task name here, not OpenAI's `model`)."""
+    from .http import ERROR_TYPES, HTTP_STATUS  # the door's tables (imported here: http.py mounts these routes)
+
+    code, message = status_of(exc)
+    status = 413 if isinstance(exc, BodyTooLarge) else HTTP_STATUS.get(code, 500)
+    if status == 500 or not isinstance(exc, PreMoeError):
+        log.error("HTTP task call failed", exc_info=exc)
+        return error_body("internal error; see the server log", "server_error", None, "internal"), 500, code
+    return error_body(message, ERROR_TYPES[status], exc.field, code.name.lower()), status, code
+
+
+async def options_body(request: Request) -> dict[str, Any]:
+    """The body as a JSON object; an empty body is no options (`{}`). Refused past the door's body limit."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise BodyTooLarge(f"over the limit of {MAX_BODY_BYTES} bytes", field="body")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgument(f"the body is not valid JSON ({type(exc).__name__})", field="body") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument(f"expected a JSON object, got {type(body).__name__}", field="body")
+    return body
+
+
+def load_options(body: dict[str, Any]) -> tuple[bool, float | None]:
+    """`pin` (bool, default false) and `timeout_s` (seconds >= 0, default the server's lease timeout) of a load."""
+    unknown = sorted(set(body) - LOAD_FIELDS)
+    if unknown:
+        raise InvalidArgument(f"unknown field (a load takes {', '.join(sorted(LOAD_FIELDS))})", field=unknown[0])
+    pin = body.get("pin", False)
+    if not isinstance(pin, bool):
+        raise InvalidArgument(f"must be true or false, got {pin!r:.40}", field="pin")
+    timeout = body.get("timeout_s")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 <= timeout < math.inf
+    ):
+        raise InvalidArgument(f"must be a finite number of seconds >= 0, got {timeout!r:.40}", field="timeout_s")
+    return pin, float(timeout) if timeout else None
+
+
+def task_body(view: TaskView) -> dict[str, Any]:
+    """A task as the HTTP paths show it: its pattern's size and bytes, and its residency now."""
+    body: dict[str, Any] = {
+        "name": view.name,
+        "object": "task",
+        "description": view.description,
+        "criterion": view.criterion,
+        "pattern_experts": view.pattern.size,
+        "pattern_bytes": view.pattern_bytes,
+        "demo_coverage": view.demo_coverage if math.isfinite(view.demo_coverage) else None,
+        "created": view.created,
+    }
+    if view.residency is not None:
+        state = view.residency.state
+        body["residency"] = {
+            "resident_share": state.share,
+            "resident_experts": state.experts,
+            "resident_bytes": state.nbytes,
+            "precisions": state.precisions,
+            "pinned": view.residency.pinned,
+            "loading": view.residency.loading,
+        }
+    return body
+
+
+def load_body(view: TaskView, result: LoadResult) -> dict[str, Any]:
+    loads = {tier: result.loads.get(tier, 0) for tier in ("device", "cache", "disk")}
+    return {
+        "task": task_body(view),
+        "loads": {**loads, "bytes": result.loaded_bytes},
+        "load_ms": result.seconds * 1000.0,
+        "replicas": [],
+    }
+
+
+def unload_body(view: TaskView, result: UnloadResult) -> dict[str, Any]:
+    return {
+        "task": task_body(view),
+        "was_pinned": result.was_pinned,
+        "released_experts": result.released_experts,
+        "released_bytes": result.released_bytes,
+        "replicas": [],
+    }

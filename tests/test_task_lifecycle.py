@@ -1,0 +1,339 @@
+"""The task lifecycle over real gRPC, HTTP and the CLI: LoadTask warms a task so that its requests load nothing, a
+pin holds while other tasks churn a tight budget, UnloadTask releases the bytes, refusals and the admin token."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from premoe_service.cli import main
+from premoe_service.client import PreMoeClient
+from premoe_service.profiler import Profile, Selection
+from premoe_service.server import running_server
+from premoe_service.serving import ServiceConfig
+from premoe_service.store import Store
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOKEN = "lifecycle-token"
+TASKS = ("a", "b", "c", "d")  # task i keeps experts 2i and 2i+1 of every layer: patterns that share no expert
+BUDGET = "0.5"  # 4 of the tiny model's 8 experts per layer: two tasks side by side
+
+
+def profile(store: Path, name: str, first: int, embedder, created: str = "2026-12-01T00:00:00+00:00") -> Profile:
+    """A task keeping experts `first` and `first + 1` of every layer."""
+    spec = Store(store)
+    layers = tuple(spec.manifest.moe_layers)
+    scores = torch.full((len(layers), spec.manifest.num_experts), 0.01)
+    scores[:, first : first + 2] = 1.0
+    demos = [f"task {name} demo {i}" for i in range(2)]
+    return Profile(
+        name=name,
+        fingerprint=spec.fingerprint,
+        moe_layers=layers,
+        scores={"tcess": scores},
+        demo_embeddings=torch.from_numpy(embedder.encode(demos)),
+        embedder=embedder.name,
+        selection=Selection("tcess", "top_k", 2, "experts").to_json(),
+        demos=demos,
+        created=created,
+    )
+
+
+def write_profiles(store: Path, folder: Path, embedder) -> None:
+    for index, name in enumerate(TASKS):
+        profile(store, name, 2 * index, embedder).save(folder / f"{name}.safetensors")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_store: Path, embedder, tmp_path_factory: pytest.TempPathFactory):
+    profiles = tmp_path_factory.mktemp("lifecycle-profiles")
+    write_profiles(tiny_store, profiles, embedder)
+    config = ServiceConfig(
+        store=tiny_store,
+        profiles=profiles,
+        port=0,
+        http_port=0,
+        device="cpu",
+        budget=BUDGET,
+        admin_token=TOKEN,
+        route_signal=False,
+        lease_timeout_s=2.0,
+        engine_threads=1,
+    )
+    with running_server(config, embedder=embedder) as (handle, port):
+        yield handle, port
+
+
+@pytest.fixture
+def client(server) -> Iterator[PreMoeClient]:
+    """An admin client; every task is unloaded after the test, so that each starts from released slots."""
+    _, port = server
+    with PreMoeClient(f"127.0.0.1:{port}", admin_token=TOKEN, timeout=60) as c:
+        for name in TASKS:
+            c.unload_task(name)
+        yield c
+        for name in TASKS:
+            c.unload_task(name)
+
+
+def generate(client: PreMoeClient, task: str):
+    return client.generate("the quick brown fox", task=task, max_new_tokens=3).stats
+
+
+def residency(client: PreMoeClient, task: str):
+    return client.get_task(task).residency
+
+
+# --- gRPC ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_loaded_task_is_served_with_no_load_on_the_requests_path(client: PreMoeClient) -> None:
+    assert residency(client, "a").resident_share == 0.0
+    reply = client.load_task("a")
+    assert reply.loads.cache + reply.loads.disk == 6 and reply.loads.device == 0  # 2 experts x 3 layers
+    assert reply.loads.bytes > 0 and reply.replicas == []
+    state = reply.task.residency
+    assert state.resident_share == 1.0 and state.resident_experts == 6 and dict(state.precisions) == {"full": 6}
+    assert not state.pinned and not state.loading
+    stats = generate(client, "a")
+    assert (stats.loads.device, stats.loads.cache, stats.loads.disk, stats.loads.bytes) == (6, 0, 0, 0)
+    again = client.load_task("a")  # already resident: nothing moves
+    assert (again.loads.device, again.loads.cache + again.loads.disk) == (6, 0)
+
+
+def test_a_task_not_loaded_loads_on_its_requests_path(client: PreMoeClient) -> None:
+    """The contrast of the test above: the same request without LoadTask pays for its experts."""
+    stats = generate(client, "b")
+    assert stats.loads.cache + stats.loads.disk == 6 and stats.loads.device == 0
+
+
+def churn(client: PreMoeClient) -> None:
+    for _ in range(2):
+        for task in ("b", "c", "d"):
+            generate(client, task)
+
+
+def test_a_pin_holds_while_other_tasks_churn_the_budget(client: PreMoeClient) -> None:
+    client.load_task("a")
+    churn(client)  # b, c and d take turns in the two slots per layer a leaves, then in a's: it is evicted
+    assert residency(client, "a").resident_share < 1.0
+
+    pinned = client.load_task("a", pin=True)
+    assert pinned.task.residency.pinned and pinned.task.residency.resident_share == 1.0
+    churn(client)  # the others still run, in the slots a leaves them
+    state = residency(client, "a")
+    assert state.pinned and state.resident_share == 1.0
+    stats = generate(client, "a")
+    assert (stats.loads.cache, stats.loads.disk) == (0, 0)
+    listed = {info.name: info.residency for info in client.tasks()}
+    assert listed["a"].pinned and not any(listed[t].pinned for t in ("b", "c", "d"))
+
+
+def test_unload_releases_the_bytes(client: PreMoeClient, tiny_store: Path) -> None:
+    client.load_task("a", pin=True)
+    before = client.stats().resident_bytes
+    reply = client.unload_task("a")
+    assert reply.was_pinned and reply.released_experts == 6
+    assert reply.released_bytes == 6 * Store(tiny_store).manifest.expert_nbytes
+    assert client.stats().resident_bytes == before - reply.released_bytes
+    state = reply.task.residency
+    assert state.resident_share == 0.0 and not state.pinned and dict(state.precisions) == {}
+    assert not client.unload_task("a").was_pinned  # unloading twice is no error
+
+
+def test_a_pin_that_cannot_fit_is_refused_naming_the_pinned_bytes(client: PreMoeClient, tiny_store: Path) -> None:
+    client.load_task("a", pin=True)
+    client.load_task("b", pin=True)
+    with pytest.raises(grpc.RpcError) as refused:
+        client.load_task("c", pin=True)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    details = refused.value.details()
+    pinned_bytes = 12 * Store(tiny_store).manifest.expert_nbytes
+    assert "a, b" in details and f"{pinned_bytes} bytes" in details, details
+    with pytest.raises(grpc.RpcError) as waited:  # without a pin it waits for slots, which the pins never free
+        client.load_task("c", timeout_s=0.3)
+    assert waited.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "timeout_s" in waited.value.details()
+    assert residency(client, "a").resident_share == 1.0 and residency(client, "b").resident_share == 1.0
+    client.unload_task("b")
+    assert client.load_task("c", pin=True).task.residency.pinned  # room again
+
+
+def test_deleting_a_pinned_task_drops_its_pin(server, client: PreMoeClient, tiny_store: Path, embedder) -> None:
+    handle, _ = server
+    handle.service.registry.register(profile(tiny_store, "e", 2, embedder))  # b's experts
+    try:
+        client.load_task("e", pin=True)
+        client.load_task("a", pin=True)
+        with pytest.raises(grpc.RpcError) as refused:
+            client.load_task("c", pin=True)
+        assert "a, e" in refused.value.details()
+    finally:
+        client.delete_task("e")
+    assert client.load_task("c", pin=True).task.residency.pinned  # e's slots are free again
+
+
+def test_a_replaced_task_stays_pinned_until_loaded_again(
+    server, client: PreMoeClient, tiny_store: Path, embedder
+) -> None:
+    handle, _ = server
+    registry = handle.service.registry
+    registry.register(profile(tiny_store, "f", 0, embedder))
+    try:
+        client.load_task("f", pin=True)
+        registry.register(
+            profile(tiny_store, "f", 4, embedder, "2026-12-02T00:00:00+00:00"), replace=True
+        )  # now c's experts
+        state = residency(client, "f")
+        assert state.pinned and state.resident_share == 0.0  # the pin holds the old pattern's experts
+        client.load_task("a", pin=True)  # the same experts as f's old pattern: they fit
+        moved = client.load_task("f", pin=True).task.residency  # the pin moves to the new pattern
+        assert moved.pinned and moved.resident_share == 1.0
+        client.unload_task("a")
+        # Had f's old pin stayed, a's experts would still be pinned and b would not fit beside f.
+        assert client.load_task("b", pin=True, timeout_s=0.5).task.residency.pinned
+    finally:
+        client.delete_task("f")
+
+
+@pytest.mark.parametrize(
+    ("call", "code", "field"),
+    [
+        (lambda c: c.load_task("nope"), grpc.StatusCode.NOT_FOUND, "nope"),
+        (lambda c: c.unload_task("nope"), grpc.StatusCode.NOT_FOUND, "nope"),
+        (lambda c: c.load_task("Bad Name"), grpc.StatusCode.INVALID_ARGUMENT, "name"),
+        (lambda c: c.unload_task(""), grpc.StatusCode.INVALID_ARGUMENT, "name"),
+        (lambda c: c.load_task("a", timeout_s=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "timeout_s"),
+        (lambda c: c.load_task("a", timeout_s=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "timeout_s"),
+    ],
+)
+def test_bad_loads_are_refused_with_their_code_and_field(client: PreMoeClient, call, code, field) -> None:
+    with pytest.raises(grpc.RpcError) as refused:
+        call(client)
+    assert refused.value.code() == code and field in refused.value.details()
+
+
+def test_load_and_unload_need_the_admin_token(server) -> None:
+    _, port = server
+    for token, code in ((None, grpc.StatusCode.UNAUTHENTICATED), ("wrong", grpc.StatusCode.PERMISSION_DENIED)):
+        with PreMoeClient(f"127.0.0.1:{port}", admin_token=token, timeout=30) as c:
+            for call in (lambda: c.load_task("a", pin=True), lambda: c.unload_task("a")):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call()
+                assert refused.value.code() == code
+            assert not c.get_task("a").residency.pinned  # listing stays an inference call
+
+
+# --- HTTP ---------------------------------------------------------------------------------------------------------
+
+
+def http(server, method: str, path: str, body: bytes | None = None, token: str | None = TOKEN):
+    handle, _ = server
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{handle.http_port}{path}", data=body, method=method, headers=headers
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_http_paths_load_list_and_unload(server, client: PreMoeClient) -> None:
+    status, body = http(server, "POST", "/v1/tasks/a/load", json.dumps({"pin": True}).encode())
+    assert status == 200, body
+    assert body["task"]["residency"]["pinned"] and body["task"]["residency"]["resident_share"] == 1.0
+    assert body["loads"]["cache"] + body["loads"]["disk"] == 6
+    status, listed = http(server, "GET", "/v1/tasks")
+    assert status == 200 and [t["name"] for t in listed["data"]] == list(TASKS)
+    rows = {t["name"]: t["residency"] for t in listed["data"]}
+    assert rows["a"]["pinned"] and rows["a"]["precisions"] == {"full": 6} and not rows["b"]["pinned"]
+    assert generate(client, "a").loads.disk == 0
+    status, body = http(server, "POST", "/v1/tasks/b/load")  # no body: the defaults (no pin)
+    assert status == 200 and not body["task"]["residency"]["pinned"]
+    status, body = http(server, "POST", "/v1/tasks/a/unload")
+    assert status == 200 and body["was_pinned"] and body["released_experts"] == 6
+    assert body["task"]["residency"]["resident_share"] == 0.0
+
+
+def test_http_refusals_and_their_statuses(server, client: PreMoeClient) -> None:
+    assert http(server, "POST", "/v1/tasks/a/load", b'{"pin": true}')[0] == 200
+    assert http(server, "POST", "/v1/tasks/b/load", b'{"pin": true}')[0] == 200
+    status, body = http(server, "POST", "/v1/tasks/c/load", b'{"pin": true}')
+    assert status == 429 and body["error"]["code"] == "resource_exhausted"
+    assert "a, b" in body["error"]["message"] and "bytes pinned" in body["error"]["message"]
+    cases = [
+        ("POST", "/v1/tasks/nope/load", None, 404, None),
+        ("POST", "/v1/tasks/Bad/load", None, 400, "name"),
+        ("POST", "/v1/tasks/a/load", b'{"pin": "yes"}', 400, "pin"),
+        ("POST", "/v1/tasks/a/load", b'{"timeout_s": -2}', 400, "timeout_s"),
+        ("POST", "/v1/tasks/a/load", b'{"pinned": true}', 400, "pinned"),
+        ("POST", "/v1/tasks/a/load", b"[1]", 400, "body"),
+        ("POST", "/v1/tasks/a/load", b"{", 400, "body"),
+        ("POST", "/v1/tasks/a/unload", b'{"pin": false}', 400, "pin"),
+        ("GET", "/v1/tasks/a/load", None, 405, None),
+    ]
+    for method, path, body_bytes, want, param in cases:
+        status, body = http(server, method, path, body_bytes)
+        assert status == want, (path, body_bytes, body)
+        if param is not None:
+            assert body["error"]["param"] == param, body
+
+
+def test_http_paths_need_the_admin_token(server, client: PreMoeClient) -> None:
+    for token, want in ((None, 401), ("wrong", 403)):
+        for method, path in (("GET", "/v1/tasks"), ("POST", "/v1/tasks/a/load"), ("POST", "/v1/tasks/a/unload")):
+            assert http(server, method, path, None, token)[0] == want, (path, token)
+    assert not residency(client, "a").pinned
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_load_and_unload(server, client: PreMoeClient, capsys: pytest.CaptureFixture[str]) -> None:
+    _, port = server
+    where = ["--server", f"127.0.0.1:{port}", "--admin-token", TOKEN]
+    assert main(["load", "a", "--pin", *where]) == 0
+    out = capsys.readouterr().out
+    assert "task a loaded and pinned: 100% resident (6/6 experts, full 6), pinned" in out, out
+    assert residency(client, "a").pinned
+    assert main(["load", "b", "--pin", *where]) == 0
+    capsys.readouterr()
+    assert main(["load", "c", "--pin", *where]) == 1  # an RPC that failed
+    err = capsys.readouterr().err
+    assert "RESOURCE_EXHAUSTED" in err and "a, b" in err, err
+    assert main(["tasks", "--server", f"127.0.0.1:{port}"]) == 0
+    listing = capsys.readouterr().out
+    assert any(line.startswith("a ") and "pinned" in line for line in listing.splitlines()), listing
+    assert main(["unload", "a", *where]) == 0
+    assert "task a unloaded (was pinned): released 6 experts" in capsys.readouterr().out
+    assert main(["load", "a", "--server", f"127.0.0.1:{port}", "--admin-token", "wrong"]) == 1
+    assert "PERMISSION_DENIED" in capsys.readouterr().err
+
+
+# --- the pressure benchmark's measurement ---------------------------------------------------------------------------
+
+
+def test_the_pressure_bench_counts_tokens_latency_and_bytes_moved(server, client: PreMoeClient) -> None:
+    """`premoe bench pressure`'s figures of one budget, against this server (4 tasks, 2 fit at a time)."""
+    from premoe_service.bench.pressure import measure
+    from premoe_service.bench.serve_clients import Req
+
+    _, port = server
+    requests = [Req(i, TASKS[i % 4], "the quick brown fox", 3) for i in range(24)]
+    before = client.stats()
+    row = measure(f"127.0.0.1:{port}", requests, 4, list(TASKS))
+    after = client.stats()
+    assert row["requests"] == 24 and row["failures"] == 0
+    assert 0 < row["tokens"] <= 24 * 3 and row["tokens_per_s"] > 0
+    assert sorted(row["p99_ms"]) == list(TASKS) and row["worst_p99_ms"] == max(row["p99_ms"].values())
+    assert 0 < row["bytes_moved"] <= after.loads.bytes - before.loads.bytes  # the churn of 4 tasks in 2 tasks' slots
+    assert row["evictions"] > 0
