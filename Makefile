@@ -8,7 +8,7 @@ TORCH   := torch==2.13.0
 LOCK    := requirements.lock
 PIP     := pip install -q --disable-pip-version-check
 
-.PHONY: setup test check fmt demo bench clean proto profiles eval eval-precision lock test-latest
+.PHONY: setup test check fmt demo bench clean proto profiles eval eval-precision lock test-latest gpu-check
 
 setup: $(STAMP)
 
@@ -57,8 +57,12 @@ fmt: setup
 	$(BIN)/ruff format premoe_service tests
 	$(BIN)/ruff check --fix premoe_service tests
 
+# On a GPU machine: the CUDA tests, and the loader and serving benchmarks on cuda (scripts/gpu-check.sh says how).
+gpu-check:
+	bash scripts/gpu-check.sh
+
 clean:
-	rm -rf $(VENV) .venv-latest .venv-lock .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-latest .venv-lock .venv-gpu .pytest_cache .mypy_cache .ruff_cache
 
 # Regenerate the gRPC code from protos/ (committed; tests check it is current).
 proto: setup

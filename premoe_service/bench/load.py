@@ -187,6 +187,7 @@ def bench_store(store_dir: Path, redis_url: str | None, rounds: int = 7, device:
             )
         )
     rows.append(_slots_from_disk(store_dir, fds, rounds, device))
+    rows.append(_slots_from_memory(store_dir, rounds, device))
     for fd in fds.values():
         os.close(fd)
     return rows
@@ -225,6 +226,52 @@ def _slots_from_disk(store_dir: Path, fds: dict[int, int], rounds: int, device: 
         len(addresses) * size,
         "os.preadv of the same ranges, one buffer per expert",
         len(addresses),
+    )
+
+
+def _slots_from_memory(store_dir: Path, rounds: int, device: str | None) -> Row:
+    """Host-to-device bandwidth of the loader: pattern switches whose experts are all in the in-process cache, into
+    slots, vs one copy of the same bytes from a host buffer (page-locked on CUDA) into one device buffer."""
+    manifest = Store(store_dir).manifest
+    store = Store(store_dir, MemoryCache(manifest.expert_nbytes * manifest.num_experts * len(manifest.moe_layers) * 2))
+    target = resolve_device(device)
+    engine, residency = load_engine(store, Budget(fraction=0.5), device=target)
+    spec, size = engine.spec, manifest.expert_nbytes
+    half = spec.num_experts // 2
+    flip = [
+        Pattern.build(spec, {layer: range(start, start + half) for layer in spec.moe_layers}) for start in (0, half)
+    ]
+    count = half * len(spec.moe_layers)
+    host = torch.zeros(count * size, dtype=torch.uint8, pin_memory=target.type == "cuda")
+    dest = torch.empty(count * size, dtype=torch.uint8, device=target)
+
+    def sync() -> None:
+        if target.type == "cuda":
+            torch.cuda.synchronize()
+
+    def ours() -> None:
+        with residency.lease(flip[0]):
+            pass
+        flip.reverse()
+        sync()
+
+    host_np, dest_np = (host.numpy(), dest.numpy()) if target.type == "cpu" else (None, None)
+
+    def raw() -> None:
+        if host_np is not None and dest_np is not None:  # the fastest plain copy on the CPU
+            np.copyto(dest_np, host_np)
+        else:
+            dest.copy_(host, non_blocking=True)
+        sync()
+
+    for _ in range(2):  # the first two switches fill the cache from disk
+        ours()
+    return Row(
+        f"memory cache -> {target.type} slots",
+        *interleaved(ours, raw, rounds),
+        count * size,
+        f"one copy of the same bytes, {'page-locked host' if target.type == 'cuda' else 'host'} -> {target.type}",
+        count,
     )
 
 
