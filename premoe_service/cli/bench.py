@@ -91,6 +91,44 @@ def bench_route(quick: bool, repeats: int | None, index_sweep: bool) -> int:
     return 0
 
 
+@bench.command("route-quality", short_help="what routing keeps of the full model's quality, per task and off-topic")
+@option("--store", default="var/reference-store", help="store folder")
+@option("--profiles", default="profiles", help="folder of task profiles (with its routing record)")
+@bench_option(
+    "--queries",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help='JSONL of labelled prompts ({"query": ..., "task": name or null})',
+)
+@option("--budget", type=BUDGET, default="1.0", help="the server's --budget")
+@option("--coverage-floor", type=click.FloatRange(0, 1), help="the server's --coverage-floor (default: its own)")
+@bench_option("--continuation", type=POSITIVE, default=24, help="greedy tokens of the full model scored at most")
+@bench_option("--rows-out", type=click.Path(dir_okay=False, path_type=Path), help="write each prompt's row here (JSON)")
+@bench_option(
+    "--save-retention",
+    is_flag=True,
+    help="write each task's measured retention into the profiles' routing record (the server serves a task that "
+    "keeps too little with every expert); measure on training prompts, never on a held-out set",
+)
+def bench_route_quality(
+    store: str,
+    profiles: str,
+    queries: Path,
+    budget: str,
+    coverage_floor: float | None,
+    continuation: int,
+    rows_out: Path | None,
+    save_retention: bool,
+) -> int:
+    """Serve each prompt as `premoe serve --store --profiles` does with its defaults (one greedy token; the reply
+    names the final pattern), score the full model's greedy continuation under that pattern and under all experts,
+    and print retention per task and for off-topic prompts with the mean share of experts kept."""
+    from ..bench.route_quality import main
+
+    main(Path(store), Path(profiles), queries, budget, coverage_floor, continuation, rows_out, save_retention)
+    return 0
+
+
 @bench.command(
     "serve",
     short_help="the gRPC server under 1, 4, 16 concurrent clients vs transformers, and the expert-load stall check",

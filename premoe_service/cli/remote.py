@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from .params import CRITERION, OPEN_SHARE, POSITIVE, CommaList, option, verb
-from .route_eval import route_evaluate, route_evaluate_options
+from .route_eval import route_evaluate, route_evaluate_options, route_evaluate_server
 from .shared import client_options, connect, embedder_option
 
 
@@ -21,7 +21,7 @@ from .shared import client_options, connect, embedder_option
 @click.option(
     "--evaluate",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="JSONL of labelled queries (offline calibration)",
+    help="JSONL of labelled queries: measured on --profiles offline, or without --profiles through --server's Route",
 )
 @option(
     "--profiles", type=click.Path(exists=True, file_okay=False, path_type=Path), help="profiles folder for --evaluate"
@@ -38,6 +38,7 @@ def route(
     background: Path | None,
     calibration_queries: Path | None,
     calibrate_out: Path | None,
+    save_routing: bool,
     server: str,
     timeout: float,
     api_key: str | None,
@@ -45,11 +46,20 @@ def route(
     """Without --evaluate: the server's routing decision for PROMPT. With --evaluate FILE.jsonl ({"query": ...,
     "task": name or null} per line) and --profiles DIR: top-1 accuracy overall and per task, the confusion matrix,
     no-match precision/recall, on-task rejection, and a suggested threshold overall and per task, computed locally.
-    With --store, routing uses the model's router signal too, and with --background an off-topic none-class: the
-    embedding alone is reported beside, and per-task leads are calibrated from the demos, the background and
-    --calibration-queries (--calibrate-out writes them)."""
+    With --store, routing uses the model's router signal too, and the folder's routing record (routing.json: the
+    none-class and calibrated leads, as `premoe serve --profiles` routes); with --background another off-topic
+    none-class: the embedding alone is reported beside, and per-task leads are calibrated from the demos, the
+    background and --calibration-queries (--calibrate-out writes them, --save-routing makes them the folder's
+    record). Without --profiles, --evaluate asks the server at --server (Route) and measures its decisions."""
+    if evaluate is not None and profiles is None:
+        if store is not None or background is not None or save_routing:
+            raise click.UsageError("--store, --background and --save-routing need --profiles (offline evaluation)")
+        with connect(server, timeout, api_key) as client:
+            return route_evaluate_server(evaluate, client, server)
     if evaluate is not None:
-        return route_evaluate(evaluate, profiles, embedder, store, background, calibration_queries, calibrate_out)
+        return route_evaluate(
+            evaluate, profiles, embedder, store, background, calibration_queries, calibrate_out, save_routing
+        )
     if not prompt:
         raise click.UsageError("give a PROMPT, or --evaluate FILE")
     with connect(server, timeout, api_key) as client:

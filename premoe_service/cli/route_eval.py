@@ -12,13 +12,13 @@ from .params import option
 from .shared import store_option
 
 if TYPE_CHECKING:
-    from ..retrieval import Registry, RouteEvaluation
+    from ..retrieval import Registry, RouteDecision, RouteEvaluation
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def route_evaluate_options(fn: F) -> F:
-    """--store, --background, --calibration-queries and --calibrate-out of `premoe route --evaluate`."""
+    """--store, --background, --calibration-queries, --calibrate-out and --save-routing of `premoe route --evaluate`."""
     declared = (
         store_option(required=False, help="store of the model: route on its router signal too (for --evaluate)"),
         option(
@@ -36,6 +36,12 @@ def route_evaluate_options(fn: F) -> F:
             type=click.Path(dir_okay=False, path_type=Path),
             help="write the per-task leads calibrated from the demos and the background here (JSON)",
         ),
+        option(
+            "--save-routing",
+            is_flag=True,
+            help="write --background and the leads calibrated with it into the profiles folder (routing.json), "
+            "where `premoe serve --profiles` and later evaluations take them from",
+        ),
     )
     for decorator in reversed(declared):
         fn = decorator(fn)
@@ -50,8 +56,9 @@ def route_evaluate(
     background: Path | None,
     calibration_queries: Path | None,
     calibrate_out: Path | None,
+    save_routing: bool = False,
 ) -> int:
-    """Print the figures of `premoe route --evaluate`; see the `route` verb's help."""
+    """Print the figures of `premoe route --evaluate` on the profiles folder; see the `route` verb's help."""
     import dataclasses
 
     from ..retrieval import Embedder, LocalProfileStore, Registry, evaluate, load_route_records
@@ -60,8 +67,10 @@ def route_evaluate(
         raise click.UsageError("--evaluate needs --profiles (a folder of profile files)")
     if (background is not None or calibrate_out is not None) and store is None:
         raise click.UsageError("--background and --calibrate-out need --store (the router signal)")
-    if (calibrate_out is not None or calibration_queries is not None) and background is None:
-        raise click.UsageError("--calibrate-out and --calibration-queries need --background (calibration's negatives)")
+    if (calibrate_out is not None or calibration_queries is not None or save_routing) and background is None:
+        raise click.UsageError(
+            "--calibrate-out, --calibration-queries and --save-routing need --background (calibration's negatives)"
+        )
     records = load_route_records(queries)
     model = Embedder(embedder)
     plain = Registry(LocalProfileStore(profiles), embedder=model)
@@ -70,11 +79,18 @@ def route_evaluate(
         return 0
     from ..retrieval.calibrate import calibrate
     from ..retrieval.router_signal import RouterSignal
+    from ..retrieval.routing_record import ROUTING_FILE, RoutingRecord
     from ..store import Store
 
     prompts = [r.query for r in load_route_records(background)] if background is not None else []
     signal = RouterSignal.from_store(Store(store))
     registry = Registry(LocalProfileStore(profiles), embedder=model, signal=signal, background=prompts)
+    record = registry.routing_record
+    if not prompts and record is not None:
+        click.echo(
+            f"routing record {profiles / ROUTING_FILE}: {len(record.background)} background prompts, "
+            f"{len(record.task_leads)} calibrated leads (as `premoe serve --profiles {profiles}` routes)"
+        )
     alone = evaluate(plain, records)
     click.echo(
         f"embedding alone: top-1 {alone.top1_accuracy:.3f}, off-topic rejected {alone.no_match_recall:.3f}, "
@@ -93,9 +109,52 @@ def route_evaluate(
         if calibrate_out is not None:
             calibration.save(calibrate_out)
             click.echo(f"wrote {calibrate_out} (serve it with --route-calibration)")
+        if save_routing and background is not None:
+            saved = RoutingRecord(tuple(prompts), leads, source=background.name).save(profiles)
+            click.echo(f"wrote {saved}: `premoe serve --profiles {profiles}` routes with it from now on")
         registry.policy = dataclasses.replace(registry.policy, task_leads=leads)
-    click.echo("embedding + router signal" + (", none-class and calibrated leads:" if prompts else ":"))
-    _echo_result(registry, evaluate(registry, records), leads)
+    elif record is not None:
+        leads = dict(registry.policy.task_leads)
+    with_none = registry.evidence is not None and registry.evidence.has_background
+    click.echo("embedding + router signal" + (", none-class and calibrated leads:" if with_none else ":"))
+    _echo_result(registry, evaluate(registry, records), leads if with_none else None)
+    return 0
+
+
+class RemoteRouter:
+    """Routes prompts through a running server's Route RPC, as `evaluate` asks a `Router` to."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def route(self, prompt: str) -> RouteDecision:
+        from ..retrieval import RouteDecision
+
+        reply = self.client.route(prompt)
+        ranked = [(item.task, float(item.score)) for item in reply.ranked]
+        matched = reply.decision == "match"
+        return RouteDecision(ranked, reply.task or None, matched, list(reply.fallback_tasks), reply.reason)
+
+
+def route_evaluate_server(queries: Path, client: Any, server: str) -> int:
+    """Print the figures of `premoe route --evaluate` through a running server's Route (its own defaults)."""
+    from ..retrieval import evaluate, load_route_records
+
+    result = evaluate(RemoteRouter(client), load_route_records(queries))
+    click.echo(f"through the Route RPC of the server at {server} (its own configuration):")
+    threshold = "n/a" if result.suggested_threshold is None else f"{result.suggested_threshold:.3f}"
+    click.echo(f"queries {result.records} ({result.labelled} labelled)")
+    click.echo(f"top-1 accuracy      {result.top1_accuracy:.3f}")
+    click.echo(f"match accuracy      {result.match_accuracy:.3f}")
+    click.echo(f"no-match precision  {result.no_match_precision:.3f}")
+    click.echo(f"no-match recall     {result.no_match_recall:.3f}")
+    click.echo(f"suggested threshold {threshold}")
+    click.echo(f"on-task rejected    {result.on_task_rejected:.3f}")
+    click.echo(f"off-topic rejected  {result.no_match_recall:.3f}")
+    _echo_per_task(result, None, None)
+    _echo_confusion(result.confusion)
+    for query, expected, decided in result.misses[:10]:
+        click.echo(f"  miss: {query[:60]!r}: expected {expected}, got {decided}")
     return 0
 
 
@@ -118,7 +177,7 @@ def _echo_result(registry: Registry, result: RouteEvaluation, leads: dict[str, f
 
 
 def _echo_per_task(
-    result: RouteEvaluation, threshold_for: Callable[[str], float], leads: dict[str, float] | None
+    result: RouteEvaluation, threshold_for: Callable[[str], float] | None, leads: dict[str, float] | None
 ) -> None:
     """Per task: its queries, top-1, matched right, queries ranked first for it, its threshold, the suggested one,
     and with a none-class its calibrated lead."""
@@ -131,9 +190,10 @@ def _echo_per_task(
         value = result.suggested_thresholds.get(task)
         suggested = "n/a" if value is None else f"{value:.3f}"
         lead = "" if leads is None else f" {leads[task]:>7.2f}" if task in leads else f" {'n/a':>7}"
+        threshold = "n/a" if threshold_for is None else f"{threshold_for(task):.3f}"
         click.echo(
             f"  {task:<16} {item.queries:>4} {item.top1_accuracy:>6.3f} {item.match_accuracy:>6.3f} "
-            f"{item.ranked_first:>6} {threshold_for(task):>7.3f} {suggested:>8}{lead}"
+            f"{item.ranked_first:>6} {threshold:>7} {suggested:>8}{lead}"
         )
 
 

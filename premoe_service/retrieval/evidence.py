@@ -113,6 +113,10 @@ class RouterEvidence:
         with self._lock:
             self._background = (embeddings.astype(np.float32), _unit(features.inputs), features.scores.copy())
 
+    def clear_background(self) -> None:
+        with self._lock:
+            self._background = None
+
     @property
     def has_background(self) -> bool:
         return self._background is not None

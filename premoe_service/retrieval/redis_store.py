@@ -29,6 +29,7 @@ class RedisProfileStore:
       - `<ns>:registry:sha256`: hash task -> hex digest of those bytes, the task's revision;
       - `<ns>:registry:deleted`: hash task -> deletion time, for deleted tasks not registered again;
       - `<ns>:registry:version`: counter incremented by every registration and deletion;
+      - `<ns>:registry:routing`: the routing record (`routing_record`: the none-class and the calibrated leads);
       - `<ns>:registry:epoch`: a random id set when the namespace was (re-)seeded. It is missing when Redis lost
         its data (restarted without persistence, flushed), and changes when another replica re-seeded it.
 
@@ -83,11 +84,14 @@ class RedisProfileStore:
         self._deleted = f"{namespace}:registry:deleted"
         self._version = f"{namespace}:registry:version"
         self._epoch_key = f"{namespace}:registry:epoch"
+        self._routing = f"{namespace}:registry:routing"
         self._epoch: bytes | None = None  # the epoch this store last seeded or adopted
         self._high = 0  # the highest version seen in that epoch
         self._seed_lock = threading.Lock()
         self._next_seed_try = 0.0
-        self._seeder = Seeder(self._client, [self._profiles, self._digests, self._deleted, self._version])
+        self._seeder = Seeder(
+            self._client, [self._profiles, self._digests, self._deleted, self._version], routing_key=self._routing
+        )
 
     def version(self) -> Hashable:
         version, epoch = self._call(lambda: self._client.mget(self._version, self._epoch_key))
@@ -180,6 +184,26 @@ class RedisProfileStore:
                 self.record.unbury(name)
             raise
         self.record.remove_profile(name)
+
+    def routing(self) -> bytes | None:
+        """The routing record in Redis; the folder's when Redis has none (it was seeded before the folder had one)."""
+        held: Any = self._call(lambda: self._client.get(self._routing))
+        if held is not None:
+            return bytes(held)
+        return self.record.routing() if self.record is not None else None
+
+    def write_routing(self, data: bytes) -> None:
+        """Write the routing record to the folder (when there is one), then to Redis, bumping the version."""
+        self._ensure_seeded()
+        if self.record is not None:
+            self.record.write_routing(data)
+
+        def write(pipe: Any) -> None:
+            pipe.set(self._routing, data)
+            pipe.incr(self._version)
+
+        results: Any = self._transaction(write)
+        self._high = max(self._high, version_count(results[-1]))
 
     def tombstones(self) -> set[str]:
         """Tasks Redis has seen deleted (and not registered again since)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -19,6 +20,7 @@ from .evidence import RouterEvidence
 from .index import HNSW_THRESHOLD, IndexKind, TaskIndex
 from .router import RouteDecision, RoutePolicy, Router, check_prompt
 from .router_signal import RouterSignal
+from .routing_record import ROUTING_FILE, RoutingRecord
 from .stores import MemoryProfileStore, ProfileStore
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,9 @@ class Registry:
         signal: The model's router signal: with it a prompt is routed on both signals (`decision`), and a
             profile without a router signal (format 1) gets one computed from its demos.
         background: Off-topic prompts (needs `signal`): a none-class a prompt must not resemble more than its
-            best task (see `RoutePolicy.min_lead`).
+            best task (see `RoutePolicy.min_lead`). Without it, the store's routing record (`routing.json` beside
+            the profiles, or its copy in Redis) gives the background, and its calibrated leads fill the policy's
+            `task_leads` unless the policy names its own: routing is then the one the record was measured with.
 
     Raises:
         Unavailable: The store cannot be reached at start-up (there is nothing to serve from yet).
@@ -90,8 +94,11 @@ class Registry:
             raise InvalidArgument("an off-topic background needs the router signal (give a store)", field="background")
         self.evidence = None if signal is None else RouterEvidence(signal)
         if self.evidence is not None and background:
-            texts = [check_prompt(text, field=f"background[{i}]") for i, text in enumerate(background)]
-            self.evidence.set_background(embedder.encode(texts), self.evidence.signal.features(texts))
+            self._set_background(self.evidence, background)
+        self._own_background = bool(background)
+        self._own_leads = bool(self._router.policy.task_leads)
+        self.routing_record: RoutingRecord | None = None  # the store's record in use, when there is one
+        self._routing_bytes: bytes | None = None
         self._profiles: dict[str, Profile] = {}
         self._revisions: dict[str, Hashable] = {}
         self._token: object = _UNSET
@@ -259,8 +266,37 @@ class Registry:
             self._profiles[profile.name] = profile
             self._revisions[profile.name] = revision
             self.problems.pop(profile.name, None)
+        routed = self._adopt_routing()
         self._token = token
-        return bool(loaded or gone)
+        return bool(loaded or gone or routed)
+
+    def _adopt_routing(self) -> bool:
+        """Route with the store's routing record when it changed (the background and leads it names, unless this
+        registry was given its own); returns whether it changed."""
+        data = self.store.routing() if hasattr(self.store, "routing") else None
+        if data == self._routing_bytes:
+            return False
+        record = None if data is None else RoutingRecord.from_bytes(data, source=self._routing_source())
+        if self.evidence is not None and not self._own_background:
+            if record is not None and record.background:
+                self._set_background(self.evidence, record.background)
+            else:
+                self.evidence.clear_background()
+        if not self._own_leads:
+            leads = {} if record is None else dict(record.task_leads)
+            self._router.policy = dataclasses.replace(self._router.policy, task_leads=leads)
+        self._routing_bytes, self.routing_record = data, record
+        if record is not None:
+            log.info("routing record: %d background prompts, %d leads", len(record.background), len(record.task_leads))
+        return True
+
+    def _routing_source(self) -> str:
+        directory = getattr(self.store, "directory", None)
+        return str(directory / ROUTING_FILE) if directory is not None else "the store's routing record"
+
+    def _set_background(self, evidence: RouterEvidence, background: Sequence[str]) -> None:
+        texts = [check_prompt(text, field=f"background[{i}]") for i, text in enumerate(background)]
+        evidence.set_background(self.embedder.encode(texts), evidence.signal.features(texts))
 
     def _forget(self, name: str) -> None:
         self._index.remove(name)

@@ -54,10 +54,12 @@ class Seeder:
     Args:
         client: The redis-py client.
         keys: The registry's profiles, sha256, deleted and version keys.
+        routing_key: The routing record's key: the folder's record is copied there unless Redis holds one.
     """
 
-    def __init__(self, client: Any, keys: list[str]) -> None:
+    def __init__(self, client: Any, keys: list[str], routing_key: str | None = None) -> None:
         self.keys = keys
+        self.routing_key = routing_key
         self._import = client.register_script(_IMPORT)
         self._bury = client.register_script(_BURY)
         self._client = client
@@ -70,6 +72,9 @@ class Seeder:
         """
         for name, digest in sorted(record.tombstones().items()):
             call(partial(self._bury, keys=self.keys, args=[name, time.time(), digest]))
+        routing = record.routing() if self.routing_key is not None else None
+        if routing is not None:
+            call(partial(self._client.set, self.routing_key, routing, nx=True))
         deleted = {bytes(n).decode() for n in call(partial(self._client.hkeys, self.keys[2]))}
         imported = 0
         for name in sorted(record.revisions()):

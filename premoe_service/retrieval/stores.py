@@ -18,6 +18,7 @@ from ..errors import AlreadyExists, DataCorruption, NotFound
 from ..fsutil import atomic_write_bytes, atomic_writer, disk_error, ensure_folder, remove_stale_temps
 from ..names import TASK_NAME, check_task_name
 from ..profiler.profile import Profile
+from .routing_record import ROUTING_FILE
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,21 @@ class ProfileStore(Protocol):
         """Remove a profile; NotFound when absent."""
         ...
 
+    def routing(self) -> bytes | None:
+        """The routing record's bytes (`routing_record.RoutingRecord`), or None when the store holds none."""
+        ...
+
+    def write_routing(self, data: bytes) -> None:
+        """Store the routing record's bytes (a change of `version()`)."""
+        ...
+
 
 class MemoryProfileStore:
     """Profiles in this process only: for tests, benchmarks and throw-away registries."""
 
     def __init__(self) -> None:
         self._profiles: dict[str, tuple[Profile, int]] = {}
+        self._routing: bytes | None = None
         self._version = 0
         self._lock = threading.Lock()
 
@@ -89,9 +99,20 @@ class MemoryProfileStore:
                 raise NotFound(f"no task named {name!r}", field="name")
             self._version += 1
 
+    def routing(self) -> bytes | None:
+        return self._routing
+
+    def write_routing(self, data: bytes) -> None:
+        with self._lock:
+            self._routing = data
+            self._version += 1
+
 
 class LocalProfileStore:
     """One `<name>.safetensors` profile file per task in a directory: the registry's record.
+
+    The folder also holds the routing record (`routing.json`: the none-class background and calibrated leads),
+    so that whoever routes with these profiles routes as they were measured.
 
     Files are written to a locked temp file and renamed into place, so a crash leaves the old profile or the
     new one; temp files of writers that were killed are removed when the store opens. A deletion leaves a
@@ -235,6 +256,18 @@ class LocalProfileStore:
             self.path(name).unlink(missing_ok=True)
         except OSError as exc:
             log.error("cannot remove %s: %s (its tombstone keeps the task deleted)", self.path(name), exc)
+
+    def routing(self) -> bytes | None:
+        path = self.directory / ROUTING_FILE
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise DataCorruption(f"cannot read {path}: {exc.strerror or exc}", field=str(path)) from exc
+
+    def write_routing(self, data: bytes) -> None:
+        atomic_write_bytes(self.directory / ROUTING_FILE, data)  # the rename moves the folder's mtime: the version
 
     def delete(self, name: str) -> None:
         if not self.exists(name):

@@ -34,6 +34,7 @@ from .results import GenerationResult, RoutePlan, ServiceStats, Submission, Task
 from .routing import build_registry
 from .tasks import TaskBook, TaskView
 from .widen import widen_pattern
+from .width import choose_width
 
 log = logging.getLogger(__name__)
 
@@ -133,19 +134,27 @@ class ServingCore:
         raise Unavailable("the registered tasks kept changing while routing; retry", field="task")
 
     def _plan(self, decision: RouteDecision, start: float) -> RoutePlan:
+        capacity = min(slots.capacity for slots in self.engine.slots.values())
+        record = self.registry.routing_record
+        width = choose_width(
+            decision, record.task_retention if record is not None else {}, all_fit=capacity >= self.spec.num_experts
+        )
+        reason = f"{decision.reason}; {width.why}" if width.why and width.wide else decision.reason
         if decision.matched and decision.task is not None:
             pattern = self.tasks.pattern(self.registry.get(decision.task))
             return RoutePlan(
                 "match",
                 decision.task,
                 float(decision.score or 0.0),
-                pattern,
+                Pattern.full(self.spec) if width.wide else pattern,
                 decision.ranked,
-                reason=decision.reason,
+                reason=reason,
                 seconds=time.perf_counter() - start,
             )
-        capacity = min(slots.capacity for slots in self.engine.slots.values())
-        pattern = self.tasks.fallback_pattern(decision.fallback_tasks, capacity)
+        if width.wide:
+            pattern = Pattern.full(self.spec)
+        else:
+            pattern = self.tasks.fallback_pattern(decision.fallback_tasks, capacity)
         return RoutePlan(
             "fallback",
             "",
@@ -153,7 +162,7 @@ class ServingCore:
             pattern,
             decision.ranked,
             decision.fallback_tasks,
-            decision.reason,
+            reason,
             time.perf_counter() - start,
         )
 
