@@ -17,8 +17,7 @@ from premoe_service.pattern import Pattern
 from premoe_service.profiler import Demo, profile_store
 from premoe_service.retrieval import LocalProfileStore, RouteDecision
 from premoe_service.retrieval.routing_record import RoutingRecord
-from premoe_service.serving import ServiceConfig
-from premoe_service.serving.service import ServingCore
+from premoe_service.serving import ServiceConfig, ServingCore
 from premoe_service.serving.width import choose_width
 from premoe_service.store import Store, shard
 

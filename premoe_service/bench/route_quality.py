@@ -229,7 +229,7 @@ def main(
 
     from ..retrieval import load_route_records
     from ..serving import ServiceConfig
-    from ..serving.service import ServingCore
+    from ..serving import ServingCore
     from ..store import Store
 
     options: dict[str, Any] = {} if coverage_floor is None else {"coverage_floor": coverage_floor}
