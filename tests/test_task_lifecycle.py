@@ -4,6 +4,7 @@ pin holds while other tasks churn a tight budget, UnloadTask releases the bytes,
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -157,6 +158,41 @@ def test_a_task_reports_loading_while_its_copies_are_held(server, client: PreMoe
     finally:
         gate.set()
     assert not residency(client, "d").loading
+
+
+def test_a_pin_taken_while_other_tasks_stream_waits_for_their_slots(client: PreMoeClient) -> None:
+    """Three clients keep b, c and d running (their requests pin the slots in turn) while a is loaded and pinned:
+    the load waits for a turn, every request succeeds, and the others keep being served beside the pin."""
+    stop = threading.Event()
+    served: list[str] = []
+    errors: list[BaseException] = []
+
+    def keep_asking(task: str) -> None:
+        while not stop.is_set():
+            try:
+                generate(client, task)
+                served.append(task)
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=keep_asking, args=(task,)) for task in ("b", "c", "d")]
+    for thread in threads:
+        thread.start()
+    try:
+        while len(served) < 3:
+            time.sleep(0.01)
+        reply = client.load_task("a", pin=True, timeout_s=30)
+        before = len(served)
+        while len(served) < before + 6 and not errors:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert not errors, errors
+    assert reply.task.residency.pinned and residency(client, "a").resident_share == 1.0
+    assert (generate(client, "a").loads.disk, generate(client, "a").loads.cache) == (0, 0)
 
 
 def test_unload_releases_the_bytes(client: PreMoeClient, tiny_store: Path) -> None:
