@@ -303,9 +303,14 @@ class Residency:
         return released, nbytes
 
     def describe(self, pattern: Pattern, expert_nbytes: int) -> PatternResidency:
-        """What of `pattern` is resident now (see `PatternResidency`)."""
-        books = self._books(pattern)
+        """What of `pattern` is resident now (see `PatternResidency`). Experts at a precision the server has no
+        slots for count as not resident."""
         quantized = self.engine.quantized
+        books: list[Book] = [(self.engine.book, self.engine.full_mask(pattern), None)]
+        if pattern.mixed and quantized is not None:
+            for precision, wanted in self.engine.masks.lowered(pattern).items():
+                if precision in quantized.precisions:
+                    books.append((quantized.book(precision), wanted, quantized.offsets(precision)))
         names = {id(quantized.book(p)): p for p in quantized.precisions} if quantized is not None else {}
         precisions: dict[str, int] = {}
         experts = nbytes = 0
