@@ -316,11 +316,11 @@ def int8_server(embedder, tmp_path_factory: pytest.TempPathFactory):
         engine_threads=1,
     )
     with running_server(config, embedder=embedder) as (_, port), PreMoeClient(f"127.0.0.1:{port}", timeout=60) as c:
-        yield c
+        yield c, f"127.0.0.1:{port}"
 
 
-def test_a_task_loaded_at_a_lower_precision_is_served_at_it_until_loaded_again(int8_server: PreMoeClient) -> None:
-    client = int8_server
+def test_a_task_loaded_at_a_lower_precision_is_served_at_it_until_loaded_again(int8_server) -> None:
+    client, _ = int8_server
     assert dict(generate(client, "a").precisions) == {"full": 6}
     reply = client.load_task("a", precision="int8")
     assert dict(reply.task.residency.precisions) == {"int8": 6} and reply.task.residency.resident_share == 1.0
@@ -455,3 +455,16 @@ def test_the_pressure_bench_counts_tokens_latency_and_bytes_moved(server, client
     assert sorted(row["p99_ms"]) == list(TASKS) and row["worst_p99_ms"] == max(row["p99_ms"].values())
     assert 0 < row["bytes_moved"] <= after.loads.bytes - before.loads.bytes  # the churn of 4 tasks in 2 tasks' slots
     assert row["evictions"] > 0
+
+
+def test_the_pressure_bench_can_serve_every_task_at_a_lower_precision(int8_server) -> None:
+    from premoe_service.bench.pressure import measure
+    from premoe_service.bench.serve_clients import Req
+
+    client, target = int8_server
+    requests = [Req(i, ("a", "b")[i % 2], "the quick brown fox", 2) for i in range(6)]
+    row = measure(target, requests, 2, ["a", "b"], load_precision="int8")
+    assert row["failures"] == 0 and row["tokens"] > 0
+    assert dict(generate(client, "b").precisions) == {"int8": 6}  # held until loaded again
+    for task in ("a", "b"):
+        client.load_task(task)
