@@ -393,6 +393,7 @@ def test_http_refusals_and_their_statuses(server, client: PreMoeClient) -> None:
         ("POST", "/v1/tasks/a/load", b'{"timeout_s": -2}', 400, "timeout_s"),
         ("POST", "/v1/tasks/a/load", b'{"pinned": true}', 400, "pinned"),
         ("POST", "/v1/tasks/a/load", b'{"precision": "int7"}', 400, "precision"),
+        ("POST", "/v1/tasks/a/load", b'{"precision": false}', 400, "precision"),
         ("POST", "/v1/tasks/a/load", b'{"precision": "int8"}', 400, "precision"),  # no int8 slots here
         ("POST", "/v1/tasks/a/load", b"[1]", 400, "body"),
         ("POST", "/v1/tasks/a/load", b"{", 400, "body"),

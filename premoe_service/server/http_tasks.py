@@ -139,6 +139,8 @@ def load_options(body: dict[str, Any]) -> tuple[bool, float | None, str | None]:
     ):
         raise InvalidArgument(f"must be a finite number of seconds >= 0, got {timeout!r:.40}", field="timeout_s")
     precision = body.get("precision")
+    if precision == "":  # as over gRPC: the task's own plan
+        precision = None
     if precision is not None and precision not in PRECISIONS:
         raise InvalidArgument(f"must be one of {', '.join(PRECISIONS)}, got {precision!r:.40}", field="precision")
     return pin, float(timeout) if timeout else None, precision
