@@ -372,7 +372,8 @@ def test_http_paths_load_list_and_unload(server, client: PreMoeClient) -> None:
     assert status == 200 and [t["name"] for t in listed["data"]] == list(TASKS)
     rows = {t["name"]: t["residency"] for t in listed["data"]}
     assert rows["a"]["pinned"] and rows["a"]["precisions"] == {"full": 6} and not rows["b"]["pinned"]
-    assert generate(client, "a").loads.disk == 0
+    stats = generate(client, "a")
+    assert (stats.loads.device, stats.loads.cache, stats.loads.disk) == (6, 0, 0)
     status, body = http(server, "POST", "/v1/tasks/b/load")  # no body: the defaults (no pin)
     assert status == 200 and not body["task"]["residency"]["pinned"]
     status, body = http(server, "POST", "/v1/tasks/a/unload")
@@ -424,6 +425,8 @@ def test_cli_load_and_unload(server, client: PreMoeClient, capsys: pytest.Captur
     out = capsys.readouterr().out
     assert "task a loaded and pinned: 100% resident (6/6 experts, full 6), pinned" in out, out
     assert residency(client, "a").pinned
+    stats = generate(client, "a")
+    assert (stats.loads.device, stats.loads.cache, stats.loads.disk) == (6, 0, 0)
     assert main(["load", "b", "--pin", *where]) == 0
     capsys.readouterr()
     assert main(["load", "c", "--pin", *where]) == 1  # an RPC that failed
