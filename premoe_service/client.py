@@ -154,11 +154,18 @@ class PreMoeClient:
         ).deleted
 
     def load_task(
-        self, name: str, *, pin: bool = False, timeout_s: float = 0.0, timeout: float | None = None
+        self,
+        name: str,
+        *,
+        pin: bool = False,
+        timeout_s: float = 0.0,
+        precision: str = "",
+        timeout: float | None = None,
     ) -> pb.LoadTaskResponse:
-        """Make task `name`'s experts resident (pinned with `pin`); `timeout_s` bounds the wait for slots that
-        running requests hold (0: the server's lease timeout)."""
-        request = pb.LoadTaskRequest(name=name, pin=pin, timeout_s=timeout_s)
+        """Make task `name`'s experts resident (pinned with `pin`; every one at `precision` when given, until
+        unloaded); `timeout_s` bounds the wait for slots that running requests hold (0: the server's lease
+        timeout)."""
+        request = pb.LoadTaskRequest(name=name, pin=pin, timeout_s=timeout_s, precision=precision)
         return self.stub.LoadTask(request, metadata=self._admin(), timeout=timeout or self.timeout)
 
     def unload_task(self, name: str) -> pb.UnloadTaskResponse:

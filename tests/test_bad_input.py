@@ -257,6 +257,8 @@ LIFECYCLE: dict[str, tuple[str, Message, grpc.StatusCode, str]] = {
     "negative timeout": ("LoadTask", L(name=KNOWN, timeout_s=-1.0), INVALID, "timeout_s"),
     "timeout nan": ("LoadTask", L(name=KNOWN, timeout_s=math.nan), INVALID, "timeout_s"),
     "timeout inf": ("LoadTask", L(name=KNOWN, timeout_s=math.inf), INVALID, "timeout_s"),
+    "unknown precision": ("LoadTask", L(name=KNOWN, precision="int7"), INVALID, "precision"),
+    "a precision without slots": ("LoadTask", L(name=KNOWN, precision="int4"), INVALID, "precision"),
     "no token": ("LoadTask", L(name=KNOWN, pin=True), grpc.StatusCode.UNAUTHENTICATED, "authorization"),
     "the API key for the admin token": (
         "LoadTask",

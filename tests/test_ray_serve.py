@@ -6,7 +6,9 @@ carry the single server's status codes."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
+import urllib.request
 from collections import Counter
 
 import grpc
@@ -193,7 +195,9 @@ def test_the_openai_http_door_answers_as_the_single_server(
     assert streamed == replies[0].choices[0].text
 
 
-def test_load_task_goes_to_the_replica_serve_sends_the_task_to_and_names_it(ray_client: PreMoeClient) -> None:
+def test_load_task_goes_to_the_replica_serve_sends_the_task_to_and_names_it(
+    ray_client: PreMoeClient, ray_ports: tuple[int, int]
+) -> None:
     """LoadTask with the task as multiplexed model id: the replica that holds it (or will) loads and pins it, the
     reply names it, and the task's next request goes there and finds every expert resident."""
     admin = ray_client._admin()
@@ -212,6 +216,21 @@ def test_load_task_goes_to_the_replica_serve_sends_the_task_to_and_names_it(ray_
     with pytest.raises(grpc.RpcError) as no_token:
         ray_client.stub.LoadTask(pb.LoadTaskRequest(name="code"))
     assert no_token.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    # The HTTP path goes the same way; the replica is in the reply's header.
+    def post(path: str, body: bytes) -> tuple[dict, str]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{ray_ports[1]}{path}", body, method="POST", headers={"authorization": f"Bearer {TOKEN}"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            return json.loads(answer.read()), answer.headers["premoe-replica"]
+
+    body, held_by = post("/v1/tasks/prose/load", b'{"pin": true}')
+    assert body["task"]["residency"]["pinned"] and body["task"]["residency"]["resident_share"] == 1.0
+    time.sleep(1.0)
+    assert generate(ray_client, PROMPTS["prose"], task="prose", max_new_tokens=2)[1] == held_by
+    body, unloaded_by = post("/v1/tasks/prose/unload", b"")
+    assert body["was_pinned"] and unloaded_by == held_by
 
 
 def test_a_deleted_task_stops_on_every_replica_and_stays_deleted_after_reseeding(

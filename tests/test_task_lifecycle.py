@@ -4,9 +4,12 @@ pin holds while other tasks churn a tight budget, UnloadTask releases the bytes,
 from __future__ import annotations
 
 import json
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -137,6 +140,61 @@ def test_a_pin_holds_while_other_tasks_churn_the_budget(client: PreMoeClient) ->
     assert listed["a"].pinned and not any(listed[t].pinned for t in ("b", "c", "d"))
 
 
+def test_a_task_reports_loading_while_its_copies_are_held(server, client: PreMoeClient) -> None:
+    """The loader's gate (shut) holds the copies: LoadTask waits and the task says `loading` until it opens."""
+    handle, _ = server
+    gate = handle.service.loop.loader.gate
+    gate.clear()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(client.load_task, "d")
+            deadline = time.monotonic() + 30
+            while not residency(client, "d").loading:
+                assert time.monotonic() < deadline and not pending.done()
+                time.sleep(0.02)
+            assert residency(client, "d").resident_share == 0.0
+            gate.set()
+            assert pending.result(timeout=30).task.residency.resident_share == 1.0
+    finally:
+        gate.set()
+    assert not residency(client, "d").loading
+
+
+def test_a_pin_taken_while_other_tasks_stream_waits_for_their_slots(client: PreMoeClient) -> None:
+    """Three clients keep b, c and d running (their requests pin the slots in turn) while a is loaded and pinned:
+    the load waits for a turn, every request succeeds, and the others keep being served beside the pin."""
+    stop = threading.Event()
+    served: list[str] = []
+    errors: list[BaseException] = []
+
+    def keep_asking(task: str) -> None:
+        while not stop.is_set():
+            try:
+                generate(client, task)
+                served.append(task)
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=keep_asking, args=(task,)) for task in ("b", "c", "d")]
+    for thread in threads:
+        thread.start()
+    try:
+        while len(served) < 3:
+            time.sleep(0.01)
+        reply = client.load_task("a", pin=True, timeout_s=30)
+        before = len(served)
+        while len(served) < before + 6 and not errors:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert not errors, errors
+    assert reply.task.residency.pinned and residency(client, "a").resident_share == 1.0
+    assert (generate(client, "a").loads.disk, generate(client, "a").loads.cache) == (0, 0)
+
+
 def test_unload_releases_the_bytes(client: PreMoeClient, tiny_store: Path) -> None:
     client.load_task("a", pin=True)
     before = client.stats().resident_bytes
@@ -231,6 +289,64 @@ def test_load_and_unload_need_the_admin_token(server) -> None:
             assert not c.get_task("a").residency.pinned  # listing stays an inference call
 
 
+# --- a precision plan ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def int8_server(embedder, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny model's store with int8 copies, served with two int8 slots per layer beside the full ones."""
+    from premoe_service.families.tiny import save_tiny_checkpoint
+    from premoe_service.store import shard
+    from premoe_service.store.precisions import add_precisions
+
+    root = tmp_path_factory.mktemp("lifecycle-int8")
+    save_tiny_checkpoint(root / "ckpt", "qwen3_moe")
+    shard(root / "ckpt", root / "store", progress=False)
+    add_precisions(root / "store", ("int8",), 16, progress=False)
+    (root / "profiles").mkdir()
+    write_profiles(root / "store", root / "profiles", embedder)
+    config = ServiceConfig(
+        store=root / "store",
+        profiles=root / "profiles",
+        port=0,
+        device="cpu",
+        budget=BUDGET,
+        precision_slots="int8=2",
+        route_signal=False,
+        engine_threads=1,
+    )
+    with running_server(config, embedder=embedder) as (_, port), PreMoeClient(f"127.0.0.1:{port}", timeout=60) as c:
+        yield c, f"127.0.0.1:{port}"
+
+
+def test_a_task_loaded_at_a_lower_precision_is_served_at_it_until_loaded_again(int8_server) -> None:
+    client, _ = int8_server
+    assert dict(generate(client, "a").precisions) == {"full": 6}
+    reply = client.load_task("a", precision="int8")
+    assert dict(reply.task.residency.precisions) == {"int8": 6} and reply.task.residency.resident_share == 1.0
+    assert reply.loads.cache + reply.loads.disk == 6  # the int8 copies, not the resident full experts
+    stats = generate(client, "a")
+    assert dict(stats.precisions) == {"int8": 6} and (stats.loads.cache, stats.loads.disk) == (0, 0)
+    assert all(dict(layer.precisions) == dict.fromkeys(layer.experts, "int8") for layer in client.get_task("a").layers)
+    client.load_task("a")  # its own plan again: full precision
+    assert dict(generate(client, "a").precisions) == {"full": 6}
+    client.load_task("b", precision="int8", pin=True)
+    client.unload_task("b")  # unload, too, gives the task back its own plan
+    assert dict(generate(client, "b").precisions) == {"full": 6}
+    for precision, why in (("int4", "--precision-slots"), ("int7", "unknown precision")):
+        with pytest.raises(grpc.RpcError) as refused:
+            client.load_task("a", precision=precision)
+        details = refused.value.details()
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "precision" in details and why in details
+
+
+def test_a_server_without_precision_slots_refuses_a_precision_plan(client: PreMoeClient) -> None:
+    with pytest.raises(grpc.RpcError) as refused:
+        client.load_task("a", precision="int8")
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "precision" in refused.value.details()
+    assert dict(generate(client, "a").precisions) == {"full": 6}
+
+
 # --- HTTP ---------------------------------------------------------------------------------------------------------
 
 
@@ -256,7 +372,8 @@ def test_http_paths_load_list_and_unload(server, client: PreMoeClient) -> None:
     assert status == 200 and [t["name"] for t in listed["data"]] == list(TASKS)
     rows = {t["name"]: t["residency"] for t in listed["data"]}
     assert rows["a"]["pinned"] and rows["a"]["precisions"] == {"full": 6} and not rows["b"]["pinned"]
-    assert generate(client, "a").loads.disk == 0
+    stats = generate(client, "a")
+    assert (stats.loads.device, stats.loads.cache, stats.loads.disk) == (6, 0, 0)
     status, body = http(server, "POST", "/v1/tasks/b/load")  # no body: the defaults (no pin)
     assert status == 200 and not body["task"]["residency"]["pinned"]
     status, body = http(server, "POST", "/v1/tasks/a/unload")
@@ -276,6 +393,9 @@ def test_http_refusals_and_their_statuses(server, client: PreMoeClient) -> None:
         ("POST", "/v1/tasks/a/load", b'{"pin": "yes"}', 400, "pin"),
         ("POST", "/v1/tasks/a/load", b'{"timeout_s": -2}', 400, "timeout_s"),
         ("POST", "/v1/tasks/a/load", b'{"pinned": true}', 400, "pinned"),
+        ("POST", "/v1/tasks/a/load", b'{"precision": "int7"}', 400, "precision"),
+        ("POST", "/v1/tasks/a/load", b'{"precision": false}', 400, "precision"),
+        ("POST", "/v1/tasks/a/load", b'{"precision": "int8"}', 400, "precision"),  # no int8 slots here
         ("POST", "/v1/tasks/a/load", b"[1]", 400, "body"),
         ("POST", "/v1/tasks/a/load", b"{", 400, "body"),
         ("POST", "/v1/tasks/a/unload", b'{"pin": false}', 400, "pin"),
@@ -305,6 +425,8 @@ def test_cli_load_and_unload(server, client: PreMoeClient, capsys: pytest.Captur
     out = capsys.readouterr().out
     assert "task a loaded and pinned: 100% resident (6/6 experts, full 6), pinned" in out, out
     assert residency(client, "a").pinned
+    stats = generate(client, "a")
+    assert (stats.loads.device, stats.loads.cache, stats.loads.disk) == (6, 0, 0)
     assert main(["load", "b", "--pin", *where]) == 0
     capsys.readouterr()
     assert main(["load", "c", "--pin", *where]) == 1  # an RPC that failed
@@ -337,3 +459,16 @@ def test_the_pressure_bench_counts_tokens_latency_and_bytes_moved(server, client
     assert sorted(row["p99_ms"]) == list(TASKS) and row["worst_p99_ms"] == max(row["p99_ms"].values())
     assert 0 < row["bytes_moved"] <= after.loads.bytes - before.loads.bytes  # the churn of 4 tasks in 2 tasks' slots
     assert row["evictions"] > 0
+
+
+def test_the_pressure_bench_can_serve_every_task_at_a_lower_precision(int8_server) -> None:
+    from premoe_service.bench.pressure import measure
+    from premoe_service.bench.serve_clients import Req
+
+    client, target = int8_server
+    requests = [Req(i, ("a", "b")[i % 2], "the quick brown fox", 2) for i in range(6)]
+    row = measure(target, requests, 2, ["a", "b"], load_precision="int8")
+    assert row["failures"] == 0 and row["tokens"] > 0
+    assert dict(generate(client, "b").precisions) == {"int8": 6}  # held until loaded again
+    for task in ("a", "b"):
+        client.load_task(task)

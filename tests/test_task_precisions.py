@@ -120,6 +120,19 @@ def test_bad_precision_requests_name_the_field(served, options, field, words) ->
     assert "bad" not in [t.name for t in client.tasks()]
 
 
+def test_a_plan_the_server_has_no_slots_for_is_listed_unloaded_and_refused_a_load(served) -> None:
+    client = served[0]
+    info = client.register("code", DEMOS, fraction=0.3, precisions=list(LOWER), replace=True)
+    lowered = sum(len(layer.precisions) for layer in info.layers)
+    state = client.get_task("code").residency
+    assert state.resident_experts <= info.pattern_experts - lowered and "int4" not in state.precisions
+    assert {t.name: t.residency.resident_share < 1.0 for t in client.tasks()}["code"]
+    assert not client.unload_task("code").was_pinned
+    with pytest.raises(grpc.RpcError) as refused:
+        client.load_task("code")
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "precision" in refused.value.details()
+
+
 def _spec(store: Store):
     from premoe_service.cli.shared import store_spec
 

@@ -39,7 +39,10 @@ class PressureOptions:
     text_chars: int = 60
     seed: int = 0
     device: str = "cpu"
-    serve_opts: str = ""  # extra `premoe serve` flags, e.g. "--lease-timeout-s 60"
+    serve_opts: str = ""  # extra `premoe serve` flags, e.g. "--lease-timeout 60"
+    # Per budget, a run per precision: "full", or LoadTask every task at that precision first (the server needs slots
+    # for it: --precision-slots in serve_opts; the store, the copies).
+    precisions: str = "full"
     out: str | None = "var/bench-pressure.json"
     quiet: bool = False
 
@@ -83,11 +86,16 @@ def serving(store: Path, profiles: Path, budget: str, device: str, extra: list[s
             server.kill()
 
 
-def measure(target: str, requests: list[Req], clients: int, tasks: list[str]) -> dict[str, Any]:
-    """One budget's figures: warm the process with one request per task (not counted), then the closed loop."""
+def measure(
+    target: str, requests: list[Req], clients: int, tasks: list[str], load_precision: str = ""
+) -> dict[str, Any]:
+    """One budget's figures: warm the process with one request per task (not counted), then the closed loop. With
+    `load_precision`, every task is first loaded at that precision (LoadTask), so that its requests are served so."""
     from ..client import PreMoeClient
 
     with PreMoeClient(target, timeout=600) as client:
+        for task in tasks if load_precision else ():
+            client.load_task(task, precision=load_precision)
         for task in tasks:
             client.generate("warm up", task=task, max_new_tokens=1)
         before = client.stats()
@@ -137,15 +145,22 @@ def run(options: PressureOptions) -> dict[str, Any]:
     if not tasks:
         raise InvalidArgument(f"no task has both a profile in {options.profiles} and data in {data}", field="profiles")
     requests = build_requests(data, tasks, options.requests, options.max_new_tokens, options.text_chars, options.seed)
+    precisions = [p.strip() for p in options.precisions.split(",") if p.strip()] or ["full"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="premoe-pressure-") as scratch:
         profiles = Path(scratch) / "profiles"  # a copy: the server may write beside its profiles
         shutil.copytree(options.profiles, profiles)
         for budget in budgets:
-            if not options.quiet:
-                print(f"budget {budget}: {len(requests)} requests, {options.clients} clients", file=sys.stderr)
-            with serving(store, profiles, budget, options.device, shlex.split(options.serve_opts)) as target:
-                rows.append({"budget": budget, **measure(target, requests, options.clients, tasks)})
+            for precision in precisions:
+                if not options.quiet:
+                    print(
+                        f"budget {budget}, {precision}: {len(requests)} requests, {options.clients} clients",
+                        file=sys.stderr,
+                    )
+                with serving(store, profiles, budget, options.device, shlex.split(options.serve_opts)) as target:
+                    lowered = "" if precision == "full" else precision
+                    figures = measure(target, requests, options.clients, tasks, lowered)
+                    rows.append({"budget": budget, "precision": precision, **figures})
     base = rows[0]
     for row in rows:
         row["tokens_per_s_ratio"] = row["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None
@@ -157,7 +172,8 @@ def run(options: PressureOptions) -> dict[str, Any]:
         "max_new_tokens": options.max_new_tokens,
         "device": options.device,
         "serve_opts": options.serve_opts,
-        "baseline": f"budget {base['budget']}, measured in the same run",
+        "precisions": precisions,
+        "baseline": f"budget {base['budget']} at {base['precision']} precision, measured in the same run",
         "rows": rows,
     }
     if options.out:
@@ -171,20 +187,20 @@ def table(report: dict[str, Any]) -> str:
     lines = [
         f"{report['clients']} clients, {report['requests']} requests of random tasks ({len(report['tasks'])}), greedy, "
         f"{report['max_new_tokens']} new tokens; baseline: {report['baseline']}",
-        f"{'budget':>7} {'tok/s':>8} {'x base':>7} {'failed':>7} {'worst p99 ms':>13} {'x base':>7} "
+        f"{'budget':>7} {'served at':>9} {'tok/s':>8} {'x base':>7} {'failed':>7} {'worst p99 ms':>13} {'x base':>7} "
         f"{'worst task':<12} {'MiB moved':>10} {'evictions':>10}",
     ]
     for row in report["rows"]:
         ratio = row["tokens_per_s_ratio"]
         p99_ratio = row["worst_p99_ratio"]
         lines.append(
-            f"{row['budget']:>7} {row['tokens_per_s']:>8.1f} {ratio or 0:>6.2f}x {row['failures']:>7} "
-            f"{row['worst_p99_ms']:>13.0f} {p99_ratio or 0:>6.2f}x {row['worst_p99_task']:<12} "
+            f"{row['budget']:>7} {row['precision']:>9} {row['tokens_per_s']:>8.1f} {ratio or 0:>6.2f}x "
+            f"{row['failures']:>7} {row['worst_p99_ms']:>13.0f} {p99_ratio or 0:>6.2f}x {row['worst_p99_task']:<12} "
             f"{row['bytes_moved'] / 2**20:>10.1f} {row['evictions']:>10}"
         )
     for row in report["rows"]:
         per_task = ", ".join(f"{task} {ms:.0f}" for task, ms in row["p99_ms"].items())
-        lines.append(f"p99 ms per task at budget {row['budget']}: {per_task}")
+        lines.append(f"p99 ms per task at budget {row['budget']}, {row['precision']}: {per_task}")
         if row["failure_messages"]:
             lines.append(f"  failures: {'; '.join(row['failure_messages'])}")
     return "\n".join(lines)

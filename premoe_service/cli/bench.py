@@ -258,7 +258,14 @@ def bench_scale(tasks: int, registry_tasks: int, budgets: str, out: str, quiet: 
 @bench_option("--requests", type=POSITIVE, default=160, help="requests, each of a random task")
 @bench_option("--max-new-tokens", type=POSITIVE, default=24, help="new tokens of each request (greedy)")
 @bench_option("--seed", type=int, default=0, help="seed of the task draw")
-@bench_option("--serve-opts", default="", help='extra `premoe serve` flags, e.g. "--lease-timeout-s 60"')
+@bench_option("--serve-opts", default="", help='extra `premoe serve` flags, e.g. "--lease-timeout 60"')
+@bench_option(
+    "--served-at",
+    default="full",
+    help="per budget, a run per precision (comma-separated): full, or LoadTask every task at that lower "
+    "precision first so that it is served at it (the server needs slots for it: --serve-opts "
+    '"--precision-slots int8=16"; the store, the copies)',
+)
 @bench_option("--out", type=click.Path(dir_okay=False), default="var/bench-pressure.json", help="JSON report")
 @device_option
 @quiet_option
@@ -272,6 +279,7 @@ def bench_pressure(
     max_new_tokens: int,
     seed: int,
     serve_opts: str,
+    served_at: str,
     out: str,
     device: str,
     quiet: bool,
@@ -293,6 +301,7 @@ def bench_pressure(
         seed=seed,
         device=device,
         serve_opts=serve_opts,
+        precisions=served_at,
         out=out,
         quiet=quiet,
     )

@@ -249,15 +249,29 @@ def tasks(
     default=0.0,
     help="seconds to wait for slots that running requests hold (0: the server's lease timeout)",
 )
+@option(
+    "--precision",
+    default="",
+    show_default=False,
+    help="hold every expert of the task at this lower precision (int8, int4, ...: the server needs slots for it, "
+    "--precision-slots) until `premoe unload`",
+)
 @client_options(admin=True)
 def load(
-    name: str, pin: bool, wait: float, server: str, timeout: float, api_key: str | None, admin_token: str | None
+    name: str,
+    pin: bool,
+    wait: float,
+    precision: str,
+    server: str,
+    timeout: float,
+    api_key: str | None,
+    admin_token: str | None,
 ) -> int:
     """LoadTask: copy task NAME's missing experts into device slots and return once they are routable, so its next
     request loads nothing. A pinned task's experts stay until UnloadTask; a pin that cannot fit next to other
     pinned tasks is refused (RESOURCE_EXHAUSTED, naming them and their bytes)."""
     with connect(server, timeout, api_key, admin_token) as client:
-        reply = client.load_task(name, pin=pin, timeout_s=wait)
+        reply = client.load_task(name, pin=pin, timeout_s=wait, precision=precision)
     loads = reply.loads
     click.echo(
         f"task {name} loaded{' and pinned' if reply.task.residency.pinned else ''}: {_residency(reply.task)}; "

@@ -282,8 +282,8 @@ class Residency:
         request routes to an unpinned expert, so the routing tables need no update before the next copy."""
         if not patterns:
             return 0, 0
-        books = [b for p in patterns for b in self._books(p)]
-        kept = [b for p in keep for b in self._books(p)]
+        books = [b for p in patterns for b in self._held_books(p)]
+        kept = [b for p in keep for b in self._held_books(p)]
         released = nbytes = 0
         with self._cond:
             for book, wanted, offsets in books:
@@ -303,9 +303,10 @@ class Residency:
         return released, nbytes
 
     def describe(self, pattern: Pattern, expert_nbytes: int) -> PatternResidency:
-        """What of `pattern` is resident now (see `PatternResidency`)."""
-        books = self._books(pattern)
+        """What of `pattern` is resident now (see `PatternResidency`). Experts at a precision the server has no
+        slots for count as not resident."""
         quantized = self.engine.quantized
+        books = self._held_books(pattern)
         names = {id(quantized.book(p)): p for p in quantized.precisions} if quantized is not None else {}
         precisions: dict[str, int] = {}
         experts = nbytes = 0
@@ -365,6 +366,16 @@ class Residency:
                 )
             for precision, wanted in self.engine.masks.lowered(pattern).items():
                 books.append((quantized.book(precision), wanted, quantized.offsets(precision)))
+        return books
+
+    def _held_books(self, pattern: Pattern) -> list[Book]:
+        """`_books` for the precisions the engine has slots for (experts at others can be resident nowhere)."""
+        quantized = self.engine.quantized
+        books: list[Book] = [(self.engine.book, self.engine.full_mask(pattern), None)]
+        if pattern.mixed and quantized is not None:
+            for precision, wanted in self.engine.masks.lowered(pattern).items():
+                if precision in quantized.precisions:
+                    books.append((quantized.book(precision), wanted, quantized.offsets(precision)))
         return books
 
     @staticmethod

@@ -21,12 +21,13 @@ from ..serving.loading import LoadResult, UnloadResult
 from .http_io import MAX_BODY_BYTES, BodyTooLarge
 from .http_replies import error_body
 from .interceptor import status_of
+from .types import PRECISIONS
 
 if TYPE_CHECKING:
     from .http import Endpoint, OpenAIApi
 
 log = logging.getLogger(__name__)
-LOAD_FIELDS = frozenset({"pin", "timeout_s"})
+LOAD_FIELDS = frozenset({"pin", "timeout_s", "precision"})
 
 
 def task_routes(api: OpenAIApi) -> list[Route]:
@@ -52,9 +53,11 @@ class TaskPaths:
 
     async def load(self, request: Request) -> Response:
         name = check_task_name(request.path_params["name"], field="name")
-        pin, timeout_s = load_options(await options_body(request))
+        pin, timeout_s, precision = load_options(await options_body(request))
         service = self.api.service
-        view, result = await self.api._run(lambda: service.load_task(name, pin=pin, timeout_s=timeout_s))
+        view, result = await self.api._run(
+            lambda: service.load_task(name, pin=pin, timeout_s=timeout_s, precision=precision)
+        )
         return JSONResponse(load_body(view, result))
 
     async def unload(self, request: Request) -> Response:
@@ -121,8 +124,9 @@ async def options_body(request: Request) -> dict[str, Any]:
     return body
 
 
-def load_options(body: dict[str, Any]) -> tuple[bool, float | None]:
-    """`pin` (bool, default false) and `timeout_s` (seconds >= 0, default the server's lease timeout) of a load."""
+def load_options(body: dict[str, Any]) -> tuple[bool, float | None, str | None]:
+    """`pin` (bool, default false), `timeout_s` (seconds >= 0, default the server's lease timeout) and `precision`
+    (a lower precision's name, default none) of a load."""
     unknown = sorted(set(body) - LOAD_FIELDS)
     if unknown:
         raise InvalidArgument(f"unknown field (a load takes {', '.join(sorted(LOAD_FIELDS))})", field=unknown[0])
@@ -134,7 +138,12 @@ def load_options(body: dict[str, Any]) -> tuple[bool, float | None]:
         isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 <= timeout < math.inf
     ):
         raise InvalidArgument(f"must be a finite number of seconds >= 0, got {timeout!r:.40}", field="timeout_s")
-    return pin, float(timeout) if timeout else None
+    precision = body.get("precision")
+    if precision == "":  # as over gRPC: the task's own plan
+        precision = None
+    if precision is not None and precision not in PRECISIONS:
+        raise InvalidArgument(f"must be one of {', '.join(PRECISIONS)}, got {precision!r:.40}", field="precision")
+    return pin, float(timeout) if timeout else None, precision
 
 
 def task_body(view: TaskView) -> dict[str, Any]:

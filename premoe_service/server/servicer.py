@@ -150,7 +150,7 @@ class GrpcDoor(pb_grpc.PreMoeServicer):
     async def LoadTask(self, request: pb.LoadTaskRequest, context: grpc.aio.ServicerContext) -> pb.LoadTaskResponse:
         call = LoadCall.from_pb(request)
         view, result = await self._run(
-            lambda: self.service.load_task(call.name, pin=call.pin, timeout_s=call.timeout_s)
+            lambda: self.service.load_task(call.name, pin=call.pin, timeout_s=call.timeout_s, precision=call.precision)
         )
         return load_to_pb(view, result)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ..errors import InvalidArgument, PreMoeError
 from ..names import check_task_name
+from ..pattern import PRECISION_ORDER, Pattern
 from ..profiler import Demo, Selection
 from ..profiler.profile import CRITERIA
 from ..serving import GenerationResult, RoutePlan, SamplingParams, ServiceConfig, ServiceStats, TaskView
@@ -15,6 +16,7 @@ from ..serving.loading import LoadResult, TaskResidency, UnloadResult
 from .gen import premoe_pb2 as pb
 
 DEFAULT_NEW_TOKENS = 64
+PRECISIONS = tuple(p for p in PRECISION_ORDER if p != "full")  # what LoadTask's `precision` may name
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ class LoadCall:
     name: str
     pin: bool
     timeout_s: float | None
+    precision: str | None
 
     @classmethod
     def from_pb(cls, request: pb.LoadTaskRequest) -> LoadCall:
@@ -137,7 +140,12 @@ class LoadCall:
         timeout = request.timeout_s
         if not 0 <= timeout < float("inf"):
             raise InvalidArgument(f"must be a finite number of seconds >= 0, got {timeout}", field="timeout_s")
-        return cls(name, request.pin, timeout or None)
+        precision = request.precision
+        if precision and precision not in PRECISIONS:
+            raise InvalidArgument(
+                f"unknown precision {precision!r:.40} (use {', '.join(PRECISIONS)})", field="precision"
+            )
+        return cls(name, request.pin, timeout or None, precision or None)
 
 
 def load_to_pb(view: TaskView, result: LoadResult, replicas: Sequence[str] = ()) -> pb.LoadTaskResponse:
@@ -199,7 +207,18 @@ def stats_to_pb(result: GenerationResult, total_experts: int) -> pb.GenerationSt
         generated_tokens=len(result.token_ids),
         expert_calls=result.expert_calls,
         expert_calls_skipped=result.expert_calls_skipped,
+        precisions=served_precisions(plan.pattern),
     )
+
+
+def served_precisions(pattern: Pattern) -> dict[str, int]:
+    """Experts of a pattern per precision ("full" or a lower one)."""
+    counts: dict[str, int] = {}
+    for layer, kept in pattern.layers.items():
+        for expert in kept:
+            precision = pattern.precision(layer, expert)
+            counts[precision] = counts.get(precision, 0) + 1
+    return counts
 
 
 def route_to_pb(plan: RoutePlan) -> pb.RouteResponse:

@@ -274,11 +274,13 @@ class ServingCore:
         self.registry.delete(name)
         self.lifecycle.forget(name)
 
-    def load_task(self, name: str, *, pin: bool = False, timeout_s: float | None = None) -> tuple[TaskView, LoadResult]:
-        """Make a task's experts resident now (pinned with `pin`): `TaskLifecycle.load`."""
+    def load_task(
+        self, name: str, *, pin: bool = False, timeout_s: float | None = None, precision: str | None = None
+    ) -> tuple[TaskView, LoadResult]:
+        """Make a task's experts resident now (pinned with `pin`, at `precision`): `TaskLifecycle.load`."""
         if self.stopping.is_set():
             raise Unavailable("the server is shutting down", field="server")
-        result = self.lifecycle.load(name, pin=pin, timeout_s=timeout_s)
+        result = self.lifecycle.load(name, pin=pin, timeout_s=timeout_s, precision=precision)
         return self.get_task(name), result
 
     def unload_task(self, name: str) -> tuple[TaskView, UnloadResult]:

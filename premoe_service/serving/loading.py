@@ -59,20 +59,30 @@ class TaskLifecycle:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _loading: Counter[str] = field(default_factory=Counter)
 
-    def load(self, name: str, *, pin: bool = False, timeout_s: float | None = None) -> LoadResult:
-        """Make task `name`'s experts resident (and pinned with `pin`).
+    def load(
+        self, name: str, *, pin: bool = False, timeout_s: float | None = None, precision: str | None = None
+    ) -> LoadResult:
+        """Make task `name`'s experts resident (and pinned with `pin`); with `precision`, every expert of its pattern
+        at that lower precision, which its requests are then served at until `unload` (without, its own plan again).
 
         Raises:
             NotFound: No such task.
-            InvalidArgument: A negative or non-finite `timeout_s`.
+            InvalidArgument: A negative or non-finite `timeout_s`; a precision the store has no copies at or the
+                server no slots for (`--precision-slots`).
             ResourceExhausted: The pattern does not fit next to the experts of pinned tasks (the message names them
-                and their bytes), or the slots that running requests pin did not free up within the timeout.
+                and their bytes), in a layer's slots (of that precision), or next to the slots that running requests
+                pin within the timeout.
             Unavailable: Reading the experts failed (the store's error is in the message).
         """
         if timeout_s is not None and not 0 <= timeout_s < float("inf"):
             raise InvalidArgument(f"must be a finite number of seconds >= 0, got {timeout_s}", field="timeout_s")
         wait_s = timeout_s or self.default_timeout_s
-        pattern, _ = self.tasks.plan(self.registry.get(name))
+        profile = self.registry.get(name)
+        if precision:
+            self._check_precision(precision)
+            pattern, nbytes = self.tasks.lower(profile, precision)
+        else:
+            pattern, nbytes = self.tasks.own_plan(profile)
         with self._lock:
             self._loading[name] += 1
             try:
@@ -83,10 +93,23 @@ class TaskLifecycle:
                     self.residency.adopt_task_pin(name, pattern)
                 else:
                     self.residency.unpin(pattern)
+                if precision:
+                    self.tasks.hold(profile, pattern, nbytes)
+                else:
+                    self.tasks.release(name)
                 self.loaded.add(name)
                 return result
             finally:
                 self._loading[name] -= 1
+
+    def _check_precision(self, precision: str) -> None:
+        quantized = self.residency.engine.quantized
+        held = [] if quantized is None else quantized.precisions
+        if precision not in held:
+            raise InvalidArgument(
+                f"this server has no slots for {precision!r} experts (it has {held or 'none'}: --precision-slots)",
+                field="precision",
+            )
 
     def _warm(self, name: str, pattern: Pattern, wait_s: float) -> LoadResult:
         """Reserve (and pin) the pattern's missing experts, copy them on the loader, wait for the loop's commit."""
@@ -125,14 +148,19 @@ class TaskLifecycle:
         """Unpin task `name` and release its experts' slots, except the experts that pinned tasks, running requests
         or other loaded tasks hold. A task that is not loaded is released all the same (its experts may be
         resident because requests used it)."""
-        pattern = self.tasks.pattern(self.registry.get(name))
+        profile = self.registry.get(name)
         with self._lock:
-            return self._unload(name, [pattern])
+            patterns = [self.tasks.own_plan(profile)[0]]
+            held = self.tasks.release(name)
+            if held is not None:
+                patterns.append(held)
+            return self._unload(name, patterns)
 
     def forget(self, name: str) -> None:
         """A deleted task: drop its pin and release what it held (its profile is gone, so use the pinned pattern)."""
         with self._lock:
-            self._unload(name, [])
+            held = self.tasks.release(name)
+            self._unload(name, [] if held is None else [held])
 
     def _unload(self, name: str, patterns: list[Pattern]) -> UnloadResult:
         previous = self.residency.unpin_task(name)

@@ -42,6 +42,11 @@ class TaskView:
     residency: TaskResidency | None = None  # what of the pattern is in device slots now (the serving core adds it)
 
 
+def _version(profile: Profile) -> tuple[str, str, str]:
+    """What tells one registration of a task from another (`created` has whole seconds, so the demos too)."""
+    return (profile.name, profile.created, profile.demo_hash)
+
+
 def demo_coverage(profile: Profile, pattern: Pattern) -> float:
     """Mean share of the router's mass on the pattern over the demo tokens, from the TCESS sums.
 
@@ -82,6 +87,8 @@ class TaskBook:
         self.max_per_layer: int | None = None  # the serving slots per layer: patterns must fit them
         self.precision_slots: dict[str, int] = {}  # slots per layer of each lower precision (`--precision-slots`)
         self._patterns: dict[tuple[str, str, str, str], tuple[Pattern, int]] = {}  # with the pattern's bytes
+        # Plans a LoadTask gave a task (its pattern at one lower precision), by the profile version they were made for.
+        self._loaded: dict[str, tuple[tuple[str, str, str], Pattern, int]] = {}
         self._lock = threading.Lock()
         self._profiling = threading.Lock()
 
@@ -90,7 +97,38 @@ class TaskBook:
         return self.plan(profile)[0]
 
     def plan(self, profile: Profile) -> tuple[Pattern, int]:
-        """The task's pattern and its bytes (quantized experts at their packed bytes)."""
+        """The task's pattern and its bytes (quantized experts at their packed bytes): the plan a LoadTask gave it,
+        else its own (`own_plan`)."""
+        with self._lock:
+            loaded = self._loaded.get(profile.name)
+        if loaded is not None and loaded[0] == _version(profile):
+            return loaded[1], loaded[2]
+        return self.own_plan(profile)
+
+    def lower(self, profile: Profile, precision: str) -> tuple[Pattern, int]:
+        """The task's own pattern with every kept expert at `precision` (a copy the store holds), and its bytes."""
+        from ..store.copies import quantized_copies
+
+        copy = quantized_copies(self.store.manifest).get(precision)
+        if copy is None:
+            raise InvalidArgument(f"the store holds no {precision!r} copies of the experts", field="precision")
+        own, _ = self.own_plan(profile)
+        layers = {layer: dict.fromkeys(kept, precision) for layer, kept in own.layers.items()}
+        return Pattern(own.layers, layers), own.size * copy.expert_nbytes
+
+    def hold(self, profile: Profile, pattern: Pattern, nbytes: int) -> None:
+        """Serve the task with `pattern` (a `lower` plan) until `release`, or until the task is replaced."""
+        with self._lock:
+            self._loaded[profile.name] = (_version(profile), pattern, nbytes)
+
+    def release(self, name: str) -> Pattern | None:
+        """Back to the task's own plan; returns the pattern it was held at, if any."""
+        with self._lock:
+            loaded = self._loaded.pop(name, None)
+        return None if loaded is None else loaded[1]
+
+    def own_plan(self, profile: Profile) -> tuple[Pattern, int]:
+        """The task's pattern under its stored selection and its bytes (computed once per profile version)."""
         selection = Selection.from_json(profile.selection) if profile.selection else self.selection
         # `created` has whole seconds: a task replaced within the same second differs by its demos, if at all
         key = (profile.name, profile.created, profile.demo_hash, repr(selection))

@@ -13,6 +13,7 @@ runtime's expert forward and the tests' "dequantized checkpoint" call, so the tw
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -54,9 +55,21 @@ def _pack(q: Tensor, bits: int, packed_dim: int) -> Tensor:
 
 
 def _unpack(packed: Tensor, bits: int, shape: tuple[int, int], packed_dim: int) -> Tensor:
+    if bits == 8 and (packed.device.type != "cpu" or sys.byteorder == "little"):
+        return _unpack_bytes(packed, shape, packed_dim)
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     return unpack_from_int32(packed, bits, torch.Size(shape), packed_dim=packed_dim)
+
+
+def _unpack_bytes(packed: Tensor, shape: tuple[int, int], packed_dim: int) -> Tensor:
+    """8-bit values packed four to an int32 (value i at bits 8i..8i+7, offset by 128): on a little-endian device the
+    words' bytes are the values in order, so a byte view replaces compressed-tensors' general bit gather, which
+    costs more than the matmul of the weight it unpacks (the same integers: `tests/test_quant.py`)."""
+    words = packed if packed_dim == 1 else packed.transpose(0, 1)
+    rows, count = words.shape[0], shape[packed_dim]
+    values = (words.contiguous().view(torch.uint8).view(rows, -1)[:, :count] ^ 0x80).view(torch.int8)
+    return values.transpose(0, 1) if packed_dim == 0 else values
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,14 @@ class Timings(_message.Message):
     def __init__(self, route_ms: _Optional[float] = ..., load_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("task", "score", "decision", "pattern_experts", "total_experts", "loads", "coverage", "widened", "timings", "prompt_tokens", "generated_tokens", "expert_calls", "expert_calls_skipped")
+    __slots__ = ("task", "score", "decision", "pattern_experts", "total_experts", "loads", "coverage", "widened", "timings", "prompt_tokens", "generated_tokens", "expert_calls", "expert_calls_skipped", "precisions")
+    class PrecisionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     TASK_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +76,7 @@ class GenerationStats(_message.Message):
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_CALLS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_CALLS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    PRECISIONS_FIELD_NUMBER: _ClassVar[int]
     task: str
     score: float
     decision: str
@@ -82,7 +90,8 @@ class GenerationStats(_message.Message):
     generated_tokens: int
     expert_calls: int
     expert_calls_skipped: int
-    def __init__(self, task: _Optional[str] = ..., score: _Optional[float] = ..., decision: _Optional[str] = ..., pattern_experts: _Optional[int] = ..., total_experts: _Optional[int] = ..., loads: _Optional[_Union[ExpertLoads, _Mapping]] = ..., coverage: _Optional[float] = ..., widened: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., expert_calls: _Optional[int] = ..., expert_calls_skipped: _Optional[int] = ...) -> None: ...
+    precisions: _containers.ScalarMap[str, int]
+    def __init__(self, task: _Optional[str] = ..., score: _Optional[float] = ..., decision: _Optional[str] = ..., pattern_experts: _Optional[int] = ..., total_experts: _Optional[int] = ..., loads: _Optional[_Union[ExpertLoads, _Mapping]] = ..., coverage: _Optional[float] = ..., widened: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., expert_calls: _Optional[int] = ..., expert_calls_skipped: _Optional[int] = ..., precisions: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "stats")
@@ -259,14 +268,16 @@ class DeleteTaskResponse(_message.Message):
     def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
 
 class LoadTaskRequest(_message.Message):
-    __slots__ = ("name", "pin", "timeout_s")
+    __slots__ = ("name", "pin", "timeout_s", "precision")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PIN_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     pin: bool
     timeout_s: float
-    def __init__(self, name: _Optional[str] = ..., pin: _Optional[bool] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+    precision: str
+    def __init__(self, name: _Optional[str] = ..., pin: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class LoadTaskResponse(_message.Message):
     __slots__ = ("task", "loads", "load_ms", "replicas")
