@@ -228,8 +228,7 @@ def main(
     from transformers import AutoTokenizer
 
     from ..retrieval import load_route_records
-    from ..serving import ServiceConfig
-    from ..serving import ServingCore
+    from ..serving import ServiceConfig, ServingCore
     from ..store import Store
 
     options: dict[str, Any] = {} if coverage_floor is None else {"coverage_floor": coverage_floor}
