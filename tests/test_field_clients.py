@@ -28,7 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "models" / "reference-moe"
 TASKS = ROOT / "reference" / "tasks"
 BIN = Path(sys.executable).parent
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "0"}
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "0",
+}
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -69,7 +74,7 @@ def eval_tasks(tmp_path_factory) -> Path:
     (root / "premoe_add_gen.yaml").write_text(
         f"task: premoe_add_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {root / 'add.jsonl'}\n"
         "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
-        "generation_kwargs:\n  until: [\"\\n\", \" \"]\n  max_gen_toks: 6\n  do_sample: false\n"
+        'generation_kwargs:\n  until: ["\\n", " "]\n  max_gen_toks: 6\n  do_sample: false\n'
         "metric_list:\n  - metric: exact_match\n"
     )
     (root / "premoe_add_mc.yaml").write_text(
@@ -85,32 +90,80 @@ def eval_tasks(tmp_path_factory) -> Path:
     return root
 
 
-def run_lm_eval(handle, tasks: Path, out: Path, model: str, model_args: str, *extra: str) -> dict[str, list[dict]]:
-    """The `lm_eval` command as its users type it; returns its logged samples per task."""
+class Run:
+    """One of the field's tools running as a subprocess, the way its users type it."""
+
+    def __init__(self, command: list[str], out: Path) -> None:
+        self.out = out
+        self.process = subprocess.Popen(
+            command, env=os.environ | OFFLINE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def wait(self) -> str:
+        """Its stderr, once it exited 0."""
+        stdout, stderr = self.process.communicate(timeout=600)
+        assert self.process.returncode == 0, stdout[-3000:] + stderr[-5000:]
+        return stderr
+
+    def samples(self) -> dict[str, list[dict]]:
+        """lm-eval's logged samples per task."""
+        stderr = self.wait()
+        assert "API request failed" not in stderr, stderr[-5000:]
+        return {
+            path.name.removeprefix("samples_").rsplit("_", 1)[0]: jsonl(path)
+            for path in self.out.rglob("samples_*.jsonl")
+        }
+
+
+def lm_eval(handle, tasks: Path, out: Path, model: str, model_args: str, *extra: str) -> Run:
     base_url = f"http://127.0.0.1:{handle.http_port}/v1/completions"
+    command = [str(BIN / "lm_eval"), "--model", "local-completions"]
+    command += ["--model_args", f"model={model},base_url={base_url},{model_args}"]
+    command += ["--tasks", "premoe_add_gen,premoe_add_mc,premoe_py_roll", "--include_path", str(tasks)]
+    return Run([*command, "--output_path", str(out), "--log_samples", *extra], out)
+
+
+def guidellm(handle, out: Path) -> Run:
+    """One and four concurrent streams, four requests each, guidellm's default endpoint (chat completions)."""
     command = [
-        str(BIN / "lm_eval"),
-        "--model",
-        "local-completions",
-        "--model_args",
-        f"model={model},base_url={base_url},{model_args}",
-        "--tasks",
-        "premoe_add_gen,premoe_add_mc,premoe_py_roll",
-        "--include_path",
-        str(tasks),
-        "--output_path",
-        str(out),
-        "--log_samples",
-        *extra,
+        str(BIN / "guidellm"),
+        "run",
+        "--backend",
+        f"kind=openai_http,target=http://127.0.0.1:{handle.http_port}",
     ]
-    done = subprocess.run(command, env=os.environ | OFFLINE, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    assert "API request failed" not in done.stderr, done.stderr[-5000:]
-    samples = {}
-    for path in out.rglob("samples_*.jsonl"):
-        task = path.name.removeprefix("samples_").rsplit("_", 1)[0]
-        samples[task] = jsonl(path)
-    return samples
+    command += ["--profile", "kind=concurrent,streams=1", "--override", "profile.streams", "1,4"]
+    command += ["--constraint", "kind=max_requests,count=4"]
+    command += ["--data", "kind=synthetic_text,prompt_tokens=24,output_tokens=8"]
+    command += ["--tokenizer", f"kind=huggingface_auto,model={REFERENCE}"]
+    return Run([*command, "--output", f"kind=json,path={out / 'guidellm.json'}", "--disable-progress"], out)
+
+
+@pytest.fixture(scope="module")
+def runs(server, eval_tasks, tmp_path_factory) -> dict[str, Run]:
+    """The three runs, started together (their start-up, mostly imports, overlaps; the server batches their
+    requests, which must not change any request's numbers)."""
+    handle, _ = server
+    out = tmp_path_factory.mktemp("runs")
+    started = {
+        # No tokenizer named: lm-eval finds the server's tokenizer endpoints and uses them.
+        "default": lm_eval(handle, eval_tasks, out / "default", "addition", "num_concurrent=4"),
+        # The whole model by its name, lm-eval's Hugging Face tokenizer on the local checkpoint, 4 prompts a request.
+        "batched": lm_eval(
+            handle,
+            eval_tasks,
+            out / "batched",
+            "reference-moe",
+            f"tokenizer_backend=huggingface,tokenizer={REFERENCE},num_concurrent=4",
+            "--batch_size",
+            "4",
+        ),
+        "guidellm": guidellm(handle, out),
+    }
+    yield started
+    for run in started.values():
+        if run.process.poll() is None:
+            run.process.kill()
+            run.process.wait()
 
 
 class Transformers:
@@ -174,48 +227,25 @@ def check_samples(samples: dict[str, list[dict]], reference: Transformers) -> No
         assert abs(loglikelihood - reference.rolling(sample["doc"]["text"])) < 1e-4
 
 
-def test_lm_eval_with_default_arguments_scores_a_tasks_pattern_as_transformers(server, eval_tasks, tmp_path) -> None:
-    """No tokenizer named: lm-eval finds the server's tokenizer endpoints and uses them."""
+def test_lm_eval_with_default_arguments_scores_a_tasks_pattern_as_transformers(server, runs) -> None:
     handle, _ = server
-    samples = run_lm_eval(handle, eval_tasks, tmp_path, "addition", "num_concurrent=4")
+    samples = runs["default"].samples()
     full = AutoModelForCausalLM.from_pretrained(REFERENCE, dtype=torch.float32)
     check_samples(samples, Transformers(pruned_checkpoint_model(full, handle.kept)))
 
 
-def test_lm_eval_in_batches_of_4_scores_the_whole_model_as_transformers(server, eval_tasks, tmp_path) -> None:
-    """The whole model by its name; lm-eval's Hugging Face tokenizer; four prompts per request."""
-    handle, _ = server
-    model_args = f"tokenizer_backend=huggingface,tokenizer={REFERENCE},num_concurrent=4"
-    samples = run_lm_eval(handle, eval_tasks, tmp_path, "reference-moe", model_args, "--batch_size", "4")
+def test_lm_eval_in_batches_of_4_scores_the_whole_model_as_transformers(runs) -> None:
+    samples = runs["batched"].samples()
     check_samples(samples, Transformers(AutoModelForCausalLM.from_pretrained(REFERENCE, dtype=torch.float32)))
 
 
-@pytest.mark.parametrize("streams", [1, 4])
-def test_guidellm_at_fixed_concurrency_has_no_failed_request(server, tmp_path, streams) -> None:
+def test_guidellm_at_fixed_concurrency_has_no_failed_request(runs) -> None:
     """guidellm's defaults: the chat completions endpoint (the default template here) and `ignore_eos`."""
-    handle, _ = server
-    out = tmp_path / "guidellm.json"
-    command = [
-        str(BIN / "guidellm"),
-        "run",
-        "--backend",
-        f"kind=openai_http,target=http://127.0.0.1:{handle.http_port}",
-        "--profile",
-        f"kind=concurrent,streams={streams}",
-        "--constraint",
-        f"kind=max_requests,count={2 * streams}",
-        "--data",
-        "kind=synthetic_text,prompt_tokens=24,output_tokens=8",
-        "--tokenizer",
-        f"kind=huggingface_auto,model={REFERENCE}",
-        "--output",
-        f"kind=json,path={out}",
-        "--disable-progress",
-    ]
-    done = subprocess.run(command, env=os.environ | OFFLINE, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    benchmark = json.loads(out.read_text())["benchmarks"][0]
-    totals = benchmark["metrics"]["request_totals"]
-    assert totals["errored"] == 0 and totals["incomplete"] == 0 and totals["successful"] == 2 * streams, totals
-    lengths = benchmark["metrics"]["output_token_count"]["successful"]
-    assert lengths["min"] == lengths["max"] == 8, lengths  # ignore_eos: every reply as long as asked
+    runs["guidellm"].wait()
+    benchmarks = json.loads((runs["guidellm"].out / "guidellm.json").read_text())["benchmarks"]
+    assert len(benchmarks) == 2
+    for benchmark in benchmarks:
+        totals = benchmark["metrics"]["request_totals"]
+        assert totals["errored"] == 0 and totals["incomplete"] == 0 and totals["successful"] == 4, totals
+        lengths = benchmark["metrics"]["output_token_count"]["successful"]
+        assert lengths["min"] == lengths["max"] == 8, lengths  # ignore_eos: every reply as long as asked
