@@ -242,6 +242,9 @@ def test_tokenizer_endpoints_are_vllms(server) -> None:
     assert "500" in body["error"]["message"] and "128" in body["error"]["message"]
     status, body = post(handle, "/tokenize", {"text": PROMPT})
     assert status == 400 and body["error"]["param"] == "text"
+    assert post(handle, "/tokenize", {"prompt": PROMPT, "model": WHOLE})[0] == 200
+    status, body = post(handle, "/tokenize", {"prompt": PROMPT, "model": "no-such-task"})
+    assert status == 404 and body["error"]["param"] == "model"
     with urllib.request.urlopen(f"http://127.0.0.1:{handle.http_port}/tokenizer_info", timeout=30) as reply:
         info = json.loads(reply.read())
     assert info["eos_token"] == "</s>" and info["bos_token"] == BOS and info["chat_template"] == TEMPLATE

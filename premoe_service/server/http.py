@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..errors import PreMoeError
+from ..errors import InvalidArgument, PreMoeError
 from ..names import check_task_name
 from ..serving import GenerationResult, ServingCore
 from ..serving.limits import check_token_ids
@@ -138,6 +138,7 @@ class OpenAIApi:
 
     async def tokenize(self, request: Request) -> Response:
         body = await read_json(request)
+        await self._known_model(body.get("model"))
         service = self.service
         return JSONResponse(
             await self._run(
@@ -147,9 +148,20 @@ class OpenAIApi:
 
     async def detokenize(self, request: Request) -> Response:
         body = await read_json(request)
+        await self._known_model(body.get("model"))
         return JSONResponse(
             await self._run(lambda: detokenize_body(body, self.service.tokenizer, self.service.vocab_size))
         )
+
+    async def _known_model(self, model: object) -> None:
+        """An optional `model` of the tokenizer endpoints: every model shares the tokenizer, but a name that
+        serves nothing is still an error (404), not ignored."""
+        if model is None or model in (AUTO, self.service.served_model_name):
+            return
+        if not isinstance(model, str):
+            raise InvalidArgument(f"expected a model name, got {model!r:.40}", field="model")
+        name = check_task_name(model, field="model")
+        await self._run(lambda: self.service.get_task(name))
 
     async def tokenizer_info(self, request: Request) -> Response:
         return JSONResponse(tokenizer_info_body(self.service.tokenizer, self.template.source, self.context))
