@@ -170,7 +170,7 @@ def test_model_names_a_task_or_auto_for_retrieval(server, code_task) -> None:
 
 
 BAD_COMPLETIONS = [
-    ({"n": 2}, 400, "n"),
+    ({"n": 0}, 400, "n"),
     ({"best_of": 3}, 400, "best_of"),
     ({"top_k": 5}, 400, "top_k"),
     ({"repetition_penalty": 1.2}, 400, "repetition_penalty"),

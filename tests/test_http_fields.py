@@ -290,3 +290,26 @@ def test_the_chat_template_file_renders_chat(server, reference) -> None:
     ids = _bos_tokenizer()("<user>hi<assistant>", add_special_tokens=False)["input_ids"]  # the template's own BOS: none
     assert reply.usage.prompt_tokens == len(ids)
     assert reply.model_extra["premoe"]["token_ids"] == greedy(reference, ids, 4, eos_token_id=None)
+
+
+def test_n_choices_per_prompt(server) -> None:
+    """`n` samples per prompt (seed + j each, as vLLM draws them); prompt i's j-th is choice i * n + j; usage
+    counts each prompt once. `best_of` may only equal `n`."""
+    handle, _ = server
+    api = client(handle)
+    options = {"model": WHOLE, "max_tokens": 6, "temperature": 1.0, "extra_body": {"ignore_eos": True}}
+    reply = api.completions.create(prompt=[PROMPT, "x = 1"], n=3, seed=5, **options)
+    assert [c.index for c in reply.choices] == list(range(6))
+    for i, prompt in enumerate([PROMPT, "x = 1"]):
+        for j in range(3):
+            alone = api.completions.create(prompt=prompt, seed=5 + j, **options)
+            assert reply.choices[i * 3 + j].text == alone.choices[0].text
+    assert len({c.text for c in reply.choices[:3]}) > 1  # different draws
+    assert reply.usage.prompt_tokens == len(PROMPT) + 1 + len("x = 1") + 1 and reply.usage.completion_tokens == 36
+    unseeded = api.completions.create(prompt=PROMPT, n=3, **options)
+    assert len({c.text for c in unseeded.choices}) > 1
+    assert len(api.completions.create(prompt=PROMPT, n=2, best_of=2, **options).choices) == 2
+    for bad in ({"n": 0}, {"n": 65}, {"n": 2, "best_of": 3}):
+        with pytest.raises(openai.BadRequestError) as info:
+            api.completions.create(prompt=PROMPT, **options | {"extra_body": bad})
+        assert info.value.body["param"] == ("best_of" if "best_of" in bad else "n")

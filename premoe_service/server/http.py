@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
@@ -36,7 +38,7 @@ from .http_replies import (
     usage_chunk,
 )
 from .http_tokens import detokenize_body, text_pieces, tokenize_body, tokenizer_info_body
-from .http_types import AUTO, PARAM_NAMES, GenerationCall
+from .http_types import AUTO, PARAM_NAMES, GenerationCall, Prompt
 from .interceptor import status_of
 from .metrics import Metrics
 
@@ -220,18 +222,11 @@ class OpenAIApi:
                 if text is None:  # token ids: their text is only for retrieval
                     ids = check_token_ids(list(prompt.ids or ()), self.service.vocab_size)
                     text = str(self.service.tokenizer.decode(ids, skip_special_tokens=True))
-                submissions.append(
-                    self.service.submit(
-                        text,
-                        call.params,
-                        task=call.task,
-                        cancelled=gone.is_set,
-                        stream=call.stream,
-                        loop=loop,
-                        prompt_ids=prompt.ids,
-                        add_special_tokens=call.add_special_tokens,
-                    )
-                )
+                # n samples need n random streams: without a seed they get a random one (an unseeded request's
+                # generator starts from torch's fixed default, so n of them would all draw alike).
+                seed = call.params.seed if call.params.seed is not None or call.n == 1 else secrets.randbits(63)
+                for sample in range(call.n):
+                    submissions.append(self._submit_one(call, text, prompt, seed, sample, gone, loop))
             except PreMoeError as exc:
                 gone.set()
                 if len(call.prompts) > 1 and exc.field == "prompt":
@@ -241,6 +236,31 @@ class OpenAIApi:
                 gone.set()
                 raise
         return submissions
+
+    def _submit_one(
+        self,
+        call: GenerationCall,
+        text: str,
+        prompt: Prompt,
+        seed: int | None,
+        sample: int,
+        gone: threading.Event,
+        loop: asyncio.AbstractEventLoop,
+    ) -> Submission:
+        """The `sample`-th choice of a prompt, drawn with seed + sample (vLLM's rule for n samples)."""
+        params = call.params
+        if seed is not None:
+            params = replace(params, seed=(seed + sample) % 2**63)
+        return self.service.submit(
+            text,
+            params,
+            task=call.task,
+            cancelled=gone.is_set,
+            stream=call.stream,
+            loop=loop,
+            prompt_ids=prompt.ids,
+            add_special_tokens=call.add_special_tokens,
+        )
 
     async def _events(
         self,
@@ -271,7 +291,7 @@ class OpenAIApi:
                     body = chunk_body(call, item, index=index)
                     if options.continuous_usage_stats:
                         generated = sum(len(s.request.generated) for s in submissions)
-                        prompts = [s.request for s in submissions]
+                        prompts = [s.request for s in submissions[:: call.n]]
                         body["usage"] = usage_so_far(prompts, generated)
                     yield sse(body)
             if options.include_usage:

@@ -44,7 +44,7 @@ def completion_body(
         if len(results) > 1:
             choice["premoe"] = _stats(result, total_experts)
         choices.append(choice)
-    return _envelope(call, choices) | {"usage": usage(results), "premoe": _stats(results[0], total_experts)}
+    return _envelope(call, choices) | {"usage": usage(results, call.n), "premoe": _stats(results[0], total_experts)}
 
 
 def _logprobs(result: GenerationResult, spelling: Spelling, echo: bool) -> dict[str, Any]:
@@ -90,13 +90,13 @@ def chunk_body(
 
 def usage_chunk(call: GenerationCall, results: Sequence[GenerationResult]) -> dict[str, Any]:
     """`stream_options.include_usage`: the last chunk, no choices, the whole request's usage."""
-    return _envelope(call, [], chunk=True) | {"usage": usage(results)}
+    return _envelope(call, [], chunk=True) | {"usage": usage(results, call.n)}
 
 
-def usage(results: Sequence[GenerationResult], generated: int | None = None) -> dict[str, int]:
-    """Tokens read and generated over `results` (`generated`: the count so far, for a running stream)."""
-    prompt = sum(r.prompt_tokens for r in results)
-    completion = sum(len(r.token_ids) for r in results) if generated is None else generated
+def usage(results: Sequence[GenerationResult], n: int = 1) -> dict[str, int]:
+    """Tokens read (each prompt once, whatever its `n` choices) and generated over `results`."""
+    prompt = sum(r.prompt_tokens for r in results[::n])
+    completion = sum(len(r.token_ids) for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

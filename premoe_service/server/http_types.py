@@ -18,13 +18,11 @@ AUTO = "auto"  # the model name that lets retrieval pick the task
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 MAX_BODY_BYTES = 64 << 20  # the gRPC door's receive limit
 MAX_LOGPROBS = 20  # alternatives per token
-MAX_PROMPTS = 64  # prompts in one completions request (each is a request of its own in the engine's queue)
+MAX_PROMPTS = 64  # prompts x n in one request (each is a request of its own in the engine's queue)
 MAX_STOP_TOKEN_IDS = 64
 ROLES = ("system", "developer", "user", "assistant")
 # OpenAI and vLLM fields the engine cannot honour, with the values that ask for nothing (those are accepted).
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1),
-    "best_of": (None, 1),
     "top_logprobs": (None, 0),
     "suffix": (None, ""),
     "presence_penalty": (None, 0),
@@ -56,10 +54,10 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 # The fields each endpoint reads; any other field is refused by name (none is accepted and ignored).
 COMMON_FIELDS = frozenset(
     {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user"}
-    | {"ignore_eos", "min_tokens", "stop_token_ids", "add_special_tokens", "expert_skip_threshold"}
+    | {"ignore_eos", "min_tokens", "stop_token_ids", "add_special_tokens", "expert_skip_threshold", "n"}
     | set(UNSUPPORTED)
 )
-COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "logprobs"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "logprobs", "best_of"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs"}
 # Service error fields under the names an HTTP caller used.
 PARAM_NAMES = {"max_new_tokens": "max_tokens", "task": "model", "name": "model"}
@@ -96,6 +94,7 @@ class GenerationCall:
     chat: bool = False
     add_special_tokens: bool = True
     stream_options: StreamOptions = StreamOptions()
+    n: int = 1  # choices per prompt: prompt i's j-th is choice i * n + j (seed + j when a seed is given)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -118,10 +117,12 @@ class GenerationCall:
             raise InvalidArgument("logprobs with stream is not supported yet; ask without stream", field="logprobs")
         scoring = logprobs is not None and echo
         params = replace(_params(body, "max_tokens"), logprobs=logprobs, prompt_logprobs=scoring)
+        prompts = _prompts(body)
         return cls(
-            _prompts(body),
+            prompts,
             _model(body),
             params,
+            n=_choices(body, len(prompts)),
             stream=stream,
             echo=echo,
             add_special_tokens=boolean_field(body, "add_special_tokens", True),
@@ -147,6 +148,7 @@ class GenerationCall:
             (Prompt(text=text),),
             model,
             params,
+            n=_choices(body, 1),
             stream=stream,
             chat=True,
             add_special_tokens=boolean_field(body, "add_special_tokens", special),
@@ -180,8 +182,6 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         value = body.get(name)
         if any(_same(value, ok) for ok in neutral):
             continue
-        if name in ("n", "best_of"):
-            raise InvalidArgument(f"only {name} = 1 is supported (got {value!r:.40})", field=name)
         why = " (the engine returns no per-token log-probabilities)" if "logprobs" in name else ""
         raise InvalidArgument(f"{name} is not supported yet{why}; got {value!r:.40}", field=name)
 
@@ -225,6 +225,20 @@ def _prompts(body: dict[str, Any]) -> tuple[Prompt, ...]:
                 f"expected a string or a non-empty list of token ids, got {item!r:.40}", field=f"prompt[{i}]"
             )
     return tuple(prompts)
+
+
+def _choices(body: dict[str, Any], prompts: int) -> int:
+    """`n`, the choices per prompt; `best_of` may only say the same (no ranking of extra samples yet)."""
+    n = _integer(body, "n")
+    n = 1 if n is None else n
+    if n < 1 or n * prompts > MAX_PROMPTS:
+        raise InvalidArgument(f"must lie in 1..{MAX_PROMPTS // prompts} for {prompts} prompt(s), got {n}", field="n")
+    best_of = _integer(body, "best_of")
+    if best_of is not None and best_of != n:
+        raise InvalidArgument(
+            f"only best_of = n ({n}) is supported (ranking extra samples is not), got {best_of}", field="best_of"
+        )
+    return n
 
 
 def _token_ids(ids: list[Any], name: str) -> tuple[int, ...]:
