@@ -275,6 +275,7 @@ class OpenAIApi:
         code = grpc.StatusCode.CANCELLED
         options = call.stream_options
         results: list[GenerationResult] = []
+        events = merged(firsts, streams)
         try:
             for index, submission in enumerate(submissions):
                 if call.chat:
@@ -282,7 +283,7 @@ class OpenAIApi:
                 if call.echo:
                     echoed = "".join(self.spelling.pieces(submission.request.prompt_ids, False))
                     yield sse(chunk_body(call, echoed, index=index))
-            async for index, item in merged(firsts, streams):
+            async for index, item in events:
                 if isinstance(item, GenerationResult):
                     self._observe(item, ttft)
                     results.append(item)
@@ -302,6 +303,7 @@ class OpenAIApi:
             body, _status, code = _error(exc)
             yield sse(body)
         finally:  # also when the client went away and the response task was cancelled
+            await events.aclose()  # its pumps stop reading the streams before they are closed
             watcher.cancel()
             for items in streams:
                 await items.aclose()

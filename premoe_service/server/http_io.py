@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -42,7 +42,7 @@ async def watch_disconnect(request: Request, gone: threading.Event) -> None:
     gone.set()
 
 
-async def merged(firsts: Sequence[T], streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+async def merged(firsts: Sequence[T], streams: Sequence[AsyncIterator[T]]) -> AsyncGenerator[tuple[int, T], None]:
     """The items of several streams as they come, each with its stream's index (`firsts`: each stream's first
     item, already taken). An error in one stream ends them all."""
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
