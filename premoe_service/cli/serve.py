@@ -59,6 +59,16 @@ def default(name: str) -> Lazy:
 @option("--host", default=default("host"), help="address to bind (both doors)")
 @option("--port", type=PORT, default=default("port"), help="gRPC port (0: any free port)")
 @option("--http-port", type=PORT, help="OpenAI-compatible HTTP API port on --host (0: any free port; default: off)")
+@option(
+    "--served-model-name",
+    help="the HTTP `model` (gRPC `task`) that asks for the whole model, every expert (default: the checkpoint "
+    "folder's name; no task may take it)",
+)
+@option(
+    "--chat-template",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Jinja chat template file for /v1/chat/completions (default: the tokenizer's, else role: content lines)",
+)
 @option("--metrics-port", type=PORT, help="Prometheus metrics port (default: off)")
 @option(
     "--admin-token",

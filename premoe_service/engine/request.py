@@ -68,6 +68,7 @@ class Request:
         widen: Given the pattern and the prompt's mean router scores per layer, a wider pattern.
         wait_timeout_s: How long it may wait for slots pinned by others.
         loop: Deliver events to this asyncio loop (read them with `aevents()`); None: `events()`.
+        eos: The model's end-of-sequence ids, which `min_tokens` keeps from being drawn.
     """
 
     prompt_ids: list[int]
@@ -81,6 +82,7 @@ class Request:
     widen: Callable[[Pattern, dict[int, Tensor]], Pattern] | None = None
     wait_timeout_s: float = 30.0
     loop: asyncio.AbstractEventLoop | None = None
+    eos: frozenset[int] = frozenset()  # the model's EOS ids (`min_tokens` masks them in sampled draws)
     id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING_SLOTS
     generated: list[int] = field(default_factory=list)
@@ -167,20 +169,37 @@ class Request:
 
     def choose(self, logits: Tensor) -> int:
         """Its next token from its row's logits `[V]`, with its own options and generator."""
-        return choose(logits, self.params, self.generator)
+        return choose(self._barred(logits), self.params, self.generator)
 
     def take(self, token: int, logits: Tensor, eos: set[int]) -> str:
         """Append its next token (its log-probability too when asked for) and stream the text it completes;
         returns why that token finished the request (eos, stop, length), or ""."""
+        params = self.params
+        if params.min_tokens and len(self.generated) < params.min_tokens and token in self._ends(eos):
+            token = int(torch.argmax(self._barred(logits, eos)))  # the batch's greedy pick ended it too early
         self.generated.append(token)
-        if self.params.logprobs is not None:
-            self.token_logprobs += token_logprobs(logits.unsqueeze(0), torch.tensor([token]), self.params.logprobs)
-        if token in eos:
-            return "eos"
+        if params.logprobs is not None:
+            self.token_logprobs += token_logprobs(logits.unsqueeze(0), torch.tensor([token]), params.logprobs)
+        if (token in eos and not params.ignore_eos) or token in params.stop_token_ids:
+            return "eos" if token in eos and not params.ignore_eos else "stop"
         self.send(self.text.push(token))
         if self.text.stopped:
             return "stop"
         return "length" if len(self.generated) >= self.params.max_new_tokens else ""
+
+    def _ends(self, eos: set[int] | frozenset[int]) -> set[int]:
+        return (set() if self.params.ignore_eos else set(eos)) | set(self.params.stop_token_ids)
+
+    def _barred(self, logits: Tensor, eos: set[int] | None = None) -> Tensor:
+        """`logits` with the tokens that would end it masked while it has fewer than `min_tokens` (vLLM's rule)."""
+        if len(self.generated) >= self.params.min_tokens:
+            return logits
+        ends = self._ends(self.eos if eos is None else eos)
+        if not ends:
+            return logits
+        barred = logits.clone()
+        barred[list(ends)] = float("-inf")
+        return barred
 
     def outcome(self, reason: str) -> Outcome:
         """What it reports once finished for `reason`."""

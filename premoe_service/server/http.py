@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
@@ -21,12 +23,23 @@ from starlette.routing import Route
 from ..errors import InvalidArgument, PreMoeError
 from ..names import check_task_name
 from ..serving import GenerationResult, ServingCore
+from ..serving.limits import check_token_ids
 from ..serving.results import Submission
 from .auth import Access
-from .http_io import BodyTooLarge, chain, read_json, sse, watch_disconnect
-from .http_replies import chunk_body, completion_body, error_body, model_body
+from .chat import ChatTemplate
+from .http_io import BodyTooLarge, merged, read_json, sse, usage_so_far, watch_disconnect
+from .http_replies import (
+    Spelling,
+    chunk_body,
+    completion_body,
+    error_body,
+    full_model_body,
+    model_body,
+    usage_chunk,
+)
 from .http_tasks import task_routes
-from .http_types import AUTO, PARAM_NAMES, GenerationCall
+from .http_tokens import detokenize_body, text_pieces, tokenize_body, tokenizer_info_body
+from .http_types import AUTO, PARAM_NAMES, GenerationCall, Prompt
 from .interceptor import status_of
 from .metrics import Metrics
 
@@ -85,6 +98,11 @@ class OpenAIApi:
         self.serving = serving
         self.metrics = metrics
         self.total_experts = service.spec.num_experts * len(service.spec.moe_layers)
+        tokenizer = service.tokenizer
+        self.template = ChatTemplate(tokenizer, service.config.chat_template)
+        self.spelling = Spelling(self._spell, lambda ids, skip: text_pieces(tokenizer, ids, skip))
+        context = getattr(service.engine.config, "max_position_embeddings", None)
+        self.context = None if context is None else int(context)
 
     def app(self) -> Starlette:
         routes = [
@@ -92,6 +110,9 @@ class OpenAIApi:
             Route("/v1/chat/completions", self._endpoint("/v1/chat/completions", self.chat), methods=["POST"]),
             Route("/v1/models", self._endpoint("/v1/models", self.models), methods=["GET"]),
             Route("/v1/models/{model}", self._endpoint("/v1/models/{model}", self.model), methods=["GET"]),
+            Route("/tokenize", self._endpoint("/tokenize", self.tokenize), methods=["POST"]),
+            Route("/detokenize", self._endpoint("/detokenize", self.detokenize), methods=["POST"]),
+            Route("/tokenizer_info", self._endpoint("/tokenizer_info", self.tokenizer_info), methods=["GET"]),
             Route("/health", self._endpoint("/health", self.health, open_=True), methods=["GET"]),
             *task_routes(self),  # the task lifecycle's admin paths
         ]
@@ -103,18 +124,51 @@ class OpenAIApi:
         return await self._generate(request, GenerationCall.from_completion(await read_json(request)))
 
     async def chat(self, request: Request) -> Response:
-        return await self._generate(request, GenerationCall.from_chat(await read_json(request), self._template))
+        return await self._generate(request, GenerationCall.from_chat(await read_json(request), self.template))
 
     async def models(self, request: Request) -> Response:
         views = await self._run(self.service.list_tasks)
-        return JSONResponse({"object": "list", "data": [model_body(None), *(model_body(v) for v in views)]})
+        full = full_model_body(self.service.served_model_name, self.total_experts, self.context)
+        return JSONResponse({"object": "list", "data": [model_body(None), full, *(model_body(v) for v in views)]})
 
     async def model(self, request: Request) -> Response:
         name = request.path_params["model"]
         if name == AUTO:
             return JSONResponse(model_body(None))
+        if name == self.service.served_model_name:
+            return JSONResponse(full_model_body(name, self.total_experts, self.context))
         check_task_name(name, field="model")
         return JSONResponse(model_body(await self._run(lambda: self.service.get_task(name))))
+
+    async def tokenize(self, request: Request) -> Response:
+        body = await read_json(request)
+        await self._known_model(body.get("model"))
+        service = self.service
+        return JSONResponse(
+            await self._run(
+                lambda: tokenize_body(body, service.tokenizer, self.template, service.vocab_size, self.context)
+            )
+        )
+
+    async def detokenize(self, request: Request) -> Response:
+        body = await read_json(request)
+        await self._known_model(body.get("model"))
+        return JSONResponse(
+            await self._run(lambda: detokenize_body(body, self.service.tokenizer, self.service.vocab_size))
+        )
+
+    async def _known_model(self, model: object) -> None:
+        """An optional `model` of the tokenizer endpoints: every model shares the tokenizer, but a name that
+        serves nothing is still an error (404), not ignored."""
+        if model is None or model in (AUTO, self.service.served_model_name):
+            return
+        if not isinstance(model, str):
+            raise InvalidArgument(f"expected a model name, got {model!r:.40}", field="model")
+        name = check_task_name(model, field="model")
+        await self._run(lambda: self.service.get_task(name))
+
+    async def tokenizer_info(self, request: Request) -> Response:
+        return JSONResponse(tokenizer_info_body(self.service.tokenizer, self.template.source, self.context))
 
     async def health(self, request: Request) -> Response:
         serving = self.serving.is_set() and not self.service.stopping.is_set()
@@ -124,83 +178,142 @@ class OpenAIApi:
     # --- generation --------------------------------------------------------------------------------------
 
     async def _generate(self, request: Request, call: GenerationCall) -> Response:
-        """Wait for the first item before answering, so that errors up to the first token get their own status."""
+        """Wait for every prompt's first item before answering, so that errors up to the first token get their
+        own status."""
+        if call.model not in (AUTO, self.service.served_model_name):
+            check_task_name(call.model, field="model")
         gone = threading.Event()
         watcher = asyncio.create_task(watch_disconnect(request, gone))
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:  # route and tokenize on the executor; the engine's events then arrive on this event loop
-            submission = await self._run(
-                lambda: self.service.submit(
-                    call.prompt, call.params, task=call.task, cancelled=gone.is_set, stream=call.stream, loop=loop
-                )
-            )
+            submissions = await self._run(lambda: self._submit(call, gone, loop))
         except BaseException:
             watcher.cancel()
             raise
-        items = _replies(submission)
+        streams = [_replies(submission) for submission in submissions]
         try:
-            first = await anext(items)
+            firsts = await asyncio.gather(*(anext(items) for items in streams))
         except BaseException:
+            gone.set()  # the other prompts' requests end too
             watcher.cancel()
-            await items.aclose()
+            for items in streams:
+                await items.aclose()
             raise
         if call.stream:
-            events = self._events(call, first, items, watcher, start, time.perf_counter() - start)
+            events = self._events(call, submissions, firsts, streams, watcher, start, time.perf_counter() - start)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         watcher.cancel()
-        await items.aclose()
-        if not isinstance(first, GenerationResult):  # a request that does not stream yields its result only
-            raise RuntimeError(f"expected the result, got {type(first).__name__}")
-        self._observe(first, None)
-        return JSONResponse(completion_body(call, first, self.total_experts, self._spell))
+        for items in streams:
+            await items.aclose()
+        results = []
+        for first in firsts:
+            if not isinstance(first, GenerationResult):  # a request that does not stream yields its result only
+                raise RuntimeError(f"expected the result, got {type(first).__name__}")
+            self._observe(first, None)
+            results.append(first)
+        return JSONResponse(completion_body(call, results, self.total_experts, self.spelling))
+
+    def _submit(self, call: GenerationCall, gone: threading.Event, loop: asyncio.AbstractEventLoop) -> list[Submission]:
+        """Queue each prompt as a request of its own; if one is refused, those already queued are cancelled and
+        the error names the prompt (`prompt[i]` when there are several)."""
+        submissions = []
+        for index, prompt in enumerate(call.prompts):
+            try:
+                text = prompt.text
+                if text is None:  # token ids: their text is only for retrieval
+                    ids = check_token_ids(list(prompt.ids or ()), self.service.vocab_size)
+                    text = str(self.service.tokenizer.decode(ids, skip_special_tokens=True))
+                # n samples need n random streams: without a seed they get a random one (an unseeded request's
+                # generator starts from torch's fixed default, so n of them would all draw alike).
+                seed = call.params.seed if call.params.seed is not None or call.n == 1 else secrets.randbits(63)
+                for sample in range(call.n):
+                    submissions.append(self._submit_one(call, text, prompt, seed, sample, gone, loop))
+            except PreMoeError as exc:
+                gone.set()
+                if len(call.prompts) > 1 and exc.field == "prompt":
+                    raise type(exc)(exc.message, field=f"prompt[{index}]") from None
+                raise
+            except BaseException:
+                gone.set()
+                raise
+        return submissions
+
+    def _submit_one(
+        self,
+        call: GenerationCall,
+        text: str,
+        prompt: Prompt,
+        seed: int | None,
+        sample: int,
+        gone: threading.Event,
+        loop: asyncio.AbstractEventLoop,
+    ) -> Submission:
+        """The `sample`-th choice of a prompt, drawn with seed + sample (vLLM's rule for n samples)."""
+        params = call.params
+        if seed is not None:
+            params = replace(params, seed=(seed + sample) % 2**63)
+        return self.service.submit(
+            text,
+            params,
+            task=call.task,
+            cancelled=gone.is_set,
+            stream=call.stream,
+            loop=loop,
+            prompt_ids=prompt.ids,
+            add_special_tokens=call.add_special_tokens,
+        )
 
     async def _events(
         self,
         call: GenerationCall,
-        first: str | GenerationResult,
-        items: AsyncGenerator[str | GenerationResult, None],
+        submissions: list[Submission],
+        firsts: list[str | GenerationResult],
+        streams: list[AsyncGenerator[str | GenerationResult, None]],
         watcher: asyncio.Task[None],
         start: float,
         ttft: float,
     ) -> AsyncIterator[str]:
         code = grpc.StatusCode.CANCELLED
+        options = call.stream_options
+        results: list[GenerationResult] = []
+        events = merged(firsts, streams)
         try:
-            if call.chat:
-                yield sse(chunk_body(call))  # the role delta
-            if call.echo:
-                yield sse(chunk_body(call, call.prompt))
-            async for item in chain(first, items):
+            for index, submission in enumerate(submissions):
+                if call.chat:
+                    yield sse(chunk_body(call, index=index))  # the role delta
+                if call.echo:
+                    echoed = "".join(self.spelling.pieces(submission.request.prompt_ids, False))
+                    yield sse(chunk_body(call, echoed, index=index))
+            async for index, item in events:
                 if isinstance(item, GenerationResult):
                     self._observe(item, ttft)
-                    yield sse(chunk_body(call, None, item, self.total_experts))
+                    results.append(item)
+                    yield sse(chunk_body(call, None, item, self.total_experts, index))
                 else:
-                    yield sse(chunk_body(call, item))
+                    body = chunk_body(call, item, index=index)
+                    if options.continuous_usage_stats:
+                        generated = sum(len(s.request.generated) for s in submissions)
+                        prompts = [s.request for s in submissions[:: call.n]]
+                        body["usage"] = usage_so_far(prompts, generated)
+                    yield sse(body)
+            if options.include_usage:
+                yield sse(usage_chunk(call, results))
             yield "data: [DONE]\n\n"
             code = grpc.StatusCode.OK
         except Exception as exc:  # the 200 is out: the error goes in the stream, as OpenAI's servers send it
             body, _status, code = _error(exc)
             yield sse(body)
         finally:  # also when the client went away and the response task was cancelled
+            await events.aclose()  # its pumps stop reading the streams before they are closed
             watcher.cancel()
-            await items.aclose()
+            for items in streams:
+                await items.aclose()
             self._record(call.chat, code, start)
 
     def _spell(self, token: int) -> str:
         """One token's text, as the `logprobs` object lists it."""
         return str(self.service.tokenizer.decode([token]))
-
-    def _template(self, messages: list[dict[str, str]]) -> str:
-        tokenizer = self.service.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            raise InvalidArgument(
-                "this model's tokenizer has no chat template: use /v1/completions with a prompt you format yourself",
-                field="messages",
-            )
-        try:
-            return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        except Exception as exc:  # the template's own checks (raise_exception) and Jinja errors
-            raise InvalidArgument(f"the chat template refused these messages: {exc}", field="messages") from None
 
     # --- plumbing ----------------------------------------------------------------------------------------
 

@@ -24,7 +24,10 @@ class HttpDoor:
     """
 
     def __init__(self, app: Starlette, host: str, port: int, grace_s: float, tls: dict[str, Any] | None = None) -> None:
-        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        # Created as TCP (proto IPPROTO_TCP, not 0): asyncio sets TCP_NODELAY only on such sockets' accepted
+        # connections, and without it Nagle and the client's delayed ACK hold a stream's first event for ~40 ms.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self.socket.bind((host, port))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -12,55 +12,92 @@ from .http_types import AUTO, GenerationCall
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
+class Spelling:
+    """How the `logprobs` object writes tokens: `spell` one token alone (the `tokens` and `top_logprobs` keys, as
+    OpenAI spells them), `pieces` the text each token adds in context (the `text_offset`s and the echoed text)."""
+
+    def __init__(self, spell: Callable[[int], str], pieces: Callable[[Sequence[int], bool], list[str]]) -> None:
+        self.spell = spell
+        self.pieces = pieces
+
+
+def echoed_prompt(result: GenerationResult, spelling: Spelling) -> str:
+    """The prompt as echoed: its tokens' text in context, special tokens spelled out (a BOS the server added
+    shows), so that the echoed text, the tokens and their offsets agree."""
+    return "".join(spelling.pieces(result.prompt_ids, False))
+
+
 def completion_body(
-    call: GenerationCall, result: GenerationResult, total_experts: int, decode: Callable[[int], str] | None = None
+    call: GenerationCall, results: Sequence[GenerationResult], total_experts: int, spelling: Spelling
 ) -> dict[str, Any]:
-    """The whole reply of a non-streamed request; `decode` spells one token (for `logprobs`)."""
-    text = (call.prompt + result.text) if call.echo else result.text
-    if call.chat:
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
-    else:
-        choice = {"index": 0, "text": text}
-    logprobs = _logprobs(result, decode, call.echo) if decode is not None and result.logprobs is not None else None
-    choice |= {"logprobs": logprobs, "finish_reason": finish_reason(result)}
-    return _envelope(call, [choice]) | _extras(result, total_experts)
+    """The whole reply of a non-streamed request: one choice per prompt, in the prompts' order."""
+    choices = []
+    for index, result in enumerate(results):
+        prompt = echoed_prompt(result, spelling) if call.echo else ""
+        text = prompt + result.text
+        if call.chat:
+            choice: dict[str, Any] = {"index": index, "message": {"role": "assistant", "content": text}}
+        else:
+            choice = {"index": index, "text": text}
+        logprobs = _logprobs(result, spelling, call.echo) if result.logprobs is not None else None
+        choice |= {"logprobs": logprobs, "finish_reason": finish_reason(result)}
+        if len(results) > 1:
+            choice["premoe"] = _stats(result, total_experts)
+        choices.append(choice)
+    return _envelope(call, choices) | {"usage": usage(results, call.n), "premoe": _stats(results[0], total_experts)}
 
 
-def _logprobs(result: GenerationResult, decode: Callable[[int], str], echo: bool) -> dict[str, Any]:
+def _logprobs(result: GenerationResult, spelling: Spelling, echo: bool) -> dict[str, Any]:
     """OpenAI's legacy completions `logprobs` object: per token its text, log-probability, best alternatives
-    (text -> log-probability) and character offset; with `echo` the prompt's tokens come first (the very first
-    has no log-probability)."""
-    items = [*((result.prompt_logprobs or []) if echo else []), *(result.logprobs or [])]
-    tokens, offsets, position = [], [], 0
-    for item in items:
-        piece = decode(item.token)
-        tokens.append(piece)
+    (text -> log-probability) and character offset in the choice's text; with `echo` the prompt's tokens come
+    first (the very first has no log-probability)."""
+    scored = result.prompt_logprobs if echo and result.prompt_logprobs is not None else []
+    items = [*scored, *(result.logprobs or [])]
+    pieces = [*(spelling.pieces(result.prompt_ids, False) if scored else []), *spelling.pieces(result.token_ids, True)]
+    offsets, position = [], 0
+    for piece in pieces:
         offsets.append(position)
         position += len(piece)
     return {
-        "tokens": tokens,
+        "tokens": [spelling.spell(item.token) for item in items],
         "token_logprobs": [item.logprob for item in items],
         "top_logprobs": [
-            None if item.logprob is None else {decode(token): lp for token, lp in item.top} for item in items
+            None if item.logprob is None else {spelling.spell(token): lp for token, lp in item.top} for item in items
         ],
         "text_offset": offsets,
     }
 
 
 def chunk_body(
-    call: GenerationCall, text: str | None = None, result: GenerationResult | None = None, total_experts: int = 0
+    call: GenerationCall,
+    text: str | None = None,
+    result: GenerationResult | None = None,
+    total_experts: int = 0,
+    index: int = 0,
 ) -> dict[str, Any]:
-    """One server-sent event of a streamed request: a text piece, or the last one with the finish reason, usage
-    and routing stats (`text=None` with no result: the chat stream's opening role delta)."""
+    """One server-sent event of a streamed request: a text piece of choice `index`, or its last one with the
+    finish reason, usage and routing stats (`text=None` with no result: the chat stream's opening role delta)."""
     reason = finish_reason(result) if result is not None else None
     if call.chat:
         delta = {"content": text} if text is not None else {} if result is not None else {"role": "assistant"}
-        choice: dict[str, Any] = {"index": 0, "delta": delta}
+        choice: dict[str, Any] = {"index": index, "delta": delta}
     else:
-        choice = {"index": 0, "text": text or ""}
+        choice = {"index": index, "text": text or ""}
     choice |= {"logprobs": None, "finish_reason": reason}
-    extras = _extras(result, total_experts) if result is not None else {}
+    extras = {"usage": usage([result]), "premoe": _stats(result, total_experts)} if result is not None else {}
     return _envelope(call, [choice], chunk=True) | extras
+
+
+def usage_chunk(call: GenerationCall, results: Sequence[GenerationResult]) -> dict[str, Any]:
+    """`stream_options.include_usage`: the last chunk, no choices, the whole request's usage."""
+    return _envelope(call, [], chunk=True) | {"usage": usage(results, call.n)}
+
+
+def usage(results: Sequence[GenerationResult], n: int = 1) -> dict[str, int]:
+    """Tokens read (each prompt once, whatever its `n` choices) and generated over `results`."""
+    prompt = sum(r.prompt_tokens for r in results[::n])
+    completion = sum(len(r.token_ids) for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def finish_reason(result: GenerationResult) -> str:
@@ -73,29 +110,21 @@ def _envelope(call: GenerationCall, choices: list[dict[str, Any]], chunk: bool =
     return {"id": prefix + call.id, "object": kind, "created": call.created, "model": call.model, "choices": choices}
 
 
-def _extras(result: GenerationResult, total_experts: int) -> dict[str, Any]:
-    completion = len(result.token_ids)
+def _stats(result: GenerationResult, total_experts: int) -> dict[str, Any]:
     plan = result.plan
     return {
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": result.prompt_tokens + completion,
-        },
-        "premoe": {
-            "task": plan.task,
-            "decision": plan.decision,
-            "score": plan.score,
-            "pattern_experts": plan.pattern.size,
-            "total_experts": total_experts,
-            "coverage": result.coverage,
-            "widened": result.widened,
-            "loads": {**result.loads, "bytes": result.loaded_bytes},
-            "timings": result.timings,
-            "token_ids": result.token_ids,
-            "expert_calls": result.expert_calls,
-            "expert_calls_skipped": result.expert_calls_skipped,
-        },
+        "task": plan.task,
+        "decision": plan.decision,
+        "score": plan.score,
+        "pattern_experts": plan.pattern.size,
+        "total_experts": total_experts,
+        "coverage": result.coverage,
+        "widened": result.widened,
+        "loads": {**result.loads, "bytes": result.loaded_bytes},
+        "timings": result.timings,
+        "token_ids": result.token_ids,
+        "expert_calls": result.expert_calls,
+        "expert_calls_skipped": result.expert_calls_skipped,
     }
 
 
@@ -103,6 +132,18 @@ def model_body(view: TaskView | None) -> dict[str, Any]:
     """A task as an OpenAI model (`None`: the `auto` model, retrieval's choice per prompt)."""
     if view is None:
         return {"id": AUTO, "object": "model", "created": 0, "owned_by": "premoe", "premoe": {"retrieval": True}}
+    return task_model_body(view)
+
+
+def full_model_body(name: str, total_experts: int, context: int | None) -> dict[str, Any]:
+    """The served model itself: every routed expert."""
+    premoe = {"pattern_experts": total_experts, "whole_model": True}
+    return {"id": name, "object": "model", "created": 0, "owned_by": "premoe", "max_model_len": context} | {
+        "premoe": premoe
+    }
+
+
+def task_model_body(view: TaskView) -> dict[str, Any]:
     try:
         created = int(datetime.fromisoformat(view.created).timestamp())
     except ValueError:

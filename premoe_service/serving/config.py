@@ -30,6 +30,11 @@ class ServiceConfig:
         host, port: gRPC address; port 0 picks a free port.
         http_port: Port of the OpenAI-compatible HTTP API on `host` (0 picks a free port); None: no HTTP API.
         metrics_port: Prometheus metrics port; None: no metrics server.
+        served_model_name: The `model` (HTTP) or `task` (gRPC) that asks for the whole model, every routed
+            expert; None: the name of the checkpoint's folder. No task may take it. Refused with
+            RESOURCE_EXHAUSTED when the budget cannot hold every expert.
+        chat_template: A Jinja chat template file for `/v1/chat/completions`; None: the tokenizer's own, or, for a
+            tokenizer without one, `server.chat.DEFAULT_TEMPLATE` (plain `role: content` lines).
         admin_token: Required (as `authorization: Bearer <token>` metadata) by RegisterTask/DeleteTask.
         api_key: Required (as `authorization: Bearer <key>`, gRPC metadata or HTTP header) by every inference
             call at both doors (generate, route, tasks, stats, `/v1/...`); None: inference is open. Health checks
@@ -80,6 +85,8 @@ class ServiceConfig:
     port: int = 50051
     metrics_port: int | None = None
     http_port: int | None = None
+    served_model_name: str | None = None
+    chat_template: Path | None = None
     admin_token: str | None = None
     api_key: str | None = None
     selection: Selection = field(default_factory=Selection)
@@ -140,6 +147,16 @@ class ServiceConfig:
         self.precision_slot_counts  # noqa: B018 - and on bad precision slots
         self._check_routing()
         self._check_tls()
+        if self.chat_template is not None:
+            self.chat_template = Path(self.chat_template)
+            if not self.chat_template.is_file():
+                raise InvalidArgument(f"no such file: {self.chat_template}", field="chat_template")
+        served = self.served_model_name
+        if served is not None and (not served.strip() or len(served) > 256 or served == "auto"):
+            raise InvalidArgument(
+                f"must be 1 to 256 characters and not 'auto' (retrieval's name), got {served!r}",
+                field="served_model_name",
+            )
 
     def _check_routing(self) -> None:
         """The background and the calibration are files, and both need the router signal."""

@@ -8,12 +8,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..engine import BatchLimits, EngineLoop, Outcome, Request, SamplingParams
-from ..errors import NotFound, Unavailable
+from ..errors import AlreadyExists, NotFound, ResourceExhausted, Unavailable
 from ..pattern import Pattern
 from ..profiler import Demo
 from ..retrieval import (
@@ -28,7 +29,7 @@ from ..runtime.eviction import SharedUseTracker
 from ..runtime.quantized import attach_precisions
 from ..store import Store, open_cache
 from .config import ServiceConfig
-from .limits import check_prompt_bytes, check_prompt_tokens
+from .limits import check_prompt_bytes, check_prompt_tokens, check_token_ids
 from .loading import LoadResult, TaskLifecycle, UnloadResult
 from .results import GenerationResult, RoutePlan, ServiceStats, Submission, TaskCounters
 from .routing import build_registry
@@ -60,6 +61,9 @@ class ServingCore:
             attach_precisions(self.engine, self.store, config.precision_slot_counts)
         self.spec = self.engine.spec
         self.tokenizer = AutoTokenizer.from_pretrained(self.store.dir, local_files_only=True)
+        self.served_model_name = config.served_model_name or _model_name(self.store)
+        # The logits' width: the ids a prompt may hold.
+        self.vocab_size = int(getattr(self.engine.config, "vocab_size", None) or len(self.tokenizer))
         profiler_engine, _ = load_engine(
             self.store, device=self.engine.device, capacity=0, dense=self.engine.dense_state_dict()
         )
@@ -121,10 +125,9 @@ class ServingCore:
         """The pattern for a prompt: the named task's, the matched task's, or the fallback."""
         check_prompt_bytes(prompt, self.config.max_prompt_bytes)
         check_prompt(prompt)
-        start = time.perf_counter()
         if task:
-            profile = self.registry.get(task)
-            return RoutePlan("override", task, 0.0, self.tasks.pattern(profile), seconds=time.perf_counter() - start)
+            return self._override(task)
+        start = time.perf_counter()
         for _ in range(3):
             decision = self.registry.route(prompt)
             try:
@@ -132,6 +135,27 @@ class ServingCore:
             except NotFound:  # a task deleted between the search and the read of its profile: search again
                 log.info("a task matched for a prompt was deleted meanwhile; routing again")
         raise Unavailable("the registered tasks kept changing while routing; retry", field="task")
+
+    def _override(self, task: str) -> RoutePlan:
+        """The named task's pattern, or every expert for the served model's own name."""
+        start = time.perf_counter()
+        if task == self.served_model_name:
+            pattern = self._full_pattern()
+        else:
+            pattern = self.tasks.pattern(self.registry.get(task))
+        return RoutePlan("override", task, 0.0, pattern, seconds=time.perf_counter() - start)
+
+    def _full_pattern(self) -> Pattern:
+        """Every routed expert, when the budget's slots can hold them all (never a silent subset)."""
+        capacity = min(slots.capacity for slots in self.engine.slots.values())
+        if capacity < self.spec.num_experts:
+            raise ResourceExhausted(
+                f"the whole model {self.served_model_name!r} needs {self.spec.num_experts} experts per MoE layer; "
+                f"the budget ({self.config.budget}) holds {capacity}: serve with a larger --budget, or ask for a "
+                "task's pattern",
+                field="budget",
+            )
+        return Pattern.full(self.spec)
 
     def _plan(self, decision: RouteDecision, start: float) -> RoutePlan:
         capacity = min(slots.capacity for slots in self.engine.slots.values())
@@ -197,15 +221,27 @@ class ServingCore:
         cancelled: Callable[[], bool] | None = None,
         stream: bool = True,
         loop: asyncio.AbstractEventLoop | None = None,
+        prompt_ids: Sequence[int] | None = None,
+        add_special_tokens: bool = True,
     ) -> Submission:
         """Route and tokenize a prompt and queue it in the engine loop. Its events come through
-        `submission.request.events()`, or `aevents()` on `loop` when one is given."""
+        `submission.request.events()`, or `aevents()` on `loop` when one is given.
+
+        `prompt_ids` are the prompt's tokens as the caller gave them: used as they are (nothing added), with
+        `prompt` their text for routing. Otherwise `prompt` is tokenized, with the tokenizer's special tokens
+        (BOS) unless `add_special_tokens` is False."""
         if self.stopping.is_set():
             raise Unavailable("the server is shutting down", field="server")
         params.check(self.config.max_new_tokens_limit)
         started = time.perf_counter()
-        plan = self.route(prompt, task)
-        ids: list[int] = self.tokenizer(prompt)["input_ids"]
+        if prompt_ids is not None:
+            ids = check_token_ids(prompt_ids, self.vocab_size)
+        if params.stop_token_ids:
+            check_token_ids(params.stop_token_ids, self.vocab_size, field="stop_token_ids")
+        # Token ids need no text unless retrieval picks the task (their text may be blank: special tokens only).
+        plan = self._override(task) if task and prompt_ids is not None else self.route(prompt, task)
+        if prompt_ids is None:
+            ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
         context = getattr(self.engine.config, "max_position_embeddings", None)
         check_prompt_tokens(
             len(ids), params.max_new_tokens, self.config.max_prompt_tokens, None if context is None else int(context)
@@ -223,6 +259,7 @@ class ServingCore:
             widen=lambda pattern, scores: self._widen(pattern, scores, floor),
             wait_timeout_s=self.config.lease_timeout_s,
             loop=loop,
+            eos=frozenset(self.loop.eos),
         )
         self.loop.submit(request)
         return Submission(request, plan, started, self._count, self.spec.top_k)
@@ -256,6 +293,8 @@ class ServingCore:
         dry_run, examples)."""
         if self.stopping.is_set():
             raise Unavailable("the server is shutting down", field="server")
+        if name == self.served_model_name:
+            raise AlreadyExists(f"{name!r} is the served model's own name (every expert)", field="name")
         return self.tasks.register(name, demos, **options)
 
     def list_tasks(self) -> list[TaskView]:
@@ -328,3 +367,9 @@ def _eos_ids(model: Any) -> set[int]:
     if eos is None:
         eos = getattr(model.config, "eos_token_id", None)
     return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+
+def _model_name(store: Store) -> str:
+    """The name of the checkpoint folder the store was sharded from (the store's folder when it is not recorded)."""
+    source = store.manifest.source.get("model_dir")
+    return Path(source).name if isinstance(source, str) and Path(source).name else store.dir.name

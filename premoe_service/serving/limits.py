@@ -27,3 +27,18 @@ def check_prompt_tokens(count: int, new_tokens: int, limit: int, context: int | 
             f"{count} prompt tokens + {new_tokens} new tokens exceed the model's context of {context}",
             field="max_new_tokens",
         )
+
+
+def check_token_ids(ids: object, vocab_size: int, field: str = "prompt") -> list[int]:
+    """`ids` as a list if it is a non-empty list of token ids below `vocab_size`, else an error naming the first
+    bad id, its position and the vocabulary size."""
+    if not isinstance(ids, list | tuple) or not ids:
+        raise InvalidArgument("expected a non-empty list of token ids", field=field)
+    for position, token in enumerate(ids):
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+            raise InvalidArgument(
+                f"token id {token!r:.20} at position {position} is not in the vocabulary of {vocab_size} tokens "
+                f"(0..{vocab_size - 1})",
+                field=field,
+            )
+    return list(ids)

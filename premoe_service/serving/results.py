@@ -42,6 +42,7 @@ class GenerationResult:
     prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token (the first has none), when asked for
     expert_calls: int = 0  # routed expert calls (tokens x MoE layers x top-k)
     expert_calls_skipped: int = 0  # of those, skipped by the request's expert skip threshold
+    prompt_ids: list[int] = field(default_factory=list)  # the prompt's tokens as the model read them
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Submission:
             prompt_logprobs=outcome.prompt_logprobs,
             expert_calls=outcome.routings * self.top_k,
             expert_calls_skipped=outcome.experts_skipped,
+            prompt_ids=list(self.request.prompt_ids),
         )
 
 
