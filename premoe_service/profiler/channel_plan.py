@@ -99,10 +99,13 @@ def channel_options(
     shape: ExpertShape,
     counts: Sequence[int],
     group_size: int,
+    kept: Tensor | None = None,
 ) -> dict[str, PrecisionOption]:
     """`options` (whole experts) and, for each of them and each channel count, the option of holding the
-    best `count` channels (by `channel_scores [L, E, I]`) at that precision."""
-    share = kept_share(channel_scores, counts)  # [L, E, len(counts)]
+    best `count` channels (by `channel_scores [L, E, I]`) at that precision. `kept [L, E, len(counts)]` is what
+    each count keeps of an expert (measured on demos: `demo_error.channel_kept`); by default its share of the
+    expert's channel score mass."""
+    share = kept_share(channel_scores, counts) if kept is None else kept  # [L, E, len(counts)]
     out = dict(options)
     for name, option in options.items():
         for j, count in enumerate(counts):
