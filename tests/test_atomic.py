@@ -370,3 +370,35 @@ def test_pattern_and_export_verbs_write_a_channel_pruned_checkpoint(tmp_path: Pa
         str(e) not in written["channels"].get(layer, {}) for layer, kept in written["layers"].items() for e in kept
     )
     assert pruned.config.intermediate_size == (model.config.intermediate_size if whole else max(counts))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_a_quantized_channel_slice_is_channel_major(family: str, tmp_path: Path) -> None:
+    """Gate and up rows come from the store's copy as they are; the down projection is quantized per channel
+    (each kept column a row of the hidden size, groups along it), unlike the copy's (groups along the channels)."""
+    from premoe_service.store.channels import ChannelReader
+    from premoe_service.store.precisions import PrecisionReader
+    from premoe_service.store.quant import dequantize
+
+    tiny_model(family).save_pretrained(tmp_path / "ckpt")
+    shard(tmp_path / "ckpt", tmp_path / "store", progress=False)
+    add_precisions(tmp_path / "store", ("int4",), 16, progress=False)
+    store = Store(tmp_path / "store")
+    kept = torch.tensor([1, 4, 9, 15])
+    cut = ChannelReader(store).channels(0, 3, "int4", kept)
+    copy = PrecisionReader(store, "int4").read_dequantized(0, 3)
+    full = store.read(0, 3)
+    transposed = family == "gpt_oss"
+    gate_up, down = copy["gate_up_proj"], full["down_proj"]
+    if transposed:  # [H, 2I], gate and up interleaved; down [I, H]
+        assert torch.equal(cut["gate_up_proj"], gate_up[:, torch.stack([2 * kept, 2 * kept + 1], 1).reshape(-1)])
+        rows = down
+    else:  # [2I, H], gate rows then up rows; down [H, I]
+        assert torch.equal(cut["gate_up_proj"], gate_up[torch.cat([kept, kept + 16])])
+        rows = down.t()
+    # every channel's row quantized on its own (groups along H), then the kept ones
+    expected = dequantize(quantize(rows.contiguous(), 4, 16), 4, 16, (16, rows.shape[1]), rows.dtype)[kept]
+    got = cut["down_proj"] if transposed else cut["down_proj"].t()
+    assert torch.equal(got, expected)
+    store_down = copy["down_proj"][kept] if transposed else copy["down_proj"][:, kept].t()
+    assert not torch.equal(got, store_down)  # the copy's grouping differs: the re-quantization is real
