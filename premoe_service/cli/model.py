@@ -6,7 +6,19 @@ from pathlib import Path
 
 import click
 
-from .params import BUDGET, CRITERION, GROUP_SIZE, POSITIVE, PRECISIONS, CommaList, Lazy, LazyChoice, option, verb
+from .params import (
+    BUDGET,
+    CRITERION,
+    GROUP_SIZE,
+    OPEN_SHARE,
+    POSITIVE,
+    PRECISIONS,
+    CommaList,
+    Lazy,
+    LazyChoice,
+    option,
+    verb,
+)
 from .shared import device_option, embedder_option, quiet_option, store_option, store_spec
 
 
@@ -61,15 +73,21 @@ def shard(model_dir: Path, out: Path, precisions: tuple[str, ...], group_size: i
 def export(store: Path, pattern: Path, out: Path, quiet: bool) -> int:
     """Slice expert tensors and router rows to a pattern and write a checkpoint that AutoModelForCausalLM (and so
     vLLM or SGLang) loads. Pattern file: {"format": 1, "layers": {"<layer>": [expert ids]}}, the same count in every
-    layer."""
-    from ..pattern import Pattern
+    layer. A channel plan (`premoe pattern --channels`) also cuts experts to their kept channels
+    ("channels": {"<layer>": {"<expert>": [channel ids]}}): the checkpoint's intermediate size is the widest kept
+    expert's, narrower ones padded with zero channels."""
+    from ..profiler.channel_plan import ChannelPlan, ExpertShape
     from ..store import Store
     from ..store.export import export_pruned
 
     opened = Store(store)
-    loaded = Pattern.load(store_spec(opened), pattern)
-    written = export_pruned(opened, loaded, out, progress=not quiet)
+    plan = ChannelPlan.load(store_spec(opened), ExpertShape.of(opened.manifest).intermediate, pattern)
+    loaded = plan.pattern
+    written = export_pruned(opened, loaded, out, progress=not quiet, channels=plan.channels or None)
     click.echo(f"pruned checkpoint with {loaded.size} routed experts written to {written}")
+    if plan.channels:
+        cut = sum(len(by_expert) for by_expert in plan.channels.values())
+        click.echo(f"  {cut} experts cut to their kept channels (zero channels pad them to one intermediate size)")
     lowered = sum(len(v) for v in loaded.precisions.values())
     if lowered:
         click.echo(
@@ -136,6 +154,19 @@ def export(store: Path, pattern: Path, out: Path, quiet: bool) -> int:
     default=Lazy("premoe_service.profiler.precision", "OBJECTIVES"),
     help="mixed-precision objectives to compare (with --precisions)",
 )
+@option(
+    "--channels",
+    type=CommaList(LazyChoice(Lazy("premoe_service.profiler.channels", "CHANNEL_CRITERIA"))),
+    default="",
+    help="with --precisions: compare expert-level mixed precision with channel-level plans ranking channels by these "
+    "channel criteria (channels.json, channels.md, channels.png)",
+)
+@option(
+    "--channel-fractions",
+    type=CommaList(OPEN_SHARE),
+    default=Lazy("premoe_service.profiler.channel_plan", "DEFAULT_FRACTIONS"),
+    help="with --channels: the channel counts a plan may hold per expert, as shares of the intermediate size",
+)
 @embedder_option()
 @device_option
 @quiet_option
@@ -153,6 +184,8 @@ def evaluate(
     no_retrieval: bool,
     precisions: tuple[str, ...],
     objectives: tuple[str, ...],
+    channels: tuple[str, ...],
+    channel_fractions: tuple[float, ...],
     embedder: str | None,
     device: str,
     quiet: bool,
@@ -166,7 +199,8 @@ def evaluate(
     ship in), whatever the store's dtype (0.5, 50%), or such bytes (8GiB). Dropping experts, each counts 16 bits per
     parameter, so the share is the share of routed experts kept; the pattern spreads it over layers by score (the
     `budget` selection policy). For a bf16 store this is `serve --budget`'s share; for an fp32 store eval's 50% is
-    `serve --budget 25%`. With --precisions, quantized experts count their packed bytes, scales included."""
+    `serve --budget 25%`. With --precisions, quantized experts count their packed bytes, scales included; with
+    --channels too, experts may also hold only their best channels (docs/atomic-experts.md)."""
     from ..evaluation import evaluate_grid, load_task_data, markdown, write_reports
     from ..profiler import Profile
     from ..profiler.precision import bf16_nbytes
@@ -184,6 +218,8 @@ def evaluate(
     names = list(tasks) if tasks else sorted(p.stem for p in profiles.glob("*.safetensors"))
     loaded = {n: Profile.load(profiles / f"{n}.safetensors", fingerprint=opened.fingerprint) for n in names}
     task_data = load_task_data(data, names, limit)
+    if channels and not precisions:
+        raise click.UsageError("--channels compares plans over quantized copies: give --precisions too")
     if precisions:
         from ..evaluation.precision_eval import evaluate_precisions, write_precision_reports
         from ..evaluation.precision_eval import markdown as precision_markdown
@@ -193,6 +229,26 @@ def evaluate(
         demos = {
             n: load_demos(profiles / f"{n}.demos.jsonl") for n in names if (profiles / f"{n}.demos.jsonl").exists()
         }
+        if channels:
+            from ..evaluation.channel_eval import evaluate_channels, write_channel_reports
+            from ..evaluation.channel_eval import markdown as channel_markdown
+
+            by_channel = evaluate_channels(
+                opened,
+                loaded,
+                task_data,
+                budgets=[share(b) for b in budgets],
+                precisions=precisions,
+                criteria=channels,
+                fractions=[float(f) for f in channel_fractions],
+                demos=demos,
+                device=device,
+                progress=not quiet,
+            )
+            for path in write_channel_reports(by_channel, out):
+                click.echo(f"wrote {path}")
+            click.echo(channel_markdown(by_channel))
+            return 0
         compared = evaluate_precisions(
             opened,
             loaded,

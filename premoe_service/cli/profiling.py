@@ -145,6 +145,12 @@ def profile_show(file: Path, png: Path | None, top: int) -> int:
     help="with --precisions: the task's demos (JSONL); each precision's error is measured on them (default: the "
     "relative weight error the store recorded)",
 )
+@option(
+    "--channels",
+    type=LazyChoice(Lazy("premoe_service.profiler.channels", "CHANNEL_CRITERIA")),
+    help="with --precisions: a channel-level plan, experts may also hold only their best channels by this channel "
+    "criterion (the profile's channel scores; `premoe export` writes the channel-pruned checkpoint)",
+)
 def pattern(
     profile_file: Path,
     store: Path,
@@ -156,6 +162,7 @@ def pattern(
     precisions: tuple[str, ...],
     objective: str,
     precision_demos: Path | None,
+    channels: str | None,
 ) -> int:
     """Select a pattern from a profile's scores and write it as {"format": 1, "layers": {"<layer>": [ids]}}.
 
@@ -174,8 +181,12 @@ def pattern(
         raise click.UsageError("--coverage goes with --policy coverage, and only with it")
     opened = Store(store)
     loaded = Profile.load(profile_file, fingerprint=opened.fingerprint)
+    if channels and not precisions:
+        raise click.UsageError("--channels chooses among precisions too: give --precisions")
     if precisions:
-        return _precision_pattern(opened, loaded, out, Budget.parse(budget), precisions, objective, precision_demos)
+        return _precision_pattern(
+            opened, loaded, out, Budget.parse(budget), precisions, objective, precision_demos, channels
+        )
     spec = store_spec(opened)
     nbytes = opened.manifest.expert_nbytes
     criterion = criterion or Selection.from_json(loaded.selection).criterion
@@ -202,10 +213,18 @@ def pattern(
 
 
 def _precision_pattern(
-    opened: Any, loaded: Any, out: Path, budget: Any, precisions: tuple[str, ...], objective: str, demos: Path | None
+    opened: Any,
+    loaded: Any,
+    out: Path,
+    budget: Any,
+    precisions: tuple[str, ...],
+    objective: str,
+    demos: Path | None,
+    channels: str | None = None,
 ) -> int:
     """`premoe pattern --precisions`: a mixed-precision plan under the budget's bytes (full experts at the store's
-    own bytes, quantized ones at their packed bytes), written with each kept expert's precision."""
+    own bytes, quantized ones at their packed bytes), written with each kept expert's precision (and, with
+    `channels`, the channels of experts held in part)."""
     from ..fsutil import atomic_write_bytes
     from ..pattern import FULL
     from ..profiler.precision import OBJECTIVE_CRITERION, select_precisions, store_options
@@ -219,11 +238,46 @@ def _precision_pattern(
 
         options = demo_errors(opened, load_demos(demos), options)
     spec = store_spec(opened)
+    if channels:
+        return _channel_pattern(opened, loaded, out, nbytes, options, channels, demos)
     plan = select_precisions(loaded.score(OBJECTIVE_CRITERION[objective]), spec, options, nbytes, objective)  # type: ignore[arg-type]
     atomic_write_bytes(out, (json.dumps(plan.pattern.to_json(), indent=1) + "\n").encode())
     held = ", ".join(f"{n} at {p}" for p, n in plan.counts.items() if n)
     click.echo(
         f"pattern {out}: {plan.pattern.size} experts ({held}), {plan.nbytes / 2**20:.2f} MiB "
         f"({plan.nbytes / manifest.total_expert_bytes:.1%} of the store's expert bytes); objective {objective}"
+    )
+    return 0
+
+
+def _channel_pattern(
+    opened: Any, loaded: Any, out: Path, nbytes: int, options: Any, criterion: str, demos: Path | None
+) -> int:
+    """`premoe pattern --precisions --channels`: a channel-level plan (`profiler.channel_plan`)."""
+    from ..profiler.channel_plan import ExpertShape, channel_counts, channel_options, select_channels
+    from ..profiler.precision import OBJECTIVE_CRITERION
+    from ..store.precisions import quantized_copies
+
+    manifest = opened.manifest
+    shape = ExpertShape.of(manifest)
+    counts = channel_counts(shape.intermediate)
+    channel_scores = loaded.channel_score(criterion)
+    kept = None
+    if demos is not None:
+        from ..profiler.demo_error import channel_kept
+        from ..profiler.demos import load_demos
+
+        kept = channel_kept(opened, load_demos(demos), {criterion: channel_scores}, counts)[criterion]
+    groups = {c.group_size for c in quantized_copies(manifest).values() if c.group_size}
+    sliced = channel_options(options, channel_scores, shape, counts, groups.pop() if len(groups) == 1 else 64, kept)
+    plan = select_channels(
+        loaded.score(OBJECTIVE_CRITERION["error"]), channel_scores, store_spec(opened), sliced, nbytes
+    )
+    plan.save(out)
+    partial = sum(len(by_expert) for by_expert in plan.channels.values())
+    click.echo(
+        f"channel plan {out}: {plan.pattern.size} experts, {partial} of them holding part of their channels, "
+        f"{plan.nbytes / 2**20:.2f} MiB ({plan.nbytes / manifest.total_expert_bytes:.1%} of the store's expert bytes); "
+        f"{criterion} channel scores"
     )
     return 0

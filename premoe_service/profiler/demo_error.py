@@ -78,3 +78,64 @@ def demo_errors(
                 error[i, expert] = float((approx - exact).norm() / exact.norm().clamp_min(1e-30))
         out[precision] = PrecisionOption(precision, option.nbytes, error)
     return out
+
+
+@torch.no_grad()
+def channel_kept(
+    store, demos: Sequence[Demo], channel_scores: dict[str, Tensor], counts: Sequence[int], max_length: int = 512
+) -> dict[str, Tensor]:
+    """Per channel criterion, the share of each expert's output energy its best `k` channels keep on the demos,
+    for each `k` in `counts`: `1 - err**2` with `err = ||E_k(X_e) - E(X_e)|| / ||E(X_e)||` over the demo tokens
+    the full model routes to the expert (`E_k`: the expert with only its k best channels by the criterion's
+    scores `[L, E, I]`). `[L, E, len(counts)]`; an expert no demo token reaches keeps its share of channel
+    score mass (`channels.kept_share`). The channel counterpart of `demo_errors`: measured, so cross-channel
+    terms and how the scores rank count, where the score mass only estimates them."""
+    from transformers import AutoTokenizer
+
+    from .channels import kept_share
+    from .stats import ChannelBatch, expert_outputs
+
+    engine, _ = load_engine(store, device="cpu")
+    spec = engine.spec
+    engine.apply(Pattern.full(spec), store)
+    captured: dict[int, tuple[Tensor, Tensor]] = {}
+    hooks = []
+    for layer in spec.moe_layers:
+
+        def capture(_module, args, layer=layer) -> None:
+            captured[layer] = (args[0].detach(), args[1].detach())  # hidden [T, H], slot ids [T, K]
+
+        hooks.append(engine.experts_module(layer).register_forward_pre_hook(capture))
+    tokenizer = AutoTokenizer.from_pretrained(store.dir, local_files_only=True)
+    ids, mask, _ = tokenize_demos(tokenizer, demos, max_length)
+    engine.activate(Pattern.full(spec))
+    engine.model(input_ids=ids, attention_mask=mask)
+    for hook in hooks:
+        hook.remove()
+    valid = mask.reshape(-1).bool()
+    out = {name: kept_share(scores, counts) for name, scores in channel_scores.items()}
+    for i, layer in enumerate(spec.moe_layers):
+        hidden, slots = captured[layer]
+        module = engine.experts_module(layer)
+        slot_of = engine.slots[layer].slot_of
+        for expert in range(spec.num_experts):
+            rows = ((slots == slot_of[expert]).any(-1) & valid[: slots.shape[0]]).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            batches: list[ChannelBatch] = []
+            whole = expert_outputs(
+                module, hidden[rows], torch.full((rows.numel(), 1), slot_of[expert], dtype=torch.long), batches
+            )  # [n, 1, H]
+            energy = float((whole.double() ** 2).sum())
+            if energy <= 0:
+                continue
+            h, down = batches[0].hidden.double(), batches[0].down.double()  # [n, I], [H, I]
+            for name, scores in channel_scores.items():
+                order = scores[i, expert].argsort(descending=True, stable=True)
+                dropped_energy = []
+                for k in counts:
+                    rest = order[k:]
+                    lost = h[:, rest] @ down[:, rest].t()  # [n, H] what the dropped channels added
+                    dropped_energy.append(float((lost**2).sum()) / energy)
+                out[name][i, expert] = (1 - torch.tensor(dropped_energy, dtype=torch.float64)).clamp_min(0)
+    return out

@@ -39,11 +39,17 @@ OBJECTIVE_CRITERION: dict[str, str] = {"error": "easyep", "mc": "tcess"}  # the 
 
 @dataclass(frozen=True)
 class PrecisionOption:
-    """One way to hold an expert: its precision, bytes per expert, and per-expert relative error [L, E]."""
+    """One way to hold an expert: its precision, bytes per expert, and per-expert relative error [L, E].
+
+    A channel option (`profiler.channel_plan`) holds only some of the expert's channels: `channels` of them,
+    keeping the share `kept` [L, E] of each expert's channel score mass.
+    """
 
     precision: str
     nbytes: int
     error: Tensor | None = None  # None: lossless (full precision)
+    channels: int | None = None  # None: every channel
+    kept: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -58,9 +64,8 @@ class PrecisionPlan:
 def option_values(scores: Tensor, option: PrecisionOption, objective: Objective) -> Tensor:
     """[L, E] value of holding every expert at `option` (scores already normalised per layer)."""
     del objective  # the objectives differ in their scores (OBJECTIVE_CRITERION), not in the error weight
-    if option.error is None:
-        return scores.clone()
-    return scores * (1 - option.error.double() ** 2).clamp_min(0)
+    value = scores.clone() if option.error is None else scores * (1 - option.error.double() ** 2).clamp_min(0)
+    return value if option.kept is None else value * option.kept.double()
 
 
 def select_precisions(
@@ -79,6 +84,30 @@ def select_precisions(
     """
     if objective not in OBJECTIVES:
         raise InvalidArgument(f"unknown objective {objective!r} (use {', '.join(OBJECTIVES)})", field="objective")
+    scores, chosen = choose_options(scores, spec, options, budget_bytes, slots)
+    layers = {layer: sorted(chosen[i]) for i, layer in enumerate(spec.moe_layers)}
+    precisions = {layer: dict(chosen[i]) for i, layer in enumerate(spec.moe_layers)}
+    pattern = Pattern.build(spec, layers, precisions)
+    ordered = sorted(options.values(), key=lambda o: o.nbytes)
+    cost_of = {o.precision: o.nbytes for o in ordered}
+    counts = {o.precision: 0 for o in ordered}
+    for layer in spec.moe_layers:
+        for e in pattern.kept(layer):
+            counts[pattern.precision(layer, e)] += 1
+    return PrecisionPlan(pattern, sum(cost_of[p] * n for p, n in counts.items()), counts)
+
+
+def choose_options(
+    scores: Tensor,
+    spec: MoESpec,
+    options: Mapping[str, PrecisionOption],
+    budget_bytes: int,
+    slots: Mapping[str, int] | None = None,
+) -> tuple[Tensor, list[dict[int, str]]]:
+    """The knapsack of `select_precisions` over any options (keys name them: a precision, or a precision at a
+    channel count): per MoE layer (in order), kept expert -> the key of its option; and the scores normalised
+    per layer.
+    """
     if not options:
         raise InvalidArgument("no precision to keep experts at", field="precisions")
     num_layers, num_experts = len(spec.moe_layers), spec.num_experts
@@ -86,13 +115,13 @@ def select_precisions(
         raise InvalidArgument(f"scores of shape {tuple(scores.shape)} do not fit the model", field="scores")
     scores = scores.double().clamp_min(0)
     scores = scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-30)
-    ordered = sorted(options.values(), key=lambda o: o.nbytes)
-    values = {o.precision: option_values(scores, o, objective) for o in ordered}
+    ordered = sorted(options.items(), key=lambda item: item[1].nbytes)
+    values = {key: option_values(scores, o, "error") for key, o in ordered}
     floor = spec.routing.min_experts
-    if budget_bytes < floor * num_layers * ordered[0].nbytes:
+    if budget_bytes < floor * num_layers * ordered[0][1].nbytes:
         raise InvalidArgument(
-            f"budget of {budget_bytes} bytes is below {floor} experts per layer at {ordered[0].precision} "
-            f"({floor * num_layers * ordered[0].nbytes} bytes)",
+            f"budget of {budget_bytes} bytes is below {floor} experts per layer at {ordered[0][0]} "
+            f"({floor * num_layers * ordered[0][1].nbytes} bytes)",
             field="budget",
         )
 
@@ -145,31 +174,23 @@ def select_precisions(
             elif spent + cost <= budget_bytes:
                 spent += take(i, e, k)
                 blocked[i][e] = False
-    layers: dict[int, list[int]] = {}
-    precisions: dict[int, dict[int, str]] = {}
-    cheapest = ordered[0].precision
+    cheapest = ordered[0][0]
+    out = []
     for i, layer in enumerate(spec.moe_layers):
         chosen = {e: hulls[i][e][level[i][e] - 1][2] for e in range(num_experts) if level[i][e] > 0}
         if spec.routing.unroutable(list(chosen)) is not None:  # group routing: a routable set of that size
             kept = best_routable(scores[i], len(chosen), spec.routing, layer)
             chosen = {e: chosen.get(e, cheapest) for e in kept}
-        layers[layer] = sorted(chosen)
-        precisions[layer] = chosen
-    pattern = Pattern.build(spec, layers, precisions)
-    cost_of = {o.precision: o.nbytes for o in ordered}
-    counts = {o.precision: 0 for o in ordered}
-    for layer in spec.moe_layers:
-        for e in pattern.kept(layer):
-            counts[pattern.precision(layer, e)] += 1
-    return PrecisionPlan(pattern, sum(cost_of[p] * n for p, n in counts.items()), counts)
+        out.append(chosen)
+    return scores, out
 
 
 def _hull(
-    ordered: list[PrecisionOption], values: Mapping[str, Tensor], layer: int, expert: int
+    ordered: list[tuple[str, PrecisionOption]], values: Mapping[str, Tensor], layer: int, expert: int
 ) -> list[tuple[int, float, str]]:
     """Steps up one expert's upper convex hull of (bytes, value), from dropped: (added bytes, added value,
-    precision reached). Options that cost more for no more value are never steps."""
-    points = [(0, 0.0, "drop")] + [(o.nbytes, float(values[o.precision][layer, expert]), o.precision) for o in ordered]
+    option reached). Options that cost more for no more value are never steps."""
+    points = [(0, 0.0, "drop")] + [(o.nbytes, float(values[key][layer, expert]), key) for key, o in ordered]
     hull = [points[0]]
     for point in points[1:]:
         if point[1] <= hull[-1][1]:

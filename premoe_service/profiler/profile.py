@@ -24,6 +24,7 @@ from .criteria import CRITERIA
 PROFILE_FORMAT = 2
 READABLE_FORMATS = ("1", "2")
 _SCORE_PREFIX = "scores."
+_CHANNEL_PREFIX = "channels."  # optional (absent from profiles made before channel scores): readers go on without
 _EMBEDDINGS = "demo_embeddings"
 _ROUTER_SCORES = "router.scores"
 _ROUTER_INPUTS = "router.inputs"
@@ -39,6 +40,8 @@ class Profile:
         fingerprint: The store fingerprint of the model the scores belong to.
         moe_layers: Decoder-layer indices of the score rows.
         scores: Criterion (a name in `CRITERIA`) -> score matrix. [L, E] fp32
+        channels: Channel criterion (a name in `CHANNEL_CRITERIA`) -> score per intermediate channel of every
+            expert (`profiler.channels`); empty for profiles made without them. [L, E, I] fp32
         demo_embeddings: One normalised vector per demo, then per example (`route_texts`), or None when no
             embedder was given. [n, d] fp32
         embedder: Name of the embedding model that made `demo_embeddings`.
@@ -59,6 +62,7 @@ class Profile:
     fingerprint: str
     moe_layers: tuple[int, ...]
     scores: dict[str, torch.Tensor]
+    channels: dict[str, torch.Tensor] = field(default_factory=dict)
     description: str = ""
     demo_embeddings: torch.Tensor | None = None
     embedder: str = ""
@@ -90,9 +94,17 @@ class Profile:
                     f"score matrix of shape {tuple(matrix.shape)} does not match {len(self.moe_layers)} MoE layers",
                     field=f"scores.{criterion}",
                 )
+        for criterion, matrix in self.channels.items():
+            if matrix.ndim != 3 or matrix.shape[0] != len(self.moe_layers):
+                raise InvalidArgument(
+                    f"channel scores of shape {tuple(matrix.shape)} are not [{len(self.moe_layers)}, E, I]",
+                    field=f"channels.{criterion}",
+                )
 
     def to_bytes(self) -> bytes:
         tensors = {f"{_SCORE_PREFIX}{c}": m.detach().float().contiguous().cpu() for c, m in self.scores.items()}
+        for criterion, matrix in self.channels.items():
+            tensors[f"{_CHANNEL_PREFIX}{criterion}"] = matrix.detach().float().contiguous().cpu()
         if self.demo_embeddings is not None:
             tensors[_EMBEDDINGS] = self.demo_embeddings.detach().float().contiguous().cpu()
         for key, value in ((_ROUTER_SCORES, self.router_scores), (_ROUTER_INPUTS, self.router_inputs)):
@@ -143,6 +155,7 @@ class Profile:
                 fingerprint=metadata["fingerprint"],
                 moe_layers=tuple(json.loads(metadata["moe_layers"])),
                 scores={k[len(_SCORE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_SCORE_PREFIX)},
+                channels={k[len(_CHANNEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_CHANNEL_PREFIX)},
                 demo_embeddings=tensors.get(_EMBEDDINGS),
                 embedder=metadata.get("embedder", ""),
                 demo_hash=metadata.get("demo_hash", ""),
@@ -188,6 +201,22 @@ class Profile:
             )
         return self.scores[criterion]
 
+    def channel_score(self, criterion: str) -> torch.Tensor:
+        """The channel scores of one channel criterion. [L, E, I]"""
+        from .channels import CHANNEL_CRITERIA
+
+        if criterion not in CHANNEL_CRITERIA:
+            raise InvalidArgument(
+                f"unknown channel criterion {criterion!r} (use {', '.join(CHANNEL_CRITERIA)})",
+                field="channel_criterion",
+            )
+        if criterion not in self.channels:
+            raise FailedPrecondition(
+                f"profile {self.name!r} has no channel scores: profile the task again with `premoe profile`",
+                field="channel_criterion",
+            )
+        return self.channels[criterion]
+
 
 def _check_parts(profile: Profile, source: str) -> None:
     """Types a damaged (or hand-edited) file could get wrong, refused here rather than deep in a request."""
@@ -202,6 +231,8 @@ def _check_parts(profile: Profile, source: str) -> None:
         problems.append("selection is not an object")
     if not all(m.is_floating_point() for m in profile.scores.values()):
         problems.append("scores are not floating point")
+    if not all(m.is_floating_point() for m in profile.channels.values()):
+        problems.append("channel scores are not floating point")
     embeddings = profile.demo_embeddings
     if embeddings is not None and (embeddings.ndim != 2 or not embeddings.is_floating_point()):
         problems.append("demo_embeddings are not a float matrix")

@@ -28,6 +28,7 @@ class ProfileRun:
     token_count: int
     truncated: list[int] = field(default_factory=list)
     peak_slot_bytes: int = 0
+    channel_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # criterion -> [L, E, I]
 
 
 def tokenize_demos(
@@ -59,8 +60,9 @@ def collect_scores(
     streamed: bool,
     tcess_threshold: float = 0.0,
     progress: bool = False,
+    channels: bool = True,
 ) -> ProfileRun:
-    """All criteria in one forward pass over the demo batch.
+    """All criteria in one forward pass over the demo batch (with `channels`, the channel scores too).
 
     With `streamed`, the engine starts with empty MoE layers: each layer's experts are loaded from
     `source` just before the layer runs and dropped right after, so at most one layer of experts is
@@ -68,7 +70,7 @@ def collect_scores(
     """
     device = engine.device
     mask = attention_mask.to(device)
-    collector = StatsCollector(engine, mask.reshape(-1).bool(), tcess_threshold)
+    collector = StatsCollector(engine, mask.reshape(-1).bool(), tcess_threshold, channels)
     layers = engine.decoder_layers
     bar = tqdm(total=len(layers), desc="profile", unit="layer", disable=not progress)
     peak = 0
@@ -103,7 +105,9 @@ def collect_scores(
         bar.close()
     if not streamed:
         peak = engine.expert_bytes_resident()
-    return ProfileRun(collector.scores(), collector.tokens, peak_slot_bytes=peak)
+    return ProfileRun(
+        collector.scores(), collector.tokens, peak_slot_bytes=peak, channel_scores=collector.channel_scores()
+    )
 
 
 def build_profile(
@@ -132,6 +136,7 @@ def build_profile(
         fingerprint=fingerprint,
         moe_layers=tuple(moe_layers),
         scores=run.scores,
+        channels=run.channel_scores,
         demo_embeddings=embeddings,
         embedder=getattr(embedder, "name", "") if embedder is not None else "",
         demo_hash=demo_hash(demos),

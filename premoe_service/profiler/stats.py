@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..families import Routing, full_scores
 from ..runtime.model import PatternedModel
+from .channels import ChannelBatch, ChannelSums
 from .criteria import REGISTRY, LayerTokens
 
 
@@ -31,12 +32,15 @@ class StatsCollector:
         engine: The model; every MoE layer must route over all experts while collecting.
         token_mask: Bool [B * S]: which flattened positions are demo tokens (not padding).
         tcess_threshold: PreMoe's r: probabilities below it do not count towards TCESS.
+        channels: Also gather the channel scores of every expert (`channels`).
     """
 
     engine: PatternedModel
     token_mask: Tensor
     tcess_threshold: float = 0.0
+    channels: bool = False
     totals: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # layer -> criterion -> running sum [E]
+    channel_sums: dict[int, ChannelSums] = field(default_factory=dict)
     _routing: dict[int, Routing] = field(default_factory=dict)
     _residual: dict[int, Tensor] = field(default_factory=dict)
 
@@ -77,19 +81,24 @@ class StatsCollector:
 
     def _experts_forward(self, layer: int, experts: nn.Module) -> Any:
         def forward(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-            outputs = expert_outputs(experts, hidden, top_k_index)  # [T, k, H]
+            batches: list[ChannelBatch] | None = [] if self.channels else None
+            outputs = expert_outputs(experts, hidden, top_k_index, batches)  # [T, k, H]
             weighted = (outputs * top_k_weights.unsqueeze(-1).to(outputs.dtype)).sum(dim=1)  # [T, H]
-            self._accumulate(layer, outputs, weighted)
+            self._accumulate(layer, outputs, weighted, batches, top_k_weights)
             return weighted.to(hidden.dtype)
 
         return forward
 
     @torch.no_grad()
-    def _accumulate(self, layer: int, outputs: Tensor, routed: Tensor) -> None:
+    def _accumulate(
+        self, layer: int, outputs: Tensor, routed: Tensor, batches: list[ChannelBatch] | None, weights: Tensor
+    ) -> None:
         routing = self._routing.pop(layer)
         residual = self._residual.pop(layer).float()
         mask = self.token_mask.to(outputs.device)
         after = residual[mask] + routed[mask].float()
+        if batches is not None:
+            self._add_channels(layer, batches, residual + routed.float(), mask, weights)
         tokens = LayerTokens(
             probs=full_scores(self.engine.spec.routing, routing.logits)[mask],  # [N, E]
             chosen=routing.experts[mask],  # [N, k]
@@ -104,6 +113,33 @@ class StatsCollector:
             sums = {name: previous[name] + value for name, value in sums.items()}
         self.totals[layer] = sums
 
+    def _add_channels(
+        self, layer: int, batches: list[ChannelBatch], stream: Tensor, mask: Tensor, weights: Tensor
+    ) -> None:
+        owner = self.engine.slots[layer].expert_in_slot  # slot -> expert (the same ids when layer-streamed)
+        k = weights.shape[-1]
+        flat = weights.reshape(-1).float()  # [T * k]
+        named = []
+        for batch in batches:  # rows are (token, choice) pairs of the flattened [T * k] ids
+            expert = owner[batch.expert]
+            if expert is None:
+                continue
+            rows = batch.tokens
+            named.append(ChannelBatch(int(expert), rows // k, batch.hidden, batch.down, flat[rows]))
+        sums = self.channel_sums.setdefault(layer, ChannelSums(self.engine.spec.num_experts))
+        sums.add(named, stream, mask)
+
+    def channel_scores(self) -> dict[str, Tensor]:
+        """Channel criterion -> [L, E, I] fp32 on the CPU, rows in MoE-layer order (empty without `channels`)."""
+        if not self.channels:
+            return {}
+        width = intermediate_size(self.engine.experts_module(self.engine.spec.moe_layers[0]))
+        per_layer = [
+            self.channel_sums.get(layer, ChannelSums(self.engine.spec.num_experts)).scores(width)
+            for layer in self.engine.spec.moe_layers
+        ]
+        return {name: torch.stack([scores[name] for scores in per_layer]) for name in per_layer[0]}
+
     def scores(self) -> dict[str, Tensor]:
         """Criterion -> [L, E] fp32 on the CPU, rows in MoE-layer order."""
         tokens = max(self.tokens, 1)
@@ -115,11 +151,21 @@ class StatsCollector:
         }
 
 
-def expert_outputs(experts: nn.Module, hidden: Tensor, slots: Tensor) -> Tensor:
+def intermediate_size(experts: nn.Module) -> int:
+    """The experts' intermediate size I (channels per expert), from the down projection's shape."""
+    down = experts.get_parameter("down_proj")
+    return int(down.shape[1] if getattr(experts, "is_transposed", False) else down.shape[2])
+
+
+def expert_outputs(
+    experts: nn.Module, hidden: Tensor, slots: Tensor, channels: list[ChannelBatch] | None = None
+) -> Tensor:
     """E_e(x_t) for every token and chosen slot, unweighted: [T, k, H].
 
     Follows the experts module's own conventions (transposed weights, biases, its `_apply_gate`), so the
-    outputs are the ones its forward would weight and sum.
+    outputs are the ones its forward would weight and sum. With `channels`, each slot's intermediate
+    activations are appended to it (`ChannelBatch` with the slot id as `expert`, rows of the flattened
+    [T * k] choices as `tokens`, no weights yet).
     """
     tokens, k = slots.shape
     flat = slots.reshape(-1)  # [T * k]
@@ -136,11 +182,14 @@ def expert_outputs(experts: nn.Module, hidden: Tensor, slots: Tensor) -> Tensor:
         x = source[rows]
         if transposed:
             h = x @ gate_up[slot]
-            h = h + gate_up_bias[slot] if gate_up_bias is not None else h
-            y = apply_gate(h) @ down[slot]
+            h = apply_gate(h + gate_up_bias[slot] if gate_up_bias is not None else h)
+            y = h @ down[slot]
             y = y + down_bias[slot] if down_bias is not None else y
         else:
             h = apply_gate(F.linear(x, gate_up[slot], gate_up_bias[slot] if gate_up_bias is not None else None))
             y = F.linear(h, down[slot], down_bias[slot] if down_bias is not None else None)
         out[rows] = y
+        if channels is not None:
+            columns = down[slot].t() if transposed else down[slot]  # [H, I]: column c is channel c's direction
+            channels.append(ChannelBatch(slot, rows, h.detach(), columns.detach(), h.new_empty(0)))
     return out.view(tokens, k, -1)
