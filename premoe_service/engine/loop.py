@@ -148,6 +148,7 @@ class EngineLoop:
         self._fail_all(self.admission.commit(self.waiting, self.stats.steps))
         self._retire_gone()
         self._fail_all(self.admission.reserve(self.waiting, self.stats.steps))
+        self.stats.add("schedule", time.perf_counter() - start)
         ran = self._prefill()
         if self.running:
             self._decode()
@@ -214,25 +215,31 @@ class EngineLoop:
         return True
 
     def _decode(self) -> None:
-        rows, kv = self.running, self.batch.kv
+        rows, kv, clock, add = self.running, self.batch.kv, time.perf_counter(), self.stats.add
         assert kv is not None
         ids, mask, positions, context = self.batch.decode_inputs()
+        add("inputs", -clock + (clock := time.perf_counter()))
         logits = self._forward(list(rows), context, ids, mask, positions, kv.cache, 1)
+        add("forward", -clock + (clock := time.perf_counter()))
         if logits is None:
             return
         kv.advance(mask)
         self.stats.decode_steps += 1
         last = logits[:, -1]
-        greedy = last.argmax(-1).tolist()
+        tokens = last.argmax(-1).tolist()
+        for row, request in enumerate(rows):
+            if request.params.temperature != 0:
+                tokens[row] = request.choose(last[row])
+        add("sampling", -clock + (clock := time.perf_counter()))
         coverage, skipped = context.collect().tolist(), context.take_skipped()
-        finished = []
         for row, request in enumerate(rows):
             request.count_coverage(coverage[row], self.moe_layers, skipped[row])
-            token = greedy[row] if request.params.temperature == 0 else request.choose(last[row])
-            if self._emit(request, token, last[row]):
-                finished.append(request)
+        add("coverage", -clock + (clock := time.perf_counter()))
+        finished = [request for row, request in enumerate(rows) if self._emit(request, tokens[row], last[row])]
+        clock = time.perf_counter()
         if finished:
             self.batch.remove(finished)
+        add("inputs", time.perf_counter() - clock)
 
     def _forward(self, requests: list[Request], context: RoutingContext, *inputs: Any) -> torch.Tensor | None:
         """`forward(engine, context, *inputs)`; on an error its requests fail and the loop goes on (None)."""
@@ -248,9 +255,14 @@ class EngineLoop:
     def _emit(self, request: Request, token: int, logits: torch.Tensor) -> bool:
         """Give the request its next token; returns True when that finished it (it is then answered)."""
         self.stats.tokens += 1
-        reason = request.take(token, logits, self.eos)
+        start = time.perf_counter()
+        reason, piece = request.take(token, logits, self.eos)
+        sent = time.perf_counter()
+        request.send(piece)
         if reason:
             self._finish(request, reason)
+        self.stats.add("text", sent - start)
+        self.stats.add("events", time.perf_counter() - sent)
         return bool(reason)
 
     def _widen(self, request: Request, context: RoutingContext, row: int, length: int) -> bool:

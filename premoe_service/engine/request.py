@@ -169,18 +169,18 @@ class Request:
         """Its next token from its row's logits `[V]`, with its own options and generator."""
         return choose(logits, self.params, self.generator)
 
-    def take(self, token: int, logits: Tensor, eos: set[int]) -> str:
-        """Append its next token (its log-probability too when asked for) and stream the text it completes;
-        returns why that token finished the request (eos, stop, length), or ""."""
+    def take(self, token: int, logits: Tensor, eos: set[int]) -> tuple[str, str]:
+        """Append its next token (its log-probability too when asked for); returns why that token finished the
+        request (eos, stop, length, or "") and the text it completes, which the caller sends."""
         self.generated.append(token)
         if self.params.logprobs is not None:
             self.token_logprobs += token_logprobs(logits.unsqueeze(0), torch.tensor([token]), self.params.logprobs)
         if token in eos:
-            return "eos"
-        self.send(self.text.push(token))
+            return "eos", ""
+        piece = self.text.push(token)
         if self.text.stopped:
-            return "stop"
-        return "length" if len(self.generated) >= self.params.max_new_tokens else ""
+            return "stop", piece
+        return ("length" if len(self.generated) >= self.params.max_new_tokens else ""), piece
 
     def outcome(self, reason: str) -> Outcome:
         """What it reports once finished for `reason`."""
