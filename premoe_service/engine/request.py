@@ -96,6 +96,8 @@ class Request:
     token_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_scores: list[TokenLogprob] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=dict)
+    row: int | None = None  # its KV pool row while it is in the running batch
+    cached: int = 0  # its tokens in the KV pool (prompt chunks fed so far, then generated tokens)
     _events: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
     _abandoned: threading.Event = field(default_factory=threading.Event)
 
@@ -164,6 +166,11 @@ class Request:
         self.pattern, self.widened, self.status = wider, True, Status.WAITING_SLOTS
         self.coverage_sum, self.coverage_count = 0.0, 0
         return True
+
+    def whole_prompt(self) -> bool:
+        """Its prompt must be fed in one forward pass: every position is scored, or the prompt's router scores
+        decide whether its pattern is widened."""
+        return self.params.prompt_logprobs or (self.coverage_floor > 0 and not self.widened)
 
     def choose(self, logits: Tensor) -> int:
         """Its next token from its row's logits `[V]`, with its own options and generator."""
