@@ -87,6 +87,21 @@ class PackedStep:
             list(rows) == list(range(len(rows))),
         )
 
+    def advanced(self) -> PackedStep:
+        """The layout of the next pure decode step over the same rows: every row one column further."""
+        self.pool.ensure(self.width + 1)
+        return PackedStep(
+            self.pool,
+            self.rows,
+            self.token_rows,
+            self.positions + 1,
+            None,
+            None,
+            self.query_pos + 1,
+            self.width + 1,
+            self.prefix,
+        )
+
     def position_ids(self) -> Tensor:
         """`[1, T]` each token's position in its own sequence (what the model's rotary embedding reads)."""
         return self.positions.unsqueeze(0)
@@ -107,15 +122,22 @@ class PackedStep:
         return self._masks[key]
 
 
+AttentionFunction = Callable[..., tuple[Tensor, Any]]
 _STEP: ContextVar[PackedStep | None] = ContextVar("premoe_packed_step", default=None)
+_INNER: ContextVar[AttentionFunction] = ContextVar("premoe_packed_inner")
 
 
-def _inner(module: nn.Module, implementation: str) -> Callable[..., tuple[Tensor, Any]]:
-    """The attention function the model itself would use."""
+def model_attention(model: nn.Module) -> AttentionFunction:
+    """The attention function `model` itself uses (its configured implementation; eager: its module's own)."""
+    config: Any = model.config
+    implementation = config._attn_implementation
+    if implementation == ATTENTION:
+        raise RuntimeError("the model is already switched to packed attention")
     if implementation == "eager":
-        eager: Callable[..., tuple[Tensor, Any]] = sys.modules[type(module).__module__].eager_attention_forward
+        attention = next(m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj"))
+        eager: AttentionFunction = sys.modules[type(attention).__module__].eager_attention_forward
         return eager
-    function: Callable[..., tuple[Tensor, Any]] = ALL_ATTENTION_FUNCTIONS[implementation]
+    function: AttentionFunction = ALL_ATTENTION_FUNCTIONS[implementation]
     return function
 
 
@@ -131,7 +153,6 @@ def packed_attention(
     step = _STEP.get()
     if step is None:
         raise RuntimeError("packed attention runs only inside `packed_forward`")
-    implementation = getattr(module.config, "_premoe_attention", "sdpa")
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     keys, values = step.pool.write(
         layer, key[0].transpose(0, 1), value[0].transpose(0, 1), step.token_rows, step.positions
@@ -149,7 +170,7 @@ def packed_attention(
     grouped = packed.reshape(rows, queries, heads, dim).transpose(1, 2)  # [B, h, Q, d_q]
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     mask = step.mask(window, query.dtype)
-    out, _ = _inner(module, implementation)(module, grouped, keys, values, mask, **kwargs)  # [B, Q, h, d_v]
+    out, _ = _INNER.get()(module, grouped, keys, values, mask, **kwargs)  # [B, Q, h, d_v]
     out = out.reshape(rows * queries, heads, out.shape[-1])
     if step.out_index is not None:
         out = out.index_select(0, step.out_index)
@@ -160,16 +181,18 @@ AttentionInterface.register(ATTENTION, packed_attention)
 
 
 @contextmanager
-def packed_attention_for(model: nn.Module, step: PackedStep) -> Iterator[None]:
-    """Switch `model` to packed attention over `step` for the forward passes inside the block."""
+def packed_attention_for(model: nn.Module, step: PackedStep, inner: AttentionFunction) -> Iterator[None]:
+    """Switch `model` to packed attention over `step` for the forward passes inside the block; `inner` is the
+    model's own attention function (`model_attention`), which runs on the gathered rows."""
     config: Any = model.config
-    original = config._attn_implementation
-    if original != ATTENTION:
-        config._premoe_attention = original
-    config._attn_implementation = ATTENTION
-    token = _STEP.set(step)
+    original = config._attn_implementation_internal
+    # The internal field, not the property: its setter walks sub-configs, and these models' attention modules
+    # read the top config.
+    config._attn_implementation_internal = ATTENTION
+    step_token, inner_token = _STEP.set(step), _INNER.set(inner)
     try:
         yield
     finally:
-        _STEP.reset(token)
-        config._attn_implementation = getattr(config, "_premoe_attention", original)
+        _STEP.reset(step_token)
+        _INNER.reset(inner_token)
+        config._attn_implementation_internal = original

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..runtime import PatternedModel
 from ..runtime.context import PatternTables, RoutingContext, routing
-from .attention import PackedStep, packed_attention_for
+from .attention import PackedStep, model_attention, packed_attention_for
 from .kv import KVPool
 from .request import Request
 
@@ -61,6 +61,8 @@ class RunningBatch:
         self.requests: list[Request] = []  # in join order
         self._tables: PatternTables | None = None
         self._decode: tuple[tuple[int, ...], RoutingContext] | None = None
+        self._last: tuple[tuple[int, ...], PackedStep, Tensor] | None = None  # last pure decode step's layout
+        self.attention = model_attention(engine.model)  # the model's own, run on the gathered rows
 
     @property
     def free_rows(self) -> int:
@@ -106,6 +108,16 @@ class RunningBatch:
                 counts.append(count)
         if not rows:
             return None
+        key = tuple(id(r) for r in rows)
+        decode = all(r.generated for r in rows)
+        if decode and self._last is not None and self._last[0] == key:  # the same rows again: one column on
+            layout, last_keep = self._last[1].advanced(), self._last[2]
+            self._last = (key, layout, last_keep)
+            tokens = torch.tensor([[r.generated[-1] for r in rows]], dtype=torch.long, device=self.engine.device)
+            single = [range(b, b + 1) for b in range(len(rows))]
+            return StepPlan(
+                rows, counts, [r.cached for r in rows], single, tokens, last_keep, layout, self._context(rows, counts)
+            )
         starts = [r.cached for r in rows]
         ids: list[int] = []
         kept: list[range] = []
@@ -124,13 +136,15 @@ class RunningBatch:
             kept.append(range(first, len(keep)))
         device = self.engine.device
         layout = PackedStep.build(self.pool, [r.row for r in rows], starts, counts)  # type: ignore[misc]
+        kept_index = torch.tensor(keep, dtype=torch.long, device=device)
+        self._last = (key, layout, kept_index) if decode else None
         return StepPlan(
             rows,
             counts,
             starts,
             kept,
             torch.tensor([ids], dtype=torch.long, device=device),
-            torch.tensor(keep, dtype=torch.long, device=device),
+            kept_index,
             layout,
             self._context(rows, counts),
         )
@@ -151,10 +165,11 @@ class RunningBatch:
         return context
 
 
-def forward(engine: PatternedModel, plan: StepPlan) -> Tensor:
+def forward(batch: RunningBatch, plan: StepPlan) -> Tensor:
     """The plan's forward pass, every token routed by its row's pattern; the kept logits `[K, V]`."""
+    engine = batch.engine
     marker = torch.zeros((1, 1, 1, 1), device=engine.device)  # a 4D mask makes transformers skip building one
-    with routing(engine, plan.context), packed_attention_for(engine.model, plan.layout):
+    with routing(engine, plan.context), packed_attention_for(engine.model, plan.layout, batch.attention):
         out = engine.model(
             input_ids=plan.ids,
             attention_mask=marker,

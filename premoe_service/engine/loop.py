@@ -188,7 +188,7 @@ class EngineLoop:
         self.plan = plan
         add("inputs", -clock + (clock := time.perf_counter()))
         try:
-            logits = forward(self.engine, plan)
+            logits = forward(self.batch, plan)
         except Exception as exc:
             log.exception("a forward pass failed")
             self._fail(list(plan.rows), exc)

@@ -153,8 +153,9 @@ class RoutingContext:
 
     def observe(self, layer: int, routing: Routing) -> None:
         """Keep the router logits for `collect` (and the prompt's router scores when asked)."""
-        self._logits.append(routing.logits)
         self._observed.append(layer)
+        if any(table is not None for table in self.tables.values()):  # else all the mass is on every pattern
+            self._logits.append(routing.logits)
         if self.keep_scores:
             scores = full_scores(self.spec, routing.logits)  # [T, E] fp32
             normalised = scores / scores.sum(-1, keepdim=True).clamp_min(1e-30) * self.token_weight.unsqueeze(-1)
@@ -166,11 +167,11 @@ class RoutingContext:
         full router's probability mass on the row's pattern, for the forward pass just run. All layers are
         reduced at once (a handful of tensor operations per step, not per layer)."""
         coverage = torch.zeros(self.rows, dtype=torch.float64, device=self.token_row.device)
-        if not self._logits:
+        if not self._observed:
             return coverage
-        layers, logits = self._observed, torch.stack(self._logits)  # [L, T, E]
+        layers, logits = self._observed, torch.stack(self._logits) if self._logits else None  # [L, T, E]
         self._logits, self._observed = [], []
-        if all(self.excluded(layer) is None for layer in layers):
+        if logits is None or all(self.excluded(layer) is None for layer in layers):
             share = self.token_weight * len(layers)  # every expert allowed: all the mass is on the pattern
         else:
             key = tuple(layers)
