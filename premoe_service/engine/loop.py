@@ -200,8 +200,9 @@ class EngineLoop:
         if plan.prompt_tokens:
             self.stats.prefill_steps += 1
         emitting = [b for b, kept in enumerate(plan.kept) if kept]
-        last = logits.index_select(0, torch.tensor([plan.kept[b][-1] for b in emitting], device=logits.device))
-        tokens = sample(last, [plan.rows[b] for b in emitting])
+        index = torch.tensor([plan.kept[b][-1] for b in emitting], dtype=torch.long, device=logits.device)
+        last = logits.index_select(0, index)
+        tokens = sample(last, [plan.rows[b] for b in emitting]) if emitting else []
         add("sampling", -clock + (clock := time.perf_counter()))
         context = plan.context
         coverage, skipped = context.collect().tolist(), context.take_skipped()

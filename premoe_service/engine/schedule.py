@@ -13,10 +13,11 @@ def pick_joiners(
 ) -> list[Request]:
     """The ready requests to join now, in arrival order; empty while they should wait.
 
-    They fit the free rows, and their prompts fit the prompt-token budget of a forward pass beside the `pending`
-    prompt tokens of rows still being fed (the first one always joins when nothing is pending: a longer prompt is
-    fed in chunks). While rows decode, fewer than `join_ratio` x running ready requests may wait up to
-    `max_join_wait_steps` steps for company (TGI's waiting-served ratio; 0 steps: join at once).
+    They fit the free rows, and join while the prompt-token budget of the next forward pass is not yet filled by
+    the `pending` prompt tokens of rows still being fed and those of the requests chosen before them (prompts are
+    fed in chunks, so the last one to join may start with part of its prompt). While rows decode, fewer than
+    `join_ratio` x running ready requests may wait up to `max_join_wait_steps` steps for company (TGI's
+    waiting-served ratio; 0 steps: join at once).
     """
     room = limits.max_rows - running
     chosen: list[Request] = []
@@ -24,7 +25,7 @@ def pick_joiners(
     for request in waiting:
         if request.status is not Status.READY or len(chosen) >= room:
             continue
-        if tokens and tokens + len(request.prompt_ids) > limits.max_prefill_tokens:
+        if tokens >= limits.max_prefill_tokens:
             break
         chosen.append(request)
         tokens += len(request.prompt_ids)
