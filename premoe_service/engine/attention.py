@@ -53,6 +53,7 @@ class PackedStep:
     width: int
     prefix: bool  # the rows are pool rows 0..B-1 in order: the pool is sliced, not gathered
     _masks: dict[tuple[int | None, torch.dtype], Tensor] = field(default_factory=dict)
+    _open: bool | None = None  # every query sees every column (no mask needed)
 
     @classmethod
     def build(cls, pool: KVPool, rows: Sequence[int], starts: Sequence[int], counts: Sequence[int]) -> PackedStep:
@@ -106,10 +107,16 @@ class PackedStep:
         """`[1, T]` each token's position in its own sequence (what the model's rotary embedding reads)."""
         return self.positions.unsqueeze(0)
 
-    def mask(self, window: int | None, dtype: torch.dtype) -> Tensor:
+    def mask(self, window: int | None, dtype: torch.dtype) -> Tensor | None:
         """`[B, 1, Q, W]` additive: 0 where a query may see a column (its own row's, not after it, within the
-        window), the dtype's minimum elsewhere (transformers' convention)."""
+        window), the dtype's minimum elsewhere (transformers' convention). None when every query may see every
+        column: one decode token per row, all rows as long as the widest, within the window (a lone request)."""
         key = (window, dtype)
+        if self.query_index is None and (window is None or self.width <= window):
+            if self._open is None:
+                self._open = len(self.rows) == 1 or bool((self.query_pos == self.width - 1).all())
+            if self._open:
+                return None
         if key not in self._masks:
             columns = torch.arange(self.width, device=self.query_pos.device)
             query = self.query_pos.unsqueeze(-1)  # [B, Q, 1]

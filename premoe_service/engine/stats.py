@@ -15,8 +15,9 @@ class BatchLimits:
 
     Attributes:
         max_rows: Requests decoding together in one forward pass.
-        max_prefill_tokens: Padded prompt tokens in one prefill forward (rows x longest prompt); a single
-            request longer than this still runs alone.
+        max_prefill_tokens: Prompt tokens in one forward pass, beside the decoding rows' tokens; longer prompts
+            are fed in chunks over several passes (a prompt whose positions are scored, or whose coverage is
+            checked, goes whole, alone when longer).
         max_queue: Requests waiting (for slots, loads or a row) before new ones get RESOURCE_EXHAUSTED.
         join_ratio: While rows decode, ready requests wait to be prefilled together until they number this
             share of the running rows (TGI's waiting-served ratio) ...
