@@ -27,3 +27,4 @@ def test_bench_step_splits_the_step_and_times_the_baseline_apart(tmp_path: Path)
         assert set(row["phases_ms"]) == set(PHASES)
         assert row["phases_ms"]["forward"] > 0 and row["ours_step_ms"] > 0 and row["hf_step_ms"] > 0
         assert row["ratio"] == row["ours_step_ms"] / row["hf_step_ms"]
+        assert row["ours_cpu_ms"] > 0 and row["hf_cpu_ms"] > 0
