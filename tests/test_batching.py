@@ -37,14 +37,15 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from premoe_service.engine import BatchLimits, EngineLoop, KVBatch, Request, SamplingParams, Status
+from premoe_service.engine import BatchLimits, EngineLoop, Request, SamplingParams, Status
+from premoe_service.engine.attention import PackedStep
 from premoe_service.engine.request import Outcome
 from premoe_service.families import MoESpec
 from premoe_service.families.tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
 from premoe_service.pattern import Pattern
 from premoe_service.runtime import PatternedModel
 from premoe_service.runtime.build import load_engine
-from premoe_service.runtime.context import RoutingContext
+from premoe_service.runtime.context import PatternTables, RoutingContext
 from premoe_service.runtime.residency import Budget, Residency
 from premoe_service.store import Store, open_cache, shard
 
@@ -151,17 +152,17 @@ def jobs(setup: Setup, sampled: bool = False) -> list[Job]:
 class Observer:
     """Records each request's logits per forward pass, from hooks on the engine's model (the loop is not changed).
 
-    A prefill's rows are matched to requests by their unpadded tokens; a decode's rows are the loop's running
-    requests in order (the decode is the forward that is given the batch's KV cache).
+    The loop's plan of the pass names the request of each kept logits row (a decoding row's, or a joining row's
+    whose prompt the pass completes; a row still being fed its prompt has none). `decode_rows` counts the rows that
+    decoded in each pass, `prefill_rows` the rows whose prompt a pass completed.
     """
 
     def __init__(self, loop: EngineLoop) -> None:
         self.loop = loop
         self.logits: dict[int, list[Tensor]] = defaultdict(list)
-        self.prompts: dict[tuple[int, ...], int] = {}
         self.prefill_rows: list[int] = []
         self.decode_rows: list[int] = []
-        self._rows: list[int] = []
+        self._rows: list[tuple[int, int]] = []
         model = loop.engine.model
         self._hooks = [
             model.register_forward_pre_hook(self._before, with_kwargs=True),
@@ -169,23 +170,23 @@ class Observer:
         ]
 
     def expect(self, request: Request) -> None:
-        self.prompts[tuple(request.prompt_ids)] = request.id
+        pass
 
     def _before(self, _module, _args, kwargs) -> None:
-        kv = self.loop.kv
-        if kv is not None and kwargs.get("cache") is kv.cache:
-            self._rows = [r.id for r in self.loop.running]
-            self.decode_rows.append(len(self._rows))
-        else:
-            ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-            self._rows = [self.prompts[tuple(ids[b][mask[b].bool()].tolist())] for b in range(ids.shape[0])]
-            self.prefill_rows.append(len(self._rows))
+        plan = self.loop.plan
+        assert plan is not None
+        self._rows = [(r.id, kept[-1]) for r, kept in zip(plan.rows, plan.kept, strict=True) if kept]
+        decoding = sum(1 for r in plan.rows if r.generated)
+        joining = sum(1 for r, kept in zip(plan.rows, plan.kept, strict=True) if kept and not r.generated)
+        if decoding:
+            self.decode_rows.append(decoding)
+        if joining:
+            self.prefill_rows.append(joining)
 
     def _after(self, _module, _args, _kwargs, output) -> None:
-        logits = output.logits[:, -1].detach().to("cpu", copy=True)
-        assert logits.shape[0] == len(self._rows)
-        for row, request_id in enumerate(self._rows):
-            self.logits[request_id].append(logits[row])
+        logits = output.logits[0].detach().to("cpu", copy=True)
+        for request_id, index in self._rows:
+            self.logits[request_id].append(logits[index])
 
     def close(self) -> None:
         for hook in self._hooks:
@@ -548,43 +549,37 @@ MUTATION_FAMILIES = ["deepseek_v3", "qwen3_moe"]
 MUTATION_TOL = 1e-4  # looser than any tolerance the exactness tests use: each bug must be caught even at this
 
 
-def _shift_rows(context: RoutingContext, seq_len: int) -> None:
-    context.token_pattern = context.token_pattern.roll(seq_len)  # each row gets the previous row's pattern
+def _shift_rows(context: RoutingContext, tables: PatternTables) -> None:
+    row_pattern = tables.row_pattern.roll(1)  # each row gets the previous row's pattern
+    context.token_pattern = row_pattern[context.token_row]
 
 
-def _rows_modulo(context: RoutingContext, seq_len: int) -> None:
-    row_pattern = context.token_pattern.view(context.rows, seq_len)[:, 0]
-    token_row = torch.arange(context.rows * seq_len) % context.rows  # t % B instead of t // S
-    context.token_pattern, context.token_row = row_pattern[token_row], token_row
+def _rows_modulo(context: RoutingContext, tables: PatternTables) -> None:
+    token_row = torch.arange(context.token_row.numel()) % context.rows  # t % B instead of the row's own tokens
+    context.token_pattern, context.token_row = tables.row_pattern[token_row], token_row
 
 
-def _mutate_context(monkeypatch: pytest.MonkeyPatch, change: Callable[[RoutingContext, int], None]) -> None:
-    original = RoutingContext.build.__func__  # type: ignore[attr-defined]
+def _mutate_context(monkeypatch: pytest.MonkeyPatch, change: Callable[[RoutingContext, PatternTables], None]) -> None:
+    original = RoutingContext.packed.__func__  # type: ignore[attr-defined]
 
-    def build(cls, engine, patterns, seq_len, *args, **kwargs):
-        context = original(cls, engine, patterns, seq_len, *args, **kwargs)
-        change(context, seq_len)
+    def packed(cls, tables, counts, *args, **kwargs):
+        context = original(cls, tables, counts, *args, **kwargs)
+        change(context, tables)
         return context
 
-    monkeypatch.setattr(RoutingContext, "build", classmethod(build))
-
-
-def _mutate_decode_inputs(monkeypatch: pytest.MonkeyPatch, change: Callable[[KVBatch, Tensor, Tensor], tuple]) -> None:
-    original = KVBatch.decode_inputs
-
-    def decode_inputs(self):
-        mask, positions = original(self)
-        return change(self, mask, positions)
-
-    monkeypatch.setattr(KVBatch, "decode_inputs", decode_inputs)
+    monkeypatch.setattr(RoutingContext, "packed", classmethod(packed))
 
 
 MUTATIONS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "shifted row mask": lambda mp: _mutate_context(mp, _shift_rows),
     "token-to-row map t % B": lambda mp: _mutate_context(mp, _rows_modulo),
-    "missing attention mask": lambda mp: _mutate_decode_inputs(mp, lambda kv, m, p: (torch.ones_like(m), p)),
-    "positions from the cache width": lambda mp: _mutate_decode_inputs(
-        mp, lambda kv, m, p: (m, torch.full_like(p, kv.width))
+    "missing attention mask": lambda mp: mp.setattr(  # every column of the row visible, none after it masked
+        PackedStep,
+        "mask",
+        lambda self, window, dtype: torch.zeros((*self.query_pos.shape, self.width), dtype=dtype).unsqueeze(1),
+    ),
+    "positions from the cache width": lambda mp: mp.setattr(
+        PackedStep, "position_ids", lambda self: torch.full_like(self.positions, self.width - 1).unsqueeze(0)
     ),
 }
 

@@ -78,6 +78,8 @@ def test_bench_serve_reports_every_figure_with_no_errors(tiny_setup: dict[str, P
             "3",
             "--stall-rounds",
             "1",
+            "--baseline-threads",
+            "1,2",
             "--device",
             "cpu",
             "--out",
@@ -102,6 +104,17 @@ def test_bench_serve_reports_every_figure_with_no_errors(tiny_setup: dict[str, P
         assert hf["alone"]["tokens_per_s"] > 0 and hf["padded"]["tokens_per_s"] > 0
         assert "tokens_per_s" in hf["continuous"]  # None with its error listed when transformers' CB fails
         assert {"alone", "padded", "continuous"} == set(entry["ratios"])
+    # Measured as a user would: the server, the transformers baseline and the clients each in a process of their own.
+    procs = report["processes"]
+    assert len({procs["bench"], procs["server"], procs["baseline"], *procs["clients"]}) == 3 + len(procs["clients"])
+    assert procs["server_command"][:3] == ["-m", "premoe_service.cli", "serve"]
+    for entry in report["results"].values():
+        for kind in ("alone", "padded"):
+            assert entry["transformers"][kind]["pids"] == [procs["baseline"]]  # every baseline run, in that process
+            assert set(entry["transformers"][kind]["by_threads"]) == {"1", "2"}
+            assert entry["transformers"][kind]["threads"] in (1, 2)
+            runs = [run for rounds in entry["transformers"][kind]["rounds"].values() for run in rounds]
+            assert {run["threads"] for run in runs} == {1, 2}  # the torch threads each run was measured at
     stall = report["stall"]
     assert "error" not in stall, stall.get("error")
     assert stall["errors"] == 0 and stall["stream_replies_equal"] and stall["patterns_equal_in_both_cases"]

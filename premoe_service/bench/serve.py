@@ -1,23 +1,25 @@
 """`premoe bench serve`: the gRPC server under N concurrent clients against transformers in the same run.
 
-One fixed list of greedy requests (prompts of several tasks, each naming its task) goes through the real server
-with N = 1, 4, 16 ... concurrent gRPC clients (a closed loop: each client sends its next request when the last
-one is done), and through transformers with every expert, in-process: `generate` on each prompt alone, on
-left-padded batches of N prompts, and continuous batching with N requests in flight. Every baseline generates
-exactly the real tokens of the server's lone reply to each request (up to and including EOS). Rounds are
-interleaved and medians reported. Every reply is checked equal to the same request sent alone. A stall check
-follows (see `serve_stall`).
+One fixed list of greedy requests (prompts of several tasks, each naming its task) goes through `premoe serve`
+as shipped (its own process, default flags) with N = 1, 4, 16 ... concurrent gRPC clients in a process of their
+own (a closed loop: each client sends its next request when the last one is done), and through transformers with
+every expert in a clean process of its own, at 1 thread and at all cores (the best is compared): `generate` on
+each prompt alone, on left-padded batches of N prompts, and continuous batching with N requests in flight. Every
+baseline generates exactly the real tokens of the server's lone reply to each request (up to and including EOS).
+Rounds are interleaved and medians reported. Every reply is checked equal to the same request sent alone. A stall
+check follows (see `serve_stall`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from ..errors import InvalidArgument
@@ -51,7 +53,9 @@ class ServeBenchOptions:
     stall_newcomers: int = 6
     stall_newcomer_tokens: int = 8
     stall_rounds: int = 3
-    serve_opts: list[str] = field(default_factory=list)  # extra ServiceConfig fields, NAME=VALUE
+    serve_opts: list[str] = field(default_factory=list)  # stall check: extra ServiceConfig fields, NAME=VALUE
+    serve_args: list[str] = field(default_factory=list)  # extra `premoe serve` flags of the measured server
+    baseline_threads: str | None = None  # "1,2": torch threads of the baselines; None: 1 and all cores
     quiet: bool = False
     clients_apart: bool = True  # clients in their own process (as real clients are), else threads of this one
 
@@ -97,16 +101,35 @@ def _config_factory(options: ServeBenchOptions, store: Path, max_clients: int, t
     return make
 
 
+def baseline_threads(text: str | None) -> list[int]:
+    """The torch thread counts the baselines are measured at: `"1,4"`, or None for 1 and all cores."""
+    if not text:
+        return sorted({1, os.cpu_count() or 1})
+    try:
+        counts = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1:
+        raise InvalidArgument(f"give thread counts >= 1, e.g. 1,2; got {text!r}", field="baseline_threads")
+    return counts
+
+
 def run(options: ServeBenchOptions) -> dict[str, Any]:
-    """Run the benchmark; returns the report (also written to `options.out` as JSON and printed as a table)."""
+    """Run the benchmark; returns the report (also written to `options.out` as JSON and printed as a table).
+
+    Three kinds of process, as a user would run them: `premoe serve` as shipped (default flags), the clients
+    (a process per run), and transformers (a worker process that holds only the model). Each waits while another
+    is measured; the benchmark's own process only drives them.
+    """
     from ..retrieval import Embedder
     from ..runtime.build import resolve_device
-    from ..server import running_server
-    from .serve_baselines import HFBaselines
+    from .serve_baselines import BaselineProcess
+    from .serve_process import server_process
 
     counts = sorted({int(n) for n in str(options.clients).split(",") if n.strip()})
     if not counts or counts[0] < 1:
         raise InvalidArgument("give client counts >= 1, e.g. 1,4,16", field="clients")
+    threads = baseline_threads(options.baseline_threads)
     device = resolve_device(None if options.device == "auto" else options.device)
     store = _store(options)
     profiles = Path(options.profiles)
@@ -122,53 +145,62 @@ def run(options: ServeBenchOptions) -> dict[str, Any]:
         options.text_chars,
         options.seed,
     )
-    make_config = _config_factory(
-        options, store, counts[-1], max(options.stall_tokens, max(r.max_new_tokens for r in requests))
-    )
-    embedder = Embedder(options.embedder)
-    steps = options.rounds * len(counts) * (1 + 2 * options.baselines) + options.rounds * options.baselines + 2
-    bar = tqdm(total=steps, disable=options.quiet, desc="bench serve", unit="run")
+    token_limit = max(options.stall_tokens, max(r.max_new_tokens for r in requests))
+    kinds = ["padded", *(["continuous"] if options.continuous else [])]
+    per_round = len(counts) * (1 + options.baselines * len(threads) * len(kinds)) + options.baselines * len(threads)
+    bar = tqdm(total=options.rounds * per_round + 2, disable=options.quiet, desc="bench serve", unit="run")
 
     def tick(desc: str) -> None:
         bar.set_description(desc)
         bar.update(1)
 
-    baseline_threads = torch.get_num_threads()  # transformers runs at torch's own setting, its best here
-
-    def best(fn: Any, *args: Any) -> Any:
-        torch.set_num_threads(baseline_threads)  # the engine loop sets its own again at its next step
-        return fn(*args)
-
+    loadavg = [os.getloadavg()]
     ours: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
-    base: dict[str, dict[int, list[dict[str, Any]]]] = {k: {n: [] for n in counts} for k in ("padded", "continuous")}
-    base_alone: list[dict[str, Any]] = []
-    with running_server(make_config(options.budget, None), embedder=embedder) as (_, port):
-        target = f"127.0.0.1:{port}"
+    base: dict[str, dict[int, dict[int, list[dict[str, Any]]]]] = {
+        k: {n: {t: [] for t in threads} for n in counts} for k in ("padded", "continuous")
+    }
+    base_alone: dict[int, list[dict[str, Any]]] = {t: [] for t in threads}
+    processes: dict[str, Any] = {"bench": os.getpid()}
+    send = run_clients_apart if options.clients_apart else run_clients
+    serving = server_process(
+        store,
+        profiles,
+        device=options.device,
+        budget=options.budget,
+        embedder=options.embedder,
+        token_limit=token_limit,
+        extra=options.serve_args,
+    )
+    with serving as server, ExitStack() as stack:
+        processes.update(server=server.pid, server_command=server.command[1:], clients=set())
         tick("lone replies")
-        send = run_clients_apart if options.clients_apart else run_clients
-        lone = summarize(single := send(target, requests, 1), None)
+        lone = summarize(single := send(server.target, requests, 1), None)
         alone = {r.req.index: r.token_ids for r in single.replies if r.error is None}
         lengths = [len(alone.get(r.index, [])) or r.max_new_tokens for r in requests]
-        hf = HFBaselines(Path(options.model), requests, lengths, device) if options.baselines else None
-        if hf is not None:
+        hf = None
+        if options.baselines:
+            prompts = [r.prompt for r in requests]
+            hf = stack.enter_context(BaselineProcess(Path(options.model), prompts, lengths, device))
+            processes["baseline"] = hf.pid
             tick("baseline warm-up")
-            best(hf.padded, counts[-1])
-            if options.continuous:
-                best(hf.continuous, counts[-1])
+            for t in threads:
+                for kind in kinds:
+                    hf.run(kind, t, n=counts[-1])
         for r in range(options.rounds):  # interleaved: every configuration once per round
             for n in counts:
                 tick(f"round {r + 1}/{options.rounds}: ours, {n} clients")
-                ours[n].append(summarize(send(target, requests, n), alone))
-                if hf is None:
-                    continue
-                tick(f"round {r + 1}/{options.rounds}: generate, batches of {n}")
-                base["padded"][n].append(best(hf.padded, n))
-                tick(f"round {r + 1}/{options.rounds}: continuous batching, {n} in flight")
-                base["continuous"][n].append(best(hf.continuous, n) if options.continuous else {"error": "skipped"})
-            if hf is not None:
-                tick(f"round {r + 1}/{options.rounds}: generate alone")
-                base_alone.append(best(hf.alone))
+                ours[n].append(summarize(send(server.target, requests, n), alone))
+                processes["clients"].add(ours[n][-1]["client_pid"])
+                for t in threads if hf is not None else []:
+                    for kind in kinds:
+                        tick(f"round {r + 1}/{options.rounds}: transformers {kind}, {n} rows, {t} threads")
+                        base[kind][n][t].append(hf.run(kind, t, n=n))  # type: ignore[union-attr]
+            for t in threads if hf is not None else []:
+                tick(f"round {r + 1}/{options.rounds}: transformers alone, {t} threads")
+                base_alone[t].append(hf.run("alone", t))  # type: ignore[union-attr]
     bar.close()
+    loadavg.append(os.getloadavg())
+    processes["clients"] = sorted(processes["clients"])
     stall = None
     if options.stall:
         stall_bar = tqdm(total=4 + 2 * options.stall_rounds, disable=options.quiet, desc="stall check", unit="step")
@@ -177,10 +209,13 @@ def run(options: ServeBenchOptions) -> dict[str, Any]:
             stall_bar.set_description(desc)
             stall_bar.update(1)
 
-        stall = _stall(options, make_config, embedder, requests, stall_tick)
+        make_config = _config_factory(options, store, counts[-1], token_limit)
+        stall = _stall(options, make_config, Embedder(options.embedder), requests, stall_tick)
         stall_bar.close()
     config = dataclasses.asdict(options)
     report = assemble(config, device, requests, lengths, lone, ours, base, base_alone, stall)
+    report["processes"] = processes
+    report["machine"]["loadavg"] = {"start": loadavg[0], "end": loadavg[1]}
     print(table(report))
     if options.out:
         Path(options.out).parent.mkdir(parents=True, exist_ok=True)

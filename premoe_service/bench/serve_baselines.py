@@ -1,4 +1,9 @@
-"""`premoe bench serve`, baselines: transformers with all experts, in-process, on the same requests.
+"""`premoe bench serve`, baselines: transformers with all experts on the same requests, in a clean process of its own.
+
+A user compares a server against transformers run on its own, not inside the server's process: torch's thread
+count is process-wide and the server's threads would share the cores with it. So the baselines run in a worker
+process (`BaselineProcess`) that holds only the model and waits on its stdin between runs; each run sets the
+worker's torch threads (the benchmark measures 1 and all cores and keeps the best).
 
 Every baseline generates, for each request, exactly as many tokens as the server's lone reply to it (its real
 tokens, up to and including EOS, capped by the request's max_new_tokens): EOS is switched off on the model's
@@ -10,15 +15,20 @@ own tokens count.
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
-
-from .serve_clients import Req
 
 
 class HFBaselines:
@@ -26,12 +36,12 @@ class HFBaselines:
 
     Args:
         model_dir: The original checkpoint (the store's source).
-        requests: The fixed list.
+        prompts: The fixed list's prompts.
         lengths: Tokens to generate per request (the server's lone replies' lengths).
         device: Torch device.
     """
 
-    def __init__(self, model_dir: Path, requests: Sequence[Req], lengths: Sequence[int], device: torch.device) -> None:
+    def __init__(self, model_dir: Path, prompts: Sequence[str], lengths: Sequence[int], device: torch.device) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = device
@@ -43,7 +53,7 @@ class HFBaselines:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.pad_id = int(self.tokenizer.pad_token_id)
-        self.prompts = [r.prompt for r in requests]
+        self.prompts = list(prompts)
         self.ids = [list(self.tokenizer(p)["input_ids"]) for p in self.prompts]
         self.lengths = [max(1, int(n)) for n in lengths]
         self.tokens = sum(self.lengths)
@@ -140,3 +150,117 @@ class HFBaselines:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - start
         return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+    def forward_step(self, rows: int, kv_len: int, steps: int) -> dict[str, Any]:
+        """transformers' own decode step: `rows` rows whose cache holds `kv_len` tokens (the prompts' tokens
+        repeated, no padding), then `steps` timed steps of one forward pass plus the argmax; the median step."""
+        from transformers import DynamicCache
+
+        ids = [(self.ids[row % len(self.ids)] * kv_len)[:kv_len] for row in range(rows)]
+        with torch.no_grad():
+            cache = DynamicCache(config=self.model.config)
+            out = self.model(input_ids=torch.tensor(ids, device=self.device), past_key_values=cache, logits_to_keep=1)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            times, cpus = [], []
+            for _ in range(steps):
+                start, cpu = time.perf_counter(), time.process_time()
+                out = self.model(input_ids=token, past_key_values=cache, logits_to_keep=1)
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                token.tolist()  # the token leaves the device, as a server's must
+                times.append(time.perf_counter() - start)
+                cpus.append(time.process_time() - cpu)
+        return {
+            "rows": rows,
+            "kv_len": kv_len,
+            "step_ms": statistics.median(times) * 1e3,
+            "cpu_ms": statistics.median(cpus) * 1e3,
+            "steps": steps,
+        }
+
+
+class BaselineProcess:
+    """The baselines in a worker process of their own: started once (the model loads once), then driven run by run
+    over JSON lines; between runs it only waits on its stdin, so it takes no CPU while the server is measured.
+
+    Args:
+        model_dir: The original checkpoint.
+        prompts: The fixed list's prompts.
+        lengths: Tokens to generate per request.
+        device: Torch device.
+    """
+
+    def __init__(self, model_dir: Path, prompts: Sequence[str], lengths: Sequence[int], device: torch.device) -> None:
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - open for the worker's life, closed by close()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "premoe_service.bench.serve_baselines"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
+        init = {"model": str(model_dir), "prompts": list(prompts), "lengths": list(lengths), "device": str(device)}
+        self.ready = self._call(init)
+        self.pid = self.process.pid
+
+    def run(self, kind: str, threads: int, **args: Any) -> dict[str, Any]:
+        """One baseline run (`alone`, `padded` n=, `continuous` n=, `forward_step` rows=, kv_len=, steps=) at
+        `threads` torch threads; its figures plus the worker's pid and thread state."""
+        return self._call({"kind": kind, "threads": threads, **args})
+
+    def _call(self, message: dict[str, Any]) -> dict[str, Any]:
+        stdin, stdout = self.process.stdin, self.process.stdout
+        assert stdin is not None and stdout is not None
+        try:
+            stdin.write(json.dumps(message) + "\n")
+            stdin.flush()
+            line = stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            self._stderr.seek(0)
+            raise RuntimeError(f"the baseline process stopped: {self._stderr.read()[-2000:]}")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._stderr.close()
+
+    def __enter__(self) -> BaselineProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _main() -> None:
+    """The worker of `BaselineProcess`: an init line, then one JSON reply per JSON command line."""
+    out: IO[str] = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout = sys.stderr  # whatever the libraries print must not mix with the replies
+    init = json.loads(sys.stdin.readline())
+    start = time.perf_counter()
+    hf = HFBaselines(Path(init["model"]), init["prompts"], init["lengths"], torch.device(init["device"]))
+
+    def reply(data: dict[str, Any]) -> None:
+        out.write(json.dumps({**data, "pid": os.getpid(), "python_threads": threading.active_count()}) + "\n")
+        out.flush()
+
+    reply({"load_s": time.perf_counter() - start, "default_threads": torch.get_num_threads()})
+    for line in sys.stdin:
+        command = json.loads(line)
+        kind, threads = command.pop("kind"), int(command.pop("threads"))
+        torch.set_num_threads(threads)
+        try:
+            result = getattr(hf, kind)(**command) if kind in ("alone", "padded", "continuous", "forward_step") else {}
+        except Exception as exc:  # reported to the benchmark, which goes on
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        reply({**result, "threads": torch.get_num_threads()})
+
+
+if __name__ == "__main__":
+    _main()

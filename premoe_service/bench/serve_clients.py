@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -122,6 +123,7 @@ class ClientRun:
     clients: int
     wall_s: float
     replies: list[Reply]
+    pid: int = field(default_factory=os.getpid)  # the process the clients ran in
 
 
 def run_clients(target: str, requests: Sequence[Req], clients: int, timeout: float = 600.0) -> ClientRun:
@@ -184,7 +186,7 @@ def run_clients_apart(target: str, requests: Sequence[Req], clients: int, timeou
         for name, value in item.items():
             setattr(reply, name, value)
         replies.append(reply)
-    return ClientRun(data["clients"], data["wall_s"], replies)
+    return ClientRun(data["clients"], data["wall_s"], replies, data["pid"])
 
 
 def _main() -> None:
@@ -193,7 +195,7 @@ def _main() -> None:
     requests = [Req(**r) for r in payload["requests"]]
     run = run_clients(payload["target"], requests, int(payload["clients"]), float(payload["timeout"]))
     replies = [{"index": r.req.index, **{k: v for k, v in asdict(r).items() if k != "req"}} for r in run.replies]
-    json.dump({"clients": run.clients, "wall_s": run.wall_s, "replies": replies}, sys.stdout)
+    json.dump({"clients": run.clients, "wall_s": run.wall_s, "replies": replies, "pid": os.getpid()}, sys.stdout)
 
 
 def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 99)) -> list[float | None]:
@@ -215,6 +217,7 @@ def summarize(run: ClientRun, alone: dict[int, list[int]] | None) -> dict[str, A
     errors = [f"#{r.req.index} {r.req.task}: {r.error}" for r in run.replies if r.error is not None]
     return {
         "clients": run.clients,
+        "client_pid": run.pid,
         "requests": len(run.replies),
         "tokens": tokens,
         "wall_s": run.wall_s,

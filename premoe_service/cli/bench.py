@@ -1,4 +1,4 @@
-"""`premoe bench load|profile|serve|route|switch|scale|soak`: benchmarks printing ratios against a raw baseline
+"""`premoe bench load|profile|serve|step|route|switch|scale|soak`: benchmarks printing ratios against a raw baseline
 measured in the same run (the soak counts outcomes instead).
 
 Options that only a benchmark has carry BENCH in their twin's name (PREMOE_BENCH_ROUNDS); the store, device, budget
@@ -148,7 +148,18 @@ def bench_route_quality(
 @option("--budget", type=BUDGET, default="1.0", help="the server's expert budget")
 @embedder_option()
 @bench_option("--out", type=click.Path(dir_okay=False), default="var/bench-serve.json", help="JSON report")
-@bench_option("--serve-opt", multiple=True, help="extra ServiceConfig field NAME=VALUE (repeatable)")
+@bench_option(
+    "--serve-arg",
+    multiple=True,
+    help="extra flag of the measured `premoe serve` (repeatable, one word each: --serve-arg=--engine-threads "
+    "--serve-arg=2); by default it runs with its default flags",
+)
+@bench_option(
+    "--baseline-threads",
+    help="comma-separated torch thread counts of the transformers baselines, the best is compared (default: 1 and "
+    "all cores)",
+)
+@bench_option("--serve-opt", multiple=True, help="stall check: extra ServiceConfig field NAME=VALUE (repeatable)")
 @bench_option("--no-baselines", is_flag=True, help="skip the transformers baselines")
 @bench_option("--no-continuous", is_flag=True, help="skip transformers continuous batching")
 @bench_option("--no-stall", is_flag=True, help="skip the stall check")
@@ -174,12 +185,13 @@ def bench_route_quality(
 @quiet_option
 def bench_serve(**opts: Any) -> int:
     """One fixed list of greedy requests (per task, prompts from <data>/<task>/eval.jsonl; text tasks: a prefix) goes
-    through the real server with N concurrent gRPC clients and through transformers with all experts in-process
-    (generate alone, on left-padded batches of N, continuous batching with N in flight), each baseline generating the
-    real tokens of the server's lone reply (EOS included). Medians of interleaved rounds: tokens/s, requests/s, TTFT
-    and inter-token latency, errors, replies different from alone. Then the stall check: a long stream's inter-token
-    latency while newcomers load experts from a Redis behind a throttled proxy, against the same newcomers with
-    experts resident. Exit 1 on any error or reply different from alone."""
+    through `premoe serve` as shipped (its own process, default flags) with N concurrent gRPC clients (a process
+    of their own) and through transformers with all experts in a clean process of its own, at 1 thread and all
+    cores, the best compared (generate alone, on left-padded batches of N, continuous batching with N in flight),
+    each baseline generating the real tokens of the server's lone reply (EOS included). Medians of interleaved
+    rounds: tokens/s, requests/s, TTFT and inter-token latency, errors, replies different from alone. Then the stall
+    check: a long stream's inter-token latency while newcomers load experts from a Redis behind a throttled proxy,
+    against the same newcomers with experts resident. Exit 1 on any error or reply different from alone."""
     from ..bench.serve import ServeBenchOptions, run
 
     report = run(
@@ -209,11 +221,35 @@ def bench_serve(**opts: Any) -> int:
             stall_newcomer_tokens=opts["stall_newcomer_tokens"],
             stall_rounds=opts["stall_rounds"],
             serve_opts=list(opts["serve_opt"]),
+            serve_args=list(opts["serve_arg"]),
+            baseline_threads=opts["baseline_threads"],
             quiet=opts["quiet"],
             clients_apart=not opts["clients_in_process"],
         )
     )
     return 0 if report["errors"] == 0 and report["mismatches"] == 0 else 1
+
+
+@bench.command("step", short_help="one engine step split into its parts vs transformers' forward plus argmax")
+@option("--store", help="store folder (default: var/reference-store, built from --model when missing)")
+@bench_option("--model", default="models/reference-moe", help="the store's transformers checkpoint (baseline)")
+@bench_option("--rows", default="1,4,16,32", help="comma-separated batch rows")
+@bench_option("--kv-len", type=POSITIVE, default=24, help="tokens in each row's cache before the timed steps")
+@bench_option("--steps", type=POSITIVE, default=16, help="timed decode steps per run")
+@bench_option("--rounds", type=POSITIVE, default=5, help="interleaved rounds (median reported)")
+@bench_option("--threads", help="comma-separated torch thread counts, both sides (default: 1 and all cores)")
+@bench_option("--out", type=click.Path(dir_okay=False), default="var/bench-step.json", help="JSON report")
+@device_option
+@quiet_option
+def bench_step(**opts: Any) -> int:
+    """The engine loop alone (no doors) decodes B rows whose caches hold KV-LEN tokens, every expert allowed; each
+    step's time is split into scheduling, inputs and routing context, forward, sampling, coverage, text and events.
+    transformers runs the same rows in a clean process of its own (one forward pass and an argmax per step) at the
+    same thread count. Prints both sides' milliseconds per step and the ratio."""
+    from ..bench.step import StepBenchOptions, run
+
+    run(StepBenchOptions(**opts))
+    return 0
 
 
 @bench.command("switch", short_help="task switches: bytes moved by delta residency vs full reloads and Belady")

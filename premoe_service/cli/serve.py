@@ -135,7 +135,7 @@ def default(name: str) -> Lazy:
     "--max-batch-tokens",
     type=POSITIVE,
     default=default("max_batch_tokens"),
-    help="padded prompt tokens prefilled in one forward pass (rows x longest prompt)",
+    help="prompt tokens in one forward pass beside the decoding rows (longer prompts are fed in chunks)",
 )
 @option(
     "--max-queue",
@@ -147,7 +147,7 @@ def default(name: str) -> Lazy:
     "--join-wait-steps",
     type=click.IntRange(min=0),
     default=default("join_wait_steps"),
-    help="decode steps a ready request may wait so that several join one prefill (0: none)",
+    help="decode steps a ready request may wait so that several join in one forward pass (0: none)",
 )
 @option(
     "--eviction",

@@ -1,6 +1,6 @@
 """The engine loop: continuous batching of requests of any task, with expert loads beside the loop."""
 
-from .kv import KVBatch
+from .kv import KVPool
 from .loader import Loader, LoadJob
 from .loop import EngineLoop
 from .params import SamplingParams
@@ -11,7 +11,7 @@ from .text import TokenLogprob
 __all__ = [
     "BatchLimits",
     "EngineLoop",
-    "KVBatch",
+    "KVPool",
     "LoadJob",
     "Loader",
     "LoopStats",

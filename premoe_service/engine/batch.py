@@ -1,75 +1,181 @@
-"""The running batch: the requests decoding together, their KV rows in row order, a decode step's inputs, and
-the forward pass under a routing context."""
+"""The running batch: the requests holding KV pool rows, and each step's packed forward pass over them (decode
+tokens and prompt chunks of joining requests in one pass), under a routing context."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
 
 from ..runtime import PatternedModel
-from ..runtime.context import RoutingContext, routing
-from .kv import KVBatch
+from ..runtime.context import PatternTables, RoutingContext, routing
+from .attention import PackedStep, model_attention, packed_attention_for
+from .kv import KVPool
 from .request import Request
 
 
+@dataclass
+class StepPlan:
+    """One forward pass: which rows bring which tokens, and whose logits come out.
+
+    Attributes:
+        rows: The requests in the pass, in packed order.
+        counts: Tokens each brings (1 for a decoding row, a prompt chunk for a joining one).
+        starts: Tokens of each already in the pool (its first new token's position).
+        kept: Per row, the range of the kept logits that are its own: its last token's when it samples now (a
+            decoding row, or a joining row whose chunk ends its prompt), every prompt position's when it scores
+            its prompt, none while its prompt is still being chunked.
+        ids: `[1, T]` token ids; `layout`: the packed attention's layout; `context`: the routing context.
+        keep: `[K]` packed indices whose logits the model computes.
+    """
+
+    rows: list[Request]
+    counts: list[int]
+    starts: list[int]
+    kept: list[range]
+    ids: Tensor
+    keep: Tensor
+    layout: PackedStep
+    context: RoutingContext
+
+    @property
+    def decoding(self) -> int:
+        """Rows that decode (bring their last generated token)."""
+        return sum(1 for r in self.rows if r.generated)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(n for r, n in zip(self.rows, self.counts, strict=True) if not r.generated)
+
+
 class RunningBatch:
-    """Rows join after a prefill (their KV rows merged) and leave at token boundaries (their rows dropped); the
-    decode step's routing context is rebuilt only when the rows change."""
+    """Requests join by taking a pool row (their prompt then rides in the next passes, chunked under the token
+    budget) and leave by giving it back. The pattern tables of the routing context are rebuilt only when the
+    rows' distinct patterns change, and a pure decode step over unchanged rows reuses the last context whole."""
 
-    def __init__(self, engine: PatternedModel) -> None:
+    def __init__(self, engine: PatternedModel, max_rows: int) -> None:
         self.engine = engine
-        self.requests: list[Request] = []  # in KV row order
-        self.kv: KVBatch | None = None
-        self._context: RoutingContext | None = None
+        self.pool = KVPool(max_rows, engine.device)
+        self.requests: list[Request] = []  # in join order
+        self._tables: PatternTables | None = None
+        self._decode: tuple[tuple[int, ...], RoutingContext] | None = None
+        self._last: tuple[tuple[int, ...], PackedStep, Tensor] | None = None  # last pure decode step's layout
+        self.attention = model_attention(engine.model)  # the model's own, run on the gathered rows
 
-    def add(self, requests: Sequence[Request], kv: KVBatch) -> None:
-        """Append prefilled requests with their KV rows (same order)."""
-        if self.kv is None:
-            self.kv = kv
-        else:
-            self.kv.merge(kv)
-        self.requests.extend(requests)
-        self._context = None
+    @property
+    def free_rows(self) -> int:
+        return self.pool.free_rows
+
+    def add(self, requests: Sequence[Request]) -> None:
+        """Give each request a pool row; its prompt is fed from the next pass on."""
+        for request in requests:
+            request.row, request.cached = self.pool.take(), 0
+            self.requests.append(request)
 
     def remove(self, requests: Sequence[Request]) -> None:
-        """Drop these requests' rows (and the leading cache columns no remaining row uses)."""
+        """Take these requests out and give their rows back."""
         gone = {id(r) for r in requests}
-        keep = [row for row, r in enumerate(self.requests) if id(r) not in gone]
-        self.requests = [self.requests[row] for row in keep]
-        if self.kv is not None:
-            if keep:
-                self.kv.select(keep)
+        for request in requests:
+            if request.row is not None:
+                self.pool.give_back(request.row)
+                request.row = None
+        self.requests = [r for r in self.requests if id(r) not in gone]
+
+    def pending_prompt_tokens(self) -> int:
+        return sum(len(r.prompt_ids) - r.cached for r in self.requests if not r.generated)
+
+    def plan(self, budget: int) -> StepPlan | None:
+        """The next pass: every decoding row's token, then prompt tokens of joining rows in join order up to
+        `budget` (a prompt that must go whole, because its positions are scored or its coverage checked, goes
+        whole, alone over budget when it is the first); None when no row has a token to bring."""
+        rows: list[Request] = []
+        counts: list[int] = []
+        left = budget
+        for request in self.requests:
+            if request.generated:
+                count = 1
             else:
-                self.kv = None
-        self._context = None
-
-    def decode_inputs(self) -> tuple[Tensor, Tensor, Tensor, RoutingContext]:
-        """Token ids `[B, 1]` (each row's last token), the extended mask, position ids, and the routing context."""
-        assert self.kv is not None
-        mask, positions = self.kv.decode_inputs()
-        ids = torch.tensor([[r.generated[-1]] for r in self.requests], device=self.engine.device)
-        if self._context is None:
-            patterns, skip = [r.pattern for r in self.requests], [r.params.skip_below for r in self.requests]
-            self._context = RoutingContext.build(self.engine, patterns, 1, skip_below=skip)
-        return ids, mask, positions, self._context
-
-
-def forward(
-    engine: PatternedModel,
-    context: RoutingContext,
-    ids: Tensor,
-    mask: Tensor,
-    positions: Tensor,
-    cache: DynamicCache,
-    logits_to_keep: int,
-) -> Tensor:
-    """One forward pass of the model with every token row routed by `context`; the logits it kept."""
-    with routing(engine, context):
-        out = engine.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=logits_to_keep
+                remaining = len(request.prompt_ids) - request.cached
+                if request.whole_prompt():
+                    count = remaining if remaining <= left or left == budget else 0
+                else:
+                    count = min(remaining, left)
+                left -= count
+            if count:
+                rows.append(request)
+                counts.append(count)
+        if not rows:
+            return None
+        key = tuple(id(r) for r in rows)
+        decode = all(r.generated for r in rows)
+        if decode and self._last is not None and self._last[0] == key:  # the same rows again: one column on
+            layout, last_keep = self._last[1].advanced(), self._last[2]
+            self._last = (key, layout, last_keep)
+            tokens = torch.tensor([[r.generated[-1] for r in rows]], dtype=torch.long, device=self.engine.device)
+            single = [range(b, b + 1) for b in range(len(rows))]
+            return StepPlan(
+                rows, counts, [r.cached for r in rows], single, tokens, last_keep, layout, self._context(rows, counts)
+            )
+        starts = [r.cached for r in rows]
+        ids: list[int] = []
+        kept: list[range] = []
+        keep: list[int] = []
+        for request, start, count in zip(rows, starts, counts, strict=True):
+            if request.generated:
+                ids.append(request.generated[-1])
+            else:
+                ids.extend(request.prompt_ids[start : start + count])
+            first = len(keep)
+            if request.generated or start + count == len(request.prompt_ids):
+                if request.params.prompt_logprobs and not request.generated:
+                    keep.extend(range(len(ids) - count, len(ids)))
+                else:
+                    keep.append(len(ids) - 1)
+            kept.append(range(first, len(keep)))
+        device = self.engine.device
+        layout = PackedStep.build(self.pool, [r.row for r in rows], starts, counts)  # type: ignore[misc]
+        kept_index = torch.tensor(keep, dtype=torch.long, device=device)
+        self._last = (key, layout, kept_index) if decode else None
+        return StepPlan(
+            rows,
+            counts,
+            starts,
+            kept,
+            torch.tensor([ids], dtype=torch.long, device=device),
+            kept_index,
+            layout,
+            self._context(rows, counts),
         )
-    logits: Tensor = out.logits
+
+    def _context(self, rows: list[Request], counts: list[int]) -> RoutingContext:
+        key = tuple(id(r) for r in rows)
+        decode = all(r.generated for r in rows)
+        if decode and self._decode is not None and self._decode[0] == key:
+            return self._decode[1]
+        self._tables = PatternTables.of(self.engine, [r.pattern for r in rows], self._tables)
+        context = RoutingContext.packed(
+            self._tables,
+            counts,
+            keep_scores=any(not r.generated and r.coverage_floor > 0 and not r.widened for r in rows),
+            skip_below=[r.params.skip_below if r.generated else 0.0 for r in rows],
+        )
+        self._decode = (key, context) if decode else None
+        return context
+
+
+def forward(batch: RunningBatch, plan: StepPlan) -> Tensor:
+    """The plan's forward pass, every token routed by its row's pattern; the kept logits `[K, V]`."""
+    engine = batch.engine
+    marker = torch.zeros((1, 1, 1, 1), device=engine.device)  # a 4D mask makes transformers skip building one
+    with routing(engine, plan.context), packed_attention_for(engine.model, plan.layout, batch.attention):
+        out = engine.model(
+            input_ids=plan.ids,
+            attention_mask=marker,
+            position_ids=plan.layout.position_ids(),
+            use_cache=False,
+            logits_to_keep=plan.keep,
+        )
+    logits: Tensor = out.logits[0]
     return logits

@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from ..errors import Unavailable
 from ..pattern import Pattern
@@ -17,14 +16,14 @@ from ..runtime import PatternedModel
 from ..runtime.context import RoutingContext
 from ..runtime.residency import Residency
 from .admission import Admission
-from .batch import RunningBatch, forward
+from .batch import RunningBatch, StepPlan, forward
 from .inbox import Inbox
-from .kv import KVBatch
+from .kv import KVPool
 from .loader import Loader
 from .request import Request, Status
 from .schedule import pick_joiners
 from .stats import BatchLimits, LoopStats
-from .text import prompt_logprobs
+from .text import prompt_logprobs, sample
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +34,11 @@ class EngineLoop:
     Each step: take new requests; commit expert copies that completed (they become routable now, at a
     step boundary); retire cancelled and expired requests; reserve slots for waiting requests whose
     missing experts fit next to the pinned ones (the loader copies them beside the loop; a request that
-    does not fit waits without blocking those behind it); prefill the requests whose experts are all
-    resident in one batched forward and merge them into the batch; run one decode forward for all rows;
-    sample each row with its own options; stream; retire finished rows. Every forward pass carries a
-    routing context, so each row routes by its own pattern.
+    does not fit waits without blocking those behind it); give the requests whose experts are all resident a
+    KV pool row; run ONE forward pass in which every decoding row brings its last token and joining rows bring
+    their prompt (in chunks under the prompt-token budget), so a join never costs the running rows a pass of
+    their own; sample every row that completed a token (greedy rows in one argmax); stream; retire finished
+    rows. Every forward pass carries a routing context, so each token routes by its row's pattern.
 
     Use `start()` for the background thread, or call `step()` directly (tests drive it step by step).
     """
@@ -69,7 +69,8 @@ class EngineLoop:
         self.loader = Loader(engine, source, gate=loader_gate, wake=self._inbox.wake.set)
         self.admission = Admission(engine, residency, self.loader)
         self.waiting: list[Request] = []  # FIFO: waiting for slots, loading, or ready for a row
-        self.batch = RunningBatch(engine)
+        self.batch = RunningBatch(engine, self.limits.max_rows)
+        self.plan: StepPlan | None = None  # the last forward pass's plan (its rows and kept logits)
         self._thread: threading.Thread | None = None
         self._closed = False
         self.moe_layers = len(engine.spec.moe_layers)
@@ -88,13 +89,13 @@ class EngineLoop:
 
     @property
     def running(self) -> list[Request]:
-        """The requests decoding, in batch row order."""
+        """The requests holding KV rows (decoding, or their prompt being fed), in join order."""
         return self.batch.requests
 
     @property
-    def kv(self) -> KVBatch | None:
-        """The batch's KV rows (None while no request decodes)."""
-        return self.batch.kv
+    def kv(self) -> KVPool:
+        """The KV pool of the running requests."""
+        return self.batch.pool
 
     def in_flight(self) -> list[Request]:
         """A snapshot of the requests queued or decoding (any thread)."""
@@ -148,10 +149,9 @@ class EngineLoop:
         self._fail_all(self.admission.commit(self.waiting, self.stats.steps))
         self._retire_gone()
         self._fail_all(self.admission.reserve(self.waiting, self.stats.steps))
-        ran = self._prefill()
-        if self.running:
-            self._decode()
-            ran = True
+        self._join()
+        self.stats.add("schedule", time.perf_counter() - start)
+        ran = self._forward_step()
         self.stats.observe(self.waiting, len(self.running), len(self._inbox), self.loader)
         if ran:
             self.stats.record_step(time.perf_counter() - start)
@@ -168,89 +168,89 @@ class EngineLoop:
                 self._drop(request)
                 self._finish(request, "cancelled")
 
-    # --- forward passes -------------------------------------------------------------------------------
+    # --- the forward pass -----------------------------------------------------------------------------------
 
-    def _prefill(self) -> bool:
-        """Prefill the requests `pick_joiners` chooses in one forward pass and merge them into the batch."""
-        chosen = pick_joiners(self.waiting, len(self.running), self.limits, self.stats.steps)
-        if not chosen:
+    def _join(self) -> None:
+        """Give the requests `pick_joiners` chooses a pool row each; their prompts ride in the next passes."""
+        chosen = pick_joiners(
+            self.waiting, len(self.running), self.limits, self.stats.steps, self.batch.pending_prompt_tokens()
+        )
+        if chosen:
+            self._remove_waiting(chosen)
+            self.batch.add(chosen)
+
+    def _forward_step(self) -> bool:
+        """One forward pass over the batch: decode rows and prompt chunks together; sample, stream, retire."""
+        clock, add = time.perf_counter(), self.stats.add
+        plan = self.batch.plan(self.limits.max_prefill_tokens)
+        if plan is None:
             return False
-        self._remove_waiting(chosen)
-        start = time.perf_counter()
-        ids, mask, positions = KVBatch.prefill_inputs([r.prompt_ids for r in chosen], self.pad_id, self.engine.device)
-        lengths = [len(r.prompt_ids) for r in chosen]
-        keep_scores = any(r.coverage_floor > 0 and not r.widened for r in chosen)
-        patterns = [r.pattern for r in chosen]
-        context = RoutingContext.build(self.engine, patterns, ids.shape[1], lengths, keep_scores=keep_scores)
-        scoring = chosen[0].params.prompt_logprobs  # then it is alone, and every position's logits are kept
-        cache = DynamicCache()
-        logits = self._forward(chosen, context, ids, mask, positions, cache, 0 if scoring else 1)
-        if logits is None:
-            return True
-        if scoring:
-            chosen[0].prompt_scores = prompt_logprobs(logits[0], ids[0], chosen[0].params.logprobs or 0)
-        seconds = time.perf_counter() - start
-        self.stats.prefill_steps += 1
-        coverage = context.collect().tolist()
-        last = logits[:, -1]
-        kv = KVBatch.after_prefill(cache, mask)
-        keep: list[int] = []
-        for row, request in enumerate(chosen):
-            request.times["prefill_s"] = request.times.get("prefill_s", 0.0) + seconds
-            request.count_coverage(coverage[row], lengths[row] * self.moe_layers)
-            if keep_scores and self._widen(request, context, row, lengths[row]):
-                continue  # back to the queue with a wider pattern; this prefill is discarded
-            request.status = Status.RUNNING
-            request.times["first_token"] = time.perf_counter()
-            if request.params.max_new_tokens == 0:  # scoring only
-                self._finish(request, "length")
-            elif not self._emit(request, request.choose(last[row]), last[row]):
-                keep.append(row)
-        if not keep:
-            return True
-        if len(keep) < len(chosen):
-            kv.select(keep)
-        self.batch.add([chosen[row] for row in keep], kv)
-        return True
-
-    def _decode(self) -> None:
-        rows, kv = self.running, self.batch.kv
-        assert kv is not None
-        ids, mask, positions, context = self.batch.decode_inputs()
-        logits = self._forward(list(rows), context, ids, mask, positions, kv.cache, 1)
-        if logits is None:
-            return
-        kv.advance(mask)
-        self.stats.decode_steps += 1
-        last = logits[:, -1]
-        greedy = last.argmax(-1).tolist()
-        coverage, skipped = context.collect().tolist(), context.take_skipped()
-        finished = []
-        for row, request in enumerate(rows):
-            request.count_coverage(coverage[row], self.moe_layers, skipped[row])
-            token = greedy[row] if request.params.temperature == 0 else request.choose(last[row])
-            if self._emit(request, token, last[row]):
-                finished.append(request)
-        if finished:
-            self.batch.remove(finished)
-
-    def _forward(self, requests: list[Request], context: RoutingContext, *inputs: Any) -> torch.Tensor | None:
-        """`forward(engine, context, *inputs)`; on an error its requests fail and the loop goes on (None)."""
+        self.plan = plan
+        add("inputs", -clock + (clock := time.perf_counter()))
         try:
-            return forward(self.engine, context, *inputs)
+            logits = forward(self.batch, plan)
         except Exception as exc:
             log.exception("a forward pass failed")
-            self._fail(requests, exc)
-            return None
+            self._fail(list(plan.rows), exc)
+            return True
+        seconds = time.perf_counter() - clock
+        add("forward", -clock + (clock := time.perf_counter()))
+        if plan.decoding:
+            self.stats.decode_steps += 1
+        if plan.prompt_tokens:
+            self.stats.prefill_steps += 1
+        emitting = [b for b, kept in enumerate(plan.kept) if kept]
+        index = torch.tensor([plan.kept[b][-1] for b in emitting], dtype=torch.long, device=logits.device)
+        last = logits.index_select(0, index)
+        tokens = sample(last, [plan.rows[b] for b in emitting]) if emitting else []
+        add("sampling", -clock + (clock := time.perf_counter()))
+        context = plan.context
+        coverage, skipped = context.collect().tolist(), context.take_skipped()
+        for b, request in enumerate(plan.rows):
+            request.cached += plan.counts[b]
+            request.count_coverage(coverage[b], plan.counts[b] * self.moe_layers, skipped[b])
+            if not request.generated:
+                request.times["prefill_s"] = request.times.get("prefill_s", 0.0) + seconds
+        add("coverage", -clock + (clock := time.perf_counter()))
+        finished: list[Request] = []
+        for i, b in enumerate(emitting):
+            request = plan.rows[b]
+            if not request.generated:  # its prompt is complete: its first token
+                if request.params.prompt_logprobs:
+                    scored = logits[plan.kept[b].start : plan.kept[b].stop]
+                    ids = torch.tensor(request.prompt_ids, device=scored.device)
+                    request.prompt_scores = prompt_logprobs(scored, ids, request.params.logprobs or 0)
+                checks = request.coverage_floor > 0 and not request.widened
+                if checks and self._widen(request, context, b, len(request.prompt_ids)):
+                    finished.append(request)  # back to the queue with a wider pattern; its prefill is dropped
+                    continue
+                request.status = Status.RUNNING
+                request.times["first_token"] = time.perf_counter()
+                if request.params.max_new_tokens == 0:  # scoring only
+                    self._finish(request, "length")
+                    finished.append(request)
+                    continue
+            if self._emit(request, tokens[i], last[i]):
+                finished.append(request)
+        clock = time.perf_counter()
+        if finished:
+            self.batch.remove(finished)
+        add("inputs", time.perf_counter() - clock)
+        return True
 
     # --- per request ----------------------------------------------------------------------------------
 
     def _emit(self, request: Request, token: int, logits: torch.Tensor) -> bool:
         """Give the request its next token; returns True when that finished it (it is then answered)."""
         self.stats.tokens += 1
-        reason = request.take(token, logits, self.eos)
+        start = time.perf_counter()
+        reason, piece = request.take(token, logits, self.eos)
+        sent = time.perf_counter()
+        request.send(piece)
         if reason:
             self._finish(request, reason)
+        self.stats.add("text", sent - start)
+        self.stats.add("events", time.perf_counter() - sent)
         return bool(reason)
 
     def _widen(self, request: Request, context: RoutingContext, row: int, length: int) -> bool:

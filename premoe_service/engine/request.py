@@ -98,6 +98,8 @@ class Request:
     token_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_scores: list[TokenLogprob] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=dict)
+    row: int | None = None  # its KV pool row while it is in the running batch
+    cached: int = 0  # its tokens in the KV pool (prompt chunks fed so far, then generated tokens)
     _events: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
     _abandoned: threading.Event = field(default_factory=threading.Event)
 
@@ -167,25 +169,30 @@ class Request:
         self.coverage_sum, self.coverage_count = 0.0, 0
         return True
 
+    def whole_prompt(self) -> bool:
+        """Its prompt must be fed in one forward pass: every position is scored, or the prompt's router scores
+        decide whether its pattern is widened."""
+        return self.params.prompt_logprobs or (self.coverage_floor > 0 and not self.widened)
+
     def choose(self, logits: Tensor) -> int:
         """Its next token from its row's logits `[V]`, with its own options and generator."""
         return choose(self._barred(logits), self.params, self.generator)
 
-    def take(self, token: int, logits: Tensor, eos: set[int]) -> str:
-        """Append its next token (its log-probability too when asked for) and stream the text it completes;
-        returns why that token finished the request (eos, stop, length), or ""."""
+    def take(self, token: int, logits: Tensor, eos: set[int]) -> tuple[str, str]:
+        """Append its next token (its log-probability too when asked for); returns why that token finished the
+        request (eos, stop, length, or "") and the text it completes, which the caller sends."""
         params = self.params
         if params.min_tokens and len(self.generated) < params.min_tokens and token in self._ends(eos):
-            token = int(torch.argmax(self._barred(logits, eos)))  # the batch's greedy pick ended it too early
+            token = int(torch.argmax(self._barred(logits, eos)))  # the batch's pick ended it too early
         self.generated.append(token)
         if params.logprobs is not None:
             self.token_logprobs += token_logprobs(logits.unsqueeze(0), torch.tensor([token]), params.logprobs)
         if (token in eos and not params.ignore_eos) or token in params.stop_token_ids:
-            return "eos" if token in eos and not params.ignore_eos else "stop"
-        self.send(self.text.push(token))
+            return ("eos" if token in eos and not params.ignore_eos else "stop"), ""
+        piece = self.text.push(token)
         if self.text.stopped:
-            return "stop"
-        return "length" if len(self.generated) >= self.params.max_new_tokens else ""
+            return "stop", piece
+        return ("length" if len(self.generated) >= self.params.max_new_tokens else ""), piece
 
     def _ends(self, eos: set[int] | frozenset[int]) -> set[int]:
         return (set() if self.params.ignore_eos else set(eos)) | set(self.params.stop_token_ids)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidArgument
@@ -15,8 +15,9 @@ class BatchLimits:
 
     Attributes:
         max_rows: Requests decoding together in one forward pass.
-        max_prefill_tokens: Padded prompt tokens in one prefill forward (rows x longest prompt); a single
-            request longer than this still runs alone.
+        max_prefill_tokens: Prompt tokens in one forward pass, beside the decoding rows' tokens; longer prompts
+            are fed in chunks over several passes (a prompt whose positions are scored, or whose coverage is
+            checked, goes whole, alone when longer).
         max_queue: Requests waiting (for slots, loads or a row) before new ones get RESOURCE_EXHAUSTED.
         join_ratio: While rows decode, ready requests wait to be prefilled together until they number this
             share of the running rows (TGI's waiting-served ratio) ...
@@ -37,6 +38,17 @@ class BatchLimits:
             raise InvalidArgument("join_ratio lies in [0, 1], max_join_wait_steps >= 0", field="max_join_wait_steps")
 
 
+PHASES = (
+    "schedule",  # inbox, loads committed, expiry, admission, choosing joiners
+    "inputs",  # token ids, mask, positions, KV bookkeeping and the routing context of the forward pass
+    "forward",  # the model's forward pass
+    "sampling",  # the next token of every row
+    "coverage",  # per-row coverage and skipped experts from what routing saw
+    "text",  # each row's token appended and its text decoded (stop strings, log-probabilities)
+    "events",  # text pieces and outcomes handed to the doors
+)
+
+
 @dataclass
 class LoopStats:
     """Figures of the running loop; written by the loop thread only, read by anyone."""
@@ -54,6 +66,8 @@ class LoopStats:
     tokens: int = 0
     last_step_s: float = 0.0
     step_seconds: float = 0.0
+    # Seconds spent per part of the steps (`PHASES`), summed since start: where a step's time goes.
+    phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
     def observe(self, waiting: Sequence[Any], rows: int, inbox: int, loader: Any) -> None:
         """The queue and loader figures after a step (`waiting`: the loop's queue of requests)."""
@@ -64,6 +78,9 @@ class LoopStats:
         self.loading = sum(r.status is Status.LOADING for r in waiting)
         self.ready = sum(r.status is Status.READY for r in waiting)
         self.loader_backlog, self.bytes_in_flight = loader.backlog, loader.bytes_in_flight
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.phase_seconds[phase] += seconds
 
     def record_step(self, seconds: float) -> None:
         self.steps += 1

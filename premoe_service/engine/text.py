@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,43 @@ def choose(logits: Tensor, params: SamplingParams, generator: torch.Generator) -
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         probs /= probs.sum()
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample(logits: Tensor, requests: Sequence[Any]) -> list[int]:
+    """The next token of each row of `logits` `[N, V]` for the matching request: one argmax over the batch for
+    greedy rows; a request with a seed draws with its own generator, exactly as alone; the other sampled rows draw
+    together in one call."""
+    tokens: list[int] = logits.argmax(-1).tolist()
+    free = []
+    for row, request in enumerate(requests):
+        if request.params.temperature == 0:
+            continue
+        if request.params.seed is not None:
+            tokens[row] = request.choose(logits[row])
+        else:
+            free.append(row)
+    if free:
+        params = [requests[row].params for row in free]
+        drawn = draw(logits[free], [p.temperature for p in params], [p.top_p for p in params])
+        for row, token in zip(free, drawn, strict=True):
+            tokens[row] = token
+    return tokens
+
+
+def draw(logits: Tensor, temperatures: Sequence[float], top_ps: Sequence[float]) -> list[int]:
+    """One draw per row of `logits` `[N, V]` with its temperature and top-p, from torch's global generator: the
+    same distribution as `choose`, in one batched call."""
+    scaled = logits.double().cpu()
+    temperature = torch.tensor(list(temperatures), dtype=torch.float64).unsqueeze(1)
+    probs = torch.softmax((scaled - scaled.amax(-1, keepdim=True)) / temperature, dim=-1)
+    top_p = torch.tensor(list(top_ps), dtype=torch.float64).unsqueeze(1)
+    if bool((top_p < 1).any()):
+        sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
+        keep = torch.cumsum(sorted_probs, -1) - sorted_probs < top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs * keep)
+        probs /= probs.sum(-1, keepdim=True)
+    result: list[int] = torch.multinomial(probs, 1).squeeze(1).tolist()
+    return result
 
 
 def prompt_logprobs(logits: Tensor, ids: Tensor, top: int) -> list[TokenLogprob]:

@@ -67,51 +67,53 @@ class RoutingContext:
     ) -> RoutingContext:
         """The context of a `[len(patterns), seq_len]` batch whose row `b` is left-padded to `seq_len` from
         `lengths[b]` real tokens (default: no padding)."""
-        device = engine.device
-        index: dict[int, int] = {}
-        unique: list[Pattern] = []
-        for pattern in patterns:
-            if id(pattern) not in index:
-                index[id(pattern)] = len(unique)
-                unique.append(pattern)
-        row_pattern = [index[id(p)] for p in patterns]
-        masks = [engine.excluded_masks(p) for p in unique]
-        tables: dict[int, Tensor | None] = {}
-        for layer in engine.spec.moe_layers:
-            per_pattern = [m[layer] for m in masks]
-            if all(m is None for m in per_pattern):
-                tables[layer] = None
-            else:
-                none = torch.zeros(engine.spec.num_experts, dtype=torch.bool, device=device)
-                tables[layer] = torch.stack([none if m is None else m for m in per_pattern])
-        slot_tables: dict[int, Tensor] = {}
-        quantized = engine.quantized
-        if quantized is not None and any(p.mixed for p in unique):
-            # Built from the tables published now: the rows' own experts are pinned, so their slots stay put
-            # while the context lives (other entries are excluded for the row anyway).
-            for layer, router in engine.routers.items():
-                full = router.slot_of
-                slot_tables[layer] = torch.stack([quantized.table(layer, p, full) if p.mixed else full for p in unique])
         rows = len(patterns)
-        pattern_of_row = torch.tensor(row_pattern, dtype=torch.long, device=device)
-        token_row = torch.arange(rows, device=device).repeat_interleave(seq_len)
-        weight = torch.ones(rows, seq_len, dtype=torch.float32, device=device)
+        weight = torch.ones(rows, seq_len, dtype=torch.float32)
         if lengths is not None:
             for row, length in enumerate(lengths):
                 weight[row, : seq_len - length] = 0.0
+        token_row = torch.arange(rows).repeat_interleave(seq_len)
         skip = None
         if skip_below is not None and any(s > 0 for s in skip_below):
-            skip = torch.tensor(list(skip_below), dtype=torch.float32, device=device)[token_row]
+            skip = torch.tensor(list(skip_below), dtype=torch.float32)[token_row]
+        return cls.assemble(PatternTables.of(engine, patterns), token_row, weight.reshape(-1), keep_scores, skip)
+
+    @classmethod
+    def packed(
+        cls,
+        tables: PatternTables,
+        counts: Sequence[int],
+        *,
+        keep_scores: bool = False,
+        skip_below: Sequence[float] | None = None,
+    ) -> RoutingContext:
+        """The context of a packed `[1, T]` forward pass whose row `b` brings `counts[b]` tokens (no padding);
+        `skip_below[b]` applies to every token of row `b` (prompt rows give 0: only decode tokens skip)."""
+        count = torch.tensor(list(counts), dtype=torch.long)
+        token_row = torch.arange(len(counts)).repeat_interleave(count)
+        skip = None
+        if skip_below is not None and any(s > 0 for s in skip_below):
+            skip = torch.tensor(list(skip_below), dtype=torch.float32)[token_row]
+        weight = torch.ones(int(count.sum()), dtype=torch.float32)
+        return cls.assemble(tables, token_row, weight, keep_scores, skip)
+
+    @classmethod
+    def assemble(
+        cls, tables: PatternTables, token_row: Tensor, weight: Tensor, keep_scores: bool, skip: Tensor | None
+    ) -> RoutingContext:
+        device = tables.device
+        rows = len(tables.row_pattern)
+        token_row = token_row.to(device)
         return cls(
-            engine.spec.routing,
-            tables,
-            pattern_of_row[token_row],
+            tables.spec,
+            tables.tables,
+            tables.row_pattern.to(device)[token_row],
             token_row,
-            weight.reshape(-1),
+            weight.to(device),
             rows,
             keep_scores=keep_scores,
-            slot_tables=slot_tables,
-            skip_below=skip,
+            slot_tables=tables.slot_tables,
+            skip_below=None if skip is None else skip.to(device),
             skipped=None if skip is None else torch.zeros(rows, dtype=torch.long, device=device),
         )
 
@@ -151,8 +153,9 @@ class RoutingContext:
 
     def observe(self, layer: int, routing: Routing) -> None:
         """Keep the router logits for `collect` (and the prompt's router scores when asked)."""
-        self._logits.append(routing.logits)
         self._observed.append(layer)
+        if any(table is not None for table in self.tables.values()):  # else all the mass is on every pattern
+            self._logits.append(routing.logits)
         if self.keep_scores:
             scores = full_scores(self.spec, routing.logits)  # [T, E] fp32
             normalised = scores / scores.sum(-1, keepdim=True).clamp_min(1e-30) * self.token_weight.unsqueeze(-1)
@@ -164,11 +167,11 @@ class RoutingContext:
         full router's probability mass on the row's pattern, for the forward pass just run. All layers are
         reduced at once (a handful of tensor operations per step, not per layer)."""
         coverage = torch.zeros(self.rows, dtype=torch.float64, device=self.token_row.device)
-        if not self._logits:
+        if not self._observed:
             return coverage
-        layers, logits = self._observed, torch.stack(self._logits)  # [L, T, E]
+        layers, logits = self._observed, torch.stack(self._logits) if self._logits else None  # [L, T, E]
         self._logits, self._observed = [], []
-        if all(self.excluded(layer) is None for layer in layers):
+        if logits is None or all(self.excluded(layer) is None for layer in layers):
             share = self.token_weight * len(layers)  # every expert allowed: all the mass is on the pattern
         else:
             key = tuple(layers)
@@ -180,6 +183,62 @@ class RoutingContext:
             kept = scores.masked_fill(self._stacked[1], 0.0).sum(-1)
             share = (kept / scores.sum(-1).clamp_min(1e-30)).sum(0) * self.token_weight  # [T]
         return coverage.index_add_(0, self.token_row, share.double())
+
+
+@dataclass
+class PatternTables:
+    """The per-layer tables of a batch's distinct patterns and each row's index into them: the part of a routing
+    context that changes only when a pattern joins or leaves the batch (a running batch keeps it across steps).
+
+    Attributes:
+        tables: MoE layer -> `[P, E]` bool excluded experts of each distinct pattern (None: none excluded).
+        slot_tables: MoE layer -> `[P, E]` long slot ids, when some pattern holds experts below full precision.
+        row_pattern: `[B]` each row's index into the tables' rows.
+        patterns: The distinct patterns (held so that their identities stay theirs).
+    """
+
+    spec: RoutingSpec
+    device: torch.device
+    tables: dict[int, Tensor | None]
+    slot_tables: dict[int, Tensor]
+    row_pattern: Tensor
+    patterns: list[Pattern]
+
+    @classmethod
+    def of(
+        cls, engine: PatternedModel, patterns: Sequence[Pattern], known: PatternTables | None = None
+    ) -> PatternTables:
+        """The tables for rows following `patterns`; `known`'s tables are reused when the distinct patterns are the
+        same objects in the same order (only the row index is rebuilt then)."""
+        device = engine.device
+        index: dict[int, int] = {}
+        unique: list[Pattern] = []
+        for pattern in patterns:
+            if id(pattern) not in index:
+                index[id(pattern)] = len(unique)
+                unique.append(pattern)
+        row_pattern = torch.tensor([index[id(p)] for p in patterns], dtype=torch.long)
+        same = known is not None and len(known.patterns) == len(unique)
+        if known is not None and same and all(a is b for a, b in zip(known.patterns, unique, strict=True)):
+            return cls(known.spec, device, known.tables, known.slot_tables, row_pattern, unique)
+        masks = [engine.excluded_masks(p) for p in unique]
+        tables: dict[int, Tensor | None] = {}
+        for layer in engine.spec.moe_layers:
+            per_pattern = [m[layer] for m in masks]
+            if all(m is None for m in per_pattern):
+                tables[layer] = None
+            else:
+                none = torch.zeros(engine.spec.num_experts, dtype=torch.bool, device=device)
+                tables[layer] = torch.stack([none if m is None else m for m in per_pattern])
+        slot_tables: dict[int, Tensor] = {}
+        quantized = engine.quantized
+        if quantized is not None and any(p.mixed for p in unique):
+            # Built from the tables published now: the rows' own experts are pinned, so their slots stay put
+            # while the rows run (other entries are excluded for the row anyway).
+            for layer, router in engine.routers.items():
+                full = router.slot_of
+                slot_tables[layer] = torch.stack([quantized.table(layer, p, full) if p.mixed else full for p in unique])
+        return cls(engine.spec.routing, device, tables, slot_tables, row_pattern, unique)
 
 
 @contextmanager

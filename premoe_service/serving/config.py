@@ -55,12 +55,12 @@ class ServiceConfig:
         max_demo_bytes: Longest single demo, in UTF-8 bytes.
         max_demos_total_bytes: All demos of one RegisterTask together, in UTF-8 bytes (checked before profiling).
         max_batch_rows: Requests decoding together in one forward pass of the engine loop.
-        max_batch_tokens: Padded prompt tokens prefilled in one forward pass.
+        max_batch_tokens: Prompt tokens in one forward pass beside the decoding rows (longer prompts are chunked).
         max_queue: Requests waiting (for slots, expert loads or a row) before new ones are refused.
         preload: Tasks whose experts are loaded at start-up (health says SERVING only after).
         engine_threads: CPU threads of the engine's tensor operations; None: all cores but one (at least one), which
             leaves a core to the doors' event loops and the loader, so that streaming does not stall decoding.
-        join_wait_steps: Decode steps a ready request may wait so that several join in one prefill (0: none).
+        join_wait_steps: Decode steps a ready request may wait so that several join in one forward pass (0: none).
         precision_slots: Slots per MoE layer for experts held below full precision, per precision ("int4=4,int8=2";
             the store must hold those copies: `premoe shard --precisions`); tasks registered with precisions need
             them. Their bytes come on top of `budget`: an int4 slot holds about an eighth of a full fp32 one.

@@ -1,0 +1,205 @@
+"""Attention of a packed forward pass over the KV pool: every row's new tokens (one decode token, or a prompt
+chunk) ride in one `[1, T]` sequence, write their keys and values into the row's pool columns and attend to the
+row's own columns only.
+
+The engine registers `packed_attention` with transformers under `ATTENTION` and switches the model to it for the
+length of a forward pass. The model computes projections, rotary embeddings, norms, routers and experts token by
+token as usual; only the attention step changes: queries are gathered into `[B, h, Q, d]` (Q: the most tokens any
+row brings), keys and values come from the pool `[B, kv_heads, W, d]`, and the model's own attention function
+(its sdpa or eager path, sinks included) runs on them with a mask built from the rows' positions, its sliding
+window applied. The outputs go back to the packed order.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .kv import KVPool
+
+ATTENTION = "premoe_packed"
+
+
+@dataclass
+class PackedStep:
+    """The layout of one packed forward pass: B rows, row `b` bringing `counts[b]` tokens after `starts[b]` cached.
+
+    Attributes:
+        pool: Where the rows' keys and values live.
+        rows: `[B]` pool row of each step row.
+        token_rows, positions: `[T]` pool row and position (= pool column) of each packed token.
+        query_index: `[B * Q]` packed index of each (row, query slot); T for the slots a row leaves empty.
+        out_index: `[T]` index into `B * Q` of each packed token.
+        query_pos: `[B, Q]` position of each query (-1: empty slot).
+        width: Columns W the rows reach after this pass.
+    """
+
+    pool: KVPool
+    rows: Tensor
+    token_rows: Tensor
+    positions: Tensor
+    query_index: Tensor | None  # None: every row brings one token (a pure decode step), no gather needed
+    out_index: Tensor | None
+    query_pos: Tensor
+    width: int
+    prefix: bool  # the rows are pool rows 0..B-1 in order: the pool is sliced, not gathered
+    _masks: dict[tuple[int | None, torch.dtype], Tensor] = field(default_factory=dict)
+    _open: bool | None = None  # every query sees every column (no mask needed)
+
+    @classmethod
+    def build(cls, pool: KVPool, rows: Sequence[int], starts: Sequence[int], counts: Sequence[int]) -> PackedStep:
+        device = pool.device
+        count = torch.tensor(list(counts), dtype=torch.long)
+        start = torch.tensor(list(starts), dtype=torch.long)
+        width = int((start + count).max())
+        queries = int(count.max())
+        total = int(count.sum())
+        step_rows = torch.tensor(list(rows), dtype=torch.long)
+        # Token t of row b is its i-th: position starts[b] + i.
+        row_of_token = torch.arange(len(counts)).repeat_interleave(count)  # [T]
+        first = count.cumsum(0) - count  # [B] packed index of each row's first token
+        offset = torch.arange(total) - first[row_of_token]  # [T] i
+        positions = start[row_of_token] + offset
+        slot = torch.arange(queries)
+        query_pos = torch.where(slot < count.unsqueeze(1), start.unsqueeze(1) + slot, -1)  # [B, Q]
+        query_index = out_index = None
+        if queries > 1:
+            query_index = torch.where(slot < count.unsqueeze(1), first.unsqueeze(1) + slot, total).reshape(-1)
+            out_index = row_of_token * queries + offset
+        pool.ensure(width)
+        return cls(
+            pool,
+            step_rows.to(device),
+            step_rows[row_of_token].to(device),
+            positions.to(device),
+            None if query_index is None else query_index.to(device),
+            None if out_index is None else out_index.to(device),
+            query_pos.to(device),
+            width,
+            list(rows) == list(range(len(rows))),
+        )
+
+    def advanced(self) -> PackedStep:
+        """The layout of the next pure decode step over the same rows: every row one column further."""
+        self.pool.ensure(self.width + 1)
+        return PackedStep(
+            self.pool,
+            self.rows,
+            self.token_rows,
+            self.positions + 1,
+            None,
+            None,
+            self.query_pos + 1,
+            self.width + 1,
+            self.prefix,
+        )
+
+    def position_ids(self) -> Tensor:
+        """`[1, T]` each token's position in its own sequence (what the model's rotary embedding reads)."""
+        return self.positions.unsqueeze(0)
+
+    def mask(self, window: int | None, dtype: torch.dtype) -> Tensor | None:
+        """`[B, 1, Q, W]` additive: 0 where a query may see a column (its own row's, not after it, within the
+        window), the dtype's minimum elsewhere (transformers' convention). None when every query may see every
+        column: one decode token per row, all rows as long as the widest, within the window (a lone request)."""
+        key = (window, dtype)
+        if self.query_index is None and (window is None or self.width <= window):
+            if self._open is None:
+                self._open = len(self.rows) == 1 or bool((self.query_pos == self.width - 1).all())
+            if self._open:
+                return None
+        if key not in self._masks:
+            columns = torch.arange(self.width, device=self.query_pos.device)
+            query = self.query_pos.unsqueeze(-1)  # [B, Q, 1]
+            allowed = columns <= query
+            if window is not None:
+                allowed &= query - columns < window
+            zero = torch.zeros((), dtype=dtype, device=query.device)
+            low = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=query.device)
+            self._masks[key] = torch.where(allowed, zero, low).unsqueeze(1)
+        return self._masks[key]
+
+
+AttentionFunction = Callable[..., tuple[Tensor, Any]]
+_STEP: ContextVar[PackedStep | None] = ContextVar("premoe_packed_step", default=None)
+_INNER: ContextVar[AttentionFunction] = ContextVar("premoe_packed_inner")
+
+
+def model_attention(model: nn.Module) -> AttentionFunction:
+    """The attention function `model` itself uses (its configured implementation; eager: its module's own)."""
+    config: Any = model.config
+    implementation = config._attn_implementation
+    if implementation == ATTENTION:
+        raise RuntimeError("the model is already switched to packed attention")
+    if implementation == "eager":
+        attention = next(m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj"))
+        eager: AttentionFunction = sys.modules[type(attention).__module__].eager_attention_forward
+        return eager
+    function: AttentionFunction = ALL_ATTENTION_FUNCTIONS[implementation]
+    return function
+
+
+def packed_attention(
+    module: nn.Module,
+    query: Tensor,  # [1, h, T, d_q]
+    key: Tensor,  # [1, kv_heads, T, d_k]
+    value: Tensor,  # [1, kv_heads, T, d_v]
+    attention_mask: Tensor | None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers' attention-function signature; see the module docstring."""
+    step = _STEP.get()
+    if step is None:
+        raise RuntimeError("packed attention runs only inside `packed_forward`")
+    layer = int(module.layer_idx)  # type: ignore[arg-type]
+    keys, values = step.pool.write(
+        layer, key[0].transpose(0, 1), value[0].transpose(0, 1), step.token_rows, step.positions
+    )
+    if step.prefix:
+        keys, values = keys[: len(step.rows), :, : step.width], values[: len(step.rows), :, : step.width]
+    else:
+        keys = keys[:, :, : step.width].index_select(0, step.rows)  # [B, kv_heads, W, d_k]
+        values = values[:, :, : step.width].index_select(0, step.rows)
+    rows, queries = step.query_pos.shape
+    heads, dim = query.shape[1], query.shape[3]
+    packed = query[0].transpose(0, 1)  # [T, h, d_q]
+    if step.query_index is not None:
+        packed = torch.cat([packed, packed.new_zeros((1, heads, dim))]).index_select(0, step.query_index)
+    grouped = packed.reshape(rows, queries, heads, dim).transpose(1, 2)  # [B, h, Q, d_q]
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    mask = step.mask(window, query.dtype)
+    out, _ = _INNER.get()(module, grouped, keys, values, mask, **kwargs)  # [B, Q, h, d_v]
+    out = out.reshape(rows * queries, heads, out.shape[-1])
+    if step.out_index is not None:
+        out = out.index_select(0, step.out_index)
+    return out.unsqueeze(0), None  # [1, T, h, d_v]
+
+
+AttentionInterface.register(ATTENTION, packed_attention)
+
+
+@contextmanager
+def packed_attention_for(model: nn.Module, step: PackedStep, inner: AttentionFunction) -> Iterator[None]:
+    """Switch `model` to packed attention over `step` for the forward passes inside the block; `inner` is the
+    model's own attention function (`model_attention`), which runs on the gathered rows."""
+    config: Any = model.config
+    original = config._attn_implementation_internal
+    # The internal field, not the property: its setter walks sub-configs, and these models' attention modules
+    # read the top config.
+    config._attn_implementation_internal = ATTENTION
+    step_token, inner_token = _STEP.set(step), _INNER.set(inner)
+    try:
+        yield
+    finally:
+        _STEP.reset(step_token)
+        _INNER.reset(inner_token)
+        config._attn_implementation_internal = original

@@ -1,0 +1,80 @@
+"""One forward pass per step over the KV pool (issue 24): joins ride in the decode pass, long prompts are fed in
+chunks, rows join and leave without copying the pool, and each request still gets what it gets alone.
+
+float64 with eager experts, as in tests/test_batching.py: logits are compared with transformers on the request alone
+(the same references and tolerance)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from premoe_service.engine import BatchLimits, EngineLoop, Status
+from premoe_service.engine.text import draw
+
+from .test_batching import F64_TOL, Driver, Job, Observer, Report, build, compare, outcome, prompt, run_alone
+
+
+def _loop(setup, **limits) -> EngineLoop:
+    return EngineLoop(
+        setup.engine, setup.residency, setup.store, eos=set(), limits=BatchLimits(max_join_wait_steps=0, **limits)
+    )
+
+
+def _forwards(loop: EngineLoop) -> list[int]:
+    calls: list[int] = []
+    loop.engine.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_a_join_rides_in_the_decode_pass_and_long_prompts_are_chunked(tmp_path: Path) -> None:
+    setup = build(tmp_path, "qwen3_moe", torch.float64)
+    loop = _loop(setup, max_prefill_tokens=4)  # prompts of 9 and 11 tokens go in chunks of at most 4
+    observer, driver, calls = Observer(loop), Driver(loop), _forwards(loop)
+    job_list = [Job(prompt(6, 0), None, 12), Job(prompt(9, 1), None, 6), Job(prompt(11, 2), None, 5)]
+    requests = [job.request(setup) for job in job_list]
+    driver.join(requests[0])  # 6 tokens: chunks 4 + 2, then decoding
+    tokens_before = len(requests[0].generated)
+    driver.submit(requests[1], requests[2])
+    steps_before, calls_before = driver.steps, len(calls)
+    driver.until(lambda: all(r.status is Status.RUNNING for r in requests[1:]))
+    # While the 20 prompt tokens went in (4 per pass), the first request decoded in every one of those passes.
+    assert len(calls) - calls_before == driver.steps - steps_before == 5
+    assert len(requests[0].generated) - tokens_before == 5
+    driver.finish()
+    observer.close()
+    assert len(calls) == driver.steps  # one forward pass per step, never a separate prefill pass
+    report = compare(setup, job_list, requests, observer, Report())
+    assert report.failures(F64_TOL, allow_near_ties=False) == []
+    for job, request in zip(job_list, requests, strict=True):
+        assert outcome(request).token_ids == run_alone(setup, job)
+
+
+def test_rows_join_and_leave_without_copying_the_pool(tmp_path: Path) -> None:
+    setup = build(tmp_path, "qwen3_moe", torch.float64)
+    loop = _loop(setup)
+    driver = Driver(loop)
+    long, short = Job(prompt(5, 3), None, 14).request(setup), Job(prompt(7, 4), None, 3).request(setup)
+    driver.join(long)
+    pool = loop.kv
+    pointers = {layer: (keys.data_ptr(), pool.values[layer].data_ptr()) for layer, keys in pool.keys.items()}
+    driver.join(short)
+    driver.until(lambda: short.status is Status.FINISHED)
+    assert long.status is Status.RUNNING and short.row is None  # it left and gave its row back
+    after = {layer: (keys.data_ptr(), pool.values[layer].data_ptr()) for layer, keys in pool.keys.items()}
+    assert after == pointers and pool.free_rows == pool.rows - 1
+    driver.finish()
+
+
+def test_unseeded_rows_draw_together_from_each_rows_distribution() -> None:
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 3.0, 0.0]]).repeat(3000, 1)  # [6000, 4]
+    temperatures = [1.0, 0.5] * 3000
+    top_ps = [1.0, 0.8] * 3000
+    drawn = torch.tensor(draw(logits, temperatures, top_ps)).view(3000, 2)
+    first = torch.bincount(drawn[:, 0], minlength=4).double() / 3000
+    expected = torch.softmax(torch.tensor([2.0, 1.0, 0.0, -1.0], dtype=torch.float64), -1)
+    assert (first - expected).abs().max() < 0.03
+    # Row 2 at temperature 0.5: the top token holds > 0.8 of the mass, so top-p 0.8 keeps it alone.
+    assert drawn[:, 1].eq(2).all()
