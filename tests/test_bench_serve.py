@@ -115,6 +115,8 @@ def test_bench_serve_reports_every_figure_with_no_errors(tiny_setup: dict[str, P
             assert entry["transformers"][kind]["threads"] in (1, 2)
             runs = [run for rounds in entry["transformers"][kind]["rounds"].values() for run in rounds]
             assert {run["threads"] for run in runs} == {1, 2}  # the torch threads each run was measured at
+        assert entry["ours"]["tokens_per_cpu_s"] > 0 and entry["transformers"]["padded"]["tokens_per_cpu_s"] > 0
+        assert set(entry["cpu_ratios"]) == {"alone", "padded", "continuous"}
     stall = report["stall"]
     assert "error" not in stall, stall.get("error")
     assert stall["errors"] == 0 and stall["stream_replies_equal"] and stall["patterns_equal_in_both_cases"]

@@ -69,12 +69,13 @@ def test_rows_join_and_leave_without_copying_the_pool(tmp_path: Path) -> None:
 
 def test_unseeded_rows_draw_together_from_each_rows_distribution() -> None:
     torch.manual_seed(0)
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 3.0, 0.0]]).repeat(3000, 1)  # [6000, 4]
-    temperatures = [1.0, 0.5] * 3000
-    top_ps = [1.0, 0.8] * 3000
-    drawn = torch.tensor(draw(logits, temperatures, top_ps)).view(3000, 2)
-    first = torch.bincount(drawn[:, 0], minlength=4).double() / 3000
-    expected = torch.softmax(torch.tensor([2.0, 1.0, 0.0, -1.0], dtype=torch.float64), -1)
-    assert (first - expected).abs().max() < 0.03
-    # Row 2 at temperature 0.5: the top token holds > 0.8 of the mass, so top-p 0.8 keeps it alone.
-    assert drawn[:, 1].eq(2).all()
+    a, b = [2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 3.0, 0.0]
+    logits = torch.tensor([a, b, a]).repeat(4000, 1)  # rows: (a, T=1), (b, T=0.5), (a, T=1, top-p 0.75)
+    drawn = torch.tensor(draw(logits, [1.0, 0.5, 1.0] * 4000, [1.0, 1.0, 0.75] * 4000)).view(4000, 3)
+    share = [torch.bincount(drawn[:, row], minlength=4).double() / 4000 for row in range(3)]
+    softmax = torch.softmax(torch.tensor([a, b], dtype=torch.float64) / torch.tensor([[1.0], [0.5]]), -1)
+    assert (share[0] - softmax[0]).abs().max() < 0.03
+    assert (share[1] - softmax[1]).abs().max() < 0.03
+    # top-p 0.75 keeps the two tokens whose mass before them is below 0.75, renormalised
+    kept = torch.tensor([softmax[0, 0], softmax[0, 1], 0.0, 0.0], dtype=torch.float64)
+    assert (share[2] - kept / kept.sum()).abs().max() < 0.03

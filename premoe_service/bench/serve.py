@@ -189,7 +189,10 @@ def run(options: ServeBenchOptions) -> dict[str, Any]:
         for r in range(options.rounds):  # interleaved: every configuration once per round
             for n in counts:
                 tick(f"round {r + 1}/{options.rounds}: ours, {n} clients")
+                before = server.cpu_seconds()
                 ours[n].append(summarize(send(server.target, requests, n), alone))
+                ours[n][-1]["cpu_s"] = _spent(before, server.cpu_seconds())
+                ours[n][-1]["tokens_per_cpu_s"] = _per(ours[n][-1]["tokens"], ours[n][-1]["cpu_s"])
                 processes["clients"].add(ours[n][-1]["client_pid"])
                 for t in threads if hf is not None else []:
                     for kind in kinds:
@@ -222,6 +225,14 @@ def run(options: ServeBenchOptions) -> dict[str, Any]:
         Path(options.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {options.out}")
     return report
+
+
+def _spent(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else after - before
+
+
+def _per(tokens: int, seconds: float | None) -> float | None:
+    return tokens / seconds if seconds else None
 
 
 def _stall(options: ServeBenchOptions, make_config: Any, embedder: Any, requests: Any, tick: Any) -> dict[str, Any]:

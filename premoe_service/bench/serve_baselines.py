@@ -71,12 +71,18 @@ class HFBaselines:
     def _timed(self, fn: Any) -> dict[str, Any]:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        wall = time.perf_counter() - start
-        return {"tokens": self.tokens, "wall_s": wall, "tokens_per_s": self.tokens / wall}
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return {
+            "tokens": self.tokens,
+            "wall_s": wall,
+            "tokens_per_s": self.tokens / wall,
+            "cpu_s": cpu,
+            "tokens_per_cpu_s": self.tokens / cpu if cpu > 0 else None,
+        }
 
     def alone(self) -> dict[str, Any]:
         """`generate` on each prompt alone."""

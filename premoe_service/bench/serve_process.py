@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,19 @@ class ServerProcess:
     target: str
     pid: int
     command: list[str]
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the server process has used so far, all its threads (Linux /proc; None elsewhere)."""
+        return process_cpu_seconds(self.pid)
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU seconds of process `pid` (Linux /proc; None where it cannot be read)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @contextmanager

@@ -9,7 +9,15 @@ from typing import Any
 
 import torch
 
-OURS_KEYS = ("tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
+OURS_KEYS = (
+    "tokens_per_s",
+    "requests_per_s",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "itl_p50_ms",
+    "itl_p99_ms",
+    "tokens_per_cpu_s",
+)
 TARGETS = {"padded_at_max_clients": 1.3, "alone_at_1_client": 0.95, "stall_p99_ratio": 1.5}
 
 
@@ -65,6 +73,7 @@ def assemble(
         rows = [row for rows in by_threads.values() for row in rows]
         return {
             "tokens_per_s": None if top is None else medians[top],
+            "tokens_per_cpu_s": None if top is None else med(by_threads[top], "tokens_per_cpu_s"),
             "threads": top,
             "by_threads": {str(t): v for t, v in medians.items()},
             "errors": errors_of(rows),
@@ -89,6 +98,10 @@ def assemble(
         entry["transformers"] = hf
         tps = entry["ours"]["tokens_per_s"]
         entry["ratios"] = {kind: _ratio(tps, hf[kind]["tokens_per_s"]) for kind in ("alone", "padded", "continuous")}
+        per_cpu = entry["ours"]["tokens_per_cpu_s"]
+        entry["cpu_ratios"] = {  # tokens per CPU second of the server's process against the baseline's
+            kind: _ratio(per_cpu, hf[kind]["tokens_per_cpu_s"]) for kind in ("alone", "padded", "continuous")
+        }
         results[str(n)] = entry
     top, one = str(max(ours)), str(min(ours))
     targets = {
@@ -159,6 +172,10 @@ def render(report: dict[str, Any]) -> str:
             f"{_f(hf['continuous']['tokens_per_s']):>7} | {_f(r['alone'], '.2f'):>6} {_f(r['padded'], '.2f'):>7} "
             f"{_f(r['continuous'], '.2f'):>5}"
         )
+    lines.append(
+        "tokens per CPU second (the server process's CPU, all its threads, against the baseline process's; a busy "
+        "machine disturbs it less than wall time): " + "; ".join(_per_cpu(n, e) for n, e in report["results"].items())
+    )
     threads = [
         f"{kind} at {n}: " + ", ".join(f"{t} thr {_f(v)}" for t, v in entry["transformers"][kind]["by_threads"].items())
         for n, entry in report["results"].items()
@@ -206,6 +223,15 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"target {name}: {_f(check['value'], '.2f')} ({state})")
     lines.append(f"errors {report['errors']}, replies different from alone {report['mismatches']}")
     return "\n".join(lines)
+
+
+def _per_cpu(clients: str, entry: dict[str, Any]) -> str:
+    hf, ratios = entry["transformers"], entry["cpu_ratios"]
+    return (
+        f"{clients} clients: ours {_f(entry['ours']['tokens_per_cpu_s'])}, "
+        f"alone {_f(hf['alone']['tokens_per_cpu_s'])}, padded {_f(hf['padded']['tokens_per_cpu_s'])} "
+        f"({_f(ratios['alone'], '.2f')}x alone, {_f(ratios['padded'], '.2f')}x padded)"
+    )
 
 
 def _processes(report: dict[str, Any]) -> str:

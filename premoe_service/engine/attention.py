@@ -114,7 +114,7 @@ class PackedStep:
         key = (window, dtype)
         if self.query_index is None and (window is None or self.width <= window):
             if self._open is None:
-                self._open = len(self.rows) == 1 or bool((self.query_pos == self.width - 1).all())
+                self._open = self.query_pos.shape[0] == 1 or bool((self.query_pos == self.width - 1).all())
             if self._open:
                 return None
         if key not in self._masks:
@@ -165,7 +165,8 @@ def packed_attention(
         layer, key[0].transpose(0, 1), value[0].transpose(0, 1), step.token_rows, step.positions
     )
     if step.prefix:
-        keys, values = keys[: len(step.rows), :, : step.width], values[: len(step.rows), :, : step.width]
+        rows = step.query_pos.shape[0]
+        keys, values = keys[:rows, :, : step.width], values[:rows, :, : step.width]
     else:
         keys = keys[:, :, : step.width].index_select(0, step.rows)  # [B, kv_heads, W, d_k]
         values = values[:, :, : step.width].index_select(0, step.rows)
@@ -193,13 +194,13 @@ def packed_attention_for(model: nn.Module, step: PackedStep, inner: AttentionFun
     model's own attention function (`model_attention`), which runs on the gathered rows."""
     config: Any = model.config
     original = config._attn_implementation_internal
-    # The internal field, not the property: its setter walks sub-configs, and these models' attention modules
-    # read the top config.
-    config._attn_implementation_internal = ATTENTION
+    # The internal field, not the property (its setter walks sub-configs; these models' attention modules read
+    # the top config), set past the config's validating __setattr__: this runs twice per forward pass.
+    object.__setattr__(config, "_attn_implementation_internal", ATTENTION)
     step_token, inner_token = _STEP.set(step), _INNER.set(inner)
     try:
         yield
     finally:
         _STEP.reset(step_token)
         _INNER.reset(inner_token)
-        config._attn_implementation_internal = original
+        object.__setattr__(config, "_attn_implementation_internal", original)
