@@ -141,6 +141,8 @@ class ServingCore:
                 decision.ranked,
                 reason=reason,
                 seconds=time.perf_counter() - start,
+                similarity=decision.similarity,
+                lead=decision.lead,
             )
         if width.wide:
             pattern = Pattern.full(self.spec)
@@ -155,6 +157,8 @@ class ServingCore:
             decision.fallback_tasks,
             reason,
             time.perf_counter() - start,
+            decision.similarity,
+            decision.lead,
         )
 
     # --- generation --------------------------------------------------------------------------------
