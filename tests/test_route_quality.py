@@ -41,6 +41,9 @@ def test_width_serves_a_no_match_and_a_costly_task_wide_and_says_why() -> None:
     assert choose_width(none, {}).wide and "no task matched" in choose_width(none, {}).why
     assert not choose_width(none, {}, all_fit=False).wide  # a budget below every expert keeps the union fallback
     assert not choose_width(match, {"code": 0.8}, all_fit=False).wide
+    unsure = RouteDecision([("code", 1.0)], "code", True, [], "code matched", similarity=0.3, lead=0.2)
+    assert choose_width(unsure, {}).wide and "0.20" in choose_width(unsure, {}).why
+    assert not choose_width(unsure, {}, wide_lead=0.1).wide
 
 
 def test_the_scorer_continues_and_scores_as_transformers_does(checkpoint) -> None:

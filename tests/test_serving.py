@@ -12,6 +12,7 @@ import torch
 
 from premoe_service.errors import InvalidArgument
 from premoe_service.families.tiny import save_tiny_checkpoint
+from premoe_service.pattern import Pattern
 from premoe_service.profiler import Demo, Profile, Selection
 from premoe_service.retrieval import RedisProfileStore
 from premoe_service.serving import GenerationResult, SamplingParams, ServiceConfig, ServingCore
@@ -80,7 +81,9 @@ def test_a_task_deleted_while_a_prompt_is_routed_to_it_is_routed_around(store: P
 
 
 def test_no_match_falls_back_to_the_union_of_the_nearest_tasks(store: Path, embedder) -> None:
-    service = ServingCore(ServiceConfig(store=store, device="cpu", route_threshold=0.99), embedder=embedder)
+    # A budget below every expert: the union of the close tasks' patterns (with them all, every expert: below).
+    config = ServiceConfig(store=store, device="cpu", route_threshold=0.99, budget="0.9")
+    service = ServingCore(config, embedder=embedder)
     code = service.register_task("code", CODE, selection=Selection("tcess", "top_k", 3, "experts"))
     math = service.register_task("math", MATH, selection=Selection("tcess", "top_k", 3, "experts"))
     plan = service.route("def sub(a, b): return a - b")
@@ -88,6 +91,10 @@ def test_no_match_falls_back_to_the_union_of_the_nearest_tasks(store: Path, embe
     union = code.pattern.union(math.pattern) if len(plan.fallback_tasks) == 2 else None
     expected = union or (code.pattern if plan.fallback_tasks == ["code"] else math.pattern)
     assert plan.pattern == expected
+    whole = ServingCore(ServiceConfig(store=store, device="cpu", route_threshold=0.99), embedder=embedder)
+    whole.register_task("code", CODE, selection=Selection("tcess", "top_k", 3, "experts"))
+    wide = whole.route("def sub(a, b): return a - b")
+    assert wide.decision == "fallback" and wide.pattern == Pattern.full(whole.spec) and "every expert" in wide.reason
 
 
 def test_requests_share_resident_experts(store: Path, embedder) -> None:

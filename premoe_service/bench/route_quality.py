@@ -139,15 +139,11 @@ def measure(core: Any, scorer: ContinuationScorer, records: Sequence[Any]) -> li
         if record.task is not None and record.task in core.registry.names():
             own = core.tasks.pattern(core.registry.get(record.task))
             row.own_retention = math.exp(full - scorer.nll(ids, cont, own))
-        decision = core.registry.route(record.query)
-        row.extra = {
-            "similarity": decision.similarity or 0.0,
-            "lead": decision.lead if decision.lead is not None else 0.0,
-        }
+        routed = core.route(record.query)  # the plan before any widening after prefill
+        row.extra = {"similarity": routed.similarity or 0.0, "lead": 0.0 if routed.lead is None else routed.lead}
         if signal is not None:
-            routed = core.route(record.query).pattern
             scores = signal.features([record.query]).scores[0]
-            row.mass = float(scores[list(routed.kept(signal.layer))].sum() / max(scores.sum(), 1e-12))
+            row.mass = float(scores[list(routed.pattern.kept(signal.layer))].sum() / max(scores.sum(), 1e-12))
         rows.append(row)
     return rows
 
@@ -178,7 +174,7 @@ class QualitySummary:
             worst=float(kept.min()),
             own_mean=float(own.mean()) if own.size else float("nan"),
             share=float(np.mean([r.share for r in rows])),
-            widened=float(np.mean([r.widened or r.decision == "fallback" for r in rows])),
+            widened=float(np.mean([r.widened or r.decision == "fallback" or r.share >= 1.0 for r in rows])),
         )
 
 
@@ -246,7 +242,7 @@ def main(
         f"continuations of at most {continuation} tokens ({time.perf_counter() - start:.0f} s)"
     )
     print("retention = exp(NLL all experts - NLL served); own: the true task's pattern; kept: share of experts;")
-    print("wider: served wider than a task pattern (fallback or widened)")
+    print("wider: served wider than its task's pattern (every expert, the fallback, or widened after prefill)")
     for line in table(summarise(rows)):
         print(line)
     if rows_out is not None:

@@ -174,6 +174,8 @@ class ServingCore:
                 decision.ranked,
                 reason=reason,
                 seconds=time.perf_counter() - start,
+                similarity=decision.similarity,
+                lead=decision.lead,
             )
         if width.wide:
             pattern = Pattern.full(self.spec)
@@ -188,6 +190,8 @@ class ServingCore:
             decision.fallback_tasks,
             reason,
             time.perf_counter() - start,
+            decision.similarity,
+            decision.lead,
         )
 
     # --- generation --------------------------------------------------------------------------------

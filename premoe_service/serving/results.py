@@ -22,6 +22,8 @@ class RoutePlan:
     fallback_tasks: list[str] = field(default_factory=list)
     reason: str = ""
     seconds: float = 0.0
+    similarity: float | None = None  # the top task's embedding similarity (None: override or no tasks)
+    lead: float | None = None  # its combined lead over the off-topic none-class (None without one)
 
 
 @dataclass
