@@ -352,7 +352,7 @@ def test_pattern_and_export_verbs_write_a_channel_pruned_checkpoint(tmp_path: Pa
     tiny_tokenizer().save_pretrained(tmp_path / "ckpt")
     shard(tmp_path / "ckpt", tmp_path / "store", progress=False)
     add_precisions(tmp_path / "store", ("int4",), 16, progress=False)
-    profile, _ = profile_store(Store(tmp_path / "store"), "code", DEMOS)
+    profile, _ = profile_store(Store(tmp_path / "store"), "code", DEMOS, channels=True)
     profile.save(tmp_path / "code.safetensors")
     store, plan_file = str(tmp_path / "store"), str(tmp_path / "plan.json")
     args = ["pattern", str(tmp_path / "code.safetensors"), "--store", store, "--out", plan_file, "--budget", "0.1"]
