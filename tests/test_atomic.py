@@ -352,7 +352,7 @@ def test_pattern_and_export_verbs_write_a_channel_pruned_checkpoint(tmp_path: Pa
     tiny_tokenizer().save_pretrained(tmp_path / "ckpt")
     shard(tmp_path / "ckpt", tmp_path / "store", progress=False)
     add_precisions(tmp_path / "store", ("int4",), 16, progress=False)
-    profile, _ = profile_store(Store(tmp_path / "store"), "code", DEMOS)
+    profile, _ = profile_store(Store(tmp_path / "store"), "code", DEMOS, channels=True)
     profile.save(tmp_path / "code.safetensors")
     store, plan_file = str(tmp_path / "store"), str(tmp_path / "plan.json")
     args = ["pattern", str(tmp_path / "code.safetensors"), "--store", store, "--out", plan_file, "--budget", "0.1"]
@@ -402,3 +402,43 @@ def test_a_quantized_channel_slice_is_channel_major(family: str, tmp_path: Path)
     assert torch.equal(got, expected)
     store_down = copy["down_proj"][kept] if transposed else copy["down_proj"][:, kept].t()
     assert not torch.equal(got, store_down)  # the copy's grouping differs: the re-quantization is real
+
+
+def test_premoe_eval_channels_writes_the_comparison_within_its_budgets(tmp_path: Path, capsys) -> None:
+    from premoe_service.cli import main
+    from premoe_service.profiler import profile_store
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "ckpt")
+    tiny_tokenizer().save_pretrained(tmp_path / "ckpt")
+    shard(tmp_path / "ckpt", tmp_path / "store", progress=False)
+    add_precisions(tmp_path / "store", ("int4", "int2"), 16, progress=False)
+    store = Store(tmp_path / "store")
+    texts = ["the cat sat on the mat", "def f(x): return x", "1 2 3 4 5", "hello world again"]
+    (tmp_path / "tasks" / "text").mkdir(parents=True)
+    (tmp_path / "tasks" / "text" / "eval.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "profiles").mkdir()
+    profile, _ = profile_store(store, "text", [Demo(t) for t in texts[:2]], channels=True)
+    profile.save(tmp_path / "profiles" / "text.safetensors")
+    args = [
+        "eval",
+        "--store",
+        str(store.dir),
+        "--profiles",
+        str(tmp_path / "profiles"),
+        "--data",
+        str(tmp_path / "tasks"),
+    ]
+    args += ["--budgets", "0.2,0.04", "--out", str(tmp_path / "out"), "--quiet"]
+    assert main([*args, "--channels", "heapr"]) == 2  # --channels needs --precisions
+    assert "--precisions" in capsys.readouterr().err
+    assert main([*args, "--precisions", "int4,int2", "--channels", "heapr,energy"]) == 0
+    report = json.loads((tmp_path / "out" / "channels.json").read_text())
+    assert set(report["retention"]["text"]) == {"mixed-error", "channels-heapr", "channels-energy"}
+    for method, shares in report["share"]["text"].items():
+        for budget, share in shares.items():
+            assert math.isnan(share) or share <= float(budget) + 1e-9, (method, budget, share)
+    assert math.isnan(report["share"]["text"]["mixed-error"]["0.04"])  # two whole int2 experts a layer do not fit
+    assert report["channel_share"]["text"]["channels-heapr"]["0.04"] < 1  # channels do
+    assert 0 < report["retention"]["text"]["channels-heapr"]["0.04"] <= 1.5
+    assert "worst task" in (tmp_path / "out" / "channels.md").read_text()
+    assert (tmp_path / "out" / "channels.png").read_bytes()[:4] == b"\x89PNG"

@@ -52,6 +52,11 @@ from .shared import device_option, embedder_option, quiet_option, selection_opti
 )
 @embedder_option("for the demo embeddings")
 @option("--no-embed", is_flag=True, help="store no demo embeddings")
+@option(
+    "--channels/--no-channels",
+    default=True,
+    help="also score every expert's intermediate channels (for channel-level plans, docs/atomic-experts.md)",
+)
 @device_option
 @quiet_option
 @click.pass_context
@@ -89,6 +94,7 @@ def profile(ctx: click.Context, **opts: Any) -> int:
         device=opts["device"],
         progress=not opts["quiet"],
         examples=examples,
+        channels=opts["channels"],
     )
     result.save(opts["out"])
     note = f", {len(run.truncated)} demos truncated to the context" if run.truncated else ""

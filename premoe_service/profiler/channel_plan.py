@@ -27,7 +27,6 @@ from torch import Tensor
 
 from ..errors import InvalidArgument
 from ..families import MoESpec
-from ..families.channels import intermediate_field
 from ..pattern import FULL, Pattern
 from ..store.quant import BITS, FLOAT_PRECISIONS, SCALE_DTYPE, packed_shapes
 from .channels import best_channels, kept_share
@@ -219,11 +218,6 @@ def select_channels(
     return ChannelPlan(Pattern.build(spec, layers, precisions), channels, nbytes, counts)
 
 
-def intermediate_of(config, family: str) -> int:
-    """The routed experts' intermediate size of a transformers config."""
-    return int(getattr(config, intermediate_field(family)))
-
-
 __all__ = [
     "DEFAULT_FRACTIONS",
     "ChannelPlan",
@@ -232,6 +226,5 @@ __all__ = [
     "channel_key",
     "channel_nbytes",
     "channel_options",
-    "intermediate_of",
     "select_channels",
 ]

@@ -161,8 +161,12 @@ def profile_store(
     progress: bool = False,
     engine: PatternedModel | None = None,
     examples: Sequence[str] = (),
+    channels: bool = False,
 ) -> tuple[Profile, ProfileRun]:
     """Profile a task over a store, layer-streamed: dense part resident, one layer of experts at a time.
+
+    With `channels`, the pass also scores every expert's channels (`premoe profile` does by default; a task
+    registered on a server does not: its plans hold whole experts, and the scores cost about two forwards).
 
     `engine` may be a layer-streaming engine built earlier (`load_engine(store, capacity=0)`) to reuse. The
     router signal is read on its own copy of the first layers, sharing the engine's dense tensors.
@@ -179,7 +183,9 @@ def profile_store(
     tokenizer = AutoTokenizer.from_pretrained(store.dir, local_files_only=True)
     max_length = int(getattr(engine.config, "max_position_embeddings", 4096))
     ids, mask, truncated = tokenize_demos(tokenizer, demos, max_length)
-    run = collect_scores(engine, store, ids, mask, streamed=True, tcess_threshold=tcess_threshold, progress=progress)
+    run = collect_scores(
+        engine, store, ids, mask, streamed=True, tcess_threshold=tcess_threshold, progress=progress, channels=channels
+    )
     run.truncated = truncated
     profile = build_profile(
         name,
