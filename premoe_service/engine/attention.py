@@ -5,7 +5,7 @@ row's own columns only.
 The engine registers `packed_attention` with transformers under `ATTENTION` and switches the model to it for the
 length of a forward pass. The model computes projections, rotary embeddings, norms, routers and experts token by
 token as usual; only the attention step changes: queries are gathered into `[B, h, Q, d]` (Q: the most tokens any
-row brings), keys and values come from the pool `[B, kv_heads, W, d]`, and the model's own attention function
+row brings), keys and values come from the pool (viewed `[B, kv_heads, W, d]`), and the model's own attention function
 (its sdpa or eager path, sinks included) runs on them with a mask built from the rows' positions, its sliding
 window applied. The outputs go back to the packed order.
 """
@@ -37,6 +37,7 @@ class PackedStep:
         pool: Where the rows' keys and values live.
         rows: `[B]` pool row of each step row.
         token_rows, positions: `[T]` pool row and position (= pool column) of each packed token.
+        slots: `[T]` the flat pool slot of each packed token.
         query_index: `[B * Q]` packed index of each (row, query slot); T for the slots a row leaves empty.
         out_index: `[T]` index into `B * Q` of each packed token.
         query_pos: `[B, Q]` position of each query (-1: empty slot).
@@ -47,6 +48,7 @@ class PackedStep:
     rows: Tensor
     token_rows: Tensor
     positions: Tensor
+    slots: Tensor  # [T] flat pool slot of each token (row * capacity + position)
     query_index: Tensor | None  # None: every row brings one token (a pure decode step), no gather needed
     out_index: Tensor | None
     query_pos: Tensor
@@ -76,11 +78,14 @@ class PackedStep:
             query_index = torch.where(slot < count.unsqueeze(1), first.unsqueeze(1) + slot, total).reshape(-1)
             out_index = row_of_token * queries + offset
         pool.ensure(width)
+        token_rows = step_rows[row_of_token].to(device)
+        positions = positions.to(device)
         return cls(
             pool,
             step_rows.to(device),
-            step_rows[row_of_token].to(device),
-            positions.to(device),
+            token_rows,
+            positions,
+            pool.slots(token_rows, positions),
             None if query_index is None else query_index.to(device),
             None if out_index is None else out_index.to(device),
             query_pos.to(device),
@@ -91,11 +96,13 @@ class PackedStep:
     def advanced(self) -> PackedStep:
         """The layout of the next pure decode step over the same rows: every row one column further."""
         self.pool.ensure(self.width + 1)
+        positions = self.positions + 1
         return PackedStep(
             self.pool,
             self.rows,
             self.token_rows,
-            self.positions + 1,
+            positions,
+            self.pool.slots(self.token_rows, positions),
             None,
             None,
             self.query_pos + 1,
@@ -161,15 +168,14 @@ def packed_attention(
     if step is None:
         raise RuntimeError("packed attention runs only inside `packed_forward`")
     layer = int(module.layer_idx)  # type: ignore[arg-type]
-    keys, values = step.pool.write(
-        layer, key[0].transpose(0, 1), value[0].transpose(0, 1), step.token_rows, step.positions
-    )
+    keys, values = step.pool.write(layer, key[0].transpose(0, 1), value[0].transpose(0, 1), step.slots)
     if step.prefix:
         rows = step.query_pos.shape[0]
-        keys, values = keys[:rows, :, : step.width], values[:rows, :, : step.width]
+        keys, values = keys[:rows, : step.width], values[:rows, : step.width]
     else:
-        keys = keys[:, :, : step.width].index_select(0, step.rows)  # [B, kv_heads, W, d_k]
-        values = values[:, :, : step.width].index_select(0, step.rows)
+        keys = keys[:, : step.width].index_select(0, step.rows)
+        values = values[:, : step.width].index_select(0, step.rows)
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, kv_heads, W, d]
     rows, queries = step.query_pos.shape
     heads, dim = query.shape[1], query.shape[3]
     packed = query[0].transpose(0, 1)  # [T, h, d_q]

@@ -7,13 +7,14 @@ from torch import Tensor
 
 
 class KVPool:
-    """Per attention layer, keys `[R, kv_heads, C, d_k]` and values `[R, kv_heads, C, d_v]`.
+    """Per attention layer, keys `[R, C, kv_heads, d_k]` and values `[R, C, kv_heads, d_v]`.
 
-    A request holds one row from the prefill of its first prompt token to its last token: its token at position
-    `p` sits in column `p`, so positions, lengths and the attention mask follow from the row's length alone. A
-    request that joins takes a free row and one that leaves gives it back: nothing is concatenated or copied.
-    The capacity C doubles (one copy) when a row would outgrow it; the layers' tensors are made at their first
-    write, with the shapes the model gives them (grouped-query and multi-latent attention alike).
+    A request holds one row from its first prompt token to its last token: its token at position `p` sits in
+    column `p`, so positions, lengths and the attention mask follow from the row's length alone. A request that
+    joins takes a free row and one that leaves gives it back: nothing is concatenated or copied. Token-major rows
+    make a pass's writes one `index_copy_` over the flattened `[R * C]` slots. The capacity C doubles (one copy)
+    when a row would outgrow it; the layers' tensors are made at their first write, with the shapes the model
+    gives them (grouped-query and multi-latent attention alike).
     """
 
     def __init__(self, rows: int, device: torch.device, capacity: int = 256) -> None:
@@ -43,18 +44,21 @@ class KVPool:
             capacity *= 2
         for store in (self.keys, self.values):
             for layer, old in store.items():
-                new = old.new_zeros((*old.shape[:2], capacity, old.shape[3]))
-                new[:, :, : self.capacity] = old
+                new = old.new_zeros((old.shape[0], capacity, *old.shape[2:]))
+                new[:, : self.capacity] = old
                 store[layer] = new
         self.capacity = capacity
 
-    def write(self, layer: int, keys: Tensor, values: Tensor, rows: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
-        """Store token `t`'s keys and values `[T, kv_heads, d]` at (`rows[t]`, `columns[t]`); the layer's pool."""
+    def slots(self, rows: Tensor, columns: Tensor) -> Tensor:
+        """`[T]` flat slot of each (row, column) in the `[R * C]` view (valid until the capacity changes)."""
+        return rows * self.capacity + columns
+
+    def write(self, layer: int, keys: Tensor, values: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """Store token `t`'s keys and values `[T, kv_heads, d]` at flat slot `slots[t]`; the layer's pool."""
         if layer not in self.keys:
-            shape = (self.rows, keys.shape[1], self.capacity)
-            self.keys[layer] = keys.new_zeros((*shape, keys.shape[2]))
-            self.values[layer] = values.new_zeros((*shape, values.shape[2]))
+            self.keys[layer] = keys.new_zeros((self.rows, self.capacity, *keys.shape[1:]))
+            self.values[layer] = values.new_zeros((self.rows, self.capacity, *values.shape[1:]))
         pool_keys, pool_values = self.keys[layer], self.values[layer]
-        pool_keys[rows, :, columns] = keys
-        pool_values[rows, :, columns] = values
+        pool_keys.view(-1, *keys.shape[1:]).index_copy_(0, slots, keys)
+        pool_values.view(-1, *values.shape[1:]).index_copy_(0, slots, values)
         return pool_keys, pool_values
