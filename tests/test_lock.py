@@ -69,5 +69,5 @@ def test_lock_comparison_sees_each_kind_of_difference() -> None:
         "transformers: installed 5.25.0, locked 5.24.0",
     ]
     assert differences(pins, {"transformers": "5.24.0", "torch": "2.13.0"}) == ["numpy: locked 2.0.0, not installed"]
-    with pytest.raises(ValueError, match="requirements.lock:1"):
+    with pytest.raises(ValueError, match=r"requirements\.lock:1"):
         read_lock("transformers>=5\n")
