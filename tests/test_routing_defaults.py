@@ -97,6 +97,9 @@ def test_serve_with_its_defaults_decides_as_route_evaluate_measures(
 
     assert figures(remote) == figures(local.split("embedding + router signal")[1]) and len(figures(remote)) == 6
     assert remote.split("confusion")[1] == local.split("confusion")[1]
+    # Offline-only options without --profiles are a usage error naming them, not a call to a server.
+    assert main(["route", "--evaluate", str(queries), "--store", str(tiny_store)]) == 2
+    assert "--profiles" in capsys.readouterr().err
 
 
 def test_redis_replicas_share_the_routing_record(shipped, tiny_store: Path, embedder, redis_server, tmp_path) -> None:

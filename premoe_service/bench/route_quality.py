@@ -209,7 +209,7 @@ def table(summary: dict[str, QualitySummary]) -> list[str]:
 def main(
     store_dir: Path,
     profiles: Path,
-    queries: Path,
+    queries: Path | Sequence[Path],
     budget: str = "1.0",
     coverage_floor: float | None = None,
     continuation: int = 24,
@@ -234,12 +234,15 @@ def main(
     try:
         store = Store(store_dir)
         tokenizer = AutoTokenizer.from_pretrained(store.dir, local_files_only=True)
-        rows = measure(core, ContinuationScorer(store, tokenizer, continuation), load_route_records(queries))
+        files = [queries] if isinstance(queries, Path) else list(queries)
+        records = [record for path in files for record in load_route_records(path)]
+        rows = measure(core, ContinuationScorer(store, tokenizer, continuation), records)
     finally:
         core.close()
     print(
-        f"route quality: {len(rows)} prompts of {queries}, budget {budget}, coverage floor {config.coverage_floor}, "
-        f"continuations of at most {continuation} tokens ({time.perf_counter() - start:.0f} s)"
+        f"route quality: {len(rows)} prompts of {', '.join(str(p) for p in files)}, budget {budget}, "
+        f"coverage floor {config.coverage_floor}, continuations of at most {continuation} tokens "
+        f"({time.perf_counter() - start:.0f} s)"
     )
     print("retention = exp(NLL all experts - NLL served); own: the true task's pattern; kept: share of experts;")
     print("wider: served wider than its task's pattern (every expert, the fallback, or widened after prefill)")

@@ -98,7 +98,9 @@ def bench_route(quick: bool, repeats: int | None, index_sweep: bool) -> int:
     "--queries",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     required=True,
-    help='JSONL of labelled prompts ({"query": ..., "task": name or null})',
+    multiple=True,
+    help='JSONL of labelled prompts ({"query": ..., "task": name or null}); repeat it to measure several files '
+    "together",
 )
 @option("--budget", type=BUDGET, default="1.0", help="the server's --budget")
 @option("--coverage-floor", type=click.FloatRange(0, 1), help="the server's --coverage-floor (default: its own)")
@@ -113,7 +115,7 @@ def bench_route(quick: bool, repeats: int | None, index_sweep: bool) -> int:
 def bench_route_quality(
     store: str,
     profiles: str,
-    queries: Path,
+    queries: tuple[Path, ...],
     budget: str,
     coverage_floor: float | None,
     continuation: int,

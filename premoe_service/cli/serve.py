@@ -95,18 +95,21 @@ def default(name: str) -> Lazy:
 @option(
     "--route-background",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="JSONL of off-topic prompts: a none-class for no-match (reference/offtopic/background.jsonl)",
+    help="JSONL of off-topic prompts: a none-class for no-match, in place of the one in the profiles' routing record "
+    "(routing.json, used by default)",
 )
 @option(
     "--route-calibration",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="per-task leads over the none-class (written by `premoe route --evaluate --calibrate-out`)",
+    help="per-task leads over the none-class (written by `premoe route --evaluate --calibrate-out`), in place of the "
+    "routing record's",
 )
 @option(
     "--coverage-floor",
     type=SHARE,
     default=default("coverage_floor"),
-    help="widen a pattern whose prefill coverage is below this (0: off)",
+    help="widen a pattern whose prefill coverage is below this (0: off, the default: coverage did not predict the "
+    "quality lost on the reference model, docs/routing.md)",
 )
 @option("--max-new-tokens-limit", type=POSITIVE, default=default("max_new_tokens_limit"), help="largest max_new_tokens")
 @option("--max-prompt-tokens", type=POSITIVE, default=default("max_prompt_tokens"), help="longest prompt, in tokens")

@@ -43,10 +43,13 @@ class ServiceConfig:
         route_threshold: Retrieval score a task needs to match; below it the fallback serves.
         route_signal: Route on the model's router signal (the first MoE layer's router input and distribution,
             on a private copy of the layers before it) as well as on the demo embeddings.
-        route_background: JSONL of off-topic prompts (`{"query": ...}` per line): a none-class for no-match.
-        route_calibration: JSON of per-task leads over the none-class (`premoe route --evaluate --calibrate-out`).
+        route_background: JSONL of off-topic prompts (`{"query": ...}` per line): a none-class for no-match, in
+            place of the profiles' routing record's (`routing.json`, which the registry uses when this is None).
+        route_calibration: JSON of per-task leads over the none-class (`premoe route --evaluate --calibrate-out`), in
+            place of the routing record's.
         coverage_floor: Below this prefill coverage the pattern is widened with the experts the prompt
-            wanted (0 turns the guardrail off).
+            wanted (0 turns the guardrail off; off by default: on the reference model coverage did not predict the
+            quality a pattern loses, docs/routing.md).
         max_new_tokens_limit: Upper bound of a request's max_new_tokens.
         max_prompt_tokens: Longest prompt accepted, in tokens (and never beyond the model's context).
         max_prompt_bytes: Longest prompt accepted, in UTF-8 bytes; checked before any tokenizing or embedding.
