@@ -333,7 +333,7 @@ def test_measured_channel_share_equals_a_direct_computation(tmp_path: Path) -> N
                 continue
             with torch.no_grad():
                 h, d = intermediate("qwen3_moe", block.experts, e, x[rows])
-            h, d = h.double(), d.double()
+            h, d = h.double(), d.detach().double()
             order = scores[i, e].argsort(descending=True)
             for j, k in enumerate(counts):
                 rest = order[k:]
