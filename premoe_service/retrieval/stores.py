@@ -263,8 +263,8 @@ class LocalProfileStore:
             return path.read_bytes()
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            raise DataCorruption(f"cannot read {path}: {exc.strerror or exc}", field=str(path)) from exc
+        except OSError as exc:  # the folder cannot be read (a file in its place, no permission): not bad bytes
+            raise disk_error(exc, path, "read") from exc
 
     def write_routing(self, data: bytes) -> None:
         atomic_write_bytes(self.directory / ROUTING_FILE, data)  # the rename moves the folder's mtime: the version
