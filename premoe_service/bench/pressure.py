@@ -23,7 +23,8 @@ from typing import Any
 
 from ..errors import InvalidArgument
 from ..loopback import free_port, wait_serving
-from .serve_clients import Req, percentiles, run_clients_apart
+from .common import percentiles
+from .serve.clients import Req, run_clients_apart
 
 
 @dataclass
@@ -207,7 +208,7 @@ def table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .options import parse_options
+    from .common import parse_options
 
     options = parse_options(PressureOptions, argv, "python -m premoe_service.bench.pressure", __doc__ or "")
     print(table(run(options)))
