@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -26,7 +24,7 @@ from typing import Any
 import grpc
 
 from ...client import PreMoeClient
-from ...loopback import free_port, rss_mib, wait_serving
+from ...loopback import ServerProcess, premoe_server, rss_mib
 from .parts import RestartableRedis, prompts_by_task
 
 OK = grpc.StatusCode.OK
@@ -141,21 +139,10 @@ def _client_loop(
 
 
 @contextmanager
-def _server(store: Path, profiles: Path, redis_url: str, extra: list[str]) -> Iterator[tuple[subprocess.Popen, str]]:
-    port = free_port()
-    command = [sys.executable, "-m", "premoe_service.cli", "serve", "--store", str(store), "--profiles", str(profiles)]
-    command += ["--port", str(port), "--redis-url", redis_url, "--admin-token", TOKEN, "--device", "cpu", *extra]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        target = f"127.0.0.1:{port}"
-        wait_serving(server, target)
-        yield server, target
-    finally:
-        server.terminate()
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+def _server(store: Path, profiles: Path, redis_url: str, extra: list[str]) -> Iterator[ServerProcess]:
+    args = ["--redis-url", redis_url, "--admin-token", TOKEN, "--device", "cpu", *extra]
+    with premoe_server(store, profiles, args) as server:
+        yield server
 
 
 def run(
@@ -179,7 +166,8 @@ def run(
             shutil.copytree(profiles, folder)  # registrations and deletions go to a copy
         else:
             folder.mkdir()
-        with _server(store, folder, redis.url, server_args or []) as (server, target):
+        with _server(store, folder, redis.url, server_args or []) as server:
+            target = server.target
             start = time.monotonic()
             end = start + seconds
             threads = [
