@@ -8,10 +8,12 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -121,3 +123,53 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+@dataclass(frozen=True)
+class ServerProcess:
+    """A `premoe serve` process started by `premoe_server`: its gRPC address, process id and command line."""
+
+    target: str
+    pid: int
+    command: list[str]
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the server process has used so far, all its threads (Linux /proc; None elsewhere)."""
+        return process_cpu_seconds(self.pid)
+
+
+@contextmanager
+def premoe_server(store: Path, profiles: Path | None, args: Sequence[str] = ()) -> Iterator[ServerProcess]:
+    """Run `premoe serve --store STORE [--profiles DIR] --port P ARGS...` in a process of its own on a free loopback
+    port until the block ends; yields once it answers SERVING. A server that exits first is reported with the end
+    of its stderr. Every flag not in `args` keeps the default a user gets."""
+    port = free_port()
+    command = [sys.executable, "-m", "premoe_service.cli", "serve", "--store", str(store)]
+    command += ["--profiles", str(profiles)] if profiles is not None else []
+    command += ["--port", str(port), *args]
+    with tempfile.TemporaryFile(mode="w+") as stderr:
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        try:
+            target = f"127.0.0.1:{port}"
+            try:
+                wait_serving(server, target)
+            except RuntimeError as exc:
+                stderr.seek(0)
+                raise RuntimeError(f"{exc}; its stderr: {stderr.read()[-2000:]}") from None
+            yield ServerProcess(target, server.pid, command)
+        finally:
+            server.terminate()
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(10)
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU seconds of process `pid` (Linux /proc; None where it cannot be read)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None

@@ -20,7 +20,7 @@ def test_fallback_retention_bench_forces_every_prompt_to_the_fallback(tmp_path: 
     args += ["--background", str(ROOT / "reference" / "offtopic" / "background.jsonl")]
     args += ["--data", str(ROOT / "reference" / "tasks")]
     done = subprocess.run(
-        [sys.executable, "-m", "premoe_service.bench.fallback_retention", *args],
+        [sys.executable, "-m", "premoe_service.bench.route.fallback", *args],
         capture_output=True,
         text=True,
         timeout=600,

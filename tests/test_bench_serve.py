@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from premoe_service.bench.serve_stall import pick_newcomers
+from premoe_service.bench.serve.stall import pick_newcomers
 from premoe_service.cli import main
 from premoe_service.families.tiny import save_tiny_checkpoint
 from premoe_service.profiler import Demo, Selection, profile_store

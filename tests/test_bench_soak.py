@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from premoe_service.bench.soak import INTENDED, run
+from premoe_service.bench.soak.benchmark import INTENDED, run
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from premoe_service.bench import oracle
-from premoe_service.bench.scale import ScaleOptions
-from premoe_service.bench.scale import run as run_scale
-from premoe_service.bench.streams import locality_stream, switches
-from premoe_service.bench.switch import SwitchOptions
-from premoe_service.bench.switch import run as run_switch
+from premoe_service.bench.scale.benchmark import ScaleOptions
+from premoe_service.bench.scale.benchmark import run as run_scale
+from premoe_service.bench.switch import oracle
+from premoe_service.bench.switch.benchmark import SwitchOptions
+from premoe_service.bench.switch.benchmark import run as run_switch
+from premoe_service.bench.switch.streams import locality_stream, switches
 from premoe_service.families import MoESpec, RoutingSpec
 from premoe_service.pattern import Pattern
 from premoe_service.runtime.slots import LayerSlots
@@ -194,7 +194,7 @@ def test_locality_stream_is_seeded_with_bursts() -> None:
 def test_residency_checks_every_new_pattern_and_counts_pins_per_lease() -> None:
     from typing import cast
 
-    from premoe_service.bench.scale_tasks import Shape, deepseek_engine
+    from premoe_service.bench.scale.tasks import Shape, deepseek_engine
     from premoe_service.errors import PatternError, ResourceExhausted
     from premoe_service.runtime.residency import Residency
     from premoe_service.store.reader import Store, TierStats

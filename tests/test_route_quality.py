@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from premoe_service.bench.route_quality import ContinuationScorer, QualityRow, summarise, task_retention
+from premoe_service.bench.route.quality import ContinuationScorer, QualityRow, summarise, task_retention
 from premoe_service.engine import SamplingParams
 from premoe_service.families.tiny import save_tiny_checkpoint
 from premoe_service.pattern import Pattern

@@ -245,7 +245,7 @@ def test_the_server_registry_takes_the_signal_background_and_leads_from_its_conf
 
 
 def test_the_benchmarked_classifier_learns_the_none_class_from_background_items() -> None:
-    from premoe_service.bench.route_classifier import Item, fit, margin_at_loss
+    from premoe_service.bench.route.classifier import Item, fit, margin_at_loss
 
     rng = np.random.default_rng(0)
 

@@ -447,7 +447,7 @@ def test_cli_load_and_unload(server, client: PreMoeClient, capsys: pytest.Captur
 def test_the_pressure_bench_counts_tokens_latency_and_bytes_moved(server, client: PreMoeClient) -> None:
     """`premoe bench pressure`'s figures of one budget, against this server (4 tasks, 2 fit at a time)."""
     from premoe_service.bench.pressure import measure
-    from premoe_service.bench.serve_clients import Req
+    from premoe_service.bench.serve.clients import Req
 
     _, port = server
     requests = [Req(i, TASKS[i % 4], "the quick brown fox", 3) for i in range(24)]
@@ -463,7 +463,7 @@ def test_the_pressure_bench_counts_tokens_latency_and_bytes_moved(server, client
 
 def test_the_pressure_bench_can_serve_every_task_at_a_lower_precision(int8_server) -> None:
     from premoe_service.bench.pressure import measure
-    from premoe_service.bench.serve_clients import Req
+    from premoe_service.bench.serve.clients import Req
 
     client, target = int8_server
     requests = [Req(i, ("a", "b")[i % 2], "the quick brown fox", 2) for i in range(6)]

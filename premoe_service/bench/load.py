@@ -20,8 +20,7 @@ from ..runtime.residency import Budget
 from ..store import MemoryCache, RedisCache, Store, shard
 from ..store.precisions import PrecisionReader, quantized_copies
 from ..store.quant import DEFAULT_GROUP_SIZE
-from .common import interleaved
-from .fixtures import bench_model_dir
+from .common import bench_model_dir, interleaved
 
 
 @dataclass

@@ -12,7 +12,6 @@ import json
 import random
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -22,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidArgument
-from ..loopback import free_port, wait_serving
-from .serve_clients import Req, percentiles, run_clients_apart
+from ..loopback import premoe_server
+from .common import percentiles
+from .serve.clients import Req, run_clients_apart
 
 
 @dataclass
@@ -70,20 +70,8 @@ def build_requests(data: Path, tasks: list[str], count: int, new_tokens: int, te
 @contextmanager
 def serving(store: Path, profiles: Path, budget: str, device: str, extra: list[str]) -> Iterator[str]:
     """`premoe serve` at `budget` in its own process, as a user starts it; yields its address once SERVING."""
-    port = free_port()
-    command = [sys.executable, "-m", "premoe_service.cli", "serve", "--store", str(store), "--profiles", str(profiles)]
-    command += ["--port", str(port), "--budget", budget, "--device", device, *extra]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        target = f"127.0.0.1:{port}"
-        wait_serving(server, target)
-        yield target
-    finally:
-        server.terminate()
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    with premoe_server(store, profiles, ["--budget", budget, "--device", device, *extra]) as server:
+        yield server.target
 
 
 def measure(
@@ -207,7 +195,7 @@ def table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .options import parse_options
+    from .common import parse_options
 
     options = parse_options(PressureOptions, argv, "python -m premoe_service.bench.pressure", __doc__ or "")
     print(table(run(options)))

@@ -12,7 +12,7 @@ import torch
 from ..profiler import collect_scores
 from ..runtime.build import load_engine
 from ..store import Store, shard
-from .fixtures import bench_model
+from .common import bench_model
 
 
 def _param_bytes(module: torch.nn.Module) -> int:

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import InvalidArgument
-from .serve import baseline_threads
+from .serve.benchmark import baseline_threads
 
 PROMPTS = [
     "The river ran past the old mill, and the children followed it down to the sea.",
@@ -120,9 +120,9 @@ class EngineSteps:
 def run(options: StepBenchOptions) -> dict[str, Any]:
     """Run the benchmark; returns the report (also written to `options.out` as JSON and printed as a table)."""
     from ..runtime.build import resolve_device
-    from .serve import ServeBenchOptions, _store
-    from .serve_baselines import BaselineProcess
-    from .serve_report import machine
+    from .common import machine
+    from .serve.baselines import BaselineProcess
+    from .serve.benchmark import ServeBenchOptions, _store
 
     rows, threads = _rows(options.rows), baseline_threads(options.threads)
     if options.kv_len < 1 or options.steps < 1 or options.rounds < 1:

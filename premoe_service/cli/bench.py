@@ -85,7 +85,7 @@ def bench_profile(hidden: int, layers: int, experts: int, demos: int, tokens: in
 @bench_option("--index-sweep", is_flag=True, help="also exact against HNSW search")
 def bench_route(quick: bool, repeats: int | None, index_sweep: bool) -> int:
     """Print the accuracy on the labelled queries, then route latency against the raw baseline per registry size."""
-    from ..bench.route import main
+    from ..bench.route.benchmark import main
 
     main(quick, repeats, index_sweep)
     return 0
@@ -125,7 +125,7 @@ def bench_route_quality(
     """Serve each prompt as `premoe serve --store --profiles` does with its defaults (one greedy token; the reply
     names the final pattern), score the full model's greedy continuation under that pattern and under all experts,
     and print retention per task and for off-topic prompts with the mean share of experts kept."""
-    from ..bench.route_quality import main
+    from ..bench.route.quality import main
 
     main(Path(store), Path(profiles), queries, budget, coverage_floor, continuation, rows_out, save_retention)
     return 0
@@ -194,7 +194,7 @@ def bench_serve(**opts: Any) -> int:
     rounds: tokens/s, requests/s, TTFT and inter-token latency, errors, replies different from alone. Then the stall
     check: a long stream's inter-token latency while newcomers load experts from a Redis behind a throttled proxy,
     against the same newcomers with experts resident. Exit 1 on any error or reply different from alone."""
-    from ..bench.serve import ServeBenchOptions, run
+    from ..bench.serve.benchmark import ServeBenchOptions, run
 
     report = run(
         ServeBenchOptions(
@@ -263,7 +263,7 @@ def bench_switch(budgets: str, requests: int, out: str, quiet: bool) -> int:
     """Replay a task-local request stream on the reference model through the real residency and store code; print
     bytes moved, loads per tier, hit rates, evictions and switch latency against a full reload at every task
     change (PreMoe's way) and Belady's oracle, per budget; write the JSON report and a PNG beside it."""
-    from ..bench.switch import SwitchOptions, run, table
+    from ..bench.switch.benchmark import SwitchOptions, run, table
 
     plot = out.rsplit(".", 1)[0] + ".png"
     print(table(run(SwitchOptions(budgets=budgets, requests=requests, out=out, plot=plot, quiet=quiet))))
@@ -279,7 +279,7 @@ def bench_switch(budgets: str, requests: int, out: str, quiet: bool) -> int:
 def bench_scale(tasks: int, registry_tasks: int, budgets: str, out: str, quiet: bool) -> int:
     """Planning time, bytes moved and hit rates per request as the budget varies, route latency and registry
     start-up at thousands of tasks, on DeepSeek-V3-shaped metadata (real expert byte sizes in the accounting)."""
-    from ..bench.scale import ScaleOptions, run, table
+    from ..bench.scale.benchmark import ScaleOptions, run, table
 
     plot = out.rsplit(".", 1)[0] + ".png"
     options = ScaleOptions(tasks=tasks, registry_tasks=registry_tasks, budgets=budgets, out=out, plot=plot, quiet=quiet)
@@ -371,6 +371,6 @@ def bench_soak(
     good, malformed, cancelled, slow and deadline-bound requests and task registrations, kill Redis and restart it
     empty halfway, and print the count of each outcome, the unintended errors (exit 1 when there are any), and the
     server's resident memory after warm-up and at the end."""
-    from ..bench.soak import main
+    from ..bench.soak.benchmark import main
 
     return main(store, profiles, seconds, clients, max_new_tokens, queries, out)

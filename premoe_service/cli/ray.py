@@ -138,7 +138,7 @@ def bench_ray(
     tasks, and send one stream with task locality twice from a cold start: with the task as Serve's multiplexed
     model id, and with Serve's default routing. Prints bytes of experts moved, hit rate, tokens/s, latency, and how
     much of the saving comes from routing and how much from experts shared between patterns."""
-    from ..bench.ray_affinity import RayBenchOptions, main
+    from ..bench.ray.affinity import RayBenchOptions, main
 
     options = RayBenchOptions(store, profiles=profiles, requests=requests, warmup=warmup, clients=clients)
     return main(dataclasses.replace(options, tasks_held=tasks_held, seed=seed, out=out))

@@ -3,7 +3,7 @@
 Each signal's scores are z-normalised across the candidates of the prompt (the shortlisted tasks and, with a
 background set, the none-class), so that signals on different scales add up: a task's combined score says how
 far above the other candidates each signal puts it. The weights were chosen by measurement on the demos
-(leave-one-out, whole demos and their lines; `premoe_service.bench.route_signal`): the router input carries
+(leave-one-out, whole demos and their lines; `premoe_service.bench.route.signal`): the router input carries
 most of the router's evidence, the router distribution (16 numbers on the reference model) adds nothing once it
 is in, so its default weight is 0.
 

@@ -29,13 +29,13 @@ DEFAULT_THRESHOLD = 0.18
 # Similarity window for the union fallback: tasks this close to the best score are unioned.
 DEFAULT_UNION_MARGIN = 0.05
 # Weights of the router signals in the combined score and the none-class lead a match needs; measured on the
-# demos (leave-one-out) and the shipped background set: `python -m premoe_service.bench.route_signal`.
+# demos (leave-one-out) and the shipped background set: `python -m premoe_service.bench.route.signal`.
 DEFAULT_INPUT_WEIGHT = 2.0
 DEFAULT_DISTRIBUTION_WEIGHT = 0.0
 DEFAULT_MIN_LEAD = -1.0
 # The similarity floor when an off-topic none-class decides no-match: the none-class does the rejecting, the floor
 # only refuses prompts like no demo at all. Measured on the demos, their lines and the background alone (leave-one-
-# out, lead -1.0; `python -m premoe_service.bench.route_classifier`): floors from 0.00 to 0.15 reject the same
+# out, lead -1.0; `python -m premoe_service.bench.route.classifier`): floors from 0.00 to 0.15 reject the same
 # 91.3% of the background and lose the same 6.9% of positives; from 0.16 up losses rise (0.18: 8.9%, one more
 # background prompt refused). 0.10 keeps a margin below that, since users' prompts are less like the demos.
 DEFAULT_BACKGROUND_FLOOR = 0.10

@@ -1,0 +1,1 @@
+"""`premoe bench ray`: see benchmark.py."""

@@ -1,0 +1,1 @@
+"""`premoe bench route`: see benchmark.py."""

@@ -1,0 +1,1 @@
+"""`premoe bench scale`: see benchmark.py."""

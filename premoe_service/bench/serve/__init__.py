@@ -1,0 +1,1 @@
+"""`premoe bench serve`: see benchmark.py."""

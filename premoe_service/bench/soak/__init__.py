@@ -1,0 +1,1 @@
+"""`premoe bench soak`: see benchmark.py."""

@@ -1,0 +1,1 @@
+"""`premoe bench switch`: see benchmark.py."""
