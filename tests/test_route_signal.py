@@ -19,7 +19,7 @@ from premoe_service.retrieval import LocalProfileStore, MemoryProfileStore, Regi
 from premoe_service.retrieval.calibrate import calibrate, demo_lines, load_task_leads
 from premoe_service.retrieval.decision import decide_combined
 from premoe_service.retrieval.evidence import PromptEvidence
-from premoe_service.retrieval.router_signal import RouterSignal
+from premoe_service.runtime.router_signal import RouterSignal
 from premoe_service.store import Store, shard
 
 TEXTS = ["def add(a, b):\n    return a + b", "The cat sat on the mat.", "x"]

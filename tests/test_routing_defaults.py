@@ -14,8 +14,8 @@ from premoe_service.client import PreMoeClient
 from premoe_service.errors import DataCorruption
 from premoe_service.profiler import Demo, profile_store
 from premoe_service.retrieval import LocalProfileStore, RedisProfileStore, Registry, load_route_records
-from premoe_service.retrieval.router_signal import RouterSignal
 from premoe_service.retrieval.routing_record import ROUTING_FILE, RoutingRecord
+from premoe_service.runtime.router_signal import RouterSignal
 from premoe_service.server.app import running_server
 from premoe_service.serving import ServiceConfig
 from premoe_service.store import Store

@@ -78,8 +78,8 @@ def route_evaluate(
         _echo_result(plain, evaluate(plain, records))
         return 0
     from ..retrieval.calibrate import calibrate
-    from ..retrieval.router_signal import RouterSignal
     from ..retrieval.routing_record import ROUTING_FILE, RoutingRecord
+    from ..runtime.router_signal import RouterSignal
     from ..store import Store
 
     prompts = [r.query for r in load_route_records(background)] if background is not None else []

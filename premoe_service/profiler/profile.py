@@ -53,7 +53,7 @@ class Profile:
         examples: Prompts written the way users send them for this task, for retrieval only: they are embedded
             and get a router signal beside the demos, but score no expert (`premoe profile --examples`).
         router_scores: Each demo's router distribution at the first MoE layer (see
-            `retrieval.router_signal`), or None. [n, E] fp32
+            `runtime.router_signal`), or None. [n, E] fp32
         router_inputs: Each demo's mean router input at that layer, or None. [n, H] fp32
         router_layer: The decoder layer the router signal was read at, or None.
     """

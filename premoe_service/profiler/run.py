@@ -174,8 +174,8 @@ def profile_store(
     from transformers import AutoTokenizer
 
     from ..names import check_task_name
-    from ..retrieval.router_signal import RouterSignal
     from ..runtime.build import load_engine
+    from ..runtime.router_signal import RouterSignal
 
     check_task_name(name)
     if engine is None:

@@ -1,13 +1,13 @@
 """Retrieval: embed a prompt, find the task whose demos it resembles, or fall back; the task registry."""
 
 from .calibration import RouteEvaluation, RouteRecord, TaskEvaluation, evaluate, load_route_records, suggest_threshold
+from .decision import DEFAULT_THRESHOLD, RouteDecision, RoutePolicy, decide
 from .embedder import DEFAULT_EMBEDDER, Embedder, default_model_path
 from .index import HNSW_THRESHOLD, TaskIndex
-from .redis_store import RedisProfileStore
+from .profile_store import LocalProfileStore, MemoryProfileStore, ProfileStore, RedisProfileStore, open_profile_store
 from .registry import Registry
-from .router import DEFAULT_THRESHOLD, RouteDecision, RoutePolicy, Router, SupportsRoute, check_prompt, decide
+from .router import Router, SupportsRoute, check_prompt
 from .scoring import DEFAULT_TOP_M, task_scores
-from .stores import LocalProfileStore, MemoryProfileStore, ProfileStore, open_profile_store
 
 __all__ = [
     "DEFAULT_EMBEDDER",

@@ -21,12 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FailedPrecondition, InvalidArgument
+from ..runtime.router_signal import RouterFeatures
 from .calibration import RouteRecord
-from .decision import decide_combined
+from .decision import RouteDecision, RoutePolicy, decide_combined
 from .evidence import PromptEvidence, RouterEvidence
 from .registry import Registry
-from .router import RouteDecision, RoutePolicy
-from .router_signal import RouterFeatures
 from .scoring import task_scores
 
 MAX_LINES_PER_TASK = 30

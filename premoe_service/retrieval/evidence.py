@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import InvalidArgument
 from ..profiler.profile import Profile
-from .router_signal import RouterFeatures, RouterSignal
+from ..runtime.router_signal import RouterFeatures, RouterSignal
 from .scoring import DEFAULT_TOP_M
 
 NONE_CLASS = "(none)"

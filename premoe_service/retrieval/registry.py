@@ -14,14 +14,15 @@ import numpy as np
 from ..errors import DataCorruption, FailedPrecondition, InvalidArgument, NotFound, PreMoeError, Unavailable
 from ..names import check_task_name
 from ..profiler.profile import Profile
+from ..runtime.router_signal import RouterSignal
+from .decision import RouteDecision, RoutePolicy
 from .demo_vectors import demo_vectors
 from .embedder import Embedder
 from .evidence import RouterEvidence
 from .index import HNSW_THRESHOLD, IndexKind, TaskIndex
-from .router import RouteDecision, RoutePolicy, Router, check_prompt
-from .router_signal import RouterSignal
+from .profile_store import MemoryProfileStore, ProfileStore
+from .router import Router, check_prompt
 from .routing_record import ROUTING_FILE, RoutingRecord
-from .stores import MemoryProfileStore, ProfileStore
 
 log = logging.getLogger(__name__)
 

@@ -63,18 +63,22 @@ def load_engine(
             f"unexpected {sorted(unexpected)[:5]}",
             field="dense",
         )
-    _materialise_buffers(model, device)
+    materialise_buffers(model, device)
+    _check_loaded(model)
     model.eval()
     return engine, Residency(engine, store, wait_timeout_s=wait_timeout_s)
 
 
-def _materialise_buffers(model: nn.Module, device: torch.device) -> None:
-    """Recompute buffers that are derived from the config (rotary frequencies) and were left on meta."""
+def materialise_buffers(model: nn.Module, device: torch.device) -> None:
+    """Recompute buffers that are derived from the config (rotary frequencies) and were left on meta, on `device`.
+
+    Modules without a config are left as they are (a model built only in part, as the router signal's, keeps
+    the meta tensors of what it never runs)."""
     for name, module in model.named_modules():
         meta = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
-        if not meta:
-            continue
         config = getattr(module, "config", None)
+        if not meta or config is None:
+            continue
         try:
             fresh = type(module)(config)
         except TypeError as exc:
@@ -91,6 +95,9 @@ def _materialise_buffers(model: nn.Module, device: torch.device) -> None:
         for attr, value in vars(fresh).items():  # plain attributes computed with the buffers
             if not attr.startswith("_") and isinstance(value, (int, float)):
                 setattr(module, attr, value)
+
+
+def _check_loaded(model: nn.Module) -> None:
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise DataCorruption(f"tensors left without data after loading: {leftover[:5]}", field="dense")

@@ -8,7 +8,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -27,12 +27,15 @@ from ..serving.limits import check_token_ids
 from ..serving.results import Submission
 from .auth import Access
 from .chat import ChatTemplate
-from .http_io import BodyTooLarge, merged, read_json, sse, usage_so_far, watch_disconnect
+from .http_io import merged, read_json, sse, usage_so_far, watch_disconnect
 from .http_replies import (
+    ERROR_TYPES,
+    Endpoint,
     Spelling,
     chunk_body,
     completion_body,
     error_body,
+    error_reply,
     full_model_body,
     model_body,
     usage_chunk,
@@ -40,37 +43,10 @@ from .http_replies import (
 from .http_tasks import task_routes
 from .http_tokens import detokenize_body, text_pieces, tokenize_body, tokenizer_info_body
 from .http_types import AUTO, PARAM_NAMES, GenerationCall, Prompt
-from .interceptor import status_of
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Endpoint = Callable[[Request], Awaitable[Response]]
-
-# HTTP statuses of the gRPC codes that the one mapping in `interceptor.STATUS` gives our errors.
-HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    409: "conflict_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable_error",
-    504: "timeout_error",
-}
 
 
 class OpenAIApi:
@@ -356,14 +332,7 @@ class OpenAIApi:
 
 def _error(exc: BaseException) -> tuple[dict[str, Any], int, grpc.StatusCode]:
     """OpenAI's error body, the HTTP status and the gRPC code of an exception; `param` names the request field."""
-    code, _message = status_of(exc)
-    status = 413 if isinstance(exc, BodyTooLarge) else HTTP_STATUS.get(code, 500)
-    if status == 500 or not isinstance(exc, PreMoeError):
-        log.error("HTTP request failed", exc_info=exc)
-        return error_body("internal error; see the server log", "server_error", None, "internal"), 500, code
-    param = PARAM_NAMES.get(exc.field, exc.field) if exc.field else None
-    message = f"{param}: {exc.message}" if param and not exc.message.startswith(param) else exc.message
-    return error_body(message, ERROR_TYPES[status], param, code.name.lower()), status, code
+    return error_reply(exc, PARAM_NAMES)
 
 
 async def _replies(submission: Submission) -> AsyncGenerator[str | GenerationResult, None]:

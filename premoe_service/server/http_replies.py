@@ -2,12 +2,48 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import grpc
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..errors import PreMoeError
 from ..serving import GenerationResult, TaskView
+from .http_io import BodyTooLarge
 from .http_types import AUTO, GenerationCall
+from .interceptor import status_of
+
+log = logging.getLogger(__name__)
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+# HTTP statuses of the gRPC codes that the one mapping in `interceptor.STATUS` gives our errors.
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
@@ -175,3 +211,20 @@ def _lowered_counts(view: TaskView) -> dict[str, int]:
 
 def error_body(message: str, kind: str, param: str | None, code: str | None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_reply(
+    exc: BaseException, params: Mapping[str, str] | None = None
+) -> tuple[dict[str, Any], int, grpc.StatusCode]:
+    """OpenAI's error body, the HTTP status and the gRPC code of an exception (the one status table of
+    `interceptor` mapped to HTTP). `param` is the error's field, renamed by `params` where the door calls it
+    otherwise (the completions door's `model` for our `task`); anything but our own errors is a 500."""
+    code, message = status_of(exc)
+    status = 413 if isinstance(exc, BodyTooLarge) else HTTP_STATUS.get(code, 500)
+    if status == 500 or not isinstance(exc, PreMoeError):
+        log.error("HTTP request failed", exc_info=exc)
+        return error_body("internal error; see the server log", "server_error", None, "internal"), 500, code
+    param = (params or {}).get(exc.field, exc.field) if exc.field else None
+    if param and param != exc.field:
+        message = f"{param}: {exc.message}" if not exc.message.startswith(param) else exc.message
+    return error_body(message, ERROR_TYPES[status], param, code.name.lower()), status, code

@@ -7,30 +7,41 @@ import json
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import InvalidArgument, PreMoeError
+from ..errors import InvalidArgument
 from ..names import check_task_name
-from ..serving import TaskView
+from ..serving import ServingCore, TaskView
 from ..serving.loading import LoadResult, UnloadResult
+from .auth import Access
 from .http_io import MAX_BODY_BYTES, BodyTooLarge
-from .http_replies import error_body
-from .interceptor import status_of
+from .http_replies import Endpoint, error_reply
+from .metrics import Metrics
 from .types import PRECISIONS
 
-if TYPE_CHECKING:
-    from .http import Endpoint, OpenAIApi
+
+class TaskDoor(Protocol):
+    """What these paths use of the HTTP door (`http.TaskDoor`): the service, its executor, credentials and metrics."""
+
+    service: ServingCore
+    access: Access
+    metrics: Metrics | None
+
+    async def _run(self, fn: Callable[[], T]) -> T: ...
+
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 LOAD_FIELDS = frozenset({"pin", "timeout_s", "precision"})
 
 
-def task_routes(api: OpenAIApi) -> list[Route]:
+def task_routes(api: TaskDoor) -> list[Route]:
     """The lifecycle routes of `api`'s app."""
     paths = TaskPaths(api)
     return [
@@ -44,7 +55,7 @@ class TaskPaths:
     """Each path decodes, calls one `ServingCore` function on the door's executor, encodes; errors are the
     door's error JSON with the status of the gRPC code (a load that does not fit: 429)."""
 
-    def __init__(self, api: OpenAIApi) -> None:
+    def __init__(self, api: TaskDoor) -> None:
         self.api = api
 
     async def list(self, request: Request) -> Response:
@@ -89,19 +100,6 @@ class TaskPaths:
             return response
 
         return run
-
-
-def error_reply(exc: BaseException) -> tuple[dict[str, Any], int, grpc.StatusCode]:
-    """The error JSON, HTTP status and gRPC code of an exception, as the door answers them; `param` is the field
-    of these paths (`name` is the path's task name here, not OpenAI's `model`)."""
-    from .http import ERROR_TYPES, HTTP_STATUS  # the door's tables (imported here: http.py mounts these routes)
-
-    code, message = status_of(exc)
-    status = 413 if isinstance(exc, BodyTooLarge) else HTTP_STATUS.get(code, 500)
-    if status == 500 or not isinstance(exc, PreMoeError):
-        log.error("HTTP task call failed", exc_info=exc)
-        return error_body("internal error; see the server log", "server_error", None, "internal"), 500, code
-    return error_body(message, ERROR_TYPES[status], exc.field, code.name.lower()), status, code
 
 
 async def options_body(request: Request) -> dict[str, Any]:

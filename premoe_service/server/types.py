@@ -12,7 +12,8 @@ from ..pattern import PRECISION_ORDER, Pattern
 from ..profiler import Demo, Selection
 from ..profiler.profile import CRITERIA
 from ..serving import GenerationResult, RoutePlan, SamplingParams, ServiceConfig, ServiceStats, TaskView
-from ..serving.loading import LoadResult, TaskResidency, UnloadResult
+from ..serving.loading import LoadResult, UnloadResult
+from ..serving.tasks import TaskResidency
 from .gen import premoe_pb2 as pb
 
 DEFAULT_NEW_TOKENS = 64

@@ -12,8 +12,8 @@ from ..engine.loader import LoadJob
 from ..errors import InvalidArgument, ResourceExhausted, Unavailable
 from ..pattern import Pattern
 from ..retrieval import Registry
-from ..runtime.residency import PatternResidency, Residency
-from .tasks import TaskBook
+from ..runtime.residency import Residency
+from .tasks import TaskBook, TaskResidency
 
 # `LoadJob.request_id` of a task load: no request owns it, so the loop only commits it (request ids count from 1).
 TASK_LOAD = -1
@@ -187,12 +187,3 @@ class TaskLifecycle:
 
     def _nbytes_of(self, pattern: Pattern) -> int:
         return self.residency.describe(pattern, self.expert_nbytes).nbytes if pattern.size else 0
-
-
-@dataclass(frozen=True)
-class TaskResidency:
-    """A task's residency as the API reports it."""
-
-    state: PatternResidency
-    pinned: bool
-    loading: bool

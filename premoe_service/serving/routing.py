@@ -6,8 +6,8 @@ from typing import Any
 
 from ..retrieval import Embedder, ProfileStore, Registry, RoutePolicy, load_route_records
 from ..retrieval.calibrate import load_task_leads
-from ..retrieval.router_signal import RouterSignal
 from ..runtime.model import PatternedModel
+from ..runtime.router_signal import RouterSignal
 from ..store import Store
 from .config import ServiceConfig
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,10 +16,17 @@ from ..profiler import Demo, Profile, Selection, best_routable, profile_store, s
 from ..profiler.demos import check_examples
 from ..retrieval import Registry
 from ..runtime.model import PatternedModel
+from ..runtime.residency import PatternResidency
 from ..store import Store
 
-if TYPE_CHECKING:
-    from .loading import TaskResidency
+
+@dataclass(frozen=True)
+class TaskResidency:
+    """A task's residency as the API reports it."""
+
+    state: PatternResidency
+    pinned: bool
+    loading: bool
 
 
 @dataclass

@@ -29,7 +29,7 @@ from ...retrieval import Embedder, LocalProfileStore, Registry, RoutePolicy, loa
 from ...retrieval.calibrate import _LeaveOneOut, positive_items
 from ...retrieval.decision import decide_combined
 from ...retrieval.evidence import PromptEvidence
-from ...retrieval.router_signal import RouterFeatures, RouterSignal
+from ...runtime.router_signal import RouterFeatures, RouterSignal
 
 FEATURE_SETS = ("z", "raw", "raw+z")
 

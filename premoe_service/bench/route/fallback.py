@@ -20,9 +20,9 @@ from ...evaluation.run import TaskData, load_task_data, retention
 from ...pattern import Pattern
 from ...profiler import Selection
 from ...retrieval import Embedder, LocalProfileStore, Registry, load_route_records
-from ...retrieval.router_signal import RouterSignal
 from ...runtime.build import load_engine
 from ...runtime.residency import Budget
+from ...runtime.router_signal import RouterSignal
 from ...serving.tasks import TaskBook
 
 

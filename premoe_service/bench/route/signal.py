@@ -26,7 +26,7 @@ from ...retrieval import (
     load_route_records,
 )
 from ...retrieval.calibrate import calibrate
-from ...retrieval.router_signal import RouterSignal
+from ...runtime.router_signal import RouterSignal
 
 
 def variants(base: RoutePolicy) -> dict[str, RoutePolicy]:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from ..errors import DataCorruption, FailedPrecondition, InvalidArgument, NotFound
-from ..profiler.profile import Profile
-from .stores import LocalProfileStore
+from ...errors import DataCorruption, FailedPrecondition, InvalidArgument, NotFound
+from ...profiler.profile import Profile
+from .local import LocalProfileStore
 
 log = logging.getLogger(__name__)
 

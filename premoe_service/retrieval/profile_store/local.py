@@ -14,11 +14,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from ..errors import AlreadyExists, DataCorruption, NotFound
-from ..fsutil import atomic_write_bytes, atomic_writer, disk_error, ensure_folder, remove_stale_temps
-from ..names import TASK_NAME, check_task_name
-from ..profiler.profile import Profile
-from .routing_record import ROUTING_FILE
+from ...errors import AlreadyExists, DataCorruption, NotFound
+from ...fsutil import atomic_write_bytes, atomic_writer, disk_error, ensure_folder, remove_stale_temps
+from ...names import TASK_NAME, check_task_name
+from ...profiler.profile import Profile
+from ..routing_record import ROUTING_FILE
 
 log = logging.getLogger(__name__)
 
@@ -305,21 +305,3 @@ class LocalProfileStore:
         except OSError as exc:
             raise disk_error(exc, self.directory, "list the profile folder") from exc
         return profiles, tombstones
-
-
-def open_profile_store(profiles: str | Path | None, redis_url: str | None, fingerprint: str) -> ProfileStore | None:
-    """The registry's store for a deployment: Redis (shared by replicas) over the profile folder when both are
-    given, so a Redis that lost its data is re-seeded from the files; the folder alone; Redis alone (then Redis
-    is the only record: give it AOF persistence); or None for a registry in memory.
-
-    Args:
-        profiles: The profile folder (the record), or None.
-        redis_url: Redis URL, or None.
-        fingerprint: The model's store fingerprint; it namespaces the registry in Redis.
-    """
-    local = LocalProfileStore(profiles) if profiles is not None else None
-    if redis_url:
-        from .redis_store import RedisProfileStore
-
-        return RedisProfileStore(redis_url, namespace=f"premoe-registry:{fingerprint}", record=local)
-    return local

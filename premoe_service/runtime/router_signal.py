@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import DataCorruption, FailedPrecondition, InvalidArgument
 from ..families import RoutingSpec, adapter_for, full_scores
+from .build import materialise_buffers
 
 
 class _RouterReached(Exception):
@@ -105,7 +106,7 @@ class RouterSignal:
         model.load_state_dict(wanted, strict=False, assign=True)
         block = adapter.moe_block(model, self.layer)
         setattr(block, adapter.router_attr, _RouterTap(adapter.router(model, self.layer), spec.routing))
-        _materialise_buffers(model, self.device)
+        materialise_buffers(model, self.device)
         skipped = ("norm.", f"layers.{self.layer}.{adapter.block_attr}.{adapter.experts_attr}.")
         left = [
             n for n, t in [*base.named_parameters(), *base.named_buffers()] if t.is_meta and not n.startswith(skipped)
@@ -173,18 +174,3 @@ def _needed(key: str, last: int) -> bool:
     if parts[1] == "layers":
         return int(parts[2]) <= last
     return parts[1] != "norm"
-
-
-def _materialise_buffers(model: nn.Module, device: torch.device) -> None:
-    """Rebuild buffers derived from the config (rotary frequencies) that were left on the meta device."""
-    for module in model.modules():
-        meta = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
-        config = getattr(module, "config", None)
-        if not meta or config is None:
-            continue
-        fresh = type(module)(config)
-        for name in meta:
-            module.register_buffer(name, getattr(fresh, name).to(device), persistent=False)
-        for attr, value in vars(fresh).items():
-            if not attr.startswith("_") and isinstance(value, (int, float)):
-                setattr(module, attr, value)
