@@ -21,8 +21,8 @@ class BodyTooLarge(InvalidArgument):
     """A request body over the limit (HTTP 413)."""
 
 
-async def read_json(request: Request) -> dict[str, Any]:
-    """The body as a JSON object, refused past the gRPC door's message limit (read no further than that)."""
+async def read_body(request: Request) -> bytes:
+    """The body's bytes, refused past the gRPC door's message limit (read no further than that)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise BodyTooLarge(f"{declared} bytes, the limit is {MAX_BODY_BYTES}", field="body")
@@ -32,7 +32,12 @@ async def read_json(request: Request) -> dict[str, Any]:
         if size > MAX_BODY_BYTES:
             raise BodyTooLarge(f"over the limit of {MAX_BODY_BYTES} bytes", field="body")
         chunks.append(chunk)
-    return parse_body(b"".join(chunks))
+    return b"".join(chunks)
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The body as a JSON object, refused past the gRPC door's message limit."""
+    return parse_body(await read_body(request))
 
 
 async def watch_disconnect(request: Request, gone: threading.Event) -> None:

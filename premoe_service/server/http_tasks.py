@@ -20,7 +20,7 @@ from ..names import check_task_name
 from ..serving import ServingCore, TaskView
 from ..serving.loading import LoadResult, UnloadResult
 from .auth import Access
-from .http_io import MAX_BODY_BYTES, BodyTooLarge
+from .http_io import read_body
 from .http_replies import Endpoint, error_reply
 from .metrics import Metrics
 from .types import PRECISIONS
@@ -104,13 +104,7 @@ class TaskPaths:
 
 async def options_body(request: Request) -> dict[str, Any]:
     """The body as a JSON object; an empty body is no options (`{}`). Refused past the door's body limit."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise BodyTooLarge(f"over the limit of {MAX_BODY_BYTES} bytes", field="body")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    raw = await read_body(request)
     if not raw.strip():
         return {}
     try:
