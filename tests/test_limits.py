@@ -77,6 +77,17 @@ def test_prompt_and_new_tokens_must_fit_the_models_context(service) -> None:
     assert len(generate(service, "a" * 200, max_new_tokens=56).token_ids) == 56
 
 
+def test_a_prompt_too_long_in_tokens_is_refused_before_it_is_routed(service, monkeypatch) -> None:
+    routed: list[str] = []
+    route = service.registry.route  # the real routing, observed
+    monkeypatch.setattr(service.registry, "route", lambda prompt: routed.append(prompt) or route(prompt))
+    with pytest.raises(InvalidArgument, match="limit is 255") as info:
+        generate(service, "b" * 300, max_new_tokens=1)
+    assert info.value.field == "prompt" and routed == []  # neither embedded nor run through the router signal
+    generate(service, "b" * 20, max_new_tokens=1)
+    assert routed == ["b" * 20]
+
+
 def test_stop_strings_are_bounded(service) -> None:
     with pytest.raises(InvalidArgument) as info:
         generate(service, "hello", max_new_tokens=2, stop=("x" * 257,))

@@ -125,6 +125,10 @@ class ServingCore:
         """The pattern for a prompt: the named task's, the matched task's, or the fallback."""
         check_prompt_bytes(prompt, self.config.max_prompt_bytes)
         check_prompt(prompt)
+        return self._route(prompt, task)
+
+    def _route(self, prompt: str, task: str | None) -> RoutePlan:
+        """`route` for a prompt already checked."""
         if task:
             return self._override(task)
         start = time.perf_counter()
@@ -135,6 +139,11 @@ class ServingCore:
             except NotFound:  # a task deleted between the search and the read of its profile: search again
                 log.info("a task matched for a prompt was deleted meanwhile; routing again")
         raise Unavailable("the registered tasks kept changing while routing; retry", field="task")
+
+    def _route_text(self, prompt: str, task: str | None, prompt_ids: Sequence[int] | None) -> RoutePlan:
+        """The plan of a submitted prompt: a text prompt was checked with its tokens; token ids' text is checked
+        here, as retrieval reads it."""
+        return self._route(prompt, task) if prompt_ids is None else self.route(prompt, task)
 
     def _override(self, task: str) -> RoutePlan:
         """The named task's pattern, or every expert for the served model's own name."""
@@ -238,18 +247,21 @@ class ServingCore:
             raise Unavailable("the server is shutting down", field="server")
         params.check(self.config.max_new_tokens_limit)
         started = time.perf_counter()
-        if prompt_ids is not None:
-            ids = check_token_ids(prompt_ids, self.vocab_size)
         if params.stop_token_ids:
             check_token_ids(params.stop_token_ids, self.vocab_size, field="stop_token_ids")
-        # Token ids need no text unless retrieval picks the task (their text may be blank: special tokens only).
-        plan = self._override(task) if task and prompt_ids is not None else self.route(prompt, task)
-        if prompt_ids is None:
+        # Every check before any model work: a prompt too long is refused before it is embedded and routed.
+        if prompt_ids is not None:
+            ids = check_token_ids(prompt_ids, self.vocab_size)
+        else:
+            check_prompt_bytes(prompt, self.config.max_prompt_bytes)  # before the tokenizer reads it
+            check_prompt(prompt)
             ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
         context = getattr(self.engine.config, "max_position_embeddings", None)
         check_prompt_tokens(
             len(ids), params.max_new_tokens, self.config.max_prompt_tokens, None if context is None else int(context)
         )
+        # Token ids need no text unless retrieval picks the task (their text may be blank: special tokens only).
+        plan = self._override(task) if task and prompt_ids is not None else self._route_text(prompt, task, prompt_ids)
         floor = self.config.coverage_floor
         request = Request(
             ids,
