@@ -38,13 +38,13 @@ from premoe_service.profiler.channel_plan import (
 )
 from premoe_service.profiler.channels import CHANNEL_CRITERIA, kept_share
 from premoe_service.profiler.demo_error import channel_kept
-from premoe_service.profiler.precision import PrecisionOption, select_precisions
+from premoe_service.profiler.precision_plan import PrecisionOption, select_precisions
 from premoe_service.runtime.build import load_engine
 from premoe_service.runtime.model import PatternedModel
 from premoe_service.store import Store, shard
 from premoe_service.store.export import export_pruned
-from premoe_service.store.precisions import add_precisions
 from premoe_service.store.quant import packed_shapes, quantize
+from premoe_service.store.quantized_copies import add_precisions
 
 from .references import moe_blocks, random_pattern, router_of
 
@@ -377,8 +377,8 @@ def test_a_quantized_channel_slice_is_channel_major(family: str, tmp_path: Path)
     """Gate and up rows come from the store's copy as they are; the down projection is quantized per channel
     (each kept column a row of the hidden size, groups along it), unlike the copy's (groups along the channels)."""
     from premoe_service.store.channels import ChannelReader
-    from premoe_service.store.precisions import PrecisionReader
     from premoe_service.store.quant import dequantize
+    from premoe_service.store.quantized_copies import PrecisionReader
 
     tiny_model(family).save_pretrained(tmp_path / "ckpt")
     shard(tmp_path / "ckpt", tmp_path / "store", progress=False)

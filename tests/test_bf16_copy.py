@@ -13,11 +13,11 @@ from premoe_service.errors import InvalidArgument
 from premoe_service.families import adapter_for
 from premoe_service.families.tiny import save_tiny_checkpoint, tiny_config, tiny_model, tiny_tokenizer
 from premoe_service.pattern import FULL
-from premoe_service.profiler.precision import select_precisions, store_options
+from premoe_service.profiler.precision_plan import select_precisions, store_options
 from premoe_service.runtime.build import load_engine
 from premoe_service.runtime.quantized import attach_precisions
 from premoe_service.store import RedisCache, Store, shard
-from premoe_service.store.precisions import PrecisionReader, add_precisions
+from premoe_service.store.quantized_copies import PrecisionReader, add_precisions
 
 SPEC = adapter_for(tiny_config("qwen3_moe")).spec(tiny_config("qwen3_moe"))  # 8 experts, top-2
 

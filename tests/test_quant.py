@@ -16,13 +16,13 @@ from premoe_service.errors import AlreadyExists, DataCorruption, InvalidArgument
 from premoe_service.families import adapter_for
 from premoe_service.families.tiny import save_tiny_checkpoint, tiny_config
 from premoe_service.pattern import Pattern
-from premoe_service.profiler.precision import PrecisionOption, select_precisions, store_options
+from premoe_service.profiler.precision_plan import PrecisionOption, select_precisions, store_options
 from premoe_service.runtime.build import load_engine
 from premoe_service.runtime.quantized import attach_precisions
 from premoe_service.store import RedisCache, Store, shard
 from premoe_service.store.export import export_pruned
-from premoe_service.store.precisions import PrecisionReader, add_precisions
 from premoe_service.store.quant import dequantize, quantize
+from premoe_service.store.quantized_copies import PrecisionReader, add_precisions
 
 from .test_exactness import ATOL, logits, padded_batch
 

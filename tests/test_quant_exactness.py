@@ -17,7 +17,7 @@ from premoe_service.pattern import Pattern
 from premoe_service.runtime.build import load_engine
 from premoe_service.runtime.quantized import attach_precisions
 from premoe_service.store import MemoryCache, Store, shard
-from premoe_service.store.precisions import PrecisionReader, add_precisions
+from premoe_service.store.quantized_copies import PrecisionReader, add_precisions
 
 from .references import masked_transformers, random_pattern
 from .test_exactness import ATOL, greedy, logits, padded_batch

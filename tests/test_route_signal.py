@@ -16,9 +16,9 @@ from premoe_service.families import adapter_for
 from premoe_service.families.tiny import save_tiny_checkpoint, tiny_tokenizer
 from premoe_service.profiler.profile import Profile
 from premoe_service.retrieval import LocalProfileStore, MemoryProfileStore, Registry, RoutePolicy, RouteRecord
-from premoe_service.retrieval.calibrate import calibrate, demo_lines, load_task_leads
 from premoe_service.retrieval.decision import decide_combined
 from premoe_service.retrieval.evidence import PromptEvidence
+from premoe_service.retrieval.task_leads import calibrate, demo_lines, load_task_leads
 from premoe_service.runtime.router_signal import RouterSignal
 from premoe_service.store import Store, shard
 

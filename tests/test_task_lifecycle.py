@@ -297,7 +297,7 @@ def int8_server(embedder, tmp_path_factory: pytest.TempPathFactory):
     """The tiny model's store with int8 copies, served with two int8 slots per layer beside the full ones."""
     from premoe_service.families.tiny import save_tiny_checkpoint
     from premoe_service.store import shard
-    from premoe_service.store.precisions import add_precisions
+    from premoe_service.store.quantized_copies import add_precisions
 
     root = tmp_path_factory.mktemp("lifecycle-int8")
     save_tiny_checkpoint(root / "ckpt", "qwen3_moe")

@@ -14,11 +14,11 @@ from premoe_service.client import PreMoeClient
 from premoe_service.families.tiny import save_tiny_checkpoint
 from premoe_service.pattern import FULL
 from premoe_service.profiler import Profile
-from premoe_service.profiler.precision import select_precisions, store_options
+from premoe_service.profiler.precision_plan import select_precisions, store_options
 from premoe_service.server import running_server
 from premoe_service.serving import ServiceConfig
 from premoe_service.store import Store, shard
-from premoe_service.store.precisions import add_precisions
+from premoe_service.store.quantized_copies import add_precisions
 
 DEMOS = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n", "import os\nprint(os.sep)\n"]
 LOWER = ("int4", "int2")

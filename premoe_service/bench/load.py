@@ -18,8 +18,8 @@ from ..runtime.build import load_engine, resolve_device
 from ..runtime.quantized import attach_precisions
 from ..runtime.residency import Budget
 from ..store import MemoryCache, RedisCache, Store, shard
-from ..store.precisions import PrecisionReader, quantized_copies
 from ..store.quant import DEFAULT_GROUP_SIZE
+from ..store.quantized_copies import PrecisionReader, quantized_copies
 from .common import bench_model_dir, interleaved
 
 
@@ -298,7 +298,7 @@ def main(
             shard(ckpt, store_dir, progress=False)
         rows = bench_store(store_dir, url, rounds=rounds, device=device)
         if precisions:
-            from ..store.precisions import add_precisions
+            from ..store.quantized_copies import add_precisions
 
             add_precisions(store_dir, precisions, group_size, progress=False)
             rows += bench_quantized(store_dir, url, rounds, device)

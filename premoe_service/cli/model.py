@@ -39,7 +39,7 @@ def shard(model_dir: Path, out: Path, precisions: tuple[str, ...], group_size: i
     and write a store: manifest.json, dense.safetensors and one contiguous blob per expert. A rerun for the same
     checkpoint is a no-op, except that it adds the --precisions the store lacks."""
     from ..store import shard as shard_checkpoint
-    from ..store.precisions import add_precisions, quantized_copies
+    from ..store.quantized_copies import add_precisions, quantized_copies
 
     result = shard_checkpoint(model_dir, out, progress=not quiet)
     m = result.manifest
@@ -150,8 +150,8 @@ def export(store: Path, pattern: Path, out: Path, quiet: bool) -> int:
 )
 @option(
     "--objectives",
-    type=CommaList(LazyChoice(Lazy("premoe_service.profiler.precision", "OBJECTIVES"))),
-    default=Lazy("premoe_service.profiler.precision", "OBJECTIVES"),
+    type=CommaList(LazyChoice(Lazy("premoe_service.profiler.precision_plan", "OBJECTIVES"))),
+    default=Lazy("premoe_service.profiler.precision_plan", "OBJECTIVES"),
     help="mixed-precision objectives to compare (with --precisions)",
 )
 @option(
@@ -203,7 +203,7 @@ def evaluate(
     --channels too, experts may also hold only their best channels (docs/atomic-experts.md)."""
     from ..evaluation import evaluate_grid, load_task_data, markdown, write_reports
     from ..profiler import Profile
-    from ..profiler.precision import bf16_nbytes
+    from ..profiler.precision_plan import bf16_nbytes
     from ..runtime.residency import Budget
     from ..store import Store
 

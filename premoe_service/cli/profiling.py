@@ -141,7 +141,7 @@ def profile_show(file: Path, png: Path | None, top: int) -> int:
 )
 @option(
     "--objective",
-    type=LazyChoice(Lazy("premoe_service.profiler.precision", "OBJECTIVES")),
+    type=LazyChoice(Lazy("premoe_service.profiler.precision_plan", "OBJECTIVES")),
     default="error",
     help="with --precisions: what a precision is worth (error: EASY-EP x measured error; mc: frequency x weight)",
 )
@@ -233,7 +233,7 @@ def _precision_pattern(
     `channels`, the channels of experts held in part)."""
     from ..fsutil import atomic_write_bytes
     from ..pattern import FULL
-    from ..profiler.precision import OBJECTIVE_CRITERION, select_precisions, store_options
+    from ..profiler.precision_plan import OBJECTIVE_CRITERION, select_precisions, store_options
 
     manifest = opened.manifest
     nbytes = budget.bytes if budget.bytes is not None else int((budget.fraction or 0) * manifest.total_expert_bytes)
@@ -261,8 +261,8 @@ def _channel_pattern(
 ) -> int:
     """`premoe pattern --precisions --channels`: a channel-level plan (`profiler.channel_plan`)."""
     from ..profiler.channel_plan import ExpertShape, channel_counts, channel_options, select_channels
-    from ..profiler.precision import OBJECTIVE_CRITERION
-    from ..store.precisions import quantized_copies
+    from ..profiler.precision_plan import OBJECTIVE_CRITERION
+    from ..store.quantized_copies import quantized_copies
 
     manifest = opened.manifest
     shape = ExpertShape.of(manifest)

@@ -77,8 +77,8 @@ def route_evaluate(
     if store is None:
         _echo_result(plain, evaluate(plain, records))
         return 0
-    from ..retrieval.calibrate import calibrate
     from ..retrieval.routing_record import ROUTING_FILE, RoutingRecord
+    from ..retrieval.task_leads import calibrate
     from ..runtime.router_signal import RouterSignal
     from ..store import Store
 

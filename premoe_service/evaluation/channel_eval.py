@@ -43,12 +43,12 @@ from ..profiler.channel_plan import (
 from ..profiler.channels import CHANNEL_CRITERIA
 from ..profiler.demo_error import channel_kept, demo_errors
 from ..profiler.demos import Demo
-from ..profiler.precision import OBJECTIVE_CRITERION, bf16_nbytes, select_precisions, store_options
+from ..profiler.precision_plan import OBJECTIVE_CRITERION, bf16_nbytes, select_precisions, store_options
 from ..runtime.build import load_engine
 from ..runtime.slots import write_slot
 from ..store import Store
 from ..store.channels import ChannelReader
-from ..store.precisions import quantized_copies
+from ..store.quantized_copies import quantized_copies
 from .metrics import exact_match, mean_nll
 from .report import retention_grid
 from .run import TaskData, retention

@@ -25,7 +25,7 @@ from ..pattern import FULL, Pattern
 from ..profiler import Profile, Selection, select
 from ..profiler.demo_error import demo_errors
 from ..profiler.demos import Demo
-from ..profiler.precision import OBJECTIVE_CRITERION, OBJECTIVES, bf16_nbytes, select_precisions, store_options
+from ..profiler.precision_plan import OBJECTIVE_CRITERION, OBJECTIVES, bf16_nbytes, select_precisions, store_options
 from ..runtime.build import load_engine
 from ..runtime.quantized import attach_precisions
 from ..store import Store
@@ -143,7 +143,7 @@ def evaluate_precisions(
 
 
 def _group_size(store: Store, precisions: Sequence[str]) -> int:
-    from ..store.precisions import quantized_copies
+    from ..store.quantized_copies import quantized_copies
 
     copies = quantized_copies(store.manifest)
     sizes = {copies[p].group_size for p in precisions if copies[p].group_size}  # a float copy has no groups

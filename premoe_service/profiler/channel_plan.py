@@ -30,7 +30,7 @@ from ..families import MoESpec
 from ..pattern import FULL, Pattern
 from ..store.quant import BITS, FLOAT_PRECISIONS, SCALE_DTYPE, packed_shapes
 from .channels import best_channels, kept_share
-from .precision import PrecisionOption, choose_options
+from .precision_plan import PrecisionOption, choose_options
 
 DEFAULT_FRACTIONS: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4)  # shares of I, below whole
 

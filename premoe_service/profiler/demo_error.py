@@ -17,7 +17,7 @@ from ..pattern import Pattern
 from ..runtime.build import load_engine
 from ..runtime.quantized import attach_precisions
 from .demos import Demo
-from .precision import PrecisionOption
+from .precision_plan import PrecisionOption
 from .run import tokenize_demos
 
 
@@ -93,7 +93,7 @@ def channel_kept(
     from transformers import AutoTokenizer
 
     from .channels import kept_share
-    from .stats import ChannelBatch, expert_outputs
+    from .routing_stats import ChannelBatch, expert_outputs
 
     engine, _ = load_engine(store, device="cpu")
     spec = engine.spec

@@ -14,8 +14,8 @@ from ..experts import ExpertSource
 from ..runtime.model import PatternedModel
 from .demos import Demo, demo_hash
 from .profile import Profile
+from .routing_stats import StatsCollector
 from .selection import Selection
-from .stats import StatsCollector
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from ..server.gen import premoe_pb2 as pb
 from ..server.interceptor import ADMIN_METHODS
 from ..server.types import GenerateCall, name_from_pb, service_stats_to_pb
 from ..serving.limits import check_prompt_bytes
-from . import stats
+from . import published_stats
 from .calls import REPLICA_HEADER, Routed, decode, status_of_call
 from .http import model_of
 from .proxy import SERVICE
@@ -181,8 +181,8 @@ class PreMoeIngress:
         try:
             self._admit(grpc_context, "GetStats")
             decode(request, pb.GetStatsRequest)
-            records = await self._run(lambda: stats.gather(self.redis, self.app))
-            return service_stats_to_pb(stats.merge(records))
+            records = await self._run(lambda: published_stats.gather(self.redis, self.app))
+            return service_stats_to_pb(published_stats.merge(records))
         except Exception as exc:
             self._set_status(grpc_context, exc)
             return pb.GetStatsResponse()

@@ -18,7 +18,7 @@ from ..server.gen import premoe_pb2 as pb
 from ..server.servicer import GrpcDoor
 from ..server.types import GenerateCall, name_from_pb, stats_to_pb
 from ..serving import GenerationResult, ServingCore
-from . import stats
+from . import published_stats
 from .calls import DOOR_CALLS, LIFECYCLE_CALLS, Routed, decode, failure, reply
 from .holding import tasks_per_replica
 from .http import HttpTunnel
@@ -230,7 +230,7 @@ class EngineReplica:
         """This replica's stats into Redis for the deployment's GetStats (a failure only logs: stats are not
         worth a request)."""
         try:
-            stats.publish(
+            published_stats.publish(
                 self.redis,
                 self.app,
                 self.replica,

@@ -1,6 +1,6 @@
 """Retrieval: embed a prompt, find the task whose demos it resembles, or fall back; the task registry."""
 
-from .calibration import RouteEvaluation, RouteRecord, TaskEvaluation, evaluate, load_route_records, suggest_threshold
+from .accuracy import RouteEvaluation, RouteRecord, TaskEvaluation, evaluate, load_route_records, suggest_threshold
 from .decision import DEFAULT_THRESHOLD, RouteDecision, RoutePolicy, decide
 from .embedder import DEFAULT_EMBEDDER, Embedder, default_model_path
 from .index import HNSW_THRESHOLD, TaskIndex

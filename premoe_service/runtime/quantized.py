@@ -22,8 +22,8 @@ from ..errors import FailedPrecondition, InvalidArgument, PatternError
 from ..experts import bytes_view
 from ..pattern import FULL, Pattern
 from ..store.manifest import DTYPES
-from ..store.precisions import QuantizedCopy
 from ..store.quant import QuantizedWeight, dequantize
+from ..store.quantized_copies import QuantizedCopy
 from .slot_book import SlotBook
 from .slots import LayerSlots, expert_params
 
@@ -271,7 +271,7 @@ def _wrap_forward(experts: nn.Module, banks: Mapping[str, QuantizedBank]) -> Non
 def attach_precisions(engine: Any, store: Any, capacity: Mapping[str, Any]) -> QuantizedSlots:
     """Give a patterned model built from `store` slots for the store's quantized copies (precision -> slots
     per layer, one number or per layer); its patterns may then hold experts at those precisions."""
-    from ..store.precisions import PrecisionReader
+    from ..store.quantized_copies import PrecisionReader
 
     sources = {precision: PrecisionReader(store, precision) for precision in capacity}
     engine.quantized = QuantizedSlots(engine, sources, capacity)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..retrieval import Embedder, ProfileStore, Registry, RoutePolicy, load_route_records
-from ..retrieval.calibrate import load_task_leads
+from ..retrieval.task_leads import load_task_leads
 from ..runtime.model import PatternedModel
 from ..runtime.router_signal import RouterSignal
 from ..store import Store

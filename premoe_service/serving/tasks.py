@@ -157,7 +157,7 @@ class TaskBook:
         """Each expert dropped, lowered or full under the selection's bytes (full experts at the store's own
         bytes, as `premoe pattern --precisions` counts them), weighed by the copies' recorded weight errors."""
         from ..pattern import FULL
-        from ..profiler.precision import select_precisions, store_options
+        from ..profiler.precision_plan import select_precisions, store_options
 
         manifest = self.store.manifest
         budget = int(selection.value if selection.unit == "bytes" else selection.value * manifest.total_expert_bytes)
@@ -208,7 +208,7 @@ class TaskBook:
 
             raise AlreadyExists(f"task {name!r} exists; set replace to overwrite it", field="name")
         if selection.precisions:  # before profiling: a plan needs the store's copies at those precisions
-            from ..profiler.precision import store_options
+            from ..profiler.precision_plan import store_options
 
             store_options(self.store, precisions=selection.precisions)
             unserved = [p for p in selection.precisions if self.precision_slots and p not in self.precision_slots]

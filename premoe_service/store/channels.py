@@ -14,8 +14,8 @@ from torch import Tensor
 
 from ..families.channels import slice_channels
 from ..pattern import FULL
-from .precisions import PrecisionReader
 from .quant import BITS, FLOAT_PRECISIONS, TRANSPOSED_FAMILIES, dequantize, quantize
+from .quantized_copies import PrecisionReader
 from .reader import Store
 
 

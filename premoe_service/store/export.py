@@ -17,7 +17,7 @@ from ..pattern import FULL, Pattern
 from .channels import ChannelReader
 from .checkpoint_io import write_safetensors_streaming
 from .manifest import DENSE, MANIFEST
-from .precisions import PrecisionReader
+from .quantized_copies import PrecisionReader
 from .reader import Store
 
 _ROUTER_ROWS = ("weight", "bias", "e_score_correction_bias")  # per-expert rows of a router

@@ -65,7 +65,7 @@ class Manifest:
         layers: Layer index -> its expert file and per-expert checksums (xxh3-64 hex).
         dense_checksum: xxh3-64 of the dense file's tensor bytes.
         source: Where the checkpoint came from and in which layout its experts were (`per_expert`/`fused`).
-        quantized: Quantized copies of the experts by precision, as `premoe_service.store.precisions` writes them.
+        quantized: Quantized copies of the experts by precision, as `premoe_service.store.quantized_copies` writes them.
     """
 
     family: str
@@ -78,7 +78,7 @@ class Manifest:
     layers: dict[int, LayerFile]
     dense_checksum: str = ""
     source: dict[str, Any] = field(default_factory=dict)
-    quantized: dict[str, Any] = field(default_factory=dict)  # precision -> its copy (store/precisions.py)
+    quantized: dict[str, Any] = field(default_factory=dict)  # precision -> its copy (store/quantized_copies.py)
     format_version: int = STORE_FORMAT
 
     @property

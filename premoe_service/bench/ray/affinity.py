@@ -127,7 +127,7 @@ def one_mode(affinity: bool, ctx: dict[str, Any], options: RayBenchOptions) -> d
     import redis
     from ray import serve
 
-    from ...ray_serve import stats
+    from ...ray_serve import published_stats
     from ...ray_serve.app import start
     from ...ray_serve.settings import APP_NAME, RaySettings
 
@@ -147,11 +147,11 @@ def one_mode(affinity: bool, ctx: dict[str, Any], options: RayBenchOptions) -> d
             warm += run_stream(ctx["port"], [task], ctx["prompts"], options)  # which replica holds it (every 0.1 s)
             time.sleep(0.3)
         warm += run_stream(ctx["port"], ctx["stream"][: options.warmup], ctx["prompts"], options)
-        before = {r["replica"]: r for r in stats.gather(client, APP_NAME)}
+        before = {r["replica"]: r for r in published_stats.gather(client, APP_NAME)}
         started = time.perf_counter()
         records = run_stream(ctx["port"], ctx["stream"][options.warmup :], ctx["prompts"], options)
         wall = time.perf_counter() - started
-        after = {r["replica"]: r for r in stats.gather(client, APP_NAME)}
+        after = {r["replica"]: r for r in published_stats.gather(client, APP_NAME)}
     finally:
         serve.delete(APP_NAME)
     return summarise_mode(records, warm, before, after, wall, ctx["pattern_bytes"], options.tasks_held)

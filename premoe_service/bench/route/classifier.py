@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from ...retrieval import Embedder, LocalProfileStore, Registry, RoutePolicy, load_route_records
-from ...retrieval.calibrate import _LeaveOneOut, positive_items
 from ...retrieval.decision import decide_combined
 from ...retrieval.evidence import PromptEvidence
+from ...retrieval.task_leads import _LeaveOneOut, positive_items
 from ...runtime.router_signal import RouterFeatures, RouterSignal
 
 FEATURE_SETS = ("z", "raw", "raw+z")

@@ -25,7 +25,7 @@ from ...retrieval import (
     evaluate,
     load_route_records,
 )
-from ...retrieval.calibrate import calibrate
+from ...retrieval.task_leads import calibrate
 from ...runtime.router_signal import RouterSignal
 
 

@@ -211,7 +211,7 @@ def store_options(
 ) -> dict[str, PrecisionOption]:
     """The options a store offers: full precision (at `full_nbytes`, default the store's own expert bytes) and
     each quantized copy (its blob bytes and measured errors), or only those named in `precisions`."""
-    from ..store.precisions import quantized_copies
+    from ..store.quantized_copies import quantized_copies
 
     manifest = store.manifest
     options = {FULL: PrecisionOption(FULL, full_nbytes or manifest.expert_nbytes)}

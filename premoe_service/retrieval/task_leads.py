@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import FailedPrecondition, InvalidArgument
 from ..runtime.router_signal import RouterFeatures
-from .calibration import RouteRecord
+from .accuracy import RouteRecord
 from .decision import RouteDecision, RoutePolicy, decide_combined
 from .evidence import PromptEvidence, RouterEvidence
 from .registry import Registry
