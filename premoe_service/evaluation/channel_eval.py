@@ -17,7 +17,6 @@ experts excluded by the masked router. `tests/test_atomic.py` checks this equals
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ from ..store import Store
 from ..store.channels import ChannelReader
 from ..store.quantized_copies import quantized_copies
 from .metrics import exact_match, mean_nll
-from .report import retention_grid
+from .report import curves_of, retention_grid, write_files
 from .run import TaskData, retention
 
 EXPERT_LEVEL = "mixed-error"
@@ -280,22 +279,9 @@ def markdown(result: ChannelEvalResult) -> str:
 
 def write_channel_reports(result: ChannelEvalResult, out: Path) -> list[Path]:
     """`out/channels.json`, `out/channels.md`, `out/channels.png`."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "channels.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
-    (out / "channels.md").write_text(markdown(result))
-    return [out / "channels.json", out / "channels.md", plot(result, out / "channels.png")]
+    return write_files(out, "channels", result.to_json(), markdown(result), lambda path: plot(result, path))
 
 
 def plot(result: ChannelEvalResult, path: Path) -> Path:
-    curves = {
-        task: [
-            (
-                method,
-                sorted((float(b), v) for b, v in by_budget.items() if not math.isnan(v)),
-                "--" if method == EXPERT_LEVEL else "-",
-            )
-            for method, by_budget in result.retention[task].items()
-        ]
-        for task in result.retention
-    }
+    curves = curves_of(result.retention, lambda method: "--" if method == EXPERT_LEVEL else "-")
     return retention_grid(curves, "share of the experts' bf16 bytes", path, log2_x=True)

@@ -11,7 +11,6 @@ whatever the store's dtype. Per task and budget:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from ..runtime.build import load_engine
 from ..runtime.quantized import attach_precisions
 from ..store import Store
 from .metrics import exact_match, mean_nll
-from .report import retention_grid
+from .report import curves_of, retention_grid, write_files
 from .run import TaskData, retention
 
 DROP, UNIFORM = "drop", "uniform"
@@ -187,22 +186,9 @@ def markdown(result: PrecisionEvalResult) -> str:
 
 def write_precision_reports(result: PrecisionEvalResult, out: Path) -> list[Path]:
     """`out/precision.json`, `out/precision.md`, `out/precision.png`."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "precision.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
-    (out / "precision.md").write_text(markdown(result))
-    return [out / "precision.json", out / "precision.md", plot(result, out / "precision.png")]
+    return write_files(out, "precision", result.to_json(), markdown(result), lambda path: plot(result, path))
 
 
 def plot(result: PrecisionEvalResult, path: Path) -> Path:
-    curves = {
-        task: [
-            (
-                method,
-                sorted((float(b), v) for b, v in by_budget.items() if not math.isnan(v)),
-                "-" if method.startswith("mixed") else "--",
-            )
-            for method, by_budget in result.retention[task].items()
-        ]
-        for task in result.retention
-    }
+    curves = curves_of(result.retention, lambda method: "-" if method.startswith("mixed") else "--")
     return retention_grid(curves, "share of the experts' bf16 bytes", path, log2_x=True)

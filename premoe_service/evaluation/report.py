@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .run import RETRIEVAL_ITEMS, EvalResult
 
@@ -61,21 +63,35 @@ def retrieval_label(result: EvalResult) -> str:
 
 def write_reports(result: EvalResult, out: Path) -> list[Path]:
     """`out/eval.json`, `out/eval.md`, `out/retention.png`."""
+    return write_files(out, "eval", result.to_json(), markdown(result), lambda path: plot(result, path), "retention")
+
+
+def write_files(
+    out: Path, stem: str, payload: dict[str, Any], text: str, draw: Callable[[Path], Path], picture: str | None = None
+) -> list[Path]:
+    """An evaluation's report files: `out/STEM.json`, `out/STEM.md` and the plot `out/PICTURE.png` (default STEM)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
-    (out / "eval.md").write_text(markdown(result))
-    return [out / "eval.json", out / "eval.md", plot(result, out / "retention.png")]
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    return [out / f"{stem}.json", out / f"{stem}.md", draw(out / f"{picture or stem}.png")]
 
 
 def plot(result: EvalResult, path: Path) -> Path:
-    curves = {
+    return retention_grid(
+        curves_of(result.retention, lambda c: "--" if c == "random" else "-"), "share of routed experts kept", path
+    )
+
+
+def curves_of(retention: dict[str, dict[str, dict[str, float]]], style: Callable[[str], str]) -> dict[str, list[Curve]]:
+    """Per task, one curve per method: its (budget, retention) points in budget order (NaN cells left out), drawn
+    in the line style `style` gives the method."""
+    return {
         task: [
-            (criterion, sorted((float(b), v) for b, v in by_budget.items()), "--" if criterion == "random" else "-")
-            for criterion, by_budget in sorted(result.retention[task].items())
+            (method, sorted((float(b), v) for b, v in by_budget.items() if not math.isnan(v)), style(method))
+            for method, by_budget in sorted(methods.items())
         ]
-        for task in result.retention
+        for task, methods in retention.items()
     }
-    return retention_grid(curves, "share of routed experts kept", path)
 
 
 Curve = tuple[str, list[tuple[float, float]], str]  # label, (budget, retention) points, line style
