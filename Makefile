@@ -30,7 +30,8 @@ lock:
 	rm -rf .venv-lock && $(PY) -m venv .venv-lock
 	.venv-lock/bin/$(PIP) $(TORCH)
 	.venv-lock/bin/$(PIP) -e ".[dev,ray,plots]" "$(TORCH)"
-	{ sed -n '/^#/p' $(LOCK); .venv-lock/bin/pip freeze --exclude-editable \
+	{ grep '^#' $(LOCK) | grep -v '^# inputs:'; echo "# inputs: $$($(PY) scripts/lock_inputs.py) (pyproject.toml's dependency tables)"; \
+		.venv-lock/bin/pip freeze --exclude-editable \
 		| sed -E 's/^(torch==[^+]+)\+.*/\1/' | grep -v -E '^(pip|setuptools|wheel)=='; } > $(LOCK).new
 	diff $(LOCK) $(LOCK).new || true
 	mv $(LOCK).new $(LOCK)

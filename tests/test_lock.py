@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from scripts.lock_inputs import lock_inputs
+
 LOCK = Path(__file__).resolve().parents[1] / "requirements.lock"
 TOOLING = {"pip", "setuptools", "wheel", "premoe-service"}
 
@@ -58,6 +60,16 @@ def differences(pins: dict[str, str], present: dict[str, str]) -> list[str]:
 def test_venv_equals_the_lock() -> None:
     problems = differences(read_lock(LOCK.read_text()), installed())
     assert problems == [], "the venv differs from requirements.lock (run `make clean test`):\n" + "\n".join(problems)
+
+
+def test_the_lock_was_made_from_pyprojects_current_dependencies() -> None:
+    # `make lock` writes the fingerprint of pyproject.toml's dependency tables into the header; a range or extra
+    # changed since means the lock no longer is what those ranges were tested with.
+    header = re.search(r"^# inputs: (\w+)", LOCK.read_text(), re.MULTILINE)
+    assert header, "requirements.lock has no '# inputs:' line: run `make lock`"
+    assert header[1] == lock_inputs(LOCK.parent / "pyproject.toml"), (
+        "pyproject.toml's dependencies changed since requirements.lock was made: run `make lock`, then `make test`"
+    )
 
 
 def test_lock_comparison_sees_each_kind_of_difference() -> None:
