@@ -175,15 +175,20 @@ class Request:
         return self.params.prompt_logprobs or (self.coverage_floor > 0 and not self.widened)
 
     def choose(self, logits: Tensor) -> int:
-        """Its next token from its row's logits `[V]`, with its own options and generator."""
-        return choose(self._barred(logits), self.params, self.generator)
+        """Its next token from its row's logits `[V]` (already barred), with its own options and generator."""
+        return choose(logits, self.params, self.generator)
+
+    def barred(self) -> list[int]:
+        """The tokens it may not draw now: those that would end it while it has fewer than `min_tokens` (vLLM's
+        rule: its EOS unless `ignore_eos`, and its `stop_token_ids`)."""
+        if len(self.generated) >= self.params.min_tokens:
+            return []
+        return sorted((set() if self.params.ignore_eos else set(self.eos)) | set(self.params.stop_token_ids))
 
     def take(self, token: int, logits: Tensor, eos: set[int]) -> tuple[str, str]:
         """Append its next token (its log-probability too when asked for); returns why that token finished the
         request (eos, stop, length, or "") and the text it completes, which the caller sends."""
         params = self.params
-        if params.min_tokens and len(self.generated) < params.min_tokens and token in self._ends(eos):
-            token = int(torch.argmax(self._barred(logits, eos)))  # the batch's pick ended it too early
         self.generated.append(token)
         if params.logprobs is not None:
             self.token_logprobs += token_logprobs(logits.unsqueeze(0), torch.tensor([token]), params.logprobs)
@@ -193,20 +198,6 @@ class Request:
         if self.text.stopped:
             return "stop", piece
         return ("length" if len(self.generated) >= self.params.max_new_tokens else ""), piece
-
-    def _ends(self, eos: set[int] | frozenset[int]) -> set[int]:
-        return (set() if self.params.ignore_eos else set(eos)) | set(self.params.stop_token_ids)
-
-    def _barred(self, logits: Tensor, eos: set[int] | None = None) -> Tensor:
-        """`logits` with the tokens that would end it masked while it has fewer than `min_tokens` (vLLM's rule)."""
-        if len(self.generated) >= self.params.min_tokens:
-            return logits
-        ends = self._ends(self.eos if eos is None else eos)
-        if not ends:
-            return logits
-        barred = logits.clone()
-        barred[list(ends)] = float("-inf")
-        return barred
 
     def outcome(self, reason: str) -> Outcome:
         """What it reports once finished for `reason`."""

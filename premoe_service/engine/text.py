@@ -32,6 +32,11 @@ def sample(logits: Tensor, requests: Sequence[Any]) -> list[int]:
     """The next token of each row of `logits` `[N, V]` for the matching request: one argmax over the batch for
     greedy rows; a request with a seed draws with its own generator, exactly as alone; the other sampled rows draw
     together in one call."""
+    barred = [(row, ends) for row, request in enumerate(requests) if (ends := request.barred())]
+    if barred:  # rows under their min_tokens may not draw what would end them, whichever way they pick
+        logits = logits.clone()
+        for row, ends in barred:
+            logits[row, ends] = float("-inf")
     tokens: list[int] = logits.argmax(-1).tolist()
     free = []
     for row, request in enumerate(requests):
