@@ -8,10 +8,11 @@ request alone: transformers with the excluded experts' router scores masked, and
 to the request's experts (the unmodified model for the all-experts request). The references are fed the engine's
 tokens, so logits stay comparable even after a near-tie flip.
 
-- float64 (eager experts: the CPU grouped path rejects float64): logits within 1e-9 of both references; greedy tokens
-  equal. Except DeepSeek V2/V3: transformers computes their router (and V2's rotary embedding) in float32 even in a
-  float64 model, so transformers itself differs by ~1e-7 between a batched and a lone prompt; there the bound is twice
-  that difference, measured in the test as for float32.
+- float64 (the references with eager experts: the CPU grouped path rejects float64; the engine runs its own
+  experts path): logits within 1e-9 of both references; greedy tokens equal. Except DeepSeek V2/V3:
+  transformers computes their router (and V2's rotary embedding) in float32 even in a float64 model, so
+  transformers itself differs by ~1e-7 between a batched and a lone prompt; there the bound is twice that
+  difference, measured in the test as for float32.
 - float32: logits within max(1e-5, twice the difference transformers itself shows between a left-padded batch and
   each prompt alone, measured here on the same prompts); greedy tokens equal except where the reference's top-2
   margin is below 1e-4 (rounding, not a bug; counted and printed).
@@ -92,8 +93,7 @@ def build(root: Path, family: str, dtype: torch.dtype, budget: Budget | None = N
     tiny_tokenizer().save_pretrained(root / "ckpt")
     shard(root / "ckpt", root / "store", progress=False)
     store = Store(root / "store", open_cache(None))
-    engine, residency = load_engine(store, budget, device="cpu")
-    _eager(engine.model, dtype)
+    engine, residency = load_engine(store, budget, device="cpu")  # the engine's own experts path, float64 too
     return Setup(family, dtype, reference, store, engine, residency)
 
 

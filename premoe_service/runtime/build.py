@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..errors import DataCorruption, FailedPrecondition
 from ..families import adapter_for
 from ..store.reader import Store
+from .experts_forward import use_hit_experts
 from .model import PatternedModel
 from .residency import Budget, Residency
 
@@ -65,6 +66,7 @@ def load_engine(
         )
     materialise_buffers(model, device)
     _check_loaded(model)
+    use_hit_experts(model)
     model.eval()
     return engine, Residency(engine, store, wait_timeout_s=wait_timeout_s)
 
