@@ -20,12 +20,14 @@ from .batch import RunningBatch, StepPlan, forward
 from .inbox import Inbox
 from .kv import KVPool
 from .loader import Loader
+from .outbox import Outbox
 from .request import Request, Status
 from .schedule import pick_joiners
 from .stats import BatchLimits, LoopStats
 from .text import prompt_logprobs, sample
 
 log = logging.getLogger(__name__)
+
 
 
 class EngineLoop:
@@ -66,6 +68,7 @@ class EngineLoop:
         self.threads = threads  # torch intra-op threads for its forward passes; None: leave torch's setting
         self.stats = LoopStats()
         self._inbox = Inbox(observe)
+        self.outbox = Outbox()
         self.loader = Loader(engine, source, gate=loader_gate, wake=self._inbox.wake.set)
         self.admission = Admission(engine, residency, self.loader)
         self.waiting: list[Request] = []  # FIFO: waiting for slots, loading, or ready for a row
@@ -79,6 +82,7 @@ class EngineLoop:
 
     def submit(self, request: Request) -> Request:
         """Queue a request (any thread); its events come through `request.events()`."""
+        request.outbox = self.outbox
         self._inbox.put(request, waiting=len(self.waiting), limit=self.limits.max_queue)
         return request
 
@@ -139,9 +143,14 @@ class EngineLoop:
 
     # --- one step -------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def step(self) -> bool:
-        """Run one scheduling step; returns whether a forward pass ran."""
+        """Run one scheduling step; returns whether a forward pass ran. Its events reach the doors' event loops
+        when it ends, one hand-over per event loop."""
+        with self.outbox.holding():
+            return self._step()
+
+    @torch.no_grad()
+    def _step(self) -> bool:
         start = time.perf_counter()
         if self.threads is not None and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)  # re-applied: others in the process may change it

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from ..pattern import Pattern
+from .outbox import Outbox
 from .params import SamplingParams
 from .text import TextStream, TokenLogprob, choose, token_logprobs
 
@@ -83,6 +84,7 @@ class Request:
     wait_timeout_s: float = 30.0
     loop: asyncio.AbstractEventLoop | None = None
     eos: frozenset[int] = frozenset()  # the model's EOS ids (`min_tokens` masks them in sampled draws)
+    outbox: Outbox | None = None  # set by the engine loop it is submitted to: its events for `loop` wait there
     id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING_SLOTS
     generated: list[int] = field(default_factory=list)
@@ -132,6 +134,9 @@ class Request:
     def _put(self, item: Any) -> None:
         if self.loop is None or self._aqueue is None:
             self._events.put(item)
+            return
+        if self.outbox is not None:
+            self.outbox.put(self.loop, self._aqueue, item)
             return
         with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is listening any more
             self.loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
