@@ -29,7 +29,6 @@ from .text import prompt_logprobs, sample
 log = logging.getLogger(__name__)
 
 
-
 class EngineLoop:
     """Continuous batching across tasks.
 
