@@ -137,3 +137,33 @@ def test_newcomers_fit_beside_the_stream_but_not_beside_each_other() -> None:
     tasks, slots, forced = pick_newcomers(patterns, "s", None)
     assert tasks == ["a", "b"] and slots == 4 and forced == 2  # S+A+B needs 5 per layer: one reload per layer
     assert pick_newcomers(patterns, "s", 3) == (["c"], 3, 0)  # only c fits beside s in 3 slots
+
+
+def test_llama_baseline_needs_both_its_binary_and_its_gguf(tmp_path: Path) -> None:
+    from premoe_service.bench.serve.benchmark import ServeBenchOptions, _llama_wanted
+    from premoe_service.bench.serve.llama import llama_server
+    from premoe_service.errors import InvalidArgument
+
+    assert not _llama_wanted(ServeBenchOptions())
+    with pytest.raises(InvalidArgument) as missing:
+        _llama_wanted(ServeBenchOptions(llama_server="/usr/bin/true"))
+    assert missing.value.field == "llama_gguf"
+    with pytest.raises(InvalidArgument) as missing:
+        _llama_wanted(ServeBenchOptions(llama_gguf="model.gguf"))
+    assert missing.value.field == "llama_server"
+    with (
+        pytest.raises(InvalidArgument) as absent,
+        llama_server(str(tmp_path / "nope"), "x.gguf", slots=1, context=8, threads=1),
+    ):
+        pass
+    assert absent.value.field == "llama_server"
+
+
+def test_llama_replies_compare_with_ours_apart_from_our_final_eos() -> None:
+    from premoe_service.bench.serve.llama import compare
+
+    run = {"replies": [[5, 6, 7], [5, 6], [9], None], "tokens_per_s": 10.0, "wall_s": 1.0, "tokens": 6}
+    run |= {"errors": ["HTTPError: 500"], "pid": 1}
+    ours = [[5, 6, 7], [5, 6, 2], [8], [1]]  # equal; equal but our EOS (2); different; failed
+    summary = compare(run, ours)
+    assert summary["same_tokens_as_ours"] == 2 and summary["errors"] == 1 and summary["requests"] == 4

@@ -161,6 +161,11 @@ def bench_route_quality(
     help="comma-separated torch thread counts of the transformers baselines, the best is compared (default: 1 and "
     "all cores)",
 )
+@bench_option(
+    "--llama-server",
+    help="llama.cpp's llama-server binary: adds llama.cpp as a baseline (with --llama-gguf; see docs/serving.md)",
+)
+@bench_option("--llama-gguf", help="the same model converted to GGUF, for --llama-server")
 @bench_option("--serve-opt", multiple=True, help="stall check: extra ServiceConfig field NAME=VALUE (repeatable)")
 @bench_option("--no-baselines", is_flag=True, help="skip the transformers baselines")
 @bench_option("--no-continuous", is_flag=True, help="skip transformers continuous batching")
@@ -227,6 +232,8 @@ def bench_serve(**opts: Any) -> int:
             baseline_threads=opts["baseline_threads"],
             quiet=opts["quiet"],
             clients_apart=not opts["clients_in_process"],
+            llama_server=opts["llama_server"],
+            llama_gguf=opts["llama_gguf"],
         )
     )
     return 0 if report["errors"] == 0 and report["mismatches"] == 0 else 1

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ...errors import InvalidArgument
-from .clients import build_requests, parse_range, run_clients, run_clients_apart, summarize
+from .clients import Req, build_requests, parse_range, run_clients, run_clients_apart, summarize
 from .report import assemble, table
 
 
@@ -58,6 +60,8 @@ class ServeBenchOptions:
     baseline_threads: str | None = None  # "1,2": torch threads of the baselines; None: 1 and all cores
     quiet: bool = False
     clients_apart: bool = True  # clients in their own process (as real clients are), else threads of this one
+    llama_server: str | None = None  # llama.cpp's llama-server binary: adds its baseline (with `llama_gguf`)
+    llama_gguf: str | None = None  # the same model as a GGUF file
 
 
 def _store(options: ServeBenchOptions) -> Path:
@@ -147,7 +151,10 @@ def run(options: ServeBenchOptions) -> dict[str, Any]:
     )
     token_limit = max(options.stall_tokens, max(r.max_new_tokens for r in requests))
     kinds = ["padded", *(["continuous"] if options.continuous else [])]
+    use_llama = _llama_wanted(options)
+    prompt_ids = _prompt_ids(store, requests) if use_llama else []
     per_round = len(counts) * (1 + options.baselines * len(threads) * len(kinds)) + options.baselines * len(threads)
+    per_round += len(counts) * len(threads) * use_llama
     bar = tqdm(total=options.rounds * per_round + 2, disable=options.quiet, desc="bench serve", unit="run")
 
     def tick(desc: str) -> None:
@@ -160,6 +167,7 @@ def run(options: ServeBenchOptions) -> dict[str, Any]:
         k: {n: {t: [] for t in threads} for n in counts} for k in ("padded", "continuous")
     }
     base_alone: dict[int, list[dict[str, Any]]] = {t: [] for t in threads}
+    llama: dict[int, dict[int, list[dict[str, Any]]]] = {n: {t: [] for t in threads} for n in counts}
     processes: dict[str, Any] = {"bench": os.getpid()}
     send = run_clients_apart if options.clients_apart else run_clients
     serving = server_process(
@@ -186,6 +194,16 @@ def run(options: ServeBenchOptions) -> dict[str, Any]:
             for t in threads:
                 for kind in kinds:
                     hf.run(kind, t, n=counts[-1])
+        llama_servers = {}
+        if use_llama:  # idle processes of their own while the others are measured, as the transformers worker
+            from .llama import llama_server
+
+            context = max(len(ids) for ids in prompt_ids) + max(lengths) + 8
+            for t in threads:
+                llama_servers[t] = stack.enter_context(
+                    llama_server(options.llama_server, options.llama_gguf, slots=counts[-1], context=context, threads=t)  # type: ignore[arg-type]
+                )
+            processes["llama_server"] = sorted(s.pid for s in llama_servers.values())
         for r in range(options.rounds):  # interleaved: every configuration once per round
             for n in counts:
                 tick(f"round {r + 1}/{options.rounds}: ours, {n} clients")
@@ -198,6 +216,9 @@ def run(options: ServeBenchOptions) -> dict[str, Any]:
                     for kind in kinds:
                         tick(f"round {r + 1}/{options.rounds}: transformers {kind}, {n} rows, {t} threads")
                         base[kind][n][t].append(hf.run(kind, t, n=n))  # type: ignore[union-attr]
+                for t, llama_proc in llama_servers.items():
+                    tick(f"round {r + 1}/{options.rounds}: llama.cpp, {n} clients, {t} threads")
+                    llama[n][t].append(_llama_round(llama_proc, prompt_ids, lengths, n, requests, alone))
             for t in threads if hf is not None else []:
                 tick(f"round {r + 1}/{options.rounds}: transformers alone, {t} threads")
                 base_alone[t].append(hf.run("alone", t))  # type: ignore[union-attr]
@@ -218,6 +239,8 @@ def run(options: ServeBenchOptions) -> dict[str, Any]:
     config = dataclasses.asdict(options)
     report = assemble(config, device, requests, lengths, lone, ours, base, base_alone, stall)
     report["processes"] = processes
+    if use_llama:
+        report["llama_cpp"] = _llama_summary(llama, report)
     report["machine"]["loadavg"] = {"start": loadavg[0], "end": loadavg[1]}
     print(table(report))
     if options.out:
@@ -225,6 +248,66 @@ def run(options: ServeBenchOptions) -> dict[str, Any]:
         Path(options.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {options.out}")
     return report
+
+
+def _llama_wanted(options: ServeBenchOptions) -> bool:
+    """Whether the llama.cpp baseline runs: both its binary and its GGUF given (one alone is an error)."""
+    if bool(options.llama_server) != bool(options.llama_gguf):
+        missing = "llama_gguf" if options.llama_server else "llama_server"
+        raise InvalidArgument("the llama.cpp baseline needs both --llama-server and --llama-gguf", field=missing)
+    return bool(options.llama_server)
+
+
+def _prompt_ids(store: Path, requests: Sequence[Req]) -> list[list[int]]:
+    """Each request's prompt as our server tokenizes it (the llama.cpp baseline is sent these ids)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(store, local_files_only=True)
+    return [list(tokenizer(r.prompt)["input_ids"]) for r in requests]
+
+
+def _llama_round(
+    server: Any,
+    prompt_ids: list[list[int]],
+    lengths: list[int],
+    clients: int,
+    requests: Sequence[Req],
+    alone: dict[int, list[int]],
+) -> dict[str, Any]:
+    from .llama import compare, run_llama_clients
+
+    before = server.cpu_seconds()
+    result = compare(
+        run_llama_clients(server.url, prompt_ids, lengths, clients), [alone.get(r.index, []) for r in requests]
+    )
+    result["cpu_s"] = _spent(before, server.cpu_seconds())
+    result["tokens_per_cpu_s"] = _per(result["tokens"], result["cpu_s"])
+    result["pid"] = server.pid
+    return result
+
+
+def _llama_summary(llama: dict[int, dict[int, list[dict[str, Any]]]], report: dict[str, Any]) -> dict[str, Any]:
+    """Per client count: llama.cpp's median tokens/s at each thread count, the best, and ours against it."""
+    out: dict[str, Any] = {}
+    for n, by_threads in llama.items():
+        medians = {t: statistics.median(r["tokens_per_s"] for r in rows) for t, rows in by_threads.items() if rows}
+        if not medians:
+            continue
+        top = max(medians, key=lambda t: medians[t])
+        ours = report["results"][str(n)]["ours"]["tokens_per_s"]
+        rows = by_threads[top]
+        out[str(n)] = {
+            "tokens_per_s": medians[top],
+            "threads": top,
+            "by_threads": {str(t): v for t, v in medians.items()},
+            "tokens_per_cpu_s": statistics.median(r["tokens_per_cpu_s"] or 0.0 for r in rows),
+            "same_tokens_as_ours": min(r["same_tokens_as_ours"] for r in rows),
+            "requests": rows[0]["requests"],
+            "errors": sum(r["errors"] for r in rows),
+            "ours_over_llama": None if ours is None else ours / medians[top],
+            "rounds": {str(t): r for t, r in by_threads.items()},
+        }
+    return out
 
 
 def _spent(before: float | None, after: float | None) -> float | None:

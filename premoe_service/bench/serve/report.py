@@ -166,6 +166,18 @@ def render(report: dict[str, Any]) -> str:
                 lines.append(f"  hf {kind} at {n}: {error}")
         for message in entry["ours"]["error_messages"]:
             lines.append(f"  ours at {n}: {message}")
+    llama = report.get("llama_cpp")
+    if llama:
+        lines.append(
+            "llama.cpp's llama-server (every expert, a slot per client, the same prompt ids, greedy): "
+            + "; ".join(
+                f"{n} clients {_f(e['tokens_per_s'])} tok/s at {e['threads']} thr (ours/llama.cpp "
+                f"{_f(e['ours_over_llama'], '.2f')}; {e['same_tokens_as_ours']}/{e['requests']} replies equal ours, "
+                "whose experts are the tasks' patterns; "
+                f"errors {e['errors']})"
+                for n, e in llama.items()
+            )
+        )
     stall = report.get("stall")
     if stall:
         lines.append("")
