@@ -24,7 +24,7 @@ from ..retrieval import (
     check_prompt,
     open_profile_store,
 )
-from ..runtime.build import load_engine
+from ..runtime.build import load_model
 from ..runtime.eviction import SharedUseTracker
 from ..runtime.quantized import attach_precisions
 from ..store import Store, open_cache
@@ -54,7 +54,7 @@ class ServingCore:
         self.config = config
         self.cache = open_cache(config.redis_url)
         self.store = Store(config.store, self.cache)
-        self.engine, self.residency = load_engine(
+        self.engine, self.residency = load_model(
             self.store, config.budget_value, config.device, wait_timeout_s=config.lease_timeout_s
         )
         if config.precision_slots:
@@ -64,7 +64,7 @@ class ServingCore:
         self.served_model_name = config.served_model_name or _model_name(self.store)
         # The logits' width: the ids a prompt may hold.
         self.vocab_size = int(getattr(self.engine.config, "vocab_size", None) or len(self.tokenizer))
-        profiler_engine, _ = load_engine(
+        profiler_engine, _ = load_model(
             self.store, device=self.engine.device, capacity=0, dense=self.engine.dense_state_dict()
         )
         self.embedder = embedder or Embedder(config.embedder)
