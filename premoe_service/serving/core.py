@@ -16,7 +16,7 @@ import torch
 from ..engine import BatchLimits, EngineLoop, Outcome, Request, SamplingParams
 from ..errors import AlreadyExists, NotFound, ResourceExhausted, Unavailable
 from ..pattern import Pattern
-from ..profiler import Demo
+from ..profiler import Demo, Profile
 from ..retrieval import (
     Embedder,
     ProfileStore,
@@ -132,13 +132,7 @@ class ServingCore:
         if task:
             return self._override(task)
         start = time.perf_counter()
-        for _ in range(3):
-            decision = self.registry.route(prompt)
-            try:
-                return self._plan(decision, start)
-            except NotFound:  # a task deleted between the search and the read of its profile: search again
-                log.info("a task matched for a prompt was deleted meanwhile; routing again")
-        raise Unavailable("the registered tasks kept changing while routing; retry", field="task")
+        return self._plan(self.registry.route(prompt), start)
 
     def _route_text(self, prompt: str, task: str | None, prompt_ids: Sequence[int] | None) -> RoutePlan:
         """The plan of a submitted prompt: a text prompt was checked with its tokens; token ids' text is checked
@@ -173,8 +167,9 @@ class ServingCore:
             decision, record.task_retention if record is not None else {}, all_fit=capacity >= self.spec.num_experts
         )
         reason = f"{decision.reason}; {width.why}" if width.why and width.wide else decision.reason
+        # The decision carries the profiles it names, read with the search: a task deleted since is served as found.
         if decision.matched and decision.task is not None:
-            pattern = self.tasks.pattern(self.registry.get(decision.task))
+            pattern = self.tasks.pattern(_profile(decision, decision.task))
             return RoutePlan(
                 "match",
                 decision.task,
@@ -189,7 +184,8 @@ class ServingCore:
         if width.wide:
             pattern = Pattern.full(self.spec)
         else:
-            pattern = self.tasks.fallback_pattern(decision.fallback_tasks, capacity)
+            profiles = [_profile(decision, name) for name in decision.fallback_tasks]
+            pattern = self.tasks.union_pattern(profiles, capacity)
         return RoutePlan(
             "fallback",
             "",
@@ -374,6 +370,14 @@ class ServingCore:
             queued=self.loop.stats.queued,
             generated_tokens=self.loop.stats.tokens,
         )
+
+
+def _profile(decision: RouteDecision, task: str) -> Profile:
+    """The profile of a task the decision names, as the registry held it when it decided."""
+    profile = decision.profiles.get(task)
+    if profile is None:  # a configured general fallback task that is not registered
+        raise NotFound(f"routing named task {task!r}, which is not registered", field="task")
+    return profile
 
 
 def _eos_ids(model: Any) -> set[int]:
