@@ -39,7 +39,7 @@ from transformers import DynamicCache
 
 from premoe_service.engine import BatchLimits, EngineLoop, Request, SamplingParams, Status
 from premoe_service.engine.attention import PackedStep
-from premoe_service.engine.request import Outcome
+from premoe_service.engine.result import GenerationResult as Outcome
 from premoe_service.families import MoESpec
 from premoe_service.families.tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
 from premoe_service.pattern import Pattern

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from premoe_service.engine import BatchLimits, EngineLoop, Outcome, Request, SamplingParams, Status
+from premoe_service.engine import BatchLimits, EngineLoop, Request, SamplingParams, Status
+from premoe_service.engine import GenerationResult as Outcome
 from premoe_service.errors import DeadlineExceeded, ResourceExhausted
 from premoe_service.families.tiny import save_tiny_checkpoint, tiny_model, tiny_tokenizer
 from premoe_service.pattern import Pattern

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from premoe_service.engine import EngineLoop, Outcome, Request, SamplingParams, Status
+from premoe_service.engine import EngineLoop, Request, SamplingParams, Status
+from premoe_service.engine import GenerationResult as Outcome
 from premoe_service.families import adapter_for
 from premoe_service.families.tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
 from premoe_service.pattern import Pattern

@@ -23,8 +23,8 @@ from starlette.routing import Route
 from ..errors import InvalidArgument, PreMoeError
 from ..names import check_task_name
 from ..serving import GenerationResult, ServingCore
+from ..serving import Request as EngineRequest
 from ..serving.limits import check_token_ids
-from ..serving.results import Submission
 from .auth import Access
 from .chat import ChatTemplate
 from .http_io import merged, read_json, sse, usage_so_far, watch_disconnect
@@ -167,7 +167,7 @@ class OpenAIApi:
         except BaseException:
             watcher.cancel()
             raise
-        streams = [_replies(submission) for submission in submissions]
+        streams = [submitted.aevents() for submitted in submissions]
         try:
             firsts = await asyncio.gather(*(anext(items) for items in streams))
         except BaseException:
@@ -190,7 +190,9 @@ class OpenAIApi:
             results.append(first)
         return JSONResponse(completion_body(call, results, self.total_experts, self.spelling))
 
-    def _submit(self, call: GenerationCall, gone: threading.Event, loop: asyncio.AbstractEventLoop) -> list[Submission]:
+    def _submit(
+        self, call: GenerationCall, gone: threading.Event, loop: asyncio.AbstractEventLoop
+    ) -> list[EngineRequest]:
         """Queue each prompt as a request of its own; if one is refused, those already queued are cancelled and
         the error names the prompt (`prompt[i]` when there are several)."""
         submissions = []
@@ -224,7 +226,7 @@ class OpenAIApi:
         sample: int,
         gone: threading.Event,
         loop: asyncio.AbstractEventLoop,
-    ) -> Submission:
+    ) -> EngineRequest:
         """The `sample`-th choice of a prompt, drawn with seed + sample (vLLM's rule for n samples)."""
         params = call.params
         if seed is not None:
@@ -243,7 +245,7 @@ class OpenAIApi:
     async def _events(
         self,
         call: GenerationCall,
-        submissions: list[Submission],
+        submissions: list[EngineRequest],
         firsts: list[str | GenerationResult],
         streams: list[AsyncGenerator[str | GenerationResult, None]],
         watcher: asyncio.Task[None],
@@ -259,7 +261,7 @@ class OpenAIApi:
                 if call.chat:
                     yield sse(chunk_body(call, index=index))  # the role delta
                 if call.echo:
-                    echoed = "".join(self.spelling.pieces(submission.request.prompt_ids, False))
+                    echoed = "".join(self.spelling.pieces(submission.prompt_ids, False))
                     yield sse(chunk_body(call, echoed, index=index))
             async for index, item in events:
                 if isinstance(item, GenerationResult):
@@ -269,9 +271,8 @@ class OpenAIApi:
                 else:
                     body = chunk_body(call, item, index=index)
                     if options.continuous_usage_stats:
-                        generated = sum(len(s.request.generated) for s in submissions)
-                        prompts = [s.request for s in submissions[:: call.n]]
-                        body["usage"] = usage_so_far(prompts, generated)
+                        generated = sum(len(s.generated) for s in submissions)
+                        body["usage"] = usage_so_far(submissions[:: call.n], generated)
                     yield sse(body)
             if options.include_usage:
                 yield sse(usage_chunk(call, results))
@@ -333,12 +334,6 @@ class OpenAIApi:
 def _error(exc: BaseException) -> tuple[dict[str, Any], int, grpc.StatusCode]:
     """OpenAI's error body, the HTTP status and the gRPC code of an exception; `param` names the request field."""
     return error_reply(exc, PARAM_NAMES)
-
-
-async def _replies(submission: Submission) -> AsyncGenerator[str | GenerationResult, None]:
-    """A submitted request's text pieces, then its result."""
-    async for item in submission.request.aevents():
-        yield item if isinstance(item, str) else submission.result(item)
 
 
 async def _routing_error(request: Request, exc: Exception) -> Response:

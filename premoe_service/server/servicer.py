@@ -84,7 +84,7 @@ class GrpcDoor(pb_grpc.PreMoeServicer):
         call = GenerateCall.from_pb(request)
         deadline, cancelled = _deadline(context), _cancel_flag(context)
         loop = asyncio.get_running_loop()
-        submission = await self._run(
+        submitted = await self._run(
             lambda: self.service.submit(
                 call.prompt,
                 call.params,
@@ -95,8 +95,8 @@ class GrpcDoor(pb_grpc.PreMoeServicer):
                 loop=loop,
             )
         )
-        async for item in submission.request.aevents():
-            yield item if isinstance(item, str) else submission.result(item)
+        async for item in submitted.aevents():
+            yield item
 
     def _observe(self, result: GenerationResult, ttft: float | None) -> None:
         if self.metrics is None:

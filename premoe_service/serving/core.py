@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..engine import BatchLimits, EngineLoop, Outcome, Request, SamplingParams
+from ..engine import BatchLimits, EngineLoop, GenerationResult, Request, RoutePlan, SamplingParams
 from ..errors import AlreadyExists, NotFound, ResourceExhausted, Unavailable
 from ..pattern import Pattern
 from ..profiler import Demo, Profile
@@ -31,7 +31,7 @@ from ..store import Store, open_cache
 from .config import ServiceConfig
 from .limits import check_prompt_bytes, check_prompt_tokens, check_token_ids
 from .loading import LoadResult, TaskLifecycle, UnloadResult
-from .results import GenerationResult, RoutePlan, ServiceStats, Submission, TaskCounters
+from .results import ServiceStats, TaskCounters
 from .routing import build_registry
 from .tasks import TaskBook, TaskView
 from .widen import widen_pattern
@@ -90,6 +90,8 @@ class ServingCore:
             stopping=self.stopping.is_set,
             threads=config.engine_threads or max(1, (os.cpu_count() or 1) - 1),
             observe=self._eviction_policy(config),
+            widen=self._widen,
+            count=self._count,
         ).start()
         self.lifecycle = TaskLifecycle(
             self.registry,
@@ -130,7 +132,7 @@ class ServingCore:
     def _route(self, prompt: str, task: str | None) -> RoutePlan:
         """`route` for a prompt already checked."""
         if task:
-            return self._override(task)
+            return self.task_plan(task)
         start = time.perf_counter()
         return self._plan(self.registry.route(prompt), start)
 
@@ -139,8 +141,9 @@ class ServingCore:
         here, as retrieval reads it."""
         return self._route(prompt, task) if prompt_ids is None else self.route(prompt, task)
 
-    def _override(self, task: str) -> RoutePlan:
-        """The named task's pattern, or every expert for the served model's own name."""
+    def task_plan(self, task: str) -> RoutePlan:
+        """The plan of a request naming its task: the task's pattern, or every expert for the served model's own
+        name."""
         start = time.perf_counter()
         if task == self.served_model_name:
             pattern = self._full_pattern()
@@ -216,9 +219,9 @@ class ServingCore:
         The request joins the engine loop's batch once its experts are resident; closing the iterator
         early cancels it (its row and slots are freed at the next step).
         """
-        submission = self.submit(prompt, params, task=task, deadline=deadline, cancelled=cancelled, stream=stream)
-        for item in submission.request.events():
-            yield item if isinstance(item, str) else submission.result(item)
+        yield from self.submit(
+            prompt, params, task=task, deadline=deadline, cancelled=cancelled, stream=stream
+        ).events()
 
     def submit(
         self,
@@ -232,13 +235,15 @@ class ServingCore:
         loop: asyncio.AbstractEventLoop | None = None,
         prompt_ids: Sequence[int] | None = None,
         add_special_tokens: bool = True,
-    ) -> Submission:
-        """Route and tokenize a prompt and queue it in the engine loop. Its events come through
-        `submission.request.events()`, or `aevents()` on `loop` when one is given.
+        plan: RoutePlan | None = None,
+    ) -> Request:
+        """Tokenize and route a prompt and queue it in the engine loop: the returned request's `events()` (or
+        `aevents()` on `loop` when one is given) are its text pieces, then its one `GenerationResult`.
 
         `prompt_ids` are the prompt's tokens as the caller gave them: used as they are (nothing added), with
         `prompt` their text for routing. Otherwise `prompt` is tokenized, with the tokenizer's special tokens
-        (BOS) unless `add_special_tokens` is False."""
+        (BOS) unless `add_special_tokens` is False. `plan` is a route made elsewhere (Ray's ingress), served as
+        given instead of routing here."""
         if self.stopping.is_set():
             raise Unavailable("the server is shutting down", field="server")
         params.check(self.config.max_new_tokens_limit)
@@ -257,8 +262,10 @@ class ServingCore:
             len(ids), params.max_new_tokens, self.config.max_prompt_tokens, None if context is None else int(context)
         )
         # Token ids need no text unless retrieval picks the task (their text may be blank: special tokens only).
-        plan = self._override(task) if task and prompt_ids is not None else self._route_text(prompt, task, prompt_ids)
-        floor = self.config.coverage_floor
+        if plan is None and task and prompt_ids is not None:
+            plan = self.task_plan(task)
+        elif plan is None:
+            plan = self._route_text(prompt, task, prompt_ids)
         request = Request(
             ids,
             plan.pattern,
@@ -267,14 +274,13 @@ class ServingCore:
             deadline=deadline,
             cancelled=cancelled or (lambda: False),
             stream=stream,
-            coverage_floor=floor,
-            widen=lambda pattern, scores: self._widen(pattern, scores, floor),
+            coverage_floor=self.config.coverage_floor,
             wait_timeout_s=self.config.lease_timeout_s,
             loop=loop,
-            eos=frozenset(self.loop.eos),
+            plan=plan,
+            times={"started": started},
         )
-        self.loop.submit(request)
-        return Submission(request, plan, started, self._count, self.spec.top_k)
+        return self.loop.submit(request)
 
     def preload(self, tasks: Sequence[str]) -> None:
         """Load the tasks' experts now (one one-token request each, through the engine loop), so that their
@@ -285,18 +291,23 @@ class ServingCore:
             pattern = self.tasks.pattern(self.registry.get(name))
             ids = self.tokenizer(name)["input_ids"] or [self.tokenizer.pad_token_id or 0]
             request = Request(ids, pattern, SamplingParams(max_new_tokens=1), self.tokenizer, stream=False)
-            *_, outcome = self.loop.submit(request).events()
-            log.info("preloaded task %s: %s", name, outcome.loads if isinstance(outcome, Outcome) else outcome)
+            *_, result = self.loop.submit(request).events()
+            log.info("preloaded task %s: %s", name, result.loads if isinstance(result, GenerationResult) else result)
 
     def _widen(self, pattern: Pattern, prompt_scores: dict[int, torch.Tensor], floor: float) -> Pattern:
+        """The engine loop's widening policy: the prompt's own experts added under the slots (`widen_pattern`)."""
         capacity = {layer: slots.capacity for layer, slots in self.engine.slots.items()}
         return widen_pattern(self.spec, capacity, pattern, prompt_scores, floor)
 
-    def _count(self, task: str, coverage: float) -> None:
+    def _count(self, result: GenerationResult) -> None:
+        """The engine loop's counting policy: a request served for its task (or the fallback), with its coverage;
+        a cancelled one is not counted (its caller had gone)."""
+        if result.finish_reason == "cancelled":
+            return
         with self._counter_lock:
-            counters = self.counters.setdefault(task or "(fallback)", TaskCounters())
+            counters = self.counters.setdefault(result.plan.task or "(fallback)", TaskCounters())
             counters.requests += 1
-            counters.coverage_sum += coverage
+            counters.coverage_sum += result.coverage
 
     # --- tasks -------------------------------------------------------------------------------------
 
