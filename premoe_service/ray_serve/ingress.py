@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 from ray.serve.handle import DeploymentHandle
 
 from ..errors import PreMoeError
-from ..retrieval import check_prompt
 from ..server.auth import Access
 from ..server.gen import premoe_pb2 as pb
 from ..server.interceptor import ADMIN_METHODS
@@ -89,7 +88,6 @@ class PreMoeIngress:
             routed = Routed("override", call.task)
         else:
             check_prompt_bytes(call.prompt, self.config.max_prompt_bytes)  # before shipping it anywhere
-            check_prompt(call.prompt)
             routed = Routed.from_json(self._open(await self.engine.route.remote(call.prompt), grpc_context, "routed"))
         handle = self.engine
         if self.settings.affinity and routed.task:

@@ -183,7 +183,8 @@ class Registry:
         taken with the search: no second read); see `RoutePolicy` for how it decides.
 
         Raises:
-            InvalidArgument: The prompt is empty or blank (field "prompt").
+            InvalidArgument: The prompt is empty or blank (field "prompt"); a `CheckedPrompt` (a door's) is taken
+                as it is.
         """
         check_prompt(prompt)
         self._refresh_quietly()

@@ -124,10 +124,10 @@ class ServingCore:
     # --- routing -----------------------------------------------------------------------------------
 
     def route(self, prompt: str, task: str | None = None) -> RoutePlan:
-        """The pattern for a prompt: the named task's, the matched task's, or the fallback."""
+        """The pattern for a prompt: the named task's, the matched task's, or the fallback. The prompt is checked
+        here (its bytes, then `check_prompt`), once: the registry takes the checked prompt as it is."""
         check_prompt_bytes(prompt, self.config.max_prompt_bytes)
-        check_prompt(prompt)
-        return self._route(prompt, task)
+        return self._route(check_prompt(prompt), task)
 
     def _route(self, prompt: str, task: str | None) -> RoutePlan:
         """`route` for a prompt already checked."""
@@ -243,7 +243,8 @@ class ServingCore:
         `prompt_ids` are the prompt's tokens as the caller gave them: used as they are (nothing added), with
         `prompt` their text for routing. Otherwise `prompt` is tokenized, with the tokenizer's special tokens
         (BOS) unless `add_special_tokens` is False. `plan` is a route made elsewhere (Ray's ingress), served as
-        given instead of routing here."""
+        given instead of routing here. A text prompt is checked unless a door did already (a `CheckedPrompt`);
+        its bytes are measured against the server's limit before the tokenizer reads it."""
         if self.stopping.is_set():
             raise Unavailable("the server is shutting down", field="server")
         params.check(self.config.max_new_tokens_limit)
@@ -255,7 +256,7 @@ class ServingCore:
             ids = check_token_ids(prompt_ids, self.vocab_size)
         else:
             check_prompt_bytes(prompt, self.config.max_prompt_bytes)  # before the tokenizer reads it
-            check_prompt(prompt)
+            prompt = check_prompt(prompt)  # a door's prompt passes as checked; routing then takes it as it is
             ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
         context = getattr(self.engine.config, "max_position_embeddings", None)
         check_prompt_tokens(
