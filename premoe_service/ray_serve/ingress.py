@@ -1,6 +1,7 @@
 """The ingress deployment behind Serve's proxies: premoe.v1.PreMoe's methods (gRPC), each checking credentials,
 retrieving the task of a Generate prompt (a request naming its task skips it), and forwarding to the engine
-deployment with the task as Serve's multiplexed model id. Retrieval runs `ServingCore.route` on whichever engine
+deployment with the task as Serve's multiplexed model id. Retrieval runs `ServingCore.plan_generation` (a Generate:
+the prompt checked and tokenized before it is routed) or `ServingCore.route` (an HTTP prompt) on whichever engine
 replica Serve picks: the single server's code exactly (embeddings, and the model's router signal, which needs the
 model's first layers), with no second copy of the embedding model and index here. Serve's proxy runs none of our
 interceptor, so the status of every failure is set here. HTTP requests (the OpenAI-compatible API) are forwarded
@@ -88,7 +89,8 @@ class PreMoeIngress:
             routed = Routed("override", call.task)
         else:
             check_prompt_bytes(call.prompt, self.config.max_prompt_bytes)  # before shipping it anywhere
-            routed = Routed.from_json(self._open(await self.engine.route.remote(call.prompt), grpc_context, "routed"))
+            envelope = await self.engine.route_generate.remote(raw)  # checked and tokenized there before routing
+            routed = Routed.from_json(self._open(envelope, grpc_context, "routed"))
         handle = self.engine
         if self.settings.affinity and routed.task:
             handle = handle.options(multiplexed_model_id=routed.task)

@@ -163,9 +163,18 @@ class EngineReplica:
             yield item
 
     async def route(self, prompt: str) -> dict[str, Any]:
-        """The ingress's retrieval: `ServingCore.route`, the single server's code, as a `Routed`."""
+        """The ingress's retrieval for an HTTP prompt: `ServingCore.route`, the single server's code, as a `Routed`."""
+        return await self._routed(lambda: self.core.route(prompt))
+
+    async def route_generate(self, raw: bytes) -> dict[str, Any]:
+        """The ingress's retrieval for a Generate that names no task: `ServingCore.plan_generation`, which checks and
+        tokenizes the prompt first (one too long for the model is refused before it is embedded and routed)."""
+        call = GenerateCall.from_pb(decode(raw, pb.GenerateRequest))
+        return await self._routed(lambda: self.core.plan_generation(call.prompt, call.params))
+
+    async def _routed(self, plan_of: Callable[[], RoutePlan]) -> dict[str, Any]:
         try:
-            plan = await self._run(lambda: self.core.route(prompt))
+            plan = await self._run(plan_of)
             routed = Routed(plan.decision, plan.task, plan.score, list(plan.ranked), plan.reason, plan.seconds)
             return {"routed": routed.to_json(), "replica": self.replica}
         except Exception as exc:

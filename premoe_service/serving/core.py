@@ -247,21 +247,8 @@ class ServingCore:
         its bytes are measured against the server's limit before the tokenizer reads it."""
         if self.stopping.is_set():
             raise Unavailable("the server is shutting down", field="server")
-        params.check(self.config.max_new_tokens_limit)
         started = time.perf_counter()
-        if params.stop_token_ids:
-            check_token_ids(params.stop_token_ids, self.vocab_size, field="stop_token_ids")
-        # Every check before any model work: a prompt too long is refused before it is embedded and routed.
-        if prompt_ids is not None:
-            ids = check_token_ids(prompt_ids, self.vocab_size)
-        else:
-            check_prompt_bytes(prompt, self.config.max_prompt_bytes)  # before the tokenizer reads it
-            prompt = check_prompt(prompt)  # a door's prompt passes as checked; routing then takes it as it is
-            ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
-        context = getattr(self.engine.config, "max_position_embeddings", None)
-        check_prompt_tokens(
-            len(ids), params.max_new_tokens, self.config.max_prompt_tokens, None if context is None else int(context)
-        )
+        prompt, ids = self._tokens(prompt, params, prompt_ids, add_special_tokens)
         # Token ids need no text unless retrieval picks the task (their text may be blank: special tokens only).
         if plan is None and task and prompt_ids is not None:
             plan = self.task_plan(task)
@@ -282,6 +269,37 @@ class ServingCore:
             times={"started": started},
         )
         return self.loop.submit(request)
+
+    def plan_generation(self, prompt: str, params: SamplingParams) -> RoutePlan:
+        """The plan `submit` gives a text prompt that names no task, after the checks it makes first (a prompt too
+        long for the model is refused before it is embedded and routed): what Ray's ingress asks a replica for
+        before it chooses where the request goes."""
+        prompt, _ = self._tokens(prompt, params)
+        return self._route(prompt, None)
+
+    def _tokens(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        prompt_ids: Sequence[int] | None = None,
+        add_special_tokens: bool = True,
+    ) -> tuple[str, list[int]]:
+        """Every check of a generation before any model work, and the prompt's tokens: a prompt too long is refused
+        before it is embedded and routed. A text prompt is returned checked (`check_prompt`)."""
+        params.check(self.config.max_new_tokens_limit)
+        if params.stop_token_ids:
+            check_token_ids(params.stop_token_ids, self.vocab_size, field="stop_token_ids")
+        if prompt_ids is not None:
+            ids = check_token_ids(prompt_ids, self.vocab_size)
+        else:
+            check_prompt_bytes(prompt, self.config.max_prompt_bytes)  # before the tokenizer reads it
+            prompt = check_prompt(prompt)  # a door's prompt passes as checked; routing then takes it as it is
+            ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+        context = getattr(self.engine.config, "max_position_embeddings", None)
+        check_prompt_tokens(
+            len(ids), params.max_new_tokens, self.config.max_prompt_tokens, None if context is None else int(context)
+        )
+        return prompt, ids
 
     def preload(self, tasks: Sequence[str]) -> None:
         """Load the tasks' experts now (one one-token request each, through the engine loop), so that their
