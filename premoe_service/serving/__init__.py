@@ -3,7 +3,7 @@
 from ..engine import GenerationResult, Request, RoutePlan, SamplingParams
 from .config import ServiceConfig
 from .core import ServingCore
-from .results import ServiceStats
+from .service_stats import ServiceStats
 from .tasks import TaskView
 
 __all__ = [

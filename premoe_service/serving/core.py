@@ -31,8 +31,8 @@ from ..store import Store, open_cache
 from .config import ServiceConfig
 from .limits import check_prompt_bytes, check_prompt_tokens, check_token_ids
 from .loading import LoadResult, TaskLifecycle, UnloadResult
-from .results import ServiceStats, TaskCounters
 from .routing import build_registry
+from .service_stats import ServiceStats, TaskCounters
 from .tasks import TaskBook, TaskView
 from .widen import widen_pattern
 from .width import choose_width

@@ -1,4 +1,4 @@
-"""What the serving domain reports besides a request's result (the engine's `GenerationResult`): its stats."""
+"""The service's stats: per-task counts (fed by the engine loop's counting policy) and the GetStats snapshot."""
 
 from __future__ import annotations
 
