@@ -45,7 +45,7 @@ class Request:
         tokenizer: For its incremental text.
         deadline: `time.monotonic()` after which it fails with DEADLINE_EXCEEDED.
         cancelled: Returns True once the caller has gone; polled at every step.
-        stream: Send text pieces as they come (else only the outcome).
+        stream: Send text pieces as they come (else only the result).
         coverage_floor: Below this prefill coverage the pattern is widened once (the loop's widening policy
             decides how).
         wait_timeout_s: How long it may wait for slots pinned by others.

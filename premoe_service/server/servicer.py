@@ -48,7 +48,7 @@ class GrpcDoor(pb_grpc.PreMoeServicer):
         result: GenerationResult | None = None
         async for item in self._generate(request, context, stream=False):
             result = item if isinstance(item, GenerationResult) else result
-        if result is None:  # the engine always ends a request with an outcome or an error
+        if result is None:  # the engine always ends a request with its result or an error
             raise Unavailable("the request ended without a reply", field="server")
         self._observe(result, None)
         return pb.GenerateResponse(
