@@ -169,8 +169,12 @@ class EngineReplica:
     async def route_generate(self, raw: bytes) -> dict[str, Any]:
         """The ingress's retrieval for a Generate that names no task: `ServingCore.plan_generation`, which checks and
         tokenizes the prompt first (one too long for the model is refused before it is embedded and routed)."""
-        call = GenerateCall.from_pb(decode(raw, pb.GenerateRequest))
-        return await self._routed(lambda: self.core.plan_generation(call.prompt, call.params))
+
+        def plan() -> RoutePlan:
+            call = GenerateCall.from_pb(decode(raw, pb.GenerateRequest))
+            return self.core.plan_generation(call.prompt, call.params)
+
+        return await self._routed(plan)
 
     async def _routed(self, plan_of: Callable[[], RoutePlan]) -> dict[str, Any]:
         try:
