@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from ray.serve.handle import DeploymentHandle
 
 from ..errors import PreMoeError
+from ..retrieval import CheckedPrompt, check_prompt
 from ..server.auth import Access
 from ..server.gen import premoe_pb2 as pb
 from ..server.interceptor import ADMIN_METHODS
@@ -108,8 +109,9 @@ class PreMoeIngress:
         lifecycle = LIFECYCLE_PATH.fullmatch(request.url.path)
         if lifecycle is not None:  # /v1/tasks/{name}/load|unload: to the replica multiplexing picks for the task
             task, prompt = lifecycle.group(1), None
-        if task is None and prompt is not None and self.settings.affinity and self._may_route(request, prompt):
-            envelope = await self.engine.route.remote(prompt)
+        routable = self._routable(request, prompt) if task is None and self.settings.affinity else None
+        if routable is not None:
+            envelope = await self.engine.route.remote(routable)
             routed = envelope.get("routed")
             task = routed["task"] if routed and routed["decision"] == "match" else None
         handle = self.engine.options(stream=True)
@@ -128,16 +130,19 @@ class PreMoeIngress:
         response.raw_headers = [(bytes(k), bytes(v)) for k, v in start["headers"]] + replica
         return response
 
-    def _may_route(self, request: Any, prompt: str) -> bool:
-        """Whether an `auto` HTTP request earns retrieval before it is forwarded: credentials that pass and a prompt
-        within the limits (otherwise the replica's HTTP app answers it with the single server's error)."""
+    def _routable(self, request: Any, prompt: str | None) -> CheckedPrompt | None:
+        """The prompt of an `auto` HTTP request that earns retrieval before it is forwarded, checked: credentials
+        that pass and a prompt within the limits, not blank (otherwise None, and the replica's HTTP app answers it
+        with the single server's error)."""
+        if prompt is None:
+            return None
         header = request.headers.get("authorization")
         try:
             self.access.check(header.encode("latin-1") if header is not None else None, admin=False)
             check_prompt_bytes(prompt, self.config.max_prompt_bytes)
+            return check_prompt(prompt)
         except PreMoeError:
-            return False
-        return True
+            return None
 
     # --- the other calls: any engine replica answers them --------------------------------------------------
 
