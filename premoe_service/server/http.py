@@ -24,7 +24,6 @@ from ..errors import InvalidArgument, PreMoeError
 from ..names import check_task_name
 from ..serving import GenerationResult, ServingCore
 from ..serving import Request as EngineRequest
-from ..serving.limits import check_token_ids
 from .auth import Access
 from .chat import ChatTemplate
 from .http_io import merged, read_json, sse, usage_so_far, watch_disconnect
@@ -194,15 +193,11 @@ class OpenAIApi:
         submissions = []
         for index, prompt in enumerate(call.prompts):
             try:
-                text = prompt.text
-                if text is None:  # token ids: their text is only for retrieval
-                    ids = check_token_ids(list(prompt.ids or ()), self.core.vocab_size)
-                    text = str(self.core.tokenizer.decode(ids, skip_special_tokens=True))
                 # n samples need n random streams: without a seed they get a random one (an unseeded request's
                 # generator starts from torch's fixed default, so n of them would all draw alike).
                 seed = call.params.seed if call.params.seed is not None or call.n == 1 else secrets.randbits(63)
                 for sample in range(call.n):
-                    submissions.append(self._submit_one(call, text, prompt, seed, sample, gone, loop))
+                    submissions.append(self._submit_one(call, prompt, seed, sample, gone, loop))
             except PreMoeError as exc:
                 gone.set()
                 if len(call.prompts) > 1 and exc.field == "prompt":
@@ -216,7 +211,6 @@ class OpenAIApi:
     def _submit_one(
         self,
         call: GenerationCall,
-        text: str,
         prompt: Prompt,
         seed: int | None,
         sample: int,
@@ -228,7 +222,7 @@ class OpenAIApi:
         if seed is not None:
             params = replace(params, seed=(seed + sample) % 2**63)
         return self.core.submit(
-            text,
+            prompt.text,
             params,
             task=call.task,
             cancelled=gone.is_set,

@@ -18,6 +18,7 @@ from ..errors import AlreadyExists, NotFound, ResourceExhausted, Unavailable
 from ..pattern import Pattern
 from ..profiler import Demo, Profile
 from ..retrieval import (
+    CheckedPrompt,
     Embedder,
     ProfileStore,
     RouteDecision,
@@ -136,10 +137,19 @@ class ServingCore:
         start = time.perf_counter()
         return self._plan(self.registry.route(prompt), start)
 
-    def _route_text(self, prompt: str, task: str | None, prompt_ids: Sequence[int] | None) -> RoutePlan:
-        """The plan of a submitted prompt: a text prompt was checked with its tokens; token ids' text is checked
-        here, as retrieval reads it."""
-        return self._route(prompt, task) if prompt_ids is None else self.route(prompt, task)
+    def _submitted_plan(
+        self, checked: CheckedPrompt | None, task: str | None, prompt: str | None, prompt_ids: Sequence[int] | None
+    ) -> RoutePlan:
+        """The plan of a submitted prompt: the task's when it names one; else routed on its text, `checked` with its
+        tokens, or for token ids on their text (given, or decoded here), checked as retrieval reads it (token ids
+        naming their task need no text: it may be blank, special tokens only)."""
+        if task:
+            return self.task_plan(task)
+        if checked is not None:
+            return self._route(checked, None)
+        if prompt is None:
+            prompt = str(self.tokenizer.decode(list(prompt_ids or ()), skip_special_tokens=True))
+        return self.route(prompt)
 
     def task_plan(self, task: str) -> RoutePlan:
         """The plan of a request naming its task: the task's pattern, or every expert for the served model's own
@@ -225,7 +235,7 @@ class ServingCore:
 
     def submit(
         self,
-        prompt: str,
+        prompt: str | None,
         params: SamplingParams,
         *,
         task: str | None = None,
@@ -240,20 +250,18 @@ class ServingCore:
         """Tokenize and route a prompt and queue it in the engine loop: the returned request's `events()` (or
         `aevents()` on `loop` when one is given) are its text pieces, then its one `GenerationResult`.
 
-        `prompt_ids` are the prompt's tokens as the caller gave them: used as they are (nothing added), with
-        `prompt` their text for routing. Otherwise `prompt` is tokenized, with the tokenizer's special tokens
-        (BOS) unless `add_special_tokens` is False. `plan` is a route made elsewhere (Ray's ingress), served as
-        given instead of routing here. A text prompt is checked unless a door did already (a `CheckedPrompt`);
-        its bytes are measured against the server's limit before the tokenizer reads it."""
+        `prompt_ids` are the prompt's tokens as the caller gave them: checked and used as they are (nothing added),
+        with `prompt` their text for routing (None: decoded from them when retrieval picks the task). Otherwise
+        `prompt` is tokenized, with the tokenizer's special tokens (BOS) unless `add_special_tokens` is False. A text
+        prompt is checked unless a door did already (a `CheckedPrompt`); its bytes are measured against the server's
+        limit before the tokenizer reads it. `plan` is a route made elsewhere (Ray's ingress), served as given
+        instead of routing here."""
         if self.stopping.is_set():
             raise Unavailable("the server is shutting down", field="server")
         started = time.perf_counter()
-        prompt, ids = self._tokens(prompt, params, prompt_ids, add_special_tokens)
-        # Token ids need no text unless retrieval picks the task (their text may be blank: special tokens only).
-        if plan is None and task and prompt_ids is not None:
-            plan = self.task_plan(task)
-        elif plan is None:
-            plan = self._route_text(prompt, task, prompt_ids)
+        checked, ids = self._tokens(prompt, params, prompt_ids, add_special_tokens)
+        if plan is None:
+            plan = self._submitted_plan(checked, task, prompt, prompt_ids)
         request = Request(
             ids,
             plan.pattern,
@@ -274,32 +282,33 @@ class ServingCore:
         """The plan `submit` gives a text prompt that names no task, after the checks it makes first (a prompt too
         long for the model is refused before it is embedded and routed): what Ray's ingress asks a replica for
         before it chooses where the request goes."""
-        prompt, _ = self._tokens(prompt, params)
-        return self._route(prompt, None)
+        checked, _ = self._tokens(prompt, params)
+        return self._submitted_plan(checked, None, prompt, None)
 
     def _tokens(
         self,
-        prompt: str,
+        prompt: str | None,
         params: SamplingParams,
         prompt_ids: Sequence[int] | None = None,
         add_special_tokens: bool = True,
-    ) -> tuple[str, list[int]]:
+    ) -> tuple[CheckedPrompt | None, list[int]]:
         """Every check of a generation before any model work, and the prompt's tokens: a prompt too long is refused
-        before it is embedded and routed. A text prompt is returned checked (`check_prompt`)."""
+        before it is embedded and routed. A text prompt comes back checked (`check_prompt`); token ids, with None."""
         params.check(self.config.max_new_tokens_limit)
         if params.stop_token_ids:
             check_token_ids(params.stop_token_ids, self.vocab_size, field="stop_token_ids")
+        checked = None
         if prompt_ids is not None:
             ids = check_token_ids(prompt_ids, self.vocab_size)
         else:
             check_prompt_bytes(prompt, self.config.max_prompt_bytes)  # before the tokenizer reads it
-            prompt = check_prompt(prompt)  # a door's prompt passes as checked; routing then takes it as it is
-            ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+            checked = check_prompt(prompt)  # a door's prompt passes as checked; routing then takes it as it is
+            ids = self.tokenizer(checked, add_special_tokens=add_special_tokens)["input_ids"]
         context = getattr(self.engine.config, "max_position_embeddings", None)
         check_prompt_tokens(
             len(ids), params.max_new_tokens, self.config.max_prompt_tokens, None if context is None else int(context)
         )
-        return prompt, ids
+        return checked, ids
 
     def preload(self, tasks: Sequence[str]) -> None:
         """Load the tasks' experts now (one one-token request each, through the engine loop), so that their
