@@ -39,7 +39,7 @@ from premoe_service.profiler.channel_plan import (
 from premoe_service.profiler.channels import CHANNEL_CRITERIA, kept_share
 from premoe_service.profiler.demo_error import channel_kept
 from premoe_service.profiler.precision_plan import PrecisionOption, select_precisions
-from premoe_service.runtime.build import load_engine
+from premoe_service.runtime.build import load_model
 from premoe_service.runtime.model import PatternedModel
 from premoe_service.store import Store, shard
 from premoe_service.store.export import export_pruned
@@ -275,7 +275,7 @@ def test_channel_pruned_checkpoint_equals_the_engine_in_float64(family: str, tmp
             layer: {e: ("int4", "int8")[e % 2] for e in range(0, spec.num_experts, 3)} for layer in spec.moe_layers
         }
     width = int(getattr(reference.config, intermediate_field(reference.config.model_type)))
-    engine, _ = load_engine(store, device="cpu")
+    engine, _ = load_model(store, device="cpu")
     engine.model.set_experts_implementation("eager")
     draft = random_channel_plan(reference, spec, width, seed=4)
     if precisions:  # keep only the lowered experts the pattern keeps

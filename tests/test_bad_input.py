@@ -68,7 +68,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, embedder) -> Iterator[tuple
         **LIMITS,
     )
     with running_server(config, embedder=embedder) as (handle, port):
-        handle.service.register_task(KNOWN, [Demo(d) for d in DEMOS])
+        handle.core.register_task(KNOWN, [Demo(d) for d in DEMOS])
         yield handle, port
 
 

@@ -40,12 +40,12 @@ from transformers import DynamicCache
 
 from premoe_service.engine import BatchLimits, EngineLoop, Request, SamplingParams, Status
 from premoe_service.engine.attention import PackedStep
-from premoe_service.engine.request import Outcome
+from premoe_service.engine.result import GenerationResult as Outcome
 from premoe_service.families import MoESpec
 from premoe_service.families.tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
 from premoe_service.pattern import Pattern
 from premoe_service.runtime import PatternedModel
-from premoe_service.runtime.build import load_engine
+from premoe_service.runtime.build import load_model
 from premoe_service.runtime.context import PatternTables, RoutingContext
 from premoe_service.runtime.residency import Budget, Residency
 from premoe_service.store import Store, open_cache, shard
@@ -93,7 +93,7 @@ def build(root: Path, family: str, dtype: torch.dtype, budget: Budget | None = N
     tiny_tokenizer().save_pretrained(root / "ckpt")
     shard(root / "ckpt", root / "store", progress=False)
     store = Store(root / "store", open_cache(None))
-    engine, residency = load_engine(store, budget, device="cpu")  # the engine's own experts path, float64 too
+    engine, residency = load_model(store, budget, device="cpu")  # the engine's own experts path, float64 too
     return Setup(family, dtype, reference, store, engine, residency)
 
 

@@ -14,7 +14,7 @@ from premoe_service.families import adapter_for
 from premoe_service.families.tiny import save_tiny_checkpoint, tiny_config, tiny_model, tiny_tokenizer
 from premoe_service.pattern import FULL
 from premoe_service.profiler.precision_plan import select_precisions, store_options
-from premoe_service.runtime.build import load_engine
+from premoe_service.runtime.build import load_model
 from premoe_service.runtime.quantized import attach_precisions
 from premoe_service.store import RedisCache, Store, shard
 from premoe_service.store.quantized_copies import PrecisionReader, add_precisions
@@ -74,7 +74,7 @@ def test_selection_and_slots_use_bf16(bf16_store: Path) -> None:
     # Half the store's expert bytes: every expert fits at bf16, which loses far less than int4.
     plan = select_precisions(scores, SPEC, options, store.manifest.total_expert_bytes // 2)
     assert plan.counts["bf16"] == plan.pattern.size == SPEC.num_experts * len(SPEC.moe_layers)
-    engine, _ = load_engine(store, capacity=SPEC.top_k)
+    engine, _ = load_model(store, capacity=SPEC.top_k)
     attach_precisions(engine, store, {"bf16": SPEC.num_experts})
     engine.apply(plan.pattern, store)
     bank = engine.quantized.banks[SPEC.moe_layers[0]]["bf16"]

@@ -66,7 +66,7 @@ def test_sixteen_concurrent_clients_of_mixed_tasks_get_the_replies_they_get_alon
         except BaseException as exc:
             errors.append(exc)
 
-    steps_before = handle.service.loop.stats.decode_steps
+    steps_before = handle.core.loop.stats.decode_steps
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
     for thread in threads:
         thread.start()
@@ -74,14 +74,14 @@ def test_sixteen_concurrent_clients_of_mixed_tasks_get_the_replies_they_get_alon
         thread.join(300)
     assert not errors
     assert replies == alone
-    decode_steps = handle.service.loop.stats.decode_steps - steps_before
+    decode_steps = handle.core.loop.stats.decode_steps - steps_before
     tokens = sum(len(r) for r in alone)
     assert decode_steps < tokens / 2, f"{decode_steps} decode steps for {tokens} tokens: requests were not batched"
 
 
 def test_a_cancelled_stream_frees_its_row_and_slots(reference_server) -> None:
     handle, port = reference_server
-    loop = handle.service.loop
+    loop = handle.core.loop
     with PreMoeClient(f"127.0.0.1:{port}", timeout=300) as client:
         alone = client.generate("def main():", task="python", max_new_tokens=500)
         assert alone.finish_reason == "length"  # it would run for 500 tokens if not cancelled
@@ -102,6 +102,6 @@ def test_a_cancelled_stream_frees_its_row_and_slots(reference_server) -> None:
         # The server stopped it (how many tokens came after the cancel depends on how soon the door's event loop
         # runs, which a loaded machine delays, so the check is the request's fate, not a token count).
         assert request.finish_reason == "cancelled" and len(request.generated) < 500
-        pins = sum(len(slots.pins) for slots in handle.service.engine.slots.values())
+        pins = sum(len(slots.pins) for slots in handle.core.engine.slots.values())
         assert pins == 0
         assert len(client.generate("add: 1+2=", task="addition", max_new_tokens=4).token_ids) >= 1

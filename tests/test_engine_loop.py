@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from premoe_service.engine import BatchLimits, EngineLoop, Outcome, Request, SamplingParams, Status
+from premoe_service.engine import BatchLimits, EngineLoop, Request, SamplingParams, Status
+from premoe_service.engine import GenerationResult as Outcome
 from premoe_service.errors import DeadlineExceeded, ResourceExhausted
 from premoe_service.families.tiny import save_tiny_checkpoint, tiny_model, tiny_tokenizer
 from premoe_service.pattern import Pattern
-from premoe_service.runtime.build import load_engine
+from premoe_service.runtime.build import load_model
 from premoe_service.runtime.residency import Budget
 from premoe_service.store import Store, open_cache, shard
 
@@ -33,7 +34,7 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_loop(store_dir: Path, **limits: int) -> EngineLoop:
     """An engine with 4 of 8 slots per layer (budget 0.5) and its loop, driven step by step by the test."""
     store = Store(store_dir, open_cache(None))
-    engine, residency = load_engine(store, Budget(fraction=0.5), device="cpu")
+    engine, residency = load_model(store, Budget(fraction=0.5), device="cpu")
     return EngineLoop(engine, residency, store, eos=set(), limits=BatchLimits(**limits))
 
 

@@ -18,7 +18,7 @@ from premoe_service.engine import EngineLoop, Request, SamplingParams
 from premoe_service.engine.schedule import BatchLimits
 from premoe_service.families.tiny import TINY_CONFIGS, save_tiny_checkpoint, tiny_tokenizer
 from premoe_service.pattern import Pattern
-from premoe_service.runtime.build import load_engine
+from premoe_service.runtime.build import load_model
 from premoe_service.store import MemoryCache, Store, shard
 
 from .references import moe_blocks, router_of
@@ -95,7 +95,7 @@ def test_skipping_rows_equal_transformers_under_the_same_rule(family: str, tmp_p
     shard(tmp_path / "model", tmp_path / "store", progress=False)
     store = Store(tmp_path / "store", MemoryCache())
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
-    engine, residency = load_engine(store, device="cpu")
+    engine, residency = load_model(store, device="cpu")
     loop = EngineLoop(engine, residency, store, eos=set(), pad_id=0, limits=BatchLimits(max_join_wait_steps=0))
     sentinels: list[int] = []  # pairs the experts modules were handed as skipped: no compute for them
     hooks = [

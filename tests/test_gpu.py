@@ -18,12 +18,13 @@ from typing import Any
 import pytest
 import torch
 
-from premoe_service.engine import EngineLoop, Outcome, Request, SamplingParams, Status
+from premoe_service.engine import EngineLoop, Request, SamplingParams, Status
+from premoe_service.engine import GenerationResult as Outcome
 from premoe_service.families import adapter_for
 from premoe_service.families.tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
 from premoe_service.pattern import Pattern
 from premoe_service.runtime import PatternedModel
-from premoe_service.runtime.build import load_engine
+from premoe_service.runtime.build import load_model
 from premoe_service.runtime.residency import Budget
 from premoe_service.store import Store, open_cache, shard
 
@@ -86,7 +87,7 @@ def test_patterned_model_on_cuda_equals_transformers_on_cuda(family: str) -> Non
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_the_loop_on_cuda_serves_patterns_its_loader_brought_from_the_store(family: str, tmp_path: Path) -> None:
     reference, store = build(tmp_path, family)
-    engine, residency = load_engine(store, Budget(fraction=0.5), device=DEVICE)
+    engine, residency = load_model(store, Budget(fraction=0.5), device=DEVICE)
     assert next(engine.model.parameters()).device.type == DEVICE
     loop = EngineLoop(engine, residency, store, eos=set(), pad_id=0)
     reference = reference.to(DEVICE)

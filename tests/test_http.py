@@ -319,7 +319,7 @@ def test_the_api_key_guards_both_doors(keyed_server) -> None:
 
 def test_a_client_that_disconnects_cancels_its_request(server, code_task) -> None:
     handle, _ = server
-    loop = handle.service.loop
+    loop = handle.core.loop
     client = openai_client(handle)
     request = {"model": code_task, "prompt": "import os", "max_tokens": 240, "temperature": 0}
     alone = client.completions.create(**request)
@@ -329,13 +329,13 @@ def test_a_client_that_disconnects_cancels_its_request(server, code_task) -> Non
     tokens_before = loop.stats.tokens
     stream.close()
     deadline = time.monotonic() + 30
-    slots = handle.service.engine.slots.values()
+    slots = handle.core.engine.slots.values()
     # The loop takes the request out of its batch, then gives back its pins: wait for both.
     while (loop.running or loop.waiting or sum(len(s.pins) for s in slots)) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not loop.running and not loop.waiting
     assert loop.stats.tokens - tokens_before < 200  # stopped before its 240 tokens (slack for a busy machine)
-    assert sum(len(slots.pins) for slots in handle.service.engine.slots.values()) == 0
+    assert sum(len(slots.pins) for slots in handle.core.engine.slots.values()) == 0
 
 
 def test_health_is_503_while_shutting_down(stores, embedder, tmp_path: Path) -> None:
@@ -362,7 +362,7 @@ def test_echo_with_logprobs_scores_the_prompt_as_transformers_does(server, code_
     with PreMoeClient(f"127.0.0.1:{port}", timeout=60) as client:
         kept = {entry.layer: list(entry.experts) for entry in client.get_task(code_task).layers}
     reference = tiny_model("qwen3_moe")
-    tokenizer = AutoTokenizer.from_pretrained(handle.service.store.dir)
+    tokenizer = AutoTokenizer.from_pretrained(handle.core.store.dir)
     ids = tokenizer(PROMPT)["input_ids"] + token_ids
     with torch.no_grad(), masked_transformers(reference, kept):
         expected = torch.log_softmax(reference(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)

@@ -256,7 +256,7 @@ def test_the_whole_model_has_its_name(server, reference) -> None:
     api = client(handle)
     ids = [m.id for m in api.models.list()]
     assert ids[:2] == ["auto", WHOLE]
-    assert api.models.retrieve(WHOLE).model_extra["premoe"]["pattern_experts"] == handle.service.spec.num_experts * 3
+    assert api.models.retrieve(WHOLE).model_extra["premoe"]["pattern_experts"] == handle.core.spec.num_experts * 3
     with (
         PreMoeClient(f"127.0.0.1:{port}", admin_token="admin", timeout=60) as admin,
         pytest.raises(grpc.RpcError) as info,

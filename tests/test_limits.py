@@ -88,6 +88,22 @@ def test_a_prompt_too_long_in_tokens_is_refused_before_it_is_routed(service, mon
     assert routed == ["b" * 20]
 
 
+def test_the_plan_ray_asks_for_is_made_after_the_prompts_checks(service, monkeypatch) -> None:
+    """`plan_generation` (what Ray's ingress asks a replica for before choosing one) tokenizes and checks the prompt
+    as `submit` does: one too long for the model is refused before it is embedded and routed."""
+    routed: list[str] = []
+    route = service.registry.route  # the real routing, observed
+    monkeypatch.setattr(service.registry, "route", lambda prompt: routed.append(prompt) or route(prompt))
+    with pytest.raises(InvalidArgument, match="limit is 255") as info:
+        service.plan_generation("b" * 300, SamplingParams(max_new_tokens=1))
+    assert info.value.field == "prompt" and routed == []
+    with pytest.raises(InvalidArgument, match="context of 256") as info:
+        service.plan_generation("a" * 200, SamplingParams(max_new_tokens=100))
+    assert info.value.field == "max_new_tokens" and routed == []
+    service.plan_generation("b" * 20, SamplingParams(max_new_tokens=1))
+    assert routed == ["b" * 20]
+
+
 def test_stop_strings_are_bounded(service) -> None:
     with pytest.raises(InvalidArgument) as info:
         generate(service, "hello", max_new_tokens=2, stop=("x" * 257,))

@@ -16,7 +16,7 @@ from premoe_service.engine.schedule import BatchLimits
 from premoe_service.families import adapter_for
 from premoe_service.families.tiny import TINY_CONFIGS, save_tiny_checkpoint, tiny_tokenizer
 from premoe_service.pattern import Pattern
-from premoe_service.runtime.build import load_engine
+from premoe_service.runtime.build import load_model
 from premoe_service.runtime.quantized import attach_precisions
 from premoe_service.store import MemoryCache, Store, shard
 from premoe_service.store.quantized_copies import PrecisionReader, add_precisions
@@ -72,7 +72,7 @@ def test_mixed_rows_batched_with_other_tasks_equal_their_checkpoints(family: str
     }
     assert patterns["mixed"].mixed
 
-    engine, residency = load_engine(store, device="cpu")  # a full-precision slot for every expert
+    engine, residency = load_model(store, device="cpu")  # a full-precision slot for every expert
     attach_precisions(engine, store, dict.fromkeys(PRECISIONS, spec.num_experts // 2))
     loop = EngineLoop(engine, residency, store, eos=set(), pad_id=0, limits=BatchLimits(max_join_wait_steps=0))
     prompts = {"mixed": [5, 9, 17, 3, 44], "drop-only": [7, 7, 21, 90, 11, 4, 60], "all": [12, 30, 8]}

@@ -17,7 +17,7 @@ from premoe_service.families import adapter_for
 from premoe_service.families.tiny import save_tiny_checkpoint, tiny_config
 from premoe_service.pattern import Pattern
 from premoe_service.profiler.precision_plan import PrecisionOption, select_precisions, store_options
-from premoe_service.runtime.build import load_engine
+from premoe_service.runtime.build import load_model
 from premoe_service.runtime.quantized import attach_precisions
 from premoe_service.store import RedisCache, Store, shard
 from premoe_service.store.export import export_pruned
@@ -140,7 +140,7 @@ def test_export_of_a_mixed_pattern_holds_the_dequantized_weights(quant_store: Pa
     kept = {layer: [0, 2, 5, 7] for layer in SPEC.moe_layers}
     lowered = {layer: {0: "int2", 5: "int4", 7: "int8"} for layer in SPEC.moe_layers}
     pattern = Pattern.build(SPEC, kept, lowered)
-    engine, _ = load_engine(store, capacity=4)  # the full-precision comparison below needs 4 full slots
+    engine, _ = load_model(store, capacity=4)  # the full-precision comparison below needs 4 full slots
     attach_precisions(engine, store, dict.fromkeys(("int8", "int4", "int2"), 1))
     engine.apply(pattern, store)
     export_pruned(store, pattern, tmp_path / "pruned", progress=False)
@@ -184,7 +184,7 @@ def test_mixed_patterns_are_refused_where_they_cannot_run(quant_store: Path) -> 
 
     store = Store(quant_store / "store")
     pattern = Pattern.build(SPEC, {layer: [0, 1, 2] for layer in SPEC.moe_layers}, {SPEC.moe_layers[0]: {1: "int4"}})
-    engine, residency = load_engine(store, capacity=4)
+    engine, residency = load_model(store, capacity=4)
     with pytest.raises(FailedPrecondition) as caught:  # no quantized slots
         engine.apply(pattern, store)
     assert caught.value.field == "precision"

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from premoe_service.families import adapter_for
 from premoe_service.families.tiny import TINY_CONFIGS, save_tiny_checkpoint
 from premoe_service.pattern import Pattern
-from premoe_service.runtime.build import load_engine
+from premoe_service.runtime.build import load_model
 from premoe_service.runtime.quantized import attach_precisions
 from premoe_service.store import MemoryCache, Store, shard
 from premoe_service.store.quantized_copies import PrecisionReader, add_precisions
@@ -80,7 +80,7 @@ def test_mixed_pattern_equals_transformers_on_the_dequantized_checkpoint(family:
 
     # Capacity exactly what the pattern needs: the resident bytes are then the plan's bytes.
     full_count = {layer: sum(p == "full" for p in precisions[layer].values()) for layer in spec.moe_layers}
-    engine, _ = load_engine(store, capacity=max(max(full_count.values()), spec.top_k))
+    engine, _ = load_model(store, capacity=max(max(full_count.values()), spec.top_k))
     capacity = {
         p: {layer: sum(q == p for q in precisions[layer].values()) for layer in spec.moe_layers} for p in PRECISIONS
     }

@@ -13,10 +13,12 @@ from premoe_service.errors import InvalidArgument, NotFound
 from premoe_service.profiler.profile import Profile
 from premoe_service.retrieval import (
     DEFAULT_THRESHOLD,
+    CheckedPrompt,
     Embedder,
     RoutePolicy,
     Router,
     TaskIndex,
+    check_prompt,
     evaluate,
     load_route_records,
     suggest_threshold,
@@ -208,6 +210,17 @@ def test_blank_prompts_are_refused(router: Router, prompt: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         router.route(prompt)
     assert info.value.field == "prompt"
+
+
+def test_a_prompt_is_checked_once_and_then_trusted() -> None:
+    """A door checks a prompt's text once (`check_prompt`); the `CheckedPrompt` it hands on passes every later
+    `check_prompt` (the serving core's, the registry's) as it is, equal to the text it was made from."""
+    checked = check_prompt("def add(a, b):")
+    assert isinstance(checked, CheckedPrompt) and checked == "def add(a, b):"
+    assert check_prompt(checked, field="anything") is checked
+    with pytest.raises(InvalidArgument) as info:
+        check_prompt(" \n", field="prompt[2]")
+    assert info.value.field == "prompt[2]"
 
 
 def test_contradictory_policies_are_refused() -> None:

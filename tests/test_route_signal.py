@@ -218,7 +218,7 @@ def test_route_evaluate_reports_both_signals_and_writes_the_calibration(
 def test_the_server_registry_takes_the_signal_background_and_leads_from_its_config(
     tmp_path: Path, qwen_store: Path, embedder
 ) -> None:
-    from premoe_service.runtime.build import load_engine
+    from premoe_service.runtime.build import load_model
     from premoe_service.serving import ServiceConfig
     from premoe_service.serving.routing import build_registry
 
@@ -226,7 +226,7 @@ def test_the_server_registry_takes_the_signal_background_and_leads_from_its_conf
     background.write_text("".join(json.dumps({"query": q, "task": None}) + "\n" for q in BACKGROUND))
     leads.write_text(json.dumps({"format": 1, "task_leads": {"cooking": -2.5}}))
     store = Store(qwen_store)
-    engine, _ = load_engine(store, device="cpu")
+    engine, _ = load_model(store, device="cpu")
     config = ServiceConfig(store=qwen_store, route_background=background, route_calibration=leads)
     registry = build_registry(config, store, engine, embedder, None)
     assert registry.evidence is not None and registry.evidence.background_size == len(BACKGROUND)

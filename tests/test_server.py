@@ -188,7 +188,7 @@ def test_route_examples_are_indexed_for_retrieval_but_score_no_expert(client, se
         # Retrieval indexes the example: the prompt finds its own vector.
         routed = client.route(example)
         assert routed.ranked[0].task == "code-ex" and routed.ranked[0].score > 0.99
-        profile = server[0].service.registry.get("code-ex")
+        profile = server[0].core.registry.get("code-ex")
         assert profile.examples == [example] and profile.demo_embeddings.shape[0] == len(CODE_DEMOS) + 1
         assert profile.router_inputs.shape[0] == len(CODE_DEMOS) + 1
     finally:
@@ -223,7 +223,7 @@ def wait_idle(handle, timeout_s: float = 30.0) -> None:
     """Wait until the server has handled every call it was given and holds no request and no pin. A client that
     gave up (its deadline) may return before the server even queued the request, so idleness alone is not enough:
     the calls in progress at the door (metrics' in-flight gauge) must be done too."""
-    loop, slots = handle.service.loop, handle.service.engine.slots.values()
+    loop, slots = handle.core.loop, handle.core.engine.slots.values()
 
     def busy() -> bool:
         pins = sum(len(layer.pins) for layer in slots)
@@ -237,13 +237,13 @@ def wait_idle(handle, timeout_s: float = 30.0) -> None:
 
 def test_deadline_is_honoured(client, server) -> None:
     handle, _ = server
-    tokens = handle.service.loop.stats.tokens
+    tokens = handle.core.loop.stats.tokens
     with pytest.raises(grpc.RpcError) as info:
         client.generate(PROMPT, max_new_tokens=240, timeout=0.05)  # within the tiny model's 256 positions
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_idle(handle)  # the server stopped the work too, and let go of its slots
-    assert handle.service.loop.stats.tokens - tokens < 240
-    assert sum(len(slots.pins) for slots in handle.service.engine.slots.values()) == 0
+    assert handle.core.loop.stats.tokens - tokens < 240
+    assert sum(len(slots.pins) for slots in handle.core.engine.slots.values()) == 0
     assert client.health() == "SERVING"
 
 
@@ -253,7 +253,7 @@ def test_stats_and_metrics(client, server) -> None:
     client.generate(PROMPT, max_new_tokens=3, task="metered")
     wait_idle(handle)  # a finished row leaves the batch at the end of its step, just after its reply went out
     stats = client.stats()
-    resident = sum(len(slots.slot_of) for slots in handle.service.engine.slots.values())
+    resident = sum(len(slots.slot_of) for slots in handle.core.engine.slots.values())
     assert stats.capacity_experts == 24 and stats.resident_experts == resident >= 9
     assert stats.loads.disk + stats.loads.cache + stats.loads.device > 0 and stats.cache_health == "ok"
     figures = scrape(handle)
@@ -267,7 +267,7 @@ def test_stats_and_metrics(client, server) -> None:
     assert figures["premoe_generated_tokens_total"] >= 3 and figures["premoe_engine_steps_total"] >= 2
     assert stats.generated_tokens >= 3 and stats.in_flight == 0 and stats.queued == 0
     assert figures["premoe_queue_seconds_count"] >= 1 and figures["premoe_inflight_requests"] == 0
-    assert figures["premoe_expert_evictions_total"] == handle.service.residency.stats.evictions
+    assert figures["premoe_expert_evictions_total"] == handle.core.residency.stats.evictions
     assert figures["premoe_batch_rows"] == 0 and figures["premoe_queue_loading"] == 0
     assert figures["premoe_loader_bytes_in_flight"] == 0 and figures["premoe_engine_step_seconds_last"] > 0
     assert figures["premoe_resident_expert_bytes"] > 0

@@ -59,11 +59,12 @@ def test_low_coverage_widens_the_pattern_with_the_prompts_experts(store: Path, e
     assert not kept.widened and kept.plan.pattern.size == 6 and kept.coverage < result.coverage
 
 
-def test_a_task_deleted_while_a_prompt_is_routed_to_it_is_routed_around(store: Path, embedder) -> None:
-    """The search matches a task that another client deletes before its profile is read: the prompt is routed
-    again (to what remains), never answered NOT_FOUND for a task it did not name (found by `premoe bench soak`)."""
+def test_a_task_deleted_while_a_prompt_is_routed_to_it_is_served_as_found(store: Path, embedder) -> None:
+    """The search matches a task that another client deletes right after: the prompt is served with the profile
+    the registry returned with the decision (no second read of it), never answered NOT_FOUND for a task it did
+    not name (found by `premoe bench soak`); the next prompt goes to what remains."""
     service = ServingCore(ServiceConfig(store=store, device="cpu", route_threshold=0.0), embedder=embedder)
-    service.register_task("code", CODE, selection=Selection("tcess", "top_k", 3, "experts"))
+    code = service.register_task("code", CODE, selection=Selection("tcess", "top_k", 3, "experts"))
     service.register_task("math", MATH, selection=Selection("tcess", "top_k", 3, "experts"))
     prompt = "def add(a, b): return a + b"
     assert service.route(prompt).task == "code"
@@ -77,7 +78,8 @@ def test_a_task_deleted_while_a_prompt_is_routed_to_it_is_routed_around(store: P
 
     service.registry.route = search_then_delete  # type: ignore[method-assign]
     plan = service.route(prompt)
-    assert plan.decision == "match" and plan.task == "math"
+    assert plan.decision == "match" and plan.task == "code" and plan.pattern == code.pattern
+    assert "code" not in service.registry.names() and service.route(prompt).task == "math"
 
 
 def test_no_match_falls_back_to_the_union_of_the_nearest_tasks(store: Path, embedder) -> None:

@@ -39,7 +39,7 @@ def test_preloaded_tasks_are_resident_before_health_says_serving(reference_store
         return create_server(config(reference_store, preload=("addition",)), embedder=embedder)
 
     handle, port = asyncio.run_coroutine_threadsafe(create(), loop).result(300)
-    handle.service.loop.loader.gate.clear()  # hold the expert copies: the warm-up cannot finish yet
+    handle.core.loop.loader.gate.clear()  # hold the expert copies: the warm-up cannot finish yet
     starting = asyncio.run_coroutine_threadsafe(handle.start(), loop)
     try:
         with PreMoeClient(f"127.0.0.1:{port}", timeout=60) as client:
@@ -52,7 +52,7 @@ def test_preloaded_tasks_are_resident_before_health_says_serving(reference_store
                     assert time.monotonic() < deadline
                     time.sleep(0.05)
             assert status == "NOT_SERVING" and not starting.done()
-            handle.service.loop.loader.gate.set()
+            handle.core.loop.loader.gate.set()
             starting.result(120)
             assert client.health() == "SERVING"
             task = client.get_task("addition")

@@ -19,7 +19,7 @@ from premoe_service.errors import AlreadyExists, DataCorruption, InvalidArgument
 from premoe_service.families import adapter_for
 from premoe_service.families.tiny import TINY_CONFIGS, tiny_model
 from premoe_service.pattern import Pattern
-from premoe_service.runtime.build import load_engine
+from premoe_service.runtime.build import load_model
 from premoe_service.runtime.residency import Budget
 from premoe_service.store import MemoryCache, RedisCache, Store, shard
 from premoe_service.store.checkpoint_io import write_safetensors_streaming
@@ -60,7 +60,7 @@ def test_round_trip_through_redis_equals_transformers(family: str, tmp_path: Pat
     reference, ckpt = checkpoint(tmp_path, family)
     shard(ckpt, tmp_path / "store", progress=False)
     store = Store(tmp_path / "store", RedisCache(redis_server.url))
-    engine, residency = load_engine(store, Budget(fraction=1.0))
+    engine, residency = load_model(store, Budget(fraction=1.0))
     with torch.no_grad():
         expected = reference(IDS).logits
     assert (run(engine, residency, Pattern.full(engine.spec)) - expected).abs().max().item() <= ATOL
@@ -91,7 +91,7 @@ def test_sharded_and_fused_checkpoints(tmp_path: Path) -> None:
     assert fused_result.manifest.layers[0].checksums == result.manifest.layers[0].checksums
 
     for store_dir in ("store-sharded", "store-fused"):
-        engine, residency = load_engine(Store(tmp_path / store_dir))
+        engine, residency = load_model(Store(tmp_path / store_dir))
         with torch.no_grad():
             expected = reference(IDS).logits
         assert (run(engine, residency, Pattern.full(engine.spec)) - expected).abs().max().item() <= ATOL
@@ -143,7 +143,7 @@ def test_redis_outage_mid_run_falls_back_to_disk(tmp_path: Path, own_redis) -> N
     shard(ckpt, tmp_path / "store", progress=False)
     cache = RedisCache(own_redis.url, timeout_s=0.5, retry_s=0.1)
     store = Store(tmp_path / "store", cache)
-    engine, residency = load_engine(store, Budget(fraction=0.5))
+    engine, residency = load_model(store, Budget(fraction=0.5))
     first = Pattern.build(engine.spec, {layer: [0, 1, 2, 3] for layer in engine.spec.moe_layers})
     second = Pattern.build(engine.spec, {layer: [4, 5, 6, 7] for layer in engine.spec.moe_layers})
     run(engine, residency, first)
@@ -179,7 +179,7 @@ def test_corrupted_expert_on_disk_is_a_clear_error(tmp_path: Path) -> None:
     store.read(1, 4)  # neighbours are fine
 
     # Through the engine (reads straight into slot memory): the same error, and the expert never counts as resident.
-    engine, residency = load_engine(Store(tmp_path / "store", MemoryCache()))
+    engine, residency = load_model(Store(tmp_path / "store", MemoryCache()))
     with pytest.raises(DataCorruption, match="expert 5 of layer 1"), residency.lease(Pattern.full(engine.spec)):
         pass
     assert 5 not in engine.slots[1].resident()
@@ -189,7 +189,7 @@ def test_switch_moves_exactly_the_bytes_of_differing_experts(tmp_path: Path) -> 
     _, ckpt = checkpoint(tmp_path, "qwen2_moe")
     shard(ckpt, tmp_path / "store", progress=False)
     store = Store(tmp_path / "store", MemoryCache())
-    engine, residency = load_engine(store, Budget(fraction=5 / 8))
+    engine, residency = load_model(store, Budget(fraction=5 / 8))
     layers = engine.spec.moe_layers
     a = Pattern.build(engine.spec, {layer: [0, 1, 2, 3, 4] for layer in layers})
     b = Pattern.build(engine.spec, {layer: [2, 3, 4, 5, 6] for layer in layers})
@@ -210,7 +210,7 @@ def test_leases_pin_experts_against_eviction(tmp_path: Path) -> None:
     _, ckpt = checkpoint(tmp_path, "mixtral")
     shard(ckpt, tmp_path / "store", progress=False)
     store = Store(tmp_path / "store", MemoryCache())
-    engine, residency = load_engine(store, Budget(fraction=0.5), wait_timeout_s=0.2)  # 4 slots per layer
+    engine, residency = load_model(store, Budget(fraction=0.5), wait_timeout_s=0.2)  # 4 slots per layer
     layers = engine.spec.moe_layers
     a = Pattern.build(engine.spec, {layer: [0, 1, 2, 3] for layer in layers})
     b = Pattern.build(engine.spec, {layer: [4, 5] for layer in layers})
@@ -252,7 +252,7 @@ def test_exported_checkpoint_loads_with_transformers_and_matches(family: str, tm
     reference, ckpt = checkpoint(tmp_path, family)
     shard(ckpt, tmp_path / "store", progress=False)
     store = Store(tmp_path / "store")
-    engine, residency = load_engine(store)
+    engine, residency = load_model(store)
     pattern = Pattern.build(engine.spec, random_pattern(reference, engine.spec.num_experts // 2, seed=2))
     export_pruned(store, pattern, tmp_path / "pruned", progress=False)
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", local_files_only=True)

@@ -143,7 +143,7 @@ def test_a_pin_holds_while_other_tasks_churn_the_budget(client: PreMoeClient) ->
 def test_a_task_reports_loading_while_its_copies_are_held(server, client: PreMoeClient) -> None:
     """The loader's gate (shut) holds the copies: LoadTask waits and the task says `loading` until it opens."""
     handle, _ = server
-    gate = handle.service.loop.loader.gate
+    gate = handle.core.loop.loader.gate
     gate.clear()
     try:
         with ThreadPoolExecutor(1) as pool:
@@ -226,7 +226,7 @@ def test_a_pin_that_cannot_fit_is_refused_naming_the_pinned_bytes(client: PreMoe
 
 def test_deleting_a_pinned_task_drops_its_pin(server, client: PreMoeClient, tiny_store: Path, embedder) -> None:
     handle, _ = server
-    handle.service.registry.register(profile(tiny_store, "e", 2, embedder))  # b's experts
+    handle.core.registry.register(profile(tiny_store, "e", 2, embedder))  # b's experts
     try:
         client.load_task("e", pin=True)
         client.load_task("a", pin=True)
@@ -242,7 +242,7 @@ def test_a_replaced_task_stays_pinned_until_loaded_again(
     server, client: PreMoeClient, tiny_store: Path, embedder
 ) -> None:
     handle, _ = server
-    registry = handle.service.registry
+    registry = handle.core.registry
     registry.register(profile(tiny_store, "f", 0, embedder))
     try:
         client.load_task("f", pin=True)

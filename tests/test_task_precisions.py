@@ -92,7 +92,7 @@ def test_generating_with_a_mixed_task_is_refused_naming_the_precision(served) ->
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "precision" in info.value.details()
     client.register("drop-only", DEMOS, fraction=0.5, replace=True)
     assert len(client.generate("def add(a, b):", task="drop-only", max_new_tokens=2).token_ids) == 2
-    book = served[1].service.tasks
+    book = served[1].core.tasks
     fallback = book.fallback_pattern(["mixed", "drop-only"], capacity=8)
     assert (
         not fallback.mixed
@@ -159,12 +159,12 @@ def test_a_server_with_precision_slots_chooses_plans_its_slots_hold_and_serves_t
         four = client.register("four", DEMOS, fraction=0.3, precisions=["int4"])
         assert any(layer.precisions for layer in four.layers)
         assert all(len(layer.precisions) <= 4 for layer in four.layers)  # four int4 slots per layer
-        full_slots = handle.service.tasks.max_per_layer
+        full_slots = handle.core.tasks.max_per_layer
         assert all(len(layer.experts) - len(layer.precisions) <= full_slots for layer in four.layers)
         reply = client.generate("def add(a, b):", task="four", max_new_tokens=3)
         assert len(reply.token_ids) == 3 and reply.stats.pattern_experts == four.pattern_experts
         # The budget the server reports is the bytes of its slot tensors, quantized banks included.
-        assert client.stats().budget_bytes == handle.service.engine.expert_bytes_resident()
+        assert client.stats().budget_bytes == handle.core.engine.expert_bytes_resident()
         with pytest.raises(grpc.RpcError) as info:
             client.register("two", DEMOS, fraction=0.3, precisions=["int2"])  # no int2 slots here
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "precisions" in info.value.details()

@@ -19,7 +19,7 @@ import torch
 from ..engine import EngineLoop, Request, SamplingParams
 from ..evaluation.run import load_task_data
 from ..pattern import Pattern
-from ..runtime.build import load_engine
+from ..runtime.build import load_model
 from ..store import Store
 
 
@@ -58,7 +58,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     store = Store(args.store)
-    engine, residency = load_engine(store, device="cpu")
+    engine, residency = load_model(store, device="cpu")
     tokenizer = AutoTokenizer.from_pretrained(store.dir, local_files_only=True)
     loop = EngineLoop(engine, residency, store, eos=set(), pad_id=tokenizer.pad_token_id or 0)
     thresholds = [float(t) for t in args.thresholds.split(",")]

@@ -14,7 +14,7 @@ import torch
 
 from ..loopback import temporary_redis
 from ..pattern import Pattern
-from ..runtime.build import load_engine, resolve_device
+from ..runtime.build import load_model, resolve_device
 from ..runtime.quantized import attach_precisions
 from ..runtime.residency import Budget
 from ..store import MemoryCache, RedisCache, Store, shard
@@ -145,7 +145,7 @@ def bench_store(store_dir: Path, redis_url: str | None, rounds: int = 7, device:
 
         # Whole pattern loads into device slots through Redis vs raw GETs plus a copy to the device.
         target = resolve_device(device)
-        engine, residency = load_engine(redis_store, Budget(fraction=0.5), device=target)
+        engine, residency = load_model(redis_store, Budget(fraction=0.5), device=target)
         spec = engine.spec
         half = spec.num_experts // 2
         a = Pattern.build(spec, {layer: range(half) for layer in spec.moe_layers})
@@ -196,7 +196,7 @@ def _slots_from_disk(store_dir: Path, fds: dict[int, int], rounds: int, device: 
     """Pattern switches from disk (no cache) into slots vs preadv of the same ranges, one buffer per expert."""
     store = Store(store_dir)
     target = resolve_device(device)
-    engine, residency = load_engine(store, Budget(fraction=0.5), device=target)
+    engine, residency = load_model(store, Budget(fraction=0.5), device=target)
     spec, size = engine.spec, store.manifest.expert_nbytes
     half = spec.num_experts // 2
     flip = [
@@ -234,7 +234,7 @@ def _slots_from_memory(store_dir: Path, rounds: int, device: str | None) -> Row:
     manifest = Store(store_dir).manifest
     store = Store(store_dir, MemoryCache(manifest.expert_nbytes * manifest.num_experts * len(manifest.moe_layers) * 2))
     target = resolve_device(device)
-    engine, residency = load_engine(store, Budget(fraction=0.5), device=target)
+    engine, residency = load_model(store, Budget(fraction=0.5), device=target)
     spec, size = engine.spec, manifest.expert_nbytes
     half = spec.num_experts // 2
     flip = [
@@ -384,7 +384,7 @@ def _redis_rows(store_dir: Path, url: str, precision: str, label: str, rounds: i
     # Pattern switches into quantized slots (half the experts of every layer at this precision) vs GET + a plain
     # copy of each blob into its own buffer.
     target = resolve_device(device)
-    engine, _ = load_engine(store, capacity=engine_floor(store), device=target)
+    engine, _ = load_model(store, capacity=engine_floor(store), device=target)
     spec = engine.spec
     half = spec.num_experts // 2
     attach_precisions(engine, store, {precision: half})

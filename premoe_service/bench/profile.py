@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..profiler import collect_scores
-from ..runtime.build import load_engine
+from ..runtime.build import load_model
 from ..store import Store, shard
 from .common import bench_model
 
@@ -29,7 +29,7 @@ def main(
         model.save_pretrained(Path(tmp) / "ckpt")
         shard(Path(tmp) / "ckpt", Path(tmp) / "store", progress=False)
         store = Store(Path(tmp) / "store")
-        engine, _ = load_engine(store, device="cpu", capacity=0)
+        engine, _ = load_model(store, device="cpu", capacity=0)
         generator = torch.Generator().manual_seed(1)
         ids = torch.randint(3, 512, (demos, tokens), generator=generator)
         mask = torch.ones_like(ids)

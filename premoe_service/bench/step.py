@@ -63,12 +63,12 @@ class EngineSteps:
 
         from ..engine import BatchLimits, EngineLoop
         from ..pattern import Pattern
-        from ..runtime.build import load_engine
+        from ..runtime.build import load_model
         from ..runtime.residency import Budget
         from ..store import Store, open_cache
 
         store = Store(store_dir, open_cache(None))
-        engine, residency = load_engine(store, Budget(fraction=1.0), device=None if device == "auto" else device)
+        engine, residency = load_model(store, Budget(fraction=1.0), device=None if device == "auto" else device)
         limits = BatchLimits(max_rows=max_rows, max_prefill_tokens=1 << 20, max_join_wait_steps=0)
         self.loop = EngineLoop(engine, residency, store, eos=set(), limits=limits)
         self.pattern = Pattern.full(engine.spec)

@@ -4,19 +4,21 @@ from .kv import KVPool
 from .loader import Loader, LoadJob
 from .loop import EngineLoop
 from .params import SamplingParams
-from .request import Outcome, Request, Status
+from .request import Request, Status
+from .result import GenerationResult, RoutePlan
 from .stats import BatchLimits, LoopStats
 from .text import TokenLogprob
 
 __all__ = [
     "BatchLimits",
     "EngineLoop",
+    "GenerationResult",
     "KVPool",
     "LoadJob",
     "Loader",
     "LoopStats",
-    "Outcome",
     "Request",
+    "RoutePlan",
     "SamplingParams",
     "Status",
     "TokenLogprob",

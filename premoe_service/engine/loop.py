@@ -22,6 +22,7 @@ from .kv import KVPool
 from .loader import Loader
 from .outbox import Outbox
 from .request import Request, Status
+from .result import GenerationResult
 from .schedule import pick_joiners
 from .stats import BatchLimits, LoopStats
 from .text import prompt_logprobs, sample
@@ -42,6 +43,11 @@ class EngineLoop:
     rows. Every forward pass carries a routing context, so each token routes by its row's pattern.
 
     Use `start()` for the background thread, or call `step()` directly (tests drive it step by step).
+
+    The serving layer gives its policies here, once: `widen` makes a wider pattern for a request whose prefill
+    coverage fell below its floor (from its pattern, the prompt's mean router scores per layer and the floor);
+    `count` is told of every result of a request submitted with a route plan (the per-task stats); `observe`
+    sees the pattern of every request taken in (shared-use eviction). `eos` are the model's end-of-sequence ids.
     """
 
     def __init__(
@@ -57,11 +63,16 @@ class EngineLoop:
         stopping: Callable[[], bool] | None = None,
         threads: int | None = None,
         observe: Callable[[Pattern], None] | None = None,
+        widen: Callable[[Pattern, dict[int, torch.Tensor], float], Pattern] | None = None,
+        count: Callable[[GenerationResult], None] | None = None,
     ) -> None:
         self.engine = engine
         self.residency = residency
         self.limits = limits or BatchLimits()
-        self.eos = eos
+        self.eos = frozenset(eos)
+        self.widen = widen
+        self.count = count
+        self.top_k = engine.spec.top_k
         self.pad_id = pad_id
         self.stopping = stopping or (lambda: False)
         self.threads = threads  # torch intra-op threads for its forward passes; None: leave torch's setting
@@ -82,6 +93,7 @@ class EngineLoop:
     def submit(self, request: Request) -> Request:
         """Queue a request (any thread); its events come through `request.events()`."""
         request.outbox = self.outbox
+        request.eos = self.eos
         self._inbox.put(request, waiting=len(self.waiting), limit=self.limits.max_queue)
         return request
 
@@ -263,12 +275,11 @@ class EngineLoop:
 
     def _widen(self, request: Request, context: RoutingContext, row: int, length: int) -> bool:
         """Widen a request whose prefill coverage fell short; it goes back to the head of the queue."""
-        pinned = request.pinned
-        if not request.widen_after_prefill(
-            {layer: sums[row] / length for layer, sums in context.prompt_scores.items()}
-        ):
+        if self.widen is None:
             return False
-        request.pinned = pinned
+        scores = {layer: sums[row] / length for layer, sums in context.prompt_scores.items()}
+        if not request.widen_after_prefill(scores, self.widen):
+            return False
         self._unpin(request)
         self.waiting.insert(0, request)
         return True
@@ -278,7 +289,10 @@ class EngineLoop:
         self._unpin(request)
         request.finish_reason = reason
         request.send(request.text.finish())
-        request.finish(request.outcome(reason))
+        result = request.result(reason, self.top_k)
+        if self.count is not None and request.plan is not None:
+            self.count(result)
+        request.finish(result)
 
     def _unpin(self, request: Request) -> None:
         if request.pinned is not None:

@@ -9,8 +9,9 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from ..errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from ..pattern import Pattern
 from .outbox import Outbox
 from .params import SamplingParams
+from .result import GenerationResult, RoutePlan
 from .text import TextStream, TokenLogprob, choose, token_logprobs
 
 _ids = itertools.count(1)
@@ -34,26 +36,6 @@ class Status(enum.Enum):
 
 
 @dataclass
-class Outcome:
-    """What a finished request reports (the last event of its stream)."""
-
-    token_ids: list[int]
-    text: str
-    finish_reason: str  # eos | length | stop | cancelled
-    pattern: Pattern
-    widened: bool
-    coverage: float
-    loads: dict[str, int]
-    loaded_bytes: int
-    timings: dict[str, float]
-    prompt_tokens: int
-    logprobs: list[TokenLogprob] | None = None  # per generated token, when asked for
-    prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token (the first has none), when asked for
-    routings: int = 0  # tokens x MoE layers routed for it (prefill and decode)
-    experts_skipped: int = 0  # routed expert calls its `skip_below` took out
-
-
-@dataclass
 class Request:
     """A generation request as the engine loop sees it.
 
@@ -64,12 +46,14 @@ class Request:
         tokenizer: For its incremental text.
         deadline: `time.monotonic()` after which it fails with DEADLINE_EXCEEDED.
         cancelled: Returns True once the caller has gone; polled at every step.
-        stream: Send text pieces as they come (else only the outcome).
-        coverage_floor: Below this prefill coverage the pattern is widened once (`widen` decides how).
-        widen: Given the pattern and the prompt's mean router scores per layer, a wider pattern.
+        stream: Send text pieces as they come (else only the result).
+        coverage_floor: Below this prefill coverage the pattern is widened once (the loop's widening policy
+            decides how).
         wait_timeout_s: How long it may wait for slots pinned by others.
         loop: Deliver events to this asyncio loop (read them with `aevents()`); None: `events()`.
-        eos: The model's end-of-sequence ids, which `min_tokens` keeps from being drawn.
+        plan: The route it was given, reported in its result (None: a pattern given directly, not counted in the
+            per-task stats).
+        times: Moments known before it is made (`started`: when its submission began, for `total_ms`).
     """
 
     prompt_ids: list[int]
@@ -80,10 +64,11 @@ class Request:
     cancelled: Callable[[], bool] = lambda: False
     stream: bool = True
     coverage_floor: float = 0.0
-    widen: Callable[[Pattern, dict[int, Tensor]], Pattern] | None = None
     wait_timeout_s: float = 30.0
     loop: asyncio.AbstractEventLoop | None = None
-    eos: frozenset[int] = frozenset()  # the model's EOS ids (`min_tokens` masks them in sampled draws)
+    plan: RoutePlan | None = None
+    times: dict[str, float] = field(default_factory=dict)
+    eos: frozenset[int] = frozenset()  # the model's EOS ids, set by the loop it is submitted to (`barred`)
     outbox: Outbox | None = None  # set by the engine loop it is submitted to: its events for `loop` wait there
     id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING_SLOTS
@@ -99,7 +84,6 @@ class Request:
     load_s: float = 0.0
     token_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_scores: list[TokenLogprob] = field(default_factory=list)
-    times: dict[str, float] = field(default_factory=dict)
     row: int | None = None  # its KV pool row while it is in the running batch
     cached: int = 0  # its tokens in the KV pool (prompt chunks fed so far, then generated tokens)
     _events: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
@@ -123,9 +107,9 @@ class Request:
         if piece and self.stream:
             self._put(piece)
 
-    def finish(self, outcome: Outcome) -> None:
+    def finish(self, result: GenerationResult) -> None:
         self.status = Status.FINISHED
-        self._put(outcome)
+        self._put(result)
 
     def fail(self, error: BaseException) -> None:
         self.status = Status.FINISHED
@@ -162,12 +146,15 @@ class Request:
         self.coverage_count += routings
         self.experts_skipped += skipped
 
-    def widen_after_prefill(self, prompt_scores: dict[int, Tensor]) -> bool:
-        """When its prefill coverage is below its floor, take the wider pattern `widen` gives for the prompt's
-        mean router scores per layer, and wait for slots again (the prefill is discarded). Returns whether it did."""
-        if self.widen is None or self.coverage_sum / self.coverage_count >= self.coverage_floor:
+    def widen_after_prefill(
+        self, prompt_scores: dict[int, Tensor], widen: Callable[[Pattern, dict[int, Tensor], float], Pattern]
+    ) -> bool:
+        """When its prefill coverage is below its floor, take the wider pattern `widen` gives for its pattern, the
+        prompt's mean router scores per layer and its floor, and wait for slots again (the prefill is discarded).
+        Returns whether it did."""
+        if self.coverage_sum / self.coverage_count >= self.coverage_floor:
             return False
-        wider = self.widen(self.pattern, prompt_scores)
+        wider = widen(self.pattern, prompt_scores, self.coverage_floor)
         if wider == self.pattern:
             return False
         self.pattern, self.widened, self.status = wider, True, Status.WAITING_SLOTS
@@ -190,7 +177,7 @@ class Request:
             return []
         return sorted((set() if self.params.ignore_eos else set(self.eos)) | set(self.params.stop_token_ids))
 
-    def take(self, token: int, logits: Tensor, eos: set[int]) -> tuple[str, str]:
+    def take(self, token: int, logits: Tensor, eos: AbstractSet[int]) -> tuple[str, str]:
         """Append its next token (its log-probability too when asked for); returns why that token finished the
         request (eos, stop, length, or "") and the text it completes, which the caller sends."""
         params = self.params
@@ -204,36 +191,40 @@ class Request:
             return "stop", piece
         return ("length" if len(self.generated) >= self.params.max_new_tokens else ""), piece
 
-    def outcome(self, reason: str) -> Outcome:
-        """What it reports once finished for `reason`."""
+    def result(self, reason: str, top_k: int) -> GenerationResult:
+        """What it reports once finished for `reason` (`top_k`: routed experts per token, to count expert calls)."""
         now = time.perf_counter()
         times = self.times
-        return Outcome(
-            token_ids=list(self.generated),
+        plan = self.plan or RoutePlan("override", "", 0.0, self.pattern)
+        return GenerationResult(
             text=self.text.text,
+            token_ids=list(self.generated),
             finish_reason=reason,
-            pattern=self.pattern,
-            widened=self.widened,
-            coverage=self.coverage_sum / self.coverage_count if self.coverage_count else 1.0,
+            plan=replace(plan, pattern=self.pattern),
             loads=dict(self.loads),
             loaded_bytes=self.loaded_bytes,
+            coverage=self.coverage_sum / self.coverage_count if self.coverage_count else 1.0,
+            widened=self.widened,
             timings={
+                "route_ms": plan.seconds * 1e3,
                 "queue_ms": (times.get("ready", now) - times["submitted"]) * 1e3,
                 "load_ms": self.load_s * 1e3,
                 "prefill_ms": times.get("prefill_s", 0.0) * 1e3,
                 "decode_ms": (now - times.get("first_token", now)) * 1e3,
+                "total_ms": (now - times.get("started", times["submitted"])) * 1e3,
             },
             prompt_tokens=len(self.prompt_ids),
             logprobs=list(self.token_logprobs) if self.params.logprobs is not None else None,
             prompt_logprobs=list(self.prompt_scores) if self.params.prompt_logprobs else None,
-            routings=self.coverage_count,
-            experts_skipped=self.experts_skipped,
+            expert_calls=self.coverage_count * top_k,
+            expert_calls_skipped=self.experts_skipped,
+            prompt_ids=list(self.prompt_ids),
         )
 
     # --- caller side ------------------------------------------------------------------------------
 
-    def events(self) -> Iterator[str | Outcome]:
-        """Text pieces (when streaming), then the outcome; raises what the request failed with. Closing the
+    def events(self) -> Iterator[str | GenerationResult]:
+        """Text pieces (when streaming), then the result; raises what the request failed with. Closing the
         iterator early abandons the request (the loop frees its row and slots at the next step)."""
         try:
             while True:
@@ -241,12 +232,12 @@ class Request:
                 if isinstance(item, _Failed):
                     raise item.error
                 yield item
-                if isinstance(item, Outcome):
+                if isinstance(item, GenerationResult):
                     return
         finally:
             self._abandoned.set()
 
-    async def aevents(self) -> AsyncIterator[str | Outcome]:
+    async def aevents(self) -> AsyncGenerator[str | GenerationResult, None]:
         """`events()` for a request submitted with `loop`: awaited on that loop, no thread in between."""
         assert self._aqueue is not None, "submit the request with loop= to read its events asynchronously"
         try:
@@ -255,7 +246,7 @@ class Request:
                 if isinstance(item, _Failed):
                     raise item.error
                 yield item
-                if isinstance(item, Outcome):
+                if isinstance(item, GenerationResult):
                     return
         finally:
             self._abandoned.set()

@@ -43,7 +43,7 @@ from ..profiler.channels import CHANNEL_CRITERIA
 from ..profiler.demo_error import channel_kept, demo_errors
 from ..profiler.demos import Demo
 from ..profiler.precision_plan import OBJECTIVE_CRITERION, bf16_nbytes, select_precisions, store_options
-from ..runtime.build import load_engine
+from ..runtime.build import load_model
 from ..runtime.slots import write_slot
 from ..store import Store
 from ..store.channels import ChannelReader
@@ -155,7 +155,7 @@ def evaluate_channels(
     options = store_options(store, full_nbytes=unit, precisions=(FULL, *precisions))
     shape = ExpertShape.of(store.manifest)
     counts = channel_counts(shape.intermediate, fractions)
-    engine, _ = load_engine(store, device=device)
+    engine, _ = load_model(store, device=device)
     spec = engine.spec
     full = Pattern.full(spec)
     engine.apply(full, store)

@@ -25,7 +25,7 @@ from ..profiler import Profile, Selection, select
 from ..profiler.demo_error import demo_errors
 from ..profiler.demos import Demo
 from ..profiler.precision_plan import OBJECTIVE_CRITERION, OBJECTIVES, bf16_nbytes, select_precisions, store_options
-from ..runtime.build import load_engine
+from ..runtime.build import load_model
 from ..runtime.quantized import attach_precisions
 from ..store import Store
 from .metrics import exact_match, mean_nll
@@ -74,7 +74,7 @@ def evaluate_precisions(
         raise InvalidArgument(f"unknown objectives {unknown} (use {', '.join(OBJECTIVES)})", field="objectives")
     unit = bf16_nbytes(store.manifest)
     options = store_options(store, full_nbytes=unit, precisions=(FULL, *precisions))
-    engine, _ = load_engine(store, device=device)
+    engine, _ = load_model(store, device=device)
     spec = engine.spec
     attach_precisions(engine, store, dict.fromkeys(precisions, spec.num_experts))
     total = unit * spec.num_experts * len(spec.moe_layers)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ..errors import InvalidArgument, NotFound
 from ..pattern import Pattern
 from ..profiler import CRITERIA, DEFAULT_CRITERION, Profile, Selection, select
-from ..runtime.build import load_engine
+from ..runtime.build import load_model
 from ..runtime.model import PatternedModel
 from ..store import Store
 from .metrics import EvalItem, exact_match, mean_nll, perplexity
@@ -120,7 +120,7 @@ def evaluate_grid(
         raise InvalidArgument(
             f"unknown criterion {cross_criterion!r} (use {', '.join(CRITERIA)})", field="cross_criterion"
         )
-    engine, _ = load_engine(store, device=device)
+    engine, _ = load_model(store, device=device)
     spec = engine.spec
     result = EvalResult(cross_budget=cross_budget, cross_criterion=cross_criterion)
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..pattern import Pattern
-from ..runtime.build import load_engine
+from ..runtime.build import load_model
 from ..runtime.quantized import attach_precisions
 from .demos import Demo
 from .precision_plan import PrecisionOption
@@ -31,7 +31,7 @@ def demo_errors(
     quantized = [p for p, o in options.items() if o.error is not None]
     if not quantized:
         return dict(options)
-    engine, _ = load_engine(store, device="cpu")
+    engine, _ = load_model(store, device="cpu")
     spec = engine.spec
     attach_precisions(engine, store, dict.fromkeys(quantized, spec.num_experts))
     full = Pattern.full(spec)
@@ -95,7 +95,7 @@ def channel_kept(
     from .channels import kept_share
     from .routing_stats import ChannelBatch, expert_outputs
 
-    engine, _ = load_engine(store, device="cpu")
+    engine, _ = load_model(store, device="cpu")
     spec = engine.spec
     engine.apply(Pattern.full(spec), store)
     captured: dict[int, tuple[Tensor, Tensor]] = {}

@@ -168,18 +168,18 @@ def profile_store(
     With `channels`, the pass also scores every expert's channels (`premoe profile` does by default; a task
     registered on a server does not: its plans hold whole experts, and the scores cost about two forwards).
 
-    `engine` may be a layer-streaming engine built earlier (`load_engine(store, capacity=0)`) to reuse. The
+    `engine` may be a layer-streaming engine built earlier (`load_model(store, capacity=0)`) to reuse. The
     router signal is read on its own copy of the first layers, sharing the engine's dense tensors.
     """
     from transformers import AutoTokenizer
 
     from ..names import check_task_name
-    from ..runtime.build import load_engine
+    from ..runtime.build import load_model
     from ..runtime.router_signal import RouterSignal
 
     check_task_name(name)
     if engine is None:
-        engine, _ = load_engine(store, device=device, capacity=0)
+        engine, _ = load_model(store, device=device, capacity=0)
     tokenizer = AutoTokenizer.from_pretrained(store.dir, local_files_only=True)
     max_length = int(getattr(engine.config, "max_position_embeddings", 4096))
     ids, mask, truncated = tokenize_demos(tokenizer, demos, max_length)

@@ -33,7 +33,7 @@ def model_of(body: bytes) -> tuple[str | None, str | None]:
     model = value["model"]
     if model == AUTO:
         prompt = value.get("prompt")
-        return None, prompt if isinstance(prompt, str) and prompt.strip() else None
+        return None, prompt if isinstance(prompt, str) else None
     return (model, None) if TASK_NAME.fullmatch(model) else (None, None)
 
 

@@ -1,6 +1,7 @@
 """The ingress deployment behind Serve's proxies: premoe.v1.PreMoe's methods (gRPC), each checking credentials,
 retrieving the task of a Generate prompt (a request naming its task skips it), and forwarding to the engine
-deployment with the task as Serve's multiplexed model id. Retrieval runs `ServingCore.route` on whichever engine
+deployment with the task as Serve's multiplexed model id. Retrieval runs `ServingCore.plan_generation` (a Generate:
+the prompt checked and tokenized before it is routed) or `ServingCore.route` (an HTTP prompt) on whichever engine
 replica Serve picks: the single server's code exactly (embeddings, and the model's router signal, which needs the
 model's first layers), with no second copy of the embedding model and index here. Serve's proxy runs none of our
 interceptor, so the status of every failure is set here. HTTP requests (the OpenAI-compatible API) are forwarded
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 from ray.serve.handle import DeploymentHandle
 
 from ..errors import PreMoeError
-from ..retrieval import check_prompt
+from ..retrieval import CheckedPrompt, check_prompt
 from ..server.auth import Access
 from ..server.gen import premoe_pb2 as pb
 from ..server.interceptor import ADMIN_METHODS
@@ -89,8 +90,8 @@ class PreMoeIngress:
             routed = Routed("override", call.task)
         else:
             check_prompt_bytes(call.prompt, self.config.max_prompt_bytes)  # before shipping it anywhere
-            check_prompt(call.prompt)
-            routed = Routed.from_json(self._open(await self.engine.route.remote(call.prompt), grpc_context, "routed"))
+            envelope = await self.engine.route_generate.remote(raw)  # checked and tokenized there before routing
+            routed = Routed.from_json(self._open(envelope, grpc_context, "routed"))
         handle = self.engine
         if self.settings.affinity and routed.task:
             handle = handle.options(multiplexed_model_id=routed.task)
@@ -108,8 +109,9 @@ class PreMoeIngress:
         lifecycle = LIFECYCLE_PATH.fullmatch(request.url.path)
         if lifecycle is not None:  # /v1/tasks/{name}/load|unload: to the replica multiplexing picks for the task
             task, prompt = lifecycle.group(1), None
-        if task is None and prompt is not None and self.settings.affinity and self._may_route(request, prompt):
-            envelope = await self.engine.route.remote(prompt)
+        routable = self._routable(request, prompt) if task is None and self.settings.affinity else None
+        if routable is not None:
+            envelope = await self.engine.route.remote(routable)
             routed = envelope.get("routed")
             task = routed["task"] if routed and routed["decision"] == "match" else None
         handle = self.engine.options(stream=True)
@@ -128,16 +130,19 @@ class PreMoeIngress:
         response.raw_headers = [(bytes(k), bytes(v)) for k, v in start["headers"]] + replica
         return response
 
-    def _may_route(self, request: Any, prompt: str) -> bool:
-        """Whether an `auto` HTTP request earns retrieval before it is forwarded: credentials that pass and a prompt
-        within the limits (otherwise the replica's HTTP app answers it with the single server's error)."""
+    def _routable(self, request: Any, prompt: str | None) -> CheckedPrompt | None:
+        """The prompt of an `auto` HTTP request that earns retrieval before it is forwarded, checked: credentials
+        that pass and a prompt within the limits, not blank (otherwise None, and the replica's HTTP app answers it
+        with the single server's error)."""
+        if prompt is None:
+            return None
         header = request.headers.get("authorization")
         try:
             self.access.check(header.encode("latin-1") if header is not None else None, admin=False)
             check_prompt_bytes(prompt, self.config.max_prompt_bytes)
+            return check_prompt(prompt)
         except PreMoeError:
-            return False
-        return True
+            return None
 
     # --- the other calls: any engine replica answers them --------------------------------------------------
 

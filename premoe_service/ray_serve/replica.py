@@ -17,7 +17,7 @@ from ..errors import InvalidArgument, PreMoeError
 from ..server.gen import premoe_pb2 as pb
 from ..server.servicer import GrpcDoor
 from ..server.types import GenerateCall, name_from_pb, stats_to_pb
-from ..serving import GenerationResult, ServingCore
+from ..serving import GenerationResult, RoutePlan, ServingCore
 from . import published_stats
 from .calls import DOOR_CALLS, LIFECYCLE_CALLS, Routed, decode, failure, reply
 from .holding import tasks_per_replica
@@ -139,33 +139,46 @@ class EngineReplica:
         """Hold the task (Serve's multiplexing), submit to the engine loop, read its events on this event loop.
         Leaving early (the client went away) closes the events, which cancels the request at the next step."""
         call = GenerateCall.from_pb(decode(raw, pb.GenerateRequest))
-        task = routed.task or None
-        if task is not None:
-            await self._run(lambda: self.core.registry.get(task))  # NOT_FOUND before anything is loaded
+        plan: RoutePlan | None = None  # no task: the fallback, routed on this replica
+        if routed.task:
+            task = routed.task
+            plan = await self._run(lambda: self.core.task_plan(task))  # NOT_FOUND before anything is loaded
+            if routed.decision == "match":  # the ingress retrieved the task: report it as the single server does
+                plan = dataclasses.replace(
+                    plan,
+                    decision="match",
+                    score=routed.score,
+                    ranked=list(routed.ranked),
+                    reason=routed.reason,
+                    seconds=plan.seconds + routed.route_s,
+                )
         model_id = serve.get_multiplexed_model_id()
         if model_id:
             await self.hold(model_id)
         loop = asyncio.get_running_loop()
-        submission = await self._run(
-            lambda: self.core.submit(call.prompt, call.params, task=task, stream=stream, loop=loop)
+        submitted = await self._run(
+            lambda: self.core.submit(call.prompt, call.params, stream=stream, loop=loop, plan=plan)
         )
-        if routed.decision == "match":  # the ingress retrieved the task: report it as the single server does
-            plan = submission.plan
-            submission.plan = dataclasses.replace(
-                plan,
-                decision="match",
-                score=routed.score,
-                ranked=list(routed.ranked),
-                reason=routed.reason,
-                seconds=plan.seconds + routed.route_s,
-            )
-        async for item in submission.request.aevents():
-            yield item if isinstance(item, str) else submission.result(item)
+        async for item in submitted.aevents():
+            yield item
 
     async def route(self, prompt: str) -> dict[str, Any]:
-        """The ingress's retrieval: `ServingCore.route`, the single server's code, as a `Routed`."""
+        """The ingress's retrieval for an HTTP prompt: `ServingCore.route`, the single server's code, as a `Routed`."""
+        return await self._routed(lambda: self.core.route(prompt))
+
+    async def route_generate(self, raw: bytes) -> dict[str, Any]:
+        """The ingress's retrieval for a Generate that names no task: `ServingCore.plan_generation`, which checks and
+        tokenizes the prompt first (one too long for the model is refused before it is embedded and routed)."""
+
+        def plan() -> RoutePlan:
+            call = GenerateCall.from_pb(decode(raw, pb.GenerateRequest))
+            return self.core.plan_generation(call.prompt, call.params)
+
+        return await self._routed(plan)
+
+    async def _routed(self, plan_of: Callable[[], RoutePlan]) -> dict[str, Any]:
         try:
-            plan = await self._run(lambda: self.core.route(prompt))
+            plan = await self._run(plan_of)
             routed = Routed(plan.decision, plan.task, plan.score, list(plan.ranked), plan.reason, plan.seconds)
             return {"routed": routed.to_json(), "replica": self.replica}
         except Exception as exc:

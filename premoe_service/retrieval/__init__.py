@@ -6,7 +6,7 @@ from .embedder import DEFAULT_EMBEDDER, Embedder, default_model_path
 from .index import HNSW_THRESHOLD, TaskIndex
 from .profile_store import LocalProfileStore, MemoryProfileStore, ProfileStore, RedisProfileStore, open_profile_store
 from .registry import Registry
-from .router import Router, SupportsRoute, check_prompt
+from .router import CheckedPrompt, Router, SupportsRoute, check_prompt
 from .scoring import DEFAULT_TOP_M, task_scores
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "DEFAULT_TOP_M",
     "HNSW_THRESHOLD",
+    "CheckedPrompt",
     "Embedder",
     "LocalProfileStore",
     "MemoryProfileStore",

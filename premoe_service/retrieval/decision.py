@@ -21,13 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from ..errors import InvalidArgument
 from ..names import check_task_name
 from .evidence import NONE_CLASS, PromptEvidence
+
+if TYPE_CHECKING:
+    from ..profiler.profile import Profile
 from .scoring import DEFAULT_TOP_M
 
 Fallback = Literal["union", "general"]
@@ -151,6 +154,9 @@ class RouteDecision:
         reason: One line on why, for logs and replies.
         similarity: The top task's embedding similarity (what the thresholds apply to), None without tasks.
         lead: With a background set, the top task's combined score minus the none-class's; else None.
+        profiles: The profiles of `task` and `fallback_tasks` as the registry held them when it decided (read
+            under the same lock as the search, so a task deleted since is still served from them); a bare
+            `Router` knows no profiles.
     """
 
     ranked: list[tuple[str, float]]
@@ -160,6 +166,7 @@ class RouteDecision:
     reason: str
     similarity: float | None = None
     lead: float | None = None
+    profiles: dict[str, Profile] = field(default_factory=dict)
 
     @property
     def score(self) -> float | None:

@@ -179,10 +179,12 @@ class Registry:
             return len(self._profiles)
 
     def route(self, prompt: str) -> RouteDecision:
-        """The task (or fallback) for a prompt; see `RoutePolicy` for how it decides.
+        """The task (or fallback) for a prompt, with the profiles of the tasks it names (`RouteDecision.profiles`,
+        taken with the search: no second read); see `RoutePolicy` for how it decides.
 
         Raises:
-            InvalidArgument: The prompt is empty or blank (field "prompt").
+            InvalidArgument: The prompt is empty or blank (field "prompt"); a `CheckedPrompt` (a door's) is taken
+                as it is.
         """
         check_prompt(prompt)
         self._refresh_quietly()
@@ -190,7 +192,10 @@ class Registry:
         query = self.embedder.encode([prompt])  # [1, dim]
         features = None if pending is None else pending.result()
         with self._lock:
-            return self._router.decide_embedded(query, features, self.evidence)[0]
+            decision = self._router.decide_embedded(query, features, self.evidence)[0]
+            named = [decision.task] if decision.task is not None else decision.fallback_tasks
+            decision.profiles = {name: self._profiles[name] for name in named if name in self._profiles}
+            return decision
 
     def refresh(self) -> bool:
         """Bring the index up to date with the store; returns whether any task changed.

@@ -24,13 +24,23 @@ class SupportsRoute(Protocol):
     def route(self, prompt: str) -> RouteDecision: ...
 
 
-def check_prompt(prompt: object, field: str = "prompt") -> str:
-    """Return `prompt` if it is a non-blank string, else raise `InvalidArgument` naming `field`."""
+class CheckedPrompt(str):
+    """A prompt's text that `check_prompt` passed (a string, not blank): what a door hands on, and what serving and
+    routing take as it is, without checking it again."""
+
+    __slots__ = ()
+
+
+def check_prompt(prompt: object, field: str = "prompt") -> CheckedPrompt:
+    """`prompt` as a `CheckedPrompt` if it is a non-blank string, else `InvalidArgument` naming `field`. This is the
+    one check of a prompt's text: a door calls it; a `CheckedPrompt` passes as it is (checked where it came in)."""
+    if isinstance(prompt, CheckedPrompt):
+        return prompt
     if not isinstance(prompt, str):
         raise InvalidArgument(f"expected a string, got {type(prompt).__name__}", field=field)
-    if not prompt.strip():
+    if not prompt or prompt.isspace():  # no copy of a long prompt
         raise InvalidArgument("the prompt is empty; give the text to route", field=field)
-    return prompt
+    return CheckedPrompt(prompt)
 
 
 class Router:

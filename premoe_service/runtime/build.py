@@ -1,4 +1,4 @@
-"""Engine assembly from a store: model skeleton on meta, dense part loaded, slots allocated for the budget."""
+"""Model assembly from a store: model skeleton on meta, dense part loaded, slots allocated for the budget."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
-def load_engine(
+def load_model(
     store: Store,
     budget: Budget | None = None,
     device: str | torch.device | None = None,
@@ -30,7 +30,7 @@ def load_engine(
     capacity: int | None = None,
     dense: dict[str, torch.Tensor] | None = None,
 ) -> tuple[PatternedModel, Residency]:
-    """Build the serving engine from a store with no expert loaded yet.
+    """Build the patterned model (and its residency) from a store with no expert loaded yet.
 
     Only the dense part and the slots for `budget` (default: every expert) occupy device memory; experts
     arrive when a lease loads a pattern. `capacity` sets slots per layer directly instead (0: no slots,

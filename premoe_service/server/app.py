@@ -1,5 +1,5 @@
 """Server assembly: `create_server(config) -> (server, port)` with the gRPC door and, when configured, the HTTP door
-on the same service; graceful shutdown, health and reflection."""
+on the same ServingCore; graceful shutdown, health and reflection."""
 
 from __future__ import annotations
 
@@ -36,10 +36,10 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PreMoe"].full_name
 
 @dataclass
 class ServerApp:
-    """A started-or-not gRPC server (and HTTP door) with its service, health and metrics."""
+    """A started-or-not gRPC server (and HTTP door) with its ServingCore (`core`), health and metrics."""
 
     grpc_server: grpc.aio.Server
-    service: ServingCore
+    core: ServingCore
     health: health.aio.HealthServicer
     executor: ThreadPoolExecutor
     metrics: Metrics
@@ -61,8 +61,8 @@ class ServerApp:
         loop = asyncio.get_running_loop()
         if self.http is not None:
             await loop.run_in_executor(None, self.http.start)
-        if self.service.config.preload:
-            await loop.run_in_executor(self.executor, self.service.preload, self.service.config.preload)
+        if self.core.config.preload:
+            await loop.run_in_executor(self.executor, self.core.preload, self.core.config.preload)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.serving.set()
@@ -74,19 +74,19 @@ class ServerApp:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await asyncio.sleep(min(0.2, grace))  # let health watchers and load balancers see it
-        in_flight = self.service.in_flight()
+        in_flight = self.core.in_flight()
         http_stopped = asyncio.get_running_loop().run_in_executor(None, self.http.stop) if self.http else None
         await self.grpc_server.stop(grace)
         if http_stopped is not None:
             await http_stopped
-        self.service.close()
+        self.core.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.stop()
         return sum(r.finish_reason not in ("eos", "length", "stop") for r in in_flight)
 
 
 def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) -> tuple[ServerApp, int]:
-    """Build the service and bind its gRPC server and, with `config.http_port`, its HTTP door (call `start()` inside
+    """Build the ServingCore and bind its gRPC server and, with `config.http_port`, its HTTP door (call `start()` inside
     an event loop). Port 0 picks one; the HTTP door's is `handle.http_port`.
 
     Raises:
@@ -97,9 +97,9 @@ def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) ->
     access = Access(config.admin_token, config.api_key)
     check_exposure(config)
     check_tls_files(config)
-    service = ServingCore(config, embedder=embedder)
+    core = ServingCore(config, embedder=embedder)
     metrics = Metrics()
-    metrics.watch_engine(service.loop.stats, service.residency.stats)
+    metrics.watch_engine(core.loop.stats, core.residency.stats)
     # Routing, tokenizing and task administration run here; generation runs in the engine loop, and the doors
     # read its events on their event loops, so no thread waits per request.
     executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="premoe")
@@ -110,7 +110,7 @@ def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) ->
             ("grpc.max_send_message_length", MAX_BODY_BYTES),
         ],
     )
-    pb_grpc.add_PreMoeServicer_to_server(GrpcDoor(service, executor, metrics), server)
+    pb_grpc.add_PreMoeServicer_to_server(GrpcDoor(core, executor, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -123,15 +123,15 @@ def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) ->
     except RuntimeError as exc:  # grpc raises where it cannot bind
         bind_error = f": {exc}"
     if port == 0:
-        service.close()
+        core.close()
         raise OSError(f"cannot bind {address}{bind_error}")
-    handle = ServerApp(server, service, health_servicer, executor, metrics)
+    handle = ServerApp(server, core, health_servicer, executor, metrics)
     if config.http_port is not None:
-        api = OpenAIApi(service, executor, access, handle.serving, metrics)
+        api = OpenAIApi(core, executor, access, handle.serving, metrics)
         try:
             handle.http = HttpDoor(api.app(), config.host, config.http_port, config.grace_s, tls=uvicorn_tls(config))
         except OSError:
-            service.close()
+            core.close()
             raise
     if config.metrics_port is not None:
         handle.metrics_port = metrics.serve(config.metrics_port, config.host)
@@ -180,7 +180,7 @@ def running_server(config: ServiceConfig, *, embedder: Embedder | None = None) -
     try:
         yield handle, port
     finally:
-        if not handle.service.stopping.is_set():
+        if not handle.core.stopping.is_set():
             asyncio.run_coroutine_threadsafe(handle.stop(grace=config.grace_s), loop).result(120)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)

@@ -23,8 +23,7 @@ from starlette.routing import Route
 from ..errors import InvalidArgument, PreMoeError
 from ..names import check_task_name
 from ..serving import GenerationResult, ServingCore
-from ..serving.limits import check_token_ids
-from ..serving.results import Submission
+from ..serving import Request as EngineRequest
 from .auth import Access
 from .chat import ChatTemplate
 from .http_io import merged, read_json, sse, usage_so_far, watch_disconnect
@@ -53,8 +52,8 @@ class OpenAIApi:
     """The endpoints. Errors become OpenAI's error JSON with the status of the gRPC door's code.
 
     Args:
-        service: The service the gRPC servicer uses.
-        executor: Threads that wait on the service (the gRPC servicer's).
+        core: The ServingCore the gRPC door uses.
+        executor: Threads that wait on the core (the gRPC door's).
         access: The credentials inference calls need.
         serving: Set while the server serves (health reports 503 otherwise).
         metrics: Request latency (method label `HTTP <path>`), time to first token, loads, coverage.
@@ -62,22 +61,22 @@ class OpenAIApi:
 
     def __init__(
         self,
-        service: ServingCore,
+        core: ServingCore,
         executor: ThreadPoolExecutor,
         access: Access,
         serving: threading.Event,
         metrics: Metrics | None = None,
     ) -> None:
-        self.service = service
+        self.core = core
         self.executor = executor
         self.access = access
         self.serving = serving
         self.metrics = metrics
-        self.total_experts = service.spec.num_experts * len(service.spec.moe_layers)
-        tokenizer = service.tokenizer
-        self.template = ChatTemplate(tokenizer, service.config.chat_template)
+        self.total_experts = core.spec.num_experts * len(core.spec.moe_layers)
+        tokenizer = core.tokenizer
+        self.template = ChatTemplate(tokenizer, core.config.chat_template)
         self.spelling = Spelling(self._spell, lambda ids, skip: text_pieces(tokenizer, ids, skip))
-        context = getattr(service.engine.config, "max_position_embeddings", None)
+        context = getattr(core.engine.config, "max_position_embeddings", None)
         self.context = None if context is None else int(context)
 
     def app(self) -> Starlette:
@@ -103,51 +102,47 @@ class OpenAIApi:
         return await self._generate(request, GenerationCall.from_chat(await read_json(request), self.template))
 
     async def models(self, request: Request) -> Response:
-        views = await self._run(self.service.list_tasks)
-        full = full_model_body(self.service.served_model_name, self.total_experts, self.context)
+        views = await self._run(self.core.list_tasks)
+        full = full_model_body(self.core.served_model_name, self.total_experts, self.context)
         return JSONResponse({"object": "list", "data": [model_body(None), full, *(model_body(v) for v in views)]})
 
     async def model(self, request: Request) -> Response:
         name = request.path_params["model"]
         if name == AUTO:
             return JSONResponse(model_body(None))
-        if name == self.service.served_model_name:
+        if name == self.core.served_model_name:
             return JSONResponse(full_model_body(name, self.total_experts, self.context))
         check_task_name(name, field="model")
-        return JSONResponse(model_body(await self._run(lambda: self.service.get_task(name))))
+        return JSONResponse(model_body(await self._run(lambda: self.core.get_task(name))))
 
     async def tokenize(self, request: Request) -> Response:
         body = await read_json(request)
         await self._known_model(body.get("model"))
-        service = self.service
+        core = self.core
         return JSONResponse(
-            await self._run(
-                lambda: tokenize_body(body, service.tokenizer, self.template, service.vocab_size, self.context)
-            )
+            await self._run(lambda: tokenize_body(body, core.tokenizer, self.template, core.vocab_size, self.context))
         )
 
     async def detokenize(self, request: Request) -> Response:
         body = await read_json(request)
         await self._known_model(body.get("model"))
-        return JSONResponse(
-            await self._run(lambda: detokenize_body(body, self.service.tokenizer, self.service.vocab_size))
-        )
+        return JSONResponse(await self._run(lambda: detokenize_body(body, self.core.tokenizer, self.core.vocab_size)))
 
     async def _known_model(self, model: object) -> None:
         """An optional `model` of the tokenizer endpoints: every model shares the tokenizer, but a name that
         serves nothing is still an error (404), not ignored."""
-        if model is None or model in (AUTO, self.service.served_model_name):
+        if model is None or model in (AUTO, self.core.served_model_name):
             return
         if not isinstance(model, str):
             raise InvalidArgument(f"expected a model name, got {model!r:.40}", field="model")
         name = check_task_name(model, field="model")
-        await self._run(lambda: self.service.get_task(name))
+        await self._run(lambda: self.core.get_task(name))
 
     async def tokenizer_info(self, request: Request) -> Response:
-        return JSONResponse(tokenizer_info_body(self.service.tokenizer, self.template.source, self.context))
+        return JSONResponse(tokenizer_info_body(self.core.tokenizer, self.template.source, self.context))
 
     async def health(self, request: Request) -> Response:
-        serving = self.serving.is_set() and not self.service.stopping.is_set()
+        serving = self.serving.is_set() and not self.core.stopping.is_set()
         status = "SERVING" if serving else "NOT_SERVING"
         return JSONResponse({"status": status}, status_code=200 if serving else 503)
 
@@ -156,7 +151,7 @@ class OpenAIApi:
     async def _generate(self, request: Request, call: GenerationCall) -> Response:
         """Wait for every prompt's first item before answering, so that errors up to the first token get their
         own status."""
-        if call.model not in (AUTO, self.service.served_model_name):
+        if call.model not in (AUTO, self.core.served_model_name):
             check_task_name(call.model, field="model")
         gone = threading.Event()
         watcher = asyncio.create_task(watch_disconnect(request, gone))
@@ -167,7 +162,7 @@ class OpenAIApi:
         except BaseException:
             watcher.cancel()
             raise
-        streams = [_replies(submission) for submission in submissions]
+        streams = [submitted.aevents() for submitted in submissions]
         try:
             firsts = await asyncio.gather(*(anext(items) for items in streams))
         except BaseException:
@@ -190,21 +185,19 @@ class OpenAIApi:
             results.append(first)
         return JSONResponse(completion_body(call, results, self.total_experts, self.spelling))
 
-    def _submit(self, call: GenerationCall, gone: threading.Event, loop: asyncio.AbstractEventLoop) -> list[Submission]:
+    def _submit(
+        self, call: GenerationCall, gone: threading.Event, loop: asyncio.AbstractEventLoop
+    ) -> list[EngineRequest]:
         """Queue each prompt as a request of its own; if one is refused, those already queued are cancelled and
         the error names the prompt (`prompt[i]` when there are several)."""
         submissions = []
         for index, prompt in enumerate(call.prompts):
             try:
-                text = prompt.text
-                if text is None:  # token ids: their text is only for retrieval
-                    ids = check_token_ids(list(prompt.ids or ()), self.service.vocab_size)
-                    text = str(self.service.tokenizer.decode(ids, skip_special_tokens=True))
                 # n samples need n random streams: without a seed they get a random one (an unseeded request's
                 # generator starts from torch's fixed default, so n of them would all draw alike).
                 seed = call.params.seed if call.params.seed is not None or call.n == 1 else secrets.randbits(63)
                 for sample in range(call.n):
-                    submissions.append(self._submit_one(call, text, prompt, seed, sample, gone, loop))
+                    submissions.append(self._submit_one(call, prompt, seed, sample, gone, loop))
             except PreMoeError as exc:
                 gone.set()
                 if len(call.prompts) > 1 and exc.field == "prompt":
@@ -218,19 +211,18 @@ class OpenAIApi:
     def _submit_one(
         self,
         call: GenerationCall,
-        text: str,
         prompt: Prompt,
         seed: int | None,
         sample: int,
         gone: threading.Event,
         loop: asyncio.AbstractEventLoop,
-    ) -> Submission:
+    ) -> EngineRequest:
         """The `sample`-th choice of a prompt, drawn with seed + sample (vLLM's rule for n samples)."""
         params = call.params
         if seed is not None:
             params = replace(params, seed=(seed + sample) % 2**63)
-        return self.service.submit(
-            text,
+        return self.core.submit(
+            prompt.text,
             params,
             task=call.task,
             cancelled=gone.is_set,
@@ -243,7 +235,7 @@ class OpenAIApi:
     async def _events(
         self,
         call: GenerationCall,
-        submissions: list[Submission],
+        submissions: list[EngineRequest],
         firsts: list[str | GenerationResult],
         streams: list[AsyncGenerator[str | GenerationResult, None]],
         watcher: asyncio.Task[None],
@@ -259,7 +251,7 @@ class OpenAIApi:
                 if call.chat:
                     yield sse(chunk_body(call, index=index))  # the role delta
                 if call.echo:
-                    echoed = "".join(self.spelling.pieces(submission.request.prompt_ids, False))
+                    echoed = "".join(self.spelling.pieces(submission.prompt_ids, False))
                     yield sse(chunk_body(call, echoed, index=index))
             async for index, item in events:
                 if isinstance(item, GenerationResult):
@@ -269,9 +261,8 @@ class OpenAIApi:
                 else:
                     body = chunk_body(call, item, index=index)
                     if options.continuous_usage_stats:
-                        generated = sum(len(s.request.generated) for s in submissions)
-                        prompts = [s.request for s in submissions[:: call.n]]
-                        body["usage"] = usage_so_far(prompts, generated)
+                        generated = sum(len(s.generated) for s in submissions)
+                        body["usage"] = usage_so_far(submissions[:: call.n], generated)
                     yield sse(body)
             if options.include_usage:
                 yield sse(usage_chunk(call, results))
@@ -289,7 +280,7 @@ class OpenAIApi:
 
     def _spell(self, token: int) -> str:
         """One token's text, as the `logprobs` object lists it."""
-        return str(self.service.tokenizer.decode([token]))
+        return str(self.core.tokenizer.decode([token]))
 
     # --- plumbing ----------------------------------------------------------------------------------------
 
@@ -321,7 +312,7 @@ class OpenAIApi:
             return
         if ttft is not None:
             self.metrics.ttft.observe(ttft)
-        resident = self.service.resident_bytes()
+        resident = self.core.resident_bytes()
         self.metrics.generation(result.plan.task, result.loads, result.timings, result.coverage, resident)
 
     def _record(self, chat: bool, code: grpc.StatusCode, start: float) -> None:
@@ -333,12 +324,6 @@ class OpenAIApi:
 def _error(exc: BaseException) -> tuple[dict[str, Any], int, grpc.StatusCode]:
     """OpenAI's error body, the HTTP status and the gRPC code of an exception; `param` names the request field."""
     return error_reply(exc, PARAM_NAMES)
-
-
-async def _replies(submission: Submission) -> AsyncGenerator[str | GenerationResult, None]:
-    """A submitted request's text pieces, then its result."""
-    async for item in submission.request.aevents():
-        yield item if isinstance(item, str) else submission.result(item)
 
 
 async def _routing_error(request: Request, exc: Exception) -> Response:

@@ -27,9 +27,9 @@ from .types import PRECISIONS
 
 
 class TaskDoor(Protocol):
-    """What these paths use of the HTTP door (`http.TaskDoor`): the service, its executor, credentials and metrics."""
+    """What these paths use of the HTTP door (`http.TaskDoor`): the core, its executor, credentials and metrics."""
 
-    service: ServingCore
+    core: ServingCore
     access: Access
     metrics: Metrics | None
 
@@ -59,15 +59,15 @@ class TaskPaths:
         self.api = api
 
     async def list(self, request: Request) -> Response:
-        views = await self.api._run(self.api.service.list_tasks)
+        views = await self.api._run(self.api.core.list_tasks)
         return JSONResponse({"object": "list", "data": [task_body(v) for v in views]})
 
     async def load(self, request: Request) -> Response:
         name = check_task_name(request.path_params["name"], field="name")
         pin, timeout_s, precision = load_options(await options_body(request))
-        service = self.api.service
+        core = self.api.core
         view, result = await self.api._run(
-            lambda: service.load_task(name, pin=pin, timeout_s=timeout_s, precision=precision)
+            lambda: core.load_task(name, pin=pin, timeout_s=timeout_s, precision=precision)
         )
         return JSONResponse(load_body(view, result))
 
@@ -76,8 +76,8 @@ class TaskPaths:
         unknown = sorted(await options_body(request))
         if unknown:
             raise InvalidArgument("unload takes no options", field=unknown[0])
-        service = self.api.service
-        view, result = await self.api._run(lambda: service.unload_task(name))
+        core = self.api.core
+        view, result = await self.api._run(lambda: core.unload_task(name))
         return JSONResponse(unload_body(view, result))
 
     def endpoint(self, name: str, handler: Endpoint) -> Endpoint:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import InvalidArgument
+from ..retrieval import check_prompt
 from ..serving import SamplingParams
 
 AUTO = "auto"  # the model name that lets retrieval pick the task
@@ -67,7 +68,8 @@ SURROGATE = re.compile("[\ud800-\udfff]")
 
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt as the caller gave it: text (tokenized by the server) or token ids (used as they are)."""
+    """One prompt as the caller gave it: text (tokenized by the server; a completion's is checked here, once) or
+    token ids (used as they are)."""
 
     text: str | None = None
     ids: tuple[int, ...] | None = None
@@ -204,7 +206,7 @@ def _prompts(body: dict[str, Any]) -> tuple[Prompt, ...]:
     lists of token ids."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        return (Prompt(text=checked_text(prompt, "prompt")),)
+        return (Prompt(text=check_prompt(checked_text(prompt, "prompt"))),)
     if not isinstance(prompt, list) or not prompt:
         raise InvalidArgument(
             f"expected a string, a list of strings, a list of token ids or a list of such lists, got {prompt!r:.40}",
@@ -217,7 +219,7 @@ def _prompts(body: dict[str, Any]) -> tuple[Prompt, ...]:
     prompts = []
     for i, item in enumerate(prompt):
         if isinstance(item, str):
-            prompts.append(Prompt(text=checked_text(item, f"prompt[{i}]")))
+            prompts.append(Prompt(text=check_prompt(checked_text(item, f"prompt[{i}]"), f"prompt[{i}]")))
         elif isinstance(item, list) and item:
             prompts.append(Prompt(ids=_token_ids(item, f"prompt[{i}]")))
         else:

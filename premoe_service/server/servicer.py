@@ -35,11 +35,11 @@ T = TypeVar("T")
 class GrpcDoor(pb_grpc.PreMoeServicer):
     """Thin: no logic beyond decoding, one domain call, encoding. Errors are mapped by the interceptor."""
 
-    def __init__(self, service: ServingCore, executor: ThreadPoolExecutor, metrics: Metrics | None = None) -> None:
-        self.service = service
+    def __init__(self, core: ServingCore, executor: ThreadPoolExecutor, metrics: Metrics | None = None) -> None:
+        self.core = core
         self.executor = executor
         self.metrics = metrics
-        self.total_experts = service.spec.num_experts * len(service.spec.moe_layers)
+        self.total_experts = core.spec.num_experts * len(core.spec.moe_layers)
 
     async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
@@ -48,7 +48,7 @@ class GrpcDoor(pb_grpc.PreMoeServicer):
         result: GenerationResult | None = None
         async for item in self._generate(request, context, stream=False):
             result = item if isinstance(item, GenerationResult) else result
-        if result is None:  # the engine always ends a request with an outcome or an error
+        if result is None:  # the engine always ends a request with its result or an error
             raise Unavailable("the request ended without a reply", field="server")
         self._observe(result, None)
         return pb.GenerateResponse(
@@ -84,8 +84,8 @@ class GrpcDoor(pb_grpc.PreMoeServicer):
         call = GenerateCall.from_pb(request)
         deadline, cancelled = _deadline(context), _cancel_flag(context)
         loop = asyncio.get_running_loop()
-        submission = await self._run(
-            lambda: self.service.submit(
+        submitted = await self._run(
+            lambda: self.core.submit(
                 call.prompt,
                 call.params,
                 task=call.task,
@@ -95,8 +95,8 @@ class GrpcDoor(pb_grpc.PreMoeServicer):
                 loop=loop,
             )
         )
-        async for item in submission.request.aevents():
-            yield item if isinstance(item, str) else submission.result(item)
+        async for item in submitted.aevents():
+            yield item
 
     def _observe(self, result: GenerationResult, ttft: float | None) -> None:
         if self.metrics is None:
@@ -108,18 +108,18 @@ class GrpcDoor(pb_grpc.PreMoeServicer):
             result.loads,
             result.timings,
             result.coverage,
-            self.service.resident_bytes(),
+            self.core.resident_bytes(),
         )
 
     async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:
         prompt = request.prompt
-        return route_to_pb(await self._run(lambda: self.service.route(prompt)))
+        return route_to_pb(await self._run(lambda: self.core.route(prompt)))
 
     async def RegisterTask(self, request: pb.RegisterTaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskInfo:
-        call = RegisterCall.from_pb(request, self.service.config)
+        call = RegisterCall.from_pb(request, self.core.config)
         with call.request_fields():
             view = await self._run(
-                lambda: self.service.register_task(
+                lambda: self.core.register_task(
                     call.name,
                     call.demos,
                     description=call.description,
@@ -132,17 +132,17 @@ class GrpcDoor(pb_grpc.PreMoeServicer):
         return task_to_pb(view)
 
     async def ListTasks(self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext) -> pb.ListTasksResponse:
-        return pb.ListTasksResponse(tasks=[task_to_pb(v) for v in await self._run(self.service.list_tasks)])
+        return pb.ListTasksResponse(tasks=[task_to_pb(v) for v in await self._run(self.core.list_tasks)])
 
     async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskInfo:
         name = name_from_pb(request.name)
-        return task_to_pb(await self._run(lambda: self.service.get_task(name)))
+        return task_to_pb(await self._run(lambda: self.core.get_task(name)))
 
     async def DeleteTask(
         self, request: pb.DeleteTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteTaskResponse:
         name = name_from_pb(request.name)
-        await self._run(lambda: self.service.delete_task(name))
+        await self._run(lambda: self.core.delete_task(name))
         if self.metrics is not None:
             self.metrics.forget_task(name)
         return pb.DeleteTaskResponse(deleted=True)
@@ -150,7 +150,7 @@ class GrpcDoor(pb_grpc.PreMoeServicer):
     async def LoadTask(self, request: pb.LoadTaskRequest, context: grpc.aio.ServicerContext) -> pb.LoadTaskResponse:
         call = LoadCall.from_pb(request)
         view, result = await self._run(
-            lambda: self.service.load_task(call.name, pin=call.pin, timeout_s=call.timeout_s, precision=call.precision)
+            lambda: self.core.load_task(call.name, pin=call.pin, timeout_s=call.timeout_s, precision=call.precision)
         )
         return load_to_pb(view, result)
 
@@ -158,11 +158,11 @@ class GrpcDoor(pb_grpc.PreMoeServicer):
         self, request: pb.UnloadTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnloadTaskResponse:
         name = name_from_pb(request.name)
-        view, result = await self._run(lambda: self.service.unload_task(name))
+        view, result = await self._run(lambda: self.core.unload_task(name))
         return unload_to_pb(view, result)
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetStatsResponse:
-        return service_stats_to_pb(await self._run(self.service.stats))
+        return service_stats_to_pb(await self._run(self.core.stats))
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:

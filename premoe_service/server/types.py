@@ -11,6 +11,7 @@ from ..names import check_task_name
 from ..pattern import PRECISION_ORDER, Pattern
 from ..profiler import Demo, Selection
 from ..profiler.profile import CRITERIA
+from ..retrieval import CheckedPrompt, check_prompt
 from ..serving import GenerationResult, RoutePlan, SamplingParams, ServiceConfig, ServiceStats, TaskView
 from ..serving.loading import LoadResult, UnloadResult
 from ..serving.tasks import TaskResidency
@@ -22,14 +23,13 @@ PRECISIONS = tuple(p for p in PRECISION_ORDER if p != "full")  # what LoadTask's
 
 @dataclass(frozen=True)
 class GenerateCall:
-    prompt: str
+    prompt: CheckedPrompt  # checked here, once: the serving core and the registry take it as it is
     task: str | None
     params: SamplingParams
 
     @classmethod
     def from_pb(cls, request: pb.GenerateRequest) -> GenerateCall:
-        if not request.prompt or request.prompt.isspace():  # no copy of a long prompt (its size is checked later)
-            raise InvalidArgument("prompt is empty", field="prompt")
+        prompt = check_prompt(request.prompt)  # its bytes are measured in the core, before it is tokenized
         task = check_task_name(request.task, field="task") if request.HasField("task") else None
         if request.max_new_tokens < 0:
             raise InvalidArgument(f"must be positive, got {request.max_new_tokens}", field="max_new_tokens")
@@ -41,7 +41,7 @@ class GenerateCall:
             stop=tuple(request.stop),
             skip_below=request.expert_skip_threshold,
         )
-        return cls(request.prompt, task, params)
+        return cls(prompt, task, params)
 
 
 @dataclass(frozen=True)

@@ -13,26 +13,27 @@ from typing import Any
 
 import torch
 
-from ..engine import BatchLimits, EngineLoop, Outcome, Request, SamplingParams
+from ..engine import BatchLimits, EngineLoop, GenerationResult, Request, RoutePlan, SamplingParams
 from ..errors import AlreadyExists, NotFound, ResourceExhausted, Unavailable
 from ..pattern import Pattern
-from ..profiler import Demo
+from ..profiler import Demo, Profile
 from ..retrieval import (
+    CheckedPrompt,
     Embedder,
     ProfileStore,
     RouteDecision,
     check_prompt,
     open_profile_store,
 )
-from ..runtime.build import load_engine
+from ..runtime.build import load_model
 from ..runtime.eviction import SharedUseTracker
 from ..runtime.quantized import attach_precisions
 from ..store import Store, open_cache
 from .config import ServiceConfig
 from .limits import check_prompt_bytes, check_prompt_tokens, check_token_ids
 from .loading import LoadResult, TaskLifecycle, UnloadResult
-from .results import GenerationResult, RoutePlan, ServiceStats, Submission, TaskCounters
 from .routing import build_registry
+from .service_stats import ServiceStats, TaskCounters
 from .tasks import TaskBook, TaskView
 from .widen import widen_pattern
 from .width import choose_width
@@ -54,7 +55,7 @@ class ServingCore:
         self.config = config
         self.cache = open_cache(config.redis_url)
         self.store = Store(config.store, self.cache)
-        self.engine, self.residency = load_engine(
+        self.engine, self.residency = load_model(
             self.store, config.budget_value, config.device, wait_timeout_s=config.lease_timeout_s
         )
         if config.precision_slots:
@@ -64,7 +65,7 @@ class ServingCore:
         self.served_model_name = config.served_model_name or _model_name(self.store)
         # The logits' width: the ids a prompt may hold.
         self.vocab_size = int(getattr(self.engine.config, "vocab_size", None) or len(self.tokenizer))
-        profiler_engine, _ = load_engine(
+        profiler_engine, _ = load_model(
             self.store, device=self.engine.device, capacity=0, dense=self.engine.dense_state_dict()
         )
         self.embedder = embedder or Embedder(config.embedder)
@@ -90,6 +91,8 @@ class ServingCore:
             stopping=self.stopping.is_set,
             threads=config.engine_threads or max(1, (os.cpu_count() or 1) - 1),
             observe=self._eviction_policy(config),
+            widen=self._widen,
+            count=self._count,
         ).start()
         self.lifecycle = TaskLifecycle(
             self.registry,
@@ -122,31 +125,35 @@ class ServingCore:
     # --- routing -----------------------------------------------------------------------------------
 
     def route(self, prompt: str, task: str | None = None) -> RoutePlan:
-        """The pattern for a prompt: the named task's, the matched task's, or the fallback."""
+        """The pattern for a prompt: the named task's, the matched task's, or the fallback. The prompt is checked
+        here (its bytes, then `check_prompt`), once: the registry takes the checked prompt as it is."""
         check_prompt_bytes(prompt, self.config.max_prompt_bytes)
-        check_prompt(prompt)
-        return self._route(prompt, task)
+        return self._route(check_prompt(prompt), task)
 
     def _route(self, prompt: str, task: str | None) -> RoutePlan:
         """`route` for a prompt already checked."""
         if task:
-            return self._override(task)
+            return self.task_plan(task)
         start = time.perf_counter()
-        for _ in range(3):
-            decision = self.registry.route(prompt)
-            try:
-                return self._plan(decision, start)
-            except NotFound:  # a task deleted between the search and the read of its profile: search again
-                log.info("a task matched for a prompt was deleted meanwhile; routing again")
-        raise Unavailable("the registered tasks kept changing while routing; retry", field="task")
+        return self._plan(self.registry.route(prompt), start)
 
-    def _route_text(self, prompt: str, task: str | None, prompt_ids: Sequence[int] | None) -> RoutePlan:
-        """The plan of a submitted prompt: a text prompt was checked with its tokens; token ids' text is checked
-        here, as retrieval reads it."""
-        return self._route(prompt, task) if prompt_ids is None else self.route(prompt, task)
+    def _submitted_plan(
+        self, checked: CheckedPrompt | None, task: str | None, prompt: str | None, prompt_ids: Sequence[int] | None
+    ) -> RoutePlan:
+        """The plan of a submitted prompt: the task's when it names one; else routed on its text, `checked` with its
+        tokens, or for token ids on their text (given, or decoded here), checked as retrieval reads it (token ids
+        naming their task need no text: it may be blank, special tokens only)."""
+        if task:
+            return self.task_plan(task)
+        if checked is not None:
+            return self._route(checked, None)
+        if prompt is None:
+            prompt = str(self.tokenizer.decode(list(prompt_ids or ()), skip_special_tokens=True))
+        return self.route(prompt)
 
-    def _override(self, task: str) -> RoutePlan:
-        """The named task's pattern, or every expert for the served model's own name."""
+    def task_plan(self, task: str) -> RoutePlan:
+        """The plan of a request naming its task: the task's pattern, or every expert for the served model's own
+        name."""
         start = time.perf_counter()
         if task == self.served_model_name:
             pattern = self._full_pattern()
@@ -173,8 +180,9 @@ class ServingCore:
             decision, record.task_retention if record is not None else {}, all_fit=capacity >= self.spec.num_experts
         )
         reason = f"{decision.reason}; {width.why}" if width.why and width.wide else decision.reason
+        # The decision carries the profiles it names, read with the search: a task deleted since is served as found.
         if decision.matched and decision.task is not None:
-            pattern = self.tasks.pattern(self.registry.get(decision.task))
+            pattern = self.tasks.pattern(_profile(decision, decision.task))
             return RoutePlan(
                 "match",
                 decision.task,
@@ -189,7 +197,8 @@ class ServingCore:
         if width.wide:
             pattern = Pattern.full(self.spec)
         else:
-            pattern = self.tasks.fallback_pattern(decision.fallback_tasks, capacity)
+            profiles = [_profile(decision, name) for name in decision.fallback_tasks]
+            pattern = self.tasks.union_pattern(profiles, capacity)
         return RoutePlan(
             "fallback",
             "",
@@ -220,13 +229,13 @@ class ServingCore:
         The request joins the engine loop's batch once its experts are resident; closing the iterator
         early cancels it (its row and slots are freed at the next step).
         """
-        submission = self.submit(prompt, params, task=task, deadline=deadline, cancelled=cancelled, stream=stream)
-        for item in submission.request.events():
-            yield item if isinstance(item, str) else submission.result(item)
+        yield from self.submit(
+            prompt, params, task=task, deadline=deadline, cancelled=cancelled, stream=stream
+        ).events()
 
     def submit(
         self,
-        prompt: str,
+        prompt: str | None,
         params: SamplingParams,
         *,
         task: str | None = None,
@@ -236,33 +245,23 @@ class ServingCore:
         loop: asyncio.AbstractEventLoop | None = None,
         prompt_ids: Sequence[int] | None = None,
         add_special_tokens: bool = True,
-    ) -> Submission:
-        """Route and tokenize a prompt and queue it in the engine loop. Its events come through
-        `submission.request.events()`, or `aevents()` on `loop` when one is given.
+        plan: RoutePlan | None = None,
+    ) -> Request:
+        """Tokenize and route a prompt and queue it in the engine loop: the returned request's `events()` (or
+        `aevents()` on `loop` when one is given) are its text pieces, then its one `GenerationResult`.
 
-        `prompt_ids` are the prompt's tokens as the caller gave them: used as they are (nothing added), with
-        `prompt` their text for routing. Otherwise `prompt` is tokenized, with the tokenizer's special tokens
-        (BOS) unless `add_special_tokens` is False."""
+        `prompt_ids` are the prompt's tokens as the caller gave them: checked and used as they are (nothing added),
+        with `prompt` their text for routing (None: decoded from them when retrieval picks the task). Otherwise
+        `prompt` is tokenized, with the tokenizer's special tokens (BOS) unless `add_special_tokens` is False. A text
+        prompt is checked unless a door did already (a `CheckedPrompt`); its bytes are measured against the server's
+        limit before the tokenizer reads it. `plan` is a route made elsewhere (Ray's ingress), served as given
+        instead of routing here."""
         if self.stopping.is_set():
             raise Unavailable("the server is shutting down", field="server")
-        params.check(self.config.max_new_tokens_limit)
         started = time.perf_counter()
-        if params.stop_token_ids:
-            check_token_ids(params.stop_token_ids, self.vocab_size, field="stop_token_ids")
-        # Every check before any model work: a prompt too long is refused before it is embedded and routed.
-        if prompt_ids is not None:
-            ids = check_token_ids(prompt_ids, self.vocab_size)
-        else:
-            check_prompt_bytes(prompt, self.config.max_prompt_bytes)  # before the tokenizer reads it
-            check_prompt(prompt)
-            ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
-        context = getattr(self.engine.config, "max_position_embeddings", None)
-        check_prompt_tokens(
-            len(ids), params.max_new_tokens, self.config.max_prompt_tokens, None if context is None else int(context)
-        )
-        # Token ids need no text unless retrieval picks the task (their text may be blank: special tokens only).
-        plan = self._override(task) if task and prompt_ids is not None else self._route_text(prompt, task, prompt_ids)
-        floor = self.config.coverage_floor
+        checked, ids = self._tokens(prompt, params, prompt_ids, add_special_tokens)
+        if plan is None:
+            plan = self._submitted_plan(checked, task, prompt, prompt_ids)
         request = Request(
             ids,
             plan.pattern,
@@ -271,14 +270,45 @@ class ServingCore:
             deadline=deadline,
             cancelled=cancelled or (lambda: False),
             stream=stream,
-            coverage_floor=floor,
-            widen=lambda pattern, scores: self._widen(pattern, scores, floor),
+            coverage_floor=self.config.coverage_floor,
             wait_timeout_s=self.config.lease_timeout_s,
             loop=loop,
-            eos=frozenset(self.loop.eos),
+            plan=plan,
+            times={"started": started},
         )
-        self.loop.submit(request)
-        return Submission(request, plan, started, self._count, self.spec.top_k)
+        return self.loop.submit(request)
+
+    def plan_generation(self, prompt: str, params: SamplingParams) -> RoutePlan:
+        """The plan `submit` gives a text prompt that names no task, after the checks it makes first (a prompt too
+        long for the model is refused before it is embedded and routed): what Ray's ingress asks a replica for
+        before it chooses where the request goes."""
+        checked, _ = self._tokens(prompt, params)
+        return self._submitted_plan(checked, None, prompt, None)
+
+    def _tokens(
+        self,
+        prompt: str | None,
+        params: SamplingParams,
+        prompt_ids: Sequence[int] | None = None,
+        add_special_tokens: bool = True,
+    ) -> tuple[CheckedPrompt | None, list[int]]:
+        """Every check of a generation before any model work, and the prompt's tokens: a prompt too long is refused
+        before it is embedded and routed. A text prompt comes back checked (`check_prompt`); token ids, with None."""
+        params.check(self.config.max_new_tokens_limit)
+        if params.stop_token_ids:
+            check_token_ids(params.stop_token_ids, self.vocab_size, field="stop_token_ids")
+        checked = None
+        if prompt_ids is not None:
+            ids = check_token_ids(prompt_ids, self.vocab_size)
+        else:
+            check_prompt_bytes(prompt, self.config.max_prompt_bytes)  # before the tokenizer reads it
+            checked = check_prompt(prompt)  # a door's prompt passes as checked; routing then takes it as it is
+            ids = self.tokenizer(checked, add_special_tokens=add_special_tokens)["input_ids"]
+        context = getattr(self.engine.config, "max_position_embeddings", None)
+        check_prompt_tokens(
+            len(ids), params.max_new_tokens, self.config.max_prompt_tokens, None if context is None else int(context)
+        )
+        return checked, ids
 
     def preload(self, tasks: Sequence[str]) -> None:
         """Load the tasks' experts now (one one-token request each, through the engine loop), so that their
@@ -289,18 +319,23 @@ class ServingCore:
             pattern = self.tasks.pattern(self.registry.get(name))
             ids = self.tokenizer(name)["input_ids"] or [self.tokenizer.pad_token_id or 0]
             request = Request(ids, pattern, SamplingParams(max_new_tokens=1), self.tokenizer, stream=False)
-            *_, outcome = self.loop.submit(request).events()
-            log.info("preloaded task %s: %s", name, outcome.loads if isinstance(outcome, Outcome) else outcome)
+            *_, result = self.loop.submit(request).events()
+            log.info("preloaded task %s: %s", name, result.loads if isinstance(result, GenerationResult) else result)
 
     def _widen(self, pattern: Pattern, prompt_scores: dict[int, torch.Tensor], floor: float) -> Pattern:
+        """The engine loop's widening policy: the prompt's own experts added under the slots (`widen_pattern`)."""
         capacity = {layer: slots.capacity for layer, slots in self.engine.slots.items()}
         return widen_pattern(self.spec, capacity, pattern, prompt_scores, floor)
 
-    def _count(self, task: str, coverage: float) -> None:
+    def _count(self, result: GenerationResult) -> None:
+        """The engine loop's counting policy: a request served for its task (or the fallback), with its coverage;
+        a cancelled one is not counted (its caller had gone)."""
+        if result.finish_reason == "cancelled":
+            return
         with self._counter_lock:
-            counters = self.counters.setdefault(task or "(fallback)", TaskCounters())
+            counters = self.counters.setdefault(result.plan.task or "(fallback)", TaskCounters())
             counters.requests += 1
-            counters.coverage_sum += coverage
+            counters.coverage_sum += result.coverage
 
     # --- tasks -------------------------------------------------------------------------------------
 
@@ -374,6 +409,14 @@ class ServingCore:
             queued=self.loop.stats.queued,
             generated_tokens=self.loop.stats.tokens,
         )
+
+
+def _profile(decision: RouteDecision, task: str) -> Profile:
+    """The profile of a task the decision names, as the registry held it when it decided."""
+    profile = decision.profiles.get(task)
+    if profile is None:  # a configured general fallback task that is not registered
+        raise NotFound(f"routing named task {task!r}, which is not registered", field="task")
+    return profile
 
 
 def _eos_ids(model: Any) -> set[int]:

@@ -6,8 +6,9 @@ from __future__ import annotations
 from ..errors import InvalidArgument
 
 
-def check_prompt_bytes(prompt: str, limit: int) -> None:
-    """Refuse a prompt over `limit` UTF-8 bytes, encoding it only when its length alone cannot decide."""
+def check_prompt_bytes(prompt: object, limit: int) -> None:
+    """Refuse a prompt over `limit` UTF-8 bytes, encoding it only when its length alone cannot decide (what is not
+    a string is `check_prompt`'s to refuse)."""
     if isinstance(prompt, str) and len(prompt) * 4 > limit:  # a character is at most 4 UTF-8 bytes
         size = len(prompt) if len(prompt) > limit else len(prompt.encode("utf-8", "surrogatepass"))
         if size > limit:

@@ -235,9 +235,13 @@ class TaskBook:
         return view
 
     def fallback_pattern(self, tasks: Sequence[str], capacity: int) -> Pattern:
-        """The union of the named tasks' patterns, trimmed per layer to the slot capacity by summed
-        normalised scores; the full pattern when no task is named and it fits."""
-        if not tasks:
+        """`union_pattern` of the named tasks' profiles as the registry holds them now."""
+        return self.union_pattern([self.registry.get(t) for t in tasks], capacity)
+
+    def union_pattern(self, profiles: Sequence[Profile], capacity: int) -> Pattern:
+        """The union of the tasks' patterns, trimmed per layer to the slot capacity by summed normalised scores;
+        the full pattern when no task is given and it fits."""
+        if not profiles:
             if capacity >= self.spec.num_experts:
                 return Pattern.full(self.spec)
             from ..errors import FailedPrecondition
@@ -246,7 +250,6 @@ class TaskBook:
                 "no task matches and none is registered to fall back on; register a task or raise the budget",
                 field="task",
             )
-        profiles = [self.registry.get(t) for t in tasks]
         union = self.pattern(profiles[0])
         for profile in profiles[1:]:
             union = union.union(self.pattern(profile))

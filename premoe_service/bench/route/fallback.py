@@ -20,7 +20,7 @@ from ...evaluation.run import TaskData, load_task_data, retention
 from ...pattern import Pattern
 from ...profiler import Selection
 from ...retrieval import Embedder, LocalProfileStore, Registry, load_route_records
-from ...runtime.build import load_engine
+from ...runtime.build import load_model
 from ...runtime.residency import Budget
 from ...runtime.router_signal import RouterSignal
 from ...serving.tasks import TaskBook
@@ -40,7 +40,7 @@ def main() -> None:
     from ...store import Store
 
     store = Store(args.store)
-    engine, _ = load_engine(store, Budget(fraction=1.0))
+    engine, _ = load_model(store, Budget(fraction=1.0))
     tokenizer = AutoTokenizer.from_pretrained(store.dir, local_files_only=True)
     background = [r.query for r in load_route_records(args.background)]
     registry = Registry(

@@ -61,13 +61,13 @@ class ContinuationScorer:
     """The full model's greedy continuations, scored under any pattern on an engine of its own (all experts fit)."""
 
     def __init__(self, store: Any, tokenizer: Any, max_new_tokens: int = 24) -> None:
-        from ...runtime.build import load_engine
+        from ...runtime.build import load_model
         from ...runtime.residency import Budget
 
         self.store = store
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
-        self.engine, _ = load_engine(store, Budget(fraction=1.0), device="cpu")
+        self.engine, _ = load_model(store, Budget(fraction=1.0), device="cpu")
         self.spec = self.engine.spec
         self.full = Pattern.full(self.spec)
         model = self.engine.model

@@ -27,7 +27,7 @@ from ...families import MoESpec
 from ...pattern import Pattern
 from ...profiler import Selection, select
 from ...profiler.profile import Profile
-from ...runtime.build import load_engine
+from ...runtime.build import load_model
 from ...runtime.eviction import SharedUseTracker
 from ...runtime.residency import Budget
 from ...store import Store, open_cache
@@ -138,7 +138,7 @@ def _one_budget(
 ) -> dict[str, Any]:
     def fresh() -> tuple[Any, Store]:
         store = Store(store_dir, cache=open_cache(None))  # each policy starts from a cold in-process cache
-        _, residency = load_engine(store, Budget(fraction=budget), device="cpu", dense=dense)
+        _, residency = load_model(store, Budget(fraction=budget), device="cpu", dense=dense)
         return residency, store
 
     residency, store = fresh()
