@@ -1,10 +1,12 @@
-"""A pattern: per MoE layer, the sorted ids of the routed experts a task keeps, and at which precision."""
+"""A pattern: per MoE layer, the sorted ids of the routed experts a task keeps, at which precision, and, for experts
+held in part (a channel plan, docs/atomic-experts.md), which of their intermediate channels."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +28,14 @@ class Pattern:
         layers: MoE decoder-layer index -> ascending kept expert ids.
         precisions: Layer -> expert -> precision (`bf16`, `int8`, `int4`, `int3`, `int2`) of kept experts held
             below full precision; a kept expert not named here is at full precision.
+        channels: Layer -> expert -> ascending ids of the intermediate channels a kept expert holds, for experts
+            held in part (served from channel slots, `runtime.channel_slots`); a kept expert not named here holds
+            all of its channels.
     """
 
     layers: Mapping[int, tuple[int, ...]]
     precisions: Mapping[int, Mapping[int, str]] = field(default_factory=dict)
+    channels: Mapping[int, Mapping[int, tuple[int, ...]]] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -37,6 +43,7 @@ class Pattern:
         spec: MoESpec,
         layers: Mapping[int, Iterable[int]],
         precisions: Mapping[int, Mapping[int, str]] | None = None,
+        channels: Mapping[int, Mapping[int, Iterable[int]]] | None = None,
     ) -> Pattern:
         """A validated pattern for a model of `spec`; raises `PatternError` naming the layer at fault."""
         kept: dict[int, tuple[int, ...]] = {}
@@ -49,7 +56,15 @@ class Pattern:
             int(layer): {int(e): p for e, p in sorted(by_expert.items()) if p != FULL}
             for layer, by_expert in sorted((precisions or {}).items())
         }
-        pattern = cls(dict(sorted(kept.items())), {layer: m for layer, m in lowered.items() if m})
+        cut = {
+            int(layer): {int(e): tuple(int(c) for c in ids) for e, ids in sorted(by_expert.items())}
+            for layer, by_expert in sorted((channels or {}).items())
+        }
+        pattern = cls(
+            dict(sorted(kept.items())),
+            {layer: m for layer, m in lowered.items() if m},
+            {layer: m for layer, m in cut.items() if m},
+        )
         pattern.validate(spec)
         return pattern
 
@@ -84,10 +99,29 @@ class Pattern:
                     )
                 if expert not in kept:
                     raise PatternError(f"expert {expert} has a precision but is not kept", field=f"layer {layer}")
+        for layer, cut in self.channels.items():
+            if layer not in self.layers:
+                raise PatternError("not an MoE layer of the pattern", field=f"channels.{layer}")
+            kept = set(self.layers[layer])
+            for expert, ids in cut.items():
+                where = f"channels.{layer}.{expert}"
+                if expert not in kept:
+                    raise PatternError("channels of an expert the pattern does not keep in this layer", field=where)
+                if not ids or ids[0] < 0 or any(a >= b for a, b in pairwise(ids)):
+                    raise PatternError("channel ids must be ascending distinct non-negative integers", field=where)
 
     def precision(self, layer: int, expert: int) -> str:
         """The precision a kept expert is held at (`full` unless the pattern lowers it)."""
         return self.precisions.get(layer, {}).get(expert, FULL)
+
+    def channel_ids(self, layer: int, expert: int) -> tuple[int, ...] | None:
+        """The channels a kept expert holds, or None when it holds all of them."""
+        return self.channels.get(layer, {}).get(expert)
+
+    @property
+    def sliced(self) -> bool:
+        """Whether any kept expert holds only some of its channels."""
+        return any(self.channels.values())
 
     @property
     def mixed(self) -> bool:
@@ -109,11 +143,20 @@ class Pattern:
         return mask
 
     def union(self, other: Pattern) -> Pattern:
+        """The experts either keeps, each at the higher of the two precisions; an expert held in part by both holds
+        the union of their channels, one held whole by either is held whole."""
         layers = {
             layer: tuple(sorted(set(self.layers[layer]) | set(other.layers.get(layer, ())))) for layer in self.layers
         }
+        channels: dict[int, dict[int, tuple[int, ...]]] = {}
+        if self.sliced or other.sliced:
+            for layer, kept in layers.items():
+                for e in kept:
+                    held = [p.channel_ids(layer, e) for p in (self, other) if e in p.layers.get(layer, ())]
+                    if all(ids is not None for ids in held):
+                        channels.setdefault(layer, {})[e] = tuple(sorted(set().union(*held)))  # type: ignore[arg-type]
         if not (self.mixed or other.mixed):
-            return Pattern(layers)
+            return Pattern(layers, {}, channels)
         rank = PRECISION_ORDER.index  # an expert both keep is held at the higher of the two precisions
         precisions = {
             layer: {
@@ -122,7 +165,8 @@ class Pattern:
             }
             for layer, kept in layers.items()
         }
-        return Pattern(layers, {k: {e: p for e, p in v.items() if p != FULL} for k, v in precisions.items()})
+        lowered = {k: {e: p for e, p in v.items() if p != FULL} for k, v in precisions.items()}
+        return Pattern(layers, {k: v for k, v in lowered.items() if v}, channels)
 
     # --- JSON ------------------------------------------------------------------------------------
 
@@ -135,12 +179,18 @@ class Pattern:
             data["precisions"] = {
                 str(layer): {str(e): p for e, p in by_expert.items()} for layer, by_expert in self.precisions.items()
             }
+        if self.sliced:
+            data["channels"] = {
+                str(layer): {str(e): list(ids) for e, ids in by_expert.items()}
+                for layer, by_expert in self.channels.items()
+            }
         return data
 
     @classmethod
     def from_json(cls, spec: MoESpec, data: Any) -> Pattern:
         """Parse and validate `{"format": 1, "layers": {"<layer>": [ids...]}}`, with optional
-        `"precisions": {"<layer>": {"<id>": "int4"}}` (kept experts it does not name are at full precision)."""
+        `"precisions": {"<layer>": {"<id>": "int4"}}` (kept experts it does not name are at full precision) and
+        `"channels": {"<layer>": {"<id>": [channel ids]}}` (kept experts it does not name hold every channel)."""
         if not isinstance(data, dict):
             raise InvalidArgument("a pattern is a JSON object", field="pattern")
         if data.get("format") != PATTERN_FORMAT:
@@ -166,7 +216,21 @@ class Pattern:
                 "'precisions' must map layer indices to {expert id: precision name}", field="precisions"
             )
         precisions = {int(k): {int(e): p for e, p in v.items()} for k, v in raw_precisions.items()}
-        return cls.build(spec, layers, precisions)
+        raw_channels = data.get("channels", {})
+        if not isinstance(raw_channels, dict):
+            raise InvalidArgument("'channels' must map layer indices to {expert id: [channel ids]}", field="channels")
+        channels: dict[int, dict[int, list[int]]] = {}
+        for key, by_expert in raw_channels.items():
+            if not str(key).isdigit() or not isinstance(by_expert, dict):
+                raise InvalidArgument("not a layer index mapping experts to channel ids", field=f"channels.{key}")
+            for expert, ids in by_expert.items():
+                where = f"channels.{key}.{expert}"
+                if not str(expert).isdigit():
+                    raise InvalidArgument(f"expert key {expert!r} is not an expert id", field=where)
+                if not isinstance(ids, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in ids):
+                    raise InvalidArgument("channel ids must be a list of integers", field=where)
+                channels.setdefault(int(key), {})[int(expert)] = ids
+        return cls.build(spec, layers, precisions, channels)
 
     @classmethod
     def load(cls, spec: MoESpec, path: str | Path) -> Pattern:

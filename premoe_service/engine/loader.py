@@ -129,13 +129,13 @@ class Loader:
 
     def _copy(self, job: LoadJob) -> None:
         copies, lowered = job.copies, 0
-        quantized = self.engine.quantized
-        if quantized is not None:  # experts held below full precision go into their banks' slots
+        if self.engine.quantized is not None or self.engine.channels is not None:
+            # experts held below full precision or in part go into their banks' slots
             rows, capacity = self.engine.rows, self.engine.book.capacity
             copies = [c for c in job.copies if c[2] < capacity[rows[c[0]]]]
             for layer, expert, slot in job.copies:
                 if slot >= capacity[rows[layer]]:
-                    tier, nbytes = quantized.read_into(layer, expert, slot)
+                    tier, nbytes = self.engine.read_into_bank(layer, expert, slot)
                     job.tiers[tier] += 1
                     lowered += nbytes
         job.nbytes = lowered + len(copies) * _expert_nbytes(self.engine)

@@ -129,6 +129,12 @@ class ChannelPlan:
     nbytes: int
     counts: dict[str, int]  # option key -> experts held at it
 
+    def served(self) -> Pattern:
+        """The pattern a server runs for this plan: its kept experts and precisions, and the channels of each expert
+        held in part (`runtime.channel_slots`)."""
+        channels = {layer: {e: tuple(ids.tolist()) for e, ids in by.items()} for layer, by in self.channels.items()}
+        return Pattern(self.pattern.layers, self.pattern.precisions, {k: v for k, v in channels.items() if v})
+
     def channel_count(self, layer: int, expert: int, intermediate: int) -> int:
         ids = self.channels.get(layer, {}).get(expert)
         return intermediate if ids is None else int(ids.numel())
@@ -145,7 +151,9 @@ class ChannelPlan:
     @classmethod
     def from_json(cls, spec: MoESpec, intermediate: int, data: Any) -> ChannelPlan:
         """Parse a pattern file with optional `channels` (kept experts it does not name hold every channel)."""
-        pattern = Pattern.from_json(spec, data)
+        if not isinstance(data, dict):
+            raise InvalidArgument("a pattern is a JSON object", field="pattern")
+        pattern = Pattern.from_json(spec, {k: v for k, v in data.items() if k != "channels"})
         raw = data.get("channels", {})
         if not isinstance(raw, dict):
             raise InvalidArgument("'channels' must map layers to {expert: [channel ids]}", field="channels")

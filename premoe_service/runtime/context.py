@@ -192,7 +192,8 @@ class PatternTables:
 
     Attributes:
         tables: MoE layer -> `[P, E]` bool excluded experts of each distinct pattern (None: none excluded).
-        slot_tables: MoE layer -> `[P, E]` long slot ids, when some pattern holds experts below full precision.
+        slot_tables: MoE layer -> `[P, E]` long slot ids, when some pattern holds experts below full precision or
+            in part (channel slots).
         row_pattern: `[B]` each row's index into the tables' rows.
         patterns: The distinct patterns (held so that their identities stay theirs).
     """
@@ -231,13 +232,15 @@ class PatternTables:
                 none = torch.zeros(engine.spec.num_experts, dtype=torch.bool, device=device)
                 tables[layer] = torch.stack([none if m is None else m for m in per_pattern])
         slot_tables: dict[int, Tensor] = {}
-        quantized = engine.quantized
-        if quantized is not None and any(p.mixed for p in unique):
+        banked = [engine.banked(p) for p in unique]
+        if any(banked):
             # Built from the tables published now: the rows' own experts are pinned, so their slots stay put
             # while the rows run (other entries are excluded for the row anyway).
             for layer, router in engine.routers.items():
                 full = router.slot_of
-                slot_tables[layer] = torch.stack([quantized.table(layer, p, full) if p.mixed else full for p in unique])
+                slot_tables[layer] = torch.stack(
+                    [engine.route_table(layer, p, full) if b else full for p, b in zip(unique, banked, strict=True)]
+                )
         return cls(engine.spec.routing, device, tables, slot_tables, row_pattern, unique)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from .masked_router import MaskedRouter, RouterObserver
 from .model_source import ModelExpertSource
 from .pattern_masks import PatternMasks
 from .quantized import QuantizedSlots
+
+if TYPE_CHECKING:
+    from .channel_slots import ChannelSlots
 from .slot_book import RESIDENT, SlotBook
 from .slots import LayerSlots, expert_params, install_slots, slot_buffers, write_slot
 
@@ -65,6 +68,7 @@ class PatternedModel:
         self._published: dict[int, int] = {}  # layer -> slot version last written by `publish_slots`
         self.masks = PatternMasks(self.spec, lambda: self.device)
         self.quantized: QuantizedSlots | None = None  # slots of lower precisions (`runtime.quantized`)
+        self.channels: ChannelSlots | None = None  # slots of experts held in part (`runtime.channel_slots`)
         for layer, cap in zip(self.spec.moe_layers, caps, strict=True):
             # Capacity 0 leaves a layer empty until `fill_layer` (layer-streamed profiling).
             if cap != 0 and not self.spec.top_k <= cap <= self.spec.num_experts:
@@ -130,10 +134,15 @@ class PatternedModel:
         Every layer is planned before anything is evicted, so a pattern that cannot fit changes nothing.
         """
         pattern.validate(self.spec)
-        if pattern.mixed and self.quantized is None:
+        if pattern.mixed and self.quantized is None and self.masks.lowered(pattern):
             raise FailedPrecondition(
                 "the pattern holds experts below full precision but the engine has no quantized slots",
                 field="precision",
+            )
+        if pattern.sliced and self.channels is None:
+            raise FailedPrecondition(
+                "the pattern holds experts in part (channels) but the engine has no channel slots",
+                field="channels",
             )
         report = ApplyReport()
         wanted = self.full_mask(pattern)
@@ -155,6 +164,8 @@ class PatternedModel:
         book.last_used[wanted] = tick
         if self.quantized is not None and pattern.mixed:
             self.quantized.load(pattern, report.loaded, tick)
+        if self.channels is not None and pattern.sliced:
+            self.channels.load(pattern, report.loaded, tick, report.evicted)
         return report
 
     def next_tick(self) -> int:
@@ -179,6 +190,8 @@ class PatternedModel:
         versions = tuple(self.book.version.tolist())
         if self.quantized is not None:
             versions += self.quantized.versions()
+        if self.channels is not None:
+            versions += self.channels.versions()
         if self.pattern is pattern and self._active_versions == versions:
             return
         masks = self.excluded_masks(pattern)
@@ -197,12 +210,40 @@ class PatternedModel:
                 cached = (version, self._slot_table(layer))
                 self._tables[layer] = cached
             table = cached[1]
-            if pattern.mixed and self.quantized is not None:
-                table = self.quantized.table(layer, pattern, table)
+            if self.banked(pattern):
+                table = self.route_table(layer, pattern, table)
             router.set_routing(masks[layer], table)
         self._published.clear()
         self.pattern = pattern
         self._active_versions = versions
+
+    def banked(self, pattern: Pattern) -> bool:
+        """Whether `pattern` routes some expert to a bank slot (quantized, or held in part) in this engine."""
+        return (pattern.mixed and self.quantized is not None) or pattern.sliced
+
+    def route_table(self, layer: int, pattern: Pattern, full_table: torch.Tensor) -> torch.Tensor:
+        """Long [E]: each expert's slot id for `pattern` in `layer`: its full-precision slot (`full_table`), or its
+        quantized slot where the pattern lowers it, or its channel slot where the pattern holds it in part."""
+        table = full_table
+        if pattern.mixed and self.quantized is not None:
+            table = self.quantized.table(layer, pattern, table)
+        if pattern.sliced:
+            if self.channels is None:
+                raise FailedPrecondition(
+                    "the pattern holds experts in part (channels) but the engine has no channel slots",
+                    field="channels",
+                )
+            table = self.channels.table(layer, pattern, table)
+        return table
+
+    def read_into_bank(self, layer: int, expert: int, slot: int) -> tuple[str, int]:
+        """Copy a bank's expert (a channel bank's: its variant column) into bank slot id `slot` (the loader
+        thread); returns the tier it came from and the bytes read."""
+        if self.channels is not None and self.channels.bank_of(layer, slot) is not None:
+            return self.channels.read_into(layer, expert, slot)
+        if self.quantized is None:
+            raise FailedPrecondition(f"slot {slot} of layer {layer} is in no slot bank", field="slot")
+        return self.quantized.read_into(layer, expert, slot)
 
     def publish_slots(self) -> None:
         """Point every router's slot table at the experts resident now; the batched loop calls this at a
@@ -267,6 +308,7 @@ class PatternedModel:
     def expert_bytes_resident(self) -> int:
         """Bytes of all slots (resident or free) over all layers, quantized slots included."""
         total = 0 if self.quantized is None else self.quantized.nbytes
+        total += 0 if self.channels is None else self.channels.nbytes
         for layer in self.spec.moe_layers:
             total += sum(p.numel() * p.element_size() for p in self.experts_module(layer).parameters(recurse=False))
         return total

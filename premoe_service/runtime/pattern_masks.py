@@ -1,6 +1,7 @@
 """Per-pattern masks the engine reads on every request, cached by the pattern's identity (every request of a
 task shares its pattern object): the excluded experts per layer for the routers, and the kept experts of all
-layers as `[L, E]` arrays for the slot books, one for full precision and one per lower precision."""
+layers as `[L, E]` arrays for the slot books, one for full precision and one per lower precision (experts held in
+part, a channel plan's, are in neither: they sit in channel slots, `runtime.channel_slots`)."""
 
 from __future__ import annotations
 
@@ -60,8 +61,9 @@ class PatternMasks:
         rows = {layer: row for row, layer in enumerate(self.spec.moe_layers)}
         masks: dict[str, np.ndarray] = {}
         for layer, lowered in pattern.precisions.items():
+            sliced = pattern.channels.get(layer, {})
             for expert, precision in lowered.items():
-                if precision != FULL:
+                if precision != FULL and expert not in sliced:
                     if precision not in masks:
                         masks[precision] = np.zeros((len(rows), self.spec.num_experts), dtype=bool)
                     masks[precision][rows[layer], expert] = True
@@ -69,6 +71,8 @@ class PatternMasks:
 
 
 def full_kept(pattern: Pattern, layer: int) -> tuple[int, ...]:
-    """The experts `pattern` keeps at full precision in `layer`."""
-    lowered = pattern.precisions.get(layer)
-    return pattern.kept(layer) if not lowered else tuple(e for e in pattern.kept(layer) if e not in lowered)
+    """The experts `pattern` keeps whole at full precision in `layer`."""
+    lowered, sliced = pattern.precisions.get(layer), pattern.channels.get(layer)
+    if not lowered and not sliced:
+        return pattern.kept(layer)
+    return tuple(e for e in pattern.kept(layer) if e not in (lowered or {}) and e not in (sliced or {}))

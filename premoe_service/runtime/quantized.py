@@ -1,22 +1,22 @@
 """Quantized slots: per MoE layer and precision, slots that hold experts' packed bytes, dequantized in the forward.
 
 Slot ids of a layer form one space: `[0, C)` are the full-precision slots (the experts module's own fused
-parameters), then each precision's bank in turn. The masked router hands out these ids as it always does.
-The experts module keeps transformers' forward: a thin wrapper around it dequantizes, for each forward pass,
-only the quantized slots its tokens hit (group-wise, in torch ops, so the same code runs on CPU and CUDA),
-stacks them with the hit full-precision slots, and calls transformers' forward on that stack with the slot
-ids renumbered. Resident memory is the packed tensors; the dequantized weights live for one layer's call.
+parameters), then each precision's bank in turn (then any channel banks, `runtime.channel_slots`). The masked
+router hands out these ids as it always does. The experts module keeps transformers' forward: a thin wrapper
+around it (`runtime.banks`) dequantizes, for each forward pass, only the quantized slots its tokens hit
+(group-wise, in torch ops, so the same code runs on CPU and CUDA), stacks them with the hit full-precision
+slots, and calls transformers' forward on that stack with the slot ids renumbered. Resident memory is the
+packed tensors; the dequantized weights live for one layer's call.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import FailedPrecondition, InvalidArgument, PatternError
 from ..experts import bytes_view
@@ -24,6 +24,7 @@ from ..pattern import FULL, Pattern
 from ..store.manifest import DTYPES
 from ..store.quant import QuantizedWeight, dequantize
 from ..store.quantized_copies import QuantizedCopy
+from .banks import install_banks
 from .slot_book import SlotBook
 from .slots import LayerSlots, expert_params
 
@@ -134,7 +135,7 @@ class QuantizedSlots:
                 offset += count
             self.banks[layer] = banks
             engine.routers[layer].skip_id = offset  # one past every bank: the wrapped forward skips it
-            _wrap_forward(experts, banks)
+            install_banks(experts, "quantized", list(banks.values()), engine.spec.family)
 
     def load(self, pattern: Pattern, layer_reports: list[tuple[int, int]], tick: int) -> None:
         """Write the pattern's missing quantized experts into their banks (planned for all layers first)."""
@@ -221,51 +222,13 @@ class QuantizedSlots:
 
 
 def _by_precision(pattern: Pattern, layer: int) -> dict[str, list[int]]:
+    """Precision -> the experts `pattern` holds whole at it below full precision in `layer`."""
     groups: dict[str, list[int]] = {}
+    sliced = pattern.channels.get(layer, {})  # experts held in part sit in channel slots
     for expert, precision in pattern.precisions.get(layer, {}).items():
-        if precision != FULL:
+        if precision != FULL and expert not in sliced:
             groups.setdefault(precision, []).append(expert)
     return groups
-
-
-def _wrap_forward(experts: nn.Module, banks: Mapping[str, QuantizedBank]) -> None:
-    """Give the experts module a forward that also computes with its quantized slots (see the module doc)."""
-    original: Callable[..., Tensor] = getattr(experts, "_premoe_forward", None) or experts.forward
-    # A second wrap (new banks) wraps transformers' forward, not the first wrap.
-    setattr(experts, "_premoe_forward", original)  # noqa: B010 - typed as Module attribute
-    call: Callable[..., Tensor] = original.__func__  # type: ignore[attr-defined]  # the class forward, for a view
-    ordered = sorted(banks.values(), key=lambda b: b.offset)
-
-    def weight(name: str, slot: int) -> Tensor:
-        full = experts._parameters[name]
-        if full is not None and slot < full.shape[0]:
-            return full[slot]
-        for bank in ordered:
-            if bank.offset <= slot < bank.offset + bank.capacity:
-                return bank.weight(name, slot - bank.offset)
-        raise FailedPrecondition(f"slot {slot} is outside every slot bank", field="slot")
-
-    def forward(hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        names = list(expert_params(experts))
-        full_capacity = experts._parameters[names[0]].shape[0]  # type: ignore[union-attr]
-        if top_k_index.numel() == 0 or int(top_k_index.max()) < full_capacity:  # full slots only, nothing skipped
-            return original(hidden_states, top_k_index, top_k_weights)
-        skip = ordered[-1].offset + ordered[-1].capacity if ordered else full_capacity  # a skipped pair's id
-        used = top_k_index[top_k_index < skip]
-        if used.numel() == 0 or int(used.max()) < full_capacity:  # full slots and skipped pairs
-            return original(hidden_states, top_k_index.clamp(max=full_capacity), top_k_weights)
-        hit = torch.unique(used)  # [n] slot ids, ascending
-        renumber = torch.full((skip + 1,), hit.numel(), dtype=top_k_index.dtype, device=top_k_index.device)
-        renumber[hit] = torch.arange(hit.numel(), dtype=top_k_index.dtype, device=top_k_index.device)
-        slots = hit.tolist()
-        # Transformers' forward runs on a shallow copy whose parameters are the hit slots' weights: the module
-        # itself never changes, since the loader thread writes other slots of it meanwhile.
-        view = copy.copy(experts)
-        view._parameters = {name: torch.stack([weight(name, s) for s in slots]) for name in names}  # type: ignore[misc]
-        setattr(view, "num_experts", len(slots))  # noqa: B010
-        return call(view, hidden_states, renumber[top_k_index], top_k_weights)
-
-    setattr(experts, "forward", forward)  # noqa: B010 - this module's forward only
 
 
 def attach_precisions(engine: Any, store: Any, capacity: Mapping[str, Any]) -> QuantizedSlots:

@@ -15,6 +15,7 @@ from ..errors import FailedPrecondition, ResourceExhausted
 from ..pattern import Pattern
 from ..store.reader import Store
 from .budget import Budget
+from .channel_slots import key_name
 from .model import PatternedModel
 from .slot_book import LOADING, RESIDENT, SlotBook, SlotPlan
 
@@ -304,10 +305,12 @@ class Residency:
 
     def describe(self, pattern: Pattern, expert_nbytes: int) -> PatternResidency:
         """What of `pattern` is resident now (see `PatternResidency`). Experts at a precision the server has no
-        slots for count as not resident."""
-        quantized = self.engine.quantized
+        slots for count as not resident; experts held in part count under their bank (`full@24`)."""
+        quantized, channels = self.engine.quantized, self.engine.channels
         books = self._held_books(pattern)
         names = {id(quantized.book(p)): p for p in quantized.precisions} if quantized is not None else {}
+        if channels is not None:
+            names.update({id(channels.books[key]): key_name(key) for key in channels.keys})
         precisions: dict[str, int] = {}
         experts = nbytes = 0
         loading = False
@@ -323,12 +326,18 @@ class Residency:
         return PatternResidency(experts, nbytes, share, precisions, loading)
 
     def _expert_nbytes(self, book: SlotBook, lowered: bool, expert_nbytes: int) -> int:
-        quantized = self.engine.quantized
-        if not lowered or quantized is None:
+        """Bytes of one slot of `book`: a full expert, a quantized copy's blob, or a channel bank's slot."""
+        quantized, channels = self.engine.quantized, self.engine.channels
+        if not lowered:
             return expert_nbytes
-        for precision in quantized.precisions:
-            if quantized.book(precision) is book:
-                return int(quantized.sources[precision].copy.expert_nbytes)
+        if quantized is not None:
+            for precision in quantized.precisions:
+                if quantized.book(precision) is book:
+                    return int(quantized.sources[precision].copy.expert_nbytes)
+        if channels is not None:
+            for key in channels.keys:
+                if channels.books[key] is book:
+                    return channels.slot_nbytes(key)
         return expert_nbytes
 
     def _prepare(self, pattern: Pattern) -> list[Book]:
@@ -357,15 +366,26 @@ class Residency:
         and for each precision it holds some experts at."""
         books: list[Book] = [(self.engine.book, self.engine.full_mask(pattern), None)]
         if pattern.mixed:
+            lowered = self.engine.masks.lowered(pattern)
             quantized = self.engine.quantized
-            if quantized is None:
+            if quantized is None and lowered:
                 raise FailedPrecondition(
                     "the pattern holds experts below full precision but the server has no slots for them: start "
                     "it with --precision-slots (e.g. int4=4)",
                     field="precision",
                 )
-            for precision, wanted in self.engine.masks.lowered(pattern).items():
-                books.append((quantized.book(precision), wanted, quantized.offsets(precision)))
+            for precision, wanted in lowered.items():
+                books.append((quantized.book(precision), wanted, quantized.offsets(precision)))  # type: ignore[union-attr]
+        if pattern.sliced:
+            channels = self.engine.channels
+            if channels is None:
+                raise FailedPrecondition(
+                    "the pattern holds experts in part (a channel plan) but the server has no channel slots: start "
+                    "it with --channel-slots (e.g. full@24=8)",
+                    field="channels",
+                )
+            for key, wanted in channels.wanted(pattern).items():
+                books.append((channels.books[key], wanted, channels.offsets(key)))
         return books
 
     def _held_books(self, pattern: Pattern) -> list[Book]:
@@ -376,6 +396,14 @@ class Residency:
             for precision, wanted in self.engine.masks.lowered(pattern).items():
                 if precision in quantized.precisions:
                     books.append((quantized.book(precision), wanted, quantized.offsets(precision)))
+        channels = self.engine.channels
+        if pattern.sliced and channels is not None:
+            try:
+                wanted_by_key = channels.wanted(pattern)
+            except (FailedPrecondition, ResourceExhausted):  # a bank the server lacks: resident nowhere
+                wanted_by_key = {}
+            for key, wanted in wanted_by_key.items():
+                books.append((channels.books[key], wanted, channels.offsets(key)))
         return books
 
     @staticmethod
@@ -390,10 +418,15 @@ class Residency:
         slots = np.fromiter((c[2] for c in copies), np.int64, count)
         full = slots < self.engine.book.capacity[rows]
         yield self.engine.book, rows[full], experts[full]
-        quantized = self.engine.quantized
+        quantized, channels = self.engine.quantized, self.engine.channels
         if quantized is not None and not full.all():
             for precision in quantized.precisions:
                 offsets, book = quantized.offsets(precision)[rows], quantized.book(precision)
+                inside = (slots >= offsets) & (slots < offsets + book.capacity[rows])
+                yield book, rows[inside], experts[inside]
+        if channels is not None and not full.all():
+            for key in channels.keys:  # a channel copy names the variant's column where others name the expert
+                offsets, book = channels.offsets(key)[rows], channels.books[key]
                 inside = (slots >= offsets) & (slots < offsets + book.capacity[rows])
                 yield book, rows[inside], experts[inside]
 
@@ -427,9 +460,11 @@ class Residency:
 
     def _bytes(self, expert_nbytes: int, count: Callable[[SlotBook], int]) -> int:
         total = count(self.engine.book) * expert_nbytes
-        quantized = self.engine.quantized
+        quantized, channels = self.engine.quantized, self.engine.channels
         if quantized is not None:
             total += sum(count(quantized.books[p]) * quantized.sources[p].copy.expert_nbytes for p in quantized.books)
+        if channels is not None:
+            total += sum(count(channels.books[key]) * channels.slot_nbytes(key) for key in channels.keys)
         return total
 
 

@@ -1,0 +1,109 @@
+"""Slot banks beside an experts module's own slots, and the forward that computes with them.
+
+Slot ids of a layer form one space: `[0, C)` are the full-precision slots (the experts module's own fused
+parameters), then each bank in turn: the quantized banks (`runtime.quantized`), then the channel banks
+(`runtime.channel_slots`). The masked router hands out these ids as it always does. The experts module keeps
+transformers' forward: a thin wrapper around it gathers, for each forward pass, the weights of the bank slots its
+tokens hit (a quantized slot dequantized, a channel slot at its own width), stacks them with the hit full-precision
+slots, and calls transformers' forward on that stack with the slot ids renumbered. Slots of different widths (a
+channel slot holds `k` of the expert's `I` intermediate channels) are padded to the widest hit one with zero
+channels: a zero gate/up row, bias and down column add nothing in every family's activation
+(`families.channels.pad_channels`), so each token computes exactly what its expert's kept channels compute.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import FailedPrecondition
+from ..families.channels import pad_channels
+from .slots import expert_params
+
+_TRANSPOSED = frozenset({"gpt_oss"})  # families whose down projection is [I, H] (families.channels)
+
+
+class Bank(Protocol):
+    """Slots of one kind in one layer, at slot ids `[offset, offset + capacity)` of the layer's id space."""
+
+    offset: int
+
+    @property
+    def capacity(self) -> int: ...
+
+    def weight(self, part: str, slot: int) -> Tensor:
+        """One slot's parameter `part` in the runtime layout and the model's dtype (`slot` counts from 0)."""
+        ...
+
+
+def banks_end(experts: nn.Module) -> int:
+    """One past the last slot id of every bank of the module (its own capacity when it has none)."""
+    banks = [b for kind in getattr(experts, "_premoe_banks", {}).values() for b in kind]
+    if banks:
+        return max(b.offset + b.capacity for b in banks)
+    first = next(iter(expert_params(experts).values()))
+    return int(first.shape[0])
+
+
+def install_banks(experts: nn.Module, kind: str, banks: Sequence[Bank], family: str) -> None:
+    """Give the experts module `banks` of `kind` (replacing its earlier banks of that kind) and a forward that
+    computes with every bank it holds (see the module doc)."""
+    registry: dict[str, list[Bank]] = getattr(experts, "_premoe_banks", None) or {}
+    registry[kind] = list(banks)
+    setattr(experts, "_premoe_banks", registry)  # noqa: B010 - a plain attribute of this module
+    original: Callable[..., Tensor] = getattr(experts, "_premoe_forward", None) or experts.forward
+    # A second install wraps transformers' forward, not the first wrap.
+    setattr(experts, "_premoe_forward", original)  # noqa: B010 - typed as Module attribute
+    call: Callable[..., Tensor] = original.__func__  # type: ignore[attr-defined]  # the class forward, for a view
+    transposed = family in _TRANSPOSED
+
+    def ordered() -> list[Bank]:
+        return sorted((b for kind in registry.values() for b in kind), key=lambda b: b.offset)
+
+    def slot_weights(names: list[str], slot: int, full_capacity: int, banks: list[Bank]) -> dict[str, Tensor]:
+        if slot < full_capacity:
+            return {name: experts._parameters[name][slot] for name in names}  # type: ignore[index]
+        for bank in banks:
+            if bank.offset <= slot < bank.offset + bank.capacity:
+                return {name: bank.weight(name, slot - bank.offset) for name in names}
+        raise FailedPrecondition(f"slot {slot} is outside every slot bank", field="slot")
+
+    def width(tensors: dict[str, Tensor]) -> int:
+        down = tensors["down_proj"]
+        return int(down.shape[0] if transposed else down.shape[1])
+
+    def forward(hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        names = list(expert_params(experts))
+        full_capacity = experts._parameters[names[0]].shape[0]  # type: ignore[union-attr]
+        if top_k_index.numel() == 0 or int(top_k_index.max()) < full_capacity:  # full slots only, nothing skipped
+            return original(hidden_states, top_k_index, top_k_weights)
+        banks = ordered()
+        skip = max((b.offset + b.capacity for b in banks), default=full_capacity)  # a skipped pair's id
+        used = top_k_index[top_k_index < skip]
+        if used.numel() == 0 or int(used.max()) < full_capacity:  # full slots and skipped pairs
+            return original(hidden_states, top_k_index.clamp(max=full_capacity), top_k_weights)
+        hit = torch.unique(used)  # [n] slot ids, ascending
+        renumber = torch.full((skip + 1,), hit.numel(), dtype=top_k_index.dtype, device=top_k_index.device)
+        renumber[hit] = torch.arange(hit.numel(), dtype=top_k_index.dtype, device=top_k_index.device)
+        weights = [slot_weights(names, s, full_capacity, banks) for s in hit.tolist()]
+        widths = [width(w) for w in weights]
+        widest = max(widths)
+        if min(widths) != widest:  # channel slots of other widths: zero channels up to the widest
+            weights = [
+                w if n == widest else pad_channels(family, w, widest) for w, n in zip(weights, widths, strict=True)
+            ]
+        # Transformers' forward runs on a shallow copy whose parameters are the hit slots' weights: the module
+        # itself never changes, since the loader thread writes other slots of it meanwhile.
+        view = copy.copy(experts)
+        view._parameters = {name: torch.stack([w[name] for w in weights]) for name in names}  # type: ignore[misc]
+        setattr(view, "num_experts", len(weights))  # noqa: B010
+        for attr in ("intermediate_dim", "intermediate_size"):  # the view's width, should a forward read it
+            if hasattr(view, attr):
+                setattr(view, attr, widest)
+        return call(view, hidden_states, renumber[top_k_index], top_k_weights)
+
+    setattr(experts, "forward", forward)  # noqa: B010 - this module's forward only

@@ -1,0 +1,285 @@
+"""Channel plans served in slots (issue 29): a pattern whose kept experts hold some of their channels runs on the
+serving path (residency, loader, channel banks of reduced width, the experts wrapper), batched with rows of other
+patterns, and each row's logits equal transformers' on its own checkpoint, float64, every family:
+
+- a channel row: the checkpoint `premoe export` writes for that plan (experts cut to their kept channels);
+- a second channel row holding the same experts with other channels (two variants of an expert in one bank);
+- an expert-level row (half the experts, whole) and a row with every expert: transformers' own model, masked.
+
+Also: eviction and reloading of variants through leases gives the same logits again; channel banks hold
+`width / I` of an expert's bytes; pattern files carry channels and refuse bad ones naming the field; what the
+slots cannot hold is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from premoe_service.engine import EngineLoop, Request, SamplingParams
+from premoe_service.engine.schedule import BatchLimits
+from premoe_service.errors import FailedPrecondition, InvalidArgument, PatternError, ResourceExhausted
+from premoe_service.families import MoESpec, adapter_for
+from premoe_service.families.channels import intermediate_field
+from premoe_service.families.tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
+from premoe_service.pattern import Pattern
+from premoe_service.profiler.channel_plan import ChannelPlan
+from premoe_service.runtime.build import load_engine
+from premoe_service.runtime.channel_slots import attach_channels
+from premoe_service.store import Store, open_cache, shard
+from premoe_service.store.export import export_pruned
+
+from .references import masked_transformers, random_pattern
+from .test_batching import forced_logits
+from .test_expert_skip import run_together
+
+FAMILIES = sorted(TINY_CONFIGS)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def bound(family: str) -> float:
+    return 1e-6 if family.startswith("deepseek") else 1e-9  # DeepSeek routes in float32 inside a float64 model
+
+
+def build(root: Path, family: str):
+    """A float64 tiny checkpoint of `family` (eager experts), its store, and the serving engine (a full-precision
+    slot for every expert)."""
+    reference = tiny_model(family, dtype=torch.float64)
+    reference.set_experts_implementation("eager")  # the CPU grouped path rejects float64
+    reference.generation_config.eos_token_id = None
+    reference.save_pretrained(root / "ckpt")
+    tiny_tokenizer().save_pretrained(root / "ckpt")
+    shard(root / "ckpt", root / "store", progress=False)
+    store = Store(root / "store", open_cache(None))
+    engine, residency = load_engine(store, device="cpu")
+    engine.model.set_experts_implementation("eager")
+    width = int(getattr(reference.config, intermediate_field(reference.config.model_type)))
+    return reference, store, engine, residency, width
+
+
+def channel_pattern(spec: MoESpec, kept: dict[int, list[int]], width: int, seed: int) -> Pattern:
+    """`kept` experts, two of every three cut to a random number of random channels (the third whole)."""
+    generator = torch.Generator().manual_seed(seed)
+    channels: dict[int, dict[int, list[int]]] = {}
+    for layer, ids in kept.items():
+        for i, e in enumerate(ids):
+            if i % 3 == 2:
+                continue
+            count = int(torch.randint(1, width, (1,), generator=generator))
+            channels.setdefault(layer, {})[e] = (
+                torch.randperm(width, generator=generator)[:count].sort().values.tolist()
+            )
+    return Pattern.build(spec, kept, None, channels)
+
+
+def exported(store: Store, pattern: Pattern, out: Path):
+    """Transformers on the checkpoint `premoe export` writes for the channel plan (float64, eager experts)."""
+    channels = {layer: {e: torch.tensor(ids) for e, ids in by.items()} for layer, by in pattern.channels.items()}
+    whole = Pattern.build(store_spec(store), pattern.layers)
+    export_pruned(store, whole, out, progress=False, channels=channels)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64).eval()
+    model.set_experts_implementation("eager")
+    return model
+
+
+def store_spec(store: Store) -> MoESpec:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(store.dir, local_files_only=True)
+    return adapter_for(config).spec(config)
+
+
+def banks(width: int, slots: int) -> dict[str, int]:
+    """Three channel banks: a quarter, half and all but one of the intermediate size."""
+    return {f"full@{w}": slots for w in sorted({max(1, width // 4), width // 2, width - 1})}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_channel_rows_batched_with_other_tasks_equal_their_exported_checkpoints(family: str, tmp_path: Path) -> None:
+    reference, store, engine, residency, width = build(tmp_path, family)
+    spec = engine.spec
+    kept = random_pattern(reference, spec.num_experts // 2, seed=4)
+    patterns = {
+        "channels": channel_pattern(spec, kept, width, seed=4),
+        "other-channels": channel_pattern(spec, kept, width, seed=8),  # the same experts, other channels
+        "drop-only": Pattern.build(spec, random_pattern(reference, spec.num_experts // 2, seed=9)),
+        "all": Pattern.full(spec),
+    }
+    first, second = patterns["channels"], patterns["other-channels"]
+    assert any(
+        first.channel_ids(layer, e) != second.channel_ids(layer, e)
+        and first.channel_ids(layer, e) is not None
+        and second.channel_ids(layer, e) is not None
+        for layer in spec.moe_layers
+        for e in kept[layer]
+    )
+    attach_channels(engine, store, banks(width, spec.num_experts))
+    loop = EngineLoop(engine, residency, store, eos=set(), pad_id=0, limits=BatchLimits(max_join_wait_steps=0))
+    prompts = {
+        "channels": [5, 9, 17, 3, 44],
+        "other-channels": [7, 7, 21, 90, 11, 4, 60],
+        "drop-only": [12, 30, 8],
+        "all": [40, 2, 33, 19],
+    }
+    requests = {
+        name: Request(prompts[name], patterns[name], SamplingParams(6), tiny_tokenizer(), stream=False)
+        for name in patterns
+    }
+    observer = run_together(loop, list(requests.values()))
+    assert max(observer.decode_rows) == 4  # the four tasks decoded in one batch
+
+    tol = bound(family)
+    for name, request in requests.items():
+        if name in ("channels", "other-channels"):
+            model = exported(store, patterns[name], tmp_path / name)
+            expected = forced_logits(model, request.prompt_ids, request.generated)
+        elif name == "drop-only":
+            with masked_transformers(reference, patterns[name].layers):
+                expected = forced_logits(reference, request.prompt_ids, request.generated)
+        else:
+            expected = forced_logits(reference, request.prompt_ids, request.generated)
+        actual = torch.stack(observer.logits[request.id])
+        assert actual.shape == expected.shape, name
+        assert (actual - expected).abs().max().item() <= tol, name
+    # The channels matter, or the comparison proves nothing: the same experts held whole differ.
+    channel_request = requests["channels"]
+    with masked_transformers(reference, kept):
+        whole = forced_logits(reference, channel_request.prompt_ids, channel_request.generated)
+    assert (torch.stack(observer.logits[channel_request.id]) - whole).abs().max().item() > 1e-4
+
+    # The channel banks hold `width` channels a slot: `width / I` of an expert's weights (GPT-OSS: plus biases).
+    full = engine.experts_module(spec.moe_layers[0])
+    item = full.down_proj.element_size()
+    hidden = int(full.down_proj.shape[2] if family == "gpt_oss" else full.down_proj.shape[1])
+    biased = family == "gpt_oss"
+    expected_bytes = sum(
+        len(spec.moe_layers) * spec.num_experts * (3 * w * hidden + (2 * w + hidden if biased else 0)) * item
+        for w in (int(key.split("@")[1]) for key in banks(width, spec.num_experts))
+    )
+    assert engine.channels is not None and engine.channels.nbytes == expected_bytes
+    full_bytes = sum(
+        p.numel() * p.element_size()
+        for layer in spec.moe_layers
+        for p in engine.experts_module(layer).parameters(recurse=False)
+    )
+    assert engine.expert_bytes_resident() == full_bytes + expected_bytes
+
+
+def test_variants_evicted_and_reloaded_through_leases_compute_the_same(tmp_path: Path) -> None:
+    """Banks with room for one pattern's channel experts: leasing the other evicts them (the same experts, other
+    channels, in the same slots), and each lease computes its own exported checkpoint."""
+    reference, store, engine, residency, width = build(tmp_path, "qwen3_moe")
+    spec = engine.spec
+    kept = random_pattern(reference, spec.num_experts // 2, seed=4)
+    first = channel_pattern(spec, kept, width, seed=4)
+    second = channel_pattern(spec, kept, width, seed=8)
+    # One bank wide enough for every cut expert, with room for one pattern's cut experts per layer.
+    most = max(len(first.channels.get(layer, {})) for layer in spec.moe_layers)
+    most = max(most, *(len(second.channels.get(layer, {})) for layer in spec.moe_layers))
+    attach_channels(engine, store, {f"full@{width - 1}": most})
+    models = {
+        id(first): exported(store, first, tmp_path / "first"),
+        id(second): exported(store, second, tmp_path / "second"),
+    }
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+    seen = []
+    for pattern in (first, second, first):
+        with residency.lease(pattern) as lease:
+            residency.activate(pattern)
+            with torch.no_grad():
+                ours = engine.model(ids).logits
+                theirs = models[id(pattern)](ids).logits
+            assert (ours - theirs).abs().max().item() <= 1e-9
+            seen.append((lease.evicted, ours))
+        described = residency.describe(pattern, store.manifest.expert_nbytes)
+        assert described.share == 1.0 and described.precisions[f"full@{width - 1}"] == sum(
+            len(by) for by in pattern.channels.values()
+        )
+    assert seen[1][0] > 0 and seen[2][0] > 0  # the second lease evicted the first's variants, and back
+    assert (seen[0][1] - seen[1][1]).abs().max().item() > 1e-4  # the two channel sets compute differently
+    assert torch.equal(seen[0][1], seen[2][1])
+
+
+def test_a_pattern_file_carries_channels_and_refuses_bad_ones_naming_the_field() -> None:
+    model = tiny_model("olmoe")
+    spec = adapter_for(model.config).spec(model.config)
+    layers = {layer: [0, 1, 2, 3] for layer in spec.moe_layers}
+    pattern = Pattern.build(spec, layers, {0: {1: "int4"}}, {0: {1: [0, 5, 7]}, 1: {3: [2]}})
+    data = json.loads(json.dumps(pattern.to_json()))
+    assert data["channels"] == {"0": {"1": [0, 5, 7]}, "1": {"3": [2]}}
+    back = Pattern.from_json(spec, data)
+    assert back == pattern and back.sliced and back.channel_ids(0, 1) == (0, 5, 7) and back.channel_ids(0, 0) is None
+    assert not Pattern.build(spec, layers).sliced
+    # A channel plan's file is such a pattern file: a server reads the plan `premoe pattern --channels` wrote.
+    plan = ChannelPlan(Pattern.build(spec, layers), {0: {1: torch.tensor([0, 5, 7])}}, 0, {})
+    assert Pattern.from_json(spec, plan.to_json()) == plan.served()
+    for bad, field in (
+        ({"0": {"1": [7, 5]}}, "channels.0.1"),
+        ({"0": {"1": [5, 5]}}, "channels.0.1"),
+        ({"0": {"1": []}}, "channels.0.1"),
+        ({"0": {"1": [-1, 2]}}, "channels.0.1"),
+        ({"0": {"1": "0,1"}}, "channels.0.1"),
+        ({"0": {"1": [True]}}, "channels.0.1"),
+        ({"0": {"6": [1]}}, "channels.0.6"),
+        ({"0": {"x": [1]}}, "channels.0.x"),
+        ({"9": {"1": [1]}}, "channels.9"),
+        ({"0": [1]}, "channels.0"),
+        ([1], "channels"),
+    ):
+        with pytest.raises(InvalidArgument) as info:
+            Pattern.from_json(spec, data | {"channels": bad})
+        assert info.value.field == field, bad
+    # The union of two patterns: an expert held whole by either is whole, else the union of the channels.
+    other = Pattern.build(spec, layers, None, {0: {1: [2, 5]}, 1: {2: [4]}})
+    union = pattern.union(other)
+    assert union.channel_ids(0, 1) == (0, 2, 5, 7)
+    assert union.channel_ids(1, 3) is None and union.channel_ids(1, 2) is None
+    assert union.precision(0, 1) == "full" and pattern.precision(0, 1) == "int4"
+
+
+def test_what_channel_slots_cannot_hold_is_refused_with_the_reason(tmp_path: Path) -> None:
+    reference, store, engine, residency, width = build(tmp_path, "mixtral")
+    spec = engine.spec
+    kept = random_pattern(reference, spec.num_experts // 2, seed=4)
+    layer, expert = spec.moe_layers[0], kept[spec.moe_layers[0]][0]
+
+    def cut(ids: list[int], precision: str | None = None) -> Pattern:
+        lowered = {layer: {expert: precision}} if precision else None
+        return Pattern.build(spec, kept, lowered, {layer: {expert: ids}})
+
+    with pytest.raises(FailedPrecondition, match="--channel-slots") as info:  # no channel slots at all
+        residency.reserve(cut([1, 2]))
+    assert info.value.field == "channels"
+    with pytest.raises(FailedPrecondition, match="no channel slots"):
+        engine.apply(cut([1, 2]), store)
+    for bad, error, field in (
+        ({"int4@4": 2}, FailedPrecondition, "channel_slots"),  # quantized channel banks are not built
+        ({"full@0": 2}, InvalidArgument, "channel_slots"),
+        ({f"full@{width}": 2}, InvalidArgument, "channel_slots"),  # as wide as the expert: a full slot
+        ({"full4": 2}, InvalidArgument, "channel_slots"),
+        ({"full@4": -1}, InvalidArgument, "capacity.full@4"),
+    ):
+        with pytest.raises(error) as info:
+            attach_channels(engine, store, bad)
+        assert info.value.field == field, bad
+    assert engine.channels is None
+    attach_channels(engine, store, {"full@4": 2}, variants=3)
+    with pytest.raises(FailedPrecondition, match="of 5 channels") as info:  # wider than every bank
+        residency.reserve(cut([0, 1, 2, 3, 4]))
+    assert info.value.field == f"channels.{layer}.{expert}"
+    with pytest.raises(FailedPrecondition, match="int4"):  # quantized channel slices are not served yet
+        residency.reserve(cut([1, 2], "int4"))
+    with pytest.raises(PatternError, match="out of range") as info:
+        residency.reserve(cut([1, width]))
+    assert info.value.field == f"channels.{layer}.{expert}"
+    for ids in ([0], [1], [2], [0]):  # three variants name all of the bank's columns (two slots: evictions)
+        with residency.lease(cut(ids)):
+            pass
+    with pytest.raises(ResourceExhausted, match="--channel-variants") as info:
+        residency.reserve(cut([3]))
+    assert info.value.field == f"channels.{layer}.{expert}"
