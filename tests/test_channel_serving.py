@@ -283,3 +283,61 @@ def test_what_channel_slots_cannot_hold_is_refused_with_the_reason(tmp_path: Pat
     with pytest.raises(ResourceExhausted, match="--channel-variants") as info:
         residency.reserve(cut([3]))
     assert info.value.field == f"channels.{layer}.{expert}"
+
+
+def test_a_server_with_channel_slots_serves_channel_plans_to_tasks_registered_with_precisions(
+    tmp_path: Path, embedder
+) -> None:
+    """`premoe serve --channel-slots`: a task registered with precisions gets a channel-level plan (its profile with
+    channel scores) within its budget and the server's slots, and generates the tokens that plan computes (the
+    plan's weights in a second engine's full slots, `premoe eval`'s way, checked against the exported checkpoint in
+    tests/test_atomic.py)."""
+    from premoe_service.client import PreMoeClient
+    from premoe_service.evaluation.channel_eval import PlanWeights, install_plan
+    from premoe_service.families.tiny import save_tiny_checkpoint
+    from premoe_service.profiler import Profile
+    from premoe_service.server import running_server
+    from premoe_service.serving import ServiceConfig
+    from premoe_service.store.quantized_copies import add_precisions
+
+    save_tiny_checkpoint(tmp_path / "ckpt", "qwen3_moe")
+    shard(tmp_path / "ckpt", tmp_path / "store", progress=False)
+    add_precisions(tmp_path / "store", ("int8",), 8, progress=False)
+    with pytest.raises(InvalidArgument) as info:
+        ServiceConfig(store=tmp_path / "store", channel_slots="full@4")
+    assert info.value.field == "channel_slots"
+    config = ServiceConfig(
+        store=tmp_path / "store",
+        profiles=tmp_path / "profiles",
+        port=0,
+        device="cpu",
+        precision_slots="int8=8",
+        channel_slots="full@2=6,full@4=6",
+    )
+    demos = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n", "import os\n"]
+    with running_server(config, embedder=embedder) as (handle, port), PreMoeClient(f"127.0.0.1:{port}") as client:
+        info = client.register("code", demos, fraction=0.12, precisions=["int8"])
+        profile = Profile.load(tmp_path / "profiles" / "code.safetensors")
+        assert set(profile.channels) >= {"heapr"}  # profiled with channel scores
+        pattern, nbytes = handle.service.tasks.plan(profile)
+        assert pattern.sliced and nbytes <= 0.12 * Store(tmp_path / "store").manifest.total_expert_bytes
+        for layer in pattern.layers:
+            widths = [len(ids) for ids in pattern.channels.get(layer, {}).values()]
+            assert set(widths) <= {2, 4} and all(widths.count(w) <= 6 for w in (2, 4))
+        assert info.pattern_experts == pattern.size
+        reply = client.generate("def add(a, b):", task="code", max_new_tokens=4)
+        assert len(reply.token_ids) == 4 and reply.stats.pattern_experts == pattern.size
+        tokens = list(reply.token_ids)
+        prompt = handle.service.tokenizer("def add(a, b):")["input_ids"]
+
+    store = Store(tmp_path / "store")
+    engine, _ = load_engine(store, device="cpu")
+    engine.apply(Pattern.full(engine.spec), store)
+    channels = {layer: {e: torch.tensor(ids) for e, ids in by.items()} for layer, by in pattern.channels.items()}
+    whole = Pattern.build(engine.spec, pattern.layers, pattern.precisions)
+    engine.activate(install_plan(engine, PlanWeights(store), ChannelPlan(whole, channels, 0, {})))
+    with torch.no_grad():
+        out = engine.model.generate(
+            input_ids=torch.tensor([prompt]), max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0
+        )
+    assert out[0, len(prompt) :].tolist() == tokens

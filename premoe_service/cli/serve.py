@@ -166,6 +166,19 @@ def default(name: str) -> Lazy:
     "registered with precisions need them, and the store must hold those copies (premoe shard --precisions)",
 )
 @option(
+    "--channel-slots",
+    metavar="PRECISION@WIDTH=N,...",
+    help="channel slots per MoE layer (e.g. full@24=8,full@48=4): slots holding WIDTH of an expert's intermediate "
+    "channels, on top of --budget; tasks registered with precisions then get channel-level plans "
+    "(docs/atomic-experts.md)",
+)
+@option(
+    "--channel-criterion",
+    type=LazyChoice(Lazy("premoe_service.profiler.channels", "CHANNEL_CRITERIA")),
+    default=default("channel_criterion"),
+    help="how channel-level plans rank an expert's channels",
+)
+@option(
     "--engine-threads",
     type=POSITIVE,
     help="CPU threads of the engine's tensor operations (default: all cores but one, leaving one to the doors)",

@@ -201,14 +201,16 @@ def select_channels(
     spec: MoESpec,
     options: Mapping[str, PrecisionOption],
     budget_bytes: int,
+    slots: Mapping[str, int] | None = None,
 ) -> ChannelPlan:
     """The plan of highest summed value within `budget_bytes` over whole-expert and channel options (from
-    `channel_options`); each kept expert's channels are its best by `channel_scores [L, E, I]`."""
+    `channel_options`); each kept expert's channels are its best by `channel_scores [L, E, I]`. `slots`: most
+    experts per layer at an option key (a server's slots: `full`, each precision, each channel bank `full@24`)."""
     if channel_scores.ndim != 3 or channel_scores.shape[:2] != (len(spec.moe_layers), spec.num_experts):
         raise InvalidArgument(
             f"channel scores of shape {tuple(channel_scores.shape)} do not fit the model", field="channel_scores"
         )
-    _, chosen = choose_options(scores, spec, options, budget_bytes)
+    _, chosen = choose_options(scores, spec, options, budget_bytes, slots)
     layers: dict[int, list[int]] = {}
     precisions: dict[int, dict[int, str]] = {}
     channels: dict[int, dict[int, Tensor]] = {}

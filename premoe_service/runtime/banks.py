@@ -79,6 +79,8 @@ def install_banks(experts: nn.Module, kind: str, banks: Sequence[Bank], family: 
     def forward(hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         names = list(expert_params(experts))
         full_capacity = experts._parameters[names[0]].shape[0]  # type: ignore[union-attr]
+        down = experts._parameters["down_proj"]  # [C, H, I], or [C, I, H] transposed
+        full_width = int(down.shape[1] if transposed else down.shape[2])  # type: ignore[union-attr]
         if top_k_index.numel() == 0 or int(top_k_index.max()) < full_capacity:  # full slots only, nothing skipped
             return original(hidden_states, top_k_index, top_k_weights)
         banks = ordered()
@@ -91,8 +93,12 @@ def install_banks(experts: nn.Module, kind: str, banks: Sequence[Bank], family: 
         renumber[hit] = torch.arange(hit.numel(), dtype=top_k_index.dtype, device=top_k_index.device)
         weights = [slot_weights(names, s, full_capacity, banks) for s in hit.tolist()]
         widths = [width(w) for w in weights]
+        # Channel slots of other widths get zero channels up to the widest, rounded up to 16 bytes of channels
+        # (grouped matmuls want 16-byte strides; a full slot's width is the model's own).
+        align = max(1, 16 // weights[0]["down_proj"].element_size())
         widest = max(widths)
-        if min(widths) != widest:  # channel slots of other widths: zero channels up to the widest
+        widest = widest if widest == full_width else -(-widest // align) * align
+        if min(widths) != widest:
             weights = [
                 w if n == widest else pad_channels(family, w, widest) for w, n in zip(weights, widths, strict=True)
             ]

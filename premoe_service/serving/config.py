@@ -67,6 +67,11 @@ class ServiceConfig:
         precision_slots: Slots per MoE layer for experts held below full precision, per precision ("int4=4,int8=2";
             the store must hold those copies: `premoe shard --precisions`); tasks registered with precisions need
             them. Their bytes come on top of `budget`: an int4 slot holds about an eighth of a full fp32 one.
+        channel_slots: Channel slots per MoE layer, per bank of a precision and a width ("full@24=8,full@48=4"):
+            slots holding up to WIDTH of an expert's intermediate channels (docs/atomic-experts.md). With them,
+            tasks registered with precisions get channel-level plans (experts held whole or their best channels at
+            a bank's width, under the same byte budget), profiled with channel scores; only `full` banks are built.
+        channel_criterion: How such plans rank an expert's channels: `heapr`, `camera` or `energy`.
         eviction: Which unpinned expert leaves a full layer first: "lru" (least recently used) or "shared-use" (the
             lowest use count decayed over recent requests, so experts many tasks share outlive one task's; fewer
             bytes moved at 62.5% and 75% budgets in `premoe bench switch`, the same at 50%).
@@ -111,6 +116,8 @@ class ServiceConfig:
     join_wait_steps: int = 2
     eviction: Eviction = "lru"
     precision_slots: str | None = None
+    channel_slots: str | None = None
+    channel_criterion: str = "heapr"
     engine_threads: int | None = None
     preload: tuple[str, ...] = ()
     lease_timeout_s: float = 30.0
@@ -148,6 +155,14 @@ class ServiceConfig:
             raise InvalidArgument(f"must be positive, got {self.engine_threads}", field="engine_threads")
         Budget.parse(self.budget)  # fail early on a bad budget
         self.precision_slot_counts  # noqa: B018 - and on bad precision slots
+        self.channel_slot_counts  # noqa: B018 - and on bad channel slots
+        from ..profiler.channels import CHANNEL_CRITERIA
+
+        if self.channel_criterion not in CHANNEL_CRITERIA:
+            raise InvalidArgument(
+                f"unknown channel criterion {self.channel_criterion!r} (use {', '.join(CHANNEL_CRITERIA)})",
+                field="channel_criterion",
+            )
         self._check_routing()
         self._check_tls()
         if self.chat_template is not None:
@@ -204,6 +219,23 @@ class ServiceConfig:
                 raise InvalidArgument(
                     f"cannot read {item.strip()!r}: give PRECISION=SLOTS once per precision, e.g. int4=4,int8=2",
                     field="precision_slots",
+                )
+            counts[name.strip()] = int(count)
+        return counts
+
+    @property
+    def channel_slot_counts(self) -> dict[str, int]:
+        """`channel_slots` read: bank (`full@24`) -> slots per MoE layer."""
+        counts: dict[str, int] = {}
+        for item in (self.channel_slots or "").split(","):
+            if not item.strip():
+                continue
+            name, _, count = item.partition("=")
+            precision, at, width = name.strip().partition("@")
+            if not count.strip().isdigit() or not precision or not at or not width.isdigit() or name.strip() in counts:
+                raise InvalidArgument(
+                    f"cannot read {item.strip()!r}: give PRECISION@WIDTH=SLOTS once per bank, e.g. full@24=8,full@48=4",
+                    field="channel_slots",
                 )
             counts[name.strip()] = int(count)
         return counts

@@ -26,6 +26,7 @@ from ..retrieval import (
     open_profile_store,
 )
 from ..runtime.build import load_model
+from ..runtime.channel_slots import attach_channels
 from ..runtime.eviction import SharedUseTracker
 from ..runtime.quantized import attach_precisions
 from ..store import Store, open_cache
@@ -60,6 +61,8 @@ class ServingCore:
         )
         if config.precision_slots:
             attach_precisions(self.engine, self.store, config.precision_slot_counts)
+        if config.channel_slots:
+            attach_channels(self.engine, self.store, config.channel_slot_counts)
         self.spec = self.engine.spec
         self.tokenizer = AutoTokenizer.from_pretrained(self.store.dir, local_files_only=True)
         self.served_model_name = config.served_model_name or _model_name(self.store)
@@ -73,6 +76,8 @@ class ServingCore:
         self.tasks = TaskBook(self.registry, self.store, self.spec, config.selection, profiler_engine)
         self.tasks.max_per_layer = min(slots.capacity for slots in self.engine.slots.values())
         self.tasks.precision_slots = config.precision_slot_counts
+        self.tasks.channel_slots = config.channel_slot_counts
+        self.tasks.channel_criterion = config.channel_criterion
         self.counters: dict[str, TaskCounters] = {}
         self._counter_lock = threading.Lock()
         self.stopping = threading.Event()

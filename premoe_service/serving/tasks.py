@@ -92,6 +92,8 @@ class TaskBook:
         self.profiler_engine = profiler_engine
         self.max_per_layer: int | None = None  # the serving slots per layer: patterns must fit them
         self.precision_slots: dict[str, int] = {}  # slots per layer of each lower precision (`--precision-slots`)
+        self.channel_slots: dict[str, int] = {}  # slots per layer of each channel bank (`--channel-slots`)
+        self.channel_criterion = "heapr"  # how channel plans rank channels (`--channel-criterion`)
         self._patterns: dict[tuple[str, str, str, str], tuple[Pattern, int]] = {}  # with the pattern's bytes
         # Plans a LoadTask gave a task (its pattern at one lower precision), by the profile version they were made for.
         self._loaded: dict[str, tuple[tuple[str, str, str], Pattern, int]] = {}
@@ -142,7 +144,9 @@ class TaskBook:
             cached = self._patterns.get(key)
         if cached is None:
             scores = profile.score(selection.criterion)
-            if selection.precisions:
+            if selection.precisions and self.channel_slots and profile.channels:
+                cached = self._channel_plan(scores, selection, profile)
+            elif selection.precisions:
                 cached = self._precision_plan(scores, selection)
             else:
                 pattern = select(
@@ -167,6 +171,28 @@ class TaskBook:
             slots[FULL] = self.max_per_layer
         plan = select_precisions(scores, self.spec, options, budget, slots=slots)
         return plan.pattern, plan.nbytes
+
+    def _channel_plan(self, scores: torch.Tensor, selection: Selection, profile: Profile) -> tuple[Pattern, int]:
+        """`_precision_plan` with more options per expert: its best channels (by the profile's channel scores of
+        `channel_criterion`) at the width of a channel bank this server has, at that bank's precision; an option
+        is worth the expert's value times the share of its channel score mass the channels hold
+        (`profiler.channel_plan`). Every option within the server's slots per layer."""
+        from ..pattern import FULL
+        from ..profiler.channel_plan import ExpertShape, channel_options, select_channels
+        from ..profiler.precision_plan import store_options
+
+        manifest = self.store.manifest
+        budget = int(selection.value if selection.unit == "bytes" else selection.value * manifest.total_expert_bytes)
+        options = store_options(self.store, precisions=(FULL, *selection.precisions))
+        widths = sorted({int(bank.partition("@")[2]) for bank in self.channel_slots})
+        channel_scores = profile.channel_score(self.channel_criterion)
+        every = channel_options(options, channel_scores, ExpertShape.of(manifest), widths, group_size=64)
+        offered = {key: option for key, option in every.items() if key in options or key in self.channel_slots}
+        slots = {**self.precision_slots, **self.channel_slots}
+        if self.max_per_layer is not None:
+            slots[FULL] = self.max_per_layer
+        plan = select_channels(scores, channel_scores, self.spec, offered, budget, slots=slots)
+        return plan.served(), plan.nbytes
 
     def view(self, profile: Profile, *, with_layers: bool, registered: bool = True) -> TaskView:
         pattern, nbytes = self.plan(profile)
@@ -228,6 +254,7 @@ class TaskBook:
                 embedder=self.registry.embedder,
                 engine=self.profiler_engine,
                 examples=examples,
+                channels=bool(self.channel_slots),  # channel-level plans rank channels by their scores
             )
         view = self.view(profile, with_layers=True, registered=not dry_run)  # selection errors surface here
         if not dry_run:
