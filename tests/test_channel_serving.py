@@ -27,11 +27,13 @@ from premoe_service.families import MoESpec, adapter_for
 from premoe_service.families.channels import intermediate_field
 from premoe_service.families.tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
 from premoe_service.pattern import Pattern
-from premoe_service.profiler.channel_plan import ChannelPlan
+from premoe_service.profiler.channel_plan import ChannelPlan, ExpertShape, channel_nbytes
 from premoe_service.runtime.build import load_engine
-from premoe_service.runtime.channel_slots import attach_channels
+from premoe_service.runtime.channel_slots import attach_channels, parse_key
+from premoe_service.runtime.quantized import attach_precisions
 from premoe_service.store import Store, open_cache, shard
 from premoe_service.store.export import export_pruned
+from premoe_service.store.quantized_copies import add_precisions
 
 from .references import masked_transformers, random_pattern
 from .test_batching import forced_logits
@@ -62,25 +64,33 @@ def build(root: Path, family: str):
     return reference, store, engine, residency, width
 
 
-def channel_pattern(spec: MoESpec, kept: dict[int, list[int]], width: int, seed: int) -> Pattern:
-    """`kept` experts, two of every three cut to a random number of random channels (the third whole)."""
+def channel_pattern(
+    spec: MoESpec, kept: dict[int, list[int]], width: int, seed: int, lowered: tuple[str, ...] = ()
+) -> Pattern:
+    """`kept` experts, two of every three cut to a random number of random channels (the third whole); with
+    `lowered`, the experts take the precisions full, then each of `lowered`, in turn (cut and whole ones alike)."""
     generator = torch.Generator().manual_seed(seed)
     channels: dict[int, dict[int, list[int]]] = {}
+    precisions: dict[int, dict[int, str]] = {}
+    turn = 0
     for layer, ids in kept.items():
         for i, e in enumerate(ids):
+            if lowered:
+                precisions.setdefault(layer, {})[e] = ("full", *lowered)[turn % (1 + len(lowered))]
+                turn += 1
             if i % 3 == 2:
                 continue
             count = int(torch.randint(1, width, (1,), generator=generator))
             channels.setdefault(layer, {})[e] = (
                 torch.randperm(width, generator=generator)[:count].sort().values.tolist()
             )
-    return Pattern.build(spec, kept, None, channels)
+    return Pattern.build(spec, kept, precisions, channels)
 
 
 def exported(store: Store, pattern: Pattern, out: Path):
     """Transformers on the checkpoint `premoe export` writes for the channel plan (float64, eager experts)."""
     channels = {layer: {e: torch.tensor(ids) for e, ids in by.items()} for layer, by in pattern.channels.items()}
-    whole = Pattern.build(store_spec(store), pattern.layers)
+    whole = Pattern.build(store_spec(store), pattern.layers, pattern.precisions)
     export_pruned(store, whole, out, progress=False, channels=channels)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64).eval()
     model.set_experts_implementation("eager")
@@ -94,18 +104,26 @@ def store_spec(store: Store) -> MoESpec:
     return adapter_for(config).spec(config)
 
 
+LOWER = ("int4", "int2")
+GROUP = 16  # divides the tiny models' hidden size (32)
+
+
 def banks(width: int, slots: int) -> dict[str, int]:
-    """Three channel banks: a quarter, half and all but one of the intermediate size."""
-    return {f"full@{w}": slots for w in sorted({max(1, width // 4), width // 2, width - 1})}
+    """Full-precision channel banks of a quarter, half and all but one of the intermediate size; int4 banks of
+    half and all but one; an int2 bank of all but one."""
+    full = {f"full@{w}": slots for w in sorted({max(1, width // 4), width // 2, width - 1})}
+    return full | {f"int4@{width // 2}": slots, f"int4@{width - 1}": slots, f"int2@{width - 1}": slots}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_channel_rows_batched_with_other_tasks_equal_their_exported_checkpoints(family: str, tmp_path: Path) -> None:
     reference, store, engine, residency, width = build(tmp_path, family)
+    add_precisions(tmp_path / "store", LOWER, GROUP, progress=False)
+    store = Store(tmp_path / "store", open_cache(None))
     spec = engine.spec
     kept = random_pattern(reference, spec.num_experts // 2, seed=4)
     patterns = {
-        "channels": channel_pattern(spec, kept, width, seed=4),
+        "channels": channel_pattern(spec, kept, width, seed=4, lowered=LOWER),  # cut and whole, full and lowered
         "other-channels": channel_pattern(spec, kept, width, seed=8),  # the same experts, other channels
         "drop-only": Pattern.build(spec, random_pattern(reference, spec.num_experts // 2, seed=9)),
         "all": Pattern.full(spec),
@@ -118,6 +136,16 @@ def test_channel_rows_batched_with_other_tasks_equal_their_exported_checkpoints(
         for layer in spec.moe_layers
         for e in kept[layer]
     )
+    lowered = patterns["channels"]
+    assert {lowered.precision(layer, e) for layer, by in lowered.channels.items() for e in by} == {"full", *LOWER}
+    whole_lowered = [
+        (layer, e)
+        for layer in spec.moe_layers
+        for e in kept[layer]
+        if lowered.precision(layer, e) != "full" and lowered.channel_ids(layer, e) is None
+    ]
+    assert whole_lowered  # experts held whole below full precision, in the quantized banks
+    attach_precisions(engine, store, dict.fromkeys(LOWER, spec.num_experts // 2))
     attach_channels(engine, store, banks(width, spec.num_experts))
     loop = EngineLoop(engine, residency, store, eos=set(), pad_id=0, limits=BatchLimits(max_join_wait_steps=0))
     prompts = {
@@ -152,22 +180,27 @@ def test_channel_rows_batched_with_other_tasks_equal_their_exported_checkpoints(
         whole = forced_logits(reference, channel_request.prompt_ids, channel_request.generated)
     assert (torch.stack(observer.logits[channel_request.id]) - whole).abs().max().item() > 1e-4
 
-    # The channel banks hold `width` channels a slot: `width / I` of an expert's weights (GPT-OSS: plus biases).
-    full = engine.experts_module(spec.moe_layers[0])
-    item = full.down_proj.element_size()
-    hidden = int(full.down_proj.shape[2] if family == "gpt_oss" else full.down_proj.shape[1])
-    biased = family == "gpt_oss"
-    expected_bytes = sum(
-        len(spec.moe_layers) * spec.num_experts * (3 * w * hidden + (2 * w + hidden if biased else 0)) * item
-        for w in (int(key.split("@")[1]) for key in banks(width, spec.num_experts))
-    )
-    assert engine.channels is not None and engine.channels.nbytes == expected_bytes
+    # A channel slot holds `width` channels: a full one `width / I` of an expert's weights (GPT-OSS: plus biases),
+    # a quantized one the packed bytes a plan counts for `width` channels (`channel_nbytes`, scales included).
+    item = engine.experts_module(spec.moe_layers[0]).down_proj.element_size()
+    shape = ExpertShape.of(store.manifest)
+    expected_bytes = 0
+    assert engine.channels is not None and engine.quantized is not None
+    for key in banks(width, spec.num_experts):
+        precision, w = key.split("@")
+        if precision == "full":
+            per_slot = shape.params(int(w)) * item
+        else:
+            per_slot = channel_nbytes(shape, precision, int(w), GROUP, full_nbytes=0)
+        assert engine.channels.slot_nbytes(parse_key(key)) == per_slot, key
+        expected_bytes += len(spec.moe_layers) * spec.num_experts * per_slot
+    assert engine.channels.nbytes == expected_bytes
     full_bytes = sum(
         p.numel() * p.element_size()
         for layer in spec.moe_layers
         for p in engine.experts_module(layer).parameters(recurse=False)
     )
-    assert engine.expert_bytes_resident() == full_bytes + expected_bytes
+    assert engine.expert_bytes_resident() == full_bytes + engine.quantized.nbytes + expected_bytes
 
 
 def test_variants_evicted_and_reloaded_through_leases_compute_the_same(tmp_path: Path) -> None:
@@ -298,7 +331,6 @@ def test_a_server_with_channel_slots_serves_channel_plans_to_tasks_registered_wi
     from premoe_service.profiler import Profile
     from premoe_service.server import running_server
     from premoe_service.serving import ServiceConfig
-    from premoe_service.store.quantized_copies import add_precisions
 
     save_tiny_checkpoint(tmp_path / "ckpt", "qwen3_moe")
     shard(tmp_path / "ckpt", tmp_path / "store", progress=False)
@@ -312,7 +344,7 @@ def test_a_server_with_channel_slots_serves_channel_plans_to_tasks_registered_wi
         port=0,
         device="cpu",
         precision_slots="int8=8",
-        channel_slots="full@2=6,full@4=6",
+        channel_slots="full@2=6,full@4=6,int8@4=6",
     )
     demos = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n", "import os\n"]
     with running_server(config, embedder=embedder) as (handle, port), PreMoeClient(f"127.0.0.1:{port}") as client:
@@ -322,8 +354,14 @@ def test_a_server_with_channel_slots_serves_channel_plans_to_tasks_registered_wi
         pattern, nbytes = handle.service.tasks.plan(profile)
         assert pattern.sliced and nbytes <= 0.12 * Store(tmp_path / "store").manifest.total_expert_bytes
         for layer in pattern.layers:
-            widths = [len(ids) for ids in pattern.channels.get(layer, {}).values()]
-            assert set(widths) <= {2, 4} and all(widths.count(w) <= 6 for w in (2, 4))
+            held = [f"{pattern.precision(layer, e)}@{len(ids)}" for e, ids in pattern.channels.get(layer, {}).items()]
+            assert set(held) <= {"full@2", "full@4", "int8@4"} and all(held.count(b) <= 6 for b in held)
+        banks_used = {
+            f"{pattern.precision(layer, e)}@{len(ids)}"
+            for layer, by in pattern.channels.items()
+            for e, ids in by.items()
+        }
+        print(f"\nserved plan: {pattern.size} experts, banks {sorted(banks_used)}")
         assert info.pattern_experts == pattern.size
         reply = client.generate("def add(a, b):", task="code", max_new_tokens=4)
         assert len(reply.token_ids) == 4 and reply.stats.pattern_experts == pattern.size

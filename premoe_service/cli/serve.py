@@ -168,9 +168,9 @@ def default(name: str) -> Lazy:
 @option(
     "--channel-slots",
     metavar="PRECISION@WIDTH=N,...",
-    help="channel slots per MoE layer (e.g. full@24=8,full@48=4): slots holding WIDTH of an expert's intermediate "
-    "channels, on top of --budget; tasks registered with precisions then get channel-level plans "
-    "(docs/atomic-experts.md)",
+    help="channel slots per MoE layer (e.g. full@24=8,int4@48=16): slots holding WIDTH of an expert's intermediate "
+    "channels at full precision or packed integers (the store must hold that copy), on top of --budget; tasks "
+    "registered with precisions then get channel-level plans (docs/atomic-experts.md)",
 )
 @option(
     "--channel-criterion",

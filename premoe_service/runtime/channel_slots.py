@@ -16,8 +16,11 @@ book, per layer, for the life of the engine (a fixed number of columns per layer
 recency and eviction then work on variants exactly as they work on experts in the other books. Copies
 (`Residency.reserve`) name the variant's column where other copies name the expert.
 
-Only full-precision channel banks are built: a pattern holding a quantized expert in part is refused with the
-reason. The store is read whole per expert (one blob, through the cache tiers as any expert) and cut in memory.
+A bank at an integer precision (`int4@24`) holds its slots packed, channel-major (`QuantizedChannelBank`): the
+bytes `profiler.channel_plan.channel_nbytes` counts for the plan. Float copies (`bf16`) have no channel banks.
+The store is read whole per expert (one blob, through the cache tiers as any expert; a quantized bank also reads
+the expert's copy at its precision) and cut in memory: the store has no channel-major layout yet, so a load reads
+`I / width` times the bytes the slot keeps (docs/atomic-experts.md says what layout would read only those).
 """
 
 from __future__ import annotations
@@ -32,8 +35,19 @@ from torch import Tensor
 
 from ..errors import FailedPrecondition, InvalidArgument, PatternError, ResourceExhausted
 from ..experts import ExpertSource, bytes_view
-from ..families.channels import pad_channels, slice_channels
+from ..families.channels import gate_up_index, pad_channels, slice_channels
 from ..pattern import FULL, Pattern
+from ..store.quant import (
+    BITS,
+    FLOAT_PRECISIONS,
+    SCALE_DTYPE,
+    QuantizedWeight,
+    dequantize,
+    pack_codes,
+    packed_shapes,
+    quantize,
+    unpack_codes,
+)
 from .banks import banks_end, install_banks
 from .pattern_masks import _ByPattern
 from .slot_book import RESIDENT, SlotBook
@@ -108,13 +122,132 @@ class ChannelBank:
         return self.tensors[part][slot]
 
 
+class QuantizedChannelBank:
+    """The slots of one integer precision and width in one MoE layer, packed channel-major: per slot, the gate and
+    up rows and the down columns of up to `width` channels, each a row of the hidden size quantized in groups along
+    it (`store.quant`'s packing: `gate_up` as one `[2 * width, H]` weight, `down` as one `[width, H]`), and the
+    biases at the store's dtype (GPT-OSS). Gate and up rows are the store copy's own integers, scales and zero
+    points (the copy groups them along the hidden size already); the down columns are quantized here from the
+    full-precision expert, one channel a row (the copy groups the down projection along the channels): exactly
+    what `store.channels.ChannelReader` computes, what `premoe export` writes. Unused channels of a slot are zero
+    codes with zero scales: zero weights. Dequantized in the forward, for the hit slots only."""
+
+    def __init__(
+        self,
+        family: str,
+        key: ChannelKey,
+        offset: int,
+        hidden: int,
+        intermediate: int,
+        bits: int,
+        group_size: int,
+        biases: Mapping[str, tuple[int, ...]],
+        dtype: torch.dtype,
+        store_dtype: torch.dtype,
+        device: torch.device,
+        slots: LayerSlots,
+    ) -> None:
+        self.family, self.key, self.offset, self.slots = family, key, offset, slots
+        self.hidden, self.intermediate, self.bits, self.group_size = hidden, intermediate, bits, group_size
+        self.dtype, self.transposed = dtype, family in _TRANSPOSED
+        capacity, width = slots.capacity, key[1]
+        kinds = {"weight_packed": torch.int32, "weight_scale": SCALE_DTYPE, "weight_zero_point": torch.int32}
+        self.tensors: dict[tuple[str, str], Tensor] = {}
+        for part, rows in (("gate_up_proj", 2 * width), ("down_proj", width)):
+            for kind, shape in packed_shapes(rows, hidden, bits, group_size).items():
+                self.tensors[(part, kind)] = torch.zeros((capacity, *shape), dtype=kinds[kind], device=device)
+        for name, bias_shape in biases.items():  # at the store's dtype, as quantized copies hold them
+            self.tensors[(name, "raw")] = torch.zeros((capacity, *bias_shape), dtype=store_dtype, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.slots.capacity
+
+    @property
+    def width(self) -> int:
+        return self.key[1]
+
+    @property
+    def slot_nbytes(self) -> int:
+        return sum(t[0].numel() * t.element_size() for t in self.tensors.values()) if self.capacity else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @torch.no_grad()
+    def write(
+        self, slot: int, full: Mapping[str, Tensor], copy: Mapping[str, Mapping[str, Tensor]], channels: Tensor
+    ) -> None:
+        """Write one expert's kept `channels` into `slot`, from its full-precision tensors (`full`, runtime layout)
+        and its store copy at this bank's precision (`copy`: part -> tensor kind -> tensor)."""
+        bits, group, hidden, width = self.bits, self.group_size, self.hidden, self.width
+        count, groups = int(channels.numel()), hidden // group
+        # Gate and up rows of the copy (stored [2I, H] in the family's channel order), at the slot's positions.
+        source_rows = gate_up_index(self.family, channels, self.intermediate)
+        target_rows = gate_up_index(self.family, torch.arange(count), width)
+        kinds = copy["gate_up_proj"]
+        rows = 2 * self.intermediate
+        codes = unpack_codes(kinds["weight_packed"], bits, (rows, hidden), packed_dim=1)[source_rows]
+        zeros = unpack_codes(kinds["weight_zero_point"], bits, (rows, groups), packed_dim=0)[source_rows]
+        scales = kinds["weight_scale"][source_rows]
+        gate_up = self._padded(2 * width, target_rows, codes, zeros, scales)
+        # Down columns as rows of the hidden size, quantized one channel a row.
+        down = full["down_proj"]
+        columns = (down if self.transposed else down.t())[channels.long()].contiguous()  # [k, H]
+        qw = quantize(columns, bits, group)
+        down_codes = unpack_codes(qw.packed, bits, (count, hidden), packed_dim=1)
+        down_zeros = unpack_codes(qw.zero, bits, (count, groups), packed_dim=0)
+        down_q = self._padded(width, torch.arange(count), down_codes, down_zeros, qw.scale)
+        values = {"gate_up_proj": gate_up, "down_proj": down_q}
+        for (part, kind), tensor in self.tensors.items():
+            if kind == "raw":
+                bias = copy[part]["raw"]
+                if part == "gate_up_proj_bias":
+                    cut = torch.zeros(2 * width, dtype=bias.dtype)
+                    cut[target_rows] = bias[source_rows]
+                    bias = cut
+                tensor[slot].copy_(bias)
+            else:
+                tensor[slot].copy_(values[part][kind])
+
+    def _padded(self, rows: int, at: Tensor, codes: Tensor, zeros: Tensor, scales: Tensor) -> dict[str, Tensor]:
+        """A `[rows, H]` quantized weight holding the given rows at positions `at`, zero elsewhere, packed."""
+        hidden, groups = self.hidden, self.hidden // self.group_size
+        all_codes = torch.zeros((rows, hidden), dtype=torch.int8)
+        all_zeros = torch.zeros((rows, groups), dtype=torch.int8)
+        all_scales = torch.zeros((rows, groups), dtype=SCALE_DTYPE)
+        all_codes[at], all_zeros[at], all_scales[at] = codes.to(torch.int8), zeros.to(torch.int8), scales
+        return {
+            "weight_packed": pack_codes(all_codes, self.bits, packed_dim=1),
+            "weight_scale": all_scales,
+            "weight_zero_point": pack_codes(all_zeros, self.bits, packed_dim=0),
+        }
+
+    def weight(self, part: str, slot: int) -> Tensor:
+        raw = self.tensors.get((part, "raw"))
+        if raw is not None:
+            return raw[slot].to(self.dtype)
+        rows = 2 * self.width if part == "gate_up_proj" else self.width
+        qw = QuantizedWeight(
+            self.tensors[(part, "weight_packed")][slot],
+            self.tensors[(part, "weight_scale")][slot],
+            self.tensors[(part, "weight_zero_point")][slot],
+        )
+        weight = dequantize(qw, self.bits, self.group_size, (rows, self.hidden), self.dtype)  # [rows, H]
+        if part == "gate_up_proj":
+            return weight.t() if self.transposed else weight  # runtime [H, 2w] or [2w, H]
+        return weight if self.transposed else weight.t()  # runtime [w, H] or [H, w]
+
+
 class ChannelSlots:
     """Channel banks of every MoE layer of a patterned model.
 
     Args:
         engine: The patterned model (full-precision slots installed; quantized banks, if any, attached first).
         source: Where experts come from (a `Store`, read whole and cut; or any expert source).
-        capacity: Bank (`full@24`, or a (precision, width) pair) -> slots per layer (one number, or per layer).
+        capacity: Bank (`full@24`, `int4@24`, or a (precision, width) pair) -> slots per layer (one number, or per
+            layer). An integer bank needs the store's copy at that precision.
         variants: Distinct (expert, channel ids) per layer each bank can name over the engine's life.
     """
 
@@ -127,14 +260,20 @@ class ChannelSlots:
         first = expert_params(engine.experts_module(layers[0]))
         down = first["down_proj"]
         self.intermediate = int(down.shape[1] if self.family in _TRANSPOSED else down.shape[2])
+        self.hidden = int(down.shape[2] if self.family in _TRANSPOSED else down.shape[1])
+        self.group_size, self.store_dtype = 64, down.dtype  # set from the store when a quantized bank is asked for
         keys: dict[ChannelKey, Any] = {}
+        self.readers: dict[str, Any] = {}  # integer precision -> its store copy's reader
         for raw, count in capacity.items():
             key = parse_key(raw) if isinstance(raw, str) else (str(raw[0]), int(raw[1]))
-            if key[0] != FULL:
+            if key[0] != FULL and (key[0] not in BITS or key[0] in FLOAT_PRECISIONS):
                 raise FailedPrecondition(
-                    f"channel slots at {key[0]} are not built: only full-precision channel banks are (full@WIDTH)",
+                    f"channel slots at {key[0]!r} are not built: channel banks hold full precision or integers "
+                    f"({', '.join(p for p in BITS if p not in FLOAT_PRECISIONS)})",
                     field="channel_slots",
                 )
+            if key[0] != FULL and key[0] not in self.readers:
+                self.readers[key[0]] = self._reader(key[0])
             if not 0 < key[1] < self.intermediate:
                 raise InvalidArgument(
                     f"bank {key_name(key)}: a width in 1..{self.intermediate - 1} (the experts hold "
@@ -164,22 +303,42 @@ class ChannelSlots:
             key: [[] for _ in layers] for key in self.keys
         }
         self._lock = threading.Lock()
-        self.banks: dict[int, dict[ChannelKey, ChannelBank]] = {}
+        self.banks: dict[int, dict[ChannelKey, ChannelBank | QuantizedChannelBank]] = {}
         for row, layer in enumerate(layers):
             experts = engine.experts_module(layer)
             params = expert_params(experts)
             meta = {name: torch.empty(tuple(p.shape[1:]), device="meta") for name, p in params.items()}
             dtype = next(iter(params.values())).dtype
             offset = banks_end(experts)
-            banks = {}
+            banks: dict[ChannelKey, ChannelBank | QuantizedChannelBank] = {}
             for key in self.keys:
+                slots = LayerSlots(book=self.books[key], row=row)
+                if key[0] != FULL:
+                    biases = {"gate_up_proj_bias": (2 * key[1],), "down_proj_bias": (self.hidden,)}
+                    copy = self.readers[key[0]].copy
+                    banks[key] = QuantizedChannelBank(
+                        self.family,
+                        key,
+                        offset,
+                        self.hidden,
+                        self.intermediate,
+                        copy.bits,
+                        self.group_size,
+                        {name: shape for name, shape in biases.items() if name in params},
+                        dtype,
+                        self.store_dtype,
+                        engine.device,
+                        slots,
+                    )
+                    self._offsets[key][row] = offset
+                    offset += slots.capacity
+                    continue
                 shapes = {
                     name: tuple(t.shape)
                     for name, t in pad_channels(
                         self.family, slice_channels(self.family, meta, torch.arange(key[1])), key[1]
                     ).items()
                 }
-                slots = LayerSlots(book=self.books[key], row=row)
                 banks[key] = ChannelBank(self.family, key, offset, shapes, dtype, engine.device, slots)
                 self._offsets[key][row] = offset
                 offset += slots.capacity
@@ -187,6 +346,46 @@ class ChannelSlots:
             engine.routers[layer].skip_id = offset  # one past every bank: the wrapped forward skips it
             install_banks(experts, "channels", list(banks.values()), self.family)
         self.index = _ByPattern(self._index)
+
+    def _reader(self, precision: str) -> Any:
+        """The store copy at `precision` that a quantized channel bank reads gate and up rows from."""
+        from ..store.copies import quantized_copies
+        from ..store.quantized_copies import PrecisionReader
+
+        manifest = getattr(self.source, "manifest", None)
+        if manifest is None:
+            raise FailedPrecondition(
+                f"{precision} channel slots read the store's {precision} copy: give them a store", field="channel_slots"
+            )
+        if precision not in quantized_copies(manifest):
+            raise FailedPrecondition(
+                f"the store holds no {precision} copy of the experts for {precision} channel slots: add it with "
+                f"`premoe shard MODEL --out STORE --precisions {precision}`",
+                field="channel_slots",
+            )
+        sizes = {c.group_size for c in quantized_copies(manifest).values() if c.group_size}
+        # what store.channels.ChannelReader (premoe export, premoe eval) quantizes down columns with
+        self.group_size = sizes.pop() if len(sizes) == 1 else 64
+        self.store_dtype = manifest.torch_dtype
+        return PrecisionReader(self.source, precision)  # type: ignore[arg-type]
+
+    def _fill(self, layer: int, bank: ChannelBank | QuantizedChannelBank, slot: int, expert: int, ids: tuple[int, ...]):
+        """Read one expert (and, for a quantized bank, its store copy) and write its kept channels into `slot` of
+        `bank`; returns the tier the full expert came from and the bytes read."""
+        read_blob = getattr(self.source, "read_blob", None)
+        if read_blob is None:  # a plain source (tests, in-memory models): tensors, no tier
+            full, tier, nbytes = self.source.read(layer, expert), "cache", 0
+        else:
+            data, tier = read_blob(layer, expert)
+            full, nbytes = self.source.decode(data), len(data)  # type: ignore[attr-defined]
+        channels = torch.tensor(ids, dtype=torch.long)
+        if isinstance(bank, QuantizedChannelBank):
+            copy_blob, _ = self.readers[bank.key[0]].read_blob(layer, expert)
+            bank.write(slot, full, self.readers[bank.key[0]].decode(copy_blob), channels)
+            nbytes += len(copy_blob)
+        else:
+            bank.write(slot, full, channels)
+        return tier, nbytes
 
     # --- which bank and column each expert held in part takes
 
@@ -272,8 +471,7 @@ class ChannelSlots:
                     plan.rows.tolist(), plan.experts.tolist(), plan.slots.tolist(), strict=True
                 ):
                     expert, ids = self.variant(key, row, column)
-                    tensors = self.source.read(layers[row], expert)
-                    self.banks[layers[row]][key].write(slot, tensors, torch.tensor(ids, dtype=torch.long))
+                    self._fill(layers[row], self.banks[layers[row]][key], slot, expert, ids)
                     layer_reports.append((layers[row], expert))
                     written += 1
             finally:
@@ -288,14 +486,7 @@ class ChannelSlots:
         if bank is None:
             raise FailedPrecondition(f"slot {slot} of layer {layer} is not a channel slot", field="slot")
         expert, ids = self.variant(bank.key, self.engine.rows[layer], column)
-        read_blob = getattr(self.source, "read_blob", None)
-        if read_blob is None:  # a plain source (tests): tensors, no tier
-            tensors, tier, nbytes = self.source.read(layer, expert), "cache", 0
-        else:
-            data, tier = read_blob(layer, expert)
-            tensors, nbytes = self.source.decode(data), len(data)  # type: ignore[attr-defined]
-        bank.write(slot - bank.offset, tensors, torch.tensor(ids, dtype=torch.long))
-        return tier, nbytes
+        return self._fill(layer, bank, slot - bank.offset, expert, ids)
 
     def table(self, layer: int, pattern: Pattern, full_table: Tensor) -> Tensor:
         """Long [E]: each expert's slot id for `pattern` (its channel slot where the pattern holds it in part)."""
@@ -312,7 +503,7 @@ class ChannelSlots:
                 table[expert] = int(self._offsets[key][row] + book.slot[row, column])
         return table
 
-    def bank_of(self, layer: int, slot: int) -> ChannelBank | None:
+    def bank_of(self, layer: int, slot: int) -> ChannelBank | QuantizedChannelBank | None:
         for bank in self.banks[layer].values():
             if bank.offset <= slot < bank.offset + bank.capacity:
                 return bank

@@ -67,10 +67,11 @@ class ServiceConfig:
         precision_slots: Slots per MoE layer for experts held below full precision, per precision ("int4=4,int8=2";
             the store must hold those copies: `premoe shard --precisions`); tasks registered with precisions need
             them. Their bytes come on top of `budget`: an int4 slot holds about an eighth of a full fp32 one.
-        channel_slots: Channel slots per MoE layer, per bank of a precision and a width ("full@24=8,full@48=4"):
-            slots holding up to WIDTH of an expert's intermediate channels (docs/atomic-experts.md). With them,
-            tasks registered with precisions get channel-level plans (experts held whole or their best channels at
-            a bank's width, under the same byte budget), profiled with channel scores; only `full` banks are built.
+        channel_slots: Channel slots per MoE layer, per bank of a precision and a width ("full@24=8,int4@48=16"):
+            slots holding up to WIDTH of an expert's intermediate channels, at full precision or packed integers
+            (the store must hold that copy), on top of `budget` (docs/atomic-experts.md). With them, tasks
+            registered with precisions get channel-level plans (experts held whole or their best channels at a
+            bank's width and precision, under the same byte budget), profiled with channel scores.
         channel_criterion: How such plans rank an expert's channels: `heapr`, `camera` or `energy`.
         eviction: Which unpinned expert leaves a full layer first: "lru" (least recently used) or "shared-use" (the
             lowest use count decayed over recent requests, so experts many tasks share outlive one task's; fewer

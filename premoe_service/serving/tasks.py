@@ -180,13 +180,16 @@ class TaskBook:
         from ..pattern import FULL
         from ..profiler.channel_plan import ExpertShape, channel_options, select_channels
         from ..profiler.precision_plan import store_options
+        from ..store.copies import quantized_copies
 
         manifest = self.store.manifest
         budget = int(selection.value if selection.unit == "bytes" else selection.value * manifest.total_expert_bytes)
         options = store_options(self.store, precisions=(FULL, *selection.precisions))
         widths = sorted({int(bank.partition("@")[2]) for bank in self.channel_slots})
         channel_scores = profile.channel_score(self.channel_criterion)
-        every = channel_options(options, channel_scores, ExpertShape.of(manifest), widths, group_size=64)
+        sizes = {c.group_size for c in quantized_copies(manifest).values() if c.group_size}
+        group = sizes.pop() if len(sizes) == 1 else 64  # what quantized channel slots group down columns by
+        every = channel_options(options, channel_scores, ExpertShape.of(manifest), widths, group)
         offered = {key: option for key, option in every.items() if key in options or key in self.channel_slots}
         slots = {**self.precision_slots, **self.channel_slots}
         if self.max_per_layer is not None:

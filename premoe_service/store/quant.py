@@ -55,6 +55,12 @@ def _pack(q: Tensor, bits: int, packed_dim: int) -> Tensor:
 
 
 def _unpack(packed: Tensor, bits: int, shape: tuple[int, int], packed_dim: int) -> Tensor:
+    if packed_dim == 0 and packed.shape[0] == 1:
+        # One word per column (a narrow channel slot's zero points): unpacked as the transpose packed along dim 1,
+        # on a copy with plain strides, since the byte views below refuse the transpose of a `[1, n]` tensor (its
+        # size-1 dim keeps a stride other than 1).
+        words = packed.t().clone(memory_format=torch.contiguous_format)
+        return _unpack(words, bits, (shape[1], shape[0]), packed_dim=1).t()
     if bits == 8 and (packed.device.type != "cpu" or sys.byteorder == "little"):
         return _unpack_bytes(packed, shape, packed_dim)
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
@@ -70,6 +76,16 @@ def _unpack_bytes(packed: Tensor, shape: tuple[int, int], packed_dim: int) -> Te
     rows, count = words.shape[0], shape[packed_dim]
     values = (words.contiguous().view(torch.uint8).view(rows, -1)[:, :count] ^ 0x80).view(torch.int8)
     return values.transpose(0, 1) if packed_dim == 0 else values
+
+
+def pack_codes(q: Tensor, bits: int, packed_dim: int) -> Tensor:
+    """Signed integer codes packed into int32 along `packed_dim`, as `quantize` packs them."""
+    return _pack(q, bits, packed_dim)
+
+
+def unpack_codes(packed: Tensor, bits: int, shape: tuple[int, int], packed_dim: int) -> Tensor:
+    """The int8 codes `[out, in]` of packed int32 words (the inverse of `pack_codes`)."""
+    return _unpack(packed.contiguous(), bits, shape, packed_dim)
 
 
 @dataclass(frozen=True)
