@@ -179,6 +179,12 @@ def default(name: str) -> Lazy:
     help="how channel-level plans rank an expert's channels",
 )
 @option(
+    "--channel-variants",
+    type=POSITIVE,
+    help="distinct (expert, channel set) pairs each channel bank can name per layer over the server's life "
+    "(default: four per expert)",
+)
+@option(
     "--engine-threads",
     type=POSITIVE,
     help="CPU threads of the engine's tensor operations (default: all cores but one, leaving one to the doors)",

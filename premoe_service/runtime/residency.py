@@ -251,14 +251,14 @@ class Residency:
                     if any(b is book and (w[row] & ~wanted[row]).any() for b, w, _ in task_books)
                 )
                 pinned_bytes = sum(nbytes_of(others[task]) for task in in_the_way)
-                kind = "quantized " if offsets is not None else ""
+                kind = self._kind(book)
                 raise ResourceExhausted(
                     f"the task's {int(wanted[row].sum())} experts do not fit in the {int(book.capacity[row])} "
                     f"{kind}slots of layer {int(self._layers[row])} next to the "
                     f"{int(np.count_nonzero(pinned[row] & ~wanted[row]))} experts pinned there by tasks "
                     f"{', '.join(in_the_way)} ({pinned_bytes} bytes pinned by them in all); unload one of them "
                     "(UnloadTask) or raise the budget",
-                    field=None if index == 0 else "precision",
+                    field=None if index == 0 else "channels" if "channel" in kind else "precision",
                 )
 
     def adopt_task_pin(self, name: str, pattern: Pattern) -> None:
@@ -357,8 +357,8 @@ class Residency:
                 self._valid[key] = weakref.ref(pattern, forget)
             else:
                 books = self._books(pattern)
-            for book, wanted, offsets in books:
-                self._check_capacity(book, wanted, offsets is not None)
+            for book, wanted, _ in books:
+                self._check_capacity(book, wanted)
             return books
 
     def _books(self, pattern: Pattern) -> list[Book]:
@@ -430,11 +430,22 @@ class Residency:
                 inside = (slots >= offsets) & (slots < offsets + book.capacity[rows])
                 yield book, rows[inside], experts[inside]
 
-    def _check_capacity(self, book: SlotBook, wanted: np.ndarray, lowered: bool) -> None:
+    def _kind(self, book: SlotBook) -> str:
+        """How messages name a book's slots: "" (full precision), "quantized " or "full@24 channel "."""
+        if book is self.engine.book:
+            return ""
+        channels = self.engine.channels
+        if channels is not None:
+            for key in channels.keys:
+                if channels.books[key] is book:
+                    return f"{key_name(key)} channel "
+        return "quantized "
+
+    def _check_capacity(self, book: SlotBook, wanted: np.ndarray) -> None:
         over = wanted.sum(axis=1) > book.capacity
         if over.any():
             row = int(np.argmax(over))
-            capacity, kind = int(book.capacity[row]), "quantized " if lowered else ""
+            capacity, kind = int(book.capacity[row]), self._kind(book)
             raise ResourceExhausted(
                 f"pattern keeps {int(wanted[row].sum())} experts but the budget gives {capacity} {kind}slots per layer",
                 field=f"layer {int(self._layers[row])}",

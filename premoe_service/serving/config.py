@@ -73,6 +73,8 @@ class ServiceConfig:
             registered with precisions get channel-level plans (experts held whole or their best channels at a
             bank's width and precision, under the same byte budget), profiled with channel scores.
         channel_criterion: How such plans rank an expert's channels: `heapr`, `camera` or `energy`.
+        channel_variants: Distinct (expert, channel set) pairs each channel bank can name per layer over the
+            server's life (tasks cut the same expert differently); None: four per expert.
         eviction: Which unpinned expert leaves a full layer first: "lru" (least recently used) or "shared-use" (the
             lowest use count decayed over recent requests, so experts many tasks share outlive one task's; fewer
             bytes moved at 62.5% and 75% budgets in `premoe bench switch`, the same at 50%).
@@ -119,6 +121,7 @@ class ServiceConfig:
     precision_slots: str | None = None
     channel_slots: str | None = None
     channel_criterion: str = "heapr"
+    channel_variants: int | None = None
     engine_threads: int | None = None
     preload: tuple[str, ...] = ()
     lease_timeout_s: float = 30.0
@@ -152,6 +155,8 @@ class ServiceConfig:
                 raise InvalidArgument(f"must be positive, got {getattr(self, name)}", field=name)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InvalidArgument(f"unknown device {self.device!r} (auto, cpu, cuda)", field="device")
+        if self.channel_variants is not None and self.channel_variants < 1:
+            raise InvalidArgument(f"must be positive, got {self.channel_variants}", field="channel_variants")
         if self.engine_threads is not None and self.engine_threads < 1:
             raise InvalidArgument(f"must be positive, got {self.engine_threads}", field="engine_threads")
         Budget.parse(self.budget)  # fail early on a bad budget

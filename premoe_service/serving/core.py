@@ -62,7 +62,7 @@ class ServingCore:
         if config.precision_slots:
             attach_precisions(self.engine, self.store, config.precision_slot_counts)
         if config.channel_slots:
-            attach_channels(self.engine, self.store, config.channel_slot_counts)
+            attach_channels(self.engine, self.store, config.channel_slot_counts, config.channel_variants)
         self.spec = self.engine.spec
         self.tokenizer = AutoTokenizer.from_pretrained(self.store.dir, local_files_only=True)
         self.served_model_name = config.served_model_name or _model_name(self.store)
