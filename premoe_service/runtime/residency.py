@@ -235,7 +235,7 @@ class Residency:
             if not others:
                 return
             pinned_books = {task: self._books(p) for task, p in others.items()}
-            for index, (book, wanted, offsets) in enumerate(books):
+            for index, (book, wanted, _) in enumerate(books):
                 pinned = np.zeros_like(wanted)
                 for task_books in pinned_books.values():
                     for other_book, other_wanted, _ in task_books:
