@@ -22,7 +22,13 @@ from transformers import AutoModelForCausalLM
 
 from premoe_service.engine import EngineLoop, Request, SamplingParams
 from premoe_service.engine.schedule import BatchLimits
-from premoe_service.errors import FailedPrecondition, InvalidArgument, PatternError, ResourceExhausted
+from premoe_service.errors import (
+    DataCorruption,
+    FailedPrecondition,
+    InvalidArgument,
+    PatternError,
+    ResourceExhausted,
+)
 from premoe_service.families import MoESpec, adapter_for
 from premoe_service.families.channels import intermediate_field
 from premoe_service.families.tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
@@ -32,8 +38,9 @@ from premoe_service.runtime.build import load_engine
 from premoe_service.runtime.channel_slots import attach_channels, parse_key
 from premoe_service.runtime.quantized import attach_precisions
 from premoe_service.store import Store, open_cache, shard
+from premoe_service.store.channel_major import ChannelMajorReader, add_channel_major, runs
 from premoe_service.store.export import export_pruned
-from premoe_service.store.quantized_copies import add_precisions
+from premoe_service.store.quantized_copies import PrecisionReader, add_precisions
 
 from .references import masked_transformers, random_pattern
 from .test_batching import forced_logits
@@ -392,3 +399,71 @@ def test_a_server_with_channel_slots_serves_channel_plans_to_tasks_registered_wi
             input_ids=torch.tensor([prompt]), max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0
         )
     assert out[0, len(prompt) :].tolist() == tokens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_channel_major_copies_fill_the_same_slots_reading_only_the_kept_channels(family: str, tmp_path: Path) -> None:
+    """With the store's channel-major copies (`premoe shard --channel-major`), channel slots are filled from the
+    kept channels' records (one read per run of consecutive ids, each record verified), byte for byte as from the
+    expert blobs, and the engine computes the same logits; a corrupt record is refused naming the expert."""
+    reference, _, engine, residency, width = build(tmp_path, family)
+    add_precisions(tmp_path / "store", LOWER, GROUP, progress=False)
+    spec = engine.spec
+    kept = random_pattern(reference, spec.num_experts // 2, seed=4)
+    pattern = channel_pattern(spec, kept, width, seed=4, lowered=LOWER)
+    bank_sizes = {key: spec.num_experts for key in banks(width, spec.num_experts)}
+    blobs = Store(tmp_path / "store")
+    attach_precisions(engine, blobs, dict.fromkeys(LOWER, spec.num_experts // 2))
+    attach_channels(engine, blobs, bank_sizes)
+    assert engine.channels is not None and engine.channels.channel_major == {}
+    add_channel_major(tmp_path / "store", ("full", *LOWER), progress=False)
+    major_store = Store(tmp_path / "store")
+    other, other_residency = load_engine(major_store, device="cpu")
+    other.model.set_experts_implementation("eager")
+    attach_precisions(other, major_store, dict.fromkeys(LOWER, spec.num_experts // 2))
+    attach_channels(other, major_store, bank_sizes)
+    assert other.channels is not None and set(other.channels.channel_major) == {"full", *LOWER}
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+    before = dict(major_store.stats.bytes)
+    with residency.lease(pattern), other_residency.lease(pattern), torch.no_grad():
+        residency.activate(pattern)
+        ours = engine.model(ids).logits
+        other_residency.activate(pattern)
+        theirs = other.model(ids).logits
+    assert torch.equal(ours, theirs)
+    for layer in spec.moe_layers:
+        for key, bank in engine.channels.banks[layer].items():
+            mine = other.channels.banks[layer][key]
+            assert bank.tensors.keys() == mine.tensors.keys()
+            assert all(torch.equal(t, mine.tensors[name]) for name, t in bank.tensors.items()), (layer, key)
+    # The bytes read: per expert held in part, its checksum row, its kept channels' records and the tail.
+    expected = 0
+    for layer, by in pattern.channels.items():
+        for e, channel_ids in by.items():
+            layout = other.channels.channel_major[pattern.precision(layer, e)].layout
+            expected += (width + 1) * 8 + len(channel_ids) * layout.record_nbytes + layout.tail_nbytes
+    disk = major_store.stats.bytes["disk"] - before.get("disk", 0)
+    blob = {"full": major_store.manifest.expert_nbytes} | {
+        p: PrecisionReader(major_store, p).copy.expert_nbytes for p in LOWER
+    }
+    whole = sum(
+        blob[pattern.precision(layer, e)]
+        for layer in spec.moe_layers
+        for e in kept[layer]
+        if pattern.channel_ids(layer, e) is None
+    )
+    assert disk == expected + whole  # whole experts are still read whole, at their precision
+    assert list(runs([0, 1, 2, 5, 7, 8])) == [(0, 3), (5, 1), (7, 2)]
+
+    # A flipped byte in one record: that channel is refused naming the expert; its neighbours still read.
+    reader = ChannelMajorReader(major_store, "int4")
+    layout, layer = reader.layout, spec.moe_layers[0]
+    path = tmp_path / "store" / "channel-major" / "int4" / f"layer_{layer:03d}.bin"
+    data = bytearray(path.read_bytes())
+    data[1 * layout.expert_nbytes + 3 * layout.record_nbytes + 5] ^= 0xFF  # expert 1, channel 3
+    path.write_bytes(bytes(data))
+    reader.read(layer, 1, [0, 1, 2, 4])
+    with pytest.raises(DataCorruption, match="channel 3 of expert 1") as info:
+        reader.read(layer, 1, [2, 3])
+    assert info.value.field == f"layer {layer} expert 1"
+    reader.close()

@@ -33,8 +33,22 @@ from .shared import device_option, embedder_option, quiet_option, store_option, 
     "compressed-tensors' packed layout)",
 )
 @option("--group-size", type=POSITIVE, default=GROUP_SIZE, help="weights per scale and zero point of quantized experts")
+@option(
+    "--channel-major",
+    type=CommaList(),
+    default="",
+    help="also write channel-major copies at these precisions (full, or integer ones the store holds), from which "
+    "channel slots read only an expert's kept channels (docs/atomic-experts.md)",
+)
 @quiet_option
-def shard(model_dir: Path, out: Path, precisions: tuple[str, ...], group_size: int, quiet: bool) -> int:
+def shard(
+    model_dir: Path,
+    out: Path,
+    precisions: tuple[str, ...],
+    group_size: int,
+    channel_major: tuple[str, ...],
+    quiet: bool,
+) -> int:
     """Read a safetensors checkpoint in MODEL_DIR (single or sharded, per-expert or fused expert keys) tensor by tensor
     and write a store: manifest.json, dense.safetensors and one contiguous blob per expert. A rerun for the same
     checkpoint is a no-op, except that it adds the --precisions the store lacks."""
@@ -57,6 +71,11 @@ def shard(model_dir: Path, out: Path, precisions: tuple[str, ...], group_size: i
                 f"  {name}: {copy.expert_nbytes / 2**20:.3f} MiB per expert ({how}), "
                 f"{copy.expert_nbytes / m.expert_nbytes:.1%} of the store's expert bytes"
             )
+    if channel_major:
+        from ..store.channel_major import add_channel_major
+
+        for folder in add_channel_major(out, channel_major, progress=not quiet):
+            click.echo(f"  channel-major {folder.name}: {folder}")
     return 0
 
 

@@ -57,6 +57,16 @@ def gate_up_index(family: str, channels: Tensor, intermediate: int) -> Tensor:
     return torch.cat([channels, channels + intermediate])
 
 
+def gate_up_rows(family: str, channels: Tensor, intermediate: int) -> tuple[Tensor, Tensor]:
+    """Positions along gate_up's channel dim (`2I` long) of the given channels' gate entries and of their up
+    entries, each in the order of `channels`. [k] each"""
+    index = gate_up_index(family, channels, intermediate)
+    if family in _INTERLEAVED:
+        return index[0::2], index[1::2]
+    count = int(channels.numel())
+    return index[:count], index[count:]
+
+
 def slice_channels(family: str, tensors: Mapping[str, Tensor], channels: Tensor) -> dict[str, Tensor]:
     """One expert's runtime tensors (`gate_up_proj`, `down_proj`, biases) cut to `channels` (ascending ids):
     an expert of intermediate size `len(channels)` computing what the kept channels add."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from ..errors import FailedPrecondition, InvalidArgument, PatternError, ResourceExhausted
 from ..experts import ExpertSource, bytes_view
-from ..families.channels import gate_up_index, pad_channels, slice_channels
+from ..families.channels import gate_up_rows, pad_channels, slice_channels
 from ..pattern import FULL, Pattern
 from ..store.quant import (
     BITS,
@@ -110,7 +111,12 @@ class ChannelBank:
     @torch.no_grad()
     def write(self, slot: int, expert: Mapping[str, Tensor], channels: Tensor) -> None:
         """Write one expert's tensors (runtime layout, all channels) cut to `channels` into `slot`."""
-        cut = pad_channels(self.family, slice_channels(self.family, expert, channels), self.width)
+        self.write_cut(slot, slice_channels(self.family, expert, channels))
+
+    @torch.no_grad()
+    def write_cut(self, slot: int, tensors: Mapping[str, Tensor]) -> None:
+        """Write an expert already cut to its `k` kept channels (runtime layout at width `k`) into `slot`."""
+        cut = pad_channels(self.family, tensors, self.width)
         for name, tensor in self.tensors.items():
             source, target = cut[name].to(tensor.dtype), tensor[slot]
             if target.device.type == "cpu" and source.device.type == "cpu":
@@ -181,35 +187,55 @@ class QuantizedChannelBank:
     ) -> None:
         """Write one expert's kept `channels` into `slot`, from its full-precision tensors (`full`, runtime layout)
         and its store copy at this bank's precision (`copy`: part -> tensor kind -> tensor)."""
-        bits, group, hidden, width = self.bits, self.group_size, self.hidden, self.width
+        bits, group, hidden = self.bits, self.group_size, self.hidden
         count, groups = int(channels.numel()), hidden // group
-        # Gate and up rows of the copy (stored [2I, H] in the family's channel order), at the slot's positions.
-        source_rows = gate_up_index(self.family, channels, self.intermediate)
-        target_rows = gate_up_index(self.family, torch.arange(count), width)
-        kinds = copy["gate_up_proj"]
-        rows = 2 * self.intermediate
-        codes = unpack_codes(kinds["weight_packed"], bits, (rows, hidden), packed_dim=1)[source_rows]
-        zeros = unpack_codes(kinds["weight_zero_point"], bits, (rows, groups), packed_dim=0)[source_rows]
-        scales = kinds["weight_scale"][source_rows]
-        gate_up = self._padded(2 * width, target_rows, codes, zeros, scales)
+        # Gate and up rows of the copy (stored [2I, H] in the family's channel order).
+        kinds, rows = copy["gate_up_proj"], 2 * self.intermediate
+        codes = unpack_codes(kinds["weight_packed"], bits, (rows, hidden), packed_dim=1)
+        zeros = unpack_codes(kinds["weight_zero_point"], bits, (rows, groups), packed_dim=0)
+        gate_at, up_at = gate_up_rows(self.family, channels, self.intermediate)
+        gate = (codes[gate_at], zeros[gate_at], kinds["weight_scale"][gate_at])
+        up = (codes[up_at], zeros[up_at], kinds["weight_scale"][up_at])
         # Down columns as rows of the hidden size, quantized one channel a row.
         down = full["down_proj"]
         columns = (down if self.transposed else down.t())[channels.long()].contiguous()  # [k, H]
         qw = quantize(columns, bits, group)
-        down_codes = unpack_codes(qw.packed, bits, (count, hidden), packed_dim=1)
-        down_zeros = unpack_codes(qw.zero, bits, (count, groups), packed_dim=0)
-        down_q = self._padded(width, torch.arange(count), down_codes, down_zeros, qw.scale)
-        values = {"gate_up_proj": gate_up, "down_proj": down_q}
+        down_q = (
+            unpack_codes(qw.packed, bits, (count, hidden), packed_dim=1),
+            unpack_codes(qw.zero, bits, (count, groups), packed_dim=0),
+            qw.scale,
+        )
+        biases = {}
+        if "gate_up_proj_bias" in copy:
+            bias = copy["gate_up_proj_bias"]["raw"]
+            biases = {"gate": bias[gate_at], "up": bias[up_at], "down": copy["down_proj_bias"]["raw"]}
+        self.write_rows(slot, gate, up, down_q, biases)
+
+    @torch.no_grad()
+    def write_rows(
+        self,
+        slot: int,
+        gate: tuple[Tensor, Tensor, Tensor],
+        up: tuple[Tensor, Tensor, Tensor],
+        down: tuple[Tensor, Tensor, Tensor],
+        biases: Mapping[str, Tensor],
+    ) -> None:
+        """Write `k` channels into `slot`: their gate, up and down rows as (codes `[k, H]`, zero points `[k, G]`,
+        scales `[k, G]`) in channel order, and (GPT-OSS) their `gate` and `up` biases `[k]` and the `down` bias."""
+        count, width = int(gate[0].shape[0]), self.width
+        gate_at, up_at = gate_up_rows(self.family, torch.arange(count), width)  # their places in the slot
+        at = torch.cat([gate_at, up_at])
+        gate_up = self._padded(2 * width, at, *(torch.cat([g, u]) for g, u in zip(gate, up, strict=True)))
+        values = {"gate_up_proj": gate_up, "down_proj": self._padded(width, torch.arange(count), *down)}
         for (part, kind), tensor in self.tensors.items():
-            if kind == "raw":
-                bias = copy[part]["raw"]
-                if part == "gate_up_proj_bias":
-                    cut = torch.zeros(2 * width, dtype=bias.dtype)
-                    cut[target_rows] = bias[source_rows]
-                    bias = cut
-                tensor[slot].copy_(bias)
-            else:
+            if kind != "raw":
                 tensor[slot].copy_(values[part][kind])
+            elif part == "gate_up_proj_bias":
+                cut = torch.zeros(2 * width, dtype=tensor.dtype)
+                cut[gate_at], cut[up_at] = biases["gate"], biases["up"]
+                tensor[slot].copy_(cut)
+            else:
+                tensor[slot].copy_(biases["down"])
 
     def _padded(self, rows: int, at: Tensor, codes: Tensor, zeros: Tensor, scales: Tensor) -> dict[str, Tensor]:
         """A `[rows, H]` quantized weight holding the given rows at positions `at`, zero elsewhere, packed."""
@@ -346,6 +372,8 @@ class ChannelSlots:
             engine.routers[layer].skip_id = offset  # one past every bank: the wrapped forward skips it
             install_banks(experts, "channels", list(banks.values()), self.family)
         self.index = _ByPattern(self._index)
+        self.channel_major: dict[str, Any] = {}  # precision -> the store's channel-major copy, when it has one
+        self._open_channel_major()
 
     def _reader(self, precision: str) -> Any:
         """The store copy at `precision` that a quantized channel bank reads gate and up rows from."""
@@ -370,8 +398,18 @@ class ChannelSlots:
         return PrecisionReader(self.source, precision)  # type: ignore[arg-type]
 
     def _fill(self, layer: int, bank: ChannelBank | QuantizedChannelBank, slot: int, expert: int, ids: tuple[int, ...]):
-        """Read one expert (and, for a quantized bank, its store copy) and write its kept channels into `slot` of
-        `bank`; returns the tier the full expert came from and the bytes read."""
+        """Read one expert's kept channels and write them into `slot` of `bank`: from the store's channel-major
+        copy at the bank's precision when it has one (one read per run of consecutive ids), else from the expert's
+        blob (and, for a quantized bank, its copy's) cut in memory. Returns the tier and the bytes read."""
+        major = self.channel_major.get(bank.key[0])
+        if major is not None:
+            records, nbytes = major.read(layer, expert, ids)
+            if isinstance(bank, QuantizedChannelBank):
+                gate, up, down = _quantized_rows(records, bank)
+                bank.write_rows(slot, gate, up, down, _record_biases(records))
+            else:
+                bank.write_cut(slot, _full_rows(records, self.family))
+            return "disk", nbytes
         read_blob = getattr(self.source, "read_blob", None)
         if read_blob is None:  # a plain source (tests, in-memory models): tensors, no tier
             full, tier, nbytes = self.source.read(layer, expert), "cache", 0
@@ -386,6 +424,26 @@ class ChannelSlots:
         else:
             bank.write(slot, full, channels)
         return tier, nbytes
+
+    def _open_channel_major(self) -> None:
+        """Use the store's channel-major copies of the banks' precisions whose layout fits these banks."""
+        from ..store.channel_major import FOLDER, ChannelMajorReader
+
+        folder = getattr(self.source, "dir", None)
+        if folder is None:
+            return
+        for precision in {key[0] for key in self.keys}:
+            if not (Path(folder) / FOLDER / precision).is_dir():
+                continue
+            reader = ChannelMajorReader(self.source, precision)  # type: ignore[arg-type]
+            layout = reader.layout
+            fits = (layout.hidden, layout.intermediate) == (self.hidden, self.intermediate) and (
+                precision == FULL or layout.group_size == self.group_size
+            )
+            if fits:
+                self.channel_major[precision] = reader
+            else:
+                reader.close()
 
     # --- which bank and column each expert held in part takes
 
@@ -524,6 +582,45 @@ class ChannelSlots:
     @property
     def nbytes(self) -> int:
         return sum(bank.nbytes for banks in self.banks.values() for bank in banks.values())
+
+
+def _full_rows(records: Mapping[str, Tensor], family: str) -> dict[str, Tensor]:
+    """An expert cut to `k` channels (runtime layout at width `k`) from its full-precision channel records."""
+    rows = records["rows"]  # [k, 3, H]: gate row, up row, down column
+    count = int(rows.shape[0])
+    gate_at, up_at = gate_up_rows(family, torch.arange(count), count)
+    gate_up = rows.new_empty((2 * count, rows.shape[2]))
+    gate_up[gate_at], gate_up[up_at] = rows[:, 0], rows[:, 1]
+    transposed = family in _TRANSPOSED
+    out = {
+        "gate_up_proj": gate_up.t() if transposed else gate_up,
+        "down_proj": rows[:, 2] if transposed else rows[:, 2].t(),
+    }
+    if "gate_bias" in records:
+        bias = rows.new_empty(2 * count)
+        bias[gate_at], bias[up_at] = records["gate_bias"][:, 0], records["up_bias"][:, 0]
+        out["gate_up_proj_bias"], out["down_proj_bias"] = bias, records["down_bias"]
+    return out
+
+
+Rows = tuple[Tensor, Tensor, Tensor]  # codes [k, H], zero points [k, G], scales [k, G]
+
+
+def _quantized_rows(records: Mapping[str, Tensor], bank: QuantizedChannelBank) -> tuple[Rows, Rows, Rows]:
+    """(codes, zero points, scales) of the gate, up and down rows of `k` channels, from their integer records."""
+    packed, zeros, scales = records["packed"], records["zero"], records["scale"]  # [k, 3, ...]
+    count = int(packed.shape[0])
+
+    def rows(j: int) -> Rows:
+        return unpack_codes(packed[:, j], bank.bits, (count, bank.hidden), packed_dim=1), zeros[:, j], scales[:, j]
+
+    return rows(0), rows(1), rows(2)
+
+
+def _record_biases(records: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    if "gate_bias" not in records:
+        return {}
+    return {"gate": records["gate_bias"][:, 0], "up": records["up_bias"][:, 0], "down": records["down_bias"]}
 
 
 def attach_channels(
