@@ -57,8 +57,8 @@ def bound(family: str) -> float:
 
 
 def build(root: Path, family: str):
-    """A float64 tiny checkpoint of `family` (eager experts), its store, and the serving engine (a full-precision
-    slot for every expert)."""
+    """A float64 tiny checkpoint of `family` (transformers' eager experts), its store, and the serving engine (a
+    full-precision slot for every expert)."""
     reference = tiny_model(family, dtype=torch.float64)
     reference.set_experts_implementation("eager")  # the CPU grouped path rejects float64
     reference.generation_config.eos_token_id = None
@@ -66,8 +66,7 @@ def build(root: Path, family: str):
     tiny_tokenizer().save_pretrained(root / "ckpt")
     shard(root / "ckpt", root / "store", progress=False)
     store = Store(root / "store", open_cache(None))
-    engine, residency = load_engine(store, device="cpu")
-    engine.model.set_experts_implementation("eager")
+    engine, residency = load_engine(store, device="cpu")  # the serving engine's own experts path, float64 too
     width = int(getattr(reference.config, intermediate_field(reference.config.model_type)))
     return reference, store, engine, residency, width
 
@@ -162,8 +161,8 @@ def test_channel_rows_batched_with_other_tasks_equal_their_exported_checkpoints(
         "drop-only": [12, 30, 8],
         "all": [40, 2, 33, 19],
     }
-    # That row also skips low-weight experts while decoding. Not in GPT-OSS: transformers' eager GPT-OSS experts
-    # (float64 needs eager) cannot take a skipped pair's id, with or without channel slots.
+    # That row also skips low-weight experts while decoding. Not in GPT-OSS: the reference, transformers' eager
+    # GPT-OSS experts (float64 needs eager), cannot take a skipped pair's id.
     skip = dict.fromkeys(patterns, 0.0) | {"other-channels": 0.0 if family == "gpt_oss" else SKIP}
     requests = {
         name: Request(
@@ -419,7 +418,6 @@ def test_channel_major_copies_fill_the_same_slots_reading_only_the_kept_channels
     add_channel_major(tmp_path / "store", ("full", *LOWER), progress=False)
     major_store = Store(tmp_path / "store")
     other, other_residency = load_engine(major_store, device="cpu")
-    other.model.set_experts_implementation("eager")
     attach_precisions(other, major_store, dict.fromkeys(LOWER, spec.num_experts // 2))
     attach_channels(other, major_store, bank_sizes)
     assert other.channels is not None and set(other.channels.channel_major) == {"full", *LOWER}
