@@ -372,6 +372,7 @@ class ChannelSlots:
             engine.routers[layer].skip_id = offset  # one past every bank: the wrapped forward skips it
             install_banks(experts, "channels", list(banks.values()), self.family)
         self.index = _ByPattern(self._index)
+        self._wanted = _ByPattern(self._masks)
         self.channel_major: dict[str, Any] = {}  # precision -> the store's channel-major copy, when it has one
         self._open_channel_major()
 
@@ -491,7 +492,11 @@ class ChannelSlots:
         return out
 
     def wanted(self, pattern: Pattern) -> dict[ChannelKey, np.ndarray]:
-        """Bank -> bool `[L, variants]`: the variants `pattern` holds in that bank."""
+        """Bank -> bool `[L, variants]`: the variants `pattern` holds in that bank (kept for the patterns used
+        last: a variant's column never changes)."""
+        return self._wanted(pattern)
+
+    def _masks(self, pattern: Pattern) -> dict[ChannelKey, np.ndarray]:
         out = {}
         for key, (rows, columns, _) in self.index(pattern).items():
             mask = np.zeros((len(self.engine.spec.moe_layers), self.variants), dtype=bool)
