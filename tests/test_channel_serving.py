@@ -465,3 +465,31 @@ def test_channel_major_copies_fill_the_same_slots_reading_only_the_kept_channels
         reader.read(layer, 1, [2, 3])
     assert info.value.field == f"layer {layer} expert 1"
     reader.close()
+
+
+def test_channel_tasks_take_turns_in_banks_that_hold_one_of_them(tmp_path: Path) -> None:
+    """Through the engine loop, two channel plans cutting the same experts differently, in a bank with room for
+    one plan's cut experts a layer: the second request waits, its variants then take the first's slots (evicted
+    once unpinned, copied by the loader thread), and each request computes its own exported checkpoint."""
+    reference, store, engine, residency, width = build(tmp_path, "qwen3_moe")
+    spec = engine.spec
+    kept = random_pattern(reference, spec.num_experts // 2, seed=4)
+    first = channel_pattern(spec, kept, width, seed=4)
+    second = channel_pattern(spec, kept, width, seed=8)
+    most = max(len(p.channels.get(layer, {})) for p in (first, second) for layer in spec.moe_layers)
+    attach_channels(engine, store, {f"full@{width - 1}": most})
+    loop = EngineLoop(engine, residency, store, eos=set(), pad_id=0, limits=BatchLimits(max_join_wait_steps=0))
+    requests = [
+        Request([5, 9, 17, 3, 44], first, SamplingParams(5), tiny_tokenizer(), stream=False),
+        Request([7, 21, 90, 11], second, SamplingParams(5), tiny_tokenizer(), stream=False),
+    ]
+    evictions = residency.stats.evictions
+    observer = run_together(loop, requests)
+    assert max(observer.decode_rows) == 1  # never in one batch: the bank holds one plan's cut experts
+    assert residency.stats.evictions > evictions  # the second plan's variants took the first's slots
+    for name, (request, pattern) in enumerate(zip(requests, (first, second), strict=True)):
+        model = exported(store, pattern, tmp_path / f"plan-{name}")
+        expected = forced_logits(model, request.prompt_ids, request.generated)
+        actual = torch.stack(observer.logits[request.id])
+        assert actual.shape == expected.shape
+        assert (actual - expected).abs().max().item() <= 1e-9
