@@ -386,6 +386,11 @@ def test_a_server_with_channel_slots_serves_channel_plans_to_tasks_registered_wi
         assert len(reply.token_ids) == 4 and reply.stats.pattern_experts == pattern.size
         tokens = list(reply.token_ids)
         prompt = handle.service.tokenizer("def add(a, b):")["input_ids"]
+        # LoadTask pins the plan's variants; UnloadTask releases them at the bytes the plan counts.
+        client.load_task("code", pin=True)
+        released = client.unload_task("code")
+        assert released.was_pinned and released.released_experts == pattern.size
+        assert released.released_bytes == nbytes
 
     store = Store(tmp_path / "store")
     engine, _ = load_engine(store, device="cpu")
