@@ -24,7 +24,7 @@ from premoe_service.evaluation.channel_eval import PlanWeights, install_plan
 from premoe_service.pattern import FULL, Pattern
 from premoe_service.profiler.channel_plan import ChannelPlan, ExpertShape, channel_nbytes
 from premoe_service.profiler.precision_plan import store_options
-from premoe_service.runtime.build import load_engine
+from premoe_service.runtime.build import load_model
 from premoe_service.runtime.channel_slots import attach_channels
 from premoe_service.runtime.quantized import attach_precisions
 from premoe_service.store import Store
@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     store = Store(args.store)
-    engine, residency = load_engine(store, device="cpu")
+    engine, residency = load_model(store, device="cpu")
     spec = engine.spec
     pattern = Pattern.load(spec, args.plan)
     banks: Counter[str] = Counter()
@@ -91,7 +91,7 @@ def main() -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(store.dir)
         texts = [json.loads(line)["text"] for line in args.data.read_text().splitlines()[: args.items]]
-        other, _ = load_engine(store, device="cpu")
+        other, _ = load_model(store, device="cpu")
         other.apply(Pattern.full(spec), store)
         other.activate(install_plan(other, PlanWeights(store), ChannelPlan.load(spec, shape.intermediate, args.plan)))
         worst, nll, tokens = 0.0, [0.0, 0.0], 0

@@ -34,7 +34,7 @@ from premoe_service.families.channels import intermediate_field
 from premoe_service.families.tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
 from premoe_service.pattern import Pattern
 from premoe_service.profiler.channel_plan import ChannelPlan, ExpertShape, channel_nbytes
-from premoe_service.runtime.build import load_engine
+from premoe_service.runtime.build import load_model
 from premoe_service.runtime.channel_slots import attach_channels, parse_key
 from premoe_service.runtime.quantized import attach_precisions
 from premoe_service.store import Store, open_cache, shard
@@ -66,7 +66,7 @@ def build(root: Path, family: str):
     tiny_tokenizer().save_pretrained(root / "ckpt")
     shard(root / "ckpt", root / "store", progress=False)
     store = Store(root / "store", open_cache(None))
-    engine, residency = load_engine(store, device="cpu")  # the serving engine's own experts path, float64 too
+    engine, residency = load_model(store, device="cpu")  # the serving engine's own experts path, float64 too
     width = int(getattr(reference.config, intermediate_field(reference.config.model_type)))
     return reference, store, engine, residency, width
 
@@ -370,7 +370,7 @@ def test_a_server_with_channel_slots_serves_channel_plans_to_tasks_registered_wi
         info = client.register("code", demos, fraction=0.12, precisions=["int8"])
         profile = Profile.load(tmp_path / "profiles" / "code.safetensors")
         assert set(profile.channels) >= {"heapr"}  # profiled with channel scores
-        pattern, nbytes = handle.service.tasks.plan(profile)
+        pattern, nbytes = handle.core.tasks.plan(profile)
         assert pattern.sliced and nbytes <= 0.12 * Store(tmp_path / "store").manifest.total_expert_bytes
         for layer in pattern.layers:
             held = [f"{pattern.precision(layer, e)}@{len(ids)}" for e, ids in pattern.channels.get(layer, {}).items()]
@@ -385,7 +385,7 @@ def test_a_server_with_channel_slots_serves_channel_plans_to_tasks_registered_wi
         reply = client.generate("def add(a, b):", task="code", max_new_tokens=4)
         assert len(reply.token_ids) == 4 and reply.stats.pattern_experts == pattern.size
         tokens = list(reply.token_ids)
-        prompt = handle.service.tokenizer("def add(a, b):")["input_ids"]
+        prompt = handle.core.tokenizer("def add(a, b):")["input_ids"]
         # LoadTask pins the plan's variants; UnloadTask releases them at the bytes the plan counts.
         client.load_task("code", pin=True)
         released = client.unload_task("code")
@@ -393,7 +393,7 @@ def test_a_server_with_channel_slots_serves_channel_plans_to_tasks_registered_wi
         assert released.released_bytes == nbytes
 
     store = Store(tmp_path / "store")
-    engine, _ = load_engine(store, device="cpu")
+    engine, _ = load_model(store, device="cpu")
     engine.apply(Pattern.full(engine.spec), store)
     channels = {layer: {e: torch.tensor(ids) for e, ids in by.items()} for layer, by in pattern.channels.items()}
     whole = Pattern.build(engine.spec, pattern.layers, pattern.precisions)
@@ -422,7 +422,7 @@ def test_channel_major_copies_fill_the_same_slots_reading_only_the_kept_channels
     assert engine.channels is not None and engine.channels.channel_major == {}
     add_channel_major(tmp_path / "store", ("full", *LOWER), progress=False)
     major_store = Store(tmp_path / "store")
-    other, other_residency = load_engine(major_store, device="cpu")
+    other, other_residency = load_model(major_store, device="cpu")
     attach_precisions(other, major_store, dict.fromkeys(LOWER, spec.num_experts // 2))
     attach_channels(other, major_store, bank_sizes)
     assert other.channels is not None and set(other.channels.channel_major) == {"full", *LOWER}
