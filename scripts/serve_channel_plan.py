@@ -40,8 +40,8 @@ def main() -> None:
     args = parser.parse_args()
 
     store = Store(args.store)
-    engine, residency = load_model(store, device="cpu")
-    spec = engine.spec
+    patterned, residency = load_model(store, device="cpu")
+    spec = patterned.spec
     pattern = Pattern.load(spec, args.plan)
     banks: Counter[str] = Counter()
     whole: Counter[str] = Counter()
@@ -57,11 +57,12 @@ def main() -> None:
         banks |= per_bank  # the most any layer needs
         whole |= per_precision
     if whole:
-        attach_precisions(engine, store, dict(whole))
-    attach_channels(engine, store, dict(banks))
-    assert engine.channels is not None
+        attach_precisions(patterned, store, dict(whole))
+    attach_channels(patterned, store, dict(banks))
+    assert patterned.channels is not None
     print(
-        f"banks {dict(banks)}; whole lowered slots {dict(whole)}; channel-major {sorted(engine.channels.channel_major)}"
+        f"banks {dict(banks)}; whole lowered slots {dict(whole)}; "
+        f"channel-major {sorted(patterned.channels.channel_major)}"
     )
 
     shape, group = ExpertShape.of(store.manifest), channel_group_size(store)
@@ -99,7 +100,7 @@ def main() -> None:
             for text in texts:
                 ids = torch.tensor([tokenizer(text)["input_ids"][:256]])
                 residency.activate(pattern)
-                served = engine.model(ids).logits
+                served = patterned.model(ids).logits
                 evaluated = other.model(ids).logits
                 worst = max(worst, (served - evaluated).abs().max().item())
                 for i, logits in enumerate((served, evaluated)):

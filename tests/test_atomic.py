@@ -133,13 +133,13 @@ def test_channel_scores_equal_their_formulas_on_transformers(family: str) -> Non
     expected = direct_channel_scores(model, ids, mask)
     clone = type(model)(model.config)
     clone.load_state_dict(model.state_dict())
-    engine, source = PatternedModel.from_model(clone.eval())
-    run = collect_scores(engine, source, ids, mask, streamed=False)
+    patterned, source = PatternedModel.from_model(clone.eval())
+    run = collect_scores(patterned, source, ids, mask, streamed=False)
     assert set(run.channel_scores) == set(CHANNEL_CRITERIA)
     for name, matrix in expected.items():
         assert matrix.sum() > 0
         np.testing.assert_allclose(run.channel_scores[name].numpy(), matrix, rtol=2e-4, atol=1e-6, err_msg=name)
-    plain = collect_scores(engine, source, ids, mask, streamed=False, channels=False)
+    plain = collect_scores(patterned, source, ids, mask, streamed=False, channels=False)
     assert plain.channel_scores == {}
     for name in run.scores:  # the expert criteria do not move when channels are gathered
         assert torch.equal(plain.scores[name], run.scores[name]), name
@@ -275,8 +275,8 @@ def test_channel_pruned_checkpoint_equals_the_engine_in_float64(family: str, tmp
             layer: {e: ("int4", "int8")[e % 2] for e in range(0, spec.num_experts, 3)} for layer in spec.moe_layers
         }
     width = int(getattr(reference.config, intermediate_field(reference.config.model_type)))
-    engine, _ = load_model(store, device="cpu")
-    engine.model.set_experts_implementation("eager")
+    patterned, _ = load_model(store, device="cpu")
+    patterned.model.set_experts_implementation("eager")
     draft = random_channel_plan(reference, spec, width, seed=4)
     if precisions:  # keep only the lowered experts the pattern keeps
         lowered = {
@@ -290,11 +290,11 @@ def test_channel_pruned_checkpoint_equals_the_engine_in_float64(family: str, tmp
     widest = max(ids.numel() for by in draft.channels.values() for ids in by.values())
     assert getattr(pruned.config, intermediate_field(reference.config.model_type)) >= widest
     assert getattr(pruned.config, adapter_for(pruned.config).expert_count_field) == spec.num_experts // 2
-    engine.apply(Pattern.full(spec), store)
-    engine.activate(install_plan(engine, PlanWeights(store), draft))
+    patterned.apply(Pattern.full(spec), store)
+    patterned.activate(install_plan(patterned, PlanWeights(store), draft))
     ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        ours = engine.model(ids).logits
+        ours = patterned.model(ids).logits
         theirs = pruned(ids).logits
         whole = reference(ids).logits
     bound = 1e-6 if family.startswith("deepseek") else 1e-9  # DeepSeek routes in float32 inside a float64 model

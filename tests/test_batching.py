@@ -71,12 +71,12 @@ class Setup:
     dtype: torch.dtype
     reference: Any  # the transformers model the store was cut from
     store: Store
-    engine: PatternedModel
+    patterned: PatternedModel
     residency: Residency
 
     @property
     def spec(self) -> MoESpec:
-        return self.engine.spec
+        return self.patterned.spec
 
 
 def _eager(model: Any, dtype: torch.dtype) -> Any:
@@ -93,14 +93,16 @@ def build(root: Path, family: str, dtype: torch.dtype, budget: Budget | None = N
     tiny_tokenizer().save_pretrained(root / "ckpt")
     shard(root / "ckpt", root / "store", progress=False)
     store = Store(root / "store", open_cache(None))
-    engine, residency = load_model(store, budget, device="cpu")  # the engine's own experts path, float64 too
-    return Setup(family, dtype, reference, store, engine, residency)
+    patterned, residency = load_model(store, budget, device="cpu")  # the engine's own experts path, float64 too
+    return Setup(family, dtype, reference, store, patterned, residency)
 
 
 def make_loop(setup: Setup, gate: threading.Event | None = None) -> EngineLoop:
     """A loop that prefills ready requests at once, so the scenario's join steps are exact."""
     limits = BatchLimits(max_join_wait_steps=0)
-    return EngineLoop(setup.engine, setup.residency, setup.store, eos=set(), pad_id=0, loader_gate=gate, limits=limits)
+    return EngineLoop(
+        setup.patterned, setup.residency, setup.store, eos=set(), pad_id=0, loader_gate=gate, limits=limits
+    )
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,7 @@ class Observer:
         self.prefill_rows: list[int] = []
         self.decode_rows: list[int] = []
         self._rows: list[tuple[int, int]] = []
-        model = loop.engine.model
+        model = loop.patterned.model
         self._hooks = [
             model.register_forward_pre_hook(self._before, with_kwargs=True),
             model.register_forward_hook(self._after, with_kwargs=True),
@@ -490,7 +492,7 @@ def gate_run(root: Path, shut_steps: int = 4) -> GateRun:
     opens after `shut_steps` steps."""
     setup = build(root, "qwen3_moe", torch.float64, Budget(fraction=0.5))
     spec = setup.spec
-    assert all(setup.engine.slots[layer].capacity == 4 for layer in spec.moe_layers)
+    assert all(setup.patterned.slots[layer].capacity == 4 for layer in spec.moe_layers)
     kept: dict[str, dict[int, list[int]]] = {name: {} for name in "ABC"}
     for layer in spec.moe_layers:
         order = torch.randperm(spec.num_experts, generator=torch.Generator().manual_seed(layer)).tolist()
@@ -519,7 +521,7 @@ def gate_run(root: Path, shut_steps: int = 4) -> GateRun:
             statuses.append(req_b.status)
             counts.append(len(req_a.generated))
             routable |= any(
-                e in setup.engine.slots[layer].slot_of for layer in spec.moe_layers for e in kept["B"][layer]
+                e in setup.patterned.slots[layer].slot_of for layer in spec.moe_layers for e in kept["B"][layer]
             )
         overtaken = req_d.status is Status.FINISHED and req_b.status is Status.LOADING
         gate.set()
@@ -600,13 +602,13 @@ def test_compare_catches_an_expert_routed_before_its_copy_completed(tmp_path: Pa
     def early_reserve(self, pattern):
         copies = reserve(self, pattern)
         for layer, expert, _slot in copies or []:
-            self.engine.slots[layer].commit(expert)  # routable now, before the loader wrote the bytes
+            self.patterned.slots[layer].commit(expert)  # routable now, before the loader wrote the bytes
         if copies:
-            self.engine.publish_slots()
+            self.patterned.publish_slots()
         return copies
 
     def late_commit(self, layer, expert):
-        if expert in self.engine.slots[layer].loading:
+        if expert in self.patterned.slots[layer].loading:
             commit(self, layer, expert)
 
     monkeypatch.setattr(Residency, "reserve", early_reserve)

@@ -202,9 +202,9 @@ def test_residency_checks_every_new_pattern_and_counts_pins_per_lease() -> None:
     class Books:
         stats = TierStats()
 
-    engine = deepseek_engine(Shape(decoder_layers=3, dense_layers=1, experts=16, groups=4, topk_group=2, top_k=2), 8)
-    residency = Residency(engine, cast(Store, Books()))
-    layers = engine.spec.moe_layers
+    patterned = deepseek_engine(Shape(decoder_layers=3, dense_layers=1, experts=16, groups=4, topk_group=2, top_k=2), 8)
+    residency = Residency(patterned, cast(Store, Books()))
+    layers = patterned.spec.moe_layers
     thin = Pattern({layer: (0,) for layer in layers})  # fewer than top-k: refused, every time it is offered
     for _ in range(2):
         with pytest.raises(PatternError):
@@ -217,10 +217,10 @@ def test_residency_checks_every_new_pattern_and_counts_pins_per_lease() -> None:
     for pattern in (a, a, b):
         for layer, expert, slot in residency.reserve(pattern) or []:
             residency.commit(layer, expert, slot)
-    assert engine.slots[layers[0]].pins == {0: 3, 1: 3, 4: 2, 5: 2, 8: 1, 9: 1}
+    assert patterned.slots[layers[0]].pins == {0: 3, 1: 3, 4: 2, 5: 2, 8: 1, 9: 1}
     assert residency.is_resident(a) and residency.is_resident(b)
     residency.unpin(a)
     residency.unpin(b)
-    assert engine.slots[layers[0]].pins == {0: 1, 1: 1, 4: 1, 5: 1}
+    assert patterned.slots[layers[0]].pins == {0: 1, 1: 1, 4: 1, 5: 1}
     residency.unpin(a)
-    assert all(not engine.slots[layer].pins for layer in layers)
+    assert all(not patterned.slots[layer].pins for layer in layers)

@@ -74,10 +74,10 @@ def test_selection_and_slots_use_bf16(bf16_store: Path) -> None:
     # Half the store's expert bytes: every expert fits at bf16, which loses far less than int4.
     plan = select_precisions(scores, SPEC, options, store.manifest.total_expert_bytes // 2)
     assert plan.counts["bf16"] == plan.pattern.size == SPEC.num_experts * len(SPEC.moe_layers)
-    engine, _ = load_model(store, capacity=SPEC.top_k)
-    attach_precisions(engine, store, {"bf16": SPEC.num_experts})
-    engine.apply(plan.pattern, store)
-    bank = engine.quantized.banks[SPEC.moe_layers[0]]["bf16"]
+    patterned, _ = load_model(store, capacity=SPEC.top_k)
+    attach_precisions(patterned, store, {"bf16": SPEC.num_experts})
+    patterned.apply(plan.pattern, store)
+    bank = patterned.quantized.banks[SPEC.moe_layers[0]]["bf16"]
     assert bank.nbytes == SPEC.num_experts * options["bf16"].nbytes  # resident: the bf16 tensors themselves
 
 

@@ -66,9 +66,9 @@ def build(root: Path, family: str):
     tiny_tokenizer().save_pretrained(root / "ckpt")
     shard(root / "ckpt", root / "store", progress=False)
     store = Store(root / "store", open_cache(None))
-    engine, residency = load_model(store, device="cpu")  # the serving engine's own experts path, float64 too
+    patterned, residency = load_model(store, device="cpu")  # the serving engine's own experts path, float64 too
     width = int(getattr(reference.config, intermediate_field(reference.config.model_type)))
-    return reference, store, engine, residency, width
+    return reference, store, patterned, residency, width
 
 
 def channel_pattern(
@@ -124,10 +124,10 @@ def banks(width: int, slots: int) -> dict[str, int]:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_channel_rows_batched_with_other_tasks_equal_their_exported_checkpoints(family: str, tmp_path: Path) -> None:
-    reference, store, engine, residency, width = build(tmp_path, family)
+    reference, store, patterned, residency, width = build(tmp_path, family)
     add_precisions(tmp_path / "store", LOWER, GROUP, progress=False)
     store = Store(tmp_path / "store", open_cache(None))
-    spec = engine.spec
+    spec = patterned.spec
     kept = random_pattern(reference, spec.num_experts // 2, seed=4)
     patterns = {
         "channels": channel_pattern(spec, kept, width, seed=4, lowered=LOWER),  # cut and whole, full and lowered
@@ -152,9 +152,9 @@ def test_channel_rows_batched_with_other_tasks_equal_their_exported_checkpoints(
         if lowered.precision(layer, e) != "full" and lowered.channel_ids(layer, e) is None
     ]
     assert whole_lowered  # experts held whole below full precision, in the quantized banks
-    attach_precisions(engine, store, dict.fromkeys(LOWER, spec.num_experts // 2))
-    attach_channels(engine, store, banks(width, spec.num_experts))
-    loop = EngineLoop(engine, residency, store, eos=set(), pad_id=0, limits=BatchLimits(max_join_wait_steps=0))
+    attach_precisions(patterned, store, dict.fromkeys(LOWER, spec.num_experts // 2))
+    attach_channels(patterned, store, banks(width, spec.num_experts))
+    loop = EngineLoop(patterned, residency, store, eos=set(), pad_id=0, limits=BatchLimits(max_join_wait_steps=0))
     prompts = {
         "channels": [5, 9, 17, 3, 44],
         "other-channels": [7, 7, 21, 90, 11, 4, 60],
@@ -197,39 +197,39 @@ def test_channel_rows_batched_with_other_tasks_equal_their_exported_checkpoints(
 
     # A channel slot holds `width` channels: a full one `width / I` of an expert's weights (GPT-OSS: plus biases),
     # a quantized one the packed bytes a plan counts for `width` channels (`channel_nbytes`, scales included).
-    item = engine.experts_module(spec.moe_layers[0]).down_proj.element_size()
+    item = patterned.experts_module(spec.moe_layers[0]).down_proj.element_size()
     shape = ExpertShape.of(store.manifest)
     expected_bytes = 0
-    assert engine.channels is not None and engine.quantized is not None
+    assert patterned.channels is not None and patterned.quantized is not None
     for key in banks(width, spec.num_experts):
         precision, w = key.split("@")
         if precision == "full":
             per_slot = shape.params(int(w)) * item
         else:
             per_slot = channel_nbytes(shape, precision, int(w), GROUP, full_nbytes=0)
-        assert engine.channels.slot_nbytes(parse_key(key)) == per_slot, key
+        assert patterned.channels.slot_nbytes(parse_key(key)) == per_slot, key
         expected_bytes += len(spec.moe_layers) * spec.num_experts * per_slot
-    assert engine.channels.nbytes == expected_bytes
+    assert patterned.channels.nbytes == expected_bytes
     full_bytes = sum(
         p.numel() * p.element_size()
         for layer in spec.moe_layers
-        for p in engine.experts_module(layer).parameters(recurse=False)
+        for p in patterned.experts_module(layer).parameters(recurse=False)
     )
-    assert engine.expert_bytes_resident() == full_bytes + engine.quantized.nbytes + expected_bytes
+    assert patterned.expert_bytes_resident() == full_bytes + patterned.quantized.nbytes + expected_bytes
 
 
 def test_variants_evicted_and_reloaded_through_leases_compute_the_same(tmp_path: Path) -> None:
     """Banks with room for one pattern's channel experts: leasing the other evicts them (the same experts, other
     channels, in the same slots), and each lease computes its own exported checkpoint."""
-    reference, store, engine, residency, width = build(tmp_path, "qwen3_moe")
-    spec = engine.spec
+    reference, store, patterned, residency, width = build(tmp_path, "qwen3_moe")
+    spec = patterned.spec
     kept = random_pattern(reference, spec.num_experts // 2, seed=4)
     first = channel_pattern(spec, kept, width, seed=4)
     second = channel_pattern(spec, kept, width, seed=8)
     # One bank wide enough for every cut expert, with room for one pattern's cut experts per layer.
     most = max(len(first.channels.get(layer, {})) for layer in spec.moe_layers)
     most = max(most, *(len(second.channels.get(layer, {})) for layer in spec.moe_layers))
-    attach_channels(engine, store, {f"full@{width - 1}": most})
+    attach_channels(patterned, store, {f"full@{width - 1}": most})
     models = {
         id(first): exported(store, first, tmp_path / "first"),
         id(second): exported(store, second, tmp_path / "second"),
@@ -240,7 +240,7 @@ def test_variants_evicted_and_reloaded_through_leases_compute_the_same(tmp_path:
         with residency.lease(pattern) as lease:
             residency.activate(pattern)
             with torch.no_grad():
-                ours = engine.model(ids).logits
+                ours = patterned.model(ids).logits
                 theirs = models[id(pattern)](ids).logits
             assert (ours - theirs).abs().max().item() <= 1e-9
             seen.append((lease.evicted, ours))
@@ -291,8 +291,8 @@ def test_a_pattern_file_carries_channels_and_refuses_bad_ones_naming_the_field()
 
 
 def test_what_channel_slots_cannot_hold_is_refused_with_the_reason(tmp_path: Path) -> None:
-    reference, store, engine, residency, width = build(tmp_path, "mixtral")
-    spec = engine.spec
+    reference, store, patterned, residency, width = build(tmp_path, "mixtral")
+    spec = patterned.spec
     kept = random_pattern(reference, spec.num_experts // 2, seed=4)
     layer, expert = spec.moe_layers[0], kept[spec.moe_layers[0]][0]
 
@@ -304,7 +304,7 @@ def test_what_channel_slots_cannot_hold_is_refused_with_the_reason(tmp_path: Pat
         residency.reserve(cut([1, 2]))
     assert info.value.field == "channels"
     with pytest.raises(FailedPrecondition, match="no channel slots"):
-        engine.apply(cut([1, 2]), store)
+        patterned.apply(cut([1, 2]), store)
     for bad, error, field in (
         ({"int4@4": 2}, FailedPrecondition, "channel_slots"),  # quantized channel banks are not built
         ({"full@0": 2}, InvalidArgument, "channel_slots"),
@@ -313,10 +313,10 @@ def test_what_channel_slots_cannot_hold_is_refused_with_the_reason(tmp_path: Pat
         ({"full@4": -1}, InvalidArgument, "capacity.full@4"),
     ):
         with pytest.raises(error) as info:
-            attach_channels(engine, store, bad)
+            attach_channels(patterned, store, bad)
         assert info.value.field == field, bad
-    assert engine.channels is None
-    attach_channels(engine, store, {"full@4": 2}, variants=6)
+    assert patterned.channels is None
+    attach_channels(patterned, store, {"full@4": 2}, variants=6)
     with pytest.raises(FailedPrecondition, match="of 5 channels") as info:  # wider than every bank
         residency.reserve(cut([0, 1, 2, 3, 4]))
     assert info.value.field == f"channels.{layer}.{expert}"
@@ -393,13 +393,13 @@ def test_a_server_with_channel_slots_serves_channel_plans_to_tasks_registered_wi
         assert released.released_bytes == nbytes
 
     store = Store(tmp_path / "store")
-    engine, _ = load_model(store, device="cpu")
-    engine.apply(Pattern.full(engine.spec), store)
+    patterned, _ = load_model(store, device="cpu")
+    patterned.apply(Pattern.full(patterned.spec), store)
     channels = {layer: {e: torch.tensor(ids) for e, ids in by.items()} for layer, by in pattern.channels.items()}
-    whole = Pattern.build(engine.spec, pattern.layers, pattern.precisions)
-    engine.activate(install_plan(engine, PlanWeights(store), ChannelPlan(whole, channels, 0, {})))
+    whole = Pattern.build(patterned.spec, pattern.layers, pattern.precisions)
+    patterned.activate(install_plan(patterned, PlanWeights(store), ChannelPlan(whole, channels, 0, {})))
     with torch.no_grad():
-        out = engine.model.generate(
+        out = patterned.model.generate(
             input_ids=torch.tensor([prompt]), max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0
         )
     assert out[0, len(prompt) :].tolist() == tokens
@@ -410,16 +410,16 @@ def test_channel_major_copies_fill_the_same_slots_reading_only_the_kept_channels
     """With the store's channel-major copies (`premoe shard --channel-major`), channel slots are filled from the
     kept channels' records (one read per run of consecutive ids, each record verified), byte for byte as from the
     expert blobs, and the engine computes the same logits; a corrupt record is refused naming the expert."""
-    reference, _, engine, residency, width = build(tmp_path, family)
+    reference, _, patterned, residency, width = build(tmp_path, family)
     add_precisions(tmp_path / "store", LOWER, GROUP, progress=False)
-    spec = engine.spec
+    spec = patterned.spec
     kept = random_pattern(reference, spec.num_experts // 2, seed=4)
     pattern = channel_pattern(spec, kept, width, seed=4, lowered=LOWER)
     bank_sizes = {key: spec.num_experts for key in banks(width, spec.num_experts)}
     blobs = Store(tmp_path / "store")
-    attach_precisions(engine, blobs, dict.fromkeys(LOWER, spec.num_experts // 2))
-    attach_channels(engine, blobs, bank_sizes)
-    assert engine.channels is not None and engine.channels.channel_major == {}
+    attach_precisions(patterned, blobs, dict.fromkeys(LOWER, spec.num_experts // 2))
+    attach_channels(patterned, blobs, bank_sizes)
+    assert patterned.channels is not None and patterned.channels.channel_major == {}
     add_channel_major(tmp_path / "store", ("full", *LOWER), progress=False)
     major_store = Store(tmp_path / "store")
     other, other_residency = load_model(major_store, device="cpu")
@@ -430,12 +430,12 @@ def test_channel_major_copies_fill_the_same_slots_reading_only_the_kept_channels
     before = dict(major_store.stats.bytes)
     with residency.lease(pattern), other_residency.lease(pattern), torch.no_grad():
         residency.activate(pattern)
-        ours = engine.model(ids).logits
+        ours = patterned.model(ids).logits
         other_residency.activate(pattern)
         theirs = other.model(ids).logits
     assert torch.equal(ours, theirs)
     for layer in spec.moe_layers:
-        for key, bank in engine.channels.banks[layer].items():
+        for key, bank in patterned.channels.banks[layer].items():
             mine = other.channels.banks[layer][key]
             assert bank.tensors.keys() == mine.tensors.keys()
             assert all(torch.equal(t, mine.tensors[name]) for name, t in bank.tensors.items()), (layer, key)
@@ -476,14 +476,14 @@ def test_channel_tasks_take_turns_in_banks_that_hold_one_of_them(tmp_path: Path)
     """Through the engine loop, two channel plans cutting the same experts differently, in a bank with room for
     one plan's cut experts a layer: the second request waits, its variants then take the first's slots (evicted
     once unpinned, copied by the loader thread), and each request computes its own exported checkpoint."""
-    reference, store, engine, residency, width = build(tmp_path, "qwen3_moe")
-    spec = engine.spec
+    reference, store, patterned, residency, width = build(tmp_path, "qwen3_moe")
+    spec = patterned.spec
     kept = random_pattern(reference, spec.num_experts // 2, seed=4)
     first = channel_pattern(spec, kept, width, seed=4)
     second = channel_pattern(spec, kept, width, seed=8)
     most = max(len(p.channels.get(layer, {})) for p in (first, second) for layer in spec.moe_layers)
-    attach_channels(engine, store, {f"full@{width - 1}": most})
-    loop = EngineLoop(engine, residency, store, eos=set(), pad_id=0, limits=BatchLimits(max_join_wait_steps=0))
+    attach_channels(patterned, store, {f"full@{width - 1}": most})
+    loop = EngineLoop(patterned, residency, store, eos=set(), pad_id=0, limits=BatchLimits(max_join_wait_steps=0))
     requests = [
         Request([5, 9, 17, 3, 44], first, SamplingParams(5), tiny_tokenizer(), stream=False),
         Request([7, 21, 90, 11], second, SamplingParams(5), tiny_tokenizer(), stream=False),

@@ -102,6 +102,6 @@ def test_a_cancelled_stream_frees_its_row_and_slots(reference_server) -> None:
         # The server stopped it (how many tokens came after the cancel depends on how soon the door's event loop
         # runs, which a loaded machine delays, so the check is the request's fate, not a token count).
         assert request.finish_reason == "cancelled" and len(request.generated) < 500
-        pins = sum(len(slots.pins) for slots in handle.core.engine.slots.values())
+        pins = sum(len(slots.pins) for slots in handle.core.patterned.slots.values())
         assert pins == 0
         assert len(client.generate("add: 1+2=", task="addition", max_new_tokens=4).token_ids) >= 1

@@ -34,12 +34,12 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_loop(store_dir: Path, **limits: int) -> EngineLoop:
     """An engine with 4 of 8 slots per layer (budget 0.5) and its loop, driven step by step by the test."""
     store = Store(store_dir, open_cache(None))
-    engine, residency = load_model(store, Budget(fraction=0.5), device="cpu")
-    return EngineLoop(engine, residency, store, eos=set(), limits=BatchLimits(**limits))
+    patterned, residency = load_model(store, Budget(fraction=0.5), device="cpu")
+    return EngineLoop(patterned, residency, store, eos=set(), limits=BatchLimits(**limits))
 
 
 def pattern(loop: EngineLoop, experts: list[int]) -> Pattern:
-    return Pattern.build(loop.engine.spec, dict.fromkeys(loop.engine.spec.moe_layers, experts))
+    return Pattern.build(loop.patterned.spec, dict.fromkeys(loop.patterned.spec.moe_layers, experts))
 
 
 def request(loop: EngineLoop, experts: list[int], new_tokens: int, **options) -> Request:
@@ -63,7 +63,7 @@ def outcome(req: Request) -> Outcome:
 
 
 def pins(loop: EngineLoop) -> int:
-    return sum(sum(slots.pins.values()) for slots in loop.engine.slots.values())
+    return sum(sum(slots.pins.values()) for slots in loop.patterned.slots.values())
 
 
 def test_a_request_that_cannot_fit_waits_without_blocking_those_behind_it(store_dir: Path) -> None:
@@ -126,7 +126,7 @@ def test_a_request_past_its_deadline_stops_and_lets_go_of_its_slots(store_dir: P
 
 def test_each_request_accounts_for_the_loads_it_caused(store_dir: Path) -> None:
     loop = make_loop(store_dir)
-    layers = len(loop.engine.spec.moe_layers)
+    layers = len(loop.patterned.spec.moe_layers)
     first = loop.submit(request(loop, [0, 1], 2))
     loop.run_until_idle()
     cold = outcome(first)
@@ -171,7 +171,7 @@ def test_log_probabilities_of_generated_and_prompt_tokens_are_transformers(store
     loop.run_until_idle()
     generated, prompt = outcome(scored), outcome(prompt_only)
     reference = tiny_model("qwen3_moe")
-    layers = {layer: experts for layer in loop.engine.spec.moe_layers}
+    layers = {layer: experts for layer in loop.patterned.spec.moe_layers}
     with torch.no_grad(), masked_transformers(reference, layers):
         ids = torch.tensor([PROMPT + generated.token_ids])
         expected = torch.log_softmax(reference(input_ids=ids).logits[0].double(), dim=-1)

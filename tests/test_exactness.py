@@ -55,12 +55,12 @@ def half_pattern(model) -> dict[int, list[int]]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_all_experts_equal_transformers(family: str) -> None:
     reference = tiny_model(family)
-    engine, _ = PatternedModel.from_model(tiny_model(family))
+    patterned, _ = PatternedModel.from_model(tiny_model(family))
     ids, mask = padded_batch()
-    expected, actual = logits(reference, ids, mask), logits(engine.model, ids, mask)
+    expected, actual = logits(reference, ids, mask), logits(patterned.model, ids, mask)
     assert torch.isfinite(actual).all()
     assert (actual - expected).abs().max().item() <= ATOL
-    assert torch.equal(greedy(engine.model, ids, mask), greedy(reference, ids, mask))
+    assert torch.equal(greedy(patterned.model, ids, mask), greedy(reference, ids, mask))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -69,10 +69,10 @@ def test_pattern_equals_pruned_checkpoint_and_masked_transformers(family: str) -
     kept = half_pattern(reference)
     pruned = pruned_checkpoint_model(reference, kept)
     spec = adapter_for(reference.config).spec(reference.config)
-    engine, _ = PatternedModel.from_model(tiny_model(family), Pattern.build(spec, kept))
+    patterned, _ = PatternedModel.from_model(tiny_model(family), Pattern.build(spec, kept))
     ids, mask = padded_batch()
 
-    actual = logits(engine.model, ids, mask)
+    actual = logits(patterned.model, ids, mask)
     assert (actual - logits(pruned, ids, mask)).abs().max().item() <= ATOL
     with masked_transformers(reference, kept):
         masked = logits(reference, ids, mask)
@@ -80,7 +80,7 @@ def test_pattern_equals_pruned_checkpoint_and_masked_transformers(family: str) -
     # The pattern must matter, or the comparisons above prove nothing.
     assert (actual - logits(reference, ids, mask)).abs().max().item() > 1e-3
 
-    tokens = greedy(engine.model, ids, mask)
+    tokens = greedy(patterned.model, ids, mask)
     assert torch.equal(tokens, greedy(pruned, ids, mask))
     with masked_transformers(reference, kept):
         assert torch.equal(tokens, greedy(reference, ids, mask))
@@ -95,11 +95,11 @@ def test_uneven_pattern_equals_masked_transformers(family: str) -> None:
     low = max(spec.top_k, spec.routing.group_entry * groups)
     counts = [low + (i % 2) * groups for i in range(len(spec.moe_layers))]
     kept = random_pattern(reference, counts, seed=11)
-    engine, _ = PatternedModel.from_model(tiny_model(family), Pattern.build(spec, kept))
+    patterned, _ = PatternedModel.from_model(tiny_model(family), Pattern.build(spec, kept))
     ids, mask = padded_batch()
     with masked_transformers(reference, kept):
         expected = logits(reference, ids, mask)
-    assert (logits(engine.model, ids, mask) - expected).abs().max().item() <= ATOL
+    assert (logits(patterned.model, ids, mask) - expected).abs().max().item() <= ATOL
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -108,14 +108,14 @@ def test_switching_pattern_in_place_equals_fresh_build(family: str) -> None:
     spec = adapter_for(base.config).spec(base.config)
     first = Pattern.build(spec, random_pattern(base, spec.num_experts // 2, seed=1))
     second = Pattern.build(spec, random_pattern(base, spec.num_experts // 2, seed=2))
-    engine, source = PatternedModel.from_model(base, first, capacity=spec.num_experts // 2)
-    slots_before = {layer: engine.experts_module(layer).gate_up_proj for layer in spec.moe_layers}
-    report = engine.apply(second, source)
+    patterned, source = PatternedModel.from_model(base, first, capacity=spec.num_experts // 2)
+    slots_before = {layer: patterned.experts_module(layer).gate_up_proj for layer in spec.moe_layers}
+    report = patterned.apply(second, source)
     fresh, _ = PatternedModel.from_model(tiny_model(family), second)
     ids, mask = padded_batch()
-    assert (logits(engine.model, ids, mask) - logits(fresh.model, ids, mask)).abs().max().item() <= ATOL
+    assert (logits(patterned.model, ids, mask) - logits(fresh.model, ids, mask)).abs().max().item() <= ATOL
     # Same parameters rewritten in place, and only the experts that differ were loaded.
-    assert all(engine.experts_module(layer).gate_up_proj is slots_before[layer] for layer in spec.moe_layers)
+    assert all(patterned.experts_module(layer).gate_up_proj is slots_before[layer] for layer in spec.moe_layers)
     expected_loads = sum(len(set(second.kept(layer)) - set(first.kept(layer))) for layer in spec.moe_layers)
     assert len(report.loaded) == expected_loads == len(report.evicted)
 

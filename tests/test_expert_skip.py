@@ -95,18 +95,18 @@ def test_skipping_rows_equal_transformers_under_the_same_rule(family: str, tmp_p
     shard(tmp_path / "model", tmp_path / "store", progress=False)
     store = Store(tmp_path / "store", MemoryCache())
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
-    engine, residency = load_model(store, device="cpu")
-    loop = EngineLoop(engine, residency, store, eos=set(), pad_id=0, limits=BatchLimits(max_join_wait_steps=0))
+    patterned, residency = load_model(store, device="cpu")
+    loop = EngineLoop(patterned, residency, store, eos=set(), pad_id=0, limits=BatchLimits(max_join_wait_steps=0))
     sentinels: list[int] = []  # pairs the experts modules were handed as skipped: no compute for them
     hooks = [
-        engine.experts_module(layer).register_forward_pre_hook(
+        patterned.experts_module(layer).register_forward_pre_hook(
             lambda module, args: sentinels.append(int((args[1] >= module.num_experts).sum()))
         )
-        for layer in engine.spec.moe_layers
+        for layer in patterned.spec.moe_layers
     ]
     prompts = {THRESHOLD: [5, 9, 17, 3, 44], 0.0: [7, 21, 90, 11]}
     requests = {
-        t: Request(p, Pattern.full(engine.spec), SamplingParams(8, skip_below=t), tiny_tokenizer(), stream=False)
+        t: Request(p, Pattern.full(patterned.spec), SamplingParams(8, skip_below=t), tiny_tokenizer(), stream=False)
         for t, p in prompts.items()
     }
     try:

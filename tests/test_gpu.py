@@ -78,8 +78,8 @@ def test_patterned_model_on_cuda_equals_transformers_on_cuda(family: str) -> Non
     ids = PROMPTS.to(DEVICE)
     full, _ = PatternedModel.from_model(tiny_model(family).to(DEVICE))
     assert (logits(full.model, ids) - logits(reference, ids)).abs().max().item() <= ATOL
-    engine, _ = PatternedModel.from_model(tiny_model(family).to(DEVICE), Pattern.build(spec, kept))
-    actual = logits(engine.model, ids)
+    patterned, _ = PatternedModel.from_model(tiny_model(family).to(DEVICE), Pattern.build(spec, kept))
+    actual = logits(patterned.model, ids)
     assert (actual - logits(pruned_checkpoint_model(reference, kept).to(DEVICE), ids)).abs().max().item() <= ATOL
     assert (actual - logits(reference, ids)).abs().max().item() > 1e-3  # the pattern matters
 
@@ -87,15 +87,15 @@ def test_patterned_model_on_cuda_equals_transformers_on_cuda(family: str) -> Non
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_the_loop_on_cuda_serves_patterns_its_loader_brought_from_the_store(family: str, tmp_path: Path) -> None:
     reference, store = build(tmp_path, family)
-    engine, residency = load_model(store, Budget(fraction=0.5), device=DEVICE)
-    assert next(engine.model.parameters()).device.type == DEVICE
-    loop = EngineLoop(engine, residency, store, eos=set(), pad_id=0)
+    patterned, residency = load_model(store, Budget(fraction=0.5), device=DEVICE)
+    assert next(patterned.model.parameters()).device.type == DEVICE
+    loop = EngineLoop(patterned, residency, store, eos=set(), pad_id=0)
     reference = reference.to(DEVICE)
     for seed in (5, 6):  # the second pattern replaces part of the first in the slots
-        kept = random_pattern(reference, engine.spec.num_experts // 2, seed=seed)
+        kept = random_pattern(reference, patterned.spec.num_experts // 2, seed=seed)
         prompt = PROMPTS[seed % 2].tolist()
         params = SamplingParams(max_new_tokens=NEW_TOKENS)
-        request = Request(prompt, Pattern.build(engine.spec, kept), params, tiny_tokenizer(), stream=False)
+        request = Request(prompt, Pattern.build(patterned.spec, kept), params, tiny_tokenizer(), stream=False)
         loop.submit(request)
         deadline = time.monotonic() + 120
         while request.status is not Status.FINISHED:

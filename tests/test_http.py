@@ -329,13 +329,13 @@ def test_a_client_that_disconnects_cancels_its_request(server, code_task) -> Non
     tokens_before = loop.stats.tokens
     stream.close()
     deadline = time.monotonic() + 30
-    slots = handle.core.engine.slots.values()
+    slots = handle.core.patterned.slots.values()
     # The loop takes the request out of its batch, then gives back its pins: wait for both.
     while (loop.running or loop.waiting or sum(len(s.pins) for s in slots)) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not loop.running and not loop.waiting
     assert loop.stats.tokens - tokens_before < 200  # stopped before its 240 tokens (slack for a busy machine)
-    assert sum(len(slots.pins) for slots in handle.core.engine.slots.values()) == 0
+    assert sum(len(slots.pins) for slots in handle.core.patterned.slots.values()) == 0
 
 
 def test_health_is_503_while_shutting_down(stores, embedder, tmp_path: Path) -> None:

@@ -72,9 +72,9 @@ def test_mixed_rows_batched_with_other_tasks_equal_their_checkpoints(family: str
     }
     assert patterns["mixed"].mixed
 
-    engine, residency = load_model(store, device="cpu")  # a full-precision slot for every expert
-    attach_precisions(engine, store, dict.fromkeys(PRECISIONS, spec.num_experts // 2))
-    loop = EngineLoop(engine, residency, store, eos=set(), pad_id=0, limits=BatchLimits(max_join_wait_steps=0))
+    patterned, residency = load_model(store, device="cpu")  # a full-precision slot for every expert
+    attach_precisions(patterned, store, dict.fromkeys(PRECISIONS, spec.num_experts // 2))
+    loop = EngineLoop(patterned, residency, store, eos=set(), pad_id=0, limits=BatchLimits(max_join_wait_steps=0))
     prompts = {"mixed": [5, 9, 17, 3, 44], "drop-only": [7, 7, 21, 90, 11, 4, 60], "all": [12, 30, 8]}
     skip = {"mixed": SKIP, "drop-only": 0.0, "all": 0.0}  # the mixed row also skips experts while decoding
     requests = {

@@ -18,13 +18,13 @@ from .test_batching import F64_TOL, Driver, Job, Observer, Report, build, compar
 
 def _loop(setup, **limits) -> EngineLoop:
     return EngineLoop(
-        setup.engine, setup.residency, setup.store, eos=set(), limits=BatchLimits(max_join_wait_steps=0, **limits)
+        setup.patterned, setup.residency, setup.store, eos=set(), limits=BatchLimits(max_join_wait_steps=0, **limits)
     )
 
 
 def _forwards(loop: EngineLoop) -> list[int]:
     calls: list[int] = []
-    loop.engine.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    loop.patterned.model.register_forward_pre_hook(lambda *_: calls.append(1))
     return calls
 
 

@@ -125,8 +125,8 @@ def test_criteria_equal_a_direct_computation_on_transformers(family: str, stores
     model, _ = stores[family]
     ids, mask, _ = tokenize_demos(tiny_tokenizer(), DEMOS, 256)
     expected = direct_scores(model, ids, mask, threshold=0.02)
-    engine, source = PatternedModel.from_model(_copy(model))
-    run = collect_scores(engine, source, ids, mask, streamed=False, tcess_threshold=0.02)
+    patterned, source = PatternedModel.from_model(_copy(model))
+    run = collect_scores(patterned, source, ids, mask, streamed=False, tcess_threshold=0.02)
     assert run.token_count == int(mask.sum())
     assert set(run.scores) == set(expected) == set(CRITERIA)  # every declared criterion, each checked here
     for criterion, matrix in expected.items():
@@ -139,8 +139,8 @@ def test_layer_streaming_equals_the_fully_loaded_model(family: str, stores) -> N
     model, store = stores[family]
     profile, streamed = profile_store(store, "code", DEMOS)
     ids, mask, _ = tokenize_demos(tiny_tokenizer(), DEMOS, 256)
-    engine, source = PatternedModel.from_model(_copy(model))
-    full = collect_scores(engine, source, ids, mask, streamed=False)
+    patterned, source = PatternedModel.from_model(_copy(model))
+    full = collect_scores(patterned, source, ids, mask, streamed=False)
     for criterion in full.scores:
         assert torch.allclose(profile.scores[criterion], full.scores[criterion], atol=1e-6), criterion
     per_layer = store.manifest.expert_nbytes * store.manifest.num_experts

@@ -140,16 +140,16 @@ def test_export_of_a_mixed_pattern_holds_the_dequantized_weights(quant_store: Pa
     kept = {layer: [0, 2, 5, 7] for layer in SPEC.moe_layers}
     lowered = {layer: {0: "int2", 5: "int4", 7: "int8"} for layer in SPEC.moe_layers}
     pattern = Pattern.build(SPEC, kept, lowered)
-    engine, _ = load_model(store, capacity=4)  # the full-precision comparison below needs 4 full slots
-    attach_precisions(engine, store, dict.fromkeys(("int8", "int4", "int2"), 1))
-    engine.apply(pattern, store)
+    patterned, _ = load_model(store, capacity=4)  # the full-precision comparison below needs 4 full slots
+    attach_precisions(patterned, store, dict.fromkeys(("int8", "int4", "int2"), 1))
+    patterned.apply(pattern, store)
     export_pruned(store, pattern, tmp_path / "pruned", progress=False)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype=torch.float32).eval()
     ids, mask = padded_batch()
-    assert (logits(exported, ids, mask) - logits(engine.model, ids, mask)).abs().max().item() <= ATOL
+    assert (logits(exported, ids, mask) - logits(patterned.model, ids, mask)).abs().max().item() <= ATOL
     full = Pattern.build(SPEC, kept)
-    engine.apply(full, store)
-    assert (logits(exported, ids, mask) - logits(engine.model, ids, mask)).abs().max().item() > 1e-4
+    patterned.apply(full, store)
+    assert (logits(exported, ids, mask) - logits(patterned.model, ids, mask)).abs().max().item() > 1e-4
 
 
 def test_eval_compares_drop_uniform_and_mixed_at_the_same_bytes(quant_store: Path, tmp_path: Path) -> None:
@@ -184,22 +184,22 @@ def test_mixed_patterns_are_refused_where_they_cannot_run(quant_store: Path) -> 
 
     store = Store(quant_store / "store")
     pattern = Pattern.build(SPEC, {layer: [0, 1, 2] for layer in SPEC.moe_layers}, {SPEC.moe_layers[0]: {1: "int4"}})
-    engine, residency = load_model(store, capacity=4)
+    patterned, residency = load_model(store, capacity=4)
     with pytest.raises(FailedPrecondition) as caught:  # no quantized slots
-        engine.apply(pattern, store)
+        patterned.apply(pattern, store)
     assert caught.value.field == "precision"
     with pytest.raises(InvalidArgument) as caught:
-        attach_precisions(engine, store, {"int4": 99})
+        attach_precisions(patterned, store, {"int4": 99})
     assert caught.value.field == "capacity.int4"
     # A serving lease of a mixed pattern needs quantized slots too: refused without, held (and pinned) with them.
     with pytest.raises(FailedPrecondition, match="precision-slots") as caught, residency.lease(pattern):
         pass
     assert caught.value.field == "precision"
-    quantized = attach_precisions(engine, store, {"int4": 2})
+    quantized = attach_precisions(patterned, store, {"int4": 2})
     with residency.lease(pattern):
         assert residency.is_resident(pattern)
-        assert quantized.books["int4"].pins.sum() == 1 and engine.book.pins.sum() == pattern.size - 1
-    assert quantized.books["int4"].pins.sum() == 0 and engine.book.pins.sum() == 0
+        assert quantized.books["int4"].pins.sum() == 1 and patterned.book.pins.sum() == pattern.size - 1
+    assert quantized.books["int4"].pins.sum() == 0 and patterned.book.pins.sum() == 0
 
 
 def test_precision_errors_measured_on_demos_match_a_direct_computation(quant_store: Path) -> None:

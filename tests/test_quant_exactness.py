@@ -80,12 +80,12 @@ def test_mixed_pattern_equals_transformers_on_the_dequantized_checkpoint(family:
 
     # Capacity exactly what the pattern needs: the resident bytes are then the plan's bytes.
     full_count = {layer: sum(p == "full" for p in precisions[layer].values()) for layer in spec.moe_layers}
-    engine, _ = load_model(store, capacity=max(max(full_count.values()), spec.top_k))
+    patterned, _ = load_model(store, capacity=max(max(full_count.values()), spec.top_k))
     capacity = {
         p: {layer: sum(q == p for q in precisions[layer].values()) for layer in spec.moe_layers} for p in PRECISIONS
     }
-    attach_precisions(engine, store, capacity)
-    engine.apply(pattern, store)
+    attach_precisions(patterned, store, capacity)
+    patterned.apply(pattern, store)
 
     # The reference: transformers' own model, kept quantized experts overwritten with their dequantized weights,
     # bf16 experts with their own weights rounded to bfloat16 (the store's copy is not read for them).
@@ -102,13 +102,13 @@ def test_mixed_pattern_equals_transformers_on_the_dequantized_checkpoint(family:
                     for name, tensor in reference_dequantized(reader, layer, expert).items():
                         getattr(experts, name)[expert] = tensor
     ids, mask = padded_batch()
-    actual = logits(engine.model, ids, mask)
+    actual = logits(patterned.model, ids, mask)
     with masked_transformers(reference, kept):
         expected = logits(reference, ids, mask)
         tokens = greedy(reference, ids, mask)
     assert torch.isfinite(actual).all()
     assert (actual - expected).abs().max().item() <= ATOL
-    assert torch.equal(greedy(engine.model, ids, mask), tokens)
+    assert torch.equal(greedy(patterned.model, ids, mask), tokens)
     # The precisions must matter, or the comparison proves nothing: the same keep set at full precision differs.
     full_precision = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with masked_transformers(full_precision, kept):
@@ -116,13 +116,13 @@ def test_mixed_pattern_equals_transformers_on_the_dequantized_checkpoint(family:
 
     # Resident bytes are the packed ones, measured from the slot tensors: full slots at the store's size,
     # each quantized slot at its precision's blob size (scales and zero points included).
-    full_slots = sum(engine.slots[layer].capacity for layer in spec.moe_layers)
+    full_slots = sum(patterned.slots[layer].capacity for layer in spec.moe_layers)
     packed = sum(
         capacity[p][layer] * PrecisionReader(store, p).copy.expert_nbytes
         for p in PRECISIONS
         for layer in spec.moe_layers
     )
-    assert engine.expert_bytes_resident() == full_slots * store.manifest.expert_nbytes + packed
+    assert patterned.expert_bytes_resident() == full_slots * store.manifest.expert_nbytes + packed
     # bf16 of an fp32 store: half its bytes, nothing beside the weights.
     assert PrecisionReader(store, "bf16").copy.expert_nbytes * 2 == store.manifest.expert_nbytes
     # int2 with groups of 8: 2 bits + a float16 scale and a 2-bit zero point per 8 weights = 4.25 of 32 bits.

@@ -226,22 +226,22 @@ def test_the_server_registry_takes_the_signal_background_and_leads_from_its_conf
     background.write_text("".join(json.dumps({"query": q, "task": None}) + "\n" for q in BACKGROUND))
     leads.write_text(json.dumps({"format": 1, "task_leads": {"cooking": -2.5}}))
     store = Store(qwen_store)
-    engine, _ = load_model(store, device="cpu")
+    patterned, _ = load_model(store, device="cpu")
     config = ServiceConfig(store=qwen_store, route_background=background, route_calibration=leads)
-    registry = build_registry(config, store, engine, embedder, None)
+    registry = build_registry(config, store, patterned, embedder, None)
     assert registry.evidence is not None and registry.evidence.background_size == len(BACKGROUND)
     assert registry.policy.lead_for("cooking") == -2.5 and registry.policy.lead_for("other") == -1.0
     assert registry.policy.threshold_for("cooking", background=True) == 0.10  # the none-class's own floor
-    explicit = build_registry(ServiceConfig(store=qwen_store, route_threshold=0.3), store, engine, embedder, None)
+    explicit = build_registry(ServiceConfig(store=qwen_store, route_threshold=0.3), store, patterned, embedder, None)
     assert explicit.policy.threshold_for("cooking", background=True) == explicit.policy.threshold == 0.3
-    plain = build_registry(ServiceConfig(store=qwen_store, route_signal=False), store, engine, embedder, None)
+    plain = build_registry(ServiceConfig(store=qwen_store, route_signal=False), store, patterned, embedder, None)
     assert plain.evidence is None
     with pytest.raises(InvalidArgument, match="router signal") as info:
         ServiceConfig(store=qwen_store, route_signal=False, route_background=background)
     assert info.value.field == "route_background"
     leads.write_text("{}")
     with pytest.raises(InvalidArgument, match="not a calibration file"):
-        build_registry(config, store, engine, embedder, None)
+        build_registry(config, store, patterned, embedder, None)
 
 
 def test_the_benchmarked_classifier_learns_the_none_class_from_background_items() -> None:

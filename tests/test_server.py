@@ -223,7 +223,7 @@ def wait_idle(handle, timeout_s: float = 30.0) -> None:
     """Wait until the server has handled every call it was given and holds no request and no pin. A client that
     gave up (its deadline) may return before the server even queued the request, so idleness alone is not enough:
     the calls in progress at the door (metrics' in-flight gauge) must be done too."""
-    loop, slots = handle.core.loop, handle.core.engine.slots.values()
+    loop, slots = handle.core.loop, handle.core.patterned.slots.values()
 
     def busy() -> bool:
         pins = sum(len(layer.pins) for layer in slots)
@@ -243,7 +243,7 @@ def test_deadline_is_honoured(client, server) -> None:
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_idle(handle)  # the server stopped the work too, and let go of its slots
     assert handle.core.loop.stats.tokens - tokens < 240
-    assert sum(len(slots.pins) for slots in handle.core.engine.slots.values()) == 0
+    assert sum(len(slots.pins) for slots in handle.core.patterned.slots.values()) == 0
     assert client.health() == "SERVING"
 
 
@@ -253,7 +253,7 @@ def test_stats_and_metrics(client, server) -> None:
     client.generate(PROMPT, max_new_tokens=3, task="metered")
     wait_idle(handle)  # a finished row leaves the batch at the end of its step, just after its reply went out
     stats = client.stats()
-    resident = sum(len(slots.slot_of) for slots in handle.core.engine.slots.values())
+    resident = sum(len(slots.slot_of) for slots in handle.core.patterned.slots.values())
     assert stats.capacity_experts == 24 and stats.resident_experts == resident >= 9
     assert stats.loads.disk + stats.loads.cache + stats.loads.device > 0 and stats.cache_health == "ok"
     figures = scrape(handle)

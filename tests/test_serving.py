@@ -141,12 +141,12 @@ def test_shared_use_eviction_counts_each_request_and_keeps_the_tokens(store: Pat
     assert tokens["lru"] == tokens["shared-use"]
     shared = services["shared-use"]
     math = shared.tasks.pattern(shared.registry.get("math"))
-    counts = shared.engine.book.use
+    counts = shared.patterned.book.use
     assert counts is not None  # the counts order the victims
     for row, layer in enumerate(shared.spec.moe_layers):
         kept = list(math.kept(layer))
         assert (counts[row, kept] > 0).all() and counts[row].sum() > 0  # every request counted its experts
-    assert services["lru"].engine.book.use is None
+    assert services["lru"].patterned.book.use is None
     with pytest.raises(InvalidArgument) as info:
         ServiceConfig(store=store, eviction="fifo")  # type: ignore[arg-type]
     assert info.value.field == "eviction"

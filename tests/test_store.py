@@ -49,10 +49,10 @@ def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
 
 
 @torch.no_grad()
-def run(engine, residency, pattern: Pattern) -> torch.Tensor:
+def run(patterned, residency, pattern: Pattern) -> torch.Tensor:
     with residency.lease(pattern), residency.model_lock:
         residency.activate(pattern)
-        return engine.model(IDS).logits
+        return patterned.model(IDS).logits
 
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
@@ -60,19 +60,19 @@ def test_round_trip_through_redis_equals_transformers(family: str, tmp_path: Pat
     reference, ckpt = checkpoint(tmp_path, family)
     shard(ckpt, tmp_path / "store", progress=False)
     store = Store(tmp_path / "store", RedisCache(redis_server.url))
-    engine, residency = load_model(store, Budget(fraction=1.0))
+    patterned, residency = load_model(store, Budget(fraction=1.0))
     with torch.no_grad():
         expected = reference(IDS).logits
-    assert (run(engine, residency, Pattern.full(engine.spec)) - expected).abs().max().item() <= ATOL
+    assert (run(patterned, residency, Pattern.full(patterned.spec)) - expected).abs().max().item() <= ATOL
 
-    kept = random_pattern(reference, engine.spec.num_experts // 2, seed=9)
+    kept = random_pattern(reference, patterned.spec.num_experts // 2, seed=9)
     pruned = pruned_checkpoint_model(reference, kept)
     with torch.no_grad():
         expected_pruned = pruned(IDS).logits
-    actual = run(engine, residency, Pattern.build(engine.spec, kept))
+    actual = run(patterned, residency, Pattern.build(patterned.spec, kept))
     assert (actual - expected_pruned).abs().max().item() <= ATOL
     # Second pass of the full pattern: every expert now comes from Redis or is still resident.
-    run(engine, residency, Pattern.full(engine.spec))
+    run(patterned, residency, Pattern.full(patterned.spec))
     assert store.stats.loads["cache"] + store.stats.loads["device"] > 0
 
 
@@ -91,10 +91,10 @@ def test_sharded_and_fused_checkpoints(tmp_path: Path) -> None:
     assert fused_result.manifest.layers[0].checksums == result.manifest.layers[0].checksums
 
     for store_dir in ("store-sharded", "store-fused"):
-        engine, residency = load_model(Store(tmp_path / store_dir))
+        patterned, residency = load_model(Store(tmp_path / store_dir))
         with torch.no_grad():
             expected = reference(IDS).logits
-        assert (run(engine, residency, Pattern.full(engine.spec)) - expected).abs().max().item() <= ATOL
+        assert (run(patterned, residency, Pattern.full(patterned.spec)) - expected).abs().max().item() <= ATOL
 
 
 def test_shard_rerun_is_a_noop_and_another_checkpoint_is_refused(tmp_path: Path) -> None:
@@ -143,25 +143,25 @@ def test_redis_outage_mid_run_falls_back_to_disk(tmp_path: Path, own_redis) -> N
     shard(ckpt, tmp_path / "store", progress=False)
     cache = RedisCache(own_redis.url, timeout_s=0.5, retry_s=0.1)
     store = Store(tmp_path / "store", cache)
-    engine, residency = load_model(store, Budget(fraction=0.5))
-    first = Pattern.build(engine.spec, {layer: [0, 1, 2, 3] for layer in engine.spec.moe_layers})
-    second = Pattern.build(engine.spec, {layer: [4, 5, 6, 7] for layer in engine.spec.moe_layers})
-    run(engine, residency, first)
+    patterned, residency = load_model(store, Budget(fraction=0.5))
+    first = Pattern.build(patterned.spec, {layer: [0, 1, 2, 3] for layer in patterned.spec.moe_layers})
+    second = Pattern.build(patterned.spec, {layer: [4, 5, 6, 7] for layer in patterned.spec.moe_layers})
+    run(patterned, residency, first)
     assert store.health() == "ok"
 
     own_redis.stop()
-    logits = run(engine, residency, second)  # must not fail
+    logits = run(patterned, residency, second)  # must not fail
     assert torch.isfinite(logits).all()
     assert store.health() == "degraded"
     assert store.stats.loads["disk"] == 2 * first.size
 
     own_redis.start()
-    layer = engine.spec.moe_layers[0]
+    layer = patterned.spec.moe_layers[0]
     # A read tries Redis again once the cache's retry window (0.1 s) has passed; the first that gets through
     # finds it back (no fixed sleep that races the window).
     assert eventually(lambda: store.read_blob(layer, 0) is not None and store.health() == "ok")
     assert store.read_blob(layer, 0)[1] == "cache"  # the value that read put back into Redis
-    run(engine, residency, first)
+    run(patterned, residency, first)
     assert store.health() == "ok"
 
 
@@ -179,20 +179,20 @@ def test_corrupted_expert_on_disk_is_a_clear_error(tmp_path: Path) -> None:
     store.read(1, 4)  # neighbours are fine
 
     # Through the engine (reads straight into slot memory): the same error, and the expert never counts as resident.
-    engine, residency = load_model(Store(tmp_path / "store", MemoryCache()))
-    with pytest.raises(DataCorruption, match="expert 5 of layer 1"), residency.lease(Pattern.full(engine.spec)):
+    patterned, residency = load_model(Store(tmp_path / "store", MemoryCache()))
+    with pytest.raises(DataCorruption, match="expert 5 of layer 1"), residency.lease(Pattern.full(patterned.spec)):
         pass
-    assert 5 not in engine.slots[1].resident()
+    assert 5 not in patterned.slots[1].resident()
 
 
 def test_switch_moves_exactly_the_bytes_of_differing_experts(tmp_path: Path) -> None:
     _, ckpt = checkpoint(tmp_path, "qwen2_moe")
     shard(ckpt, tmp_path / "store", progress=False)
     store = Store(tmp_path / "store", MemoryCache())
-    engine, residency = load_model(store, Budget(fraction=5 / 8))
-    layers = engine.spec.moe_layers
-    a = Pattern.build(engine.spec, {layer: [0, 1, 2, 3, 4] for layer in layers})
-    b = Pattern.build(engine.spec, {layer: [2, 3, 4, 5, 6] for layer in layers})
+    patterned, residency = load_model(store, Budget(fraction=5 / 8))
+    layers = patterned.spec.moe_layers
+    a = Pattern.build(patterned.spec, {layer: [0, 1, 2, 3, 4] for layer in layers})
+    b = Pattern.build(patterned.spec, {layer: [2, 3, 4, 5, 6] for layer in layers})
     nbytes = store.manifest.expert_nbytes
     with residency.lease(a) as lease_a:
         pass
@@ -210,14 +210,14 @@ def test_leases_pin_experts_against_eviction(tmp_path: Path) -> None:
     _, ckpt = checkpoint(tmp_path, "mixtral")
     shard(ckpt, tmp_path / "store", progress=False)
     store = Store(tmp_path / "store", MemoryCache())
-    engine, residency = load_model(store, Budget(fraction=0.5), wait_timeout_s=0.2)  # 4 slots per layer
-    layers = engine.spec.moe_layers
-    a = Pattern.build(engine.spec, {layer: [0, 1, 2, 3] for layer in layers})
-    b = Pattern.build(engine.spec, {layer: [4, 5] for layer in layers})
+    patterned, residency = load_model(store, Budget(fraction=0.5), wait_timeout_s=0.2)  # 4 slots per layer
+    layers = patterned.spec.moe_layers
+    a = Pattern.build(patterned.spec, {layer: [0, 1, 2, 3] for layer in layers})
+    b = Pattern.build(patterned.spec, {layer: [4, 5] for layer in layers})
     with residency.lease(a):
         with pytest.raises(ResourceExhausted, match="pinned"), residency.lease(b):
             pass
-        assert all(engine.slots[layer].resident() == {0, 1, 2, 3} for layer in layers)
+        assert all(patterned.slots[layer].resident() == {0, 1, 2, 3} for layer in layers)
 
     # A waiting lease proceeds as soon as the pinning lease ends.
     done = threading.Event()
@@ -242,7 +242,7 @@ def test_leases_pin_experts_against_eviction(tmp_path: Path) -> None:
     thread.join(10)
     assert not errors and done.is_set(), errors
 
-    too_big = Pattern.full(engine.spec)
+    too_big = Pattern.full(patterned.spec)
     with pytest.raises(ResourceExhausted, match="slots per layer"), residency.lease(too_big):
         pass
 
@@ -252,16 +252,16 @@ def test_exported_checkpoint_loads_with_transformers_and_matches(family: str, tm
     reference, ckpt = checkpoint(tmp_path, family)
     shard(ckpt, tmp_path / "store", progress=False)
     store = Store(tmp_path / "store")
-    engine, residency = load_model(store)
-    pattern = Pattern.build(engine.spec, random_pattern(reference, engine.spec.num_experts // 2, seed=2))
+    patterned, residency = load_model(store)
+    pattern = Pattern.build(patterned.spec, random_pattern(reference, patterned.spec.num_experts // 2, seed=2))
     export_pruned(store, pattern, tmp_path / "pruned", progress=False)
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", local_files_only=True)
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())
-    assert getattr(pruned.config, adapter_for(pruned.config).expert_count_field) == engine.spec.num_experts // 2
+    assert getattr(pruned.config, adapter_for(pruned.config).expert_count_field) == patterned.spec.num_experts // 2
     assert config["model_type"] == reference.config.model_type
     with torch.no_grad():
         expected = pruned(IDS).logits
-    assert (run(engine, residency, pattern) - expected).abs().max().item() <= ATOL
+    assert (run(patterned, residency, pattern) - expected).abs().max().item() <= ATOL
 
 
 def test_export_refuses_uneven_patterns(tmp_path: Path) -> None:

@@ -164,7 +164,7 @@ def test_a_server_with_precision_slots_chooses_plans_its_slots_hold_and_serves_t
         reply = client.generate("def add(a, b):", task="four", max_new_tokens=3)
         assert len(reply.token_ids) == 3 and reply.stats.pattern_experts == four.pattern_experts
         # The budget the server reports is the bytes of its slot tensors, quantized banks included.
-        assert client.stats().budget_bytes == handle.core.engine.expert_bytes_resident()
+        assert client.stats().budget_bytes == handle.core.patterned.expert_bytes_resident()
         with pytest.raises(grpc.RpcError) as info:
             client.register("two", DEMOS, fraction=0.3, precisions=["int2"])  # no int2 slots here
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "precisions" in info.value.details()

@@ -26,7 +26,7 @@ from ..store import Store
 def run_task(loop: EngineLoop, tokenizer: Any, prompts: list[list[int]], new_tokens: int, threshold: float):
     """Greedy continuations of `prompts` at `threshold`, and the expert calls skipped while decoding them."""
     params = SamplingParams(max_new_tokens=new_tokens, skip_below=threshold)
-    pattern = Pattern.full(loop.engine.spec)
+    pattern = Pattern.full(loop.patterned.spec)
     requests = [Request(list(p), pattern, params, tokenizer, stream=False) for p in prompts]
     for request in requests:
         loop.submit(request)
@@ -58,13 +58,13 @@ def main() -> None:
 
     torch.set_num_threads(1)
     store = Store(args.store)
-    engine, residency = load_model(store, device="cpu")
+    patterned, residency = load_model(store, device="cpu")
     tokenizer = AutoTokenizer.from_pretrained(store.dir, local_files_only=True)
-    loop = EngineLoop(engine, residency, store, eos=set(), pad_id=tokenizer.pad_token_id or 0)
+    loop = EngineLoop(patterned, residency, store, eos=set(), pad_id=tokenizer.pad_token_id or 0)
     thresholds = [float(t) for t in args.thresholds.split(",")]
     names = sorted(p.parent.name for p in args.data.glob("*/eval.jsonl"))
     data = load_task_data(args.data, names, args.limit)
-    calls_per_token = len(engine.spec.moe_layers) * engine.spec.top_k
+    calls_per_token = len(patterned.spec.moe_layers) * patterned.spec.top_k
     report: dict[str, Any] = {"thresholds": thresholds, "tasks": {}}
     print(f"{'task':<12} {'measure':<10} " + " ".join(f"{t:>12g}" for t in thresholds))
     try:

@@ -145,8 +145,8 @@ def bench_store(store_dir: Path, redis_url: str | None, rounds: int = 7, device:
 
         # Whole pattern loads into device slots through Redis vs raw GETs plus a copy to the device.
         target = resolve_device(device)
-        engine, residency = load_model(redis_store, Budget(fraction=0.5), device=target)
-        spec = engine.spec
+        patterned, residency = load_model(redis_store, Budget(fraction=0.5), device=target)
+        spec = patterned.spec
         half = spec.num_experts // 2
         a = Pattern.build(spec, {layer: range(half) for layer in spec.moe_layers})
         b = Pattern.build(spec, {layer: range(half, 2 * half) for layer in spec.moe_layers})
@@ -196,8 +196,8 @@ def _slots_from_disk(store_dir: Path, fds: dict[int, int], rounds: int, device: 
     """Pattern switches from disk (no cache) into slots vs preadv of the same ranges, one buffer per expert."""
     store = Store(store_dir)
     target = resolve_device(device)
-    engine, residency = load_model(store, Budget(fraction=0.5), device=target)
-    spec, size = engine.spec, store.manifest.expert_nbytes
+    patterned, residency = load_model(store, Budget(fraction=0.5), device=target)
+    spec, size = patterned.spec, store.manifest.expert_nbytes
     half = spec.num_experts // 2
     flip = [
         Pattern.build(spec, {layer: range(start, start + half) for layer in spec.moe_layers}) for start in (0, half)
@@ -234,8 +234,8 @@ def _slots_from_memory(store_dir: Path, rounds: int, device: str | None) -> Row:
     manifest = Store(store_dir).manifest
     store = Store(store_dir, MemoryCache(manifest.expert_nbytes * manifest.num_experts * len(manifest.moe_layers) * 2))
     target = resolve_device(device)
-    engine, residency = load_model(store, Budget(fraction=0.5), device=target)
-    spec, size = engine.spec, manifest.expert_nbytes
+    patterned, residency = load_model(store, Budget(fraction=0.5), device=target)
+    spec, size = patterned.spec, manifest.expert_nbytes
     half = spec.num_experts // 2
     flip = [
         Pattern.build(spec, {layer: range(start, start + half) for layer in spec.moe_layers}) for start in (0, half)
@@ -384,10 +384,10 @@ def _redis_rows(store_dir: Path, url: str, precision: str, label: str, rounds: i
     # Pattern switches into quantized slots (half the experts of every layer at this precision) vs GET + a plain
     # copy of each blob into its own buffer.
     target = resolve_device(device)
-    engine, _ = load_model(store, capacity=engine_floor(store), device=target)
-    spec = engine.spec
+    patterned, _ = load_model(store, capacity=engine_floor(store), device=target)
+    spec = patterned.spec
     half = spec.num_experts // 2
-    attach_precisions(engine, store, {precision: half})
+    attach_precisions(patterned, store, {precision: half})
     flip = [
         Pattern.build(
             spec,
@@ -400,7 +400,7 @@ def _redis_rows(store_dir: Path, url: str, precision: str, label: str, rounds: i
     staging = np.zeros((len(half_keys), size), dtype=np.uint8)
 
     def ours_slots() -> None:
-        engine.load(flip[0], store)
+        patterned.load(flip[0], store)
         flip.reverse()
         if target.type == "cuda":
             torch.cuda.synchronize()

@@ -29,7 +29,7 @@ def main(
         model.save_pretrained(Path(tmp) / "ckpt")
         shard(Path(tmp) / "ckpt", Path(tmp) / "store", progress=False)
         store = Store(Path(tmp) / "store")
-        engine, _ = load_model(store, device="cpu", capacity=0)
+        patterned, _ = load_model(store, device="cpu", capacity=0)
         generator = torch.Generator().manual_seed(1)
         ids = torch.randint(3, 512, (demos, tokens), generator=generator)
         mask = torch.ones_like(ids)
@@ -41,10 +41,10 @@ def main(
         run_holder = {}
 
         def profile() -> None:
-            run_holder["run"] = collect_scores(engine, store, ids, mask, streamed=True)
+            run_holder["run"] = collect_scores(patterned, store, ids, mask, streamed=True)
 
         def experts_only() -> None:  # the same pass without the channel scores (`profiler.channels`)
-            collect_scores(engine, store, ids, mask, streamed=True, channels=False)
+            collect_scores(patterned, store, ids, mask, streamed=True, channels=False)
 
         plain()
         profile()
@@ -62,7 +62,7 @@ def main(
             experts_t.append(time.perf_counter() - start)
         run = run_holder["run"]
         full_bytes = _param_bytes(model)
-        dense_bytes = _param_bytes(engine.model)  # slots are empty after a streamed pass
+        dense_bytes = _param_bytes(patterned.model)  # slots are empty after a streamed pass
         streamed_peak = dense_bytes + run.peak_slot_bytes
         result = {
             "tokens": demos * tokens,

@@ -68,12 +68,12 @@ class EngineSteps:
         from ..store import Store, open_cache
 
         store = Store(store_dir, open_cache(None))
-        engine, residency = load_model(store, Budget(fraction=1.0), device=None if device == "auto" else device)
+        patterned, residency = load_model(store, Budget(fraction=1.0), device=None if device == "auto" else device)
         limits = BatchLimits(max_rows=max_rows, max_prefill_tokens=1 << 20, max_join_wait_steps=0)
-        self.loop = EngineLoop(engine, residency, store, eos=set(), limits=limits)
-        self.pattern = Pattern.full(engine.spec)
+        self.loop = EngineLoop(patterned, residency, store, eos=set(), limits=limits)
+        self.pattern = Pattern.full(patterned.spec)
         self.tokenizer = AutoTokenizer.from_pretrained(store.dir, local_files_only=True)
-        self.device = engine.device
+        self.device = patterned.device
 
     def ids(self, rows: int, kv_len: int) -> list[list[int]]:
         """The rows' prompts: the built-in prompts' tokens repeated to `kv_len` (what the baseline uses too)."""
@@ -129,7 +129,7 @@ def run(options: StepBenchOptions) -> dict[str, Any]:
         raise InvalidArgument("kv_len, steps and rounds must be at least 1", field="steps")
     device = resolve_device(None if options.device == "auto" else options.device)
     store = _store(ServeBenchOptions(store=options.store, model=options.model, quiet=options.quiet))
-    engine = EngineSteps(store, options.device, rows[-1])
+    patterned = EngineSteps(store, options.device, rows[-1])
     ours: dict[tuple[int, int], list[dict[str, Any]]] = {(t, n): [] for t in threads for n in rows}
     theirs: dict[tuple[int, int], list[dict[str, Any]]] = {(t, n): [] for t in threads for n in rows}
     loadavg = [os.getloadavg()]
@@ -140,7 +140,7 @@ def run(options: StepBenchOptions) -> dict[str, Any]:
                 for t in threads:
                     for n in rows:
                         bar.set_description(f"round {r}/{options.rounds}: {n} rows, {t} threads")
-                        mine = engine.measure(n, options.kv_len, options.steps, t)
+                        mine = patterned.measure(n, options.kv_len, options.steps, t)
                         base = hf.run("forward_step", t, rows=n, kv_len=options.kv_len, steps=options.steps)
                         if "error" in base:
                             raise RuntimeError(f"transformers baseline: {base['error']}")
@@ -151,7 +151,7 @@ def run(options: StepBenchOptions) -> dict[str, Any]:
             baseline_pid = hf.pid
     finally:
         bar.close()
-        engine.close()
+        patterned.close()
     loadavg.append(os.getloadavg())
     results = []
     for (t, n), runs in ours.items():

@@ -21,8 +21,8 @@ class Admission:
     those behind it. Copies run on the loader thread; only `commit` (at a step boundary) makes them routable.
     """
 
-    def __init__(self, engine: PatternedModel, residency: Residency, loader: Loader) -> None:
-        self.engine = engine
+    def __init__(self, patterned: PatternedModel, residency: Residency, loader: Loader) -> None:
+        self.patterned = patterned
         self.residency = residency
         self.loader = loader
 
@@ -74,7 +74,7 @@ class Admission:
             victims = [r for r in waiting if r.pinned is not None and _uses(r, failed)]
             failures.append((victims, job.error))
         if committed:
-            self.engine.publish_slots()
+            self.patterned.publish_slots()
         for request in waiting:
             if request.status is Status.LOADING and self.residency.is_resident(request.pattern):
                 _ready(request, step)

@@ -55,14 +55,14 @@ class RunningBatch:
     budget) and leave by giving it back. The pattern tables of the routing context are rebuilt only when the
     rows' distinct patterns change, and a pure decode step over unchanged rows reuses the last context whole."""
 
-    def __init__(self, engine: PatternedModel, max_rows: int) -> None:
-        self.engine = engine
-        self.pool = KVPool(max_rows, engine.device)
+    def __init__(self, patterned: PatternedModel, max_rows: int) -> None:
+        self.patterned = patterned
+        self.pool = KVPool(max_rows, patterned.device)
         self.requests: list[Request] = []  # in join order
         self._tables: PatternTables | None = None
         self._decode: tuple[tuple[int, ...], RoutingContext] | None = None
         self._last: tuple[tuple[int, ...], PackedStep, Tensor] | None = None  # last pure decode step's layout
-        self.attention = model_attention(engine.model)  # the model's own, run on the gathered rows
+        self.attention = model_attention(patterned.model)  # the model's own, run on the gathered rows
 
     @property
     def free_rows(self) -> int:
@@ -113,7 +113,7 @@ class RunningBatch:
         if decode and self._last is not None and self._last[0] == key:  # the same rows again: one column on
             layout, last_keep = self._last[1].advanced(), self._last[2]
             self._last = (key, layout, last_keep)
-            tokens = torch.tensor([[r.generated[-1] for r in rows]], dtype=torch.long, device=self.engine.device)
+            tokens = torch.tensor([[r.generated[-1] for r in rows]], dtype=torch.long, device=self.patterned.device)
             single = [range(b, b + 1) for b in range(len(rows))]
             return StepPlan(
                 rows, counts, [r.cached for r in rows], single, tokens, last_keep, layout, self._context(rows, counts)
@@ -134,7 +134,7 @@ class RunningBatch:
                 else:
                     keep.append(len(ids) - 1)
             kept.append(range(first, len(keep)))
-        device = self.engine.device
+        device = self.patterned.device
         layout = PackedStep.build(self.pool, [r.row for r in rows], starts, counts)  # type: ignore[misc]
         kept_index = torch.tensor(keep, dtype=torch.long, device=device)
         self._last = (key, layout, kept_index) if decode else None
@@ -154,7 +154,7 @@ class RunningBatch:
         decode = all(r.generated for r in rows)
         if decode and self._decode is not None and self._decode[0] == key:
             return self._decode[1]
-        self._tables = PatternTables.of(self.engine, [r.pattern for r in rows], self._tables)
+        self._tables = PatternTables.of(self.patterned, [r.pattern for r in rows], self._tables)
         context = RoutingContext.packed(
             self._tables,
             counts,
@@ -167,10 +167,10 @@ class RunningBatch:
 
 def forward(batch: RunningBatch, plan: StepPlan) -> Tensor:
     """The plan's forward pass, every token routed by its row's pattern; the kept logits `[K, V]`."""
-    engine = batch.engine
-    marker = torch.zeros((1, 1, 1, 1), device=engine.device)  # a 4D mask makes transformers skip building one
-    with routing(engine, plan.context), packed_attention_for(engine.model, plan.layout, batch.attention):
-        out = engine.model(
+    patterned = batch.patterned
+    marker = torch.zeros((1, 1, 1, 1), device=patterned.device)  # a 4D mask makes transformers skip building one
+    with routing(patterned, plan.context), packed_attention_for(patterned.model, plan.layout, batch.attention):
+        out = patterned.model(
             input_ids=plan.ids,
             attention_mask=marker,
             position_ids=plan.layout.position_ids(),

@@ -59,14 +59,14 @@ class Loader:
 
     def __init__(
         self,
-        engine: PatternedModel,
+        patterned: PatternedModel,
         source: Any,
         *,
         gate: threading.Event | None = None,
         wake: Any = None,
         staging_buffers: int = 4,
     ) -> None:
-        self.engine = engine
+        self.patterned = patterned
         self.source = source
         self.gate = gate or _open_event()
         self.wake = wake or (lambda: None)
@@ -75,13 +75,13 @@ class Loader:
         self._lock = threading.Lock()
         self.backlog = 0  # jobs submitted and not yet handed back
         self.bytes_in_flight = 0
-        self.cuda = engine.device.type == "cuda"
+        self.cuda = patterned.device.type == "cuda"
         self._stream: Any = None
         self._staging: list[tuple[torch.Tensor, Any]] = []
         self._next_staging = 0
         if self.cuda:
-            nbytes = _expert_nbytes(engine)
-            self._stream = torch.cuda.Stream(device=engine.device)
+            nbytes = _expert_nbytes(patterned)
+            self._stream = torch.cuda.Stream(device=patterned.device)
             self._staging = [
                 (torch.empty(nbytes, dtype=torch.uint8).pin_memory(), None) for _ in range(staging_buffers)
             ]
@@ -91,7 +91,7 @@ class Loader:
     def submit(self, job: LoadJob) -> None:
         with self._lock:
             self.backlog += 1
-            self.bytes_in_flight += len(job.copies) * _expert_nbytes(self.engine)
+            self.bytes_in_flight += len(job.copies) * _expert_nbytes(self.patterned)
         self._jobs.put(job)
 
     def completed(self) -> list[LoadJob]:
@@ -101,7 +101,7 @@ class Loader:
             while self._done and self._done[0].ready:
                 job = self._done.popleft()
                 self.backlog -= 1
-                self.bytes_in_flight -= len(job.copies) * _expert_nbytes(self.engine)
+                self.bytes_in_flight -= len(job.copies) * _expert_nbytes(self.patterned)
                 out.append(job)
         return out
 
@@ -129,28 +129,28 @@ class Loader:
 
     def _copy(self, job: LoadJob) -> None:
         copies, lowered = job.copies, 0
-        if self.engine.quantized is not None or self.engine.channels is not None:
+        if self.patterned.quantized is not None or self.patterned.channels is not None:
             # experts held below full precision or in part go into their banks' slots
-            rows, capacity = self.engine.rows, self.engine.book.capacity
+            rows, capacity = self.patterned.rows, self.patterned.book.capacity
             copies = [c for c in job.copies if c[2] < capacity[rows[c[0]]]]
             for layer, expert, slot in job.copies:
                 if slot >= capacity[rows[layer]]:
-                    tier, nbytes = self.engine.read_into_bank(layer, expert, slot)
+                    tier, nbytes = self.patterned.read_into_bank(layer, expert, slot)
                     job.tiers[tier] += 1
                     lowered += nbytes
-        job.nbytes = lowered + len(copies) * _expert_nbytes(self.engine)
+        job.nbytes = lowered + len(copies) * _expert_nbytes(self.patterned)
         if not copies:
             return
         if not isinstance(self.source, ExpertReader):  # a plain expert source (tests, in-memory models)
             for layer, expert, slot in copies:
-                write_slot(self.engine.experts_module(layer), slot, self.source.read(layer, expert))
+                write_slot(self.patterned.experts_module(layer), slot, self.source.read(layer, expert))
                 job.tiers["cache"] += 1
             return
         read_many, names = self.source.read_many_into, self.source.part_names
         if not self.cuda:
             items = []
             for layer, expert, slot in copies:
-                params = expert_params(self.engine.experts_module(layer))
+                params = expert_params(self.patterned.experts_module(layer))
                 views = [memoryview(bytes_view(params[name][slot])) for name in names]  # type: ignore[arg-type]
                 items.append((layer, expert, views))
             for tier in read_many(items):
@@ -159,9 +159,9 @@ class Loader:
         assert self._stream is not None
         for layer, expert, slot in copies:
             staging = self._staging_buffer()
-            tier = read_many([(layer, expert, _part_views(staging, self.engine, layer, names))])[0]
+            tier = read_many([(layer, expert, _part_views(staging, self.patterned, layer, names))])[0]
             job.tiers[tier] += 1
-            params = expert_params(self.engine.experts_module(layer))
+            params = expert_params(self.patterned.experts_module(layer))
             with torch.cuda.stream(self._stream):
                 offset = 0
                 for name in names:
@@ -182,8 +182,8 @@ class Loader:
         return buffer
 
 
-def _part_views(staging: torch.Tensor, engine: PatternedModel, layer: int, names: list[str]) -> list[memoryview]:
-    params = expert_params(engine.experts_module(layer))
+def _part_views(staging: torch.Tensor, patterned: PatternedModel, layer: int, names: list[str]) -> list[memoryview]:
+    params = expert_params(patterned.experts_module(layer))
     views, offset = [], 0
     array = staging.numpy()
     for name in names:
@@ -193,9 +193,9 @@ def _part_views(staging: torch.Tensor, engine: PatternedModel, layer: int, names
     return views
 
 
-def _expert_nbytes(engine: PatternedModel) -> int:
-    layer = engine.spec.moe_layers[0]
-    params = expert_params(engine.experts_module(layer))
+def _expert_nbytes(patterned: PatternedModel) -> int:
+    layer = patterned.spec.moe_layers[0]
+    params = expert_params(patterned.experts_module(layer))
     return sum(p[0].numel() * p.element_size() for p in params.values())
 
 

@@ -52,7 +52,7 @@ class EngineLoop:
 
     def __init__(
         self,
-        engine: PatternedModel,
+        patterned: PatternedModel,
         residency: Residency,
         source: Any,
         *,
@@ -66,27 +66,27 @@ class EngineLoop:
         widen: Callable[[Pattern, dict[int, torch.Tensor], float], Pattern] | None = None,
         count: Callable[[GenerationResult], None] | None = None,
     ) -> None:
-        self.engine = engine
+        self.patterned = patterned
         self.residency = residency
         self.limits = limits or BatchLimits()
         self.eos = frozenset(eos)
         self.widen = widen
         self.count = count
-        self.top_k = engine.spec.top_k
+        self.top_k = patterned.spec.top_k
         self.pad_id = pad_id
         self.stopping = stopping or (lambda: False)
         self.threads = threads  # torch intra-op threads for its forward passes; None: leave torch's setting
         self.stats = LoopStats()
         self._inbox = Inbox(observe)
         self.outbox = Outbox()
-        self.loader = Loader(engine, source, gate=loader_gate, wake=self._inbox.wake.set)
-        self.admission = Admission(engine, residency, self.loader)
+        self.loader = Loader(patterned, source, gate=loader_gate, wake=self._inbox.wake.set)
+        self.admission = Admission(patterned, residency, self.loader)
         self.waiting: list[Request] = []  # FIFO: waiting for slots, loading, or ready for a row
-        self.batch = RunningBatch(engine, self.limits.max_rows)
+        self.batch = RunningBatch(patterned, self.limits.max_rows)
         self.plan: StepPlan | None = None  # the last forward pass's plan (its rows and kept logits)
         self._thread: threading.Thread | None = None
         self._closed = False
-        self.moe_layers = len(engine.spec.moe_layers)
+        self.moe_layers = len(patterned.spec.moe_layers)
 
     # --- outside --------------------------------------------------------------------------------------
 

@@ -111,13 +111,13 @@ def zero_channels(family: str, tensors: dict[str, Tensor], kept: Tensor, transpo
     return out
 
 
-def install_plan(engine: Any, weights: PlanWeights, plan: ChannelPlan) -> Pattern:
+def install_plan(patterned: Any, weights: PlanWeights, plan: ChannelPlan) -> Pattern:
     """Write the plan's kept experts (at their precision, dropped channels zeroed) into the engine's full slots,
     which must hold every expert; returns the full-precision pattern to activate (the same kept experts)."""
-    spec, family = engine.spec, weights.store.manifest.family
+    spec, family = patterned.spec, weights.store.manifest.family
     for layer in spec.moe_layers:
-        module = engine.experts_module(layer)
-        slot_of = engine.slots[layer].slot_of
+        module = patterned.experts_module(layer)
+        slot_of = patterned.slots[layer].slot_of
         for expert in plan.pattern.kept(layer):
             kept = plan.channels.get(layer, {}).get(expert)
             tensors = weights.expert(layer, expert, plan.pattern.precision(layer, expert), kept is not None)
@@ -155,10 +155,10 @@ def evaluate_channels(
     options = store_options(store, full_nbytes=unit, precisions=(FULL, *precisions))
     shape = ExpertShape.of(store.manifest)
     counts = channel_counts(shape.intermediate, fractions)
-    engine, _ = load_model(store, device=device)
-    spec = engine.spec
+    patterned, _ = load_model(store, device=device)
+    spec = patterned.spec
     full = Pattern.full(spec)
-    engine.apply(full, store)
+    patterned.apply(full, store)
     weights = PlanWeights(store)
     total = unit * spec.num_experts * len(spec.moe_layers)
     result = ChannelEvalResult(
@@ -174,8 +174,8 @@ def evaluate_channels(
 
     def measure(task: TaskData) -> float:
         if task.exact:
-            return exact_match(engine.model, tokenizer, task.items, margin=answer_margin)
-        return mean_nll(engine.model, tokenizer, task.items)
+            return exact_match(patterned.model, tokenizer, task.items, margin=answer_margin)
+        return mean_nll(patterned.model, tokenizer, task.items)
 
     methods = [EXPERT_LEVEL, *(f"channels-{c}" for c in criteria)]
     bar = tqdm(total=len(data) * (1 + len(budgets) * len(methods)), desc="eval channels", disable=not progress)
@@ -183,8 +183,8 @@ def evaluate_channels(
         profile = profiles[name]
         metric = result.metric[name] = "accuracy" if task.exact else "nll"
         result.items[name] = len(task.items)
-        install_plan(engine, weights, ChannelPlan(full, {}, 0, {}))
-        engine.activate(full)
+        install_plan(patterned, weights, ChannelPlan(full, {}, 0, {}))
+        patterned.activate(full)
         result.full[name] = measure(task)
         bar.update()
         measured = bool(demos and demos.get(name))
@@ -223,7 +223,7 @@ def evaluate_channels(
                     kept[method][key] = shares[method][key] = channel_shares[method][key] = float("nan")
                     experts[method][key] = 0
                 else:
-                    engine.activate(install_plan(engine, weights, plan))
+                    patterned.activate(install_plan(patterned, weights, plan))
                     kept[method][key] = retention(metric, result.full[name], measure(task))
                     shares[method][key] = plan.nbytes / total
                     experts[method][key] = plan.pattern.size

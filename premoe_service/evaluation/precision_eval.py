@@ -74,9 +74,9 @@ def evaluate_precisions(
         raise InvalidArgument(f"unknown objectives {unknown} (use {', '.join(OBJECTIVES)})", field="objectives")
     unit = bf16_nbytes(store.manifest)
     options = store_options(store, full_nbytes=unit, precisions=(FULL, *precisions))
-    engine, _ = load_model(store, device=device)
-    spec = engine.spec
-    attach_precisions(engine, store, dict.fromkeys(precisions, spec.num_experts))
+    patterned, _ = load_model(store, device=device)
+    spec = patterned.spec
+    attach_precisions(patterned, store, dict.fromkeys(precisions, spec.num_experts))
     total = unit * spec.num_experts * len(spec.moe_layers)
     experts = spec.num_experts * len(spec.moe_layers)
     result = PrecisionEvalResult(precisions=list(precisions))
@@ -88,10 +88,10 @@ def evaluate_precisions(
     tokenizer = AutoTokenizer.from_pretrained(store.dir, local_files_only=True)
 
     def measure(task: TaskData, pattern: Pattern) -> float:
-        engine.apply(pattern, store)
+        patterned.apply(pattern, store)
         if task.exact:
-            return exact_match(engine.model, tokenizer, task.items, margin=answer_margin)
-        return mean_nll(engine.model, tokenizer, task.items)
+            return exact_match(patterned.model, tokenizer, task.items, margin=answer_margin)
+        return mean_nll(patterned.model, tokenizer, task.items)
 
     methods = [DROP, UNIFORM, *(f"mixed-{o}" for o in objectives)]
     bar = tqdm(total=len(data) * (1 + len(budgets) * len(methods)), desc="eval precisions", disable=not progress)

@@ -87,10 +87,10 @@ def retention(metric: str, full: float, pruned: float) -> float:
     return perplexity(full) / perplexity(pruned)
 
 
-def random_pattern(engine: PatternedModel, budget: float, seed: int) -> Pattern:
+def random_pattern(patterned: PatternedModel, budget: float, seed: int) -> Pattern:
     """The random floor: uniformly random experts, the same count per layer as a uniform budget."""
     rng = random.Random(seed)
-    spec = engine.spec
+    spec = patterned.spec
     count = max(spec.top_k, round(budget * spec.num_experts))
     scores = [[rng.random() for _ in range(spec.num_experts)] for _ in spec.moe_layers]
     return select(torch.tensor(scores), spec, Selection("tcess", "top_k", count, "experts"))
@@ -120,15 +120,15 @@ def evaluate_grid(
         raise InvalidArgument(
             f"unknown criterion {cross_criterion!r} (use {', '.join(CRITERIA)})", field="cross_criterion"
         )
-    engine, _ = load_model(store, device=device)
-    spec = engine.spec
+    patterned, _ = load_model(store, device=device)
+    spec = patterned.spec
     result = EvalResult(cross_budget=cross_budget, cross_criterion=cross_criterion)
 
     def measure(task: TaskData, pattern: Pattern) -> float:
-        engine.apply(pattern, store)
+        patterned.apply(pattern, store)
         if task.exact:
-            return exact_match(engine.model, tokenizer, task.items, margin=answer_margin)
-        return mean_nll(engine.model, tokenizer, task.items)
+            return exact_match(patterned.model, tokenizer, task.items, margin=answer_margin)
+        return mean_nll(patterned.model, tokenizer, task.items)
 
     from transformers import AutoTokenizer
 
@@ -151,7 +151,7 @@ def evaluate_grid(
                     bar.update()
                     continue
                 if criterion == RANDOM:
-                    pattern = random_pattern(engine, budget, seed)
+                    pattern = random_pattern(patterned, budget, seed)
                 else:
                     scores = profiles[name].score(criterion)
                     pattern = select(scores, spec, Selection(criterion, "budget", budget, "fraction"))

@@ -31,19 +31,19 @@ def demo_errors(
     quantized = [p for p, o in options.items() if o.error is not None]
     if not quantized:
         return dict(options)
-    engine, _ = load_model(store, device="cpu")
-    spec = engine.spec
-    attach_precisions(engine, store, dict.fromkeys(quantized, spec.num_experts))
+    patterned, _ = load_model(store, device="cpu")
+    spec = patterned.spec
+    attach_precisions(patterned, store, dict.fromkeys(quantized, spec.num_experts))
     full = Pattern.full(spec)
-    engine.apply(full, store)
+    patterned.apply(full, store)
     # Each quantized bank holds every expert, in expert order: load one pattern per precision.
     for precision in quantized:
         lowered = {layer: dict.fromkeys(range(spec.num_experts), precision) for layer in spec.moe_layers}
-        engine.load(Pattern.build(spec, full.layers, lowered), store)
+        patterned.load(Pattern.build(spec, full.layers, lowered), store)
     captured: dict[int, tuple[Tensor, Tensor]] = {}
     hooks = []
     for layer in spec.moe_layers:
-        module = engine.experts_module(layer)
+        module = patterned.experts_module(layer)
 
         def capture(_module, args, layer=layer) -> None:
             captured[layer] = (args[0].detach(), args[1].detach())  # hidden [T, H], slot ids [T, K]
@@ -51,8 +51,8 @@ def demo_errors(
         hooks.append(module.register_forward_pre_hook(capture))
     tokenizer = AutoTokenizer.from_pretrained(store.dir, local_files_only=True)
     ids, mask, _ = tokenize_demos(tokenizer, demos, max_length)
-    engine.activate(full)
-    engine.model(input_ids=ids, attention_mask=mask)
+    patterned.activate(full)
+    patterned.model(input_ids=ids, attention_mask=mask)
     for hook in hooks:
         hook.remove()
     valid = mask.reshape(-1).bool()  # [T]: padded positions route too, but never count
@@ -64,9 +64,9 @@ def demo_errors(
         error = option.error.clone().double()
         for i, layer in enumerate(spec.moe_layers):
             hidden, slots = captured[layer]
-            slots_of = engine.slots[layer].slot_of
-            bank = engine.quantized.banks[layer][precision]  # type: ignore[union-attr]
-            module = engine.experts_module(layer)
+            slots_of = patterned.slots[layer].slot_of
+            bank = patterned.quantized.banks[layer][precision]  # type: ignore[union-attr]
+            module = patterned.experts_module(layer)
             for expert in range(spec.num_experts):
                 rows = ((slots == slots_of[expert]).any(-1) & valid[: slots.shape[0]]).nonzero().flatten()
                 if rows.numel() == 0:
@@ -95,9 +95,9 @@ def channel_kept(
     from .channels import kept_share
     from .routing_stats import ChannelBatch, expert_outputs
 
-    engine, _ = load_model(store, device="cpu")
-    spec = engine.spec
-    engine.apply(Pattern.full(spec), store)
+    patterned, _ = load_model(store, device="cpu")
+    spec = patterned.spec
+    patterned.apply(Pattern.full(spec), store)
     captured: dict[int, tuple[Tensor, Tensor]] = {}
     hooks = []
     for layer in spec.moe_layers:
@@ -105,19 +105,19 @@ def channel_kept(
         def capture(_module, args, layer=layer) -> None:
             captured[layer] = (args[0].detach(), args[1].detach())  # hidden [T, H], slot ids [T, K]
 
-        hooks.append(engine.experts_module(layer).register_forward_pre_hook(capture))
+        hooks.append(patterned.experts_module(layer).register_forward_pre_hook(capture))
     tokenizer = AutoTokenizer.from_pretrained(store.dir, local_files_only=True)
     ids, mask, _ = tokenize_demos(tokenizer, demos, max_length)
-    engine.activate(Pattern.full(spec))
-    engine.model(input_ids=ids, attention_mask=mask)
+    patterned.activate(Pattern.full(spec))
+    patterned.model(input_ids=ids, attention_mask=mask)
     for hook in hooks:
         hook.remove()
     valid = mask.reshape(-1).bool()
     out = {name: kept_share(scores, counts) for name, scores in channel_scores.items()}
     for i, layer in enumerate(spec.moe_layers):
         hidden, slots = captured[layer]
-        module = engine.experts_module(layer)
-        slot_of = engine.slots[layer].slot_of
+        module = patterned.experts_module(layer)
+        slot_of = patterned.slots[layer].slot_of
         for expert in range(spec.num_experts):
             rows = ((slots == slot_of[expert]).any(-1) & valid[: slots.shape[0]]).nonzero().flatten()
             if rows.numel() == 0:

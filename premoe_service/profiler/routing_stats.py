@@ -35,7 +35,7 @@ class StatsCollector:
         channels: Also gather the channel scores of every expert (`channels`).
     """
 
-    engine: PatternedModel
+    patterned: PatternedModel
     token_mask: Tensor
     tcess_threshold: float = 0.0
     channels: bool = False
@@ -52,22 +52,22 @@ class StatsCollector:
     def attach(self) -> Iterator[None]:
         """Install the hooks for the duration of the block."""
         handles = []
-        layers = self.engine.decoder_layers
-        for layer in self.engine.spec.moe_layers:
+        layers = self.patterned.decoder_layers
+        for layer in self.patterned.spec.moe_layers:
             norm = layers[layer].get_submodule("post_attention_layernorm")
             handles.append(norm.register_forward_pre_hook(self._residual_hook(layer)))
-            experts = self.engine.experts_module(layer)
+            experts = self.patterned.experts_module(layer)
             # An instance attribute shadows the class's forward for this pass only.
             experts.forward = self._experts_forward(layer, experts)
-        self.engine.set_observer(self._on_route)
+        self.patterned.set_observer(self._on_route)
         try:
             yield
         finally:
-            self.engine.set_observer(None)
+            self.patterned.set_observer(None)
             for handle in handles:
                 handle.remove()
-            for layer in self.engine.spec.moe_layers:
-                del self.engine.experts_module(layer).forward
+            for layer in self.patterned.spec.moe_layers:
+                del self.patterned.experts_module(layer).forward
 
     def _residual_hook(self, layer: int) -> Any:
         def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
@@ -100,7 +100,7 @@ class StatsCollector:
         if batches is not None:
             self._add_channels(layer, batches, residual + routed.float(), mask, weights)
         tokens = LayerTokens(
-            probs=full_scores(self.engine.spec.routing, routing.logits)[mask],  # [N, E]
+            probs=full_scores(self.patterned.spec.routing, routing.logits)[mask],  # [N, E]
             chosen=routing.experts[mask],  # [N, k]
             weights=routing.weights[mask].float(),  # [N, k]
             norms=outputs[mask].float().norm(dim=-1),  # [N, k]
@@ -116,7 +116,7 @@ class StatsCollector:
     def _add_channels(
         self, layer: int, batches: list[ChannelBatch], stream: Tensor, mask: Tensor, weights: Tensor
     ) -> None:
-        owner = self.engine.slots[layer].expert_in_slot  # slot -> expert (the same ids when layer-streamed)
+        owner = self.patterned.slots[layer].expert_in_slot  # slot -> expert (the same ids when layer-streamed)
         k = weights.shape[-1]
         flat = weights.reshape(-1).float()  # [T * k]
         named = []
@@ -126,17 +126,17 @@ class StatsCollector:
                 continue
             rows = batch.tokens
             named.append(ChannelBatch(int(expert), rows // k, batch.hidden, batch.down, flat[rows]))
-        sums = self.channel_sums.setdefault(layer, ChannelSums(self.engine.spec.num_experts))
+        sums = self.channel_sums.setdefault(layer, ChannelSums(self.patterned.spec.num_experts))
         sums.add(named, stream, mask)
 
     def channel_scores(self) -> dict[str, Tensor]:
         """Channel criterion -> [L, E, I] fp32 on the CPU, rows in MoE-layer order (empty without `channels`)."""
         if not self.channels:
             return {}
-        width = intermediate_size(self.engine.experts_module(self.engine.spec.moe_layers[0]))
+        width = intermediate_size(self.patterned.experts_module(self.patterned.spec.moe_layers[0]))
         per_layer = [
-            self.channel_sums.get(layer, ChannelSums(self.engine.spec.num_experts)).scores(width)
-            for layer in self.engine.spec.moe_layers
+            self.channel_sums.get(layer, ChannelSums(self.patterned.spec.num_experts)).scores(width)
+            for layer in self.patterned.spec.moe_layers
         ]
         return {name: torch.stack([scores[name] for scores in per_layer]) for name in per_layer[0]}
 
@@ -145,7 +145,7 @@ class StatsCollector:
         tokens = max(self.tokens, 1)
         return {
             criterion.name: torch.stack(
-                [criterion.score(self.totals[layer], tokens) for layer in self.engine.spec.moe_layers]
+                [criterion.score(self.totals[layer], tokens) for layer in self.patterned.spec.moe_layers]
             ).cpu()
             for criterion in REGISTRY
         }

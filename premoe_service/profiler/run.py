@@ -52,7 +52,7 @@ def tokenize_demos(
 
 @torch.no_grad()
 def collect_scores(
-    engine: PatternedModel,
+    patterned: PatternedModel,
     source: ExpertSource,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -68,10 +68,10 @@ def collect_scores(
     `source` just before the layer runs and dropped right after, so at most one layer of experts is
     resident. Otherwise every MoE layer must already route over all of its experts.
     """
-    device = engine.device
+    device = patterned.device
     mask = attention_mask.to(device)
-    collector = StatsCollector(engine, mask.reshape(-1).bool(), tcess_threshold, channels)
-    layers = engine.decoder_layers
+    collector = StatsCollector(patterned, mask.reshape(-1).bool(), tcess_threshold, channels)
+    layers = patterned.decoder_layers
     bar = tqdm(total=len(layers), desc="profile", unit="layer", disable=not progress)
     peak = 0
     handles = []
@@ -79,16 +79,16 @@ def collect_scores(
     def before(layer: int) -> Any:
         def hook(*_: Any) -> None:
             nonlocal peak
-            if streamed and layer in engine.slots:
-                engine.fill_layer(layer, source)
-                peak = max(peak, engine.expert_bytes_resident())
+            if streamed and layer in patterned.slots:
+                patterned.fill_layer(layer, source)
+                peak = max(peak, patterned.expert_bytes_resident())
 
         return hook
 
     def after(layer: int) -> Any:
         def hook(*_: Any) -> None:
-            if streamed and layer in engine.slots:
-                engine.empty_layer(layer)
+            if streamed and layer in patterned.slots:
+                patterned.empty_layer(layer)
             bar.update()
 
         return hook
@@ -98,13 +98,13 @@ def collect_scores(
         handles.append(decoder_layer.register_forward_hook(after(index)))
     try:
         with collector.attach():
-            engine.model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
+            patterned.model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
         bar.close()
     if not streamed:
-        peak = engine.expert_bytes_resident()
+        peak = patterned.expert_bytes_resident()
     return ProfileRun(
         collector.scores(), collector.tokens, peak_slot_bytes=peak, channel_scores=collector.channel_scores()
     )
@@ -159,7 +159,7 @@ def profile_store(
     tcess_threshold: float = 0.0,
     device: str | None = None,
     progress: bool = False,
-    engine: PatternedModel | None = None,
+    patterned: PatternedModel | None = None,
     examples: Sequence[str] = (),
     channels: bool = False,
 ) -> tuple[Profile, ProfileRun]:
@@ -178,13 +178,20 @@ def profile_store(
     from ..runtime.router_signal import RouterSignal
 
     check_task_name(name)
-    if engine is None:
-        engine, _ = load_model(store, device=device, capacity=0)
+    if patterned is None:
+        patterned, _ = load_model(store, device=device, capacity=0)
     tokenizer = AutoTokenizer.from_pretrained(store.dir, local_files_only=True)
-    max_length = int(getattr(engine.config, "max_position_embeddings", 4096))
+    max_length = int(getattr(patterned.config, "max_position_embeddings", 4096))
     ids, mask, truncated = tokenize_demos(tokenizer, demos, max_length)
     run = collect_scores(
-        engine, store, ids, mask, streamed=True, tcess_threshold=tcess_threshold, progress=progress, channels=channels
+        patterned,
+        store,
+        ids,
+        mask,
+        streamed=True,
+        tcess_threshold=tcess_threshold,
+        progress=progress,
+        channels=channels,
     )
     run.truncated = truncated
     profile = build_profile(
@@ -192,11 +199,11 @@ def profile_store(
         run,
         demos,
         fingerprint=store.fingerprint,
-        moe_layers=engine.spec.moe_layers,
+        moe_layers=patterned.spec.moe_layers,
         description=description,
         selection=selection,
         embedder=embedder,
-        signal=RouterSignal.from_store(store, device=engine.device, dense=engine.dense_state_dict()),
+        signal=RouterSignal.from_store(store, device=patterned.device, dense=patterned.dense_state_dict()),
         examples=examples,
     )
     return profile, run

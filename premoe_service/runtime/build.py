@@ -49,12 +49,12 @@ def load_model(
     spec = adapter.spec(config)
     if capacity is None:
         capacity = (budget or Budget(fraction=1.0)).slots_per_layer(spec, manifest.expert_nbytes)
-    engine = PatternedModel(model, capacity, device=device)
+    patterned = PatternedModel(model, capacity, device=device)
 
     if dense is None:
         dense = store.dense_state_dict(device)
     missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
-    slot_params = engine.slot_param_names()
+    slot_params = patterned.slot_param_names()
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
         slot_params.add("lm_head.weight")
@@ -68,7 +68,7 @@ def load_model(
     _check_loaded(model)
     use_hit_experts(model)
     model.eval()
-    return engine, Residency(engine, store, wait_timeout_s=wait_timeout_s)
+    return patterned, Residency(patterned, store, wait_timeout_s=wait_timeout_s)
 
 
 def materialise_buffers(model: nn.Module, device: torch.device) -> None:

@@ -278,12 +278,12 @@ class ChannelSlots:
     """
 
     def __init__(
-        self, engine: Any, source: ExpertSource, capacity: Mapping[Any, Any], variants: int | None = None
+        self, patterned: Any, source: ExpertSource, capacity: Mapping[Any, Any], variants: int | None = None
     ) -> None:
-        self.engine, self.source = engine, source
-        spec, layers = engine.spec, engine.spec.moe_layers
+        self.patterned, self.source = patterned, source
+        spec, layers = patterned.spec, patterned.spec.moe_layers
         self.family = spec.family
-        first = expert_params(engine.experts_module(layers[0]))
+        first = expert_params(patterned.experts_module(layers[0]))
         down = first["down_proj"]
         self.intermediate = int(down.shape[1] if self.family in _TRANSPOSED else down.shape[2])
         self.hidden = int(down.shape[2] if self.family in _TRANSPOSED else down.shape[1])
@@ -331,7 +331,7 @@ class ChannelSlots:
         self._lock = threading.Lock()
         self.banks: dict[int, dict[ChannelKey, ChannelBank | QuantizedChannelBank]] = {}
         for row, layer in enumerate(layers):
-            experts = engine.experts_module(layer)
+            experts = patterned.experts_module(layer)
             params = expert_params(experts)
             meta = {name: torch.empty(tuple(p.shape[1:]), device="meta") for name, p in params.items()}
             dtype = next(iter(params.values())).dtype
@@ -353,7 +353,7 @@ class ChannelSlots:
                         {name: shape for name, shape in biases.items() if name in params},
                         dtype,
                         self.store_dtype,
-                        engine.device,
+                        patterned.device,
                         slots,
                     )
                     self._offsets[key][row] = offset
@@ -365,11 +365,11 @@ class ChannelSlots:
                         self.family, slice_channels(self.family, meta, torch.arange(key[1])), key[1]
                     ).items()
                 }
-                banks[key] = ChannelBank(self.family, key, offset, shapes, dtype, engine.device, slots)
+                banks[key] = ChannelBank(self.family, key, offset, shapes, dtype, patterned.device, slots)
                 self._offsets[key][row] = offset
                 offset += slots.capacity
             self.banks[layer] = banks
-            engine.routers[layer].skip_id = offset  # one past every bank: the wrapped forward skips it
+            patterned.routers[layer].skip_id = offset  # one past every bank: the wrapped forward skips it
             install_banks(experts, "channels", list(banks.values()), self.family)
         self.index = _ByPattern(self._index)
         self._wanted = _ByPattern(self._masks)
@@ -462,7 +462,7 @@ class ChannelSlots:
 
     def _index(self, pattern: Pattern) -> dict[ChannelKey, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Bank -> (rows, columns, experts) of the pattern's experts held in part, registering new variants."""
-        rows_of = self.engine.rows
+        rows_of = self.patterned.rows
         found: dict[ChannelKey, list[tuple[int, int, int]]] = {}
         with self._lock:
             for layer, by_expert in pattern.channels.items():
@@ -499,7 +499,7 @@ class ChannelSlots:
     def _masks(self, pattern: Pattern) -> dict[ChannelKey, np.ndarray]:
         out = {}
         for key, (rows, columns, _) in self.index(pattern).items():
-            mask = np.zeros((len(self.engine.spec.moe_layers), self.variants), dtype=bool)
+            mask = np.zeros((len(self.patterned.spec.moe_layers), self.variants), dtype=bool)
             mask[rows, columns] = True
             out[key] = mask
         return out
@@ -519,7 +519,7 @@ class ChannelSlots:
     ) -> None:
         """Write the pattern's missing variants into their banks (every bank planned before anything moves); the
         (layer, expert) of each variant written goes to `layer_reports`, of each variant evicted to `evicted`."""
-        layers = self.engine.spec.moe_layers
+        layers = self.patterned.spec.moe_layers
         wanted = self.wanted(pattern)
         plans = [(key, mask, self.books[key].plan(mask)) for key, mask in wanted.items()]
         for key, mask, plan in plans:
@@ -548,13 +548,13 @@ class ChannelSlots:
         bank = self.bank_of(layer, slot)
         if bank is None:
             raise FailedPrecondition(f"slot {slot} of layer {layer} is not a channel slot", field="slot")
-        expert, ids = self.variant(bank.key, self.engine.rows[layer], column)
+        expert, ids = self.variant(bank.key, self.patterned.rows[layer], column)
         return self._fill(layer, bank, slot - bank.offset, expert, ids)
 
     def table(self, layer: int, pattern: Pattern, full_table: Tensor) -> Tensor:
         """Long [E]: each expert's slot id for `pattern` (its channel slot where the pattern holds it in part)."""
         table = full_table.clone()
-        row = self.engine.rows[layer]
+        row = self.patterned.rows[layer]
         for key, (rows, columns, experts) in self.index(pattern).items():
             book, here = self.books[key], rows == row
             for column, expert in zip(columns[here].tolist(), experts[here].tolist(), strict=True):
@@ -629,11 +629,11 @@ def _record_biases(records: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def attach_channels(
-    engine: Any, source: ExpertSource, capacity: Mapping[Any, Any], variants: int | None = None
+    patterned: Any, source: ExpertSource, capacity: Mapping[Any, Any], variants: int | None = None
 ) -> ChannelSlots:
     """Give a patterned model channel slots (bank `full@WIDTH` -> slots per layer); its patterns may then hold
     experts in part (`Pattern.channels`). Attach quantized slots (`attach_precisions`) first, if any."""
-    if engine.channels is not None:
+    if patterned.channels is not None:
         raise FailedPrecondition("the engine already has channel slots", field="channel_slots")
-    engine.channels = ChannelSlots(engine, source, capacity, variants)
-    return engine.channels
+    patterned.channels = ChannelSlots(patterned, source, capacity, variants)
+    return patterned.channels

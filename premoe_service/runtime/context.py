@@ -57,7 +57,7 @@ class RoutingContext:
     @classmethod
     def build(
         cls,
-        engine: PatternedModel,
+        patterned: PatternedModel,
         patterns: Sequence[Pattern],
         seq_len: int,
         lengths: Sequence[int] | None = None,
@@ -76,7 +76,7 @@ class RoutingContext:
         skip = None
         if skip_below is not None and any(s > 0 for s in skip_below):
             skip = torch.tensor(list(skip_below), dtype=torch.float32)[token_row]
-        return cls.assemble(PatternTables.of(engine, patterns), token_row, weight.reshape(-1), keep_scores, skip)
+        return cls.assemble(PatternTables.of(patterned, patterns), token_row, weight.reshape(-1), keep_scores, skip)
 
     @classmethod
     def packed(
@@ -207,11 +207,11 @@ class PatternTables:
 
     @classmethod
     def of(
-        cls, engine: PatternedModel, patterns: Sequence[Pattern], known: PatternTables | None = None
+        cls, patterned: PatternedModel, patterns: Sequence[Pattern], known: PatternTables | None = None
     ) -> PatternTables:
         """The tables for rows following `patterns`; `known`'s tables are reused when the distinct patterns are the
         same objects in the same order (only the row index is rebuilt then)."""
-        device = engine.device
+        device = patterned.device
         index: dict[int, int] = {}
         unique: list[Pattern] = []
         for pattern in patterns:
@@ -222,41 +222,43 @@ class PatternTables:
         same = known is not None and len(known.patterns) == len(unique)
         if known is not None and same and all(a is b for a, b in zip(known.patterns, unique, strict=True)):
             return cls(known.spec, device, known.tables, known.slot_tables, row_pattern, unique)
-        masks = [engine.excluded_masks(p) for p in unique]
+        masks = [patterned.excluded_masks(p) for p in unique]
         tables: dict[int, Tensor | None] = {}
-        for layer in engine.spec.moe_layers:
+        for layer in patterned.spec.moe_layers:
             per_pattern = [m[layer] for m in masks]
             if all(m is None for m in per_pattern):
                 tables[layer] = None
             else:
-                none = torch.zeros(engine.spec.num_experts, dtype=torch.bool, device=device)
+                none = torch.zeros(patterned.spec.num_experts, dtype=torch.bool, device=device)
                 tables[layer] = torch.stack([none if m is None else m for m in per_pattern])
         slot_tables: dict[int, Tensor] = {}
-        banked = [engine.banked(p) for p in unique]
+        banked = [patterned.banked(p) for p in unique]
         if any(banked):
             # Built from the tables published now: the rows' own experts are pinned, so their slots stay put
             # while the rows run (other entries are excluded for the row anyway).
-            for layer, router in engine.routers.items():
+            for layer, router in patterned.routers.items():
                 full = router.slot_of
                 slot_tables[layer] = torch.stack(
-                    [engine.route_table(layer, p, full) if b else full for p, b in zip(unique, banked, strict=True)]
+                    [patterned.route_table(layer, p, full) if b else full for p, b in zip(unique, banked, strict=True)]
                 )
-        return cls(engine.spec.routing, device, tables, slot_tables, row_pattern, unique)
+        return cls(patterned.spec.routing, device, tables, slot_tables, row_pattern, unique)
 
 
 @contextmanager
-def routing(engine: PatternedModel, context: RoutingContext) -> Iterator[RoutingContext]:
+def routing(patterned: PatternedModel, context: RoutingContext) -> Iterator[RoutingContext]:
     """Install `context` in every masked router for the forward passes inside the block. When rows skip experts,
     the experts modules take skipped pairs as transformers' expert-parallel sentinels (their rows masked to zero)."""
-    skipping = [engine.experts_module(layer) for layer in engine.routers] if context.skip_below is not None else []
-    for router in engine.routers.values():
+    skipping = (
+        [patterned.experts_module(layer) for layer in patterned.routers] if context.skip_below is not None else []
+    )
+    for router in patterned.routers.values():
         router.context = context
     for experts in skipping:
         setattr(experts, "_is_expert_parallel", True)  # noqa: B010 - a transformers attribute
     try:
         yield context
     finally:
-        for router in engine.routers.values():
+        for router in patterned.routers.values():
             router.context = None
         for experts in skipping:
             setattr(experts, "_is_expert_parallel", False)  # noqa: B010

@@ -24,15 +24,15 @@ class SharedUseTracker:
     """
 
     def __init__(self, residency: Residency, half_life: float = 64.0) -> None:
-        book = residency.engine.book
+        book = residency.patterned.book
         if book.state.any():
             raise RuntimeError("install the refinement before any expert is loaded")
         self.decay = 0.5 ** (1.0 / half_life)
-        self.engine = residency.engine
+        self.patterned = residency.patterned
         self.counts = np.zeros(book.state.shape, dtype=np.float64)  # [L, E], MoE layers in order
         book.use = self.counts
 
     def observe(self, pattern: Pattern) -> None:
         """Count one use of each expert of a request's pattern (before it is planned; on the thread that plans)."""
         self.counts *= self.decay
-        self.counts += self.engine.full_mask(pattern)
+        self.counts += self.patterned.full_mask(pattern)

@@ -99,11 +99,11 @@ class PatternedModel:
         pattern = pattern or Pattern.full(spec)
         pattern.validate(spec)
         source = ModelExpertSource.capture(model, adapter)
-        engine = cls(
+        patterned = cls(
             model, capacity if capacity is not None else {layer: len(kept) for layer, kept in pattern.layers.items()}
         )
-        engine.apply(pattern, source)
-        return engine, source
+        patterned.apply(pattern, source)
+        return patterned, source
 
     @property
     def config(self) -> Any:

@@ -105,42 +105,42 @@ class QuantizedSlots:
         capacity: Precision -> slots per layer (one number, or per layer).
     """
 
-    def __init__(self, engine: Any, sources: Mapping[str, QuantizedSource], capacity: Mapping[str, Any]) -> None:
-        self.engine, self.sources = engine, dict(sources)
+    def __init__(self, patterned: Any, sources: Mapping[str, QuantizedSource], capacity: Mapping[str, Any]) -> None:
+        self.patterned, self.sources = patterned, dict(sources)
         self.banks: dict[int, dict[str, QuantizedBank]] = {}
-        layers = engine.spec.moe_layers
+        layers = patterned.spec.moe_layers
         counts = {p: [c if isinstance(c, int) else c[layer] for layer in layers] for p, c in capacity.items()}
         self.books = {  # one slot book per precision over all MoE layers (`runtime.slot_book`)
-            p: SlotBook([max(c, 0) if isinstance(c, int) else 0 for c in counts[p]], engine.spec.num_experts, layers)
+            p: SlotBook([max(c, 0) if isinstance(c, int) else 0 for c in counts[p]], patterned.spec.num_experts, layers)
             for p in self.sources
         }
         self._offsets: dict[str, np.ndarray] = {p: np.zeros(len(layers), dtype=np.int64) for p in self.sources}
-        dtype = next(iter(expert_params(engine.experts_module(layers[0])).values())).dtype
+        dtype = next(iter(expert_params(patterned.experts_module(layers[0])).values())).dtype
         for row, layer in enumerate(layers):
-            experts = engine.experts_module(layer)
+            experts = patterned.experts_module(layer)
             params = expert_params(experts)
             shapes = {name: tuple(p.shape[1:]) for name, p in params.items()}
             offset = next(iter(params.values())).shape[0]
             banks = {}
             for precision, source in self.sources.items():
                 count = capacity[precision] if isinstance(capacity[precision], int) else capacity[precision][layer]
-                if not (isinstance(count, int) and 0 <= count <= engine.spec.num_experts):
+                if not (isinstance(count, int) and 0 <= count <= patterned.spec.num_experts):
                     raise InvalidArgument(
-                        f"{count!r} {precision} slots: give 0..{engine.spec.num_experts} per layer",
+                        f"{count!r} {precision} slots: give 0..{patterned.spec.num_experts} per layer",
                         field=f"capacity.{precision}",
                     )
                 slots = LayerSlots(book=self.books[precision], row=row)
-                banks[precision] = QuantizedBank(source.copy, count, offset, shapes, dtype, engine.device, slots)
+                banks[precision] = QuantizedBank(source.copy, count, offset, shapes, dtype, patterned.device, slots)
                 self._offsets[precision][row] = offset
                 offset += count
             self.banks[layer] = banks
-            engine.routers[layer].skip_id = offset  # one past every bank: the wrapped forward skips it
-            install_banks(experts, "quantized", list(banks.values()), engine.spec.family)
+            patterned.routers[layer].skip_id = offset  # one past every bank: the wrapped forward skips it
+            install_banks(experts, "quantized", list(banks.values()), patterned.spec.family)
 
     def load(self, pattern: Pattern, layer_reports: list[tuple[int, int]], tick: int) -> None:
         """Write the pattern's missing quantized experts into their banks (planned for all layers first)."""
         plans = []
-        for layer in self.engine.spec.moe_layers:
+        for layer in self.patterned.spec.moe_layers:
             for precision, wanted in _by_precision(pattern, layer).items():
                 bank = self._bank(layer, precision)
                 plans.append((layer, precision, bank, bank.slots.assign(wanted)))
@@ -150,7 +150,7 @@ class QuantizedSlots:
                 bank.write(slot, self.sources[precision].read(layer, expert))
                 bank.slots.place(expert, slot)
                 layer_reports.append((layer, expert))
-        for layer in self.engine.spec.moe_layers:
+        for layer in self.patterned.spec.moe_layers:
             for precision, wanted in _by_precision(pattern, layer).items():
                 self._bank(layer, precision).slots.touch(wanted, tick)
 
@@ -178,7 +178,7 @@ class QuantizedSlots:
 
     def book(self, precision: str) -> SlotBook:
         """The slot book of one precision's banks over all MoE layers (rows in layer order)."""
-        self._bank(self.engine.spec.moe_layers[0], precision)  # refuses a precision without slots
+        self._bank(self.patterned.spec.moe_layers[0], precision)  # refuses a precision without slots
         return self.books[precision]
 
     def offsets(self, precision: str) -> np.ndarray:
@@ -231,11 +231,11 @@ def _by_precision(pattern: Pattern, layer: int) -> dict[str, list[int]]:
     return groups
 
 
-def attach_precisions(engine: Any, store: Any, capacity: Mapping[str, Any]) -> QuantizedSlots:
+def attach_precisions(patterned: Any, store: Any, capacity: Mapping[str, Any]) -> QuantizedSlots:
     """Give a patterned model built from `store` slots for the store's quantized copies (precision -> slots
     per layer, one number or per layer); its patterns may then hold experts at those precisions."""
     from ..store.quantized_copies import PrecisionReader
 
     sources = {precision: PrecisionReader(store, precision) for precision in capacity}
-    engine.quantized = QuantizedSlots(engine, sources, capacity)
-    return engine.quantized
+    patterned.quantized = QuantizedSlots(patterned, sources, capacity)
+    return patterned.quantized

@@ -81,14 +81,14 @@ class Residency:
         wait_timeout_s: Default bound on waiting for pinned slots to free up.
     """
 
-    def __init__(self, engine: PatternedModel, store: Store, wait_timeout_s: float = 30.0) -> None:
-        self.engine = engine
+    def __init__(self, patterned: PatternedModel, store: Store, wait_timeout_s: float = 30.0) -> None:
+        self.patterned = patterned
         self.store = store
         self.wait_timeout_s = wait_timeout_s
         self.stats = ResidencyStats()
         self._cond = threading.Condition()
         self._valid: dict[int, weakref.ref[Pattern]] = {}  # patterns checked against the model, while they live
-        layers = engine.spec.moe_layers
+        layers = patterned.spec.moe_layers
         self._layers = np.array(layers, dtype=np.int64)  # book row -> layer id
         self._row_of = np.full(max(layers, default=0) + 1, -1, dtype=np.int64)  # layer id -> book row
         self._row_of[self._layers] = np.arange(len(layers))
@@ -125,7 +125,7 @@ class Residency:
             before = (dict(self.store.stats.loads), dict(self.store.stats.bytes))
             start = time.perf_counter()
             with self.model_lock:
-                report = self.engine.load(pattern, self.store)
+                report = self.patterned.load(pattern, self.store)
             lease = Lease(pattern=pattern, load_seconds=time.perf_counter() - start, evicted=len(report.evicted))
             for tier in ("cache", "disk"):
                 lease.loaded[tier] = self.store.stats.loads[tier] - before[0][tier]
@@ -207,7 +207,7 @@ class Residency:
         """Drop one pin of each expert of `pattern` and mark them recently used."""
         books = self._books(pattern)
         with self._cond:
-            tick = self.engine.next_tick()
+            tick = self.patterned.next_tick()
             for book, wanted, _ in books:
                 book.unpin(wanted, tick)
             self._cond.notify_all()
@@ -306,7 +306,7 @@ class Residency:
     def describe(self, pattern: Pattern, expert_nbytes: int) -> PatternResidency:
         """What of `pattern` is resident now (see `PatternResidency`). Experts at a precision the server has no
         slots for count as not resident; experts held in part count under their bank (`full@24`)."""
-        quantized, channels = self.engine.quantized, self.engine.channels
+        quantized, channels = self.patterned.quantized, self.patterned.channels
         books = self._held_books(pattern)
         names = {id(quantized.book(p)): p for p in quantized.precisions} if quantized is not None else {}
         if channels is not None:
@@ -327,7 +327,7 @@ class Residency:
 
     def _expert_nbytes(self, book: SlotBook, lowered: bool, expert_nbytes: int) -> int:
         """Bytes of one slot of `book`: a full expert, a quantized copy's blob, or a channel bank's slot."""
-        quantized, channels = self.engine.quantized, self.engine.channels
+        quantized, channels = self.patterned.quantized, self.patterned.channels
         if not lowered:
             return expert_nbytes
         if quantized is not None:
@@ -347,7 +347,7 @@ class Residency:
             key = id(pattern)
             known = self._valid.get(key)
             if known is None or known() is not pattern:
-                pattern.validate(self.engine.spec)
+                pattern.validate(self.patterned.spec)
 
                 def forget(ref: weakref.ref[Pattern], key: int = key) -> None:  # the pattern is gone
                     if self._valid.get(key) is ref:
@@ -364,10 +364,10 @@ class Residency:
     def _books(self, pattern: Pattern) -> list[Book]:
         """(slot book, wanted `[L, E]`, slot id offsets `[L]` or None) for the pattern's full-precision experts
         and for each precision it holds some experts at."""
-        books: list[Book] = [(self.engine.book, self.engine.full_mask(pattern), None)]
+        books: list[Book] = [(self.patterned.book, self.patterned.full_mask(pattern), None)]
         if pattern.mixed:
-            lowered = self.engine.masks.lowered(pattern)
-            quantized = self.engine.quantized
+            lowered = self.patterned.masks.lowered(pattern)
+            quantized = self.patterned.quantized
             if quantized is None and lowered:
                 raise FailedPrecondition(
                     "the pattern holds experts below full precision but the server has no slots for them: start "
@@ -377,7 +377,7 @@ class Residency:
             for precision, wanted in lowered.items():
                 books.append((quantized.book(precision), wanted, quantized.offsets(precision)))  # type: ignore[union-attr]
         if pattern.sliced:
-            channels = self.engine.channels
+            channels = self.patterned.channels
             if channels is None:
                 raise FailedPrecondition(
                     "the pattern holds experts in part (a channel plan) but the server has no channel slots: start "
@@ -390,13 +390,13 @@ class Residency:
 
     def _held_books(self, pattern: Pattern) -> list[Book]:
         """`_books` for the precisions the engine has slots for (experts at others can be resident nowhere)."""
-        quantized = self.engine.quantized
-        books: list[Book] = [(self.engine.book, self.engine.full_mask(pattern), None)]
+        quantized = self.patterned.quantized
+        books: list[Book] = [(self.patterned.book, self.patterned.full_mask(pattern), None)]
         if pattern.mixed and quantized is not None:
-            for precision, wanted in self.engine.masks.lowered(pattern).items():
+            for precision, wanted in self.patterned.masks.lowered(pattern).items():
                 if precision in quantized.precisions:
                     books.append((quantized.book(precision), wanted, quantized.offsets(precision)))
-        channels = self.engine.channels
+        channels = self.patterned.channels
         if pattern.sliced and channels is not None:
             try:
                 wanted_by_key = channels.wanted(pattern)
@@ -416,9 +416,9 @@ class Residency:
         rows = self._row_of[np.fromiter((c[0] for c in copies), np.int64, count)]
         experts = np.fromiter((c[1] for c in copies), np.int64, count)
         slots = np.fromiter((c[2] for c in copies), np.int64, count)
-        full = slots < self.engine.book.capacity[rows]
-        yield self.engine.book, rows[full], experts[full]
-        quantized, channels = self.engine.quantized, self.engine.channels
+        full = slots < self.patterned.book.capacity[rows]
+        yield self.patterned.book, rows[full], experts[full]
+        quantized, channels = self.patterned.quantized, self.patterned.channels
         if quantized is not None and not full.all():
             for precision in quantized.precisions:
                 offsets, book = quantized.offsets(precision)[rows], quantized.book(precision)
@@ -432,9 +432,9 @@ class Residency:
 
     def _kind(self, book: SlotBook) -> str:
         """How messages name a book's slots: "" (full precision), "quantized " or "full@24 channel "."""
-        if book is self.engine.book:
+        if book is self.patterned.book:
             return ""
-        channels = self.engine.channels
+        channels = self.patterned.channels
         if channels is not None:
             for key in channels.keys:
                 if channels.books[key] is book:
@@ -453,13 +453,13 @@ class Residency:
 
     def activate(self, pattern: Pattern) -> None:
         """Point the routers at a leased pattern; call under `model_lock` right before a forward pass."""
-        self.engine.activate(pattern)
+        self.patterned.activate(pattern)
 
     def resident_experts(self) -> int:
-        return int(np.count_nonzero(self.engine.book.state == RESIDENT))
+        return int(np.count_nonzero(self.patterned.book.state == RESIDENT))
 
     def capacity(self) -> int:
-        return int(self.engine.book.capacity.sum())
+        return int(self.patterned.book.capacity.sum())
 
     def resident_bytes(self, expert_nbytes: int) -> int:
         """Bytes of the experts resident now: full ones at `expert_nbytes`, lowered ones at their packed size."""
@@ -470,8 +470,8 @@ class Residency:
         return self._bytes(expert_nbytes, lambda book: int(book.capacity.sum()))
 
     def _bytes(self, expert_nbytes: int, count: Callable[[SlotBook], int]) -> int:
-        total = count(self.engine.book) * expert_nbytes
-        quantized, channels = self.engine.quantized, self.engine.channels
+        total = count(self.patterned.book) * expert_nbytes
+        quantized, channels = self.patterned.quantized, self.patterned.channels
         if quantized is not None:
             total += sum(count(quantized.books[p]) * quantized.sources[p].copy.expert_nbytes for p in quantized.books)
         if channels is not None:

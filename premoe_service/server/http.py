@@ -76,7 +76,7 @@ class OpenAIApi:
         tokenizer = core.tokenizer
         self.template = ChatTemplate(tokenizer, core.config.chat_template)
         self.spelling = Spelling(self._spell, lambda ids, skip: text_pieces(tokenizer, ids, skip))
-        context = getattr(core.engine.config, "max_position_embeddings", None)
+        context = getattr(core.patterned.config, "max_position_embeddings", None)
         self.context = None if context is None else int(context)
 
     def app(self) -> Starlette:

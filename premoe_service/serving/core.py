@@ -56,25 +56,25 @@ class ServingCore:
         self.config = config
         self.cache = open_cache(config.redis_url)
         self.store = Store(config.store, self.cache)
-        self.engine, self.residency = load_model(
+        self.patterned, self.residency = load_model(
             self.store, config.budget_value, config.device, wait_timeout_s=config.lease_timeout_s
         )
         if config.precision_slots:
-            attach_precisions(self.engine, self.store, config.precision_slot_counts)
+            attach_precisions(self.patterned, self.store, config.precision_slot_counts)
         if config.channel_slots:
-            attach_channels(self.engine, self.store, config.channel_slot_counts, config.channel_variants)
-        self.spec = self.engine.spec
+            attach_channels(self.patterned, self.store, config.channel_slot_counts, config.channel_variants)
+        self.spec = self.patterned.spec
         self.tokenizer = AutoTokenizer.from_pretrained(self.store.dir, local_files_only=True)
         self.served_model_name = config.served_model_name or _model_name(self.store)
         # The logits' width: the ids a prompt may hold.
-        self.vocab_size = int(getattr(self.engine.config, "vocab_size", None) or len(self.tokenizer))
+        self.vocab_size = int(getattr(self.patterned.config, "vocab_size", None) or len(self.tokenizer))
         profiler_engine, _ = load_model(
-            self.store, device=self.engine.device, capacity=0, dense=self.engine.dense_state_dict()
+            self.store, device=self.patterned.device, capacity=0, dense=self.patterned.dense_state_dict()
         )
         self.embedder = embedder or Embedder(config.embedder)
-        self.registry = build_registry(config, self.store, self.engine, self.embedder, self._profile_store())
+        self.registry = build_registry(config, self.store, self.patterned, self.embedder, self._profile_store())
         self.tasks = TaskBook(self.registry, self.store, self.spec, config.selection, profiler_engine)
-        self.tasks.max_per_layer = min(slots.capacity for slots in self.engine.slots.values())
+        self.tasks.max_per_layer = min(slots.capacity for slots in self.patterned.slots.values())
         self.tasks.precision_slots = config.precision_slot_counts
         self.tasks.channel_slots = config.channel_slot_counts
         self.tasks.channel_criterion = config.channel_criterion
@@ -82,10 +82,10 @@ class ServingCore:
         self._counter_lock = threading.Lock()
         self.stopping = threading.Event()
         self.loop = EngineLoop(
-            self.engine,
+            self.patterned,
             self.residency,
             self.store,
-            eos=_eos_ids(self.engine.model),
+            eos=_eos_ids(self.patterned.model),
             pad_id=self.tokenizer.pad_token_id or 0,
             limits=BatchLimits(
                 config.max_batch_rows,
@@ -168,7 +168,7 @@ class ServingCore:
 
     def _full_pattern(self) -> Pattern:
         """Every routed expert, when the budget's slots can hold them all (never a silent subset)."""
-        capacity = min(slots.capacity for slots in self.engine.slots.values())
+        capacity = min(slots.capacity for slots in self.patterned.slots.values())
         if capacity < self.spec.num_experts:
             raise ResourceExhausted(
                 f"the whole model {self.served_model_name!r} needs {self.spec.num_experts} experts per MoE layer; "
@@ -179,7 +179,7 @@ class ServingCore:
         return Pattern.full(self.spec)
 
     def _plan(self, decision: RouteDecision, start: float) -> RoutePlan:
-        capacity = min(slots.capacity for slots in self.engine.slots.values())
+        capacity = min(slots.capacity for slots in self.patterned.slots.values())
         record = self.registry.routing_record
         width = choose_width(
             decision, record.task_retention if record is not None else {}, all_fit=capacity >= self.spec.num_experts
@@ -309,7 +309,7 @@ class ServingCore:
             check_prompt_bytes(prompt, self.config.max_prompt_bytes)  # before the tokenizer reads it
             checked = check_prompt(prompt)  # a door's prompt passes as checked; routing then takes it as it is
             ids = self.tokenizer(checked, add_special_tokens=add_special_tokens)["input_ids"]
-        context = getattr(self.engine.config, "max_position_embeddings", None)
+        context = getattr(self.patterned.config, "max_position_embeddings", None)
         check_prompt_tokens(
             len(ids), params.max_new_tokens, self.config.max_prompt_tokens, None if context is None else int(context)
         )
@@ -329,7 +329,7 @@ class ServingCore:
 
     def _widen(self, pattern: Pattern, prompt_scores: dict[int, torch.Tensor], floor: float) -> Pattern:
         """The engine loop's widening policy: the prompt's own experts added under the slots (`widen_pattern`)."""
-        capacity = {layer: slots.capacity for layer, slots in self.engine.slots.items()}
+        capacity = {layer: slots.capacity for layer, slots in self.patterned.slots.items()}
         return widen_pattern(self.spec, capacity, pattern, prompt_scores, floor)
 
     def _count(self, result: GenerationResult) -> None:

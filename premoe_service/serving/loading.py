@@ -103,7 +103,7 @@ class TaskLifecycle:
                 self._loading[name] -= 1
 
     def _check_precision(self, precision: str) -> None:
-        quantized = self.residency.engine.quantized
+        quantized = self.residency.patterned.quantized
         held = [] if quantized is None else quantized.precisions
         if precision not in held:
             raise InvalidArgument(

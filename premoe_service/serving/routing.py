@@ -13,7 +13,7 @@ from .config import ServiceConfig
 
 
 def build_registry(
-    config: ServiceConfig, store: Store, engine: PatternedModel, embedder: Embedder, profiles: ProfileStore | None
+    config: ServiceConfig, store: Store, patterned: PatternedModel, embedder: Embedder, profiles: ProfileStore | None
 ) -> Registry:
     """The registry `ServingCore` routes with.
 
@@ -29,7 +29,7 @@ def build_registry(
         fields["task_leads"] = load_task_leads(config.route_calibration)
     signal = None
     if config.route_signal:
-        signal = RouterSignal.from_store(store, device=engine.device, dense=engine.dense_state_dict())
+        signal = RouterSignal.from_store(store, device=patterned.device, dense=patterned.dense_state_dict())
     background = (
         [r.query for r in load_route_records(config.route_background)] if config.route_background is not None else []
     )

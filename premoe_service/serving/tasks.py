@@ -255,7 +255,7 @@ class TaskBook:
                 description=description,
                 selection=selection,
                 embedder=self.registry.embedder,
-                engine=self.profiler_engine,
+                patterned=self.profiler_engine,
                 examples=examples,
                 channels=bool(self.channel_slots),  # channel-level plans rank channels by their scores
             )

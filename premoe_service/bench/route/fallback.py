@@ -40,33 +40,37 @@ def main() -> None:
     from ...store import Store
 
     store = Store(args.store)
-    engine, _ = load_model(store, Budget(fraction=1.0))
+    patterned, _ = load_model(store, Budget(fraction=1.0))
     tokenizer = AutoTokenizer.from_pretrained(store.dir, local_files_only=True)
     background = [r.query for r in load_route_records(args.background)]
     registry = Registry(
         LocalProfileStore(args.profiles),
         embedder=Embedder(),
-        signal=RouterSignal.from_store(store, dense=engine.dense_state_dict()),
+        signal=RouterSignal.from_store(store, dense=patterned.dense_state_dict()),
         background=background,
     )
     # every prompt takes the fallback: no similarity reaches the floors (with and without the none-class)
     registry.policy = dataclasses.replace(registry.policy, threshold=1.0, background_floor=1.0)
-    capacity = Budget(fraction=args.budget).slots_per_layer(engine.spec, store.manifest.expert_nbytes)
-    book = TaskBook(registry, store, engine.spec, Selection(), engine)
+    capacity = Budget(fraction=args.budget).slots_per_layer(patterned.spec, store.manifest.expert_nbytes)
+    book = TaskBook(registry, store, patterned.spec, Selection(), patterned)
     book.max_per_layer = capacity
     names = registry.names()
     data = load_task_data(args.data, names, args.limit)
 
     def measure(task: TaskData, items: list[EvalItem], pattern: Pattern) -> float:
-        engine.apply(pattern, store)
-        return exact_match(engine.model, tokenizer, items) if task.exact else mean_nll(engine.model, tokenizer, items)
+        patterned.apply(pattern, store)
+        return (
+            exact_match(patterned.model, tokenizer, items)
+            if task.exact
+            else mean_nll(patterned.model, tokenizer, items)
+        )
 
-    print(f"budget {args.budget:g} ({capacity} of {engine.spec.num_experts} experts per layer), {args.limit} items")
+    print(f"budget {args.budget:g} ({capacity} of {patterned.spec.num_experts} experts per layer), {args.limit} items")
     print(f"{'task':<12} {'metric':<8} {'full':>7} {'own':>7} {'fallback':>9}  most common fallback")
     for name in names:
         task = data[name]
         metric = "accuracy" if task.exact else "nll"
-        full = measure(task, task.items, Pattern.full(engine.spec))
+        full = measure(task, task.items, Pattern.full(patterned.spec))
         own = measure(task, task.items, book.pattern(registry.get(name)))
         groups: dict[tuple[str, ...], list[EvalItem]] = {}
         for item in task.items:

@@ -67,10 +67,10 @@ class ContinuationScorer:
         self.store = store
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
-        self.engine, _ = load_model(store, Budget(fraction=1.0), device="cpu")
-        self.spec = self.engine.spec
+        self.patterned, _ = load_model(store, Budget(fraction=1.0), device="cpu")
+        self.spec = self.patterned.spec
         self.full = Pattern.full(self.spec)
-        model = self.engine.model
+        model = self.patterned.model
         generation = getattr(model, "generation_config", None)
         eos = getattr(generation, "eos_token_id", None) or getattr(model.config, "eos_token_id", None)
         self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -78,7 +78,7 @@ class ContinuationScorer:
 
     def _use(self, pattern: Pattern) -> None:
         if self._active != pattern:
-            self.engine.apply(pattern, self.store)
+            self.patterned.apply(pattern, self.store)
             self._active = pattern
 
     @torch.inference_mode()
@@ -90,7 +90,7 @@ class ContinuationScorer:
         past = None
         step = torch.tensor([ids])
         for _ in range(self.max_new_tokens):
-            result = self.engine.model(input_ids=step, past_key_values=past, use_cache=True)
+            result = self.patterned.model(input_ids=step, past_key_values=past, use_cache=True)
             past = result.past_key_values
             token = int(result.logits[0, -1].argmax())
             out.append(token)
@@ -104,7 +104,7 @@ class ContinuationScorer:
         """Mean NLL (nats per token) of `continuation` after `ids` under `pattern`."""
         self._use(pattern)
         tokens = torch.tensor([list(ids) + list(continuation)])
-        logits = self.engine.model(input_ids=tokens).logits[0].float()  # [S, V]
+        logits = self.patterned.model(input_ids=tokens).logits[0].float()  # [S, V]
         start = len(ids) - 1
         predicted = logits[start : start + len(continuation)]
         target = torch.tensor(list(continuation))

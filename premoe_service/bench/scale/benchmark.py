@@ -125,8 +125,8 @@ def _one_budget(
         patterns[name] = pattern_of(tasks.scores(int(name.split("-")[1])), spec, capacity, selection)
     select_s = (time.perf_counter() - start) / len(patterns)
     summaries: dict[str, dict[str, Any]] = {}
-    engine = deepseek_engine(shape, capacity)
-    residency = Residency(engine, cast(Store, _Books()))
+    patterned = deepseek_engine(shape, capacity)
+    residency = Residency(patterned, cast(Store, _Books()))
     records = replay(residency, stream, patterns)
     summaries["delta (LRU)"] = summarise(records, options.expert_bytes)
     if not options.no_refinement:

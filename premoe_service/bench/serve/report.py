@@ -148,7 +148,8 @@ def render(report: dict[str, Any]) -> str:
         )
     lines.append(
         "tokens per CPU second (the server process's CPU, all its threads, against the baseline process's at its "
-        "best thread count by that measure; a busy machine disturbs it less than wall time): " + "; ".join(_per_cpu(n, e) for n, e in report["results"].items())
+        "best thread count by that measure; a busy machine disturbs it less than wall time): "
+        + "; ".join(_per_cpu(n, e) for n, e in report["results"].items())
     )
     threads = [
         f"{kind} at {n}: " + ", ".join(f"{t} thr {_f(v)}" for t, v in entry["transformers"][kind]["by_threads"].items())

@@ -142,7 +142,10 @@ def _one_budget(
         return residency, store
 
     residency, store = fresh()
-    spec, capacity = residency.engine.spec, residency.engine.slots[residency.engine.spec.moe_layers[0]].capacity
+    spec, capacity = (
+        residency.patterned.spec,
+        residency.patterned.slots[residency.patterned.spec.moe_layers[0]].capacity,
+    )
     patterns = {p.name: task_pattern(p, spec, capacity, store.manifest.expert_nbytes) for p in profiles}
     nbytes = store.manifest.expert_nbytes
     summaries: dict[str, dict[str, Any]] = {}

@@ -60,10 +60,10 @@ class RequestRecord:
 
 def store_reader(residency: Residency, store: Store) -> Reader:
     """Reads copies straight into slot memory through the store's tiers, as the loader does on the CPU."""
-    engine, names = residency.engine, store.part_names
+    patterned, names = residency.patterned, store.part_names
 
     def read(copies: Copies) -> list[str]:
-        items = [(layer, e, slot_buffers(engine.experts_module(layer), slot, names)) for layer, e, slot in copies]
+        items = [(layer, e, slot_buffers(patterned.experts_module(layer), slot, names)) for layer, e, slot in copies]
         return list(store.read_many_into(items))
 
     return read
@@ -71,7 +71,7 @@ def store_reader(residency: Residency, store: Store) -> Reader:
 
 def evict_unpinned(residency: Residency) -> int:
     """Empty every slot no lease pins (a full reload starts from nothing); returns the experts evicted."""
-    book = residency.engine.book
+    book = residency.patterned.book
     rows, experts = np.nonzero((book.state == RESIDENT) & (book.pins == 0))
     book.evict(rows, experts)
     return int(rows.size)
@@ -98,7 +98,7 @@ def replay(
         publish: Publish the routers' slot tables after committing, as the engine loop does.
         before: Called with each request's pattern before it is planned (eviction refinements learn here).
     """
-    engine, records = residency.engine, []
+    patterned, records = residency.patterned, []
     previous: str | None = None
     seen: set[str] = set()
     gc.collect()  # start from a settled heap: the patterns were just made
@@ -120,7 +120,7 @@ def replay(
         read = time.perf_counter()
         residency.commit_all(copies)
         if publish and copies:
-            engine.publish_slots()
+            patterned.publish_slots()
         resident = time.perf_counter()
         residency.unpin(pattern)
         unpinned = time.perf_counter()
