@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from ray import serve
 
+from ..engine import SamplingParams
 from ..errors import InvalidArgument, PreMoeError
 from ..server.gen import premoe_pb2 as pb
 from ..server.servicer import GrpcDoor
@@ -82,7 +83,7 @@ class EngineReplica:
     def _estimated_tasks(self) -> int:
         """How many registered tasks' patterns this replica's slots hold side by side (see `holding`)."""
         core = self.core
-        slots = {layer: core.engine.slots[layer].capacity for layer in core.spec.moe_layers}
+        slots = {layer: core.patterned.slots[layer].capacity for layer in core.spec.moe_layers}
         patterns = []
         for name in core.registry.names():
             pattern = core.tasks.pattern(core.registry.get(name))
@@ -163,8 +164,10 @@ class EngineReplica:
             yield item
 
     async def route(self, prompt: str) -> dict[str, Any]:
-        """The ingress's retrieval for an HTTP prompt: `ServingCore.route`, the single server's code, as a `Routed`."""
-        return await self._routed(lambda: self.core.route(prompt))
+        """The ingress's retrieval for an HTTP prompt, as a `Routed`: `ServingCore.plan_generation` for the prompt and
+        one new token, so a prompt too long for the model by itself is refused before it is embedded and routed
+        (the ingress then forwards the request unrouted, and the replica's HTTP app answers it with its checks)."""
+        return await self._routed(lambda: self.core.plan_generation(prompt, SamplingParams(max_new_tokens=1)))
 
     async def route_generate(self, raw: bytes) -> dict[str, Any]:
         """The ingress's retrieval for a Generate that names no task: `ServingCore.plan_generation`, which checks and
