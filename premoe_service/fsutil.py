@@ -10,7 +10,8 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -169,3 +170,28 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class OpenFiles:
+    """Read-only file descriptors opened once per key and kept until `close`: the store's readers `pread` from
+    them on many threads at once (a descriptor is shared; `pread` takes its own offset)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Hashable, int] = {}
+        self._lock = threading.Lock()
+
+    def fd(self, key: Hashable, path: Callable[[], Path]) -> int:
+        """The descriptor of `key`, opening `path()` the first time it is asked for."""
+        fd = self._fds.get(key)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(key)
+                if fd is None:
+                    fd = self._fds[key] = os.open(path(), os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()

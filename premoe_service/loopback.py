@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -158,12 +159,17 @@ def premoe_server(store: Path, profiles: Path | None, args: Sequence[str] = ()) 
                 raise RuntimeError(f"{exc}; its stderr: {stderr.read()[-2000:]}") from None
             yield ServerProcess(target, server.pid, command)
         finally:
-            server.terminate()
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(10)
+            stop_process(server, grace_s=60)
+
+
+def stop_process(process: subprocess.Popen[Any], grace_s: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `grace_s`."""
+    process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
 
 
 def process_cpu_seconds(pid: int) -> float | None:

@@ -72,24 +72,12 @@ def key_name(key: ChannelKey) -> str:
     return f"{key[0]}@{key[1]}"
 
 
-class ChannelBank:
-    """The slots of one (precision, width) in one MoE layer: the experts module's parameters at `width` channels."""
+class _Bank:
+    """What every channel bank answers from its slot book, key and tensors."""
 
-    def __init__(
-        self,
-        family: str,
-        key: ChannelKey,
-        offset: int,
-        shapes: Mapping[str, tuple[int, ...]],
-        dtype: torch.dtype,
-        device: torch.device,
-        slots: LayerSlots,
-    ) -> None:
-        self.family, self.key, self.offset, self.slots = family, key, offset, slots
-        capacity = slots.capacity
-        self.tensors = {
-            name: torch.zeros((capacity, *shape), dtype=dtype, device=device) for name, shape in shapes.items()
-        }
+    slots: LayerSlots
+    key: ChannelKey
+    tensors: Mapping[Any, Tensor]
 
     @property
     def capacity(self) -> int:
@@ -107,6 +95,26 @@ class ChannelBank:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+class ChannelBank(_Bank):
+    """The slots of one (precision, width) in one MoE layer: the experts module's parameters at `width` channels."""
+
+    def __init__(
+        self,
+        family: str,
+        key: ChannelKey,
+        offset: int,
+        shapes: Mapping[str, tuple[int, ...]],
+        dtype: torch.dtype,
+        device: torch.device,
+        slots: LayerSlots,
+    ) -> None:
+        self.family, self.key, self.offset, self.slots = family, key, offset, slots
+        capacity = slots.capacity
+        self.tensors = {
+            name: torch.zeros((capacity, *shape), dtype=dtype, device=device) for name, shape in shapes.items()
+        }
 
     @torch.no_grad()
     def write(self, slot: int, expert: Mapping[str, Tensor], channels: Tensor) -> None:
@@ -128,7 +136,7 @@ class ChannelBank:
         return self.tensors[part][slot]
 
 
-class QuantizedChannelBank:
+class QuantizedChannelBank(_Bank):
     """The slots of one integer precision and width in one MoE layer, packed channel-major: per slot, the gate and
     up rows and the down columns of up to `width` channels, each a row of the hidden size quantized in groups along
     it (`store.quant`'s packing: `gate_up` as one `[2 * width, H]` weight, `down` as one `[width, H]`), and the
@@ -164,22 +172,6 @@ class QuantizedChannelBank:
                 self.tensors[(part, kind)] = torch.zeros((capacity, *shape), dtype=kinds[kind], device=device)
         for name, bias_shape in biases.items():  # at the store's dtype, as quantized copies hold them
             self.tensors[(name, "raw")] = torch.zeros((capacity, *bias_shape), dtype=store_dtype, device=device)
-
-    @property
-    def capacity(self) -> int:
-        return self.slots.capacity
-
-    @property
-    def width(self) -> int:
-        return self.key[1]
-
-    @property
-    def slot_nbytes(self) -> int:
-        return sum(t[0].numel() * t.element_size() for t in self.tensors.values()) if self.capacity else 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     @torch.no_grad()
     def write(

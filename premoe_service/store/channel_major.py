@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from ..errors import DataCorruption, FailedPrecondition, InvalidArgument
 from ..families.channels import gate_up_rows
+from ..fsutil import OpenFiles
 from .manifest import DTYPES
 from .quant import BITS, FLOAT_PRECISIONS, TRANSPOSED_FAMILIES, quantize, unpack_codes
 from .reader import Store
@@ -281,7 +282,7 @@ class ChannelMajorReader:
         self.store, self.folder = store, folder
         self.layout = ChannelLayout.from_json(json.loads((folder / LAYOUT).read_text()))
         self.bytes_read = 0
-        self._fds: dict[tuple[int, str], int] = {}
+        self._files = OpenFiles()
         self._lock = threading.Lock()
 
     def read(self, layer: int, expert: int, ids: Sequence[int]) -> tuple[dict[str, Tensor], int]:
@@ -331,17 +332,10 @@ class ChannelMajorReader:
         return out, nbytes
 
     def _fd(self, layer: int, kind: str) -> int:
-        with self._lock:
-            fd = self._fds.get((layer, kind))
-            if fd is None:
-                fd = self._fds[(layer, kind)] = os.open(self.folder / f"layer_{layer:03d}.{kind}", os.O_RDONLY)
-            return fd
+        return self._files.fd((layer, kind), lambda: self.folder / f"layer_{layer:03d}.{kind}")
 
     def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        self._files.close()
 
 
 __all__ = ["ChannelLayout", "ChannelMajorReader", "add_channel_major", "channel_group_size", "runs"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from tqdm import tqdm
 
 from ..errors import AlreadyExists, DataCorruption, InvalidArgument
 from ..experts import Tier
-from ..fsutil import atomic_writer
+from ..fsutil import OpenFiles, atomic_writer
 from .copies import QuantizedCopy, encode_expert, quant_layout, quantized_copies
 from .manifest import DTYPES, Manifest
 from .quant import BITS, FLOAT_PRECISIONS, TRANSPOSED_FAMILIES, QuantizedWeight, dequantize
@@ -95,8 +94,7 @@ class PrecisionReader:
                 field="precision",
             )
         self.store, self.copy = store, copies[precision]
-        self._fds: dict[int, int] = {}
-        self._lock = threading.Lock()
+        self._files = OpenFiles()
 
     def cache_key(self, layer: int, expert: int) -> str:
         return f"{self.store.cache_key(layer, expert)}:{self.copy.precision}"
@@ -158,14 +156,7 @@ class PrecisionReader:
         return out
 
     def _fd(self, layer: int) -> int:
-        with self._lock:
-            fd = self._fds.get(layer)
-            if fd is None:
-                fd = self._fds[layer] = os.open(self.store.dir / self.copy.files[layer], os.O_RDONLY)
-            return fd
+        return self._files.fd(layer, lambda: self.store.dir / self.copy.files[layer])
 
     def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        self._files.close()

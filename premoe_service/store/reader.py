@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from ..errors import DataCorruption, InvalidArgument
 from ..experts import TIERS, ExpertBuffers, ExpertTensors, Tier
-from ..fsutil import remove_stale_temps
+from ..fsutil import OpenFiles, remove_stale_temps
 from .cache import ByteCache, CacheHealth
 from .manifest import DENSE, Manifest
 
@@ -61,10 +61,9 @@ class Store:
         self.manifest = Manifest.load(self.dir)
         self.cache = cache
         self.stats = TierStats()
-        self._fds: dict[int, int] = {}
+        self._files = OpenFiles()
         for folder in {self.dir, *((self.dir / info.file).parent for info in self.manifest.layers.values())}:
             remove_stale_temps(folder)  # leftovers of a killed `premoe shard`
-        self._lock = threading.Lock()
         self._views = [(p.name, p.offset, p.nbytes, p.shape) for p in self.manifest.parts]
 
     @property
@@ -172,14 +171,7 @@ class Store:
         return data
 
     def _fd(self, layer: int) -> int:
-        fd = self._fds.get(layer)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(layer)
-                if fd is None:
-                    fd = os.open(self.dir / self.manifest.layers[layer].file, os.O_RDONLY)
-                    self._fds[layer] = fd
-        return fd
+        return self._files.fd(layer, lambda: self.dir / self.manifest.layers[layer].file)
 
     def _check_address(self, layer: int, expert: int) -> None:
         if layer not in self.manifest.layers:
@@ -222,10 +214,7 @@ class Store:
         return tensors
 
     def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        self._files.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown may have torn down os already

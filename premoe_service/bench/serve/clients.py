@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,31 +137,43 @@ def run_clients(target: str, requests: Sequence[Req], clients: int, timeout: flo
     for channel in channels:
         grpc.channel_ready_future(channel).result(timeout=60)
     replies: list[Reply | None] = [None] * len(requests)
-    lock = threading.Lock()
-    cursor = iter(range(len(requests)))
-    start = threading.Barrier(clients + 1)
 
-    def client(channel: Any) -> None:
-        stub = pb_grpc.PreMoeStub(channel)
+    def worker(stub: Any) -> Callable[[int], None]:
+        def send(i: int) -> None:
+            replies[i] = stream_one(stub, pb, requests[i], timeout)
+
+        return send
+
+    wall = closed_loop(len(requests), [worker(pb_grpc.PreMoeStub(c)) for c in channels])
+    for channel in channels:
+        channel.close()
+    return ClientRun(clients, wall, [r for r in replies if r is not None])
+
+
+def closed_loop(count: int, workers: Sequence[Callable[[int], None]]) -> float:
+    """One thread per worker takes the next of `count` items until none is left (a closed loop) and hands it to its
+    worker (each a client with its own connection); returns the wall time from their common start to the last end."""
+    lock = threading.Lock()
+    cursor = iter(range(count))
+    start = threading.Barrier(len(workers) + 1)
+
+    def client(work: Callable[[int], None]) -> None:
         start.wait()
         while True:
             with lock:
                 i = next(cursor, None)
             if i is None:
                 return
-            replies[i] = stream_one(stub, pb, requests[i], timeout)
+            work(i)
 
-    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in channels]
+    threads = [threading.Thread(target=client, args=(w,), daemon=True) for w in workers]
     for thread in threads:
         thread.start()
     start.wait()
     began = time.perf_counter()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - began
-    for channel in channels:
-        channel.close()
-    return ClientRun(clients, wall, [r for r in replies if r is not None])
+    return time.perf_counter() - began
 
 
 def run_clients_apart(target: str, requests: Sequence[Req], clients: int, timeout: float = 600.0) -> ClientRun:

@@ -19,14 +19,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ...errors import InvalidArgument
-from ...loopback import free_port, process_cpu_seconds
+from ...loopback import free_port, process_cpu_seconds, stop_process
+from .clients import closed_loop
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,7 @@ def llama_server(binary: str, gguf: str, *, slots: int, context: int, threads: i
             _wait_healthy(process, url, log)
             yield LlamaServer(url, process.pid, threads)
         finally:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+            stop_process(process)
 
 
 def _wait_healthy(process: subprocess.Popen[str], url: str, log: Any, timeout_s: float = 120.0) -> None:
@@ -106,45 +102,36 @@ def _clients(url: str, prompts: list[list[int]], lengths: list[int], clients: in
     predicted = [0] * len(prompts)
     errors: list[str] = []
     lock = threading.Lock()
-    cursor = iter(range(len(prompts)))
-    start = threading.Barrier(clients + 1)
 
-    def client() -> None:
-        with httpx.Client(base_url=url, timeout=600.0) as http:
-            start.wait()
-            while True:
+    def worker(http: httpx.Client) -> Callable[[int], None]:
+        def send(i: int) -> None:
+            body = {
+                "prompt": prompts[i],
+                "n_predict": lengths[i],
+                "temperature": 0.0,
+                "top_k": 1,
+                "cache_prompt": False,
+                "return_tokens": True,
+                "stream": False,
+            }
+            try:
+                reply = http.post("/completion", json=body)
+                reply.raise_for_status()
+                data = reply.json()
+                replies[i] = [int(t) for t in data.get("tokens", [])]
+                predicted[i] = int(data.get("tokens_predicted", len(replies[i] or [])))
+            except (httpx.HTTPError, ValueError) as exc:
                 with lock:
-                    i = next(cursor, None)
-                if i is None:
-                    return
-                body = {
-                    "prompt": prompts[i],
-                    "n_predict": lengths[i],
-                    "temperature": 0.0,
-                    "top_k": 1,
-                    "cache_prompt": False,
-                    "return_tokens": True,
-                    "stream": False,
-                }
-                try:
-                    reply = http.post("/completion", json=body)
-                    reply.raise_for_status()
-                    data = reply.json()
-                    replies[i] = [int(t) for t in data.get("tokens", [])]
-                    with lock:
-                        predicted[i] = int(data.get("tokens_predicted", len(replies[i] or [])))
-                except (httpx.HTTPError, ValueError) as exc:
-                    with lock:
-                        errors.append(f"{type(exc).__name__}: {exc}")
+                    errors.append(f"{type(exc).__name__}: {exc}")
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    start.wait()
-    began = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - began
+        return send
+
+    sessions = [httpx.Client(base_url=url, timeout=600.0) for _ in range(clients)]
+    try:
+        wall = closed_loop(len(prompts), [worker(http) for http in sessions])
+    finally:
+        for http in sessions:
+            http.close()
     tokens = sum(predicted)
     return {
         "clients": clients,
