@@ -333,3 +333,26 @@ def test_route_records_are_read_and_bad_lines_named(tmp_path: Path) -> None:
         load_route_records(bad)
     with pytest.raises(NotFound):
         load_route_records(tmp_path / "missing.jsonl")
+
+
+def test_demos_and_examples_are_checked_once_and_then_trusted() -> None:
+    """The gRPC door checks a RegisterTask's demos and examples once (`check_demos`, `check_examples`, after the
+    sizes); what it hands on passes the task book's checks as it is."""
+    from premoe_service.profiler.demos import CheckedDemos, CheckedExamples, check_demos, check_examples
+    from premoe_service.server.gen import premoe_pb2 as pb
+    from premoe_service.server.types import RegisterCall
+    from premoe_service.serving import ServiceConfig
+
+    config = ServiceConfig(store="unused")
+    call = RegisterCall.from_pb(pb.RegisterTaskRequest(name="t", demos=["a demo"], examples=["an example"]), config)
+    assert isinstance(call.demos, CheckedDemos) and [d.text for d in call.demos] == ["a demo"]
+    assert isinstance(call.examples, CheckedExamples) and list(call.examples) == ["an example"]
+    assert check_demos(call.demos) is call.demos and check_examples(call.examples) is call.examples
+    for request, field in (
+        (pb.RegisterTaskRequest(name="t", demos=[]), "demos"),
+        (pb.RegisterTaskRequest(name="t", demos=["ok", " \n"]), "demos[1]"),
+        (pb.RegisterTaskRequest(name="t", demos=["ok"], examples=[""]), "examples[0]"),
+    ):
+        with pytest.raises(InvalidArgument) as info:
+            RegisterCall.from_pb(request, config)
+        assert info.value.field == field

@@ -73,9 +73,19 @@ def _line_of(path: Path, number: int) -> str:
     return f"{path.name} line {number}"
 
 
-def check_examples(examples: Iterable[object]) -> list[str]:
+class CheckedDemos(list[Demo]):
+    """Demos that passed `check_demos`: a later `check_demos` takes them as they are (a door checks them once)."""
+
+
+class CheckedExamples(list[str]):
+    """Route examples that passed `check_examples`: a later `check_examples` takes them as they are."""
+
+
+def check_examples(examples: Iterable[object]) -> CheckedExamples:
     """Route examples given in a request; errors name the index."""
-    checked = []
+    if isinstance(examples, CheckedExamples):
+        return examples
+    checked = CheckedExamples()
     for i, example in enumerate(examples):
         if not isinstance(example, str) or not example.strip():
             raise InvalidArgument("an example is a non-empty string", field=f"examples[{i}]")
@@ -83,9 +93,11 @@ def check_examples(examples: Iterable[object]) -> list[str]:
     return checked
 
 
-def check_demos(demos: Iterable[object]) -> list[Demo]:
+def check_demos(demos: Iterable[object]) -> CheckedDemos:
     """Demos given in a request (strings or records); errors name the index."""
-    parsed = [d if isinstance(d, Demo) else parse_demo(d, f"demos[{i}]") for i, d in enumerate(demos)]
+    if isinstance(demos, CheckedDemos):
+        return demos
+    parsed = CheckedDemos(d if isinstance(d, Demo) else parse_demo(d, f"demos[{i}]") for i, d in enumerate(demos))
     if not parsed:
         raise InvalidArgument("at least one demo is needed", field="demos")
     for i, demo in enumerate(parsed):

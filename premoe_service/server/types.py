@@ -10,6 +10,7 @@ from ..errors import InvalidArgument, PreMoeError
 from ..names import check_task_name
 from ..pattern import PRECISION_ORDER, Pattern
 from ..profiler import Demo, Selection
+from ..profiler.demos import check_demos, check_examples
 from ..profiler.profile import CRITERIA
 from ..retrieval import CheckedPrompt, check_prompt
 from ..serving import GenerationResult, RoutePlan, SamplingParams, ServiceConfig, ServiceStats, TaskView
@@ -53,7 +54,7 @@ class RegisterCall:
     replace: bool
     dry_run: bool
     selection_field: str | None = None  # the oneof member the caller set, if any
-    examples: tuple[str, ...] = ()  # retrieval-only prompts
+    examples: Sequence[str] = ()  # retrieval-only prompts, checked
 
     @contextmanager
     def request_fields(self) -> Iterator[None]:
@@ -71,8 +72,6 @@ class RegisterCall:
         """Validate every field, sizes first, before any profiling; `config` gives the limits and defaults."""
         name = check_task_name(request.name, field="name")
         check_size(request.description, config.max_description_bytes, "description", "max_description_bytes")
-        if not request.demos:
-            raise InvalidArgument("at least one demo is needed", field="demos")
         if len(request.demos) > config.max_demos:
             raise InvalidArgument(
                 f"{len(request.demos)} demos, over the limit of {config.max_demos} (the server's max_demos)",
@@ -87,15 +86,13 @@ class RegisterCall:
         for kind, texts in (("demos", request.demos), ("examples", request.examples)):
             for i, text in enumerate(texts):
                 total += check_size(text, config.max_demo_bytes, f"{kind}[{i}]", "max_demo_bytes")
-                if not text or text.isspace():
-                    raise InvalidArgument(f"{kind[:-1]} is empty", field=f"{kind}[{i}]")
             if total > config.max_demos_total_bytes:
                 raise InvalidArgument(
                     f"{total} bytes together, over the limit of {config.max_demos_total_bytes}"
                     " (the server's max_demos_total_bytes, demos and examples together)",
                     field=kind,
                 )
-        demos = [Demo(text) for text in request.demos]
+        demos = check_demos(request.demos)  # the sizes above, then each demo's own checks: once, here
         default = config.selection
         criterion = request.criterion or default.criterion
         if criterion not in CRITERIA:
@@ -124,7 +121,7 @@ class RegisterCall:
             request.replace,
             request.dry_run,
             which,
-            tuple(request.examples),
+            check_examples(request.examples),
         )
 
 

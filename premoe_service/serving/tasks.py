@@ -13,7 +13,7 @@ from ..families import MoESpec
 from ..names import check_task_name
 from ..pattern import Pattern
 from ..profiler import Demo, Profile, Selection, best_routable, profile_store, select
-from ..profiler.demos import check_examples
+from ..profiler.demos import check_demos, check_examples
 from ..retrieval import Registry
 from ..runtime.model import PatternedModel
 from ..runtime.residency import PatternResidency
@@ -228,8 +228,7 @@ class TaskBook:
         """Profile the demos, derive the pattern, and (unless dry run) register the task; `examples` are indexed
         for retrieval beside the demos."""
         check_task_name(name)
-        if not demos:
-            raise InvalidArgument("at least one demo is needed", field="demos")
+        demos = check_demos(demos)  # demos a door checked pass as they are
         examples = check_examples(examples)
         selection = selection or self.selection  # a Selection's criterion is checked when it is made
         if not replace and not dry_run and name in self.registry.names():
