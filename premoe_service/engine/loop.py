@@ -264,7 +264,7 @@ class EngineLoop:
         """Give the request its next token; returns True when that finished it (it is then answered)."""
         self.stats.tokens += 1
         start = time.perf_counter()
-        reason, piece = request.take(token, logits, self.eos)
+        reason, piece = request.take(token, logits)
         sent = time.perf_counter()
         request.send(piece)
         if reason:

@@ -10,7 +10,6 @@ import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -177,10 +176,11 @@ class Request:
             return []
         return sorted((set() if self.params.ignore_eos else set(self.eos)) | set(self.params.stop_token_ids))
 
-    def take(self, token: int, logits: Tensor, eos: AbstractSet[int]) -> tuple[str, str]:
+    def take(self, token: int, logits: Tensor) -> tuple[str, str]:
         """Append its next token (its log-probability too when asked for); returns why that token finished the
-        request (eos, stop, length, or "") and the text it completes, which the caller sends."""
-        params = self.params
+        request (eos: one of its `eos` ids, which the loop set at submit; stop, length, or "") and the text it
+        completes, which the caller sends."""
+        params, eos = self.params, self.eos
         self.generated.append(token)
         if params.logprobs is not None:
             self.token_logprobs += token_logprobs(logits.unsqueeze(0), torch.tensor([token]), params.logprobs)
