@@ -382,6 +382,9 @@ def test_a_server_with_channel_slots_serves_channel_plans_to_tasks_registered_wi
         }
         print(f"\nserved plan: {pattern.size} experts, banks {sorted(banks_used)}")
         assert info.pattern_experts == pattern.size
+        shown = {layer.layer: dict(layer.channels) for layer in client.get_task("code").layers}
+        held = {layer: {e: len(ids) for e, ids in by.items()} for layer, by in pattern.channels.items()}
+        assert {layer: by for layer, by in shown.items() if by} == held and held  # GetTask names the cut experts
         reply = client.generate("def add(a, b):", task="code", max_new_tokens=4)
         assert len(reply.token_ids) == 4 and reply.stats.pattern_experts == pattern.size
         tokens = list(reply.token_ids)

@@ -240,7 +240,12 @@ def task_to_pb(view: TaskView) -> pb.TaskInfo:
         pattern_bytes=view.pattern_bytes,
         demo_coverage=view.demo_coverage,
         layers=[
-            pb.LayerExperts(layer=layer, experts=list(ids), precisions=view.precisions.get(layer, {}))
+            pb.LayerExperts(
+                layer=layer,
+                experts=list(ids),
+                precisions=view.precisions.get(layer, {}),
+                channels=view.channels.get(layer, {}),
+            )
             for layer, ids in sorted(view.layers.items())
         ],
         created=view.created,

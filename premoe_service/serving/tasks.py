@@ -45,6 +45,8 @@ class TaskView:
     layers: dict[int, tuple[int, ...]] = field(default_factory=dict)
     # Layer -> expert -> precision of the kept experts held below full precision (with `layers` only).
     precisions: dict[int, dict[int, str]] = field(default_factory=dict)
+    # Layer -> expert -> intermediate channels kept, for kept experts held in part (with `layers` only).
+    channels: dict[int, dict[int, int]] = field(default_factory=dict)
     residency: TaskResidency | None = None  # what of the pattern is in device slots now (the serving core adds it)
 
 
@@ -212,6 +214,9 @@ class TaskBook:
             registered=registered,
             layers=dict(pattern.layers) if with_layers else {},
             precisions={k: dict(v) for k, v in pattern.precisions.items()} if with_layers else {},
+            channels={k: {e: len(ids) for e, ids in v.items()} for k, v in pattern.channels.items()}
+            if with_layers
+            else {},
         )
 
     def register(

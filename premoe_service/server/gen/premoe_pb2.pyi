@@ -174,7 +174,7 @@ class RegisterTaskRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., demos: _Optional[_Iterable[str]] = ..., criterion: _Optional[str] = ..., experts_per_layer: _Optional[int] = ..., fraction: _Optional[float] = ..., bytes: _Optional[int] = ..., replace: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., precisions: _Optional[_Iterable[str]] = ..., examples: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LayerExperts(_message.Message):
-    __slots__ = ("layer", "experts", "precisions")
+    __slots__ = ("layer", "experts", "precisions", "channels")
     class PrecisionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -182,13 +182,22 @@ class LayerExperts(_message.Message):
         key: int
         value: str
         def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
+    class ChannelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     LAYER_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     PRECISIONS_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     experts: _containers.RepeatedScalarFieldContainer[int]
     precisions: _containers.ScalarMap[int, str]
-    def __init__(self, layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ..., precisions: _Optional[_Mapping[int, str]] = ...) -> None: ...
+    channels: _containers.ScalarMap[int, int]
+    def __init__(self, layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ..., precisions: _Optional[_Mapping[int, str]] = ..., channels: _Optional[_Mapping[int, int]] = ...) -> None: ...
 
 class TaskInfo(_message.Message):
     __slots__ = ("name", "description", "demos", "criterion", "pattern_experts", "pattern_bytes", "demo_coverage", "layers", "created", "registered", "residency")
