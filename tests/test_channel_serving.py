@@ -35,7 +35,8 @@ from premoe_service.families.tiny import TINY_CONFIGS, tiny_model, tiny_tokenize
 from premoe_service.pattern import Pattern
 from premoe_service.profiler.channel_plan import ChannelPlan, ExpertShape, channel_nbytes
 from premoe_service.runtime.build import load_model
-from premoe_service.runtime.channel_slots import attach_channels, parse_key
+from premoe_service.runtime.channel_banks import parse_key
+from premoe_service.runtime.channel_slots import attach_channels
 from premoe_service.runtime.quantized import attach_precisions
 from premoe_service.store import Store, open_cache, shard
 from premoe_service.store.channel_major import ChannelMajorReader, add_channel_major, runs

@@ -15,7 +15,7 @@ from ..errors import FailedPrecondition, ResourceExhausted
 from ..pattern import Pattern
 from ..store.reader import Store
 from .budget import Budget
-from .channel_slots import key_name
+from .channel_banks import key_name
 from .model import PatternedModel
 from .slot_book import LOADING, RESIDENT, SlotBook, SlotPlan
 
