@@ -131,6 +131,15 @@ class Pattern:
     def kept(self, layer: int) -> tuple[int, ...]:
         return self.layers[layer]
 
+    def precision_counts(self) -> dict[str, int]:
+        """Precision -> kept experts held at it, over all layers (`full` included when any is)."""
+        counts: dict[str, int] = {}
+        for layer, experts in self.layers.items():
+            for expert in experts:
+                precision = self.precision(layer, expert)
+                counts[precision] = counts.get(precision, 0) + 1
+        return dict(sorted(counts.items(), key=lambda item: -PRECISION_ORDER.index(item[0])))  # full first
+
     @property
     def size(self) -> int:
         """Kept experts over all layers."""

@@ -339,12 +339,13 @@ def test_what_channel_slots_cannot_hold_is_refused_with_the_reason(tmp_path: Pat
 
 
 def test_a_server_with_channel_slots_serves_channel_plans_to_tasks_registered_with_precisions(
-    tmp_path: Path, embedder
+    tmp_path: Path, embedder, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`premoe serve --channel-slots`: a task registered with precisions gets a channel-level plan (its profile with
     channel scores) within its budget and the server's slots, and generates the tokens that plan computes (the
     plan's weights in a second engine's full slots, `premoe eval`'s way, checked against the exported checkpoint in
     tests/test_atomic.py)."""
+    from premoe_service.cli import main
     from premoe_service.client import PreMoeClient
     from premoe_service.evaluation.channel_eval import PlanWeights, install_plan
     from premoe_service.families.tiny import save_tiny_checkpoint
@@ -386,6 +387,13 @@ def test_a_server_with_channel_slots_serves_channel_plans_to_tasks_registered_wi
         shown = {layer.layer: dict(layer.channels) for layer in client.get_task("code").layers}
         held = {layer: {e: len(ids) for e, ids in by.items()} for layer, by in pattern.channels.items()}
         assert {layer: by for layer, by in shown.items() if by} == held and held  # GetTask names the cut experts
+        assert main(["tasks", "code", "--server", f"127.0.0.1:{port}"]) == 0  # and `premoe tasks` shows them
+        shown_lines = capsys.readouterr().out
+        for layer, by in held.items():
+            line = next(line for line in shown_lines.splitlines() if line.strip().startswith(f"layer {layer:>3}:"))
+            for expert, count in by.items():
+                lowered = pattern.precision(layer, expert)
+                assert (f"{expert}:{lowered}@{count}" if lowered != "full" else f"{expert}@{count}") in line, line
         reply = client.generate("def add(a, b):", task="code", max_new_tokens=4)
         assert len(reply.token_ids) == 4 and reply.stats.pattern_experts == pattern.size
         tokens = list(reply.token_ids)

@@ -372,6 +372,13 @@ def test_http_paths_load_list_and_unload(server, client: PreMoeClient) -> None:
     assert status == 200 and [t["name"] for t in listed["data"]] == list(TASKS)
     rows = {t["name"]: t["residency"] for t in listed["data"]}
     assert rows["a"]["pinned"] and rows["a"]["precisions"] == {"full": 6} and not rows["b"]["pinned"]
+    first = listed["data"][0]
+    assert first["pattern_precisions"] == {"full": 6} and first["experts_in_part"] == 0
+    status, one = http(server, "GET", "/v1/tasks/a")  # GetTask's view: the pattern per layer
+    assert status == 200 and one["name"] == "a" and one["residency"]["pinned"]
+    assert sum(len(layer["experts"]) for layer in one["layers"]) == 6
+    assert all(layer["precisions"] == {} and layer["channels"] == {} for layer in one["layers"])
+    assert http(server, "GET", "/v1/tasks/nope")[0] == 404
     stats = generate(client, "a")
     assert (stats.loads.device, stats.loads.cache, stats.loads.disk) == (6, 0, 0)
     status, body = http(server, "POST", "/v1/tasks/b/load")  # no body: the defaults (no pin)
@@ -410,7 +417,8 @@ def test_http_refusals_and_their_statuses(server, client: PreMoeClient) -> None:
 
 def test_http_paths_need_the_admin_token(server, client: PreMoeClient) -> None:
     for token, want in ((None, 401), ("wrong", 403)):
-        for method, path in (("GET", "/v1/tasks"), ("POST", "/v1/tasks/a/load"), ("POST", "/v1/tasks/a/unload")):
+        gets = ("GET", "/v1/tasks"), ("GET", "/v1/tasks/a")
+        for method, path in (*gets, ("POST", "/v1/tasks/a/load"), ("POST", "/v1/tasks/a/unload")):
             assert http(server, method, path, None, token)[0] == want, (path, token)
     assert not residency(client, "a").pinned
 

@@ -307,9 +307,14 @@ def _residency(info: Any) -> str:
 
 
 def _held(layer: Any) -> str:
-    """`[0, 3, 5]`, or with precisions `[0, 3:int4, 5:int2]` (experts without one are at full precision)."""
-    lowered = dict(layer.precisions)
-    return "[" + ", ".join(f"{e}:{lowered[e]}" if e in lowered else str(e) for e in layer.experts) + "]"
+    """`[0, 3, 5]`; with precisions `[0, 3:int4, 5:int2]` (experts without one are at full precision); an expert
+    held in part (a channel-level plan) with its kept channel count: `[0@48, 3:int4@24, 5]`."""
+    lowered, cut = dict(layer.precisions), dict(layer.channels)
+
+    def one(e: int) -> str:
+        return str(e) + (f":{lowered[e]}" if e in lowered else "") + (f"@{cut[e]}" if e in cut else "")
+
+    return "[" + ", ".join(one(e) for e in layer.experts) + "]"
 
 
 @verb("stats", short_help="the server's residency, expert loads by tier, tasks and coverage")

@@ -1,5 +1,6 @@
-"""The HTTP admin paths of the task lifecycle (`GET /v1/tasks`, `POST /v1/tasks/{name}/load|unload`), behind the
-admin token, over the same `ServingCore` calls as gRPC's ListTasks, LoadTask and UnloadTask."""
+"""The HTTP admin paths of the task lifecycle (`GET /v1/tasks`, `GET /v1/tasks/{name}`,
+`POST /v1/tasks/{name}/load|unload`), behind the admin token, over the same `ServingCore` calls as gRPC's ListTasks,
+GetTask, LoadTask and UnloadTask."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def task_routes(api: TaskDoor) -> list[Route]:
     paths = TaskPaths(api)
     return [
         Route("/v1/tasks", paths.endpoint("/v1/tasks", paths.list), methods=["GET"]),
+        Route("/v1/tasks/{name}", paths.endpoint("/v1/tasks/{name}", paths.get), methods=["GET"]),
         Route("/v1/tasks/{name}/load", paths.endpoint("/v1/tasks/{name}/load", paths.load), methods=["POST"]),
         Route("/v1/tasks/{name}/unload", paths.endpoint("/v1/tasks/{name}/unload", paths.unload), methods=["POST"]),
     ]
@@ -61,6 +63,11 @@ class TaskPaths:
     async def list(self, request: Request) -> Response:
         views = await self.api._run(self.api.core.list_tasks)
         return JSONResponse({"object": "list", "data": [task_body(v) for v in views]})
+
+    async def get(self, request: Request) -> Response:
+        name = check_task_name(request.path_params["name"], field="name")
+        view = await self.api._run(lambda: self.api.core.get_task(name))
+        return JSONResponse({**task_body(view), "layers": layer_bodies(view)})
 
     async def load(self, request: Request) -> Response:
         name = check_task_name(request.path_params["name"], field="name")
@@ -147,6 +154,8 @@ def task_body(view: TaskView) -> dict[str, Any]:
         "criterion": view.criterion,
         "pattern_experts": view.pattern.size,
         "pattern_bytes": view.pattern_bytes,
+        "pattern_precisions": view.pattern.precision_counts(),
+        "experts_in_part": sum(len(cut) for cut in view.pattern.channels.values()),
         "demo_coverage": view.demo_coverage if math.isfinite(view.demo_coverage) else None,
         "created": view.created,
     }
@@ -161,6 +170,21 @@ def task_body(view: TaskView) -> dict[str, Any]:
             "loading": view.residency.loading,
         }
     return body
+
+
+def layer_bodies(view: TaskView) -> list[dict[str, Any]]:
+    """Per MoE layer, as GetTask's `LayerExperts`: the kept experts, those held below full precision (expert ->
+    precision) and those held in part (expert -> kept intermediate channels, a channel-level plan)."""
+    pattern = view.pattern
+    return [
+        {
+            "layer": layer,
+            "experts": list(experts),
+            "precisions": {str(e): p for e, p in sorted(pattern.precisions.get(layer, {}).items())},
+            "channels": {str(e): len(ids) for e, ids in sorted(pattern.channels.get(layer, {}).items())},
+        }
+        for layer, experts in sorted(pattern.layers.items())
+    ]
 
 
 def load_body(view: TaskView, result: LoadResult) -> dict[str, Any]:
