@@ -1,12 +1,14 @@
 """Serve one channel plan through residency and channel slots, and compare it with `premoe eval`'s computation of
 the same plan (docs/atomic-experts.md, section 5, "On the reference model").
 
-    python scripts/serve_channel_plan.py STORE PLAN.json EVAL.jsonl [--items 20]
+    python scripts/serve_channel_plan.py STORE PLAN.json EVAL.jsonl [--items 20] [--redis-url URL] [--loads 1]
 
 Banks are sized from the plan (one per precision and channel count it uses, as many slots as its fullest layer
 needs); whole lowered experts get quantized slots. Prints the plan's counted bytes and the resident bytes of its
-experts, the bytes read to load it (from channel-major copies when the store has them), and over the first eval
-items the largest logit difference and the mean NLL of both computations.
+experts, the bytes read to load it by tier (from channel-major copies when the store has them; through Redis with
+`--redis-url`, else the in-process cache; `--loads N` loads it N times, releasing the slots in between, so the
+later loads show what the cache tier serves), and over the first eval items the largest logit difference and the
+mean NLL of both computations.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from premoe_service.profiler.precision_plan import store_options
 from premoe_service.runtime.build import load_model
 from premoe_service.runtime.channel_slots import attach_channels
 from premoe_service.runtime.quantized import attach_precisions
-from premoe_service.store import Store
+from premoe_service.store import Store, open_cache
 from premoe_service.store.channel_major import channel_group_size
 
 
@@ -37,9 +39,11 @@ def main() -> None:
     parser.add_argument("plan", type=Path)
     parser.add_argument("data", type=Path)
     parser.add_argument("--items", type=int, default=20)
+    parser.add_argument("--redis-url", default=None, help="the cache tier (default: the in-process cache)")
+    parser.add_argument("--loads", type=int, default=1, help="load the plan this many times (slots released between)")
     args = parser.parse_args()
 
-    store = Store(args.store)
+    store = Store(args.store, cache=open_cache(args.redis_url))
     patterned, residency = load_model(store, device="cpu")
     spec = patterned.spec
     pattern = Pattern.load(spec, args.plan)
@@ -77,18 +81,25 @@ def main() -> None:
                 if ids is None
                 else channel_nbytes(shape, precision, len(ids), group, options[FULL].nbytes)
             )
+    for _ in range(args.loads - 1):  # earlier loads: each fills the slots from the tiers, then frees them
+        before = dict(store.stats.bytes)
+        with residency.lease(pattern):
+            read_by = {t: store.stats.bytes[t] - before.get(t, 0) for t in store.stats.bytes}
+        residency.release([pattern], [], store.manifest.expert_nbytes)
+        print(f"earlier load: bytes read by tier {read_by}")
     before = dict(store.stats.bytes)
     start = time.perf_counter()
     with residency.lease(pattern):
         seconds = time.perf_counter() - start
-        read = sum(store.stats.bytes[t] - before.get(t, 0) for t in store.stats.bytes)
+        read_by = {t: store.stats.bytes[t] - before.get(t, 0) for t in store.stats.bytes}
+        read = sum(read_by.values())
         held = residency.describe(pattern, store.manifest.expert_nbytes)
         cut = sum(len(by) for by in pattern.channels.values())
         print(
             f"plan: {pattern.size} experts, {cut} held in part; counted bytes {counted}; resident bytes of its "
             f"experts {held.nbytes}; by bank {held.precisions}"
         )
-        print(f"load: {seconds:.2f} s, {read} bytes read ({read / held.nbytes:.2f}x the bytes kept)")
+        print(f"load: {seconds:.2f} s, {read} bytes read ({read / held.nbytes:.2f}x the bytes kept), by tier {read_by}")
 
         tokenizer = AutoTokenizer.from_pretrained(store.dir)
         texts = [json.loads(line)["text"] for line in args.data.read_text().splitlines()[: args.items]]

@@ -20,6 +20,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from premoe_service.cli import main
 from premoe_service.engine import EngineLoop, Request, SamplingParams
 from premoe_service.engine.schedule import BatchLimits
 from premoe_service.errors import (
@@ -31,7 +32,7 @@ from premoe_service.errors import (
 )
 from premoe_service.families import MoESpec, adapter_for
 from premoe_service.families.channels import intermediate_field
-from premoe_service.families.tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
+from premoe_service.families.tiny import TINY_CONFIGS, save_tiny_checkpoint, tiny_model, tiny_tokenizer
 from premoe_service.pattern import Pattern
 from premoe_service.profiler.channel_plan import ChannelPlan, ExpertShape, channel_nbytes
 from premoe_service.runtime.build import load_model
@@ -345,10 +346,8 @@ def test_a_server_with_channel_slots_serves_channel_plans_to_tasks_registered_wi
     channel scores) within its budget and the server's slots, and generates the tokens that plan computes (the
     plan's weights in a second engine's full slots, `premoe eval`'s way, checked against the exported checkpoint in
     tests/test_atomic.py)."""
-    from premoe_service.cli import main
     from premoe_service.client import PreMoeClient
     from premoe_service.evaluation.channel_eval import PlanWeights, install_plan
-    from premoe_service.families.tiny import save_tiny_checkpoint
     from premoe_service.profiler import Profile
     from premoe_service.server import running_server
     from premoe_service.serving import ServiceConfig
@@ -482,6 +481,61 @@ def test_channel_major_copies_fill_the_same_slots_reading_only_the_kept_channels
         reader.read(layer, 1, [2, 3])
     assert info.value.field == f"layer {layer} expert 1"
     reader.close()
+
+
+@pytest.mark.parametrize("tier", ["memory", "redis"])
+def test_channel_major_reads_go_through_the_cache_tier(
+    tier: str, tmp_path: Path, redis_server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With a cache (in-process or a real Redis), an expert's channel-major block is one cache value: the first read
+    of an expert reads its whole block from disk and caches it, later reads of any of its channels come from the
+    cache (Redis GETRANGEs of the kept runs), each record verified; a damaged cache value is repaired from disk.
+    Every read returns the records the disk holds."""
+    save_tiny_checkpoint(tmp_path / "ckpt", "qwen3_moe")
+    shard(tmp_path / "ckpt", tmp_path / "store", progress=False)
+    add_precisions(tmp_path / "store", ("int4",), GROUP, progress=False)
+    args = ["shard", str(tmp_path / "ckpt"), "--out", str(tmp_path / "store"), "--channel-major", "full", "--quiet"]
+    assert main(args) == 0 and "channel-major full: " in capsys.readouterr().out
+    assert main(args) == 0 and "already up to date" in capsys.readouterr().out.splitlines()[-1]
+    (tmp_path / "store" / "channel-major" / "full" / "layout.json").unlink()
+    written = add_channel_major(tmp_path / "store", ("full", "int4"), progress=False)
+    assert [(folder.name, fresh) for folder, fresh in written] == [("full", True), ("int4", True)]
+    # A second run keeps up-to-date copies; one whose file is cut short (or whose layout.json, written last, is
+    # missing: an interrupted run) is written again.
+    assert [fresh for _, fresh in add_channel_major(tmp_path / "store", ("full", "int4"), progress=False)] == [0, 0]
+    layer_file = written[1][0] / f"layer_{Store(tmp_path / 'store').manifest.moe_layers[0]:03d}.bin"
+    whole = layer_file.read_bytes()
+    layer_file.write_bytes(whole[:-7])
+    (written[0][0] / "layout.json").unlink()
+    assert [fresh for _, fresh in add_channel_major(tmp_path / "store", ("full", "int4"), progress=False)] == [1, 1]
+    assert layer_file.read_bytes() == whole
+    if tier == "redis":
+        redis_server.flush()
+    cache = open_cache(redis_server.url if tier == "redis" else None)
+    cached, plain = Store(tmp_path / "store", cache=cache), Store(tmp_path / "store")
+    layer = cached.manifest.moe_layers[-1]
+    for precision in ("full", "int4"):
+        reader, disk = ChannelMajorReader(cached, precision), ChannelMajorReader(plain, precision)
+        layout, repairs = reader.layout, cached.stats.repairs
+        for expert, ids, want_tier in ((2, [0, 1, 5], "disk"), (2, [3, 4, 5, 9], "cache"), (3, [7], "disk")):
+            records, nbytes, got_tier = reader.read(layer, expert, ids)
+            theirs, _, _ = disk.read(layer, expert, ids)
+            assert got_tier == want_tier and records.keys() == theirs.keys()
+            assert all(torch.equal(records[name], theirs[name]) for name in records)
+            kept = len(ids) * layout.record_nbytes + layout.tail_nbytes
+            assert nbytes == (layout.expert_nbytes if want_tier == "disk" else kept)
+        assert cached.stats.repairs == repairs  # a miss is a miss, not a damaged value
+        # A value damaged in the cache (one byte of channel 4's record): repaired from disk, then read again.
+        key = reader.cache_key(layer, 2)
+        value = bytearray(cache.get(key) or b"")
+        value[4 * layout.record_nbytes + 1] ^= 0xFF
+        cache.put(key, bytes(value))
+        records, _, got_tier = reader.read(layer, 2, [4])
+        assert got_tier == "disk" and cached.stats.repairs == repairs + 1
+        assert all(torch.equal(records[n], disk.read(layer, 2, [4])[0][n]) for n in records)
+        assert reader.read(layer, 2, [4])[2] == "cache"
+        reader.close()
+        disk.close()
 
 
 def test_channel_tasks_take_turns_in_banks_that_hold_one_of_them(tmp_path: Path) -> None:

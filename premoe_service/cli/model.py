@@ -74,8 +74,8 @@ def shard(
     if channel_major:
         from ..store.channel_major import add_channel_major
 
-        for folder in add_channel_major(out, channel_major, progress=not quiet):
-            click.echo(f"  channel-major {folder.name}: {folder}")
+        for folder, written in add_channel_major(out, channel_major, progress=not quiet):
+            click.echo(f"  channel-major {folder.name}: {folder} {'written' if written else 'already up to date'}")
     return 0
 
 

@@ -15,7 +15,8 @@ recency and eviction then work on variants exactly as they work on experts in th
 (`Residency.reserve`) name the variant's column where other copies name the expert.
 
 Float copies (`bf16`) have no channel banks. A slot is filled from the store's channel-major copy of its precision
-when the store has one (`premoe shard --channel-major`: one read per run of consecutive kept channels), else from
+when the store has one (`premoe shard --channel-major`: through the cache tier, the expert's kept runs from its
+cached block, or one disk read per run without a cache; `store.channel_major.ChannelMajorReader`), else from
 the expert's whole blob (through the cache tiers as any expert; a quantized bank also reads the expert's copy at
 its precision), cut in memory.
 """
@@ -194,13 +195,13 @@ class ChannelSlots:
         blob (and, for a quantized bank, its copy's) cut in memory. Returns the tier and the bytes read."""
         major = self.channel_major.get(bank.key[0])
         if major is not None:
-            records, nbytes = major.read(layer, expert, ids)
+            records, nbytes, tier = major.read(layer, expert, ids)
             if isinstance(bank, QuantizedChannelBank):
                 gate, up, down = quantized_rows(records, bank)
                 bank.write_rows(slot, gate, up, down, record_biases(records))
             else:
                 bank.write_cut(slot, full_rows(records, self.family))
-            return "disk", nbytes
+            return tier, nbytes
         read_blob = getattr(self.source, "read_blob", None)
         if read_blob is None:  # a plain source (tests, in-memory models): tensors, no tier
             full, tier, nbytes = self.source.read(layer, expert), "cache", 0
