@@ -92,3 +92,28 @@ def test_wide_float32_pass_goes_to_the_grouped_kernel() -> None:
     actual = hit_experts_forward(module, hidden, index, weights)
     assert (actual - _eager(module, hidden, index, weights)).abs().max().item() < 1e-5
     assert adapter_for(model.config).name == "qwen3_moe"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_skip_ids_in_a_wide_float32_pass_contribute_exactly_nothing(family: str) -> None:
+    """transformers' grouped kernel leaves the rows of pairs past the module's experts uninitialised; a wide pass
+    holding skip ids (here with non-zero weights, which a skipped pair of the masked router does not have) must still
+    equal the pass without those pairs, whatever that memory holds."""
+    model = tiny_model(family, dtype=torch.float32)
+    use_hit_experts(model)
+    modules = _experts(model)
+    if not modules:
+        pytest.skip(f"{family}'s experts module does not use transformers' experts interface")
+    module = modules[0]
+    tokens = int(experts_forward.HIT_PAIRS_PER_EXPERT * module.num_experts) + 40
+    hidden, index, weights = _routed(tokens, module, skip=False, seed=3)
+    hidden, weights = hidden.float(), weights.float()
+    skipped = index.clone()
+    skipped[::3, -1] = module.num_experts  # a third of the tokens skip their second pair
+    kept_weights = weights.clone()
+    kept_weights[::3, -1] = 0.0
+    index[::3, -1] = int(index[0, 0] == 0)  # the reference: the same pairs on a real expert, weight 0
+    for _ in range(3):  # fresh allocations each time: whatever the uninitialised rows hold
+        actual = hit_experts_forward(module, hidden, skipped, weights)
+        assert torch.isfinite(actual).all()
+        assert (actual - _eager(module, hidden, index, kept_weights)).abs().max().item() < 1e-5, family

@@ -253,15 +253,25 @@ def test_precision_errors_measured_on_demos_match_a_direct_computation(quant_sto
     assert reached >= 2
 
 
-@pytest.mark.parametrize(("shape", "packed_dim"), [((384, 192), 1), ((7, 5), 1), ((1, 1), 1), ((8, 3), 0), ((5, 9), 0)])
-def test_int8_unpacking_gives_compressed_tensors_integers(shape: tuple[int, int], packed_dim: int) -> None:
-    """The byte-view unpacking of 8-bit weights against compressed-tensors' own packing and unpacking."""
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize(
+    ("shape", "packed_dim"), [((384, 192), 1), ((7, 5), 1), ((1, 1), 1), ((8, 3), 0), ((5, 9), 0), ((33, 2), 0)]
+)
+def test_unpacking_gives_compressed_tensors_integers(bits: int, shape: tuple[int, int], packed_dim: int) -> None:
+    """The byte-view unpacking of 8-, 4- and 2-bit weights (and the general one of 3-bit weights) against
+    compressed-tensors' own packing and unpacking."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
     from premoe_service.store.quant import _unpack
 
-    values = torch.randint(-128, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(sum(shape)))
-    packed = pack_to_int32(values, 8, packed_dim=packed_dim)
-    ours = _unpack(packed, 8, shape, packed_dim)
+    low, high = -(1 << (bits - 1)), 1 << (bits - 1)
+    values = torch.randint(low, high, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(sum(shape)))
+    packed = pack_to_int32(values, bits, packed_dim=packed_dim)
+    ours = _unpack(packed, bits, shape, packed_dim)
     assert ours.dtype == torch.int8 and torch.equal(ours, values)
-    assert torch.equal(ours, unpack_from_int32(packed, 8, torch.Size(shape), packed_dim=packed_dim))
+    if packed_dim == 1:
+        theirs = unpack_from_int32(packed, bits, torch.Size(shape), packed_dim=1)
+    else:  # their 4-bit byte path refuses a transposed view: unpack the transpose (plain strides) along its rows
+        words = packed.t().clone(memory_format=torch.contiguous_format)
+        theirs = unpack_from_int32(words, bits, torch.Size(shape[::-1]), packed_dim=1).t()
+    assert torch.equal(ours, theirs)

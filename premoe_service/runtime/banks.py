@@ -2,13 +2,15 @@
 
 Slot ids of a layer form one space: `[0, C)` are the full-precision slots (the experts module's own fused
 parameters), then each bank in turn: the quantized banks (`runtime.quantized`), then the channel banks
-(`runtime.channel_slots`). The masked router hands out these ids as it always does. The experts module keeps
-transformers' forward: a thin wrapper around it gathers, for each forward pass, the weights of the bank slots its
-tokens hit (a quantized slot dequantized, a channel slot at its own width), stacks them with the hit full-precision
-slots, and calls transformers' forward on that stack with the slot ids renumbered. Slots of different widths (a
-channel slot holds `k` of the expert's `I` intermediate channels) are padded to the widest hit one with zero
-channels: a zero gate/up row, bias and down column add nothing in every family's activation
-(`families.channels.pad_channels`), so each token computes exactly what its expert's kept channels compute.
+(`runtime.channel_slots`). The masked router hands out these ids as it always does. A thin wrapper around the
+experts module's forward handles a pass that hits bank slots: for modules of transformers' experts interface (every
+family here), slot by slot (`hit_bank_slots`): each hit bank slot's weights are read once (a quantized slot
+dequantized, a channel slot at its own width) and multiplied in place, full slots are views of the module's
+parameters, and a wide pass sends its full-slot pairs through transformers' grouped kernel. Nothing is stacked or
+padded. For other modules, it gathers the hit slots' weights, stacks them with the hit full-precision slots and calls
+transformers' forward on that stack with the slot ids renumbered; slots of different widths (a channel slot holds `k`
+of the expert's `I` intermediate channels) are then padded to the widest hit one with zero channels, which add
+nothing in every family's activation (`families.channels.pad_channels`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ from torch import Tensor, nn
 
 from ..errors import FailedPrecondition
 from ..families.channels import pad_channels
+from .experts_forward import (
+    HIT_PAIRS_PER_EXPERT,
+    Weights,
+    follows_interface,
+    grouped_dtype,
+    grouped_with_skips,
+    run_hit,
+)
 from .slots import expert_params
 
 _TRANSPOSED = frozenset({"gpt_oss"})  # families whose down projection is [I, H] (families.channels)
@@ -88,6 +98,8 @@ def install_banks(experts: nn.Module, kind: str, banks: Sequence[Bank], family: 
         used = top_k_index[top_k_index < skip]
         if used.numel() == 0 or int(used.max()) < full_capacity:  # full slots and skipped pairs
             return original(hidden_states, top_k_index.clamp(max=full_capacity), top_k_weights)
+        if follows_interface(experts):
+            return hit_bank_slots(experts, hidden_states, top_k_index, top_k_weights, full_capacity, skip, banks, names)
         hit = torch.unique(used)  # [n] slot ids, ascending
         renumber = torch.full((skip + 1,), hit.numel(), dtype=top_k_index.dtype, device=top_k_index.device)
         renumber[hit] = torch.arange(hit.numel(), dtype=top_k_index.dtype, device=top_k_index.device)
@@ -113,3 +125,40 @@ def install_banks(experts: nn.Module, kind: str, banks: Sequence[Bank], family: 
         return call(view, hidden_states, renumber[top_k_index], top_k_weights)
 
     setattr(experts, "forward", forward)  # noqa: B010 - this module's forward only
+
+
+def hit_bank_slots(
+    experts: nn.Module,
+    hidden_states: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    full_capacity: int,
+    skip: int,
+    banks: list[Bank],
+    names: list[str],
+) -> Tensor:
+    """A pass that hits bank slots, computed slot by slot (`experts_forward.run_hit`): each hit bank slot's weights
+    are read (dequantized) once and used at their own width, full slots are views of the module's parameters;
+    nothing is stacked or padded. A wide pass (past `HIT_PAIRS_PER_EXPERT` pairs per full slot, in a dtype the
+    grouped kernel takes) runs its full-slot pairs through transformers' grouped kernel over the module's slots and
+    adds the bank pairs' outputs: each pair is counted once, in one of the two sums."""
+    weights = Weights(experts)
+
+    def bank_out(x: Tensor, slot: int) -> Tensor:
+        if slot < full_capacity:
+            return weights.expert(experts, x, slot)
+        for bank in banks:
+            if bank.offset <= slot < bank.offset + bank.capacity:
+                return weights.of(experts, x, {name: bank.weight(name, slot - bank.offset) for name in names})
+        raise FailedPrecondition(f"slot {slot} is outside every slot bank", field="slot")
+
+    tokens, top_k = top_k_index.shape
+    if tokens * top_k <= HIT_PAIRS_PER_EXPERT * full_capacity or not grouped_dtype(hidden_states):
+        return run_hit(hidden_states, top_k_index, top_k_weights, skip, bank_out)
+    in_full = top_k_index < full_capacity
+    bank_ids = torch.where(in_full, skip, top_k_index)  # full pairs skipped here
+    banked = run_hit(hidden_states, bank_ids, top_k_weights, skip, bank_out)
+    if not bool(in_full.any()):
+        return banked
+    full_ids = torch.where(in_full, top_k_index, full_capacity)  # bank pairs skipped by the grouped kernel
+    return grouped_with_skips(experts, hidden_states, full_ids, top_k_weights) + banked

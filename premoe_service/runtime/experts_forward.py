@@ -17,6 +17,8 @@ and grouped paths.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,26 +39,53 @@ def hit_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Ten
     `[T, K]`; returns `[T, H]`."""
     experts: int = self.num_experts  # type: ignore[assignment]
     tokens, top_k = top_k_index.shape
-    grouped_dtype = hidden_states.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    if tokens * top_k > HIT_PAIRS_PER_EXPERT * experts and grouped_dtype:
-        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    weights = _Weights(self)
+    if tokens * top_k > HIT_PAIRS_PER_EXPERT * experts and grouped_dtype(hidden_states):
+        return grouped_with_skips(self, hidden_states, top_k_index, top_k_weights)
+    weights = Weights(self)
+    return run_hit(hidden_states, top_k_index, top_k_weights, experts, lambda x, e: weights.expert(self, x, e))
+
+
+def grouped_with_skips(module: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+    """transformers' grouped path, with pairs at or above the module's expert count (skip ids) contributing exactly
+    zero: its kernel leaves those pairs' rows uninitialised unless the module is marked expert-parallel (then it
+    zeroes them, as for another rank's experts), so a pass holding skip ids runs on a shallow copy so marked."""
+    if int(top_k_index.max()) >= module.num_experts:  # type: ignore[operator]
+        module = copy.copy(module)
+        setattr(module, "_is_expert_parallel", True)  # noqa: B010 - a plain attribute of the copy
+    return grouped_mm_experts_forward(module, hidden_states, top_k_index, top_k_weights)
+
+
+def grouped_dtype(hidden_states: Tensor) -> bool:
+    """Whether transformers' grouped kernel takes this dtype on this device (the CPU kernel refuses float64)."""
+    return hidden_states.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def run_hit(
+    hidden_states: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    end: int,
+    expert_out: Callable[[Tensor, int], Tensor],
+) -> Tensor:
+    """The pairs' weighted outputs summed per token, computing each hit id below `end` once with `expert_out(rows,
+    id)` (its output before the routing weight); ids at or above `end` are skipped."""
+    tokens, top_k = top_k_index.shape
     if tokens == 1:  # a lone decode row: its K experts in turn, summed in top-k order as transformers sums them
         out: Tensor | None = None
         for k, e in enumerate(top_k_index[0].tolist()):
-            if e < experts:
-                y = weights.expert(self, hidden_states, e) * top_k_weights[:, k : k + 1]
+            if e < end:
+                y = expert_out(hidden_states, e) * top_k_weights[:, k : k + 1]
                 out = y if out is None else out + y
         return hidden_states.new_zeros(hidden_states.shape) if out is None else out.to(hidden_states.dtype)
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat.clamp(max=experts), minlength=experts + 1).tolist()
+    counts = torch.bincount(flat.clamp(max=end), minlength=end + 1).tolist()
     pairs = hidden_states.index_select(0, order // top_k)  # [S, H], sorted by expert
     out = hidden_states.new_zeros(pairs.shape)
     start = 0
-    for e in range(experts):
+    for e in range(end):
         if counts[e]:
-            out[start : start + counts[e]] = weights.expert(self, pairs[start : start + counts[e]], e)
+            out[start : start + counts[e]] = expert_out(pairs[start : start + counts[e]], e)
         start += counts[e]
     out = out * top_k_weights.reshape(-1).index_select(0, order).unsqueeze(-1)
     unsorted = torch.empty_like(out)
@@ -64,28 +93,44 @@ def hit_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Ten
     return unsorted.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
-class _Weights:
+def follows_interface(module: nn.Module) -> bool:
+    """Whether an experts module names its layout with the experts interface's attributes (what `Weights` reads)."""
+    return all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm"))
+
+
+class Weights:
     """An experts module's weights and biases as the interface's attributes name them, read once per call."""
 
     def __init__(self, module: nn.Module) -> None:
         params = module._parameters
-        gate = bool(module.has_gate)
-        self.up = params["gate_up_proj" if gate else "up_proj"]
+        self.gate = bool(module.has_gate)
+        self.bias = bool(module.has_bias)
+        self.up_name = "gate_up_proj" if self.gate else "up_proj"
+        self.up = params[self.up_name]
         self.down = params["down_proj"]
-        bias = bool(module.has_bias)
-        self.up_bias = params["gate_up_proj_bias" if gate else "up_proj_bias"] if bias else None
-        self.down_bias = params["down_proj_bias"] if bias else None
+        self.up_bias = params[f"{self.up_name}_bias"] if self.bias else None
+        self.down_bias = params["down_proj_bias"] if self.bias else None
         self.transposed = bool(module.is_transposed)
-        self.gate = gate
         self.post_norm = bool(module.has_post_expert_norm)
 
     def expert(self, module: Any, x: Tensor, e: int) -> Tensor:
         """Expert `e`'s output for rows `x` (before its routing weight)."""
         up_bias = None if self.up_bias is None else self.up_bias[e]
         down_bias = None if self.down_bias is None else self.down_bias[e]
-        h = _linear(x, self.up[e], up_bias, self.transposed)  # type: ignore[index]
+        return self.compute(module, x, self.up[e], self.down[e], up_bias, down_bias)  # type: ignore[index]
+
+    def of(self, module: Any, x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
+        """The output for rows `x` of an expert given as its tensors by parameter name (a bank slot's)."""
+        up_bias = tensors[f"{self.up_name}_bias"] if self.bias else None
+        down_bias = tensors["down_proj_bias"] if self.bias else None
+        return self.compute(module, x, tensors[self.up_name], tensors["down_proj"], up_bias, down_bias)
+
+    def compute(
+        self, module: Any, x: Tensor, up: Tensor, down: Tensor, up_bias: Tensor | None, down_bias: Tensor | None
+    ) -> Tensor:
+        h = _linear(x, up, up_bias, self.transposed)
         h = module._apply_gate(h) if self.gate else module.act_fn(h)
-        y = _linear(h, self.down[e], down_bias, self.transposed)  # type: ignore[index]
+        y = _linear(h, down, down_bias, self.transposed)
         return module.post_expert_norm(y) if self.post_norm else y
 
 

@@ -4,9 +4,9 @@ Slot ids of a layer form one space: `[0, C)` are the full-precision slots (the e
 parameters), then each precision's bank in turn (then any channel banks, `runtime.channel_slots`). The masked
 router hands out these ids as it always does. The experts module keeps transformers' forward: a thin wrapper
 around it (`runtime.banks`) dequantizes, for each forward pass, only the quantized slots its tokens hit
-(group-wise, in torch ops, so the same code runs on CPU and CUDA), stacks them with the hit full-precision
-slots, and calls transformers' forward on that stack with the slot ids renumbered. Resident memory is the
-packed tensors; the dequantized weights live for one layer's call.
+(group-wise, in torch ops, so the same code runs on CPU and CUDA) and computes their pairs slot by slot beside
+the full-precision slots. Resident memory is the packed tensors; a dequantized weight lives for one slot's
+product.
 """
 
 from __future__ import annotations

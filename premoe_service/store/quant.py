@@ -61,20 +61,27 @@ def _unpack(packed: Tensor, bits: int, shape: tuple[int, int], packed_dim: int) 
         # size-1 dim keeps a stride other than 1).
         words = packed.t().clone(memory_format=torch.contiguous_format)
         return _unpack(words, bits, (shape[1], shape[0]), packed_dim=1).t()
-    if bits == 8 and (packed.device.type != "cpu" or sys.byteorder == "little"):
-        return _unpack_bytes(packed, shape, packed_dim)
+    if bits in (2, 4, 8) and (packed.device.type != "cpu" or sys.byteorder == "little"):
+        return _unpack_bytes(packed, bits, shape, packed_dim)
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     return unpack_from_int32(packed, bits, torch.Size(shape), packed_dim=packed_dim)
 
 
-def _unpack_bytes(packed: Tensor, shape: tuple[int, int], packed_dim: int) -> Tensor:
-    """8-bit values packed four to an int32 (value i at bits 8i..8i+7, offset by 128): on a little-endian device the
-    words' bytes are the values in order, so a byte view replaces compressed-tensors' general bit gather, which
-    costs more than the matmul of the weight it unpacks (the same integers: `tests/test_quant.py`)."""
+def _unpack_bytes(packed: Tensor, bits: int, shape: tuple[int, int], packed_dim: int) -> Tensor:
+    """Values of 2, 4 or 8 bits packed into int32 words (value i at bits `i*bits` up, offset by `2**(bits-1)`): on a
+    little-endian device byte j of a row holds values `j*8/bits` onwards, lowest bits first, so byte views and
+    shifts replace compressed-tensors' general bit gather, which costs more than the matmul of the weight it
+    unpacks (the same integers: `tests/test_quant.py`)."""
     words = packed if packed_dim == 1 else packed.transpose(0, 1)
     rows, count = words.shape[0], shape[packed_dim]
-    values = (words.contiguous().view(torch.uint8).view(rows, -1)[:, :count] ^ 0x80).view(torch.int8)
+    raw = words.contiguous().view(torch.uint8).view(rows, -1)
+    if bits == 8:
+        values = (raw[:, :count] ^ 0x80).view(torch.int8)
+    else:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=raw.device)
+        codes = ((raw.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).view(rows, -1)[:, :count]
+        values = codes.view(torch.int8) - (1 << (bits - 1))
     return values.transpose(0, 1) if packed_dim == 0 else values
 
 
@@ -150,7 +157,10 @@ def dequantize(qw: QuantizedWeight, bits: int, group_size: int, shape: tuple[int
     groups = inp // group_size
     q = _unpack(qw.packed, bits, (out, inp), packed_dim=1).view(out, groups, group_size)  # int8 [O, G, g]
     zero = _unpack(qw.zero, bits, (out, groups), packed_dim=0)  # int8 [O, G]
-    values = (q.float() - zero.float()[..., None]) * qw.scale.float()[..., None]
+    # (q - zero) * scale in float32, in place on one buffer: the same two roundings as the plain expression
+    values = (
+        q.to(torch.float32).sub_(zero.to(torch.float32).unsqueeze(-1)).mul_(qw.scale.to(torch.float32).unsqueeze(-1))
+    )
     return values.reshape(out, inp).to(dtype)
 
 
