@@ -79,8 +79,9 @@ def _unpack_bytes(packed: Tensor, bits: int, shape: tuple[int, int], packed_dim:
     if bits == 8:
         values = (raw[:, :count] ^ 0x80).view(torch.int8)
     else:
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=raw.device)
-        codes = ((raw.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).view(rows, -1)[:, :count]
+        mask = (1 << bits) - 1
+        parts = [raw & mask, *((raw >> shift) & mask for shift in range(bits, 8, bits))]
+        codes = torch.stack(parts, dim=-1).view(rows, -1)[:, :count]
         values = codes.view(torch.int8) - (1 << (bits - 1))
     return values.transpose(0, 1) if packed_dim == 0 else values
 
