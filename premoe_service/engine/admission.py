@@ -35,6 +35,8 @@ class Admission:
                 continue
             try:
                 copies = self.residency.reserve(request.pattern)
+                if copies is None and not request.params.full_precision:
+                    copies = self._demote(request)
             except Exception as exc:
                 failures.append(([request], exc))
                 continue
@@ -50,6 +52,17 @@ class Admission:
             elif self.residency.is_resident(request.pattern):
                 _ready(request, step)
         return failures
+
+    def _demote(self, request: Request) -> list[tuple[int, int, int]] | None:
+        """With lending (`--under-pressure demote`): reserve the request's pattern with the experts that are not at
+        full precision now held at the lending precision; the request is then served with that pattern."""
+        demoted = self.residency.demoted(request.pattern)
+        if demoted is None:
+            return None
+        copies = self.residency.reserve(demoted)
+        if copies is not None:
+            request.pattern = demoted
+        return copies
 
     def commit(self, waiting: Sequence[Request], step: int) -> list[Failure]:
         """Commit the copies that completed (publishing the new slot tables), account each job to the request

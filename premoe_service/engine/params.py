@@ -22,6 +22,7 @@ class SamplingParams:
     ignore_eos: bool = False  # the model's EOS does not end the request (it runs to max_new_tokens or a stop)
     min_tokens: int = 0  # EOS and stop_token_ids cannot be chosen before this many new tokens
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the request like EOS (kept in its token ids, not text)
+    full_precision: bool = False  # never served from demoted copies under memory pressure: it waits instead
 
     def check(self, limit: int) -> SamplingParams:
         """Validate against the server's token limit; errors name the field."""

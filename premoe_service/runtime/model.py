@@ -22,6 +22,7 @@ from .quantized import QuantizedSlots
 
 if TYPE_CHECKING:
     from .channel_slots import ChannelSlots
+    from .lending import Lending
 from .slot_book import RESIDENT, SlotBook
 from .slots import LayerSlots, expert_params, install_slots, slot_buffers, write_slot
 
@@ -68,6 +69,7 @@ class PatternedModel:
         self._published: dict[int, int] = {}  # layer -> slot version last written by `publish_slots`
         self.masks = PatternMasks(self.spec, lambda: self.device)
         self.quantized: QuantizedSlots | None = None  # slots of lower precisions (`runtime.quantized`)
+        self.lending: Lending | None = None  # full slots lent to a lower precision (`runtime.lending`)
         self.channels: ChannelSlots | None = None  # slots of experts held in part (`runtime.channel_slots`)
         for layer, cap in zip(self.spec.moe_layers, caps, strict=True):
             # Capacity 0 leaves a layer empty until `fill_layer` (layer-streamed profiling).

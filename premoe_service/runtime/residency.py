@@ -17,7 +17,7 @@ from ..store.reader import Store
 from .budget import Budget
 from .channel_banks import key_name
 from .model import PatternedModel
-from .slot_book import LOADING, RESIDENT, SlotBook, SlotPlan
+from .slot_book import ABSENT, LOADING, RESIDENT, SlotBook, SlotPlan
 
 Book = tuple[SlotBook, np.ndarray, np.ndarray | None]  # see `Residency._books`
 
@@ -113,6 +113,8 @@ class Residency:
                     self._plans(books)  # fits next to the pinned experts?
                     break
                 except ResourceExhausted:
+                    if self._make_room(books):
+                        continue
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise ResourceExhausted(
@@ -158,8 +160,13 @@ class Residency:
             try:
                 plans = self._plans(books)
             except ResourceExhausted:
-                self.stats.waits += 1
-                return None
+                try:
+                    if not self._make_room(books):
+                        raise
+                    plans = self._plans(books)
+                except ResourceExhausted:
+                    self.stats.waits += 1
+                    return None
             copies: list[tuple[int, int, int]] = []
             for (book, wanted, offsets), plan in zip(books, plans, strict=True):
                 self.stats.evictions += book.reserve(plan)
@@ -406,6 +413,28 @@ class Residency:
                 books.append((channels.books[key], wanted, channels.offsets(key)))
         return books
 
+    def _make_room(self, books: list[Book]) -> bool:
+        """With lending (`--under-pressure demote`): lend full slots to the lower precision, or take lent ones back,
+        so that the books' experts fit; True when a slot moved (call under the lock)."""
+        lending = self.patterned.lending
+        return lending is not None and lending.make_room(books)
+
+    def demoted(self, pattern: Pattern) -> Pattern | None:
+        """`pattern` with the experts it holds whole at full precision that are not in a full slot now (nor being
+        copied into one) held at the lending precision instead; None when there are none, or without lending."""
+        lending = self.patterned.lending
+        if lending is None:
+            return None
+        with self._cond:
+            absent = self.patterned.full_mask(pattern) & (self.patterned.book.state == ABSENT)
+        if not absent.any():
+            return None
+        precisions = {layer: dict(pattern.precisions.get(layer, {})) for layer in pattern.layers}
+        rows, experts = np.nonzero(absent)
+        for row, expert in zip(rows.tolist(), experts.tolist(), strict=True):
+            precisions[int(self._layers[row])][expert] = lending.precision
+        return Pattern.build(self.patterned.spec, pattern.layers, precisions, pattern.channels)
+
     @staticmethod
     def _plans(books: list[Book]) -> list[SlotPlan]:
         return [book.plan(wanted) for book, wanted, _ in books]  # each raises before anything changes
@@ -466,14 +495,18 @@ class Residency:
         return self._bytes(expert_nbytes, lambda book: int(np.count_nonzero(book.state == RESIDENT)))
 
     def capacity_bytes(self, expert_nbytes: int) -> int:
-        """Bytes of all slots, full and quantized."""
-        return self._bytes(expert_nbytes, lambda book: int(book.capacity.sum()))
+        """Bytes of all slots, full and quantized (lent slots count once, as the full slots they are)."""
+        return self._bytes(expert_nbytes, lambda book: int(book.capacity.sum()), lent=False)
 
-    def _bytes(self, expert_nbytes: int, count: Callable[[SlotBook], int]) -> int:
+    def _bytes(self, expert_nbytes: int, count: Callable[[SlotBook], int], lent: bool = True) -> int:
         total = count(self.patterned.book) * expert_nbytes
         quantized, channels = self.patterned.quantized, self.patterned.channels
         if quantized is not None:
-            total += sum(count(quantized.books[p]) * quantized.sources[p].copy.expert_nbytes for p in quantized.books)
+            total += sum(
+                count(quantized.books[p]) * quantized.sources[p].copy.expert_nbytes
+                for p in quantized.books
+                if lent or p != quantized.lent
+            )
         if channels is not None:
             total += sum(count(channels.books[key]) * channels.slot_nbytes(key) for key in channels.keys)
         return total

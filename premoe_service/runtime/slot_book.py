@@ -16,7 +16,9 @@ import numpy as np
 from ..errors import ResourceExhausted
 
 ABSENT, LOADING, RESIDENT = 0, 1, 2  # an expert's state in its layer
-FREE, NO_SLOT = -1, -2  # `expert_in_slot` entries: a free slot, a slot past the row's capacity
+# `expert_in_slot` entries: a free slot, a slot past the row's capacity, a slot that holds no expert of this book
+# for now (a full slot lent to a lower precision's experts, or such a slot's share not lent; `runtime.lending`)
+FREE, NO_SLOT, BLOCKED = -1, -2, -3
 _NEVER = np.iinfo(np.int64).max  # the sort key of experts that may not be evicted
 
 
@@ -99,7 +101,7 @@ class SlotBook:
         need = np.count_nonzero(missing, axis=1)
         if not need.any():
             return EMPTY_PLAN
-        short = need - (self.capacity[index] - np.count_nonzero(state, axis=1))
+        short = need - np.count_nonzero(self.expert_in_slot[index] == FREE, axis=1)
         victim_rows, victim_experts = NO_INDEX, NO_INDEX
         tight = np.flatnonzero(short > 0)
         if tight.size:
@@ -108,10 +110,14 @@ class SlotBook:
             room = np.count_nonzero(evictable, axis=1)
             if (count > room).any():
                 bad = int(np.argmax(count > room))
-                capacity, held = int(self.capacity[rows_tight[bad]]), int(np.count_nonzero(state_tight[bad]))
+                row_of = int(rows_tight[bad])
+                capacity = int(self.capacity[row_of])
+                free = int(np.count_nonzero(self.expert_in_slot[row_of] == FREE))
+                blocked = int(np.count_nonzero(self.expert_in_slot[row_of] == BLOCKED))
+                lent = f", {blocked} lent to lower precisions" if blocked else ""
                 raise ResourceExhausted(
-                    f"needs {int(need[tight][bad])} more slots but only {capacity - held + int(room[bad])} of "
-                    f"{capacity} are free or evictable (the rest hold wanted or pinned experts)",
+                    f"needs {int(need[tight][bad])} more slots but only {free + int(room[bad])} of "
+                    f"{capacity} are free or evictable (the rest hold wanted or pinned experts{lent})",
                     field=f"layer {self.names[int(rows_tight[bad])]}",
                 )
             victim_rows, victim_experts = self.victims(rows_tight, evictable, count)
@@ -168,6 +174,16 @@ class SlotBook:
         """Take resident experts out of their slots (the slots become free)."""
         self.expert_in_slot[rows, self.slot[rows, experts]] = FREE
         self._drop(rows, experts)
+
+    def block(self, row: int, slots: np.ndarray) -> None:
+        """Take free slots of `row` out of use (`BLOCKED`): no expert of this book may sit there."""
+        assert (self.expert_in_slot[row, slots] == FREE).all(), "only free slots are blocked"
+        self.expert_in_slot[row, slots] = BLOCKED
+
+    def unblock(self, row: int, slots: np.ndarray) -> None:
+        """Give blocked slots of `row` back to use, free."""
+        assert (self.expert_in_slot[row, slots] == BLOCKED).all(), "only blocked slots are unblocked"
+        self.expert_in_slot[row, slots] = FREE
 
     def pin(self, wanted: np.ndarray) -> None:
         self.pins += wanted

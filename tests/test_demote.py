@@ -1,0 +1,190 @@
+"""Demotion under memory pressure (`premoe serve --under-pressure demote`, `runtime/lending.py`).
+
+A request whose experts do not fit at full precision next to the ones running requests pin is served with those
+experts from the store's int8 copy, in full-precision slots lent out (each holds several int8 experts), instead of
+waiting: its logits equal transformers on the checkpoint with those experts dequantized; the resident bytes never
+pass the budget; a request that asks for full precision waits as before; when memory frees, full-precision requests
+take the lent slots back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from premoe_service.engine import EngineLoop, Request, SamplingParams, Status
+from premoe_service.errors import InvalidArgument, ResourceExhausted
+from premoe_service.families.tiny import save_tiny_checkpoint, tiny_tokenizer
+from premoe_service.pattern import Pattern
+from premoe_service.runtime.build import load_model
+from premoe_service.runtime.quantized import attach_precisions
+from premoe_service.runtime.slot_book import BLOCKED, RESIDENT
+from premoe_service.store import Store, shard
+from premoe_service.store.export import export_pruned
+from premoe_service.store.quantized_copies import add_precisions
+
+from .test_exactness import ATOL, logits, padded_batch
+
+FULL_SLOTS = 4  # of 8 experts per layer
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demote")
+    save_tiny_checkpoint(root / "ckpt", "qwen3_moe")
+    shard(root / "ckpt", root / "store", progress=False)
+    add_precisions(root / "store", ("int8", "int4"), 8, progress=False)
+    return root / "store"
+
+
+def lending_model(store_dir: Path, precision: str = "int8", capacity: int = FULL_SLOTS):
+    store = Store(store_dir)
+    patterned, residency = load_model(store, capacity=capacity, wait_timeout_s=0.5)
+    attach_precisions(patterned, store, {}, demote_to=precision)
+    return store, patterned, residency
+
+
+def experts(patterned, ids: list[int]) -> Pattern:
+    return Pattern.build(patterned.spec, {layer: ids for layer in patterned.spec.moe_layers})
+
+
+def test_lent_sub_slots_are_disjoint_views_inside_the_full_slots(store_dir: Path) -> None:
+    store, patterned, _ = lending_model(store_dir)
+    lending = patterned.lending
+    assert lending is not None and lending.k >= 2
+    layer = patterned.spec.moe_layers[0]
+    bank = patterned.quantized.banks[layer]["int8"]  # type: ignore[union-attr]
+    assert bank.capacity == FULL_SLOTS * lending.k and bank.nbytes == 0
+    assert (lending.lent.expert_in_slot[:, : bank.capacity] == BLOCKED).all()  # nothing lent yet
+    module = patterned.experts_module(layer)
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for (_, _), sub in bank.tensors.items():
+        for q in range(bank.capacity):
+            view = sub[q]
+            base = next(
+                p for p in module.parameters() if p.untyped_storage().data_ptr() == view.untyped_storage().data_ptr()
+            )
+            slot_bytes = base[0].numel() * base.element_size()
+            start = view.data_ptr() - base.data_ptr()
+            assert start // slot_bytes == q // lending.k  # inside its full slot
+            assert (start + view.numel() * view.element_size() - 1) // slot_bytes == q // lending.k
+            spans.setdefault(id(base), []).append((start, start + view.numel() * view.element_size()))
+    for ranges in spans.values():
+        ranges.sort()
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(ranges))  # no two views overlap
+    with pytest.raises(InvalidArgument) as refused:
+        attach_precisions(patterned, store, {"int8": 2}, demote_to="int8")
+    assert refused.value.field == "demote_to"
+
+
+def test_a_demoted_pattern_computes_the_dequantized_checkpoint(store_dir: Path, tmp_path: Path) -> None:
+    """Two experts a layer pinned at full precision leave two full slots free: a pattern of four other experts
+    cannot fit at full precision, so it is demoted, lent two slots (int8 sub-slots), loaded into them, and computes
+    what transformers computes on the checkpoint with those four experts dequantized."""
+    store, patterned, residency = lending_model(store_dir)
+    pinned, other = experts(patterned, [0, 1]), experts(patterned, [4, 5, 6, 7])
+    with residency.lease(pinned):
+        assert residency.reserve(other) is None  # at full precision it must wait
+        demoted = residency.demoted(other)
+        assert demoted is not None
+        assert all(demoted.precision(layer, e) == "int8" for layer in demoted.layers for e in demoted.kept(layer))
+        with residency.lease(demoted):
+            assert patterned.lending is not None and patterned.lending.lends == 2 * len(patterned.spec.moe_layers)
+            assert residency.resident_bytes(store.manifest.expert_nbytes) <= residency.capacity_bytes(
+                store.manifest.expert_nbytes
+            )
+            export_pruned(store, demoted, tmp_path / "pruned", progress=False)
+            exported = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype=torch.float32).eval()
+            ids, mask = padded_batch()
+            with torch.no_grad():
+                residency.activate(demoted)
+                ours = logits(patterned.model, ids, mask)
+            assert (logits(exported, ids, mask) - ours).abs().max().item() <= ATOL
+            # the pinned experts' full slots were not touched
+            with torch.no_grad():
+                residency.activate(pinned)
+                export_pruned(store, pinned, tmp_path / "pinned", progress=False)
+                theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "pinned", dtype=torch.float32).eval()
+                assert (logits(theirs, ids, mask) - logits(patterned.model, ids, mask)).abs().max().item() <= ATOL
+
+
+def test_full_precision_takes_lent_slots_back_once_they_are_unpinned(store_dir: Path) -> None:
+    _, patterned, residency = lending_model(store_dir)
+    lending = patterned.lending
+    assert lending is not None
+    pinned, other = experts(patterned, [0, 1]), experts(patterned, [4, 5, 6, 7])
+    with residency.lease(pinned):
+        demoted = residency.demoted(other)
+        assert demoted is not None
+        slots_lent = pytest.raises(ResourceExhausted, match="does not fit")
+        with residency.lease(demoted), slots_lent, residency.lease(experts(patterned, [2, 3, 4]), timeout_s=0.2):
+            pass
+    assert lending.returns == 0
+    with residency.lease(other):  # nothing pinned now: the lent slots come back, the four experts at full
+        assert lending.returns == 2 * len(patterned.spec.moe_layers)
+        assert (patterned.book.state[:, [4, 5, 6, 7]] == RESIDENT).all()
+        assert not (lending.full.expert_in_slot == BLOCKED).any()
+        assert residency.demoted(other) is None  # all at full precision: nothing to demote
+
+
+def step_until(loop: EngineLoop, done, timeout_s: float = 60.0) -> None:
+    """Drive the loop on this thread until `done()` (expert copies run on the loader thread meanwhile)."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "the engine did not get there in time"
+        if not loop.step():
+            time.sleep(0.002)
+
+
+@pytest.fixture
+def engine(store_dir: Path) -> Iterator[tuple[EngineLoop, object]]:
+    store, patterned, residency = lending_model(store_dir)
+    loop = EngineLoop(patterned, residency, store, eos=set())
+    yield loop, patterned
+    loop.close()
+
+
+def test_the_engine_demotes_a_waiting_request_and_a_full_precision_one_waits(engine) -> None:
+    """Through the engine loop: a request running on two experts a layer for many steps, then one on four others:
+    it is served at once with those at int8 (its result's pattern says so); the same request asking for full
+    precision waits until the first is done, then runs at full precision."""
+    loop, patterned = engine
+    tokenizer = tiny_tokenizer()
+    prompt = tokenizer("the quick brown fox")["input_ids"]
+    first = Request(prompt, experts(patterned, [0, 1]), SamplingParams(max_new_tokens=40, min_tokens=40), tokenizer)
+    demoted = Request(prompt, experts(patterned, [4, 5, 6, 7]), SamplingParams(max_new_tokens=3), tokenizer)
+    loop.submit(first)
+    step_until(loop, lambda: first.status is Status.RUNNING and len(first.generated) >= 2)
+    loop.submit(demoted)
+    step_until(loop, lambda: demoted.status is Status.FINISHED)
+    assert first.status is not Status.FINISHED  # served beside the first, not after it
+    *_, result = demoted.events()
+    counts = result.plan.pattern.precision_counts()
+    assert counts == {"int8": 4 * len(patterned.spec.moe_layers)}, counts
+    exact = Request(
+        prompt,
+        experts(patterned, [5, 6, 7, 3]),
+        SamplingParams(max_new_tokens=3, full_precision=True),
+        tokenizer,
+    )
+    loop.submit(exact)
+    step_until(loop, lambda: exact.status is Status.FINISHED)
+    assert first.status is Status.FINISHED  # it had to wait for the first request's experts
+    *_, result = exact.events()
+    assert result.plan.pattern.precision_counts() == {"full": 4 * len(patterned.spec.moe_layers)}
+
+
+def test_nothing_is_demoted_when_every_expert_fits(store_dir: Path) -> None:
+    _, patterned, residency = lending_model(store_dir, capacity=8)
+    with residency.lease(experts(patterned, [0, 1, 2, 3])):
+        assert residency.demoted(experts(patterned, [4, 5, 6, 7])) is not None  # absent now ...
+        assert residency.reserve(experts(patterned, [4, 5, 6, 7])) is not None  # ... but they fit at full
+    assert patterned.lending is not None and patterned.lending.lends == 0
+    assert not np.any(patterned.book.expert_in_slot == BLOCKED)
