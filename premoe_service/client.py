@@ -82,11 +82,13 @@ class PreMoeClient:
         seed: int | None = None,
         stop: Sequence[str] = (),
         expert_skip_threshold: float = 0.0,
+        full_precision: bool = False,
     ) -> pb.GenerateRequest:
         request = pb.GenerateRequest(
             prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=list(stop)
         )
         request.expert_skip_threshold = expert_skip_threshold
+        request.full_precision = full_precision
         if task is not None:
             request.task = task
         if seed is not None:

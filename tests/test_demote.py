@@ -10,6 +10,7 @@ take the lent slots back.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,3 +189,61 @@ def test_nothing_is_demoted_when_every_expert_fits(store_dir: Path) -> None:
         assert residency.reserve(experts(patterned, [4, 5, 6, 7])) is not None  # ... but they fit at full
     assert patterned.lending is not None and patterned.lending.lends == 0
     assert not np.any(patterned.book.expert_in_slot == BLOCKED)
+
+
+# --- a server started with --under-pressure demote --------------------------------------------------------------
+
+
+def test_a_server_that_demotes_serves_a_task_that_does_not_fit_from_int8(
+    store_dir: Path, tmp_path: Path, embedder
+) -> None:
+    """Budget 5 of 8 slots a layer, tasks a and b (two experts a layer each) pinned: task c's two experts do not fit
+    at full precision next to them (one free slot), so its request is served at int8 from the free slot, lent; the
+    same request asking for full precision waits for room (and times out here), and gets it once b is unloaded."""
+    import grpc
+
+    from premoe_service.client import PreMoeClient
+    from premoe_service.server import running_server
+    from premoe_service.serving import ServiceConfig
+
+    from .test_task_lifecycle import TOKEN, http, profile
+
+    with pytest.raises(InvalidArgument) as bad:
+        ServiceConfig(store=store_dir, under_pressure="evict")
+    assert bad.value.field == "under_pressure"
+    with pytest.raises(InvalidArgument) as bad:
+        ServiceConfig(store=store_dir, demote_to="int5")
+    assert bad.value.field == "demote_to"
+    for index, name in enumerate(("a", "b", "c")):
+        profile(store_dir, name, 2 * index, embedder).save(tmp_path / f"{name}.safetensors")
+    config = ServiceConfig(
+        store=store_dir,
+        profiles=tmp_path,
+        port=0,
+        http_port=0,
+        device="cpu",
+        budget="0.625",
+        admin_token=TOKEN,
+        route_signal=False,
+        lease_timeout_s=1.0,
+        engine_threads=1,
+        under_pressure="demote",
+    )
+    with running_server(config, embedder=embedder) as (handle, port):
+        layers = len(handle.core.spec.moe_layers)
+        with PreMoeClient(f"127.0.0.1:{port}", admin_token=TOKEN, timeout=60) as client:
+            client.load_task("a", pin=True)
+            client.load_task("b", pin=True)
+            served = client.generate("the quick brown fox", task="c", max_new_tokens=3).stats
+            assert dict(served.precisions) == {"int8": 2 * layers}, served.precisions
+            with pytest.raises(grpc.RpcError) as waited:
+                client.generate("the quick brown fox", task="c", max_new_tokens=3, full_precision=True)
+            assert waited.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            client.unload_task("b")
+            exact = client.generate("the quick brown fox", task="c", max_new_tokens=3, full_precision=True).stats
+            assert dict(exact.precisions) == {"full": 2 * layers}
+        body = json.dumps({"model": "c", "prompt": "the quick", "max_tokens": 2, "full_precision": True}).encode()
+        assert http((handle, port), "POST", "/v1/completions", body)[0] == 200
+        body = json.dumps({"model": "c", "prompt": "the quick", "max_tokens": 2, "full_precision": "yes"}).encode()
+        status, reply = http((handle, port), "POST", "/v1/completions", body)
+        assert status == 400 and reply["error"]["param"] == "full_precision"

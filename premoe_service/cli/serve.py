@@ -166,6 +166,20 @@ def default(name: str) -> Lazy:
     "registered with precisions need them, and the store must hold those copies (premoe shard --precisions)",
 )
 @option(
+    "--under-pressure",
+    type=LazyChoice(Lazy("premoe_service.serving.config", "UNDER_PRESSURE")),
+    default=default("under_pressure"),
+    help="when a request's experts do not fit at full precision next to the ones running requests pin: wait for "
+    "them, or demote: serve its absent experts from the store's --demote-to copy, in full-precision slots lent out "
+    "within the budget (docs/tasks.md)",
+)
+@option(
+    "--demote-to",
+    type=LazyChoice(Lazy("premoe_service.store.quant", "BITS")),
+    default=default("demote_to"),
+    help="the lower precision demotion serves from (the store must hold it: premoe shard --precisions)",
+)
+@option(
     "--channel-slots",
     metavar="PRECISION@WIDTH=N,...",
     help="channel slots per MoE layer (e.g. full@24=8,int4@48=16): slots holding WIDTH of an expert's intermediate "

@@ -56,6 +56,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 COMMON_FIELDS = frozenset(
     {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user"}
     | {"ignore_eos", "min_tokens", "stop_token_ids", "add_special_tokens", "expert_skip_threshold", "n"}
+    | {"full_precision"}
     | set(UNSUPPORTED)
 )
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "logprobs", "best_of"}
@@ -317,6 +318,7 @@ def _params(body: dict[str, Any], length_field: str) -> SamplingParams:
         ignore_eos=boolean_field(body, "ignore_eos"),
         min_tokens=min_tokens,
         stop_token_ids=_stop_token_ids(body),
+        full_precision=boolean_field(body, "full_precision"),  # our extension: never demoted under pressure
     )
 
 

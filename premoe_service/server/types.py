@@ -41,6 +41,7 @@ class GenerateCall:
             seed=request.seed if request.HasField("seed") else None,
             stop=tuple(request.stop),
             skip_below=request.expert_skip_threshold,
+            full_precision=request.full_precision,
         )
         return cls(prompt, task, params)
 

@@ -9,9 +9,12 @@ from typing import Literal, get_args
 from ..errors import InvalidArgument
 from ..profiler.selection import Selection
 from ..runtime.residency import Budget
+from ..store.quant import BITS
 
 Eviction = Literal["lru", "shared-use"]
 EVICTIONS: tuple[str, ...] = get_args(Eviction)
+UnderPressure = Literal["wait", "demote"]
+UNDER_PRESSURE: tuple[str, ...] = get_args(UnderPressure)
 
 
 @dataclass
@@ -73,6 +76,11 @@ class ServiceConfig:
             registered with precisions get channel-level plans (experts held whole or their best channels at a
             bank's width and precision, under the same byte budget), profiled with channel scores.
         channel_criterion: How such plans rank an expert's channels: `heapr`, `camera` or `energy`.
+        under_pressure: What a request whose experts do not fit at full precision next to the pinned ones does:
+            `wait` for them, or `demote`: take its absent experts from the store's `demote_to` copy, in
+            full-precision slots lent out (each holds several lower-precision experts; `runtime/lending.py`),
+            within the budget. A request with `full_precision` always waits.
+        demote_to: The lower precision demotion serves from (the store must hold that copy).
         channel_variants: Distinct (expert, channel set) pairs each channel bank can name per layer over the
             server's life (tasks cut the same expert differently); None: four per expert.
         eviction: Which unpinned expert leaves a full layer first: "lru" (least recently used) or "shared-use" (the
@@ -121,6 +129,8 @@ class ServiceConfig:
     precision_slots: str | None = None
     channel_slots: str | None = None
     channel_criterion: str = "heapr"
+    under_pressure: UnderPressure = "wait"
+    demote_to: str = "int8"
     channel_variants: int | None = None
     engine_threads: int | None = None
     preload: tuple[str, ...] = ()
@@ -139,6 +149,12 @@ class ServiceConfig:
             raise InvalidArgument(f"must lie in [0, 1], got {self.coverage_floor}", field="coverage_floor")
         if self.eviction not in EVICTIONS:
             raise InvalidArgument(f"must be one of {', '.join(EVICTIONS)}, got {self.eviction!r}", field="eviction")
+        if self.under_pressure not in UNDER_PRESSURE:
+            raise InvalidArgument(
+                f"must be one of {', '.join(UNDER_PRESSURE)}, got {self.under_pressure!r}", field="under_pressure"
+            )
+        if self.demote_to not in BITS:
+            raise InvalidArgument(f"must be one of {', '.join(BITS)}, got {self.demote_to!r}", field="demote_to")
         for name in (
             "max_batch_rows",
             "max_batch_tokens",

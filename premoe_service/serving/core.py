@@ -59,8 +59,9 @@ class ServingCore:
         self.patterned, self.residency = load_model(
             self.store, config.budget_value, config.device, wait_timeout_s=config.lease_timeout_s
         )
-        if config.precision_slots:
-            attach_precisions(self.patterned, self.store, config.precision_slot_counts)
+        demote_to = config.demote_to if config.under_pressure == "demote" else None
+        if config.precision_slots or demote_to:
+            attach_precisions(self.patterned, self.store, config.precision_slot_counts, demote_to=demote_to)
         if config.channel_slots:
             attach_channels(self.patterned, self.store, config.channel_slot_counts, config.channel_variants)
         self.spec = self.patterned.spec

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "task", "max_new_tokens", "temperature", "top_p", "seed", "stop", "expert_skip_threshold")
+    __slots__ = ("prompt", "task", "max_new_tokens", "temperature", "top_p", "seed", "stop", "expert_skip_threshold", "full_precision")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     EXPERT_SKIP_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    FULL_PRECISION_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     task: str
     max_new_tokens: int
@@ -24,7 +25,8 @@ class GenerateRequest(_message.Message):
     seed: int
     stop: _containers.RepeatedScalarFieldContainer[str]
     expert_skip_threshold: float
-    def __init__(self, prompt: _Optional[str] = ..., task: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., expert_skip_threshold: _Optional[float] = ...) -> None: ...
+    full_precision: bool
+    def __init__(self, prompt: _Optional[str] = ..., task: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., expert_skip_threshold: _Optional[float] = ..., full_precision: _Optional[bool] = ...) -> None: ...
 
 class ExpertLoads(_message.Message):
     __slots__ = ("device", "cache", "disk", "bytes")
