@@ -202,6 +202,8 @@ def test_a_server_that_demotes_serves_a_task_that_does_not_fit_from_int8(
     same request asking for full precision waits for room (and times out here), and gets it once b is unloaded."""
     import grpc
 
+    from premoe_service.bench.pressure import measure
+    from premoe_service.bench.serve.clients import Req
     from premoe_service.client import PreMoeClient
     from premoe_service.server import running_server
     from premoe_service.serving import ServiceConfig
@@ -236,6 +238,10 @@ def test_a_server_that_demotes_serves_a_task_that_does_not_fit_from_int8(
             client.load_task("b", pin=True)
             served = client.generate("the quick brown fox", task="c", max_new_tokens=3).stats
             assert dict(served.precisions) == {"int8": 2 * layers}, served.precisions
+            requests = [Req(i, ("a", "c")[i % 2], "the quick brown fox", 3) for i in range(8)]
+            row = measure(f"127.0.0.1:{port}", requests, 2, ["a", "b", "c"], demote_to="int8")
+            assert row["failures"] == 0 and 0.3 < row["demoted_token_share"] < 0.7  # c's half of the tokens
+            assert set(row["precision_share"]) == {"full", "int8"}
             with pytest.raises(grpc.RpcError) as waited:
                 client.generate("the quick brown fox", task="c", max_new_tokens=3, full_precision=True)
             assert waited.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -467,6 +467,7 @@ def test_the_pressure_bench_counts_tokens_latency_and_bytes_moved(server, client
     assert sorted(row["p99_ms"]) == list(TASKS) and row["worst_p99_ms"] == max(row["p99_ms"].values())
     assert 0 < row["bytes_moved"] <= after.loads.bytes - before.loads.bytes  # the churn of 4 tasks in 2 tasks' slots
     assert row["evictions"] > 0
+    assert row["precision_share"] == {"full": 1.0} and row["demoted_token_share"] == 0.0
 
 
 def test_the_pressure_bench_can_serve_every_task_at_a_lower_precision(int8_server) -> None:
@@ -475,8 +476,9 @@ def test_the_pressure_bench_can_serve_every_task_at_a_lower_precision(int8_serve
 
     client, target = int8_server
     requests = [Req(i, ("a", "b")[i % 2], "the quick brown fox", 2) for i in range(6)]
-    row = measure(target, requests, 2, ["a", "b"], load_precision="int8")
+    row = measure(target, requests, 2, ["a", "b"], load_precision="int8", demote_to="int8")
     assert row["failures"] == 0 and row["tokens"] > 0
+    assert row["precision_share"] == {"int8": 1.0} and row["demoted_token_share"] == 0.0  # loaded so, not demoted
     assert dict(generate(client, "b").precisions) == {"int8": 6}  # held until loaded again
     for task in ("a", "b"):
         client.load_task(task)

@@ -3,7 +3,9 @@
 
 Per budget: tokens/s and its ratio to budget 1.0, failed requests, per-task p99 of per-request end-to-end latency
 (and the worst task's ratio to budget 1.0), expert bytes moved (the server's loads from cache and disk) and
-evictions. Every request names its task, so retrieval plays no part: only residency is under test.
+evictions. Every request names its task, so retrieval plays no part: only residency is under test. Each budget
+runs once per `--under-pressure` mode (`wait`, `demote`); a `demote` run also reports the share of tokens served
+by requests that had experts demoted, and the share of expert calls at each precision.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class PressureOptions:
     # Per budget, a run per precision: "full", or LoadTask every task at that precision first (the server needs slots
     # for it: --precision-slots in serve_opts; the store, the copies).
     precisions: str = "full"
+    under_pressure: str = "wait"  # per budget, a server per mode: wait, demote (premoe serve --under-pressure)
     out: str | None = "var/bench-pressure.json"
     quiet: bool = False
 
@@ -75,10 +78,11 @@ def serving(store: Path, profiles: Path, budget: str, device: str, extra: list[s
 
 
 def measure(
-    target: str, requests: list[Req], clients: int, tasks: list[str], load_precision: str = ""
+    target: str, requests: list[Req], clients: int, tasks: list[str], load_precision: str = "", demote_to: str = ""
 ) -> dict[str, Any]:
     """One budget's figures: warm the process with one request per task (not counted), then the closed loop. With
-    `load_precision`, every task is first loaded at that precision (LoadTask), so that its requests are served so."""
+    `load_precision`, every task is first loaded at that precision (LoadTask), so that its requests are served so.
+    `demote_to`: the precision a demoting server serves from (its tokens are counted as demoted)."""
     from ..client import PreMoeClient
 
     with PreMoeClient(target, timeout=600) as client:
@@ -95,6 +99,13 @@ def measure(
         latency.setdefault(reply.req.task, []).append(reply.done - reply.sent)
     p99 = {task: percentiles(values, (99,))[0] * 1e3 for task, values in sorted(latency.items())}  # type: ignore[operator]
     tokens = sum(len(r.token_ids) for r in ok)
+    served: dict[str, int] = {}  # experts per precision over the requests, each weighted by its tokens
+    demoted_tokens = 0
+    for reply in ok:
+        for precision, count in reply.precisions.items():
+            served[precision] = served.get(precision, 0) + count * len(reply.token_ids)
+        if demote_to and reply.precisions.get(demote_to) and not load_precision:
+            demoted_tokens += len(reply.token_ids)
     return {
         "requests": len(run.replies),
         "failures": len(run.replies) - len(ok),
@@ -109,6 +120,8 @@ def measure(
         "experts_loaded": int(after.loads.cache + after.loads.disk - before.loads.cache - before.loads.disk),
         "evictions": int(after.evictions - before.evictions),
         "capacity_experts": int(after.capacity_experts),
+        "demoted_token_share": demoted_tokens / tokens if tokens else 0.0,
+        "precision_share": {p: n / sum(served.values()) for p, n in sorted(served.items())} if served else {},
     }
 
 
@@ -134,21 +147,31 @@ def run(options: PressureOptions) -> dict[str, Any]:
         raise InvalidArgument(f"no task has both a profile in {options.profiles} and data in {data}", field="profiles")
     requests = build_requests(data, tasks, options.requests, options.max_new_tokens, options.text_chars, options.seed)
     precisions = [p.strip() for p in options.precisions.split(",") if p.strip()] or ["full"]
+    modes = [m.strip() for m in options.under_pressure.split(",") if m.strip()] or ["wait"]
+    for mode in modes:
+        if mode not in ("wait", "demote"):
+            raise InvalidArgument(f"unknown mode {mode!r} (use wait, demote)", field="under_pressure")
+    extra = shlex.split(options.serve_opts)
+    demote_to = extra[extra.index("--demote-to") + 1] if "--demote-to" in extra[:-1] else "int8"
     rows = []
     with tempfile.TemporaryDirectory(prefix="premoe-pressure-") as scratch:
         profiles = Path(scratch) / "profiles"  # a copy: the server may write beside its profiles
         shutil.copytree(options.profiles, profiles)
         for budget in budgets:
-            for precision in precisions:
-                if not options.quiet:
-                    print(
-                        f"budget {budget}, {precision}: {len(requests)} requests, {options.clients} clients",
-                        file=sys.stderr,
-                    )
-                with serving(store, profiles, budget, options.device, shlex.split(options.serve_opts)) as target:
-                    lowered = "" if precision == "full" else precision
-                    figures = measure(target, requests, options.clients, tasks, lowered)
-                    rows.append({"budget": budget, "precision": precision, **figures})
+            for mode in modes:
+                for precision in precisions:
+                    if not options.quiet:
+                        print(
+                            f"budget {budget}, {mode}, {precision}: {len(requests)} requests, {options.clients} "
+                            "clients",
+                            file=sys.stderr,
+                        )
+                    flags = [*extra, "--under-pressure", mode]
+                    with serving(store, profiles, budget, options.device, flags) as target:
+                        lowered = "" if precision == "full" else precision
+                        demoting = demote_to if mode == "demote" else ""
+                        figures = measure(target, requests, options.clients, tasks, lowered, demoting)
+                        rows.append({"budget": budget, "mode": mode, "precision": precision, **figures})
     base = rows[0]
     for row in rows:
         row["tokens_per_s_ratio"] = row["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None
@@ -161,7 +184,9 @@ def run(options: PressureOptions) -> dict[str, Any]:
         "device": options.device,
         "serve_opts": options.serve_opts,
         "precisions": precisions,
-        "baseline": f"budget {base['budget']} at {base['precision']} precision, measured in the same run",
+        "modes": modes,
+        "baseline": f"budget {base['budget']} ({base['mode']}) at {base['precision']} precision, measured in the same "
+        "run",
         "rows": rows,
     }
     if options.out:
@@ -175,20 +200,23 @@ def table(report: dict[str, Any]) -> str:
     lines = [
         f"{report['clients']} clients, {report['requests']} requests of random tasks ({len(report['tasks'])}), greedy, "
         f"{report['max_new_tokens']} new tokens; baseline: {report['baseline']}",
-        f"{'budget':>7} {'served at':>9} {'tok/s':>8} {'x base':>7} {'failed':>7} {'worst p99 ms':>13} {'x base':>7} "
-        f"{'worst task':<12} {'MiB moved':>10} {'evictions':>10}",
+        f"{'budget':>7} {'mode':>7} {'served at':>9} {'tok/s':>8} {'x base':>7} {'failed':>7} {'worst p99 ms':>13} "
+        f"{'x base':>7} {'worst task':<12} {'MiB moved':>10} {'evictions':>10} {'demoted':>8}",
     ]
     for row in report["rows"]:
         ratio = row["tokens_per_s_ratio"]
         p99_ratio = row["worst_p99_ratio"]
         lines.append(
-            f"{row['budget']:>7} {row['precision']:>9} {row['tokens_per_s']:>8.1f} {ratio or 0:>6.2f}x "
-            f"{row['failures']:>7} {row['worst_p99_ms']:>13.0f} {p99_ratio or 0:>6.2f}x {row['worst_p99_task']:<12} "
-            f"{row['bytes_moved'] / 2**20:>10.1f} {row['evictions']:>10}"
+            f"{row['budget']:>7} {row['mode']:>7} {row['precision']:>9} {row['tokens_per_s']:>8.1f} "
+            f"{ratio or 0:>6.2f}x {row['failures']:>7} {row['worst_p99_ms']:>13.0f} {p99_ratio or 0:>6.2f}x "
+            f"{row['worst_p99_task']:<12} "
+            f"{row['bytes_moved'] / 2**20:>10.1f} {row['evictions']:>10} {row['demoted_token_share']:>7.0%}"
         )
     for row in report["rows"]:
         per_task = ", ".join(f"{task} {ms:.0f}" for task, ms in row["p99_ms"].items())
-        lines.append(f"p99 ms per task at budget {row['budget']}, {row['precision']}: {per_task}")
+        lines.append(f"p99 ms per task at budget {row['budget']}, {row['mode']}, {row['precision']}: {per_task}")
+        shares = ", ".join(f"{p} {share:.1%}" for p, share in row["precision_share"].items())
+        lines.append(f"  expert calls by precision (token-weighted): {shares}")
         if row["failure_messages"]:
             lines.append(f"  failures: {'; '.join(row['failure_messages'])}")
     return "\n".join(lines)

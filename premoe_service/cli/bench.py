@@ -311,6 +311,12 @@ def bench_scale(tasks: int, registry_tasks: int, budgets: str, out: str, quiet: 
     "precision first so that it is served at it (the server needs slots for it: --serve-opts "
     '"--precision-slots int8=16"; the store, the copies)',
 )
+@bench_option(
+    "--under-pressure",
+    default="wait",
+    help="per budget, a server per mode (comma-separated): wait, demote (premoe serve --under-pressure; demote "
+    "needs the store's --demote-to copy, int8 unless --serve-opts names another)",
+)
 @bench_option("--out", type=click.Path(dir_okay=False), default="var/bench-pressure.json", help="JSON report")
 @device_option
 @quiet_option
@@ -325,6 +331,7 @@ def bench_pressure(
     seed: int,
     serve_opts: str,
     served_at: str,
+    under_pressure: str,
     out: str,
     device: str,
     quiet: bool,
@@ -347,6 +354,7 @@ def bench_pressure(
         device=device,
         serve_opts=serve_opts,
         precisions=served_at,
+        under_pressure=under_pressure,
         out=out,
         quiet=quiet,
     )

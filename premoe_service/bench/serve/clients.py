@@ -41,6 +41,7 @@ class Reply:
     error: str | None = None
     loaded_experts: int = 0  # experts this request loaded (cache + disk tiers), from its stats
     loaded_bytes: int = 0
+    precisions: dict[str, int] = field(default_factory=dict)  # experts that served it per precision, from its stats
 
     @property
     def ttft(self) -> float | None:
@@ -106,6 +107,7 @@ def stream_one(stub: Any, pb: Any, req: Req, timeout: float) -> Reply:
                 loads = chunk.stats.loads
                 reply.loaded_experts = int(loads.cache + loads.disk)
                 reply.loaded_bytes = int(loads.bytes)
+                reply.precisions = {p: int(n) for p, n in chunk.stats.precisions.items()}
     except Exception as exc:  # grpc.RpcError and anything else: counted as an error, the run goes on
         code = getattr(exc, "code", None)
         details = getattr(exc, "details", None)
