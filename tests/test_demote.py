@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from premoe_service.engine import EngineLoop, Request, SamplingParams, Status
 from premoe_service.errors import InvalidArgument, ResourceExhausted
-from premoe_service.families.tiny import save_tiny_checkpoint, tiny_tokenizer
+from premoe_service.families.tiny import TINY_CONFIGS, save_tiny_checkpoint, tiny_tokenizer
 from premoe_service.pattern import Pattern
 from premoe_service.runtime.build import load_model
 from premoe_service.runtime.quantized import attach_precisions
@@ -34,15 +34,43 @@ from premoe_service.store.quantized_copies import add_precisions
 from .test_exactness import ATOL, logits, padded_batch
 
 FULL_SLOTS = 4  # of 8 experts per layer
+PINNED, OTHER = [0, 4], [1, 2, 5, 6]  # each spans both halves of the experts
+
+
+def shapes(store_dir: Path) -> tuple[int, list[int], list[int]]:
+    """Full slots a layer and two disjoint patterns for the family, `pinned` and `other`, keeping the same count in
+    every expert group (grouped routers score groups by their best experts; export needs even groups); the slots
+    hold `pinned` and half of `other`, so `other` fits only demoted."""
+    config = json.loads((store_dir / "config.json").read_text())
+    experts = Store(store_dir).manifest.num_experts
+    groups = int(config.get("n_group") or 1)
+    if groups == 1:
+        pinned, other = PINNED, OTHER
+    else:  # each group: its first half pinned, its second half the other pattern
+        size = experts // groups
+        pinned = [g * size + i for g in range(groups) for i in range(size // 2)]
+        other = [g * size + i for g in range(groups) for i in range(size // 2, size)]
+    return len(pinned) + len(other) // 2, pinned, other
+
+
+FAMILIES = sorted(TINY_CONFIGS)
+
+
+def family_store(root: Path, family: str) -> Path:
+    save_tiny_checkpoint(root / "ckpt", family)
+    shard(root / "ckpt", root / "store", progress=False)
+    add_precisions(root / "store", ("int8", "int4"), 8, progress=False)
+    return root / "store"
 
 
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demote")
-    save_tiny_checkpoint(root / "ckpt", "qwen3_moe")
-    shard(root / "ckpt", root / "store", progress=False)
-    add_precisions(root / "store", ("int8", "int4"), 8, progress=False)
-    return root / "store"
+    return family_store(tmp_path_factory.mktemp("demote"), "qwen3_moe")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def any_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return family_store(tmp_path_factory.mktemp(f"demote-{request.param}"), request.param)
 
 
 def lending_model(store_dir: Path, precision: str = "int8", capacity: int = FULL_SLOTS):
@@ -56,13 +84,14 @@ def experts(patterned, ids: list[int]) -> Pattern:
     return Pattern.build(patterned.spec, {layer: ids for layer in patterned.spec.moe_layers})
 
 
-def test_lent_sub_slots_are_disjoint_views_inside_the_full_slots(store_dir: Path) -> None:
-    store, patterned, _ = lending_model(store_dir)
+def test_lent_sub_slots_are_disjoint_views_inside_the_full_slots(any_store: Path) -> None:
+    capacity = shapes(any_store)[0]
+    store, patterned, _ = lending_model(any_store, capacity=capacity)
     lending = patterned.lending
     assert lending is not None and lending.k >= 2
     layer = patterned.spec.moe_layers[0]
     bank = patterned.quantized.banks[layer]["int8"]  # type: ignore[union-attr]
-    assert bank.capacity == FULL_SLOTS * lending.k and bank.nbytes == 0
+    assert bank.capacity == capacity * lending.k and bank.nbytes == 0
     assert (lending.lent.expert_in_slot[:, : bank.capacity] == BLOCKED).all()  # nothing lent yet
     module = patterned.experts_module(layer)
     spans: dict[int, list[tuple[int, int]]] = {}
@@ -85,19 +114,22 @@ def test_lent_sub_slots_are_disjoint_views_inside_the_full_slots(store_dir: Path
     assert refused.value.field == "demote_to"
 
 
-def test_a_demoted_pattern_computes_the_dequantized_checkpoint(store_dir: Path, tmp_path: Path) -> None:
+def test_a_demoted_pattern_computes_the_dequantized_checkpoint(any_store: Path, tmp_path: Path) -> None:
     """Two experts a layer pinned at full precision leave two full slots free: a pattern of four other experts
     cannot fit at full precision, so it is demoted, lent two slots (int8 sub-slots), loaded into them, and computes
-    what transformers computes on the checkpoint with those four experts dequantized."""
-    store, patterned, residency = lending_model(store_dir)
-    pinned, other = experts(patterned, [0, 1]), experts(patterned, [4, 5, 6, 7])
+    what transformers computes on the checkpoint with those four experts dequantized; in every family."""
+    capacity, pinned_ids, other_ids = shapes(any_store)
+    store, patterned, residency = lending_model(any_store, capacity=capacity)
+    pinned, other = experts(patterned, pinned_ids), experts(patterned, other_ids)
     with residency.lease(pinned):
         assert residency.reserve(other) is None  # at full precision it must wait
         demoted = residency.demoted(other)
         assert demoted is not None
         assert all(demoted.precision(layer, e) == "int8" for layer in demoted.layers for e in demoted.kept(layer))
         with residency.lease(demoted):
-            assert patterned.lending is not None and patterned.lending.lends == 2 * len(patterned.spec.moe_layers)
+            lending = patterned.lending
+            needed = -(-len(other_ids) // lending.k)
+            assert lending is not None and lending.lends == needed * len(patterned.spec.moe_layers)
             assert residency.resident_bytes(store.manifest.expert_nbytes) <= residency.capacity_bytes(
                 store.manifest.expert_nbytes
             )

@@ -25,18 +25,19 @@ class Admission:
         self.patterned = patterned
         self.residency = residency
         self.loader = loader
+        self._tried: dict[int, int] = {}  # request id -> the residency generation its last failed try saw
 
     def reserve(self, waiting: Sequence[Request], step: int) -> list[Failure]:
         """Pin and reserve slots for each request still waiting for them; queue its copies. Returns the
         requests whose pattern cannot be reserved at all, with the error."""
         failures: list[Failure] = []
-        for request in waiting:
-            if request.status is not Status.WAITING_SLOTS:
-                continue
+        queued = [r for r in waiting if r.status is Status.WAITING_SLOTS]
+        if len(self._tried) > 2 * len(queued) + 64:  # forget requests that left the queue
+            ids = {r.id for r in queued}
+            self._tried = {i: g for i, g in self._tried.items() if i in ids}
+        for request in queued:
             try:
-                copies = self.residency.reserve(request.pattern)
-                if copies is None and not request.params.full_precision:
-                    copies = self._demote(request)
+                copies = self._reserve(request, crowded=len(queued) > 1)
             except Exception as exc:
                 failures.append(([request], exc))
                 continue
@@ -53,15 +54,30 @@ class Admission:
                 _ready(request, step)
         return failures
 
-    def _demote(self, request: Request) -> list[tuple[int, int, int]] | None:
-        """With lending (`--under-pressure demote`): reserve the request's pattern with the experts that are not at
-        full precision now held at the lending precision; the request is then served with that pattern."""
-        demoted = self.residency.demoted(request.pattern)
-        if demoted is None:
+    def _reserve(self, request: Request, crowded: bool) -> list[tuple[int, int, int]] | None:
+        """The request's copies, or None while it must wait. With lending (`--under-pressure demote`) and a request
+        that does not ask for full precision, while others wait too (`crowded`): its own pattern when that evicts
+        nothing; else its pattern with the experts absent at full precision held at the lending precision, in lent
+        slots (several per full slot, so more tasks fit side by side); else its own pattern, evicting. When it is
+        alone, its own pattern first: memory has freed, and lent slots are taken back (promotion). A request that
+        found no room is not tried again before the residency changes."""
+        residency = self.residency
+        if residency.patterned.lending is None or request.params.full_precision:
+            return residency.reserve(request.pattern)
+        if self._tried.get(request.id) == residency.generation:
             return None
-        copies = self.residency.reserve(demoted)
-        if copies is not None:
-            request.pattern = demoted
+        copies = residency.reserve(request.pattern, evict=not crowded)
+        if copies is None:
+            demoted = residency.demoted(request.pattern)
+            copies = None if demoted is None else residency.reserve(demoted)
+            if copies is not None:
+                request.pattern = demoted  # type: ignore[assignment]
+            elif crowded:
+                copies = residency.reserve(request.pattern)
+        if copies is None:
+            self._tried[request.id] = residency.generation
+        else:
+            self._tried.pop(request.id, None)
         return copies
 
     def commit(self, waiting: Sequence[Request], step: int) -> list[Failure]:

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import FailedPrecondition
 from ..store.manifest import DTYPES
 from ..store.quantized_copies import QuantizedCopy
 from .quantized import QuantizedBank
@@ -42,26 +41,32 @@ def _kinds() -> dict[str, torch.dtype]:
 
 
 def per_full_slot(copy: QuantizedCopy, experts: nn.Module) -> int:
-    """How many experts of `copy` fit in the bytes of one full-precision slot of `experts` (each part's tensors in
-    the matching parameter's bytes)."""
+    """How many experts of `copy` fit in the bytes of one full-precision slot of `experts`."""
+    return len(_placements(copy, experts))
+
+
+Placement = dict[tuple[str, str], tuple[str, int]]  # (part, tensor kind) -> (parameter, byte offset in its slot)
+
+
+def _placements(copy: QuantizedCopy, experts: nn.Module) -> list[Placement]:
+    """Where each sub-slot's tensors lie in one full slot: the copy's tensors of sub-slot 0, 1, ... placed in turn,
+    each in the first of the slot's parameters (in their order) with room left, aligned; as many sub-slots as fit
+    whole."""
     params = expert_params(experts)
-    fits = []
-    for part, need in _part_nbytes(copy).items():
-        if part not in params:
-            raise FailedPrecondition(f"the {copy.precision} copy holds {part}, the model has no such part", field=part)
-        slot_bytes = params[part][0].numel() * params[part].element_size()
-        fits.append(slot_bytes // need)
-    return min(fits)
-
-
-def _part_nbytes(copy: QuantizedCopy) -> dict[str, int]:
-    """Part -> bytes of one expert's tensors of that part in a sub-slot (each tensor aligned)."""
+    room = {name: p[0].numel() * p.element_size() for name, p in params.items()}
+    cursor = dict.fromkeys(room, 0)
     kinds = _kinds()
-    out: dict[str, int] = {}
-    for entry in copy.layout:
-        nbytes = math.prod(entry.shape) * torch.empty(0, dtype=kinds[entry.dtype]).element_size()
-        out[entry.part] = out.get(entry.part, 0) + -(-nbytes // _ALIGN) * _ALIGN
-    return out
+    out: list[Placement] = []
+    while True:
+        place: Placement = {}
+        for entry in copy.layout:
+            nbytes = math.prod(entry.shape) * torch.empty(0, dtype=kinds[entry.dtype]).element_size()
+            home = next((name for name in room if cursor[name] + nbytes <= room[name]), None)
+            if home is None:
+                return out
+            place[(entry.part, entry.tensor)] = (home, cursor[home])
+            cursor[home] += -(-nbytes // _ALIGN) * _ALIGN
+        out.append(place)
 
 
 class _SubSlots:
@@ -91,25 +96,20 @@ class LentBank(QuantizedBank):
         params = expert_params(experts)
         self.copy, self.offset, self.dtype, self.slots = copy, offset, dtype, slots
         self.shapes = {name: tuple(p.shape[1:]) for name, p in params.items()}
+        placements = _placements(copy, experts)[:per_slot]
         self.per_slot = per_slot
         kinds = _kinds()
-        stride = _part_nbytes(copy)
-        cursor: dict[str, int] = dict.fromkeys(stride, 0)
         tensors: dict[tuple[str, str], Any] = {}
         for entry in copy.layout:
-            param = params[entry.part]
-            full = param.shape[0]
-            raw = param.data.view(full, -1).view(torch.uint8)  # [C, bytes of one full slot]
             kind = kinds[entry.dtype]
             nbytes = math.prod(entry.shape) * torch.empty(0, dtype=kind).element_size()
-            start = cursor[entry.part]
-            views = [
-                raw[:, j * stride[entry.part] + start : j * stride[entry.part] + start + nbytes]
-                .view(kind)
-                .view(full, *entry.shape)
-                for j in range(per_slot)
-            ]
-            cursor[entry.part] = start + -(-nbytes // _ALIGN) * _ALIGN
+            views = []
+            for place in placements:
+                name, start = place[(entry.part, entry.tensor)]
+                param = params[name]
+                full = param.shape[0]
+                raw = param.data.view(full, -1).view(torch.uint8)  # [C, bytes of one full slot]
+                views.append(raw[:, start : start + nbytes].view(kind).view(full, *entry.shape))
             tensors[(entry.part, entry.tensor)] = _SubSlots(views)
         self.tensors = tensors
 

@@ -94,6 +94,9 @@ class Residency:
         self._row_of[self._layers] = np.arange(len(layers))
         self.model_lock = threading.RLock()  # held around forward passes: routers hold one pattern at a time
         self.task_pins: dict[str, Pattern] = {}  # pinned tasks (`LoadTask`) -> the pattern each pin holds
+        # Bumped whenever slots may have freed (unpins, commits, aborts, releases): a request that found no room
+        # need not look again before it moves (`engine.admission`).
+        self.generation = 0
 
     @contextmanager
     def lease(self, pattern: Pattern, timeout_s: float | None = None) -> Iterator[Lease]:
@@ -146,11 +149,11 @@ class Residency:
 
     # --- asynchronous loads (the engine loop): reserve slots, copy beside the loop, commit at a step boundary
 
-    def reserve(self, pattern: Pattern) -> list[tuple[int, int, int]] | None:
+    def reserve(self, pattern: Pattern, evict: bool = True) -> list[tuple[int, int, int]] | None:
         """Pin `pattern` and reserve slots for its experts that are neither resident nor already loading.
 
         Returns the `(layer, expert, slot)` copies to make, or None (and changes nothing) when they do not
-        fit next to the pinned experts now. Slot ids are a layer's one space: full-precision slots first, then
+        fit next to the pinned experts now (or, with `evict=False`, when they would evict resident experts). Slot ids are a layer's one space: full-precision slots first, then
         each precision's quantized slots (`runtime.quantized`). Evicted experts leave the routing tables at
         once; they were unpinned, so no running request can route to them. Each copy ends with `commit` or
         `abort`.
@@ -161,12 +164,14 @@ class Residency:
                 plans = self._plans(books)
             except ResourceExhausted:
                 try:
-                    if not self._make_room(books):
+                    if not evict or not self._make_room(books):
                         raise
                     plans = self._plans(books)
                 except ResourceExhausted:
                     self.stats.waits += 1
                     return None
+            if not evict and any(plan.victim_rows.size for plan in plans):
+                return None  # it would evict: the caller prefers another way first
             copies: list[tuple[int, int, int]] = []
             for (book, wanted, offsets), plan in zip(books, plans, strict=True):
                 self.stats.evictions += book.reserve(plan)
@@ -185,6 +190,7 @@ class Residency:
         with self._cond:
             for book, rows, experts in self._by_book(copies):
                 book.commit(rows, experts)
+            self.generation += 1
             self._cond.notify_all()  # `wait_until` callers (task loads) look again
 
     def abort(self, layer: int, expert: int, slot: int) -> None:
@@ -196,6 +202,7 @@ class Residency:
         with self._cond:
             for book, rows, experts in self._by_book(copies):
                 book.abort(rows, experts)
+            self.generation += 1
             self._cond.notify_all()
 
     def store_hits(self, count: int) -> None:
@@ -217,6 +224,7 @@ class Residency:
             tick = self.patterned.next_tick()
             for book, wanted, _ in books:
                 book.unpin(wanted, tick)
+            self.generation += 1
             self._cond.notify_all()
 
     def wait_until(self, ready: Callable[[], bool], timeout_s: float) -> bool:
@@ -304,6 +312,7 @@ class Residency:
                 if not rows.size:
                     continue
                 book.evict(rows, experts)
+                self.generation += 1
                 self.stats.evictions += int(rows.size)
                 released += int(rows.size)
                 nbytes += int(rows.size) * self._expert_nbytes(book, offsets is not None, expert_nbytes)
