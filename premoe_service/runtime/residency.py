@@ -153,10 +153,10 @@ class Residency:
         """Pin `pattern` and reserve slots for its experts that are neither resident nor already loading.
 
         Returns the `(layer, expert, slot)` copies to make, or None (and changes nothing) when they do not
-        fit next to the pinned experts now (or, with `evict=False`, when they would evict resident experts). Slot ids are a layer's one space: full-precision slots first, then
-        each precision's quantized slots (`runtime.quantized`). Evicted experts leave the routing tables at
-        once; they were unpinned, so no running request can route to them. Each copy ends with `commit` or
-        `abort`.
+        fit next to the pinned experts now (or, with `evict=False`, when they would evict resident experts). Slot
+        ids are a layer's one space: full-precision slots first, then each precision's quantized slots
+        (`runtime.quantized`). Evicted experts leave the routing tables at once; they were unpinned, so no running
+        request can route to them. Each copy ends with `commit` or `abort`.
         """
         books = self._prepare(pattern)
         with self._cond:
