@@ -285,3 +285,21 @@ def test_a_server_that_demotes_serves_a_task_that_does_not_fit_from_int8(
         body = json.dumps({"model": "c", "prompt": "the quick", "max_tokens": 2, "full_precision": "yes"}).encode()
         status, reply = http((handle, port), "POST", "/v1/completions", body)
         assert status == 400 and reply["error"]["param"] == "full_precision"
+
+
+def test_auto_demotes_only_with_the_copy_and_no_slots_of_its_own(store_dir: Path, tmp_path: Path) -> None:
+    from premoe_service.errors import FailedPrecondition
+    from premoe_service.serving import ServiceConfig
+    from premoe_service.serving.core import _demotion
+
+    store = Store(store_dir)
+    assert _demotion(ServiceConfig(store=store_dir), store) == "int8"  # the default: auto, the copy is there
+    assert _demotion(ServiceConfig(store=store_dir, demote_to="int4"), store) == "int4"
+    assert _demotion(ServiceConfig(store=store_dir, under_pressure="wait"), store) is None
+    assert _demotion(ServiceConfig(store=store_dir, precision_slots="int8=2"), store) is None
+    bare = family_store(tmp_path, "qwen3_moe").parent / "bare"
+    shard(tmp_path / "ckpt", bare, progress=False)  # no lower-precision copies
+    assert _demotion(ServiceConfig(store=bare), Store(bare)) is None
+    with pytest.raises(FailedPrecondition) as refused:
+        _demotion(ServiceConfig(store=bare, under_pressure="demote"), Store(bare))
+    assert refused.value.field == "demote_to"

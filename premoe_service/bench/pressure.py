@@ -45,7 +45,7 @@ class PressureOptions:
     # Per budget, a run per precision: "full", or LoadTask every task at that precision first (the server needs slots
     # for it: --precision-slots in serve_opts; the store, the copies).
     precisions: str = "full"
-    under_pressure: str = "wait"  # per budget, a server per mode: wait, demote (premoe serve --under-pressure)
+    under_pressure: str = "wait,demote"  # per budget, a server per mode (premoe serve --under-pressure)
     out: str | None = "var/bench-pressure.json"
     quiet: bool = False
 
@@ -153,6 +153,19 @@ def run(options: PressureOptions) -> dict[str, Any]:
             raise InvalidArgument(f"unknown mode {mode!r} (use wait, demote)", field="under_pressure")
     extra = shlex.split(options.serve_opts)
     demote_to = extra[extra.index("--demote-to") + 1] if "--demote-to" in extra[:-1] else "int8"
+    if "demote" in modes:
+        from ..store import Store
+        from ..store.copies import quantized_copies
+        from ..store.quant import DEFAULT_GROUP_SIZE
+        from ..store.quantized_copies import add_precisions
+
+        if demote_to not in quantized_copies(Store(store).manifest):
+            if options.store is not None:
+                raise InvalidArgument(
+                    f"the store has no {demote_to} copy to demote to (premoe shard --precisions {demote_to})",
+                    field="store",
+                )
+            add_precisions(store, (demote_to,), DEFAULT_GROUP_SIZE, progress=not options.quiet)
     rows = []
     with tempfile.TemporaryDirectory(prefix="premoe-pressure-") as scratch:
         profiles = Path(scratch) / "profiles"  # a copy: the server may write beside its profiles

@@ -313,9 +313,9 @@ def bench_scale(tasks: int, registry_tasks: int, budgets: str, out: str, quiet: 
 )
 @bench_option(
     "--under-pressure",
-    default="wait",
+    default="wait,demote",
     help="per budget, a server per mode (comma-separated): wait, demote (premoe serve --under-pressure; demote "
-    "needs the store's --demote-to copy, int8 unless --serve-opts names another)",
+    "needs the store's --demote-to copy, int8 unless --serve-opts names another: added to the default store)",
 )
 @bench_option("--out", type=click.Path(dir_okay=False), default="var/bench-pressure.json", help="JSON report")
 @device_option

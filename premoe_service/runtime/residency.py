@@ -429,13 +429,15 @@ class Residency:
         return lending is not None and lending.make_room(books)
 
     def demoted(self, pattern: Pattern) -> Pattern | None:
-        """`pattern` with the experts it holds whole at full precision that are not in a full slot now (nor being
-        copied into one) held at the lending precision instead; None when there are none, or without lending."""
+        """`pattern` with the experts it holds whole at full precision that no running request holds at full
+        precision now (absent, or resident but unpinned) held at the lending precision instead: it then pins no
+        full slot that others could be lent; None when there are none, or without lending."""
         lending = self.patterned.lending
         if lending is None:
             return None
         with self._cond:
-            absent = self.patterned.full_mask(pattern) & (self.patterned.book.state == ABSENT)
+            book = self.patterned.book
+            absent = self.patterned.full_mask(pattern) & ((book.state == ABSENT) | (book.pins == 0))
         if not absent.any():
             return None
         precisions = {layer: dict(pattern.precisions.get(layer, {})) for layer in pattern.layers}

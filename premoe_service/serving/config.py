@@ -13,7 +13,7 @@ from ..store.quant import BITS
 
 Eviction = Literal["lru", "shared-use"]
 EVICTIONS: tuple[str, ...] = get_args(Eviction)
-UnderPressure = Literal["wait", "demote"]
+UnderPressure = Literal["auto", "wait", "demote"]
 UNDER_PRESSURE: tuple[str, ...] = get_args(UnderPressure)
 
 
@@ -79,7 +79,9 @@ class ServiceConfig:
         under_pressure: What a request whose experts do not fit at full precision next to the pinned ones does:
             `wait` for them, or `demote`: take its absent experts from the store's `demote_to` copy, in
             full-precision slots lent out (each holds several lower-precision experts; `runtime/lending.py`),
-            within the budget. A request with `full_precision` always waits.
+            within the budget. A request with `full_precision` always waits. `auto` (the default, from the
+            measurements in docs/tasks.md): `demote` when the store holds the `demote_to` copy and
+            `precision_slots` does not give that precision slots of its own, else `wait`.
         demote_to: The lower precision demotion serves from (the store must hold that copy).
         channel_variants: Distinct (expert, channel set) pairs each channel bank can name per layer over the
             server's life (tasks cut the same expert differently); None: four per expert.
@@ -129,7 +131,7 @@ class ServiceConfig:
     precision_slots: str | None = None
     channel_slots: str | None = None
     channel_criterion: str = "heapr"
-    under_pressure: UnderPressure = "wait"
+    under_pressure: UnderPressure = "auto"
     demote_to: str = "int8"
     channel_variants: int | None = None
     engine_threads: int | None = None

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..engine import BatchLimits, EngineLoop, GenerationResult, Request, RoutePlan, SamplingParams
-from ..errors import AlreadyExists, NotFound, ResourceExhausted, Unavailable
+from ..errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from ..pattern import Pattern
 from ..profiler import Demo, Profile
 from ..retrieval import (
@@ -59,7 +59,7 @@ class ServingCore:
         self.patterned, self.residency = load_model(
             self.store, config.budget_value, config.device, wait_timeout_s=config.lease_timeout_s
         )
-        demote_to = config.demote_to if config.under_pressure == "demote" else None
+        demote_to = _demotion(config, self.store)
         if config.precision_slots or demote_to:
             attach_precisions(self.patterned, self.store, config.precision_slot_counts, demote_to=demote_to)
         if config.channel_slots:
@@ -438,3 +438,30 @@ def _model_name(store: Store) -> str:
     """The name of the checkpoint folder the store was sharded from (the store's folder when it is not recorded)."""
     source = store.manifest.source.get("model_dir")
     return Path(source).name if isinstance(source, str) and Path(source).name else store.dir.name
+
+
+def _demotion(config: ServiceConfig, store: Store) -> str | None:
+    """The precision demotion serves from, or None: `demote` asks for it (the store must hold the copy), `auto` takes
+    it when the store holds the copy and `--precision-slots` gives that precision no slots of its own."""
+    from ..store.copies import quantized_copies
+
+    if config.under_pressure == "wait":
+        return None
+    held = config.demote_to in quantized_copies(store.manifest)
+    if config.under_pressure == "demote":
+        if not held:
+            raise FailedPrecondition(
+                f"the store holds no {config.demote_to} copy to demote to: add it with premoe shard --precisions "
+                f"{config.demote_to}, or serve with --under-pressure wait",
+                field="demote_to",
+            )
+        return config.demote_to
+    if not held or config.demote_to in config.precision_slot_counts:
+        log.info(
+            "under memory pressure requests wait (no %s copy to demote to without slots of its own)", config.demote_to
+        )
+        return None
+    log.info(
+        "under memory pressure requests take absent experts from the %s copy (--under-pressure auto)", config.demote_to
+    )
+    return config.demote_to
