@@ -25,7 +25,7 @@ from ..store.manifest import DTYPES
 from ..store.quant import QuantizedWeight, dequantize
 from ..store.quantized_copies import QuantizedCopy
 from .banks import install_banks
-from .slot_book import SlotBook
+from .slot_book import RESIDENT, SlotBook
 from .slots import LayerSlots, expert_params
 
 QuantizedTensors = dict[str, dict[str, Tensor]]  # part -> tensor kind -> one expert's tensor
@@ -190,13 +190,16 @@ class QuantizedSlots:
         table = full_table.clone()
         for precision, wanted in _by_precision(pattern, layer).items():
             bank = self._bank(layer, precision)
-            missing = [e for e in wanted if e not in bank.slots.slot_of]
-            if missing:
+            book, row = bank.slots.book, bank.slots.row
+            experts = np.asarray(wanted, dtype=np.int64)
+            resident = book.state[row, experts] == RESIDENT
+            if not resident.all():
+                missing = experts[~resident].tolist()
                 raise PatternError(
                     f"{precision} experts {missing} are not resident; load the pattern first", field=f"layer {layer}"
                 )
-            for expert in wanted:
-                table[expert] = bank.offset + bank.slots.slot_of[expert]
+            slots = torch.from_numpy(book.slot[row, experts] + bank.offset).to(table.dtype)
+            table[torch.from_numpy(experts).to(table.device)] = slots.to(table.device)
         return table
 
     @property
