@@ -156,13 +156,22 @@ def dequantize(qw: QuantizedWeight, bits: int, group_size: int, shape: tuple[int
     """`[out, in]` weights in `dtype` from a quantized weight: `(q - zero) * scale` per group (any device)."""
     out, inp = shape
     groups = inp // group_size
-    q = _unpack(qw.packed, bits, (out, inp), packed_dim=1).view(out, groups, group_size)  # int8 [O, G, g]
-    zero = _unpack(qw.zero, bits, (out, groups), packed_dim=0)  # int8 [O, G]
-    # (q - zero) * scale in float32, in place on one buffer: the same two roundings as the plain expression
-    values = (
-        q.to(torch.float32).sub_(zero.to(torch.float32).unsqueeze(-1)).mul_(qw.scale.to(torch.float32).unsqueeze(-1))
-    )
+    zero = _unpack(qw.zero, bits, (out, groups), packed_dim=0).to(torch.float32)  # [O, G]
+    codes, offset = _codes(qw.packed, bits, (out, inp))  # q + offset, as stored
+    # (q - zero) * scale in float32 on one buffer: q - zero is (q + offset) - (zero + offset), exact in float32 for
+    # these small integers, then one rounding by the scale, as the plain expression
+    values = codes.view(out, groups, group_size).to(torch.float32).sub_(zero.add_(offset).unsqueeze(-1))
+    values.mul_(qw.scale.to(torch.float32).unsqueeze(-1))
     return values.reshape(out, inp).to(dtype)
+
+
+def _codes(packed: Tensor, bits: int, shape: tuple[int, int]) -> tuple[Tensor, int]:
+    """The stored codes `[out, in]` of a weight packed along its rows, and the offset they carry: for 8 bits on a
+    little-endian device the packed words' bytes themselves (no copy; offset 128), else the signed values."""
+    if bits == 8 and (packed.device.type != "cpu" or sys.byteorder == "little"):
+        rows, count = shape
+        return packed.contiguous().view(torch.uint8).view(rows, -1)[:, :count], 1 << 7
+    return _unpack(packed, bits, shape, packed_dim=1), 0
 
 
 def relative_error(weight: Tensor, bits: int, group_size: int) -> float:
