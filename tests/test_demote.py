@@ -25,7 +25,7 @@ from premoe_service.errors import InvalidArgument, ResourceExhausted
 from premoe_service.families.tiny import TINY_CONFIGS, save_tiny_checkpoint, tiny_tokenizer
 from premoe_service.pattern import Pattern
 from premoe_service.runtime.build import load_model
-from premoe_service.runtime.quantized import attach_precisions
+from premoe_service.runtime.lending import attach_lending
 from premoe_service.runtime.slot_book import BLOCKED, RESIDENT
 from premoe_service.store import Store, shard
 from premoe_service.store.export import export_pruned
@@ -76,7 +76,7 @@ def any_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 def lending_model(store_dir: Path, precision: str = "int8", capacity: int = FULL_SLOTS):
     store = Store(store_dir)
     patterned, residency = load_model(store, capacity=capacity, wait_timeout_s=0.5)
-    attach_precisions(patterned, store, {}, demote_to=precision)
+    attach_lending(patterned, store, {}, precision)
     return store, patterned, residency
 
 
@@ -110,7 +110,7 @@ def test_lent_sub_slots_are_disjoint_views_inside_the_full_slots(any_store: Path
         ranges.sort()
         assert all(a[1] <= b[0] for a, b in itertools.pairwise(ranges))  # no two views overlap
     with pytest.raises(InvalidArgument) as refused:
-        attach_precisions(patterned, store, {"int8": 2}, demote_to="int8")
+        attach_lending(patterned, store, {"int8": 2}, "int8")
     assert refused.value.field == "demote_to"
 
 

@@ -9,7 +9,7 @@ own tensors. No memory is allocated for them, so the resident bytes never exceed
 
 - `LentBank` is the lower precision's bank of each MoE layer (`runtime.quantized`): `C x k` sub-slots, each a set of
   views into the bytes of one full slot (sub-slot `q` lies in full slot `q // k`). Its slot book starts with every
-  sub-slot `BLOCKED`.
+  sub-slot `BLOCKED`. `attach_lending` gives a patterned model these banks (beside any `--precision-slots` ones).
 - `Lending` moves slots between the two books of a layer row: lending a full slot blocks it in the full book and
   unblocks its `k` sub-slots; taking it back evicts what the sub-slots hold (never a pinned expert) and does the
   reverse. `Residency` calls `make_room` when a pattern's plan is short: full slots are lent for the lower
@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import InvalidArgument
 from ..store.manifest import DTYPES
 from ..store.quantized_copies import QuantizedCopy
-from .quantized import QuantizedBank
+from .quantized import LentPrecision, QuantizedBank, QuantizedSlots, attach_precisions
 from .slot_book import ABSENT, BLOCKED, FREE, RESIDENT, SlotBook
 from .slots import LayerSlots, expert_params
 
@@ -238,3 +239,31 @@ class Lending:
         rows = len(self.full.capacity)
         lent_now = sum(int(self.lent_slots(row).size) for row in range(rows))
         return {"lent_now": lent_now, "lends": self.lends, "returns": self.returns}
+
+
+def attach_lending(patterned: Any, store: Any, capacity: Mapping[str, Any], demote_to: str) -> QuantizedSlots:
+    """`attach_precisions` for `capacity`, plus `demote_to` served from lent full-precision slots: its bank in every
+    layer is a `LentBank`, and `patterned.lending` moves slots between the books."""
+    from ..store.quantized_copies import PrecisionReader
+
+    if demote_to in capacity:
+        raise InvalidArgument(
+            f"{demote_to} experts would have slots of their own and lent ones: drop {demote_to} from --precision-slots "
+            "or demote to another precision",
+            field="demote_to",
+        )
+    first = patterned.experts_module(patterned.spec.moe_layers[0])
+    per_slot = per_full_slot(PrecisionReader(store, demote_to).copy, first)
+    if per_slot < 2:
+        raise InvalidArgument(
+            f"a full-precision slot holds {per_slot} {demote_to} expert: demoting to it frees no room (choose a lower "
+            "precision)",
+            field="demote_to",
+        )
+
+    def bank(copy: QuantizedCopy, experts: nn.Module, offset: int, dtype: torch.dtype, slots: LayerSlots) -> LentBank:
+        return LentBank(copy, experts, offset, dtype, slots, per_slot)
+
+    quantized = attach_precisions(patterned, store, capacity, LentPrecision(demote_to, per_slot, bank))
+    patterned.lending = Lending(patterned.book, quantized.book(demote_to), per_slot, demote_to)
+    return quantized

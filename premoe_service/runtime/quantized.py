@@ -11,7 +11,8 @@ product.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -96,6 +97,16 @@ class QuantizedBank:
         return dequantize(qw, copy.bits, copy.group_size, (shape[0], shape[1]), self.dtype)
 
 
+@dataclass(frozen=True)
+class LentPrecision:
+    """A precision whose bank in every layer is built by `bank` (`runtime.lending.LentBank`), `per_slot` sub-slots
+    to each full-precision slot."""
+
+    precision: str
+    per_slot: int
+    bank: Callable[..., QuantizedBank]
+
+
 class QuantizedSlots:
     """Quantized slots of every MoE layer of a patterned model, one bank per precision.
 
@@ -110,31 +121,20 @@ class QuantizedSlots:
         patterned: Any,
         sources: Mapping[str, QuantizedSource],
         capacity: Mapping[str, Any],
-        lent: str | None = None,
+        lent: LentPrecision | None = None,
     ) -> None:
-        from .lending import Lending, LentBank, per_full_slot  # lending builds on this module's bank
-
         self.patterned, self.sources = patterned, dict(sources)
         self.banks: dict[int, dict[str, QuantizedBank]] = {}
         layers = patterned.spec.moe_layers
         capacity = dict(capacity)
-        per_slot = 0
         if lent is not None:  # its bank lies in the full slots' memory (`runtime.lending`): C x k sub-slots
-            first = patterned.experts_module(layers[0])
-            per_slot = per_full_slot(self.sources[lent].copy, first)
-            if per_slot < 2:
-                raise InvalidArgument(
-                    f"a full-precision slot holds {per_slot} {lent} expert: demoting to it frees no room (choose a "
-                    "lower precision)",
-                    field="demote_to",
-                )
-            capacity[lent] = {layer: per_slot * patterned.slots[layer].capacity for layer in layers}
+            capacity[lent.precision] = {layer: lent.per_slot * patterned.slots[layer].capacity for layer in layers}
         counts = {p: [c if isinstance(c, int) else c[layer] for layer in layers] for p, c in capacity.items()}
         self.books = {  # one slot book per precision over all MoE layers (`runtime.slot_book`)
             p: SlotBook([max(c, 0) if isinstance(c, int) else 0 for c in counts[p]], patterned.spec.num_experts, layers)
             for p in self.sources
         }
-        self.lent = lent
+        self.lent = None if lent is None else lent.precision
         self._offsets: dict[str, np.ndarray] = {p: np.zeros(len(layers), dtype=np.int64) for p in self.sources}
         dtype = next(iter(expert_params(patterned.experts_module(layers[0])).values())).dtype
         for row, layer in enumerate(layers):
@@ -144,10 +144,10 @@ class QuantizedSlots:
             offset = next(iter(params.values())).shape[0]
             banks: dict[str, QuantizedBank] = {}
             for precision, source in self.sources.items():
-                if precision == lent:
+                if lent is not None and precision == lent.precision:
                     count = counts[precision][row]
                     slots = LayerSlots(book=self.books[precision], row=row)
-                    banks[precision] = LentBank(source.copy, experts, offset, dtype, slots, per_slot)
+                    banks[precision] = lent.bank(source.copy, experts, offset, dtype, slots)
                     self.books[precision].block(row, np.arange(count))
                     self._offsets[precision][row] = offset
                     offset += count
@@ -165,8 +165,6 @@ class QuantizedSlots:
             self.banks[layer] = banks
             patterned.routers[layer].skip_id = offset  # one past every bank: the wrapped forward skips it
             install_banks(experts, "quantized", list(banks.values()), patterned.spec.family)
-        if lent is not None:
-            patterned.lending = Lending(patterned.book, self.books[lent], per_slot, lent)
 
     def load(self, pattern: Pattern, layer_reports: list[tuple[int, int]], tick: int) -> None:
         """Write the pattern's missing quantized experts into their banks (planned for all layers first)."""
@@ -266,20 +264,14 @@ def _by_precision(pattern: Pattern, layer: int) -> dict[str, list[int]]:
 
 
 def attach_precisions(
-    patterned: Any, store: Any, capacity: Mapping[str, Any], demote_to: str | None = None
+    patterned: Any, store: Any, capacity: Mapping[str, Any], lent: LentPrecision | None = None
 ) -> QuantizedSlots:
     """Give a patterned model built from `store` slots for the store's quantized copies (precision -> slots
-    per layer, one number or per layer); its patterns may then hold experts at those precisions. With `demote_to`,
-    that precision's slots are lent full-precision slots instead (`runtime.lending`), for demotion under pressure."""
+    per layer, one number or per layer); its patterns may then hold experts at those precisions. `lent`: one more
+    precision whose slots lie in the full-precision slots' memory (`runtime.lending.attach_lending`)."""
     from ..store.quantized_copies import PrecisionReader
 
-    if demote_to is not None and demote_to in capacity:
-        raise InvalidArgument(
-            f"{demote_to} experts would have slots of their own and lent ones: drop {demote_to} from --precision-slots "
-            "or demote to another precision",
-            field="demote_to",
-        )
-    names = [*capacity, *([demote_to] if demote_to is not None else [])]
+    names = [*capacity, *([lent.precision] if lent is not None else [])]
     sources = {precision: PrecisionReader(store, precision) for precision in names}
-    patterned.quantized = QuantizedSlots(patterned, sources, capacity, lent=demote_to)
+    patterned.quantized = QuantizedSlots(patterned, sources, capacity, lent=lent)
     return patterned.quantized

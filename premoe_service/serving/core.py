@@ -28,6 +28,7 @@ from ..retrieval import (
 from ..runtime.build import load_model
 from ..runtime.channel_slots import attach_channels
 from ..runtime.eviction import SharedUseTracker
+from ..runtime.lending import attach_lending
 from ..runtime.quantized import attach_precisions
 from ..store import Store, open_cache
 from .config import ServiceConfig
@@ -60,8 +61,10 @@ class ServingCore:
             self.store, config.budget_value, config.device, wait_timeout_s=config.lease_timeout_s
         )
         demote_to = _demotion(config, self.store)
-        if config.precision_slots or demote_to:
-            attach_precisions(self.patterned, self.store, config.precision_slot_counts, demote_to=demote_to)
+        if demote_to:
+            attach_lending(self.patterned, self.store, config.precision_slot_counts, demote_to)
+        elif config.precision_slots:
+            attach_precisions(self.patterned, self.store, config.precision_slot_counts)
         if config.channel_slots:
             attach_channels(self.patterned, self.store, config.channel_slot_counts, config.channel_variants)
         self.spec = self.patterned.spec
