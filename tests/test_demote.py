@@ -280,6 +280,12 @@ def test_a_server_that_demotes_serves_a_task_that_does_not_fit_from_int8(
             client.unload_task("b")
             exact = client.generate("the quick brown fox", task="c", max_new_tokens=3, full_precision=True).stats
             assert dict(exact.precisions) == {"full": 2 * layers}
+            # LoadTask at the demotion precision holds a task there, in lent slots, pinned until UnloadTask
+            loaded = client.load_task("b", pin=True, precision="int8")
+            assert dict(loaded.task.residency.precisions) == {"int8": 2 * layers} and loaded.task.residency.pinned
+            stats = client.generate("the quick brown fox", task="b", max_new_tokens=2).stats
+            assert dict(stats.precisions) == {"int8": 2 * layers} and stats.loads.cache + stats.loads.disk == 0
+            assert client.unload_task("b").released_experts == 2 * layers
         body = json.dumps({"model": "c", "prompt": "the quick", "max_tokens": 2, "full_precision": True}).encode()
         assert http((handle, port), "POST", "/v1/completions", body)[0] == 200
         body = json.dumps({"model": "c", "prompt": "the quick", "max_tokens": 2, "full_precision": "yes"}).encode()
