@@ -227,7 +227,7 @@ def test_nothing_is_demoted_when_every_expert_fits(store_dir: Path) -> None:
 
 
 def test_a_server_that_demotes_serves_a_task_that_does_not_fit_from_int8(
-    store_dir: Path, tmp_path: Path, embedder
+    store_dir: Path, tmp_path: Path, embedder, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Budget 5 of 8 slots a layer, tasks a and b (two experts a layer each) pinned: task c's two experts do not fit
     at full precision next to them (one free slot), so its request is served at int8 from the free slot, lent; the
@@ -236,6 +236,7 @@ def test_a_server_that_demotes_serves_a_task_that_does_not_fit_from_int8(
 
     from premoe_service.bench.pressure import measure
     from premoe_service.bench.serve.clients import Req
+    from premoe_service.cli import main
     from premoe_service.client import PreMoeClient
     from premoe_service.server import running_server
     from premoe_service.serving import ServiceConfig
@@ -270,6 +271,11 @@ def test_a_server_that_demotes_serves_a_task_that_does_not_fit_from_int8(
             client.load_task("b", pin=True)
             served = client.generate("the quick brown fox", task="c", max_new_tokens=3).stats
             assert dict(served.precisions) == {"int8": 2 * layers}, served.precisions
+            stats = client.stats()  # one slot a layer lent, c's two experts in it
+            assert (stats.lent_slots, stats.demoted_experts) == (layers, 2 * layers)
+            assert stats.resident_bytes <= stats.budget_bytes
+            assert main(["stats", "--server", f"127.0.0.1:{port}"]) == 0
+            assert f"demoted  {2 * layers} experts in {layers} lent" in capsys.readouterr().out
             requests = [Req(i, ("a", "c")[i % 2], "the quick brown fox", 3) for i in range(8)]
             row = measure(f"127.0.0.1:{port}", requests, 2, ["a", "b", "c"], demote_to="int8")
             assert row["failures"] == 0 and 0.3 < row["demoted_token_share"] < 0.7  # c's half of the tokens

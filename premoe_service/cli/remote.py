@@ -338,6 +338,8 @@ def stats(as_json: bool, server: str, timeout: float, api_key: str | None) -> in
         f"device   {reply.resident_experts}/{reply.capacity_experts} experts resident "
         f"({reply.resident_bytes / mib:.2f} of {reply.budget_bytes / mib:.2f} MiB budget), {reply.evictions} evictions"
     )
+    if reply.lent_slots or reply.demoted_experts:
+        click.echo(f"demoted  {reply.demoted_experts} experts in {reply.lent_slots} lent full-precision slots")
     click.echo(f"cache    {reply.cache_health}")
     click.echo(
         f"loads    device hits {loads.device}, cache {loads.cache}, disk {loads.disk} "

@@ -48,6 +48,8 @@ def merge(records: list[dict[str, Any]]) -> ServiceStats:
         "in_flight": 0,
         "queued": 0,
         "generated_tokens": 0,
+        "lent_slots": 0,
+        "demoted_experts": 0,
     }
     coverage: dict[str, float] = {}
     for record in records:
@@ -55,6 +57,8 @@ def merge(records: list[dict[str, Any]]) -> ServiceStats:
             total[name] += int(record[name])
         for name in ("evictions", "in_flight", "queued", "generated_tokens"):
             total[name] += int(record[name])
+        for name in ("lent_slots", "demoted_experts"):  # records of replicas that predate demotion lack them
+            total[name] += int(record.get(name, 0))
         for tier in total["loads"]:
             total["loads"][tier] += int(record["loads"][tier])
         if record["cache_health"] != "ok":

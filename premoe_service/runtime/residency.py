@@ -17,7 +17,7 @@ from ..store.reader import Store
 from .budget import Budget
 from .channel_banks import key_name
 from .model import PatternedModel
-from .slot_book import ABSENT, LOADING, RESIDENT, SlotBook, SlotPlan
+from .slot_book import ABSENT, BLOCKED, LOADING, RESIDENT, SlotBook, SlotPlan
 
 Book = tuple[SlotBook, np.ndarray, np.ndarray | None]  # see `Residency._books`
 
@@ -494,6 +494,16 @@ class Residency:
     def activate(self, pattern: Pattern) -> None:
         """Point the routers at a leased pattern; call under `model_lock` right before a forward pass."""
         self.patterned.activate(pattern)
+
+    def lending_counts(self) -> dict[str, int]:
+        """`lent_slots` (full slots lent now) and `demoted_experts` (experts resident in them), 0 without lending."""
+        lending = self.patterned.lending
+        if lending is None:
+            return {"lent_slots": 0, "demoted_experts": 0}
+        with self._cond:
+            lent = int(np.count_nonzero(lending.full.expert_in_slot == BLOCKED))
+            demoted = int(np.count_nonzero(lending.lent.state == RESIDENT))
+        return {"lent_slots": lent, "demoted_experts": demoted}
 
     def resident_experts(self) -> int:
         return int(np.count_nonzero(self.patterned.book.state == RESIDENT))

@@ -280,4 +280,6 @@ def service_stats_to_pb(stats: ServiceStats) -> pb.GetStatsResponse:
         in_flight=stats.in_flight,
         queued=stats.queued,
         generated_tokens=stats.generated_tokens,
+        lent_slots=stats.lent_slots,
+        demoted_experts=stats.demoted_experts,
     )

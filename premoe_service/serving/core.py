@@ -417,6 +417,7 @@ class ServingCore:
             in_flight=self.loop.stats.rows,
             queued=self.loop.stats.queued,
             generated_tokens=self.loop.stats.tokens,
+            **self.residency.lending_counts(),
         )
 
 

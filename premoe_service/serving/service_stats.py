@@ -27,3 +27,5 @@ class ServiceStats:
     in_flight: int
     queued: int
     generated_tokens: int
+    lent_slots: int = 0  # full-precision slots lent to the demotion precision now (`runtime.lending`)
+    demoted_experts: int = 0  # experts resident in lent slots now

@@ -337,7 +337,7 @@ class TaskStats(_message.Message):
     def __init__(self, task: _Optional[str] = ..., requests: _Optional[int] = ..., mean_coverage: _Optional[float] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("resident_experts", "capacity_experts", "resident_bytes", "budget_bytes", "loads", "evictions", "tasks", "cache_health", "in_flight", "queued", "generated_tokens")
+    __slots__ = ("resident_experts", "capacity_experts", "resident_bytes", "budget_bytes", "loads", "evictions", "tasks", "cache_health", "in_flight", "queued", "generated_tokens", "lent_slots", "demoted_experts")
     RESIDENT_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -349,6 +349,8 @@ class GetStatsResponse(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LENT_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    DEMOTED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     resident_experts: int
     capacity_experts: int
     resident_bytes: int
@@ -360,4 +362,6 @@ class GetStatsResponse(_message.Message):
     in_flight: int
     queued: int
     generated_tokens: int
-    def __init__(self, resident_experts: _Optional[int] = ..., capacity_experts: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., loads: _Optional[_Union[ExpertLoads, _Mapping]] = ..., evictions: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[TaskStats, _Mapping]]] = ..., cache_health: _Optional[str] = ..., in_flight: _Optional[int] = ..., queued: _Optional[int] = ..., generated_tokens: _Optional[int] = ...) -> None: ...
+    lent_slots: int
+    demoted_experts: int
+    def __init__(self, resident_experts: _Optional[int] = ..., capacity_experts: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., loads: _Optional[_Union[ExpertLoads, _Mapping]] = ..., evictions: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[TaskStats, _Mapping]]] = ..., cache_health: _Optional[str] = ..., in_flight: _Optional[int] = ..., queued: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., lent_slots: _Optional[int] = ..., demoted_experts: _Optional[int] = ...) -> None: ...
