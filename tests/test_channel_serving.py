@@ -40,7 +40,8 @@ from premoe_service.runtime.channel_banks import parse_key
 from premoe_service.runtime.channel_slots import attach_channels
 from premoe_service.runtime.quantized import attach_precisions
 from premoe_service.store import Store, open_cache, shard
-from premoe_service.store.channel_major import ChannelMajorReader, add_channel_major, runs
+from premoe_service.store.channel_major import add_channel_major
+from premoe_service.store.channel_major_reader import ChannelMajorReader, runs
 from premoe_service.store.export import export_pruned
 from premoe_service.store.quantized_copies import PrecisionReader, add_precisions
 

@@ -16,7 +16,7 @@ recency and eviction then work on variants exactly as they work on experts in th
 
 Float copies (`bf16`) have no channel banks. A slot is filled from the store's channel-major copy of its precision
 when the store has one (`premoe shard --channel-major`: through the cache tier, the expert's kept runs from its
-cached block, or one disk read per run without a cache; `store.channel_major.ChannelMajorReader`), else from
+cached block, or one disk read per run without a cache; `store.channel_major_reader.ChannelMajorReader`), else from
 the expert's whole blob (through the cache tiers as any expert; a quantized bank also reads the expert's copy at
 its precision), cut in memory.
 """
@@ -219,7 +219,8 @@ class ChannelSlots:
 
     def _open_channel_major(self) -> None:
         """Use the store's channel-major copies of the banks' precisions whose layout fits these banks."""
-        from ..store.channel_major import FOLDER, ChannelMajorReader
+        from ..store.channel_major import FOLDER
+        from ..store.channel_major_reader import ChannelMajorReader
 
         folder = getattr(self.source, "dir", None)
         if folder is None:

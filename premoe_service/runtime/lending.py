@@ -61,7 +61,7 @@ def _placements(copy: QuantizedCopy, experts: nn.Module) -> list[Placement]:
     while True:
         place: Placement = {}
         for entry in copy.layout:
-            nbytes = math.prod(entry.shape) * torch.empty(0, dtype=kinds[entry.dtype]).element_size()
+            nbytes = math.prod(entry.shape) * kinds[entry.dtype].itemsize
             home = next((name for name in room if cursor[name] + nbytes <= room[name]), None)
             if home is None:
                 return out
@@ -103,7 +103,7 @@ class LentBank(QuantizedBank):
         tensors: dict[tuple[str, str], Any] = {}
         for entry in copy.layout:
             kind = kinds[entry.dtype]
-            nbytes = math.prod(entry.shape) * torch.empty(0, dtype=kind).element_size()
+            nbytes = math.prod(entry.shape) * kind.itemsize
             views = []
             for place in placements:
                 name, start = place[(entry.part, entry.tensor)]
@@ -150,14 +150,6 @@ class Lending:
         if lent_wanted is not None:
             moved |= self._lend(lent_wanted, full_wanted)
         return moved
-
-    def give_back_idle(self) -> None:
-        """Return every lent slot whose sub-slots all hold nothing."""
-        for row in range(len(self.full.capacity)):
-            for slot in self.lent_slots(row).tolist():
-                subs = self._subs(slot)
-                if (self.lent.expert_in_slot[row, subs] == FREE).all():
-                    self._return(row, slot)
 
     # --- moves
 
@@ -235,10 +227,12 @@ class Lending:
         evictable = np.count_nonzero((book.state == RESIDENT) & ~wanted & (book.pins == 0), axis=1)
         return need - free - evictable
 
-    def describe(self) -> Mapping[str, int]:
-        rows = len(self.full.capacity)
-        lent_now = sum(int(self.lent_slots(row).size) for row in range(rows))
-        return {"lent_now": lent_now, "lends": self.lends, "returns": self.returns}
+    def counts(self) -> dict[str, int]:
+        """`lent_slots`: full slots lent now, over all layers; `demoted_experts`: experts resident in them."""
+        return {
+            "lent_slots": int(np.count_nonzero(self.full.expert_in_slot == BLOCKED)),
+            "demoted_experts": int(np.count_nonzero(self.lent.state == RESIDENT)),
+        }
 
 
 def attach_lending(patterned: Any, store: Any, capacity: Mapping[str, Any], demote_to: str) -> QuantizedSlots:

@@ -17,7 +17,7 @@ from ..store.reader import Store
 from .budget import Budget
 from .channel_banks import key_name
 from .model import PatternedModel
-from .slot_book import ABSENT, BLOCKED, LOADING, RESIDENT, SlotBook, SlotPlan
+from .slot_book import ABSENT, LOADING, RESIDENT, SlotBook, SlotPlan
 
 Book = tuple[SlotBook, np.ndarray, np.ndarray | None]  # see `Residency._books`
 
@@ -501,9 +501,7 @@ class Residency:
         if lending is None:
             return {"lent_slots": 0, "demoted_experts": 0}
         with self._cond:
-            lent = int(np.count_nonzero(lending.full.expert_in_slot == BLOCKED))
-            demoted = int(np.count_nonzero(lending.lent.state == RESIDENT))
-        return {"lent_slots": lent, "demoted_experts": demoted}
+            return lending.counts()
 
     def resident_experts(self) -> int:
         return int(np.count_nonzero(self.patterned.book.state == RESIDENT))
