@@ -22,7 +22,6 @@ slot (`runtime.channel_slots`) loads its kept channels with one read per run of 
 from __future__ import annotations
 
 import json
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,7 +41,6 @@ from .manifest import DTYPES
 from .quant import BITS, FLOAT_PRECISIONS, TRANSPOSED_FAMILIES, quantize, unpack_codes
 from .reader import Store
 
-log = logging.getLogger(__name__)
 
 FOLDER = "channel-major"
 LAYOUT = "layout.json"
