@@ -41,7 +41,6 @@ from .manifest import DTYPES
 from .quant import BITS, FLOAT_PRECISIONS, TRANSPOSED_FAMILIES, quantize, unpack_codes
 from .reader import Store
 
-
 FOLDER = "channel-major"
 LAYOUT = "layout.json"
 _FORMAT = 1
