@@ -275,3 +275,26 @@ def test_unpacking_gives_compressed_tensors_integers(bits: int, shape: tuple[int
         words = packed.t().clone(memory_format=torch.contiguous_format)
         theirs = unpack_from_int32(words, bits, torch.Size(shape[::-1]), packed_dim=1).t()
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("shape", [(384, 192), (4, 64), (2, 128)])
+def test_a_stack_of_slots_dequantizes_to_each_slots_own_weights(bits: int, shape: tuple[int, int]) -> None:
+    """The banks dequantize every slot a pass hits in one call over their stacked tensors: each slot of the stack
+    must come out bit for bit as it does alone (and as the plain `(q - zero) * scale`), narrow zero points (one
+    packed word per column) included."""
+    from premoe_service.store.quant import QuantizedWeight, _unpack
+
+    generator = torch.Generator().manual_seed(bits * 1000 + shape[0])
+    weights = [quantize(torch.randn(shape, generator=generator, dtype=torch.float64), bits, 64) for _ in range(3)]
+    stacked = QuantizedWeight(*(torch.stack([getattr(w, f) for w in weights]) for f in ("packed", "scale", "zero")))
+    together = dequantize(stacked, bits, 64, shape, torch.float64)
+    assert together.shape == (3, *shape)
+    out, groups = shape[0], shape[1] // 64
+    for i, w in enumerate(weights):
+        alone = dequantize(w, bits, 64, shape, torch.float64)
+        assert torch.equal(together[i], alone)
+        q = _unpack(w.packed, bits, shape, packed_dim=1).to(torch.float32).view(out, groups, 64)
+        zero = _unpack(w.zero, bits, (out, groups), packed_dim=0).to(torch.float32).unsqueeze(-1)
+        plain = ((q - zero) * w.scale.to(torch.float32).unsqueeze(-1)).view(shape).to(torch.float64)
+        assert torch.equal(alone, plain)

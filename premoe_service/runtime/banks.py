@@ -4,8 +4,8 @@ Slot ids of a layer form one space: `[0, C)` are the full-precision slots (the e
 parameters), then each bank in turn: the quantized banks (`runtime.quantized`), then the channel banks
 (`runtime.channel_slots`). The masked router hands out these ids as it always does. A thin wrapper around the
 experts module's forward handles a pass that hits bank slots: for modules of transformers' experts interface (every
-family here), slot by slot (`hit_bank_slots`): each hit bank slot's weights are read once (a quantized slot
-dequantized, a channel slot at its own width) and multiplied in place, full slots are views of the module's
+family here), slot by slot (`hit_bank_slots`): each hit bank slot's weights are read once (a quantized bank
+dequantizes all its hit slots in one call, a channel slot is read at its own width) and multiplied in place, full slots are views of the module's
 parameters, and a wide pass sends its full-slot pairs through transformers' grouped kernel. Nothing is stacked or
 padded. For other modules, it gathers the hit slots' weights, stacks them with the hit full-precision slots and calls
 transformers' forward on that stack with the slot ids renumbered; slots of different widths (a channel slot holds `k`
@@ -143,14 +143,12 @@ def hit_bank_slots(
     grouped kernel takes) runs its full-slot pairs through transformers' grouped kernel over the module's slots and
     adds the bank pairs' outputs: each pair is counted once, in one of the two sums."""
     weights = Weights(experts)
+    read = _read_hit(top_k_index, full_capacity, skip, banks, names)
 
     def bank_out(x: Tensor, slot: int) -> Tensor:
         if slot < full_capacity:
             return weights.expert(experts, x, slot)
-        for bank in banks:
-            if bank.offset <= slot < bank.offset + bank.capacity:
-                return weights.of(experts, x, {name: bank.weight(name, slot - bank.offset) for name in names})
-        raise FailedPrecondition(f"slot {slot} is outside every slot bank", field="slot")
+        return weights.of(experts, x, read(slot))
 
     tokens, top_k = top_k_index.shape
     if tokens * top_k <= HIT_PAIRS_PER_EXPERT * full_capacity or not grouped_dtype(hidden_states):
@@ -162,3 +160,33 @@ def hit_bank_slots(
         return banked
     full_ids = torch.where(in_full, top_k_index, full_capacity)  # bank pairs skipped by the grouped kernel
     return grouped_with_skips(experts, hidden_states, full_ids, top_k_weights) + banked
+
+
+def _read_hit(
+    top_k_index: Tensor, full_capacity: int, skip: int, banks: list[Bank], names: list[str]
+) -> Callable[[int], dict[str, Tensor]]:
+    """Slot id -> the bank slot's weights by parameter name. A bank that reads several slots at once (`weights`:
+    the quantized banks dequantize them in one pass, fewer and larger operations) reads every slot the pass hits in
+    it now; the others are read when asked."""
+    hit = top_k_index[(top_k_index >= full_capacity) & (top_k_index < skip)]
+    slots = torch.unique(hit).tolist() if hit.numel() > 1 else hit.tolist()
+    read: dict[int, dict[str, Tensor]] = {}
+    for bank in banks:
+        many = getattr(bank, "weights", None)
+        mine = [s - bank.offset for s in slots if bank.offset <= s < bank.offset + bank.capacity]
+        if many is None or len(mine) < 2:
+            continue
+        stacked = {name: many(name, mine) for name in names}
+        for i, slot in enumerate(mine):
+            read[slot + bank.offset] = {name: tensor[i] for name, tensor in stacked.items()}
+
+    def weights(slot: int) -> dict[str, Tensor]:
+        found = read.get(slot)
+        if found is not None:
+            return found
+        for bank in banks:
+            if bank.offset <= slot < bank.offset + bank.capacity:
+                return {name: bank.weight(name, slot - bank.offset) for name in names}
+        raise FailedPrecondition(f"slot {slot} is outside every slot bank", field="slot")
+
+    return weights

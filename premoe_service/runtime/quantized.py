@@ -3,9 +3,10 @@
 Slot ids of a layer form one space: `[0, C)` are the full-precision slots (the experts module's own fused
 parameters), then each precision's bank in turn (then any channel banks, `runtime.channel_slots`). The masked
 router hands out these ids as it always does. The experts module keeps transformers' forward: a thin wrapper
-around it (`runtime.banks`) dequantizes, for each forward pass, only the quantized slots its tokens hit
-(group-wise, in torch ops, so the same code runs on CPU and CUDA) and computes their pairs slot by slot beside
-the full-precision slots. Resident memory is the packed tensors; a dequantized weight lives for one slot's
+around it (`runtime.banks`) dequantizes, for each forward pass, only the quantized slots its tokens hit (group-wise,
+in torch ops, so the same code runs on CPU and CUDA; every hit slot of a bank in one call over their stacked
+tensors, since at these sizes a dequantization costs its operations' dispatch more than its arithmetic) and
+computes their pairs slot by slot beside the full-precision slots. Resident memory is the packed tensors; a dequantized weight lives for one slot's
 product.
 """
 
@@ -83,17 +84,27 @@ class QuantizedBank:
 
     def weight(self, part: str, slot: int) -> Tensor:
         """One slot's parameter in the runtime layout and dtype (dequantized when it is a quantized weight)."""
-        raw = self.tensors.get((part, "raw"))
-        if raw is not None:  # a bias, or a float copy's tensor (bf16): computed in the model's dtype
-            return raw[slot].to(self.dtype)
+        return self._weights(part, lambda kind: self.tensors[(part, kind)][slot])
+
+    def weights(self, part: str, slots: list[int]) -> Tensor:
+        """Slots' parameter `part` stacked `[n, *runtime shape]`, dequantized in one pass (the same values as
+        `weight` slot by slot: dequantization is element-wise)."""
+
+        def stacked(kind: str) -> Tensor:
+            tensor = self.tensors[(part, kind)]
+            if isinstance(tensor, Tensor):
+                return tensor.index_select(0, torch.tensor(slots, device=tensor.device))
+            return torch.stack([tensor[slot] for slot in slots])  # a lent bank's sub-slots lie in several tensors
+
+        return self._weights(part, stacked)
+
+    def _weights(self, part: str, read: Callable[[str], Tensor]) -> Tensor:
+        if (part, "raw") in self.tensors:  # a bias, or a float copy's tensor (bf16): computed in the model's dtype
+            return read("raw").to(self.dtype)
         copy, shape = self.copy, self.shapes[part]
-        qw = QuantizedWeight(
-            self.tensors[(part, "weight_packed")][slot],
-            self.tensors[(part, "weight_scale")][slot],
-            self.tensors[(part, "weight_zero_point")][slot],
-        )
+        qw = QuantizedWeight(read("weight_packed"), read("weight_scale"), read("weight_zero_point"))
         if copy.transposed:
-            return dequantize(qw, copy.bits, copy.group_size, (shape[1], shape[0]), self.dtype).t()
+            return dequantize(qw, copy.bits, copy.group_size, (shape[1], shape[0]), self.dtype).transpose(-2, -1)
         return dequantize(qw, copy.bits, copy.group_size, (shape[0], shape[1]), self.dtype)
 
 

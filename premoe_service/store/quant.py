@@ -55,16 +55,21 @@ def _pack(q: Tensor, bits: int, packed_dim: int) -> Tensor:
 
 
 def _unpack(packed: Tensor, bits: int, shape: tuple[int, int], packed_dim: int) -> Tensor:
-    if packed_dim == 0 and packed.shape[0] == 1:
+    """The int8 codes `[*, out, in]` of packed words `[*, ...]` (any leading dims: a stack of slots)."""
+    if packed_dim == 0 and packed.shape[-2] == 1:
         # One word per column (a narrow channel slot's zero points): unpacked as the transpose packed along dim 1,
         # on a copy with plain strides, since the byte views below refuse the transpose of a `[1, n]` tensor (its
         # size-1 dim keeps a stride other than 1).
-        words = packed.t().clone(memory_format=torch.contiguous_format)
-        return _unpack(words, bits, (shape[1], shape[0]), packed_dim=1).t()
+        words = packed.transpose(-2, -1).clone(memory_format=torch.contiguous_format)
+        return _unpack(words, bits, (shape[1], shape[0]), packed_dim=1).transpose(-2, -1)
     if bits in (2, 4, 8) and (packed.device.type != "cpu" or sys.byteorder == "little"):
         return _unpack_bytes(packed, bits, shape, packed_dim)
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
+    if packed.dim() > 2:  # compressed-tensors unpacks one matrix at a time
+        flat = packed.reshape(-1, *packed.shape[-2:])
+        values = torch.stack([unpack_from_int32(w, bits, torch.Size(shape), packed_dim=packed_dim) for w in flat])
+        return values.view(*packed.shape[:-2], *shape)
     return unpack_from_int32(packed, bits, torch.Size(shape), packed_dim=packed_dim)
 
 
@@ -73,17 +78,26 @@ def _unpack_bytes(packed: Tensor, bits: int, shape: tuple[int, int], packed_dim:
     little-endian device byte j of a row holds values `j*8/bits` onwards, lowest bits first, so byte views and
     shifts replace compressed-tensors' general bit gather, which costs more than the matmul of the weight it
     unpacks (the same integers: `tests/test_quant.py`)."""
-    words = packed if packed_dim == 1 else packed.transpose(0, 1)
-    rows, count = words.shape[0], shape[packed_dim]
-    raw = words.contiguous().view(torch.uint8).view(rows, -1)
+    values = _offset_codes(packed, bits, shape, packed_dim)
+    if bits == 8:  # x ^ 0x80 is x - 128 in two's complement, without a wider type
+        return (values ^ 0x80).view(torch.int8)
+    return values.view(torch.int8) - (1 << (bits - 1))
+
+
+def _offset_codes(packed: Tensor, bits: int, shape: tuple[int, int], packed_dim: int) -> Tensor:
+    """The stored values `[*, out, in]` (uint8, each the code plus `2**(bits-1)`) of 2, 4 or 8 bits packed into
+    int32 words along `packed_dim` on a little-endian device; for 8 bits packed along the rows, a view of the
+    words' bytes (no copy)."""
+    words = packed if packed_dim == 1 else packed.transpose(-2, -1)
+    lead, rows, count = words.shape[:-2], words.shape[-2], shape[packed_dim]
+    raw = words.contiguous().view(torch.uint8).view(*lead, rows, -1)
     if bits == 8:
-        values = (raw[:, :count] ^ 0x80).view(torch.int8)
+        values = raw[..., :count]
     else:
         mask = (1 << bits) - 1
         parts = [raw & mask, *((raw >> shift) & mask for shift in range(bits, 8, bits))]
-        codes = torch.stack(parts, dim=-1).view(rows, -1)[:, :count]
-        values = codes.view(torch.int8) - (1 << (bits - 1))
-    return values.transpose(0, 1) if packed_dim == 0 else values
+        values = torch.stack(parts, dim=-1).view(*lead, rows, -1)[..., :count]
+    return values.transpose(-2, -1) if packed_dim == 0 else values
 
 
 def pack_codes(q: Tensor, bits: int, packed_dim: int) -> Tensor:
@@ -153,24 +167,28 @@ def quantize(weight: Tensor, bits: int, group_size: int) -> QuantizedWeight:
 
 
 def dequantize(qw: QuantizedWeight, bits: int, group_size: int, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
-    """`[out, in]` weights in `dtype` from a quantized weight: `(q - zero) * scale` per group (any device)."""
+    """`[*, out, in]` weights in `dtype` from a quantized weight whose tensors may carry leading dims (a stack of
+    slots, dequantized in one pass): `(q - zero) * scale` per group (any device)."""
     out, inp = shape
+    lead = qw.packed.shape[:-2]
     groups = inp // group_size
-    zero = _unpack(qw.zero, bits, (out, groups), packed_dim=0).to(torch.float32)  # [O, G]
     codes, offset = _codes(qw.packed, bits, (out, inp))  # q + offset, as stored
+    if offset and qw.zero.shape[-2] > 1:  # the zero points' bytes are zero + offset too
+        zero = _offset_codes(qw.zero, bits, (out, groups), packed_dim=0).to(torch.float32)  # [*, O, G]
+    else:
+        zero = _unpack(qw.zero, bits, (out, groups), packed_dim=0).to(torch.float32).add_(offset)
     # (q - zero) * scale in float32 on one buffer: q - zero is (q + offset) - (zero + offset), exact in float32 for
     # these small integers, then one rounding by the scale, as the plain expression
-    values = codes.view(out, groups, group_size).to(torch.float32).sub_(zero.add_(offset).unsqueeze(-1))
+    values = codes.reshape(*lead, out, groups, group_size).to(torch.float32).sub_(zero.unsqueeze(-1))
     values.mul_(qw.scale.to(torch.float32).unsqueeze(-1))
-    return values.reshape(out, inp).to(dtype)
+    return values.reshape(*lead, out, inp).to(dtype)
 
 
 def _codes(packed: Tensor, bits: int, shape: tuple[int, int]) -> tuple[Tensor, int]:
-    """The stored codes `[out, in]` of a weight packed along its rows, and the offset they carry: for 8 bits on a
+    """The stored codes `[*, out, in]` of a weight packed along its rows, and the offset they carry: for 8 bits on a
     little-endian device the packed words' bytes themselves (no copy; offset 128), else the signed values."""
     if bits == 8 and (packed.device.type != "cpu" or sys.byteorder == "little"):
-        rows, count = shape
-        return packed.contiguous().view(torch.uint8).view(rows, -1)[:, :count], 1 << 7
+        return _offset_codes(packed, bits, shape, packed_dim=1), 1 << 7
     return _unpack(packed, bits, shape, packed_dim=1), 0
 
 
