@@ -482,3 +482,32 @@ def test_the_pressure_bench_can_serve_every_task_at_a_lower_precision(int8_serve
     assert dict(generate(client, "b").precisions) == {"int8": 6}  # held until loaded again
     for task in ("a", "b"):
         client.load_task(task)
+
+
+def test_the_pressure_bench_reports_medians_over_its_rounds() -> None:
+    """`premoe bench pressure --rounds`: a server's figures are the medians over the interleaved rounds (tokens/s,
+    each task's p99, bytes moved per round), failures and tokens summed, shares weighted by tokens."""
+    from premoe_service.bench.pressure import combine
+
+    def round_(tok_s: float, p99: dict[str, float], tokens: int, share: dict[str, float], moved: int) -> dict:
+        return {
+            "requests": 10, "failures": 1 if tok_s < 50 else 0, "failure_messages": ["x"] if tok_s < 50 else [],
+            "tokens": tokens, "wall_s": tokens / tok_s, "tokens_per_s": tok_s, "p99_ms": p99,
+            "worst_p99_ms": max(p99.values()), "worst_p99_task": max(p99, key=lambda t: p99[t]),
+            "bytes_moved": moved, "experts_loaded": moved // 10, "evictions": moved // 100, "capacity_experts": 8,
+            "demoted_token_share": share.get("int8", 0.0), "precision_share": share,
+        }  # fmt: skip
+
+    rounds = [
+        round_(100.0, {"a": 10.0, "b": 30.0}, 100, {"full": 1.0}, 1000),
+        round_(40.0, {"a": 50.0, "b": 20.0}, 100, {"full": 0.5, "int8": 0.5}, 3000),
+        round_(80.0, {"a": 20.0, "b": 25.0}, 200, {"int8": 1.0}, 2000),
+    ]
+    row = combine(rounds)
+    assert row["tokens_per_s"] == 80.0  # the median round, not the mean (73.3) or the total's rate
+    assert row["p99_ms"] == {"a": 20.0, "b": 25.0} and row["worst_p99_ms"] == 25.0 and row["worst_p99_task"] == "b"
+    assert row["requests"] == 30 and row["failures"] == 1 and row["failure_messages"] == ["x"] and row["tokens"] == 400
+    assert row["bytes_moved"] == 2000 and row["evictions"] == 20
+    assert row["precision_share"] == pytest.approx({"full": 0.375, "int8": 0.625})
+    assert row["demoted_token_share"] == pytest.approx(0.625)
+    assert [r["tokens_per_s"] for r in row["rounds"]] == [100.0, 40.0, 80.0]

@@ -6,6 +6,11 @@ Per budget: tokens/s and its ratio to budget 1.0, failed requests, per-task p99 
 evictions. Every request names its task, so retrieval plays no part: only residency is under test. Each budget
 runs once per `--under-pressure` mode (`wait`, `demote`); a `demote` run also reports the share of tokens served
 by requests that had experts demoted, and the share of expert calls at each precision.
+
+Every server is started first and stays up; then `rounds` rounds run the same requests against each server in
+turn (the others idle meanwhile), and each figure is the median over the rounds. On a small shared machine one
+run of a few seconds swings by 10-20% from one server to the next; interleaving the rounds spreads what the
+machine does meanwhile over every server alike.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import shlex
 import shutil
 import sys
 import tempfile
+import statistics
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +43,7 @@ class PressureOptions:
     budgets: str = "1.0,0.75,0.5,0.25"
     clients: int = 16
     requests: int = 160
+    rounds: int = 3  # interleaved rounds over every server, medians reported
     max_new_tokens: int = 24
     text_chars: int = 60
     seed: int = 0
@@ -125,8 +132,43 @@ def measure(
     }
 
 
+def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One server's figures over its rounds (`measure`'s dicts): the median of tokens/s, of each task's p99 and of
+    the bytes moved and evictions per round; failures and tokens summed; shares weighted by each round's tokens.
+    The worst task is the one with the highest median p99. `rounds` keeps each round's tokens/s and worst p99."""
+    tokens = sum(r["tokens"] for r in rounds)
+    p99 = {
+        task: statistics.median(r["p99_ms"][task] for r in rounds if task in r["p99_ms"])
+        for task in sorted({t for r in rounds for t in r["p99_ms"]})
+    }
+    precisions = sorted({p for r in rounds for p in r["precision_share"]})
+    weight = [r["tokens"] / tokens if tokens else 1 / len(rounds) for r in rounds]
+    return {
+        "requests": sum(r["requests"] for r in rounds),
+        "failures": sum(r["failures"] for r in rounds),
+        "failure_messages": sorted({m for r in rounds for m in r["failure_messages"]})[:5],
+        "tokens": tokens,
+        "wall_s": sum(r["wall_s"] for r in rounds),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rounds),
+        "p99_ms": p99,
+        "worst_p99_ms": max(p99.values(), default=0.0),
+        "worst_p99_task": max(p99, key=lambda t: p99[t]) if p99 else "",
+        "bytes_moved": int(statistics.median(r["bytes_moved"] for r in rounds)),
+        "experts_loaded": int(statistics.median(r["experts_loaded"] for r in rounds)),
+        "evictions": int(statistics.median(r["evictions"] for r in rounds)),
+        "capacity_experts": rounds[-1]["capacity_experts"],
+        "demoted_token_share": sum(w * r["demoted_token_share"] for w, r in zip(weight, rounds, strict=True)),
+        "precision_share": {
+            p: sum(w * r["precision_share"].get(p, 0.0) for w, r in zip(weight, rounds, strict=True))
+            for p in precisions
+        },
+        "rounds": [{"tokens_per_s": r["tokens_per_s"], "worst_p99_ms": r["worst_p99_ms"]} for r in rounds],
+    }
+
+
 def run(options: PressureOptions) -> dict[str, Any]:
-    """Every budget in turn, each in a fresh server process; returns the report (written to `options.out`)."""
+    """Every budget and mode in a server process of its own, all started first, then `options.rounds` interleaved
+    rounds over them; returns the report (written to `options.out`)."""
     budgets = [b.strip() for b in options.budgets.split(",") if b.strip()]
     if not budgets:
         raise InvalidArgument("give at least one budget, e.g. 1.0,0.5", field="budgets")
@@ -166,25 +208,32 @@ def run(options: PressureOptions) -> dict[str, Any]:
                     field="store",
                 )
             add_precisions(store, (demote_to,), DEFAULT_GROUP_SIZE, progress=not options.quiet)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="premoe-pressure-") as scratch:
+    if options.rounds < 1:
+        raise InvalidArgument("rounds must be positive", field="rounds")
+    runs = [(budget, mode, precision) for budget in budgets for mode in modes for precision in precisions]
+    measured: list[list[dict[str, Any]]] = [[] for _ in runs]
+    with tempfile.TemporaryDirectory(prefix="premoe-pressure-") as scratch, ExitStack() as servers:
         profiles = Path(scratch) / "profiles"  # a copy: the server may write beside its profiles
         shutil.copytree(options.profiles, profiles)
-        for budget in budgets:
-            for mode in modes:
-                for precision in precisions:
-                    if not options.quiet:
-                        print(
-                            f"budget {budget}, {mode}, {precision}: {len(requests)} requests, {options.clients} "
-                            "clients",
-                            file=sys.stderr,
-                        )
-                    flags = [*extra, "--under-pressure", mode]
-                    with serving(store, profiles, budget, options.device, flags) as target:
-                        lowered = "" if precision == "full" else precision
-                        demoting = demote_to if mode == "demote" else ""
-                        figures = measure(target, requests, options.clients, tasks, lowered, demoting)
-                        rows.append({"budget": budget, "mode": mode, "precision": precision, **figures})
+        targets = []
+        for budget, mode, _ in runs:
+            flags = [*extra, "--under-pressure", mode]
+            targets.append(servers.enter_context(serving(store, profiles, budget, options.device, flags)))
+        for round_ in range(options.rounds):
+            for (budget, mode, precision), target, figures in zip(runs, targets, measured, strict=True):
+                if not options.quiet:
+                    print(
+                        f"round {round_ + 1}/{options.rounds}, budget {budget}, {mode}, {precision}: "
+                        f"{len(requests)} requests, {options.clients} clients",
+                        file=sys.stderr,
+                    )
+                lowered = "" if precision == "full" else precision
+                demoting = demote_to if mode == "demote" else ""
+                figures.append(measure(target, requests, options.clients, tasks, lowered, demoting))
+    rows = [
+        {"budget": budget, "mode": mode, "precision": precision, **combine(figures)}
+        for (budget, mode, precision), figures in zip(runs, measured, strict=True)
+    ]
     base = rows[0]
     for row in rows:
         row["tokens_per_s_ratio"] = row["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None
@@ -193,6 +242,7 @@ def run(options: PressureOptions) -> dict[str, Any]:
         "tasks": tasks,
         "clients": options.clients,
         "requests": options.requests,
+        "rounds": options.rounds,
         "max_new_tokens": options.max_new_tokens,
         "device": options.device,
         "serve_opts": options.serve_opts,
@@ -212,7 +262,8 @@ def table(report: dict[str, Any]) -> str:
     """The report as a text table, ratios against the first budget."""
     lines = [
         f"{report['clients']} clients, {report['requests']} requests of random tasks ({len(report['tasks'])}), greedy, "
-        f"{report['max_new_tokens']} new tokens; baseline: {report['baseline']}",
+        f"{report['max_new_tokens']} new tokens; median of {report.get('rounds', 1)} interleaved rounds (MiB moved and "
+        f"evictions: per round); baseline: {report['baseline']}",
         f"{'budget':>7} {'mode':>7} {'served at':>9} {'tok/s':>8} {'x base':>7} {'failed':>7} {'worst p99 ms':>13} "
         f"{'x base':>7} {'worst task':<12} {'MiB moved':>10} {'evictions':>10} {'demoted':>8}",
     ]

@@ -301,6 +301,13 @@ def bench_scale(tasks: int, registry_tasks: int, budgets: str, out: str, quiet: 
 @bench_option("--budgets", default="1.0,0.75,0.5,0.25", help="budgets to serve at, each in its own server process")
 @bench_option("--clients", type=POSITIVE, default=16, help="concurrent clients")
 @bench_option("--requests", type=POSITIVE, default=160, help="requests, each of a random task")
+@bench_option(
+    "--rounds",
+    type=POSITIVE,
+    default=3,
+    help="interleaved rounds: every server is started first, then each round runs the requests against each in turn "
+    "(medians reported)",
+)
 @bench_option("--max-new-tokens", type=POSITIVE, default=24, help="new tokens of each request (greedy)")
 @bench_option("--seed", type=int, default=0, help="seed of the task draw")
 @bench_option("--serve-opts", default="", help='extra `premoe serve` flags, e.g. "--lease-timeout 60"')
@@ -327,6 +334,7 @@ def bench_pressure(
     budgets: str,
     clients: int,
     requests: int,
+    rounds: int,
     max_new_tokens: int,
     seed: int,
     serve_opts: str,
@@ -337,9 +345,10 @@ def bench_pressure(
     quiet: bool,
 ) -> int:
     """CLIENTS clients send REQUESTS requests, each of a task drawn at random among the profiles with data, to a
-    `premoe serve` process started at each budget in turn; print tokens/s and its ratio to the first budget (the
-    baseline, 1.0: every task fits), failed requests, the worst task's p99 end-to-end latency and its ratio, the
-    p99 of each task, the expert bytes moved and the evictions."""
+    `premoe serve` process of each budget and mode (all started first, then ROUNDS interleaved rounds over them,
+    medians reported); print tokens/s and its ratio to the first budget (the baseline, 1.0: every task fits),
+    failed requests, the worst task's p99 end-to-end latency and its ratio, the p99 of each task, the expert bytes
+    moved and the evictions."""
     from ..bench.pressure import PressureOptions, run, table
 
     options = PressureOptions(
@@ -349,6 +358,7 @@ def bench_pressure(
         budgets=budgets,
         clients=clients,
         requests=requests,
+        rounds=rounds,
         max_new_tokens=max_new_tokens,
         seed=seed,
         device=device,
