@@ -19,9 +19,9 @@ import json
 import random
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
-import statistics
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass

@@ -5,12 +5,12 @@ parameters), then each bank in turn: the quantized banks (`runtime.quantized`), 
 (`runtime.channel_slots`). The masked router hands out these ids as it always does. A thin wrapper around the
 experts module's forward handles a pass that hits bank slots: for modules of transformers' experts interface (every
 family here), slot by slot (`hit_bank_slots`): each hit bank slot's weights are read once (a quantized bank
-dequantizes all its hit slots in one call, a channel slot is read at its own width) and multiplied in place, full slots are views of the module's
-parameters, and a wide pass sends its full-slot pairs through transformers' grouped kernel. Nothing is stacked or
-padded. For other modules, it gathers the hit slots' weights, stacks them with the hit full-precision slots and calls
-transformers' forward on that stack with the slot ids renumbered; slots of different widths (a channel slot holds `k`
-of the expert's `I` intermediate channels) are then padded to the widest hit one with zero channels, which add
-nothing in every family's activation (`families.channels.pad_channels`).
+dequantizes all its hit slots in one call, a channel slot is read at its own width) and multiplied in place, full
+slots are views of the module's parameters, and a wide pass sends its full-slot pairs through transformers' grouped
+kernel. Nothing is padded. For other modules, it gathers the hit slots' weights, stacks them with the hit
+full-precision slots and calls transformers' forward on that stack with the slot ids renumbered; slots of different
+widths (a channel slot holds `k` of the expert's `I` intermediate channels) are then padded to the widest hit one
+with zero channels, which add nothing in every family's activation (`families.channels.pad_channels`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ router hands out these ids as it always does. The experts module keeps transform
 around it (`runtime.banks`) dequantizes, for each forward pass, only the quantized slots its tokens hit (group-wise,
 in torch ops, so the same code runs on CPU and CUDA; every hit slot of a bank in one call over their stacked
 tensors, since at these sizes a dequantization costs its operations' dispatch more than its arithmetic) and
-computes their pairs slot by slot beside the full-precision slots. Resident memory is the packed tensors; a dequantized weight lives for one slot's
-product.
+computes their pairs slot by slot beside the full-precision slots. Resident memory is the packed tensors; a
+dequantized weight lives for one layer call.
 """
 
 from __future__ import annotations
