@@ -85,17 +85,23 @@ def serving(store: Path, profiles: Path, budget: str, device: str, extra: list[s
 
 
 def measure(
-    target: str, requests: list[Req], clients: int, tasks: list[str], load_precision: str = "", demote_to: str = ""
+    target: str,
+    requests: list[Req],
+    clients: int,
+    tasks: list[str],
+    load_precision: str = "",
+    demote_to: str = "",
+    warm: bool = True,
 ) -> dict[str, Any]:
-    """One budget's figures: warm the process with one request per task (not counted), then the closed loop. With
-    `load_precision`, every task is first loaded at that precision (LoadTask), so that its requests are served so.
-    `demote_to`: the precision a demoting server serves from (its tokens are counted as demoted)."""
+    """One budget's figures: warm the process with one request per task (not counted; `warm`), then the closed
+    loop. With `load_precision`, every task is first loaded at that precision (LoadTask), so that its requests are
+    served so. `demote_to`: the precision a demoting server serves from (its tokens are counted as demoted)."""
     from ..client import PreMoeClient
 
     with PreMoeClient(target, timeout=600) as client:
         for task in tasks if load_precision else ():
             client.load_task(task, precision=load_precision)
-        for task in tasks:
+        for task in tasks if warm else ():
             client.generate("warm up", task=task, max_new_tokens=1)
         before = client.stats()
         run = run_clients_apart(target, requests, clients)
@@ -229,7 +235,10 @@ def run(options: PressureOptions) -> dict[str, Any]:
                     )
                 lowered = "" if precision == "full" else precision
                 demoting = demote_to if mode == "demote" else ""
-                figures.append(measure(target, requests, options.clients, tasks, lowered, demoting))
+                # Warmed in the first round only: a request alone takes its own pattern at full precision, so
+                # warming again would undo what the previous round left under pressure (lent slots, demotions).
+                warm = round_ == 0
+                figures.append(measure(target, requests, options.clients, tasks, lowered, demoting, warm))
     rows = [
         {"budget": budget, "mode": mode, "precision": precision, **combine(figures)}
         for (budget, mode, precision), figures in zip(runs, measured, strict=True)
