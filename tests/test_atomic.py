@@ -34,6 +34,7 @@ from premoe_service.profiler.channel_plan import (
     ExpertShape,
     channel_nbytes,
     channel_options,
+    layer_shares,
     select_channels,
 )
 from premoe_service.profiler.channels import CHANNEL_CRITERIA, kept_share
@@ -219,6 +220,46 @@ def test_channel_plans_fit_the_budget_and_keep_more_experts_when_tight() -> None
     assert roomy.channels == {} and roomy.pattern.size == layers * experts  # everything fits whole
     share = kept_share(channel_scores, [2, 16])
     assert torch.allclose(share[..., 1], torch.ones_like(share[..., 1]).double())
+
+
+def test_channel_plans_weigh_each_layer_by_its_share_of_the_channel_scores() -> None:
+    """The expert scores are normalised per layer; a channel plan weighs each layer by its share of the channel
+    scores' total (what its experts move the model by, in one unit across layers), so a layer whose channels
+    carry more gets more of the bytes, and every layer alike when the totals are equal."""
+    spec = spec_of("qwen3_moe")  # 3 layers x 8 experts, top-2
+    layers, experts, width = len(spec.moe_layers), spec.num_experts, 16
+    shape = ExpertShape(hidden=32, intermediate=width, biased=False, itemsize=4)
+    generator = torch.Generator().manual_seed(5)
+    scores = torch.rand(layers, experts, generator=generator) + 0.1
+    flat = torch.rand(layers, experts, width, generator=generator) ** 4
+    flat = flat / flat.sum(dim=(1, 2), keepdim=True)  # every layer's channel scores sum to 1
+    unit = 3 * width * 32 * 2
+    error = torch.full((layers, experts), 0.3, dtype=torch.float64)
+    base = {FULL: PrecisionOption(FULL, unit), "int4": PrecisionOption("int4", unit // 3, error)}
+    budget = int(0.3 * unit * layers * experts)
+
+    def first_layer_bytes(plan: ChannelPlan) -> int:
+        layer = spec.moe_layers[0]
+        total = 0
+        for expert in plan.pattern.kept(layer):
+            precision = plan.pattern.precisions.get(layer, {}).get(expert, FULL)
+            total += channel_nbytes(shape, precision, plan.channel_count(layer, expert, width), 32, unit)
+        return total
+
+    assert torch.allclose(layer_shares(flat), torch.full((layers,), 1 / layers, dtype=torch.float64))
+    options = channel_options(base, flat, shape, [2, 4, 8], 32)
+    alike = select_channels(scores, flat, spec, options, budget)
+    assert alike.pattern == select_channels(scores, flat, spec, options, budget, weigh_layers=False).pattern
+    heavy = flat.clone()
+    heavy[0] *= 20  # the first layer's channels move the model 20 times as much
+    assert layer_shares(heavy)[0] > 0.9
+    options = channel_options(base, heavy, shape, [2, 4, 8], 32)  # the same kept shares: ranks and shapes hold
+    weighed = select_channels(scores, heavy, spec, options, budget)
+    unweighed = select_channels(scores, heavy, spec, options, budget, weigh_layers=False)
+    assert unweighed.pattern == alike.pattern  # without weights the totals do not matter
+    assert weighed.nbytes <= budget
+    assert first_layer_bytes(weighed) > first_layer_bytes(unweighed)
+    assert layer_shares(torch.zeros(layers, experts, width)) is None
 
 
 def test_a_channel_plan_file_round_trips_and_bad_channels_name_the_field() -> None:

@@ -195,6 +195,17 @@ class ChannelPlan:
         return cls.from_json(spec, intermediate, data)
 
 
+def layer_shares(channel_scores: Tensor) -> Tensor | None:
+    """`[L]`: each MoE layer's share of the channel scores summed over its experts and channels (None when they sum
+    to nothing). The expert scores a plan weighs its options by are normalised per layer, so every layer's experts
+    would be worth as much in all as any other's; a channel criterion measures every channel's contribution in one
+    unit across layers (`camera`, `heapr`: the layer output's energy, `heapr` relative to the residual stream), so
+    its layer totals say how much each layer's experts move the model on the task's demos."""
+    totals = channel_scores.double().clamp_min(0).sum(dim=(1, 2))
+    total = float(totals.sum())
+    return totals / total if total > 0 else None
+
+
 def select_channels(
     scores: Tensor,
     channel_scores: Tensor,
@@ -202,15 +213,19 @@ def select_channels(
     options: Mapping[str, PrecisionOption],
     budget_bytes: int,
     slots: Mapping[str, int] | None = None,
+    weigh_layers: bool = True,
 ) -> ChannelPlan:
     """The plan of highest summed value within `budget_bytes` over whole-expert and channel options (from
     `channel_options`); each kept expert's channels are its best by `channel_scores [L, E, I]`. `slots`: most
-    experts per layer at an option key (a server's slots: `full`, each precision, each channel bank `full@24`)."""
+    experts per layer at an option key (a server's slots: `full`, each precision, each channel bank `full@24`).
+    `weigh_layers`: each layer's expert values weigh its share of the channel scores' total (`layer_shares`),
+    else every layer alike."""
     if channel_scores.ndim != 3 or channel_scores.shape[:2] != (len(spec.moe_layers), spec.num_experts):
         raise InvalidArgument(
             f"channel scores of shape {tuple(channel_scores.shape)} do not fit the model", field="channel_scores"
         )
-    _, chosen = choose_options(scores, spec, options, budget_bytes, slots)
+    weights = layer_shares(channel_scores) if weigh_layers else None
+    _, chosen = choose_options(scores, spec, options, budget_bytes, slots, layer_weights=weights)
     layers: dict[int, list[int]] = {}
     precisions: dict[int, dict[int, str]] = {}
     channels: dict[int, dict[int, Tensor]] = {}
@@ -236,5 +251,6 @@ __all__ = [
     "channel_key",
     "channel_nbytes",
     "channel_options",
+    "layer_shares",
     "select_channels",
 ]

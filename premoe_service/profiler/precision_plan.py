@@ -103,10 +103,12 @@ def choose_options(
     options: Mapping[str, PrecisionOption],
     budget_bytes: int,
     slots: Mapping[str, int] | None = None,
+    layer_weights: Tensor | None = None,
 ) -> tuple[Tensor, list[dict[int, str]]]:
     """The knapsack of `select_precisions` over any options (keys name them: a precision, or a precision at a
     channel count): per MoE layer (in order), kept expert -> the key of its option; and the scores normalised
-    per layer.
+    per layer. `layer_weights [L]`: what each layer's normalised scores are worth against the others' (None:
+    every layer alike).
     """
     if not options:
         raise InvalidArgument("no precision to keep experts at", field="precisions")
@@ -115,6 +117,10 @@ def choose_options(
         raise InvalidArgument(f"scores of shape {tuple(scores.shape)} do not fit the model", field="scores")
     scores = scores.double().clamp_min(0)
     scores = scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-30)
+    if layer_weights is not None:
+        if layer_weights.shape != (num_layers,) or not bool((layer_weights >= 0).all()):
+            raise InvalidArgument(f"layer weights must be {num_layers} non-negative numbers", field="layer_weights")
+        scores = scores * layer_weights.double().unsqueeze(1)
     ordered = sorted(options.items(), key=lambda item: item[1].nbytes)
     values = {key: option_values(scores, o, "error") for key, o in ordered}
     floor = spec.routing.min_experts
