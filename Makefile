@@ -107,16 +107,20 @@ eval-precision: $(REF_STORE)/manifest.json
 		--precisions $(PRECISIONS) --budgets 0.5,0.25,0.125,0.0625 $(EVAL_ARGS)
 
 # Expert-level mixed precision against channel-level plans on the text tasks (docs/atomic-experts.md): on the shipped
-# eval data, then on the held-out set's hand-written on-task prompts scored as texts (var/heldout-text).
+# eval data, then on the two held-out sets' hand-written on-task prompts scored as texts (var/<set>-text; heldout2
+# was written apart for the routing evaluation).
 TEXT_TASKS := c,prose,python,shell
 CHANNEL_ARGS := --precisions $(PRECISIONS) --channels heapr,camera,energy --budgets 0.125,0.0625,0.04,0.03125
 eval-channels: $(REF_STORE)/manifest.json
 	$(BIN)/premoe shard $(REF_MODEL) --out $(REF_STORE) --precisions $(PRECISIONS) --quiet
 	$(BIN)/premoe eval --store $(REF_STORE) --profiles profiles --data reference/tasks --tasks $(TEXT_TASKS) \
 		--out var/eval-channels $(CHANNEL_ARGS) $(EVAL_ARGS)
-	$(BIN)/python -c 'import json, pathlib; rows = [json.loads(l) for l in open("reference/heldout/queries.jsonl")]; \
-		[(pathlib.Path("var/heldout-text", t).mkdir(parents=True, exist_ok=True), \
-		  pathlib.Path("var/heldout-text", t, "eval.jsonl").write_text("".join(json.dumps({"text": r["query"]}) + "\n" \
-		  for r in rows if r["task"] == t))) for t in "$(TEXT_TASKS)".split(",")]'
-	$(BIN)/premoe eval --store $(REF_STORE) --profiles profiles --data var/heldout-text --tasks $(TEXT_TASKS) \
-		--out var/eval-channels-heldout $(CHANNEL_ARGS) $(EVAL_ARGS)
+	for set in heldout heldout2; do \
+		$(BIN)/python -c 'import json, pathlib, sys; s = sys.argv[1]; \
+			rows = [json.loads(l) for l in open(f"reference/{s}/queries.jsonl")]; \
+			[(pathlib.Path(f"var/{s}-text", t).mkdir(parents=True, exist_ok=True), \
+			  pathlib.Path(f"var/{s}-text", t, "eval.jsonl").write_text("".join(json.dumps({"text": r["query"]}) \
+			  + "\n" for r in rows if r["task"] == t))) for t in "$(TEXT_TASKS)".split(",")]' $$set && \
+		$(BIN)/premoe eval --store $(REF_STORE) --profiles profiles --data var/$$set-text --tasks $(TEXT_TASKS) \
+			--out var/eval-channels-$$set $(CHANNEL_ARGS) $(EVAL_ARGS) || exit 1; \
+	done
