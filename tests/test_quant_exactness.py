@@ -130,37 +130,3 @@ def test_mixed_pattern_equals_transformers_on_the_dequantized_checkpoint(family:
     copy = PrecisionReader(store, "int2").copy
     raw = sum(p.nbytes for p in copy.layout if p.tensor == "raw")
     assert copy.expert_nbytes - raw <= (store.manifest.expert_nbytes - raw) * 4.25 / 32 + 64
-
-
-def test_a_patterns_route_table_follows_its_experts_when_their_slots_move(tmp_path: Path) -> None:
-    """The engine keeps each pattern's per-layer route table (rebuilt tables cost a step's time whenever rows of
-    other patterns join); a kept table must follow the pattern's quantized experts when they move to other slots,
-    and the full-precision table it was built on."""
-    model_dir = tmp_path / "model"
-    save_tiny_checkpoint(model_dir, "qwen3_moe")
-    shard(model_dir, tmp_path / "store", progress=False)
-    add_precisions(tmp_path / "store", ("int8",), GROUP, progress=False)
-    store = Store(tmp_path / "store", MemoryCache())
-    patterned, _ = load_model(store, capacity=4)
-    spec = patterned.spec
-    layer = spec.moe_layers[0]
-    kept = {lay: [0, 1, 2, 3] for lay in spec.moe_layers}
-    precisions = {lay: {0: "full", 1: "full", 2: "int8", 3: "int8"} for lay in spec.moe_layers}
-    pattern = Pattern.build(spec, kept, precisions)
-    attach_precisions(patterned, store, {"int8": 4})
-    patterned.apply(pattern, store)
-    full = patterned.routers[layer].slot_of
-    bank = patterned.quantized.banks[layer]["int8"]  # type: ignore[union-attr]
-    before = patterned.route_table(layer, pattern, full)
-    assert patterned.route_table(layer, pattern, full) is before  # kept while nothing moved
-    slot = int(before[2]) - bank.offset
-    free = next(s for s in range(bank.capacity) if int(bank.slots.book.expert_in_slot[bank.slots.row, s]) < 0)
-    bank.slots.evict_slot(slot)
-    bank.write(free, PrecisionReader(store, "int8").read(layer, 2))
-    bank.slots.place(2, free)
-    after = patterned.route_table(layer, pattern, full)
-    assert int(after[2]) == bank.offset + free != int(before[2])
-    assert torch.equal(after[[0, 1, 3]], before[[0, 1, 3]])
-    other = full.clone()
-    other[0] = int(full[1])
-    assert int(patterned.route_table(layer, pattern, other)[0]) == int(full[1])  # the full table's ids, as given

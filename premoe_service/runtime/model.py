@@ -26,8 +26,6 @@ if TYPE_CHECKING:
 from .slot_book import RESIDENT, SlotBook
 from .slots import LayerSlots, expert_params, install_slots, slot_buffers, write_slot
 
-_ROUTE_TABLES_KEPT = 1024  # (pattern, layer) route tables kept: a few hundred patterns of a few layers
-
 
 @dataclass
 class ApplyReport:
@@ -69,8 +67,6 @@ class PatternedModel:
         self._active_versions: tuple[int, ...] = ()
         self._tables: dict[int, tuple[int, torch.Tensor]] = {}
         self._published: dict[int, int] = {}  # layer -> slot version last written by `publish_slots`
-        # (id(pattern), layer) -> (pattern, stamp, table): `route_table`'s tables of the patterns used last
-        self._route_tables: dict[tuple[int, int], tuple[Pattern, tuple[Any, ...], torch.Tensor]] = {}
         self.masks = PatternMasks(self.spec, lambda: self.device)
         self.quantized: QuantizedSlots | None = None  # slots of lower precisions (`runtime.quantized`)
         self.lending: Lending | None = None  # full slots lent to a lower precision (`runtime.lending`)
@@ -229,29 +225,7 @@ class PatternedModel:
 
     def route_table(self, layer: int, pattern: Pattern, full_table: torch.Tensor) -> torch.Tensor:
         """Long [E]: each expert's slot id for `pattern` in `layer`: its full-precision slot (`full_table`), or its
-        quantized slot where the pattern lowers it, or its channel slot where the pattern holds it in part.
-
-        Kept for the patterns used last: a table is reused while `full_table` holds the same ids and no slot of the
-        layer's banks has moved (their slot versions), since a batch's tables are rebuilt whenever a row of another
-        pattern joins or leaves."""
-        stamp = (tuple(full_table.tolist()), self._bank_versions(layer))
-        key = (id(pattern), layer)
-        cached = self._route_tables.pop(key, None)
-        if cached is None or cached[0] is not pattern or cached[1] != stamp:
-            cached = (pattern, stamp, self._route_table(layer, pattern, full_table))
-            while len(self._route_tables) >= _ROUTE_TABLES_KEPT:
-                self._route_tables.pop(next(iter(self._route_tables)))
-        self._route_tables[key] = cached  # most recently used last
-        return cached[2]
-
-    def _bank_versions(self, layer: int) -> tuple[int, ...]:
-        """The slot versions of `layer`'s row in every bank's slot book (quantized and channel banks)."""
-        row = self.rows[layer]
-        books = [] if self.quantized is None else [self.quantized.books[p] for p in self.quantized.precisions]
-        books += [] if self.channels is None else [self.channels.books[k] for k in self.channels.keys]
-        return tuple(int(book.version[row]) for book in books)
-
-    def _route_table(self, layer: int, pattern: Pattern, full_table: torch.Tensor) -> torch.Tensor:
+        quantized slot where the pattern lowers it, or its channel slot where the pattern holds it in part."""
         table = full_table
         if pattern.mixed and self.quantized is not None:
             table = self.quantized.table(layer, pattern, table)

@@ -97,7 +97,6 @@ class Residency:
         # Bumped whenever slots may have freed (unpins, commits, aborts, releases): a request that found no room
         # need not look again before it moves (`engine.admission`).
         self.generation = 0
-        self._demotions: dict[int, tuple[Pattern, bytes, Pattern]] = {}  # id(pattern) -> its last demotion (`demoted`)
 
     @contextmanager
     def lease(self, pattern: Pattern, timeout_s: float | None = None) -> Iterator[Lease]:
@@ -441,21 +440,11 @@ class Residency:
             absent = self.patterned.full_mask(pattern) & ((book.state == ABSENT) | (book.pins == 0))
         if not absent.any():
             return None
-        # The same demotion of the same pattern gives the same object, so that what the engine keeps per pattern
-        # object (masks, route tables, a batch's tables) serves every request of a task demoted alike.
-        key = absent.tobytes()
-        known = self._demotions.get(id(pattern))
-        if known is not None and known[0] is pattern and known[1] == key:
-            return known[2]
         precisions = {layer: dict(pattern.precisions.get(layer, {})) for layer in pattern.layers}
         rows, experts = np.nonzero(absent)
         for row, expert in zip(rows.tolist(), experts.tolist(), strict=True):
             precisions[int(self._layers[row])][expert] = lending.precision
-        demoted = Pattern.build(self.patterned.spec, pattern.layers, precisions, pattern.channels)
-        if len(self._demotions) >= 256 and id(pattern) not in self._demotions:
-            self._demotions.pop(next(iter(self._demotions)))
-        self._demotions[id(pattern)] = (pattern, key, demoted)
-        return demoted
+        return Pattern.build(self.patterned.spec, pattern.layers, precisions, pattern.channels)
 
     @staticmethod
     def _plans(books: list[Book]) -> list[SlotPlan]:
