@@ -90,11 +90,16 @@ class QuantizedBank:
         """Slots' parameter `part` stacked `[n, *runtime shape]`, dequantized in one pass (the same values as
         `weight` slot by slot: dequantization is element-wise)."""
 
+        index: Tensor | None = None
+
         def stacked(kind: str) -> Tensor:
+            nonlocal index
             tensor = self.tensors[(part, kind)]
-            if isinstance(tensor, Tensor):
-                return tensor.index_select(0, torch.tensor(slots, device=tensor.device))
-            return torch.stack([tensor[slot] for slot in slots])  # a lent bank's sub-slots lie in several tensors
+            if not isinstance(tensor, Tensor):  # a lent bank's sub-slots lie in several tensors
+                return torch.stack([tensor[slot] for slot in slots])
+            if index is None:
+                index = torch.tensor(slots, device=tensor.device)
+            return tensor.index_select(0, index)
 
         return self._weights(part, stacked)
 

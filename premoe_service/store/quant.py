@@ -62,7 +62,7 @@ def _unpack(packed: Tensor, bits: int, shape: tuple[int, int], packed_dim: int) 
         # size-1 dim keeps a stride other than 1).
         words = packed.transpose(-2, -1).clone(memory_format=torch.contiguous_format)
         return _unpack(words, bits, (shape[1], shape[0]), packed_dim=1).transpose(-2, -1)
-    if bits in (2, 4, 8) and (packed.device.type != "cpu" or sys.byteorder == "little"):
+    if bits in (2, 4, 8) and _byte_views(packed):
         return _unpack_bytes(packed, bits, shape, packed_dim)
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
@@ -71,6 +71,12 @@ def _unpack(packed: Tensor, bits: int, shape: tuple[int, int], packed_dim: int) 
         values = torch.stack([unpack_from_int32(w, bits, torch.Size(shape), packed_dim=packed_dim) for w in flat])
         return values.view(*packed.shape[:-2], *shape)
     return unpack_from_int32(packed, bits, torch.Size(shape), packed_dim=packed_dim)
+
+
+def _byte_views(packed: Tensor) -> bool:
+    """Whether packed words can be read through byte views: byte j of a word holds its lowest bits on a
+    little-endian CPU (and on the accelerators torch runs on)."""
+    return packed.device.type != "cpu" or sys.byteorder == "little"
 
 
 def _unpack_bytes(packed: Tensor, bits: int, shape: tuple[int, int], packed_dim: int) -> Tensor:
@@ -187,7 +193,7 @@ def dequantize(qw: QuantizedWeight, bits: int, group_size: int, shape: tuple[int
 def _codes(packed: Tensor, bits: int, shape: tuple[int, int]) -> tuple[Tensor, int]:
     """The stored codes `[*, out, in]` of a weight packed along its rows, and the offset they carry: for 8 bits on a
     little-endian device the packed words' bytes themselves (no copy; offset 128), else the signed values."""
-    if bits == 8 and (packed.device.type != "cpu" or sys.byteorder == "little"):
+    if bits == 8 and _byte_views(packed):
         return _offset_codes(packed, bits, shape, packed_dim=1), 1 << 7
     return _unpack(packed, bits, shape, packed_dim=1), 0
 
