@@ -181,8 +181,9 @@ def test_docker_compose_accepts_the_file() -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_generated_grpc_code_is_current(tmp_path: Path) -> None:
-    """The committed code under premoe_service/server/gen/ is what `make proto` makes from the proto file."""
+@pytest.mark.parametrize("package, name", [("premoe/v1", "premoe"), ("premoe/relay/v1", "relay")])
+def test_generated_grpc_code_is_current(tmp_path: Path, package: str, name: str) -> None:
+    """The committed code under premoe_service/server/gen/ is what `make proto` makes from the proto files."""
     from grpc_tools import protoc
 
     args = [
@@ -191,19 +192,20 @@ def test_generated_grpc_code_is_current(tmp_path: Path) -> None:
         f"--python_out={tmp_path}",
         f"--pyi_out={tmp_path}",
         f"--grpc_python_out={tmp_path}",
-        str(ROOT / "protos/premoe/v1/premoe.proto"),
+        str(ROOT / f"protos/{package}/{name}.proto"),
     ]
     assert protoc.main(args) == 0
-    made = tmp_path / "premoe" / "v1"
+    made = tmp_path / package
     gen = ROOT / "premoe_service" / "server" / "gen"
+    module = package.replace("/", ".")
     grpc_code = (
-        (made / "premoe_pb2_grpc.py")
+        (made / f"{name}_pb2_grpc.py")
         .read_text()
-        .replace("from premoe.v1 import premoe_pb2", "from . import premoe_pb2")
+        .replace(f"from {module} import {name}_pb2", f"from . import {name}_pb2")
     )
-    assert grpc_code == (gen / "premoe_pb2_grpc.py").read_text(), "run `make proto`"
-    for name in ("premoe_pb2.py", "premoe_pb2.pyi"):
-        assert (made / name).read_text() == (gen / name).read_text(), f"{name} is stale: run `make proto`"
+    assert grpc_code == (gen / f"{name}_pb2_grpc.py").read_text(), "run `make proto`"
+    for file in (f"{name}_pb2.py", f"{name}_pb2.pyi"):
+        assert (made / file).read_text() == (gen / file).read_text(), f"{file} is stale: run `make proto`"
 
 
 def test_the_docs_list_every_deployment_knob_with_its_twin_and_default() -> None:

@@ -199,6 +199,11 @@ def default(name: str) -> Lazy:
     "(default: four per expert)",
 )
 @option(
+    "--door-process/--no-door-process",
+    default=True,
+    help="run the gRPC door in a process of its own, so that client streams do not share the engine's interpreter",
+)
+@option(
     "--engine-threads",
     type=POSITIVE,
     help="CPU threads of the engine's tensor operations (default: all cores but one, leaving one to the doors)",

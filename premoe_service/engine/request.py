@@ -50,6 +50,9 @@ class Request:
             decides how).
         wait_timeout_s: How long it may wait for slots pinned by others.
         loop: Deliver events to this asyncio loop (read them with `aevents()`); None: `events()`.
+        sink: With `loop`, where its events go on that loop instead of its own queue: anything with
+            `put_nowait(item)` (text pieces, the result, or the failure `failure_of` reads); `aevents()` is then
+            not used. The engine process's relay takes every call's events of a step this way.
         plan: The route it was given, reported in its result (None: a pattern given directly, not counted in the
             per-task stats).
         times: Moments known before it is made (`started`: when its submission began, for `total_ms`).
@@ -65,6 +68,7 @@ class Request:
     coverage_floor: float = 0.0
     wait_timeout_s: float = 30.0
     loop: asyncio.AbstractEventLoop | None = None
+    sink: Any = None
     plan: RoutePlan | None = None
     times: dict[str, float] = field(default_factory=dict)
     eos: frozenset[int] = frozenset()  # the model's EOS ids, set by the loop it is submitted to (`barred`)
@@ -95,7 +99,9 @@ class Request:
         self.text = TextStream(self.tokenizer, self.params.stop)
         self.times["submitted"] = time.perf_counter()
         self.wait_until = time.monotonic() + self.wait_timeout_s
-        self._aqueue: asyncio.Queue[Any] | None = asyncio.Queue() if self.loop is not None else None
+        self._aqueue: Any = None
+        if self.loop is not None:
+            self._aqueue = self.sink if self.sink is not None else asyncio.Queue()
 
     # --- loop side --------------------------------------------------------------------------------
 
@@ -255,3 +261,8 @@ class Request:
 @dataclass
 class _Failed:
     error: BaseException
+
+
+def failure_of(item: Any) -> BaseException | None:
+    """What a request failed with, when `item` (one of its events in a `sink`) says it failed; else None."""
+    return item.error if isinstance(item, _Failed) else None

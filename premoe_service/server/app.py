@@ -20,13 +20,16 @@ from grpc_reflection.v1alpha import reflection
 from ..retrieval import Embedder
 from ..serving import ServiceConfig, ServingCore
 from .auth import Access
+from .door_process import DoorProcess
 from .gen import premoe_pb2 as pb
 from .gen import premoe_pb2_grpc as pb_grpc
+from .gen import relay_pb2_grpc as relay_grpc
 from .http import OpenAIApi
 from .http_door import HttpDoor
 from .http_types import MAX_BODY_BYTES
 from .interceptor import ErrorInterceptor
 from .metrics import Metrics
+from .relay import RelayDoor
 from .security import check_exposure, check_tls_files, grpc_credentials, uvicorn_tls
 from .servicer import GrpcDoor
 
@@ -47,6 +50,8 @@ class ServerApp:
     loop: Any = None  # the event loop it runs on, when started by `running_server`
     http: HttpDoor | None = None
     serving: threading.Event = field(default_factory=threading.Event)  # what the HTTP health endpoint reports
+    doors: DoorProcess | None = None  # the gRPC door's own process, when it has one (`config.door_process`)
+    port: int = 0  # the gRPC door's public port
 
     @property
     def http_port(self) -> int | None:
@@ -76,6 +81,8 @@ class ServerApp:
         await asyncio.sleep(min(0.2, grace))  # let health watchers and load balancers see it
         in_flight = self.core.in_flight()
         http_stopped = asyncio.get_running_loop().run_in_executor(None, self.http.stop) if self.http else None
+        if self.doors is not None:  # its calls need this process until they end: it stops first
+            await self.doors.stop(grace)
         await self.grpc_server.stop(grace)
         if http_stopped is not None:
             await http_stopped
@@ -110,32 +117,47 @@ def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) ->
             ("grpc.max_send_message_length", MAX_BODY_BYTES),
         ],
     )
-    pb_grpc.add_PreMoeServicer_to_server(GrpcDoor(core, executor, metrics), server)
+    door = GrpcDoor(core, executor, metrics)
+    pb_grpc.add_PreMoeServicer_to_server(door, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    doors = DoorProcess(config, MAX_BODY_BYTES) if config.door_process else None
+    if doors is not None:
+        relay_grpc.add_RelayServicer_to_server(RelayDoor(door, access, metrics), server)
+    handle = ServerApp(server, core, health_servicer, executor, metrics, doors=doors)
+    try:
+        handle.port = _bind(server, config, doors)
+        if config.http_port is not None:
+            api = OpenAIApi(core, executor, access, handle.serving, metrics)
+            handle.http = HttpDoor(api.app(), config.host, config.http_port, config.grace_s, tls=uvicorn_tls(config))
+    except OSError:
+        core.close()
+        if doors is not None:
+            doors.close()
+        raise
+    if config.metrics_port is not None:
+        handle.metrics_port = metrics.serve(config.metrics_port, config.host)
+    return handle, handle.port
+
+
+def _bind(server: grpc.aio.Server, config: ServiceConfig, doors: DoorProcess | None) -> int:
+    """Bind the gRPC server: on the public address, or, with a door process, on its private socket, the door process
+    then listening on the public address; returns the public port."""
     address, credentials = f"{config.host}:{config.port}", grpc_credentials(config)
+    if doors is not None:
+        address, credentials = doors.backend, None
     port, bind_error = 0, ""
     try:
-        port = (
-            server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
-        )
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:  # grpc raises where it cannot bind
         bind_error = f": {exc}"
     if port == 0:
-        core.close()
         raise OSError(f"cannot bind {address}{bind_error}")
-    handle = ServerApp(server, core, health_servicer, executor, metrics)
-    if config.http_port is not None:
-        api = OpenAIApi(core, executor, access, handle.serving, metrics)
-        try:
-            handle.http = HttpDoor(api.app(), config.host, config.http_port, config.grace_s, tls=uvicorn_tls(config))
-        except OSError:
-            core.close()
-            raise
-    if config.metrics_port is not None:
-        handle.metrics_port = metrics.serve(config.metrics_port, config.host)
-    return handle, port
+    return doors.launch() if doors is not None else port
 
 
 async def serve_async(config: ServiceConfig, ready: threading.Event | None = None) -> int:

@@ -66,6 +66,9 @@ class ServiceConfig:
         preload: Tasks whose experts are loaded at start-up (health says SERVING only after).
         engine_threads: CPU threads of the engine's tensor operations; None: all cores but one (at least one), which
             leaves a core to the doors' event loops and the loader, so that streaming does not stall decoding.
+        door_process: Run the gRPC door in a process of its own beside the engine's (`server/front.py`): client
+            streams then cost the engine process one relay message per step instead of one gRPC message per
+            stream and token. The HTTP door stays in the engine process.
         join_wait_steps: Decode steps a ready request may wait so that several join in one forward pass (0: none).
         precision_slots: Slots per MoE layer for experts held below full precision, per precision ("int4=4,int8=2";
             the store must hold those copies: `premoe shard --precisions`); tasks registered with precisions need
@@ -135,6 +138,7 @@ class ServiceConfig:
     demote_to: str = "int8"
     channel_variants: int | None = None
     engine_threads: int | None = None
+    door_process: bool = True
     preload: tuple[str, ...] = ()
     lease_timeout_s: float = 30.0
     grace_s: float = 10.0

@@ -252,12 +252,14 @@ class ServingCore:
         cancelled: Callable[[], bool] | None = None,
         stream: bool = True,
         loop: asyncio.AbstractEventLoop | None = None,
+        sink: Any = None,
         prompt_ids: Sequence[int] | None = None,
         add_special_tokens: bool = True,
         plan: RoutePlan | None = None,
     ) -> Request:
         """Tokenize and route a prompt and queue it in the engine loop: the returned request's `events()` (or
-        `aevents()` on `loop` when one is given) are its text pieces, then its one `GenerationResult`.
+        `aevents()` on `loop` when one is given; put into `sink` on `loop` when that is given too) are its text pieces,
+        then its one `GenerationResult`.
 
         `prompt_ids` are the prompt's tokens as the caller gave them: checked and used as they are (nothing added),
         with `prompt` their text for routing (None: decoded from them when retrieval picks the task). Otherwise
@@ -282,6 +284,7 @@ class ServingCore:
             coverage_floor=self.config.coverage_floor,
             wait_timeout_s=self.config.lease_timeout_s,
             loop=loop,
+            sink=sink,
             plan=plan,
             times={"started": started},
         )
