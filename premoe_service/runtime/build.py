@@ -10,6 +10,7 @@ from ..errors import DataCorruption, FailedPrecondition
 from ..families import adapter_for
 from ..store.reader import Store
 from .experts_forward import use_hit_experts
+from .fused_norms import fuse_rms_norms
 from .model import PatternedModel
 from .residency import Budget, Residency
 
@@ -67,6 +68,7 @@ def load_model(
     materialise_buffers(model, device)
     _check_loaded(model)
     use_hit_experts(model)
+    fuse_rms_norms(model)
     model.eval()
     return patterned, Residency(patterned, store, wait_timeout_s=wait_timeout_s)
 
