@@ -3,6 +3,7 @@ throwaway Redis-protocol server (`redis-server` on PATH, else the `valkey-server
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -126,6 +127,24 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and the processes it started, theirs included (Linux /proc; a server's door process, say)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(parents.get(current, []))
+    return tree
+
+
 @dataclass(frozen=True)
 class ServerProcess:
     """A `premoe serve` process started by `premoe_server`: its gRPC address, process id and command line."""
@@ -135,8 +154,18 @@ class ServerProcess:
     command: list[str]
 
     def cpu_seconds(self) -> float | None:
-        """CPU time the server process has used so far, all its threads (Linux /proc; None elsewhere)."""
-        return process_cpu_seconds(self.pid)
+        """CPU time the server has used so far: its process, all threads, and the processes it started (its door
+        process), while they run (Linux /proc; None elsewhere)."""
+        spent = [process_cpu_seconds(pid) for pid in process_tree(self.pid)]
+        return None if spent[0] is None else sum(s for s in spent if s is not None)
+
+    def rss_mib(self) -> float:
+        """Resident memory of the server's processes together, in MiB (Linux)."""
+        total = 0.0
+        for pid in process_tree(self.pid):
+            with contextlib.suppress(OSError):  # a process that has just ended
+                total += rss_mib(pid)
+        return total
 
 
 @contextmanager

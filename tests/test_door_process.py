@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from premoe_service.client import PreMoeClient
+from premoe_service.loopback import ServerProcess, process_tree, rss_mib
 from premoe_service.server import running_server
 from premoe_service.server.gen import premoe_pb2 as pb
 from premoe_service.server.gen import premoe_pb2_grpc as pb_grpc
@@ -227,6 +228,10 @@ def test_the_door_process_ends_when_the_engine_process_dies(tiny_store: Path, tm
         assert line.startswith("premoe serving on"), line
         doors = listeners(port)
         assert len(doors) == 1 and server.pid not in doors
+        # The benchmarks count the door process as the server's: its CPU and memory are the server's cost.
+        assert set(process_tree(server.pid)) >= {server.pid, *doors}
+        whole = ServerProcess(f"127.0.0.1:{port}", server.pid, command)
+        assert whole.rss_mib() > rss_mib(server.pid)
         with PreMoeClient(f"127.0.0.1:{port}", timeout=60) as c:
             assert len(c.generate("hi", max_new_tokens=2).token_ids) == 2
         server.send_signal(signal.SIGKILL)

@@ -147,8 +147,8 @@ def render(report: dict[str, Any]) -> str:
             f"{_f(r['continuous'], '.2f'):>5}"
         )
     lines.append(
-        "tokens per CPU second (the server process's CPU, all its threads, against the baseline process's at its "
-        "best thread count by that measure; a busy machine disturbs it less than wall time): "
+        "tokens per CPU second (the server's CPU, all its threads and its door process, against the baseline "
+        "process's at its best thread count by that measure; a busy machine disturbs it less than wall time): "
         + "; ".join(_per_cpu(n, e) for n, e in report["results"].items())
     )
     threads = [

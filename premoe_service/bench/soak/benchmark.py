@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 
 from ...client import PreMoeClient
-from ...loopback import ServerProcess, premoe_server, rss_mib
+from ...loopback import ServerProcess, premoe_server
 from .parts import RestartableRedis, prompts_by_task
 
 OK = grpc.StatusCode.OK
@@ -183,7 +183,7 @@ def run(
             restarted = False
             while any(t.is_alive() for t in threads):
                 now = time.monotonic() - start
-                memory.append((now, rss_mib(server.pid)))
+                memory.append((now, server.rss_mib()))
                 if not restarted and now >= seconds / 2:
                     redis.restart_empty()
                     restarted = True
@@ -192,7 +192,7 @@ def run(
                 thread.join()
             with PreMoeClient(target, timeout=30) as client:
                 health = client.health()
-            memory.append((time.monotonic() - start, rss_mib(server.pid)))
+            memory.append((time.monotonic() - start, server.rss_mib()))
     warm_at = max(30.0, seconds * 0.2)
     warm = next((m for t, m in memory if t >= warm_at), memory[0][1])
     latencies = sorted(tally.latencies)
