@@ -74,9 +74,7 @@ proto: setup
 		.proto-out/premoe/v1/premoe_pb2_grpc.py > premoe_service/server/gen/premoe_pb2_grpc.py
 	cp .proto-out/premoe/v1/premoe_pb2.py .proto-out/premoe/v1/premoe_pb2.pyi premoe_service/server/gen/
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=.proto-out --pyi_out=.proto-out \
-		--grpc_python_out=.proto-out protos/premoe/relay/v1/relay.proto
-	sed -e 's/^from premoe.relay.v1 import relay_pb2/from . import relay_pb2/' \
-		.proto-out/premoe/relay/v1/relay_pb2_grpc.py > premoe_service/server/gen/relay_pb2_grpc.py
+		protos/premoe/relay/v1/relay.proto
 	cp .proto-out/premoe/relay/v1/relay_pb2.py .proto-out/premoe/relay/v1/relay_pb2.pyi premoe_service/server/gen/
 	rm -rf .proto-out
 

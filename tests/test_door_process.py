@@ -156,7 +156,7 @@ def test_the_clients_deadline_reaches_the_engine(servers) -> None:
         )
         next(stream)
         (request,) = handle.core.loop.in_flight()
-        assert request.deadline is not None and 30 < request.deadline - time.monotonic() <= 40
+        assert request.deadline is not None and 30 < request.deadline - time.monotonic() <= 41  # grpc rounds up
         stream.cancel()
 
 

@@ -50,9 +50,10 @@ class Request:
             decides how).
         wait_timeout_s: How long it may wait for slots pinned by others.
         loop: Deliver events to this asyncio loop (read them with `aevents()`); None: `events()`.
-        sink: With `loop`, where its events go on that loop instead of its own queue: anything with
-            `put_nowait(item)` (text pieces, the result, or the failure `failure_of` reads); `aevents()` is then
-            not used. The engine process's relay takes every call's events of a step this way.
+        sink: Where its events go instead of its own queue (then neither `events()` nor `aevents()` is read): an
+            `EventSink`, whose target takes the events (text pieces, the result, or the failure `failure_of`
+            reads) of every request sharing it in one call per engine step, on the engine's thread. The door
+            process's relay takes a step's events of all its calls this way.
         plan: The route it was given, reported in its result (None: a pattern given directly, not counted in the
             per-task stats).
         times: Moments known before it is made (`started`: when its submission began, for `total_ms`).
@@ -68,7 +69,7 @@ class Request:
     coverage_floor: float = 0.0
     wait_timeout_s: float = 30.0
     loop: asyncio.AbstractEventLoop | None = None
-    sink: Any = None
+    sink: EventSink | None = None
     plan: RoutePlan | None = None
     times: dict[str, float] = field(default_factory=dict)
     eos: frozenset[int] = frozenset()  # the model's EOS ids, set by the loop it is submitted to (`barred`)
@@ -99,9 +100,7 @@ class Request:
         self.text = TextStream(self.tokenizer, self.params.stop)
         self.times["submitted"] = time.perf_counter()
         self.wait_until = time.monotonic() + self.wait_timeout_s
-        self._aqueue: Any = None
-        if self.loop is not None:
-            self._aqueue = self.sink if self.sink is not None else asyncio.Queue()
+        self._aqueue: asyncio.Queue[Any] | None = asyncio.Queue() if self.loop is not None else None
 
     # --- loop side --------------------------------------------------------------------------------
 
@@ -121,6 +120,12 @@ class Request:
         self._put(_Failed(error))
 
     def _put(self, item: Any) -> None:
+        if self.sink is not None:
+            if self.outbox is not None:
+                self.outbox.put_direct(self.sink, item)
+            else:
+                self.sink.target.deliver([(self.sink.key, item)])
+            return
         if self.loop is None or self._aqueue is None:
             self._events.put(item)
             return
@@ -256,6 +261,15 @@ class Request:
                     return
         finally:
             self._abandoned.set()
+
+
+@dataclass(frozen=True)
+class EventSink:
+    """Where a request's events go: `target.deliver([(key, item), ...])`, with the events of every request sharing
+    `target` in one call per engine step (on the engine's thread), or at once when put from another thread."""
+
+    target: Any
+    key: Any
 
 
 @dataclass

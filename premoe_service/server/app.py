@@ -23,13 +23,12 @@ from .auth import Access
 from .door_process import DoorProcess
 from .gen import premoe_pb2 as pb
 from .gen import premoe_pb2_grpc as pb_grpc
-from .gen import relay_pb2_grpc as relay_grpc
 from .http import OpenAIApi
 from .http_door import HttpDoor
 from .http_types import MAX_BODY_BYTES
 from .interceptor import ErrorInterceptor
 from .metrics import Metrics
-from .relay import RelayDoor
+from .relay import RelayServer
 from .security import check_exposure, check_tls_files, grpc_credentials, uvicorn_tls
 from .servicer import GrpcDoor
 
@@ -51,6 +50,7 @@ class ServerApp:
     http: HttpDoor | None = None
     serving: threading.Event = field(default_factory=threading.Event)  # what the HTTP health endpoint reports
     doors: DoorProcess | None = None  # the gRPC door's own process, when it has one (`config.door_process`)
+    relay: RelayServer | None = None  # where the door process's generation calls come in
     port: int = 0  # the gRPC door's public port
 
     @property
@@ -83,6 +83,8 @@ class ServerApp:
         http_stopped = asyncio.get_running_loop().run_in_executor(None, self.http.stop) if self.http else None
         if self.doors is not None:  # its calls need this process until they end: it stops first
             await self.doors.stop(grace)
+        if self.relay is not None:
+            self.relay.close()
         await self.grpc_server.stop(grace)
         if http_stopped is not None:
             await http_stopped
@@ -123,16 +125,18 @@ def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) ->
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     doors = DoorProcess(config, MAX_BODY_BYTES) if config.door_process else None
-    if doors is not None:
-        relay_grpc.add_RelayServicer_to_server(RelayDoor(door, access, metrics), server)
     handle = ServerApp(server, core, health_servicer, executor, metrics, doors=doors)
     try:
+        if doors is not None:
+            handle.relay = RelayServer(doors.relay, door, access, metrics, executor)
         handle.port = _bind(server, config, doors)
         if config.http_port is not None:
             api = OpenAIApi(core, executor, access, handle.serving, metrics)
             handle.http = HttpDoor(api.app(), config.host, config.http_port, config.grace_s, tls=uvicorn_tls(config))
     except OSError:
         core.close()
+        if handle.relay is not None:
+            handle.relay.close()
         if doors is not None:
             doors.close()
         raise

@@ -21,14 +21,17 @@ START_TIMEOUT_S = 60.0
 
 class DoorProcess:
     """The door process of one server: it listens on `config`'s host and port (with its TLS) and reaches this
-    process over a Unix socket in a private directory (`backend`, which this process's gRPC server binds)."""
+    process over two Unix sockets in a private directory: the relay (`relay`, `server/relay.py`) for generation
+    and this process's gRPC server (`backend`) for every other call."""
 
     def __init__(self, config: ServiceConfig, max_message_bytes: int) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="premoe-doors-"))  # mode 0700: only this user reaches the socket
         self.backend = f"unix:{self.dir / 'engine.sock'}"
+        self.relay = self.dir / "relay.sock"
         self.settings: dict[str, Any] = {
             "listen": f"{config.host}:{config.port}",
             "backend": self.backend,
+            "relay": str(self.relay),
             "max_message_bytes": max_message_bytes,
             "tls": _tls(config),
         }
@@ -36,8 +39,8 @@ class DoorProcess:
         self.port = 0
 
     def launch(self) -> int:
-        """Start the door process and wait until it listens; returns its port. Its relay waits for this process's
-        gRPC server to listen on `backend`.
+        """Start the door process and wait until it listens; returns its port. The relay socket must listen already;
+        calls it forwards wait for this process's gRPC server to start on `backend`.
 
         Raises:
             OSError: It could not bind its address, or did not start.

@@ -3,9 +3,10 @@
 The engine process runs the model in one thread, and a step is mostly Python. When the gRPC door shares that
 process, its per-message work for every client stream (about 0.1 ms of interpreter time a token) runs under the
 same interpreter lock, and every step waits for it. Here the clients' connections end in this process instead:
-generation calls cross to the engine process over one relay stream (`server/relay.py`), which answers with one
-batch of events per engine step, and this process fans each batch out to the client streams. Every other call
-(task administration, stats, routing, health) is forwarded as it is. Reflection is answered here.
+generation calls cross to the engine process over the relay socket (`server/relay.py`), whose engine end writes
+one frame of events per engine step, and this process fans each frame out to the client streams. Every other call
+(task administration, stats, routing, health) is forwarded as it is to the engine process's gRPC server.
+Reflection is answered here.
 
 Nothing here imports torch: the process starts in a fraction of a second and holds no model. It reads its
 settings as one JSON line on stdin, prints `{"port": N}` once it listens (or `{"error": ...}` and exits 2), and
@@ -31,7 +32,7 @@ from grpc_reflection.v1alpha import reflection
 
 from .gen import premoe_pb2 as pb
 from .gen import relay_pb2 as rpb
-from .gen import relay_pb2_grpc as rpb_grpc
+from .relay_frames import HEADER, frame
 
 PREMOE = pb.DESCRIPTOR.services_by_name["PreMoe"]
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
@@ -42,43 +43,39 @@ TRANSPORT_KEYS = ("user-agent", "content-type", "te", "grpc-")
 
 
 class RelayClient:
-    """This process's end of the relay stream: calls out in batches, events back to each call's queue."""
+    """This process's end of the relay socket: calls out in frames (those of one event-loop turn together), each
+    event back to its call's queue."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.stub = rpb_grpc.RelayStub(channel)
+    def __init__(self, path: str) -> None:
+        self.path = path
         self.queues: dict[int, asyncio.Queue[rpb.RelayEvent]] = {}
         self.outgoing: list[rpb.RelayCall] = []
-        self.wake = asyncio.Event()
+        self.writer: asyncio.StreamWriter | None = None
+        self.flush_due = False
         self.ids = itertools.count(1)
-        self.closing = False
         self.broken: str | None = None  # why the relay is down
         self.stopping = False  # the server is stopping: calls that end unanswered now were cut off
         self.cut = 0
 
     async def run(self) -> None:
-        """Hold the relay stream open, hand each event to its call; when it breaks, every open call fails."""
+        """Connect (the engine process listens before this process starts), then hand each event to its call;
+        when the relay breaks, every open call fails with UNAVAILABLE."""
         reason = "the engine process closed the relay"
         try:
-            async for batch in self.stub.Relay(self._calls(), wait_for_ready=True):
-                for event in batch.events:
+            reader, self.writer = await asyncio.open_unix_connection(self.path, limit=1 << 26)
+            self._flush()
+            while True:
+                (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+                for event in rpb.RelayBatch.FromString(await reader.readexactly(size)).events:
                     queue = self.queues.get(event.id)
                     if queue is not None:
                         queue.put_nowait(event)
-        except grpc.aio.AioRpcError as exc:
-            reason = f"the engine process is not reachable ({exc.code().name})"
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            if not isinstance(exc, asyncio.IncompleteReadError):
+                reason = f"the engine process is not reachable ({exc})"
         self.broken = reason
         for call_id in list(self.queues):
             self._unavailable(call_id)
-
-    async def _calls(self) -> AsyncIterator[rpb.RelayCalls]:
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            if self.outgoing:
-                calls, self.outgoing = self.outgoing, []
-                yield rpb.RelayCalls(calls=calls)
-            if self.closing:
-                return
 
     def start(self, request: bytes, stream: bool, context: grpc.aio.ServicerContext) -> tuple[int, asyncio.Queue[Any]]:
         """Send a call over; its events arrive in the returned queue."""
@@ -108,12 +105,21 @@ class RelayClient:
                 self._send(rpb.RelayCall(id=call_id, cancel=True))
 
     def close(self) -> None:
-        self.closing = True
-        self.wake.set()
+        if self.writer is not None:
+            self.writer.close()
 
     def _send(self, call: rpb.RelayCall) -> None:
         self.outgoing.append(call)
-        self.wake.set()
+        if not self.flush_due:  # the calls of this event-loop turn go in one frame
+            self.flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_due = False
+        if self.writer is None or not self.outgoing:
+            return
+        calls, self.outgoing = self.outgoing, []
+        self.writer.write(frame(rpb.RelayCalls(calls=calls)))
 
     def _unavailable(self, call_id: int) -> None:
         queue = self.queues.get(call_id)
@@ -220,7 +226,7 @@ async def serve_front(settings: dict[str, Any]) -> int:
     size = int(settings["max_message_bytes"])
     options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
     channel = grpc.aio.insecure_channel(settings["backend"], options=options)
-    relay = RelayClient(channel)
+    relay = RelayClient(settings["relay"])
     pump = asyncio.create_task(relay.run())
     server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers([Doors(channel, relay)])
@@ -241,8 +247,9 @@ async def serve_front(settings: dict[str, Any]) -> int:
     relay.stopping = True
     await server.stop(grace)
     relay.close()
-    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-        await asyncio.wait_for(pump, 5)
+    pump.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await pump
     await channel.close()
     _say({"cut": relay.cut})
     return 0

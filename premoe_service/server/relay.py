@@ -1,41 +1,45 @@
-"""The engine process's end of the relay from its door process (`server/front.py`; the wire is
-protos/premoe/relay/v1/relay.proto).
+"""The engine process's end of the relay from its door process (`server/front.py`).
 
-Generation calls come in over one stream, already accepted by the door process, with the client's request bytes,
-deadline and credentials; each is checked and submitted here as the gRPC servicer would (the same checks, errors
-and metrics). Their events do not go to a coroutine per call: every call's sink puts its events into one link,
-which the engine loop's step hand-over (`engine/outbox.py`) fills once per step, and the link answers with one
-batch of that step's events. So the engine process does one gRPC message of work per step, whatever the number of
-client streams; the door process fans the batch out to them.
+The relay is a Unix socket in the server's private directory carrying length-prefixed protobuf frames
+(protos/premoe/relay/v1/relay.proto): `RelayCalls` from the door process, `RelayBatch` back. Generation calls come
+in already accepted by the door process, with the client's request bytes, deadline and credentials; each is
+checked and submitted here as the gRPC servicer would (the same checks, errors and metrics). Their events go to one
+`RelayLink` as the calls' sink: the engine loop's step hand-over (`engine/outbox.py`) gives it every call's events
+of a step at once, on the engine's thread, and the link writes them as one frame. So the engine process does one
+socket write per step, whatever the number of client streams, and no event loop of this process takes part.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
+import socket
+import struct
 import threading
 import time
-from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 
-from ..engine.request import failure_of
-from ..errors import DeadlineExceeded
+from ..engine.request import EventSink, failure_of
+from ..errors import DeadlineExceeded, Unavailable
 from ..serving import GenerationResult
 from .auth import Access
 from .gen import premoe_pb2 as pb
 from .gen import relay_pb2 as rpb
-from .gen import relay_pb2_grpc as rpb_grpc
 from .interceptor import MAX_DETAILS, METHODS, status_of
 from .metrics import Metrics
+from .relay_frames import HEADER, frame
 from .servicer import GrpcDoor
 from .types import GenerateCall, stats_to_pb
 from .wire import Undecodable, tolerant
 
 log = logging.getLogger(__name__)
 _DECODE = tolerant(pb.GenerateRequest.FromString, METHODS["GenerateStream"].input_type)
+SEND_TIMEOUT_S = 10
 
 
 @dataclass
@@ -50,132 +54,60 @@ class _Call:
         return "GenerateStream" if self.stream else "Generate"
 
 
-class _Sink:
-    """One call's events, put on the link's event loop by the engine's step hand-over."""
+class RelayLink:
+    """One connection from the door process: its calls, read on the relay thread, answered in frames."""
 
-    __slots__ = ("id", "link")
-
-    def __init__(self, link: _Link, call_id: int) -> None:
-        self.link, self.id = link, call_id
-
-    def put_nowait(self, item: Any) -> None:
-        self.link.event(self.id, item)
-
-
-class _Link:
-    """The calls of one relay stream and the events waiting to go back in its next batch."""
-
-    def __init__(self, door: GrpcDoor, metrics: Metrics | None) -> None:
-        self.door, self.metrics = door, metrics
+    def __init__(self, conn: socket.socket, door: GrpcDoor, access: Access, metrics: Metrics | None) -> None:
+        self.conn, self.door, self.access, self.metrics = conn, door, access, metrics
         self.calls: dict[int, _Call] = {}
-        self.pending: list[rpb.RelayEvent] = []
-        self.wake = asyncio.Event()
-        self.reading = True
+        self.lock = threading.Lock()  # the calls and the socket's writes
+        self.open = True
 
-    def event(self, call_id: int, item: Any) -> None:
-        """Turn one engine event of a call into its relay event (the call ends with a result or a failure)."""
-        call = self.calls.get(call_id)
-        if call is None:
-            return
-        failure = failure_of(item)
-        if failure is not None:
-            self.fail(call_id, failure)
-            return
-        if isinstance(item, GenerationResult):
-            self.door._observe(item, call.first if call.stream else None)
-            stats = stats_to_pb(item, self.door.total_experts)
-            reply: Any
-            if call.stream:
-                reply = pb.GenerateChunk(token_ids=item.token_ids, finish_reason=item.finish_reason, stats=stats)
-            else:
-                reply = pb.GenerateResponse(
-                    text=item.text, token_ids=item.token_ids, finish_reason=item.finish_reason, stats=stats
-                )
-            self._end(call_id, grpc.StatusCode.OK)
-            self._put(rpb.RelayEvent(id=call_id, reply=reply.SerializeToString(), end=True))
-            return
-        if call.first is None:
-            call.first = time.perf_counter() - call.started
-        self._put(rpb.RelayEvent(id=call_id, reply=pb.GenerateChunk(text=item).SerializeToString()))
+    # --- calls in (the relay thread) ---------------------------------------------------------------------
 
-    def fail(self, call_id: int, error: BaseException) -> None:
-        """End a call with the status of `error`, as the servicer's interceptor would."""
-        if call_id not in self.calls:
-            return
-        code, details = status_of(error)
-        if code is grpc.StatusCode.INTERNAL:
-            log.error("relayed generation failed", exc_info=error)
-        if len(details) > MAX_DETAILS:
-            details = details[: MAX_DETAILS - 3] + "..."
-        self._end(call_id, code)
-        self._put(rpb.RelayEvent(id=call_id, end=True, code=code.value[0], details=details))
-
-    def cancel(self, call_id: int) -> None:
-        call = self.calls.get(call_id)
-        if call is not None:
-            call.cancelled.set()
-
-    def cancel_all(self) -> None:
-        for call in self.calls.values():
-            call.cancelled.set()
-
-    def _end(self, call_id: int, code: grpc.StatusCode) -> None:
-        call = self.calls.pop(call_id)
-        if self.metrics is not None:
-            self.metrics.request(call.method, code.name, time.perf_counter() - call.started)
-            self.metrics.in_progress.dec()
-
-    def _put(self, event: rpb.RelayEvent) -> None:
-        self.pending.append(event)
-        self.wake.set()
-
-    async def batches(self) -> AsyncIterator[rpb.RelayBatch]:
-        """The events as they come, one batch per wake-up, until the door process stops sending and every call
-        has ended."""
-        while self.reading or self.calls or self.pending:
-            await self.wake.wait()
-            self.wake.clear()
-            if self.pending:
-                events, self.pending = self.pending, []
-                yield rpb.RelayBatch(events=events)
-
-
-class RelayDoor(rpb_grpc.RelayServicer):
-    """The Relay service of the engine process: generation calls from its door process, over one stream."""
-
-    def __init__(self, door: GrpcDoor, access: Access, metrics: Metrics | None = None) -> None:
-        self.door, self.access, self.metrics = door, access, metrics
-
-    async def Relay(
-        self, request_iterator: AsyncIterator[rpb.RelayCalls], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[rpb.RelayBatch]:
-        link = _Link(self.door, self.metrics)
-        reader = asyncio.create_task(self._read(request_iterator, link))
+    def serve(self, executor: ThreadPoolExecutor) -> None:
+        """Read calls until the door process closes the connection; then its calls still running are cancelled."""
         try:
-            async for batch in link.batches():
-                yield batch
-        finally:
-            reader.cancel()
-            link.cancel_all()
-
-    async def _read(self, calls: AsyncIterator[rpb.RelayCalls], link: _Link) -> None:
-        try:
-            async for batch in calls:
-                for call in batch.calls:
+            while self.open:
+                body = self._read()
+                if body is None:
+                    break
+                for call in rpb.RelayCalls.FromString(body).calls:
                     if call.HasField("start"):
-                        if call.id not in link.calls:
-                            self._start(link, call.id, call.start)
+                        self._start(call.id, call.start, executor)
                     elif call.cancel:
-                        link.cancel(call.id)
-        except (asyncio.CancelledError, grpc.aio.AioRpcError):
-            pass
+                        with self.lock:
+                            running = self.calls.get(call.id)
+                        if running is not None:
+                            running.cancelled.set()
+        except (OSError, ValueError) as exc:
+            log.warning("the door process's relay broke: %s", exc)
         finally:
-            link.reading = False
-            link.wake.set()
+            self.close()
 
-    def _start(self, link: _Link, call_id: int, start: rpb.Start) -> None:
+    def _read(self) -> bytes | None:
+        header = self._exactly(HEADER.size)
+        if header is None:
+            return None
+        (size,) = HEADER.unpack(header)
+        return self._exactly(size)
+
+    def _exactly(self, size: int) -> bytes | None:
+        chunks, left = [], size
+        while left:
+            chunk = self.conn.recv(min(left, 1 << 20))
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    def _start(self, call_id: int, start: rpb.Start, executor: ThreadPoolExecutor) -> None:
         call = _Call(start.stream)
-        link.calls[call_id] = call
+        with self.lock:
+            if call_id in self.calls:
+                return
+            self.calls[call_id] = call
         if self.metrics is not None:
             self.metrics.in_progress.inc()
         try:
@@ -190,9 +122,8 @@ class RelayDoor(rpb_grpc.RelayServicer):
                     raise DeadlineExceeded("the deadline passed before the request started", field="deadline")
                 deadline = time.monotonic() + start.timeout_s
         except Exception as exc:
-            link.fail(call_id, exc)
+            self.deliver([(call_id, _Failure(exc))])
             return
-        loop = asyncio.get_running_loop()
 
         def submit() -> None:
             self.door.core.submit(
@@ -202,17 +133,118 @@ class RelayDoor(rpb_grpc.RelayServicer):
                 deadline=deadline,
                 cancelled=call.cancelled.is_set,
                 stream=start.stream,
-                loop=loop,
-                sink=_Sink(link, call_id),
+                sink=EventSink(self, call_id),
             )
 
-        submitted = loop.run_in_executor(self.door.executor, submit)
-        submitted.add_done_callback(lambda done: _failed_submit(link, call_id, done))
+        def failed(done: Future[None]) -> None:  # a bad field, an unknown task, a full queue
+            error = done.exception()
+            if error is not None:
+                self.deliver([(call_id, _Failure(error))])
+
+        try:
+            executor.submit(submit).add_done_callback(failed)
+        except RuntimeError:  # the executor is shut down: the server is stopping
+            self.deliver([(call_id, _Failure(Unavailable("the server is shutting down", field="server")))])
+
+    # --- events out (the engine's thread, once per step) ------------------------------------------------
+
+    def deliver(self, events: list[tuple[Any, Any]]) -> None:
+        """Write these events of the link's calls as one frame (an `EventSink` target)."""
+        with self.lock:
+            out = [e for call_id, item in events if (e := self._event(call_id, item)) is not None]
+            if not out or not self.open:
+                return
+            try:
+                self.conn.sendall(frame(rpb.RelayBatch(events=out)))
+            except OSError as exc:
+                log.warning("the door process's relay broke: %s", exc)
+                self._cancel_all()
+
+    def _event(self, call_id: int, item: Any) -> rpb.RelayEvent | None:
+        """One engine event of a call as its relay event (a result or a failure ends the call)."""
+        call = self.calls.get(call_id)
+        if call is None:
+            return None
+        failure = item.error if isinstance(item, _Failure) else failure_of(item)
+        if failure is not None:
+            code, details = status_of(failure)
+            if code is grpc.StatusCode.INTERNAL:
+                log.error("relayed generation failed", exc_info=failure)
+            if len(details) > MAX_DETAILS:
+                details = details[: MAX_DETAILS - 3] + "..."
+            self._end(call_id, code)
+            return rpb.RelayEvent(id=call_id, end=True, code=code.value[0], details=details)
+        if isinstance(item, GenerationResult):
+            self.door._observe(item, call.first if call.stream else None)
+            stats = stats_to_pb(item, self.door.total_experts)
+            reply: Any
+            if call.stream:
+                reply = pb.GenerateChunk(token_ids=item.token_ids, finish_reason=item.finish_reason, stats=stats)
+            else:
+                reply = pb.GenerateResponse(
+                    text=item.text, token_ids=item.token_ids, finish_reason=item.finish_reason, stats=stats
+                )
+            self._end(call_id, grpc.StatusCode.OK)
+            return rpb.RelayEvent(id=call_id, reply=reply.SerializeToString(), end=True)
+        if call.first is None:
+            call.first = time.perf_counter() - call.started
+        return rpb.RelayEvent(id=call_id, reply=pb.GenerateChunk(text=item).SerializeToString())
+
+    def _end(self, call_id: int, code: grpc.StatusCode) -> None:
+        call = self.calls.pop(call_id)
+        if self.metrics is not None:
+            self.metrics.request(call.method, code.name, time.perf_counter() - call.started)
+            self.metrics.in_progress.dec()
+
+    def _cancel_all(self) -> None:
+        self.open = False
+        for call in self.calls.values():
+            call.cancelled.set()
+
+    def close(self) -> None:
+        with self.lock:
+            self._cancel_all()
+        with contextlib.suppress(OSError):
+            self.conn.close()
 
 
-def _failed_submit(link: _Link, call_id: int, done: asyncio.Future[None]) -> None:
-    """A submission that raised (a bad field, an unknown task, a full queue) ends its call with that error."""
-    if done.cancelled():
-        link.fail(call_id, asyncio.CancelledError())
-    elif done.exception() is not None:
-        link.fail(call_id, done.exception())  # type: ignore[arg-type]
+@dataclass
+class _Failure:
+    """A call that failed before it reached the engine."""
+
+    error: BaseException
+
+
+class RelayServer:
+    """Listens on the relay socket (`path`) and serves the door process's connection on a thread of its own."""
+
+    def __init__(
+        self, path: Path, door: GrpcDoor, access: Access, metrics: Metrics | None, executor: ThreadPoolExecutor
+    ) -> None:
+        self.door, self.access, self.metrics, self.executor = door, access, metrics, executor
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(1)
+        self.link: RelayLink | None = None
+        self.closed = False
+        self.thread = threading.Thread(target=self._accept, name="premoe-relay", daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            # A door process that stops reading must not hold the engine's thread: writes give up after a while.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT_S, 0))
+            self.link = RelayLink(conn, self.door, self.access, self.metrics)
+            self.link.serve(self.executor)
+
+    def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        if self.link is not None:
+            self.link.close()

@@ -67,7 +67,7 @@ class ServiceConfig:
         engine_threads: CPU threads of the engine's tensor operations; None: all cores but one (at least one), which
             leaves a core to the doors' event loops and the loader, so that streaming does not stall decoding.
         door_process: Run the gRPC door in a process of its own beside the engine's (`server/front.py`): client
-            streams then cost the engine process one relay message per step instead of one gRPC message per
+            streams then cost the engine process one relay frame per step instead of one gRPC message per
             stream and token. The HTTP door stays in the engine process.
         join_wait_steps: Decode steps a ready request may wait so that several join in one forward pass (0: none).
         precision_slots: Slots per MoE layer for experts held below full precision, per precision ("int4=4,int8=2";
