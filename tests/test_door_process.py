@@ -234,7 +234,11 @@ def test_the_door_process_ends_when_the_engine_process_dies(tiny_store: Path, tm
         assert whole.rss_mib() > rss_mib(server.pid)
         with PreMoeClient(f"127.0.0.1:{port}", timeout=60) as c:
             assert len(c.generate("hi", max_new_tokens=2).token_ids) == 2
-        server.send_signal(signal.SIGKILL)
+            stream = c.stub.GenerateStream(c.request("Once upon a time", max_new_tokens=240))
+            next(stream)
+            server.send_signal(signal.SIGKILL)
+            with pytest.raises(grpc.RpcError):  # the running call ends with an error, not with silence
+                list(stream)
         server.wait(30)
         (door,) = doors
         deadline = time.monotonic() + 30
@@ -245,3 +249,21 @@ def test_the_door_process_ends_when_the_engine_process_dies(tiny_store: Path, tm
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_a_door_process_that_dies_is_started_again_on_the_same_port(servers) -> None:
+    handle, port = servers["doors"]
+    doors = handle.doors
+    assert doors is not None and doors.process is not None
+    old = doors.process.pid
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while not (doors.process.pid != old and listeners(port) == {doors.process.pid}):
+        assert time.monotonic() < deadline, "no door process listens again"
+        time.sleep(0.1)
+    assert doors.restarts >= 1
+    with client(servers, "doors") as c, client(servers, "inside") as inside:
+        assert (
+            c.generate("hello world", max_new_tokens=8).token_ids
+            == inside.generate("hello world", max_new_tokens=8).token_ids
+        )

@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +37,29 @@ class DoorProcess:
             "max_message_bytes": max_message_bytes,
             "tls": _tls(config),
         }
+        self.host = config.host
         self.process: subprocess.Popen[str] | None = None
         self.port = 0
+        self.stopping = False
+        self.restarts = 0  # door processes started again after one ended unasked
 
     def launch(self) -> int:
         """Start the door process and wait until it listens; returns its port. The relay socket must listen already;
-        calls it forwards wait for this process's gRPC server to start on `backend`.
+        calls it forwards wait for this process's gRPC server to start on `backend`. From then on, a door process
+        that ends unasked (killed, out of memory) is started again on the same port.
 
         Raises:
             OSError: It could not bind its address, or did not start.
         """
+        try:
+            self.port = self._start()
+        except OSError:
+            self._cleanup()
+            raise
+        threading.Thread(target=self._watch, name="premoe-doors-watch", daemon=True).start()
+        return self.port
+
+    def _start(self) -> int:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "premoe_service.server.front"],
             stdin=subprocess.PIPE,
@@ -54,13 +69,36 @@ class DoorProcess:
         reply = self._exchange(json.dumps(self.settings))
         if "port" not in reply:
             self.process.wait(10)
-            self._cleanup()
             raise OSError(reply.get("error", "the door process did not start"))
-        self.port = int(reply["port"])
-        return self.port
+        return int(reply["port"])
+
+    def _watch(self) -> None:
+        """Start the door process again, on the same port, whenever it ends while the server is not stopping."""
+        while not self.stopping:
+            process = self.process
+            assert process is not None
+            code = process.wait()
+            if self.stopping:
+                return
+            log.error("the door process ended (exit status %s); starting it again on port %d", code, self.port)
+            self.settings["listen"] = f"{self.host}:{self.port}"
+            for attempt in range(20):  # the old socket may linger for a moment
+                try:
+                    self._start()
+                    self.restarts += 1
+                    break
+                except OSError as exc:
+                    if self.stopping:
+                        return
+                    log.warning("the door process did not start again (%s), attempt %d", exc, attempt + 1)
+                    time.sleep(0.5)
+            else:
+                log.error("the door process could not be started again: the gRPC port stays closed")
+                return
 
     async def stop(self, grace: float) -> int:
         """Stop taking calls, let running ones finish within `grace` seconds; returns how many it cut off."""
+        self.stopping = True
         if self.process is None:
             self._cleanup()
             return 0
@@ -79,8 +117,7 @@ class DoorProcess:
             self.process.stdin.flush()
         except (BrokenPipeError, OSError):
             return {}
-        reader = _Reader(self.process.stdout)
-        reply = reader.read(timeout)
+        reply = _read_line(self.process.stdout, timeout)
         try:
             parsed: dict[str, Any] = json.loads(reply) if reply else {}
         except json.JSONDecodeError:
@@ -98,6 +135,7 @@ class DoorProcess:
 
     def close(self) -> None:
         """End the door process at once (start-up failed after it started)."""
+        self.stopping = True
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
@@ -107,20 +145,13 @@ class DoorProcess:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class _Reader:
-    """One line from a pipe, waiting at most some seconds (a thread reads it; the pipe has no timeout)."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-
-    def read(self, timeout: float) -> str:
-        import threading
-
-        line: list[str] = []
-        thread = threading.Thread(target=lambda: line.append(self.stream.readline()), daemon=True)
-        thread.start()
-        thread.join(timeout)
-        return line[0].strip() if line else ""
+def _read_line(stream: Any, timeout: float) -> str:
+    """One line from a pipe, waiting at most `timeout` seconds ("" then; a pipe has no timeout, a thread reads)."""
+    line: list[str] = []
+    reader = threading.Thread(target=lambda: line.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return line[0].strip() if line else ""
 
 
 def _tls(config: ServiceConfig) -> dict[str, str] | None:

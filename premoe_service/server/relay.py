@@ -136,8 +136,8 @@ class RelayLink:
                 sink=EventSink(self, call_id),
             )
 
-        def failed(done: Future[None]) -> None:  # a bad field, an unknown task, a full queue
-            error = done.exception()
+        def failed(done: Future[None]) -> None:  # a bad field, an unknown task, a full queue; or shutting down
+            error = Unavailable("the server is shutting down", field="server") if done.cancelled() else done.exception()
             if error is not None:
                 self.deliver([(call_id, _Failure(error))])
 
