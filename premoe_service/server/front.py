@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -257,8 +258,10 @@ async def serve_front(settings: dict[str, Any]) -> int:
 
 def _say(message: dict[str, Any]) -> None:
     """One JSON line to the engine process (gone already, when it died: nobody is left to tell)."""
-    with contextlib.suppress(BrokenPipeError, OSError):
+    try:
         print(json.dumps(message), flush=True)
+    except OSError:  # the engine process is gone: what is left in stdout's buffer goes nowhere at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def main() -> None:
