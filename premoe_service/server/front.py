@@ -151,7 +151,16 @@ class Doors(grpc.GenericRpcHandler):
         return None
 
     async def _generate_stream(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        call_id, queue = self.relay.start(request, True, context)
+        async for reply in self._relayed(request, True, context):
+            yield reply
+
+    async def _generate(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        replies = [reply async for reply in self._relayed(request, False, context)]
+        return replies[-1] if replies else b""  # the one reply, a GenerateResponse
+
+    async def _relayed(self, request: bytes, stream: bool, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """A generation call over the relay: its replies as they come; its error ends the call with its status."""
+        call_id, queue = self.relay.start(request, stream, context)
         answered = False
         try:
             while True:
@@ -163,20 +172,6 @@ class Doors(grpc.GenericRpcHandler):
                     if event.code:
                         await context.abort(CODES[event.code], event.details)
                     return
-        finally:
-            self.relay.finish(call_id, answered)
-
-    async def _generate(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        call_id, queue = self.relay.start(request, False, context)
-        answered = False
-        try:
-            while True:
-                event = await queue.get()
-                if event.end:
-                    answered = True
-                    if event.code:
-                        await context.abort(CODES[event.code], event.details)
-                    return event.reply
         finally:
             self.relay.finish(call_id, answered)
 
