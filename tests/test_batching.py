@@ -3,10 +3,10 @@
 The engine loop serves requests with different expert patterns in one forward pass. For every tiny family, five
 requests (one with all experts, four with different half patterns; prompts of 3 to 12 tokens) join the running batch
 at four different steps, two of them in one batched prefill, and leave at five different steps. A forward hook on the
-engine's model records every row's logits. Each request's logits are compared with independent references run on that
-request alone: transformers with the excluded experts' router scores masked, and transformers on a checkpoint pruned
-to the request's experts (the unmodified model for the all-experts request). The references are fed the engine's
-tokens, so logits stay comparable even after a near-tie flip.
+engine model's `lm_head` records every row's logits. Each request's logits are compared with independent references
+run on that request alone: transformers with the excluded experts' router scores masked, and transformers on a
+checkpoint pruned to the request's experts (the unmodified model for the all-experts request). The references are fed
+the engine's tokens, so logits stay comparable even after a near-tie flip.
 
 - float64 (the references with eager experts: the CPU grouped path rejects float64; the engine runs its own
   experts path): logits within 1e-9 of both references; greedy tokens equal. Except DeepSeek V2/V3:
@@ -152,7 +152,8 @@ def jobs(setup: Setup, sampled: bool = False) -> list[Job]:
 
 
 class Observer:
-    """Records each request's logits per forward pass, from hooks on the engine's model (the loop is not changed).
+    """Records each request's logits per forward pass, from hooks on the engine model's `lm_head` (the loop is not
+    changed; the engine may run the model's decoder stack without calling the model itself, `runtime.decoder_stack`).
 
     The loop's plan of the pass names the request of each kept logits row (a decoding row's, or a joining row's
     whose prompt the pass completes; a row still being fed its prompt has none). `decode_rows` counts the rows that
@@ -165,10 +166,10 @@ class Observer:
         self.prefill_rows: list[int] = []
         self.decode_rows: list[int] = []
         self._rows: list[tuple[int, int]] = []
-        model = loop.patterned.model
+        head = loop.patterned.model.lm_head
         self._hooks = [
-            model.register_forward_pre_hook(self._before, with_kwargs=True),
-            model.register_forward_hook(self._after, with_kwargs=True),
+            head.register_forward_pre_hook(self._before, with_kwargs=True),
+            head.register_forward_hook(self._after, with_kwargs=True),
         ]
 
     def expect(self, request: Request) -> None:
@@ -186,7 +187,7 @@ class Observer:
             self.prefill_rows.append(joining)
 
     def _after(self, _module, _args, _kwargs, output) -> None:
-        logits = output.logits[0].detach().to("cpu", copy=True)
+        logits = output[0].detach().to("cpu", copy=True)  # [K, V]: the pass's kept positions
         for request_id, index in self._rows:
             self.logits[request_id].append(logits[index])
 

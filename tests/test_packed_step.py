@@ -24,7 +24,7 @@ def _loop(setup, **limits) -> EngineLoop:
 
 def _forwards(loop: EngineLoop) -> list[int]:
     calls: list[int] = []
-    loop.patterned.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    loop.patterned.model.lm_head.register_forward_pre_hook(lambda *_: calls.append(1))  # once per forward pass
     return calls
 
 

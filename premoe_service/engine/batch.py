@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..runtime import PatternedModel
 from ..runtime.context import PatternTables, RoutingContext, routing
+from ..runtime.decoder_stack import plain_stack
 from .attention import PackedStep, model_attention, packed_attention_for
 from .kv import KVPool
 from .request import Request
@@ -63,6 +64,7 @@ class RunningBatch:
         self._decode: tuple[tuple[int, ...], RoutingContext] | None = None
         self._last: tuple[tuple[int, ...], PackedStep, Tensor] | None = None  # last pure decode step's layout
         self.attention = model_attention(patterned.model)  # the model's own, run on the gathered rows
+        self.stack = plain_stack(patterned.model)  # None: the model's own forward
 
     @property
     def free_rows(self) -> int:
@@ -170,6 +172,8 @@ def forward(batch: RunningBatch, plan: StepPlan) -> Tensor:
     patterned = batch.patterned
     marker = torch.zeros((1, 1, 1, 1), device=patterned.device)  # a 4D mask makes transformers skip building one
     with routing(patterned, plan.context), packed_attention_for(patterned.model, plan.layout, batch.attention):
+        if batch.stack is not None:  # the same modules, without transformers' wrappers (`runtime.decoder_stack`)
+            return batch.stack(plan.ids, plan.layout.position_ids(), marker, plan.keep)[0]
         out = patterned.model(
             input_ids=plan.ids,
             attention_mask=marker,

@@ -66,6 +66,11 @@ class FamilyAdapter:
         experts_attr: Attribute of the MoE block that holds the fused experts module.
         block_attr: Attribute of a decoder layer that holds its MoE block in the transformers model.
         checkpoint_block: The MoE block's name in checkpoint keys when it differs from `block_attr`.
+        plain_stack: The causal LM's forward is the plain decoder stack, and nothing else: `model.model` embeds the
+            ids, computes `rotary_emb(hidden, position_ids)` once, runs its `layers` with those position embeddings
+            and applies `norm`; `lm_head` maps the kept positions to logits (no scaling, no soft-capping). The
+            engine then runs that stack itself (`runtime/decoder_stack.py`), without transformers' wrappers around
+            it; otherwise it calls the model.
     """
 
     name: str
@@ -78,6 +83,7 @@ class FamilyAdapter:
     experts_attr: str = "experts"
     block_attr: str = "mlp"
     checkpoint_block: str | None = None
+    plain_stack: bool = True
 
     @property
     def checkpoint_name(self) -> str:
