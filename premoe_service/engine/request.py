@@ -51,9 +51,9 @@ class Request:
         wait_timeout_s: How long it may wait for slots pinned by others.
         loop: Deliver events to this asyncio loop (read them with `aevents()`); None: `events()`.
         sink: Where its events go instead of its own queue (then neither `events()` nor `aevents()` is read): an
-            `EventSink`, whose target takes the events (text pieces, the result, or the failure `failure_of`
-            reads) of every request sharing it in one call per engine step, on the engine's thread. The door
-            process's relay takes a step's events of all its calls this way.
+            `EventSink`, whose target takes the events (text pieces, the result, or a `Failed`) of every request
+            sharing it in one call per engine step, on the engine's thread. The door process's relay takes a step's
+            events of all its calls this way.
         plan: The route it was given, reported in its result (None: a pattern given directly, not counted in the
             per-task stats).
         times: Moments known before it is made (`started`: when its submission began, for `total_ms`).
@@ -117,7 +117,7 @@ class Request:
 
     def fail(self, error: BaseException) -> None:
         self.status = Status.FINISHED
-        self._put(_Failed(error))
+        self._put(Failed(error))
 
     def _put(self, item: Any) -> None:
         if self.sink is not None:
@@ -240,7 +240,7 @@ class Request:
         try:
             while True:
                 item = self._events.get()
-                if isinstance(item, _Failed):
+                if isinstance(item, Failed):
                     raise item.error
                 yield item
                 if isinstance(item, GenerationResult):
@@ -254,7 +254,7 @@ class Request:
         try:
             while True:
                 item = await self._aqueue.get()
-                if isinstance(item, _Failed):
+                if isinstance(item, Failed):
                     raise item.error
                 yield item
                 if isinstance(item, GenerationResult):
@@ -273,10 +273,7 @@ class EventSink:
 
 
 @dataclass
-class _Failed:
+class Failed:
+    """The last event of a request that failed (what `events()` raises), as a sink receives it."""
+
     error: BaseException
-
-
-def failure_of(item: Any) -> BaseException | None:
-    """What a request failed with, when `item` (one of its events in a `sink`) says it failed; else None."""
-    return item.error if isinstance(item, _Failed) else None

@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from ..engine.request import EventSink, failure_of
+from ..engine.request import EventSink, Failed
 from ..errors import DeadlineExceeded, Unavailable
 from ..serving import GenerationResult
 from .auth import Access
@@ -122,7 +122,7 @@ class RelayLink:
                     raise DeadlineExceeded("the deadline passed before the request started", field="deadline")
                 deadline = time.monotonic() + start.timeout_s
         except Exception as exc:
-            self.deliver([(call_id, _Failure(exc))])
+            self.deliver([(call_id, Failed(exc))])
             return
 
         def submit() -> None:
@@ -139,12 +139,12 @@ class RelayLink:
         def failed(done: Future[None]) -> None:  # a bad field, an unknown task, a full queue; or shutting down
             error = Unavailable("the server is shutting down", field="server") if done.cancelled() else done.exception()
             if error is not None:
-                self.deliver([(call_id, _Failure(error))])
+                self.deliver([(call_id, Failed(error))])
 
         try:
             executor.submit(submit).add_done_callback(failed)
         except RuntimeError:  # the executor is shut down: the server is stopping
-            self.deliver([(call_id, _Failure(Unavailable("the server is shutting down", field="server")))])
+            self.deliver([(call_id, Failed(Unavailable("the server is shutting down", field="server")))])
 
     # --- events out (the engine's thread, once per step) ------------------------------------------------
 
@@ -165,11 +165,10 @@ class RelayLink:
         call = self.calls.get(call_id)
         if call is None:
             return None
-        failure = item.error if isinstance(item, _Failure) else failure_of(item)
-        if failure is not None:
-            code, details = status_of(failure)
+        if isinstance(item, Failed):
+            code, details = status_of(item.error)
             if code is grpc.StatusCode.INTERNAL:
-                log.error("relayed generation failed", exc_info=failure)
+                log.error("relayed generation failed", exc_info=item.error)
             if len(details) > MAX_DETAILS:
                 details = details[: MAX_DETAILS - 3] + "..."
             self._end(call_id, code)
@@ -206,13 +205,6 @@ class RelayLink:
             self._cancel_all()
         with contextlib.suppress(OSError):
             self.conn.close()
-
-
-@dataclass
-class _Failure:
-    """A call that failed before it reached the engine."""
-
-    error: BaseException
 
 
 class RelayServer:
