@@ -10,6 +10,7 @@ pip, setuptools and wheel (the venv's own tooling), and torch's local label (`2.
 from __future__ import annotations
 
 import os
+import site
 import re
 from importlib import metadata
 from pathlib import Path
@@ -41,8 +42,10 @@ def read_lock(text: str) -> dict[str, str]:
 
 
 def installed() -> dict[str, str]:
+    """What the venv's site-packages hold. Not all of `sys.path`: importing setuptools (torch's compiler does)
+    appends setuptools' own vendored packages to it, which are no installed distributions."""
     found = {}
-    for dist in metadata.distributions():
+    for dist in metadata.distributions(path=site.getsitepackages()):
         name = normalise(dist.metadata["Name"])
         if name not in TOOLING:
             found[name] = dist.version.split("+", 1)[0]
