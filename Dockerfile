@@ -12,6 +12,10 @@ ENV PIP_NO_CACHE_DIR=1 \
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url ${TORCH_INDEX} torch==2.13.0
 
+# A C++ compiler: `premoe serve` compiles its decoder stack (torch.compile's CPU kernels are generated C++); without
+# one it says so and runs eager.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
 COPY pyproject.toml README.md requirements.lock ./
 COPY protos ./protos

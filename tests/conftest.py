@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# Every engine the suite starts, in this process or in a server it spawns, runs its decoder stack eager: compiling
+# costs seconds per engine. `tests/test_compiled_stack.py` turns it on where it is what the test checks.
+os.environ["PREMOE_COMPILE_STEP"] = "0"
 
 from premoe_service.loopback import free_port, start_redis
 from premoe_service.loopback import redis_server_binary as find_redis_binary

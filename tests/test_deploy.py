@@ -115,10 +115,11 @@ def test_ports_are_published_as_the_server_binds_them() -> None:
     assert image_ports == exposed == ports
 
 
-def test_dockerfile_installs_cpu_torch_first_and_checks_health_without_torch() -> None:
+def test_dockerfile_installs_cpu_torch_first_a_compiler_and_checks_health_without_torch() -> None:
     lines = dockerfile_lines()
     runs = [line for line in lines if line.startswith("RUN ")]
     assert "torch==2.13.0" in runs[0] and "--index-url" in runs[0]  # nothing can pull CUDA torch before it
+    assert any("g++" in run.split() for run in runs)  # the compiled decoder stack's kernels are C++
     assert 'ENTRYPOINT ["premoe"]' in lines and 'CMD ["serve"]' in lines
     check = next(line for line in lines if line.startswith("HEALTHCHECK"))
     # `premoe health` is a client verb: tests/test_cli.py proves it runs without importing torch.

@@ -42,6 +42,7 @@ class StepBenchOptions:
     threads: str | None = None  # "1,2"; None: 1 and all cores
     device: str = "auto"
     out: str | None = "var/bench-step.json"
+    compile_step: bool = True
     quiet: bool = False
 
 
@@ -58,7 +59,7 @@ def _rows(text: str) -> list[int]:
 class EngineSteps:
     """The engine loop on the store, every expert resident, driven step by step on this thread."""
 
-    def __init__(self, store_dir: Path, device: str, max_rows: int) -> None:
+    def __init__(self, store_dir: Path, device: str, max_rows: int, compiled: bool = False) -> None:
         from transformers import AutoTokenizer
 
         from ..engine import BatchLimits, EngineLoop
@@ -70,10 +71,19 @@ class EngineSteps:
         store = Store(store_dir, open_cache(None))
         patterned, residency = load_model(store, Budget(fraction=1.0), device=None if device == "auto" else device)
         limits = BatchLimits(max_rows=max_rows, max_prefill_tokens=1 << 20, max_join_wait_steps=0)
-        self.loop = EngineLoop(patterned, residency, store, eos=set(), limits=limits)
+        self.loop = EngineLoop(patterned, residency, store, eos=set(), limits=limits, compiled=compiled)
+        self.loop.batch.warm_up()  # the loop is driven on this thread, without `start()`
         self.pattern = Pattern.full(patterned.spec)
         self.tokenizer = AutoTokenizer.from_pretrained(store.dir, local_files_only=True)
         self.device = patterned.device
+
+    def stack_state(self) -> str:
+        """How the engine runs its decoder stack: compiled, eager, or eager because compiling failed."""
+        stack = self.loop.batch.stack
+        failure = getattr(stack, "failure", "")
+        if failure:
+            return f"eager, compiling failed: {failure}"
+        return "compiled" if hasattr(stack, "failure") else "eager"
 
     def ids(self, rows: int, kv_len: int) -> list[list[int]]:
         """The rows' prompts: the built-in prompts' tokens repeated to `kv_len` (what the baseline uses too)."""
@@ -129,7 +139,7 @@ def run(options: StepBenchOptions) -> dict[str, Any]:
         raise InvalidArgument("kv_len, steps and rounds must be at least 1", field="steps")
     device = resolve_device(None if options.device == "auto" else options.device)
     store = _store(ServeBenchOptions(store=options.store, model=options.model, quiet=options.quiet))
-    patterned = EngineSteps(store, options.device, rows[-1])
+    patterned = EngineSteps(store, options.device, rows[-1], options.compile_step)
     ours: dict[tuple[int, int], list[dict[str, Any]]] = {(t, n): [] for t in threads for n in rows}
     theirs: dict[tuple[int, int], list[dict[str, Any]]] = {(t, n): [] for t in threads for n in rows}
     loadavg = [os.getloadavg()]
@@ -177,6 +187,7 @@ def run(options: StepBenchOptions) -> dict[str, Any]:
         "machine": {**machine(device), "loadavg": {"start": loadavg[0], "end": loadavg[1]}},
         "config": asdict(options),
         "processes": {"engine": os.getpid(), "baseline": baseline_pid},
+        "stack": patterned.stack_state(),
         "results": results,
     }
     print(render(report))
@@ -197,7 +208,7 @@ def render(report: dict[str, Any]) -> str:
         f"{load['end'][0]:.2f} at the end",
         f"decode steps at KV length {c['kv_len']} (+{c['steps']} steps), every expert, greedy; median of "
         f"{c['rounds']} interleaved rounds; transformers in process {report['processes']['baseline']}, the engine in "
-        f"{report['processes']['engine']}",
+        f"{report['processes']['engine']} (decoder stack {report['stack']})",
         "",
         f"{'threads':>7} {'rows':>4} | {'ours ms':>7} "
         + " ".join(f"{p:>8}" for p in phases)

@@ -248,6 +248,11 @@ def bench_serve(**opts: Any) -> int:
 @bench_option("--rounds", type=POSITIVE, default=5, help="interleaved rounds (median reported)")
 @bench_option("--threads", help="comma-separated torch thread counts, both sides (default: 1 and all cores)")
 @bench_option("--out", type=click.Path(dir_okay=False), default="var/bench-step.json", help="JSON report")
+@option(
+    "--compile-step/--no-compile-step",
+    default=True,
+    help="the engine's decoder stack compiled, as `premoe serve` runs it (its shapes compile before timing)",
+)
 @device_option
 @quiet_option
 def bench_step(**opts: Any) -> int:

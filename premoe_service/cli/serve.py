@@ -204,6 +204,11 @@ def default(name: str) -> Lazy:
     help="run the gRPC door in a process of its own, so that client streams do not share the engine's interpreter",
 )
 @option(
+    "--compile-step/--no-compile-step",
+    default=True,
+    help="run the decoder stack compiled (torch.compile; each step shape compiles on first use, cached on disk)",
+)
+@option(
     "--engine-threads",
     type=POSITIVE,
     help="CPU threads of the engine's tensor operations (default: all cores but one, leaving one to the doors)",

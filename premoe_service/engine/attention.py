@@ -164,6 +164,8 @@ def packed_attention(
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
     """transformers' attention-function signature; see the module docstring."""
+    if torch.compiler.is_compiling():  # the compiled step (`engine/compiled_stack.py`): one opaque call
+        return _opaque_attention(module, query, key, value, kwargs), None
     step = _STEP.get()
     if step is None:
         raise RuntimeError("packed attention runs only inside `packed_forward`")
@@ -193,20 +195,95 @@ def packed_attention(
 
 AttentionInterface.register(ATTENTION, packed_attention)
 
+# What the families pass their attention function beyond the tensors: these reach it in the compiled step too;
+# the ignored ones no attention function reads; any other name stops the compiled step (it falls back to eager).
+_PASSED = ("dropout", "scaling", "sliding_window", "s_aux")
+_IGNORED = ("position_ids", "use_cache", "cache_position")
+_LAYERS: ContextVar[dict[int, nn.Module]] = ContextVar("premoe_packed_layers")
+IDLE: dict[int, nn.Module] = {}  # as the layers: the opaque operator returns zeros and touches nothing (warm-up)
+
+
+class UnsupportedAttention(RuntimeError):
+    """The family passes its attention function something the compiled step does not carry."""
+
+
+def _opaque_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    unknown = set(kwargs) - set(_PASSED) - set(_IGNORED)
+    if unknown:
+        raise UnsupportedAttention(f"attention arguments the compiled step does not carry: {sorted(unknown)}")
+    out: Tensor = torch.ops.premoe.packed_attention(
+        query,
+        key,
+        value,
+        int(module.layer_idx),  # type: ignore[arg-type]
+        kwargs.get("scaling"),
+        float(kwargs.get("dropout", 0.0)),
+        kwargs.get("sliding_window"),
+        kwargs.get("s_aux"),
+    )
+    return out
+
+
+@torch.library.custom_op("premoe::packed_attention", mutates_args=())
+def _attention_op(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    layer: int,
+    scaling: float | None,
+    dropout: float,
+    sliding_window: int | None,
+    sinks: Tensor | None,
+) -> Tensor:
+    """`packed_attention` as one operator the compiler does not look into: it writes the pool (state outside the
+    graph) and builds its layout from the step (`layered_attention` names the layers' modules)."""
+    modules = _LAYERS.get()
+    if modules is IDLE:
+        return query.new_zeros((1, query.shape[2], query.shape[1], value.shape[3]))
+    kwargs: dict[str, Any] = {"dropout": dropout, "scaling": scaling, "sliding_window": sliding_window}
+    if sinks is not None:
+        kwargs["s_aux"] = sinks
+    out, _ = packed_attention(modules[layer], query, key, value, None, **kwargs)
+    return out.contiguous()
+
+
+@_attention_op.register_fake
+def _(query: Tensor, key: Tensor, value: Tensor, *_: Any) -> Tensor:
+    return query.new_empty((1, query.shape[2], query.shape[1], value.shape[3]))
+
+
+@contextmanager
+def layered_attention(modules: dict[int, nn.Module]) -> Iterator[None]:
+    """The attention modules by layer index, for the opaque attention operator inside the block."""
+    token = _LAYERS.set(modules)
+    try:
+        yield
+    finally:
+        _LAYERS.reset(token)
+
 
 @contextmanager
 def packed_attention_for(model: nn.Module, step: PackedStep, inner: AttentionFunction) -> Iterator[None]:
     """Switch `model` to packed attention over `step` for the forward passes inside the block; `inner` is the
     model's own attention function (`model_attention`), which runs on the gathered rows."""
+    step_token, inner_token = _STEP.set(step), _INNER.set(inner)
+    try:
+        with switched_attention(model):
+            yield
+    finally:
+        _STEP.reset(step_token)
+        _INNER.reset(inner_token)
+
+
+@contextmanager
+def switched_attention(model: nn.Module) -> Iterator[None]:
+    """`model`'s attention modules call `packed_attention` inside the block."""
     config: Any = model.config
     original = config._attn_implementation_internal
     # The internal field, not the property (its setter walks sub-configs; these models' attention modules read
     # the top config), set past the config's validating __setattr__: this runs twice per forward pass.
     object.__setattr__(config, "_attn_implementation_internal", ATTENTION)
-    step_token, inner_token = _STEP.set(step), _INNER.set(inner)
     try:
         yield
     finally:
-        _STEP.reset(step_token)
-        _INNER.reset(inner_token)
         object.__setattr__(config, "_attn_implementation_internal", original)

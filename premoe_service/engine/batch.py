@@ -11,8 +11,9 @@ from torch import Tensor
 
 from ..runtime import PatternedModel
 from ..runtime.context import PatternTables, RoutingContext, routing
-from ..runtime.decoder_stack import plain_stack
+from ..runtime.decoder_stack import DecoderStack, plain_stack
 from .attention import PackedStep, model_attention, packed_attention_for
+from .compiled_stack import CompiledStack, compiles
 from .kv import KVPool
 from .request import Request
 
@@ -56,7 +57,7 @@ class RunningBatch:
     budget) and leave by giving it back. The pattern tables of the routing context are rebuilt only when the
     rows' distinct patterns change, and a pure decode step over unchanged rows reuses the last context whole."""
 
-    def __init__(self, patterned: PatternedModel, max_rows: int) -> None:
+    def __init__(self, patterned: PatternedModel, max_rows: int, *, compiled: bool = False) -> None:
         self.patterned = patterned
         self.pool = KVPool(max_rows, patterned.device)
         self.requests: list[Request] = []  # in join order
@@ -64,7 +65,15 @@ class RunningBatch:
         self._decode: tuple[tuple[int, ...], RoutingContext] | None = None
         self._last: tuple[tuple[int, ...], PackedStep, Tensor] | None = None  # last pure decode step's layout
         self.attention = model_attention(patterned.model)  # the model's own, run on the gathered rows
-        self.stack = plain_stack(patterned.model)  # None: the model's own forward
+        stack = plain_stack(patterned.model)  # None: the model's own forward
+        compile_it = stack is not None and compiled and compiles(patterned.model)
+        self.stack: DecoderStack | CompiledStack | None = CompiledStack(stack) if stack and compile_it else stack
+
+    def warm_up(self) -> float | None:
+        """Compile the stack's shape classes now (`CompiledStack.warm_up`); the seconds, None when it runs eager."""
+        if not isinstance(self.stack, CompiledStack):
+            return None
+        return self.stack.warm_up(mask_marker(self.patterned.device))
 
     @property
     def free_rows(self) -> int:
@@ -167,10 +176,16 @@ class RunningBatch:
         return context
 
 
+def mask_marker(device: torch.device | str) -> Tensor:
+    """What the layers get as their attention mask: a 4D mask makes transformers skip building one (packed
+    attention builds its own)."""
+    return torch.zeros((1, 1, 1, 1), device=device)
+
+
 def forward(batch: RunningBatch, plan: StepPlan) -> Tensor:
     """The plan's forward pass, every token routed by its row's pattern; the kept logits `[K, V]`."""
     patterned = batch.patterned
-    marker = torch.zeros((1, 1, 1, 1), device=patterned.device)  # a 4D mask makes transformers skip building one
+    marker = mask_marker(patterned.device)
     with routing(patterned, plan.context), packed_attention_for(patterned.model, plan.layout, batch.attention):
         if batch.stack is not None:  # the same modules, without transformers' wrappers (`runtime.decoder_stack`)
             return batch.stack(plan.ids, plan.layout.position_ids(), marker, plan.keep)[0]

@@ -62,6 +62,7 @@ class EngineLoop:
         loader_gate: threading.Event | None = None,
         stopping: Callable[[], bool] | None = None,
         threads: int | None = None,
+        compiled: bool = False,
         observe: Callable[[Pattern], None] | None = None,
         widen: Callable[[Pattern, dict[int, torch.Tensor], float], Pattern] | None = None,
         count: Callable[[GenerationResult], None] | None = None,
@@ -82,7 +83,7 @@ class EngineLoop:
         self.loader = Loader(patterned, source, gate=loader_gate, wake=self._inbox.wake.set)
         self.admission = Admission(patterned, residency, self.loader)
         self.waiting: list[Request] = []  # FIFO: waiting for slots, loading, or ready for a row
-        self.batch = RunningBatch(patterned, self.limits.max_rows)
+        self.batch = RunningBatch(patterned, self.limits.max_rows, compiled=compiled)
         self.plan: StepPlan | None = None  # the last forward pass's plan (its rows and kept logits)
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -98,6 +99,13 @@ class EngineLoop:
         return request
 
     def start(self) -> EngineLoop:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        seconds = self.batch.warm_up()
+        if seconds is not None:
+            stack: Any = self.batch.stack
+            how = f"eager ({stack.failure})" if stack.failure else f"compiled in {seconds:.1f} s"
+            log.info("the decoder stack runs %s", how)
         self._thread = threading.Thread(target=self._run, name="premoe-engine", daemon=True)
         self._thread.start()
         return self

@@ -159,6 +159,7 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         per_expert_parts={},  # GPT-OSS checkpoints hold fused (transposed, biased) expert tensors only
         routing_spec=_gpt_oss_routing,
         moe_layers=_all_layers,
+        block_scores=True,  # GptOssMLP returns (routed, router_scores)
     ),
 )
 

@@ -71,6 +71,8 @@ class FamilyAdapter:
             and applies `norm`; `lm_head` maps the kept positions to logits (no scaling, no soft-capping). The
             engine then runs that stack itself (`runtime/decoder_stack.py`), without transformers' wrappers around
             it; otherwise it calls the model.
+        block_scores: The MoE block returns `(hidden, router_scores)` rather than the hidden states alone (the
+            decoder layer unpacks it), which the compiled step keeps when it runs the block as one opaque call.
     """
 
     name: str
@@ -84,6 +86,7 @@ class FamilyAdapter:
     block_attr: str = "mlp"
     checkpoint_block: str | None = None
     plain_stack: bool = True
+    block_scores: bool = False
 
     @property
     def checkpoint_name(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -69,6 +70,9 @@ class ServiceConfig:
         door_process: Run the gRPC door in a process of its own beside the engine's (`server/front.py`): client
             streams then cost the engine process one relay frame per step instead of one gRPC message per
             stream and token. The HTTP door stays in the engine process.
+        compile_step: Run the decoder stack compiled (`engine/compiled_stack.py`): fewer, fused kernels per step
+            around the eager attention and MoE blocks; each shape class compiles on first use. Default: on, unless
+            the environment sets `PREMOE_COMPILE_STEP` to 0 (the test suite does, for every engine it starts).
         join_wait_steps: Decode steps a ready request may wait so that several join in one forward pass (0: none).
         precision_slots: Slots per MoE layer for experts held below full precision, per precision ("int4=4,int8=2";
             the store must hold those copies: `premoe shard --precisions`); tasks registered with precisions need
@@ -139,6 +143,7 @@ class ServiceConfig:
     channel_variants: int | None = None
     engine_threads: int | None = None
     door_process: bool = True
+    compile_step: bool = field(default_factory=lambda: _flag("PREMOE_COMPILE_STEP", True))
     preload: tuple[str, ...] = ()
     lease_timeout_s: float = 30.0
     grace_s: float = 10.0
@@ -271,3 +276,11 @@ class ServiceConfig:
     @property
     def budget_value(self) -> Budget:
         return Budget.parse(self.budget)
+
+
+def _flag(name: str, default: bool) -> bool:
+    """A boolean from the environment as the CLI reads its flags ("0", "false", "no", "off": False)."""
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return default
+    return value.strip().lower() not in ("0", "false", "f", "no", "n", "off")

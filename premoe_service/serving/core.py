@@ -99,6 +99,7 @@ class ServingCore:
             ),
             stopping=self.stopping.is_set,
             threads=config.engine_threads or max(1, (os.cpu_count() or 1) - 1),
+            compiled=config.compile_step,
             observe=self._eviction_policy(config),
             widen=self._widen,
             count=self._count,

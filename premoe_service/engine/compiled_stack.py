@@ -1,0 +1,176 @@
+"""The decoder stack compiled (`torch.compile`, inductor) around the engine's two steps that stay Python.
+
+At this project's model sizes a step is mostly dispatch: a decode step of one row on the reference model is some
+600 tensor operations, each a few microseconds of Python and dispatcher for much less arithmetic. Compiled, the
+norms, projections' glue, rotary embeddings and residual adds of a layer become a few generated kernels; the
+matrix products stay the same library calls. Two parts of a layer stay eager Python, each behind one operator the
+compiler does not look into:
+
+- attention (`premoe::packed_attention`, `engine/attention.py`): it writes the KV pool and builds its layout from
+  the step, state outside the graph;
+- the MoE block (`premoe::moe_block`, here): routing by each row's pattern, the hit experts, the slots that the
+  loader fills while the engine runs.
+
+The packed token count T and the kept count K are dynamic, so three graphs serve every step (torch specializes a
+size of 1): one row decoding (T = K = 1), one prompt (K = 1) and several rows. The engine compiles them when it
+starts (`warm_up`), a few seconds each on two cores the first time and less from inductor's cache on disk after.
+
+The compiled graph is not bit-identical to the eager stack (generated reductions sum in another order), so it
+is kept to the exactness tests' tolerances (`tests/test_compiled_stack.py`) rather than to the bit. A model the
+compiler cannot take whole (no C++ compiler on the machine, a family passing its attention something the opaque
+operator does not carry) is logged once and runs eager from then on. A float64 model runs eager (`compiles`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..families import adapter_for
+from ..runtime.decoder_stack import DecoderStack
+from .attention import IDLE, UnsupportedAttention, layered_attention, switched_attention
+
+log = logging.getLogger(__name__)
+
+# Packed tokens and kept positions of the passes the warm-up runs: one row decoding, a prompt, several rows. Most
+# families compile three graphs for these (T = 1; T > 1 with K = 1; K > 1); some trace a guard that sets T = 2
+# apart (DeepSeek V2: `8 * T != 16`), which the shapes of two tokens cover. Another such coincidence costs one
+# compile at its first pass, not a wrong result.
+WARM_UP = ((1, 1), (2, 1), (2, 2), (3, 1), (3, 2))
+
+_BLOCKS: ContextVar[dict[int, nn.Module]] = ContextVar("premoe_compiled_blocks")
+
+
+def compiles(model: nn.Module) -> bool:
+    """Whether `model` runs its stack compiled: not in float64. The families' norms compute in float32 even in a
+    float64 model, and the compiled kernels round those float32 sums in another order: the logits would move by
+    float32 rounding (~1e-7), far outside the float64 bound the eager stack keeps (1e-9 of transformers alone)."""
+    return next(model.parameters()).dtype != torch.float64
+
+
+class CompiledStack:
+    """Runs `stack` compiled; the same call as `DecoderStack`. Falls back to `stack` itself for good when
+    compiling fails."""
+
+    def __init__(self, stack: DecoderStack) -> None:
+        self.stack = stack
+        model: Any = stack.model
+        adapter = adapter_for(model.config)
+        layers = model.model.layers
+        self.attention = {int(m.layer_idx): m for layer in layers for m in layer.children() if hasattr(m, "layer_idx")}
+        self.blocks: dict[int, nn.Module] = {}
+        for index in adapter.moe_layers(model.config):
+            block = getattr(layers[index], adapter.block_attr)
+            self.blocks[index] = block
+            block.forward = functools.partial(_block_forward, block, index, adapter.block_scores)
+        self.failure: str | None = None
+        self._compiled = torch.compile(_own_code(stack.__call__), dynamic=True, fullgraph=True)
+
+    def warm_up(self, attention_mask: Any) -> float:
+        """Compile the shape classes now (`WARM_UP`), so that no request waits for a compile; the two opaque steps
+        stand idle meanwhile (they return zeros and touch no state). Returns the seconds it took."""
+        start = time.perf_counter()
+        model: Any = self.stack.model
+        device = model.lm_head.weight.device
+        with torch.no_grad(), switched_attention(model):
+            for tokens, kept in WARM_UP:
+                if self.failure is not None:
+                    break
+                ids = torch.zeros((1, tokens), dtype=torch.long, device=device)
+                positions = torch.arange(tokens, device=device).unsqueeze(0)
+                keep = torch.arange(tokens - kept, tokens, device=device)
+                try:
+                    self._compiled_call(ids, positions, attention_mask, keep, IDLE, IDLE)
+                except Exception as exc:
+                    self._failed(exc)
+        return time.perf_counter() - start
+
+    def __call__(self, ids: Tensor, position_ids: Tensor, attention_mask: Any, keep: Tensor) -> Tensor:
+        if self.failure is None:
+            try:
+                return self._compiled_call(ids, position_ids, attention_mask, keep, self.attention, self.blocks)
+            except Exception as exc:
+                self._failed(exc)
+        return self.stack(ids, position_ids, attention_mask, keep)
+
+    def _compiled_call(
+        self,
+        ids: Tensor,
+        position_ids: Tensor,
+        attention_mask: Any,
+        keep: Tensor,
+        attention: dict[int, nn.Module],
+        blocks: dict[int, nn.Module],
+    ) -> Tensor:
+        with layered_attention(attention), _layered_blocks(blocks):
+            out: Tensor = self._compiled(ids, position_ids, attention_mask, keep)
+        return out
+
+    def _failed(self, exc: Exception) -> None:
+        """Run eager from now on if `exc` comes from compiling; raise it otherwise."""
+        if not _compile_failure(exc):
+            raise exc
+        self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        log.warning("the decode step runs eager: compiling it failed (%s)", self.failure)
+
+
+def _own_code(method: Any) -> Any:
+    """`method` with a code object of its own: torch keeps compiled graphs, and its limit on them (8), per code
+    object, so the stacks of several engines in one process (tests, benchmarks) would otherwise share them."""
+    function = method.__func__
+    code = function.__code__.replace()  # equal, not the same object
+    own = types.FunctionType(code, function.__globals__, function.__name__, function.__defaults__, function.__closure__)
+    return types.MethodType(own, method.__self__)
+
+
+def _compile_failure(exc: BaseException) -> bool:
+    """Whether `exc` comes from compiling (the graph could not be captured or built), not from running it."""
+    if isinstance(exc, UnsupportedAttention | torch._dynamo.exc.TorchDynamoException):
+        return True
+    return type(exc).__module__.startswith(("torch._dynamo", "torch._inductor"))
+
+
+def _block_forward(block: nn.Module, layer: int, scores: bool, hidden: Tensor) -> Any:
+    """The MoE block's forward while compiled: one opaque call; eager, its own forward."""
+    if not torch.compiler.is_compiling():
+        return type(block).forward(block, hidden)
+    out = torch.ops.premoe.moe_block(hidden, layer)
+    return (out, None) if scores else out
+
+
+@contextmanager
+def _layered_blocks(blocks: dict[int, nn.Module]) -> Iterator[None]:
+    token = _BLOCKS.set(blocks)
+    try:
+        yield
+    finally:
+        _BLOCKS.reset(token)
+
+
+@torch.library.custom_op("premoe::moe_block", mutates_args=())
+def _block_op(hidden: Tensor, layer: int) -> Tensor:
+    """The MoE block of `layer`, run eager: routing by the rows' patterns and the hit experts."""
+    blocks = _BLOCKS.get()
+    if blocks is IDLE:
+        return torch.zeros_like(hidden, memory_format=torch.contiguous_format)
+    block = blocks[layer]
+    out = type(block).forward(block, hidden)
+    if isinstance(out, tuple):
+        out = out[0]
+    if out.untyped_storage().data_ptr() == hidden.untyped_storage().data_ptr():
+        return out.clone()  # an operator's output may not alias its input
+    return out.contiguous()
+
+
+@_block_op.register_fake
+def _(hidden: Tensor, layer: int) -> Tensor:
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format)

@@ -1,0 +1,145 @@
+"""The compiled decoder stack (`engine/compiled_stack.py`): exact to the batching tests' bounds, compiled once.
+
+- The batching scenario of `tests/test_batching.py` (five requests of different patterns joining at four steps and
+  leaving at five) runs through a loop whose stack is compiled, for every family in float32; every row's logits
+  are compared with the same references alone and held to the same bound (the larger of 1e-5 and twice
+  transformers' own batching noise, near-tie flips allowed). The stack must have run compiled throughout.
+- A float64 model runs eager (its families' float32 norms would round differently compiled).
+- The warm-up compiles every shape class the scenario meets: serving it compiles nothing more.
+- Without a working C++ compiler the stack says why and runs eager, with the eager stack's logits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from premoe_service.engine import BatchLimits, EngineLoop, Request
+from premoe_service.engine.compiled_stack import CompiledStack
+
+from . import test_batching as batching
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def compiled_loop(setup: batching.Setup) -> EngineLoop:
+    loop = EngineLoop(
+        setup.patterned,
+        setup.residency,
+        setup.store,
+        eos=set(),
+        pad_id=0,
+        limits=BatchLimits(max_join_wait_steps=0),
+        compiled=True,
+    )
+    assert isinstance(loop.batch.stack, CompiledStack)
+    loop.batch.warm_up()
+    return loop
+
+
+class StackObserver(batching.Observer):
+    """The batching tests' observer, fed from the stack's output: hooks on `lm_head` would be traced into the
+    compiled graph, so the stack's call is wrapped instead (it returns the kept positions' logits, as `lm_head`)."""
+
+    def __init__(self, loop: EngineLoop) -> None:
+        self.loop = loop
+        self.logits = defaultdict(list)
+        self.prefill_rows, self.decode_rows, self._rows, self._hooks = [], [], [], []
+        self.stack = loop.batch.stack
+
+        def observed(*args: Any) -> torch.Tensor:
+            self._before(None, None, {})
+            out: torch.Tensor = self.stack(*args)  # type: ignore[misc]
+            self._after(None, None, {}, out)
+            return out
+
+        loop.batch.stack = observed  # type: ignore[assignment]
+
+
+def graphs() -> int:
+    return int(counters["stats"]["unique_graphs"])
+
+
+def serve_scenario(
+    loop: EngineLoop, setup: batching.Setup, job_list: Sequence[batching.Job]
+) -> tuple[list[Request], StackObserver, batching.Driver]:
+    """The batching tests' schedule through `loop`, observed at its stack."""
+    observer = StackObserver(loop)
+    driver = batching.Driver(loop, observer)
+    requests = [job.request(setup) for job in job_list]
+    try:
+        for group, gap in batching.SCHEDULE:
+            driver.join(*(requests[i] for i in group))
+            driver.forward_steps(gap)
+        driver.finish()
+    finally:
+        loop.loader.close()
+    return requests, observer, driver
+
+
+def run_compiled(
+    setup: batching.Setup, job_list: Sequence[batching.Job]
+) -> tuple[list[Request], StackObserver, batching.Driver]:
+    loop = compiled_loop(setup)
+    stack = loop.batch.stack
+    assert isinstance(stack, CompiledStack)
+    assert stack.failure is None, stack.failure
+    compiled = graphs()
+    out = serve_scenario(loop, setup, job_list)
+    assert stack.failure is None, stack.failure
+    assert graphs() == compiled, "a shape class compiled while serving: the warm-up missed it"
+    return out
+
+
+@pytest.mark.parametrize("family", batching.FAMILIES)
+def test_compiled_float32_within_transformers_batching_noise(family: str, tmp_path: Path) -> None:
+    setup = batching.build(tmp_path, family, torch.float32)
+    job_list = batching.jobs(setup)
+    noise = batching.transformers_batch_noise(setup.reference, [job.prompt for job in job_list])
+    tol = max(batching.F32_FLOOR, 2 * noise)
+    requests, observer, driver = run_compiled(setup, job_list)
+    batching.check_timeline(driver, observer)
+    report = batching.compare(setup, job_list, requests, observer)
+    print(f"\n{family} float32 compiled: tol {tol:.2e}; max |diff| alone {report.diff['alone']:.2e}")
+    assert report.failures(tol, allow_near_ties=True) == []
+
+
+def test_a_float64_model_runs_eager(tmp_path: Path) -> None:
+    """Its norms compute in float32, which compiled kernels round in another order (`compiles`)."""
+    setup = batching.build(tmp_path, "qwen3_moe", torch.float64)
+    loop = EngineLoop(setup.patterned, setup.residency, setup.store, eos=set(), compiled=True)
+    try:
+        assert loop.batch.stack is not None and not isinstance(loop.batch.stack, CompiledStack)
+        assert loop.batch.warm_up() is None
+    finally:
+        loop.loader.close()
+
+
+def test_without_a_compiler_the_stack_runs_eager_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", (str(tmp_path / "no-such-compiler"),))
+    monkeypatch.setattr(inductor, "force_disable_caches", True)  # a cached kernel would need no compiler
+    setup = batching.build(tmp_path, "qwen3_moe", torch.float32)
+    job_list = batching.jobs(setup)
+    with caplog.at_level(logging.WARNING, logger="premoe_service.engine.compiled_stack"):
+        loop = compiled_loop(setup)
+    stack = loop.batch.stack
+    assert isinstance(stack, CompiledStack)
+    assert stack.failure is not None
+    assert any("runs eager" in r.getMessage() for r in caplog.records)
+    # It serves, eager: the batching scenario within the float32 bounds.
+    requests, observer, _ = serve_scenario(loop, setup, job_list)
+    assert stack.failure is not None
+    noise = batching.transformers_batch_noise(setup.reference, [job.prompt for job in job_list])
+    report = batching.compare(setup, job_list, requests, observer)
+    assert report.failures(max(batching.F32_FLOOR, 2 * noise), allow_near_ties=True) == []
