@@ -10,8 +10,8 @@ pip, setuptools and wheel (the venv's own tooling), and torch's local label (`2.
 from __future__ import annotations
 
 import os
-import site
 import re
+import site
 from importlib import metadata
 from pathlib import Path
 
