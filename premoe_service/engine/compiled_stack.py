@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..families import adapter_for
 from ..runtime.decoder_stack import DecoderStack
-from .attention import IDLE, UnsupportedAttention, layered_attention, switched_attention
+from .attention import IDLE, OPS, UnsupportedAttention, layered_attention, switched_attention
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,6 @@ def _layered_blocks(blocks: dict[int, nn.Module]) -> Iterator[None]:
         _BLOCKS.reset(token)
 
 
-@torch.library.custom_op("premoe::moe_block", mutates_args=())
 def _block_op(hidden: Tensor, layer: int) -> Tensor:
     """The MoE block of `layer`, run eager: routing by the rows' patterns and the hit experts."""
     blocks = _BLOCKS.get()
@@ -171,6 +170,11 @@ def _block_op(hidden: Tensor, layer: int) -> Tensor:
     return out.contiguous()
 
 
-@_block_op.register_fake
-def _(hidden: Tensor, layer: int) -> Tensor:
+def _block_shape(hidden: Tensor, layer: int) -> Tensor:
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
+
+
+# Declared with the dispatcher directly, as `premoe::packed_attention` (`engine/attention.py`).
+OPS.define("moe_block(Tensor hidden, int layer) -> Tensor")
+OPS.impl("moe_block", _block_op, "CompositeExplicitAutograd")
+torch.library.register_fake("premoe::moe_block", _block_shape, lib=OPS)
