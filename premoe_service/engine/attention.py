@@ -199,8 +199,6 @@ AttentionInterface.register(ATTENTION, packed_attention)
 # the ignored ones no attention function reads; any other name stops the compiled step (it falls back to eager).
 _PASSED = ("dropout", "scaling", "sliding_window", "s_aux")
 _IGNORED = ("position_ids", "use_cache", "cache_position")
-_LAYERS: ContextVar[dict[int, nn.Module]] = ContextVar("premoe_packed_layers")
-IDLE: dict[int, nn.Module] = {}  # as the layers: the opaque operator returns zeros and touches nothing (warm-up)
 
 
 class UnsupportedAttention(RuntimeError):
@@ -208,6 +206,7 @@ class UnsupportedAttention(RuntimeError):
 
 
 def _opaque_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    """The call to `premoe::packed_attention` (declared in `engine/compiled_stack.py`) in the compiled graph."""
     unknown = set(kwargs) - set(_PASSED) - set(_IGNORED)
     if unknown:
         raise UnsupportedAttention(f"attention arguments the compiled step does not carry: {sorted(unknown)}")
@@ -222,55 +221,6 @@ def _opaque_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         kwargs.get("s_aux"),
     )
     return out
-
-
-# The operator is declared with the dispatcher directly: `torch.library.custom_op`'s Python wrapper (autograd and
-# redispatch in Python) costs 10 us a call against 4, and the engine makes one per attention layer and step.
-OPS = torch.library.Library("premoe", "FRAGMENT")
-OPS.define(
-    "packed_attention(Tensor query, Tensor key, Tensor value, int layer, float? scaling, float dropout, "
-    "int? sliding_window, Tensor? sinks) -> Tensor"
-)
-
-
-def _attention_op(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    layer: int,
-    scaling: float | None,
-    dropout: float,
-    sliding_window: int | None,
-    sinks: Tensor | None,
-) -> Tensor:
-    """`packed_attention` as one operator the compiler does not look into: it writes the pool (state outside the
-    graph) and builds its layout from the step (`layered_attention` names the layers' modules)."""
-    modules = _LAYERS.get()
-    if modules is IDLE:
-        return query.new_zeros((1, query.shape[2], query.shape[1], value.shape[3]))
-    kwargs: dict[str, Any] = {"dropout": dropout, "scaling": scaling, "sliding_window": sliding_window}
-    if sinks is not None:
-        kwargs["s_aux"] = sinks
-    out, _ = packed_attention(modules[layer], query, key, value, None, **kwargs)
-    return out.contiguous()
-
-
-def _attention_shape(query: Tensor, key: Tensor, value: Tensor, *_: Any) -> Tensor:
-    return query.new_empty((1, query.shape[2], query.shape[1], value.shape[3]))
-
-
-OPS.impl("packed_attention", _attention_op, "CompositeExplicitAutograd")
-torch.library.register_fake("premoe::packed_attention", _attention_shape, lib=OPS)
-
-
-@contextmanager
-def layered_attention(modules: dict[int, nn.Module]) -> Iterator[None]:
-    """The attention modules by layer index, for the opaque attention operator inside the block."""
-    token = _LAYERS.set(modules)
-    try:
-        yield
-    finally:
-        _LAYERS.reset(token)
 
 
 @contextmanager

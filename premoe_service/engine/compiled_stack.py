@@ -27,9 +27,8 @@ import functools
 import logging
 import time
 import types
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,7 +36,7 @@ from torch import Tensor, nn
 
 from ..families import adapter_for
 from ..runtime.decoder_stack import DecoderStack
-from .attention import IDLE, OPS, UnsupportedAttention, layered_attention, switched_attention
+from .attention import UnsupportedAttention, packed_attention, switched_attention
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,19 @@ log = logging.getLogger(__name__)
 # compile at its first pass, not a wrong result.
 WARM_UP = ((1, 1), (2, 1), (2, 2), (3, 1), (3, 2))
 
-_BLOCKS: ContextVar[dict[int, nn.Module]] = ContextVar("premoe_compiled_blocks")
+
+@dataclass(frozen=True)
+class Opaque:
+    """What the two operators run on during a compiled call: the layers' attention modules and MoE blocks by
+    layer index; `idle`: neither, they return zeros and touch no state (the warm-up)."""
+
+    attention: dict[int, nn.Module]
+    blocks: dict[int, nn.Module]
+    idle: bool = False
+
+
+IDLE = Opaque({}, {}, idle=True)
+_OPAQUE: ContextVar[Opaque] = ContextVar("premoe_compiled_opaque")
 
 
 def compiles(model: nn.Module) -> bool:
@@ -66,12 +77,13 @@ class CompiledStack:
         model: Any = stack.model
         adapter = adapter_for(model.config)
         layers = model.model.layers
-        self.attention = {int(m.layer_idx): m for layer in layers for m in layer.children() if hasattr(m, "layer_idx")}
-        self.blocks: dict[int, nn.Module] = {}
+        attention = {int(m.layer_idx): m for layer in layers for m in layer.children() if hasattr(m, "layer_idx")}
+        blocks: dict[int, nn.Module] = {}
         for index in adapter.moe_layers(model.config):
             block = getattr(layers[index], adapter.block_attr)
-            self.blocks[index] = block
+            blocks[index] = block
             block.forward = functools.partial(_block_forward, block, index, adapter.block_scores)
+        self.opaque = Opaque(attention, blocks)
         self.failure: str | None = None
         self._compiled = torch.compile(_own_code(stack.__call__), dynamic=True, fullgraph=True)
 
@@ -89,7 +101,7 @@ class CompiledStack:
                 positions = torch.arange(tokens, device=device).unsqueeze(0)
                 keep = torch.arange(tokens - kept, tokens, device=device)
                 try:
-                    self._compiled_call(ids, positions, attention_mask, keep, IDLE, IDLE)
+                    self._compiled_call(ids, positions, attention_mask, keep, IDLE)
                 except Exception as exc:
                     self._failed(exc)
         return time.perf_counter() - start
@@ -97,7 +109,7 @@ class CompiledStack:
     def __call__(self, ids: Tensor, position_ids: Tensor, attention_mask: Any, keep: Tensor) -> Tensor:
         if self.failure is None:
             try:
-                return self._compiled_call(ids, position_ids, attention_mask, keep, self.attention, self.blocks)
+                return self._compiled_call(ids, position_ids, attention_mask, keep, self.opaque)
             except Exception as exc:
                 self._failed(exc)
         return self.stack(ids, position_ids, attention_mask, keep)
@@ -108,11 +120,13 @@ class CompiledStack:
         position_ids: Tensor,
         attention_mask: Any,
         keep: Tensor,
-        attention: dict[int, nn.Module],
-        blocks: dict[int, nn.Module],
+        opaque: Opaque,
     ) -> Tensor:
-        with layered_attention(attention), _layered_blocks(blocks):
+        token = _OPAQUE.set(opaque)
+        try:
             out: Tensor = self._compiled(ids, position_ids, attention_mask, keep)
+        finally:
+            _OPAQUE.reset(token)
         return out
 
     def _failed(self, exc: Exception) -> None:
@@ -147,21 +161,12 @@ def _block_forward(block: nn.Module, layer: int, scores: bool, hidden: Tensor) -
     return (out, None) if scores else out
 
 
-@contextmanager
-def _layered_blocks(blocks: dict[int, nn.Module]) -> Iterator[None]:
-    token = _BLOCKS.set(blocks)
-    try:
-        yield
-    finally:
-        _BLOCKS.reset(token)
-
-
 def _block_op(hidden: Tensor, layer: int) -> Tensor:
     """The MoE block of `layer`, run eager: routing by the rows' patterns and the hit experts."""
-    blocks = _BLOCKS.get()
-    if blocks is IDLE:
+    opaque = _OPAQUE.get()
+    if opaque.idle:
         return torch.zeros_like(hidden, memory_format=torch.contiguous_format)
-    block = blocks[layer]
+    block = opaque.blocks[layer]
     out = type(block).forward(block, hidden)
     if isinstance(out, tuple):
         out = out[0]
@@ -174,7 +179,40 @@ def _block_shape(hidden: Tensor, layer: int) -> Tensor:
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
 
-# Declared with the dispatcher directly, as `premoe::packed_attention` (`engine/attention.py`).
+def _attention_op(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    layer: int,
+    scaling: float | None,
+    dropout: float,
+    sliding_window: int | None,
+    sinks: Tensor | None,
+) -> Tensor:
+    """`packed_attention` of `layer`, run eager: it writes the pool and reads the step's layout."""
+    opaque = _OPAQUE.get()
+    if opaque.idle:
+        return _attention_shape(query, key, value).zero_()
+    kwargs: dict[str, Any] = {"dropout": dropout, "scaling": scaling, "sliding_window": sliding_window}
+    if sinks is not None:
+        kwargs["s_aux"] = sinks
+    out, _ = packed_attention(opaque.attention[layer], query, key, value, None, **kwargs)
+    return out.contiguous()
+
+
+def _attention_shape(query: Tensor, key: Tensor, value: Tensor, *_: Any) -> Tensor:
+    return query.new_empty((1, query.shape[2], query.shape[1], value.shape[3]))
+
+
+# Both operators are declared with the dispatcher directly: `torch.library.custom_op`'s Python wrapper (autograd
+# and redispatch in Python) costs 10 us a call against 4, and a step makes two per layer.
+OPS = torch.library.Library("premoe", "FRAGMENT")
+OPS.define(
+    "packed_attention(Tensor query, Tensor key, Tensor value, int layer, float? scaling, float dropout, "
+    "int? sliding_window, Tensor? sinks) -> Tensor"
+)
+OPS.impl("packed_attention", _attention_op, "CompositeExplicitAutograd")
+torch.library.register_fake("premoe::packed_attention", _attention_shape, lib=OPS)
 OPS.define("moe_block(Tensor hidden, int layer) -> Tensor")
 OPS.impl("moe_block", _block_op, "CompositeExplicitAutograd")
 torch.library.register_fake("premoe::moe_block", _block_shape, lib=OPS)
