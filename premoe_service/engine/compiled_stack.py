@@ -6,10 +6,12 @@ norms, projections' glue, rotary embeddings and residual adds of a layer become 
 matrix products stay the same library calls. Two parts of a layer stay eager Python, each behind one operator the
 compiler does not look into:
 
-- attention (`premoe::packed_attention`, `engine/attention.py`): it writes the KV pool and builds its layout from
-  the step, state outside the graph;
-- the MoE block (`premoe::moe_block`, here): routing by each row's pattern, the hit experts, the slots that the
-  loader fills while the engine runs.
+- attention (`premoe::packed_attention`, which `engine/attention.py`'s packed attention calls while compiled): it
+  writes the KV pool and builds its layout from the step, state outside the graph;
+- the MoE block (`premoe::moe_block`): routing by each row's pattern, the hit experts, the slots that the loader
+  fills while the engine runs.
+
+Both are declared here, and run on the modules the `Opaque` record of the call names.
 
 The packed token count T and the kept count K are dynamic, so three graphs serve every step (torch specializes a
 size of 1): one row decoding (T = K = 1), one prompt (K = 1) and several rows. The engine compiles them when it
