@@ -7,6 +7,7 @@
 - A float64 model runs eager (its families' float32 norms would round differently compiled).
 - The warm-up compiles every shape class the scenario meets: serving it compiles nothing more.
 - Without a working C++ compiler the stack says why and runs eager, with the eager stack's logits.
+- The service compiles its stack when it starts (the default) and answers as an eager one.
 """
 
 from __future__ import annotations
@@ -143,3 +144,44 @@ def test_without_a_compiler_the_stack_runs_eager_and_says_why(
     noise = batching.transformers_batch_noise(setup.reference, [job.prompt for job in job_list])
     report = batching.compare(setup, job_list, requests, observer)
     assert report.failures(max(batching.F32_FLOOR, 2 * noise), allow_near_ties=True) == []
+
+
+def test_the_service_starts_with_its_stack_compiled_and_answers_as_eager(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, embedder
+) -> None:
+    """`premoe serve`'s default (`ServiceConfig.compile_step`, on unless PREMOE_COMPILE_STEP says otherwise): the
+    engine compiles its stack before it serves, compiles nothing while serving, and answers as an eager one."""
+    from premoe_service.families.tiny import save_tiny_checkpoint
+    from premoe_service.runtime.decoder_stack import DecoderStack
+    from premoe_service.serving import GenerationResult, SamplingParams, ServiceConfig, ServingCore
+    from premoe_service.store import shard
+
+    save_tiny_checkpoint(tmp_path / "ckpt", "qwen3_moe")
+    shard(tmp_path / "ckpt", tmp_path / "store", progress=False)
+    prompts = ["def add(a, b):", "12+30=", "the cat sat on the", "for i in range(3):"]
+
+    def answers(service: ServingCore) -> list[list[int]]:
+        out = []
+        try:
+            for prompt in prompts:
+                *_, result = service.generate(prompt, SamplingParams(max_new_tokens=6))
+                assert isinstance(result, GenerationResult)
+                out.append(result.token_ids)
+        finally:
+            service.close()
+        return out
+
+    monkeypatch.delenv("PREMOE_COMPILE_STEP", raising=False)
+    before = graphs()
+    compiled = ServingCore(ServiceConfig(store=tmp_path / "store", device="cpu"), embedder=embedder)
+    stack = compiled.loop.batch.stack
+    assert isinstance(stack, CompiledStack) and stack.failure is None
+    started = graphs()
+    assert started >= before + 3  # one row decoding, one prompt, several rows: compiled before serving
+    got = answers(compiled)
+    assert graphs() == started and stack.failure is None
+
+    monkeypatch.setenv("PREMOE_COMPILE_STEP", "0")
+    eager = ServingCore(ServiceConfig(store=tmp_path / "store", device="cpu"), embedder=embedder)
+    assert type(eager.loop.batch.stack) is DecoderStack
+    assert got == answers(eager)
