@@ -65,9 +65,15 @@ class RunningBatch:
         self._decode: tuple[tuple[int, ...], RoutingContext] | None = None
         self._last: tuple[tuple[int, ...], PackedStep, Tensor] | None = None  # last pure decode step's layout
         self.attention = model_attention(patterned.model)  # the model's own, run on the gathered rows
-        stack = plain_stack(patterned.model)  # None: the model's own forward
-        compile_it = stack is not None and compiled and compiles(patterned.model)
-        self.stack: DecoderStack | CompiledStack | None = CompiledStack(stack) if stack and compile_it else stack
+        stack: DecoderStack | CompiledStack | None = plain_stack(patterned.model)  # None: the model's own forward
+        if isinstance(stack, DecoderStack) and compiled and compiles(patterned.model):
+            stack = CompiledStack(stack)
+        self.stack = stack
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the decoder stack runs through `CompiledStack` (eager only if compiling failed)."""
+        return isinstance(self.stack, CompiledStack)
 
     def warm_up(self) -> float | None:
         """Compile the stack's shape classes now (`CompiledStack.warm_up`); the seconds, None when it runs eager."""

@@ -71,7 +71,7 @@ class ServiceConfig:
             streams then cost the engine process one relay frame per step instead of one gRPC message per
             stream and token. The HTTP door stays in the engine process.
         compile_step: Run the decoder stack compiled (`engine/compiled_stack.py`): fewer, fused kernels per step
-            around the eager attention and MoE blocks; each shape class compiles on first use. Default: on, unless
+            around the eager attention and MoE blocks, compiled when the engine starts. Default: on, unless
             the environment sets `PREMOE_COMPILE_STEP` to 0 (the test suite does, for every engine it starts).
         join_wait_steps: Decode steps a ready request may wait so that several join in one forward pass (0: none).
         precision_slots: Slots per MoE layer for experts held below full precision, per precision ("int4=4,int8=2";
