@@ -123,16 +123,14 @@ def test_a_float64_model_runs_eager(tmp_path: Path) -> None:
         loop.loader.close()
 
 
-def test_without_a_compiler_the_stack_runs_eager_and_says_why(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_without_a_compiler_the_stack_runs_eager_and_says_why(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import torch._inductor.config as inductor
 
-    monkeypatch.setattr(inductor.cpp, "cxx", (str(tmp_path / "no-such-compiler"),))
-    monkeypatch.setattr(inductor, "force_disable_caches", True)  # a cached kernel would need no compiler
     setup = batching.build(tmp_path, "qwen3_moe", torch.float32)
     job_list = batching.jobs(setup)
-    with caplog.at_level(logging.WARNING, logger="premoe_service.engine.compiled_stack"):
+    # A compiler that does not exist, and no cache (a cached kernel would need no compiler).
+    broken = inductor.patch({"cpp.cxx": (str(tmp_path / "no-such-compiler"),), "force_disable_caches": True})
+    with broken, caplog.at_level(logging.WARNING, logger="premoe_service.engine.compiled_stack"):
         loop = compiled_loop(setup)
     stack = loop.batch.stack
     assert isinstance(stack, CompiledStack)
