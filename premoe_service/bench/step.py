@@ -77,14 +77,6 @@ class EngineSteps:
         self.tokenizer = AutoTokenizer.from_pretrained(store.dir, local_files_only=True)
         self.device = patterned.device
 
-    def stack_state(self) -> str:
-        """How the engine runs its decoder stack: compiled, eager, or eager because compiling failed."""
-        stack = self.loop.batch.stack
-        failure = getattr(stack, "failure", "")
-        if failure:
-            return f"eager, compiling failed: {failure}"
-        return "compiled" if hasattr(stack, "failure") else "eager"
-
     def ids(self, rows: int, kv_len: int) -> list[list[int]]:
         """The rows' prompts: the built-in prompts' tokens repeated to `kv_len` (what the baseline uses too)."""
         prompts = [list(self.tokenizer(p)["input_ids"]) for p in PROMPTS]
@@ -187,7 +179,7 @@ def run(options: StepBenchOptions) -> dict[str, Any]:
         "machine": {**machine(device), "loadavg": {"start": loadavg[0], "end": loadavg[1]}},
         "config": asdict(options),
         "processes": {"engine": os.getpid(), "baseline": baseline_pid},
-        "stack": patterned.stack_state(),
+        "stack": patterned.loop.batch.stack_state(),
         "results": results,
     }
     print(render(report))

@@ -81,6 +81,14 @@ class RunningBatch:
             return None
         return self.stack.warm_up(mask_marker(self.patterned.device))
 
+    def stack_state(self, seconds: float | None = None) -> str:
+        """How the decoder stack runs: compiled (in `seconds`, when given), eager, or eager since compiling failed."""
+        if not isinstance(self.stack, CompiledStack):
+            return "eager"
+        if self.stack.failure:
+            return f"eager, compiling failed: {self.stack.failure}"
+        return "compiled" if seconds is None else f"compiled in {seconds:.1f} s"
+
     @property
     def free_rows(self) -> int:
         return self.pool.free_rows

@@ -103,11 +103,8 @@ class EngineLoop:
             torch.set_num_threads(self.threads)
         if self.batch.compiled:  # said at the server's level: it holds the start for seconds
             log.warning("compiling the decoder stack before serving (seconds; inductor caches it for later starts)")
-        seconds = self.batch.warm_up()
-        if seconds is not None:
-            stack: Any = self.batch.stack
-            how = f"eager ({stack.failure})" if stack.failure else f"compiled in {seconds:.1f} s"
-            log.warning("the decoder stack runs %s", how)
+            seconds = self.batch.warm_up()
+            log.warning("the decoder stack runs %s", self.batch.stack_state(seconds))
         self._thread = threading.Thread(target=self._run, name="premoe-engine", daemon=True)
         self._thread.start()
         return self
