@@ -6,6 +6,8 @@
   transformers' own batching noise, near-tie flips allowed). The stack must have run compiled throughout.
 - A float64 model runs eager (its families' float32 norms would round differently compiled).
 - The warm-up compiles every shape class the scenario meets: serving it compiles nothing more.
+- The experts run through the compiled experts kernel wherever the family's experts module takes the engine's
+  experts forward; a kernel that fails to compile is logged, and the experts run their eager paths.
 - Without a working C++ compiler the stack says why and runs eager, with the eager stack's logits.
 - The service compiles its stack when it starts (the default) and answers as an eager one.
 """
@@ -85,6 +87,20 @@ def serve_scenario(
     return requests, observer, driver
 
 
+def count_kernel_calls(stack: CompiledStack) -> list[int]:
+    """How many passes go to the compiled experts kernel from now on: [calls]."""
+    calls = [0]
+    kernel = stack._compiled_experts
+
+    def counted(*args: Any) -> torch.Tensor:
+        calls[0] += 1
+        out: torch.Tensor = kernel(*args)
+        return out
+
+    stack._compiled_experts = counted
+    return calls
+
+
 def run_compiled(
     setup: batching.Setup, job_list: Sequence[batching.Job]
 ) -> tuple[list[Request], StackObserver, batching.Driver]:
@@ -93,9 +109,13 @@ def run_compiled(
     assert isinstance(stack, CompiledStack)
     assert stack.failure is None, stack.failure
     compiled = graphs()
+    kernel_calls = count_kernel_calls(stack)
     out = serve_scenario(loop, setup, job_list)
     assert stack.failure is None, stack.failure
+    assert stack.experts_failure is None, stack.experts_failure
     assert graphs() == compiled, "a shape class compiled while serving: the warm-up missed it"
+    if stack.experts:  # the family's experts take the engine's experts forward: the kernel computed them
+        assert kernel_calls[0] > 0
     return out
 
 
@@ -110,6 +130,33 @@ def test_compiled_float32_within_transformers_batching_noise(family: str, tmp_pa
     report = batching.compare(setup, job_list, requests, observer)
     print(f"\n{family} float32 compiled: tol {tol:.2e}; max |diff| alone {report.diff['alone']:.2e}")
     assert report.failures(tol, allow_near_ties=True) == []
+
+
+def test_an_experts_kernel_that_fails_to_compile_leaves_the_experts_eager(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The kernel's compile fails at its first call (here as dynamo fails on code it cannot trace): the failure
+    is logged once and named by the stack's state, the stack itself stays compiled, and the experts run their
+    eager paths within the float32 bounds."""
+    setup = batching.build(tmp_path, "qwen3_moe", torch.float32)
+    job_list = batching.jobs(setup)
+    loop = EngineLoop(setup.patterned, setup.residency, setup.store, eos=set(), compiled=True)
+    stack = loop.batch.stack
+    assert isinstance(stack, CompiledStack) and stack.experts
+
+    def untraceable(*_: Any) -> torch.Tensor:
+        raise torch._dynamo.exc.Unsupported("a call dynamo cannot trace")
+
+    stack._compiled_experts = untraceable
+    with caplog.at_level(logging.WARNING, logger="premoe_service.engine.compiled_stack"):
+        loop.batch.warm_up()
+        assert "a call dynamo cannot trace" in loop.batch.stack_state()  # before the observer wraps the stack
+        requests, observer, _ = serve_scenario(loop, setup, job_list)
+    assert stack.failure is None and stack.experts_failure is not None
+    assert sum("the experts run eager" in r.getMessage() for r in caplog.records) == 1
+    noise = batching.transformers_batch_noise(setup.reference, [job.prompt for job in job_list])
+    report = batching.compare(setup, job_list, requests, observer)
+    assert report.failures(max(batching.F32_FLOOR, 2 * noise), allow_near_ties=True) == []
 
 
 def test_a_float64_model_runs_eager(tmp_path: Path) -> None:

@@ -14,7 +14,12 @@ import torch
 from premoe_service.families import adapter_for
 from premoe_service.families.tiny import TINY_CONFIGS, tiny_model
 from premoe_service.runtime import experts_forward
-from premoe_service.runtime.experts_forward import IMPLEMENTATION, hit_experts_forward, use_hit_experts
+from premoe_service.runtime.experts_forward import (
+    IMPLEMENTATION,
+    gathered_experts,
+    hit_experts_forward,
+    use_hit_experts,
+)
 
 FAMILIES = sorted(TINY_CONFIGS)
 
@@ -58,6 +63,29 @@ def test_hit_experts_equal_eager(family: str, tokens: int, skip: bool) -> None:
             weights[0, -1] = 0.0
             index = index.clone()
             index[0, -1] = int(index[0, 0] == 0)
+        expected = _eager(module, hidden, index, weights)
+        assert actual.shape == expected.shape
+        assert (actual - expected).abs().max().item() < 1e-12, (family, layer)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tokens", [1, 2, 9])
+def test_gathered_experts_equal_eager(family: str, tokens: int) -> None:
+    """The compiled kernel's function (`gathered_experts`), run eager in float64: the module's eager output for
+    every layout the families use (gate or not, biases, transposed weights, their own gates), a skip id included.
+    `tests/test_compiled_stack.py` runs it compiled inside the engine."""
+    model = tiny_model(family, dtype=torch.float64)
+    use_hit_experts(model)
+    modules = _experts(model)
+    if not modules:
+        pytest.skip(f"{family}'s experts module does not use transformers' experts interface")
+    for layer, module in enumerate(modules):
+        hidden, index, weights = _routed(tokens, module, True, seed=layer)
+        actual = gathered_experts(module, hidden, index, weights)
+        weights = weights.clone()
+        weights[0, -1] = 0.0
+        index = index.clone()
+        index[0, -1] = int(index[0, 0] == 0)
         expected = _eager(module, hidden, index, weights)
         assert actual.shape == expected.shape
         assert (actual - expected).abs().max().item() < 1e-12, (family, layer)

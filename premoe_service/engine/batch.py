@@ -87,7 +87,10 @@ class RunningBatch:
             return "eager"
         if self.stack.failure:
             return f"eager, compiling failed: {self.stack.failure}"
-        return "compiled" if seconds is None else f"compiled in {seconds:.1f} s"
+        state = "compiled" if seconds is None else f"compiled in {seconds:.1f} s"
+        if self.stack.experts_failure:
+            state += f" (the experts eager, compiling their kernel failed: {self.stack.experts_failure})"
+        return state
 
     @property
     def free_rows(self) -> int:
