@@ -134,22 +134,23 @@ class CompiledStack:
 
     def _warm_up_experts(self) -> None:
         """Compile the experts kernel for one token and several, on every experts module (one graph serves all
-        layers; the others only check its guards). Slot 0 is read, nothing is written."""
+        layers; the others only check its guards), with routing weights in the model's dtype and in float32 (the
+        families differ). Slot 0 is read, nothing is written."""
         for experts in self.experts:
             weights = experts._parameters["down_proj"]
             if weights is None or self.failure is not None:
                 return
             hidden = weights.shape[1] if not getattr(experts, "is_transposed", False) else weights.shape[2]
-            top_k = self.top_k
             for tokens in (1, 2, 3):
-                if self.experts_failure is not None:
-                    return
-                self._experts_call(
-                    experts,
-                    weights.new_zeros((tokens, hidden)),
-                    torch.zeros((tokens, top_k), dtype=torch.long, device=weights.device),
-                    weights.new_zeros((tokens, top_k)),
-                )
+                for dtype in dict.fromkeys((weights.dtype, torch.float32)):
+                    if self.experts_failure is not None:
+                        return
+                    self._experts_call(
+                        experts,
+                        weights.new_zeros((tokens, hidden)),
+                        torch.zeros((tokens, self.top_k), dtype=torch.long, device=weights.device),
+                        torch.zeros((tokens, self.top_k), dtype=dtype, device=weights.device),
+                    )
 
     def __call__(self, ids: Tensor, position_ids: Tensor, attention_mask: Any, keep: Tensor) -> Tensor:
         if self.failure is None:
