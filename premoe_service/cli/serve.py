@@ -206,7 +206,7 @@ def default(name: str) -> Lazy:
 @option(
     "--compile-step/--no-compile-step",
     default=True,
-    help="run the decoder stack compiled (torch.compile, before serving: about 30 s the first time on 2 cores, "
+    help="run the decoder stack compiled (torch.compile, before serving: about 40 s the first time on 2 cores, "
     "cached on disk after; eager when no C++ compiler is found)",
 )
 @option(

@@ -17,8 +17,9 @@ computes every (token, expert) pair in one generated loop over the slots' weight
 library call per hit expert (2.5 to 4.5x faster a layer on the reference model, at 1 to 16 rows).
 
 The packed token count T and the kept count K are dynamic, so three graphs serve every step (torch specializes a
-size of 1): one row decoding (T = K = 1), one prompt (K = 1) and several rows. The engine compiles them when it
-starts (`warm_up`): about 30 s on two cores the first time for the reference model, 7 s from inductor's cache.
+size of 1): one row decoding (T = K = 1), one prompt (K = 1) and several rows. The engine compiles them, and the
+experts kernel, when it starts (`warm_up`): 37 s on two cores the first time for the reference model, 7 s from
+inductor's cache.
 
 The compiled graph is not bit-identical to the eager stack (generated reductions sum in another order), so it
 is kept to the exactness tests' tolerances (`tests/test_compiled_stack.py`) rather than to the bit. A model the
