@@ -1,15 +1,19 @@
 """The engine's experts forward (`runtime/experts_forward.py`) against transformers' own experts forward.
 
-For every family whose experts module uses transformers' experts interface, in float64: the same output as the
-module's eager forward (the reference every exactness test uses) for a lone token, two tokens, and a wide pass, with
-some pairs carrying the skip id (a pair the masked router took out), on the path each size takes; and a model run
-through it gives the logits of the same model run with eager experts.
+For every family whose experts module uses transformers' experts interface, in float64: the engine's experts
+forward, and the compiled kernel's function run eager, give the module's eager output (the reference every
+exactness test uses) for a lone token, two tokens, and a wide pass, with some pairs carrying the skip id (a pair
+the masked router took out), on the path each size takes; and a model run through it gives the logits of the same
+model run with eager experts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
+from torch import Tensor
 
 from premoe_service.families import adapter_for
 from premoe_service.families.tiny import TINY_CONFIGS, tiny_model
@@ -49,7 +53,11 @@ def _routed(tokens: int, module: torch.nn.Module, skip: bool, seed: int) -> tupl
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("tokens", [1, 2, 9])
 @pytest.mark.parametrize("skip", [False, True])
-def test_hit_experts_equal_eager(family: str, tokens: int, skip: bool) -> None:
+@pytest.mark.parametrize("forward", [hit_experts_forward, gathered_experts], ids=["hit", "gathered"])
+def test_experts_forward_equals_eager(family: str, tokens: int, skip: bool, forward: Callable[..., Tensor]) -> None:
+    """The engine's experts forward, and the compiled kernel's function (`gathered_experts`) run eager: the module's
+    eager output for every layout the families use (gate or not, biases, transposed weights, their own gates).
+    `tests/test_compiled_stack.py` runs the kernel compiled inside the engine."""
     model = tiny_model(family, dtype=torch.float64)
     use_hit_experts(model)
     modules = _experts(model)
@@ -57,35 +65,12 @@ def test_hit_experts_equal_eager(family: str, tokens: int, skip: bool) -> None:
         pytest.skip(f"{family}'s experts module does not use transformers' experts interface")
     for layer, module in enumerate(modules):
         hidden, index, weights = _routed(tokens, module, skip, seed=layer)
-        actual = hit_experts_forward(module, hidden, index, weights)
+        actual = forward(module, hidden, index, weights)
         if skip:  # the reference leaves the pair out as weight 0 on a real expert (GPT-OSS's eager path has no skip id)
             weights = weights.clone()
             weights[0, -1] = 0.0
             index = index.clone()
             index[0, -1] = int(index[0, 0] == 0)
-        expected = _eager(module, hidden, index, weights)
-        assert actual.shape == expected.shape
-        assert (actual - expected).abs().max().item() < 1e-12, (family, layer)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("tokens", [1, 2, 9])
-def test_gathered_experts_equal_eager(family: str, tokens: int) -> None:
-    """The compiled kernel's function (`gathered_experts`), run eager in float64: the module's eager output for
-    every layout the families use (gate or not, biases, transposed weights, their own gates), a skip id included.
-    `tests/test_compiled_stack.py` runs it compiled inside the engine."""
-    model = tiny_model(family, dtype=torch.float64)
-    use_hit_experts(model)
-    modules = _experts(model)
-    if not modules:
-        pytest.skip(f"{family}'s experts module does not use transformers' experts interface")
-    for layer, module in enumerate(modules):
-        hidden, index, weights = _routed(tokens, module, True, seed=layer)
-        actual = gathered_experts(module, hidden, index, weights)
-        weights = weights.clone()
-        weights[0, -1] = 0.0
-        index = index.clone()
-        index[0, -1] = int(index[0, 0] == 0)
         expected = _eager(module, hidden, index, weights)
         assert actual.shape == expected.shape
         assert (actual - expected).abs().max().item() < 1e-12, (family, layer)
