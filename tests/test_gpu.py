@@ -5,6 +5,8 @@
 - The engine built from a store onto `cuda` with half the slots (dense part and slots on the device), its experts
   copied in by the loop's loader thread (pinned staging and a copy stream on CUDA), serves two patterns in turn:
   each request's greedy tokens equal transformers' `generate` on the pruned checkpoint on the same device.
+- The same with the engine's default compiled step (the decoder stack and the experts kernel; Triton kernels on a
+  GPU): compiled before serving, no fallback to eager, the same tokens.
 TF32 is switched off so that float32 matmuls are float32 on both sides.
 """
 
@@ -89,7 +91,28 @@ def test_the_loop_on_cuda_serves_patterns_its_loader_brought_from_the_store(fami
     reference, store = build(tmp_path, family)
     patterned, residency = load_model(store, Budget(fraction=0.5), device=DEVICE)
     assert next(patterned.model.parameters()).device.type == DEVICE
-    loop = EngineLoop(patterned, residency, store, eos=set(), pad_id=0)
+    serve_two_patterns(EngineLoop(patterned, residency, store, eos=set(), pad_id=0), reference, patterned)
+
+
+def test_the_compiled_loop_on_cuda_serves_patterns_as_transformers(tmp_path: Path) -> None:
+    """The default serving path: the decoder stack and the experts kernel compiled (on a GPU, inductor's Triton
+    kernels), before serving; the same greedy tokens as transformers on the pruned checkpoint."""
+    from premoe_service.engine.compiled_stack import CompiledStack
+
+    reference, store = build(tmp_path, "qwen3_moe")
+    patterned, residency = load_model(store, Budget(fraction=0.5), device=DEVICE)
+    loop = EngineLoop(patterned, residency, store, eos=set(), pad_id=0, compiled=True)
+    stack = loop.batch.stack
+    assert isinstance(stack, CompiledStack)
+    loop.batch.warm_up()
+    assert stack.failure is None and stack.experts_failure is None, loop.batch.stack_state()
+    serve_two_patterns(loop, reference, patterned)
+    assert stack.failure is None and stack.experts_failure is None, loop.batch.stack_state()
+
+
+def serve_two_patterns(loop: EngineLoop, reference: Any, patterned: PatternedModel) -> None:
+    """Two requests in turn, each with a random half pattern (the second replaces part of the first in the slots):
+    each request's greedy tokens equal transformers' `generate` on its pruned checkpoint."""
     reference = reference.to(DEVICE)
     for seed in (5, 6):  # the second pattern replaces part of the first in the slots
         kept = random_pattern(reference, patterned.spec.num_experts // 2, seed=seed)
