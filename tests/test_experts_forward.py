@@ -20,6 +20,7 @@ from premoe_service.families.tiny import TINY_CONFIGS, tiny_model
 from premoe_service.runtime import experts_forward
 from premoe_service.runtime.experts_forward import (
     IMPLEMENTATION,
+    experts_kernel,
     gathered_experts,
     hit_experts_forward,
     use_hit_experts,
@@ -130,3 +131,36 @@ def test_skip_ids_in_a_wide_float32_pass_contribute_exactly_nothing(family: str)
         actual = hit_experts_forward(module, hidden, skipped, weights)
         assert torch.isfinite(actual).all()
         assert (actual - _eager(module, hidden, index, kept_weights)).abs().max().item() < 1e-5, family
+
+
+def test_the_kernel_takes_the_passes_its_bound_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a kernel in place (as while the engine's stack runs compiled), a float32 pass goes to it up to
+    `GATHERED_PAIRS_PER_EXPERT` pairs per slot when the layer's slots fit `CACHED_LAYER_BYTES`, and up to a quarter
+    as many pairs as slots when they do not; the rest, and float64 passes, go to the library paths. Either way the
+    output is the module's."""
+    taken: list[int] = []
+
+    def kernel(m: torch.nn.Module, hidden: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+        taken.append(index.shape[0])
+        return gathered_experts(m, hidden, index, weights)
+
+    def passes(dtype: torch.dtype, token_counts: list[int]) -> list[int]:
+        model = tiny_model("qwen3_moe", dtype=dtype)
+        use_hit_experts(model)
+        module = _experts(model)[0]
+        taken.clear()
+        with experts_kernel(kernel):
+            for tokens in token_counts:
+                hidden, index, weights = _routed(tokens, module, skip=False, seed=tokens)
+                hidden, weights = hidden.to(dtype), weights.to(dtype)
+                actual = hit_experts_forward(module, hidden, index, weights)
+                assert (actual - _eager(module, hidden, index, weights)).abs().max().item() < 1e-5
+        return list(taken)
+
+    slots, top_k = tiny_model("qwen3_moe").config.num_experts, 2
+    widest = experts_forward.GATHERED_PAIRS_PER_EXPERT * slots // top_k
+    assert passes(torch.float32, [1, widest, widest + 1]) == [1, widest]
+    assert passes(torch.float64, [1, 2]) == []
+    monkeypatch.setattr(experts_forward, "CACHED_LAYER_BYTES", 0)  # the layer no longer fits the caches
+    narrow = max(1, slots // (4 * top_k))
+    assert passes(torch.float32, [narrow, narrow + 1]) == [narrow]

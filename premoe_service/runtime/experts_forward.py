@@ -40,13 +40,17 @@ IMPLEMENTATION = "premoe_hit"
 # against 185, two tokens 180 against 210, four tokens 280 against 265.
 HIT_PAIRS_PER_EXPERT = 0.25
 
-# Up to this many pairs per slot of the module, a pass goes to the compiled kernel (`experts_kernel`), above it to
-# the paths above. The kernel reads a slot's weights once per pair, the grouped path once per hit slot. Measured on
-# the reference model (16 experts, top-2, 2 cores, a layer): 16 tokens 360 us against the grouped path's 1,110, 64
-# tokens 1,080 against 1,560, 128 tokens 1,790 against 2,060, 256 tokens 3,150 against 2,680. The crossover there
-# is about 16 pairs per slot, with all four layers' experts (28 MB) in the caches; the bound stays well below it
-# for experts too large to stay there, where each re-read comes from memory.
+# Which passes go to the compiled kernel (`experts_kernel`, `kernel_takes`). The kernel reads a slot's weights once
+# per pair, the grouped path once per hit slot; what the kernel saves is the library call per expert.
+# - A layer whose slots stay in the caches between pairs (up to CACHED_LAYER_BYTES): up to GATHERED_PAIRS_PER_EXPERT
+#   pairs per slot. Measured on the reference model (16 experts of 442 KB, top-2, 2 cores, a layer): 16 tokens
+#   360 us against the grouped path's 1,110, 64 tokens 1,080 against 1,560, 128 tokens 1,790 against 2,060, 256
+#   tokens 3,150 against 2,680: the crossover is about 16 pairs per slot, with all four layers' experts (28 MB) in a
+#   32 MB L3. The bound leaves room for caches shared with other work.
+# - A larger layer: a re-read comes from memory, and a library call is small beside reading an expert, so only
+#   passes whose pairs rarely share a slot (at most a quarter as many pairs as slots: a lone decode row's top-k).
 GATHERED_PAIRS_PER_EXPERT = 4
+CACHED_LAYER_BYTES = 16 * 2**20
 
 ExpertsKernel = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
 _KERNEL: ContextVar[ExpertsKernel | None] = ContextVar("premoe_experts_kernel", default=None)
@@ -67,10 +71,18 @@ def hit_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Ten
     """transformers' experts-forward signature: `hidden_states` `[T, H]`, `top_k_index` and `top_k_weights`
     `[T, K]`; returns `[T, H]`."""
     kernel = _KERNEL.get()
-    slots: int = self.num_experts  # type: ignore[assignment]
-    if kernel is not None and top_k_index.numel() <= GATHERED_PAIRS_PER_EXPERT * slots and grouped_dtype(hidden_states):
+    if kernel is not None and grouped_dtype(hidden_states) and kernel_takes(self, top_k_index.numel()):
         return kernel(self, hidden_states, top_k_index, top_k_weights)
     return library_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def kernel_takes(module: nn.Module, pairs: int) -> bool:
+    """Whether a pass of `pairs` (token, expert) pairs goes to the compiled kernel (see GATHERED_PAIRS_PER_EXPERT)."""
+    slots: int = module.num_experts  # type: ignore[assignment]
+    layer_bytes = sum(p.nbytes for p in module._parameters.values() if p is not None)
+    if layer_bytes <= CACHED_LAYER_BYTES:
+        return pairs <= GATHERED_PAIRS_PER_EXPERT * slots
+    return 4 * pairs <= slots
 
 
 def library_experts_forward(
