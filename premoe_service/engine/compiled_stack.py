@@ -45,6 +45,7 @@ from ..runtime.decoder_stack import DecoderStack
 from ..runtime.experts_forward import (
     IMPLEMENTATION,
     ExpertsKernel,
+    Weights,
     experts_kernel,
     follows_interface,
     gathered_experts,
@@ -137,20 +138,21 @@ class CompiledStack:
         """Compile the experts kernel for one token and several, on every experts module (one graph serves all
         layers; the others only check its guards), with routing weights in the model's dtype and in float32 (the
         families differ). Slot 0 is read, nothing is written."""
+        if self.failure is not None:
+            return
         for experts in self.experts:
-            weights = experts._parameters["down_proj"]
-            if weights is None or self.failure is not None:
-                return
-            hidden = weights.shape[1] if not getattr(experts, "is_transposed", False) else weights.shape[2]
+            weights = Weights(experts)
+            down = weights.down  # [slots, H, I], or [slots, I, H] transposed
+            hidden = down.shape[2] if weights.transposed else down.shape[1]
             for tokens in (1, 2, 3):
-                for dtype in dict.fromkeys((weights.dtype, torch.float32)):
+                for dtype in dict.fromkeys((down.dtype, torch.float32)):
                     if self.experts_failure is not None:
                         return
                     self._experts_call(
                         experts,
-                        weights.new_zeros((tokens, hidden)),
-                        torch.zeros((tokens, self.top_k), dtype=torch.long, device=weights.device),
-                        torch.zeros((tokens, self.top_k), dtype=dtype, device=weights.device),
+                        down.new_zeros((tokens, hidden)),
+                        torch.zeros((tokens, self.top_k), dtype=torch.long, device=down.device),
+                        torch.zeros((tokens, self.top_k), dtype=dtype, device=down.device),
                     )
 
     def __call__(self, ids: Tensor, position_ids: Tensor, attention_mask: Any, keep: Tensor) -> Tensor:
@@ -183,17 +185,13 @@ class CompiledStack:
                 out: Tensor = self._compiled_experts(module, hidden, index, weights)
                 return out
             except Exception as exc:
-                if not _compile_failure(exc):
-                    raise
-                self.experts_failure = _summary(exc)
+                self.experts_failure = _compile_failure_summary(exc)
                 log.warning("the experts run eager: compiling their kernel failed (%s)", self.experts_failure)
         return library_experts_forward(module, hidden, index, weights)
 
     def _failed(self, exc: Exception) -> None:
         """Run eager from now on if `exc` comes from compiling; raise it otherwise."""
-        if not _compile_failure(exc):
-            raise exc
-        self.failure = _summary(exc)
+        self.failure = _compile_failure_summary(exc)
         log.warning("the decode step runs eager: compiling it failed (%s)", self.failure)
 
 
@@ -210,7 +208,10 @@ def _own_function(function: Any) -> Any:
     return own
 
 
-def _summary(exc: BaseException) -> str:
+def _compile_failure_summary(exc: Exception) -> str:
+    """`exc` in a line, if it comes from compiling; raised again otherwise."""
+    if not _compile_failure(exc):
+        raise exc
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
