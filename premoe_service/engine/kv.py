@@ -53,6 +53,10 @@ class KVPool:
         """`[T]` flat slot of each (row, column) in the `[R * C]` view (valid until the capacity changes)."""
         return rows * self.capacity + columns
 
+    def slot(self, row: int, column: int) -> int:
+        """`slots` of one (row, column)."""
+        return row * self.capacity + column
+
     def write(self, layer: int, keys: Tensor, values: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
         """Store token `t`'s keys and values `[T, kv_heads, d]` at flat slot `slots[t]`; the layer's pool."""
         if layer not in self.keys:

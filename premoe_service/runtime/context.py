@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -89,12 +90,11 @@ class RoutingContext:
     ) -> RoutingContext:
         """The context of a packed `[1, T]` forward pass whose row `b` brings `counts[b]` tokens (no padding);
         `skip_below[b]` applies to every token of row `b` (prompt rows give 0: only decode tokens skip)."""
-        count = torch.tensor(list(counts), dtype=torch.long)
-        token_row = torch.arange(len(counts)).repeat_interleave(count)
+        token_row = torch.from_numpy(np.repeat(np.arange(len(counts), dtype=np.int64), list(counts)))
         skip = None
         if skip_below is not None and any(s > 0 for s in skip_below):
             skip = torch.tensor(list(skip_below), dtype=torch.float32)[token_row]
-        weight = torch.ones(int(count.sum()), dtype=torch.float32)
+        weight = torch.ones(len(token_row), dtype=torch.float32)
         return cls.assemble(tables, token_row, weight, keep_scores, skip)
 
     @classmethod
