@@ -6,6 +6,8 @@
   transformers' own batching noise, near-tie flips allowed). The stack must have run compiled throughout.
 - A float64 model runs eager (its families' float32 norms would round differently compiled).
 - The warm-up compiles every shape class the scenario meets: serving it compiles nothing more.
+- Attention runs inside the graph, over the KV pool's tensors; where that fails to compile, it runs behind the
+  opaque operator, logged once.
 - The experts run through the compiled experts kernel wherever the family's experts module takes the engine's
   experts forward; a kernel that fails to compile is logged, and the experts run their eager paths.
 - Without a working C++ compiler the stack says why and runs eager, with the eager stack's logits.
@@ -113,6 +115,7 @@ def run_compiled(
     out = serve_scenario(loop, setup, job_list)
     assert stack.failure is None, stack.failure
     assert stack.experts_failure is None, stack.experts_failure
+    assert stack.graph_failure is None, stack.graph_failure  # attention ran inside the graph
     assert graphs() == compiled, "a shape class compiled while serving: the warm-up missed it"
     if stack.experts:  # the family's experts take the engine's experts forward: the kernel computed them
         assert kernel_calls[0] > 0
@@ -154,6 +157,38 @@ def test_an_experts_kernel_that_fails_to_compile_leaves_the_experts_eager(
         requests, observer, _ = serve_scenario(loop, setup, job_list)
     assert stack.failure is None and stack.experts_failure is not None
     assert sum("the experts run eager" in r.getMessage() for r in caplog.records) == 1
+    noise = batching.transformers_batch_noise(setup.reference, [job.prompt for job in job_list])
+    report = batching.compare(setup, job_list, requests, observer)
+    assert report.failures(max(batching.F32_FLOOR, 2 * noise), allow_near_ties=True) == []
+
+
+def test_attention_that_fails_to_compile_inside_the_graph_runs_behind_the_opaque_operator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attention inside the graph fails to compile (here its function raises while traced): the failure is logged
+    once and named by the stack's state, the warm-up compiles the opaque operator's graphs instead (nothing
+    compiles while serving), the stack stays compiled, and the rows hold the float32 bounds."""
+    from premoe_service.engine import attention
+
+    setup = batching.build(tmp_path, "qwen3_moe", torch.float32)
+    job_list = batching.jobs(setup)
+
+    def untraceable(*_: Any) -> torch.Tensor:
+        raise attention.UnsupportedAttention("a layout the graph cannot take")
+
+    monkeypatch.setattr(attention, "graph_attention", untraceable)
+    loop = EngineLoop(setup.patterned, setup.residency, setup.store, eos=set(), compiled=True)
+    stack = loop.batch.stack
+    assert isinstance(stack, CompiledStack)
+    with caplog.at_level(logging.WARNING, logger="premoe_service.engine.compiled_stack"):
+        loop.batch.warm_up()
+        state = loop.batch.stack_state()  # dynamo reports the raise in its own words
+        assert state.startswith("compiled") and "attention outside the graph" in state
+        compiled = graphs()
+        requests, observer, _ = serve_scenario(loop, setup, job_list)
+    assert stack.failure is None and stack.graph_failure is not None
+    assert graphs() == compiled, "the opaque operator's shape classes compiled while serving"
+    assert sum("attention runs outside the compiled graph" in r.getMessage() for r in caplog.records) == 1
     noise = batching.transformers_batch_noise(setup.reference, [job.prompt for job in job_list])
     report = batching.compare(setup, job_list, requests, observer)
     assert report.failures(max(batching.F32_FLOOR, 2 * noise), allow_near_ties=True) == []

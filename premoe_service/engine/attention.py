@@ -87,8 +87,9 @@ class PackedStep:
                 out_index.extend(range(b * queries, b * queries + count))
             first += count
 
-        def tensor(values: list[int]) -> Tensor:  # through numpy: 3x faster than torch.tensor on a long list
-            return torch.from_numpy(np.array(values, dtype=np.int64)).to(device)
+        def tensor(values: list[int], *shape: int) -> Tensor:  # through numpy: 3x faster than torch.tensor
+            # Shaped in numpy, so that no result is a view: the compiled stack's graphs guard on their inputs' bases.
+            return torch.from_numpy(np.array(values, dtype=np.int64).reshape(shape or (-1,))).to(device)
 
         return cls(
             pool,
@@ -98,7 +99,7 @@ class PackedStep:
             tensor(slots),
             tensor(query_index) if queries > 1 else None,
             tensor(out_index) if queries > 1 else None,
-            tensor(query_pos).view(len(counts), queries),
+            tensor(query_pos, len(counts), queries),
             width,
             list(rows) == list(range(len(rows))),
         )
@@ -151,6 +152,78 @@ _STEP: ContextVar[PackedStep | None] = ContextVar("premoe_packed_step", default=
 _INNER: ContextVar[AttentionFunction] = ContextVar("premoe_packed_inner")
 
 
+@dataclass(frozen=True)
+class GraphStep:
+    """A packed step as the compiled decoder stack takes it, in place of the layers' attention mask: tensors only,
+    so that they become the graph's inputs and attention runs inside the graph (`graph_attention`).
+
+    Attributes:
+        keys, values: Each layer's pool tensors, `[R, C, kv_heads, d]` (layers 0..L-1).
+        slots, rows, query_index, out_index, query_pos: The `PackedStep`'s.
+        columns: `arange(W)`, which hands the graph the width W as a size rather than a constant. At least 2
+            columns: a lone one-token prompt (W = 1) would otherwise need a graph of its own (torch specializes a
+            size of 1); the extra column is masked like any column past a row's position, so it weighs exactly 0.
+        inner: The model's own attention function (`model_attention`).
+    """
+
+    keys: tuple[Tensor, ...]
+    values: tuple[Tensor, ...]
+    slots: Tensor
+    rows: Tensor
+    query_index: Tensor | None
+    out_index: Tensor | None
+    query_pos: Tensor
+    columns: Tensor
+    inner: AttentionFunction
+
+    @classmethod
+    def of(cls, step: PackedStep, layers: int, inner: AttentionFunction) -> GraphStep | None:
+        """`step` for the graph; None while the pool has not made every layer's tensors (before its first pass)."""
+        pool = step.pool.layers(layers)
+        if pool is None:
+            return None
+        columns = torch.arange(max(step.width, 2), device=step.query_pos.device)
+        return cls(*pool, step.slots, step.rows, step.query_index, step.out_index, step.query_pos, columns, inner)
+
+
+def current_step() -> PackedStep | None:
+    """The step `packed_attention_for` installed (None outside one)."""
+    return _STEP.get()
+
+
+def graph_attention(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, step: GraphStep, kwargs: dict[str, Any]
+) -> Tensor:
+    """`packed_attention`'s computation written for the compiled graph: the pool's tensors are the graph's inputs
+    and its writes happen in place in them, the mask is built from the query positions (always, so that one graph
+    serves every step of a shape class), and the model's own attention function is traced in. `[1, T, h, d_v]`"""
+    layer = int(module.layer_idx)  # type: ignore[arg-type]
+    pool_keys, pool_values = step.keys[layer], step.values[layer]
+    new_keys, new_values = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, kv_heads, d]
+    pool_keys.view(-1, *new_keys.shape[1:]).index_copy_(0, step.slots, new_keys)
+    pool_values.view(-1, *new_values.shape[1:]).index_copy_(0, step.slots, new_values)
+    width = step.columns.shape[0]
+    keys = pool_keys.index_select(0, step.rows)[:, :width].transpose(1, 2)  # [B, kv_heads, W, d]
+    values = pool_values.index_select(0, step.rows)[:, :width].transpose(1, 2)
+    rows, queries = step.query_pos.shape
+    heads, dim = query.shape[1], query.shape[3]
+    packed = query[0].transpose(0, 1)  # [T, h, d_q]
+    if step.query_index is not None:
+        packed = torch.cat([packed, packed.new_zeros((1, heads, dim))]).index_select(0, step.query_index)
+    grouped = packed.reshape(rows, queries, heads, dim).transpose(1, 2)  # [B, h, Q, d_q]
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    position = step.query_pos.unsqueeze(-1)  # [B, Q, 1]
+    allowed = step.columns <= position
+    if window is not None:
+        allowed = allowed & (position - step.columns < window)
+    mask = torch.where(allowed, 0.0, torch.finfo(query.dtype).min).to(query.dtype).unsqueeze(1)  # as `mask`
+    out, _ = step.inner(module, grouped, keys, values, mask, **kwargs)  # [B, Q, h, d_v]
+    out = out.reshape(rows * queries, heads, out.shape[-1])
+    if step.out_index is not None:
+        out = out.index_select(0, step.out_index)
+    return out.unsqueeze(0)
+
+
 def model_attention(model: nn.Module) -> AttentionFunction:
     """The attention function `model` itself uses (its configured implementation; eager: its module's own)."""
     config: Any = model.config
@@ -174,8 +247,10 @@ def packed_attention(
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
     """transformers' attention-function signature; see the module docstring."""
-    if torch.compiler.is_compiling():  # the compiled step (`engine/compiled_stack.py`): one opaque call
-        return _opaque_attention(module, query, key, value, kwargs), None
+    if torch.compiler.is_compiling():  # the compiled step (`engine/compiled_stack.py`)
+        if isinstance(attention_mask, GraphStep):  # attention inside the graph
+            return graph_attention(module, query, key, value, attention_mask, _carried(kwargs)), None
+        return _opaque_attention(module, query, key, value, _carried(kwargs)), None  # one opaque call
     step = _STEP.get()
     if step is None:
         raise RuntimeError("packed attention runs only inside `packed_forward`")
@@ -215,11 +290,16 @@ class UnsupportedAttention(RuntimeError):
     """The family passes its attention function something the compiled step does not carry."""
 
 
-def _opaque_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, kwargs: dict[str, Any]) -> Tensor:
-    """The call to `premoe::packed_attention` (declared in `engine/compiled_stack.py`) in the compiled graph."""
+def _carried(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The attention arguments the compiled step passes on (`_PASSED`); raises on any it does not know."""
     unknown = set(kwargs) - set(_PASSED) - set(_IGNORED)
     if unknown:
         raise UnsupportedAttention(f"attention arguments the compiled step does not carry: {sorted(unknown)}")
+    return {name: kwargs[name] for name in _PASSED if name in kwargs}
+
+
+def _opaque_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    """The call to `premoe::packed_attention` (declared in `engine/compiled_stack.py`) in the compiled graph."""
     out: Tensor = torch.ops.premoe.packed_attention(
         query,
         key,

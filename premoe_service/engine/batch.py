@@ -67,7 +67,7 @@ class RunningBatch:
         self.attention = model_attention(patterned.model)  # the model's own, run on the gathered rows
         stack: DecoderStack | CompiledStack | None = plain_stack(patterned.model)  # None: the model's own forward
         if isinstance(stack, DecoderStack) and compiled and compiles(patterned.model):
-            stack = CompiledStack(stack)
+            stack = CompiledStack(stack, self.pool, self.attention)
         self.stack = stack
 
     @property
@@ -88,6 +88,8 @@ class RunningBatch:
         if self.stack.failure:
             return f"eager, compiling failed: {self.stack.failure}"
         state = "compiled" if seconds is None else f"compiled in {seconds:.1f} s"
+        if self.stack.graph_failure:
+            state += f" (attention outside the graph: {self.stack.graph_failure})"
         if self.stack.experts_failure:
             state += f" (the experts eager, compiling their kernel failed: {self.stack.experts_failure})"
         return state

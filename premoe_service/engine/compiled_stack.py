@@ -1,35 +1,41 @@
-"""The decoder stack compiled (`torch.compile`, inductor) around the engine's two steps that stay Python.
+"""The decoder stack compiled (`torch.compile`, inductor), attention included, around the MoE block.
 
 At this project's model sizes a step is mostly dispatch: a decode step of one row on the reference model is some
 600 tensor operations, each a few microseconds of Python and dispatcher for much less arithmetic. Compiled, the
-norms, projections' glue, rotary embeddings and residual adds of a layer become a few generated kernels; the
-matrix products stay the same library calls. Two parts of a layer stay eager Python, each behind one operator the
-compiler does not look into:
+norms, projections' glue, rotary embeddings, residual adds and attention of a layer become a few generated kernels;
+the matrix products stay the same library calls.
 
-- attention (`premoe::packed_attention`, which `engine/attention.py`'s packed attention calls while compiled): it
-  writes the KV pool and builds its layout from the step, state outside the graph;
-- the MoE block (`premoe::moe_block`): routing by each row's pattern, the hit experts, the slots that the loader
-  fills while the engine runs.
+- **Attention runs inside the graph** (`engine/attention.py`'s `graph_attention`): the step's layout and the KV
+  pool's tensors are the graph's inputs (a `GraphStep`, passed where the layers take their attention mask), the
+  pool is written in place by a generated kernel and the model's own attention function is traced in. A family
+  whose attention cannot be traced so (logged once, `graph_failure`) runs it behind an operator the compiler does
+  not look into (`premoe::packed_attention`), as it did before; in an A/B on the reference model, the graph saves
+  a tenth of a step.
+- **The MoE block stays eager**, behind `premoe::moe_block`: routing by each row's pattern, the hit experts, the
+  slots that the loader fills while the engine runs. Inside it the experts' products run compiled again, apart: a
+  kernel compiled from `runtime.experts_forward.gathered_experts` computes every (token, expert) pair in one
+  generated loop over the slots' weights, where the eager paths make a library call per hit expert (2.5 to 4.5x
+  faster a layer on the reference model, at 1 to 16 rows).
 
-Both are declared here, and run on the modules the `Opaque` record of the call names. Inside the MoE block the
-experts' products run compiled again, apart: a kernel compiled from `runtime.experts_forward.gathered_experts`
-computes every (token, expert) pair in one generated loop over the slots' weights, where the eager paths make a
-library call per hit expert (2.5 to 4.5x faster a layer on the reference model, at 1 to 16 rows).
+Both operators are declared here, and run on the modules the `Opaque` record of the call names.
 
-The packed token count T and the kept count K are dynamic, so three graphs serve every step (torch specializes a
-size of 1): one row decoding (T = K = 1), one prompt (K = 1) and several rows. The engine compiles them, and the
-experts kernel, when it starts (`warm_up`): 37 s on two cores the first time for the reference model, 7 s from
-inductor's cache.
+Sizes are dynamic, and torch specializes a size of 1, so a graph serves each class of step (`WARM_UP_GRAPH`): one
+row decoding, several rows decoding, a prompt alone (one logit kept, or all), a decode row beside a prompt. The
+engine compiles them, and the experts kernel, when it starts (`warm_up`), so that no request waits for a compile:
+64 s on two cores the first time for the reference model, 22-24 s at later starts (inductor's cache on disk
+holds the generated code; tracing the graphs again takes most of that).
 
 The compiled graph is not bit-identical to the eager stack (generated reductions sum in another order), so it
 is kept to the exactness tests' tolerances (`tests/test_compiled_stack.py`) rather than to the bit. A model the
-compiler cannot take whole (no C++ compiler on the machine, a family passing its attention something the opaque
-operator does not carry) is logged once and runs eager from then on. A float64 model runs eager (`compiles`).
+compiler cannot take whole (no C++ compiler on the machine, a family passing its attention something the step
+does not carry) is logged once and runs eager from then on. A float64 model runs eager (`compiles`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import logging
 import time
 import types
@@ -51,15 +57,43 @@ from ..runtime.experts_forward import (
     gathered_experts,
     library_experts_forward,
 )
-from .attention import UnsupportedAttention, packed_attention, switched_attention
+from .attention import (
+    AttentionFunction,
+    GraphStep,
+    PackedStep,
+    UnsupportedAttention,
+    current_step,
+    packed_attention,
+    packed_attention_for,
+    switched_attention,
+)
+from .kv import KVPool
 
 log = logging.getLogger(__name__)
 
-# Packed tokens and kept positions of the passes the warm-up runs: one row decoding, a prompt, several rows. Most
-# families compile three graphs for these (T = 1; T > 1 with K = 1; K > 1); some trace a guard that sets T = 2
-# apart (DeepSeek V2: `8 * T != 16`), which the shapes of two tokens cover. Another such coincidence costs one
-# compile at its first pass, not a wrong result.
+# Packed tokens and kept positions of the passes the warm-up runs where attention cannot run inside the graph (it
+# runs behind the opaque operator): one row decoding, a prompt, several rows. Most families compile three graphs
+# for these (T = 1; T > 1 with K = 1; K > 1); some trace a guard that sets T = 2 apart (DeepSeek V2: `8 * T !=
+# 16`), which the shapes of two tokens cover. Another such coincidence costs one compile at its first pass, not a
+# wrong result.
 WARM_UP = ((1, 1), (2, 1), (2, 2), (3, 1), (3, 2))
+
+# The steps the warm-up runs with attention inside the graph, as (starts, counts, kept positions) of rows 0..B-1:
+# one row decoding; two rows and three (the DeepSeek V2 guard above); a prompt alone, with one logit kept or all
+# (prompt logprobs); a decode row beside a prompt. Each is a graph of its own: torch specializes sizes of 1 (rows
+# B, queries per row Q, kept K) and the decode steps skip the query gather. Not warmed, so compiled at their first
+# pass: a prompt cut by the prompt-token budget, whose chunk keeps no logit (K = 0, or K = 1 beside one decode row).
+WARM_UP_GRAPH = (
+    ((4,), (1,), (0,)),
+    ((4, 5), (1, 1), (0, 1)),
+    ((4, 5, 6), (1, 1, 1), (0, 1, 2)),
+    ((0,), (5,), (4,)),
+    ((0,), (5,), (0, 1, 2, 3, 4)),
+    ((4, 0), (1, 5), (0, 5)),
+)
+# Graphs per code object that torch keeps (its default is 8): the warm-up's, one for a first pass before the pool
+# has its tensors, and room for a shape coincidence that a family's code guards on.
+RECOMPILE_LIMIT = 16
 
 
 @dataclass(frozen=True)
@@ -88,8 +122,12 @@ class CompiledStack:
     """Runs `stack` compiled; the same call as `DecoderStack`. Falls back to `stack` itself for good when
     compiling fails."""
 
-    def __init__(self, stack: DecoderStack) -> None:
+    def __init__(self, stack: DecoderStack, pool: KVPool | None = None, inner: AttentionFunction | None = None) -> None:
         self.stack = stack
+        # Attention inside the graph, over `pool` with the model's own attention function `inner` (both given by
+        # the running batch); without them, or once it failed to compile, behind the opaque operator.
+        self.pool, self.inner = pool, inner
+        self.graph_failure: str | None = None if pool is not None and inner is not None else "no pool given"
         model: Any = stack.model
         adapter = adapter_for(model.config)
         layers = model.model.layers
@@ -111,28 +149,82 @@ class CompiledStack:
         self.opaque = Opaque(attention, blocks, experts=self._experts_call if self.experts else None)
         self.failure: str | None = None
         self.experts_failure: str | None = None
-        self._compiled = torch.compile(_own_code(stack.__call__), dynamic=True, fullgraph=True)
+        self.layers = len(attention)
+        if sorted(attention) != list(range(self.layers)):
+            self.graph_failure = "the attention layers are not numbered 0..L-1"
+        compile_: Any = torch.compile  # its typed overloads lack `recompile_limit`
+        self._compiled = compile_(_own_code(stack.__call__), dynamic=True, fullgraph=True, **_recompile_limit())
         self._compiled_experts = torch.compile(_own_function(gathered_experts), dynamic=True, fullgraph=True)
 
     def warm_up(self, attention_mask: Any) -> float:
-        """Compile the shape classes now (`WARM_UP`), so that no request waits for a compile; the two opaque steps
-        stand idle meanwhile (they return zeros and touch no state). Returns the seconds it took."""
+        """Compile the shape classes now (`WARM_UP_GRAPH`, or `WARM_UP` where attention cannot run inside the
+        graph), so that no request waits for a compile. The MoE blocks stand idle meanwhile (they return zeros and
+        touch no state); attention writes the pool's first rows, which no request holds yet and whose columns are
+        written before they are read. Returns the seconds it took."""
         start = time.perf_counter()
         model: Any = self.stack.model
-        device = model.lm_head.weight.device
-        with torch.no_grad(), switched_attention(model):
-            for tokens, kept in WARM_UP:
-                if self.failure is not None:
-                    break
-                ids = torch.zeros((1, tokens), dtype=torch.long, device=device)
-                positions = torch.arange(tokens, device=device).unsqueeze(0)
-                keep = torch.arange(tokens - kept, tokens, device=device)
-                try:
-                    self._compiled_call(ids, positions, attention_mask, keep, IDLE)
-                except Exception as exc:
-                    self._failed(exc)
+        with torch.no_grad(), switched_attention(model), _tracing():
+            self._make_pool(attention_mask)
+            self._warm_up_graph()
+            if self.graph_failure is not None:
+                self._warm_up_opaque(attention_mask)
             self._warm_up_experts()
         return time.perf_counter() - start
+
+    def _make_pool(self, attention_mask: Any) -> None:
+        """Have the pool make its layers' tensors (the graphs take them as inputs): one eager pass of a token in
+        the pool's first row, its MoE blocks idle (they return zeros)."""
+        if self.pool is None or self.inner is None:
+            return
+        layout = PackedStep.build(self.pool, [0], [0], [1])
+        ids = torch.zeros((1, 1), dtype=torch.long, device=self._device())
+        keep = torch.zeros(1, dtype=torch.long, device=ids.device)
+        token = _OPAQUE.set(IDLE)
+        try:
+            with packed_attention_for(self.stack.model, layout, self.inner):
+                self.stack(ids, layout.position_ids(), attention_mask, keep)
+        finally:
+            _OPAQUE.reset(token)
+
+    def _warm_up_opaque(self, attention_mask: Any) -> None:
+        """Compile the graphs with attention behind the opaque operator (`WARM_UP`)."""
+        device = self._device()
+        for tokens, kept in WARM_UP:
+            if self.failure is not None:
+                return
+            ids = torch.zeros((1, tokens), dtype=torch.long, device=device)
+            positions = torch.arange(tokens, device=device).unsqueeze(0)
+            keep = torch.arange(tokens - kept, tokens, device=device)
+            try:
+                self._compiled_call(ids, positions, attention_mask, keep, IDLE)
+            except Exception as exc:
+                self._failed(exc)
+
+    def _warm_up_graph(self) -> None:
+        """Compile the graphs with attention inside (`WARM_UP_GRAPH`), on the pool's first rows (no request holds
+        them yet; what is written there is overwritten before it is read)."""
+        if self.failure is not None or self.graph_failure is not None:
+            return
+        assert self.pool is not None and self.inner is not None
+        device = self._device()
+        for starts, counts, kept in WARM_UP_GRAPH:
+            layout = PackedStep.build(self.pool, range(len(counts)), starts, counts)
+            graph = GraphStep.of(layout, self.layers, self.inner)
+            if graph is None:
+                self.graph_failure = "the pool's tensors were not made"
+                return
+            ids = torch.zeros((1, sum(counts)), dtype=torch.long, device=device)
+            keep = torch.tensor(kept, dtype=torch.long, device=device)
+            try:
+                self._compiled_call(ids, layout.position_ids(), graph, keep, IDLE)
+            except Exception as exc:
+                self._graph_failed(exc)
+                return
+
+    def _device(self) -> torch.device:
+        model: Any = self.stack.model
+        device: torch.device = model.lm_head.weight.device
+        return device
 
     def _warm_up_experts(self) -> None:
         """Compile the experts kernel for one token and several, on every experts module (one graph serves all
@@ -156,6 +248,16 @@ class CompiledStack:
                     )
 
     def __call__(self, ids: Tensor, position_ids: Tensor, attention_mask: Any, keep: Tensor) -> Tensor:
+        """The stack's call, inside `packed_attention_for`: attention runs inside the graph over the step it
+        installed, or behind the opaque operator."""
+        if self.failure is None and self.graph_failure is None and (step := current_step()) is not None:
+            assert self.inner is not None
+            graph = GraphStep.of(step, self.layers, self.inner)
+            if graph is not None:
+                try:
+                    return self._compiled_call(ids, position_ids, graph, keep, self.opaque)
+                except Exception as exc:
+                    self._graph_failed(exc)
         if self.failure is None:
             try:
                 return self._compiled_call(ids, position_ids, attention_mask, keep, self.opaque)
@@ -194,6 +296,31 @@ class CompiledStack:
         self.failure = _compile_failure_summary(exc)
         log.warning("the decode step runs eager: compiling it failed (%s)", self.failure)
 
+    def _graph_failed(self, exc: Exception) -> None:
+        """Run attention behind the opaque operator from now on if `exc` comes from compiling; raise it otherwise.
+        A compile failure leaves the pool as it was: the graph fails before it runs."""
+        self.graph_failure = _compile_failure_summary(exc)
+        log.warning("attention runs outside the compiled graph: compiling it inside failed (%s)", self.graph_failure)
+
+
+def _tracing() -> contextlib.AbstractContextManager[Any]:
+    """How the warm-up traces its graphs:
+    - sizes that happen to be equal in a warm-up step (a prompt's tokens and its width, rows and pool rows) get
+      symbols of their own (no duck sizing), else a step where they differ would compile a graph while serving;
+    - floats the graph reads (attention's scaling) are constants from the start: traced as inputs, they make
+      dynamo restart each graph's analysis, which doubles the start's time."""
+    stack = contextlib.ExitStack()
+    shapes: Any = torch.fx.experimental._config  # a config module: its `patch` is not typed
+    stack.enter_context(shapes.patch(use_duck_shape=False))
+    stack.enter_context(torch._dynamo.config.patch(specialize_float=True))
+    return stack
+
+
+def _recompile_limit() -> dict[str, int]:
+    """`torch.compile`'s argument that keeps up to RECOMPILE_LIMIT graphs, where it takes one (torch 2.13 does)."""
+    takes = "recompile_limit" in inspect.signature(torch.compile).parameters
+    return {"recompile_limit": RECOMPILE_LIMIT} if takes else {}
+
 
 def _own_code(method: Any) -> Any:
     """`method` with a code object of its own: torch keeps compiled graphs, and its limit on them (8), per code
@@ -225,6 +352,9 @@ def _compile_failure(exc: BaseException) -> bool:
 def _block_forward(block: nn.Module, layer: int, scores: bool, hidden: Tensor) -> Any:
     """The MoE block's forward while compiled: one opaque call; eager, its own forward."""
     if not torch.compiler.is_compiling():
+        opaque = _OPAQUE.get(None)
+        if opaque is not None and opaque.idle:  # the warm-up's eager pass (`_make_pool`)
+            return (torch.zeros_like(hidden), None) if scores else torch.zeros_like(hidden)
         return type(block).forward(block, hidden)
     out = torch.ops.premoe.moe_block(hidden, layer)
     return (out, None) if scores else out

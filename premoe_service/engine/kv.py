@@ -57,11 +57,21 @@ class KVPool:
         """`slots` of one (row, column)."""
         return row * self.capacity + column
 
-    def write(self, layer: int, keys: Tensor, values: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
-        """Store token `t`'s keys and values `[T, kv_heads, d]` at flat slot `slots[t]`; the layer's pool."""
+    def allocate(self, layer: int, keys: Tensor, values: Tensor) -> None:
+        """Make `layer`'s tensors, unless made, for keys and values shaped as these `[T, kv_heads, d]`."""
         if layer not in self.keys:
             self.keys[layer] = keys.new_zeros((self.rows, self.capacity, *keys.shape[1:]))
             self.values[layer] = values.new_zeros((self.rows, self.capacity, *values.shape[1:]))
+
+    def layers(self, count: int) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None:
+        """Layers 0..count-1's keys and values, or None while some layer's tensors are not made."""
+        if len(self.keys) < count or any(layer not in self.keys for layer in range(count)):
+            return None
+        return tuple(self.keys[i] for i in range(count)), tuple(self.values[i] for i in range(count))
+
+    def write(self, layer: int, keys: Tensor, values: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """Store token `t`'s keys and values `[T, kv_heads, d]` at flat slot `slots[t]`; the layer's pool."""
+        self.allocate(layer, keys, values)
         pool_keys, pool_values = self.keys[layer], self.values[layer]
         pool_keys.view(-1, *keys.shape[1:]).index_copy_(0, slots, keys)
         pool_values.view(-1, *values.shape[1:]).index_copy_(0, slots, values)
