@@ -205,12 +205,7 @@ def graph_attention(
     width = step.columns.shape[0]
     keys = pool_keys.index_select(0, step.rows)[:, :width].transpose(1, 2)  # [B, kv_heads, W, d]
     values = pool_values.index_select(0, step.rows)[:, :width].transpose(1, 2)
-    rows, queries = step.query_pos.shape
-    heads, dim = query.shape[1], query.shape[3]
-    packed = query[0].transpose(0, 1)  # [T, h, d_q]
-    if step.query_index is not None:
-        packed = torch.cat([packed, packed.new_zeros((1, heads, dim))]).index_select(0, step.query_index)
-    grouped = packed.reshape(rows, queries, heads, dim).transpose(1, 2)  # [B, h, Q, d_q]
+    grouped = _grouped_queries(query, step.query_pos, step.query_index)
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     position = step.query_pos.unsqueeze(-1)  # [B, Q, 1]
     allowed = step.columns <= position
@@ -218,9 +213,25 @@ def graph_attention(
         allowed = allowed & (position - step.columns < window)
     mask = torch.where(allowed, 0.0, torch.finfo(query.dtype).min).to(query.dtype).unsqueeze(1)  # as `mask`
     out, _ = step.inner(module, grouped, keys, values, mask, **kwargs)  # [B, Q, h, d_v]
+    return _packed_out(out, step.out_index)
+
+
+def _grouped_queries(query: Tensor, query_pos: Tensor, query_index: Tensor | None) -> Tensor:
+    """The packed queries `[1, h, T, d_q]` grouped by row, `[B, h, Q, d_q]` (empty slots zero)."""
+    rows, queries = query_pos.shape
+    heads, dim = query.shape[1], query.shape[3]
+    packed = query[0].transpose(0, 1)  # [T, h, d_q]
+    if query_index is not None:
+        packed = torch.cat([packed, packed.new_zeros((1, heads, dim))]).index_select(0, query_index)
+    return packed.reshape(rows, queries, heads, dim).transpose(1, 2)
+
+
+def _packed_out(out: Tensor, out_index: Tensor | None) -> Tensor:
+    """The attention function's output `[B, Q, h, d_v]` back in the packed order, `[1, T, h, d_v]`."""
+    rows, queries, heads = out.shape[:3]
     out = out.reshape(rows * queries, heads, out.shape[-1])
-    if step.out_index is not None:
-        out = out.index_select(0, step.out_index)
+    if out_index is not None:
+        out = out.index_select(0, out_index)
     return out.unsqueeze(0)
 
 
@@ -263,19 +274,11 @@ def packed_attention(
         keys = keys[:, : step.width].index_select(0, step.rows)
         values = values[:, : step.width].index_select(0, step.rows)
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, kv_heads, W, d]
-    rows, queries = step.query_pos.shape
-    heads, dim = query.shape[1], query.shape[3]
-    packed = query[0].transpose(0, 1)  # [T, h, d_q]
-    if step.query_index is not None:
-        packed = torch.cat([packed, packed.new_zeros((1, heads, dim))]).index_select(0, step.query_index)
-    grouped = packed.reshape(rows, queries, heads, dim).transpose(1, 2)  # [B, h, Q, d_q]
+    grouped = _grouped_queries(query, step.query_pos, step.query_index)
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     mask = step.mask(window, query.dtype)
     out, _ = _INNER.get()(module, grouped, keys, values, mask, **kwargs)  # [B, Q, h, d_v]
-    out = out.reshape(rows * queries, heads, out.shape[-1])
-    if step.out_index is not None:
-        out = out.index_select(0, step.out_index)
-    return out.unsqueeze(0), None  # [1, T, h, d_v]
+    return _packed_out(out, step.out_index), None  # [1, T, h, d_v]
 
 
 AttentionInterface.register(ATTENTION, packed_attention)
