@@ -91,8 +91,9 @@ WARM_UP_GRAPH = (
     ((0,), (5,), (0, 1, 2, 3, 4)),
     ((4, 0), (1, 5), (0, 5)),
 )
-# Graphs per code object that torch keeps (its default is 8): the warm-up's, one for a first pass before the pool
-# has its tensors, and room for a shape coincidence that a family's code guards on.
+# Graphs per code object that torch keeps (its default is 8): the warm-up's five (or the opaque operator's three),
+# and room for the passes it does not warm (a prompt chunk that keeps no logit) and for shape coincidences that a
+# family's code guards on.
 RECOMPILE_LIMIT = 16
 
 
