@@ -5,7 +5,8 @@
   are compared with the same references alone and held to the same bound (the larger of 1e-5 and twice
   transformers' own batching noise, near-tie flips allowed). The stack must have run compiled throughout.
 - A float64 model runs eager (its families' float32 norms would round differently compiled).
-- The warm-up compiles every shape class the scenario meets: serving it compiles nothing more.
+- The warm-up compiles every shape class the scenario meets: serving it compiles nothing more, nor serving prompts
+  fed in chunks that keep no logit, or scored whole (prompt logprobs).
 - Attention runs inside the graph, over the KV pool's tensors; where that fails to compile, it runs behind the
   opaque operator, logged once.
 - The experts run through the compiled experts kernel wherever the family's experts module takes the engine's
@@ -26,22 +27,24 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from premoe_service.engine import BatchLimits, EngineLoop, Request
+from premoe_service.engine import BatchLimits, EngineLoop, Request, SamplingParams
 from premoe_service.engine.compiled_stack import CompiledStack
+from premoe_service.families.tiny import tiny_tokenizer
+from premoe_service.pattern import Pattern
 
 from . import test_batching as batching
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def compiled_loop(setup: batching.Setup) -> EngineLoop:
+def compiled_loop(setup: batching.Setup, **limits: Any) -> EngineLoop:
     loop = EngineLoop(
         setup.patterned,
         setup.residency,
         setup.store,
         eos=set(),
         pad_id=0,
-        limits=BatchLimits(max_join_wait_steps=0),
+        limits=BatchLimits(max_join_wait_steps=0, **limits),
         compiled=True,
     )
     assert isinstance(loop.batch.stack, CompiledStack)
@@ -133,6 +136,46 @@ def test_compiled_float32_within_transformers_batching_noise(family: str, tmp_pa
     report = batching.compare(setup, job_list, requests, observer)
     print(f"\n{family} float32 compiled: tol {tol:.2e}; max |diff| alone {report.diff['alone']:.2e}")
     assert report.failures(tol, allow_near_ties=True) == []
+
+
+def test_prompts_in_chunks_or_scored_whole_compile_nothing_after_the_warm_up(tmp_path: Path) -> None:
+    """The warm-up traces a step with a prompt without specializing its rows or kept logits: the same graph serves
+    a prompt alone, chunks under the prompt-token budget that keep no logit, and a prompt scored whole (every
+    position's logits kept), each request getting its tokens alone."""
+    setup = batching.build(tmp_path, "qwen3_moe", torch.float32)
+    loop = compiled_loop(setup, max_prefill_tokens=4)  # the prompts below go in chunks of at most 4 tokens
+    stack = loop.batch.stack
+    assert isinstance(stack, CompiledStack)
+    compiled = graphs()
+    jobs = [batching.Job(batching.prompt(length, seed), None, 4) for seed, length in enumerate((6, 9, 2, 11))]
+    requests = [job.request(setup) for job in jobs]
+
+    def scored_request() -> Request:
+        params = SamplingParams(max_new_tokens=2, prompt_logprobs=True)
+        return Request(list(batching.prompt(7, 4)), Pattern.full(setup.spec), params, tiny_tokenizer(), stream=False)
+
+    scored = scored_request()
+    driver = batching.Driver(loop)
+    try:
+        driver.join(requests[0])  # alone: a chunk of 4 that keeps no logit, then one of 2 that keeps its last
+        driver.submit(*requests[1:], scored)
+        driver.finish()
+    finally:
+        loop.loader.close()
+    assert stack.failure is None and stack.graph_failure is None
+    assert graphs() == compiled, "a step with a prompt compiled while serving"
+    for job, request in zip(jobs, requests, strict=True):
+        assert batching.outcome(request).token_ids == batching.run_alone(setup, job)
+    eager, alone = batching.make_loop(setup), scored_request()
+    try:
+        eager.submit(alone)
+        eager.run_until_idle(timeout_s=20)
+    finally:
+        eager.loader.close()
+    got, want = batching.outcome(scored).prompt_logprobs, batching.outcome(alone).prompt_logprobs
+    assert got is not None and want is not None and len(got) == len(want) == 7
+    assert [t.token for t in got] == [t.token for t in want] and got[0].logprob is None
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(got[1:], want[1:], strict=True)) < 1e-4  # type: ignore[operator]
 
 
 def test_an_experts_kernel_that_fails_to_compile_leaves_the_experts_eager(

@@ -20,10 +20,9 @@ the matrix products stay the same library calls.
 Both operators are declared here, and run on the modules the `Opaque` record of the call names.
 
 Sizes are dynamic, and torch specializes a size of 1, so a graph serves each class of step (`WARM_UP_GRAPH`): one
-row decoding, several rows decoding, a prompt alone (one logit kept, or all), a decode row beside a prompt. The
-engine compiles them, and the experts kernel, when it starts (`warm_up`), so that no request waits for a compile:
-64 s on two cores the first time for the reference model, 22-24 s at later starts (inductor's cache on disk
-holds the generated code; tracing the graphs again takes most of that).
+row decoding, several rows decoding, and any step that brings a prompt (whose rows and kept logits are traced as
+sizes torch does not specialize). The engine compiles them, and the experts kernel, when it starts (`warm_up`), so
+that no request waits for a compile.
 
 The compiled graph is not bit-identical to the eager stack (generated reductions sum in another order), so it
 is kept to the exactness tests' tolerances (`tests/test_compiled_stack.py`) rather than to the bit. A model the
@@ -79,21 +78,20 @@ log = logging.getLogger(__name__)
 WARM_UP = ((1, 1), (2, 1), (2, 2), (3, 1), (3, 2))
 
 # The steps the warm-up runs with attention inside the graph, as (starts, counts, kept positions) of rows 0..B-1:
-# one row decoding; two rows and three (the DeepSeek V2 guard above); a prompt alone, with one logit kept or all
-# (prompt logprobs); a decode row beside a prompt. Each is a graph of its own: torch specializes sizes of 1 (rows
-# B, queries per row Q, kept K) and the decode steps skip the query gather. Not warmed, so compiled at their first
-# pass: a prompt cut by the prompt-token budget, whose chunk keeps no logit (K = 0, or K = 1 beside one decode row).
+# one row decoding; two rows and three (the DeepSeek V2 guard above); a decode row beside a prompt. Torch
+# specializes sizes of 1, and a decode step skips the query gather, so the two decode classes are graphs of their
+# own. The prompt's step is traced with its rows B, kept logits K and query gather as unbacked sizes (`_unbacked`):
+# its graph then also serves a prompt alone, a chunk that keeps no logit or all of them (prompt logprobs), and any
+# number of decode rows beside prompts. The tokens T and queries per row Q stay specialized at 1: transformers'
+# norms and attention branch on them in Python.
 WARM_UP_GRAPH = (
     ((4,), (1,), (0,)),
     ((4, 5), (1, 1), (0, 1)),
     ((4, 5, 6), (1, 1, 1), (0, 1, 2)),
-    ((0,), (5,), (4,)),
-    ((0,), (5,), (0, 1, 2, 3, 4)),
     ((4, 0), (1, 5), (0, 5)),
 )
-# Graphs per code object that torch keeps (its default is 8): the warm-up's five (or the opaque operator's three),
-# and room for the passes it does not warm (a prompt chunk that keeps no logit) and for shape coincidences that a
-# family's code guards on.
+# Graphs per code object that torch keeps (its default is 8): the warm-up's three or four (or the opaque operator's
+# three), and room for shape coincidences that a family's code guards on.
 RECOMPILE_LIMIT = 16
 
 
@@ -216,6 +214,8 @@ class CompiledStack:
                 return
             ids = torch.zeros((1, sum(counts)), dtype=torch.long, device=device)
             keep = torch.tensor(kept, dtype=torch.long, device=device)
+            if max(counts) > 1:
+                _unbacked(graph, keep)
             try:
                 self._compiled_call(ids, layout.position_ids(), graph, keep, IDLE)
             except Exception as exc:
@@ -315,6 +315,18 @@ def _tracing() -> contextlib.AbstractContextManager[Any]:
     stack.enter_context(shapes.patch(use_duck_shape=False))
     stack.enter_context(torch._dynamo.config.patch(specialize_float=True))
     return stack
+
+
+def _unbacked(graph: GraphStep, keep: Tensor) -> None:
+    """Trace a step that brings a prompt with sizes torch does not specialize at 0 or 1 (`WARM_UP_GRAPH`): its
+    rows B (the layout's row list and query positions, one size), its kept logits K (0 for a chunk that keeps none)
+    and its query gather (B * Q). B and the gather are at least 1, which transformers' reshapes need to know."""
+    mark: Any = torch._dynamo.decorators.mark_unbacked
+    mark(graph.rows, 0, shape_id="rows", min=1)
+    mark(graph.query_pos, 0, shape_id="rows", min=1)
+    mark(keep, 0)
+    assert graph.query_index is not None  # a step with a prompt gathers its queries
+    mark(graph.query_index, 0, min=1)
 
 
 def _recompile_limit() -> dict[str, int]:
