@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
 # Re-resolve the lock to the newest versions pyproject.toml's ranges allow (in a throwaway venv), then print what
 # moved. Run `make test` on the result before committing it.
