@@ -6,7 +6,8 @@
   transformers' own batching noise, near-tie flips allowed). The stack must have run compiled throughout.
 - A float64 model runs eager (its families' float32 norms would round differently compiled).
 - The warm-up compiles every shape class the scenario meets: serving it compiles nothing more, nor serving prompts
-  fed in chunks that keep no logit, or scored whole (prompt logprobs).
+  fed in chunks that keep no logit, or scored whole (prompt logprobs). Where a prompt's step cannot be traced with
+  unbacked sizes, the warm-up traces it with its sizes known and still covers the scenario.
 - Attention runs inside the graph, over the KV pool's tensors; where that fails to compile, it runs behind the
   opaque operator, logged once.
 - The experts run through the compiled experts kernel wherever the family's experts module takes the engine's
@@ -27,7 +28,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from premoe_service.engine import BatchLimits, EngineLoop, Request, SamplingParams
+from premoe_service.engine import BatchLimits, EngineLoop, Request, SamplingParams, compiled_stack
+from premoe_service.engine.attention import GraphStep
 from premoe_service.engine.compiled_stack import CompiledStack
 from premoe_service.families.tiny import tiny_tokenizer
 from premoe_service.pattern import Pattern
@@ -176,6 +178,29 @@ def test_prompts_in_chunks_or_scored_whole_compile_nothing_after_the_warm_up(tmp
     assert got is not None and want is not None and len(got) == len(want) == 7
     assert [t.token for t in got] == [t.token for t in want] and got[0].logprob is None
     assert max(abs(a.logprob - b.logprob) for a, b in zip(got[1:], want[1:], strict=True)) < 1e-4  # type: ignore[operator]
+
+
+def test_a_prompt_step_that_cannot_be_traced_unbacked_gets_graphs_with_its_sizes_known(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A family whose code needs a prompt step's sizes known: here the rows are marked without their lower bound,
+    so transformers' `reshape(B, -1, Q, d)` cannot be traced (the data-dependent guard `B != 0`). The warm-up logs it
+    once, traces that step and a prompt alone with their sizes known, and attention stays inside the graph: the
+    batching scenario compiles nothing while serving and holds the float32 bounds."""
+
+    def unbounded(graph: GraphStep, keep: torch.Tensor) -> None:
+        torch._dynamo.decorators.mark_unbacked(graph.rows, 0, shape_id="rows")
+        torch._dynamo.decorators.mark_unbacked(graph.query_pos, 0, shape_id="rows")
+
+    monkeypatch.setattr(compiled_stack, "_unbacked", unbounded)
+    setup = batching.build(tmp_path, "qwen3_moe", torch.float32)
+    job_list = batching.jobs(setup)
+    noise = batching.transformers_batch_noise(setup.reference, [job.prompt for job in job_list])
+    with caplog.at_level(logging.WARNING, logger="premoe_service.engine.compiled_stack"):
+        requests, observer, _ = run_compiled(setup, job_list)  # graph attention, nothing compiled while serving
+    assert sum("compiles with its sizes known" in r.getMessage() for r in caplog.records) == 1
+    report = batching.compare(setup, job_list, requests, observer)
+    assert report.failures(max(batching.F32_FLOOR, 2 * noise), allow_near_ties=True) == []
 
 
 def test_an_experts_kernel_that_fails_to_compile_leaves_the_experts_eager(

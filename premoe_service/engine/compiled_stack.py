@@ -38,6 +38,7 @@ import inspect
 import logging
 import time
 import types
+from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -90,6 +91,9 @@ WARM_UP_GRAPH = (
     ((4, 5, 6), (1, 1, 1), (0, 1, 2)),
     ((4, 0), (1, 5), (0, 5)),
 )
+# The prompt's classes where its step cannot be traced with unbacked sizes (`_warm_up_graph`): a prompt alone with
+# one logit kept, or all. A chunk that keeps no logit then compiles at its first pass.
+SPECIALIZED_PROMPT_STEPS = (((0,), (5,), (4,)), ((0,), (5,), (0, 1, 2, 3, 4)))
 # Graphs per code object that torch keeps (its default is 8): the warm-up's three or four (or the opaque operator's
 # three), and room for shape coincidences that a family's code guards on.
 RECOMPILE_LIMIT = 16
@@ -201,26 +205,43 @@ class CompiledStack:
 
     def _warm_up_graph(self) -> None:
         """Compile the graphs with attention inside (`WARM_UP_GRAPH`), on the pool's first rows (no request holds
-        them yet; what is written there is overwritten before it is read)."""
+        them yet; what is written there is overwritten before it is read). Where a family's code cannot take a
+        prompt's step with unbacked sizes, that step is traced with its sizes known, and the prompt's classes get
+        graphs of their own (`SPECIALIZED_PROMPT_STEPS`; logged once)."""
         if self.failure is not None or self.graph_failure is not None:
             return
-        assert self.pool is not None and self.inner is not None
-        device = self._device()
-        for starts, counts, kept in WARM_UP_GRAPH:
-            layout = PackedStep.build(self.pool, range(len(counts)), starts, counts)
-            graph = GraphStep.of(layout, self.layers, self.inner)
-            if graph is None:
-                self.graph_failure = "the pool's tensors were not made"
-                return
-            ids = torch.zeros((1, sum(counts)), dtype=torch.long, device=device)
-            keep = torch.tensor(kept, dtype=torch.long, device=device)
-            if max(counts) > 1:
-                _unbacked(graph, keep)
+        steps = [(*step, max(step[1]) > 1) for step in WARM_UP_GRAPH]
+        while steps:
+            starts, counts, kept, unbacked = steps.pop(0)
             try:
-                self._compiled_call(ids, layout.position_ids(), graph, keep, IDLE)
+                if not self._warm_up_step(starts, counts, kept, unbacked):
+                    self.graph_failure = "the pool's tensors were not made"
+                    return
             except Exception as exc:
-                self._graph_failed(exc)
-                return
+                if not (unbacked and _compile_failure(exc)):
+                    self._graph_failed(exc)
+                    return
+                log.warning(
+                    "a step with a prompt compiles with its sizes known (%s): a prompt alone and a chunk that "
+                    "keeps no logit get graphs of their own",
+                    _compile_failure_summary(exc),
+                )
+                steps[:0] = [(*step, False) for step in ((starts, counts, kept), *SPECIALIZED_PROMPT_STEPS)]
+
+    def _warm_up_step(self, starts: Sequence[int], counts: Sequence[int], kept: Sequence[int], unbacked: bool) -> bool:
+        """Compile the graph of one warm-up step (`WARM_UP_GRAPH`); False while the pool's tensors are not made."""
+        assert self.pool is not None and self.inner is not None
+        layout = PackedStep.build(self.pool, range(len(counts)), starts, counts)
+        graph = GraphStep.of(layout, self.layers, self.inner)
+        if graph is None:
+            return False
+        device = self._device()
+        ids = torch.zeros((1, sum(counts)), dtype=torch.long, device=device)
+        keep = torch.tensor(kept, dtype=torch.long, device=device)
+        if unbacked:
+            _unbacked(graph, keep)
+        self._compiled_call(ids, layout.position_ids(), graph, keep, IDLE)
+        return True
 
     def _device(self) -> torch.device:
         model: Any = self.stack.model
