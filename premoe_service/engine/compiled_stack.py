@@ -222,8 +222,8 @@ class CompiledStack:
                     self._graph_failed(exc)
                     return
                 log.warning(
-                    "a step with a prompt compiles with its sizes known (%s): a prompt alone and a chunk that "
-                    "keeps no logit get graphs of their own",
+                    "a step with a prompt compiles with its sizes known (%s): a prompt alone gets graphs of its "
+                    "own, and a chunk that keeps no logit compiles at its first pass",
                     _compile_failure_summary(exc),
                 )
                 steps[:0] = [(*step, False) for step in ((starts, counts, kept), *SPECIALIZED_PROMPT_STEPS)]
