@@ -302,7 +302,7 @@ def _carried(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _opaque_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, kwargs: dict[str, Any]) -> Tensor:
-    """The call to `premoe::packed_attention` (declared in `engine/compiled_stack.py`) in the compiled graph."""
+    """The call to `premoe::packed_attention` (declared in `engine/opaque_ops.py`) in the compiled graph."""
     out: Tensor = torch.ops.premoe.packed_attention(
         query,
         key,

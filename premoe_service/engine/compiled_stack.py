@@ -17,7 +17,8 @@ the matrix products stay the same library calls.
   generated loop over the slots' weights, where the eager paths make a library call per hit expert (2.5 to 4.5x
   faster a layer on the reference model, at 1 to 16 rows).
 
-Both operators are declared here, and run on the modules the `Opaque` record of the call names.
+Both operators are declared in `engine/opaque_ops.py`, and run on the modules the `Opaque` record of the call
+names.
 
 Sizes are dynamic, and torch specializes a size of 1, so a graph serves each class of step (`WARM_UP_GRAPH`): one
 row decoding, several rows decoding, and any step that brings a prompt (whose rows and kept logits are traced as
@@ -39,8 +40,6 @@ import logging
 import time
 import types
 from collections.abc import Sequence
-from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,9 +49,7 @@ from ..families import adapter_for
 from ..runtime.decoder_stack import DecoderStack
 from ..runtime.experts_forward import (
     IMPLEMENTATION,
-    ExpertsKernel,
     Weights,
-    experts_kernel,
     follows_interface,
     gathered_experts,
     library_experts_forward,
@@ -63,11 +60,11 @@ from .attention import (
     PackedStep,
     UnsupportedAttention,
     current_step,
-    packed_attention,
     packed_attention_for,
     switched_attention,
 )
 from .kv import KVPool
+from .opaque_ops import CURRENT, IDLE, Opaque, block_forward
 
 log = logging.getLogger(__name__)
 
@@ -99,21 +96,6 @@ SPECIALIZED_PROMPT_STEPS = (((0,), (5,), (4,)), ((0,), (5,), (0, 1, 2, 3, 4)))
 RECOMPILE_LIMIT = 16
 
 
-@dataclass(frozen=True)
-class Opaque:
-    """What the two operators run on during a compiled call: the layers' attention modules and MoE blocks by
-    layer index; `idle`: neither, they return zeros and touch no state (the warm-up)."""
-
-    attention: dict[int, nn.Module]
-    blocks: dict[int, nn.Module]
-    idle: bool = False
-    experts: ExpertsKernel | None = None  # what computes the blocks' experts (None: their eager paths)
-
-
-IDLE = Opaque({}, {}, idle=True)
-_OPAQUE: ContextVar[Opaque] = ContextVar("premoe_compiled_opaque")
-
-
 def compiles(model: nn.Module) -> bool:
     """Whether `model` runs its stack compiled: not in float64. The families' norms compute in float32 even in a
     float64 model, and the compiled kernels round those float32 sums in another order: the logits would move by
@@ -139,7 +121,7 @@ class CompiledStack:
         for index in adapter.moe_layers(model.config):
             block = getattr(layers[index], adapter.block_attr)
             blocks[index] = block
-            block.forward = functools.partial(_block_forward, block, index, adapter.block_scores)
+            block.forward = functools.partial(block_forward, block, index, adapter.block_scores)
         # The experts modules that run the engine's experts forward (some families' do not use the interface).
         self.experts = [
             experts
@@ -182,12 +164,12 @@ class CompiledStack:
         layout = PackedStep.build(self.pool, [0], [0], [1])
         ids = torch.zeros((1, 1), dtype=torch.long, device=self._device())
         keep = torch.zeros(1, dtype=torch.long, device=ids.device)
-        token = _OPAQUE.set(IDLE)
+        token = CURRENT.set(IDLE)
         try:
             with packed_attention_for(self.stack.model, layout, self.inner):
                 self.stack(ids, layout.position_ids(), attention_mask, keep)
         finally:
-            _OPAQUE.reset(token)
+            CURRENT.reset(token)
 
     def _warm_up_opaque(self, attention_mask: Any) -> None:
         """Compile the graphs with attention behind the opaque operator (`WARM_UP`)."""
@@ -295,11 +277,11 @@ class CompiledStack:
         keep: Tensor,
         opaque: Opaque,
     ) -> Tensor:
-        token = _OPAQUE.set(opaque)
+        token = CURRENT.set(opaque)
         try:
             out: Tensor = self._compiled(ids, position_ids, attention_mask, keep)
         finally:
-            _OPAQUE.reset(token)
+            CURRENT.reset(token)
         return out
 
     def _experts_call(self, module: nn.Module, hidden: Tensor, index: Tensor, weights: Tensor) -> Tensor:
@@ -381,72 +363,3 @@ def _compile_failure(exc: BaseException) -> bool:
     if isinstance(exc, UnsupportedAttention | torch._dynamo.exc.TorchDynamoException):
         return True
     return type(exc).__module__.startswith(("torch._dynamo", "torch._inductor"))
-
-
-def _block_forward(block: nn.Module, layer: int, scores: bool, hidden: Tensor) -> Any:
-    """The MoE block's forward while compiled: one opaque call; eager, its own forward."""
-    if not torch.compiler.is_compiling():
-        opaque = _OPAQUE.get(None)
-        if opaque is not None and opaque.idle:  # the warm-up's eager pass (`_make_pool`)
-            return (torch.zeros_like(hidden), None) if scores else torch.zeros_like(hidden)
-        return type(block).forward(block, hidden)
-    out = torch.ops.premoe.moe_block(hidden, layer)
-    return (out, None) if scores else out
-
-
-def _block_op(hidden: Tensor, layer: int) -> Tensor:
-    """The MoE block of `layer`, run eager: routing by the rows' patterns and the hit experts."""
-    opaque = _OPAQUE.get()
-    if opaque.idle:
-        return torch.zeros_like(hidden, memory_format=torch.contiguous_format)
-    block = opaque.blocks[layer]
-    with experts_kernel(opaque.experts):
-        out = type(block).forward(block, hidden)
-    if isinstance(out, tuple):
-        out = out[0]
-    if out.untyped_storage().data_ptr() == hidden.untyped_storage().data_ptr():
-        return out.clone()  # an operator's output may not alias its input
-    return out.contiguous()
-
-
-def _block_shape(hidden: Tensor, layer: int) -> Tensor:
-    return torch.empty_like(hidden, memory_format=torch.contiguous_format)
-
-
-def _attention_op(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    layer: int,
-    scaling: float | None,
-    dropout: float,
-    sliding_window: int | None,
-    sinks: Tensor | None,
-) -> Tensor:
-    """`packed_attention` of `layer`, run eager: it writes the pool and reads the step's layout."""
-    opaque = _OPAQUE.get()
-    if opaque.idle:
-        return _attention_shape(query, key, value).zero_()
-    kwargs: dict[str, Any] = {"dropout": dropout, "scaling": scaling, "sliding_window": sliding_window}
-    if sinks is not None:
-        kwargs["s_aux"] = sinks
-    out, _ = packed_attention(opaque.attention[layer], query, key, value, None, **kwargs)
-    return out.contiguous()
-
-
-def _attention_shape(query: Tensor, key: Tensor, value: Tensor, *_: Any) -> Tensor:
-    return query.new_empty((1, query.shape[2], query.shape[1], value.shape[3]))
-
-
-# Both operators are declared with the dispatcher directly: `torch.library.custom_op`'s Python wrapper (autograd
-# and redispatch in Python) costs 10 us a call against 4, and a step makes two per layer.
-OPS = torch.library.Library("premoe", "FRAGMENT")
-OPS.define(
-    "packed_attention(Tensor query, Tensor key, Tensor value, int layer, float? scaling, float dropout, "
-    "int? sliding_window, Tensor? sinks) -> Tensor"
-)
-OPS.impl("packed_attention", _attention_op, "CompositeExplicitAutograd")
-torch.library.register_fake("premoe::packed_attention", _attention_shape, lib=OPS)
-OPS.define("moe_block(Tensor hidden, int layer) -> Tensor")
-OPS.impl("moe_block", _block_op, "CompositeExplicitAutograd")
-torch.library.register_fake("premoe::moe_block", _block_shape, lib=OPS)

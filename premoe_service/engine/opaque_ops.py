@@ -1,0 +1,101 @@
+"""The two operators the compiled decoder stack calls out to, which the compiler does not look into
+(`engine/compiled_stack.py`): `premoe::moe_block`, the MoE block run eager (routing by each row's pattern, the hit
+experts, the slots the loader fills while the engine runs), and `premoe::packed_attention`, attention over the KV
+pool where it cannot run inside the graph. Each runs on the modules that the `Opaque` record set for the call
+(`CURRENT`) names; `IDLE` makes them return zeros and touch no state (the warm-up)."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..runtime.experts_forward import ExpertsKernel, experts_kernel
+from .attention import packed_attention
+
+
+@dataclass(frozen=True)
+class Opaque:
+    """What the two operators run on during a compiled call: the layers' attention modules and MoE blocks by
+    layer index; `idle`: neither, they return zeros and touch no state (the warm-up)."""
+
+    attention: dict[int, nn.Module]
+    blocks: dict[int, nn.Module]
+    idle: bool = False
+    experts: ExpertsKernel | None = None  # what computes the blocks' experts (None: their eager paths)
+
+
+IDLE = Opaque({}, {}, idle=True)
+CURRENT: ContextVar[Opaque] = ContextVar("premoe_compiled_opaque")
+
+
+def block_forward(block: nn.Module, layer: int, scores: bool, hidden: Tensor) -> Any:
+    """The MoE block's forward while compiled: one opaque call; eager, its own forward."""
+    if not torch.compiler.is_compiling():
+        opaque = CURRENT.get(None)
+        if opaque is not None and opaque.idle:  # the warm-up's eager pass (`_make_pool`)
+            return (torch.zeros_like(hidden), None) if scores else torch.zeros_like(hidden)
+        return type(block).forward(block, hidden)
+    out = torch.ops.premoe.moe_block(hidden, layer)
+    return (out, None) if scores else out
+
+
+def _block_op(hidden: Tensor, layer: int) -> Tensor:
+    """The MoE block of `layer`, run eager: routing by the rows' patterns and the hit experts."""
+    opaque = CURRENT.get()
+    if opaque.idle:
+        return torch.zeros_like(hidden, memory_format=torch.contiguous_format)
+    block = opaque.blocks[layer]
+    with experts_kernel(opaque.experts):
+        out = type(block).forward(block, hidden)
+    if isinstance(out, tuple):
+        out = out[0]
+    if out.untyped_storage().data_ptr() == hidden.untyped_storage().data_ptr():
+        return out.clone()  # an operator's output may not alias its input
+    return out.contiguous()
+
+
+def _block_shape(hidden: Tensor, layer: int) -> Tensor:
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format)
+
+
+def _attention_op(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    layer: int,
+    scaling: float | None,
+    dropout: float,
+    sliding_window: int | None,
+    sinks: Tensor | None,
+) -> Tensor:
+    """`packed_attention` of `layer`, run eager: it writes the pool and reads the step's layout."""
+    opaque = CURRENT.get()
+    if opaque.idle:
+        return _attention_shape(query, key, value).zero_()
+    kwargs: dict[str, Any] = {"dropout": dropout, "scaling": scaling, "sliding_window": sliding_window}
+    if sinks is not None:
+        kwargs["s_aux"] = sinks
+    out, _ = packed_attention(opaque.attention[layer], query, key, value, None, **kwargs)
+    return out.contiguous()
+
+
+def _attention_shape(query: Tensor, key: Tensor, value: Tensor, *_: Any) -> Tensor:
+    return query.new_empty((1, query.shape[2], query.shape[1], value.shape[3]))
+
+
+# Both operators are declared with the dispatcher directly: `torch.library.custom_op`'s Python wrapper (autograd
+# and redispatch in Python) costs 10 us a call against 4, and a step makes two per layer.
+OPS = torch.library.Library("premoe", "FRAGMENT")
+OPS.define(
+    "packed_attention(Tensor query, Tensor key, Tensor value, int layer, float? scaling, float dropout, "
+    "int? sliding_window, Tensor? sinks) -> Tensor"
+)
+OPS.impl("packed_attention", _attention_op, "CompositeExplicitAutograd")
+torch.library.register_fake("premoe::packed_attention", _attention_shape, lib=OPS)
+OPS.define("moe_block(Tensor hidden, int layer) -> Tensor")
+OPS.impl("moe_block", _block_op, "CompositeExplicitAutograd")
+torch.library.register_fake("premoe::moe_block", _block_shape, lib=OPS)
