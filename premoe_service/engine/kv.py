@@ -65,9 +65,10 @@ class KVPool:
 
     def layers(self, count: int) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None:
         """Layers 0..count-1's keys and values, or None while some layer's tensors are not made."""
-        if len(self.keys) < count or any(layer not in self.keys for layer in range(count)):
+        try:
+            return tuple(self.keys[i] for i in range(count)), tuple(self.values[i] for i in range(count))
+        except KeyError:
             return None
-        return tuple(self.keys[i] for i in range(count)), tuple(self.values[i] for i in range(count))
 
     def write(self, layer: int, keys: Tensor, values: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
         """Store token `t`'s keys and values `[T, kv_heads, d]` at flat slot `slots[t]`; the layer's pool."""
