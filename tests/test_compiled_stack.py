@@ -35,6 +35,7 @@ from premoe_service.families.tiny import tiny_tokenizer
 from premoe_service.pattern import Pattern
 
 from . import test_batching as batching
+from . import test_mixed_batching as mixed
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -201,6 +202,39 @@ def test_a_prompt_step_that_cannot_be_traced_unbacked_gets_graphs_with_its_sizes
     assert sum("compiles with its sizes known" in r.getMessage() for r in caplog.records) == 1
     report = batching.compare(setup, job_list, requests, observer)
     assert report.failures(max(batching.F32_FLOOR, 2 * noise), allow_near_ties=True) == []
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_rows_with_banked_experts_and_skips_route_inside_the_graph_as_eager(family: str, tmp_path: Path) -> None:
+    """Routing runs inside the graph on what the eager router reads from the routing context: the mixed-precision
+    scenario of `tests/test_mixed_batching.py` (a row whose experts sit in quantized slot banks and which skips its
+    low-weight experts, beside a drop-only row and an all-experts row), compiled. Each row equals its checkpoint to
+    the same bound, nothing compiles after the warm-up, and each request's coverage and skipped expert calls equal
+    the eager loop's on the same tokens."""
+    stacks: list[CompiledStack] = []
+
+    def loop_of(patterned: Any, residency: Any, store: Any) -> EngineLoop:
+        loop = EngineLoop(
+            patterned, residency, store, eos=set(), pad_id=0, limits=BatchLimits(max_join_wait_steps=0), compiled=True
+        )
+        assert isinstance(loop.batch.stack, CompiledStack)
+        loop.batch.warm_up()
+        stacks.append(loop.batch.stack)
+        compiled.append(graphs())
+        return loop
+
+    compiled: list[int] = []
+    served = mixed.mixed_rows_scenario(family, tmp_path / "compiled", loop_of, StackObserver)
+    (stack,) = stacks
+    assert (stack.failure, stack.graph_failure, stack.experts_failure) == (None, None, None)
+    assert graphs() == compiled[0], "a step compiled while serving: the warm-up missed it"
+    eager = mixed.mixed_rows_scenario(family, tmp_path / "eager")
+    for name, request in served.items():
+        assert request.generated == eager[name].generated, name
+        assert request.experts_skipped == eager[name].experts_skipped, name
+        coverage = request.coverage_sum / request.coverage_count
+        assert coverage == pytest.approx(eager[name].coverage_sum / eager[name].coverage_count, abs=1e-6), name
+    assert served["mixed"].coverage_sum < served["mixed"].coverage_count  # its pattern leaves some mass out
 
 
 def test_an_experts_kernel_that_fails_to_compile_leaves_the_experts_eager(

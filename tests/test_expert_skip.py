@@ -5,7 +5,7 @@ in one batch with a row that skips nothing; and through gRPC, where the stats co
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,9 +31,12 @@ THRESHOLD = 0.45  # top-2 tiny models: the second expert is skipped when it hold
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run_together(loop: EngineLoop, requests: Sequence[Request]) -> Observer:
-    """Submit the requests at once and run the loop until they finish; returns the logits each row got."""
-    observer = Observer(loop)
+def run_together(
+    loop: EngineLoop, requests: Sequence[Request], observer_of: Callable[[EngineLoop], Observer] = Observer
+) -> Observer:
+    """Submit the requests at once and run the loop until they finish; returns the logits each row got (observed by
+    `observer_of(loop)`)."""
+    observer = observer_of(loop)
     try:
         for request in requests:
             observer.expect(request)

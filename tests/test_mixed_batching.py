@@ -6,6 +6,7 @@ The mixed row also skips low-weight experts while decoding (`test_expert_skip`),
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from premoe_service.store import MemoryCache, Store, shard
 from premoe_service.store.quantized_copies import PrecisionReader, add_precisions
 
 from .references import masked_transformers, random_pattern
-from .test_batching import forced_logits
+from .test_batching import Observer, forced_logits
 from .test_expert_skip import THRESHOLD as SKIP
 from .test_expert_skip import reference_logits, run_together
 from .test_quant_exactness import GROUP, PRECISIONS, mixed_plan, reference_dequantized
@@ -56,6 +57,18 @@ def dequantized_model(reference, store: Store, precisions: dict[int, dict[int, s
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_rows_batched_with_other_tasks_equal_their_checkpoints(family: str, tmp_path: Path) -> None:
+    mixed_rows_scenario(family, tmp_path)
+
+
+def mixed_rows_scenario(
+    family: str,
+    tmp_path: Path,
+    loop_of: Callable[..., EngineLoop] | None = None,
+    observer_of: Callable[[EngineLoop], Observer] = Observer,
+    atol: float = ATOL,
+) -> dict[str, Request]:
+    """The scenario above through the loop that `loop_of(patterned, residency, store)` makes (default: the eager
+    loop), observed by `observer_of(loop)`; returns the requests once checked."""
     save_tiny_checkpoint(tmp_path / "model", family)
     tiny_tokenizer().save_pretrained(tmp_path / "model")
     shard(tmp_path / "model", tmp_path / "store", progress=False)
@@ -74,7 +87,10 @@ def test_mixed_rows_batched_with_other_tasks_equal_their_checkpoints(family: str
 
     patterned, residency = load_model(store, device="cpu")  # a full-precision slot for every expert
     attach_precisions(patterned, store, dict.fromkeys(PRECISIONS, spec.num_experts // 2))
-    loop = EngineLoop(patterned, residency, store, eos=set(), pad_id=0, limits=BatchLimits(max_join_wait_steps=0))
+    if loop_of is None:
+        loop = EngineLoop(patterned, residency, store, eos=set(), pad_id=0, limits=BatchLimits(max_join_wait_steps=0))
+    else:
+        loop = loop_of(patterned, residency, store)
     prompts = {"mixed": [5, 9, 17, 3, 44], "drop-only": [7, 7, 21, 90, 11, 4, 60], "all": [12, 30, 8]}
     skip = {"mixed": SKIP, "drop-only": 0.0, "all": 0.0}  # the mixed row also skips experts while decoding
     requests = {
@@ -83,7 +99,7 @@ def test_mixed_rows_batched_with_other_tasks_equal_their_checkpoints(family: str
         )
         for name in patterns
     }
-    observer = run_together(loop, list(requests.values()))
+    observer = run_together(loop, list(requests.values()), observer_of)
     assert max(observer.decode_rows) == 3  # the three tasks decoded in one batch
 
     dequantized = dequantized_model(reference, store, precisions)
@@ -98,13 +114,14 @@ def test_mixed_rows_batched_with_other_tasks_equal_their_checkpoints(family: str
                 expected[name] = reference_logits(model, request.prompt_ids, request.generated, skip[name], [])
         actual = torch.stack(observer.logits[request.id])
         assert actual.shape == expected[name].shape
-        assert (actual - expected[name]).abs().max().item() <= ATOL, name
+        assert (actual - expected[name]).abs().max().item() <= atol, name
     # The precisions matter, or the comparison proves nothing: the same experts at full precision differ.
     with masked_transformers(reference, kept):
         mixed = requests["mixed"]
         full_precision = reference_logits(reference, mixed.prompt_ids, mixed.generated, SKIP, [])
     assert mixed.experts_skipped > 0
     assert (expected["mixed"] - full_precision).abs().max().item() > 1e-3
+    return requests
 
 
 def store_reference(model_dir: Path):

@@ -11,11 +11,14 @@ the matrix products stay the same library calls.
   whose attention cannot be traced so (logged once, `graph_failure`) runs it behind an operator the compiler does
   not look into (`premoe::packed_attention`), as it did before; in an A/B on the reference model, the graph saves
   a tenth of a step.
-- **The MoE block stays eager**, behind `premoe::moe_block`: routing by each row's pattern, the hit experts, the
-  slots that the loader fills while the engine runs. Inside it the experts' products run compiled again, apart: a
-  kernel compiled from `runtime.experts_forward.gathered_experts` computes every (token, expert) pair in one
-  generated loop over the slots' weights, where the eager paths make a library call per hit expert (2.5 to 4.5x
-  faster a layer on the reference model, at 1 to 16 rows).
+- **The MoE block runs inside the graph too, but for its experts**: the family's block code is traced, its masked
+  router routes there (`runtime.masked_router.GraphRouting`: the step's pattern tables, slot tables and skip
+  thresholds are the graph's inputs, the router logits and skipped pairs its outputs), and the experts module's
+  call goes out to an operator the compiler does not look into (`premoe::experts`): it runs eager on the slots
+  the loader fills while the engine runs, banks included. Inside it the experts' products run compiled again,
+  apart: a kernel compiled from `runtime.experts_forward.gathered_experts` computes every (token, expert) pair in
+  one generated loop over the slots' weights, where the eager paths make a library call per hit expert (2.5 to
+  4.5x faster a layer on the reference model, at 1 to 16 rows).
 
 Both operators are declared in `engine/opaque_ops.py`, and run on the modules the `Opaque` record of the call
 names.
@@ -45,15 +48,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import UnsupportedModel
 from ..families import adapter_for
+from ..runtime.context import RoutingContext
 from ..runtime.decoder_stack import DecoderStack
 from ..runtime.experts_forward import (
     IMPLEMENTATION,
     Weights,
     follows_interface,
     gathered_experts,
+    install_front,
     library_experts_forward,
 )
+from ..runtime.masked_router import GraphRouting, MaskedRouter
 from .attention import (
     AttentionFunction,
     GraphStep,
@@ -64,7 +71,7 @@ from .attention import (
     switched_attention,
 )
 from .kv import KVPool
-from .opaque_ops import CURRENT, IDLE, Opaque, block_forward
+from .opaque_ops import CURRENT, IDLE, Opaque, block_forward, experts_front
 
 log = logging.getLogger(__name__)
 
@@ -117,21 +124,30 @@ class CompiledStack:
         adapter = adapter_for(model.config)
         layers = model.model.layers
         attention = {int(m.layer_idx): m for layer in layers for m in layer.children() if hasattr(m, "layer_idx")}
-        blocks: dict[int, nn.Module] = {}
+        experts_modules: dict[int, nn.Module] = {}
+        self.routers: list[MaskedRouter] = []
         for index in adapter.moe_layers(model.config):
             block = getattr(layers[index], adapter.block_attr)
-            blocks[index] = block
-            block.forward = functools.partial(block_forward, block, index, adapter.block_scores)
+            block.forward = functools.partial(block_forward, block, adapter.block_scores)
+            router = getattr(block, adapter.router_attr)
+            if not isinstance(router, MaskedRouter):
+                raise UnsupportedModel(f"layer {index}'s router is not masked", field="router")
+            router.graph_index = len(self.routers)
+            self.routers.append(router)
+            experts = experts_modules[index] = getattr(block, adapter.experts_attr)
+            install_front(experts, functools.partial(experts_front, experts, index))
+        # What the routers route by inside the graph: one record for all, its fields set before each call.
+        self.graph = self._idle_routing(1)
+        for router in self.routers:
+            router.graph = self.graph
         # The experts modules that run the engine's experts forward (some families' do not use the interface).
         self.experts = [
             experts
-            for block in blocks.values()
-            if (experts := getattr(block, adapter.experts_attr, None)) is not None
-            and follows_interface(experts)
-            and getattr(experts.config, "_experts_implementation", None) == IMPLEMENTATION
+            for experts in experts_modules.values()
+            if follows_interface(experts) and getattr(experts.config, "_experts_implementation", None) == IMPLEMENTATION
         ]
         self.top_k = adapter.spec(model.config).routing.top_k
-        self.opaque = Opaque(attention, blocks, experts=self._experts_call if self.experts else None)
+        self.opaque = Opaque(attention, experts_modules, kernel=self._experts_call if self.experts else None)
         self.failure: str | None = None
         self.experts_failure: str | None = None
         self.layers = len(attention)
@@ -277,12 +293,38 @@ class CompiledStack:
         keep: Tensor,
         opaque: Opaque,
     ) -> Tensor:
+        context = None if opaque.idle else self.routers[0].context
+        assert context is None or isinstance(context, RoutingContext), "the routers' context is the engine's"
+        routing = self._idle_routing(ids.shape[1]) if context is None else context.graph_routing(self.routers)
+        vars(self.graph).update(vars(routing))
         token = CURRENT.set(opaque)
         try:
             out: Tensor = self._compiled(ids, position_ids, attention_mask, keep)
         finally:
             CURRENT.reset(token)
+        if context is not None:
+            context.take_graph(self.routers, self.graph)
         return out
+
+    def _idle_routing(self, tokens: int) -> GraphRouting:
+        """Routing for a pass outside a routing context (the warm-up's, or a call outside the engine's loop): by each
+        router's own pattern, as its eager path routes then."""
+        device = self.routers[0].slot_of.device
+        excluded = torch.stack(
+            [
+                torch.zeros(r.num_experts, dtype=torch.bool, device=device) if r.excluded is None else r.excluded
+                for r in self.routers
+            ]
+        )
+        slots = torch.stack([r.slot_of for r in self.routers])
+        return GraphRouting(
+            excluded.unsqueeze(1).expand(-1, 2, -1).contiguous(),
+            slots.unsqueeze(1).expand(-1, 2, -1).contiguous(),
+            torch.zeros(tokens, dtype=torch.long, device=device),
+            torch.zeros(tokens, device=device),
+            torch.tensor([r.skip_id for r in self.routers], device=device),
+            [None] * len(self.routers),
+        )
 
     def _experts_call(self, module: nn.Module, hidden: Tensor, index: Tensor, weights: Tensor) -> Tensor:
         """The compiled experts kernel; the eager paths from the first compile failure on (logged once)."""

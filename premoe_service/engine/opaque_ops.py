@@ -1,8 +1,8 @@
 """The two operators the compiled decoder stack calls out to, which the compiler does not look into
-(`engine/compiled_stack.py`): `premoe::moe_block`, the MoE block run eager (routing by each row's pattern, the hit
-experts, the slots the loader fills while the engine runs), and `premoe::packed_attention`, attention over the KV
-pool where it cannot run inside the graph. Each runs on the modules that the `Opaque` record set for the call
-(`CURRENT`) names; `IDLE` makes them return zeros and touch no state (the warm-up)."""
+(`engine/compiled_stack.py`): `premoe::experts`, an MoE block's experts module run eager on the slots its router
+chose (the slots the loader fills while the engine runs, slot banks, skipped pairs), and `premoe::packed_attention`,
+attention over the KV pool where it cannot run inside the graph. Each runs on the modules that the `Opaque` record
+set for the call (`CURRENT`) names; `IDLE` makes them return zeros and touch no state (the warm-up)."""
 
 from __future__ import annotations
 
@@ -13,52 +13,57 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..runtime.experts_forward import ExpertsKernel, experts_kernel
+from ..runtime.experts_forward import ExpertsKernel, eager_forward, experts_kernel
 from .attention import packed_attention
 
 
 @dataclass(frozen=True)
 class Opaque:
-    """What the two operators run on during a compiled call: the layers' attention modules and MoE blocks by
+    """What the two operators run on during a compiled call: the layers' attention modules and experts modules by
     layer index; `idle`: neither, they return zeros and touch no state (the warm-up)."""
 
     attention: dict[int, nn.Module]
-    blocks: dict[int, nn.Module]
+    experts: dict[int, nn.Module]
     idle: bool = False
-    experts: ExpertsKernel | None = None  # what computes the blocks' experts (None: their eager paths)
+    kernel: ExpertsKernel | None = None  # what computes the experts (None: their eager paths)
 
 
 IDLE = Opaque({}, {}, idle=True)
 CURRENT: ContextVar[Opaque] = ContextVar("premoe_compiled_opaque")
 
 
-def block_forward(block: nn.Module, layer: int, scores: bool, hidden: Tensor) -> Any:
-    """The MoE block's forward while compiled: one opaque call; eager, its own forward."""
+def block_forward(block: nn.Module, scores: bool, hidden: Tensor) -> Any:
+    """The MoE block's forward: its family's own, traced into the compiled graph (its router routes there, its
+    experts call out to `premoe::experts`); in the warm-up's eager pass (`IDLE`), zeros."""
     if not torch.compiler.is_compiling():
         opaque = CURRENT.get(None)
         if opaque is not None and opaque.idle:  # the warm-up's eager pass (`_make_pool`)
             return (torch.zeros_like(hidden), None) if scores else torch.zeros_like(hidden)
-        return type(block).forward(block, hidden)
-    out = torch.ops.premoe.moe_block(hidden, layer)
-    return (out, None) if scores else out
+    return type(block).forward(block, hidden)
 
 
-def _block_op(hidden: Tensor, layer: int) -> Tensor:
-    """The MoE block of `layer`, run eager: routing by the rows' patterns and the hit experts."""
+def experts_front(experts: nn.Module, layer: int, hidden: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+    """The experts module's forward: one opaque call while compiled (`premoe::experts`); eager, its own forward."""
+    if torch.compiler.is_compiling():
+        out: Tensor = torch.ops.premoe.experts(hidden, index, weights, layer)
+        return out
+    return eager_forward(experts)(hidden, index, weights)
+
+
+def _experts_op(hidden: Tensor, index: Tensor, weights: Tensor, layer: int) -> Tensor:
+    """The experts module of `layer`, run eager on the slots the router chose: the slots the loader fills while the
+    engine runs, slot banks, skipped pairs."""
     opaque = CURRENT.get()
     if opaque.idle:
         return torch.zeros_like(hidden, memory_format=torch.contiguous_format)
-    block = opaque.blocks[layer]
-    with experts_kernel(opaque.experts):
-        out = type(block).forward(block, hidden)
-    if isinstance(out, tuple):
-        out = out[0]
+    with experts_kernel(opaque.kernel):
+        out: Tensor = eager_forward(opaque.experts[layer])(hidden, index, weights)
     if out.untyped_storage().data_ptr() == hidden.untyped_storage().data_ptr():
         return out.clone()  # an operator's output may not alias its input
     return out.contiguous()
 
 
-def _block_shape(hidden: Tensor, layer: int) -> Tensor:
+def _experts_shape(hidden: Tensor, index: Tensor, weights: Tensor, layer: int) -> Tensor:
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
 
@@ -96,6 +101,6 @@ OPS.define(
 )
 OPS.impl("packed_attention", _attention_op, "CompositeExplicitAutograd")
 torch.library.register_fake("premoe::packed_attention", _attention_shape, lib=OPS)
-OPS.define("moe_block(Tensor hidden, int layer) -> Tensor")
-OPS.impl("moe_block", _block_op, "CompositeExplicitAutograd")
-torch.library.register_fake("premoe::moe_block", _block_shape, lib=OPS)
+OPS.define("experts(Tensor hidden, Tensor index, Tensor weights, int layer) -> Tensor")
+OPS.impl("experts", _experts_op, "CompositeExplicitAutograd")
+torch.library.register_fake("premoe::experts", _experts_shape, lib=OPS)

@@ -27,9 +27,11 @@ from ..families.channels import pad_channels
 from .experts_forward import (
     HIT_PAIRS_PER_EXPERT,
     Weights,
+    eager_forward,
     follows_interface,
     grouped_dtype,
     grouped_with_skips,
+    replace_forward,
     run_hit,
 )
 from .slots import expert_params
@@ -65,7 +67,7 @@ def install_banks(experts: nn.Module, kind: str, banks: Sequence[Bank], family: 
     registry: dict[str, list[Bank]] = getattr(experts, "_premoe_banks", None) or {}
     registry[kind] = list(banks)
     setattr(experts, "_premoe_banks", registry)  # noqa: B010 - a plain attribute of this module
-    original: Callable[..., Tensor] = getattr(experts, "_premoe_forward", None) or experts.forward
+    original: Callable[..., Tensor] = getattr(experts, "_premoe_forward", None) or eager_forward(experts)
     # A second install wraps transformers' forward, not the first wrap.
     setattr(experts, "_premoe_forward", original)  # noqa: B010 - typed as Module attribute
     call: Callable[..., Tensor] = original.__func__  # type: ignore[attr-defined]  # the class forward, for a view
@@ -124,7 +126,7 @@ def install_banks(experts: nn.Module, kind: str, banks: Sequence[Bank], family: 
                 setattr(view, attr, widest)
         return call(view, hidden_states, renumber[top_k_index], top_k_weights)
 
-    setattr(experts, "forward", forward)  # noqa: B010 - this module's forward only
+    replace_forward(experts, forward)  # this module's forward only
 
 
 def hit_bank_slots(

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..families import Routing, RoutingSpec, full_scores
 from ..pattern import Pattern
+from .masked_router import GraphRouting, MaskedRouter, skip_low_weights
 from .model import PatternedModel
 
 
@@ -49,11 +50,13 @@ class RoutingContext:
     skip_below: Tensor | None = None  # [T] each token's expert skip threshold (`prune`); None: no row skips
     skipped: Tensor | None = None  # [B] routed expert calls skipped per batch row since `take_skipped`
     prompt_scores: dict[int, Tensor] = field(default_factory=dict)
+    patterns: int = 1  # the distinct patterns: the tables' rows
     _masks: dict[int, Tensor | None] = field(default_factory=dict)
     _slots: dict[int, Tensor] = field(default_factory=dict)
     _logits: list[Tensor] = field(default_factory=list)
     _observed: list[int] = field(default_factory=list)
     _stacked: tuple[tuple[int, ...], Tensor] | None = None
+    _graph: tuple[Tensor, Tensor | None, Tensor] | None = None  # `graph_routing`'s tables, kept across steps
 
     @classmethod
     def build(
@@ -115,6 +118,7 @@ class RoutingContext:
             slot_tables=tables.slot_tables,
             skip_below=None if skip is None else skip.to(device),
             skipped=None if skip is None else torch.zeros(rows, dtype=torch.long, device=device),
+            patterns=len(tables.patterns),
         )
 
     def excluded(self, layer: int) -> Tensor | None:
@@ -138,10 +142,9 @@ class RoutingContext:
         routing weights lies below its threshold, never its top one. Skipped pairs get weight 0 and the slot id
         `sentinel`, which the experts module computes nothing for. [T, k] each"""
         assert self.skip_below is not None and self.skipped is not None
-        share = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
-        drop = (share < self.skip_below.unsqueeze(-1)) & (weights < weights.amax(-1, keepdim=True))
+        weights, slots, drop = skip_low_weights(weights, slots, self.skip_below, sentinel)
         self.skipped.index_add_(0, self.token_row, drop.sum(-1))
-        return weights.masked_fill(drop, 0.0), slots.masked_fill(drop, sentinel)
+        return weights, slots
 
     def take_skipped(self) -> list[int]:
         """Skipped expert calls per batch row since the last call (zeros when no row skips)."""
@@ -151,13 +154,53 @@ class RoutingContext:
         self.skipped.zero_()
         return counts
 
+    def graph_routing(self, routers: Sequence[MaskedRouter]) -> GraphRouting:
+        """This context as the compiled stack's routers read it (`GraphRouting`), for `routers` (the MoE layers in
+        order). The pattern tables are stacked once per context (a running batch reuses a decode step's context);
+        the routers' own slot tables are read at each call, since the loader re-points them between steps."""
+        if self._graph is None:
+            layers = [router.layer for router in routers]
+            experts = self.spec.num_experts
+            device = self.token_row.device
+            spare = torch.zeros((1, experts), dtype=torch.bool, device=device)
+            excluded = torch.stack(
+                [
+                    torch.cat([spare.expand(self.patterns, -1) if (t := self.tables.get(layer)) is None else t, spare])
+                    for layer in layers
+                ]
+            )
+            slots = None
+            if self.slot_tables:  # banked patterns: their tables, each with a spare row like `excluded`
+                slots = torch.stack([torch.cat([t, t[:1]]) for t in (self.slot_tables[layer] for layer in layers)])
+            skip = self.skip_below if self.skip_below is not None else torch.zeros(len(self.token_row), device=device)
+            self._graph = (excluded, slots, skip)
+        excluded, slots, skip = self._graph
+        if slots is None:
+            table = torch.stack([router.slot_of for router in routers])  # [M, E]
+            slots = table.unsqueeze(1).expand(-1, excluded.shape[1], -1).contiguous()
+        skip_ids = torch.tensor([router.skip_id for router in routers], device=skip.device)
+        return GraphRouting(excluded, slots, self.token_pattern, skip, skip_ids, [None] * len(routers))
+
+    def take_graph(self, routers: Sequence[MaskedRouter], graph: GraphRouting) -> None:
+        """Take in what the compiled graph's routing saw (`graph_routing`): the logits, as `observe` keeps them, and
+        the skipped pairs."""
+        for router, logits in zip(routers, graph.logits, strict=True):
+            assert logits is not None, "the compiled graph did not route every MoE layer"
+            self.observe_logits(router.layer, logits)
+        if self.skipped is not None and graph.dropped is not None:
+            self.skipped.index_add_(0, self.token_row, graph.dropped)
+
     def observe(self, layer: int, routing: Routing) -> None:
         """Keep the router logits for `collect` (and the prompt's router scores when asked)."""
+        self.observe_logits(layer, routing.logits)
+
+    def observe_logits(self, layer: int, logits: Tensor) -> None:
+        """`observe` for the logits `[T, E]` alone."""
         self._observed.append(layer)
         if any(table is not None for table in self.tables.values()):  # else all the mass is on every pattern
-            self._logits.append(routing.logits)
+            self._logits.append(logits)
         if self.keep_scores:
-            scores = full_scores(self.spec, routing.logits)  # [T, E] fp32
+            scores = full_scores(self.spec, logits)  # [T, E] fp32
             normalised = scores / scores.sum(-1, keepdim=True).clamp_min(1e-30) * self.token_weight.unsqueeze(-1)
             sums = torch.zeros(self.rows, scores.shape[-1], dtype=scores.dtype, device=scores.device)
             self.prompt_scores[layer] = sums.index_add_(0, self.token_row, normalised)

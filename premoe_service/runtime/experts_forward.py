@@ -224,6 +224,24 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) ->
     return nn.functional.linear(x, weight, bias)
 
 
+def install_front(module: nn.Module, front: Callable[..., Tensor]) -> None:
+    """Have `front` take the experts module's calls from now on; what it stood before stays its `eager_forward`, and a
+    forward installed later (`replace_forward`, slot banks) goes behind it."""
+    setattr(module, "_premoe_eager", eager_forward(module))  # noqa: B010 - a plain attribute of this module
+    setattr(module, "forward", front)  # noqa: B010 - this module's forward only
+
+
+def eager_forward(module: nn.Module) -> Callable[..., Tensor]:
+    """The experts module's forward behind any front (`install_front`)."""
+    forward: Callable[..., Tensor] = module.__dict__.get("_premoe_eager") or module.forward
+    return forward
+
+
+def replace_forward(module: nn.Module, forward: Callable[..., Tensor]) -> None:
+    """Make `forward` the experts module's forward: behind its front, when it has one (`install_front`)."""
+    setattr(module, "_premoe_eager" if "_premoe_eager" in module.__dict__ else "forward", forward)
+
+
 def use_hit_experts(model: Any) -> None:
     """Run `model`'s experts modules through `hit_experts_forward` (the config's experts implementation)."""
     model.set_experts_implementation(IMPLEMENTATION)

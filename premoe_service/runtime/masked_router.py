@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -36,6 +37,42 @@ class RowRouting(Protocol):
         ...
 
 
+@dataclass
+class GraphRouting:
+    """A step's routing context as the compiled decoder stack's routers read it (`engine/compiled_stack.py`): tensors
+    only, so that they become the graph's inputs and routing runs inside the graph; and what routing saw, which
+    the graph hands back. The routers of the stack share one; the stack sets its fields before each call.
+
+    Attributes:
+        excluded: `[M, P, E]` bool: per MoE layer (in order), the experts each distinct pattern excludes. P is at
+            least 2 (a spare row): torch specializes a size of 1, and one graph serves any count of patterns.
+        slots: `[M, P, E]` long: each pattern's slot id per expert (the routers' tables, or a banked pattern's).
+        token_pattern: `[T]` each token's row in the tables.
+        skip_below: `[T]` each token's expert skip threshold (0: none skipped; `skip_low_weights`).
+        skip_ids: `[M]` the slot id that the experts module skips, per MoE layer (`MaskedRouter.skip_id`).
+        logits: Out: per MoE layer, the router logits `[T, E]` (what coverage and the prompt's scores read).
+        dropped: Out: `[T]` routed pairs skipped per token, summed over the MoE layers.
+    """
+
+    excluded: Tensor
+    slots: Tensor
+    token_pattern: Tensor
+    skip_below: Tensor
+    skip_ids: Tensor
+    logits: list[Tensor | None] = field(default_factory=list)
+    dropped: Tensor | None = None
+
+
+def skip_low_weights(weights: Tensor, slots: Tensor, skip_below: Tensor, sentinel: int | Tensor) -> tuple[Tensor, ...]:
+    """The Mixture Compressor's online dynamic pruning: each token skips the routed experts whose share of its
+    routing weights lies below its threshold (`skip_below` `[T]`), never its top one. Skipped pairs get weight 0 and
+    the slot id `sentinel`, which the experts module computes nothing for. Returns the weights and slots `[T, k]`
+    and the skipped pairs `[T, k]` (bool)."""
+    share = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
+    drop = (share < skip_below.unsqueeze(-1)) & (weights < weights.amax(-1, keepdim=True))
+    return weights.masked_fill(drop, 0.0), slots.masked_fill(drop, sentinel), drop
+
+
 class MaskedRouter(nn.Module):
     """Stands in for a transformers router module and returns slot ids instead of expert ids.
 
@@ -63,6 +100,8 @@ class MaskedRouter(nn.Module):
         self.observer: RouterObserver | None = None
         self.context: RowRouting | None = None  # set around a batched forward pass (`runtime.context.routing`)
         self.skip_id = spec.num_experts  # the slot id the experts module skips: its slot count (set by the engine)
+        self.graph: GraphRouting | None = None  # what the compiled stack's graph routes by (`graph_forward`)
+        self.graph_index = 0  # this router's MoE layer among the model's (its row in `graph`'s tables)
 
     def set_routing(self, excluded: Tensor | None, slot_of: Tensor) -> None:
         """Route among the non-excluded experts; `slot_of[e]` is the slot holding expert e (-1: none)."""
@@ -72,6 +111,8 @@ class MaskedRouter(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
+        if self.graph is not None and torch.compiler.is_compiling():
+            return self.graph_forward(hidden, self.graph)
         # Read the weights at call time: loading a state dict with assign=True replaces the parameters.
         context = self.context
         if context is not None:  # per-token patterns of a batch of requests
@@ -87,6 +128,20 @@ class MaskedRouter(nn.Module):
         if self.observer is not None:
             self.observer(self.layer, hidden, routing)
         return routing.logits, routing.weights, self.slot_of[routing.experts]
+
+    def graph_forward(self, hidden: Tensor, graph: GraphRouting) -> tuple[Tensor, Tensor, Tensor]:
+        """The batched path above, written for the compiled graph: the context's tables are its inputs, every token
+        is masked (a pattern that excludes nothing has an all-False row) and goes through the skip rule (a threshold
+        of 0 skips nothing), so that one graph serves every step; what routing saw goes back through `graph`."""
+        j = self.graph_index
+        excluded = graph.excluded[j].index_select(0, graph.token_pattern)  # [T, E]
+        routing = route(self.spec, RouterWeights.of(self), hidden, excluded)
+        graph.logits[j] = routing.logits
+        slots = graph.slots[j].index_select(0, graph.token_pattern).gather(1, routing.experts)
+        weights, slots, drop = skip_low_weights(routing.weights, slots, graph.skip_below, graph.skip_ids[j])
+        dropped = drop.sum(-1)
+        graph.dropped = dropped if j == 0 or graph.dropped is None else graph.dropped + dropped
+        return routing.logits, weights, slots
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, wraps={self.wrapped_class}, kind={self.spec.kind}, top_k={self.top_k}"
