@@ -206,7 +206,7 @@ def default(name: str) -> Lazy:
 @option(
     "--compile-step/--no-compile-step",
     default=True,
-    help="run the decoder stack compiled (torch.compile, before serving: about 70 s the first time on 2 cores for "
+    help="run the decoder stack compiled (torch.compile, before serving: about 80 s the first time on 2 cores for "
     "the reference model, 25-30 s at later starts with the generated code cached on disk; eager when no C++ "
     "compiler is found)",
 )
