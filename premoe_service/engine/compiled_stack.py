@@ -316,15 +316,9 @@ class CompiledStack:
                 for r in self.routers
             ]
         )
-        slots = torch.stack([r.slot_of for r in self.routers])
-        return GraphRouting(
-            excluded.unsqueeze(1).expand(-1, 2, -1).contiguous(),
-            slots.unsqueeze(1).expand(-1, 2, -1).contiguous(),
-            torch.zeros(tokens, dtype=torch.long, device=device),
-            torch.zeros(tokens, device=device),
-            torch.tensor([r.skip_id for r in self.routers], device=device),
-            [None] * len(self.routers),
-        )
+        first_row = torch.zeros(tokens, dtype=torch.long, device=device)  # every token on the routers' own row
+        no_skip = torch.zeros(tokens, device=device)
+        return GraphRouting.of(self.routers, excluded.unsqueeze(1).expand(-1, 2, -1).contiguous(), first_row, no_skip)
 
     def _experts_call(self, module: nn.Module, hidden: Tensor, index: Tensor, weights: Tensor) -> Tensor:
         """The compiled experts kernel; the eager paths from the first compile failure on (logged once)."""

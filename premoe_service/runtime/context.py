@@ -175,11 +175,7 @@ class RoutingContext:
             skip = self.skip_below if self.skip_below is not None else torch.zeros(len(self.token_row), device=device)
             self._graph = (excluded, slots, skip)
         excluded, slots, skip = self._graph
-        if slots is None:
-            table = torch.stack([router.slot_of for router in routers])  # [M, E]
-            slots = table.unsqueeze(1).expand(-1, excluded.shape[1], -1).contiguous()
-        skip_ids = torch.tensor([router.skip_id for router in routers], device=skip.device)
-        return GraphRouting(excluded, slots, self.token_pattern, skip, skip_ids, [None] * len(routers))
+        return GraphRouting.of(routers, excluded, self.token_pattern, skip, slots)
 
     def take_graph(self, routers: Sequence[MaskedRouter], graph: GraphRouting) -> None:
         """Take in what the compiled graph's routing saw (`graph_routing`): the logits, as `observe` keeps them, and

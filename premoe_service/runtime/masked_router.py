@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -61,6 +61,23 @@ class GraphRouting:
     skip_ids: Tensor
     logits: list[Tensor | None] = field(default_factory=list)
     dropped: Tensor | None = None
+
+    @classmethod
+    def of(
+        cls,
+        routers: Sequence[MaskedRouter],
+        excluded: Tensor,
+        token_pattern: Tensor,
+        skip_below: Tensor,
+        slots: Tensor | None = None,
+    ) -> GraphRouting:
+        """The record for `routers` (the MoE layers in order); `slots` None: each pattern routes by the routers' own
+        slot tables as published now (the loader re-points them between steps)."""
+        if slots is None:
+            table = torch.stack([router.slot_of for router in routers])  # [M, E]
+            slots = table.unsqueeze(1).expand(-1, excluded.shape[1], -1).contiguous()
+        skip_ids = torch.tensor([router.skip_id for router in routers], device=skip_below.device)
+        return cls(excluded, slots, token_pattern, skip_below, skip_ids, [None] * len(routers))
 
 
 def skip_low_weights(weights: Tensor, slots: Tensor, skip_below: Tensor, sentinel: int | Tensor) -> tuple[Tensor, ...]:
