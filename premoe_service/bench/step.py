@@ -5,6 +5,11 @@ phases (`engine.stats.PHASES`: scheduling, inputs and routing context, forward, 
 transformers runs the same rows (the same token ids, no padding) in a clean process of its own: one forward pass
 and an argmax per step, at the same torch thread count. Rounds are interleaved and medians reported, of wall time
 and of the process's CPU time per step (on a machine other jobs share, CPU time moves less than wall time).
+
+A round (`--round-data`, on by default) then puts `premoe bench serve`'s request list (the same prompts, lengths
+and order) into the engine at once and times it to its last token, against transformers' left-padded batch of the
+same requests in a clean process of its own: the server's 16-client figure without the doors, the clients and
+their arrival, so that a reader can tell the engine's share of that figure from the server's.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +50,10 @@ class StepBenchOptions:
     out: str | None = "var/bench-step.json"
     compile_step: bool = True
     quiet: bool = False
+    round_data: str | None = "reference/tasks"  # <task>/eval.jsonl folders, as `bench serve --data`; None: no round
+    round_per_task: int = 2
+    round_max_new_tokens: str = "3-32"
+    round_seed: int = 0
 
 
 def _rows(text: str) -> list[int]:
@@ -115,6 +125,28 @@ class EngineSteps:
             "phases_ms": phases,
         }
 
+    def round(self, prompts: Sequence[list[int]], lengths: Sequence[int], threads: int) -> dict[str, Any]:
+        """Submit every prompt at once (request i generates `lengths[i]` tokens, greedy) and step until the last
+        has finished; the wall and CPU seconds of the whole, and the tokens generated."""
+        from ..engine import Request, SamplingParams, Status
+
+        loop = self.loop
+        loop.threads = threads
+        start, cpu = time.perf_counter(), time.process_time()
+        requests = [
+            loop.submit(Request(list(ids), self.pattern, SamplingParams(max_new_tokens=n), self.tokenizer))
+            for ids, n in zip(prompts, lengths, strict=True)
+        ]
+        deadline = time.monotonic() + 600
+        while not all(r.status is Status.FINISHED for r in requests):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the round did not finish: {loop.stats}")
+            if not loop.step():
+                time.sleep(0.001)  # expert copies run on the loader thread
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        tokens = sum(len(r.generated) for r in requests)
+        return {"wall_s": wall, "cpu_s": cpu, "tokens": tokens, "tokens_per_s": tokens / wall}
+
     def close(self) -> None:
         self.loop.close()
 
@@ -129,13 +161,16 @@ def run(options: StepBenchOptions) -> dict[str, Any]:
     rows, threads = _rows(options.rows), baseline_threads(options.threads)
     if options.kv_len < 1 or options.steps < 1 or options.rounds < 1:
         raise InvalidArgument("kv_len, steps and rounds must be at least 1", field="steps")
+    round_requests = _round_requests(options)
     device = resolve_device(None if options.device == "auto" else options.device)
     store = _store(ServeBenchOptions(store=options.store, model=options.model, quiet=options.quiet))
     patterned = EngineSteps(store, options.device, rows[-1], options.compile_step)
     ours: dict[tuple[int, int], list[dict[str, Any]]] = {(t, n): [] for t in threads for n in rows}
     theirs: dict[tuple[int, int], list[dict[str, Any]]] = {(t, n): [] for t in threads for n in rows}
     loadavg = [os.getloadavg()]
-    bar = tqdm(total=(options.rounds + 1) * len(ours), disable=options.quiet, desc="bench step", unit="config")
+    total = (options.rounds + 1) * (len(ours) + (len(threads) if round_requests else 0))
+    bar = tqdm(total=total, disable=options.quiet, desc="bench step", unit="run")
+    round_report = None
     try:
         with BaselineProcess(Path(options.model), PROMPTS, [1], device) as hf:
             for r in range(options.rounds + 1):  # round 0 warms both sides up and is not counted
@@ -151,6 +186,8 @@ def run(options: StepBenchOptions) -> dict[str, Any]:
                             theirs[(t, n)].append(base)
                         bar.update(1)
             baseline_pid = hf.pid
+        if round_requests:
+            round_report = _round(options, patterned, round_requests, threads, device, bar)
     finally:
         bar.close()
         patterned.close()
@@ -181,6 +218,7 @@ def run(options: StepBenchOptions) -> dict[str, Any]:
         "processes": {"engine": os.getpid(), "baseline": baseline_pid},
         "stack": patterned.loop.batch.stack_state(),
         "results": results,
+        "round": round_report,
     }
     print(render(report))
     if options.out:
@@ -188,6 +226,73 @@ def run(options: StepBenchOptions) -> dict[str, Any]:
         Path(options.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {options.out}")
     return report
+
+
+def _round_requests(options: StepBenchOptions) -> list[Any]:
+    """`bench serve`'s request list from `options.round_data` (every task folder with an eval.jsonl)."""
+    from .serve.clients import build_requests, parse_range
+
+    if not options.round_data:
+        return []
+    data = Path(options.round_data)
+    names = sorted(p.parent.name for p in data.glob("*/eval.jsonl"))
+    if not names:
+        raise InvalidArgument(f"no <task>/eval.jsonl under {data}", field="round_data")
+    if options.round_per_task < 1:
+        raise InvalidArgument("must be at least 1", field="round_per_task")
+    try:
+        span = parse_range(options.round_max_new_tokens)
+    except InvalidArgument as exc:
+        raise InvalidArgument(str(exc), field="round_max_new_tokens") from exc
+    return build_requests(data, names, options.round_per_task, span, seed=options.round_seed)
+
+
+def _round(
+    options: StepBenchOptions,
+    engine: EngineSteps,
+    requests: Sequence[Any],
+    threads: Sequence[int],
+    device: Any,
+    bar: Any,
+) -> dict[str, Any]:
+    """The requests all at once through the engine, against transformers' padded batch of them (a clean process of
+    its own), both sides at each thread count; rounds interleaved, medians reported (the first round warms up)."""
+    from .serve.baselines import BaselineProcess
+
+    prompts = [r.prompt for r in requests]
+    lengths = [r.max_new_tokens for r in requests]
+    ids = [list(engine.tokenizer(p)["input_ids"]) for p in prompts]
+    ours: dict[int, list[dict[str, Any]]] = {t: [] for t in threads}
+    theirs: dict[int, list[dict[str, Any]]] = {t: [] for t in threads}
+    with BaselineProcess(Path(options.model), prompts, lengths, device) as hf:
+        for r in range(options.rounds + 1):
+            for t in threads:
+                bar.set_description(f"round {r}/{options.rounds}: {len(ids)} requests at once, {t} threads")
+                mine = engine.round(ids, lengths, t)
+                base = hf.run("padded", t, n=len(prompts))
+                if "error" in base:
+                    raise RuntimeError(f"transformers baseline: {base['error']}")
+                if r:
+                    ours[t].append(mine)
+                    theirs[t].append(base)
+                bar.update(1)
+        pid = hf.pid
+    results = []
+    for t in threads:
+        wall = statistics.median(run["wall_s"] for run in ours[t])
+        base = statistics.median(run["wall_s"] for run in theirs[t])
+        results.append(
+            {
+                "threads": t,
+                "ours_ms": wall * 1e3,
+                "hf_padded_ms": base * 1e3,
+                "ours_tokens_per_s": sum(lengths) / wall,
+                "hf_tokens_per_s": sum(lengths) / base,
+                "ratio": base / wall,  # ours over transformers, in tokens per second
+                "generated": [run["tokens"] for run in ours[t]],
+            }
+        )
+    return {"requests": len(requests), "tokens": sum(lengths), "baseline_pid": pid, "results": results}
 
 
 def render(report: dict[str, Any]) -> str:
@@ -218,4 +323,17 @@ def render(report: dict[str, Any]) -> str:
         "wall: median step; phases: mean per step (wall); CPU: the process's CPU seconds per step (all its threads), "
         "which a busy machine disturbs less than wall time"
     )
+    rounds = report.get("round")
+    if rounds:
+        lines += [
+            "",
+            f"a round: bench serve's {rounds['requests']} requests ({rounds['tokens']} tokens) at once through the "
+            f"engine, against transformers' left-padded batch of them in process {rounds['baseline_pid']}",
+            f"{'threads':>7} | {'ours ms':>8} {'tok/s':>7} | {'hf padded ms':>12} {'tok/s':>7} | {'ours/hf':>7}",
+        ]
+        for row in rounds["results"]:
+            lines.append(
+                f"{row['threads']:>7} | {row['ours_ms']:>8.1f} {row['ours_tokens_per_s']:>7.0f} | "
+                f"{row['hf_padded_ms']:>12.1f} {row['hf_tokens_per_s']:>7.0f} | {row['ratio']:>7.2f}"
+            )
     return "\n".join(lines)

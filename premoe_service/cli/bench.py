@@ -253,15 +253,31 @@ def bench_serve(**opts: Any) -> int:
     default=True,
     help="the engine's decoder stack compiled, as `premoe serve` runs it (its shapes compile before timing)",
 )
+@option(
+    "--round/--no-round",
+    default=True,
+    help="also time a round: bench serve's requests at once through the engine vs transformers' padded batch",
+)
+@option("--round-data", default="reference/tasks", help="the round's prompts: folder with <task>/eval.jsonl")
+@bench_option("--round-per-task", type=POSITIVE, default=2, help="the round's prompts per task")
+@bench_option("--round-max-new-tokens", default="3-32", help="range of the round's max_new_tokens, LO-HI")
+@bench_option("--round-seed", type=int, default=0, help="seed of the round's max_new_tokens draw")
 @device_option
 @quiet_option
 def bench_step(**opts: Any) -> int:
     """The engine loop alone (no doors) decodes B rows whose caches hold KV-LEN tokens, every expert allowed; each
     step's time is split into scheduling, inputs and routing context, forward, sampling, coverage, text and events.
     transformers runs the same rows in a clean process of its own (one forward pass and an argmax per step) at the
-    same thread count. Prints both sides' milliseconds per step and the ratio."""
+    same thread count. Prints both sides' milliseconds per step and the ratio.
+
+    Then a round: `premoe bench serve`'s request list (the same defaults: two prompts per task of --round-data,
+    3 to 32 new tokens each) goes into the engine at once and is timed to its last token, against transformers'
+    left-padded batch of the same requests in its clean process: the server's 16-client figure without its doors,
+    clients and arrivals."""
     from ..bench.step import StepBenchOptions, run
 
+    if not opts.pop("round"):
+        opts["round_data"] = None
     run(StepBenchOptions(**opts))
     return 0
 
