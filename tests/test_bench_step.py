@@ -40,13 +40,15 @@ def test_bench_step_splits_the_step_and_times_the_baseline_apart(tmp_path: Path)
     lengths = [r.max_new_tokens for r in requests]
     assert len(set(lengths)) > 1  # rows leave the engine's batch at different steps
     rounds = report["round"]
-    assert rounds["requests"] == 4 and rounds["tokens"] == sum(lengths)
+    served = rounds["lengths"]  # each request's max_new_tokens, or fewer where it met EOS
+    assert rounds["requests"] == len(served) == 4 and rounds["tokens"] == sum(served)
+    assert all(1 <= n <= most for n, most in zip(served, lengths, strict=True))
     assert rounds["baseline_pid"] not in (os.getpid(), report["processes"]["baseline"])
     [row] = rounds["results"]
-    assert row["threads"] == 1 and row["generated"] == [sum(lengths)] * 2
+    assert row["threads"] == 1 and row["generated"] == [sum(served)] * 2
     assert row["ours_ms"] > 0 and row["hf_padded_ms"] > 0
     assert row["ratio"] == pytest.approx(row["hf_padded_ms"] / row["ours_ms"])
-    assert row["ours_tokens_per_s"] == pytest.approx(sum(lengths) / row["ours_ms"] * 1e3)
+    assert row["ours_tokens_per_s"] == pytest.approx(sum(served) / row["ours_ms"] * 1e3)
 
 
 def tasks(root: Path) -> Path:

@@ -6,10 +6,11 @@ transformers runs the same rows (the same token ids, no padding) in a clean proc
 and an argmax per step, at the same torch thread count. Rounds are interleaved and medians reported, of wall time
 and of the process's CPU time per step (on a machine other jobs share, CPU time moves less than wall time).
 
-A round (`--round-data`, on by default) then puts `premoe bench serve`'s request list (the same prompts, lengths
-and order) into the engine at once and times it to its last token, against transformers' left-padded batch of the
-same requests in a clean process of its own: the server's 16-client figure without the doors, the clients and
-their arrival, so that a reader can tell the engine's share of that figure from the server's.
+A round (`--round-data`, on by default) then puts `premoe bench serve`'s request list (the same prompts and order;
+each ends at its max_new_tokens or the model's EOS) into the engine at once and times it to its last token, against
+transformers' left-padded batch of the same requests in a clean process of its own: the server's 16-client figure
+without the doors, the clients and their arrival, so that a reader can tell the engine's share of that figure from
+the server's.
 """
 
 from __future__ import annotations
@@ -126,15 +127,20 @@ class EngineSteps:
         }
 
     def round(self, prompts: Sequence[list[int]], lengths: Sequence[int], threads: int) -> dict[str, Any]:
-        """Submit every prompt at once (request i generates `lengths[i]` tokens, greedy) and step until the last
-        has finished; the wall and CPU seconds of the whole, and the tokens generated."""
+        """Submit every prompt at once (request i generates up to `lengths[i]` tokens, greedy, and stops at the
+        model's EOS as the server's requests do) and step until the last has finished: the wall and CPU seconds of
+        the whole, and each request's tokens."""
         from ..engine import Request, SamplingParams, Status
+        from ..serving.core import eos_ids
 
         loop = self.loop
         loop.threads = threads
+        stop = tuple(sorted(eos_ids(loop.patterned.model)))
         start, cpu = time.perf_counter(), time.process_time()
         requests = [
-            loop.submit(Request(list(ids), self.pattern, SamplingParams(max_new_tokens=n), self.tokenizer))
+            loop.submit(
+                Request(list(ids), self.pattern, SamplingParams(max_new_tokens=n, stop_token_ids=stop), self.tokenizer)
+            )
             for ids, n in zip(prompts, lengths, strict=True)
         ]
         deadline = time.monotonic() + 600
@@ -144,8 +150,8 @@ class EngineSteps:
             if not loop.step():
                 time.sleep(0.001)  # expert copies run on the loader thread
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-        tokens = sum(len(r.generated) for r in requests)
-        return {"wall_s": wall, "cpu_s": cpu, "tokens": tokens, "tokens_per_s": tokens / wall}
+        generated = [len(r.generated) for r in requests]
+        return {"wall_s": wall, "cpu_s": cpu, "generated": generated, "tokens_per_s": sum(generated) / wall}
 
     def close(self) -> None:
         self.loop.close()
@@ -260,8 +266,10 @@ def _round(
     from .serve.baselines import BaselineProcess
 
     prompts = [r.prompt for r in requests]
-    lengths = [r.max_new_tokens for r in requests]
     ids = [list(engine.tokenizer(p)["input_ids"]) for p in prompts]
+    # Each request's length as the server serves it (bench serve takes its lone replies'): its max_new_tokens, or
+    # fewer where the model ends it with EOS. Batching changes no request's tokens, so one pass at once tells.
+    lengths = engine.round(ids, [r.max_new_tokens for r in requests], threads[0])["generated"]
     ours: dict[int, list[dict[str, Any]]] = {t: [] for t in threads}
     theirs: dict[int, list[dict[str, Any]]] = {t: [] for t in threads}
     with BaselineProcess(Path(options.model), prompts, lengths, device) as hf:
@@ -289,10 +297,16 @@ def _round(
                 "ours_tokens_per_s": sum(lengths) / wall,
                 "hf_tokens_per_s": sum(lengths) / base,
                 "ratio": base / wall,  # ours over transformers, in tokens per second
-                "generated": [run["tokens"] for run in ours[t]],
+                "generated": [sum(run["generated"]) for run in ours[t]],
             }
         )
-    return {"requests": len(requests), "tokens": sum(lengths), "baseline_pid": pid, "results": results}
+    return {
+        "requests": len(requests),
+        "lengths": lengths,
+        "tokens": sum(lengths),
+        "baseline_pid": pid,
+        "results": results,
+    }
 
 
 def render(report: dict[str, Any]) -> str:

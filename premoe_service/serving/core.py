@@ -89,7 +89,7 @@ class ServingCore:
             self.patterned,
             self.residency,
             self.store,
-            eos=_eos_ids(self.patterned.model),
+            eos=eos_ids(self.patterned.model),
             pad_id=self.tokenizer.pad_token_id or 0,
             limits=BatchLimits(
                 config.max_batch_rows,
@@ -433,7 +433,7 @@ def _profile(decision: RouteDecision, task: str) -> Profile:
     return profile
 
 
-def _eos_ids(model: Any) -> set[int]:
+def eos_ids(model: Any) -> set[int]:
     """The model's end-of-sequence ids (generation config first, then model config)."""
     generation = getattr(model, "generation_config", None)
     eos = getattr(generation, "eos_token_id", None)
