@@ -101,12 +101,7 @@ class EngineSteps:
         loop.threads = threads
         params = SamplingParams(max_new_tokens=steps + 2)
         requests = [loop.submit(Request(ids, self.pattern, params, self.tokenizer)) for ids in self.ids(rows, kv_len)]
-        deadline = time.monotonic() + 600
-        while not all(r.status is Status.RUNNING for r in requests):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the rows did not start: {loop.stats}")
-            if not loop.step():
-                time.sleep(0.002)  # expert copies run on the loader thread
+        _step_until(loop, requests, Status.RUNNING, "the rows did not start")
         before = dict(loop.stats.phase_seconds)
         walls, cpus = [], []
         for _ in range(steps):
@@ -143,18 +138,24 @@ class EngineSteps:
             )
             for ids, n in zip(prompts, lengths, strict=True)
         ]
-        deadline = time.monotonic() + 600
-        while not all(r.status is Status.FINISHED for r in requests):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the round did not finish: {loop.stats}")
-            if not loop.step():
-                time.sleep(0.001)  # expert copies run on the loader thread
+        _step_until(loop, requests, Status.FINISHED, "the round did not finish")
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         generated = [len(r.generated) for r in requests]
         return {"wall_s": wall, "cpu_s": cpu, "generated": generated, "tokens_per_s": sum(generated) / wall}
 
     def close(self) -> None:
         self.loop.close()
+
+
+def _step_until(loop: Any, requests: Sequence[Any], status: Any, failure: str, timeout_s: float = 600.0) -> None:
+    """Step `loop` on this thread until every request has `status`; `failure` (with the loop's figures) past
+    `timeout_s`. While no pass runs, the loader thread may be copying experts in: wait a little."""
+    deadline = time.monotonic() + timeout_s
+    while not all(r.status is status for r in requests):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{failure}: {loop.stats}")
+        if not loop.step():
+            time.sleep(0.001)
 
 
 def run(options: StepBenchOptions) -> dict[str, Any]:
