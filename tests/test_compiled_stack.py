@@ -11,7 +11,8 @@
 - Attention runs inside the graph, over the KV pool's tensors; where that fails to compile, it runs behind the
   opaque operator, logged once.
 - The experts run through the compiled experts kernel wherever the family's experts module takes the engine's
-  experts forward; a kernel that fails to compile is logged, and the experts run their eager paths.
+  experts forward; a kernel that fails to compile is logged, and the experts run their eager paths. Decode steps
+  the kernel takes compute the experts inside their graph; wider ones and prompt steps call the opaque operator.
 - Without a working C++ compiler the stack says why and runs eager, with the eager stack's logits.
 - The service compiles its stack when it starts (the default) and answers as an eager one.
 """
@@ -19,6 +20,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +30,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from premoe_service.engine import BatchLimits, EngineLoop, Request, SamplingParams, compiled_stack
+from premoe_service.engine import BatchLimits, EngineLoop, Request, SamplingParams, Status, compiled_stack
 from premoe_service.engine.attention import GraphStep
 from premoe_service.engine.compiled_stack import CompiledStack
 from premoe_service.families.tiny import tiny_tokenizer
@@ -202,6 +204,55 @@ def test_a_prompt_step_that_cannot_be_traced_unbacked_gets_graphs_with_its_sizes
     assert sum("compiles with its sizes known" in r.getMessage() for r in caplog.records) == 1
     report = batching.compare(setup, job_list, requests, observer)
     assert report.failures(max(batching.F32_FLOOR, 2 * noise), allow_near_ties=True) == []
+
+
+def opaque_experts_calls(loop: EngineLoop) -> int | None:
+    """One step of `loop`: how many times its pass called the experts' opaque operator (`premoe::experts`); None
+    when no pass ran (the loader was still bringing experts in)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ran = loop.step()
+    if not ran:
+        time.sleep(0.001)
+        return None
+    return sum(event.count for event in prof.key_averages() if event.key == "premoe::experts")
+
+
+def test_decode_steps_compute_the_experts_inside_the_graph_up_to_the_kernels_pairs(tmp_path: Path) -> None:
+    """A decode step of up to `kernel_pairs` (token, expert) pairs computes the experts inside its graph (no opaque
+    call); a wider one, or a step with a prompt, calls the operator once per MoE layer. The warm-up compiled both
+    decode graphs (nothing compiles while serving), and every request gets its tokens alone."""
+    from premoe_service.runtime.experts_forward import kernel_pairs
+
+    setup = batching.build(tmp_path, "qwen3_moe", torch.float32)
+    loop = compiled_loop(setup)
+    stack = loop.batch.stack
+    assert isinstance(stack, CompiledStack) and stack.experts
+    bound = min(kernel_pairs(experts) for experts in stack.experts) // stack.top_k  # rows
+    assert bound + 3 <= loop.limits.max_rows
+    compiled = graphs()
+    jobs = [batching.Job(batching.prompt(3, seed), None, new) for seed, new in enumerate(range(2, bound + 5))]
+    requests = [job.request(setup) for job in jobs]
+    calls: dict[str, list[int]] = {"prompt": [], "narrow": [], "wide": []}
+    try:
+        for request in requests:
+            loop.submit(request)
+        while not all(r.status is Status.FINISHED for r in requests):
+            rows = len(loop.running) + len(loop.waiting) + len(loop._inbox)
+            decoding = bool(loop.running) and all(r.generated for r in loop.running) and rows == len(loop.running)
+            kind = "prompt" if not decoding else "narrow" if rows <= bound else "wide"
+            if (count := opaque_experts_calls(loop)) is not None:
+                calls[kind].append(count)
+    finally:
+        loop.loader.close()
+    layers = len(stack.experts)
+    assert calls["narrow"] and set(calls["narrow"]) == {0}
+    assert calls["wide"] and set(calls["wide"]) == {layers}
+    assert calls["prompt"] and set(calls["prompt"]) == {layers}
+    assert graphs() == compiled, "a decode step compiled while serving: the warm-up missed it"
+    for job, request in zip(jobs, requests, strict=True):
+        assert batching.outcome(request).token_ids == batching.run_alone(setup, job)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])

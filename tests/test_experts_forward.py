@@ -20,9 +20,12 @@ from premoe_service.families.tiny import TINY_CONFIGS, tiny_model
 from premoe_service.runtime import experts_forward
 from premoe_service.runtime.experts_forward import (
     IMPLEMENTATION,
+    INLINE_PAIRS,
     experts_kernel,
     gathered_experts,
     hit_experts_forward,
+    own_forward,
+    replace_forward,
     use_hit_experts,
 )
 
@@ -164,3 +167,19 @@ def test_the_kernel_takes_the_passes_its_bound_names(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(experts_forward, "CACHED_LAYER_BYTES", 0)  # the layer no longer fits the caches
     narrow = max(1, slots // (4 * top_k))
     assert passes(torch.float32, [narrow, narrow + 1]) == [narrow]
+
+
+def test_a_forward_replaced_under_a_graph_that_computes_the_module_is_refused() -> None:
+    """A compiled step that computes an experts module inside its graph (`INLINE_PAIRS`) would not see a forward
+    installed later (slot banks): `replace_forward` refuses it. Before, the module is its class's own, and after a
+    replacement it is not (`own_forward`: what the compiled step checks before it inlines a module)."""
+    model = tiny_model("qwen3_moe")
+    use_hit_experts(model)
+    plain, inlined = _experts(model)[:2]
+    assert own_forward(plain) and own_forward(inlined)
+    replace_forward(plain, lambda hidden, index, weights: hidden)
+    assert not own_forward(plain)
+    setattr(inlined, INLINE_PAIRS, 8)
+    with pytest.raises(RuntimeError, match="compiled into the step's graph"):
+        replace_forward(inlined, lambda hidden, index, weights: hidden)
+    assert own_forward(inlined)

@@ -11,22 +11,26 @@ the matrix products stay the same library calls.
   whose attention cannot be traced so (logged once, `graph_failure`) runs it behind an operator the compiler does
   not look into (`premoe::packed_attention`), as it did before; in an A/B on the reference model, the graph saves
   a tenth of a step.
-- **The MoE block runs inside the graph too, but for its experts**: the family's block code is traced, its masked
-  router routes there (`runtime.masked_router.GraphRouting`: the step's pattern tables, slot tables and skip
-  thresholds are the graph's inputs, the router logits and skipped pairs its outputs), and the experts module's
-  call goes out to an operator the compiler does not look into (`premoe::experts`): it runs eager on the slots
-  the loader fills while the engine runs, banks included. Inside it the experts' products run compiled again,
-  apart: a kernel compiled from `runtime.experts_forward.gathered_experts` computes every (token, expert) pair in
-  one generated loop over the slots' weights, where the eager paths make a library call per hit expert (2.5 to
-  4.5x faster a layer on the reference model, at 1 to 16 rows).
+- **The MoE block runs inside the graph too**: the family's block code is traced, its masked router routes there
+  (`runtime.masked_router.GraphRouting`: the step's pattern tables, slot tables and skip thresholds are the
+  graph's inputs, the router logits and skipped pairs its outputs). Its experts:
+  - in a decode step of at most `kernel_pairs` (token, expert) pairs, on a module that computes with its own
+    slots, are computed inside the graph too (`opaque_ops.inline_experts`): the code of the experts kernel below,
+    reading the slots' weights, which the loader writes in place between steps. Against the opaque call, that
+    takes 0.5 ms off a one-row decode step on the reference model (0.66x) and 0.6 ms off one of 16 rows;
+  - otherwise (a step with a prompt, a wider step, slot banks) go out to an operator the compiler does not look
+    into (`premoe::experts`), which runs eager on the slots, banks included. Inside it the experts' products run
+    compiled again, apart: a kernel compiled from `runtime.experts_forward.gathered_experts` computes every
+    (token, expert) pair in one generated loop over the slots' weights, where the eager paths make a library call
+    per hit expert (2.5 to 4.5x faster a layer on the reference model, at 1 to 16 rows).
 
 Both operators are declared in `engine/opaque_ops.py`, and run on the modules the `Opaque` record of the call
 names.
 
 Sizes are dynamic, and torch specializes a size of 1, so a graph serves each class of step (`WARM_UP_GRAPH`): one
-row decoding, several rows decoding, and any step that brings a prompt (whose rows and kept logits are traced as
-sizes torch does not specialize). The engine compiles them, and the experts kernel, when it starts (`warm_up`), so
-that no request waits for a compile.
+row decoding, several rows decoding (and more rows than the experts inside the graph take, when the pool has them),
+and any step that brings a prompt (whose rows and kept logits are traced as sizes torch does not specialize). The
+engine compiles them, and the experts kernel, when it starts (`warm_up`), so that no request waits for a compile.
 
 The compiled graph is not bit-identical to the eager stack (generated reductions sum in another order), so it
 is kept to the exactness tests' tolerances (`tests/test_compiled_stack.py`) rather than to the bit. A model the
@@ -54,11 +58,14 @@ from ..runtime.context import RoutingContext
 from ..runtime.decoder_stack import DecoderStack
 from ..runtime.experts_forward import (
     IMPLEMENTATION,
+    INLINE_PAIRS,
     Weights,
     follows_interface,
     gathered_experts,
     install_front,
+    kernel_pairs,
     library_experts_forward,
+    own_forward,
 )
 from ..runtime.masked_router import GraphRouting, MaskedRouter
 from .attention import (
@@ -71,7 +78,7 @@ from .attention import (
     switched_attention,
 )
 from .kv import KVPool
-from .opaque_ops import CURRENT, IDLE, Opaque, block_forward, experts_front
+from .opaque_ops import CURRENT, IDLE, Opaque, block_forward, experts_front, inline_experts
 
 log = logging.getLogger(__name__)
 
@@ -158,19 +165,30 @@ class CompiledStack:
         self._compiled_experts = torch.compile(_own_function(gathered_experts), dynamic=True, fullgraph=True)
 
     def warm_up(self, attention_mask: Any) -> float:
-        """Compile the shape classes now (`WARM_UP_GRAPH`, or `WARM_UP` where attention cannot run inside the
-        graph), so that no request waits for a compile. The MoE blocks stand idle meanwhile (they return zeros and
-        touch no state); attention writes the pool's first rows, which no request holds yet and whose columns are
-        written before they are read. Returns the seconds it took."""
+        """Compile the experts kernel, then the shape classes (`WARM_UP_GRAPH`, or `WARM_UP` where attention cannot
+        run inside the graph), so that no request waits for a compile. The MoE blocks stand idle meanwhile (they
+        add zeros and touch no state: the opaque operator returns zeros, and experts computed inside the graph are
+        routed to the skip id); attention writes the pool's first rows, which no request holds yet and whose
+        columns are written before they are read. Returns the seconds it took."""
         start = time.perf_counter()
         model: Any = self.stack.model
         with torch.no_grad(), switched_attention(model), _tracing():
+            self._warm_up_experts()
+            self._inline_experts()
             self._make_pool(attention_mask)
             self._warm_up_graph()
             if self.graph_failure is not None:
                 self._warm_up_opaque(attention_mask)
-            self._warm_up_experts()
         return time.perf_counter() - start
+
+    def _inline_experts(self) -> None:
+        """Once the experts kernel compiled: have the decode steps' graphs compute the experts modules that run it
+        with their own slots inside (`inline_experts`), in passes the kernel takes (`kernel_pairs`)."""
+        if self.experts_failure is not None:
+            return
+        for experts in self.experts:
+            if own_forward(experts):
+                inline_experts(experts, self.graph, kernel_pairs(experts))
 
     def _make_pool(self, attention_mask: Any) -> None:
         """Have the pool make its layers' tensors (the graphs take them as inputs): one eager pass of a token in
@@ -208,7 +226,7 @@ class CompiledStack:
         graphs of their own (`SPECIALIZED_PROMPT_STEPS`; logged once)."""
         if self.failure is not None or self.graph_failure is not None:
             return
-        steps = [(*step, max(step[1]) > 1) for step in WARM_UP_GRAPH]
+        steps = [(*step, max(step[1]) > 1) for step in [*WARM_UP_GRAPH, *self._wide_decode_steps()]]
         while steps:
             starts, counts, kept, unbacked = steps.pop(0)
             try:
@@ -225,6 +243,14 @@ class CompiledStack:
                     _compile_failure_summary(exc),
                 )
                 steps[:0] = [(*step, False) for step in ((starts, counts, kept), *SPECIALIZED_PROMPT_STEPS)]
+
+    def _wide_decode_steps(self) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """Decode steps of more rows than an inlined experts module takes pairs (its graph makes the opaque call),
+        up to the pool's rows: one for each such bound, so that those graphs compile at the start too."""
+        assert self.pool is not None
+        bounds = {getattr(e, INLINE_PAIRS, 0) // self.top_k + 1 for e in self.experts}
+        rows = sorted(b for b in bounds if 3 < b <= self.pool.rows)
+        return [((4,) * b, (1,) * b, tuple(range(b))) for b in rows]
 
     def _warm_up_step(self, starts: Sequence[int], counts: Sequence[int], kept: Sequence[int], unbacked: bool) -> bool:
         """Compile the graph of one warm-up step (`WARM_UP_GRAPH`); False while the pool's tensors are not made."""
@@ -295,8 +321,12 @@ class CompiledStack:
     ) -> Tensor:
         context = None if opaque.idle else self.routers[0].context
         assert context is None or isinstance(context, RoutingContext), "the routers' context is the engine's"
-        routing = self._idle_routing(ids.shape[1]) if context is None else context.graph_routing(self.routers)
+        if context is None:
+            routing = self._idle_routing(ids.shape[1], compute=not opaque.idle)
+        else:
+            routing = context.graph_routing(self.routers)
         vars(self.graph).update(vars(routing))
+        self.graph.decode = isinstance(attention_mask, GraphStep) and attention_mask.query_index is None
         token = CURRENT.set(opaque)
         try:
             out: Tensor = self._compiled(ids, position_ids, attention_mask, keep)
@@ -306,9 +336,10 @@ class CompiledStack:
             context.take_graph(self.routers, self.graph)
         return out
 
-    def _idle_routing(self, tokens: int) -> GraphRouting:
+    def _idle_routing(self, tokens: int, compute: bool = True) -> GraphRouting:
         """Routing for a pass outside a routing context (the warm-up's, or a call outside the engine's loop): by each
-        router's own pattern, as its eager path routes then."""
+        router's own pattern, as its eager path routes then. Without `compute` (the warm-up), every expert routes to
+        the skip id, so that experts computed inside the graph add exact zeros, whatever the slots hold."""
         device = self.routers[0].slot_of.device
         excluded = torch.stack(
             [
@@ -318,7 +349,12 @@ class CompiledStack:
         )
         first_row = torch.zeros(tokens, dtype=torch.long, device=device)  # every token on the routers' own row
         no_skip = torch.zeros(tokens, device=device)
-        return GraphRouting.of(self.routers, excluded.unsqueeze(1).expand(-1, 2, -1).contiguous(), first_row, no_skip)
+        excluded = excluded.unsqueeze(1).expand(-1, 2, -1).contiguous()
+        slots = None
+        if not compute:
+            skip = torch.tensor([r.skip_id for r in self.routers], device=device)
+            slots = skip.view(-1, 1, 1).expand(excluded.shape).contiguous()
+        return GraphRouting.of(self.routers, excluded, first_row, no_skip, slots)
 
     def _experts_call(self, module: nn.Module, hidden: Tensor, index: Tensor, weights: Tensor) -> Tensor:
         """The compiled experts kernel; the eager paths from the first compile failure on (logged once)."""

@@ -12,8 +12,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
-from ..runtime.experts_forward import ExpertsKernel, eager_forward, experts_kernel
+from ..runtime.experts_forward import (
+    INLINE_PAIRS,
+    ExpertsKernel,
+    eager_forward,
+    experts_kernel,
+    gathered_experts,
+)
+from ..runtime.masked_router import GraphRouting
 from .attention import packed_attention
 
 
@@ -43,11 +51,28 @@ def block_forward(block: nn.Module, scores: bool, hidden: Tensor) -> Any:
 
 
 def experts_front(experts: nn.Module, layer: int, hidden: Tensor, index: Tensor, weights: Tensor) -> Tensor:
-    """The experts module's forward: one opaque call while compiled (`premoe::experts`); eager, its own forward."""
+    """The experts module's forward. While compiled: the experts kernel's code traced into the step's graph when
+    the module takes it (`inline_experts`) and the pass's pairs are known to be few enough for it, else one opaque
+    call (`premoe::experts`); eager, its own forward."""
     if torch.compiler.is_compiling():
+        pairs: int = getattr(experts, INLINE_PAIRS, 0)
+        graph = getattr(experts, "_premoe_graph", None)
+        if pairs and graph is not None and graph.decode and guard_or_false(index.numel() <= pairs):
+            return gathered_experts(experts, hidden, index, weights)
         out: Tensor = torch.ops.premoe.experts(hidden, index, weights, layer)
         return out
     return eager_forward(experts)(hidden, index, weights)
+
+
+def inline_experts(experts: nn.Module, graph: GraphRouting, pairs: int) -> None:
+    """Have the compiled step compute `experts` inside its graph in decode steps (`graph.decode`) of at most `pairs`
+    (token, expert) pairs: the experts kernel's code (`gathered_experts`), without the opaque call's dispatch,
+    Python and guards around it. A step with a prompt, or more pairs, makes the opaque call. The graph is traced
+    for each answer (the module's attribute, the record's flag and the step's size are guarded), and either way
+    computes the same products. 0: never. Only for a module that computes with its own slots: slot banks replace
+    its forward (`replace_forward`), and must be installed before the stack compiles."""
+    setattr(experts, INLINE_PAIRS, pairs)
+    setattr(experts, "_premoe_graph", graph)  # noqa: B010 - a plain attribute of this module
 
 
 def _experts_op(hidden: Tensor, index: Tensor, weights: Tensor, layer: int) -> Tensor:

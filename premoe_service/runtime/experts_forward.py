@@ -34,6 +34,9 @@ from torch import Tensor, nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 IMPLEMENTATION = "premoe_hit"
+# The module attribute that says a compiled step computes the module inside its graph, for passes of up to that
+# many (token, expert) pairs (`engine/opaque_ops.py`'s `inline_experts`).
+INLINE_PAIRS = "_premoe_inline_pairs"
 
 # Up to this many (token, expert) pairs per expert of the module, a pass runs the hit experts one by one; above
 # it, transformers' grouped kernel (its per-expert loop is in C++ and costs less than a Python loop once most
@@ -79,11 +82,16 @@ def hit_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Ten
 
 def kernel_takes(module: nn.Module, pairs: int) -> bool:
     """Whether a pass of `pairs` (token, expert) pairs goes to the compiled kernel (see GATHERED_PAIRS_PER_EXPERT)."""
+    return pairs <= kernel_pairs(module)
+
+
+def kernel_pairs(module: nn.Module) -> int:
+    """The most (token, expert) pairs of a pass that the compiled kernel takes (see GATHERED_PAIRS_PER_EXPERT)."""
     slots: int = module.num_experts  # type: ignore[assignment]
     layer_bytes = sum(p.nbytes for p in module._parameters.values() if p is not None)
     if layer_bytes <= CACHED_LAYER_BYTES:
-        return pairs <= GATHERED_PAIRS_PER_EXPERT * slots
-    return 4 * pairs <= slots
+        return GATHERED_PAIRS_PER_EXPERT * slots
+    return slots // 4
 
 
 def library_experts_forward(
@@ -238,8 +246,21 @@ def eager_forward(module: nn.Module) -> Callable[..., Tensor]:
 
 
 def replace_forward(module: nn.Module, forward: Callable[..., Tensor]) -> None:
-    """Make `forward` the experts module's forward: behind its front, when it has one (`install_front`)."""
+    """Make `forward` the experts module's forward: behind its front, when it has one (`install_front`).
+
+    Raises:
+        RuntimeError: A compiled step computes this module inside its graph already (`INLINE_PAIRS`), where a new
+            forward would not be seen.
+    """
+    if module.__dict__.get(INLINE_PAIRS):
+        raise RuntimeError("this experts module is compiled into the step's graph: replace its forward before")
     setattr(module, "_premoe_eager" if "_premoe_eager" in module.__dict__ else "forward", forward)
+
+
+def own_forward(module: nn.Module) -> bool:
+    """Whether the experts module computes with its class's own forward (no forward replaced behind a front)."""
+    forward = eager_forward(module)
+    return getattr(forward, "__func__", None) is type(module).forward and getattr(forward, "__self__", None) is module
 
 
 def use_hit_experts(model: Any) -> None:

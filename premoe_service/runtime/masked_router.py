@@ -52,6 +52,8 @@ class GraphRouting:
         skip_ids: `[M]` the slot id that the experts module skips, per MoE layer (`MaskedRouter.skip_id`).
         logits: Out: per MoE layer, the router logits `[T, E]` (what coverage and the prompt's scores read).
         dropped: Out: `[T]` routed pairs skipped per token, summed over the MoE layers.
+        decode: The step brings no prompt (every row one token): the experts may be computed inside the graph
+            (`engine/opaque_ops.py`'s `inline_experts`). Not a tensor: a graph is traced for each value.
     """
 
     excluded: Tensor
@@ -61,6 +63,7 @@ class GraphRouting:
     skip_ids: Tensor
     logits: list[Tensor | None] = field(default_factory=list)
     dropped: Tensor | None = None
+    decode: bool = False
 
     @classmethod
     def of(
