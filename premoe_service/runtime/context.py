@@ -57,6 +57,7 @@ class RoutingContext:
     _observed: list[int] = field(default_factory=list)
     _stacked: tuple[tuple[int, ...], Tensor] | None = None
     _graph: tuple[Tensor, Tensor | None, Tensor] | None = None  # `graph_routing`'s tables, kept across steps
+    _graph_kept: Tensor | None = None  # `[T]` the compiled graph's coverage shares of the last pass (`take_graph`)
 
     @classmethod
     def build(
@@ -178,11 +179,18 @@ class RoutingContext:
         return GraphRouting.of(routers, excluded, self.token_pattern, skip, slots)
 
     def take_graph(self, routers: Sequence[MaskedRouter], graph: GraphRouting) -> None:
-        """Take in what the compiled graph's routing saw (`graph_routing`): the logits, as `observe` keeps them, and
-        the skipped pairs."""
+        """Take in what the compiled graph's routing saw (`graph_routing`): the coverage shares it summed over the
+        layers (`collect` reads them in place of the logits), the logits for the prompt's router scores when asked,
+        and the skipped pairs."""
         for router, logits in zip(routers, graph.logits, strict=True):
             assert logits is not None, "the compiled graph did not route every MoE layer"
-            self.observe_logits(router.layer, logits)
+            if graph.kept is None:
+                self.observe_logits(router.layer, logits)
+                continue
+            if self.keep_scores:
+                self._keep_scores(router.layer, logits)
+            self._observed.append(router.layer)
+        self._graph_kept = graph.kept
         if self.skipped is not None and graph.dropped is not None:
             self.skipped.index_add_(0, self.token_row, graph.dropped)
 
@@ -196,10 +204,14 @@ class RoutingContext:
         if any(table is not None for table in self.tables.values()):  # else all the mass is on every pattern
             self._logits.append(logits)
         if self.keep_scores:
-            scores = full_scores(self.spec, logits)  # [T, E] fp32
-            normalised = scores / scores.sum(-1, keepdim=True).clamp_min(1e-30) * self.token_weight.unsqueeze(-1)
-            sums = torch.zeros(self.rows, scores.shape[-1], dtype=scores.dtype, device=scores.device)
-            self.prompt_scores[layer] = sums.index_add_(0, self.token_row, normalised)
+            self._keep_scores(layer, logits)
+
+    def _keep_scores(self, layer: int, logits: Tensor) -> None:
+        """The prompt's router scores of `layer`: per row, the normalised scores summed over its real tokens."""
+        scores = full_scores(self.spec, logits)  # [T, E] fp32
+        normalised = scores / scores.sum(-1, keepdim=True).clamp_min(1e-30) * self.token_weight.unsqueeze(-1)
+        sums = torch.zeros(self.rows, scores.shape[-1], dtype=scores.dtype, device=scores.device)
+        self.prompt_scores[layer] = sums.index_add_(0, self.token_row, normalised)
 
     def collect(self) -> Tensor:
         """`[B]` float64: per batch row, the sum over its real tokens and the MoE layers of the share of the
@@ -209,10 +221,14 @@ class RoutingContext:
         if not self._observed:
             return coverage
         layers, logits = self._observed, torch.stack(self._logits) if self._logits else None  # [L, T, E]
+        kept_in_graph, self._graph_kept = self._graph_kept, None
         self._logits, self._observed = [], []
-        if logits is None or all(self.excluded(layer) is None for layer in layers):
+        if all(self.excluded(layer) is None for layer in layers):
             share = self.token_weight * len(layers)  # every expert allowed: all the mass is on the pattern
+        elif kept_in_graph is not None:  # the compiled graph summed the shares (`take_graph`)
+            share = kept_in_graph * self.token_weight
         else:
+            assert logits is not None, "a pattern excludes experts: `observe_logits` kept the logits"
             key = tuple(layers)
             if self._stacked is None or self._stacked[0] != key:
                 none = torch.zeros(logits.shape[1:], dtype=torch.bool, device=logits.device)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..families import Routing, RoutingSpec
-from ..families.routing import RouterWeights, route
+from ..families.routing import RouterWeights, full_scores, route
 
 RouterObserver = Callable[[int, Tensor, Routing], None]
 
@@ -52,6 +52,8 @@ class GraphRouting:
         skip_ids: `[M]` the slot id that the experts module skips, per MoE layer (`MaskedRouter.skip_id`).
         logits: Out: per MoE layer, the router logits `[T, E]` (what coverage and the prompt's scores read).
         dropped: Out: `[T]` routed pairs skipped per token, summed over the MoE layers.
+        kept: Out: `[T]` float32, per token, the share of the full router's mass on its pattern, summed over the
+            MoE layers (what the routing context's `collect` computes from the logits, computed in the graph).
         decode: The step brings no prompt (every row one token): the experts may be computed inside the graph
             (`engine/opaque_ops.py`'s `inline_experts`). Not a tensor: a graph is traced for each value.
     """
@@ -63,6 +65,7 @@ class GraphRouting:
     skip_ids: Tensor
     logits: list[Tensor | None] = field(default_factory=list)
     dropped: Tensor | None = None
+    kept: Tensor | None = None
     decode: bool = False
 
     @classmethod
@@ -161,6 +164,9 @@ class MaskedRouter(nn.Module):
         weights, slots, drop = skip_low_weights(routing.weights, slots, graph.skip_below, graph.skip_ids[j])
         dropped = drop.sum(-1)
         graph.dropped = dropped if j == 0 or graph.dropped is None else graph.dropped + dropped
+        scores = full_scores(self.spec, routing.logits)  # [T, E] fp32
+        kept = scores.masked_fill(excluded, 0.0).sum(-1) / scores.sum(-1).clamp_min(1e-30)
+        graph.kept = kept if j == 0 or graph.kept is None else graph.kept + kept
         return routing.logits, weights, slots
 
     def extra_repr(self) -> str:
