@@ -42,7 +42,14 @@ from . import test_mixed_batching as mixed
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
+# Rows of the compiled loops here: the tiny models' experts are computed inside the graph up to 16 decode rows
+# (32 pairs), so a pool of 16 rows spares each test's warm-up the wider decode graph (seconds on a cold cache); the
+# test of that graph asks for more rows.
+ROWS = 16
+
+
 def compiled_loop(setup: batching.Setup, **limits: Any) -> EngineLoop:
+    limits.setdefault("max_rows", ROWS)
     loop = EngineLoop(
         setup.patterned,
         setup.residency,
@@ -226,7 +233,7 @@ def test_decode_steps_compute_the_experts_inside_the_graph_up_to_the_kernels_pai
     from premoe_service.runtime.experts_forward import kernel_pairs
 
     setup = batching.build(tmp_path, "qwen3_moe", torch.float32)
-    loop = compiled_loop(setup)
+    loop = compiled_loop(setup, max_rows=32)
     stack = loop.batch.stack
     assert isinstance(stack, CompiledStack) and stack.experts
     bound = min(kernel_pairs(experts) for experts in stack.experts) // stack.top_k  # rows
@@ -265,9 +272,8 @@ def test_rows_with_banked_experts_and_skips_route_inside_the_graph_as_eager(fami
     stacks: list[CompiledStack] = []
 
     def loop_of(patterned: Any, residency: Any, store: Any) -> EngineLoop:
-        loop = EngineLoop(
-            patterned, residency, store, eos=set(), pad_id=0, limits=BatchLimits(max_join_wait_steps=0), compiled=True
-        )
+        limits = BatchLimits(max_rows=ROWS, max_join_wait_steps=0)
+        loop = EngineLoop(patterned, residency, store, eos=set(), pad_id=0, limits=limits, compiled=True)
         assert isinstance(loop.batch.stack, CompiledStack)
         loop.batch.warm_up()
         stacks.append(loop.batch.stack)
