@@ -182,11 +182,9 @@ class RoutingContext:
         """Take in what the compiled graph's routing saw (`graph_routing`): the coverage shares it summed over the
         layers (`collect` reads them in place of the logits), the logits for the prompt's router scores when asked,
         and the skipped pairs."""
+        assert graph.kept is not None, "the compiled graph's routers sum their coverage shares"
         for router, logits in zip(routers, graph.logits, strict=True):
             assert logits is not None, "the compiled graph did not route every MoE layer"
-            if graph.kept is None:
-                self.observe_logits(router.layer, logits)
-                continue
             if self.keep_scores:
                 self._keep_scores(router.layer, logits)
             self._observed.append(router.layer)
