@@ -214,7 +214,9 @@ def test_one_relay_batch_carries_a_steps_events_of_every_call(servers) -> None:
     finally:
         relay.rpb.RelayBatch = original  # type: ignore[assignment]
     assert sum(seen) >= 12  # at least the end of every call went over the relay
-    assert max(seen) >= 6, seen  # and a batch carried several calls' events
+    # and a batch carried several calls' events (how many of the 12 overlap in a step depends on the machine's load:
+    # 5 at most in one loaded run, so the bound is the property itself, more than one; one frame per event gives 1)
+    assert max(seen) >= 2, seen
 
 
 def test_the_door_process_ends_when_the_engine_process_dies(tiny_store: Path, tmp_path: Path) -> None:
