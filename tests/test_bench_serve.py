@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -167,3 +168,30 @@ def test_llama_replies_compare_with_ours_apart_from_our_final_eos() -> None:
     ours = [[5, 6, 7], [5, 6, 2], [8], [1]]  # equal; equal but our EOS (2); different; failed
     summary = compare(run, ours)
     assert summary["same_tokens_as_ours"] == 2 and summary["errors"] == 1 and summary["requests"] == 4
+
+
+def test_requests_are_routed_by_the_server_unless_they_name_their_task(
+    tiny_setup: dict[str, Path], embedder: Any
+) -> None:
+    """The benchmark's clients send prompts as users do (the server embeds and routes each, retrieval's time
+    included); `--name-tasks` names each request's task, and retrieval is skipped."""
+    import grpc
+
+    from premoe_service.bench.serve.clients import build_requests, stream_one
+    from premoe_service.server import running_server
+    from premoe_service.server.gen import premoe_pb2 as pb
+    from premoe_service.server.gen import premoe_pb2_grpc as pb_grpc
+    from premoe_service.serving import ServiceConfig
+
+    root = tiny_setup["root"]
+    config = ServiceConfig(store=tiny_setup["store"], profiles=root / "profiles", port=0, device="cpu")
+    with running_server(config, embedder=embedder) as (_, port), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.PreMoeStub(channel)
+        decisions = {}
+        for named in (False, True):
+            requests = build_requests(root / "data", sorted(TASKS), 1, (2, 2), name_tasks=named)
+            replies = [stream_one(stub, pb, r, timeout=60) for r in requests]
+            assert all(r.error is None for r in replies)
+            decisions[named] = {r.decision for r in replies}
+    assert decisions[True] == {"override"}
+    assert decisions[False] and "override" not in decisions[False]

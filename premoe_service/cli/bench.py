@@ -143,6 +143,12 @@ def bench_route_quality(
 @bench_option("--per-task", type=POSITIVE, default=2, help="prompts per task")
 @bench_option("--text-chars", type=POSITIVE, default=60, help="prefix length of text-task prompts")
 @bench_option("--clients", default="1,4,16", help="comma-separated concurrent client counts")
+@bench_option(
+    "--name-tasks",
+    is_flag=True,
+    help="each request names its task, so the server skips retrieval (the engine's view; by default requests are "
+    "sent as users send them, and the server embeds and routes each prompt)",
+)
 @bench_option("--rounds", type=POSITIVE, default=5, help="interleaved rounds (median reported)")
 @bench_option("--max-new-tokens", default="3-32", help="range of max_new_tokens, LO-HI")
 @bench_option("--seed", type=int, default=0, help="seed of the max_new_tokens draw")
@@ -211,6 +217,7 @@ def bench_serve(**opts: Any) -> int:
             per_task=opts["per_task"],
             text_chars=opts["text_chars"],
             clients=opts["clients"],
+            name_tasks=opts["name_tasks"],
             rounds=opts["rounds"],
             max_new_tokens=opts["max_new_tokens"],
             seed=opts["seed"],

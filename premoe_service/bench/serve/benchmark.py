@@ -1,8 +1,9 @@
 """`premoe bench serve`: the gRPC server under N concurrent clients against transformers in the same run.
 
-One fixed list of greedy requests (prompts of several tasks, each naming its task) goes through `premoe serve`
-as shipped (its own process, default flags) with N = 1, 4, 16 ... concurrent gRPC clients in a process of their
-own (a closed loop: each client sends its next request when the last one is done), and through transformers with
+One fixed list of greedy requests (prompts of several tasks, sent as a user sends a prompt: the server embeds and
+routes each; with `name_tasks` each names its task, and retrieval is skipped) goes through `premoe serve` as
+shipped (its own process, default flags) with N = 1, 4, 16 ... concurrent gRPC clients in a process of their own
+(a closed loop: each client sends its next request when the last one is done), and through transformers with
 every expert in a clean process of its own, at 1 thread and at all cores (the best is compared): `generate` on
 each prompt alone, on left-padded batches of N prompts, and continuous batching with N requests in flight. Every
 baseline generates exactly the real tokens of the server's lone reply to each request (up to and including EOS).
@@ -39,6 +40,7 @@ class ServeBenchOptions:
     per_task: int = 2
     text_chars: int = 60
     clients: str = "1,4,16"
+    name_tasks: bool = False  # each request names its task (the server skips retrieval); False: routed, as users send
     rounds: int = 5
     max_new_tokens: str = "3-32"
     seed: int = 0
@@ -148,6 +150,7 @@ def run(options: ServeBenchOptions) -> dict[str, Any]:
         parse_range(options.max_new_tokens),
         options.text_chars,
         options.seed,
+        options.name_tasks,
     )
     token_limit = max(options.stall_tokens, max(r.max_new_tokens for r in requests))
     kinds = ["padded", *(["continuous"] if options.continuous else [])]

@@ -20,12 +20,14 @@ from ..common import percentiles
 
 @dataclass(frozen=True)
 class Req:
-    """One request of the fixed list: greedy, names its task."""
+    """One request of the fixed list: greedy, from `task`'s data. With `name_task` it names its task (the server then
+    skips retrieval); without, it is sent as a user sends a prompt, and the server embeds and routes it."""
 
     index: int
     task: str
     prompt: str
     max_new_tokens: int
+    name_task: bool = True
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Reply:
     loaded_experts: int = 0  # experts this request loaded (cache + disk tiers), from its stats
     loaded_bytes: int = 0
     precisions: dict[str, int] = field(default_factory=dict)  # experts that served it per precision, from its stats
+    decision: str = ""  # how the server chose its pattern: "match", "fallback" (retrieval ran) or "override" (named)
 
     @property
     def ttft(self) -> float | None:
@@ -73,9 +76,11 @@ def build_requests(
     max_new: tuple[int, int],
     text_chars: int = 60,
     seed: int = 0,
+    name_tasks: bool = True,
 ) -> list[Req]:
     """`per_task` prompts of each task from `<data>/<task>/eval.jsonl` (text tasks: the first `text_chars`
-    characters), interleaved task by task so that neighbours differ, each with a seeded max_new_tokens."""
+    characters), interleaved task by task so that neighbours differ, each with a seeded max_new_tokens; naming their
+    task unless `name_tasks` is False (`Req`)."""
     from ...evaluation.run import load_eval_items
 
     rng = random.Random(seed)
@@ -87,14 +92,15 @@ def build_requests(
     for i in range(per_task):
         for task in tasks:
             if i < len(per[task]):
-                requests.append(Req(len(requests), task, per[task][i], rng.randint(*max_new)))
+                requests.append(Req(len(requests), task, per[task][i], rng.randint(*max_new), name_tasks))
     return requests
 
 
 def stream_one(stub: Any, pb: Any, req: Req, timeout: float) -> Reply:
     """Send one request as a GenerateStream call and record what arrives when; errors are recorded, not raised."""
     reply = Reply(req)
-    request = pb.GenerateRequest(prompt=req.prompt, task=req.task, max_new_tokens=req.max_new_tokens, temperature=0.0)
+    named = {"task": req.task} if req.name_task else {}
+    request = pb.GenerateRequest(prompt=req.prompt, max_new_tokens=req.max_new_tokens, temperature=0.0, **named)
     reply.sent = time.perf_counter()
     try:
         for chunk in stub.GenerateStream(request, timeout=timeout):
@@ -108,6 +114,7 @@ def stream_one(stub: Any, pb: Any, req: Req, timeout: float) -> Reply:
                 reply.loaded_experts = int(loads.cache + loads.disk)
                 reply.loaded_bytes = int(loads.bytes)
                 reply.precisions = {p: int(n) for p, n in chunk.stats.precisions.items()}
+                reply.decision = chunk.stats.decision
     except Exception as exc:  # grpc.RpcError and anything else: counted as an error, the run goes on
         code = getattr(exc, "code", None)
         details = getattr(exc, "details", None)

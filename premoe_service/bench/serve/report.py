@@ -129,7 +129,8 @@ def render(report: dict[str, Any]) -> str:
         f"transformers {m['transformers']}, "
         f"device {m['device']}{gpu}",
         f"requests: {len(report['requests'])} ({c['per_task']} per task, {len({r['task'] for r in report['requests']})}"
-        f" tasks), max_new_tokens {c['max_new_tokens']}, greedy; {report['real_tokens']} real tokens "
+        f" tasks, {'each naming its task' if c.get('name_tasks') else 'routed by the server'}), max_new_tokens "
+        f"{c['max_new_tokens']}, greedy; {report['real_tokens']} real tokens "
         f"(the lone replies, EOS included); server budget {c['budget']}; median of {c['rounds']} interleaved rounds",
         _processes(report),
         "",

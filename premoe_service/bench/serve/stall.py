@@ -157,7 +157,7 @@ def stall_check(
     tick = progress or (lambda _desc: None)
     first: dict[str, Req] = {}
     for req in requests:
-        first.setdefault(req.task, req)
+        first.setdefault(req.task, replace(req, name_task=True))  # the check serves chosen tasks' patterns
     with (
         redis_server() as redis_port,
         ThrottledProxy(redis_port, throttle_mbps * 1e6) as proxy,
