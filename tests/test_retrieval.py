@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,61 @@ def test_embedder_gives_unit_vectors_offline(embedder: Embedder) -> None:
 def test_embedder_batches_agree(embedder: Embedder) -> None:
     texts = [f"sentence number {i} about topic {i % 3}" for i in range(7)]
     np.testing.assert_allclose(embedder.encode(texts, batch_size=2), embedder.encode(texts), atol=1e-5)
+
+
+def _encode_at_once(embedder: Embedder, calls: list[list[str]]) -> list[np.ndarray | BaseException]:
+    """Make `calls` on threads while the model is busy, so that they all wait; then let them run."""
+    results: list[np.ndarray | BaseException] = [np.zeros(0)] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = embedder.encode(calls[i])
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    with embedder._lock:  # the model is busy: every call waits
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while len(embedder._waiting) < len(calls) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(embedder._waiting) == len(calls)
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_calls_made_at_once_share_passes_and_each_gets_its_own_vectors(
+    embedder: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = [[f"prompt {i} about {topic}"] for i, topic in enumerate(["bread", "stars", "tax law", "python"] * 3)]
+    calls[5] = ["two texts in one call", "the second of them"]
+    alone = [embedder.encode(c) for c in calls]
+    passes: list[int] = []
+    forward = embedder._forward
+    monkeypatch.setattr(embedder, "_forward", lambda texts, size: passes.append(len(texts)) or forward(texts, size))
+    results = _encode_at_once(embedder, calls)
+    assert passes == [sum(len(c) for c in calls)]  # one run over every waiting call's texts
+    for got, want in zip(results, alone, strict=True):
+        assert isinstance(got, np.ndarray) and got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-5)  # float32 rounding of a shared pass, nothing more
+
+
+def test_a_call_whose_texts_fail_fails_alone(embedder: Embedder, monkeypatch: pytest.MonkeyPatch) -> None:
+    forward = embedder._forward
+
+    def failing(texts: list[str], size: int) -> np.ndarray:
+        if "poison" in texts:
+            raise ValueError("cannot encode poison")
+        return forward(texts, size)
+
+    monkeypatch.setattr(embedder, "_forward", failing)
+    calls = [["fine one"], ["poison"], ["fine two", "fine three"]]
+    results = _encode_at_once(embedder, calls)
+    assert isinstance(results[1], ValueError)
+    assert isinstance(results[0], np.ndarray) and results[0].shape == (1, 384)
+    assert isinstance(results[2], np.ndarray) and results[2].shape == (2, 384)
 
 
 def test_embedder_rejects_bad_input(embedder: Embedder) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,23 @@ import numpy as np
 from ..errors import InvalidArgument, NotFound
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+
+# Texts per forward pass when calls made at the same time share passes (`Embedder.encode`). Measured on 16 short
+# prompts arriving at once (all-MiniLM-L6-v2, 2 cores, ms for all 16): one at a time 239 at 1 thread and 277 at 2;
+# in one padded pass 153 and 99; in passes of 8 (sentence-transformers sorts them by length first, so a pass pads
+# little) 121 and 87; in passes of 4, 144 and 101.
+SHARED_BATCH = 8
+
+
+@dataclass
+class _Call:
+    """One `encode` call waiting for its vectors."""
+
+    texts: list[str]
+    batch_size: int | None
+    vectors: np.ndarray | None = None
+    error: BaseException | None = None
+    done: bool = False
 
 
 def default_model_path() -> Path:
@@ -64,11 +82,20 @@ class Embedder:
             raise InvalidArgument(f"model at {path} does not state its embedding size", field="embedder")
         self.dim: int = dim
         # Fast (Rust) tokenizers raise "Already borrowed" when one instance is used from two threads
-        # at once; the gRPC server calls us from a thread pool, so encoding is serialised.
+        # at once; the gRPC server calls us from a thread pool, so one thread at a time runs the model. Calls that
+        # arrive meanwhile wait in `_waiting`, and the next thread to run takes them all (`encode`).
         self._lock = threading.Lock()
+        self._waiting_lock = threading.Lock()
+        self._waiting: list[_Call] = []
 
     def encode(self, texts: Sequence[str], *, batch_size: int | None = None) -> np.ndarray:
         """Encode texts; returns one L2-normalised row per text. [n, dim] float32
+
+        One thread at a time runs the model. Calls made while it runs wait, and the next one to run encodes every
+        waiting call's texts together: calls without a `batch_size` share passes of up to SHARED_BATCH texts
+        (prompts routed at the same time embed in about half the time they take one by one), a call with one runs
+        on its own. A text's vector then comes from a pass with other texts, which moves it by float32 rounding
+        (about 1e-7) from its vector alone. A call whose texts fail to encode fails alone.
 
         Args:
             texts: The texts; an empty sequence gives an empty [0, dim] array.
@@ -87,14 +114,57 @@ class Embedder:
             raise InvalidArgument(f"batch size must be at least 1, got {batch_size}", field="batch_size")
         if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
+        call = _Call(items, batch_size)
+        with self._waiting_lock:
+            self._waiting.append(call)
         with self._lock:
-            vectors = self._model.encode(
-                items,
-                batch_size=batch_size or self.batch_size,
-                convert_to_numpy=True,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            )
+            if not call.done:  # still waiting: no thread took it, so this one takes every waiting call
+                with self._waiting_lock:
+                    calls, self._waiting = self._waiting, []
+                self._run(calls)
+        if call.error is not None:
+            raise call.error
+        assert call.vectors is not None
+        return call.vectors
+
+    def _run(self, calls: list[_Call]) -> None:
+        """Encode `calls` (under `_lock`): those without a batch size together, the others each on its own."""
+        try:
+            shared = [c for c in calls if c.batch_size is None]
+            for call in calls:
+                if call.batch_size is not None or len(shared) == 1:
+                    self._encode_calls([call], call.batch_size or self.batch_size)
+            if len(shared) > 1:
+                self._encode_calls(shared, min(self.batch_size, SHARED_BATCH))
+        finally:
+            for call in calls:  # an interrupted run (KeyboardInterrupt) leaves no caller without an answer
+                if not call.done:
+                    call.error, call.done = RuntimeError("encoding was interrupted"), True
+
+    def _encode_calls(self, calls: list[_Call], batch_size: int) -> None:
+        texts = [t for c in calls for t in c.texts]
+        try:
+            vectors = self._forward(texts, batch_size)
+        except Exception as exc:
+            if len(calls) > 1:  # one call's texts may be at fault: each on its own, so that only it fails
+                for call in calls:
+                    self._encode_calls([call], batch_size)
+                return
+            calls[0].error, calls[0].done = exc, True
+            return
+        start = 0
+        for call in calls:
+            call.vectors, call.done = vectors[start : start + len(call.texts)].copy(), True
+            start += len(call.texts)
+
+    def _forward(self, texts: list[str], batch_size: int) -> np.ndarray:
+        vectors = self._model.encode(
+            texts,
+            batch_size=batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
         return np.ascontiguousarray(vectors, dtype=np.float32)  # [n, dim]
 
     def __repr__(self) -> str:
