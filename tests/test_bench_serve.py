@@ -98,6 +98,7 @@ def test_bench_serve_reports_every_figure_with_no_errors(tiny_setup: dict[str, P
     for entry in report["results"].values():
         ours = entry["ours"]
         assert ours["errors"] == 0 and ours["mismatches"] == 0
+        assert ours["route_p50_ms"] > 0  # the server's time to route each request, from its stats
         assert ours["tokens"] == report["real_tokens"] > 0
         for key in ("tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"):
             assert key in ours

@@ -45,6 +45,7 @@ class Reply:
     loaded_bytes: int = 0
     precisions: dict[str, int] = field(default_factory=dict)  # experts that served it per precision, from its stats
     decision: str = ""  # how the server chose its pattern: "match", "fallback" (retrieval ran) or "override" (named)
+    route_ms: float | None = None  # the server's time to route it (retrieval, or looking up the named task)
 
     @property
     def ttft(self) -> float | None:
@@ -115,6 +116,7 @@ def stream_one(stub: Any, pb: Any, req: Req, timeout: float) -> Reply:
                 reply.loaded_bytes = int(loads.bytes)
                 reply.precisions = {p: int(n) for p, n in chunk.stats.precisions.items()}
                 reply.decision = chunk.stats.decision
+                reply.route_ms = chunk.stats.timings.route_ms
     except Exception as exc:  # grpc.RpcError and anything else: counted as an error, the run goes on
         code = getattr(exc, "code", None)
         details = getattr(exc, "details", None)
@@ -226,6 +228,7 @@ def summarize(run: ClientRun, alone: dict[int, list[int]] | None) -> dict[str, A
     gaps = [g for r in ok for g in r.gaps]
     ttft50, ttft99 = percentiles(ttft)
     itl50, itl99 = percentiles(gaps)
+    route50, _ = percentiles([r.route_ms / 1e3 for r in ok if r.route_ms is not None])
     ms = lambda v: None if v is None else v * 1e3  # noqa: E731
     mismatched = [r.req.index for r in ok if alone is not None and r.token_ids != alone.get(r.req.index)]
     errors = [f"#{r.req.index} {r.req.task}: {r.error}" for r in run.replies if r.error is not None]
@@ -241,6 +244,7 @@ def summarize(run: ClientRun, alone: dict[int, list[int]] | None) -> dict[str, A
         "ttft_p99_ms": ms(ttft99),
         "itl_p50_ms": ms(itl50),
         "itl_p99_ms": ms(itl99),
+        "route_p50_ms": ms(route50),
         "errors": len(errors),
         "error_messages": errors[:5],
         "mismatches": len(mismatched),

@@ -15,6 +15,7 @@ OURS_KEYS = (
     "ttft_p99_ms",
     "itl_p50_ms",
     "itl_p99_ms",
+    "route_p50_ms",
     "tokens_per_cpu_s",
 )
 TARGETS = {"padded_at_max_clients": 1.3, "alone_at_1_client": 0.95, "stall_p99_ratio": 1.5}
@@ -134,15 +135,17 @@ def render(report: dict[str, Any]) -> str:
         f"(the lone replies, EOS included); server budget {c['budget']}; median of {c['rounds']} interleaved rounds",
         _processes(report),
         "",
-        f"{'clients':>7} {'tok/s':>7} {'req/s':>6} {'TTFT p50/p99 ms':>16} {'ITL p50/p99 ms':>15} {'err':>4} "
-        f"{'!=alone':>7} | {'hf alone':>8} {'hf padded':>9} {'hf CB':>7} | {'/alone':>6} {'/padded':>7} {'/CB':>5}",
+        f"{'clients':>7} {'tok/s':>7} {'req/s':>6} {'TTFT p50/p99 ms':>16} {'ITL p50/p99 ms':>15} {'route ms':>8} "
+        f"{'err':>4} {'!=alone':>7} | {'hf alone':>8} {'hf padded':>9} {'hf CB':>7} | {'/alone':>6} {'/padded':>7} "
+        f"{'/CB':>5}",
     ]
     for n, entry in report["results"].items():
         o, hf, r = entry["ours"], entry["transformers"], entry["ratios"]
         lines.append(
             f"{n:>7} {_f(o['tokens_per_s']):>7} {_f(o['requests_per_s'], '.1f'):>6} "
             f"{_f(o['ttft_p50_ms'], '.1f') + ' / ' + _f(o['ttft_p99_ms'], '.1f'):>16} "
-            f"{_f(o['itl_p50_ms'], '.1f') + ' / ' + _f(o['itl_p99_ms'], '.1f'):>15} {o['errors']:>4} "
+            f"{_f(o['itl_p50_ms'], '.1f') + ' / ' + _f(o['itl_p99_ms'], '.1f'):>15} "
+            f"{_f(o.get('route_p50_ms'), '.1f'):>8} {o['errors']:>4} "
             f"{o['mismatches']:>7} | {_f(hf['alone']['tokens_per_s']):>8} {_f(hf['padded']['tokens_per_s']):>9} "
             f"{_f(hf['continuous']['tokens_per_s']):>7} | {_f(r['alone'], '.2f'):>6} {_f(r['padded'], '.2f'):>7} "
             f"{_f(r['continuous'], '.2f'):>5}"
