@@ -131,9 +131,9 @@ class Embedder:
         """Encode `calls` (under `_lock`): those without a batch size together, the others each on its own."""
         try:
             shared = [c for c in calls if c.batch_size is None]
-            for call in calls:
-                if call.batch_size is not None or len(shared) == 1:
-                    self._encode_calls([call], call.batch_size or self.batch_size)
+            alone = [c for c in calls if c.batch_size is not None] + (shared if len(shared) == 1 else [])
+            for call in alone:
+                self._encode_calls([call], call.batch_size or self.batch_size)
             if len(shared) > 1:
                 self._encode_calls(shared, min(self.batch_size, SHARED_BATCH))
         finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import InvalidArgument
-from ..common import percentiles
+from ..common import median, percentiles
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,6 @@ def summarize(run: ClientRun, alone: dict[int, list[int]] | None) -> dict[str, A
     gaps = [g for r in ok for g in r.gaps]
     ttft50, ttft99 = percentiles(ttft)
     itl50, itl99 = percentiles(gaps)
-    route50, _ = percentiles([r.route_ms / 1e3 for r in ok if r.route_ms is not None])
     ms = lambda v: None if v is None else v * 1e3  # noqa: E731
     mismatched = [r.req.index for r in ok if alone is not None and r.token_ids != alone.get(r.req.index)]
     errors = [f"#{r.req.index} {r.req.task}: {r.error}" for r in run.replies if r.error is not None]
@@ -244,7 +243,7 @@ def summarize(run: ClientRun, alone: dict[int, list[int]] | None) -> dict[str, A
         "ttft_p99_ms": ms(ttft99),
         "itl_p50_ms": ms(itl50),
         "itl_p99_ms": ms(itl99),
-        "route_p50_ms": ms(route50),
+        "route_p50_ms": median(r.route_ms for r in ok),
         "errors": len(errors),
         "error_messages": errors[:5],
         "mismatches": len(mismatched),
