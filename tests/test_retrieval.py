@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from premoe_service.retrieval import (
     suggest_threshold,
     task_scores,
 )
+from premoe_service.retrieval.embedder import SHARED_BATCH, _Call, _plan
 from premoe_service.retrieval.index import faiss_gpus
 
 NONSENSE = "zxqv blorf 7781 qqq"
@@ -73,13 +75,17 @@ def _encode_at_once(embedder: Embedder, calls: list[list[str]]) -> list[np.ndarr
             results[i] = exc
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    with embedder._lock:  # the model is busy: every call waits
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 30
-        while len(embedder._waiting) < len(calls) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(embedder._waiting) == len(calls)
+    with embedder._cond:  # the model is busy: every call waits
+        embedder._busy = True
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while len(embedder._waiting) < len(calls) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(embedder._waiting) == len(calls)
+    with embedder._cond:
+        embedder._busy = False
+        embedder._cond.notify_all()
     for thread in threads:
         thread.join(60)
     return results
@@ -95,10 +101,58 @@ def test_calls_made_at_once_share_passes_and_each_gets_its_own_vectors(
     forward = embedder._forward
     monkeypatch.setattr(embedder, "_forward", lambda texts, size: passes.append(len(texts)) or forward(texts, size))
     results = _encode_at_once(embedder, calls)
-    assert passes == [sum(len(c) for c in calls)]  # one run over every waiting call's texts
+    # one run over every waiting call's texts, in passes of at most SHARED_BATCH texts
+    assert sum(passes) == sum(len(c) for c in calls) and len(passes) == 2 and max(passes) <= SHARED_BATCH
     for got, want in zip(results, alone, strict=True):
         assert isinstance(got, np.ndarray) and got.shape == want.shape
         np.testing.assert_allclose(got, want, atol=1e-5)  # float32 rounding of a shared pass, nothing more
+
+
+def test_a_call_is_answered_when_its_pass_is_done_not_the_whole_run(
+    embedder: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SHARED_BATCH short calls fill the first pass; the long one runs in a second pass, which waits (at most 20 s)
+    # for the short calls to have returned: they may only if they were answered when their own pass ended.
+    calls = [[f"short {i}"] for i in range(SHARED_BATCH)] + [["a much longer prompt that sorts after the others"]]
+    returned = threading.Event()
+    seen: list[bool] = []
+    forward = embedder._forward
+
+    def second_pass_waits(texts: list[str], size: int) -> np.ndarray:
+        if calls[-1][0] in texts:
+            seen.append(returned.wait(20))
+        return forward(texts, size)
+
+    monkeypatch.setattr(embedder, "_forward", second_pass_waits)
+    short_done: list[str] = []
+    encode = embedder.encode
+
+    def counted(texts: list[str], **kwargs: Any) -> np.ndarray:
+        vectors = encode(texts, **kwargs)
+        if texts[0].startswith("short"):
+            short_done.append(texts[0])
+            if len(short_done) == SHARED_BATCH:
+                returned.set()
+        return vectors
+
+    monkeypatch.setattr(embedder, "encode", counted)
+    results = _encode_at_once(embedder, calls)
+    assert seen == [True]  # every short call had returned before the long one's pass ran
+    assert all(isinstance(r, np.ndarray) and r.shape == (1, 384) for r in results)
+
+
+def test_waiting_calls_are_planned_into_passes_shortest_first() -> None:
+    short, mid, long_ = (_Call([t], None) for t in ("a", "a b c", "a b c d e f g"))
+    sized = _Call(["with a batch size"], 4)
+    big = _Call([f"text {i}" for i in range(SHARED_BATCH + 1)], None)
+    planned = _plan([long_, sized, *(_Call([f"t{i}"], None) for i in range(SHARED_BATCH - 2)), mid, big, short], 32)
+    assert planned[0] == (4, [sized])  # a call with its own batch size runs alone, at that size
+    sizes = [size for size, _ in planned[1:]]
+    texts = [[t for c in group for t in c.texts] for _, group in planned[1:]]
+    assert sizes == [SHARED_BATCH] * 3 and [len(t) for t in texts] == [SHARED_BATCH, SHARED_BATCH + 1, 1]
+    # shortest texts first (a call by its longest text); a call of more than SHARED_BATCH texts is a pass alone
+    assert texts[0][0] == "a" and texts[0][-1] == "a b c" and planned[2][1] == [big] and planned[3][1] == [long_]
+    assert _plan([short], 32) == [(32, [short])]  # one call alone runs at the embedder's batch size
 
 
 def test_a_call_whose_texts_fail_fails_alone(embedder: Embedder, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -82,20 +82,24 @@ class Embedder:
             raise InvalidArgument(f"model at {path} does not state its embedding size", field="embedder")
         self.dim: int = dim
         # Fast (Rust) tokenizers raise "Already borrowed" when one instance is used from two threads
-        # at once; the gRPC server calls us from a thread pool, so one thread at a time runs the model. Calls that
-        # arrive meanwhile wait in `_waiting`, and the next thread to run takes them all (`encode`).
-        self._lock = threading.Lock()
-        self._waiting_lock = threading.Lock()
+        # at once; the gRPC server calls us from a thread pool, so one thread at a time runs the model (`_busy`).
+        # Calls that arrive meanwhile wait in `_waiting`; when the model is free they are planned into passes
+        # (`_planned`), and each waiting thread runs the next pass until its own call is answered (`encode`).
+        self._cond = threading.Condition()
+        self._busy = False
         self._waiting: list[_Call] = []
+        self._planned: list[tuple[int, list[_Call]]] = []  # (batch size, calls) of each pass still to run
 
     def encode(self, texts: Sequence[str], *, batch_size: int | None = None) -> np.ndarray:
         """Encode texts; returns one L2-normalised row per text. [n, dim] float32
 
-        One thread at a time runs the model. Calls made while it runs wait, and the next one to run encodes every
-        waiting call's texts together: calls without a `batch_size` share passes of up to SHARED_BATCH texts
-        (prompts routed at the same time embed in about half the time they take one by one), a call with one runs
-        on its own. A text's vector then comes from a pass with other texts, which moves it by float32 rounding
-        (about 1e-7) from its vector alone. A call whose texts fail to encode fails alone.
+        One thread at a time runs the model. Calls made while it runs wait; when it is free, every waiting call is
+        planned into passes: calls without a `batch_size` share passes of up to SHARED_BATCH texts, shortest texts
+        first, and a call with one runs on its own. Each waiting thread runs the next pass until its own call is
+        answered, so a call returns as soon as its pass is done (prompts routed at the same time embed in about half
+        the time they take one by one, and the first of them reach the engine before the last are embedded). A
+        text's vector then comes from a pass with other texts, which moves it by float32 rounding (about 1e-7) from
+        its vector alone. A call whose texts fail to encode fails alone.
 
         Args:
             texts: The texts; an empty sequence gives an empty [0, dim] array.
@@ -115,31 +119,31 @@ class Embedder:
         if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
         call = _Call(items, batch_size)
-        with self._waiting_lock:
+        with self._cond:
             self._waiting.append(call)
-        with self._lock:
-            if not call.done:  # still waiting: no thread took it, so this one takes every waiting call
-                with self._waiting_lock:
-                    calls, self._waiting = self._waiting, []
-                self._run(calls)
+        while True:
+            with self._cond:
+                while self._busy and not call.done:
+                    self._cond.wait()
+                if call.done:
+                    break
+                if not self._planned:  # the calls planned earlier go first: a later call never overtakes them
+                    self._planned, self._waiting = _plan(self._waiting, self.batch_size), []
+                size, group = self._planned.pop(0)
+                self._busy = True
+            try:
+                self._encode_calls(group, size)
+            finally:
+                for other in group:  # an interrupted pass (KeyboardInterrupt) leaves no caller without an answer
+                    if not other.done:
+                        other.error, other.done = RuntimeError("encoding was interrupted"), True
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()  # the pass's callers return; a waiting thread runs the next pass
         if call.error is not None:
             raise call.error
         assert call.vectors is not None
         return call.vectors
-
-    def _run(self, calls: list[_Call]) -> None:
-        """Encode `calls` (under `_lock`): those without a batch size together, the others each on its own."""
-        try:
-            shared = [c for c in calls if c.batch_size is None]
-            alone = [c for c in calls if c.batch_size is not None] + (shared if len(shared) == 1 else [])
-            for call in alone:
-                self._encode_calls([call], call.batch_size or self.batch_size)
-            if len(shared) > 1:
-                self._encode_calls(shared, min(self.batch_size, SHARED_BATCH))
-        finally:
-            for call in calls:  # an interrupted run (KeyboardInterrupt) leaves no caller without an answer
-                if not call.done:
-                    call.error, call.done = RuntimeError("encoding was interrupted"), True
 
     def _encode_calls(self, calls: list[_Call], batch_size: int) -> None:
         texts = [t for c in calls for t in c.texts]
@@ -169,6 +173,24 @@ class Embedder:
 
     def __repr__(self) -> str:
         return f"Embedder(name={self.name!r}, dim={self.dim}, device={self.device!r})"
+
+
+def _plan(calls: list[_Call], batch_size: int) -> list[tuple[int, list[_Call]]]:
+    """The passes that encode `calls`, each with its batch size: a call with a batch size on its own; the others
+    (one alone runs at `batch_size`) in passes of at most SHARED_BATCH texts (a call with more is a pass of its
+    own), shortest texts first: texts of like length pad little, and the cheapest calls are answered first."""
+    shared = [c for c in calls if c.batch_size is None]
+    alone = [c for c in calls if c.batch_size is not None] + (shared if len(shared) == 1 else [])
+    passes = [(c.batch_size or batch_size, [c]) for c in alone]
+    if len(shared) > 1:
+        count = SHARED_BATCH
+        for call in sorted(shared, key=lambda c: max(len(t) for t in c.texts)):
+            if count + len(call.texts) > SHARED_BATCH:
+                passes.append((min(batch_size, SHARED_BATCH), []))
+                count = 0
+            passes[-1][1].append(call)
+            count += len(call.texts)
+    return passes
 
 
 def _load_offline(path: Path, device: str) -> Any:
