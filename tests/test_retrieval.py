@@ -141,6 +141,34 @@ def test_a_call_is_answered_when_its_pass_is_done_not_the_whole_run(
     assert all(isinstance(r, np.ndarray) and r.shape == (1, 384) for r in results)
 
 
+def test_calls_planned_earlier_run_before_a_later_call_however_short(
+    embedder: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two passes are planned (SHARED_BATCH short calls, then a long one); while the first runs, a shorter call
+    # arrives. It must wait for the planned long pass, not overtake it: shortest-first holds within a plan only,
+    # so that a stream of short prompts cannot starve a long one.
+    calls = [[f"short {i}"] for i in range(SHARED_BATCH)] + [["a much longer prompt that sorts after the others"]]
+    late = ["x"]
+    later = threading.Thread(target=lambda: embedder.encode(late))
+    order: list[list[str]] = []
+    forward = embedder._forward
+
+    def recorded(texts: list[str], size: int) -> np.ndarray:
+        if not order:  # the first pass: the late call arrives and waits
+            later.start()
+            deadline = time.monotonic() + 20
+            while not any(c.texts == late for c in embedder._waiting) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        order.append(list(texts))
+        return forward(texts, size)
+
+    monkeypatch.setattr(embedder, "_forward", recorded)
+    _encode_at_once(embedder, calls)
+    later.join(60)
+    assert [len(texts) for texts in order] == [SHARED_BATCH, 1, 1]
+    assert order[1] == calls[-1] and order[2] == late  # the planned long pass first, then the late call
+
+
 def test_waiting_calls_are_planned_into_passes_shortest_first() -> None:
     short, mid, long_ = (_Call([t], None) for t in ("a", "a b c", "a b c d e f g"))
     sized = _Call(["with a batch size"], 4)
