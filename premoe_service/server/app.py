@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ from .door_process import DoorProcess
 from .gen import premoe_pb2 as pb
 from .gen import premoe_pb2_grpc as pb_grpc
 from .http import OpenAIApi
-from .http_door import HttpDoor
+from .http_door import HttpDoor, bind_http, bind_private
 from .http_types import MAX_BODY_BYTES
 from .interceptor import ErrorInterceptor
 from .metrics import Metrics
@@ -47,7 +48,9 @@ class ServerApp:
     metrics: Metrics
     metrics_port: int | None = None
     loop: Any = None  # the event loop it runs on, when started by `running_server`
-    http: HttpDoor | None = None
+    http: HttpDoor | None = None  # this process's HTTP API: on the public port, or on a socket the door process uses
+    http_listen: socket.socket | None = None  # the HTTP API's public socket (kept for door processes started again)
+    http_public_port: int | None = None
     serving: threading.Event = field(default_factory=threading.Event)  # what the HTTP health endpoint reports
     doors: DoorProcess | None = None  # the gRPC door's own process, when it has one (`config.door_process`)
     relay: RelayServer | None = None  # where the door process's generation calls come in
@@ -56,7 +59,7 @@ class ServerApp:
     @property
     def http_port(self) -> int | None:
         """The bound port of the OpenAI-compatible HTTP API; None without one."""
-        return self.http.port if self.http is not None else None
+        return self.http_public_port
 
     async def start(self) -> None:
         """Start both doors; health reports NOT_SERVING until the `preload` tasks' experts are resident."""
@@ -88,6 +91,8 @@ class ServerApp:
         await self.grpc_server.stop(grace)
         if http_stopped is not None:
             await http_stopped
+        if self.http_listen is not None:
+            self.http_listen.close()
         self.core.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.stop()
@@ -126,20 +131,31 @@ def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) ->
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     doors = DoorProcess(config, MAX_BODY_BYTES) if config.door_process else None
     handle = ServerApp(server, core, health_servicer, executor, metrics, doors=doors)
+    api = OpenAIApi(core, executor, access, handle.serving, metrics) if config.http_port is not None else None
+    public: socket.socket | None = None
     try:
+        if api is not None:
+            public = bind_http(config.host, config.http_port or 0)
+            handle.http_public_port = int(public.getsockname()[1])
+            if doors is None:
+                handle.http = HttpDoor(api.app(), public, config.grace_s, tls=uvicorn_tls(config))
+            else:  # the door process serves the public port; this process's API answers on a private socket
+                doors.serve_http(public, config.grace_s, uvicorn_tls(config))
+                handle.http = HttpDoor(api.app(), bind_private(doors.http_socket), config.grace_s)
         if doors is not None:
-            handle.relay = RelayServer(doors.relay, door, access, metrics, executor)
+            handle.relay = RelayServer(doors.relay, door, access, metrics, executor, api)
         handle.port = _bind(server, config, doors)
-        if config.http_port is not None:
-            api = OpenAIApi(core, executor, access, handle.serving, metrics)
-            handle.http = HttpDoor(api.app(), config.host, config.http_port, config.grace_s, tls=uvicorn_tls(config))
     except OSError:
         core.close()
         if handle.relay is not None:
             handle.relay.close()
         if doors is not None:
             doors.close()
+        if public is not None:
+            public.close()
         raise
+    handle.http_listen = public
+
     if config.metrics_port is not None:
         handle.metrics_port = metrics.serve(config.metrics_port, config.host)
     return handle, handle.port

@@ -1,5 +1,5 @@
-"""The engine process's handle on its door process (`server/front.py`): start it on the public address, stop it
-with a grace period, read back what it cut off."""
+"""The engine process's handle on its door process (`server/front.py`): start it on the public address (and the HTTP
+API's), stop it with a grace period, read back what it cut off."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,11 +38,21 @@ class DoorProcess:
             "max_message_bytes": max_message_bytes,
             "tls": _tls(config),
         }
+        self.http_socket = self.dir / "http.sock"  # the engine process's HTTP API, when the server has one
+        self.inherited: tuple[int, ...] = ()
         self.host = config.host
         self.process: subprocess.Popen[str] | None = None
         self.port = 0
         self.stopping = False
         self.restarts = 0  # door processes started again after one ended unasked
+
+    def serve_http(self, public: socket.socket, grace_s: float, tls: dict[str, Any]) -> None:
+        """Have the door process serve the HTTP API on `public` (bound here, inherited by it; TLS with uvicorn's
+        `tls` options), generation over the relay and the rest forwarded to this process's HTTP API on
+        `http_socket`. Call before `launch`."""
+        backend = str(self.http_socket)
+        self.settings["http"] = {"fd": public.fileno(), "backend": backend, "grace_s": grace_s, "tls": tls}
+        self.inherited = (public.fileno(),)
 
     def launch(self) -> int:
         """Start the door process and wait until it listens; returns its port. The relay socket must listen already;
@@ -65,6 +76,7 @@ class DoorProcess:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            pass_fds=self.inherited,
         )
         reply = self._exchange(json.dumps(self.settings))
         if "port" not in reply:

@@ -1,4 +1,5 @@
-"""The door process: the gRPC door of `premoe serve`, in a process of its own beside the engine's.
+"""The door process: the gRPC door of `premoe serve` (and its HTTP API's, `server/front_http.py`), in a process of
+its own beside the engine's.
 
 The engine process runs the model in one thread, and a step is mostly Python. When the gRPC door shares that
 process, its per-message work for every client stream (about 0.1 ms of interpreter time a token) runs under the
@@ -23,6 +24,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -31,6 +33,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
+from .front_http import HttpFront, http_server
 from .gen import premoe_pb2 as pb
 from .gen import relay_pb2 as rpb
 from .relay_frames import HEADER, frame
@@ -79,13 +82,7 @@ class RelayClient:
             self._unavailable(call_id)
 
     def start(self, request: bytes, stream: bool, context: grpc.aio.ServicerContext) -> tuple[int, asyncio.Queue[Any]]:
-        """Send a call over; its events arrive in the returned queue."""
-        call_id = next(self.ids)
-        queue: asyncio.Queue[rpb.RelayEvent] = asyncio.Queue()
-        self.queues[call_id] = queue
-        if self.broken is not None:
-            self._unavailable(call_id)
-            return call_id, queue
+        """Send a gRPC call over; its events arrive in the returned queue."""
         start = rpb.Start(request=request, stream=stream)
         remaining = context.time_remaining()
         if remaining is not None:
@@ -93,6 +90,17 @@ class RelayClient:
         authorization = dict(context.invocation_metadata() or ()).get("authorization")
         if authorization is not None:
             start.authorization = authorization if isinstance(authorization, str) else authorization.decode("latin-1")
+        return self.open(start)
+
+    def open(self, start: rpb.Start) -> tuple[int, asyncio.Queue[Any]]:
+        """Send a call over (a gRPC one, or one of the HTTP API's: `start.http`); its events arrive in the returned
+        queue."""
+        call_id = next(self.ids)
+        queue: asyncio.Queue[rpb.RelayEvent] = asyncio.Queue()
+        self.queues[call_id] = queue
+        if self.broken is not None:
+            self._unavailable(call_id)
+            return call_id, queue
         self._send(rpb.RelayCall(id=call_id, start=start))
         return call_id, queue
 
@@ -237,11 +245,26 @@ async def serve_front(settings: dict[str, Any]) -> int:
         _say({"error": f"cannot bind {settings['listen']}{error}"})
         return 2
     await server.start()
+    http = settings.get("http")
+    if http is not None:  # the HTTP API's public socket, bound by the engine process and inherited
+        front = HttpFront(relay, http["backend"], size)
+        web = http_server(front, float(http["grace_s"]), http.get("tls"))
+        web_task = asyncio.create_task(web.serve(sockets=[socket.socket(fileno=int(http["fd"]))]))
+        while not web.started and not web_task.done():
+            await asyncio.sleep(0.01)
+        if not web.started:
+            _say({"error": f"the HTTP door did not start: {web_task.exception() if not web_task.cancelled() else ''}"})
+            return 2
     _say({"port": port})
     line = await asyncio.to_thread(sys.stdin.readline)
     grace = float(json.loads(line).get("grace", 0.0)) if line.strip() else 0.0
     relay.stopping = True
+    if http is not None:
+        web.should_exit = True
     await server.stop(grace)
+    if http is not None:
+        await web_task
+        await front.close()
     relay.close()
     pump.cancel()
     with contextlib.suppress(asyncio.CancelledError):

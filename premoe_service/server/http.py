@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..engine.request import EventSink
 from ..errors import InvalidArgument, PreMoeError
 from ..names import check_task_name
 from ..serving import GenerationResult, ServingCore
@@ -46,6 +47,7 @@ from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"  # the generation endpoints
 
 
 class OpenAIApi:
@@ -81,8 +83,8 @@ class OpenAIApi:
 
     def app(self) -> Starlette:
         routes = [
-            Route("/v1/completions", self._endpoint("/v1/completions", self.completions), methods=["POST"]),
-            Route("/v1/chat/completions", self._endpoint("/v1/chat/completions", self.chat), methods=["POST"]),
+            Route(COMPLETIONS, self._endpoint(COMPLETIONS, self.completions), methods=["POST"]),
+            Route(CHAT, self._endpoint(CHAT, self.chat), methods=["POST"]),
             Route("/v1/models", self._endpoint("/v1/models", self.models), methods=["GET"]),
             Route("/v1/models/{model}", self._endpoint("/v1/models/{model}", self.model), methods=["GET"]),
             Route("/tokenize", self._endpoint("/tokenize", self.tokenize), methods=["POST"]),
@@ -96,10 +98,17 @@ class OpenAIApi:
     # --- endpoints ---------------------------------------------------------------------------------------
 
     async def completions(self, request: Request) -> Response:
-        return await self._generate(request, GenerationCall.from_completion(await read_json(request)))
+        return await self._generate(request, self.generation_call(COMPLETIONS, await read_json(request)))
 
     async def chat(self, request: Request) -> Response:
-        return await self._generate(request, GenerationCall.from_chat(await read_json(request), self.template))
+        return await self._generate(request, self.generation_call(CHAT, await read_json(request)))
+
+    def generation_call(self, path: str, body: dict[str, Any]) -> GenerationCall:
+        """The call a generation endpoint's body asks for, its fields checked (`path`: COMPLETIONS or CHAT)."""
+        call = GenerationCall.from_chat(body, self.template) if path == CHAT else GenerationCall.from_completion(body)
+        if call.model not in (AUTO, self.core.served_model_name):
+            check_task_name(call.model, field="model")
+        return call
 
     async def models(self, request: Request) -> Response:
         views = await self._run(self.core.list_tasks)
@@ -151,14 +160,12 @@ class OpenAIApi:
     async def _generate(self, request: Request, call: GenerationCall) -> Response:
         """Wait for every prompt's first item before answering, so that errors up to the first token get their
         own status."""
-        if call.model not in (AUTO, self.core.served_model_name):
-            check_task_name(call.model, field="model")
         gone = threading.Event()
         watcher = asyncio.create_task(watch_disconnect(request, gone))
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:  # route and tokenize on the executor; the engine's events then arrive on this event loop
-            submissions = await self._run(lambda: self._submit(call, gone, loop))
+            submissions = await self._run(lambda: self.submit(call, gone, loop))
         except BaseException:
             watcher.cancel()
             raise
@@ -181,23 +188,29 @@ class OpenAIApi:
         for first in firsts:
             if not isinstance(first, GenerationResult):  # a request that does not stream yields its result only
                 raise RuntimeError(f"expected the result, got {type(first).__name__}")
-            self._observe(first, None)
+            self.observe(first, None)
             results.append(first)
         return JSONResponse(completion_body(call, results, self.total_experts, self.spelling))
 
-    def _submit(
-        self, call: GenerationCall, gone: threading.Event, loop: asyncio.AbstractEventLoop
+    def submit(
+        self,
+        call: GenerationCall,
+        gone: threading.Event,
+        loop: asyncio.AbstractEventLoop | None = None,
+        sink: Callable[[int], EventSink] | None = None,
     ) -> list[EngineRequest]:
-        """Queue each prompt as a request of its own; if one is refused, those already queued are cancelled and
-        the error names the prompt (`prompt[i]` when there are several)."""
-        submissions = []
+        """Queue each prompt (each of its `n` choices) as a request of its own, its events read on `loop` or put
+        into `sink(i)` (the i-th request's); if one is refused, those already queued are cancelled and the error
+        names the prompt (`prompt[i]` when there are several)."""
+        submissions: list[EngineRequest] = []
         for index, prompt in enumerate(call.prompts):
             try:
                 # n samples need n random streams: without a seed they get a random one (an unseeded request's
                 # generator starts from torch's fixed default, so n of them would all draw alike).
                 seed = call.params.seed if call.params.seed is not None or call.n == 1 else secrets.randbits(63)
                 for sample in range(call.n):
-                    submissions.append(self._submit_one(call, prompt, seed, sample, gone, loop))
+                    where = sink(len(submissions)) if sink is not None else None
+                    submissions.append(self._submit_one(call, prompt, seed, sample, gone, loop, where))
             except PreMoeError as exc:
                 gone.set()
                 if len(call.prompts) > 1 and exc.field == "prompt":
@@ -215,7 +228,8 @@ class OpenAIApi:
         seed: int | None,
         sample: int,
         gone: threading.Event,
-        loop: asyncio.AbstractEventLoop,
+        loop: asyncio.AbstractEventLoop | None,
+        sink: EventSink | None,
     ) -> EngineRequest:
         """The `sample`-th choice of a prompt, drawn with seed + sample (vLLM's rule for n samples)."""
         params = call.params
@@ -228,6 +242,7 @@ class OpenAIApi:
             cancelled=gone.is_set,
             stream=call.stream,
             loop=loop,
+            sink=sink,
             prompt_ids=prompt.ids,
             add_special_tokens=call.add_special_tokens,
         )
@@ -255,7 +270,7 @@ class OpenAIApi:
                     yield sse(chunk_body(call, echoed, index=index))
             async for index, item in events:
                 if isinstance(item, GenerationResult):
-                    self._observe(item, ttft)
+                    self.observe(item, ttft)
                     results.append(item)
                     yield sse(chunk_body(call, None, item, self.total_experts, index))
                 else:
@@ -269,14 +284,14 @@ class OpenAIApi:
             yield "data: [DONE]\n\n"
             code = grpc.StatusCode.OK
         except Exception as exc:  # the 200 is out: the error goes in the stream, as OpenAI's servers send it
-            body, _status, code = _error(exc)
+            body, _status, code = error_reply(exc, PARAM_NAMES)
             yield sse(body)
         finally:  # also when the client went away and the response task was cancelled
             await events.aclose()  # its pumps stop reading the streams before they are closed
             watcher.cancel()
             for items in streams:
                 await items.aclose()
-            self._record(call.chat, code, start)
+            self.record(call.chat, code, start)
 
     def _spell(self, token: int) -> str:
         """One token's text, as the `logprobs` object lists it."""
@@ -293,7 +308,7 @@ class OpenAIApi:
                     self.access.check(header.encode("latin-1") if header is not None else None, admin=False)
                 response = await handler(request)
             except Exception as exc:
-                body, status, code = _error(exc)
+                body, status, code = error_reply(exc, PARAM_NAMES)
                 headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
                 response, streaming = JSONResponse(body, status_code=status, headers=headers), False
             else:
@@ -307,7 +322,7 @@ class OpenAIApi:
     async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
-    def _observe(self, result: GenerationResult, ttft: float | None) -> None:
+    def observe(self, result: GenerationResult, ttft: float | None) -> None:
         if self.metrics is None:
             return
         if ttft is not None:
@@ -315,15 +330,10 @@ class OpenAIApi:
         resident = self.core.resident_bytes()
         self.metrics.generation(result.plan.task, result.loads, result.timings, result.coverage, resident)
 
-    def _record(self, chat: bool, code: grpc.StatusCode, start: float) -> None:
+    def record(self, chat: bool, code: grpc.StatusCode, start: float) -> None:
         if self.metrics is not None:
-            path = "/v1/chat/completions" if chat else "/v1/completions"
+            path = CHAT if chat else COMPLETIONS
             self.metrics.request(f"HTTP {path}", code.name, time.perf_counter() - start)
-
-
-def _error(exc: BaseException) -> tuple[dict[str, Any], int, grpc.StatusCode]:
-    """OpenAI's error body, the HTTP status and the gRPC code of an exception; `param` names the request field."""
-    return error_reply(exc, PARAM_NAMES)
 
 
 async def _routing_error(request: Request, exc: Exception) -> Response:

@@ -1,4 +1,4 @@
-"""The HTTP API's uvicorn server, on a thread and event loop of its own."""
+"""The HTTP API's uvicorn server in the engine process, on a thread and event loop of its own."""
 
 from __future__ import annotations
 
@@ -6,35 +6,53 @@ import math
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 
 
+def bind_http(host: str, port: int) -> socket.socket:
+    """The HTTP API's listening socket on `host`:`port` (0 picks a free port).
+
+    Raises:
+        OSError: The port cannot be bound.
+    """
+    # Created as TCP (proto IPPROTO_TCP, not 0): asyncio sets TCP_NODELAY only on such sockets' accepted
+    # connections, and without it Nagle and the client's delayed ACK hold a stream's first event for ~40 ms.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot bind the HTTP port {host}:{port}: {exc}") from exc
+    return sock
+
+
+def bind_private(path: Path) -> socket.socket:
+    """A listening Unix socket at `path` (in the server's private directory), where the door process forwards
+    the HTTP API's requests."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    return sock
+
+
 class HttpDoor:
-    """The HTTP API's uvicorn server on its own thread. Binds at once, so `port` is known before `start()`.
+    """The HTTP API's uvicorn server on its own thread, on a socket bound already (`bind_http`, `bind_private`).
 
     Args:
         app: The ASGI app.
-        host: Address to bind (the gRPC door's).
-        port: Port to bind; 0 picks a free one.
+        sock: Where it listens: the public port, or a private socket the door process forwards to.
         grace_s: Seconds open requests get on `stop()`.
         tls: uvicorn's `ssl_*` options (HTTPS, and client certificates with `ssl_cert_reqs`); None: plain HTTP.
     """
 
-    def __init__(self, app: Starlette, host: str, port: int, grace_s: float, tls: dict[str, Any] | None = None) -> None:
-        # Created as TCP (proto IPPROTO_TCP, not 0): asyncio sets TCP_NODELAY only on such sockets' accepted
-        # connections, and without it Nagle and the client's delayed ACK hold a stream's first event for ~40 ms.
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.socket.bind((host, port))
-        except OSError as exc:
-            self.socket.close()
-            raise OSError(f"cannot bind the HTTP port {host}:{port}: {exc}") from exc
-        self.port = int(self.socket.getsockname()[1])
+    def __init__(self, app: Starlette, sock: socket.socket, grace_s: float, tls: dict[str, Any] | None = None) -> None:
+        self.socket = sock
+        self.port = int(sock.getsockname()[1]) if sock.family != socket.AF_UNIX else 0
         config = uvicorn.Config(
             app,
             log_config=None,

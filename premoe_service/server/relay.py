@@ -17,8 +17,10 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,8 @@ from ..serving import GenerationResult
 from .auth import Access
 from .gen import premoe_pb2 as pb
 from .gen import relay_pb2 as rpb
+from .http import OpenAIApi
+from .http_relay import HttpCall
 from .interceptor import MAX_DETAILS, METHODS, status_of
 from .metrics import Metrics
 from .relay_frames import HEADER, frame
@@ -57,9 +61,12 @@ class _Call:
 class RelayLink:
     """One connection from the door process: its calls, read on the relay thread, answered in frames."""
 
-    def __init__(self, conn: socket.socket, door: GrpcDoor, access: Access, metrics: Metrics | None) -> None:
-        self.conn, self.door, self.access, self.metrics = conn, door, access, metrics
+    def __init__(
+        self, conn: socket.socket, door: GrpcDoor, access: Access, metrics: Metrics | None, api: OpenAIApi | None
+    ) -> None:
+        self.conn, self.door, self.access, self.metrics, self.api = conn, door, access, metrics, api
         self.calls: dict[int, _Call] = {}
+        self.http_calls: dict[int, HttpCall] = {}  # the HTTP API's generation calls
         self.lock = threading.Lock()  # the calls and the socket's writes
         self.open = True
 
@@ -73,13 +80,18 @@ class RelayLink:
                 if body is None:
                     break
                 for call in rpb.RelayCalls.FromString(body).calls:
-                    if call.HasField("start"):
+                    if call.HasField("start") and call.start.HasField("http"):
+                        self._start_http(call.id, call.start, executor)
+                    elif call.HasField("start"):
                         self._start(call.id, call.start, executor)
                     elif call.cancel:
                         with self.lock:
                             running = self.calls.get(call.id)
+                            http = self.http_calls.get(call.id)
                         if running is not None:
                             running.cancelled.set()
+                        if http is not None:
+                            http.gone.set()
         except (OSError, ValueError) as exc:
             log.warning("the door process's relay broke: %s", exc)
         finally:
@@ -146,19 +158,78 @@ class RelayLink:
         except RuntimeError:  # the executor is shut down: the server is stopping
             self.deliver([(call_id, Failed(Unavailable("the server is shutting down", field="server")))])
 
+    def _start_http(self, call_id: int, start: rpb.Start, executor: ThreadPoolExecutor) -> None:
+        """A call of the HTTP API's generation endpoints (`http_relay.HttpCall`): its requests' events come back
+        keyed (call id, request index)."""
+        if self.api is None:  # the door process sends none when the server has no HTTP API
+            log.error("an HTTP call came over the relay, but this server has no HTTP API")
+            self._write([rpb.RelayEvent(id=call_id, end=True, code=grpc.StatusCode.UNIMPLEMENTED.value[0])])
+            return
+        http = HttpCall(self.api, call_id)
+        with self.lock:
+            if call_id in self.http_calls:
+                return
+            self.http_calls[call_id] = http
+        try:
+            authorization = start.authorization if start.HasField("authorization") else None
+            http.parse(start.http.path, start.http.body, authorization)
+        except Exception as exc:
+            self._answer(http, partial(http.fail, exc))
+            return
+
+        def submit() -> None:
+            submissions = http.submit(lambda index: EventSink(self, (call_id, index)))
+            self._answer(http, lambda: http.submitted(submissions))
+
+        def failed(done: Future[None]) -> None:
+            error = Unavailable("the server is shutting down", field="server") if done.cancelled() else done.exception()
+            if error is not None:
+                self._answer(http, partial(http.fail, error))
+
+        try:
+            executor.submit(submit).add_done_callback(failed)
+        except RuntimeError:  # the executor is shut down: the server is stopping
+            self._answer(http, partial(http.fail, Unavailable("the server is shutting down", field="server")))
+
+    def _answer(self, http: HttpCall, step: Callable[[], list[rpb.RelayEvent]]) -> None:
+        """Run one step of an HTTP call under the lock (it shares its state with the engine's thread) and write its
+        relay events."""
+        with self.lock:
+            events = step()
+            if http.ended:
+                self.http_calls.pop(http.call_id, None)
+            self._send(events)
+
     # --- events out (the engine's thread, once per step) ------------------------------------------------
 
     def deliver(self, events: list[tuple[Any, Any]]) -> None:
         """Write these events of the link's calls as one frame (an `EventSink` target)."""
         with self.lock:
-            out = [e for call_id, item in events if (e := self._event(call_id, item)) is not None]
-            if not out or not self.open:
-                return
-            try:
-                self.conn.sendall(frame(rpb.RelayBatch(events=out)))
-            except OSError as exc:
-                log.warning("the door process's relay broke: %s", exc)
-                self._cancel_all()
+            out: list[rpb.RelayEvent] = []
+            for key, item in events:
+                if isinstance(key, tuple):  # a request of an HTTP call
+                    http = self.http_calls.get(key[0])
+                    if http is not None:
+                        out.extend(http.take(key[1], item))
+                        if http.ended:
+                            del self.http_calls[key[0]]
+                elif (event := self._event(key, item)) is not None:
+                    out.append(event)
+            self._send(out)
+
+    def _write(self, events: list[rpb.RelayEvent]) -> None:
+        with self.lock:
+            self._send(events)
+
+    def _send(self, events: list[rpb.RelayEvent]) -> None:
+        """Write `events` as one frame (the lock held)."""
+        if not events or not self.open:
+            return
+        try:
+            self.conn.sendall(frame(rpb.RelayBatch(events=events)))
+        except OSError as exc:
+            log.warning("the door process's relay broke: %s", exc)
+            self._cancel_all()
 
     def _event(self, call_id: int, item: Any) -> rpb.RelayEvent | None:
         """One engine event of a call as its relay event (a result or a failure ends the call)."""
@@ -199,6 +270,8 @@ class RelayLink:
         self.open = False
         for call in self.calls.values():
             call.cancelled.set()
+        for http in self.http_calls.values():
+            http.gone.set()
 
     def close(self) -> None:
         with self.lock:
@@ -211,9 +284,16 @@ class RelayServer:
     """Listens on the relay socket (`path`) and serves the door process's connection on a thread of its own."""
 
     def __init__(
-        self, path: Path, door: GrpcDoor, access: Access, metrics: Metrics | None, executor: ThreadPoolExecutor
+        self,
+        path: Path,
+        door: GrpcDoor,
+        access: Access,
+        metrics: Metrics | None,
+        executor: ThreadPoolExecutor,
+        api: OpenAIApi | None = None,
     ) -> None:
         self.door, self.access, self.metrics, self.executor = door, access, metrics, executor
+        self.api = api  # the HTTP API, when the door process serves it
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(str(path))
         self.sock.listen(1)
@@ -230,7 +310,7 @@ class RelayServer:
                 return
             # A door process that stops reading must not hold the engine's thread: writes give up after a while.
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT_S, 0))
-            self.link = RelayLink(conn, self.door, self.access, self.metrics)
+            self.link = RelayLink(conn, self.door, self.access, self.metrics, self.api)
             self.link.serve(self.executor)
 
     def close(self) -> None:

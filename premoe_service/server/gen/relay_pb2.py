@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpremoe/relay/v1/relay.proto\x12\x0fpremoe.relay.v1\"7\n\nRelayCalls\x12)\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x1a.premoe.relay.v1.RelayCall\"Z\n\tRelayCall\x12\n\n\x02id\x18\x01 \x01(\x04\x12\'\n\x05start\x18\x02 \x01(\x0b\x32\x16.premoe.relay.v1.StartH\x00\x12\x10\n\x06\x63\x61ncel\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\"|\n\x05Start\x12\x0f\n\x07request\x18\x01 \x01(\x0c\x12\x0e\n\x06stream\x18\x02 \x01(\x08\x12\x16\n\ttimeout_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rauthorization\x18\x04 \x01(\tH\x01\x88\x01\x01\x42\x0c\n\n_timeout_sB\x10\n\x0e_authorization\"9\n\nRelayBatch\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.premoe.relay.v1.RelayEvent\"S\n\nRelayEvent\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05reply\x18\x02 \x01(\x0c\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x05 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpremoe/relay/v1/relay.proto\x12\x0fpremoe.relay.v1\"7\n\nRelayCalls\x12)\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x1a.premoe.relay.v1.RelayCall\"Z\n\tRelayCall\x12\n\n\x02id\x18\x01 \x01(\x04\x12\'\n\x05start\x18\x02 \x01(\x0b\x32\x16.premoe.relay.v1.StartH\x00\x12\x10\n\x06\x63\x61ncel\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\"\xa5\x01\n\x05Start\x12\x0f\n\x07request\x18\x01 \x01(\x0c\x12\x0e\n\x06stream\x18\x02 \x01(\x08\x12\x16\n\ttimeout_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rauthorization\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\'\n\x04http\x18\x05 \x01(\x0b\x32\x19.premoe.relay.v1.HttpCallB\x0c\n\n_timeout_sB\x10\n\x0e_authorization\"&\n\x08HttpCall\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\"9\n\nRelayBatch\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.premoe.relay.v1.RelayEvent\"}\n\nRelayEvent\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05reply\x18\x02 \x01(\x0c\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x05 \x01(\t\x12\x13\n\x0bhttp_status\x18\x06 \x01(\x05\x12\x13\n\x0bhttp_stream\x18\x07 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELAYCALLS']._serialized_end=103
   _globals['_RELAYCALL']._serialized_start=105
   _globals['_RELAYCALL']._serialized_end=195
-  _globals['_START']._serialized_start=197
-  _globals['_START']._serialized_end=321
-  _globals['_RELAYBATCH']._serialized_start=323
-  _globals['_RELAYBATCH']._serialized_end=380
-  _globals['_RELAYEVENT']._serialized_start=382
-  _globals['_RELAYEVENT']._serialized_end=465
+  _globals['_START']._serialized_start=198
+  _globals['_START']._serialized_end=363
+  _globals['_HTTPCALL']._serialized_start=365
+  _globals['_HTTPCALL']._serialized_end=403
+  _globals['_RELAYBATCH']._serialized_start=405
+  _globals['_RELAYBATCH']._serialized_end=462
+  _globals['_RELAYEVENT']._serialized_start=464
+  _globals['_RELAYEVENT']._serialized_end=589
 # @@protoc_insertion_point(module_scope)
