@@ -201,7 +201,8 @@ def default(name: str) -> Lazy:
 @option(
     "--door-process/--no-door-process",
     default=True,
-    help="run the gRPC door in a process of its own, so that client streams do not share the engine's interpreter",
+    help="run the gRPC door (and the HTTP API's, with --http-port) in a process of its own, so that client streams "
+    "do not share the engine's interpreter",
 )
 @option(
     "--compile-step/--no-compile-step",

@@ -3,10 +3,12 @@
 The relay is a Unix socket in the server's private directory carrying length-prefixed protobuf frames
 (protos/premoe/relay/v1/relay.proto): `RelayCalls` from the door process, `RelayBatch` back. Generation calls come
 in already accepted by the door process, with the client's request bytes, deadline and credentials; each is
-checked and submitted here as the gRPC servicer would (the same checks, errors and metrics). Their events go to one
-`RelayLink` as the calls' sink: the engine loop's step hand-over (`engine/outbox.py`) gives it every call's events
-of a step at once, on the engine's thread, and the link writes them as one frame. So the engine process does one
-socket write per step, whatever the number of client streams, and no event loop of this process takes part.
+checked and submitted here as the gRPC servicer would (the same checks, errors and metrics); calls of the HTTP
+API's generation endpoints come with their body and are answered as the HTTP door would (`server/http_relay.py`).
+Their events go to one `RelayLink` as the calls' sink: the engine loop's step hand-over (`engine/outbox.py`) gives
+it every call's events of a step at once, on the engine's thread, and the link writes them as one frame. So the
+engine process does one socket write per step, whatever the number of client streams, and no event loop of this
+process takes part.
 """
 
 from __future__ import annotations

@@ -67,9 +67,9 @@ class ServiceConfig:
         preload: Tasks whose experts are loaded at start-up (health says SERVING only after).
         engine_threads: CPU threads of the engine's tensor operations; None: all cores but one (at least one), which
             leaves a core to the doors' event loops and the loader, so that streaming does not stall decoding.
-        door_process: Run the gRPC door in a process of its own beside the engine's (`server/front.py`): client
-            streams then cost the engine process one relay frame per step instead of one gRPC message per
-            stream and token. The HTTP door stays in the engine process.
+        door_process: Run the doors in a process of its own beside the engine's (`server/front.py`, and the HTTP
+            API's with `http_port`, `server/front_http.py`): client streams then cost the engine process one relay
+            frame per step instead of one message per stream and token.
         compile_step: Run the decoder stack compiled (`engine/compiled_stack.py`): fewer, fused kernels per step
             around the eager attention and MoE blocks, compiled when the engine starts. Default: on, unless
             the environment sets `PREMOE_COMPILE_STEP` to 0 (the test suite does, for every engine it starts).
