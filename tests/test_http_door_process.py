@@ -8,6 +8,7 @@ import asyncio
 import http.client
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,23 @@ def test_generation_crosses_the_relay_not_the_engine_processs_http_api(tiny_stor
         assert status == 200 and events(reply)[-1] == "[DONE]"
         status, _, reply = send(handle, "GET", "/v1/models")
         assert status == 503 and json.loads(reply)["error"]["param"] == "server"
+
+
+def test_a_door_process_started_again_serves_the_http_port_again(tiny_store: Path, tmp_path: Path, embedder):
+    """The public socket stays with the engine process, and a door process started after a crash inherits it."""
+    with running_server(config(tiny_store, tmp_path, door_process=True), embedder=embedder) as (handle, _):
+        doors = handle.doors
+        assert doors is not None and doors.process is not None
+        old = doors.process.pid
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while doors.process.pid == old or doors.process.pid not in listeners(handle.http_port):
+            assert time.monotonic() < deadline, "no door process serves the HTTP port again"
+            time.sleep(0.1)
+        body = {"model": "auto", "prompt": "hello world", "max_tokens": 4, "stream": True}
+        status, _, reply = send(handle, "POST", "/v1/completions", json.dumps(body).encode())
+        assert status == 200 and events(reply)[-1] == "[DONE]"
+        assert send(handle, "GET", "/health")[0] == 200
 
 
 def test_the_events_waiting_for_a_stream_go_out_in_one_write() -> None:
