@@ -52,7 +52,7 @@ class ServerApp:
     http_listen: socket.socket | None = None  # the HTTP API's public socket (kept for door processes started again)
     http_public_port: int | None = None
     serving: threading.Event = field(default_factory=threading.Event)  # what the HTTP health endpoint reports
-    doors: DoorProcess | None = None  # the gRPC door's own process, when it has one (`config.door_process`)
+    doors: DoorProcess | None = None  # the doors' own process, when they have one (`config.door_process`)
     relay: RelayServer | None = None  # where the door process's generation calls come in
     port: int = 0  # the gRPC door's public port
 
@@ -155,7 +155,6 @@ def create_server(config: ServiceConfig, *, embedder: Embedder | None = None) ->
             public.close()
         raise
     handle.http_listen = public
-
     if config.metrics_port is not None:
         handle.metrics_port = metrics.serve(config.metrics_port, config.host)
     return handle, handle.port
