@@ -24,6 +24,7 @@ import httpx
 import uvicorn
 
 from .gen import relay_pb2 as rpb
+from .http_door import uvicorn_config
 
 log = logging.getLogger(__name__)
 GENERATION = ("/v1/completions", "/v1/chat/completions")
@@ -154,18 +155,8 @@ class QuietServer(uvicorn.Server):
 
 
 def http_server(app: HttpFront, grace_s: float, tls: dict[str, Any] | None) -> QuietServer:
-    """uvicorn on the door process's event loop (the engine process's settings: h11, no lifespan, no access log)."""
-    config = uvicorn.Config(
-        app,
-        log_config=None,
-        access_log=False,
-        lifespan="off",
-        http="h11",
-        ws="none",
-        timeout_graceful_shutdown=max(1, int(grace_s + 0.999)),
-        **(tls or {}),
-    )
-    return QuietServer(config)
+    """uvicorn on the door process's event loop, with the engine process's settings."""
+    return QuietServer(uvicorn_config(app, grace_s, tls))
 
 
 def _drain(first: list[Any], queue: asyncio.Queue[Any]) -> tuple[list[bytes], bool]:

@@ -32,6 +32,22 @@ def bind_http(host: str, port: int) -> socket.socket:
     return sock
 
 
+def uvicorn_config(app: Any, grace_s: float, tls: dict[str, Any] | None) -> uvicorn.Config:
+    """uvicorn's settings for the HTTP API, in either process: h11, no lifespan, no access log, `grace_s` seconds for
+    open requests when it stops, TLS from `tls` (uvicorn's `ssl_*` options)."""
+    return uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        loop="asyncio",
+        http="h11",
+        ws="none",
+        timeout_graceful_shutdown=max(1, math.ceil(grace_s)),
+        **(tls or {}),
+    )
+
+
 def bind_private(path: Path) -> socket.socket:
     """A listening Unix socket at `path` (in the server's private directory), where the door process forwards
     the HTTP API's requests."""
@@ -53,18 +69,7 @@ class HttpDoor:
     def __init__(self, app: Starlette, sock: socket.socket, grace_s: float, tls: dict[str, Any] | None = None) -> None:
         self.socket = sock
         self.port = int(sock.getsockname()[1]) if sock.family != socket.AF_UNIX else 0
-        config = uvicorn.Config(
-            app,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            loop="asyncio",
-            http="h11",
-            ws="none",
-            timeout_graceful_shutdown=max(1, math.ceil(grace_s)),
-            **(tls or {}),
-        )
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn_config(app, grace_s, tls))
         self.grace_s = grace_s
         self.thread: threading.Thread | None = None
 
