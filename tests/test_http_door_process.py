@@ -180,6 +180,17 @@ def test_other_paths_are_forwarded_to_the_engine_processs_api(servers) -> None:
     )
     assert doors[0] == inside[0] == 200 and json.loads(doors[2]) == json.loads(inside[2])
     assert send(servers["doors"], "GET", "/v1/completions")[0] == 405
+    # A URL the engine's API writes (the redirect of a path with a trailing slash) is the client's, not the
+    # private socket's.
+    host = {"Host": "example.org:1234"}
+    doors, inside = (
+        send(servers["doors"], "GET", "/v1/models/", None, host),
+        send(servers["inside"], "GET", "/v1/models/", None, host),
+    )
+    assert (
+        doors[0] == inside[0] == 307
+        and doors[1]["location"] == inside[1]["location"] == "http://example.org:1234/v1/models"
+    )
 
 
 def test_a_client_that_leaves_an_http_stream_frees_its_rows(servers) -> None:

@@ -28,7 +28,8 @@ from .http_door import uvicorn_config
 
 log = logging.getLogger(__name__)
 GENERATION = ("/v1/completions", "/v1/chat/completions")
-# Headers of one hop (and those that uvicorn writes itself), not forwarded either way.
+# Headers of one hop (and those that uvicorn writes itself), not forwarded either way; the client's own
+# X-Forwarded-* headers are replaced by this door's.
 HOP = {
     b"connection",
     b"keep-alive",
@@ -38,9 +39,10 @@ HOP = {
     b"trailer",
     b"transfer-encoding",
     b"upgrade",
-    b"host",
     b"date",
     b"server",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
 }
 Scope = dict[str, Any]
 Receive = Any
@@ -122,7 +124,12 @@ class HttpFront:
         path = scope.get("raw_path") or scope["path"].encode()
         if scope.get("query_string"):
             path += b"?" + scope["query_string"]
+        # The client's Host and scheme go along, so that URLs the engine's API writes (a redirect's) are the
+        # client's; its private server trusts these headers from this process only.
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP]
+        headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
+        if scope.get("client"):
+            headers.append((b"x-forwarded-for", str(scope["client"][0]).encode()))
         url = path.decode("latin-1")
         request = self.client.build_request(scope["method"], url, headers=headers, content=body)
         try:

@@ -32,9 +32,12 @@ def bind_http(host: str, port: int) -> socket.socket:
     return sock
 
 
-def uvicorn_config(app: Any, grace_s: float, tls: dict[str, Any] | None) -> uvicorn.Config:
+def uvicorn_config(
+    app: Any, grace_s: float, tls: dict[str, Any] | None, *, behind_door: bool = False
+) -> uvicorn.Config:
     """uvicorn's settings for the HTTP API, in either process: h11, no lifespan, no access log, `grace_s` seconds for
-    open requests when it stops, TLS from `tls` (uvicorn's `ssl_*` options)."""
+    open requests when it stops, TLS from `tls` (uvicorn's `ssl_*` options). `behind_door`: the engine process's
+    private socket, which only the door process reaches; the X-Forwarded-* headers it sets are trusted there."""
     return uvicorn.Config(
         app,
         log_config=None,
@@ -44,6 +47,7 @@ def uvicorn_config(app: Any, grace_s: float, tls: dict[str, Any] | None) -> uvic
         http="h11",
         ws="none",
         timeout_graceful_shutdown=max(1, math.ceil(grace_s)),
+        forwarded_allow_ips="*" if behind_door else None,
         **(tls or {}),
     )
 
@@ -69,7 +73,8 @@ class HttpDoor:
     def __init__(self, app: Starlette, sock: socket.socket, grace_s: float, tls: dict[str, Any] | None = None) -> None:
         self.socket = sock
         self.port = int(sock.getsockname()[1]) if sock.family != socket.AF_UNIX else 0
-        self.server = uvicorn.Server(uvicorn_config(app, grace_s, tls))
+        behind_door = sock.family == socket.AF_UNIX
+        self.server = uvicorn.Server(uvicorn_config(app, grace_s, tls, behind_door=behind_door))
         self.grace_s = grace_s
         self.thread: threading.Thread | None = None
 
