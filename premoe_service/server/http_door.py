@@ -72,7 +72,6 @@ class HttpDoor:
 
     def __init__(self, app: Starlette, sock: socket.socket, grace_s: float, tls: dict[str, Any] | None = None) -> None:
         self.socket = sock
-        self.port = int(sock.getsockname()[1]) if sock.family != socket.AF_UNIX else 0
         behind_door = sock.family == socket.AF_UNIX
         self.server = uvicorn.Server(uvicorn_config(app, grace_s, tls, behind_door=behind_door))
         self.grace_s = grace_s
@@ -87,7 +86,7 @@ class HttpDoor:
         deadline = time.monotonic() + timeout_s
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise OSError(f"the HTTP server on port {self.port} did not start; see the log")
+                raise OSError(f"the HTTP server on {self.socket.getsockname()} did not start; see the log")
             time.sleep(0.01)
 
     def stop(self) -> None:

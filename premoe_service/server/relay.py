@@ -165,7 +165,8 @@ class RelayLink:
         keyed (call id, request index)."""
         if self.api is None:  # the door process sends none when the server has no HTTP API
             log.error("an HTTP call came over the relay, but this server has no HTTP API")
-            self._write([rpb.RelayEvent(id=call_id, end=True, code=grpc.StatusCode.UNIMPLEMENTED.value[0])])
+            with self.lock:
+                self._send([rpb.RelayEvent(id=call_id, end=True, code=grpc.StatusCode.UNIMPLEMENTED.value[0])])
             return
         http = HttpCall(self.api, call_id)
         with self.lock:
@@ -218,10 +219,6 @@ class RelayLink:
                 elif (event := self._event(key, item)) is not None:
                     out.append(event)
             self._send(out)
-
-    def _write(self, events: list[rpb.RelayEvent]) -> None:
-        with self.lock:
-            self._send(events)
 
     def _send(self, events: list[rpb.RelayEvent]) -> None:
         """Write `events` as one frame (the lock held)."""
