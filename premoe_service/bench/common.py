@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from ..cores import default_engine_threads, usable_cores
+
 T = TypeVar("T")
 
 
@@ -74,16 +76,23 @@ def machine(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "usable_cores": usable_cores(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "engine_threads": max(1, (os.cpu_count() or 1) - 1),
+        "engine_threads": default_engine_threads(),
         "transformers": transformers.__version__,
         "device": str(device),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def cpus(m: dict[str, Any]) -> str:
+    """`machine()`'s CPUs in words: "2 CPUs", or "64 CPUs, 2 usable" under an affinity mask or a CPU quota."""
+    usable = m.get("usable_cores", m["cpu_count"])
+    return f"{m['cpu_count']} CPUs" + (f", {usable} usable" if usable != m["cpu_count"] else "")
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -309,11 +309,13 @@ def _round(
 
 
 def render(report: dict[str, Any]) -> str:
+    from .common import cpus
+
     m, c = report["machine"], report["config"]
     load = m["loadavg"]
     phases = list(report["results"][0]["phases_ms"]) if report["results"] else []
     lines = [
-        f"machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs, torch {m['torch']}, transformers "
+        f"machine: {m['platform']}, {m['processor']}, {cpus(m)}, torch {m['torch']}, transformers "
         f"{m['transformers']}, device {m['device']}; load average {load['start'][0]:.2f} at the start, "
         f"{load['end'][0]:.2f} at the end",
         f"decode steps at KV length {c['kv_len']} (+{c['steps']} steps), every expert, greedy; median of "

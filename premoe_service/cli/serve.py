@@ -214,7 +214,8 @@ def default(name: str) -> Lazy:
 @option(
     "--engine-threads",
     type=POSITIVE,
-    help="CPU threads of the engine's tensor operations (default: all cores but one, leaving one to the doors)",
+    help="CPU threads of the engine's tensor operations (default: all usable cores but one, leaving one to the doors; "
+    "an affinity mask or a container's CPU quota counts, not the host's cores)",
 )
 @option(
     "--preload",

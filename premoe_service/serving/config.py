@@ -65,7 +65,8 @@ class ServiceConfig:
         max_batch_tokens: Prompt tokens in one forward pass beside the decoding rows (longer prompts are chunked).
         max_queue: Requests waiting (for slots, expert loads or a row) before new ones are refused.
         preload: Tasks whose experts are loaded at start-up (health says SERVING only after).
-        engine_threads: CPU threads of the engine's tensor operations; None: all cores but one (at least one), which
+        engine_threads: CPU threads of the engine's tensor operations; None: all usable cores but one (at least one;
+            `cores.usable_cores`: an affinity mask or a cgroup CPU quota counts, not the host's cores), which
             leaves a core to the doors' event loops and the loader, so that streaming does not stall decoding.
         door_process: Run the doors in a process of its own beside the engine's (`server/front.py`, and the HTTP
             API's with `http_port`, `server/front_http.py`): client streams then cost the engine process one relay

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -13,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..cores import default_engine_threads
 from ..engine import BatchLimits, EngineLoop, GenerationResult, Request, RoutePlan, SamplingParams
 from ..errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from ..pattern import Pattern
@@ -98,7 +98,7 @@ class ServingCore:
                 max_join_wait_steps=config.join_wait_steps,
             ),
             stopping=self.stopping.is_set,
-            threads=config.engine_threads or max(1, (os.cpu_count() or 1) - 1),
+            threads=config.engine_threads or default_engine_threads(),
             compiled=config.compile_step,
             observe=self._eviction_policy(config),
             widen=self._widen,

@@ -25,6 +25,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ...cores import usable_cores
 from ...errors import InvalidArgument
 from .clients import Req, build_requests, parse_range, run_clients, run_clients_apart, summarize
 from .report import assemble, table
@@ -110,7 +111,7 @@ def _config_factory(options: ServeBenchOptions, store: Path, max_clients: int, t
 def baseline_threads(text: str | None) -> list[int]:
     """The torch thread counts the baselines are measured at: `"1,4"`, or None for 1 and all cores."""
     if not text:
-        return sorted({1, os.cpu_count() or 1})
+        return sorted({1, usable_cores()})
     try:
         counts = sorted({int(t) for t in text.split(",") if t.strip()})
     except ValueError:

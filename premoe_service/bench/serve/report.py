@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..common import machine, median, target
+from ..common import cpus, machine, median, target
 
 OURS_KEYS = (
     "tokens_per_s",
@@ -125,7 +125,7 @@ def render(report: dict[str, Any]) -> str:
     m, c = report["machine"], report["config"]
     gpu = f" ({m['gpu']})" if "gpu" in m else ""
     lines = [
-        f"machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs, python {m['python']}, "
+        f"machine: {m['platform']}, {m['processor']}, {cpus(m)}, python {m['python']}, "
         f"torch {m['torch']} ({m['torch_threads']} threads; the engine {m.get('engine_threads', '?')}), "
         f"transformers {m['transformers']}, "
         f"device {m['device']}{gpu}",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..common import ms, pct
+from ..common import cpus, ms, pct
 
 
 def machine_line(m: dict[str, Any]) -> str:
@@ -12,7 +12,7 @@ def machine_line(m: dict[str, Any]) -> str:
     load = m.get("load_average")
     busy = f"; load average {load['start'][0]:.1f} at start, {load['end'][0]:.1f} at end" if load else ""
     return (
-        f"machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs, python {m['python']}, torch {m['torch']} "
+        f"machine: {m['platform']}, {m['processor']}, {cpus(m)}, python {m['python']}, torch {m['torch']} "
         f"({m['torch_threads']} threads), device {m['device']}{gpu}{busy}"
     )
 
