@@ -33,6 +33,7 @@ from torch._dynamo.utils import counters
 from premoe_service.engine import BatchLimits, EngineLoop, Request, SamplingParams, Status, compiled_stack
 from premoe_service.engine.attention import GraphStep
 from premoe_service.engine.compiled_stack import CompiledStack
+from premoe_service.engine.kv import BLOCK_SIZE
 from premoe_service.families.tiny import tiny_tokenizer
 from premoe_service.pattern import Pattern
 
@@ -190,6 +191,34 @@ def test_prompts_in_chunks_or_scored_whole_compile_nothing_after_the_warm_up(tmp
     assert max(abs(a.logprob - b.logprob) for a, b in zip(got[1:], want[1:], strict=True)) < 1e-4  # type: ignore[operator]
 
 
+def test_rows_across_many_pool_blocks_compile_nothing_more_and_hold_the_bounds(tmp_path: Path) -> None:
+    """Rows decoding across several blocks of the paged pool (block tables wider than any warm-up step's, rows
+    crossing into new blocks at different steps) run the warm-up's graphs, and hold the float32 bounds."""
+    setup = batching.build(tmp_path, "qwen3_moe", torch.float32)
+    shapes = ((7, 5, 4 * BLOCK_SIZE + 3), (12, 6, 2 * BLOCK_SIZE), (4, 7, 5))
+    job_list = [batching.Job(batching.prompt(length, seed), None, new) for length, seed, new in shapes]
+    noise = batching.transformers_batch_noise(setup.reference, [job.prompt for job in job_list])
+    loop = compiled_loop(setup)
+    stack = loop.batch.stack
+    assert isinstance(stack, CompiledStack)
+    compiled = graphs()
+    observer = StackObserver(loop)
+    driver = batching.Driver(loop, observer)
+    requests = [job.request(setup) for job in job_list]
+    try:
+        for request, gap in zip(requests, (9, 20, 0), strict=True):
+            driver.join(request)
+            driver.forward_steps(gap)
+        driver.finish()
+    finally:
+        observer.close()
+        loop.loader.close()
+    assert stack.graph_failure is None and stack.failure is None
+    assert graphs() == compiled, "a shape class compiled while serving: the warm-up missed it"
+    report = batching.compare(setup, job_list, requests, observer)
+    assert report.failures(max(batching.F32_FLOOR, 2 * noise), allow_near_ties=True) == []
+
+
 def test_a_prompt_step_that_cannot_be_traced_unbacked_gets_graphs_with_its_sizes_known(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -199,7 +228,7 @@ def test_a_prompt_step_that_cannot_be_traced_unbacked_gets_graphs_with_its_sizes
     batching scenario compiles nothing while serving and holds the float32 bounds."""
 
     def unbounded(graph: GraphStep, keep: torch.Tensor) -> None:
-        torch._dynamo.decorators.mark_unbacked(graph.rows, 0, shape_id="rows")
+        torch._dynamo.decorators.mark_unbacked(graph.blocks, 0, shape_id="rows")
         torch._dynamo.decorators.mark_unbacked(graph.query_pos, 0, shape_id="rows")
 
     monkeypatch.setattr(compiled_stack, "_unbacked", unbounded)

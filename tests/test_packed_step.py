@@ -1,5 +1,6 @@
 """One forward pass per step over the KV pool (issue 24): joins ride in the decode pass, long prompts are fed in
-chunks, rows join and leave without copying the pool, and each request still gets what it gets alone.
+chunks, rows join and leave without copying the pool, a row holds pool blocks for its own tokens only (the pool is
+paged), and each request still gets what it gets alone.
 
 float64 with eager experts, as in tests/test_batching.py: logits are compared with transformers on the request alone
 (the same references and tolerance)."""
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from premoe_service.engine import BatchLimits, EngineLoop, Status
+from premoe_service.engine import BatchLimits, EngineLoop, KVPool, Status
+from premoe_service.engine.kv import BLOCK_SIZE, NULL_BLOCK
 from premoe_service.engine.text import draw
 
 from .test_batching import F64_TOL, Driver, Job, Observer, Report, build, compare, outcome, prompt, run_alone
@@ -65,6 +67,63 @@ def test_rows_join_and_leave_without_copying_the_pool(tmp_path: Path) -> None:
     after = {layer: (keys.data_ptr(), pool.values[layer].data_ptr()) for layer, keys in pool.keys.items()}
     assert after == pointers and pool.free_rows == pool.rows - 1
     driver.finish()
+
+
+def _blocks(tokens: int) -> int:
+    return -(-tokens // BLOCK_SIZE)
+
+
+def test_each_row_holds_blocks_for_its_own_tokens_and_a_long_row_grows_no_other(tmp_path: Path) -> None:
+    """A request decoding far past a block's width beside short ones that join and leave at other columns: each
+    row holds the blocks of its own tokens only (the unpaged pool gave every row the longest row's width), the pool
+    does not grow, blocks come back when rows leave, and every request's logits and tokens are those alone."""
+    setup = build(tmp_path, "qwen3_moe", torch.float64)
+    loop = _loop(setup)
+    observer, driver = Observer(loop), Driver(loop)
+    long = Job(prompt(7, 5), None, 4 * BLOCK_SIZE + 3)  # crosses four block boundaries while decoding
+    short = [Job(prompt(length, 6 + i), None, new) for i, (length, new) in enumerate(((3, 20), (14, 9), (5, 2)))]
+    job_list = [long, *short]
+    requests = [job.request(setup) for job in job_list]
+    pool = loop.kv
+    start_bytes = None
+    driver.join(requests[0])
+    for request, gap in zip(requests[1:], (5, 11, 17), strict=True):
+        driver.forward_steps(gap)
+        driver.join(request)
+        start_bytes = start_bytes or pool.nbytes()
+        held = {r.id: len(pool.table[r.row]) for r in requests if r.row is not None}
+        for r in requests:
+            if r.row is not None:  # the blocks of its prompt and the tokens it decoded so far
+                assert held[r.id] == _blocks(r.cached), (r.cached, held)
+        assert pool.held_blocks == sum(held.values())
+    driver.finish()
+    observer.close()
+    assert pool.held_blocks == 0 and pool.free_rows == pool.rows
+    assert pool.grown == 0 and pool.nbytes() == start_bytes
+    report = compare(setup, job_list, requests, observer, Report())
+    assert report.failures(F64_TOL, allow_near_ties=False) == []
+    for job, request in zip(job_list, requests, strict=True):
+        assert outcome(request).token_ids == run_alone(setup, job)
+
+
+def test_the_pool_gives_blocks_lowest_first_and_doubles_keeping_what_it_holds() -> None:
+    pool = KVPool(2, torch.device("cpu"), blocks=4)  # the null block and three others
+    first, second = pool.take(), pool.take()
+    pool.reserve(first, 2 * BLOCK_SIZE)  # two blocks
+    assert pool.table[first] == [1, 2] and NULL_BLOCK not in pool.table[first]
+    keys = torch.arange(2 * BLOCK_SIZE * 3, dtype=torch.float32).view(2 * BLOCK_SIZE, 1, 3)
+    slots = torch.tensor([pool.slot(first, c) for c in range(2 * BLOCK_SIZE)])
+    pool.write(0, keys, -keys, slots)
+    pool.reserve(second, 2 * BLOCK_SIZE + 1)  # three blocks: one free, so the pool doubles
+    assert pool.grown == 1 and pool.blocks == 8 and pool.table[second] == [3, 4, 5]
+    assert torch.equal(pool.keys[0].view(-1, 1, 3)[slots], keys)  # kept through the copy
+    assert torch.equal(pool.values[0].view(-1, 1, 3)[slots], -keys)
+    pool.give_back(first)
+    assert pool.held_blocks == 3 and pool.table[first] == []
+    row = pool.take()
+    pool.reserve(row, 1)
+    assert pool.table[row] == [1]  # the lowest free block
+    assert pool.row_tables([row, second], 2 * BLOCK_SIZE + 1) == [1, NULL_BLOCK, NULL_BLOCK, 3, 4, 5]
 
 
 def test_unseeded_rows_draw_together_from_each_rows_distribution() -> None:

@@ -5,9 +5,9 @@ row's own columns only.
 The engine registers `packed_attention` with transformers under `ATTENTION` and switches the model to it for the
 length of a forward pass. The model computes projections, rotary embeddings, norms, routers and experts token by
 token as usual; only the attention step changes: queries are gathered into `[B, h, Q, d]` (Q: the most tokens any
-row brings), keys and values come from the pool (viewed `[B, kv_heads, W, d]`), and the model's own attention function
-(its sdpa or eager path, sinks included) runs on them with a mask built from the rows' positions, its sliding
-window applied. The outputs go back to the packed order.
+row brings), keys and values are gathered from the rows' pool blocks (`[B, kv_heads, W, d]`), and the model's
+own attention function (its sdpa or eager path, sinks included) runs on them with a mask built from the rows'
+positions, its sliding window applied. The outputs go back to the packed order.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .kv import KVPool
+from .kv import KVPool, gather_rows
 
 ATTENTION = "premoe_packed"
 
@@ -36,8 +36,10 @@ class PackedStep:
 
     Attributes:
         pool: Where the rows' keys and values live.
-        rows: `[B]` pool row of each step row.
-        token_rows, positions: `[T]` pool row and position (= pool column) of each packed token.
+        row_ids: Pool row of each step row.
+        last: Position of each step row's last token in this pass.
+        blocks: `[B, nb]` each step row's blocks for columns 0..W-1, padded with the null block.
+        positions: `[T]` position (= the row's column) of each packed token.
         slots: `[T]` the flat pool slot of each packed token.
         query_index: `[B * Q]` packed index of each (row, query slot); T for the slots a row leaves empty.
         out_index: `[T]` index into `B * Q` of each packed token.
@@ -46,28 +48,28 @@ class PackedStep:
     """
 
     pool: KVPool
-    rows: Tensor
-    token_rows: Tensor
+    row_ids: tuple[int, ...]
+    last: tuple[int, ...]
+    blocks: Tensor
     positions: Tensor
-    slots: Tensor  # [T] flat pool slot of each token (row * capacity + position)
+    slots: Tensor  # [T] flat pool slot of each token (its block * P + its offset in the block)
     query_index: Tensor | None  # None: every row brings one token (a pure decode step), no gather needed
     out_index: Tensor | None
     query_pos: Tensor
     width: int
-    prefix: bool  # the rows are pool rows 0..B-1 in order: the pool is sliced, not gathered
     _masks: dict[tuple[int | None, torch.dtype], Tensor] = field(default_factory=dict)
     _open: bool | None = None  # every query sees every column (no mask needed)
 
     @classmethod
     def build(cls, pool: KVPool, rows: Sequence[int], starts: Sequence[int], counts: Sequence[int]) -> PackedStep:
+        """The layout of a pass; each row first gets the pool blocks its new tokens need (`KVPool.reserve`)."""
         # The index arithmetic runs on Python ints, one tensor made per result: a step's rows and tokens are few
         # (hundreds at most), and each tensor operation on them would cost more than the loop.
         device = pool.device
         width = max(start + count for start, count in zip(starts, counts, strict=True))
         queries = max(counts)
         total = sum(counts)
-        pool.ensure(width)
-        token_rows: list[int] = []
+        size = pool.block_size
         positions: list[int] = []
         slots: list[int] = []
         query_pos: list[int] = []  # [B * Q]
@@ -75,10 +77,11 @@ class PackedStep:
         out_index: list[int] = []
         first = 0  # packed index of the row's first token
         for b, (row, start, count) in enumerate(zip(rows, starts, counts, strict=True)):
-            # Token i of row b sits at position start + i, in the row's pool column of that number.
-            token_rows.extend([row] * count)
+            # Token i of row b sits at position start + i, in the row's column of that number.
+            pool.reserve(row, start + count)
+            table = pool.table[row]
             positions.extend(range(start, start + count))
-            slots.extend(range(pool.slot(row, start), pool.slot(row, start) + count))
+            slots.extend(table[p // size] * size + p % size for p in range(start, start + count))
             query_pos.extend(range(start, start + count))
             query_pos.extend([-1] * (queries - count))
             if queries > 1:
@@ -86,6 +89,7 @@ class PackedStep:
                 query_index.extend([total] * (queries - count))
                 out_index.extend(range(b * queries, b * queries + count))
             first += count
+        blocks = pool.row_tables(list(rows), width)
 
         def tensor(values: list[int], *shape: int) -> Tensor:  # through numpy: 3x faster than torch.tensor
             # Shaped in numpy, so that no result is a view: the compiled stack's graphs guard on their inputs' bases.
@@ -93,32 +97,36 @@ class PackedStep:
 
         return cls(
             pool,
-            tensor(list(rows)),
-            tensor(token_rows),
+            tuple(rows),
+            tuple(start + count - 1 for start, count in zip(starts, counts, strict=True)),
+            tensor(blocks, len(counts), len(blocks) // len(counts)),
             tensor(positions),
             tensor(slots),
             tensor(query_index) if queries > 1 else None,
             tensor(out_index) if queries > 1 else None,
             tensor(query_pos, len(counts), queries),
             width,
-            list(rows) == list(range(len(rows))),
         )
 
     def advanced(self) -> PackedStep:
-        """The layout of the next pure decode step over the same rows: every row one column further."""
-        self.pool.ensure(self.width + 1)
-        positions = self.positions + 1
+        """The layout of the next pure decode step over the same rows: every row one column further. A row whose
+        next column opens a block takes one (and the step's tables widen when the width calls for it, `table_width`);
+        until then its tokens' slots just move one on."""
+        size = self.pool.block_size
+        widens = self.pool.table_width(self.width + 1) != self.blocks.shape[1]
+        if widens or any((p + 1) % size == 0 for p in self.last):
+            return PackedStep.build(self.pool, self.row_ids, [p + 1 for p in self.last], [1] * len(self.last))
         return PackedStep(
             self.pool,
-            self.rows,
-            self.token_rows,
-            positions,
-            self.pool.slots(self.token_rows, positions),
+            self.row_ids,
+            tuple(p + 1 for p in self.last),
+            self.blocks,
+            self.positions + 1,
+            self.slots + 1,
             None,
             None,
             self.query_pos + 1,
             self.width + 1,
-            self.prefix,
         )
 
     def position_ids(self) -> Tensor:
@@ -158,8 +166,8 @@ class GraphStep:
     so that they become the graph's inputs and attention runs inside the graph (`graph_attention`).
 
     Attributes:
-        keys, values: Each layer's pool tensors, `[R, C, kv_heads, d]` (layers 0..L-1).
-        slots, rows, query_index, out_index, query_pos: The `PackedStep`'s.
+        keys, values: Each layer's pool tensors, `[N, P, kv_heads, d]` (layers 0..L-1).
+        slots, blocks, query_index, out_index, query_pos: The `PackedStep`'s.
         columns: `arange(W)`, which hands the graph the width W as a size rather than a constant. At least 2
             columns: a lone one-token prompt (W = 1) would otherwise need a graph of its own (torch specializes a
             size of 1); the extra column is masked like any column past a row's position, so it weighs exactly 0.
@@ -169,7 +177,7 @@ class GraphStep:
     keys: tuple[Tensor, ...]
     values: tuple[Tensor, ...]
     slots: Tensor
-    rows: Tensor
+    blocks: Tensor
     query_index: Tensor | None
     out_index: Tensor | None
     query_pos: Tensor
@@ -183,7 +191,7 @@ class GraphStep:
         if pool is None:
             return None
         columns = torch.arange(max(step.width, 2), device=step.query_pos.device)
-        return cls(*pool, step.slots, step.rows, step.query_index, step.out_index, step.query_pos, columns, inner)
+        return cls(*pool, step.slots, step.blocks, step.query_index, step.out_index, step.query_pos, columns, inner)
 
 
 def current_step() -> PackedStep | None:
@@ -203,8 +211,8 @@ def graph_attention(
     pool_keys.view(-1, *new_keys.shape[1:]).index_copy_(0, step.slots, new_keys)
     pool_values.view(-1, *new_values.shape[1:]).index_copy_(0, step.slots, new_values)
     width = step.columns.shape[0]
-    keys = pool_keys.index_select(0, step.rows)[:, :width].transpose(1, 2)  # [B, kv_heads, W, d]
-    values = pool_values.index_select(0, step.rows)[:, :width].transpose(1, 2)
+    keys = gather_rows(pool_keys, step.blocks, width).transpose(1, 2)  # [B, kv_heads, W, d]
+    values = gather_rows(pool_values, step.blocks, width).transpose(1, 2)
     grouped = _grouped_queries(query, step.query_pos, step.query_index)
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     position = step.query_pos.unsqueeze(-1)  # [B, Q, 1]
@@ -267,13 +275,8 @@ def packed_attention(
         raise RuntimeError("packed attention runs only inside `packed_forward`")
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     keys, values = step.pool.write(layer, key[0].transpose(0, 1), value[0].transpose(0, 1), step.slots)
-    if step.prefix:
-        rows = step.query_pos.shape[0]
-        keys, values = keys[:rows, : step.width], values[:rows, : step.width]
-    else:
-        keys = keys[:, : step.width].index_select(0, step.rows)
-        values = values[:, : step.width].index_select(0, step.rows)
-    keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, kv_heads, W, d]
+    keys = gather_rows(keys, step.blocks, step.width).transpose(1, 2)  # [B, kv_heads, W, d]
+    values = gather_rows(values, step.blocks, step.width).transpose(1, 2)
     grouped = _grouped_queries(query, step.query_pos, step.query_index)
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     mask = step.mask(window, query.dtype)

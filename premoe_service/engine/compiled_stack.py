@@ -168,8 +168,8 @@ class CompiledStack:
         """Compile the experts kernel, then the shape classes (`WARM_UP_GRAPH`, or `WARM_UP` where attention cannot
         run inside the graph), so that no request waits for a compile. The MoE blocks stand idle meanwhile (they
         add zeros and touch no state: the opaque operator returns zeros, and experts computed inside the graph are
-        routed to the skip id); attention writes the pool's first rows, which no request holds yet and whose
-        columns are written before they are read. Returns the seconds it took."""
+        routed to the skip id); attention writes blocks of the pool's first rows, which no request holds yet, and
+        gives them back after each step. Returns the seconds it took."""
         start = time.perf_counter()
         model: Any = self.stack.model
         with torch.no_grad(), switched_attention(model), _tracing():
@@ -204,6 +204,7 @@ class CompiledStack:
                 self.stack(ids, layout.position_ids(), attention_mask, keep)
         finally:
             CURRENT.reset(token)
+            self.pool.clear(0)
 
     def _warm_up_opaque(self, attention_mask: Any) -> None:
         """Compile the graphs with attention behind the opaque operator (`WARM_UP`)."""
@@ -221,7 +222,8 @@ class CompiledStack:
 
     def _warm_up_graph(self) -> None:
         """Compile the graphs with attention inside (`WARM_UP_GRAPH`), on the pool's first rows (no request holds
-        them yet; what is written there is overwritten before it is read). Where a family's code cannot take a
+        them yet; their blocks are given back after each step, and what was written there is overwritten before it
+        is read). Where a family's code cannot take a
         prompt's step with unbacked sizes, that step is traced with its sizes known, and the prompt's classes get
         graphs of their own (`SPECIALIZED_PROMPT_STEPS`; logged once)."""
         if self.failure is not None or self.graph_failure is not None:
@@ -256,16 +258,20 @@ class CompiledStack:
         """Compile the graph of one warm-up step (`WARM_UP_GRAPH`); False while the pool's tensors are not made."""
         assert self.pool is not None and self.inner is not None
         layout = PackedStep.build(self.pool, range(len(counts)), starts, counts)
-        graph = GraphStep.of(layout, self.layers, self.inner)
-        if graph is None:
-            return False
-        device = self._device()
-        ids = torch.zeros((1, sum(counts)), dtype=torch.long, device=device)
-        keep = torch.tensor(kept, dtype=torch.long, device=device)
-        if unbacked:
-            _unbacked(graph, keep)
-        self._compiled_call(ids, layout.position_ids(), graph, keep, IDLE)
-        return True
+        try:
+            graph = GraphStep.of(layout, self.layers, self.inner)
+            if graph is None:
+                return False
+            device = self._device()
+            ids = torch.zeros((1, sum(counts)), dtype=torch.long, device=device)
+            keep = torch.tensor(kept, dtype=torch.long, device=device)
+            if unbacked:
+                _unbacked(graph, keep)
+            self._compiled_call(ids, layout.position_ids(), graph, keep, IDLE)
+            return True
+        finally:
+            for row in range(len(counts)):
+                self.pool.clear(row)
 
     def _device(self) -> torch.device:
         model: Any = self.stack.model
@@ -397,7 +403,7 @@ def _unbacked(graph: GraphStep, keep: Tensor) -> None:
     rows B (the layout's row list and query positions, one size), its kept logits K (0 for a chunk that keeps none)
     and its query gather (B * Q). B and the gather are at least 1, which transformers' reshapes need to know."""
     mark: Any = torch._dynamo.decorators.mark_unbacked
-    mark(graph.rows, 0, shape_id="rows", min=1)
+    mark(graph.blocks, 0, shape_id="rows", min=1)
     mark(graph.query_pos, 0, shape_id="rows", min=1)
     mark(keep, 0)
     assert graph.query_index is not None  # a step with a prompt gathers its queries

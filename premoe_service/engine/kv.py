@@ -1,67 +1,134 @@
-"""The KV pool: keys and values of every running request in preallocated rows, each row with its own length."""
+"""The KV pool: keys and values of every running request in blocks of a few tokens, which a request takes as its
+sequence grows and gives back when it leaves (a paged pool: memory follows the tokens held, not rows x the
+longest sequence)."""
 
 from __future__ import annotations
+
+import heapq
 
 import torch
 from torch import Tensor
 
+# Tokens per block. vLLM's default too: small enough that a row wastes at most 15 columns, large enough that a
+# row's table stays a few entries long (the gather reads whole blocks).
+BLOCK_SIZE = 16
+# Block 0 is never handed out nor written: it pads the table of a row that holds fewer blocks than the widest row
+# of a step. Its columns lie past the row's length, and attention masks them like any such column.
+NULL_BLOCK = 0
+# The blocks a pool starts with, per row (256 tokens a row: what the unpaged pool made at first). The pool doubles
+# when a row needs a block and none is free (one copy of the pool).
+START_TOKENS_PER_ROW = 256
+
 
 class KVPool:
-    """Per attention layer, keys `[R, C, kv_heads, d_k]` and values `[R, C, kv_heads, d_v]`.
+    """Per attention layer, keys `[N, P, kv_heads, d_k]` and values `[N, P, kv_heads, d_v]`: N blocks of P tokens.
 
-    A request holds one row from its first prompt token to its last token: its token at position `p` sits in
-    column `p`, so positions, lengths and the attention mask follow from the row's length alone. A request that
-    joins takes a free row and one that leaves gives it back: nothing is concatenated or copied. Token-major rows
-    make a pass's writes one `index_copy_` over the flattened `[R * C]` slots. The capacity C doubles (one copy)
-    when a row would outgrow it; the layers' tensors are made at their first write, with the shapes the model
-    gives them (grouped-query and multi-latent attention alike).
+    A request holds a row (its place in the batch) from its first prompt token to its last token, and the row
+    holds blocks: its token at position `p` sits in block `table[row][p // P]` at offset `p % P`, so positions,
+    lengths and the attention mask still follow from the row's length alone. A row takes blocks as it grows
+    (`reserve`) and gives them all back when it leaves (`give_back`): nothing is concatenated or copied, and a long
+    request holds its own blocks only, not a wider row for everyone. Writes are one `index_copy_` over the
+    flattened `[N * P]` slots; reads gather each row's blocks. The layers' tensors are made at their first write,
+    with the shapes the model gives them (grouped-query and multi-latent attention alike).
     """
 
-    def __init__(self, rows: int, device: torch.device, capacity: int = 256) -> None:
-        self.rows, self.device, self.capacity = rows, device, capacity
+    def __init__(
+        self,
+        rows: int,
+        device: torch.device,
+        *,
+        block_size: int = BLOCK_SIZE,
+        blocks: int | None = None,
+    ) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.rows, self.device, self.block_size = rows, device, block_size
+        self.blocks = max(2, blocks if blocks is not None else rows * -(-START_TOKENS_PER_ROW // block_size) + 1)
         self.keys: dict[int, Tensor] = {}
         self.values: dict[int, Tensor] = {}
+        self.table: list[list[int]] = [[] for _ in range(rows)]  # each row's blocks, in column order
         self._free = list(range(rows - 1, -1, -1))  # lowest row first: running rows stay near the front
+        self._free_blocks = list(range(1, self.blocks))  # a heap: lowest block first
+        self.grown = 0  # times the pool doubled
 
     @property
     def free_rows(self) -> int:
         return len(self._free)
 
+    @property
+    def held_blocks(self) -> int:
+        """Blocks the rows hold now."""
+        return self.blocks - 1 - len(self._free_blocks)
+
+    def nbytes(self) -> int:
+        """Bytes of the layers' tensors made so far (every block, held or free)."""
+        return sum(t.nbytes for store in (self.keys, self.values) for t in store.values())
+
     def take(self) -> int:
-        """A free row (the caller holds it until `give_back`)."""
+        """A free row, holding no block yet (the caller holds it until `give_back`)."""
         return self._free.pop()
 
     def give_back(self, row: int) -> None:
+        """The row and all its blocks are free again."""
+        self.clear(row)
         self._free.append(row)
         self._free.sort(reverse=True)
 
-    def ensure(self, width: int) -> None:
-        """Make room for `width` columns in every row (doubling the capacity: one copy of the pool)."""
-        if width <= self.capacity:
+    def clear(self, row: int) -> None:
+        """`row`'s blocks are free again; the row keeps its place (the warm-up's rows, which no request holds)."""
+        for block in self.table[row]:
+            heapq.heappush(self._free_blocks, block)
+        self.table[row] = []
+
+    def reserve(self, row: int, width: int) -> None:
+        """Give `row` the blocks for columns 0..width-1 that it lacks (doubling the pool when too few are free)."""
+        held = self.table[row]
+        need = -(-width // self.block_size) - len(held)
+        if need <= 0:
             return
-        capacity = self.capacity
-        while capacity < width:
-            capacity *= 2
+        if need > len(self._free_blocks):
+            self._grow(need - len(self._free_blocks))
+        held.extend(heapq.heappop(self._free_blocks) for _ in range(need))
+
+    def _grow(self, at_least: int) -> None:
+        """At least `at_least` more blocks: the pool doubles (one copy of each layer's tensors)."""
+        blocks = max(2 * self.blocks, self.blocks + at_least)
         for store in (self.keys, self.values):
             for layer, old in store.items():
-                new = old.new_zeros((old.shape[0], capacity, *old.shape[2:]))
-                new[:, : self.capacity] = old
+                new = _static_block(old.new_zeros((blocks, *old.shape[1:])))
+                new[: self.blocks] = old
                 store[layer] = new
-        self.capacity = capacity
-
-    def slots(self, rows: Tensor, columns: Tensor) -> Tensor:
-        """`[T]` flat slot of each (row, column) in the `[R * C]` view (valid until the capacity changes)."""
-        return rows * self.capacity + columns
+        for block in range(self.blocks, blocks):
+            heapq.heappush(self._free_blocks, block)
+        self.blocks = blocks
+        self.grown += 1
 
     def slot(self, row: int, column: int) -> int:
-        """`slots` of one (row, column)."""
-        return row * self.capacity + column
+        """The flat slot of `row`'s column in the `[N * P]` view (the row must hold that column's block)."""
+        return self.table[row][column // self.block_size] * self.block_size + column % self.block_size
+
+    def table_width(self, width: int) -> int:
+        """Entries nb of a step's block tables for `width` columns: more blocks than the columns fill (nb * P > W,
+        never equal: the compiled graphs take the gathered columns past W as a slice, and a slice that takes all
+        would be another graph), and at least 2 (torch specializes a size of 1)."""
+        return max(width // self.block_size + 1, 2)
+
+    def row_tables(self, rows: list[int], width: int) -> list[int]:
+        """`rows`' blocks for columns 0..width-1, each padded with the null block to `table_width(width)` entries,
+        flattened `[B * nb]`."""
+        count = self.table_width(width)
+        flat: list[int] = []
+        for row in rows:
+            held = self.table[row][:count]
+            flat.extend(held)
+            flat.extend([NULL_BLOCK] * (count - len(held)))
+        return flat
 
     def allocate(self, layer: int, keys: Tensor, values: Tensor) -> None:
         """Make `layer`'s tensors, unless made, for keys and values shaped as these `[T, kv_heads, d]`."""
         if layer not in self.keys:
-            self.keys[layer] = keys.new_zeros((self.rows, self.capacity, *keys.shape[1:]))
-            self.values[layer] = values.new_zeros((self.rows, self.capacity, *values.shape[1:]))
+            self.keys[layer] = _static_block(keys.new_zeros((self.blocks, self.block_size, *keys.shape[1:])))
+            self.values[layer] = _static_block(values.new_zeros((self.blocks, self.block_size, *values.shape[1:])))
 
     def layers(self, count: int) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None:
         """Layers 0..count-1's keys and values, or None while some layer's tensors are not made."""
@@ -77,3 +144,21 @@ class KVPool:
         pool_keys.view(-1, *keys.shape[1:]).index_copy_(0, slots, keys)
         pool_values.view(-1, *values.shape[1:]).index_copy_(0, slots, values)
         return pool_keys, pool_values
+
+
+def _static_block(pool: Tensor) -> Tensor:
+    """`pool` with its block's sizes (tokens, heads, width) marked static for the compiled graphs: they never
+    change, and a constant block size makes the gather's `column // P` and `column % P` a shift and a mask in the
+    generated kernels instead of a division per element. The blocks' count stays a size the graphs take."""
+    for dim in range(1, pool.dim()):
+        torch._dynamo.mark_static(pool, dim)
+    return pool
+
+
+def gather_rows(pool: Tensor, blocks: Tensor, width: int | Tensor) -> Tensor:
+    """The rows' columns 0..width-1 of one layer's keys or values, `[B, W, kv_heads, d]`, from their block tables
+    `blocks` `[B, nb]` (nb * P > W)."""
+    # Advanced indexing, not `index_select` over the flattened table and a view: in the compiled graphs of
+    # DeepSeek V2 and V3 that view of the rows' unbacked count gave wrong logits (off by 0.4 against eager).
+    gathered = pool[blocks]  # [B, nb, P, kv_heads, d]
+    return gathered.flatten(1, 2)[:, :width]
