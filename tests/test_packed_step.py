@@ -96,6 +96,7 @@ def test_each_row_holds_blocks_for_its_own_tokens_and_a_long_row_grows_no_other(
             if r.row is not None:  # the blocks of its prompt and the tokens it decoded so far
                 assert held[r.id] == _blocks(r.cached), (r.cached, held)
         assert pool.held_blocks == sum(held.values())
+        assert loop.stats.kv_blocks_held == pool.held_blocks and loop.stats.kv_bytes == pool.nbytes()  # the gauges
     driver.finish()
     observer.close()
     assert pool.held_blocks == 0 and pool.free_rows == pool.rows

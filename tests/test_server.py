@@ -271,6 +271,9 @@ def test_stats_and_metrics(client, server) -> None:
     assert figures["premoe_batch_rows"] == 0 and figures["premoe_queue_loading"] == 0
     assert figures["premoe_loader_bytes_in_flight"] == 0 and figures["premoe_engine_step_seconds_last"] > 0
     assert figures["premoe_resident_expert_bytes"] > 0
+    pool = handle.core.loop.kv
+    assert figures["premoe_kv_blocks_held"] == 0 and figures["premoe_kv_blocks"] == pool.blocks  # nothing running
+    assert figures["premoe_kv_pool_bytes"] == pool.nbytes() > 0
     assert client.delete_task("metered")
     assert 'premoe_task_coverage{task="metered"}' not in scrape(handle)  # a deleted task's series goes
 

@@ -179,7 +179,7 @@ class EngineLoop:
         self._join()
         self.stats.add("schedule", time.perf_counter() - start)
         ran = self._forward_step()
-        self.stats.observe(self.waiting, len(self.running), len(self._inbox), self.loader)
+        self.stats.observe(self.waiting, len(self.running), len(self._inbox), self.loader, self.kv)
         if ran:
             self.stats.record_step(time.perf_counter() - start)
         return ran

@@ -55,6 +55,9 @@ class Metrics:
             "premoe_engine_step_seconds_last": ("Duration of the last engine step", lambda: stats.last_step_s),
             "premoe_loader_backlog_jobs": ("Expert load jobs queued or in flight", lambda: stats.loader_backlog),
             "premoe_loader_bytes_in_flight": ("Expert bytes queued or being copied", lambda: stats.bytes_in_flight),
+            "premoe_kv_blocks": ("Blocks of the KV pool (16 tokens each), held or free", lambda: stats.kv_blocks),
+            "premoe_kv_blocks_held": ("KV pool blocks the running requests hold", lambda: stats.kv_blocks_held),
+            "premoe_kv_pool_bytes": ("Bytes of the KV pool's tensors", lambda: stats.kv_bytes),
         }
         for name, (doc, read) in gauges.items():
             Gauge(name, doc, registry=self.registry).set_function(read)
