@@ -219,6 +219,31 @@ def test_rows_across_many_pool_blocks_compile_nothing_more_and_hold_the_bounds(t
     assert report.failures(max(batching.F32_FLOOR, 2 * noise), allow_near_ties=True) == []
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_batch_of_fewer_rows_than_the_warm_up_steps_compiles_and_serves(rows: int, tmp_path: Path) -> None:
+    """`--max-batch-rows` 1 or 2: the warm-up's steps of up to three rows run on rows the pool lends beyond the
+    batch's, which it takes back; the loop then serves requests one or two at a time within the float32 bounds."""
+    setup = batching.build(tmp_path, "qwen3_moe", torch.float32)
+    job_list = batching.jobs(setup)[:3]
+    noise = batching.transformers_batch_noise(setup.reference, [job.prompt for job in job_list])
+    loop = compiled_loop(setup, max_rows=rows)
+    stack = loop.batch.stack
+    assert isinstance(stack, CompiledStack)
+    assert stack.failure is None and stack.graph_failure is None
+    assert len(loop.kv.table) == rows and loop.kv.held_blocks == 0  # the lent rows and their blocks came back
+    observer = StackObserver(loop)
+    driver = batching.Driver(loop, observer)
+    requests = [job.request(setup) for job in job_list]
+    try:
+        driver.submit(*requests)
+        driver.finish()
+    finally:
+        observer.close()
+        loop.loader.close()
+    report = batching.compare(setup, job_list, requests, observer)
+    assert report.failures(max(batching.F32_FLOOR, 2 * noise), allow_near_ties=True) == []
+
+
 def test_a_prompt_step_that_cannot_be_traced_unbacked_gets_graphs_with_its_sizes_known(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

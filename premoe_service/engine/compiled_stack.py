@@ -168,8 +168,9 @@ class CompiledStack:
         """Compile the experts kernel, then the shape classes (`WARM_UP_GRAPH`, or `WARM_UP` where attention cannot
         run inside the graph), so that no request waits for a compile. The MoE blocks stand idle meanwhile (they
         add zeros and touch no state: the opaque operator returns zeros, and experts computed inside the graph are
-        routed to the skip id); attention writes blocks of the pool's first rows, which no request holds yet, and
-        gives them back after each step. Returns the seconds it took."""
+        routed to the skip id); attention writes blocks of rows the pool lends beyond the batch's (`KVPool.borrow`:
+        a batch of one row still warms up the steps of three), given back after each step. Returns the seconds it
+        took."""
         start = time.perf_counter()
         model: Any = self.stack.model
         with torch.no_grad(), switched_attention(model), _tracing():
@@ -192,10 +193,10 @@ class CompiledStack:
 
     def _make_pool(self, attention_mask: Any) -> None:
         """Have the pool make its layers' tensors (the graphs take them as inputs): one eager pass of a token in
-        the pool's first row, its MoE blocks idle (they return zeros)."""
+        a row the pool lends, its MoE blocks idle (they return zeros)."""
         if self.pool is None or self.inner is None:
             return
-        layout = PackedStep.build(self.pool, [0], [0], [1])
+        layout = PackedStep.build(self.pool, self.pool.borrow(1), [0], [1])
         ids = torch.zeros((1, 1), dtype=torch.long, device=self._device())
         keep = torch.zeros(1, dtype=torch.long, device=ids.device)
         token = CURRENT.set(IDLE)
@@ -204,7 +205,7 @@ class CompiledStack:
                 self.stack(ids, layout.position_ids(), attention_mask, keep)
         finally:
             CURRENT.reset(token)
-            self.pool.clear(0)
+            self.pool.return_borrowed()
 
     def _warm_up_opaque(self, attention_mask: Any) -> None:
         """Compile the graphs with attention behind the opaque operator (`WARM_UP`)."""
@@ -221,9 +222,9 @@ class CompiledStack:
                 self._failed(exc)
 
     def _warm_up_graph(self) -> None:
-        """Compile the graphs with attention inside (`WARM_UP_GRAPH`), on the pool's first rows (no request holds
-        them yet; their blocks are given back after each step, and what was written there is overwritten before it
-        is read). Where a family's code cannot take a
+        """Compile the graphs with attention inside (`WARM_UP_GRAPH`), on rows the pool lends beyond the batch's
+        (their blocks are given back after each step, and what was written there is overwritten before it is
+        read). Where a family's code cannot take a
         prompt's step with unbacked sizes, that step is traced with its sizes known, and the prompt's classes get
         graphs of their own (`SPECIALIZED_PROMPT_STEPS`; logged once)."""
         if self.failure is not None or self.graph_failure is not None:
@@ -257,7 +258,7 @@ class CompiledStack:
     def _warm_up_step(self, starts: Sequence[int], counts: Sequence[int], kept: Sequence[int], unbacked: bool) -> bool:
         """Compile the graph of one warm-up step (`WARM_UP_GRAPH`); False while the pool's tensors are not made."""
         assert self.pool is not None and self.inner is not None
-        layout = PackedStep.build(self.pool, range(len(counts)), starts, counts)
+        layout = PackedStep.build(self.pool, self.pool.borrow(len(counts)), starts, counts)
         try:
             graph = GraphStep.of(layout, self.layers, self.inner)
             if graph is None:
@@ -270,8 +271,7 @@ class CompiledStack:
             self._compiled_call(ids, layout.position_ids(), graph, keep, IDLE)
             return True
         finally:
-            for row in range(len(counts)):
-                self.pool.clear(row)
+            self.pool.return_borrowed()
 
     def _device(self) -> torch.device:
         model: Any = self.stack.model

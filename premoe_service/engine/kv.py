@@ -80,6 +80,19 @@ class KVPool:
             heapq.heappush(self._free_blocks, block)
         self.table[row] = []
 
+    def borrow(self, count: int) -> list[int]:
+        """`count` rows beyond the batch's (ids from `rows` on), holding no block: the compiled stack's warm-up
+        steps need rows that no request holds, however few rows the batch has. `return_borrowed` frees them."""
+        first = len(self.table)
+        self.table.extend([] for _ in range(count))
+        return list(range(first, first + count))
+
+    def return_borrowed(self) -> None:
+        """The borrowed rows' blocks are free again, and the rows are gone."""
+        for row in range(self.rows, len(self.table)):
+            self.clear(row)
+        del self.table[self.rows :]
+
     def reserve(self, row: int, width: int) -> None:
         """Give `row` the blocks for columns 0..width-1 that it lacks (doubling the pool when too few are free)."""
         held = self.table[row]
