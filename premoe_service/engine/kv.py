@@ -75,7 +75,7 @@ class KVPool:
         self._free.sort(reverse=True)
 
     def clear(self, row: int) -> None:
-        """`row`'s blocks are free again; the row keeps its place (the warm-up's rows, which no request holds)."""
+        """`row`'s blocks are free again; the row keeps its place."""
         for block in self.table[row]:
             heapq.heappush(self._free_blocks, block)
         self.table[row] = []
