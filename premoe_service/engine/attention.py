@@ -69,7 +69,6 @@ class PackedStep:
         width = max(start + count for start, count in zip(starts, counts, strict=True))
         queries = max(counts)
         total = sum(counts)
-        size = pool.block_size
         positions: list[int] = []
         slots: list[int] = []
         query_pos: list[int] = []  # [B * Q]
@@ -79,9 +78,8 @@ class PackedStep:
         for b, (row, start, count) in enumerate(zip(rows, starts, counts, strict=True)):
             # Token i of row b sits at position start + i, in the row's column of that number.
             pool.reserve(row, start + count)
-            table = pool.table[row]
             positions.extend(range(start, start + count))
-            slots.extend(table[p // size] * size + p % size for p in range(start, start + count))
+            slots.extend(pool.slots(row, start, count))
             query_pos.extend(range(start, start + count))
             query_pos.extend([-1] * (queries - count))
             if queries > 1:
@@ -99,7 +97,7 @@ class PackedStep:
             pool,
             tuple(rows),
             tuple(start + count - 1 for start, count in zip(starts, counts, strict=True)),
-            tensor(blocks, len(counts), len(blocks) // len(counts)),
+            tensor(blocks, len(counts), pool.table_width(width)),
             tensor(positions),
             tensor(slots),
             tensor(query_index) if queries > 1 else None,

@@ -224,9 +224,8 @@ class CompiledStack:
     def _warm_up_graph(self) -> None:
         """Compile the graphs with attention inside (`WARM_UP_GRAPH`), on rows the pool lends beyond the batch's
         (their blocks are given back after each step, and what was written there is overwritten before it is
-        read). Where a family's code cannot take a
-        prompt's step with unbacked sizes, that step is traced with its sizes known, and the prompt's classes get
-        graphs of their own (`SPECIALIZED_PROMPT_STEPS`; logged once)."""
+        read). Where a family's code cannot take a prompt's step with unbacked sizes, that step is traced with its
+        sizes known, and the prompt's classes get graphs of their own (`SPECIALIZED_PROMPT_STEPS`; logged once)."""
         if self.failure is not None or self.graph_failure is not None:
             return
         steps = [(*step, max(step[1]) > 1) for step in [*WARM_UP_GRAPH, *self._wide_decode_steps()]]

@@ -118,7 +118,12 @@ class KVPool:
 
     def slot(self, row: int, column: int) -> int:
         """The flat slot of `row`'s column in the `[N * P]` view (the row must hold that column's block)."""
-        return self.table[row][column // self.block_size] * self.block_size + column % self.block_size
+        return self.slots(row, column, 1)[0]
+
+    def slots(self, row: int, start: int, count: int) -> list[int]:
+        """`slot` of `row`'s columns start..start+count-1."""
+        table, size = self.table[row], self.block_size
+        return [table[c // size] * size + c % size for c in range(start, start + count)]
 
     def table_width(self, width: int) -> int:
         """Entries nb of a step's block tables for `width` columns: more blocks than the columns fill (nb * P > W,
