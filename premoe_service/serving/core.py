@@ -75,7 +75,7 @@ class ServingCore:
         profiler_engine, _ = load_model(
             self.store, device=self.patterned.device, capacity=0, dense=self.patterned.dense_state_dict()
         )
-        self.embedder = embedder or Embedder(config.embedder)
+        self.embedder = embedder or Embedder(config.embedder, precision=config.embedder_precision)
         self.registry = build_registry(config, self.store, self.patterned, self.embedder, self._profile_store())
         self.tasks = TaskBook(self.registry, self.store, self.spec, config.selection, profiler_engine)
         self.tasks.max_per_layer = min(slots.capacity for slots in self.patterned.slots.values())
