@@ -190,6 +190,7 @@ def test_client_verbs_read_the_server_and_credentials_from_twins(monkeypatch: py
         (["--max-queue", "0"], {}, "--max-queue"),
         (["--coverage-floor", "2"], {}, "--coverage-floor"),
         (["--embedder-precision", "float16"], {}, "--embedder-precision"),
+        (["--max-kv-tokens", "0"], {}, "--max-kv-tokens"),
         ([], {"PREMOE_EMBEDDER_PRECISION": "fp16"}, "--embedder-precision"),
         (["--tls-cert", "/no/such/cert.pem"], {}, "--tls-cert"),
         (["--bogus"], {}, "--bogus"),

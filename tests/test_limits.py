@@ -77,6 +77,22 @@ def test_prompt_and_new_tokens_must_fit_the_models_context(service) -> None:
     assert len(generate(service, "a" * 200, max_new_tokens=56).token_ids) == 56
 
 
+def test_a_request_that_could_never_fit_the_kv_cap_is_refused_before_it_is_routed(
+    store: Path, embedder, monkeypatch
+) -> None:
+    service = ServingCore(ServiceConfig(store=store, device="cpu", max_kv_tokens=64), embedder=embedder)
+    try:
+        routed: list[str] = []
+        route = service.registry.route  # the real routing, observed
+        monkeypatch.setattr(service.registry, "route", lambda prompt: routed.append(prompt) or route(prompt))
+        with pytest.raises(InvalidArgument, match="cap of 64 tokens") as info:
+            generate(service, "a" * 40, max_new_tokens=30)  # 40 + 30 tokens: 80 in blocks of 16
+        assert info.value.field == "max_new_tokens" and routed == []
+        assert len(generate(service, "a" * 40, max_new_tokens=24).token_ids) == 24  # 64 exactly: served
+    finally:
+        service.close()
+
+
 def test_a_prompt_too_long_in_tokens_is_refused_before_it_is_routed(service, monkeypatch) -> None:
     routed: list[str] = []
     route = service.registry.route  # the real routing, observed

@@ -8,11 +8,16 @@ float64 with eager experts, as in tests/test_batching.py: logits are compared wi
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import pytest
 import torch
 
 from premoe_service.engine import BatchLimits, EngineLoop, KVPool, Status
 from premoe_service.engine.kv import BLOCK_SIZE, NULL_BLOCK
+from premoe_service.engine.schedule import pick_joiners
+from premoe_service.errors import InvalidArgument
 from premoe_service.engine.text import draw
 
 from .test_batching import F64_TOL, Driver, Job, Observer, Report, build, compare, outcome, prompt, run_alone
@@ -105,6 +110,49 @@ def test_each_row_holds_blocks_for_its_own_tokens_and_a_long_row_grows_no_other(
     assert report.failures(F64_TOL, allow_near_ties=False) == []
     for job, request in zip(job_list, requests, strict=True):
         assert outcome(request).token_ids == run_alone(setup, job)
+
+
+def test_a_kv_cap_holds_requests_back_until_their_tokens_fit_and_the_pool_within_it(tmp_path: Path) -> None:
+    """`max_kv_tokens`: a request joins only while its prompt and max_new_tokens (in whole blocks) fit beside the
+    running ones'; the others wait their turn in arrival order, the pool stays within the cap, and every request
+    still gets what it gets alone. One that could never fit is refused naming max_new_tokens."""
+    setup = build(tmp_path, "qwen3_moe", torch.float64)
+    cap = 4 * BLOCK_SIZE
+    loop = _loop(setup, max_kv_tokens=cap)
+    observer, driver = Observer(loop), Driver(loop)
+    # Each reserves two blocks (7..10 prompt tokens + 20 new ones): two run at once, never three.
+    job_list = [Job(prompt(7 + i, 20 + i), None, 20) for i in range(4)]
+    requests = [job.request(setup) for job in job_list]
+    driver.submit(*requests)
+    running: list[int] = []
+    driver.until(lambda: running.append(len(loop.running)) or all(r.status is Status.FINISHED for r in requests))
+    assert max(running) == 2
+    assert driver.joined[requests[2].id] > driver.left[requests[0].id]  # the third waited for the first to leave
+    assert driver.joined[requests[1].id] < driver.left[requests[0].id]  # the second ran beside the first
+    assert loop.kv.blocks <= cap // BLOCK_SIZE + 1 and loop.kv.grown == 0  # the cap's blocks and the null block
+    observer.close()
+    report = compare(setup, job_list, requests, observer, Report())
+    assert report.failures(F64_TOL, allow_near_ties=False) == []
+    for job, request in zip(job_list, requests, strict=True):
+        assert outcome(request).token_ids == run_alone(setup, job)
+    with pytest.raises(InvalidArgument) as info:
+        loop.submit(Job(prompt(30, 40), None, cap - 29).request(setup))  # 30 + 35 tokens: five blocks
+    assert info.value.field == "max_new_tokens"
+
+
+def test_a_request_that_does_not_fit_the_kv_cap_holds_back_those_behind_it() -> None:
+    """No later request overtakes one waiting for room (it would never get it while small ones keep coming)."""
+    limits = BatchLimits(max_join_wait_steps=0, max_kv_tokens=4 * BLOCK_SIZE)
+
+    def ready(tokens: int, new: int) -> Any:
+        return SimpleNamespace(
+            status=Status.READY, prompt_ids=[1] * tokens, params=SimpleNamespace(max_new_tokens=new), times={}
+        )
+
+    big, small = ready(20, 20), ready(4, 4)  # three blocks, one block
+    assert pick_joiners([big, small], 1, limits, 0, reserved=2 * BLOCK_SIZE) == []
+    assert pick_joiners([small, big], 1, limits, 0, reserved=2 * BLOCK_SIZE) == [small]
+    assert pick_joiners([big, small], 0, limits, 0, reserved=0) == [big, small]
 
 
 def test_the_pool_gives_blocks_lowest_first_and_doubles_keeping_what_it_holds() -> None:

@@ -149,6 +149,12 @@ def default(name: str) -> Lazy:
     help="prompt tokens in one forward pass beside the decoding rows (longer prompts are fed in chunks)",
 )
 @option(
+    "--max-kv-tokens",
+    type=POSITIVE,
+    help="tokens the KV cache may hold across running requests: a request joins while its prompt + max_new_tokens fit "
+    "beside theirs, and one that never could is refused (default: no cap, the cache grows as it must)",
+)
+@option(
     "--max-queue",
     type=POSITIVE,
     default=default("max_queue"),

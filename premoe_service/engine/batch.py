@@ -14,7 +14,7 @@ from ..runtime.context import PatternTables, RoutingContext, routing
 from ..runtime.decoder_stack import DecoderStack, plain_stack
 from .attention import PackedStep, model_attention, packed_attention_for
 from .compiled_stack import CompiledStack, compiles
-from .kv import KVPool
+from .kv import KVPool, reserved_tokens
 from .request import Request
 
 
@@ -57,9 +57,11 @@ class RunningBatch:
     budget) and leave by giving it back. The pattern tables of the routing context are rebuilt only when the
     rows' distinct patterns change, and a pure decode step over unchanged rows reuses the last context whole."""
 
-    def __init__(self, patterned: PatternedModel, max_rows: int, *, compiled: bool = False) -> None:
+    def __init__(
+        self, patterned: PatternedModel, max_rows: int, *, compiled: bool = False, max_kv_tokens: int | None = None
+    ) -> None:
         self.patterned = patterned
-        self.pool = KVPool(max_rows, patterned.device)
+        self.pool = KVPool(max_rows, patterned.device, max_tokens=max_kv_tokens)
         self.requests: list[Request] = []  # in join order
         self._tables: PatternTables | None = None
         self._decode: tuple[tuple[int, ...], RoutingContext] | None = None
@@ -112,6 +114,10 @@ class RunningBatch:
                 self.pool.give_back(request.row)
                 request.row = None
         self.requests = [r for r in self.requests if id(r) not in gone]
+
+    def reserved_kv_tokens(self) -> int:
+        """The pool tokens the running requests may come to hold (`reserved_tokens` of each)."""
+        return sum(reserved_tokens(len(r.prompt_ids), r.params.max_new_tokens) for r in self.requests)
 
     def pending_prompt_tokens(self) -> int:
         return sum(len(r.prompt_ids) - r.cached for r in self.requests if not r.generated)

@@ -9,6 +9,8 @@ import heapq
 import torch
 from torch import Tensor
 
+from ..errors import InvalidArgument
+
 # Tokens per block. vLLM's default too: small enough that a row wastes at most 15 columns, large enough that a
 # row's table stays a few entries long (the gather reads whole blocks).
 BLOCK_SIZE = 16
@@ -18,6 +20,22 @@ NULL_BLOCK = 0
 # The blocks a pool starts with, per row (256 tokens a row: what the unpaged pool made at first). The pool doubles
 # when a row needs a block and none is free (one copy of the pool).
 START_TOKENS_PER_ROW = 256
+
+
+def reserved_tokens(prompt_tokens: int, new_tokens: int, block_size: int = BLOCK_SIZE) -> int:
+    """The pool tokens a request may come to hold: its prompt and every new token it may make, in whole blocks (what
+    `--max-kv-tokens` counts against a request when it joins)."""
+    return -(-(prompt_tokens + new_tokens) // block_size) * block_size
+
+
+def check_kv_tokens(prompt_tokens: int, new_tokens: int, limit: int | None) -> None:
+    """Refuse a request that could never join under the pool's cap `limit` (None: no cap)."""
+    if limit is not None and reserved_tokens(prompt_tokens, new_tokens) > limit:
+        raise InvalidArgument(
+            f"{prompt_tokens} prompt tokens + {new_tokens} new tokens ({reserved_tokens(prompt_tokens, new_tokens)} "
+            f"in blocks of {BLOCK_SIZE}) exceed the KV pool's cap of {limit} tokens (--max-kv-tokens)",
+            field="max_new_tokens",
+        )
 
 
 class KVPool:
@@ -39,11 +57,16 @@ class KVPool:
         *,
         block_size: int = BLOCK_SIZE,
         blocks: int | None = None,
+        max_tokens: int | None = None,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.rows, self.device, self.block_size = rows, device, block_size
-        self.blocks = max(2, blocks if blocks is not None else rows * -(-START_TOKENS_PER_ROW // block_size) + 1)
+        # The most blocks the pool doubles to (the null block included) when the tokens it may hold are capped: the
+        # loop admits requests only while their reserved tokens fit (`reserved_tokens`), so the rows never need more.
+        self.max_blocks = None if max_tokens is None else max(2, -(-max_tokens // block_size) + 1)
+        start = blocks if blocks is not None else rows * -(-START_TOKENS_PER_ROW // block_size) + 1
+        self.blocks = max(2, start if self.max_blocks is None or blocks is not None else min(start, self.max_blocks))
         self.keys: dict[int, Tensor] = {}
         self.values: dict[int, Tensor] = {}
         self.table: list[list[int]] = [[] for _ in range(rows)]  # each row's blocks, in column order
@@ -104,8 +127,10 @@ class KVPool:
         held.extend(heapq.heappop(self._free_blocks) for _ in range(need))
 
     def _grow(self, at_least: int) -> None:
-        """At least `at_least` more blocks: the pool doubles (one copy of each layer's tensors)."""
-        blocks = max(2 * self.blocks, self.blocks + at_least)
+        """At least `at_least` more blocks: the pool doubles (one copy of each layer's tensors), up to `max_blocks`
+        unless more are needed now."""
+        doubled = 2 * self.blocks if self.max_blocks is None else min(2 * self.blocks, self.max_blocks)
+        blocks = max(doubled, self.blocks + at_least)
         for store in (self.keys, self.values):
             for layer, old in store.items():
                 new = _static_block(old.new_zeros((blocks, *old.shape[1:])))

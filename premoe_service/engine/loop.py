@@ -18,7 +18,7 @@ from ..runtime.residency import Residency
 from .admission import Admission
 from .batch import RunningBatch, StepPlan, forward
 from .inbox import Inbox
-from .kv import KVPool
+from .kv import KVPool, check_kv_tokens
 from .loader import Loader
 from .outbox import Outbox
 from .request import Request, Status
@@ -83,7 +83,9 @@ class EngineLoop:
         self.loader = Loader(patterned, source, gate=loader_gate, wake=self._inbox.wake.set)
         self.admission = Admission(patterned, residency, self.loader)
         self.waiting: list[Request] = []  # FIFO: waiting for slots, loading, or ready for a row
-        self.batch = RunningBatch(patterned, self.limits.max_rows, compiled=compiled)
+        self.batch = RunningBatch(
+            patterned, self.limits.max_rows, compiled=compiled, max_kv_tokens=self.limits.max_kv_tokens
+        )
         self.plan: StepPlan | None = None  # the last forward pass's plan (its rows and kept logits)
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -92,7 +94,14 @@ class EngineLoop:
     # --- outside --------------------------------------------------------------------------------------
 
     def submit(self, request: Request) -> Request:
-        """Queue a request (any thread); its events come through `request.events()`."""
+        """Queue a request (any thread); its events come through `request.events()`.
+
+        Raises:
+            InvalidArgument: Its prompt and max_new_tokens alone exceed `limits.max_kv_tokens` (field
+                "max_new_tokens"): it could never join.
+            ResourceExhausted: The queue is full.
+        """
+        check_kv_tokens(len(request.prompt_ids), request.params.max_new_tokens, self.limits.max_kv_tokens)
         request.outbox = self.outbox
         request.eos = self.eos
         self._inbox.put(request, waiting=len(self.waiting), limit=self.limits.max_queue)
@@ -200,7 +209,12 @@ class EngineLoop:
     def _join(self) -> None:
         """Give the requests `pick_joiners` chooses a pool row each; their prompts ride in the next passes."""
         chosen = pick_joiners(
-            self.waiting, len(self.running), self.limits, self.stats.steps, self.batch.pending_prompt_tokens()
+            self.waiting,
+            len(self.running),
+            self.limits,
+            self.stats.steps,
+            self.batch.pending_prompt_tokens(),
+            self.batch.reserved_kv_tokens() if self.limits.max_kv_tokens is not None else 0,
         )
         if chosen:
             self._remove_waiting(chosen)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .kv import reserved_tokens
 from .request import Request, Status
 from .stats import BatchLimits
 
 
 def pick_joiners(
-    waiting: Sequence[Request], running: int, limits: BatchLimits, step: int, pending: int = 0
+    waiting: Sequence[Request], running: int, limits: BatchLimits, step: int, pending: int = 0, reserved: int = 0
 ) -> list[Request]:
     """The ready requests to join now, in arrival order; empty while they should wait.
 
@@ -17,7 +18,9 @@ def pick_joiners(
     the `pending` prompt tokens of rows still being fed and those of the requests chosen before them (prompts are
     fed in chunks, so the last one to join may start with part of its prompt). While rows decode, fewer than
     `join_ratio` x running ready requests may wait up to `max_join_wait_steps` steps for company (TGI's
-    waiting-served ratio; 0 steps: join at once).
+    waiting-served ratio; 0 steps: join at once). With `limits.max_kv_tokens`, a request joins only while its
+    reserved pool tokens fit beside the `reserved` tokens of the running requests and of those chosen before it; the
+    first that does not fit stops the rest (no later request overtakes it, so a long one is not starved).
     """
     room = limits.max_rows - running
     chosen: list[Request] = []
@@ -27,6 +30,11 @@ def pick_joiners(
             continue
         if tokens >= limits.max_prefill_tokens:
             break
+        if limits.max_kv_tokens is not None:
+            need = reserved_tokens(len(request.prompt_ids), request.params.max_new_tokens)
+            if reserved + need > limits.max_kv_tokens:
+                break
+            reserved += need
         chosen.append(request)
         tokens += len(request.prompt_ids)
     if chosen and running and len(chosen) < limits.join_ratio * running:

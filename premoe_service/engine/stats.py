@@ -22,6 +22,9 @@ class BatchLimits:
         join_ratio: While rows decode, ready requests wait to be prefilled together until they number this
             share of the running rows (TGI's waiting-served ratio) ...
         max_join_wait_steps: ... or until the oldest has waited this many decode steps (0: join at once).
+        max_kv_tokens: Tokens the KV pool may hold across the running requests; a request joins only while its
+            prompt and max_new_tokens (in whole blocks, `kv.reserved_tokens`) fit beside those of the running ones,
+            and the pool never grows past them. None: no cap (the pool doubles when it must).
     """
 
     max_rows: int = 32
@@ -29,8 +32,11 @@ class BatchLimits:
     max_queue: int = 256
     join_ratio: float = 0.3
     max_join_wait_steps: int = 2
+    max_kv_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_kv_tokens is not None and self.max_kv_tokens < 1:
+            raise InvalidArgument(f"must be at least 1, got {self.max_kv_tokens}", field="max_kv_tokens")
         for name in ("max_rows", "max_prefill_tokens", "max_queue"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"must be at least 1, got {getattr(self, name)}", field=name)

@@ -68,6 +68,9 @@ class ServiceConfig:
         max_batch_rows: Requests decoding together in one forward pass of the engine loop.
         max_batch_tokens: Prompt tokens in one forward pass beside the decoding rows (longer prompts are chunked).
         max_queue: Requests waiting (for slots, expert loads or a row) before new ones are refused.
+        max_kv_tokens: Tokens the KV pool may hold across the running requests: a request joins only while its
+            prompt and max_new_tokens fit beside theirs (it waits meanwhile), and one that could never fit is refused
+            (field "max_new_tokens"); None: no cap, the pool doubles whenever it must.
         preload: Tasks whose experts are loaded at start-up (health says SERVING only after).
         engine_threads: CPU threads of the engine's tensor operations; None: all usable cores but one (at least one;
             `cores.usable_cores`: an affinity mask or a cgroup CPU quota counts, not the host's cores), which
@@ -139,6 +142,7 @@ class ServiceConfig:
     max_batch_rows: int = 32
     max_batch_tokens: int = 4096
     max_queue: int = 256
+    max_kv_tokens: int | None = None
     join_wait_steps: int = 2
     eviction: Eviction = "lru"
     precision_slots: str | None = None
@@ -194,6 +198,8 @@ class ServiceConfig:
             raise InvalidArgument(f"unknown device {self.device!r} (auto, cpu, cuda)", field="device")
         if self.channel_variants is not None and self.channel_variants < 1:
             raise InvalidArgument(f"must be positive, got {self.channel_variants}", field="channel_variants")
+        if self.max_kv_tokens is not None and self.max_kv_tokens < 1:
+            raise InvalidArgument(f"must be positive, got {self.max_kv_tokens}", field="max_kv_tokens")
         if self.engine_threads is not None and self.engine_threads < 1:
             raise InvalidArgument(f"must be positive, got {self.engine_threads}", field="engine_threads")
         Budget.parse(self.budget)  # fail early on a bad budget

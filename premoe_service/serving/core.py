@@ -14,6 +14,7 @@ import torch
 
 from ..cores import default_engine_threads
 from ..engine import BatchLimits, EngineLoop, GenerationResult, Request, RoutePlan, SamplingParams
+from ..engine.kv import check_kv_tokens
 from ..errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from ..pattern import Pattern
 from ..profiler import Demo, Profile
@@ -96,6 +97,7 @@ class ServingCore:
                 config.max_batch_tokens,
                 config.max_queue,
                 max_join_wait_steps=config.join_wait_steps,
+                max_kv_tokens=config.max_kv_tokens,
             ),
             stopping=self.stopping.is_set,
             threads=config.engine_threads or default_engine_threads(),
@@ -321,6 +323,7 @@ class ServingCore:
         check_prompt_tokens(
             len(ids), params.max_new_tokens, self.config.max_prompt_tokens, None if context is None else int(context)
         )
+        check_kv_tokens(len(ids), params.max_new_tokens, self.config.max_kv_tokens)
         return checked, ids
 
     def preload(self, tasks: Sequence[str]) -> None:
