@@ -17,8 +17,8 @@ import torch
 from premoe_service.engine import BatchLimits, EngineLoop, KVPool, Status
 from premoe_service.engine.kv import BLOCK_SIZE, NULL_BLOCK
 from premoe_service.engine.schedule import pick_joiners
-from premoe_service.errors import InvalidArgument
 from premoe_service.engine.text import draw
+from premoe_service.errors import InvalidArgument
 
 from .test_batching import F64_TOL, Driver, Job, Observer, Report, build, compare, outcome, prompt, run_alone
 
