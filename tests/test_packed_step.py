@@ -125,8 +125,15 @@ def test_a_kv_cap_holds_requests_back_until_their_tokens_fit_and_the_pool_within
     requests = [job.request(setup) for job in job_list]
     driver.submit(*requests)
     running: list[int] = []
-    driver.until(lambda: running.append(len(loop.running)) or all(r.status is Status.FINISHED for r in requests))
-    assert max(running) == 2
+    reserved: list[int] = []  # the gauge after each step
+
+    def done() -> bool:
+        running.append(len(loop.running))
+        reserved.append(loop.stats.kv_reserved_tokens)
+        return all(r.status is Status.FINISHED for r in requests)
+
+    driver.until(done)
+    assert max(running) == 2 and max(reserved) == cap and reserved[-1] == 0
     assert driver.joined[requests[2].id] > driver.left[requests[0].id]  # the third waited for the first to leave
     assert driver.joined[requests[1].id] < driver.left[requests[0].id]  # the second ran beside the first
     assert loop.kv.blocks <= cap // BLOCK_SIZE + 1 and loop.kv.grown == 0  # the cap's blocks and the null block

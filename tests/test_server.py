@@ -274,6 +274,7 @@ def test_stats_and_metrics(client, server) -> None:
     pool = handle.core.loop.kv
     assert figures["premoe_kv_blocks_held"] == 0 and figures["premoe_kv_blocks"] == pool.blocks  # nothing running
     assert figures["premoe_kv_pool_bytes"] == pool.nbytes() > 0
+    assert figures["premoe_kv_reserved_tokens"] == 0  # no cap: nothing is reserved
     assert client.delete_task("metered")
     assert 'premoe_task_coverage{task="metered"}' not in scrape(handle)  # a deleted task's series goes
 

@@ -188,7 +188,8 @@ class EngineLoop:
         self._join()
         self.stats.add("schedule", time.perf_counter() - start)
         ran = self._forward_step()
-        self.stats.observe(self.waiting, len(self.running), len(self._inbox), self.loader, self.kv)
+        reserved = self.batch.reserved_kv_tokens() if self.limits.max_kv_tokens is not None else 0
+        self.stats.observe(self.waiting, len(self.running), len(self._inbox), self.loader, self.kv, reserved)
         if ran:
             self.stats.record_step(time.perf_counter() - start)
         return ran

@@ -73,13 +73,15 @@ class LoopStats:
     kv_blocks: int = 0  # blocks of the KV pool (`KVPool`), held or free
     kv_blocks_held: int = 0  # blocks the running requests hold
     kv_bytes: int = 0  # bytes of the KV pool's tensors
+    kv_reserved_tokens: int = 0  # under `BatchLimits.max_kv_tokens`: the tokens the running requests reserve
     last_step_s: float = 0.0
     step_seconds: float = 0.0
     # Seconds spent per part of the steps (`PHASES`), summed since start: where a step's time goes.
     phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
-    def observe(self, waiting: Sequence[Any], rows: int, inbox: int, loader: Any, pool: Any) -> None:
-        """The queue, loader and KV pool figures after a step (`waiting`: the loop's queue of requests)."""
+    def observe(self, waiting: Sequence[Any], rows: int, inbox: int, loader: Any, pool: Any, reserved: int = 0) -> None:
+        """The queue, loader and KV pool figures after a step (`waiting`: the loop's queue of requests; `reserved`:
+        the running requests' reserved KV tokens under a cap)."""
         from .request import Status
 
         self.rows, self.queued = rows, len(waiting) + inbox
@@ -88,6 +90,7 @@ class LoopStats:
         self.ready = sum(r.status is Status.READY for r in waiting)
         self.loader_backlog, self.bytes_in_flight = loader.backlog, loader.bytes_in_flight
         self.kv_blocks, self.kv_blocks_held, self.kv_bytes = pool.blocks, pool.held_blocks, pool.nbytes()
+        self.kv_reserved_tokens = reserved
 
     def add(self, phase: str, seconds: float) -> None:
         self.phase_seconds[phase] += seconds

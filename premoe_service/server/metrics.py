@@ -58,6 +58,10 @@ class Metrics:
             "premoe_kv_blocks": ("Blocks of the KV pool (16 tokens each), held or free", lambda: stats.kv_blocks),
             "premoe_kv_blocks_held": ("KV pool blocks the running requests hold", lambda: stats.kv_blocks_held),
             "premoe_kv_pool_bytes": ("Bytes of the KV pool's tensors", lambda: stats.kv_bytes),
+            "premoe_kv_reserved_tokens": (
+                "KV tokens the running requests reserve under --max-kv-tokens (prompt + max_new_tokens, in blocks)",
+                lambda: stats.kv_reserved_tokens,
+            ),
         }
         for name, (doc, read) in gauges.items():
             Gauge(name, doc, registry=self.registry).set_function(read)
