@@ -30,10 +30,10 @@ def reserved_tokens(prompt_tokens: int, new_tokens: int, block_size: int = BLOCK
 
 def check_kv_tokens(prompt_tokens: int, new_tokens: int, limit: int | None) -> None:
     """Refuse a request that could never join under the pool's cap `limit` (None: no cap)."""
-    if limit is not None and reserved_tokens(prompt_tokens, new_tokens) > limit:
+    if limit is not None and (reserved := reserved_tokens(prompt_tokens, new_tokens)) > limit:
         raise InvalidArgument(
-            f"{prompt_tokens} prompt tokens + {new_tokens} new tokens ({reserved_tokens(prompt_tokens, new_tokens)} "
-            f"in blocks of {BLOCK_SIZE}) exceed the KV pool's cap of {limit} tokens (--max-kv-tokens)",
+            f"{prompt_tokens} prompt tokens + {new_tokens} new tokens ({reserved} in blocks of {BLOCK_SIZE}) exceed "
+            f"the KV pool's cap of {limit} tokens (--max-kv-tokens)",
             field="max_new_tokens",
         )
 
@@ -65,8 +65,11 @@ class KVPool:
         # The most blocks the pool doubles to (the null block included) when the tokens it may hold are capped: the
         # loop admits requests only while their reserved tokens fit (`reserved_tokens`), so the rows never need more.
         self.max_blocks = None if max_tokens is None else max(2, -(-max_tokens // block_size) + 1)
-        start = blocks if blocks is not None else rows * -(-START_TOKENS_PER_ROW // block_size) + 1
-        self.blocks = max(2, start if self.max_blocks is None or blocks is not None else min(start, self.max_blocks))
+        if blocks is None:
+            blocks = rows * -(-START_TOKENS_PER_ROW // block_size) + 1
+            if self.max_blocks is not None:
+                blocks = min(blocks, self.max_blocks)
+        self.blocks = max(2, blocks)
         self.keys: dict[int, Tensor] = {}
         self.values: dict[int, Tensor] = {}
         self.table: list[list[int]] = [[] for _ in range(rows)]  # each row's blocks, in column order

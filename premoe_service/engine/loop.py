@@ -188,8 +188,9 @@ class EngineLoop:
         self._join()
         self.stats.add("schedule", time.perf_counter() - start)
         ran = self._forward_step()
-        reserved = self.batch.reserved_kv_tokens() if self.limits.max_kv_tokens is not None else 0
-        self.stats.observe(self.waiting, len(self.running), len(self._inbox), self.loader, self.kv, reserved)
+        self.stats.observe(
+            self.waiting, len(self.running), len(self._inbox), self.loader, self.kv, self._reserved_kv_tokens()
+        )
         if ran:
             self.stats.record_step(time.perf_counter() - start)
         return ran
@@ -215,11 +216,15 @@ class EngineLoop:
             self.limits,
             self.stats.steps,
             self.batch.pending_prompt_tokens(),
-            self.batch.reserved_kv_tokens() if self.limits.max_kv_tokens is not None else 0,
+            self._reserved_kv_tokens(),
         )
         if chosen:
             self._remove_waiting(chosen)
             self.batch.add(chosen)
+
+    def _reserved_kv_tokens(self) -> int:
+        """The running requests' reserved KV tokens under `limits.max_kv_tokens`; 0 without a cap."""
+        return self.batch.reserved_kv_tokens() if self.limits.max_kv_tokens is not None else 0
 
     def _forward_step(self) -> bool:
         """One forward pass over the batch: decode rows and prompt chunks together; sample, stream, retire."""
