@@ -84,7 +84,9 @@ def test_a_request_that_could_never_fit_the_kv_cap_is_refused_before_it_is_route
     try:
         routed: list[str] = []
         route = service.registry.route  # the real routing, observed
-        monkeypatch.setattr(service.registry, "route", lambda prompt: routed.append(prompt) or route(prompt))
+        monkeypatch.setattr(
+            service.registry, "route", lambda prompt, **kw: routed.append(prompt) or route(prompt, **kw)
+        )
         with pytest.raises(InvalidArgument, match="cap of 64 tokens") as info:
             generate(service, "a" * 40, max_new_tokens=30)  # 40 + 30 tokens: 80 in blocks of 16
         assert info.value.field == "max_new_tokens" and routed == []
@@ -96,7 +98,7 @@ def test_a_request_that_could_never_fit_the_kv_cap_is_refused_before_it_is_route
 def test_a_prompt_too_long_in_tokens_is_refused_before_it_is_routed(service, monkeypatch) -> None:
     routed: list[str] = []
     route = service.registry.route  # the real routing, observed
-    monkeypatch.setattr(service.registry, "route", lambda prompt: routed.append(prompt) or route(prompt))
+    monkeypatch.setattr(service.registry, "route", lambda prompt, **kw: routed.append(prompt) or route(prompt, **kw))
     with pytest.raises(InvalidArgument, match="limit is 255") as info:
         generate(service, "b" * 300, max_new_tokens=1)
     assert info.value.field == "prompt" and routed == []  # neither embedded nor run through the router signal
@@ -109,7 +111,7 @@ def test_the_plan_ray_asks_for_is_made_after_the_prompts_checks(service, monkeyp
     as `submit` does: one too long for the model is refused before it is embedded and routed."""
     routed: list[str] = []
     route = service.registry.route  # the real routing, observed
-    monkeypatch.setattr(service.registry, "route", lambda prompt: routed.append(prompt) or route(prompt))
+    monkeypatch.setattr(service.registry, "route", lambda prompt, **kw: routed.append(prompt) or route(prompt, **kw))
     with pytest.raises(InvalidArgument, match="limit is 255") as info:
         service.plan_generation("b" * 300, SamplingParams(max_new_tokens=1))
     assert info.value.field == "prompt" and routed == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -70,8 +71,8 @@ def test_a_task_deleted_while_a_prompt_is_routed_to_it_is_served_as_found(store:
     assert service.route(prompt).task == "code"
     search = service.registry.route
 
-    def search_then_delete(text: str):  # the other client's DeleteTask lands between the search and the read
-        decision = search(text)
+    def search_then_delete(text: str, **options: Any):  # another client's DeleteTask lands between search and read
+        decision = search(text, **options)
         if decision.task == "code":
             service.delete_task("code")
         return decision

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import Unavailable
+from ..intra_op import release_teams
 from ..pattern import Pattern
 from ..runtime import PatternedModel
 from ..runtime.context import RoutingContext
@@ -114,6 +115,8 @@ class EngineLoop:
             log.warning("compiling the decoder stack before serving (seconds; inductor caches it for later starts)")
             seconds = self.batch.warm_up()
             log.warning("the decoder stack runs %s", self.batch.stack_state(seconds))
+        # The loading thread's parked OpenMP workers would count against the engine's and the embedder's teams.
+        release_teams()
         self._thread = threading.Thread(target=self._run, name="premoe-engine", daemon=True)
         self._thread.start()
         return self

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidArgument, NotFound
+from ..intra_op import intra_op_threads, release_teams
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 
@@ -32,6 +34,9 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 # little) 121 and 87; in passes of 4, 144 and 101.
 SHARED_BATCH = 8
 
+# Seconds the embedder's own thread waits for a call before it ends (the next call starts another).
+IDLE_EXIT_S = 30.0
+
 
 @dataclass
 class _Call:
@@ -39,6 +44,7 @@ class _Call:
 
     texts: list[str]
     batch_size: int | None
+    threads: int | None = None
     vectors: np.ndarray | None = None
     error: BaseException | None = None
     done: bool = False
@@ -103,32 +109,44 @@ class Embedder:
         if dim is None:
             raise InvalidArgument(f"model at {path} does not state its embedding size", field="embedder")
         self.dim: int = dim
-        # Fast (Rust) tokenizers raise "Already borrowed" when one instance is used from two threads
-        # at once; the gRPC server calls us from a thread pool, so one thread at a time runs the model (`_busy`).
-        # Calls that arrive meanwhile wait in `_waiting`; when the model is free they are planned into passes
-        # (`_planned`), and each waiting thread runs the next pass until its own call is answered (`encode`).
+        # Every pass runs on one thread of the embedder's own (`_run`), started by the first call and gone after
+        # IDLE_EXIT_S without one. Fast (Rust) tokenizers raise "Already borrowed" when two threads use one instance
+        # at once, and the gRPC server calls from a pool of threads; and an OpenMP team per calling thread would
+        # leave more OpenMP threads than cores, where GNU OpenMP's workers stop spinning and every parallel region
+        # waits to wake them (a pass at 2 threads took 15-16 ms instead of 8 once a second thread had run one).
+        # Calls wait in `_waiting`; when the model is free (`_busy` False) they are planned into passes (`_planned`).
         self._cond = threading.Condition()
         self._busy = False
         self._waiting: list[_Call] = []
         self._planned: list[tuple[int, list[_Call]]] = []  # (batch size, calls) of each pass still to run
+        self._worker: threading.Thread | None = None
+        self._team = 1  # the most intra-op threads a pass of the thread has run at since its workers were released
+        # The most intra-op threads a pass may take (None: as asked). A server sets it so that the OpenMP workers
+        # its threads keep parked stay within its cores (`intra_op.release_teams`).
+        self.max_threads: int | None = None
 
-    def encode(self, texts: Sequence[str], *, batch_size: int | None = None) -> np.ndarray:
+    def encode(self, texts: Sequence[str], *, batch_size: int | None = None, threads: int | None = None) -> np.ndarray:
         """Encode texts; returns one L2-normalised row per text. [n, dim] float32
 
-        One thread at a time runs the model. Calls made while it runs wait; when it is free, every waiting call is
-        planned into passes: calls without a `batch_size` share passes of up to SHARED_BATCH texts, shortest texts
-        first, and a call with one runs on its own. Each waiting thread runs the next pass until its own call is
-        answered, so a call returns as soon as its pass is done (prompts routed at the same time embed in about half
-        the time they take one by one, and the first of them reach the engine before the last are embedded). A
-        text's vector then comes from a pass with other texts, which moves it by float32 rounding (about 1e-7) from
-        its vector alone. A call whose texts fail to encode fails alone.
+        The embedder's own thread runs every pass, one at a time. Calls made while it runs wait; when it is free,
+        every waiting call is planned into passes: calls without a `batch_size` share passes of up to SHARED_BATCH
+        texts, shortest texts first, and a call with one runs on its own. A call returns as soon as its pass is done
+        (prompts routed at the same time embed in about half the time they take one by one, and the first of them
+        reach the engine before the last are embedded). A text's vector then comes from a pass with other texts,
+        which moves it by float32 rounding (about 1e-7) from its vector alone. A call whose texts fail to encode
+        fails alone.
 
         Args:
             texts: The texts; an empty sequence gives an empty [0, dim] array.
             batch_size: Texts per forward pass; defaults to the embedder's batch size.
+            threads: Intra-op threads of the pass (`intra_op.intra_op_threads`: the process's other threads keep
+                theirs); None, the calling thread's torch count. A shared pass takes the fewest its calls ask for,
+                and no more than `max_threads`. A vector from more threads moves by float32 rounding, as one from a
+                shared pass does.
 
         Raises:
-            InvalidArgument: `texts` is a bare string or holds a non-string item (field "texts[i]").
+            InvalidArgument: `texts` is a bare string or holds a non-string item (field "texts[i]"); `batch_size`
+                or `threads` below 1.
         """
         if isinstance(texts, str | bytes):
             raise InvalidArgument("expected a list of texts, got a single string; wrap it in a list", field="texts")
@@ -138,39 +156,67 @@ class Embedder:
                 raise InvalidArgument(f"expected a string, got {type(text).__name__}", field=f"texts[{i}]")
         if batch_size is not None and batch_size < 1:
             raise InvalidArgument(f"batch size must be at least 1, got {batch_size}", field="batch_size")
+        if threads is not None and threads < 1:
+            raise InvalidArgument(f"threads must be at least 1, got {threads}", field="threads")
         if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
-        call = _Call(items, batch_size)
+        if threads is None:
+            import torch
+
+            threads = torch.get_num_threads()
+        call = _Call(items, batch_size, threads)
         with self._cond:
             self._waiting.append(call)
-        while True:
-            with self._cond:
-                while self._busy and not call.done:
-                    self._cond.wait()
-                if call.done:
-                    break
-                if not self._planned:  # the calls planned earlier go first: a later call never overtakes them
-                    self._planned, self._waiting = _plan(self._waiting, self.batch_size), []
-                size, group = self._planned.pop(0)
-                self._busy = True
-            try:
-                self._encode_calls(group, size)
-            finally:
-                for other in group:  # an interrupted pass (KeyboardInterrupt) leaves no caller without an answer
-                    if not other.done:
-                        other.error, other.done = RuntimeError("encoding was interrupted"), True
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()  # the pass's callers return; a waiting thread runs the next pass
+            if self._worker is None or not self._worker.is_alive():  # (not alive: gone idle, or in a forked child)
+                self._worker = threading.Thread(target=self._run, name="premoe-embedder", daemon=True)
+                self._worker.start()
+            self._cond.notify_all()
+            while not call.done:
+                self._cond.wait()
         if call.error is not None:
             raise call.error
         assert call.vectors is not None
         return call.vectors
 
+    def _run(self) -> None:
+        """The embedder's thread: run the planned passes (calls planned earlier first: a later call never overtakes
+        them), plan the waiting calls when none is left, and end after IDLE_EXIT_S without a call."""
+        while True:
+            with self._cond:
+                idle_since = time.monotonic()
+                while self._busy or not (self._planned or self._waiting):
+                    left = IDLE_EXIT_S - (time.monotonic() - idle_since)
+                    if left <= 0 and not self._busy:
+                        self._worker, self._team = None, 1  # its OpenMP workers end with it
+                        return
+                    self._cond.wait(max(left, 0.05))
+                if not self._planned:
+                    self._planned, self._waiting = _plan(self._waiting, self.batch_size), []
+                size, group = self._planned.pop(0)
+                self._busy = True
+            try:
+                self._encode_calls(group, size)
+            except BaseException as exc:  # never leave a caller waiting
+                for other in group:
+                    if not other.done:
+                        other.error, other.done = RuntimeError(f"encoding failed: {exc}"), True
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()  # the pass's callers return
+
     def _encode_calls(self, calls: list[_Call], batch_size: int) -> None:
         texts = [t for c in calls for t in c.texts]
+        threads = min(c.threads or 1 for c in calls)
+        if self.max_threads is not None:
+            threads = min(threads, self.max_threads)
+            if self._team > self.max_threads:  # workers parked by passes before the cap: more than it allows
+                release_teams()
+                self._team = 1
+        self._team = max(self._team, threads)
         try:
-            vectors = self._forward(texts, batch_size)
+            with intra_op_threads(threads):
+                vectors = self._forward(texts, batch_size)
         except Exception as exc:
             if len(calls) > 1:  # one call's texts may be at fault: each on its own, so that only it fails
                 for call in calls:
