@@ -118,6 +118,21 @@ def thread_counts() -> tuple[int, int | None]:
     return int(runtime.get_omp()), None if runtime.get_mkl is None else int(runtime.get_mkl())
 
 
+def hold_threads(threads: int) -> None:
+    """Set the calling thread's intra-op count for good (the engine's thread keeps its own this way); without the
+    per-thread setters, torch's process-wide `set_num_threads`."""
+    import torch
+
+    runtime = _runtime()
+    if runtime is None:
+        torch.set_num_threads(threads)
+        return
+    torch.get_num_threads()  # torch's lazy per-thread set-up first: it would undo ours
+    runtime.set_omp(threads)
+    if runtime.set_mkl_local is not None:
+        runtime.set_mkl_local(threads)
+
+
 @contextmanager
 def intra_op_threads(threads: int | None) -> Iterator[None]:
     """Run the block with `threads` intra-op threads on the calling thread only (None: as it is), restoring the

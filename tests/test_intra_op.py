@@ -20,6 +20,7 @@ import torch
 from premoe_service import intra_op
 from premoe_service.cores import usable_cores
 from premoe_service.engine.params import SamplingParams
+from premoe_service.engine.result import GenerationResult
 from premoe_service.errors import InvalidArgument
 from premoe_service.intra_op import intra_op_threads, release_teams, thread_counts
 from premoe_service.retrieval import Embedder
@@ -255,3 +256,32 @@ def test_the_server_gives_a_lone_prompt_the_idle_cores_and_shares_the_rest(
     assert [t for _, t in alone] == [cores]  # the server's only work: every core (the engine keeps one thread)
     assert [t for _, t in together] == [max(1, cores - 1)]  # two prompts at once: one shared pass, no more
     assert [t for _, t in stepping] == [max(1, cores - 1)]  # the engine steps: the cores it leaves
+
+
+@needs_runtime
+def test_the_engines_thread_holds_its_own_count_and_the_others_take_one(tiny_store: Path, embedder: Embedder) -> None:
+    from premoe_service.serving import ServiceConfig, ServingCore
+
+    threads = torch.get_num_threads()
+    service = ServingCore(ServiceConfig(store=tiny_store, device="cpu", engine_threads=2), embedder=embedder)
+    seen: list[tuple[str, tuple[int, int | None]]] = []
+    step = service.loop._forward_step
+
+    def observed() -> bool:
+        seen.append((threading.current_thread().name, thread_counts()))
+        return step()
+
+    try:
+        service.loop._forward_step = observed  # type: ignore[method-assign]
+        *_, result = service.generate(
+            "def add(a, b):", SamplingParams(max_new_tokens=2), task=service.served_model_name
+        )
+        assert isinstance(result, GenerationResult) and len(result.token_ids) == 2
+        started = _on_another_thread(thread_counts)  # a thread the process starts now (a door's, the loader's)
+        here = thread_counts()
+    finally:
+        service.close()
+        torch.set_num_threads(threads)
+    mkl = torch.backends.mkl.is_available()
+    assert seen and set(seen) == {("premoe-engine", (2, 2 if mkl else None))}
+    assert started == here == (1, 1 if mkl else None)  # only the engine's thread takes 2
