@@ -69,7 +69,11 @@ def main() -> None:
 
     from premoe_service.bench.serve.clients import build_requests, parse_range, run_clients
 
-    tasks = sorted(p.stem for p in args.profiles.glob("*.json") if (args.data / p.stem / "eval.jsonl").exists())
+    tasks = [
+        p.stem for p in sorted(args.profiles.glob("*.safetensors")) if (args.data / p.stem / "eval.jsonl").exists()
+    ]
+    if not tasks:
+        raise SystemExit(f"no task has both a profile in {args.profiles} and data in {args.data}")
     requests = build_requests(args.data, tasks, 2, parse_range("3-32"), name_tasks=False)
     clients = [int(c) for c in args.clients.split(",")]
     store, profiles = args.store.resolve(), args.profiles.resolve()
