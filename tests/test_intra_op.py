@@ -32,12 +32,21 @@ LINUX_WHEEL = (
 needs_runtime = pytest.mark.skipif(not intra_op.available(), reason=LINUX_WHEEL)
 
 
+@contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """torch's count set the process's way for the block (this thread's and the process-wide default)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread_here() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with _torch_threads(1):
+        yield
 
 
 def _on_another_thread(fn: Callable[[], Any]) -> Any:
@@ -75,10 +84,8 @@ def test_the_runtime_is_found_with_torchs_linux_wheel() -> None:
 
 @pytest.fixture
 def two_threads_here() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+    with _torch_threads(2):
+        yield
 
 
 @needs_runtime
@@ -165,19 +172,25 @@ def test_the_embedders_passes_run_on_its_own_thread_at_the_threads_asked_for(
     np.testing.assert_array_equal(one, alone)
 
 
+def _record_releases(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[str]:
+    """The names of the threads that call `module`'s `release_teams` (which still runs)."""
+    released: list[str] = []
+
+    def release() -> bool:
+        released.append(threading.current_thread().name)
+        return release_teams()
+
+    monkeypatch.setattr(module, "release_teams", release)
+    return released
+
+
 @needs_runtime
 def test_a_pass_takes_no_more_than_max_threads_and_a_lower_cap_ends_the_surplus_workers(
     embedder: Embedder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from premoe_service.retrieval import embedder as module
 
-    released: list[str] = []
-
-    def release() -> bool:
-        released.append(threading.current_thread().name)
-        return True
-
-    monkeypatch.setattr(module, "release_teams", release)
+    released = _record_releases(monkeypatch, module)
     monkeypatch.setattr(embedder, "max_threads", None)
     with passes(embedder) as seen:
         embedder.encode(TEXTS, threads=2)
@@ -222,13 +235,7 @@ def test_the_server_gives_a_lone_prompt_the_idle_cores_and_shares_the_rest(
     from premoe_service.profiler import Demo, Selection
     from premoe_service.serving import ServiceConfig, ServingCore
 
-    released: list[str] = []
-
-    def release() -> bool:
-        released.append(threading.current_thread().name)
-        return True
-
-    monkeypatch.setattr(loop, "release_teams", release)
+    released = _record_releases(monkeypatch, loop)
     service = ServingCore(ServiceConfig(store=tiny_store, device="cpu", engine_threads=1), embedder=embedder)
     stop = threading.Event()
     prompt = "def add(a, b): return a + b"
