@@ -115,7 +115,7 @@ class EngineLoop:
         router signal) then take one intra-op thread each, and this thread's parked OpenMP workers end: GNU OpenMP
         counts every thread's, and once they outnumber the cores every parallel region waits for the kernel to wake
         its workers (`intra_op`; with a 2-thread engine on 2 cores, one client got 0.71x the tokens/s of a
-        1-thread engine before, 1.05x after)."""
+        1-thread engine before, 1.08x after)."""
         with intra_op_threads(self.threads):
             if self.batch.compiled:  # said at the server's level: it holds the start for seconds
                 log.warning("compiling the decoder stack before serving (seconds; inductor caches it for later starts)")
