@@ -292,3 +292,21 @@ def test_the_engines_thread_holds_its_own_count_and_the_others_take_one(tiny_sto
     mkl = torch.backends.mkl.is_available()
     assert seen and set(seen) == {("premoe-engine", (2, 2 if mkl else None))}
     assert started == here == (1, 1 if mkl else None)  # only the engine's thread takes 2
+
+
+def test_without_the_runtime_nothing_is_set_per_thread_and_the_embedder_still_encodes(
+    embedder: Embedder, monkeypatch: pytest.MonkeyPatch, one_thread_here: None
+) -> None:
+    # Another platform (no libgomp, or a torch built without MKL's per-thread setter): `_runtime` finds nothing.
+    monkeypatch.setattr(intra_op, "_runtime", lambda: None)
+    assert not intra_op.available() and not release_teams()
+
+    def inside() -> tuple[int, int | None]:
+        with intra_op_threads(2):
+            return thread_counts()
+
+    assert _on_another_thread(inside) == (1, None)  # the block runs at the thread's present count
+    intra_op.hold_threads(2)  # falls back to torch's process-wide count, as the engine set it before
+    assert torch.get_num_threads() == 2 and _on_another_thread(torch.get_num_threads) == 2
+    torch.set_num_threads(1)
+    np.testing.assert_allclose(embedder.encode(TEXTS, threads=2), embedder.encode(TEXTS), atol=1e-5)
