@@ -127,10 +127,7 @@ def hold_threads(threads: int) -> None:
     if runtime is None:
         torch.set_num_threads(threads)
         return
-    torch.get_num_threads()  # torch's lazy per-thread set-up first: it would undo ours
-    runtime.set_omp(threads)
-    if runtime.set_mkl_local is not None:
-        runtime.set_mkl_local(threads)
+    _set_counts(runtime, threads)
 
 
 @contextmanager
@@ -141,20 +138,27 @@ def intra_op_threads(threads: int | None) -> Iterator[None]:
     if threads is None or runtime is None:
         yield
         return
-    import torch
-
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
-    torch.get_num_threads()  # torch's lazy per-thread set-up runs now, not inside the block (it would undo ours)
-    before = int(runtime.get_omp())
-    runtime.set_omp(threads)
-    mkl_before = runtime.set_mkl_local(threads) if runtime.set_mkl_local is not None else None
+    before, mkl_before = _set_counts(runtime, threads)
     try:
         yield
     finally:
         runtime.set_omp(before)
         if runtime.set_mkl_local is not None:
-            runtime.set_mkl_local(int(mkl_before or 0))
+            runtime.set_mkl_local(mkl_before)
+
+
+def _set_counts(runtime: _Runtime, threads: int) -> tuple[int, int]:
+    """Set the calling thread's OpenMP and MKL counts; returns the OpenMP count and MKL's thread-local setting
+    (0: none) they replace."""
+    import torch
+
+    torch.get_num_threads()  # torch's lazy per-thread set-up runs now, not after ours (it would undo them)
+    before = int(runtime.get_omp())
+    runtime.set_omp(threads)
+    mkl_before = int(runtime.set_mkl_local(threads) or 0) if runtime.set_mkl_local is not None else 0
+    return before, mkl_before
 
 
 OMP_PAUSE_HARD = 2  # omp_pause_resource_t's omp_pause_hard: the thread's OpenMP threads end

@@ -44,7 +44,7 @@ class _Call:
 
     texts: list[str]
     batch_size: int | None
-    threads: int | None = None
+    threads: int = 1  # intra-op threads its pass asks for
     vectors: np.ndarray | None = None
     error: BaseException | None = None
     done: bool = False
@@ -207,7 +207,7 @@ class Embedder:
 
     def _encode_calls(self, calls: list[_Call], batch_size: int) -> None:
         texts = [t for c in calls for t in c.texts]
-        threads = min(c.threads or 1 for c in calls)
+        threads = min(c.threads for c in calls)
         if self.max_threads is not None:
             threads = min(threads, self.max_threads)
             if self._team > self.max_threads:  # workers parked by passes before the cap: more than it allows
