@@ -60,9 +60,8 @@ def default(name: str) -> Lazy:
     "--embedder-precision",
     type=LazyChoice(Lazy("premoe_service.retrieval.embedder", "PRECISIONS")),
     default=default("embedder_precision"),
-    help="the embedder's weights: float32, bfloat16 (routed requests ~1.2x faster on 2 cores; a prompt near a tie "
-    "between two tasks may be routed differently beside other prompts, docs/serving.md) or auto (bfloat16 where the "
-    "CPU multiplies it natively)",
+    help="the embedder's weights: auto (bfloat16 where the CPU or GPU multiplies it natively and the model runs "
+    "packed, as the default all-MiniLM-L6-v2 does; else float32), float32 or bfloat16 (docs/serving.md)",
 )
 @option("--host", default=default("host"), help="address to bind (both doors)")
 @option("--port", type=PORT, default=default("port"), help="gRPC port (0: any free port)")

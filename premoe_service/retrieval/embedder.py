@@ -14,18 +14,18 @@ import numpy as np
 
 from ..errors import InvalidArgument, NotFound
 from ..intra_op import intra_op_threads, release_teams
+from .packed import PackedEncoder, unsupported
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 
-# The precisions the model's weights may run in; float32 is the default. bfloat16 halves the weights' bytes, which
-# are most of a pass's cost here: on all-MiniLM-L6-v2 (2-core Sapphire Rapids VM, 1 thread, prompts of ~16 tokens)
-# one text took 11.5 ms in float32 and 8.1 in bfloat16, texts in passes of 8 5.3 and 2.5-3.0 ms each, and the server
-# made 16 clients' routed requests 1.18x faster; on the 718 labelled prompts of `reference/heldout`, `heldout2` and
-# `routing` every served routing decision was the same. It is not the default because a bfloat16 vector depends on
-# its pass: padded to a longer neighbour, or beside more rows, a text's vector moves by up to ~2e-3 (float32: ~3e-7),
-# so a prompt near a tie between two tasks may be routed one way alone and the other beside other prompts (none of
-# the 718 was; an ambiguous prompt of the tests was). "auto" takes bfloat16 where the device multiplies it natively
-# (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX) and float32 elsewhere, where bfloat16 is emulated.
+# The precisions the model's weights may run in. bfloat16 halves the weights' bytes, which are most of a pass's cost
+# here: all-MiniLM-L6-v2 packed (`packed.py`), 2-core Sapphire Rapids VM, 1 thread, one ~16-token prompt 5.0 ms against
+# 9.3 in float32, 8 prompts in one pass 18.7 against 33.5. "auto" (the default) takes bfloat16 where the device
+# multiplies it natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX) and the model runs packed, and
+# float32 elsewhere (bfloat16 is emulated there, slower than float32). A bfloat16 vector is ~1e-3 from the float32
+# one (cosine 0.9999), so a bfloat16 embedder is named apart ("@bfloat16") and never mixes its vectors with float32
+# ones. A model that does not run packed (`packed.unsupported`) goes through sentence-transformers, where a vector
+# moves with its pass: by ~3e-7 in float32, ~2e-3 in bfloat16 (so "auto" keeps such a model in float32).
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 # Texts per forward pass when calls made at the same time share passes (`Embedder.encode`). Measured on 16 short
@@ -70,10 +70,14 @@ class Embedder:
             name must produce the same vectors: the registry reuses stored embeddings on a name match.
         device: Torch device for the model.
         batch_size: Default batch size of `encode`.
-        precision: The weights' dtype: "float32" (the default), "bfloat16", or "auto" (`resolve_precision`; see
-            PRECISIONS for what bfloat16 gains and costs). The vectors are float32 either way; bfloat16 weights move
-            them by about 1e-3, so a bfloat16 embedder's name carries "@bfloat16" (`Embedder.name`): stored float32
-            vectors are then embedded again, never mixed with its own.
+        precision: The weights' dtype: "auto" (the default: bfloat16 where the device multiplies it natively and
+            the model runs packed, else float32), "float32" or "bfloat16" (see PRECISIONS for what bfloat16 gains and
+            costs). The vectors are float32 either way; bfloat16 weights move them by about 1e-3, so a bfloat16
+            embedder's name carries "@bfloat16" (`Embedder.name`): stored float32 vectors are then embedded again,
+            never mixed with its own.
+
+    A model that runs packed (`packed.unsupported`: a BERT encoder with mean pooling, as the default) gives each
+    text the same vector alone and in any pass, at a given thread count; any other runs through sentence-transformers.
     """
 
     def __init__(
@@ -83,11 +87,11 @@ class Embedder:
         name: str | None = None,
         device: str = "cpu",
         batch_size: int = 32,
-        precision: str = "float32",
+        precision: str = "auto",
     ) -> None:
         if batch_size < 1:
             raise InvalidArgument(f"batch size must be at least 1, got {batch_size}", field="batch_size")
-        self.precision = resolve_precision(precision, device)
+        resolved = resolve_precision(precision, device)  # checks the name before the model is read
         path = default_model_path() if model is None else Path(model).expanduser()
         if not path.is_dir():
             raise NotFound(
@@ -96,15 +100,21 @@ class Embedder:
             )
         self.path = path
         is_default = model is None or path.resolve() == default_model_path().resolve()
-        base = name or (DEFAULT_EMBEDDER if is_default else path.resolve().name)
-        self.name = base if self.precision == "float32" else f"{base}@{self.precision}"
         self.device = device
         self.batch_size = batch_size
         self._model = _load_offline(path, device)
+        # Why the model does not run packed (None: it does).
+        self.unpacked_reason = unsupported(self._model)
+        if precision == "auto" and self.unpacked_reason is not None:
+            resolved = "float32"  # through sentence-transformers a bfloat16 vector would move with its pass
+        self.precision = resolved
         if self.precision == "bfloat16":
             import torch
 
             self._model.to(torch.bfloat16)
+        self._packed = PackedEncoder(self._model) if self.unpacked_reason is None else None
+        base = name or (DEFAULT_EMBEDDER if is_default else path.resolve().name)
+        self.name = base if self.precision == "float32" else f"{base}@{self.precision}"
         dim = _embedding_dim(self._model)
         if dim is None:
             raise InvalidArgument(f"model at {path} does not state its embedding size", field="embedder")
@@ -132,17 +142,17 @@ class Embedder:
         every waiting call is planned into passes: calls without a `batch_size` share passes of up to SHARED_BATCH
         texts, shortest texts first, and a call with one runs on its own. A call returns as soon as its pass is done
         (prompts routed at the same time embed in about half the time they take one by one, and the first of them
-        reach the engine before the last are embedded). A text's vector then comes from a pass with other texts,
-        which moves it by float32 rounding (about 1e-7) from its vector alone. A call whose texts fail to encode
-        fails alone.
+        reach the engine before the last are embedded). A model that runs packed gives a text the same vector in
+        any pass as alone; through sentence-transformers a pass moves it by rounding (about 3e-7 in float32). A
+        call whose texts fail to encode fails alone.
 
         Args:
             texts: The texts; an empty sequence gives an empty [0, dim] array.
             batch_size: Texts per forward pass; defaults to the embedder's batch size.
             threads: Intra-op threads of the pass (`intra_op.intra_op_threads`: the process's other threads keep
                 theirs); None, the calling thread's torch count. A shared pass takes the fewest its calls ask for,
-                and no more than `max_threads`. A vector from more threads moves by float32 rounding, as one from a
-                shared pass does.
+                and no more than `max_threads`. A vector from another thread count may move by rounding: a server
+                embeds every prompt at one count.
 
         Raises:
             InvalidArgument: `texts` is a bare string or holds a non-string item (field "texts[i]"); `batch_size`
@@ -232,6 +242,9 @@ class Embedder:
     def _forward(self, texts: list[str], batch_size: int) -> np.ndarray:
         import torch
 
+        if self._packed is not None:
+            parts = [self._packed.encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
         vectors = self._model.encode(
             texts,
             batch_size=batch_size,
@@ -280,7 +293,8 @@ def native_bfloat16(device: str = "cpu") -> bool:
 def _plan(calls: list[_Call], batch_size: int) -> list[tuple[int, list[_Call]]]:
     """The passes that encode `calls`, each with its batch size: a call with a batch size on its own; the others
     (one alone runs at `batch_size`) in passes of at most SHARED_BATCH texts (a call with more is a pass of its
-    own), shortest texts first: texts of like length pad little, and the cheapest calls are answered first."""
+    own), shortest texts first: the cheapest calls are answered first (and through sentence-transformers texts of
+    like length pad little)."""
     shared = [c for c in calls if c.batch_size is None]
     alone = [c for c in calls if c.batch_size is not None] + (shared if len(shared) == 1 else [])
     passes = [(c.batch_size or batch_size, [c]) for c in alone]

