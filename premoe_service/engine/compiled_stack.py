@@ -77,6 +77,7 @@ from .attention import (
     packed_attention_for,
     switched_attention,
 )
+from .kernel_gil import release_gil_in_kernels
 from .kv import KVPool
 from .opaque_ops import CURRENT, IDLE, Opaque, block_forward, experts_front, inline_experts
 
@@ -160,6 +161,7 @@ class CompiledStack:
         self.layers = len(attention)
         if sorted(attention) != list(range(self.layers)):
             self.graph_failure = "the attention layers are not numbered 0..L-1"
+        release_gil_in_kernels()  # the server's other threads run while the kernels compute
         compile_: Any = torch.compile  # its typed overloads lack `recompile_limit`
         self._compiled = compile_(_own_code(stack.__call__), dynamic=True, fullgraph=True, **_recompile_limit())
         self._compiled_experts = torch.compile(_own_function(gathered_experts), dynamic=True, fullgraph=True)
