@@ -19,13 +19,14 @@ from .packed import PackedEncoder, unsupported
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 
 # The precisions the model's weights may run in. bfloat16 halves the weights' bytes, which are most of a pass's cost
-# here: all-MiniLM-L6-v2 packed (`packed.py`), 2-core Sapphire Rapids VM, 1 thread, one ~16-token prompt 5.0 ms against
-# 9.3 in float32, 8 prompts in one pass 18.7 against 33.5. "auto" (the default) takes bfloat16 where the device
-# multiplies it natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX) and the model runs packed, and
-# float32 elsewhere (bfloat16 is emulated there, slower than float32). A bfloat16 vector is ~1e-3 from the float32
-# one (cosine 0.9999), so a bfloat16 embedder is named apart ("@bfloat16") and never mixes its vectors with float32
-# ones. A model that does not run packed (`packed.unsupported`) goes through sentence-transformers, where a vector
-# moves with its pass: by ~3e-7 in float32, ~2e-3 in bfloat16 (so "auto" keeps such a model in float32).
+# here: all-MiniLM-L6-v2 packed (`packed.py`), 2-core Sapphire Rapids VM, 1 thread, one ~16-token prompt 4.6-4.8 ms
+# against 9.3 in float32, in passes of 8 ~2 ms a prompt against ~4.2 (docs/serving.md). "auto" (the default) takes
+# bfloat16 where the device multiplies it natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX) and
+# the model runs packed, and float32 elsewhere (bfloat16 is emulated there, slower than float32). A bfloat16 vector
+# is ~1e-3 from the float32 one (cosine 0.9999), so a bfloat16 embedder is named apart ("@bfloat16") and never mixes
+# its vectors with float32 ones. A model that does not run packed (`packed.unsupported`) goes through
+# sentence-transformers, where a vector moves with its pass: by ~3e-7 in float32, ~2e-3 in bfloat16 (so "auto" keeps
+# such a model in float32).
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 # Texts per forward pass when calls made at the same time share passes (`Embedder.encode`). Measured on 16 short

@@ -11,8 +11,8 @@ Here every text's tokens are laid end to end in one sequence, with no padding: a
 tokens, and every product runs on blocks of exactly ROW_BLOCK rows (the last one filled with zero rows), so each row
 always meets the same kernel with the same blocking. A text's vector is then a function of the text, the weights
 and the thread count alone: the same bits alone and in any pass (`tests/test_embedder_packed.py`). No padding also
-makes a pass cheaper: all-MiniLM-L6-v2, 1 thread, 8 short prompts in one pass, 33.5 ms packed against 38.5 through
-sentence-transformers in float32, 18.7 against 17.7 in bfloat16; one prompt 9.3 against 11.0 and 5.0 against 7.4.
+makes a pass cheaper: all-MiniLM-L6-v2, float32, 1 thread, 8 short prompts in one pass 33.5 ms packed against 38.5
+through sentence-transformers, one prompt 9.3 against 11.0 (bfloat16: docs/serving.md).
 
 What runs packed: a `Transformer` module over a transformers `BertModel` (absolute positions, an encoder), then
 mean `Pooling`, then optionally `Normalize`; tokenized by the model's own `preprocess`, so its truncation and
