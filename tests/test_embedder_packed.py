@@ -114,3 +114,24 @@ def test_a_model_that_cannot_run_packed_goes_through_sentence_transformers(tmp_p
     own = embedder._model.encode(POOL, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
     assert np.array_equal(embedder.encode(POOL), own)
     assert Embedder(model, precision="bfloat16").precision == "bfloat16"  # asked for by name: as asked
+
+
+def test_a_pass_runs_as_one_torchscript_call_with_the_bits_of_the_same_function_op_by_op(
+    embedders: dict[str, Embedder],
+) -> None:
+    import torch
+
+    from premoe_service.retrieval import packed
+
+    texts = POOL[:6]
+    for embedder in embedders.values():
+        encoder = embedder._packed
+        assert encoder is not None
+        assert isinstance(encoder._forward, torch.jit.ScriptFunction)  # one call, no GIL held while it runs
+        scripted = encoder.encode(texts)
+        try:
+            encoder._forward = packed._packed_forward  # what runs where TorchScript cannot compile it
+            assert np.array_equal(encoder.encode(texts), scripted)
+        finally:
+            encoder._forward = packed._scripted()
+    assert embedders["bfloat16"]._packed is not None and embedders["bfloat16"]._packed.prepacked
