@@ -65,7 +65,21 @@ def passes(embedder: Embedder) -> Iterator[list[tuple[str, int]]]:
     def record(*_: Any) -> None:
         seen.append((threading.current_thread().name, torch.get_num_threads()))
 
-    # the embeddings' LayerNorm, called as a module by both paths (packed and sentence-transformers'), once a pass
+    encoder = embedder._packed
+    if encoder is not None:  # a packed pass is one call of its forward (`retrieval/packed.py`)
+        forward = encoder._forward
+
+        def recorded(*args: Any) -> Any:
+            record()
+            return forward(*args)
+
+        encoder._forward = recorded
+        try:
+            yield seen
+        finally:
+            encoder._forward = forward
+        return
+    # through sentence-transformers: the embeddings' LayerNorm, called once a pass
     hook = embedder._model[0].auto_model.embeddings.LayerNorm.register_forward_pre_hook(record)
     try:
         yield seen
