@@ -22,6 +22,7 @@ special tokens hold. Any other model is encoded by sentence-transformers (`unsup
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import numpy as np
@@ -77,8 +78,6 @@ class PackedEncoder:
     """
 
     def __init__(self, model: Any) -> None:
-        import torch
-
         reason = unsupported(model)
         if reason is not None:
             raise ValueError(f"this model cannot run packed: {reason}")
@@ -125,8 +124,6 @@ class PackedEncoder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """One row per text, L2-normalised in float32. [n, dim] float32"""
-        import torch
-
         features = self._model.preprocess(texts)
         mask = features["attention_mask"].bool()
         lengths = mask.sum(dim=1).tolist()
@@ -159,8 +156,6 @@ def _prepacked(weights: list[Any]) -> tuple[list[Any], bool]:
     freezing does: `F.linear` reorders a bfloat16 weight on every call, which was a third of a lone prompt's
     products (all-MiniLM-L6-v2's 24 products of 32 rows, 1 thread: 1.83 ms packed against 2.66, the same bits).
     float32 gains nothing from it (MKL: 6.9 against 7.0 ms) and keeps its weights. Returns (weights, packed)."""
-    import torch
-
     first = weights[0]
     if first.dtype != torch.bfloat16 or first.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return weights, False
@@ -177,10 +172,6 @@ def _scripted() -> Any:
     """`_packed_forward` compiled by TorchScript once a process, or the function itself where that fails."""
     global _SCRIPTED
     if _SCRIPTED is None:
-        import warnings
-
-        import torch
-
         try:
             with warnings.catch_warnings():  # torch 2.13 marks torch.jit.script deprecated; the fallback is below
                 warnings.simplefilter("ignore", DeprecationWarning)
