@@ -217,6 +217,19 @@ def test_a_pass_takes_no_more_than_max_threads_and_a_lower_cap_ends_the_surplus_
     assert released == ["premoe-embedder"]  # once: the thread holds no surplus after it
 
 
+@needs_runtime
+def test_pass_threads_fixes_every_pass_whatever_its_calls_ask(
+    embedder: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server's count: a prompt embedded beside a call that asks for fewer threads (a task's demos) keeps it.
+    monkeypatch.setattr(embedder, "max_threads", None)
+    monkeypatch.setattr(embedder, "pass_threads", 2)
+    with passes(embedder) as seen:
+        embedder.encode(TEXTS, threads=1)
+        embedder.encode(TEXTS)
+    assert [t for _, t in seen] == [2, 2]
+
+
 def test_a_threads_count_below_one_is_refused_by_name(embedder: Embedder) -> None:
     with pytest.raises(InvalidArgument) as err:
         embedder.encode(TEXTS, threads=0)

@@ -135,6 +135,10 @@ class Embedder:
         # The most intra-op threads a pass may take (None: as asked). A server sets it so that the OpenMP workers
         # its threads keep parked stay within its cores (`intra_op.release_teams`).
         self.max_threads: int | None = None
+        # The intra-op threads of every pass, whatever its calls ask for (None: the fewest they ask for). A server
+        # sets it: another count may round a vector apart, and a prompt's vector must not depend on the calls that
+        # happen to share its pass (a task registered at the same time, say).
+        self.pass_threads: int | None = None
 
     def encode(self, texts: Sequence[str], *, batch_size: int | None = None, threads: int | None = None) -> np.ndarray:
         """Encode texts; returns one L2-normalised row per text. [n, dim] float32
@@ -152,8 +156,8 @@ class Embedder:
             batch_size: Texts per forward pass; defaults to the embedder's batch size.
             threads: Intra-op threads of the pass (`intra_op.intra_op_threads`: the process's other threads keep
                 theirs); None, the calling thread's torch count. A shared pass takes the fewest its calls ask for,
-                and no more than `max_threads`. A vector from another thread count may move by rounding: a server
-                embeds every prompt at one count.
+                and no more than `max_threads`; `pass_threads`, when set, replaces it. A vector from another
+                thread count may move by rounding: a server embeds everything at one count.
 
         Raises:
             InvalidArgument: `texts` is a bare string or holds a non-string item (field "texts[i]"); `batch_size`
@@ -218,7 +222,7 @@ class Embedder:
 
     def _encode_calls(self, calls: list[_Call], batch_size: int) -> None:
         texts = [t for c in calls for t in c.texts]
-        threads = min(c.threads for c in calls)
+        threads = self.pass_threads or min(c.threads for c in calls)
         if self.max_threads is not None:
             threads = min(threads, self.max_threads)
             if self._team > self.max_threads:  # workers parked by passes before the cap: more than it allows

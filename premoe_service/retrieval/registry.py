@@ -178,10 +178,9 @@ class Registry:
         with self._lock:
             return len(self._profiles)
 
-    def route(self, prompt: str, *, threads: int | None = None) -> RouteDecision:
+    def route(self, prompt: str) -> RouteDecision:
         """The task (or fallback) for a prompt, with the profiles of the tasks it names (`RouteDecision.profiles`,
-        taken with the search: no second read); see `RoutePolicy` for how it decides. `threads`: the embedding
-        pass's intra-op threads (`Embedder.encode`); None, the calling thread's.
+        taken with the search: no second read); see `RoutePolicy` for how it decides.
 
         Raises:
             InvalidArgument: The prompt is empty or blank (field "prompt"); a `CheckedPrompt` (a door's) is taken
@@ -190,7 +189,7 @@ class Registry:
         check_prompt(prompt)
         self._refresh_quietly()
         pending = None if self.evidence is None else self.evidence.begin(prompt)  # overlaps the embedding
-        query = self.embedder.encode([prompt], threads=threads)  # [1, dim]
+        query = self.embedder.encode([prompt])  # [1, dim]
         features = None if pending is None else pending.result()
         with self._lock:
             decision = self._router.decide_embedded(query, features, self.evidence)[0]

@@ -83,8 +83,8 @@ class ServingCore:
         # but another thread count may round it differently, and a prompt's task must not depend on what else
         # the server is doing. Every thread's parked OpenMP workers count against the cores (`intra_op`): the
         # engine's E - 1 and the embedder's C - E - 1 stay within them.
-        self._embed_threads = max(1, usable_cores() - engine_threads)
-        self.embedder.max_threads = self._embed_threads  # also for passes that ask for more (registering tasks)
+        leaves = max(1, usable_cores() - engine_threads)
+        self.embedder.pass_threads = self.embedder.max_threads = leaves  # every pass, prompts' and tasks' alike
         self.registry = build_registry(config, self.store, self.patterned, self.embedder, self._profile_store())
         self.tasks = TaskBook(self.registry, self.store, self.spec, config.selection, profiler_engine)
         self.tasks.max_per_layer = min(slots.capacity for slots in self.patterned.slots.values())
@@ -155,7 +155,7 @@ class ServingCore:
         if task:
             return self.task_plan(task)
         start = time.perf_counter()
-        return self._plan(self.registry.route(prompt, threads=self._embed_threads), start)
+        return self._plan(self.registry.route(prompt), start)
 
     def _submitted_plan(
         self, checked: CheckedPrompt | None, task: str | None, prompt: str | None, prompt_ids: Sequence[int] | None
