@@ -176,6 +176,7 @@ def test_the_embedders_passes_run_on_its_own_thread_at_the_threads_asked_for(
     embedder: Embedder, one_thread_here: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(embedder, "max_threads", None)  # a server of another test may have capped it
+    monkeypatch.setattr(embedder, "pass_threads", None)  # and fixed it
     with passes(embedder) as seen:
         alone = embedder.encode(TEXTS)  # the caller's count: 1
         two = _on_another_thread(lambda: embedder.encode(TEXTS, threads=2))
@@ -207,6 +208,7 @@ def test_a_pass_takes_no_more_than_max_threads_and_a_lower_cap_ends_the_surplus_
 
     released = _record_releases(monkeypatch, module)
     monkeypatch.setattr(embedder, "max_threads", None)
+    monkeypatch.setattr(embedder, "pass_threads", None)  # a server of another test may have fixed it
     with passes(embedder) as seen:
         embedder.encode(TEXTS, threads=2)
         assert released == []
