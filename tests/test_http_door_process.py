@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from premoe_service.server import running_server
-from premoe_service.server.front_http import _drain
+from premoe_service.server.front_http import HttpFront, _drain
 from premoe_service.server.gen import relay_pb2 as rpb
 from premoe_service.serving import ServiceConfig
 
@@ -250,12 +250,56 @@ def test_the_events_waiting_for_a_stream_go_out_in_one_write() -> None:
             queue.put_nowait(rpb.RelayEvent(reply=piece))
         queue.put_nowait(rpb.RelayEvent(reply=b"d", end=True))
         queue.put_nowait(rpb.RelayEvent(reply=b"after the end"))
-        assert _drain([rpb.RelayEvent(reply=b"a")], queue) == ([b"a", b"b", b"c", b"d"], True)
+        assert _drain([rpb.RelayEvent(reply=b"a")], queue) == ([b"a", b"b", b"c", b"d"], True, False)
         assert queue.qsize() == 1
-        queue.put_nowait(None)  # the client left
-        assert _drain([queue.get_nowait()], queue) == ([b"after the end"], True)
+        assert _drain([queue.get_nowait()], queue) == ([b"after the end"], False, False)
         queue.put_nowait(rpb.RelayEvent(end=True, code=14, details="the engine process closed the relay"))
-        parts, ended = _drain([queue.get_nowait()], queue)
-        assert ended and json.loads(parts[0][len(b"data: ") :])["error"]["param"] == "server"
+        parts, ended, left = _drain([rpb.RelayEvent(reply=b"e")], queue)
+        assert ended and not left and json.loads(parts[1][len(b"data: ") :])["error"]["param"] == "server"
+        queue.put_nowait(rpb.RelayEvent(reply=b"g"))
+        queue.put_nowait(None)  # the client left, after events that were still waiting
+        assert _drain([rpb.RelayEvent(reply=b"f")], queue) == ([b"f", b"g"], True, True)
 
     asyncio.run(run())
+
+
+class _Relay:
+    """The relay client's two calls that the door's generation makes, with the call's events already queued."""
+
+    def __init__(self, events: list[Any]) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        for event in events:
+            self.queue.put_nowait(event)
+        self.finished: list[tuple[int, bool]] = []
+
+    def open(self, start: rpb.Start) -> tuple[int, asyncio.Queue[Any]]:
+        return 7, self.queue
+
+    def finish(self, call_id: int, answered: bool) -> None:
+        self.finished.append((call_id, answered))
+
+
+def test_a_client_that_leaves_behind_waiting_events_cancels_its_call(tmp_path: Path) -> None:
+    """The client's leaving (None) is queued behind events that have not gone out yet (the engine's steps came
+    faster than the writes): the call is cancelled in the engine process, not counted as answered."""
+
+    async def run() -> list[tuple[int, bool]]:
+        first = rpb.RelayEvent(reply=b"data: a\n\n", http_status=200, http_stream=True)
+        relay = _Relay([first, rpb.RelayEvent(reply=b"data: b\n\n"), rpb.RelayEvent(reply=b"data: c\n\n"), None])
+        door = HttpFront(relay, str(tmp_path / "engine.sock"), max_body=1 << 20)
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            await asyncio.Event().wait()  # the client's leaving is already in the queue
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}
+        await door._generate(scope, b"{}", receive, send)
+        await door.close()
+        assert not any(m["type"] == "http.response.body" and not m["more_body"] for m in sent)
+        return relay.finished
+
+    assert asyncio.run(run()) == [(7, False)]

@@ -109,10 +109,9 @@ class HttpFront:
             parts, ended = [event.reply], event.end
             while not ended:
                 await send({"type": "http.response.body", "body": b"".join(parts), "more_body": True})
-                event = await queue.get()
-                if event is None:
+                parts, ended, left = _drain([await queue.get()], queue)
+                if left:  # unanswered: `finish` cancels the call in the engine process
                     return
-                parts, ended = _drain([event], queue)
             await send({"type": "http.response.body", "body": b"".join(parts), "more_body": False})
             answered = True
         finally:
@@ -166,22 +165,23 @@ def http_server(app: HttpFront, grace_s: float, tls: dict[str, Any] | None) -> Q
     return QuietServer(uvicorn_config(app, grace_s, tls))
 
 
-def _drain(first: list[Any], queue: asyncio.Queue[Any]) -> tuple[list[bytes], bool]:
-    """The bytes of `first` and of the events waiting behind it (to go out in one write), and whether the call
-    ended among them. A client that left (None) ends it."""
+def _drain(first: list[Any], queue: asyncio.Queue[Any]) -> tuple[list[bytes], bool, bool]:
+    """The bytes of `first` and of the events waiting behind it (to go out in one write), whether the call ended
+    among them, and whether the client left (None) before it ended: then the call is not answered, however many
+    of its events were waiting ahead of the None."""
     parts: list[bytes] = []
-    ended = False
     events = list(first)
     while not queue.empty() and not any(e is None or e.end for e in events):
         events.append(queue.get_nowait())
     for event in events:
         if event is None:
-            return parts, True
+            return parts, True, True
         # A call that the relay's breaking ended has no bytes but its status: its error is the stream's last event.
         broken = not event.reply and event.code
         parts.append(b"data: " + _unavailable(event.details) + b"\n\n" if broken else event.reply)
-        ended = ended or event.end
-    return parts, ended
+        if event.end:
+            return parts, True, False
+    return parts, False, False
 
 
 async def _watch_disconnect(receive: Receive, queue: asyncio.Queue[Any]) -> None:
