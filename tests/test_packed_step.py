@@ -7,6 +7,7 @@ float64 with eager experts, as in tests/test_batching.py: logits are compared wi
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -160,6 +161,59 @@ def test_a_request_that_does_not_fit_the_kv_cap_holds_back_those_behind_it() -> 
     assert pick_joiners([big, small], 1, limits, 0, reserved=2 * BLOCK_SIZE) == []
     assert pick_joiners([small, big], 1, limits, 0, reserved=2 * BLOCK_SIZE) == [small]
     assert pick_joiners([big, small], 0, limits, 0, reserved=0) == [big, small]
+
+
+def test_an_idle_engine_holds_ready_requests_for_those_still_arriving_then_lets_them_go() -> None:
+    limits = BatchLimits(idle_hold_s=0.03)
+
+    def ready(at: float) -> Any:
+        return SimpleNamespace(
+            status=Status.READY, prompt_ids=[1] * 4, params=SimpleNamespace(max_new_tokens=4), times={"ready": at}
+        )
+
+    first = ready(10.0)
+    assert pick_joiners([first], 0, limits, 0, arriving=2, now=10.01) == []  # others are being routed: it waits
+    assert pick_joiners([first], 0, limits, 0, arriving=2, now=10.04) == [first]  # ... no longer than the hold
+    assert pick_joiners([first], 0, limits, 0, arriving=0, now=10.01) == [first]  # alone: at once
+    assert pick_joiners([first], 3, limits, 0, arriving=2, now=10.01) == [first]  # rows run: the join rules apply
+    assert pick_joiners([first], 0, BatchLimits(idle_hold_s=0), 0, arriving=2, now=10.01) == [first]
+    with pytest.raises(InvalidArgument) as err:
+        BatchLimits(idle_hold_s=-1)
+    assert err.value.field == "idle_hold_s"
+
+
+def test_a_burst_arriving_at_an_idle_engine_goes_in_one_pass(tmp_path: Path) -> None:
+    """The first request is ready while a second is still being routed: no pass runs for it alone; once the second
+    is queued (nothing arriving any more) both prompts go in the same first pass, and each gets its tokens alone."""
+    setup = build(tmp_path, "qwen3_moe", torch.float64)
+    arriving = [1]
+    loop = EngineLoop(
+        setup.patterned,
+        setup.residency,
+        setup.store,
+        eos=set(),
+        limits=BatchLimits(max_join_wait_steps=0, idle_hold_s=60.0),
+        arriving=lambda: arriving[0],
+    )
+    calls = _forwards(loop)
+    job_list = [Job(prompt(6, 0), None, 4), Job(prompt(9, 1), None, 4)]
+    requests = [job.request(setup) for job in job_list]
+    driver = Driver(loop)
+    driver.submit(requests[0])
+    deadline = time.monotonic() + 60
+    while requests[0].status is not Status.READY:  # its experts resident: it could join
+        assert time.monotonic() < deadline
+        driver.step()
+    for _ in range(20):
+        assert not loop.step()  # held: the second is still arriving
+    assert calls == [] and requests[0].row is None
+    arriving[0] = 0
+    driver.submit(requests[1])
+    driver.until(lambda: all(r.generated for r in requests))
+    assert len(calls) == 1  # both prompts in the first pass
+    driver.finish()
+    for job, request in zip(job_list, requests, strict=True):
+        assert outcome(request).token_ids == run_alone(setup, job)
 
 
 def test_the_pool_gives_blocks_lowest_first_and_doubles_keeping_what_it_holds() -> None:

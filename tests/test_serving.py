@@ -83,6 +83,47 @@ def test_a_task_deleted_while_a_prompt_is_routed_to_it_is_served_as_found(store:
     assert "code" not in service.registry.names() and service.route(prompt).task == "math"
 
 
+def test_a_prompt_counts_as_arriving_while_it_is_routed_and_not_once_queued_or_failed(store: Path, embedder) -> None:
+    """What the engine's idle hold waits for (`BatchLimits.idle_hold_s`): submissions not yet queued."""
+    service = ServingCore(ServiceConfig(store=store, device="cpu", route_threshold=0.0), embedder=embedder)
+    try:
+        service.register_task("code", CODE, selection=Selection("tcess", "top_k", 3, "experts"))
+        search, routing, go = service.registry.route, threading.Event(), threading.Event()
+        seen: list[int] = []
+
+        def slow_search(text: str, **options: Any):
+            seen.append(service.arrivals)
+            routing.set()
+            assert go.wait(30)
+            if text == "fail":
+                raise InvalidArgument("refused by the test", field="prompt")
+            return search(text, **options)
+
+        service.registry.route = slow_search  # type: ignore[method-assign]
+        results: list[Any] = []
+        for prompt in ("def add(a, b):", "fail"):
+            routing.clear()
+            go.clear()
+            submit = threading.Thread(target=lambda p=prompt: results.append(_try_submit(service, p)))
+            submit.start()
+            assert routing.wait(30)
+            assert service.arrivals == 1
+            go.set()
+            submit.join(60)
+            assert service.arrivals == 0
+        assert seen == [1, 1]
+        assert isinstance(results[0], GenerationResult) and isinstance(results[1], InvalidArgument)
+    finally:
+        service.close()
+
+
+def _try_submit(service: ServingCore, prompt: str) -> Any:
+    try:
+        return list(service.generate(prompt, SamplingParams(max_new_tokens=2)))[-1]
+    except InvalidArgument as exc:
+        return exc
+
+
 def test_no_match_falls_back_to_the_union_of_the_nearest_tasks(store: Path, embedder) -> None:
     # A budget below every expert: the union of the close tasks' patterns (with them all, every expert: below).
     config = ServiceConfig(store=store, device="cpu", route_threshold=0.99, budget="0.9")

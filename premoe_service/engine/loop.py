@@ -25,7 +25,7 @@ from .loader import Loader
 from .outbox import Outbox
 from .request import Request, Status
 from .result import GenerationResult
-from .schedule import pick_joiners
+from .schedule import hold_started, pick_joiners
 from .stats import BatchLimits, LoopStats
 from .text import prompt_logprobs, sample
 
@@ -68,8 +68,11 @@ class EngineLoop:
         observe: Callable[[Pattern], None] | None = None,
         widen: Callable[[Pattern, dict[int, torch.Tensor], float], Pattern] | None = None,
         count: Callable[[GenerationResult], None] | None = None,
+        arriving: Callable[[], int] | None = None,
     ) -> None:
         self.patterned = patterned
+        self.arriving = arriving or (lambda: 0)
+        self._hold_until = 0.0  # an idle hold's end (`BatchLimits.idle_hold_s`; `time.perf_counter`), 0 when none
         self.residency = residency
         self.limits = limits or BatchLimits()
         self.eos = frozenset(eos)
@@ -176,8 +179,11 @@ class EngineLoop:
                 log.exception("engine step failed")
                 self._fail(list(self.running), exc)
                 busy = False
-            if not busy:
-                self._inbox.wake.wait(0.02 if self.waiting else 0.5)
+            if not busy:  # a submission wakes it; a hold ends on time (or when the others arrive)
+                timeout = 0.02 if self.waiting else 0.5
+                if self._hold_until:
+                    timeout = min(timeout, max(self._hold_until - time.perf_counter(), 0.0005))
+                self._inbox.wake.wait(timeout)
 
     # --- one step -------------------------------------------------------------------------------------
 
@@ -221,6 +227,7 @@ class EngineLoop:
 
     def _join(self) -> None:
         """Give the requests `pick_joiners` chooses a pool row each; their prompts ride in the next passes."""
+        arriving = 0 if self.running or not self.limits.idle_hold_s else self.arriving()
         chosen = pick_joiners(
             self.waiting,
             len(self.running),
@@ -228,7 +235,11 @@ class EngineLoop:
             self.stats.steps,
             self.batch.pending_prompt_tokens(),
             self._reserved_kv_tokens(),
+            arriving,
+            time.perf_counter(),
         )
+        ready = [r for r in self.waiting if r.status is Status.READY] if arriving and not chosen else []
+        self._hold_until = hold_started(ready) + self.limits.idle_hold_s if ready else 0.0
         if chosen:
             self._remove_waiting(chosen)
             self.batch.add(chosen)

@@ -10,7 +10,14 @@ from .stats import BatchLimits
 
 
 def pick_joiners(
-    waiting: Sequence[Request], running: int, limits: BatchLimits, step: int, pending: int = 0, reserved: int = 0
+    waiting: Sequence[Request],
+    running: int,
+    limits: BatchLimits,
+    step: int,
+    pending: int = 0,
+    reserved: int = 0,
+    arriving: int = 0,
+    now: float = 0.0,
 ) -> list[Request]:
     """The ready requests to join now, in arrival order; empty while they should wait.
 
@@ -20,7 +27,9 @@ def pick_joiners(
     `join_ratio` x running ready requests may wait up to `max_join_wait_steps` steps for company (TGI's
     waiting-served ratio; 0 steps: join at once). With `limits.max_kv_tokens`, a request joins only while its
     reserved pool tokens fit beside the `reserved` tokens of the running requests and of those chosen before it; the
-    first that does not fit stops the rest (no later request overtakes it, so a long one is not starved).
+    first that does not fit stops the rest (no later request overtakes it, so a long one is not starved). While no
+    row runs and `arriving` requests are still being routed, the ready ones wait for them until the oldest has been
+    ready `limits.idle_hold_s` (`now` on `time.perf_counter`'s clock, as their `times["ready"]`).
     """
     room = limits.max_rows - running
     chosen: list[Request] = []
@@ -37,8 +46,15 @@ def pick_joiners(
             reserved += need
         chosen.append(request)
         tokens += len(request.prompt_ids)
+    if chosen and not running and arriving > 0 and now - hold_started(chosen) < limits.idle_hold_s:
+        return []
     if chosen and running and len(chosen) < limits.join_ratio * running:
         oldest = min(int(r.times.get("ready_step", step)) for r in chosen)
         if step - oldest < limits.max_join_wait_steps:
             return []
     return chosen
+
+
+def hold_started(chosen: Sequence[Request]) -> float:
+    """When the oldest of `chosen` became ready (`time.perf_counter`): an idle hold runs from then."""
+    return min(float(r.times.get("ready", 0.0)) for r in chosen)

@@ -22,6 +22,10 @@ class BatchLimits:
         join_ratio: While rows decode, ready requests wait to be prefilled together until they number this
             share of the running rows (TGI's waiting-served ratio) ...
         max_join_wait_steps: ... or until the oldest has waited this many decode steps (0: join at once).
+        idle_hold_s: While no row runs and other requests are still being tokenized and routed (the serving
+            layer's count, `EngineLoop.arriving`), ready requests wait for them up to this long, so that a burst's
+            prompts go in one pass instead of a lone first one taking the cores from the others' routing. A request
+            that arrives alone never waits (0: never).
         max_kv_tokens: Tokens the KV pool may hold across the running requests; a request joins only while its
             prompt and max_new_tokens (in whole blocks, `kv.reserved_tokens`) fit beside those of the running ones,
             and the pool never grows past them. None: no cap (the pool doubles when it must).
@@ -32,6 +36,7 @@ class BatchLimits:
     max_queue: int = 256
     join_ratio: float = 0.3
     max_join_wait_steps: int = 2
+    idle_hold_s: float = 0.03
     max_kv_tokens: int | None = None
 
     def __post_init__(self) -> None:
@@ -40,6 +45,8 @@ class BatchLimits:
         for name in ("max_rows", "max_prefill_tokens", "max_queue"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"must be at least 1, got {getattr(self, name)}", field=name)
+        if self.idle_hold_s < 0:
+            raise InvalidArgument(f"must be at least 0, got {self.idle_hold_s}", field="idle_hold_s")
         if self.max_join_wait_steps < 0 or not 0 <= self.join_ratio <= 1:
             raise InvalidArgument("join_ratio lies in [0, 1], max_join_wait_steps >= 0", field="max_join_wait_steps")
 

@@ -92,6 +92,10 @@ class ServingCore:
         self.tasks.channel_slots = config.channel_slot_counts
         self.tasks.channel_criterion = config.channel_criterion
         self.counters: dict[str, TaskCounters] = {}
+        # Submissions being tokenized and routed now: while the engine is idle, requests ready before them wait a
+        # little for them (`BatchLimits.idle_hold_s`).
+        self.arrivals = 0
+        self._arrivals_lock = threading.Lock()
         self._counter_lock = threading.Lock()
         self.stopping = threading.Event()
         self.loop = EngineLoop(
@@ -113,6 +117,7 @@ class ServingCore:
             observe=self._eviction_policy(config),
             widen=self._widen,
             count=self._count,
+            arriving=lambda: self.arrivals,
         ).start()
         self.lifecycle = TaskLifecycle(
             self.registry,
@@ -281,24 +286,30 @@ class ServingCore:
         if self.stopping.is_set():
             raise Unavailable("the server is shutting down", field="server")
         started = time.perf_counter()
-        checked, ids = self._tokens(prompt, params, prompt_ids, add_special_tokens)
-        if plan is None:
-            plan = self._submitted_plan(checked, task, prompt, prompt_ids)
-        request = Request(
-            ids,
-            plan.pattern,
-            params,
-            self.tokenizer,
-            deadline=deadline,
-            cancelled=cancelled or (lambda: False),
-            stream=stream,
-            coverage_floor=self.config.coverage_floor,
-            wait_timeout_s=self.config.lease_timeout_s,
-            loop=loop,
-            sink=sink,
-            plan=plan,
-            times={"started": started},
-        )
+        with self._arrivals_lock:
+            self.arrivals += 1
+        try:
+            checked, ids = self._tokens(prompt, params, prompt_ids, add_special_tokens)
+            if plan is None:
+                plan = self._submitted_plan(checked, task, prompt, prompt_ids)
+            request = Request(
+                ids,
+                plan.pattern,
+                params,
+                self.tokenizer,
+                deadline=deadline,
+                cancelled=cancelled or (lambda: False),
+                stream=stream,
+                coverage_floor=self.config.coverage_floor,
+                wait_timeout_s=self.config.lease_timeout_s,
+                loop=loop,
+                sink=sink,
+                plan=plan,
+                times={"started": started},
+            )
+        finally:  # counted out before it is queued: the loop, woken by the queueing, sees it ready, not arriving
+            with self._arrivals_lock:
+                self.arrivals -= 1
         return self.loop.submit(request)
 
     def plan_generation(self, prompt: str, params: SamplingParams) -> RoutePlan:
