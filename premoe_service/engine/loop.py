@@ -25,7 +25,7 @@ from .loader import Loader
 from .outbox import Outbox
 from .request import Request, Status
 from .result import GenerationResult
-from .schedule import hold_started, pick_joiners
+from .schedule import hold_ends, pick_joiners
 from .stats import BatchLimits, LoopStats
 from .text import prompt_logprobs, sample
 
@@ -239,7 +239,7 @@ class EngineLoop:
             time.perf_counter(),
         )
         ready = [r for r in self.waiting if r.status is Status.READY] if arriving and not chosen else []
-        self._hold_until = hold_started(ready) + self.limits.idle_hold_s if ready else 0.0
+        self._hold_until = hold_ends(ready, self.limits) if ready else 0.0
         if chosen:
             self._remove_waiting(chosen)
             self.batch.add(chosen)

@@ -46,7 +46,7 @@ def pick_joiners(
             reserved += need
         chosen.append(request)
         tokens += len(request.prompt_ids)
-    if chosen and not running and arriving > 0 and now - hold_started(chosen) < limits.idle_hold_s:
+    if chosen and not running and arriving > 0 and now < hold_ends(chosen, limits):
         return []
     if chosen and running and len(chosen) < limits.join_ratio * running:
         oldest = min(int(r.times.get("ready_step", step)) for r in chosen)
@@ -55,6 +55,7 @@ def pick_joiners(
     return chosen
 
 
-def hold_started(chosen: Sequence[Request]) -> float:
-    """When the oldest of `chosen` became ready (`time.perf_counter`): an idle hold runs from then."""
-    return min(float(r.times.get("ready", 0.0)) for r in chosen)
+def hold_ends(ready: Sequence[Request], limits: BatchLimits) -> float:
+    """When an idle hold of `ready` requests ends (`time.perf_counter`): `limits.idle_hold_s` after the oldest of them
+    became ready."""
+    return min(float(r.times.get("ready", 0.0)) for r in ready) + limits.idle_hold_s
