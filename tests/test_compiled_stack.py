@@ -252,15 +252,17 @@ def test_a_prompt_step_that_cannot_be_traced_unbacked_gets_graphs_with_its_sizes
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A family whose code needs a prompt step's sizes known: here the rows are marked without their lower bound,
-    so transformers' `reshape(B, -1, Q, d)` cannot be traced (the data-dependent guard `B != 0`). The warm-up logs it
-    once, traces that step and a prompt alone with their sizes known, and attention stays inside the graph: the
-    batching scenario compiles nothing while serving and holds the float32 bounds."""
+    and the graph traces transformers' sdpa attention function (not the written-out one it traces by default), whose
+    `reshape(B, -1, Q, d)` cannot be traced so (the data-dependent guard `B != 0`). The warm-up logs it once, traces
+    that step and a prompt alone with their sizes known, and attention stays inside the graph: the batching scenario
+    compiles nothing while serving and holds the float32 bounds."""
 
     def unbounded(graph: GraphStep, keep: torch.Tensor) -> None:
         torch._dynamo.decorators.mark_unbacked(graph.blocks, 0, shape_id="rows")
         torch._dynamo.decorators.mark_unbacked(graph.query_pos, 0, shape_id="rows")
 
     monkeypatch.setattr(compiled_stack, "_unbacked", unbounded)
+    monkeypatch.setattr(compiled_stack, "written_attention", lambda model, inner: inner)
     setup = batching.build(tmp_path, "qwen3_moe", torch.float32)
     job_list = batching.jobs(setup)
     noise = batching.transformers_batch_noise(setup.reference, [job.prompt for job in job_list])
@@ -316,6 +318,35 @@ def test_decode_steps_compute_the_experts_inside_the_graph_up_to_the_kernels_pai
     assert calls["wide"] and set(calls["wide"]) == {layers}
     assert calls["prompt"] and set(calls["prompt"]) == {layers}
     assert graphs() == compiled, "a decode step compiled while serving: the warm-up missed it"
+    for job, request in zip(jobs, requests, strict=True):
+        assert batching.outcome(request).token_ids == batching.run_alone(setup, job)
+
+
+def test_the_graphs_compute_attention_written_out_where_the_model_runs_sdpa(tmp_path: Path) -> None:
+    """A model configured for sdpa: its compiled steps, prompt and decode, trace the family's attention written out
+    (`written_attention`), which the graph's own kernels compute: no step calls sdpa, and every request gets its
+    tokens alone."""
+    from torch.profiler import ProfilerActivity, profile
+
+    setup = batching.build(tmp_path, "qwen3_moe", torch.float32)
+    assert setup.patterned.model.config._attn_implementation == "sdpa"
+    loop = compiled_loop(setup)
+    jobs = [batching.Job(batching.prompt(4, seed), None, 6) for seed in range(3)]
+    requests = [job.request(setup) for job in jobs]
+    passes, sdpa = 0, 0
+    try:
+        for request in requests:
+            loop.submit(request)
+        while not all(r.status is Status.FINISHED for r in requests):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                ran = loop.step()
+            passes += ran
+            sdpa += sum(e.count for e in prof.key_averages() if "scaled_dot_product" in e.key)
+            if not ran:
+                time.sleep(0.001)
+    finally:
+        loop.loader.close()
+    assert passes >= 6 and sdpa == 0
     for job, request in zip(jobs, requests, strict=True):
         assert batching.outcome(request).token_ids == batching.run_alone(setup, job)
 

@@ -169,7 +169,7 @@ class GraphStep:
         columns: `arange(W)`, which hands the graph the width W as a size rather than a constant. At least 2
             columns: a lone one-token prompt (W = 1) would otherwise need a graph of its own (torch specializes a
             size of 1); the extra column is masked like any column past a row's position, so it weighs exactly 0.
-        inner: The model's own attention function (`model_attention`).
+        inner: The attention function traced in (`written_attention`).
     """
 
     keys: tuple[Tensor, ...]
@@ -202,7 +202,7 @@ def graph_attention(
 ) -> Tensor:
     """`packed_attention`'s computation written for the compiled graph: the pool's tensors are the graph's inputs
     and its writes happen in place in them, the mask is built from the query positions (always, so that one graph
-    serves every step of a shape class), and the model's own attention function is traced in. `[1, T, h, d_v]`"""
+    serves every step of a shape class), and `step.inner` (`written_attention`) is traced in. `[1, T, h, d_v]`"""
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     pool_keys, pool_values = step.keys[layer], step.values[layer]
     new_keys, new_values = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, kv_heads, d]
@@ -253,6 +253,17 @@ def model_attention(model: nn.Module) -> AttentionFunction:
         return eager
     function: AttentionFunction = ALL_ATTENTION_FUNCTIONS[implementation]
     return function
+
+
+def written_attention(model: nn.Module, inner: AttentionFunction) -> AttentionFunction:
+    """What the compiled graph traces for `model`'s attention (`graph_attention`): its family's attention written
+    out in tensor operations (the module's `eager_attention_forward`, sinks and soft caps included), which is the
+    arithmetic of the family's sdpa path, and which the compiler fuses into the graph's kernels, where sdpa stays
+    one library call a layer around its own buffers (a decode step's four on the reference model took a tenth of
+    the step). `inner` (the model's own, `model_attention`) when the family has none."""
+    attention = next((m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")), None)
+    written = getattr(sys.modules[type(attention).__module__], "eager_attention_forward", None) if attention else None
+    return written if callable(written) else inner
 
 
 def packed_attention(

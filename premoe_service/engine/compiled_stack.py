@@ -7,7 +7,8 @@ the matrix products stay the same library calls.
 
 - **Attention runs inside the graph** (`engine/attention.py`'s `graph_attention`): the step's layout and the KV
   pool's tensors are the graph's inputs (a `GraphStep`, passed where the layers take their attention mask), the
-  pool is written in place by a generated kernel and the model's own attention function is traced in. A family
+  pool is written in place by a generated kernel and the family's attention, written out in tensor operations
+  (`attention.written_attention`: the arithmetic of its sdpa path), is traced in. A family
   whose attention cannot be traced so (logged once, `graph_failure`) runs it behind an operator the compiler does
   not look into (`premoe::packed_attention`), as it did before; in an A/B on the reference model, the graph saves
   a tenth of a step.
@@ -76,6 +77,7 @@ from .attention import (
     current_step,
     packed_attention_for,
     switched_attention,
+    written_attention,
 )
 from .kernel_gil import release_gil_in_kernels
 from .kv import KVPool
@@ -127,6 +129,8 @@ class CompiledStack:
         # Attention inside the graph, over `pool` with the model's own attention function `inner` (both given by
         # the running batch); without them, or once it failed to compile, behind the opaque operator.
         self.pool, self.inner = pool, inner
+        # What the graph traces in (`written_attention`); the opaque operator runs the model's own, `inner`.
+        self.graph_inner = None if inner is None else written_attention(stack.model, inner)
         self.graph_failure: str | None = None if pool is not None and inner is not None else "no pool given"
         model: Any = stack.model
         adapter = adapter_for(model.config)
@@ -258,10 +262,10 @@ class CompiledStack:
 
     def _warm_up_step(self, starts: Sequence[int], counts: Sequence[int], kept: Sequence[int], unbacked: bool) -> bool:
         """Compile the graph of one warm-up step (`WARM_UP_GRAPH`); False while the pool's tensors are not made."""
-        assert self.pool is not None and self.inner is not None
+        assert self.pool is not None and self.graph_inner is not None
         layout = PackedStep.build(self.pool, self.pool.borrow(len(counts)), starts, counts)
         try:
-            graph = GraphStep.of(layout, self.layers, self.inner)
+            graph = GraphStep.of(layout, self.layers, self.graph_inner)
             if graph is None:
                 return False
             device = self._device()
@@ -304,8 +308,8 @@ class CompiledStack:
         """The stack's call, inside `packed_attention_for`: attention runs inside the graph over the step it
         installed, or behind the opaque operator."""
         if self.failure is None and self.graph_failure is None and (step := current_step()) is not None:
-            assert self.inner is not None
-            graph = GraphStep.of(step, self.layers, self.inner)
+            assert self.graph_inner is not None
+            graph = GraphStep.of(step, self.layers, self.graph_inner)
             if graph is not None:
                 try:
                     return self._compiled_call(ids, position_ids, graph, keep, self.opaque)
