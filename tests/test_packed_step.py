@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import torch
 
-from premoe_service.engine import BatchLimits, EngineLoop, KVPool, Status
+from premoe_service.engine import BatchLimits, EngineLoop, KVPool, SamplingParams, Status
 from premoe_service.engine.kv import BLOCK_SIZE, NULL_BLOCK
 from premoe_service.engine.schedule import pick_joiners
-from premoe_service.engine.text import draw
+from premoe_service.engine.text import draw, sample
 from premoe_service.errors import InvalidArgument
 
 from .test_batching import F64_TOL, Driver, Job, Observer, Report, build, compare, outcome, prompt, run_alone
@@ -234,6 +234,18 @@ def test_the_pool_gives_blocks_lowest_first_and_doubles_keeping_what_it_holds() 
     pool.reserve(row, 1)
     assert pool.table[row] == [1]  # the lowest free block
     assert pool.row_tables([row, second], 2 * BLOCK_SIZE + 1) == [1, NULL_BLOCK, NULL_BLOCK, 3, 4, 5]
+
+
+def test_greedy_rows_take_the_first_of_tied_maxima_as_transformers_argmax_does() -> None:
+    """Rows of few distinct values (most maxima tied, at any place in the row): each greedy row's token is
+    `torch.argmax`'s, the first maximal index (transformers' greedy search)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (64, 3072), generator=generator).float()
+    logits[5] = 1.0  # a row all tied
+    greedy = SimpleNamespace(params=SamplingParams(), barred=list)
+    tokens = sample(logits, [greedy] * 64)
+    assert tokens == [int(torch.argmax(row)) for row in logits]
+    assert tokens[5] == 0
 
 
 def test_unseeded_rows_draw_together_from_each_rows_distribution() -> None:
