@@ -112,7 +112,8 @@ SPECIALIZED_PROMPT_STEPS = (((0,), (5,), (4,)), ((0,), (5,), (0, 1, 2, 3, 4)))
 # it calls take it back), so that the server's other threads run while it computes (`tests/test_compiled_gil.py`).
 # On the reference model a decode step at 16 rows 4.28 -> 3.70-3.81 ms and at one row 1.65 -> 1.52 (`premoe bench
 # step`'s setup); compiling takes about as long (the compiled stack's tests on a cold cache: 7 min 27 s with it,
-# 8 min 20 s without), and a warm cache starts the server as fast.
+# 8 min 20 s without), and a warm cache starts the server as fast. On a GPU the graphs keep the Python wrapper
+# (Triton kernels launched from it; the C++ wrapper is not measured there).
 INDUCTOR_OPTIONS: dict[str, Any] = {"cpp_wrapper": True}
 # Graphs per code object that torch keeps (its default is 8): the warm-up's three or four (or the opaque operator's
 # three), and room for shape coincidences that a family's code guards on.
@@ -172,11 +173,12 @@ class CompiledStack:
         if sorted(attention) != list(range(self.layers)):
             self.graph_failure = "the attention layers are not numbered 0..L-1"
         compile_: Any = torch.compile  # its typed overloads lack `recompile_limit`
+        options = INDUCTOR_OPTIONS if self._device().type == "cpu" else {}  # measured on CPU only
         self._compiled = compile_(
-            _own_code(stack.__call__), dynamic=True, fullgraph=True, options=INDUCTOR_OPTIONS, **_recompile_limit()
+            _own_code(stack.__call__), dynamic=True, fullgraph=True, options=options, **_recompile_limit()
         )
         self._compiled_experts = torch.compile(
-            _own_function(gathered_experts), dynamic=True, fullgraph=True, options=INDUCTOR_OPTIONS
+            _own_function(gathered_experts), dynamic=True, fullgraph=True, options=options
         )
 
     def warm_up(self, attention_mask: Any) -> float:
