@@ -248,11 +248,19 @@ def model_attention(model: nn.Module) -> AttentionFunction:
     if implementation == ATTENTION:
         raise RuntimeError("the model is already switched to packed attention")
     if implementation == "eager":
-        attention = next(m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj"))
-        eager: AttentionFunction = sys.modules[type(attention).__module__].eager_attention_forward
+        eager = _eager_function(model)
+        if eager is None:
+            raise RuntimeError("the model is configured for eager attention but its module defines none")
         return eager
     function: AttentionFunction = ALL_ATTENTION_FUNCTIONS[implementation]
     return function
+
+
+def _eager_function(model: nn.Module) -> AttentionFunction | None:
+    """The family's `eager_attention_forward` (the module of its attention layers defines it), or None."""
+    attention = next((m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")), None)
+    function = getattr(sys.modules[type(attention).__module__], "eager_attention_forward", None) if attention else None
+    return function if callable(function) else None
 
 
 def written_attention(model: nn.Module, inner: AttentionFunction) -> AttentionFunction:
@@ -261,9 +269,7 @@ def written_attention(model: nn.Module, inner: AttentionFunction) -> AttentionFu
     arithmetic of the family's sdpa path, and which the compiler fuses into the graph's kernels, where sdpa stays
     one library call a layer around its own buffers (a decode step's four on the reference model took a tenth of
     the step). `inner` (the model's own, `model_attention`) when the family has none."""
-    attention = next((m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")), None)
-    written = getattr(sys.modules[type(attention).__module__], "eager_attention_forward", None) if attention else None
-    return written if callable(written) else inner
+    return _eager_function(model) or inner
 
 
 def packed_attention(
