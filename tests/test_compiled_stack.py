@@ -11,8 +11,9 @@
 - Attention runs inside the graph, over the KV pool's tensors; where that fails to compile, it runs behind the
   opaque operator, logged once.
 - The experts run through the compiled experts kernel wherever the family's experts module takes the engine's
-  experts forward; a kernel that fails to compile is logged, and the experts run their eager paths. Decode steps
-  the kernel takes compute the experts inside their graph; wider ones and prompt steps call the opaque operator.
+  experts forward; a kernel that fails to compile is logged, and the experts run their eager paths. Steps of as
+  many pairs as the kernel takes, decode or prompt, compute the experts inside their graph; wider ones call the
+  opaque operator.
 - Without a working C++ compiler the stack says why and runs eager, with the eager stack's logits.
 - The service compiles its stack when it starts (the default) and answers as an eager one.
 """
@@ -36,6 +37,7 @@ from premoe_service.engine.compiled_stack import CompiledStack
 from premoe_service.engine.kv import BLOCK_SIZE
 from premoe_service.families.tiny import tiny_tokenizer
 from premoe_service.pattern import Pattern
+from premoe_service.runtime.experts_forward import INLINE_PAIRS
 
 from . import test_batching as batching
 from . import test_mixed_batching as mixed
@@ -43,9 +45,9 @@ from . import test_mixed_batching as mixed
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-# Rows of the compiled loops here: the tiny models' experts are computed inside the graph up to 16 decode rows
-# (32 pairs), so a pool of 16 rows spares each test's warm-up the wider decode graph (seconds on a cold cache); the
-# test of that graph asks for more rows.
+# Rows of the compiled loops here: the tiny models' experts are computed inside the graph up to 64 decode rows
+# (128 pairs), so a pool of 16 rows spares each test's warm-up the wider decode graph (seconds on a cold cache); the
+# test of that graph lowers the bound.
 ROWS = 16
 
 
@@ -133,8 +135,9 @@ def run_compiled(
     assert stack.experts_failure is None, stack.experts_failure
     assert stack.graph_failure is None, stack.graph_failure  # attention ran inside the graph
     assert graphs() == compiled, "a shape class compiled while serving: the warm-up missed it"
-    if stack.experts:  # the family's experts take the engine's experts forward: the kernel computed them
-        assert kernel_calls[0] > 0
+    if stack.experts:  # the family's experts take the engine's experts forward: the kernel's code computed them,
+        # inside the graph where it takes the step's pairs (every module here), or behind the opaque call
+        assert kernel_calls[0] > 0 or all(getattr(experts, INLINE_PAIRS, 0) for experts in stack.experts)
     return out
 
 
@@ -282,39 +285,58 @@ def opaque_experts_calls(loop: EngineLoop) -> int | None:
     return sum(event.count for event in prof.key_averages() if event.key == "premoe::experts")
 
 
-def test_decode_steps_compute_the_experts_inside_the_graph_up_to_the_kernels_pairs(tmp_path: Path) -> None:
-    """A decode step of up to `kernel_pairs` (token, expert) pairs computes the experts inside its graph (no opaque
-    call); a wider one, or a step with a prompt, calls the operator once per MoE layer. The warm-up compiled both
-    decode graphs (nothing compiles while serving), and every request gets its tokens alone."""
-    from premoe_service.runtime.experts_forward import kernel_pairs
+def test_steps_compute_the_experts_inside_the_graph_up_to_the_kernels_pairs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step of up to `kernel_pairs` (token, expert) pairs computes the experts inside its graph (no opaque call),
+    decode steps and steps that bring a prompt alike; a wider one calls the operator once per MoE layer. The
+    warm-up compiled the graphs of both sides (nothing compiles while serving), and every request gets its tokens
+    alone. The bound is lowered to 4 pairs a slot here, so that a few rows cross it."""
+    from premoe_service.engine.attention import current_step
+    from premoe_service.runtime import experts_forward
 
+    monkeypatch.setattr(experts_forward, "GATHERED_PAIRS_PER_EXPERT", 4)
     setup = batching.build(tmp_path, "qwen3_moe", torch.float32)
     loop = compiled_loop(setup, max_rows=32)
     stack = loop.batch.stack
     assert isinstance(stack, CompiledStack) and stack.experts
-    bound = min(kernel_pairs(experts) for experts in stack.experts) // stack.top_k  # rows
-    assert bound + 3 <= loop.limits.max_rows
+    bound = min(experts_forward.kernel_pairs(experts) for experts in stack.experts) // stack.top_k  # tokens
+    assert stack.prompt_tokens == bound and bound + 3 <= loop.limits.max_rows
     compiled = graphs()
     jobs = [batching.Job(batching.prompt(3, seed), None, new) for seed, new in enumerate(range(2, bound + 5))]
-    requests = [job.request(setup) for job in jobs]
-    calls: dict[str, list[int]] = {"prompt": [], "narrow": [], "wide": []}
+    late = [batching.Job(batching.prompt(3, 100 + seed), None, 2) for seed in range(3)]  # join a few decode rows
+    requests = [job.request(setup) for job in jobs + late]
+    waiting = requests[len(jobs) :]
+    steps: list[tuple[bool, int]] = []  # (brings a prompt, tokens) of each pass
+
+    def observed(*args: Any) -> torch.Tensor:
+        step = current_step()
+        assert step is not None
+        steps.append((step.query_index is not None, args[0].shape[1]))
+        out: torch.Tensor = stack(*args)
+        return out
+
+    loop.batch.stack = observed  # type: ignore[assignment]
+    calls: dict[str, list[int]] = {"few prompt": [], "many prompt": [], "few decode": [], "many decode": []}
     try:
-        for request in requests:
+        for request in requests[: len(jobs)]:
             loop.submit(request)
         while not all(r.status is Status.FINISHED for r in requests):
-            rows = len(loop.running) + len(loop.waiting) + len(loop._inbox)
-            decoding = bool(loop.running) and all(r.generated for r in loop.running) and rows == len(loop.running)
-            kind = "prompt" if not decoding else "narrow" if rows <= bound else "wide"
-            if (count := opaque_experts_calls(loop)) is not None:
-                calls[kind].append(count)
+            if waiting and len(loop.running) <= bound - 4 and not loop.waiting and not loop._inbox:
+                loop.submit(waiting.pop(0))
+            before = len(steps)
+            if (count := opaque_experts_calls(loop)) is not None and len(steps) == before + 1:
+                prompt, tokens = steps[-1]
+                calls[f"{'few' if tokens <= bound else 'many'} {'prompt' if prompt else 'decode'}"].append(count)
     finally:
         loop.loader.close()
     layers = len(stack.experts)
-    assert calls["narrow"] and set(calls["narrow"]) == {0}
-    assert calls["wide"] and set(calls["wide"]) == {layers}
-    assert calls["prompt"] and set(calls["prompt"]) == {layers}
-    assert graphs() == compiled, "a decode step compiled while serving: the warm-up missed it"
-    for job, request in zip(jobs, requests, strict=True):
+    assert calls["few decode"] and set(calls["few decode"]) == {0}
+    assert calls["many decode"] and set(calls["many decode"]) == {layers}
+    assert calls["few prompt"] and set(calls["few prompt"]) == {0}
+    assert calls["many prompt"] and set(calls["many prompt"]) == {layers}
+    assert graphs() == compiled, "a step compiled while serving: the warm-up missed it"
+    for job, request in zip(jobs + late, requests, strict=True):
         assert batching.outcome(request).token_ids == batching.run_alone(setup, job)
 
 

@@ -15,12 +15,15 @@ the matrix products stay the same library calls.
 - **The MoE block runs inside the graph too**: the family's block code is traced, its masked router routes there
   (`runtime.masked_router.GraphRouting`: the step's pattern tables, slot tables and skip thresholds are the
   graph's inputs, the router logits and skipped pairs its outputs). Its experts:
-  - in a decode step of at most `kernel_pairs` (token, expert) pairs, on a module that computes with its own
-    slots, are computed inside the graph too (`opaque_ops.inline_experts`): the code of the experts kernel below,
-    reading the slots' weights, which the loader writes in place between steps. Against the opaque call, that
-    takes 0.5 ms off a one-row decode step on the reference model (0.66x) and 0.6 ms off one of 16 rows;
-  - otherwise (a step with a prompt, a wider step, slot banks) go out to an operator the compiler does not look
-    into (`premoe::experts`), which runs eager on the slots, banks included. Inside it the experts' products run
+  - in a step of at most `kernel_pairs` (token, expert) pairs, on a module that computes with its own slots, are
+    computed inside the graph too (`opaque_ops.inline_experts`): the code of the experts kernel below, reading the
+    slots' weights, which the loader writes in place between steps. Against the opaque call, that takes 0.5 ms
+    off a one-row decode step on the reference model (0.66x) and 0.6 ms off one of 16 rows; in a step that brings
+    a prompt (its graph cannot check its sizes: the stack tells it, `GraphRouting.few_pairs`), it takes 15 decode
+    rows beside a 20-token prompt from 14.6 to 12.1 ms, and the engine's closed loop of 16 requests from 1859 to
+    2224 tok/s (`docs/serving.md`);
+  - otherwise (a wider step, slot banks) go out to an operator the compiler does not look into
+    (`premoe::experts`), which runs eager on the slots, banks included. Inside it the experts' products run
     compiled again, apart: a kernel compiled from `runtime.experts_forward.gathered_experts` computes every
     (token, expert) pair in one generated loop over the slots' weights, where the eager paths make a library call
     per hit expert (2.5 to 4.5x faster a layer on the reference model, at 1 to 16 rows).
@@ -92,7 +95,8 @@ log = logging.getLogger(__name__)
 WARM_UP = ((1, 1), (2, 1), (2, 2), (3, 1), (3, 2))
 
 # The steps the warm-up runs with attention inside the graph, as (starts, counts, kept positions) of rows 0..B-1:
-# one row decoding; two rows and three (the DeepSeek V2 guard above); a decode row beside a prompt. Torch
+# one row decoding; two rows and three (the DeepSeek V2 guard above); a decode row beside a prompt (and, where the
+# experts are computed inside the graph, a prompt step of the other side of `few_pairs`: `_prompt_pair_steps`). Torch
 # specializes sizes of 1, and a decode step skips the query gather, so the two decode classes are graphs of their
 # own. The prompt's step is traced with its rows B, kept logits K and query gather as unbacked sizes (`_unbacked`):
 # its graph then also serves a prompt alone, a chunk that keeps no logit or all of them (prompt logprobs), and any
@@ -166,6 +170,9 @@ class CompiledStack:
             if follows_interface(experts) and getattr(experts.config, "_experts_implementation", None) == IMPLEMENTATION
         ]
         self.top_k = adapter.spec(model.config).routing.top_k
+        # The most tokens a step with a prompt may bring and still compute its experts inside the graph: the
+        # fewest pairs any inlined experts module takes, over top-k (`_inline_experts`; 0: none is inlined).
+        self.prompt_tokens = 0
         self.opaque = Opaque(attention, experts_modules, kernel=self._experts_call if self.experts else None)
         self.failure: str | None = None
         self.experts_failure: str | None = None
@@ -204,9 +211,12 @@ class CompiledStack:
         with their own slots inside (`inline_experts`), in passes the kernel takes (`kernel_pairs`)."""
         if self.experts_failure is not None:
             return
-        for experts in self.experts:
-            if own_forward(experts):
-                inline_experts(experts, self.graph, kernel_pairs(experts))
+        inlined = [experts for experts in self.experts if own_forward(experts)]
+        for experts in inlined:
+            inline_experts(experts, self.graph, kernel_pairs(experts))
+        fewest = min((kernel_pairs(experts) for experts in inlined), default=0)
+        # A prompt's step brings 2 tokens or more: below that, no prompt step computes its experts inside.
+        self.prompt_tokens = fewest // self.top_k if fewest >= 2 * self.top_k else 0
 
     def _make_pool(self, attention_mask: Any) -> None:
         """Have the pool make its layers' tensors (the graphs take them as inputs): one eager pass of a token in
@@ -245,7 +255,9 @@ class CompiledStack:
         sizes known, and the prompt's classes get graphs of their own (`SPECIALIZED_PROMPT_STEPS`; logged once)."""
         if self.failure is not None or self.graph_failure is not None:
             return
-        steps = [(*step, max(step[1]) > 1) for step in [*WARM_UP_GRAPH, *self._wide_decode_steps()]]
+        classes = [*WARM_UP_GRAPH, *self._wide_decode_steps(), *self._prompt_pair_steps()]
+        steps = [(*step, max(step[1]) > 1) for step in classes]
+        logged = False
         while steps:
             starts, counts, kept, unbacked = steps.pop(0)
             try:
@@ -256,11 +268,13 @@ class CompiledStack:
                 if not (unbacked and _compile_failure(exc)):
                     self._graph_failed(exc)
                     return
-                log.warning(
-                    "a step with a prompt compiles with its sizes known (%s): a prompt alone gets graphs of its "
-                    "own, and a chunk that keeps no logit compiles at its first pass",
-                    _compile_failure_summary(exc),
-                )
+                if not logged:
+                    log.warning(
+                        "a step with a prompt compiles with its sizes known (%s): a prompt alone gets graphs of its "
+                        "own, and a chunk that keeps no logit compiles at its first pass",
+                        _compile_failure_summary(exc),
+                    )
+                    logged = True
                 steps[:0] = [(*step, False) for step in ((starts, counts, kept), *SPECIALIZED_PROMPT_STEPS)]
 
     def _wide_decode_steps(self) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
@@ -270,6 +284,15 @@ class CompiledStack:
         bounds = {getattr(e, INLINE_PAIRS, 0) // self.top_k + 1 for e in self.experts}
         rows = sorted(b for b in bounds if 3 < b <= self.pool.rows)
         return [((4,) * b, (1,) * b, tuple(range(b))) for b in rows]
+
+    def _prompt_pair_steps(self) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """Where a prompt's step may compute its experts inside the graph (`prompt_tokens`): a lone prompt on the
+        other side of `few_pairs` from the warm-up's prompt step, so that both of its graphs compile at the start."""
+        if not self.prompt_tokens:
+            return []
+        base = next(sum(counts) for _, counts, _ in WARM_UP_GRAPH if max(counts) > 1)  # its prompt step's tokens
+        tokens = self.prompt_tokens + 1 if base <= self.prompt_tokens else 2
+        return [((0,), (tokens,), (tokens - 1,))]
 
     def _warm_up_step(self, starts: Sequence[int], counts: Sequence[int], kept: Sequence[int], unbacked: bool) -> bool:
         """Compile the graph of one warm-up step (`WARM_UP_GRAPH`); False while the pool's tensors are not made."""
@@ -348,7 +371,9 @@ class CompiledStack:
         else:
             routing = context.graph_routing(self.routers)
         vars(self.graph).update(vars(routing))
-        self.graph.decode = isinstance(attention_mask, GraphStep) and attention_mask.query_index is None
+        inside = isinstance(attention_mask, GraphStep)
+        self.graph.decode = decode = inside and attention_mask.query_index is None
+        self.graph.few_pairs = inside and not decode and ids.shape[1] <= self.prompt_tokens
         token = CURRENT.set(opaque)
         try:
             out: Tensor = self._compiled(ids, position_ids, attention_mask, keep)
