@@ -340,6 +340,51 @@ def test_steps_compute_the_experts_inside_the_graph_up_to_the_kernels_pairs(
         assert batching.outcome(request).token_ids == batching.run_alone(setup, job)
 
 
+def test_a_prompt_beside_decode_rows_attends_token_by_token_in_a_decode_graph(tmp_path: Path) -> None:
+    """A step that brings a prompt beside decoding rows, whose grouped queries would be mostly padding, attends
+    token by token (each token a row of one query: `per_token_pays`) and runs in a decode step's graph; a lone
+    prompt keeps its row. Nothing compiles while serving, and every request gets its tokens alone (float32 bounds
+    of the batching tests: greedy tokens equal)."""
+    from premoe_service.engine.attention import current_step
+
+    setup = batching.build(tmp_path, "qwen3_moe", torch.float32)
+    loop = compiled_loop(setup)
+    stack = loop.batch.stack
+    assert isinstance(stack, CompiledStack)
+    compiled = graphs()
+    first = batching.Job(batching.prompt(5, 0), None, 12)
+    decoding = [batching.Job(batching.prompt(3 + i, 1 + i), None, 10) for i in range(3)]
+    joining = batching.Job(batching.prompt(6, 9), None, 4)
+    jobs = [first, *decoding, joining]
+    requests = [job.request(setup) for job in jobs]
+    steps: list[tuple[bool, bool]] = []  # (brings a prompt, ran in a decode graph) of each pass
+
+    def observed(*args: Any) -> torch.Tensor:
+        step = current_step()
+        assert step is not None
+        out: torch.Tensor = stack(*args)
+        steps.append((step.query_index is not None, stack.graph.decode))
+        return out
+
+    loop.batch.stack = observed  # type: ignore[assignment]
+    driver = batching.Driver(loop)
+    try:
+        driver.join(requests[0])  # a lone prompt
+        driver.join(*requests[1:4])  # three prompts beside a decoding row
+        driver.forward_steps(2)
+        driver.join(requests[4])  # a 6-token prompt beside four decoding rows
+        driver.finish()
+    finally:
+        loop.loader.close()
+    assert stack.failure is None and stack.graph_failure is None
+    assert graphs() == compiled, "a step compiled while serving"
+    prompt_steps = [decode for prompt, decode in steps if prompt]
+    assert prompt_steps[0] is False  # the lone prompt: its row's layout, the prompt's graph
+    assert prompt_steps[-1] is True  # the join beside four rows: token by token, a decode graph
+    for job, request in zip(jobs, requests, strict=True):
+        assert batching.outcome(request).token_ids == batching.run_alone(setup, job)
+
+
 def test_the_graphs_compute_attention_written_out_where_the_model_runs_sdpa(tmp_path: Path) -> None:
     """A model configured for sdpa: its compiled steps, prompt and decode, trace the family's attention written out
     (`written_attention`), which the graph's own kernels compute: no step calls sdpa, and every request gets its

@@ -7,7 +7,9 @@ length of a forward pass. The model computes projections, rotary embeddings, nor
 token as usual; only the attention step changes: queries are gathered into `[B, h, Q, d]` (Q: the most tokens any
 row brings), keys and values are gathered from the rows' pool blocks (`[B, kv_heads, W, d]`), and the model's
 own attention function (its sdpa or eager path, sinks included) runs on them with a mask built from the rows'
-positions, its sliding window applied. The outputs go back to the packed order.
+positions, its sliding window applied. The outputs go back to the packed order. In the compiled graph, a step whose
+grouped queries would be mostly padding (decoding rows beside a prompt chunk) attends token by token instead, each
+token a row of one query (`GraphStep.of`, `per_token_pays`).
 """
 
 from __future__ import annotations
@@ -183,13 +185,39 @@ class GraphStep:
     inner: AttentionFunction
 
     @classmethod
-    def of(cls, step: PackedStep, layers: int, inner: AttentionFunction) -> GraphStep | None:
-        """`step` for the graph; None while the pool has not made every layer's tensors (before its first pass)."""
+    def of(cls, step: PackedStep, layers: int, inner: AttentionFunction, per_token: bool = False) -> GraphStep | None:
+        """`step` for the graph; None while the pool has not made every layer's tensors (before its first pass).
+
+        `per_token`: a step that brings a prompt attends token by token, each packed token a row of its own that
+        brings one query (its row's block table, its position): the layout of a decode step, whose graph then
+        runs it, without the queries padded to the longest chunk (`per_token_pays`)."""
         pool = step.pool.layers(layers)
         if pool is None:
             return None
         columns = torch.arange(max(step.width, 2), device=step.query_pos.device)
+        if per_token and step.out_index is not None:
+            rows = torch.div(step.out_index, step.query_pos.shape[1], rounding_mode="floor")  # each token's row
+            blocks = step.blocks.index_select(0, rows)
+            return cls(*pool, step.slots, blocks, None, None, step.positions.unsqueeze(1), columns, inner)
         return cls(*pool, step.slots, step.blocks, step.query_index, step.out_index, step.query_pos, columns, inner)
+
+
+# The most key columns a step attending token by token may gather per layer (tokens x width): each token gathers
+# its row's keys and values, where the padded layout gathers them once per row.
+PER_TOKEN_COLUMNS = 8192
+
+
+def per_token_pays(step: PackedStep) -> bool:
+    """Whether a step that brings a prompt costs less attending token by token (`GraphStep.of`) than with its
+    queries grouped by row: the grouped layout attends B x Q query slots (Q the longest chunk) over W columns and
+    gathers B rows of keys and values, token by token T queries and T rows. Decode rows beside a prompt chunk pay
+    the chunk's length each in the grouped layout: 15 decode rows beside a 20-token prompt attend 320 query slots
+    for 35 tokens. A lone prompt, or chunks of one length, pay nothing (B x Q = T)."""
+    if step.out_index is None:
+        return False
+    tokens = step.positions.shape[0]
+    rows, queries = step.query_pos.shape
+    return 2 * tokens < rows * (1 + queries) and tokens * step.width <= PER_TOKEN_COLUMNS
 
 
 def current_step() -> PackedStep | None:

@@ -8,7 +8,10 @@ the matrix products stay the same library calls.
 - **Attention runs inside the graph** (`engine/attention.py`'s `graph_attention`): the step's layout and the KV
   pool's tensors are the graph's inputs (a `GraphStep`, passed where the layers take their attention mask), the
   pool is written in place by a generated kernel and the family's attention, written out in tensor operations
-  (`attention.written_attention`: the arithmetic of its sdpa path), is traced in. A family
+  (`attention.written_attention`: the arithmetic of its sdpa path), is traced in. Where decoding rows ride beside
+  a prompt chunk, the step attends token by token in a decode step's graph (`attention.per_token_pays`; 15 rows
+  beside a 20-token prompt attend 35 queries, not 320 padded slots), which took the engine's closed loop of 16
+  requests from 2128 to 2546 tok/s (`docs/serving.md`). A family
   whose attention cannot be traced so (logged once, `graph_failure`) runs it behind an operator the compiler does
   not look into (`premoe::packed_attention`), as it did before; in an A/B on the reference model, the graph saves
   a tenth of a step.
@@ -79,6 +82,7 @@ from .attention import (
     UnsupportedAttention,
     current_step,
     packed_attention_for,
+    per_token_pays,
     switched_attention,
     written_attention,
 )
@@ -173,6 +177,8 @@ class CompiledStack:
         # The most tokens a step with a prompt may bring and still compute its experts inside the graph: the
         # fewest pairs any inlined experts module takes, over top-k (`_inline_experts`; 0: none is inlined).
         self.prompt_tokens = 0
+        # The most rows a decode step may have and still compute its experts inside the graph (0: none inside).
+        self.inline_rows = 0
         self.opaque = Opaque(attention, experts_modules, kernel=self._experts_call if self.experts else None)
         self.failure: str | None = None
         self.experts_failure: str | None = None
@@ -214,9 +220,9 @@ class CompiledStack:
         inlined = [experts for experts in self.experts if own_forward(experts)]
         for experts in inlined:
             inline_experts(experts, self.graph, kernel_pairs(experts))
-        fewest = min((kernel_pairs(experts) for experts in inlined), default=0)
+        self.inline_rows = min((kernel_pairs(experts) for experts in inlined), default=0) // self.top_k
         # A prompt's step brings 2 tokens or more: below that, no prompt step computes its experts inside.
-        self.prompt_tokens = fewest // self.top_k if fewest >= 2 * self.top_k else 0
+        self.prompt_tokens = self.inline_rows if self.inline_rows >= 2 else 0
 
     def _make_pool(self, attention_mask: Any) -> None:
         """Have the pool make its layers' tensors (the graphs take them as inputs): one eager pass of a token in
@@ -343,7 +349,7 @@ class CompiledStack:
         installed, or behind the opaque operator."""
         if self.failure is None and self.graph_failure is None and (step := current_step()) is not None:
             assert self.graph_inner is not None
-            graph = GraphStep.of(step, self.layers, self.graph_inner)
+            graph = GraphStep.of(step, self.layers, self.graph_inner, self._per_token(step))
             if graph is not None:
                 try:
                     return self._compiled_call(ids, position_ids, graph, keep, self.opaque)
@@ -355,6 +361,14 @@ class CompiledStack:
             except Exception as exc:
                 self._failed(exc)
         return self.stack(ids, position_ids, attention_mask, keep)
+
+    def _per_token(self, step: PackedStep) -> bool:
+        """Whether a step that brings a prompt runs token by token (`GraphStep.of`), in a decode step's graph: where
+        that costs less (`per_token_pays`), and where the decode graphs the warm-up compiled take its tokens as
+        rows (the experts inside the graph up to `inline_rows`; any number where none is inside)."""
+        if self.inline_rows and step.positions.shape[0] > self.inline_rows:
+            return False
+        return per_token_pays(step)
 
     def _compiled_call(
         self,
