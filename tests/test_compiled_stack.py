@@ -301,7 +301,7 @@ def test_steps_compute_the_experts_inside_the_graph_up_to_the_kernels_pairs(
     stack = loop.batch.stack
     assert isinstance(stack, CompiledStack) and stack.experts
     bound = min(experts_forward.kernel_pairs(experts) for experts in stack.experts) // stack.top_k  # tokens
-    assert stack.prompt_tokens == bound and bound + 3 <= loop.limits.max_rows
+    assert stack.inline_rows == bound and bound + 3 <= loop.limits.max_rows
     compiled = graphs()
     jobs = [batching.Job(batching.prompt(3, seed), None, new) for seed, new in enumerate(range(2, bound + 5))]
     late = [batching.Job(batching.prompt(3, 100 + seed), None, 2) for seed in range(3)]  # join a few decode rows
@@ -340,20 +340,26 @@ def test_steps_compute_the_experts_inside_the_graph_up_to_the_kernels_pairs(
         assert batching.outcome(request).token_ids == batching.run_alone(setup, job)
 
 
-def test_a_prompt_beside_decode_rows_attends_token_by_token_in_a_decode_graph(tmp_path: Path) -> None:
-    """A step that brings a prompt beside decoding rows, whose grouped queries would be mostly padding, attends
-    token by token (each token a row of one query: `per_token_pays`) and runs in a decode step's graph; a lone
-    prompt keeps its row. Nothing compiles while serving, and every request gets its tokens alone (float32 bounds
-    of the batching tests: greedy tokens equal)."""
+def test_a_prompt_of_up_to_a_decode_graphs_rows_attends_token_by_token_in_that_graph(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step that brings prompts beside decoding rows (whose grouped queries would be mostly padding), of no more
+    tokens than the decode graph that computes the experts inside takes rows, attends token by token (each token a
+    row of one query) and runs in the graph of several decode rows; a lone prompt (one logit kept), or a step of
+    more tokens, keeps its rows and the prompt's graph. Nothing compiles while serving, and every request gets its
+    tokens alone (float32 bounds of the batching tests: greedy tokens equal). The bound is lowered to 4 pairs a
+    slot (16 rows here), so that a short step crosses it."""
     from premoe_service.engine.attention import current_step
+    from premoe_service.runtime import experts_forward
 
+    monkeypatch.setattr(experts_forward, "GATHERED_PAIRS_PER_EXPERT", 4)
     setup = batching.build(tmp_path, "qwen3_moe", torch.float32)
     loop = compiled_loop(setup)
     stack = loop.batch.stack
-    assert isinstance(stack, CompiledStack)
+    assert isinstance(stack, CompiledStack) and stack.inline_rows == 16
     compiled = graphs()
-    first = batching.Job(batching.prompt(5, 0), None, 12)
-    decoding = [batching.Job(batching.prompt(3 + i, 1 + i), None, 10) for i in range(3)]
+    first = batching.Job(batching.prompt(5, 0), None, 16)
+    decoding = [batching.Job(batching.prompt(5 + i, 1 + i), None, 10) for i in range(3)]
     joining = batching.Job(batching.prompt(6, 9), None, 4)
     jobs = [first, *decoding, joining]
     requests = [job.request(setup) for job in jobs]
@@ -369,18 +375,17 @@ def test_a_prompt_beside_decode_rows_attends_token_by_token_in_a_decode_graph(tm
     loop.batch.stack = observed  # type: ignore[assignment]
     driver = batching.Driver(loop)
     try:
-        driver.join(requests[0])  # a lone prompt
-        driver.join(*requests[1:4])  # three prompts beside a decoding row
+        driver.join(requests[0])  # a lone prompt: one logit kept
+        driver.join(*requests[1:4])  # three prompts (18 tokens) beside a decoding row: 19 tokens, beyond 16
         driver.forward_steps(2)
-        driver.join(requests[4])  # a 6-token prompt beside four decoding rows
+        driver.join(requests[4])  # a 6-token prompt beside four decoding rows: 10 tokens
         driver.finish()
     finally:
         loop.loader.close()
     assert stack.failure is None and stack.graph_failure is None
     assert graphs() == compiled, "a step compiled while serving"
     prompt_steps = [decode for prompt, decode in steps if prompt]
-    assert prompt_steps[0] is False  # the lone prompt: its row's layout, the prompt's graph
-    assert prompt_steps[-1] is True  # the join beside four rows: token by token, a decode graph
+    assert prompt_steps == [False, False, True]  # the lone prompt, the 19 tokens; the 10 token by token
     for job, request in zip(jobs, requests, strict=True):
         assert batching.outcome(request).token_ids == batching.run_alone(setup, job)
 

@@ -7,9 +7,9 @@ length of a forward pass. The model computes projections, rotary embeddings, nor
 token as usual; only the attention step changes: queries are gathered into `[B, h, Q, d]` (Q: the most tokens any
 row brings), keys and values are gathered from the rows' pool blocks (`[B, kv_heads, W, d]`), and the model's
 own attention function (its sdpa or eager path, sinks included) runs on them with a mask built from the rows'
-positions, its sliding window applied. The outputs go back to the packed order. In the compiled graph, a step whose
-grouped queries would be mostly padding (decoding rows beside a prompt chunk) attends token by token instead, each
-token a row of one query (`GraphStep.of`, `per_token_pays`).
+positions, its sliding window applied. The outputs go back to the packed order. In the compiled graph, a step that
+brings a short prompt may attend token by token instead, each token a row of one query (`GraphStep.of`; the
+compiled stack decides, `per_token_pays` says where that saves the padding of decoding rows beside a prompt chunk).
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ class GraphStep:
 
         `per_token`: a step that brings a prompt attends token by token, each packed token a row of its own that
         brings one query (its row's block table, its position): the layout of a decode step, whose graph then
-        runs it, without the queries padded to the longest chunk (`per_token_pays`)."""
+        runs it, without the queries padded to the longest chunk."""
         pool = step.pool.layers(layers)
         if pool is None:
             return None

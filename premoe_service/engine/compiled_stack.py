@@ -8,26 +8,26 @@ the matrix products stay the same library calls.
 - **Attention runs inside the graph** (`engine/attention.py`'s `graph_attention`): the step's layout and the KV
   pool's tensors are the graph's inputs (a `GraphStep`, passed where the layers take their attention mask), the
   pool is written in place by a generated kernel and the family's attention, written out in tensor operations
-  (`attention.written_attention`: the arithmetic of its sdpa path), is traced in. Where decoding rows ride beside
-  a prompt chunk, the step attends token by token in a decode step's graph (`attention.per_token_pays`; 15 rows
-  beside a 20-token prompt attend 35 queries, not 320 padded slots), which took the engine's closed loop of 16
-  requests from 2128 to 2546 tok/s (`docs/serving.md`). A family
+  (`attention.written_attention`: the arithmetic of its sdpa path), is traced in. A step that brings a prompt of
+  up to as many tokens as a decode graph takes rows attends token by token in that graph (`_per_token`): its
+  experts are then computed inside the graph, and decoding rows beside a prompt chunk attend without the chunk's
+  padding (15 rows beside a 20-token prompt: 35 queries, not 320 padded slots). The engine's closed loop of 16
+  requests (prompts of 8-30 tokens joining decode rows) went from 2128 to 2546 tok/s (`docs/serving.md`). A family
   whose attention cannot be traced so (logged once, `graph_failure`) runs it behind an operator the compiler does
   not look into (`premoe::packed_attention`), as it did before; in an A/B on the reference model, the graph saves
   a tenth of a step.
 - **The MoE block runs inside the graph too**: the family's block code is traced, its masked router routes there
   (`runtime.masked_router.GraphRouting`: the step's pattern tables, slot tables and skip thresholds are the
   graph's inputs, the router logits and skipped pairs its outputs). Its experts:
-  - in a step of at most `kernel_pairs` (token, expert) pairs, on a module that computes with its own slots, are
-    computed inside the graph too (`opaque_ops.inline_experts`): the code of the experts kernel below, reading the
-    slots' weights, which the loader writes in place between steps. Against the opaque call, that takes 0.5 ms
-    off a one-row decode step on the reference model (0.66x) and 0.6 ms off one of 16 rows; in a step that brings
-    a prompt (its graph cannot check its sizes: the stack tells it, `GraphRouting.few_pairs`), it takes 15 decode
-    rows beside a 20-token prompt from 14.6 to 12.1 ms, and the engine's closed loop of 16 requests from 1859 to
-    2224 tok/s (`docs/serving.md`);
-  - otherwise (a wider step, slot banks) go out to an operator the compiler does not look into
-    (`premoe::experts`), which runs eager on the slots, banks included. Inside it the experts' products run
-    compiled again, apart: a kernel compiled from `runtime.experts_forward.gathered_experts` computes every
+  - in a decode graph's step (a decode step, or a prompt attending token by token: `_per_token`) of at most
+    `kernel_pairs` (token, expert) pairs, on a module that computes with its own slots, are computed inside the
+    graph too (`opaque_ops.inline_experts`): the code of the experts kernel below, reading the slots' weights,
+    which the loader writes in place between steps. Against the opaque call, that takes 0.5 ms off a one-row
+    decode step on the reference model (0.66x) and 0.6 ms off one of 16 rows, and 15 decode rows beside a
+    20-token prompt from 14.6 to 12.1 ms;
+  - otherwise (a prompt's step grouped by row, a wider step, slot banks) go out to an operator the compiler does
+    not look into (`premoe::experts`), which runs eager on the slots, banks included. Inside it the experts'
+    products run compiled again, apart: a kernel compiled from `runtime.experts_forward.gathered_experts` computes every
     (token, expert) pair in one generated loop over the slots' weights, where the eager paths make a library call
     per hit expert (2.5 to 4.5x faster a layer on the reference model, at 1 to 16 rows).
 
@@ -76,6 +76,7 @@ from ..runtime.experts_forward import (
 )
 from ..runtime.masked_router import GraphRouting, MaskedRouter
 from .attention import (
+    PER_TOKEN_COLUMNS,
     AttentionFunction,
     GraphStep,
     PackedStep,
@@ -99,8 +100,7 @@ log = logging.getLogger(__name__)
 WARM_UP = ((1, 1), (2, 1), (2, 2), (3, 1), (3, 2))
 
 # The steps the warm-up runs with attention inside the graph, as (starts, counts, kept positions) of rows 0..B-1:
-# one row decoding; two rows and three (the DeepSeek V2 guard above); a decode row beside a prompt (and, where the
-# experts are computed inside the graph, a prompt step of the other side of `few_pairs`: `_prompt_pair_steps`). Torch
+# one row decoding; two rows and three (the DeepSeek V2 guard above); a decode row beside a prompt. Torch
 # specializes sizes of 1, and a decode step skips the query gather, so the two decode classes are graphs of their
 # own. The prompt's step is traced with its rows B, kept logits K and query gather as unbacked sizes (`_unbacked`):
 # its graph then also serves a prompt alone, a chunk that keeps no logit or all of them (prompt logprobs), and any
@@ -174,10 +174,8 @@ class CompiledStack:
             if follows_interface(experts) and getattr(experts.config, "_experts_implementation", None) == IMPLEMENTATION
         ]
         self.top_k = adapter.spec(model.config).routing.top_k
-        # The most tokens a step with a prompt may bring and still compute its experts inside the graph: the
-        # fewest pairs any inlined experts module takes, over top-k (`_inline_experts`; 0: none is inlined).
-        self.prompt_tokens = 0
-        # The most rows a decode step may have and still compute its experts inside the graph (0: none inside).
+        # The most rows a decode step may have and still compute its experts inside the graph: the fewest pairs
+        # any inlined experts module takes, over top-k (`_inline_experts`; 0: none is inlined).
         self.inline_rows = 0
         self.opaque = Opaque(attention, experts_modules, kernel=self._experts_call if self.experts else None)
         self.failure: str | None = None
@@ -221,8 +219,6 @@ class CompiledStack:
         for experts in inlined:
             inline_experts(experts, self.graph, kernel_pairs(experts))
         self.inline_rows = min((kernel_pairs(experts) for experts in inlined), default=0) // self.top_k
-        # A prompt's step brings 2 tokens or more: below that, no prompt step computes its experts inside.
-        self.prompt_tokens = self.inline_rows if self.inline_rows >= 2 else 0
 
     def _make_pool(self, attention_mask: Any) -> None:
         """Have the pool make its layers' tensors (the graphs take them as inputs): one eager pass of a token in
@@ -261,9 +257,7 @@ class CompiledStack:
         sizes known, and the prompt's classes get graphs of their own (`SPECIALIZED_PROMPT_STEPS`; logged once)."""
         if self.failure is not None or self.graph_failure is not None:
             return
-        classes = [*WARM_UP_GRAPH, *self._wide_decode_steps(), *self._prompt_pair_steps()]
-        steps = [(*step, max(step[1]) > 1) for step in classes]
-        logged = False
+        steps = [(*step, max(step[1]) > 1) for step in [*WARM_UP_GRAPH, *self._wide_decode_steps()]]
         while steps:
             starts, counts, kept, unbacked = steps.pop(0)
             try:
@@ -274,13 +268,11 @@ class CompiledStack:
                 if not (unbacked and _compile_failure(exc)):
                     self._graph_failed(exc)
                     return
-                if not logged:
-                    log.warning(
-                        "a step with a prompt compiles with its sizes known (%s): a prompt alone gets graphs of its "
-                        "own, and a chunk that keeps no logit compiles at its first pass",
-                        _compile_failure_summary(exc),
-                    )
-                    logged = True
+                log.warning(
+                    "a step with a prompt compiles with its sizes known (%s): a prompt alone gets graphs of its "
+                    "own, and a chunk that keeps no logit compiles at its first pass",
+                    _compile_failure_summary(exc),
+                )
                 steps[:0] = [(*step, False) for step in ((starts, counts, kept), *SPECIALIZED_PROMPT_STEPS)]
 
     def _wide_decode_steps(self) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
@@ -290,15 +282,6 @@ class CompiledStack:
         bounds = {getattr(e, INLINE_PAIRS, 0) // self.top_k + 1 for e in self.experts}
         rows = sorted(b for b in bounds if 3 < b <= self.pool.rows)
         return [((4,) * b, (1,) * b, tuple(range(b))) for b in rows]
-
-    def _prompt_pair_steps(self) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-        """Where a prompt's step may compute its experts inside the graph (`prompt_tokens`): a lone prompt on the
-        other side of `few_pairs` from the warm-up's prompt step, so that both of its graphs compile at the start."""
-        if not self.prompt_tokens:
-            return []
-        base = next(sum(counts) for _, counts, _ in WARM_UP_GRAPH if max(counts) > 1)  # its prompt step's tokens
-        tokens = self.prompt_tokens + 1 if base <= self.prompt_tokens else 2
-        return [((0,), (tokens,), (tokens - 1,))]
 
     def _warm_up_step(self, starts: Sequence[int], counts: Sequence[int], kept: Sequence[int], unbacked: bool) -> bool:
         """Compile the graph of one warm-up step (`WARM_UP_GRAPH`); False while the pool's tensors are not made."""
@@ -349,7 +332,7 @@ class CompiledStack:
         installed, or behind the opaque operator."""
         if self.failure is None and self.graph_failure is None and (step := current_step()) is not None:
             assert self.graph_inner is not None
-            graph = GraphStep.of(step, self.layers, self.graph_inner, self._per_token(step))
+            graph = GraphStep.of(step, self.layers, self.graph_inner, self._per_token(step, keep))
             if graph is not None:
                 try:
                     return self._compiled_call(ids, position_ids, graph, keep, self.opaque)
@@ -362,12 +345,18 @@ class CompiledStack:
                 self._failed(exc)
         return self.stack(ids, position_ids, attention_mask, keep)
 
-    def _per_token(self, step: PackedStep) -> bool:
-        """Whether a step that brings a prompt runs token by token (`GraphStep.of`), in a decode step's graph: where
-        that costs less (`per_token_pays`), and where the decode graphs the warm-up compiled take its tokens as
-        rows (the experts inside the graph up to `inline_rows`; any number where none is inside)."""
-        if self.inline_rows and step.positions.shape[0] > self.inline_rows:
+    def _per_token(self, step: PackedStep, keep: Tensor) -> bool:
+        """Whether a step that brings a prompt runs token by token (`GraphStep.of`), in the graph of several decode
+        rows: when it keeps several logits (that graph is traced for several, as a decode step keeps one a row; a
+        lone prompt keeps one) and its keys are few (`PER_TOKEN_COLUMNS`). Where the experts are computed inside
+        the graph: when its tokens are as many rows as the decode graph that computes them there takes
+        (`inline_rows`); its experts then pay even where the grouped layout has no padding. Elsewhere: where it
+        saves padding (`per_token_pays`)."""
+        tokens = step.positions.shape[0]
+        if step.out_index is None or keep.shape[0] < 2 or tokens * step.width > PER_TOKEN_COLUMNS:
             return False
+        if self.inline_rows:
+            return tokens <= self.inline_rows
         return per_token_pays(step)
 
     def _compiled_call(
@@ -385,9 +374,7 @@ class CompiledStack:
         else:
             routing = context.graph_routing(self.routers)
         vars(self.graph).update(vars(routing))
-        inside = isinstance(attention_mask, GraphStep)
-        self.graph.decode = decode = inside and attention_mask.query_index is None
-        self.graph.few_pairs = inside and not decode and ids.shape[1] <= self.prompt_tokens
+        self.graph.decode = isinstance(attention_mask, GraphStep) and attention_mask.query_index is None
         token = CURRENT.set(opaque)
         try:
             out: Tensor = self._compiled(ids, position_ids, attention_mask, keep)

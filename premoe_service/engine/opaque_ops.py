@@ -52,17 +52,12 @@ def block_forward(block: nn.Module, scores: bool, hidden: Tensor) -> Any:
 
 def experts_front(experts: nn.Module, layer: int, hidden: Tensor, index: Tensor, weights: Tensor) -> Tensor:
     """The experts module's forward. While compiled: the experts kernel's code traced into the step's graph when
-    the module takes it (`inline_experts`) and the pass's pairs are known to be few enough for it (a decode step's
-    graph checks its rows; a prompt's step is told, `GraphRouting.few_pairs`), else one opaque call
-    (`premoe::experts`); eager, its own forward."""
+    the module takes it (`inline_experts`) and the pass's pairs are known to be few enough for it (a decode graph
+    checks its rows), else one opaque call (`premoe::experts`); eager, its own forward."""
     if torch.compiler.is_compiling():
         pairs: int = getattr(experts, INLINE_PAIRS, 0)
         graph = getattr(experts, "_premoe_graph", None)
-        if (
-            pairs
-            and graph is not None
-            and (graph.few_pairs or (graph.decode and guard_or_false(index.numel() <= pairs)))
-        ):
+        if pairs and graph is not None and graph.decode and guard_or_false(index.numel() <= pairs):
             return gathered_experts(experts, hidden, index, weights)
         out: Tensor = torch.ops.premoe.experts(hidden, index, weights, layer)
         return out
@@ -70,10 +65,12 @@ def experts_front(experts: nn.Module, layer: int, hidden: Tensor, index: Tensor,
 
 
 def inline_experts(experts: nn.Module, graph: GraphRouting, pairs: int) -> None:
-    """Have the compiled step compute `experts` inside its graph in steps of at most `pairs` (token, expert) pairs:
-    the experts kernel's code (`gathered_experts`), without the opaque call's dispatch, Python and guards around
-    it. A step of more pairs makes the opaque call. The graph is traced for each answer (the module's attribute,
-    the record's flags and a decode step's size are guarded), and either way computes the same products. 0: never.
+    """Have the compiled step compute `experts` inside its graph in decode graphs' steps (`graph.decode`: decode
+    steps, and prompts attending token by token) of at most `pairs` (token, expert) pairs: the experts kernel's code
+    (`gathered_experts`), without the opaque call's dispatch, Python and guards around it. A step with a prompt
+    grouped by row, or more pairs, makes the opaque call. The graph is traced for each answer (the module's
+    attribute, the record's flag and the step's size are guarded), and either way computes the same products. 0:
+    never.
     Only for a module that computes with its own slots: slot banks replace its forward (`replace_forward`), and
     must be installed before the stack compiles."""
     setattr(experts, INLINE_PAIRS, pairs)

@@ -54,12 +54,9 @@ class GraphRouting:
         dropped: Out: `[T]` routed pairs skipped per token, summed over the MoE layers.
         kept: Out: `[T]` float32, per token, the share of the full router's mass on its pattern, summed over the
             MoE layers (what the routing context's `collect` computes from the logits, computed in the graph).
-        decode: The step brings no prompt (every row one token): the experts may be computed inside the graph
-            (`engine/opaque_ops.py`'s `inline_experts`), up to the pairs its graph checks on its rows. Not a tensor:
-            a graph is traced for each value.
-        few_pairs: The step brings a prompt, and its (token, expert) pairs are no more than every module that
-            computes its experts inside the graph takes: they are computed there too. Not a tensor either: the
-            prompt's graph is traced for each value (its sizes are unbacked, so the graph cannot check them).
+        decode: The step runs as decode rows (every row one query: a decode step, or a prompt's step attending
+            token by token): the experts may be computed inside the graph (`engine/opaque_ops.py`'s
+            `inline_experts`). Not a tensor: a graph is traced for each value.
     """
 
     excluded: Tensor
@@ -71,7 +68,6 @@ class GraphRouting:
     dropped: Tensor | None = None
     kept: Tensor | None = None
     decode: bool = False
-    few_pairs: bool = False
 
     @classmethod
     def of(
