@@ -69,10 +69,9 @@ def inline_experts(experts: nn.Module, graph: GraphRouting, pairs: int) -> None:
     steps, and prompts attending token by token) of at most `pairs` (token, expert) pairs: the experts kernel's code
     (`gathered_experts`), without the opaque call's dispatch, Python and guards around it. A step with a prompt
     grouped by row, or more pairs, makes the opaque call. The graph is traced for each answer (the module's
-    attribute, the record's flag and the step's size are guarded), and either way computes the same products. 0:
-    never.
-    Only for a module that computes with its own slots: slot banks replace its forward (`replace_forward`), and
-    must be installed before the stack compiles."""
+    attribute, the record's flag and the step's size are guarded), and either way computes the same products.
+    `pairs` 0: never. Only for a module that computes with its own slots: slot banks replace its forward
+    (`replace_forward`), and must be installed before the stack compiles."""
     setattr(experts, INLINE_PAIRS, pairs)
     setattr(experts, "_premoe_graph", graph)  # noqa: B010 - a plain attribute of this module
 

@@ -50,12 +50,12 @@ HIT_PAIRS_PER_EXPERT = 0.25
 #   pairs per slot. Measured on the reference model (16 experts of 442 KB, top-2, 2 cores, a layer): 16 tokens
 #   360 us against the grouped path's 1,110, 64 tokens 1,080 against 1,560, 128 tokens 1,790 against 2,060, 256
 #   tokens 3,150 against 2,680: the crossover is about 16 pairs per slot, with all four layers' experts (28 MB) in a
-#   32 MB L3. Inside the compiled step's graph (`engine/opaque_ops.py`'s `inline_experts`) the kernel also saves
-#   the opaque call: an engine's closed loop of 16 requests (prompts of 8-30 tokens joining decode rows) made
-#   1889 tok/s with its prompt steps' experts out of the graph, 2009 with them inside up to 4 pairs per slot and
-#   2233 up to 8; rounds of prompts sent at once, their prefill inside the graph against out of it: 134 tokens (17
-#   pairs per slot) 76.3 ms against 77.8, 276 tokens (34 a slot) 94.1 against 91.7, 360 tokens (45) 124.6 against
-#   120.9. The crossover stays near 16 pairs per slot (`docs/serving.md`).
+#   32 MB L3. Inside the compiled step's graph (`engine/opaque_ops.py`'s `inline_experts`), where the kernel also
+#   saves the opaque call, measured with the prompt steps' experts computed there: an engine's closed loop of 16
+#   requests (prompts of 8-30 tokens joining decode rows) made 1889 tok/s with them out of the graph, 2009 inside up
+#   to 4 pairs per slot and 2233 up to 8; rounds of prompts sent at once, their prefill inside against out: 134
+#   tokens (17 pairs per slot) 76.3 ms against 77.8, 276 tokens (34 a slot) 94.1 against 91.7, 360 tokens (45)
+#   124.6 against 120.9. The crossover stays near 16 pairs per slot (`docs/serving.md`).
 # - A larger layer: a re-read comes from memory, and a library call is small beside reading an expert, so only
 #   passes whose pairs rarely share a slot (at most a quarter as many pairs as slots: a lone decode row's top-k).
 GATHERED_PAIRS_PER_EXPERT = 16
