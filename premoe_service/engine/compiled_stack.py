@@ -12,7 +12,8 @@ the matrix products stay the same library calls.
   up to as many tokens as a decode graph takes rows attends token by token in that graph (`_per_token`): its
   experts are then computed inside the graph, and decoding rows beside a prompt chunk attend without the chunk's
   padding (15 rows beside a 20-token prompt: 35 queries, not 320 padded slots). The engine's closed loop of 16
-  requests (prompts of 8-30 tokens joining decode rows) went from 2128 to 2546 tok/s (`docs/serving.md`). A family
+  requests (prompts of 8-30 tokens joining decode rows) went from 2128 to 2546 tok/s with the padding's rule alone
+  (`docs/serving.md`). A family
   whose attention cannot be traced so (logged once, `graph_failure`) runs it behind an operator the compiler does
   not look into (`premoe::packed_attention`), as it did before; in an A/B on the reference model, the graph saves
   a tenth of a step.
