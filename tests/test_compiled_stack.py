@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -549,7 +550,8 @@ def test_the_service_starts_with_its_stack_compiled_and_answers_as_eager(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, embedder
 ) -> None:
     """`premoe serve`'s default (`ServiceConfig.compile_step`, on unless PREMOE_COMPILE_STEP says otherwise): the
-    engine compiles its stack before it serves, compiles nothing while serving, and answers as an eager one."""
+    engine compiles its stack and the router signal its pass before it serves, nothing compiles while serving, and
+    both answer as eager ones (the signal's scores within rounding)."""
     from premoe_service.families.tiny import save_tiny_checkpoint
     from premoe_service.runtime.decoder_stack import DecoderStack
     from premoe_service.serving import GenerationResult, SamplingParams, ServiceConfig, ServingCore
@@ -575,12 +577,20 @@ def test_the_service_starts_with_its_stack_compiled_and_answers_as_eager(
     compiled = ServingCore(ServiceConfig(store=tmp_path / "store", device="cpu"), embedder=embedder)
     stack = compiled.loop.batch.stack
     assert isinstance(stack, CompiledStack) and stack.failure is None
+    signal = compiled.registry.evidence.signal  # type: ignore[union-attr]
+    assert signal.mode == "compiled"
     started = graphs()
-    assert started >= before + 3  # one row decoding, one prompt, several rows: compiled before serving
+    assert started >= before + 4  # one row decoding, one prompt, several rows, the signal: compiled before serving
     got = answers(compiled)
+    signals = signal.features(prompts)  # texts of several lengths, one graph
     assert graphs() == started and stack.failure is None
 
     monkeypatch.setenv("PREMOE_COMPILE_STEP", "0")
     eager = ServingCore(ServiceConfig(store=tmp_path / "store", device="cpu"), embedder=embedder)
     assert type(eager.loop.batch.stack) is DecoderStack
+    eager_signal = eager.registry.evidence.signal  # type: ignore[union-attr]
+    assert eager_signal.mode == "plain"
+    expected = eager_signal.features(prompts)
+    np.testing.assert_allclose(signals.scores, expected.scores, atol=1e-5)
+    np.testing.assert_allclose(signals.inputs, expected.inputs, atol=1e-5)
     assert got == answers(eager)

@@ -32,10 +32,19 @@ def tiny_store(tmp_path: Path, family: str) -> tuple[torch.nn.Module, Store]:
     return model, Store(tmp_path / f"{family}-store")
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize(
+    "family", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss"]
+)
 def test_router_signal_equals_the_first_moe_routers_output_in_transformers(family: str, tmp_path: Path) -> None:
     model, store = tiny_store(tmp_path, family)
     signal = RouterSignal.from_store(store)  # the store's dense part only: no routed expert anywhere
+    # The plain pass (no exception inside, so it compiles whole) gives the stopped forward's very bits.
+    assert signal.mode == "plain"
+    for text in TEXTS:
+        ids = torch.tensor([tiny_tokenizer()(text)["input_ids"]])
+        with torch.no_grad():
+            plain, reference = signal._plain(ids), signal._reference(ids)  # type: ignore[misc]
+        assert all(torch.equal(a, b) for a, b in zip(plain, reference, strict=True))
     adapter = adapter_for(model.config)
     layer = adapter.spec(model.config).moe_layers[0]
     assert signal.layer == layer

@@ -19,7 +19,8 @@ def build_registry(
 
     With `config.route_signal` the router signal runs on its own copy of the layers before the first MoE layer,
     built on the engine's dense tensors (shared, not copied): the engine loop keeps the model to itself, and the
-    signal never depends on which experts are resident, so every replica decides alike.
+    signal never depends on which experts are resident, so every replica decides alike. It runs compiled where the
+    engine's step does (`config.compile_step`).
     """
     fields: dict[str, Any] = {}
     if config.route_threshold is not None:
@@ -29,7 +30,9 @@ def build_registry(
         fields["task_leads"] = load_task_leads(config.route_calibration)
     signal = None
     if config.route_signal:
-        signal = RouterSignal.from_store(store, device=patterned.device, dense=patterned.dense_state_dict())
+        signal = RouterSignal.from_store(
+            store, device=patterned.device, dense=patterned.dense_state_dict(), compiled=config.compile_step
+        )
     background = (
         [r.query for r in load_route_records(config.route_background)] if config.route_background is not None else []
     )
