@@ -67,6 +67,34 @@ def test_router_signal_equals_the_first_moe_routers_output_in_transformers(famil
         handle.remove()
 
 
+def test_the_signal_falls_back_to_the_models_forward_where_the_plain_pass_fails_or_differs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from premoe_service.runtime import router_signal
+
+    _, store = tiny_store(tmp_path, "qwen3_moe")
+    expected = RouterSignal.from_store(store).features(TEXTS)
+
+    def fails(*_: object, **__: object) -> object:
+        def compiled(*_: object) -> None:
+            raise RuntimeError("no compiler here")
+
+        return compiled
+
+    monkeypatch.setattr(router_signal.torch, "compile", fails)
+    with caplog.at_level("WARNING", logger=router_signal.__name__):
+        uncompiled = RouterSignal.from_store(store, compiled=True)
+    assert uncompiled.mode == "plain" and "could not be compiled" in caplog.text
+    found = [uncompiled.features(TEXTS)]
+    # A layer that does not return its residual when its block answers zeros: the plain pass is not used.
+    monkeypatch.setattr(router_signal._NoBlock, "forward", lambda self, hidden, *_, **__: hidden)
+    reference = RouterSignal.from_store(store, compiled=True)
+    assert reference.mode == "reference"
+    found.append(reference.features(TEXTS))
+    for got in found:
+        assert np.array_equal(got.scores, expected.scores) and np.array_equal(got.inputs, expected.inputs)
+
+
 def evidence(inputs: dict[str, float], none: float | None) -> PromptEvidence:
     return PromptEvidence(inputs, {task: 0.0 for task in inputs}, none, none, 0.0)
 
