@@ -234,6 +234,55 @@ def test_the_pool_gives_blocks_lowest_first_and_doubles_keeping_what_it_holds() 
     pool.reserve(row, 1)
     assert pool.table[row] == [1]  # the lowest free block
     assert pool.row_tables([row, second], 2 * BLOCK_SIZE + 1) == [1, NULL_BLOCK, NULL_BLOCK, 3, 4, 5]
+    # It returns to its starting blocks only when no row holds one (and no borrowed row is out).
+    assert pool.shrink() == 0 and pool.blocks == 8
+    pool.give_back(row)
+    pool.give_back(second)
+    borrowed = pool.borrow(1)
+    assert pool.shrink() == 0
+    pool.return_borrowed()
+    grown = pool.nbytes()
+    assert pool.shrink() == grown - pool.nbytes() == grown // 2 and pool.blocks == pool.start_blocks == 4
+    assert pool.shrunk == 1 and pool.shrink() == 0 and borrowed == [2]
+    assert pool.keys[0].shape[0] == 4 and torch.count_nonzero(pool.keys[0]) == 0
+    again = pool.take()
+    pool.reserve(again, 4 * BLOCK_SIZE)  # four blocks: three free, so it doubles again
+    assert pool.table[again] == [1, 2, 3, 4] and pool.grown == 2 and pool.blocks == 8
+
+
+def test_an_idle_loop_gives_back_what_its_kv_pool_grew_by_and_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests longer than the pool's start make it double; once the loop has been idle `KV_SHRINK_IDLE_S`, the
+    pool is back to its starting blocks (the gauges say so), and the same requests then get the same tokens, which
+    are their tokens alone."""
+    from premoe_service.engine import loop as loop_module
+
+    monkeypatch.setattr(loop_module, "KV_SHRINK_IDLE_S", 0.05)
+    setup = build(tmp_path, "qwen3_moe", torch.float64)
+    loop = _loop(setup, max_rows=2).start()
+    pool = loop.kv
+    start = pool.blocks
+    job_list = [Job(prompt(150 + i, 60 + i), None, 200) for i in range(2)]  # ~350 tokens a row: more than 256
+    try:
+        rounds = []
+        for _ in range(2):
+            requests = [job.request(setup) for job in job_list]
+            for request in requests:
+                loop.submit(request)
+            rounds.append([outcome(r).token_ids for r in requests])
+            assert pool.grown == len(rounds) and pool.blocks > start  # it doubled for them (again)
+            deadline = time.monotonic() + 30
+            while pool.shrunk < len(rounds):
+                assert time.monotonic() < deadline, "the idle loop kept its grown pool"
+                time.sleep(0.02)
+            assert pool.blocks == start and all(t.shape[0] == start for t in pool.keys.values())
+            assert loop.stats.kv_blocks == start and loop.stats.kv_bytes == pool.nbytes()
+    finally:
+        loop.close()
+    assert rounds[0] == rounds[1]
+    for job, tokens in zip(job_list, rounds[0], strict=True):
+        assert tokens == run_alone(setup, job)
 
 
 def test_greedy_rows_take_the_first_of_tied_maxima_as_transformers_argmax_does() -> None:

@@ -18,7 +18,8 @@ BLOCK_SIZE = 16
 # of a step. Its columns lie past the row's length, and attention masks them like any such column.
 NULL_BLOCK = 0
 # The blocks a pool starts with, per row (256 tokens a row: what the unpaged pool made at first). The pool doubles
-# when a row needs a block and none is free (one copy of the pool).
+# when a row needs a block and none is free (one copy of the pool), and returns to its start when no row holds a
+# block (`KVPool.shrink`; the engine loop calls it once it has been idle a while).
 START_TOKENS_PER_ROW = 256
 
 
@@ -70,12 +71,14 @@ class KVPool:
             if self.max_blocks is not None:
                 blocks = min(blocks, self.max_blocks)
         self.blocks = max(2, blocks)
+        self.start_blocks = self.blocks
         self.keys: dict[int, Tensor] = {}
         self.values: dict[int, Tensor] = {}
         self.table: list[list[int]] = [[] for _ in range(rows)]  # each row's blocks, in column order
         self._free = list(range(rows - 1, -1, -1))  # lowest row first: running rows stay near the front
         self._free_blocks = list(range(1, self.blocks))  # a heap: lowest block first
         self.grown = 0  # times the pool doubled
+        self.shrunk = 0  # times it returned to its starting blocks
 
     @property
     def free_rows(self) -> int:
@@ -143,6 +146,22 @@ class KVPool:
             heapq.heappush(self._free_blocks, block)
         self.blocks = blocks
         self.grown += 1
+
+    def shrink(self) -> int:
+        """Back to the blocks the pool started with, when it grew past them and no row holds a block (nor a borrowed
+        row exists): each layer's tensors are made anew at that size, nothing is copied. Returns the bytes given
+        back (0 when it did not shrink). The compiled graphs take the blocks' count as a size, and the starting
+        count is the one their warm-up ran with."""
+        if self.blocks <= self.start_blocks or self.held_blocks or len(self.table) != self.rows:
+            return 0
+        before = self.nbytes()
+        for store in (self.keys, self.values):
+            for layer, old in store.items():
+                store[layer] = _static_block(old.new_zeros((self.start_blocks, *old.shape[1:])))
+        self.blocks = self.start_blocks
+        self._free_blocks = list(range(1, self.blocks))  # ascending: a heap
+        self.shrunk += 1
+        return before - self.nbytes()
 
     def slot(self, row: int, column: int) -> int:
         """The flat slot of `row`'s column in the `[N * P]` view (the row must hold that column's block)."""

@@ -31,6 +31,10 @@ from .text import prompt_logprobs, sample
 
 log = logging.getLogger(__name__)
 
+# Seconds the loop waits idle (no request queued or decoding) before the KV pool gives back what it grew by: long
+# enough that a steady load does not grow it again each burst, short enough that a burst's memory comes back soon.
+KV_SHRINK_IDLE_S = 10.0
+
 
 class EngineLoop:
     """Continuous batching across tasks.
@@ -171,6 +175,7 @@ class EngineLoop:
                 self._inbox.wake.wait(0.01)
 
     def _run(self) -> None:
+        idle_since: float | None = None
         while not self._closed:
             self._inbox.wake.clear()
             try:
@@ -179,11 +184,24 @@ class EngineLoop:
                 log.exception("engine step failed")
                 self._fail(list(self.running), exc)
                 busy = False
+            if busy or not self.idle():
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= KV_SHRINK_IDLE_S:
+                self._shrink_kv()
             if not busy:  # a submission wakes it; a hold ends on time (or when the others arrive)
                 timeout = 0.02 if self.waiting else 0.5
                 if self._hold_until:
                     timeout = min(timeout, max(self._hold_until - time.perf_counter(), 0.0005))
                 self._inbox.wake.wait(timeout)
+
+    def _shrink_kv(self) -> None:
+        """The KV pool back to its starting size, when it grew and no request holds it (the loop is idle)."""
+        freed = self.kv.shrink()
+        if freed:
+            log.info("idle: the KV pool gave back %.1f MiB (back to %d blocks)", freed / 2**20, self.kv.blocks)
+            self.stats.observe(self.waiting, 0, len(self._inbox), self.loader, self.kv, self._reserved_kv_tokens())
 
     # --- one step -------------------------------------------------------------------------------------
 
