@@ -220,9 +220,9 @@ def default(name: str) -> Lazy:
 @option(
     "--compile-step/--no-compile-step",
     default=True,
-    help="run the decoder stack compiled (torch.compile, before serving: about 80 s the first time on 2 cores for "
-    "the reference model, 25-30 s at later starts with the generated code cached on disk; eager when no C++ "
-    "compiler is found)",
+    help="run the decoder stack and the router signal's pass compiled (torch.compile, before serving: about 80 s "
+    "the first time on 2 cores for the reference model, 15-30 s at later starts with the generated code cached on "
+    "disk; eager when no C++ compiler is found)",
 )
 @option(
     "--engine-threads",

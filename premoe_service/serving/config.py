@@ -79,8 +79,9 @@ class ServiceConfig:
             API's with `http_port`, `server/front_http.py`): client streams then cost the engine process one relay
             frame per step instead of one message per stream and token.
         compile_step: Run the decoder stack compiled (`engine/compiled_stack.py`): fewer, fused kernels per step
-            around the eager attention and MoE blocks, compiled when the engine starts. Default: on, unless
-            the environment sets `PREMOE_COMPILE_STEP` to 0 (the test suite does, for every engine it starts).
+            around the eager attention and MoE blocks, compiled when the engine starts; the router signal's pass
+            is compiled too (`runtime/router_signal.py`). Default: on, unless the environment sets
+            `PREMOE_COMPILE_STEP` to 0 (the test suite does, for every engine it starts).
         join_wait_steps: Decode steps a ready request may wait so that several join in one forward pass (0: none).
         precision_slots: Slots per MoE layer for experts held below full precision, per precision ("int4=4,int8=2";
             the store must hold those copies: `premoe shard --precisions`); tasks registered with precisions need
