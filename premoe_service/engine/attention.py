@@ -212,12 +212,11 @@ def per_token_pays(step: PackedStep) -> bool:
     queries grouped by row: the grouped layout attends B x Q query slots (Q the longest chunk) over W columns and
     gathers B rows of keys and values, token by token T queries and T rows. Decode rows beside a prompt chunk pay
     the chunk's length each in the grouped layout: 15 decode rows beside a 20-token prompt attend 320 query slots
-    for 35 tokens. A lone prompt, or chunks of one length, pay nothing (B x Q = T)."""
-    if step.out_index is None:
-        return False
+    for 35 tokens. A lone prompt, or chunks of one length, pay nothing (B x Q = T). The caller has checked that
+    the step brings a prompt and gathers no more than `PER_TOKEN_COLUMNS` (`CompiledStack._per_token`)."""
     tokens = step.positions.shape[0]
     rows, queries = step.query_pos.shape
-    return 2 * tokens < rows * (1 + queries) and tokens * step.width <= PER_TOKEN_COLUMNS
+    return 2 * tokens < rows * (1 + queries)
 
 
 def current_step() -> PackedStep | None:
