@@ -113,7 +113,9 @@ def test_a_model_that_cannot_run_packed_goes_through_sentence_transformers(tmp_p
     assert embedder.precision == "float32"  # through sentence-transformers a bfloat16 vector moves with its pass
     own = embedder._model.encode(POOL, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
     assert np.array_equal(embedder.encode(POOL), own)
-    assert Embedder(model, precision="bfloat16").precision == "bfloat16"  # asked for by name: as asked
+    halved = Embedder(model, precision="bfloat16")
+    assert halved.precision == "bfloat16"  # asked for by name: as asked
+    assert halved.name == "cls-pooled@bfloat16"  # no packed kernels' revision: sentence-transformers' own pass
 
 
 def test_a_pass_runs_as_one_torchscript_call_with_the_bits_of_the_same_function_op_by_op(

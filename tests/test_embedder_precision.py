@@ -14,7 +14,12 @@ from premoe_service.errors import InvalidArgument
 from premoe_service.profiler.profile import Profile
 from premoe_service.retrieval import Embedder
 from premoe_service.retrieval.demo_vectors import demo_vectors
-from premoe_service.retrieval.embedder import DEFAULT_EMBEDDER, native_bfloat16, resolve_precision
+from premoe_service.retrieval.embedder import (
+    DEFAULT_EMBEDDER,
+    PACKED_BFLOAT16_REVISION,
+    native_bfloat16,
+    resolve_precision,
+)
 from premoe_service.serving import ServiceConfig
 
 TEXTS = [
@@ -67,7 +72,8 @@ def test_an_unknown_precision_is_refused_by_name(tmp_path: Path) -> None:  # the
 
 def test_bfloat16_weights_give_float32_unit_vectors_near_the_exact_ones(exact: Embedder, halved: Embedder) -> None:
     assert exact.name == DEFAULT_EMBEDDER and exact.precision == "float32"
-    assert halved.name == f"{DEFAULT_EMBEDDER}@bfloat16" and halved.precision == "bfloat16"
+    # named apart, with the packed kernels' revision: vectors of an older revision are not this one's
+    assert halved.name == f"{DEFAULT_EMBEDDER}@bfloat16.{PACKED_BFLOAT16_REVISION}" and halved.precision == "bfloat16"
     assert {p.dtype for p in halved._model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in exact._model.parameters()} == {torch.float32}
     near, far = exact.encode(TEXTS), halved.encode(TEXTS)
@@ -121,7 +127,7 @@ def test_the_server_embeds_in_the_precision_it_is_configured_with(tmp_path: Path
     service = ServingCore(ServiceConfig(store=tmp_path / "store", device="cpu", embedder_precision="bfloat16"))
     try:
         assert service.embedder.precision == "bfloat16"
-        assert service.embedder.name == f"{DEFAULT_EMBEDDER}@bfloat16"
+        assert service.embedder.name == f"{DEFAULT_EMBEDDER}@bfloat16.{PACKED_BFLOAT16_REVISION}"
         service.register_task("code", [Demo("def add(a, b):\n    return a + b\n")], selection=Selection())
         # registered with the vectors of the embedder that routes
         assert service.registry.get("code").embedder == service.embedder.name

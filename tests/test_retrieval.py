@@ -51,7 +51,7 @@ def router(embedder: Embedder, demo_profiles: dict[str, Profile]) -> Router:
 def test_embedder_gives_unit_vectors_offline(embedder: Embedder) -> None:
     vectors = embedder.encode(["How do I bake bread?", "Proofing and kneading dough", "Black holes and stars"])
     # the default precision is "auto": bfloat16 where the CPU multiplies it natively, named apart
-    assert embedder.name == ("all-MiniLM-L6-v2" + ("" if embedder.precision == "float32" else "@bfloat16"))
+    assert embedder.name == ("all-MiniLM-L6-v2" + ("" if embedder.precision == "float32" else "@bfloat16.2"))
     assert embedder.dim == 384
     assert vectors.shape == (3, 384) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)

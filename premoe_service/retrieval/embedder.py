@@ -29,6 +29,12 @@ DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 # such a model in float32).
 PRECISIONS = ("auto", "float32", "bfloat16")
 
+# The revision of the packed pass's kernels, in the name of a packed bfloat16 embedder ("@bfloat16.2"): its
+# vectors' bits depend on them. Revision 2 (fused attention, GELU inside the product: `packed.py`) moved bfloat16
+# vectors by up to 2.2e-3 from revision 1's (as far as bfloat16 is from float32), so vectors stored under the old
+# name are embedded again, never mixed. float32 moved within its rounding (~1e-7) and keeps the model's name.
+PACKED_BFLOAT16_REVISION = 2
+
 # Texts per forward pass when calls made at the same time share passes (`Embedder.encode`). Measured on 16 short
 # prompts arriving at once (all-MiniLM-L6-v2, 2 cores, ms for all 16): one at a time 239 at 1 thread and 277 at 2;
 # in one padded pass 153 and 99; in passes of 8 (sentence-transformers sorts them by length first, so a pass pads
@@ -74,8 +80,9 @@ class Embedder:
         precision: The weights' dtype: "auto" (the default: bfloat16 where the device multiplies it natively and
             the model runs packed, else float32), "float32" or "bfloat16" (see PRECISIONS for what bfloat16 gains and
             costs). The vectors are float32 either way; bfloat16 weights move them by about 1e-3, so a bfloat16
-            embedder's name carries "@bfloat16" (`Embedder.name`): stored float32 vectors are then embedded again,
-            never mixed with its own.
+            embedder's name carries "@bfloat16" (`Embedder.name`; "@bfloat16.2" packed, with the packed kernels'
+            revision, PACKED_BFLOAT16_REVISION): stored float32 vectors are then embedded again, never mixed with
+            its own.
 
     A model that runs packed (`packed.unsupported`: a BERT encoder with mean pooling, as the default) gives each
     text the same vector alone and in any pass, at a given thread count; any other runs through sentence-transformers.
@@ -116,6 +123,8 @@ class Embedder:
         self._packed = PackedEncoder(self._model) if self.unpacked_reason is None else None
         base = name or (DEFAULT_EMBEDDER if is_default else path.resolve().name)
         self.name = base if self.precision == "float32" else f"{base}@{self.precision}"
+        if self.precision == "bfloat16" and self._packed is not None:
+            self.name += f".{PACKED_BFLOAT16_REVISION}"
         dim = _embedding_dim(self._model)
         if dim is None:
             raise InvalidArgument(f"model at {path} does not state its embedding size", field="embedder")

@@ -8,11 +8,17 @@ rows). In bfloat16 a vector then moved by up to ~2e-3 with its pass, so a prompt
 be routed one way alone and another beside other prompts.
 
 Here every text's tokens are laid end to end in one sequence, with no padding: attention runs per text over its own
-tokens, and every product runs on blocks of exactly ROW_BLOCK rows (the last one filled with zero rows), so each row
-always meets the same kernel with the same blocking. A text's vector is then a function of the text, the weights
-and the thread count alone: the same bits alone and in any pass (`tests/test_embedder_packed.py`). No padding also
-makes a pass cheaper: all-MiniLM-L6-v2, float32, 1 thread, 8 short prompts in one pass 33.5 ms packed against 38.5
-through sentence-transformers, one prompt 9.3 against 11.0 (bfloat16: docs/serving.md).
+tokens (torch's fused attention for CPU), and every product runs on blocks of exactly ROW_BLOCK rows (the pass's
+rows padded once with zero rows to a whole number of blocks), so each row always meets the same kernel with the same
+blocking. A text's vector is then a function of the text, the weights and the thread count alone: the same bits
+alone and in any pass (`tests/test_embedder_packed.py`). No padding also makes a pass cheaper: all-MiniLM-L6-v2,
+float32, 1 thread, 8 short prompts in one pass 33.5 ms packed against 38.5 through sentence-transformers, one prompt
+9.3 against 11.0 (bfloat16: docs/serving.md). In bfloat16 the fused attention (a text's attention as [1, H, n, d],
+torch's flash kernel for CPU; as [H, n, d] it took the math path, a dozen operators of their own) and the GELU
+inside its product (oneDNN's post-op, not a pass over the product's output) took a pass of 8 bench prompts from
+14.4-16.4 ms to 12.7-14.9, a lone prompt from 4.3-5.1 to 3.8-4.3 (1 thread, the two versions alternating in one
+process); its vectors moved by up to 2.2e-3, so the embedder's name carries the revision
+(`embedder.PACKED_BFLOAT16_REVISION`).
 
 What runs packed: a `Transformer` module over a transformers `BertModel` (absolute positions, an encoder), then
 mean `Pooling`, then optionally `Normalize`; tokenized by the model's own `preprocess`, so its truncation and
@@ -200,45 +206,53 @@ def _packed_forward(
     """The embeddings and the encoder's layers over the packed tokens, then each text's mean, normalised.
     ids, types, positions: [T] → [n, D] fp32
 
-    Each text attends to its own tokens only; every product runs on blocks of exactly `block` rows."""
+    Each text attends to its own tokens only; every product runs on blocks of exactly `block` rows. The rows are
+    padded once to a whole number of blocks (zero rows after the texts' tokens, which no text reads)."""
+    total = ids.shape[0]
+    short = (block - total % block) % block
     # As transformers' BertEmbeddings: words and token types, then positions, then LayerNorm (dropout is off).
     hidden = F.embedding(ids, tables[0]) + F.embedding(types, tables[1])
     hidden = hidden + F.embedding(positions, tables[2])
     hidden = F.layer_norm(hidden, [hidden.shape[1]], tables[3], tables[4], eps)
     width = hidden.shape[1]
+    padding = hidden.new_zeros([short, width])
+    hidden = torch.cat([hidden, padding])
     for layer in range(len(weights) // 4):
-        qkv = _blocked(hidden, weights[4 * layer], biases[4 * layer], prepacked, block)
+        qkv = _blocked(hidden, weights[4 * layer], biases[4 * layer], prepacked, block, "none")
         parts: list[Tensor] = []
-        for part in qkv.split(lengths):
+        for part in qkv[:total].split(lengths):
             n = part.shape[0]
             q_k_v = part.view(n, 3, heads, head_dim).permute(1, 2, 0, 3).contiguous()  # [3, H, n, d]
-            attended = F.scaled_dot_product_attention(q_k_v[0], q_k_v[1], q_k_v[2])
+            # Four dimensions ([1, H, n, d]): torch's fused (flash) attention for CPU, a third of the math path's
+            # time; three would take the math path.
+            attended = F.scaled_dot_product_attention(q_k_v[0:1], q_k_v[1:2], q_k_v[2:3])[0]
             parts.append(attended.transpose(0, 1).reshape(n, width))
-        context = parts[0] if len(parts) == 1 else torch.cat(parts)
-        out = _blocked(context, weights[4 * layer + 1], biases[4 * layer + 1], prepacked, block)
+        parts.append(padding)
+        context = torch.cat(parts)
+        out = _blocked(context, weights[4 * layer + 1], biases[4 * layer + 1], prepacked, block, "none")
         hidden = F.layer_norm(out + hidden, [width], norms[4 * layer], norms[4 * layer + 1], eps)
-        inner = F.gelu(_blocked(hidden, weights[4 * layer + 2], biases[4 * layer + 2], prepacked, block))
-        out = _blocked(inner, weights[4 * layer + 3], biases[4 * layer + 3], prepacked, block)
+        inner = _blocked(hidden, weights[4 * layer + 2], biases[4 * layer + 2], prepacked, block, "gelu")
+        out = _blocked(inner, weights[4 * layer + 3], biases[4 * layer + 3], prepacked, block, "none")
         hidden = F.layer_norm(out + hidden, [width], norms[4 * layer + 2], norms[4 * layer + 3], eps)
     means: list[Tensor] = []
-    for part in hidden.split(lengths):
+    for part in hidden[:total].split(lengths):
         means.append(part.float().mean(dim=0))
     return F.normalize(torch.stack(means), p=2.0, dim=1)
 
 
-def _blocked(rows: Tensor, weight: Tensor, bias: Tensor, prepacked: bool, block: int) -> Tensor:
-    """A linear layer applied in calls of exactly `block` rows (the last block filled with zero rows). [T, in] →
-    [T, out]"""
-    total = rows.shape[0]
-    short = (block - total % block) % block
-    if short > 0:
-        rows = torch.cat([rows, rows.new_zeros([short, rows.shape[1]])])
+def _blocked(rows: Tensor, weight: Tensor, bias: Tensor, prepacked: bool, block: int, activation: str) -> Tensor:
+    """A linear layer, then `activation` ("none" or "gelu", the exact one), applied in calls of exactly `block`
+    rows. [T, in] → [T, out], T a multiple of `block`
+
+    Prepacked, the GELU runs inside the product (oneDNN's post-op) instead of as a pass of its own over the
+    product's bfloat16 output."""
     outs: list[Tensor] = []
     for part in rows.split(block):
         if prepacked:
             no_scalars = torch.jit.annotate(list[_Number | None], [])
-            outs.append(torch.ops.mkldnn._linear_pointwise(part, weight, bias, "none", no_scalars, ""))
+            algorithm = "none" if activation == "gelu" else ""  # GELU's "none": erf, not the tanh approximation
+            outs.append(torch.ops.mkldnn._linear_pointwise(part, weight, bias, activation, no_scalars, algorithm))
         else:
-            outs.append(F.linear(part, weight, bias))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return out[:total]
+            product = F.linear(part, weight, bias)
+            outs.append(F.gelu(product) if activation == "gelu" else product)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
