@@ -223,8 +223,8 @@ def _packed_forward(
         for part in qkv[:total].split(lengths):
             n = part.shape[0]
             q_k_v = part.view(n, 3, heads, head_dim).permute(1, 2, 0, 3).contiguous()  # [3, H, n, d]
-            # Four dimensions ([1, H, n, d]): torch's fused (flash) attention for CPU, a third of the math path's
-            # time; three would take the math path.
+            # Four dimensions ([1, H, n, d]): torch's fused (flash) attention for CPU, about half the math path's
+            # time (~50 against ~100 us a call here); three would take the math path.
             attended = F.scaled_dot_product_attention(q_k_v[0:1], q_k_v[1:2], q_k_v[2:3])[0]
             parts.append(attended.transpose(0, 1).reshape(n, width))
         parts.append(padding)
