@@ -63,7 +63,7 @@ from torch import Tensor, nn
 from ..errors import UnsupportedModel
 from ..families import adapter_for
 from ..runtime.context import RoutingContext
-from ..runtime.decoder_stack import DecoderStack
+from ..runtime.decoder_stack import INDUCTOR_OPTIONS, DecoderStack
 from ..runtime.experts_forward import (
     IMPLEMENTATION,
     INLINE_PAIRS,
@@ -116,14 +116,6 @@ WARM_UP_GRAPH = (
 # The prompt's classes where its step cannot be traced with unbacked sizes (`_warm_up_graph`): a prompt alone with
 # one logit kept, or all. A chunk that keeps no logit then compiles at its first pass.
 SPECIALIZED_PROMPT_STEPS = (((0,), (5,), (4,)), ((0,), (5,), (0, 1, 2, 3, 4)))
-# Inductor's C++ wrapper: a graph's glue (buffers, views, the library calls between its kernels) runs as compiled
-# C++ rather than as a generated Python function, with the GIL released for the whole graph (the Python operators
-# it calls take it back), so that the server's other threads run while it computes (`tests/test_compiled_gil.py`).
-# On the reference model a decode step at 16 rows 4.28 -> 3.70-3.81 ms and at one row 1.65 -> 1.52 (`premoe bench
-# step`'s setup); compiling takes about as long (the compiled stack's tests on a cold cache: 7 min 27 s with it,
-# 8 min 20 s without), and a warm cache starts the server as fast. On a GPU the graphs keep the Python wrapper
-# (Triton kernels launched from it; the C++ wrapper is not measured there).
-INDUCTOR_OPTIONS: dict[str, Any] = {"cpp_wrapper": True}
 # Graphs per code object that torch keeps (its default is 8): the warm-up's three or four (or the opaque operator's
 # three), and room for shape coincidences that a family's code guards on.
 RECOMPILE_LIMIT = 16

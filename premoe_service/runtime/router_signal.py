@@ -34,12 +34,9 @@ from torch import Tensor, nn
 from ..errors import DataCorruption, FailedPrecondition, InvalidArgument
 from ..families import FamilyAdapter, RoutingSpec, adapter_for, full_scores
 from .build import materialise_buffers
+from .decoder_stack import INDUCTOR_OPTIONS
 
 log = logging.getLogger(__name__)
-
-# Inductor's options for the compiled pass on a CPU: the graph's glue as compiled C++ with the GIL released for the
-# whole call (the engine's measurement, `engine.compiled_stack.INDUCTOR_OPTIONS`).
-_CPU_OPTIONS: dict[str, Any] = {"cpp_wrapper": True}
 
 
 class _RouterReached(Exception):
@@ -209,7 +206,7 @@ class RouterSignal:
     def _compile(self, plain: _PlainPass) -> Any:
         """`plain` compiled, and compiled now (two lengths: one graph for every text of two tokens or more); None
         where that fails (the plain pass then runs op by op)."""
-        options = _CPU_OPTIONS if self.device.type == "cpu" else {}
+        options = INDUCTOR_OPTIONS if self.device.type == "cpu" else {}
         compiled = torch.compile(plain, dynamic=True, fullgraph=True, options=options)
         log.warning("compiling the router signal's pass (seconds; inductor caches it for later starts)")
         start = time.perf_counter()
