@@ -5,10 +5,13 @@ other calls are forwarded, a client that leaves frees its row, and the door proc
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from premoe_service.client import PreMoeClient
 from premoe_service.loopback import ServerProcess, process_tree, rss_mib
 from premoe_service.server import running_server
+from premoe_service.server.door_process import DoorProcess
 from premoe_service.server.gen import premoe_pb2 as pb
 from premoe_service.server.gen import premoe_pb2_grpc as pb_grpc
 from premoe_service.serving import ServiceConfig
@@ -223,7 +227,9 @@ def test_the_door_process_ends_when_the_engine_process_dies(tiny_store: Path, tm
     port = free_port()
     command = [sys.executable, "-m", "premoe_service.cli", "serve", "--store", str(tiny_store)]
     command += ["--profiles", str(tmp_path), "--port", str(port), "--device", "cpu"]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    temp = Path(tempfile.mkdtemp(prefix="pd"))  # where the server makes its doors' folder (short: socket paths)
+    env = {**os.environ, "TMPDIR": str(temp)}
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         assert server.stdout is not None
         line = server.stdout.readline()
@@ -247,10 +253,22 @@ def test_the_door_process_ends_when_the_engine_process_dies(tiny_store: Path, tm
         while alive(door):
             assert time.monotonic() < deadline, "the door process outlived the engine process"
             time.sleep(0.1)
+        # The engine process could not remove the doors' private folder; the door process did.
+        assert list(temp.iterdir()) == []
     finally:
         if server.poll() is None:
             server.kill()
             server.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_door_folder_goes_with_a_handle_never_stopped(tiny_store: Path, tmp_path: Path) -> None:
+    doors = DoorProcess(config(tiny_store, tmp_path, door_process=True), 1024)
+    folder = doors.dir
+    assert folder.is_dir() and folder.name.startswith("premoe-doors-")
+    del doors
+    gc.collect()
+    assert not folder.exists()
 
 
 def test_a_door_process_that_dies_is_started_again_on_the_same_port(servers) -> None:

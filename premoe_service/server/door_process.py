@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ class DoorProcess:
 
     def __init__(self, config: ServiceConfig, max_message_bytes: int) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="premoe-doors-"))  # mode 0700: only this user reaches the socket
+        # Removed on stop, and else when this handle is collected or the process exits (a server never stopped);
+        # a door process whose engine process died removes it itself (`server/front.py`).
+        self._remove_dir = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
         self.backend = f"unix:{self.dir / 'engine.sock'}"
         self.relay = self.dir / "relay.sock"
         self.settings: dict[str, Any] = {
@@ -154,7 +158,7 @@ class DoorProcess:
         self._cleanup()
 
     def _cleanup(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self._remove_dir()
 
 
 def _read_line(stream: Any, timeout: float) -> str:

@@ -12,7 +12,8 @@ Reflection is answered here.
 Nothing here imports torch: the process starts in a fraction of a second and holds no model. It reads its
 settings as one JSON line on stdin, prints `{"port": N}` once it listens (or `{"error": ...}` and exits 2), and
 stops on the next stdin line (`{"grace": seconds}`), or when stdin closes (the engine process has gone); it then
-prints `{"cut": N}`, the calls that the grace period cut off. The engine process owns the lifetime: SIGINT (a
+prints `{"cut": N}`, the calls that the grace period cut off; when stdin closed, it first removes the sockets'
+private folder, which the engine process removes itself on stopping. The engine process owns the lifetime: SIGINT (a
 terminal's Ctrl-C reaches the whole process group) is left to it.
 """
 
@@ -27,6 +28,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -270,8 +272,25 @@ async def serve_front(settings: dict[str, Any]) -> int:
     with contextlib.suppress(asyncio.CancelledError):
         await pump
     await channel.close()
+    if not line:  # stdin closed: the engine process died, and left its doors' private folder behind
+        _remove_private_folder(settings)
     _say({"cut": relay.cut})
     return 0
+
+
+def _remove_private_folder(settings: dict[str, Any]) -> None:
+    """Remove the folder the engine process made for the doors' sockets, as it does itself on stopping: the sockets
+    the settings name, then the folder if nothing else is in it."""
+    relay = Path(settings["relay"])
+    sockets = [relay, Path(str(settings["backend"]).removeprefix("unix:"))]
+    if settings.get("http") is not None:
+        sockets.append(Path(settings["http"]["backend"]))
+    for path in sockets:
+        if path.parent == relay.parent:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    with contextlib.suppress(OSError):
+        relay.parent.rmdir()
 
 
 def _say(message: dict[str, Any]) -> None:
