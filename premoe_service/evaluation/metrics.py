@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..hf_compat import cache_keyword, output_cache
+
 
 @dataclass(frozen=True)
 class EvalItem:
@@ -66,13 +68,13 @@ def greedy_answers(
         ids, mask = _padded(tokenizer, encoded, device, left=True)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         generated = torch.empty((ids.shape[0], 0), dtype=torch.long, device=device)
-        past, step_ids, step_pos = None, ids, positions
+        past, step_ids, step_pos, keyword = None, ids, positions, cache_keyword(model)
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
             out = model(
-                input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True
+                input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **{keyword: past}
             )
-            past = out.past_key_values
+            past = output_cache(out)
             token = out.logits[:, -1].argmax(-1)  # [B]
             generated = torch.cat([generated, token[:, None]], dim=1)
             if eos is not None:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...hf_compat import cache_keyword, output_cache
 from ...pattern import Pattern
 
 
@@ -89,9 +90,10 @@ class ContinuationScorer:
         out: list[int] = []
         past = None
         step = torch.tensor([ids])
+        keyword = cache_keyword(self.patterned.model)
         for _ in range(self.max_new_tokens):
-            result = self.patterned.model(input_ids=step, past_key_values=past, use_cache=True)
-            past = result.past_key_values
+            result = self.patterned.model(input_ids=step, use_cache=True, **{keyword: past})
+            past = output_cache(result)
             token = int(result.logits[0, -1].argmax())
             out.append(token)
             if token in self.eos:

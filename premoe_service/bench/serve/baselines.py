@@ -30,6 +30,8 @@ from typing import IO, Any
 
 import torch
 
+from ...hf_compat import cache_keyword
+
 
 class HFBaselines:
     """transformers `AutoModelForCausalLM` with every expert, and the requests tokenized once.
@@ -164,13 +166,13 @@ class HFBaselines:
 
         ids = [(self.ids[row % len(self.ids)] * kv_len)[:kv_len] for row in range(rows)]
         with torch.no_grad():
-            cache = DynamicCache(config=self.model.config)
-            out = self.model(input_ids=torch.tensor(ids, device=self.device), past_key_values=cache, logits_to_keep=1)
+            cache = {cache_keyword(self.model): DynamicCache(config=self.model.config)}
+            out = self.model(input_ids=torch.tensor(ids, device=self.device), logits_to_keep=1, **cache)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             times, cpus = [], []
             for _ in range(steps):
                 start, cpu = time.perf_counter(), time.process_time()
-                out = self.model(input_ids=token, past_key_values=cache, logits_to_keep=1)
+                out = self.model(input_ids=token, logits_to_keep=1, **cache)
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
                 token.tolist()  # the token leaves the device, as a server's must
                 times.append(time.perf_counter() - start)
