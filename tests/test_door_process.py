@@ -262,6 +262,27 @@ def test_the_door_process_ends_when_the_engine_process_dies(tiny_store: Path, tm
         shutil.rmtree(temp, ignore_errors=True)
 
 
+FORKED = """
+import os, sys
+from pathlib import Path
+from premoe_service.server.door_process import DoorProcess
+from premoe_service.serving import ServiceConfig
+doors = DoorProcess(ServiceConfig(store=Path(sys.argv[1]), profiles=Path(sys.argv[2]), port=0, device="cpu"), 1024)
+child = os.fork()
+if child == 0:
+    sys.exit(0)  # a child's normal exit runs the interpreter's exit hooks
+os.waitpid(child, 0)
+print(doors.dir.is_dir())
+del doors
+"""
+
+
+def test_a_forked_child_leaves_its_parents_door_folder(tiny_store: Path, tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-c", FORKED, str(tiny_store), str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["True"]
+
+
 def test_a_door_folder_goes_with_a_handle_never_stopped(tiny_store: Path, tmp_path: Path) -> None:
     doors = DoorProcess(config(tiny_store, tmp_path, door_process=True), 1024)
     folder = doors.dir

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -32,7 +33,7 @@ class DoorProcess:
         self.dir = Path(tempfile.mkdtemp(prefix="premoe-doors-"))  # mode 0700: only this user reaches the socket
         # Removed on stop, and else when this handle is collected or the process exits (a server never stopped);
         # a door process whose engine process died removes it itself (`server/front.py`).
-        self._remove_dir = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
+        self._remove_dir = weakref.finalize(self, _remove_folder, str(self.dir), os.getpid())
         self.backend = f"unix:{self.dir / 'engine.sock'}"
         self.relay = self.dir / "relay.sock"
         self.settings: dict[str, Any] = {
@@ -159,6 +160,11 @@ class DoorProcess:
 
     def _cleanup(self) -> None:
         self._remove_dir()
+
+
+def _remove_folder(path: str, owner: int) -> None:
+    if os.getpid() == owner:  # never from a forked child's exit: its parent may still serve from the folder
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _read_line(stream: Any, timeout: float) -> str:
