@@ -118,11 +118,11 @@ def _transformers(model: str, prompts: list[str], lengths: list[int], clients: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=Path, default=Path("reference/loop/prompts.txt"), help="one prompt a line")
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients, each its own openai.OpenAI")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each side (after one warm round)")
     parser.add_argument("--max-tokens", type=int, default=24, help="each completion's max_tokens")
-    parser.add_argument("--store", type=Path, default=Path("var/reference-store"))
-    parser.add_argument("--profiles", type=Path, default=Path("profiles"))
+    parser.add_argument("--store", type=Path, default=Path("var/reference-store"), help="the shard store served")
+    parser.add_argument("--profiles", type=Path, default=Path("profiles"), help="the task profiles served")
     parser.add_argument("--model", default="models/reference-moe", help="the checkpoint transformers runs")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `premoe serve` flag (repeatable)")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # the baseline's process, at these threads
