@@ -16,35 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_http(base: str, process: subprocess.Popen[bytes], timeout_s: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited with {process.returncode} before it answered at {base}")
-        try:
-            urllib.request.urlopen(f"{base}/models", timeout=2).close()
-            return
-        except OSError:
-            time.sleep(1)
-    raise SystemExit(f"no server answered at {base} within {timeout_s:.0f} s")
 
 
 def _loop(base: str, prompts: list[str], clients: int, max_tokens: int) -> tuple[float, dict[int, int]]:
@@ -141,26 +119,18 @@ def main() -> None:
     if not prompts:
         parser.error(f"--prompts: {args.prompts} holds no prompt")
 
-    port, http = _free_port(), _free_port()
-    log = Path("var/openai_loop-serve.log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "premoe_service.cli", "serve", "--store", str(args.store)]
-    command += ["--profiles", str(args.profiles), "--port", str(port), "--http-port", str(http), *args.serve_arg]
+    from premoe_service.cores import usable_cores
+    from premoe_service.loopback import free_port, premoe_server
+
+    http = free_port()
     base = f"http://127.0.0.1:{http}/v1"
-    server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    try:
-        _wait_http(base, server)
+    with premoe_server(args.store, args.profiles, ["--http-port", str(http), *args.serve_arg]):
         _loop(base, prompts, args.clients, args.max_tokens)  # warm: every prompt's task and graphs once
         ours: list[float] = []
         lengths: dict[int, int] = {}
         for _ in range(args.rounds):
             rate, lengths = _loop(base, prompts, args.clients, args.max_tokens)
             ours.append(rate)
-    finally:
-        server.terminate()
-        server.wait(60)
-
-    from premoe_service.cores import usable_cores
 
     job = json.dumps({"prompts": prompts, "lengths": [lengths[i] for i in range(len(prompts))]})
     baselines = {}
@@ -178,7 +148,6 @@ def main() -> None:
         print(f"transformers, left-padded batches, {threads} thread{'s' if threads > 1 else ''}: " + _rates(rates))
     best = max(statistics.median(r) for r in baselines.values())
     print(f"ours / transformers' best: {statistics.median(ours) / best:.2f}x")
-    print(f"(the server's log: {log}; pid {os.getpid()} ran the clients)")
 
 
 def _rates(rates: list[float]) -> str:
