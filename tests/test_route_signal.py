@@ -95,6 +95,43 @@ def test_the_signal_falls_back_to_the_models_forward_where_the_plain_pass_fails_
         assert np.array_equal(got.scores, expected.scores) and np.array_equal(got.inputs, expected.inputs)
 
 
+def test_the_compiled_signal_runs_at_its_own_thread_count_whatever_its_callers(tmp_path: Path) -> None:
+    # Dynamo guards a graph on the calling thread's intra-op count: callers at other counts (the server's signal
+    # threads after the engine set its count, a registration on a door's thread) compiled it again, each, and past
+    # dynamo's cache limit (8) a call failed. Every pass runs at the signal's own count: one graph, the same bits.
+    import threading
+
+    from torch._dynamo.utils import counters
+
+    from premoe_service.intra_op import available, intra_op_threads
+
+    if not available():
+        pytest.skip("this platform has no per-thread intra-op count to set")
+    _, store = tiny_store(tmp_path, "qwen3_moe")
+    with intra_op_threads(2):  # built at another count than it runs at
+        signal = RouterSignal.from_store(store, compiled=True)
+    assert signal.mode == "compiled"
+    expected = signal.features(TEXTS)
+    graphs = counters["stats"]["unique_graphs"]
+    found: list[object] = []
+
+    def call(count: int) -> None:
+        try:
+            with intra_op_threads(count):
+                found.append(signal.features(TEXTS))
+        except Exception as exc:  # kept for the assertion below, not lost in a thread
+            found.append(exc)
+
+    for count in range(1, 11):  # more counts than dynamo's cache holds graphs
+        caller = threading.Thread(target=call, args=(count,))
+        caller.start()
+        caller.join()
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled again
+    for got in found:
+        assert not isinstance(got, Exception), got
+        assert np.array_equal(got.scores, expected.scores) and np.array_equal(got.inputs, expected.inputs)
+
+
 def evidence(inputs: dict[str, float], none: float | None) -> PromptEvidence:
     return PromptEvidence(inputs, {task: 0.0 for task in inputs}, none, none, 0.0)
 

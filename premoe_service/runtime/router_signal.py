@@ -16,6 +16,12 @@ op by op each of its ~60 operators gives the GIL up and takes it back. Measured 
 1 thread): a 10-token prompt 1.13 ms op by op, 0.65 compiled; 16 prompts routed at once by the server's core
 (in process, nothing else running) took 30 ms of the signal threads' CPU op by op and 17.5 compiled, and the burst's
 routes 67.5 ms of wall against 54.9. Building it compiles one graph: ~14 s on an empty inductor cache, ~7 s warm.
+
+Every pass, the compiling one included, runs at one intra-op thread count (`threads`, on the calling thread alone:
+`intra_op.intra_op_threads`). A compiled graph is guarded on the calling thread's count: compiled on the main thread
+at the process's count and called from the server's signal threads at the engine's, it compiled again on the first
+routed requests (seconds each, their routes waiting), and callers at more than 8 counts exhausted dynamo's cache and
+failed. A text's signal is also the same bits whichever thread computes it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from torch import Tensor, nn
 
 from ..errors import DataCorruption, FailedPrecondition, InvalidArgument
 from ..families import FamilyAdapter, RoutingSpec, adapter_for, full_scores
+from ..intra_op import intra_op_threads
 from .build import materialise_buffers
 from .decoder_stack import INDUCTOR_OPTIONS
 
@@ -122,6 +129,7 @@ class RouterSignal:
         max_tokens: Texts are cut to this many tokens (the signal of a long prompt is its start's).
         compiled: Run the plain pass compiled (`torch.compile`, compiled here; a text of one token runs op by op).
             Its scores are the reference's within rounding (~1e-6), a text's the same in every call.
+        threads: The intra-op threads of every pass, whichever thread calls (one pass is one short prompt).
     """
 
     def __init__(
@@ -133,9 +141,13 @@ class RouterSignal:
         device: str | torch.device = "cpu",
         max_tokens: int = 512,
         compiled: bool = False,
+        threads: int = 1,
     ) -> None:
         if max_tokens < 1:
             raise InvalidArgument(f"max_tokens must be at least 1, got {max_tokens}", field="max_tokens")
+        if threads < 1:
+            raise InvalidArgument(f"threads must be at least 1, got {threads}", field="threads")
+        self.threads = threads
         adapter = adapter_for(config)
         spec = adapter.spec(config)
         if not spec.moe_layers:
@@ -211,7 +223,7 @@ class RouterSignal:
         log.warning("compiling the router signal's pass (seconds; inductor caches it for later starts)")
         start = time.perf_counter()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), intra_op_threads(self.threads):
                 for length in (2, 3):
                     compiled(torch.ones(1, length, dtype=torch.long, device=self.device))
         except Exception as exc:
@@ -256,12 +268,13 @@ class RouterSignal:
         if not ids:
             raise InvalidArgument("the text has no tokens", field="prompt")
         tensor = torch.tensor([ids], device=self.device)
-        if self._compiled is not None and len(ids) > 1:
-            inputs, scores = self._compiled(tensor)
-            return inputs, scores
-        if self._plain is not None:
-            return self._plain(tensor)
-        return self._reference(tensor)
+        with intra_op_threads(self.threads):
+            if self._compiled is not None and len(ids) > 1:
+                inputs, scores = self._compiled(tensor)
+                return inputs, scores
+            if self._plain is not None:
+                return self._plain(tensor)
+            return self._reference(tensor)
 
     def features(self, texts: Sequence[str]) -> RouterFeatures:
         """The router signal of each text (one pass per text: no padding, so no text depends on another)."""
