@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from premoe_service.bench.serve.report import table
 from premoe_service.bench.serve.stall import pick_newcomers
 from premoe_service.cli import main
 from premoe_service.families.tiny import save_tiny_checkpoint
@@ -119,6 +120,10 @@ def test_bench_serve_reports_every_figure_with_no_errors(tiny_setup: dict[str, P
             assert {run["threads"] for run in runs} == {1, 2}  # the torch threads each run was measured at
         assert entry["ours"]["tokens_per_cpu_s"] > 0 and entry["transformers"]["padded"]["tokens_per_cpu_s"] > 0
         assert set(entry["cpu_ratios"]) == {"alone", "padded", "continuous"}
+        # The clients' own CPU, read in their process: on a small machine it is part of what the server competes with.
+        assert entry["ours"]["cpu_s"] > 0 and entry["ours"]["client_cpu_s"] > 0
+        assert all(run["client_cpu_s"] > 0 for run in entry["ours"]["rounds"])
+    assert "the clients' own process" in table(report)
     stall = report["stall"]
     assert "error" not in stall, stall.get("error")
     assert stall["errors"] == 0 and stall["stream_replies_equal"] and stall["patterns_equal_in_both_cases"]

@@ -134,6 +134,7 @@ class ClientRun:
     wall_s: float
     replies: list[Reply]
     pid: int = field(default_factory=os.getpid)  # the process the clients ran in
+    cpu_s: float | None = None  # CPU seconds of that process (all its threads) over the run, connections made before
 
 
 def run_clients(target: str, requests: Sequence[Req], clients: int, timeout: float = 600.0) -> ClientRun:
@@ -155,10 +156,12 @@ def run_clients(target: str, requests: Sequence[Req], clients: int, timeout: flo
 
         return send
 
+    cpu = time.process_time()
     wall = closed_loop(len(requests), [worker(pb_grpc.PreMoeStub(c)) for c in channels])
+    cpu = time.process_time() - cpu
     for channel in channels:
         channel.close()
-    return ClientRun(clients, wall, [r for r in replies if r is not None])
+    return ClientRun(clients, wall, [r for r in replies if r is not None], cpu_s=cpu)
 
 
 def closed_loop(count: int, workers: Sequence[Callable[[int], None]]) -> float:
@@ -208,7 +211,7 @@ def run_clients_apart(target: str, requests: Sequence[Req], clients: int, timeou
         for name, value in item.items():
             setattr(reply, name, value)
         replies.append(reply)
-    return ClientRun(data["clients"], data["wall_s"], replies, data["pid"])
+    return ClientRun(data["clients"], data["wall_s"], replies, data["pid"], data.get("cpu_s"))
 
 
 def _main() -> None:
@@ -217,7 +220,10 @@ def _main() -> None:
     requests = [Req(**r) for r in payload["requests"]]
     run = run_clients(payload["target"], requests, int(payload["clients"]), float(payload["timeout"]))
     replies = [{"index": r.req.index, **{k: v for k, v in asdict(r).items() if k != "req"}} for r in run.replies]
-    json.dump({"clients": run.clients, "wall_s": run.wall_s, "replies": replies, "pid": os.getpid()}, sys.stdout)
+    json.dump(
+        {"clients": run.clients, "wall_s": run.wall_s, "replies": replies, "pid": os.getpid(), "cpu_s": run.cpu_s},
+        sys.stdout,
+    )
 
 
 def summarize(run: ClientRun, alone: dict[int, list[int]] | None) -> dict[str, Any]:
@@ -234,6 +240,7 @@ def summarize(run: ClientRun, alone: dict[int, list[int]] | None) -> dict[str, A
     return {
         "clients": run.clients,
         "client_pid": run.pid,
+        "client_cpu_s": run.cpu_s,
         "requests": len(run.replies),
         "tokens": tokens,
         "wall_s": run.wall_s,

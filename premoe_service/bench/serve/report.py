@@ -17,6 +17,8 @@ OURS_KEYS = (
     "itl_p99_ms",
     "route_p50_ms",
     "tokens_per_cpu_s",
+    "cpu_s",
+    "client_cpu_s",
 )
 TARGETS = {"padded_at_max_clients": 1.3, "alone_at_1_client": 0.95, "stall_p99_ratio": 1.5}
 
@@ -217,11 +219,13 @@ def render(report: dict[str, Any]) -> str:
 
 
 def _per_cpu(clients: str, entry: dict[str, Any]) -> str:
-    hf, ratios = entry["transformers"], entry["cpu_ratios"]
+    hf, ratios, ours = entry["transformers"], entry["cpu_ratios"], entry["ours"]
+    ms = lambda v: _f(None if v is None else v * 1e3)  # noqa: E731
     return (
-        f"{clients} clients: ours {_f(entry['ours']['tokens_per_cpu_s'])}, "
+        f"{clients} clients: ours {_f(ours['tokens_per_cpu_s'])}, "
         f"alone {_f(hf['alone']['tokens_per_cpu_s'])}, padded {_f(hf['padded']['tokens_per_cpu_s'])} "
-        f"({_f(ratios['alone'], '.2f')}x alone, {_f(ratios['padded'], '.2f')}x padded)"
+        f"({_f(ratios['alone'], '.2f')}x alone, {_f(ratios['padded'], '.2f')}x padded); "
+        f"CPU ms a run: the server {ms(ours.get('cpu_s'))}, the clients' own process {ms(ours.get('client_cpu_s'))}"
     )
 
 
